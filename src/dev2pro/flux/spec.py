@@ -95,7 +95,7 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
     """RoPE axes split for a head dim: BFL's (16, 56, 56) at 128, the same proportions (even sizes) below."""
     if head_dim == 128:
         return (16, 56, 56)
-    side = max(2, int(round(head_dim * 56 / 128 / 2)) * 2)
+    side = max(2, int(head_dim * 56 / 128) // 2 * 2)
     first = head_dim - 2 * side
     if first <= 0 or first % 2:
         raise ValueError(f"cannot derive a RoPE axes split for head dim {head_dim}; pass axes_dim explicitly")

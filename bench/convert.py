@@ -1,0 +1,100 @@
+"""Benchmark `dev2pro convert` bf16 -> fp8-scaled on a synthetic multi-GB BFL checkpoint.
+
+Prints (1) conversion throughput as a ratio to a plain copy of the same file, measured in the same run (these
+machines are noisy, absolute MB/s are not comparable across runs), and (2) the converter's peak RSS as a multiple
+of the largest tensor in the file. Each measured step runs in a fresh subprocess so its ru_maxrss is its own.
+
+    python bench/convert.py --gb 2 [--dir /tmp/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dev2pro.flux.keys import plan
+from dev2pro.flux.spec import FLUX_DEV, build_transformer
+from dev2pro.outputs import stream_safetensors
+
+
+def synth_checkpoint(path: Path, gb: float) -> tuple[int, int]:
+    """A bf16 BFL file with full-width FLUX.1 blocks, as many as fit in ``gb``. Returns (bytes, largest tensor)."""
+    per_double, per_single = 339_000_000 * 2, 141_600_000 * 2
+    n_single = max(1, int(gb * 1e9 * 0.6 / per_single))
+    n_double = max(1, int((gb * 1e9 - n_single * per_single) / per_double))
+    spec = FLUX_DEV.with_(num_double=n_double, num_single=n_single)
+    shapes = {k: tuple(v.shape) for k, v in build_transformer(spec, device="meta").state_dict().items()}
+    steps = plan(shapes, "diffusers", "bfl")
+    entries = []
+    for key, parts in steps.items():
+        rows = sum(((p[2][1] - p[2][0]) if p[2] else shapes[p[0]][0]) for p in parts) if len(parts) > 1 \
+            else shapes[parts[0][0]][0]
+        shape = (rows, *shapes[parts[0][0]][1:])
+        gen = torch.Generator().manual_seed(len(entries))
+        entries.append((key, torch.bfloat16, shape,
+                        lambda shape=shape, gen=gen: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)))
+    stream_safetensors(entries, path, overwrite=True)
+    largest = max(2 * _numel(e[2]) for e in entries)
+    return path.stat().st_size, largest
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+CHILD = """
+import resource, sys, time, json, shutil
+t = time.perf_counter()
+if sys.argv[1] == "copy":
+    shutil.copyfile(sys.argv[2], sys.argv[3])
+else:
+    from dev2pro.flux.checkpoint import convert
+    convert(sys.argv[2], sys.argv[3], dtype="fp8-scaled", overwrite=True)
+dt = time.perf_counter() - t
+print(json.dumps({"s": dt, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run_child(mode: str, src: Path, dst: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(dst)], check=True, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=2.0)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="dev2pro-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "synthetic-bf16.safetensors"
+    size, largest = synth_checkpoint(src, args.gb)
+    base = run_child("copy", src, work / "baseline.safetensors")  # warms the page cache as well
+    conv = run_child("convert", src, work / "fp8.safetensors")
+    copy2 = run_child("copy", src, work / "baseline.safetensors")
+    copy_s = min(base["s"], copy2["s"])
+    python_rss = run_child("copy", src, work / "baseline.safetensors")["rss"]
+    print(f"input: {size / 1e9:.2f} GB bf16 BFL, largest tensor {largest / 1e6:.1f} MB")
+    print(f"copy: {copy_s:.2f} s ({size / copy_s / 1e6:.0f} MB/s)   convert->fp8-scaled: {conv['s']:.2f} s "
+          f"({size / conv['s'] / 1e6:.0f} MB/s)")
+    print(f"throughput ratio convert/copy: {copy_s / conv['s']:.2f}x of copy speed")
+    print(f"peak RSS convert: {conv['rss'] / 1e6:.0f} MB = {conv['rss'] / largest:.1f}x largest tensor "
+          f"({(conv['rss'] - python_rss) / largest:.1f}x above a bare python+torch process of {python_rss / 1e6:.0f} MB)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,504 @@
+"""The single way in and out of a Flux transformer checkpoint, in every layout users bring.
+
+Layouts (detected from keys, never from file names):
+  diffusers-folder  a model folder (``model_index.json`` + ``transformer/``) or a transformer folder, sharded or not
+  diffusers         a single safetensors file with diffusers names (``x_embedder.weight`` ...)
+  bfl               a single file with BFL names (``img_in.weight``, ``double_blocks.0.img_attn.qkv.weight`` ...)
+  comfy             BFL names under ``model.diffusion_model.`` (ComfyUI, incl. plain and scaled fp8)
+
+Reading is lazy (``Checkpoint.get`` loads one tensor) and writing streams (one output tensor in memory at a
+time), so converting a 24 GB file needs about one tensor of RAM, and loading an fp8 file into a model keeping
+fp8 storage peaks at the file size plus one tensor. Scaled fp8 is dequantised with its scales -- diffusers'
+converter drops them and silently produces wrong weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from ..errors import CheckpointError, UserError
+from ..outputs import atomic_path, check_output, stream_safetensors
+from . import fp8 as fp8mod
+from . import keys as keymod
+from .spec import FluxSpec, build_transformer, spec_from_bfl_shapes, spec_from_diffusers_config, \
+    spec_from_diffusers_shapes
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+LAYOUTS = ("bfl", "comfy", "diffusers")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+               torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+SHARD_BYTES = 10 * 1024**3  # diffusers' save_pretrained default shard size
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: names, shapes and dtypes without loading data; ``get`` reads one tensor."""
+
+    path: Path
+    layout: str  # diffusers-folder | diffusers | bfl | comfy
+    key_layout: str  # bfl | diffusers: the naming of the model keys
+    prefix: str
+    shapes: dict[str, tuple[int, ...]]  # unprefixed model keys (no fp8 scale / marker keys)
+    dtypes: dict[str, torch.dtype]
+    aux: dict[str, str]  # unprefixed auxiliary keys (scales, markers) -> full key
+    files: dict[str, Path]  # full key -> file holding it
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict | None = None  # diffusers config.json when present
+    ignored: int = 0  # keys of other components (VAE, text encoders) in an all-in-one file
+    _state: dict | None = None  # in-memory tensors (pickle files)
+
+    @property
+    def fp8_format(self) -> str:
+        """'none', 'fp8' (plain casts) or 'fp8-scaled' (ComfyUI per-tensor scales)."""
+        if any(fp8mod.is_scale_key(k) for k in self.aux) or "scaled_fp8" in self.aux:
+            return "fp8-scaled"
+        return "fp8" if any(d in FP8_DTYPES for d in self.dtypes.values()) else "none"
+
+    def spec(self) -> FluxSpec:
+        axes = None
+        if "dev2pro.axes_dim" in self.metadata:
+            axes = json.loads(self.metadata["dev2pro.axes_dim"])
+        if self.config:
+            return spec_from_diffusers_config(self.config)
+        if self.key_layout == "bfl":
+            return spec_from_bfl_shapes(self.shapes, axes)
+        return spec_from_diffusers_shapes(self.shapes, axes)
+
+    def raw(self, full_key: str) -> torch.Tensor:
+        if self._state is not None:
+            return self._state[full_key]
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.files[full_key]), framework="pt") as f:
+                return f.get_tensor(full_key)
+        except Exception as e:  # a truncated file shows up here when the header claimed more data
+            raise CheckpointError(f"{self.files[full_key]}: cannot read tensor {full_key!r} ({e}); "
+                                  f"the file is corrupt or truncated -- download or convert it again") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        """One model tensor, as stored (fp8 stays fp8; use ``scale_of`` for its scale)."""
+        return self.raw(self.prefix + key)
+
+    def scale_of(self, key: str) -> torch.Tensor | None:
+        """The fp8 per-tensor scale of a model weight, if the file stores one."""
+        sk = fp8mod.scale_key_for(key, self.aux)
+        return self.raw(self.aux[sk]).float() if sk else None
+
+    def get_dequantized(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self.get(key)
+        if t.dtype in FP8_DTYPES:
+            return fp8mod.dequantize_entry(t, self.scale_of(key), dtype)
+        return t.to(dtype)
+
+    def num_params(self) -> int:
+        n = 0
+        for s in self.shapes.values():
+            p = 1
+            for d in s:
+                p *= d
+            n += p
+        return n
+
+    def size_bytes(self) -> int:
+        return sum(Path(p).stat().st_size for p in set(self.files.values()))
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
+    """Open any supported Flux transformer checkpoint; CheckpointError with a fix for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir():
+        return _open_folder(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CheckpointError(f"{path} is a pickle file, which can run arbitrary code when loaded. Convert it "
+                                  f"to safetensors, or pass --allow-pickle if you trust its source")
+        return _open_pickle(path)
+    return _from_headers(path, {path: _read_header(path)})
+
+
+def _read_header(path: Path) -> dict:
+    """Parse a safetensors header ourselves, so bad files get a clear error before any data is read."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than a safetensors header")
+            n = int.from_bytes(raw, "little")
+            if n <= 1 or n > min(size - 8, 100 * 1024**2):
+                raise ValueError("header length is not plausible")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not a safetensors file ({e}). dev2pro reads .safetensors checkpoints; "
+                              f"pickle files (.ckpt/.pt) need --allow-pickle") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: its header describes {8 + n + end} bytes but the file has "
+                              f"{size}. The download or copy was interrupted -- fetch the file again")
+    return header
+
+
+def _open_folder(path: Path) -> Checkpoint:
+    if (path / "model_index.json").exists():
+        path = path / "transformer"
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    single = path / "diffusion_pytorch_model.safetensors"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+    elif single.exists():
+        files = [single]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no safetensors weights: expected a diffusers model folder "
+                              f"(model_index.json + transformer/) or a transformer folder")
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{path}: shard {missing[0].name} named in the index is missing")
+    ckpt = _from_headers(path, {f: _read_header(f) for f in files})
+    ckpt.layout = "diffusers-folder"
+    if (path / "config.json").exists():
+        ckpt.config = json.loads((path / "config.json").read_text())
+    return ckpt
+
+
+def _open_pickle(path: Path) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load this pickle file ({e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors")
+    header = {k: {"dtype": None, "shape": list(v.shape)} for k, v in obj.items()}
+    ckpt = _from_headers(path, {path: header}, state=obj)
+    return ckpt
+
+
+def _from_headers(path: Path, headers: Mapping[Path, dict], state: dict | None = None) -> Checkpoint:
+    metadata: dict[str, str] = {}
+    entries: dict[str, tuple[tuple[int, ...], torch.dtype | None, Path]] = {}
+    for file, header in headers.items():
+        metadata.update(header.get("__metadata__") or {})
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            dtype = state[k].dtype if state is not None else _ST_DTYPES.get(v["dtype"])
+            entries[k] = (tuple(v["shape"]), dtype, file)
+    key_layout, prefix = keymod.strip_prefix(entries)
+    shapes, dtypes, aux, files, ignored = {}, {}, {}, {}, 0
+    for k, (shape, dtype, file) in entries.items():
+        files[k] = file
+        if prefix and not k.startswith(prefix):
+            if k.endswith("scaled_fp8"):
+                aux["scaled_fp8"] = k
+            else:
+                ignored += 1  # all-in-one files also hold VAE / text encoders
+            continue
+        name = k[len(prefix):]
+        if fp8mod.is_scale_key(name) or name == "scaled_fp8":
+            aux[name] = k
+        else:
+            shapes[name], dtypes[name] = shape, dtype
+    layout = ("comfy" if prefix in keymod.BFL_PREFIXES else "bfl") if key_layout == "bfl" else "diffusers"
+    ckpt = Checkpoint(path=path, layout=layout, key_layout=key_layout, prefix=prefix, shapes=shapes, dtypes=dtypes,
+                      aux=aux, files=files, metadata=metadata, ignored=ignored, _state=state)
+    keymod.plan(shapes, key_layout, "diffusers")  # raises on keys that are not part of a Flux transformer
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------- inspection
+GROUPS = ("embedders", "modulation", "attention", "mlp", "norms", "final", "biases")
+
+
+def tensor_group(key: str) -> str:
+    """Coarse group of a BFL- or diffusers-named tensor, for inspect's dtype table."""
+    if key.endswith(".bias"):
+        return "biases"
+    if key.endswith(".scale") or "norm_q" in key or "norm_k" in key or "norm_added" in key:
+        return "norms"
+    if key.startswith(("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "x_embedder", "context_embedder",
+                       "time_text_embed")):
+        return "embedders"
+    if key.startswith(("final_layer", "norm_out", "proj_out")):
+        return "final"
+    if "_mod." in key or "modulation" in key or ".norm1" in key or ".norm.linear" in key:
+        return "modulation"
+    if "mlp" in key or ".ff" in key:
+        return "mlp"
+    return "attention"
+
+
+def describe(ckpt: Checkpoint) -> dict:
+    """Everything ``dev2pro inspect`` reports, as a JSON-able dict."""
+    spec = ckpt.spec()
+    groups: dict[str, dict[str, int]] = {}
+    for k, d in ckpt.dtypes.items():
+        g = groups.setdefault(tensor_group(k), {})
+        name = DTYPE_NAMES.get(d, str(d).replace("torch.", ""))
+        g[name] = g.get(name, 0) + 1
+    return {
+        "path": str(ckpt.path),
+        "layout": ckpt.layout,
+        "key_prefix": ckpt.prefix,
+        "variant": spec.variant,
+        "variant_detail": ("guidance-distilled (guidance_in present): dev-like, sample with embedded guidance"
+                           if spec.guidance_embeds else
+                           "no guidance embedding: schnell or de-distilled without guidance, sample with true CFG"),
+        "guidance_embeds": spec.guidance_embeds,
+        "double_blocks": spec.num_double,
+        "single_blocks": spec.num_single,
+        "hidden": spec.hidden,
+        "heads": spec.num_heads,
+        "fp8": ckpt.fp8_format,
+        "dtypes": groups,
+        "params": ckpt.num_params(),
+        "size_bytes": ckpt.size_bytes(),
+        "other_component_keys_ignored": ckpt.ignored,
+        "metadata": dict(ckpt.metadata),
+        "spec": spec.to_dict(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, fp8_storage: bool = False,
+                     policy: "fp8mod.Fp8Policy | None" = None, scaled: bool = True, allow_pickle: bool = False,
+                     guidance_embeds: bool | None = None):
+    """Load a checkpoint into diffusers' FluxTransformer2DModel. Returns (model, Checkpoint).
+
+    ``fp8_storage``: weights the policy quantises are kept (or put) in fp8 with ``dtype`` compute, the rest in
+    ``dtype``; the model is built on the meta device and tensors are assigned one by one, so the whole model is
+    never materialised in high precision. Without it, fp8 weights are dequantised (scales applied) to ``dtype``.
+    ``guidance_embeds=False`` drops a guidance embedding that the file has (a pro-like model).
+    """
+    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+    spec = ckpt.spec()
+    if guidance_embeds is not None and guidance_embeds != spec.guidance_embeds:
+        if guidance_embeds:
+            raise UserError(f"{path} has no guidance embedding; it cannot be loaded as a guidance-distilled model")
+        spec = spec.with_(guidance_embeds=False)
+    policy = policy or fp8mod.Fp8Policy()
+    model = build_transformer(spec, device="meta")
+    steps = keymod.plan(ckpt.shapes, ckpt.key_layout, "diffusers")
+    wanted = dict(model.state_dict())
+    state, scales = {}, {}
+    for key, parts in steps.items():
+        if key not in wanted:
+            continue  # e.g. a dropped guidance embedding
+        target = wanted[key]
+        src_fp8 = all(ckpt.dtypes[p[0]] in FP8_DTYPES for p in parts)
+        keep_fp8 = fp8_storage and target.ndim == 2 and policy.should_quantize(key, tuple(target.shape))
+        if keep_fp8 and src_fp8 and _same_scale(ckpt, parts):
+            t = keymod.assemble(parts, ckpt.get)
+            s = ckpt.scale_of(parts[0][0])
+        else:
+            t = keymod.assemble(parts, lambda k: ckpt.get_dequantized(k, torch.float32))
+            s = None
+            if keep_fp8:
+                t, s = fp8mod.quantize(t, scaled=scaled)
+            else:
+                t = t.to(dtype)
+        if tuple(t.shape) != tuple(target.shape):
+            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(t.shape)}, the model expects "
+                                  f"{tuple(target.shape)}; the file is inconsistent with its own block sizes")
+        state[key] = t
+        if keep_fp8 and s is not None:
+            scales[key] = s
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} transformer tensors, e.g. {missing[:3]}; "
+                              f"the checkpoint is incomplete")
+    model.load_state_dict(state, assign=True, strict=True)
+    if fp8_storage:
+        fp8mod.enable_fp8_storage(model, policy, compute_dtype=dtype, scales=scales)
+    model.eval().requires_grad_(False)
+    return model, ckpt
+
+
+def _same_scale(ckpt: Checkpoint, parts) -> bool:
+    """Pieces from one fp8 tensor share its scale; pieces from differently scaled tensors must be requantised."""
+    srcs = {p[0] for p in parts}
+    if len(srcs) == 1:
+        return True
+    scales = [ckpt.scale_of(k) for k in srcs]
+    if all(s is None for s in scales):
+        return True
+    return all(s is not None and torch.equal(s, scales[0]) for s in scales)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def convert(src: str | os.PathLike, dst: str | os.PathLike, layout: str | None = None, dtype: str | None = None,
+            policy: "fp8mod.Fp8Policy | None" = None, overwrite: bool = False, allow_pickle: bool = False,
+            drop_guidance: bool = False, extra_metadata: Mapping[str, str] | None = None,
+            progress: Callable[[int], None] | None = None) -> Path:
+    """Convert any readable checkpoint to ``layout`` (bfl|comfy|diffusers; default: keep) and ``dtype``
+    (bf16|fp16|fp32|fp8|fp8-scaled; default: keep), streaming one tensor at a time."""
+    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+    layout = layout or ("diffusers" if ckpt.layout.startswith("diffusers") else ckpt.layout)
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    entries, meta = conversion_entries(ckpt, layout, dtype, policy, drop_guidance)
+    meta.update({"dev2pro.source": Path(src).name, **(extra_metadata or {})})
+    if layout == "diffusers":
+        return _write_diffusers_folder(ckpt, entries, Path(dst), meta, overwrite, progress)
+    return stream_safetensors(entries, dst, meta, overwrite=overwrite, progress=progress)
+
+
+DTYPE_CHOICES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
+                 "fp8-scaled": torch.float8_e4m3fn}
+
+
+def conversion_entries(ckpt: Checkpoint, layout: str, dtype: str | None, policy: "fp8mod.Fp8Policy | None",
+                       drop_guidance: bool = False):
+    """The (key, dtype, shape, produce) list for ``stream_safetensors`` plus the file metadata."""
+    if dtype is not None and dtype not in DTYPE_CHOICES:
+        raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    policy = policy or fp8mod.Fp8Policy()
+    key_layout = "diffusers" if layout == "diffusers" else "bfl"
+    prefix = "model.diffusion_model." if layout == "comfy" else ""
+    steps = keymod.plan(ckpt.shapes, ckpt.key_layout, key_layout)
+    if drop_guidance:
+        steps = {k: v for k, v in steps.items() if "guidance" not in k}
+    quant = dtype in ("fp8", "fp8-scaled")
+    scaled = dtype == "fp8-scaled"
+    entries = []
+    any_scale = False
+    for key, parts in steps.items():
+        shape = _out_shape(ckpt, parts)
+        src_dtypes = {ckpt.dtypes[p[0]] for p in parts}
+        if dtype is None:  # keep: lossless re-layout (fp8 bytes are copied with their scale when possible)
+            out_dtype = src_dtypes.pop() if len(src_dtypes) == 1 else torch.bfloat16
+            if out_dtype not in FP8_DTYPES:
+                entries.append((prefix + key, out_dtype, shape,
+                                (lambda parts=parts, d=out_dtype: _produce(ckpt, parts, d, False))))
+                continue
+            if _same_scale(ckpt, parts):
+                sc = ckpt.scale_of(parts[0][0])
+                entries.append((prefix + key, out_dtype, shape,
+                                (lambda parts=parts: keymod.assemble(parts, ckpt.get))))
+                if sc is not None:
+                    entries.append(_scale_entry(prefix + key, lambda sc=sc: sc))
+                    any_scale = True
+                continue
+            # Fusing pieces with different scales (diffusers q|k|v -> BFL qkv) needs one new scale.
+            lazy = _lazy_quant(ckpt, parts, scaled=True, fmt=out_dtype)
+            entries.append((prefix + key, out_dtype, shape, (lambda lazy=lazy: lazy(0))))
+            entries.append(_scale_entry(prefix + key, lambda lazy=lazy: lazy(1)))
+            any_scale = True
+            continue
+        if quant and len(shape) == 2 and policy.should_quantize(key, shape):
+            lazy = _lazy_quant(ckpt, parts, scaled=scaled, fmt=torch.float8_e4m3fn)
+            entries.append((prefix + key, torch.float8_e4m3fn, shape, (lambda lazy=lazy: lazy(0))))
+            if scaled:
+                entries.append(_scale_entry(prefix + key, lambda lazy=lazy: lazy(1)))
+                any_scale = True
+            continue
+        # The keep-in-bf16 policy: tensors the fp8 policy leaves out are written in bf16.
+        out_dtype = torch.bfloat16 if quant or dtype is None else DTYPE_CHOICES[dtype]
+        entries.append((prefix + key, out_dtype, shape,
+                        (lambda parts=parts, d=out_dtype: _produce(ckpt, parts, d, False))))
+    if any_scale:
+        marker = fp8mod.scaled_fp8_marker(torch.float8_e4m3fn)
+        entries.insert(0, (prefix + "scaled_fp8", marker.dtype, tuple(marker.shape), lambda: marker))
+    spec = ckpt.spec().with_(guidance_embeds=ckpt.spec().guidance_embeds and not drop_guidance)
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "flux-1-dev" if spec.guidance_embeds else "flux-1-dev/de-distilled",
+        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        "dev2pro.layout": layout,
+        "dev2pro.dtype": dtype or "keep",
+        "dev2pro.dtype_policy": policy.describe() if quant else "none",
+        "dev2pro.axes_dim": json.dumps(list(spec.axes_dim)),
+    }
+    return entries, meta
+
+
+def _scale_entry(weight_key: str, produce):
+    """ComfyUI's legacy per-tensor scale: ``<module>.scale_weight``, a 0-d fp32 tensor."""
+    base = weight_key[:-len(".weight")] if weight_key.endswith(".weight") else weight_key
+    return (base + ".scale_weight", torch.float32, (), (lambda: produce().reshape(()).float()))
+
+
+def _lazy_quant(ckpt: Checkpoint, parts, scaled: bool, fmt: torch.dtype):
+    """Quantise once; the weight entry takes q, then its scale entry (written right after) takes the scale.
+
+    Each value is dropped when handed out, so no quantised tensor outlives its write (peak stays one tensor).
+    """
+    memo: dict = {}
+
+    def get(which: int):
+        if not memo:
+            t = keymod.assemble(parts, lambda k: ckpt.get_dequantized(k, torch.float32))
+            memo[0], memo[1] = fp8mod.quantize(t, scaled=scaled, dtype=fmt)
+        return memo.pop(which)
+    return get
+
+
+def _out_shape(ckpt: Checkpoint, parts) -> tuple[int, ...]:
+    first = ckpt.shapes[parts[0][0]]
+    if len(parts) == 1 and parts[0][1] is None:
+        return tuple(first)
+    rows = sum((p[1][1] - p[1][0]) if p[1] else ckpt.shapes[p[0]][0] for p in parts)
+    return (rows, *first[1:])
+
+
+def _produce(ckpt: Checkpoint, parts, dtype: torch.dtype, raw: bool) -> torch.Tensor:
+    return keymod.assemble(parts, lambda k: ckpt.get_dequantized(k, torch.float32)).to(dtype)
+
+
+def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrite: bool, progress) -> Path:
+    """A transformer folder diffusers' ``from_pretrained`` reads: config.json + (sharded) safetensors."""
+    spec = ckpt.spec()
+    has_guidance = any("guidance_embedder" in e[0] for e in entries)
+    config = {"_class_name": "FluxTransformer2DModel", **spec.with_(guidance_embeds=has_guidance).diffusers_config()}
+    shards, current, size = [], [], 0
+    for e in entries:
+        n = _nbytes(e)
+        if current and size + n > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append(e)
+        size += n
+    shards.append(current)
+    with atomic_path(dst, overwrite=overwrite, what="output folder") as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if len(shards) == 1:
+            stream_safetensors(shards[0], tmp / "diffusion_pytorch_model.safetensors", meta, progress=progress)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                stream_safetensors(shard, tmp / name, meta, progress=progress)
+                weight_map.update({e[0]: name for e in shard})
+            total = sum(_nbytes(e) for e in entries)
+            (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return dst
+
+
+def _nbytes(entry) -> int:
+    n = 1
+    for s in entry[2]:
+        n *= s
+    return n * torch.empty((), dtype=entry[1]).element_size()
+
+
+def check_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
+    return check_output(dst, overwrite)

@@ -1,0 +1,53 @@
+"""Recipes for `dev2pro init-tiny`, `dev2pro inspect` and `dev2pro convert`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..flux import checkpoint as ckptmod
+from ..flux.fp8 import Fp8Policy
+
+
+def init_tiny(out_dir: str, variant: str = "dev", seed: int = 0, overwrite: bool = False) -> Path:
+    from ..flux.tiny import write_tiny_model
+
+    path = write_tiny_model(Path(out_dir), variant=variant, seed=seed, overwrite=overwrite)
+    print(f"wrote tiny {variant} model folder to {path} (loadable with diffusers FluxPipeline.from_pretrained)")
+    return path
+
+
+def inspect(path: str, as_json: bool = False, allow_pickle: bool = False) -> dict:
+    info = ckptmod.describe(ckptmod.open_checkpoint(path, allow_pickle=allow_pickle))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return info
+    print(f"{info['path']}")
+    print(f"  layout      {info['layout']}" + (f" (key prefix '{info['key_prefix']}')" if info["key_prefix"] else ""))
+    print(f"  variant     {info['variant']}: {info['variant_detail']}")
+    print(f"  blocks      {info['double_blocks']} double + {info['single_blocks']} single, hidden {info['hidden']},"
+          f" {info['heads']} heads")
+    print(f"  params      {info['params'] / 1e9:.3f} B" if info["params"] > 1e8 else
+          f"  params      {info['params']:,}")
+    print(f"  size        {info['size_bytes'] / 1024**3:.2f} GiB" if info["size_bytes"] > 1e8 else
+          f"  size        {info['size_bytes']:,} bytes")
+    print(f"  fp8         {info['fp8']}")
+    print("  dtypes      " + "; ".join(f"{g}: " + ", ".join(f"{d} x{n}" for d, n in sorted(c.items()))
+                                       for g, c in sorted(info["dtypes"].items())))
+    if info["other_component_keys_ignored"]:
+        print(f"  ignored     {info['other_component_keys_ignored']} keys of other components (VAE/text encoders)")
+    return info
+
+
+def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = None, keep: str | None = None,
+            overwrite: bool = False, allow_pickle: bool = False, drop_guidance: bool = False) -> Path:
+    policy = Fp8Policy.from_names(keep.split(",")) if keep is not None else Fp8Policy()
+    ckpt = ckptmod.open_checkpoint(src, allow_pickle=allow_pickle)
+    total = ckpt.size_bytes()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", leave=False) as bar:
+        out = ckptmod.convert(src, dst, layout=layout, dtype=dtype, policy=policy, overwrite=overwrite,
+                              allow_pickle=allow_pickle, drop_guidance=drop_guidance, progress=bar.update)
+    print(f"wrote {out} (layout {layout or 'as input'}, dtype {dtype or 'as input'})")
+    return out

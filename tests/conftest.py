@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny Flux model folders built once per session (random weights, real key layouts)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # code must never fetch from a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dev_dir(tmp_path_factory):
+    """A complete tiny FLUX.1-dev-layout model folder (guidance embedding present)."""
+    from dev2pro.flux.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-dev", variant="dev", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pro_dir(tmp_path_factory):
+    """A complete tiny model folder without guidance embedding (pro / de-distilled-without-guidance)."""
+    from dev2pro.flux.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-pro", variant="pro", seed=1)
