@@ -7,6 +7,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # code must never fetch from a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Two torch threads on two busy cores run several times slower than one (and timings get erratic).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

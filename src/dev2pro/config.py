@@ -1,0 +1,236 @@
+"""Typed config schemas, TOML loading, ``--set section.key=value`` overrides, errors that name the field.
+
+A schema is a tree of dataclasses; each field's type and default are the documentation (``--print-config``
+renders them as TOML with the help text from ``field(metadata={"help": ...})``). Loading checks every key
+against the schema (typos get a "did you mean"), converts and validates types, and runs each section's
+``validate()`` for cross-field rules. Only recipes see these objects; library functions get plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+
+def opt(default, help: str = "", choices: tuple | None = None):
+    """A config field with help text (and optional allowed values) for --print-config and validation."""
+    kw = {"metadata": {"help": help, "choices": choices}}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), **kw)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: dataclasses.replace(d), **kw)
+    return field(default=default, **kw)
+
+
+def section(cls, help: str = ""):
+    return field(default_factory=cls, metadata={"help": help, "choices": None})
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_config(schema: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None):
+    """Build ``schema`` from a TOML file and/or a dict, then apply ``section.key=value`` overrides."""
+    raw: dict = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    if data:
+        raw = _merge(raw, data)
+    for item in overrides or []:
+        raw = _merge(raw, parse_override(item))
+    cfg = _build(schema, raw, source, "")
+    _validate_tree(cfg, source, "")
+    return cfg
+
+
+def parse_override(item: str) -> dict:
+    """``train.lr=1e-4`` -> {"train": {"lr": 1e-4}}; the value is parsed as TOML, else taken as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.steps=100")
+    key, value = item.split("=", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = parsed
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _build(schema: type, raw: dict, source: str, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{where.rstrip('.')}] must be a table, got {raw!r}")
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean '{where}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"{source}: unknown key '{where}{key}'{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], source, f"{where}{name}.")
+        elif _is_list_of_dataclass(tp):
+            item_tp = typing.get_args(tp)[0]
+            if not isinstance(raw[name], list):
+                raise ConfigError(f"{source}: '{where}{name}' must be a list of tables ([[{where}{name}]])")
+            kwargs[name] = [_build(item_tp, r, source, f"{where}{name}[{i}].") for i, r in enumerate(raw[name])]
+        else:
+            kwargs[name] = _coerce(raw[name], tp, f.metadata.get("choices"), source, where + name)
+    return schema(**kwargs)
+
+
+def _is_list_of_dataclass(tp) -> bool:
+    return typing.get_origin(tp) is list and typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0])
+
+
+def _coerce(value: Any, tp, choices, source: str, name: str):
+    def fail(expected: str):
+        raise ConfigError(f"{source}: '{name}' must be {expected}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "")) and type(None) in \
+                typing.get_args(tp):
+            return None
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: '{name}' = {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        fail("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        fail("a string")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str) and item is str:
+            value = [value]
+        if not isinstance(value, list):
+            fail("a list")
+        return [v if item is Any else _coerce(v, item, None, source, f"{name}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _validate_tree(cfg, source: str, where: str):
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            _validate_tree(v, source, f"{where}{f.name}.")
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                if dataclasses.is_dataclass(item):
+                    _validate_tree(item, source, f"{where}{f.name}[{i}].")
+    check = getattr(cfg, "validate", None)
+    if check:
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {where}{e}") from None
+
+
+def require(ok: bool, message: str):
+    """Raise a ConfigError (field name first) unless ``ok``; used in ``validate()`` methods."""
+    if not ok:
+        raise ConfigError(message)
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def render_toml(cfg, with_help: bool = True) -> str:
+    """The config as TOML, with each option's help as a comment (for --print-config and saved runs)."""
+    lines: list[str] = []
+    _render(cfg, lines, "", with_help)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _render(cfg, lines: list[str], prefix: str, with_help: bool):
+    scalars = [f for f in dataclasses.fields(cfg) if not dataclasses.is_dataclass(getattr(cfg, f.name))
+               and not _is_table_list(getattr(cfg, f.name))]
+    for f in scalars:
+        v = getattr(cfg, f.name)
+        if with_help and f.metadata.get("help"):
+            lines.append(f"# {f.metadata['help']}" + (f" ({' | '.join(map(str, f.metadata['choices']))})"
+                                                       if f.metadata.get("choices") else ""))
+        lines.append(f"{f.name} = {_toml_value(v)}" if v is not None else f"# {f.name} = (unset)")
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            lines.append("")
+            if with_help and f.metadata.get("help"):
+                lines.append(f"# {f.metadata['help']}")
+            lines.append(f"[{prefix}{f.name}]")
+            _render(v, lines, f"{prefix}{f.name}.", with_help)
+        elif _is_table_list(v):
+            for item in v:
+                lines.append("")
+                lines.append(f"[[{prefix}{f.name}]]")
+                _render(item, lines, f"{prefix}{f.name}.", with_help)
+
+
+def _is_table_list(v) -> bool:
+    return isinstance(v, list) and v and all(dataclasses.is_dataclass(i) for i in v)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(i) for i in v) + "]"
+    return repr(v)

@@ -1,0 +1,174 @@
+"""Content-keyed on-disk caches of VAE latents and text embeddings, so encoders run once per input, not per epoch.
+
+Each cached tensor set is one safetensors file named by a sha256 over *everything that determines its content*:
+
+- latents: the image file's bytes, the bucket size, the encoder identity, the caller's settings and our
+  preprocessing version (``PREPROCESS_VERSION``: bump it when ``load_and_fit`` changes its output);
+- text: the caption, the encoder identity and settings such as the T5 max length.
+
+So a renamed image still hits, and an edited image, another bucket, another VAE or another max length misses:
+a stale entry can never be reused, it simply is not looked up any more. Files are written to a temp name and
+``os.replace``-d into place, so a crash (or two ranks caching at once) never leaves a half file under a real key;
+a file that fails the header check anyway (truncated, garbage) is logged and recomputed.
+
+Encoders come in as callables (``encode_fn``), not models: the cache neither knows nor loads models, which keeps it
+testable with a lambda and usable with any VAE / text-encoder stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load, save_file
+
+from dev2pro.data.buckets import load_and_fit
+
+log = logging.getLogger(__name__)
+
+PREPROCESS_VERSION = "fit-v1"  # cover + centre crop, RGB over white, float in [-1, 1]
+LATENT_NAME = "latents"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _key(record: dict) -> str:
+    # JSON with sorted keys: an unambiguous, order-independent serialisation of the inputs
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def latent_key(image_sha256: str, size: tuple[int, int], encoder_id: str, settings: dict | None = None) -> str:
+    """Cache key of one image's latents at bucket ``size`` = (width, height)."""
+    return _key(dict(kind="latents", image=image_sha256, size=list(size), encoder=encoder_id,
+                     settings=settings or {}, preprocess=PREPROCESS_VERSION))
+
+
+def text_key(caption: str, encoder_id: str, settings: dict | None = None) -> str:
+    """Cache key of one caption's embeddings."""
+    return _key(dict(kind="text", caption=caption, encoder=encoder_id, settings=settings or {}))
+
+
+def _is_valid(path: Path, key: str, required: Iterable[str] = ()) -> bool:
+    """True if ``path`` holds a complete safetensors file written for ``key`` (header check only, cheap)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(path, "pt") as f:  # rejects truncated or garbage files
+            ok = (f.metadata() or {}).get("key") == key and set(required) <= set(f.keys()) and len(f.keys()) > 0
+    except Exception as e:
+        log.warning("cache file %s is unreadable (%s); recomputing it", path, e)
+        return False
+    if not ok:
+        log.warning("cache file %s does not match its key; recomputing it", path)
+    return ok
+
+
+def _write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # clone: a row of a batch output is a view of the whole batch's storage
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _batches(keys: list[str], batch_size: int) -> Iterable[list[str]]:
+    for i in range(0, len(keys), batch_size):
+        yield keys[i : i + batch_size]
+
+
+def cache_latents(
+    items_with_buckets: Sequence[tuple[Path | str, tuple[int, int]]],
+    encode_fn: Callable[[torch.Tensor], torch.Tensor],
+    encoder_id: str,
+    cache_dir: Path | str,
+    batch_size: int = 4,
+    settings: dict | None = None,
+) -> list[Path]:
+    """Latent cache files for (image path, (width, height) bucket) pairs, computing only the missing ones.
+
+    ``encode_fn`` maps (B, 3, H, W) pixels in [-1, 1] to (B, C, H/8, W/8) latents (e.g. ``encode_images`` bound
+    to a VAE); batches never mix buckets. Returns one path per input, in input order. Each file holds
+    ``latents`` (C, h, w) and metadata naming the source image and bucket.
+    """
+    out_dir = Path(cache_dir) / "latents"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, todo = [], {}  # todo: key -> (image, size); duplicates of one image+bucket are encoded once
+    for image, size in items_with_buckets:
+        key = latent_key(_sha256_file(Path(image)), size, encoder_id, settings)
+        path = out_dir / f"{key}.safetensors"
+        paths.append(path)
+        if key not in todo and not _is_valid(path, key, [LATENT_NAME]):
+            todo[key] = (Path(image), tuple(size))
+    by_bucket = defaultdict(list)
+    for key, (_, size) in todo.items():
+        by_bucket[size].append(key)
+    for (w, h), keys in sorted(by_bucket.items()):
+        for batch in _batches(keys, batch_size):
+            pixels = torch.stack([load_and_fit(todo[k][0], (w, h)) for k in batch])  # (B, 3, h, w)
+            with torch.no_grad():
+                latents = encode_fn(pixels)  # (B, C, h/8, w/8)
+            if latents.shape[0] != len(batch):
+                raise ValueError(f"encode_fn returned {latents.shape[0]} latents for {len(batch)} images")
+            for k, z in zip(batch, latents):
+                meta = dict(key=k, source=str(todo[k][0]), bucket=f"{w}x{h}", encoder=encoder_id)
+                _write_atomic({LATENT_NAME: z}, out_dir / f"{k}.safetensors", meta)
+    log.info("latent cache %s: %d reused, %d computed", out_dir, len(set(paths)) - len(todo), len(todo))
+    return paths
+
+
+def cache_text(
+    captions: Sequence[str],
+    encode_fn: Callable[[list[str]], dict[str, torch.Tensor]],
+    encoder_id: str,
+    settings: dict,
+    cache_dir: Path | str,
+    batch_size: int = 8,
+) -> dict[str, Path]:
+    """Text-embedding cache files per distinct caption, computing only the missing ones.
+
+    ``encode_fn`` maps a list of B captions to a dict of (B, ...) tensors, e.g. ``prompt_embeds`` (B, seq, D)
+    and ``pooled`` (B, D); each file stores one caption's rows under the same names.
+    """
+    out_dir = Path(cache_dir) / "text"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, todo = {}, []
+    for caption in dict.fromkeys(captions):  # distinct, first-seen order
+        key = text_key(caption, encoder_id, settings)
+        paths[caption] = out_dir / f"{key}.safetensors"
+        if not _is_valid(paths[caption], key):
+            todo.append(caption)
+    for batch in _batches(todo, batch_size):
+        with torch.no_grad():
+            embeds = encode_fn(list(batch))
+        for name, t in embeds.items():
+            if t.shape[0] != len(batch):
+                raise ValueError(f"encode_fn returned {name} with batch {t.shape[0]} for {len(batch)} captions")
+        for i, caption in enumerate(batch):
+            meta = dict(key=text_key(caption, encoder_id, settings), caption=caption, encoder=encoder_id)
+            _write_atomic({name: t[i] for name, t in embeds.items()}, paths[caption], meta)
+    log.info("text cache %s: %d reused, %d computed", out_dir, len(paths) - len(todo), len(todo))
+    return paths
+
+
+def load_cached(path: Path | str) -> dict[str, torch.Tensor]:
+    """All tensors of one cache file, in memory on CPU.
+
+    Read into memory rather than mmap-ed (``load_file``): the files are small, and a mapped file that is later
+    truncated kills the process with SIGBUS instead of raising.
+    """
+    return load(Path(path).read_bytes())

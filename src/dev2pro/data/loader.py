@@ -1,0 +1,179 @@
+"""Training batches from the caches: a dataset of cached files, a resumable bucket sampler, caption dropout.
+
+Images of different buckets have different latent shapes, so a batch must come from one bucket. The sampler
+groups the (repeat-expanded) indices by bucket, shuffles inside each bucket, cuts batches, then shuffles the
+batch order, all from an RNG seeded with ``(seed, epoch)``: epoch ``e`` is the same list of batches in every run.
+Resuming is therefore just "(epoch, position)": a resumed run replays exactly the batches an uninterrupted run
+would have seen. With DataLoader workers the sampler runs ahead of training (prefetch), so save
+``state_dict(batches_done=...)`` with the count the loop actually consumed.
+
+Caption dropout (training on the empty caption some of the time) is what lets a LoRA trained at guidance 1.0 be
+used with true CFG; ``collate`` swaps in the cached empty-caption embeddings with probability ``dropout_p``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Hashable, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from dev2pro.data.cache import LATENT_NAME, load_cached
+from dev2pro.errors import UserError
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One training image as cache files: its latents, its caption's text embeddings, and its repeats."""
+
+    latents: Path
+    text: Path
+    caption: str = ""
+    repeats: int = 1
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Cached entries with repeats expanded; item ``i`` is a dict of ``latents`` (C, h, w), the text tensors
+    (``prompt_embeds`` (seq, D), ``pooled`` (D,), ...) and ``caption``."""
+
+    def __init__(self, entries: Sequence[CacheEntry | tuple]):
+        self.entries = [e if isinstance(e, CacheEntry) else CacheEntry(*e) for e in entries]
+        self.index = [i for i, e in enumerate(self.entries) for _ in range(e.repeats)]  # position -> entry
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        entry = self.entries[self.index[i]]
+        latents = load_cached(entry.latents)[LATENT_NAME]
+        return {"latents": latents, **load_cached(entry.text), "caption": entry.caption}
+
+    def buckets(self) -> list[tuple[int, ...]]:
+        """Latent (h, w) of every index, read from file headers only (for ``BucketBatchSampler``)."""
+        shapes = []
+        for e in self.entries:
+            with safe_open(e.latents, "pt") as f:
+                shapes.append(tuple(f.get_slice(LATENT_NAME).get_shape()[-2:]))
+        return [shapes[j] for j in self.index]
+
+
+class BucketBatchSampler:
+    """Batches of indices sharing a bucket, reshuffled each epoch from (seed, epoch), resumable mid-epoch.
+
+    With ``world_size`` > 1 each rank takes every ``world_size``-th batch of the same epoch list (truncated so
+    all ranks step together).
+    """
+
+    def __init__(
+        self,
+        bucket_of_each_index: Sequence[Hashable],
+        batch_size: int,
+        seed: int,
+        drop_last: bool = False,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.num_indices = len(bucket_of_each_index)
+        groups: dict[Hashable, list[int]] = {}  # bucket -> indices, buckets in first-seen order
+        for i, b in enumerate(bucket_of_each_index):
+            groups.setdefault(b, []).append(i)
+        self.groups = list(groups.values())
+        self.epoch, self.position = 0, 0
+        if len(self) == 0:
+            largest = max((len(g) for g in self.groups), default=0)
+            raise UserError(
+                f"no batches: the largest bucket has {largest} image(s) for batch_size {batch_size} "
+                f"over {world_size} process(es) (drop_last={drop_last}); lower batch_size or add images"
+            )
+
+    def _batches_per_epoch_all_ranks(self) -> int:
+        split = (lambda n: n // self.batch_size) if self.drop_last else (lambda n: math.ceil(n / self.batch_size))
+        return sum(split(len(g)) for g in self.groups)
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank (the same every epoch)."""
+        return self._batches_per_epoch_all_ranks() // self.world_size
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch``, in order; a pure function of (seed, epoch, buckets)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for group in self.groups:
+            shuffled = [group[j] for j in rng.permutation(len(group))]
+            for start in range(0, len(shuffled), self.batch_size):
+                batch = shuffled[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches[: len(self) * self.world_size][self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """The rest of the current epoch; the next ``iter`` starts the following epoch."""
+        if self.position >= len(self):  # the last pass was left right after its final batch
+            self.epoch, self.position = self.epoch + 1, 0
+        batches = self.epoch_batches(self.epoch)
+        while self.position < len(batches):
+            self.position += 1  # counted before yielding: a batch handed out is a batch done
+            yield batches[self.position - 1]
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self, batches_done: int | None = None) -> dict:
+        """Where the next batch comes from. Pass ``batches_done`` (since epoch 0) when workers prefetch."""
+        if batches_done is not None:
+            epoch, position = divmod(batches_done, len(self))
+        else:
+            epoch, position = divmod(self.epoch * len(self) + self.position, len(self))
+        return {"epoch": epoch, "position": position, "seed": self.seed, "num_indices": self.num_indices}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was saved (the saved seed wins: it is the same run)."""
+        if state["num_indices"] != self.num_indices:
+            raise UserError(
+                f"the dataset changed since the checkpoint ({state['num_indices']} items with repeats then, "
+                f"{self.num_indices} now), so the run cannot continue with the same batches; restore the "
+                "dataset or start a new run"
+            )
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+
+
+def collate(
+    batch: list[dict],
+    empty_text: dict[str, torch.Tensor] | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """Stack dataset items into ``latents`` (B, C, h, w), the text tensors (``prompt_embeds`` (B, seq, D),
+    ``pooled`` (B, D), ...), ``captions`` and ``dropped`` (B,) bool, replacing each item's text by
+    ``empty_text`` (the cached empty-caption embeddings) with probability ``dropout_p``, drawn from ``generator``.
+    """
+    drop = torch.zeros(len(batch), dtype=torch.bool)
+    if dropout_p > 0:
+        if empty_text is None:
+            raise ValueError("caption dropout needs empty_text, the cached embeddings of the empty caption")
+        drop = torch.rand(len(batch), generator=generator) < dropout_p
+    names = [k for k in batch[0] if k not in ("latents", "caption")]
+    text = {}
+    for name in names:
+        rows = []
+        for item, dropped in zip(batch, drop.tolist()):
+            row = item[name]
+            if dropped:
+                row = empty_text[name]
+                row = row[0] if row.dim() == item[name].dim() + 1 else row  # accept a (1, ...) batch too
+            rows.append(row)
+        text[name] = torch.stack(rows)
+    return {
+        "latents": torch.stack([item["latents"] for item in batch]),  # (B, C, h, w)
+        **text,
+        "captions": ["" if d else item["caption"] for item, d in zip(batch, drop.tolist())],
+        "dropped": drop,
+    }
