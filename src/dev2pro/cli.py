@@ -59,7 +59,12 @@ def _add_convert(sub):
     p.set_defaults(run=run)
 
 
-COMMANDS = [_add_init_tiny, _add_inspect, _add_convert]
+def _add_train(sub):
+    from .recipes.train_lora import add_train_parser
+    add_train_parser(sub)
+
+
+COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

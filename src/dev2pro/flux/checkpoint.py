@@ -444,7 +444,9 @@ def _lazy_quant(ckpt: Checkpoint, parts, scaled: bool, fmt: torch.dtype):
 
     def get(which: int):
         if not memo:
-            t = keymod.assemble(parts, lambda k: ckpt.get_dequantized(k, torch.float32))
+            # high-precision sources are quantised as stored (no fp32 copy); fp8 sources are dequantised first
+            t = keymod.assemble(parts, lambda k: ckpt.get_dequantized(k, torch.float32)
+                                if ckpt.dtypes[k] in FP8_DTYPES else ckpt.get(k))
             memo[0], memo[1] = fp8mod.quantize(t, scaled=scaled, dtype=fmt)
         return memo.pop(which)
     return get

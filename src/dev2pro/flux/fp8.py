@@ -82,13 +82,23 @@ def quantize(t: torch.Tensor, scaled: bool, dtype: torch.dtype = torch.float8_e4
     if not scaled:
         # clamp first: some backends turn out-of-range casts into NaN (e4m3fn has no inf)
         return t.clamp(-fmax, fmax).to(dtype), None
-    t32 = t.detach().float()
-    amax = t32.abs().amax()
+    t = t.detach()
+    flat_t, step = t.reshape(-1), 1 << 22
+    # abs/amax are exact in any float dtype; chunks avoid a full-size temporary (RAM ~ one tensor when converting)
+    amax = torch.stack([flat_t[i:i + step].abs().amax() for i in range(0, flat_t.numel(), step)]).amax().float() \
+        if t.device.type != "meta" and t.numel() else t.abs().amax().float() if t.numel() else torch.zeros(())
     if amax.device.type != "meta" and not torch.isfinite(amax):
         raise ValueError("cannot quantise a tensor with inf/NaN values")
     scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))  # an all-zero tensor keeps scale 1
-    # divide in fp32: rounding once to fp8 is the only loss (amax / scale can land a hair above fmax -> clamp)
-    q = (t32 / scale).clamp(-fmax, fmax).to(dtype)
+    if t.device.type == "meta":
+        return torch.empty_like(t, dtype=dtype), scale
+    # Divide in fp32 so rounding once to fp8 is the only loss (amax / scale can land a hair above fmax -> clamp).
+    # Row chunks keep the fp32 temporaries small: converting a 24 GB checkpoint needs about one tensor of RAM.
+    q = torch.empty(t.shape, dtype=dtype, device=t.device)
+    flat_q = q.view(-1)
+    for i in range(0, flat_t.numel(), step):
+        chunk = flat_t[i:i + step].to(torch.float32, copy=True).div_(scale).clamp_(-fmax, fmax)
+        flat_q[i:i + step] = chunk.to(dtype)
     return q, scale
 
 

@@ -32,7 +32,7 @@ class Progress:
         self.smoothing = smoothing
         self.smoothed = smoothed
         self.writer = None
-        if log_dir is not None and enabled:
+        if log_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(log_dir))

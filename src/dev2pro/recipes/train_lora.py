@@ -1,0 +1,292 @@
+"""`dev2pro train CONFIG.toml`: train a Flux LoRA on a (de-distilled) base at guidance 1.0, sample it on dev.
+
+The story, top to bottom: resolve the config and output folder -> scan the dataset and pick buckets -> cache
+latents and text embeddings (then free the VAE and text encoders) -> load the base transformer (any layout,
+optionally fp8 storage) -> add the LoRA with peft -> loop: flow-matching loss at the fixed guidance, AdamW,
+progress, samples on the inference base, LoRA files and resumable state every N steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import load_config, opt, render_toml, require, section
+from ..errors import ConfigError, UserError
+from ..flow import TIMESTEP_MODES
+from ..outputs import write_text
+from . import train_steps as steps
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class ModelSection:
+    path: str = opt("", "model folder in the FLUX.1-dev diffusers layout (text encoders, tokenizers, VAE)")
+    transformer: str = opt("", "optional transformer file overriding the folder's (e.g. a dev2pro fp8 file)")
+    inference_base: str = opt("", "transformer used for samples (e.g. the original FLUX.1-dev); empty = the "
+                                  "training base")
+    dtype: str = opt("bf16", "compute dtype", ("bf16", "fp16", "fp32"))
+    fp8_storage: bool = opt(False, "store base weights in fp8 (bf16 compute); lowers memory with checkpointing")
+    fp8_keep: list = opt(["norms", "biases", "embedders", "modulation", "final"],
+                         "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed for fp8 to pay off)")
+    t5_max_length: int = opt(512, "T5 tokens: 512 for dev and de-distilled bases (kohya's 256 is schnell's)")
+    allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")
+
+    def validate(self):
+        require(bool(self.path), "path: set model.path to a FLUX.1-dev-layout model folder")
+        require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
+
+
+@dataclass
+class FolderSection:
+    path: str = opt("", "folder of images with same-stem .txt captions")
+    repeats: int = opt(1, "times each image is seen per epoch")
+    caption: str = opt("", "caption for images without a .txt file in this folder")
+
+    def validate(self):
+        require(bool(self.path), "path: each [[data.folders]] needs a path")
+        require(self.repeats >= 1, "repeats must be >= 1")
+
+
+@dataclass
+class DataSection:
+    folders: list[FolderSection] = opt([], "[[data.folders]] tables: path, repeats, caption")
+    default_caption: str = opt("", "caption for images without a .txt file")
+    trigger: str = opt("", "trigger word prepended to every caption")
+    caption_dropout: float = opt(0.0, "probability of training on the empty caption")
+    resolution: int = opt(512, "bucket target side: buckets have about resolution^2 pixels")
+    bucket_step: int = opt(64, "bucket sides are multiples of this (>= 16)")
+    min_size: int = opt(16, "images smaller than this on a side are skipped (listed in a warning)")
+    strict: bool = opt(False, "stop on unreadable/tiny images instead of skipping them")
+    cache_dir: str = opt("", "latent/text cache folder (default: <output_dir>/cache)")
+    batch_size: int = opt(1, "images per step (per device)")
+
+    def validate(self):
+        require(len(self.folders) > 0, "folders: add at least one [[data.folders]] table with a path")
+        require(0.0 <= self.caption_dropout < 1.0, "caption_dropout must be in [0, 1)")
+        require(self.bucket_step >= 16 and self.bucket_step % 16 == 0, "bucket_step must be a multiple of 16")
+        require(self.resolution >= self.bucket_step, "resolution must be >= bucket_step")
+        require(self.batch_size >= 1, "batch_size must be >= 1")
+
+
+@dataclass
+class LoraSection:
+    rank: int = opt(16, "LoRA rank")
+    alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)")
+    dropout: float = opt(0.0, "LoRA dropout")
+    targets: str = opt("all_linear", "target preset", ("attention", "all_linear"))
+    extra_targets: list = opt([], "extra targets: modulation, embedders")
+    double_blocks: list = opt([], "train only these double-block indices (empty = all)")
+    single_blocks: list = opt([], "train only these single-block indices (empty = all)")
+
+    def validate(self):
+        require(self.rank > 0, f"rank must be > 0, got {self.rank}")
+        require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+
+
+@dataclass
+class TrainSection:
+    steps: int = opt(1000, "optimiser steps")
+    lr: float = opt(1e-4, "learning rate")
+    optimizer: str = opt("adamw", "optimizer", ("adamw", "adamw8bit", "prodigy", "adafactor"))
+    weight_decay: float = opt(0.0, "weight decay")
+    warmup_steps: int = opt(0, "linear LR warmup steps")
+    schedule: str = opt("constant", "LR schedule after warmup", ("constant", "cosine", "linear"))
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+    seed: int = opt(42, "seed for LoRA init, noise, timesteps and data order")
+    guidance: float = opt(1.0, "guidance input during training: 1.0 is the Dev2Pro recipe")
+    timestep_sampling: str = opt("sigmoid", "how sigmas are drawn", TIMESTEP_MODES)
+    sigmoid_scale: float = opt(1.0, "logit-normal scale for sigmoid/shift/flux_shift")
+    shift: float = opt(3.0, "shift value for timestep_sampling = 'shift'")
+    mixed_precision: str = opt("no", "accelerate mixed precision", ("no", "bf16", "fp16"))
+
+    def validate(self):
+        require(self.steps > 0, "steps must be > 0")
+        require(self.lr > 0, "lr must be > 0")
+        require(self.grad_accum >= 1, "grad_accum must be >= 1")
+        require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+
+
+@dataclass
+class SampleSection:
+    every: int = opt(0, "render samples every N steps (0 = only at the end if prompts are set)")
+    prompts: list = opt([], "sample prompts")
+    negative: str = opt("", "negative prompt for true CFG (bases without guidance embedding)")
+    seeds: list = opt([0], "one column per seed")
+    guidance: float = opt(3.5, "embedded guidance on guidance-distilled bases (dev): 3.5 is dev's default")
+    cfg: float = opt(3.5, "true CFG scale for bases without guidance embedding")
+    steps: int = opt(20, "sampling steps")
+    width: int = opt(512, "sample width (multiple of 16)")
+    height: int = opt(512, "sample height (multiple of 16)")
+
+    def validate(self):
+        require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
+        require(self.steps > 0, "steps must be > 0")
+
+
+@dataclass
+class SaveSection:
+    output_dir: str = opt("", "run folder: LoRA files, samples, state, logs, resolved config")
+    name: str = opt("lora", "file name stem of the saved LoRA")
+    every: int = opt(0, "save LoRA + training state every N steps (0 = only at the end)")
+    keep_last: int = opt(2, "training states kept for resume")
+    formats: list = opt(["kohya"], "LoRA layouts written: kohya (ComfyUI/Forge), diffusers, comfy")
+    overwrite: bool = opt(False, "allow reusing an output_dir that holds another run")
+
+    def validate(self):
+        require(bool(self.output_dir), "output_dir: set save.output_dir")
+        for f in self.formats:
+            require(f in ("kohya", "diffusers", "comfy"), f"formats: unknown layout {f!r} (kohya|diffusers|comfy)")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = section(ModelSection, "base model")
+    data: DataSection = section(DataSection, "dataset")
+    lora: LoraSection = section(LoraSection, "LoRA shape")
+    train: TrainSection = section(TrainSection, "optimisation")
+    sample: SampleSection = section(SampleSection, "samples during training")
+    save: SaveSection = section(SaveSection, "outputs")
+    log_every: int = opt(1, "TensorBoard scalar interval")
+
+
+def load_train_config(path: str | None, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
+    cfg = load_config(TrainConfig, path, overrides, data)
+    base = Path(path).parent if path else Path(".")
+    # Relative paths in a config are relative to the config file, not to where the command is run.
+    for obj, name in [(cfg.model, "path"), (cfg.model, "transformer"), (cfg.model, "inference_base"),
+                      (cfg.save, "output_dir"), (cfg.data, "cache_dir")] + [(f, "path") for f in cfg.data.folders]:
+        value = getattr(obj, name)
+        if value and not Path(value).is_absolute():
+            setattr(obj, name, str((base / value).resolve()))
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+def quiet_libraries():
+    """Our progress bar is the one users watch: silence diffusers'/transformers' per-component loading bars."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
+    """Run the whole job; returns a summary (losses, paths)."""
+    quiet_libraries()
+    out = Path(cfg.save.output_dir)
+    state_dir = steps.prepare_output_dir(out, resume is not None, cfg.save.overwrite)
+    write_text(out / "config.toml", render_toml(cfg))
+    torch.manual_seed(cfg.train.seed)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=1,
+                              cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
+
+    # 1. data -> cached latents and text embeddings (encoders are freed afterwards)
+    data = steps.prepare_data(cfg, out, device)
+    # 2. base transformer + LoRA
+    transformer, ckpt = steps.load_base(cfg, dtype, device)
+    if ckpt.spec().guidance_embeds and cfg.train.guidance != 1.0:
+        log.warning("training a guidance-distilled base at guidance %.2f: the Dev2Pro recipe trains at 1.0; other "
+                    "values pull the guidance embedding off its distilled meaning and the LoRA tends to collapse "
+                    "or blur when used on dev", cfg.train.guidance)
+    params = steps.add_lora(transformer, cfg, ckpt.spec())
+    from ..train.optim import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(params, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    gen = torch.Generator().manual_seed(cfg.train.seed)  # noise, timesteps, caption dropout
+    sampler = data.sampler
+    start, smoothed = 0, None
+    if resume is not None:
+        start, smoothed = steps.resume_state(resume, state_dir, accelerator.unwrap_model(transformer), optimizer,
+                                             scheduler, sampler, gen)
+    sampler_iter = steps.batches_forever(sampler)
+    inference = steps.InferenceBase(cfg, ckpt, dtype, data, device)
+
+    from ..train.progress import Progress
+
+    main = accelerator.is_main_process
+    bar = Progress(cfg.train.steps, start, "train", out / "logs" if main else None, enabled=progress and main,
+                   smoothed=smoothed)
+    losses: list[float] = []
+    transformer.train()
+    t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
+    for step in range(start, cfg.train.steps):
+        total = 0.0
+        for _ in range(cfg.train.grad_accum):
+            batch = data.collate([data.dataset[i] for i in next(sampler_iter)], gen)
+            with accelerator.autocast():
+                loss = steps.flow_matching_loss(transformer, batch, cfg.train, gen, device, dtype)
+            accelerator.backward(loss / cfg.train.grad_accum)
+            total += loss.item() / cfg.train.grad_accum
+        if cfg.train.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+        bar.update(step + 1, total, scheduler.get_last_lr()[0])
+        done = step + 1
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(transformer)
+            if cfg.sample.prompts and cfg.sample.every and done % cfg.sample.every == 0 and done < cfg.train.steps:
+                inference.sample(model, done, out / "samples", bar)
+            if cfg.save.every and done % cfg.save.every == 0 and done < cfg.train.steps:
+                steps.save_lora_files(model, cfg, ckpt, out, suffix=f"-step{done:06d}")
+                steps.save_state(state_dir, done, model, optimizer, scheduler, sampler, gen, bar.smoothed,
+                                 cfg.train.grad_accum, cfg.save.keep_last)
+        if stop_after and done == stop_after:
+            bar.close()
+            os._exit(17)  # test hook: die like a killed process right after step k's state
+    bar.close()
+    model = accelerator.unwrap_model(transformer)
+    files = steps.save_lora_files(model, cfg, ckpt, out, suffix="")
+    if cfg.sample.prompts:
+        inference.sample(model, cfg.train.steps, out / "samples", bar)
+    elapsed = time.perf_counter() - t0
+    summary = {"losses": losses, "files": [str(f) for f in files], "steps": cfg.train.steps,
+               "seconds": elapsed, "steps_per_second": (cfg.train.steps - start) / max(elapsed, 1e-9)}
+    from ..outputs import write_json
+
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def add_train_parser(sub):
+    p = sub.add_parser("train", help="train a Flux LoRA (default: guidance 1.0 on a de-distilled base)")
+    p.add_argument("config", nargs="?", help="TOML config (see --print-config)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
+                   help="continue from the latest state in output_dir, or from a given state folder")
+    p.add_argument("--print-config", action="store_true", help="print every option with its default and exit")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(a):
+        if a.print_config:
+            print(render_toml(TrainConfig()), end="")
+            return
+        if not a.config:
+            raise ConfigError("pass a config file: dev2pro train CONFIG.toml (see --print-config)")
+        cfg = load_train_config(a.config, a.set)
+        summary = train(cfg, a.resume, progress=not a.no_progress)
+        print(f"done: {summary['steps']} steps, final loss {summary['losses'][-1]:.4f}" if summary["losses"]
+              else "done: nothing to train (already finished)")
+        for f in summary["files"]:
+            print(f"  {f}")
+    p.set_defaults(run=run)

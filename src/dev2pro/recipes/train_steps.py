@@ -1,0 +1,323 @@
+"""The steps of `dev2pro train`, as functions the recipe calls in order (and `dedistill` reuses).
+
+Each step reads the config sections it needs and calls library functions with explicit arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from ..flow import flow_loss, flow_target, noisy_input, sample_sigmas
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ output dir
+def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> Path:
+    """Create the run folder; refuse to reuse another run's folder unless resuming or overwrite is set."""
+    if out.exists() and any(out.iterdir()) and not resuming and not overwrite:
+        raise UserError(f"output folder {out} already holds a run; pass --resume to continue it, set "
+                        f"save.overwrite = true to start over in it, or choose another save.output_dir")
+    if not out.parent.exists():
+        raise UserError(f"the parent of save.output_dir ({out.parent}) does not exist; create it first")
+    out.mkdir(exist_ok=True)
+    return out / "state"
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class PreparedData:
+    dataset: object
+    sampler: object
+    collate: Callable
+    sample_embeds: list  # (prompt_embeds, pooled) per sample prompt
+    negative_embeds: tuple | None
+    components: dict  # vae + scheduler kept for sampling (text encoders freed)
+    image_seq_lens: list
+
+
+def encoder_identity(folder: Path) -> str:
+    """A cheap identity for the encoders of a model folder: configs + weight-file headers, sizes and mtimes."""
+    h = hashlib.sha256()
+    for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        d = folder / sub
+        for f in sorted(d.glob("*")) if d.is_dir() else []:
+            st = f.stat()
+            h.update(f"{sub}/{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+            if f.suffix == ".json":
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def prepare_data(cfg, out: Path, device) -> PreparedData:
+    from ..data.buckets import assign_bucket, make_buckets
+    from ..data.cache import cache_latents, cache_text, load_cached
+    from ..data.folders import DatasetFolder, scan_dataset
+    from ..data.loader import BucketBatchSampler, CacheEntry, CachedDataset, collate
+    from ..flux.latents import encode_images
+
+    d = cfg.data
+    folders = [DatasetFolder(Path(f.path), f.repeats, f.caption or None) for f in d.folders]
+    items = scan_dataset(folders, default_caption=d.default_caption or None, trigger=d.trigger or None,
+                         min_size=d.min_size, strict=d.strict)
+    buckets = make_buckets(d.resolution * d.resolution, step=d.bucket_step)
+    sizes = []
+    for it in items:
+        w, h = it.size if it.size else _image_size(it.path)
+        sizes.append(assign_bucket(w, h, buckets))
+    model_dir = Path(cfg.model.path)
+    comps = load_encoders(model_dir, device)
+    enc_id = encoder_identity(model_dir)
+    cache_dir = Path(d.cache_dir) if d.cache_dir else out / "cache"
+    latent_paths = cache_latents([(it.path, s) for it, s in zip(items, sizes)],
+                                 lambda px: encode_images(comps["vae"], px).cpu(), f"vae:{enc_id}", cache_dir)
+    t5_len = cfg.model.t5_max_length
+
+    def encode_text(captions: list[str]) -> dict:
+        pe, pooled, _ = comps["pipe"].encode_prompt(prompt=captions, prompt_2=None, device=device,
+                                                    max_sequence_length=t5_len)
+        return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}
+
+    settings = {"t5_max_length": t5_len}
+    captions = [it.caption for it in items]
+    extra = [""] + list(cfg.sample.prompts) + ([cfg.sample.negative] if cfg.sample.negative else [])
+    text_paths = cache_text(captions + extra, encode_text, f"text:{enc_id}", settings, cache_dir)
+    # the encoders are not needed again: free them before the transformer arrives
+    components = {"vae": comps["vae"].to("cpu"), "scheduler": comps["pipe"].scheduler}
+    del comps
+    _free(device)
+    entries = [CacheEntry(lp, text_paths[it.caption], it.caption, it.repeats)
+               for it, lp in zip(items, latent_paths)]
+    dataset = CachedDataset(entries)
+    sampler = BucketBatchSampler(dataset.buckets(), d.batch_size, seed=cfg.train.seed)
+    empty = load_cached(text_paths[""])
+    dropout = d.caption_dropout
+
+    def collate_fn(batch, generator):
+        return collate(batch, empty_text=empty, dropout_p=dropout, generator=generator)
+
+    def embeds_of(text):
+        t = load_cached(text_paths[text])
+        return t["prompt_embeds"][None], t["pooled"][None]
+
+    sample_embeds = [embeds_of(p) for p in cfg.sample.prompts]
+    negative = embeds_of(cfg.sample.negative) if cfg.sample.negative else embeds_of("")
+    return PreparedData(dataset, sampler, collate_fn, sample_embeds, negative, components,
+                        [(w // 16) * (h // 16) for w, h in sizes])
+
+
+def _image_size(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def load_encoders(model_dir: Path, device) -> dict:
+    """VAE and a text-only FluxPipeline (CLIP + T5) from a FLUX.1-dev-layout folder, offline."""
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    if not (model_dir / "model_index.json").exists():
+        raise UserError(f"model.path {model_dir} is not a FLUX.1-dev-layout model folder (no model_index.json); "
+                        f"it must hold vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
+    try:
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device).eval()
+        pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None, local_files_only=True).to(device)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the VAE/text encoders from {model_dir}: {e}") from None
+    return {"vae": vae, "pipe": pipe}
+
+
+def _free(device):
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ model
+def load_base(cfg, dtype, device):
+    """The training base transformer, frozen, optionally with fp8 storage, gradient checkpointing on."""
+    from ..flux.checkpoint import load_transformer
+    from ..flux.fp8 import Fp8Policy
+
+    src = cfg.model.transformer or cfg.model.path
+    policy = Fp8Policy.from_names(cfg.model.fp8_keep)
+    model, ckpt = load_transformer(src, dtype=dtype, fp8_storage=cfg.model.fp8_storage, policy=policy,
+                                   allow_pickle=cfg.model.allow_pickle)
+    model.to(device)
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model, ckpt
+
+
+def add_lora(transformer, cfg, spec) -> list[torch.nn.Parameter]:
+    """Inject the LoRA (after fp8 storage is in place, as peft needs) and make only its weights trainable, fp32."""
+    from peft import LoraConfig
+
+    from ..lora.targets import target_modules
+
+    lc = cfg.lora
+    names = target_modules(lc.targets, spec.num_double, spec.num_single, lc.extra_targets,
+                           [int(i) for i in lc.double_blocks] or None, [int(i) for i in lc.single_blocks] or None,
+                           spec.guidance_embeds)
+    transformer.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                       target_modules=names, init_lora_weights=True), adapter_name="default")
+    params = []
+    for n, p in transformer.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            params.append(p)
+        else:
+            p.requires_grad_(False)
+    return params
+
+
+def flow_matching_loss(transformer, batch: dict, tc, gen: torch.Generator, device, dtype) -> torch.Tensor:
+    """One batch's flow-matching loss at the fixed training guidance (noise/sigmas drawn on CPU from ``gen``)."""
+    from ..flux.latents import image_ids, pack, text_ids
+
+    x0 = batch["latents"]  # (B, C, h, w)
+    b, _, h, w = x0.shape
+    noise = torch.randn(x0.shape, generator=gen)
+    sigmas = sample_sigmas(b, tc.timestep_sampling, gen, sigmoid_scale=tc.sigmoid_scale, shift=tc.shift,
+                           image_seq_len=(h // 2) * (w // 2))
+    x_t = pack(noisy_input(x0, noise, sigmas))  # (B, T, C*4)
+    target = pack(flow_target(x0, noise)).to(device)
+    model = transformer.module if hasattr(transformer, "module") else transformer
+    guidance = torch.full((b,), tc.guidance, device=device) if model.config.guidance_embeds else None
+    pred = transformer(hidden_states=x_t.to(device, dtype), timestep=sigmas.to(device, dtype),
+                       guidance=None if guidance is None else guidance.to(dtype),
+                       pooled_projections=batch["pooled"].to(device, dtype),
+                       encoder_hidden_states=batch["prompt_embeds"].to(device, dtype),
+                       txt_ids=text_ids(batch["prompt_embeds"].shape[1], device=device),
+                       img_ids=image_ids(h, w, device=device), return_dict=False)[0]
+    return flow_loss(pred.float(), target.float())
+
+
+# ------------------------------------------------------------------------------------------------ loop plumbing
+def batches_forever(sampler):
+    while True:
+        yield from sampler
+
+
+def save_state(state_dir: Path, step: int, model, optimizer, scheduler, sampler, gen, smoothed, grad_accum,
+               keep_last):
+    from peft.utils import get_peft_model_state_dict
+
+    from ..train.state import rng_state, save_state as write
+
+    write(state_dir, step, {
+        "lora": {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state({"train": gen}),
+        "progress": {"step": step, "smoothed": smoothed,
+                     "sampler": sampler.state_dict(batches_done=step * grad_accum)},
+    }, keep_last=keep_last)
+
+
+def resume_state(resume: str, state_dir: Path, model, optimizer, scheduler, sampler, gen):
+    """Restore a saved state; returns (step, smoothed loss)."""
+    from peft.utils import set_peft_model_state_dict
+
+    from ..train.state import latest_state, load_state, set_rng_state
+
+    folder = latest_state(state_dir) if resume == "latest" else Path(resume)
+    if folder is None or not folder.is_dir():
+        raise UserError(f"nothing to resume: no training state in {state_dir}" if resume == "latest" else
+                        f"--resume {resume}: not a state folder (expected .../state/step-NNNNNN)")
+    parts = load_state(folder)
+    result = set_peft_model_state_dict(model, parts["lora"])
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"{folder}: the saved LoRA does not match this config's LoRA shape/targets")
+    optimizer.load_state_dict(parts["optimizer"])
+    scheduler.load_state_dict(parts["scheduler"])
+    sampler.load_state_dict(parts["progress"]["sampler"])
+    set_rng_state(parts["rng"], {"train": gen})
+    log.info("resumed from %s", folder)
+    return int(parts["progress"]["step"]), parts["progress"].get("smoothed")
+
+
+def save_lora_files(model, cfg, ckpt, out: Path, suffix: str) -> list[Path]:
+    from ..lora.formats import kohya_metadata, save_lora
+    from ..lora.ops import lora_from_peft_model
+
+    lw = lora_from_peft_model(model, "default")
+    meta = kohya_metadata(cfg.lora.rank, cfg.lora.alpha, cfg.train.guidance, cfg.train.timestep_sampling,
+                          Path(cfg.model.transformer or cfg.model.path).name,
+                          extra={"ss_steps": cfg.train.steps, "ss_learning_rate": cfg.train.lr,
+                                 "dev2pro.train_base_variant": ckpt.spec().variant,
+                                 "dev2pro.inference_base": Path(cfg.model.inference_base).name
+                                 if cfg.model.inference_base else ""})
+    files = []
+    for layout in cfg.save.formats:
+        ext = "" if layout == "kohya" else f".{layout}"
+        files.append(save_lora(lw, out / f"{cfg.save.name}{suffix}{ext}.safetensors", layout, meta, overwrite=True))
+    return files
+
+
+class InferenceBase:
+    """Samples of the current LoRA on the base it will be used with (``model.inference_base``, e.g. dev).
+
+    The inference transformer lives on the CPU and visits the device only while sampling, so a 24 GB card does
+    not hold two bases at once; the current LoRA weights are copied into it as a peft adapter each time.
+    """
+
+    def __init__(self, cfg, ckpt, dtype, data: PreparedData, device):
+        self.cfg, self.dtype, self.data, self.device = cfg, dtype, data, device
+        self.model = None
+        if cfg.model.inference_base and cfg.sample.prompts:
+            from ..flux.checkpoint import load_transformer
+            from ..flux.fp8 import Fp8Policy
+
+            self.model, _ = load_transformer(cfg.model.inference_base, dtype=dtype,
+                                             fp8_storage=cfg.model.fp8_storage,
+                                             policy=Fp8Policy.from_names(cfg.model.fp8_keep),
+                                             allow_pickle=cfg.model.allow_pickle)
+
+    def sample(self, train_model, step: int, folder: Path, bar) -> Path:
+        from ..lora.ops import apply_lora, lora_from_peft_model
+        from ..sampling import build_pipeline, make_grid, render, save_png
+
+        sc = self.cfg.sample
+        lw = lora_from_peft_model(train_model, "default")
+        if self.model is not None:
+            target = self.model.to(self.device)
+            if "sample" in getattr(target, "peft_config", {}):
+                target.delete_adapters("sample")
+            apply_lora(target, lw, 1.0, adapter_name="sample")
+        else:
+            target = train_model
+        was_training = target.training
+        target.eval()
+        pipe = build_pipeline({**self.data.components, "vae": self.data.components["vae"].to(self.device)}, target)
+        images = []
+        with torch.no_grad():
+            for emb in self.data.sample_embeds:
+                images += render(pipe, [emb] * len(sc.seeds), [int(s) for s in sc.seeds], guidance=sc.guidance,
+                                 true_cfg=sc.cfg, negative=self.data.negative_embeds, steps=sc.steps,
+                                 width=sc.width, height=sc.height)
+        if was_training:
+            target.train()
+        if self.model is not None:
+            self.model.to("cpu")
+        self.data.components["vae"].to("cpu")
+        grid = make_grid(images, rows=len(self.data.sample_embeds), cols=len(sc.seeds))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = save_png(grid, folder / f"step{step:06d}.png",
+                        {"step": str(step), "prompts": json.dumps(list(sc.prompts)), "seeds": json.dumps(sc.seeds),
+                         "guidance": str(sc.guidance), "base": self.cfg.model.inference_base or "training base"},
+                        overwrite=True)
+        bar.image("samples", grid, step)
+        return path
