@@ -54,16 +54,18 @@ def _numel(shape):
     return n
 
 
+# Peak RSS is read from /proc/self/status VmHWM: ru_maxrss would include the forking parent's pages.
 CHILD = """
-import resource, sys, time, json, shutil
+import sys, time, json, shutil
+from dev2pro.flux.checkpoint import convert
 t = time.perf_counter()
 if sys.argv[1] == "copy":
     shutil.copyfile(sys.argv[2], sys.argv[3])
-else:
-    from dev2pro.flux.checkpoint import convert
+elif sys.argv[1] == "convert":
     convert(sys.argv[2], sys.argv[3], dtype="fp8-scaled", overwrite=True)
 dt = time.perf_counter() - t
-print(json.dumps({"s": dt, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"s": dt, "rss": int(hwm) * 1024}))
 """
 
 
@@ -86,7 +88,7 @@ def main():
     conv = run_child("convert", src, work / "fp8.safetensors")
     copy2 = run_child("copy", src, work / "baseline.safetensors")
     copy_s = min(base["s"], copy2["s"])
-    python_rss = run_child("copy", src, work / "baseline.safetensors")["rss"]
+    python_rss = run_child("idle", src, work / "unused")["rss"]  # python + torch + dev2pro imported
     print(f"input: {size / 1e9:.2f} GB bf16 BFL, largest tensor {largest / 1e6:.1f} MB")
     print(f"copy: {copy_s:.2f} s ({size / copy_s / 1e6:.0f} MB/s)   convert->fp8-scaled: {conv['s']:.2f} s "
           f"({size / conv['s'] / 1e6:.0f} MB/s)")

@@ -64,7 +64,12 @@ def _add_train(sub):
     add_train_parser(sub)
 
 
-COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_train]
+def _add_demo(sub):
+    from .recipes.demo import add_demo_parser
+    add_demo_parser(sub)
+
+
+COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_train, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

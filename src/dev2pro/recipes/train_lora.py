@@ -157,7 +157,7 @@ class TrainConfig:
     train: TrainSection = section(TrainSection, "optimisation")
     sample: SampleSection = section(SampleSection, "samples during training")
     save: SaveSection = section(SaveSection, "outputs")
-    log_every: int = opt(1, "TensorBoard scalar interval")
+    log_every: int = opt(10, "progress-bar postfix and TensorBoard scalar interval (steps)")
 
 
 def load_train_config(path: str | None, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
@@ -223,7 +223,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 
     main = accelerator.is_main_process
     bar = Progress(cfg.train.steps, start, "train", out / "logs" if main else None, enabled=progress and main,
-                   smoothed=smoothed)
+                   smoothed=smoothed, log_every=cfg.log_every)
     losses: list[float] = []
     transformer.train()
     t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))

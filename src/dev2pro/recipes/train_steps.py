@@ -302,12 +302,10 @@ class InferenceBase:
         was_training = target.training
         target.eval()
         pipe = build_pipeline({**self.data.components, "vae": self.data.components["vae"].to(self.device)}, target)
-        images = []
-        with torch.no_grad():
-            for emb in self.data.sample_embeds:
-                images += render(pipe, [emb] * len(sc.seeds), [int(s) for s in sc.seeds], guidance=sc.guidance,
-                                 true_cfg=sc.cfg, negative=self.data.negative_embeds, steps=sc.steps,
-                                 width=sc.width, height=sc.height)
+        with torch.no_grad():  # prompt-major: one grid row per prompt, one column per seed
+            images = render(pipe, self.data.sample_embeds, [int(s) for s in sc.seeds], guidance=sc.guidance,
+                            true_cfg=sc.cfg, negative=self.data.negative_embeds, steps=sc.steps, width=sc.width,
+                            height=sc.height)
         if was_training:
             target.train()
         if self.model is not None:

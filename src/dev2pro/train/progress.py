@@ -26,10 +26,11 @@ class Progress:
     """tqdm bar + TensorBoard writer; ``update(step, loss, lr)`` once per optimiser step."""
 
     def __init__(self, total: int, start: int, desc: str, log_dir: Path | None, enabled: bool = True,
-                 smoothing: float = 0.9, smoothed: float | None = None):
+                 smoothing: float = 0.9, smoothed: float | None = None, log_every: int = 10):
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
                         unit="step")
         self.smoothing = smoothing
+        self.log_every = max(1, log_every)
         self.smoothed = smoothed
         self.writer = None
         if log_dir is not None:
@@ -42,10 +43,11 @@ class Progress:
     def update(self, step: int, loss: float, lr: float, extra: dict | None = None):
         s = self.smoothing
         self.smoothed = loss if self.smoothed is None else s * self.smoothed + (1 - s) * loss
-        self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", mem=f"{peak_memory_gb():.1f}G",
-                             refresh=False)
+        if step % self.log_every == 0 or step == 1:  # formatting/TensorBoard every step costs ~ms on small steps
+            self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", mem=f"{peak_memory_gb():.1f}G",
+                                 refresh=False)
         self.bar.update(1)
-        if self.writer:
+        if self.writer and step % self.log_every == 0:
             self.writer.add_scalar("loss/step", loss, step)
             self.writer.add_scalar("loss/smoothed", self.smoothed, step)
             self.writer.add_scalar("lr", lr, step)

@@ -1,0 +1,203 @@
+"""LoRA maths on tensors and models: delta, merge, SVD extraction, and putting a LoRA into a diffusers model.
+
+A LoRA module is a rank-r factorisation of a weight update, delta W = up @ down * alpha / r. So:
+- merging adds that product to the base weight (in fp32, cast back to the weight's dtype; fp8 storage is the
+  caller's business: dequantise first, requantise after, or scaled-fp8 weights come out silently wrong);
+- extraction is the reverse: the best rank-k approximation of a weight difference is its truncated SVD
+  (Eckart-Young), and the squared singular values say how much of the difference each rank keeps ("energy");
+- applying to a model goes through peft (``load_lora_adapter``) with each module's alpha kept, for any model size.
+Streaming whole checkpoint files through these functions is the checkpoint module's job, not this one's.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Mapping
+
+import torch
+
+from ..errors import UserError
+from .formats import LoraModule, LoraWeights, lora_to_peft_state_dict, peft_config_kwargs
+
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+             if hasattr(torch, n))
+
+
+def _no_fp8(name: str, t: torch.Tensor) -> None:
+    if t.dtype in _FP8:
+        raise ValueError(f"{name} is {t.dtype}: dequantise fp8 weights (with their scales) before LoRA maths.")
+
+
+def lora_delta(module: LoraModule, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """delta W = up @ down * alpha / rank, computed in fp32 and returned as ``dtype``."""
+    return (module.up.float() @ module.down.float() * module.scale).to(dtype)
+
+
+def merge_into(weights: Mapping[str, torch.Tensor], lw: Mapping[str, LoraModule], scale: float = 1.0,
+               strict: bool = True) -> dict[str, torch.Tensor]:
+    """``weights`` (diffusers names, ``<module>.weight``) with ``scale`` x each LoRA delta added.
+
+    Maths in fp32, results cast back to each weight's dtype; untouched tensors are passed through. With
+    ``strict=False`` LoRA modules whose weight is not in ``weights`` are skipped (for merging shard by shard).
+    """
+    out = dict(weights)
+    for name, module in lw.items():
+        key = f"{name}.weight"
+        if key not in weights:
+            if strict:
+                raise UserError(f"LoRA module {name!r} has no weight {key!r} in the base: the LoRA is for another "
+                                f"model family or size.")
+            continue
+        w = weights[key]
+        _no_fp8(key, w)
+        if tuple(w.shape) != (module.up.shape[0], module.down.shape[1]):
+            raise UserError(f"LoRA module {name!r} is {module.up.shape[0]}x{module.down.shape[1]} but the base "
+                            f"weight {key!r} is {tuple(w.shape)}: the LoRA is for another model size.")
+        out[key] = (w.float() + scale * lora_delta(module).to(w.device)).to(w.dtype)
+    return out
+
+
+def extract(delta: torch.Tensor, rank: int, energy: float | None = None) -> tuple[LoraModule, float]:
+    """Best rank-k LoRA of ``delta`` by SVD; returns (module, retained energy = kept / total squared singular values).
+
+    k is ``rank``, or with ``energy`` the smallest rank keeping that fraction (capped by ``rank``). The singular
+    values are split evenly (sqrt on each side) so up and down have similar magnitudes in low precision; alpha = k.
+    """
+    if delta.ndim != 2:
+        raise ValueError(f"extract needs a 2-D weight difference, got shape {tuple(delta.shape)}")
+    _no_fp8("delta", delta)
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    cum = torch.cumsum(s.double() ** 2, 0)
+    total = float(cum[-1])
+    k = max(1, min(rank, s.numel()))
+    if energy is not None and total > 0:
+        k = min(k, int(torch.searchsorted(cum / total, torch.tensor(energy, dtype=torch.float64))) + 1)
+    root = s[:k].sqrt()
+    module = LoraModule(down=(root[:, None] * vh[:k]).contiguous(), up=(u[:, :k] * root).contiguous(), alpha=float(k))
+    return module, (float(cum[k - 1]) / total if total > 0 else 1.0)
+
+
+def extract_pair(a_sd: Mapping[str, torch.Tensor], b_sd: Mapping[str, torch.Tensor], rank: int,
+                 energy: float | None = None, min_delta: float = 1e-6) -> tuple[LoraWeights, dict]:
+    """A LoRA that takes model A to model B: ``extract`` on every Linear weight (B - A) of two diffusers state dicts.
+
+    Skips 1-D tensors (biases, norms), identical weights, and weights whose difference is at most
+    ``min_delta`` x ||A|| (Frobenius). The report maps each extracted layer to its rank, retained energy and relative
+    difference ||B - A|| / ||A||, and lists what was skipped and why.
+    """
+    lw = LoraWeights(layout="diffusers")
+    report = {"layers": {}, "identical": [], "below_min_delta": [], "not_linear": [],
+              "only_in_one": sorted(set(a_sd) ^ set(b_sd))}
+    for key in sorted(set(a_sd) & set(b_sd)):
+        a, b = a_sd[key], b_sd[key]
+        if a.ndim != 2 or not key.endswith(".weight"):
+            report["not_linear"].append(key)
+            continue
+        if a.shape != b.shape:
+            raise UserError(f"{key}: shape {tuple(a.shape)} in A but {tuple(b.shape)} in B; the two checkpoints are "
+                            f"different model sizes.")
+        _no_fp8(key, a)
+        _no_fp8(key, b)
+        if torch.equal(a, b):
+            report["identical"].append(key)
+            continue
+        delta = b.float() - a.float()
+        rel = float(delta.norm() / a.float().norm().clamp_min(1e-30))
+        if rel <= min_delta:
+            report["below_min_delta"].append(key)
+            continue
+        module, kept = extract(delta, rank, energy)
+        name = key[: -len(".weight")]
+        lw[name] = module
+        report["layers"][name] = {"rank": module.rank, "retained_energy": kept, "relative_delta": rel}
+    return lw, report
+
+
+# ------------------------------------------------------------------------------------------- models (peft)
+def _shape_summary(transformer) -> str:
+    cfg = getattr(transformer, "config", {})
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+    heads, dim = get("num_attention_heads"), get("attention_head_dim")
+    return (f"{get('num_layers')} double / {get('num_single_layers')} single blocks, hidden "
+            f"{heads * dim if heads and dim else '?'}")
+
+
+def check_fits(transformer: torch.nn.Module, lw: Mapping[str, LoraModule]) -> None:
+    """UserError naming the first LoRA module that is missing from the model or has the wrong shape."""
+    modules = dict(transformer.named_modules())
+    for name, m in lw.items():
+        base = getattr(modules.get(name), "base_layer", modules.get(name))  # a layer that already has adapters
+        if not isinstance(base, torch.nn.Linear):
+            raise UserError(f"LoRA module {name!r} is not a linear layer of this model ({_shape_summary(transformer)})"
+                            f": the LoRA is for another model family or size.")
+        if (m.up.shape[0], m.down.shape[1]) != (base.out_features, base.in_features):
+            raise UserError(f"LoRA module {name!r} is {m.up.shape[0]}x{m.down.shape[1]} but the model's layer is "
+                            f"{base.out_features}x{base.in_features} ({_shape_summary(transformer)}): the LoRA is for "
+                            f"another model size.")
+
+
+def apply_lora(transformer: torch.nn.Module, lw: Mapping[str, LoraModule], scale: float = 1.0,
+               adapter_name: str = "dev2pro") -> str:
+    """Load ``lw`` into a diffusers FluxTransformer2DModel (any size) as a peft adapter, alphas intact.
+
+    The adapter is added to the active ones (earlier adapters stay on) with strength ``scale``; returns its name.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    check_fits(transformer, lw)
+    if adapter_name in getattr(transformer, "peft_config", {}):
+        raise UserError(f"the model already has an adapter named {adapter_name!r}; pick another name.")
+    before = {n: list(m.active_adapters) for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
+    with warnings.catch_warnings():  # peft warns whenever a second adapter arrives; several are intended here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        transformer.load_lora_adapter(lora_to_peft_state_dict(lw), prefix=None, adapter_name=adapter_name,
+                                      metadata=peft_config_kwargs(lw))
+    injected = 0
+    for name, module in transformer.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if adapter_name in module.lora_A:
+            injected += 1
+            module.set_scale(adapter_name, scale)
+        # peft activates only the newest adapter on each layer it touches; keep the earlier ones on as well.
+        wanted = [a for a in before.get(name, []) + [adapter_name] if a in module.lora_A]
+        if wanted and list(module.active_adapters) != wanted:
+            module.set_adapter(wanted)
+    if injected != len(lw):
+        raise UserError(f"only {injected} of {len(lw)} LoRA modules were injected into the model.")
+    return adapter_name
+
+
+def lora_from_peft_model(transformer: torch.nn.Module, adapter_name: str = "default") -> LoraWeights:
+    """LoraWeights of a peft-injected model's adapter; rank and alpha per layer as peft resolved them (config +
+    rank/alpha patterns), rsLoRA expressed as an alpha over r. Wrapper prefixes (compile, FSDP, checkpointing,
+    PeftModel) are dropped from names; DTensor shards are gathered."""
+    from peft.tuners.lora import LoraLayer
+
+    lw = LoraWeights(layout="diffusers")
+    for name, module in transformer.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        if module.use_dora.get(adapter_name):
+            raise UserError(f"{name}: adapter {adapter_name!r} is DoRA; only plain LoRAs can be exported.")
+        r, alpha = module.r[adapter_name], module.lora_alpha[adapter_name]
+        if module.use_rslora.get(adapter_name):
+            alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r)
+        down, up = (_full(p.weight) for p in (module.lora_A[adapter_name], module.lora_B[adapter_name]))
+        lw[_clean(name)] = LoraModule(down, up, float(alpha))
+    if not lw:
+        names = sorted(getattr(transformer, "peft_config", {}))
+        raise UserError(f"the model has no LoRA adapter {adapter_name!r} (adapters: {names or 'none'}).")
+    return lw
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+
+
+def _clean(name: str) -> str:
+    for wrapper in ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name.removeprefix("base_model.model.")

@@ -1,0 +1,276 @@
+"""Recipe for `dev2pro compare CONFIG.toml`: the same prompts and seeds through several "arms", side by side.
+
+An arm is a base transformer + LoRAs + guidance settings, e.g. "LoRA trained on dev2pro, applied to dev at 3.5" vs
+"LoRA trained on dev, applied to dev at 3.5". Every arm starts from the same noise (same seeds) and the same text
+embeddings (encoded once, with the shared model folder's encoders, which are then freed), so differences between
+arms come from the arms alone. Arms are loaded one at a time and released, so memory is one transformer at a time.
+
+Output folder (built in a temp sibling, renamed into place): ``compare.png`` (one labelled column block per arm,
+rows = prompts, columns = seeds), ``report.html`` (self-contained: images as base64 data URIs, settings and metrics
+tables), ``results.json`` and ``images/<arm>/*.png`` (each with its settings in PNG text chunks). Metrics are the
+network-free ones in ``lab.metrics`` plus an optional user hook ``metric_hook = "module:function"`` (or
+``"path/to/file.py:function"``), called per arm as ``fn(images, prompts) -> {name: float}`` with one prompt per image.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import html
+import importlib
+import importlib.util
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import sampling as S
+from ..config import load_config, opt, require, to_dict
+from ..errors import ConfigError, UserError
+from ..flux.checkpoint import open_checkpoint
+from ..lab import metrics as M
+from ..outputs import atomic_path, write_json, write_text
+from .sample import check_output_dir
+
+BLOCK_PAD = 8  # pixels between arm blocks in compare.png
+
+
+@dataclass
+class Arm:
+    name: str = opt("", "label in the grid, report and file names (unique)")
+    transformer: str | None = opt(None, "transformer checkpoint (file or folder, any layout/dtype); "
+                                        "default: the model folder's")
+    loras: list[str] = opt([], 'LoRA files with optional strength, e.g. ["style.safetensors:0.8"]')
+    guidance: float = opt(3.5, "guidance strength (embedded value, or CFG scale on bases without embedding)")
+    cfg: float = opt(1.0, "true CFG scale (> 1 adds a negative-prompt pass)")
+    mode: str = opt("auto", "how guidance is applied", choices=S.MODES)
+    fp8: bool = opt(False, "keep fp8 checkpoints in fp8 storage")
+
+    def validate(self):
+        require(bool(self.name.strip()), "name: every arm needs a name")
+        require(self.cfg >= 1.0, f"cfg: must be >= 1 (1 = off), got {self.cfg}")
+        for item in self.loras:
+            try:
+                S.parse_lora_arg(item)
+            except UserError as e:
+                raise ConfigError(f"loras: {e}") from None
+
+
+@dataclass
+class CompareConfig:
+    model: str = opt("", "FLUX.1-dev-layout folder: VAE, text encoders, scheduler, default transformer")
+    prompts: list[str] = opt([], "prompts rendered by every arm")
+    negative: str = opt("", "negative prompt for true CFG")
+    seeds: list[int] = opt([0, 1], "seeds rendered by every arm")
+    steps: int = opt(20, "sampling steps")
+    size: str = opt("1024x1024", "image size WIDTHxHEIGHT")
+    out: str = opt("compare-out", "output folder (must not exist unless --overwrite)")
+    metric_hook: str | None = opt(None, 'optional extra metrics: "module:function" or "file.py:function", '
+                                        "called as fn(images, prompts) -> {name: float}")
+    arms: list[Arm] = opt([], "[[arms]] tables: what to compare")
+
+    def validate(self):
+        require(bool(self.model), "model: set the shared model folder")
+        require(bool(self.prompts), "prompts: give at least one prompt")
+        require(bool(self.seeds), "seeds: give at least one seed")
+        require(self.steps >= 1, f"steps: must be >= 1, got {self.steps}")
+        require(len(self.arms) >= 1, "arms: add at least one [[arms]] table")
+        try:
+            S.parse_size(self.size)
+        except UserError as e:
+            raise ConfigError(f"size: {e}") from None
+        slugs = [S.slug(a.name) for a in self.arms]
+        dup = sorted({a.name for a, s in zip(self.arms, slugs) if slugs.count(s) > 1})
+        require(not dup, f"arms: names must be unique (also as file names), repeated: {dup}")
+
+
+def load_metric_hook(spec: str):
+    """Import ``"pkg.module:function"`` or ``"path/to/file.py:function"``; a UserError says what failed."""
+    where, sep, fn_name = spec.rpartition(":")
+    if not sep or not where or not fn_name:
+        raise UserError(f"metric_hook {spec!r} must look like 'module.path:function' or 'file.py:function'")
+    try:
+        if where.endswith(".py"):
+            if not Path(where).is_file():
+                raise UserError(f"metric_hook {spec!r}: file {where} does not exist")
+            mod_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except UserError:
+        raise
+    except Exception as e:  # any import-time failure of user code: report it, don't hide it in a traceback
+        raise UserError(f"metric_hook {spec!r}: cannot import {where}: {type(e).__name__}: {e} (is it on "
+                        "PYTHONPATH? a file path ending in .py also works)") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"metric_hook {spec!r}: {where} has no function {fn_name!r}")
+    return fn
+
+
+def _call_hook(fn, spec: str, images: list, prompts: list[str]) -> dict[str, float]:
+    result = fn(images, prompts)
+    try:
+        return {str(k): float(v) for k, v in dict(result).items()}
+    except (TypeError, ValueError):
+        raise UserError(f"metric_hook {spec!r} must return a dict of floats, got {result!r:.200}") from None
+
+
+def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = False) -> dict:
+    """Render every arm, compute metrics, write compare.png / report.html / results.json. Returns the results."""
+    out = Path(out or cfg.out)
+    width, height = S.parse_size(cfg.size)
+    arm_loras = {a.name: [S.parse_lora_arg(x) for x in a.loras] for a in cfg.arms}
+    for arm in cfg.arms:
+        S.check_inputs_exist(cfg.model, arm.transformer, arm_loras[arm.name])
+    hook = load_metric_hook(cfg.metric_hook) if cfg.metric_hook else None
+    overwrite = check_output_dir(out, overwrite)
+    guidance = {a.name: S.resolve_guidance(open_checkpoint(a.transformer or cfg.model).spec().guidance_embeds,
+                                           a.mode, a.guidance, a.cfg) for a in cfg.arms}
+
+    device = S.default_device()
+    dtype = S.default_dtype(device)
+    components = S.load_components(cfg.model, dtype)
+    embeds, negative = S.encode_and_free(components, cfg.prompts, cfg.negative, device)
+    components["vae"].to(device)
+
+    images: dict[str, list] = {}
+    arm_info = []
+    for arm in cfg.arms:
+        t0 = time.time()
+        base, ckpt = S.load_base(arm.transformer or cfg.model, arm_loras[arm.name], dtype, fp8_storage=arm.fp8)
+        pipe = S.build_pipeline(components, base.to(device))
+        images[arm.name] = S.render(pipe, embeds, cfg.seeds, guidance=arm.guidance, true_cfg=arm.cfg,
+                                    negative=negative, steps=cfg.steps, width=width, height=height, mode=arm.mode)
+        seconds = time.time() - t0
+        arm_info.append(dict(name=arm.name, transformer=str(arm.transformer or cfg.model), layout=ckpt.layout,
+                             variant=ckpt.spec().variant, loras=[[p, s] for p, s in arm_loras[arm.name]],
+                             guidance=guidance[arm.name].to_dict(), fp8=arm.fp8, seconds=round(seconds, 2)))
+        print(f"arm {arm.name!r}: {len(images[arm.name])} images in {seconds:.1f}s "
+              f"({guidance[arm.name].mode}, embedded {guidance[arm.name].embedded}, cfg {guidance[arm.name].cfg})")
+        del pipe, base
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # Metrics. Images are prompt-major: index = prompt * len(seeds) + seed index.
+    flat_prompts = [p for p in cfg.prompts for _ in cfg.seeds]
+    for info in arm_info:
+        ims = images[info["name"]]
+        info["metrics"] = M.pixel_stats(ims)
+        info["metrics"]["diversity"] = M.diversity(ims, flat_prompts)
+        if hook:
+            info["metrics"].update({f"hook.{k}": v for k, v in _call_hook(hook, cfg.metric_hook, ims,
+                                                                          flat_prompts).items()})
+    distances = M.pairwise_distances(images)
+
+    blocks = [S.make_grid(images[a.name], rows=len(cfg.prompts), cols=len(cfg.seeds)) for a in cfg.arms]
+    grid = S.make_grid(blocks, rows=1, cols=len(blocks), labels=[a.name for a in cfg.arms], pad=BLOCK_PAD)
+    results = dict(model=cfg.model, prompts=cfg.prompts, negative=cfg.negative, seeds=cfg.seeds, steps=cfg.steps,
+                   width=width, height=height, arms=arm_info, distances=distances, config=to_dict(cfg))
+    files = {}  # (arm, image index) -> path inside the output folder
+    for info in arm_info:
+        settings = {k: v for k, v in info.items() if k not in ("metrics", "seconds")}  # PNGs stay reproducible
+        info["images"] = []
+        for i in range(len(images[info["name"]])):
+            pi, si = divmod(i, len(cfg.seeds))
+            rel = f"images/{S.slug(info['name'])}/{pi:03d}-{S.slug(cfg.prompts[pi])}-s{cfg.seeds[si]}.png"
+            files[info["name"], i] = (rel, {"prompt": cfg.prompts[pi], "seed": str(cfg.seeds[si]),
+                                            "negative": cfg.negative, "arm": settings, "Software": "dev2pro"})
+            info["images"].append(dict(prompt=cfg.prompts[pi], seed=cfg.seeds[si], file=rel))
+    with atomic_path(out, overwrite=overwrite, what="output folder") as tmp:
+        tmp.mkdir()
+        for (name, i), (rel, png_info) in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            S.save_png(images[name][i], tmp / rel, png_info)
+        S.save_png(grid, tmp / "compare.png", {"prompts": cfg.prompts, "seeds": cfg.seeds,
+                                               "arms": [a.name for a in cfg.arms], "Software": "dev2pro"})
+        write_json(tmp / "results.json", results)
+        write_text(tmp / "report.html", render_report(results, grid, images))
+    print(f"wrote compare.png, report.html, results.json and images/ for {len(cfg.arms)} arm(s) to {out}/")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _data_uri(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_report(results: dict, grid, images: dict[str, list]) -> str:
+    """A self-contained HTML page: the grid, settings, metrics, distances, and every image by prompt."""
+    arms = results["arms"]
+    names = [a["name"] for a in arms]
+    settings = _table(["arm", "transformer", "variant", "LoRAs", "mode", "embedded guidance", "CFG", "fp8", "seconds"],
+                      [[a["name"], a["transformer"], a["variant"],
+                        ", ".join(f"{Path(p).name}:{s:g}" for p, s in a["loras"]) or "none", a["guidance"]["mode"],
+                        a["guidance"]["embedded"], a["guidance"]["cfg"], a["fp8"], a["seconds"]] for a in arms])
+    metric_names = list(arms[0]["metrics"])
+    metrics = _table(["arm"] + metric_names, [[a["name"]] + [a["metrics"][m] for m in metric_names] for a in arms])
+    dist = _table([""] + names, [[a] + [results["distances"][a][b] for b in names] for a in names])
+    n_seeds = len(results["seeds"])
+    per_prompt = []
+    for pi, prompt in enumerate(results["prompts"]):
+        cells = "".join(
+            f"<td><div class=arm>{html.escape(n)}</div>" + "".join(
+                f'<img src="{_data_uri(images[n][pi * n_seeds + si])}" title="seed {s}">'
+                for si, s in enumerate(results["seeds"])) + "</td>" for n in names)
+        per_prompt.append(f"<h3>{html.escape(prompt)}</h3><table><tr>{cells}</tr></table>")
+    shared = _table(["model", "negative", "seeds", "steps", "size"],
+                    [[results["model"], results["negative"] or "(empty)", ", ".join(map(str, results["seeds"])),
+                      results["steps"], f"{results['width']}x{results['height']}"]])
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dev2pro compare: {html.escape(' vs '.join(names))}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;margin:.5em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}} img{{margin:2px}}
+.arm{{font-weight:bold}}</style></head><body>
+<h1>dev2pro compare</h1>
+<p>Same prompts, seeds and text embeddings for every arm. Metrics are on a 0..1 pixel scale: hf_energy = mean
+squared Laplacian (detail/noise), diversity = mean distance between seeds of one prompt (0 = collapsed).</p>
+<img src="{_data_uri(grid)}" alt="compare grid">
+<h2>Shared settings</h2>{shared}
+<h2>Arms</h2>{settings}
+<h2>Metrics</h2>{metrics}
+<h2>Mean absolute pixel distance between arms (same prompt and seed)</h2>{dist}
+<h2>Images by prompt</h2>{''.join(per_prompt)}
+</body></html>
+"""
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def compare(config_path: str, out: str | None = None, overwrite: bool = False,
+            overrides: list[str] | None = None) -> dict:
+    return run_compare(load_config(CompareConfig, config_path, overrides), out, overwrite)
+
+
+def add_compare_parser(sub):
+    p = sub.add_parser("compare", help="render the same prompts and seeds through several arms (bases, LoRAs, "
+                                       "guidance) and write a side-by-side grid, an HTML report and metrics")
+    p.add_argument("config", metavar="CONFIG.toml")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the config's 'out')")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value, e.g. --set steps=4 (repeatable)")
+
+    def run(a):
+        compare(a.config, a.out, a.overwrite, a.overrides)
+    p.set_defaults(run=run)

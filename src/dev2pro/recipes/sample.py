@@ -1,0 +1,135 @@
+"""Recipe for `dev2pro sample`: render prompts x seeds from any Flux base with LoRAs, one PNG each plus a grid.
+
+The story: check every input path and the output folder (before minutes of loading), load VAE + text encoders +
+scheduler from the model folder, encode all prompts and the negative and free the encoders, load the transformer
+(the folder's or ``--transformer``, any layout/dtype; fp8 kept as fp8 with ``--fp8``), apply the LoRAs, render, write.
+The output folder is built in a temp sibling and renamed into place, so it is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .. import sampling as S
+from ..errors import UserError
+from ..flux.checkpoint import open_checkpoint
+from ..outputs import atomic_path, check_output
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> bool:
+    """Check the output folder up front; an existing *empty* folder counts as free. Returns the overwrite to use."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file, not a folder: choose another --out")
+    empty = out.is_dir() and not any(out.iterdir())
+    check_output(out, overwrite or empty, what="output folder")
+    return overwrite or empty
+
+
+def png_info(prompt: str, seed: int, negative: str, settings: dict) -> dict:
+    """PNG text chunks: prompt, seed, all settings as JSON, and an A1111-style 'parameters' line that image
+    browsers (Civitai, A1111/Forge 'PNG info') display."""
+    g = settings["guidance"]
+    params = (f"{prompt}\nNegative prompt: {negative}\nSteps: {settings['steps']}, Sampler: Euler (flow matching), "
+              f"Guidance: {g['embedded']}, CFG scale: {g['cfg']}, Seed: {seed}, "
+              f"Size: {settings['width']}x{settings['height']}, Model: {settings['transformer']}")
+    if settings["loras"]:
+        params += ", LoRAs: " + "; ".join(f"{Path(p).name}:{s:g}" for p, s in settings["loras"])
+    return {"prompt": prompt, "seed": str(seed), "negative": negative, "dev2pro": settings, "parameters": params,
+            "Software": "dev2pro"}
+
+
+def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str | None = None,
+               loras: Sequence[str | tuple[str, float]] = (), negative: str = "", guidance: float = 3.5,
+               cfg: float = 1.0, mode: str = "auto", steps: int = 20, size: str | tuple[int, int] = (1024, 1024),
+               seeds: Sequence[int] = (0,), overwrite: bool = False, fp8: bool = False,
+               max_sequence_length: int = 512) -> list[Path]:
+    """Render every prompt x seed; returns the written PNG paths (the grid last, when there is one)."""
+    prompts = list(prompts)
+    seeds = [int(s) for s in seeds]
+    if not prompts:
+        raise UserError("give a prompt (--prompt TEXT) or a prompts file (--prompts FILE)")
+    if not seeds:
+        raise UserError("give at least one seed")
+    width, height = S.parse_size(size) if isinstance(size, str) else size
+    loras = [S.parse_lora_arg(x) if isinstance(x, str) else (str(x[0]), float(x[1])) for x in loras]
+    S.check_inputs_exist(model, transformer, loras)
+    overwrite = check_output_dir(out, overwrite)
+    g = S.resolve_guidance(open_checkpoint(transformer or model).spec().guidance_embeds, mode, guidance, cfg)
+
+    device = S.default_device()
+    dtype = S.default_dtype(device)
+    t0 = time.time()
+    components = S.load_components(model, dtype)
+    embeds, negative_embeds = S.encode_and_free(components, prompts, negative, device, max_sequence_length)
+    base, ckpt = S.load_base(transformer or model, loras, dtype, fp8_storage=fp8)
+    pipe = S.build_pipeline(components, base.to(device))  # .to(device) keeps fp8 storage dtypes
+    pipe.vae.to(device)
+    print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); guidance: {g.mode} (embedded "
+          f"{g.embedded}, cfg {g.cfg}); {len(loras)} LoRA(s); loaded in {time.time() - t0:.1f}s")
+
+    t0 = time.time()
+    images = S.render(pipe, embeds, seeds, guidance=guidance, true_cfg=cfg, negative=negative_embeds, steps=steps,
+                      width=width, height=height, mode=mode)
+    seconds = time.time() - t0
+
+    settings = dict(model=str(model), transformer=str(transformer or model), loras=[[p, s] for p, s in loras],
+                    guidance=g.to_dict(), steps=steps, width=width, height=height, fp8=fp8)
+    names = []
+    with atomic_path(out, overwrite=overwrite, what="output folder") as tmp:
+        tmp.mkdir()
+        i = 0
+        for pi, prompt in enumerate(prompts):
+            for seed in seeds:
+                name = f"{pi:03d}-{S.slug(prompt)}-s{seed}.png"
+                S.save_png(images[i], tmp / name, png_info(prompt, seed, negative, settings))
+                names.append(name)
+                i += 1
+        if len(images) > 1:
+            grid = S.make_grid(images, rows=len(prompts), cols=len(seeds))
+            S.save_png(grid, tmp / "grid.png", {"prompts": prompts, "seeds": seeds, "dev2pro": settings,
+                                                "Software": "dev2pro"})
+            names.append("grid.png")
+    out = Path(out)
+    print(f"wrote {len(images)} image(s) ({len(prompts)} prompt(s) x {len(seeds)} seed(s), {seconds:.1f}s)"
+          + (" and grid.png" if len(images) > 1 else "") + f" to {out}/")
+    return [out / n for n in names]
+
+
+def add_sample_parser(sub):
+    p = sub.add_parser("sample", help="render prompts x seeds from a Flux base (+ LoRAs) to PNGs and a grid")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="FLUX.1-dev-layout diffusers folder (VAE, text encoders, scheduler, default transformer)")
+    p.add_argument("--transformer", metavar="FILE",
+                   help="transformer checkpoint to use instead of the folder's (any layout/dtype, incl. fp8)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA file with optional strength (default 1.0); repeat for several")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
+    src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line ('#' lines skipped)")
+    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt for true CFG (default: empty)")
+    p.add_argument("--guidance", type=float, default=3.5,
+                   help="guidance strength: the embedded value on dev-like bases, the CFG scale on bases without a "
+                        "guidance embedding (default 3.5)")
+    p.add_argument("--cfg", type=float, default=1.0,
+                   help="true CFG scale (> 1 adds a negative-prompt pass; combines with embedded guidance)")
+    p.add_argument("--mode", choices=S.MODES, default="auto",
+                   help="auto: embedded if the base has a guidance embedding, else true_cfg")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", default="1024x1024", metavar="WxH")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="one seed (default 0)")
+    seeds.add_argument("--seeds", metavar="A,B,C", help="comma-separated seeds")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
+
+    def run(a):
+        prompts = S.read_prompts(a.prompts) if a.prompts else a.prompt
+        seeds = S.parse_seeds(a.seeds) if a.seeds else [a.seed if a.seed is not None else 0]
+        run_sample(a.model, prompts, a.out, transformer=a.transformer, loras=a.lora, negative=a.negative,
+                   guidance=a.guidance, cfg=a.cfg, mode=a.mode, steps=a.steps, size=a.size, seeds=seeds,
+                   overwrite=a.overwrite, fp8=a.fp8)
+    p.set_defaults(run=run)

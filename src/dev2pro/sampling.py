@@ -1,0 +1,375 @@
+"""Sampling: diffusers' FluxPipeline around any transformer, the right kind of guidance, grids and PNGs with metadata.
+
+Two kinds of guidance exist for Flux bases, and which one a base needs is a fact about its weights:
+
+  embedded  guidance-distilled bases (FLUX.1-dev, and dev2pro which keeps the embedding) take the guidance value as
+            an input (``guidance_in`` / ``guidance_embedder``): one forward pass per step. The Flux-Dev2Pro recipe
+            trains a LoRA on dev2pro at guidance 1.0 and samples it on FLUX.1-dev at ~3.5 this way.
+  true_cfg  bases without the embedding (pro, de-distilled models) need classifier-free guidance: a second forward
+            with a negative prompt (default: the empty prompt) each step, out = neg + cfg * (cond - neg).
+
+``mode="auto"`` picks from ``transformer.config.guidance_embeds``. The two combine: embedded guidance plus a true-CFG
+scale > 1. In true_cfg mode the CFG scale is ``true_cfg`` when set (> 1), else ``guidance``, so ``--guidance 3.5``
+means "strength 3.5" on either kind of base; a guidance embedding, if the base has one, then gets the neutral 1.0.
+
+Text encoders are optional: pipelines take ready embeddings (``encode_prompts``), so a caller can encode every prompt
+once, free the encoders (T5-XXL is ~9.5 GB) and only then put the transformer on the device -- what the trainer does
+with its cached embeddings. Each image gets its own CPU ``torch.Generator`` seeded with its seed, so an image depends
+on its seed only (not on batch composition or device RNG state), and the same seed repeats bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import UserError
+from .outputs import atomic_path
+
+MODES = ("auto", "embedded", "true_cfg")
+# Sub-folders of a FLUX.1-dev diffusers folder that sampling needs besides the transformer.
+COMPONENTS = {
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+    "text_encoder_2": ("transformers", "T5EncoderModel"),
+    "tokenizer_2": ("transformers", "T5TokenizerFast"),
+    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+}
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+Embeds = tuple[torch.Tensor, torch.Tensor]  # (T5 prompt_embeds [1, seq, D], CLIP pooled [1, P])
+
+
+# ------------------------------------------------------------------------------------------------ components
+def guidance_mode(transformer) -> str:
+    """'embedded' if the transformer has a guidance embedding, else 'true_cfg'."""
+    return "embedded" if transformer.config.guidance_embeds else "true_cfg"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (Flux's native dtype), fp32 on CPU (bf16 matmuls there are slow and not bit-reproducible)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_components(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    text_encoders: bool = True) -> dict:
+    """VAE, tokenizers, text encoders and scheduler from a FLUX.1-dev-layout folder, offline.
+
+    ``text_encoders=False`` skips CLIP/T5 (they come back as None) for callers that already hold embeddings.
+    """
+    import importlib
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise UserError(f"model folder {root} does not exist: pass a FLUX.1-dev-layout diffusers folder "
+                        "(model_index.json, vae/, text_encoder/, ...), e.g. one written by `dev2pro init-tiny`")
+    wanted = [n for n in COMPONENTS if text_encoders or n not in TEXT_COMPONENTS]
+    missing = [n for n in wanted if not (root / n).is_dir()]
+    if missing:
+        raise UserError(f"model folder {root} lacks {', '.join(missing)}/: it must have the FLUX.1-dev diffusers "
+                        "layout (download the whole repo, not only the transformer)")
+    out = {n: None for n in COMPONENTS}
+    for name in wanted:
+        library, cls_name = COMPONENTS[name]
+        cls = getattr(importlib.import_module(library), cls_name)
+        kwargs = {"local_files_only": True}
+        if name in ("vae", "text_encoder", "text_encoder_2"):
+            kwargs["torch_dtype"] = dtype
+        try:
+            out[name] = cls.from_pretrained(root / name, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load {root / name} as {cls_name}: {e}") from None
+        if name in ("vae", "text_encoder", "text_encoder_2"):
+            out[name].eval().requires_grad_(False)
+    return out
+
+
+def build_pipeline(components: dict, transformer=None, progress: bool = False):
+    """A FluxPipeline from ``load_components`` output; any component (text encoders, transformer) may be None."""
+    from diffusers import FluxPipeline
+
+    parts = {n: components.get(n) for n in COMPONENTS}
+    pipe = FluxPipeline(transformer=transformer, **parts)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int = 512) -> list[Embeds]:
+    """Encode each prompt with the pipeline's CLIP (pooled) and T5 (sequence): [(embeds [1,seq,D], pooled [1,P])]."""
+    if pipe.text_encoder is None or pipe.text_encoder_2 is None:
+        raise ValueError("this pipeline has no text encoders: load them (load_components(text_encoders=True)) "
+                         "or pass prompt embeddings")
+    out = []
+    for prompt in prompts:
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=max_sequence_length)
+        out.append((embeds.cpu(), pooled.cpu()))
+    return out
+
+
+def encode_and_free(components: dict, prompts: Sequence[str], negative: str = "", device: str | torch.device = "cpu",
+                    max_sequence_length: int = 512) -> tuple[list[Embeds], Embeds]:
+    """Encode ``prompts`` and the negative on ``device``, then drop the text encoders from ``components``.
+
+    Returns (prompt embeddings, negative embedding), on the CPU. Freeing CLIP/T5 before the transformer is moved to
+    the device is what lets FLUX.1 sample on a 24 GB card.
+    """
+    for name in ("text_encoder", "text_encoder_2"):
+        components[name].to(device)
+    pipe = build_pipeline(components)
+    embeds = encode_prompts(pipe, list(prompts) + [negative], max_sequence_length)
+    del pipe
+    for name in TEXT_COMPONENTS:
+        components[name] = None
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return embeds[:-1], embeds[-1]
+
+
+def load_base(path: str | os.PathLike, loras: Sequence[tuple[str, float]] = (), dtype: torch.dtype = torch.float32,
+              fp8_storage: bool = False):
+    """Transformer from any checkpoint ``load_transformer`` reads, with LoRAs (path, scale) applied as adapters.
+
+    Returns (transformer, Checkpoint). With ``fp8_storage`` fp8 files stay fp8 in memory (compute in ``dtype``).
+    """
+    from .flux.checkpoint import load_transformer
+    from .lora.formats import load_lora
+    from .lora.ops import apply_lora
+
+    transformer, ckpt = load_transformer(path, dtype=dtype, fp8_storage=fp8_storage)
+    for i, (lora_path, scale) in enumerate(loras):
+        lw = load_lora(lora_path)
+        # peft keeps adapters in ModuleDicts: names must be unique and free of '.'
+        apply_lora(transformer, lw, scale=scale, adapter_name=f"lora{i}")
+    # Adapter weights keep peft's dtype (fp32 for bf16 bases): peft casts activations to it and back per layer.
+    transformer.eval().requires_grad_(False)
+    return transformer, ckpt
+
+
+def check_inputs_exist(model_dir: str | os.PathLike, transformer: str | os.PathLike | None,
+                       loras: Sequence[tuple[str, float]]) -> None:
+    """Fail fast (before minutes of loading) on a missing model folder, transformer file or LoRA file."""
+    if not Path(model_dir).is_dir():
+        raise UserError(f"model folder {model_dir} does not exist: pass a FLUX.1-dev-layout diffusers folder")
+    if transformer is not None and not Path(transformer).exists():
+        raise UserError(f"transformer checkpoint {transformer} does not exist")
+    for lora_path, _ in loras:
+        if not Path(lora_path).is_file():
+            raise UserError(f"LoRA file {lora_path} does not exist")
+
+
+# ------------------------------------------------------------------------------------------------ guidance
+@dataclass(frozen=True)
+class Guidance:
+    """What a render actually applies: the resolved mode, the embedded value (None: no embedding) and CFG scale."""
+
+    mode: str
+    embedded: float | None
+    cfg: float  # <= 1: no second forward
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_guidance(guidance_embeds: bool, mode: str = "auto", guidance: float = 3.5,
+                     true_cfg: float = 1.0) -> Guidance:
+    """Turn (mode, guidance, true_cfg) into what the pipeline gets for a base with/without a guidance embedding."""
+    if mode not in MODES:
+        raise UserError(f"guidance mode {mode!r} is not one of {', '.join(MODES)}")
+    if true_cfg < 1.0:
+        raise UserError(f"true CFG scale {true_cfg} must be >= 1 (1 turns true CFG off)")
+    has_embedding = bool(guidance_embeds)
+    if mode == "auto":
+        mode = "embedded" if has_embedding else "true_cfg"
+    if mode == "embedded":
+        if not has_embedding:
+            raise UserError("mode 'embedded' needs a base with a guidance embedding (FLUX.1-dev, dev2pro); this "
+                            "transformer has none: use mode 'true_cfg' (or 'auto')")
+        return Guidance("embedded", float(guidance), float(true_cfg))
+    cfg = true_cfg if true_cfg > 1.0 else guidance
+    if cfg < 1.0:
+        raise UserError(f"true CFG scale {cfg} (from --guidance) must be >= 1 (1 turns true CFG off)")
+    return Guidance("true_cfg", 1.0 if has_embedding else None, float(cfg))
+
+
+def compute_dtype(transformer) -> torch.dtype:
+    """The dtype the transformer computes in (fp8-stored weights compute in their ``compute_dtype``)."""
+    layer = transformer.x_embedder
+    layer = getattr(layer, "base_layer", layer)  # peft wraps targeted linears
+    return getattr(layer, "compute_dtype", layer.weight.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+@torch.no_grad()
+def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guidance: float = 3.5, true_cfg: float = 1.0,
+           negative: Embeds | None = None, steps: int = 20, width: int = 1024, height: int = 1024,
+           mode: str = "auto") -> list:
+    """Render every (prompt embedding, seed) pair, prompt-major: [p0 s0, p0 s1, ..., p1 s0, ...] as PIL images.
+
+    ``negative`` (embeddings) is the true-CFG negative; default: the empty prompt, encoded with the pipeline's
+    text encoders. The transformer is put in eval mode for the call and restored afterwards (callers mid-training).
+    """
+    transformer = pipe.transformer
+    g = resolve_guidance(transformer.config.guidance_embeds, mode, guidance, true_cfg)
+    multiple = pipe.vae_scale_factor * 2  # VAE /8, then 2x2 latent packing
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise UserError(f"image size {width}x{height} must be positive multiples of {multiple}")
+    if steps < 1:
+        raise UserError(f"steps must be >= 1, got {steps}")
+    device = pipe._execution_device
+    dtype = compute_dtype(transformer)
+    use_cfg = g.cfg > 1.0
+    if use_cfg and negative is None:
+        if pipe.text_encoder is None:
+            raise ValueError("true CFG needs a negative prompt embedding: pass negative= (this pipeline has no "
+                             "text encoders to encode the empty prompt)")
+        negative = encode_prompts(pipe, [""], max_sequence_length=embeds[0][0].shape[1])[0]
+    extra = {}
+    if use_cfg:
+        extra = dict(negative_prompt_embeds=negative[0].to(device, dtype),
+                     negative_pooled_prompt_embeds=negative[1].to(device, dtype), true_cfg_scale=g.cfg)
+    was_training = transformer.training
+    transformer.eval()
+    images = []
+    try:
+        for prompt_embeds, pooled in embeds:
+            for seed in seeds:
+                generator = torch.Generator("cpu").manual_seed(int(seed))  # CPU noise: same image on any device
+                out = pipe(prompt_embeds=prompt_embeds.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype),
+                           guidance_scale=g.embedded if g.embedded is not None else 1.0, num_inference_steps=steps,
+                           width=width, height=height, generator=generator, output_type="pil", **extra)
+                images.append(out.images[0])
+    finally:
+        transformer.train(was_training)
+    return images
+
+
+# ------------------------------------------------------------------------------------------------ grids and files
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text`` cut with an ellipsis so it fits ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def make_grid(images: Sequence, rows: int, cols: int, labels: Sequence[str | None] | None = None, pad: int = 0,
+              font_size: int = 12):
+    """Tile equally sized images row-major into ``rows`` x ``cols``; ``labels`` (one per cell) go in a band above.
+
+    Size without labels: (cols*W + (cols-1)*pad, rows*H + (rows-1)*pad). Labels add a band per row.
+    """
+    from PIL import Image, ImageDraw
+
+    if len(images) != rows * cols:
+        raise ValueError(f"a {rows}x{cols} grid needs {rows * cols} images, got {len(images)}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    w, h = images[0].size
+    if any(im.size != (w, h) for im in images):
+        raise ValueError("grid images must all have the same size")
+    font = _font(font_size)
+    band = font_size + 6 if labels is not None and any(labels) else 0
+    grid = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * (h + band) + (rows - 1) * pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        x, y = c * (w + pad), r * (h + band + pad)
+        grid.paste(im.convert("RGB"), (x, y + band))
+        if band and labels[i]:
+            draw.text((x + 2, y + 2), _fit(draw, str(labels[i]), font, w - 4), fill="black", font=font)
+    return grid
+
+
+def save_png(image, path: str | os.PathLike, info: dict, overwrite: bool = False) -> Path:
+    """Write a PNG atomically with each ``info`` item as a text chunk (non-strings as JSON)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    for key, value in info.items():
+        meta.add_text(str(key), value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+    with atomic_path(path, overwrite=overwrite, what="image") as tmp:
+        image.save(tmp, format="PNG", pnginfo=meta)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """``"file.safetensors:0.8"`` -> (path, 0.8); no scale -> 1.0. Windows paths (``C:\\x.safetensors``) work.
+
+    The last ':' starts a scale unless the whole argument is an existing file or the suffix holds a path
+    separator (a drive letter); a suffix that is not a finite number is an error, never silently part of the path.
+    """
+    if ":" not in arg or Path(arg).is_file():
+        return arg, 1.0
+    path, suffix = arg.rsplit(":", 1)
+    if "/" in suffix or "\\" in suffix:  # "C:\loras\x.safetensors": the colon belongs to the drive
+        return arg, 1.0
+    try:
+        scale = float(suffix)
+    except ValueError:
+        scale = None
+    if scale is None or not math.isfinite(scale) or not path:
+        raise UserError(f"LoRA argument {arg!r}: the scale after the last ':' must be a finite number "
+                        f"(e.g. {path or 'lora.safetensors'}:0.8), got {suffix!r}")
+    return path, scale
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1024x768"`` (or a single number for a square) -> (width, height)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+))?\s*", str(text))
+    if not m:
+        raise UserError(f"size {text!r} must look like WIDTHxHEIGHT, e.g. 1024x1024")
+    w = int(m.group(1))
+    return w, int(m.group(2) or w)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"1,2,3"`` -> [1, 2, 3]."""
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"seeds {text!r} must be comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise UserError("give at least one seed")
+    return seeds
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a text file: one per line; blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UserError(f"prompts file {path} holds no prompts (one per line; '#' lines are comments)")
+    return prompts
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    """A file-name-safe short form of a prompt or arm name."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:max_len].rstrip("-") or "x"
