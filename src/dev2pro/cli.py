@@ -69,7 +69,22 @@ def _add_demo(sub):
     add_demo_parser(sub)
 
 
-COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_train, _add_demo]
+def _add_sample(sub):
+    from .recipes.sample import add_sample_parser
+    add_sample_parser(sub)
+
+
+def _add_compare(sub):
+    from .recipes.compare import add_compare_parser
+    add_compare_parser(sub)
+
+
+def _add_lora(sub):
+    from .recipes.lora_tools import add_lora_parser
+    add_lora_parser(sub)
+
+
+COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_train, _add_sample, _add_compare, _add_lora, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -193,3 +193,9 @@ def test_print_config_lists_every_option(capsys):
     for key in ("[model]", "inference_base", "fp8_storage", "[lora]", "timestep_sampling", "guidance = 1.0",
                 "[sample]", "guidance = 3.5", "keep_last", "caption_dropout"):
         assert key in out
+
+
+def test_example_config_is_valid():
+    cfg = load_train_config(Path(__file__).parents[2] / "configs" / "train_lora.toml")
+    assert cfg.train.guidance == 1.0 and cfg.sample.guidance == 3.5 and cfg.model.fp8_storage
+    assert cfg.model.inference_base.endswith("FLUX.1-dev")

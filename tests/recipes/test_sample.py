@@ -1,0 +1,106 @@
+"""`dev2pro sample`: prompt files -> PNGs + grid, determinism to the byte, LoRAs, fp8, clear errors."""
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dev2pro.errors import UserError
+from dev2pro.recipes.sample import add_sample_parser, run_sample
+
+FAST = ["--steps", "2", "--size", "64x64"]
+
+
+def cli(*argv):
+    """Parse and run like `dev2pro sample ...` (the lead wires add_sample_parser into cli.py)."""
+    parser = argparse.ArgumentParser(prog="dev2pro")
+    add_sample_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sample", *map(str, argv)])
+    return args.run(args)
+
+
+def test_prompt_file_3x2_grid_text_chunks_and_byte_determinism(tiny_dev_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n# skipped\na blue dog\nthe number 3 in green\n")
+    out = tmp_path / "out"
+    cli("--model", tiny_dev_dir, "--prompts", prompts, "--seeds", "5,6", "--out", out, *FAST)
+    pngs = sorted(p.name for p in out.iterdir())
+    assert len(pngs) == 7 and "grid.png" in pngs
+    assert f"to {out}" in capsys.readouterr().out
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 * 64, 3 * 64)  # cols = seeds, rows = prompts
+    one = Image.open(out / "001-a-blue-dog-s6.png")
+    assert one.size == (64, 64)
+    assert one.text["prompt"] == "a blue dog" and one.text["seed"] == "6"
+    assert "Seed: 6" in one.text["parameters"] and '"embedded": 3.5' in one.text["dev2pro"]
+    # The grid cell (row 1, col 1) is that image.
+    assert np.array_equal(np.asarray(grid.crop((64, 64, 128, 128))), np.asarray(one.convert("RGB")))
+
+    # Same prompt + seed alone, into an existing folder with --overwrite: the same bytes.
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "old.txt").write_text("x")
+    cli("--model", tiny_dev_dir, "--prompt", "a blue dog", "--seed", "6", "--out", again, "--overwrite", *FAST)
+    assert sorted(p.name for p in again.iterdir()) == ["000-a-blue-dog-s6.png"]  # no grid for one image
+    a, b = Image.open(again / "000-a-blue-dog-s6.png"), Image.open(out / "001-a-blue-dog-s6.png")
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert (again / "000-a-blue-dog-s6.png").read_bytes() == (out / "001-a-blue-dog-s6.png").read_bytes()
+    assert not np.array_equal(np.asarray(b), np.asarray(Image.open(out / "001-a-blue-dog-s5.png")))
+
+
+def test_loras_with_scales_and_true_cfg_base(tiny_dev_dir, tiny_pro_dir, tmp_path):
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.lora.formats import LoraModule, LoraWeights, save_lora
+
+    model, _ = load_transformer(tiny_dev_dir, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    lw = LoraWeights({n: LoraModule(torch.randn(4, m.in_features, generator=g) * 0.3,
+                                    torch.randn(m.out_features, 4, generator=g) * 0.3, 4.0)
+                      for n, m in model.named_modules() if n.endswith(("attn.to_q", "proj_mlp"))})
+    lora = save_lora(lw, tmp_path / "lora.safetensors", "diffusers")
+    common = dict(prompts=["a red cat"], steps=2, size="64x64", seeds=[0])
+    plain = run_sample(str(tiny_dev_dir), out=str(tmp_path / "plain"), **common)[0]
+    half = run_sample(str(tiny_dev_dir), out=str(tmp_path / "half"), loras=[f"{lora}:0.5"], **common)[0]
+    zero = run_sample(str(tiny_dev_dir), out=str(tmp_path / "zero"), loras=[f"{lora}:0"], **common)[0]
+    px = {k: np.asarray(Image.open(p), dtype=np.int16) for k, p in dict(plain=plain, half=half, zero=zero).items()}
+    assert np.abs(px["half"] - px["plain"]).mean() > 0.5
+    assert np.array_equal(px["zero"], px["plain"])
+    assert f'"{lora}", 0.5' in Image.open(half).text["dev2pro"]
+    # A base without guidance embedding samples with true CFG; the transformer may come from another folder.
+    pro = run_sample(str(tiny_dev_dir), transformer=str(tiny_pro_dir), out=str(tmp_path / "pro"), **common)[0]
+    assert '"mode": "true_cfg"' in Image.open(pro).text["dev2pro"]
+
+
+def test_fp8_checkpoint_kept_in_fp8(tiny_dev_dir, tmp_path):
+    from dev2pro.flux.checkpoint import convert
+
+    fp8 = convert(tiny_dev_dir, tmp_path / "dev-fp8.safetensors", layout="comfy", dtype="fp8-scaled")
+    common = dict(prompts=["a red cat"], steps=2, size="64x64", seeds=[0])
+    ref = run_sample(str(tiny_dev_dir), out=str(tmp_path / "ref"), **common)[0]
+    got = run_sample(str(tiny_dev_dir), transformer=str(fp8), fp8=True, out=str(tmp_path / "fp8"), **common)[0]
+    diff = np.abs(np.asarray(Image.open(ref), dtype=np.int16) - np.asarray(Image.open(got), dtype=np.int16))
+    assert diff.mean() < 8  # fp8 weights: close to, not equal to, the fp32 image
+    assert '"fp8": true' in Image.open(got).text["dev2pro"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "{tmp}/nowhere", "--prompt", "x", "--out", "{tmp}/o"], "model folder .* does not exist"),
+    (["--model", "{dev}", "--lora", "{tmp}/missing.safetensors:0.5", "--prompt", "x", "--out", "{tmp}/o"],
+     "LoRA file .*missing.safetensors does not exist"),
+    (["--model", "{dev}", "--lora", "{tmp}/a.safetensors:strong", "--prompt", "x", "--out", "{tmp}/o"],
+     "scale after the last ':' must be a finite number"),
+    (["--model", "{dev}", "--prompt", "x", "--out", "{tmp}/exists"], "already exists; pass --overwrite"),
+    (["--model", "{dev}", "--transformer", "{tmp}/t.safetensors", "--prompt", "x", "--out", "{tmp}/o"],
+     "transformer checkpoint .* does not exist"),
+    (["--model", "{dev}", "--prompt", "x", "--seeds", "1,b", "--out", "{tmp}/o"], "integers"),
+    (["--model", "{pro}", "--mode", "embedded", "--prompt", "x", "--out", "{tmp}/o"], "guidance embedding"),
+])
+def test_clear_errors_before_any_loading(argv, message, tiny_dev_dir, tiny_pro_dir, tmp_path):
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "a.png").write_bytes(b"")
+    argv = [a.format(tmp=tmp_path, dev=tiny_dev_dir, pro=tiny_pro_dir) for a in argv]
+    with pytest.raises(UserError, match=message):
+        cli(*argv, *FAST)
+    assert not (tmp_path / "o").exists()
