@@ -34,3 +34,19 @@ def tiny_pro_dir(tmp_path_factory):
     from dev2pro.flux.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-pro", variant="pro", seed=1)
+
+
+@pytest.fixture(scope="session")
+def sk_images(tmp_path_factory):
+    """Real photos shipped with scikit-image (no downloads), one with a caption file."""
+    import shutil
+    from pathlib import Path
+
+    import skimage
+
+    src = Path(skimage.__file__).parent / "data"
+    d = tmp_path_factory.mktemp("sk-images")
+    for name in ("astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg"):
+        shutil.copy(src / name, d / name)
+    (d / "astronaut.txt").write_text("an astronaut in a white suit")
+    return d

@@ -13,19 +13,9 @@ from safetensors.torch import load_file
 from dev2pro.errors import UserError
 from dev2pro.recipes.train_lora import load_train_config, train
 
-SK_IMAGES = ["astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg"]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    import skimage
-
-    src = Path(skimage.__file__).parent / "data"
-    d = tmp_path_factory.mktemp("imgs")
-    for name in SK_IMAGES:
-        shutil.copy(src / name, d / name)
-    (d / "astronaut.txt").write_text("an astronaut in a white suit")
-    return d
+@pytest.fixture
+def images(sk_images):
+    return sk_images
 
 
 def _toml(tmp_path, model_dir, images, out="run", steps=24, extra=""):
