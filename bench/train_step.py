@@ -59,11 +59,11 @@ steps = {steps}
 output_dir = "{work / 'run'}"
 """)
     cfg = load_train_config(toml)
-    train(cfg, progress=True)  # warm-up: caches latents/text, first-touch allocations
-    cfg = load_train_config(toml, ["save.overwrite=true"])
-    shutil.rmtree(work / "run")
-    summary = train(cfg, progress=True)
-    recipe_sps = summary["steps_per_second"]
+    train(cfg, progress=False)  # warm-up: caches latents/text, first-touch allocations
+
+    def recipe_sps():
+        shutil.rmtree(work / "run")
+        return train(load_train_config(toml), progress=True)["steps_per_second"]
 
     # bare loop: same model, LoRA, batch shapes and loss function; no data loader, logging or progress
     out = work / "bare"
@@ -75,15 +75,21 @@ output_dir = "{work / 'run'}"
     gen = torch.Generator().manual_seed(0)
     batch = data.collate([data.dataset[i] for i in next(iter(data.sampler))], gen)
     model.train()
-    for i in range(steps + 3):
-        if i == 3:
-            t0 = time.perf_counter()
-        loss = S.flow_matching_loss(model, batch, cfg.train, gen, "cpu", torch.float32)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    bare_sps = steps / (time.perf_counter() - t0)
+
+    def bare_sps():
+        for i in range(steps + 3):
+            if i == 3:
+                t0 = time.perf_counter()
+            loss = S.flow_matching_loss(model, batch, cfg.train, gen, "cpu", torch.float32)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return steps / (time.perf_counter() - t0)
+
+    # alternate the two and keep each one's best, so a burst of load on this shared machine hits both alike
+    runs = [(recipe_sps(), bare_sps()) for _ in range(3)]
+    recipe_sps, bare_sps = max(r for r, _ in runs), max(b for _, b in runs)
     print(f"(a) dev2pro train: {recipe_sps:.2f} steps/s, bare loop: {bare_sps:.2f} steps/s, "
           f"overhead ratio (bare/recipe): {bare_sps / recipe_sps:.3f} (goal <= 1.03)")
 
@@ -98,17 +104,29 @@ def memory(work: Path) -> None:
     spec = FLUX_DEV.with_(num_double=1, num_single=2)
     path = work / "full-width-bf16.safetensors"
     save_file(build_transformer(spec, dtype=torch.bfloat16, seed=0).state_dict(), str(path))
+    g = torch.Generator().manual_seed(0)
+    x = dict(hidden_states=torch.randn(1, 256, 64, generator=g).bfloat16(),
+             encoder_hidden_states=torch.randn(1, 64, 4096, generator=g).bfloat16(),
+             pooled_projections=torch.randn(1, 768, generator=g).bfloat16(), timestep=torch.tensor([0.5]).bfloat16(),
+             guidance=torch.tensor([1.0]).bfloat16(), img_ids=torch.zeros(256, 3), txt_ids=torch.zeros(64, 3),
+             return_dict=False)
+
+    def run(model):
+        with torch.no_grad():
+            return model(**x)[0].float()
+
     bf16, _ = load_transformer(path, dtype=torch.bfloat16)
-    base = param_bytes(bf16)
+    base, ref = param_bytes(bf16), run(bf16)
     del bf16
-    default, _ = load_transformer(path, dtype=torch.bfloat16, fp8_storage=True)
-    d = param_bytes(default)
-    del default
-    allfp8, _ = load_transformer(path, dtype=torch.bfloat16, fp8_storage=True,
-                                 policy=Fp8Policy.from_names(["norms", "biases", "embedders", "final"]))
-    a = param_bytes(allfp8)
-    print(f"(b) base parameter memory, full-width blocks: bf16 {base / 1e9:.2f} GB; fp8 storage keeping modulation "
-          f"in bf16 {d / base:.3f}x; fp8 storage incl. modulation {a / base:.3f}x (goal <= 0.55x)")
+    rows = []
+    for label, policy in (("modulation kept in bf16", Fp8Policy()),
+                          ("modulation in fp8 too", Fp8Policy.from_names(["norms", "biases", "embedders", "final"]))):
+        model, _ = load_transformer(path, dtype=torch.bfloat16, fp8_storage=True, policy=policy)
+        err = float((run(model) - ref).norm() / ref.norm())
+        rows.append(f"{label}: {param_bytes(model) / base:.3f}x memory, output rel. error {err:.4f}")
+        del model
+    print(f"(b) base parameter memory vs bf16 ({base / 1e9:.2f} GB, full-width blocks; goal <= 0.55x) and the forward "
+          f"output error against bf16 (quality cost): " + "; ".join(rows))
 
 
 def gpu(sizes=(512, 1024)) -> None:

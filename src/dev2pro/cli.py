@@ -84,7 +84,18 @@ def _add_lora(sub):
     add_lora_parser(sub)
 
 
-COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_train, _add_sample, _add_compare, _add_lora, _add_demo]
+def _add_dedistill(sub):
+    from .recipes.dedistill import add_dedistill_parser
+    add_dedistill_parser(sub)
+
+
+def _add_cache(sub):
+    from .recipes.cache import add_cache_parser
+    add_cache_parser(sub)
+
+
+COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_cache, _add_train, _add_dedistill, _add_sample,
+            _add_compare, _add_lora, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

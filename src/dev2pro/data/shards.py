@@ -1,0 +1,233 @@
+"""Sharded caches for datasets too big for one-file-per-image: sources in, safetensors shards + an index out.
+
+Sources are image/caption folders (``name.png`` + ``name.txt``) or webdataset-style tar shards (members
+``key.jpg|png|webp`` + ``key.txt``). Both become the same list of ``Source(key, caption, origin)``, every image
+decoded once up front: an image that does not decode is skipped and listed (the rest is kept), and the sample
+list -- hence the split into shards of N -- is fixed before any encoding starts. Shard ``i`` holds samples
+``[i*N, (i+1)*N)`` as tensors ``{j}.latents`` (C, h, w), ``{j}.prompt_embeds`` (seq, D), ``{j}.pooled`` (D,),
+and a fingerprint of its keys, image bytes and encoder settings in its metadata: a rerun skips every shard
+whose file is complete and carries the same fingerprint, so a killed `dev2pro cache` resumes where it stopped.
+``index.json`` lists shards, keys, captions and latent sizes; ``empty.safetensors`` holds the empty prompt's
+embeddings (caption dropout, the CFG teacher's unconditional branch).
+
+``ShardDataset`` reads an index as a map-style dataset whose ``buckets()`` feed ``BucketBatchSampler``, so the
+training order is the sampler's: deterministic from (seed, epoch) and resumable mid-epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, ImageOps
+from safetensors import safe_open
+
+from ..errors import UserError
+from ..outputs import save_safetensors, write_json
+from .buckets import assign_bucket, load_and_fit
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+INDEX_NAME, EMPTY_NAME = "index.json", "empty.safetensors"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One sample before encoding: its key, caption and where its image bytes live (a file, or tar + member)."""
+
+    key: str
+    caption: str
+    path: str
+    member: str = ""  # tar member name; empty for a plain file
+
+    def read(self) -> bytes:
+        if not self.member:
+            return Path(self.path).read_bytes()
+        with tarfile.open(self.path) as tar:
+            return tar.extractfile(self.member).read()
+
+
+def _size_or_none(data: bytes) -> tuple[int, int] | None:
+    """(width, height) after EXIF rotation, or None when the bytes are not a decodable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return ImageOps.exif_transpose(im).size
+    except Exception:
+        return None
+
+
+def folder_sources(folder: Path, default_caption: str = "") -> list[Source]:
+    """Images of a folder in name order; captions from same-stem .txt files."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    out = []
+    for p in files:
+        txt = p.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else default_caption
+        out.append(Source(p.stem, caption, str(p)))
+    return out
+
+
+def tar_sources(tar_path: Path, default_caption: str = "") -> list[Source]:
+    """Samples of a webdataset tar in member order: ``key.<image ext>`` + optional ``key.txt``."""
+    images, captions = {}, {}
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            stem, ext = _split(m.name)
+            if ext.lower() in IMAGE_EXTENSIONS:
+                images.setdefault(stem, m.name)
+            elif ext == ".txt":
+                captions[stem] = tar.extractfile(m).read().decode("utf-8").strip()
+    return [Source(k.rsplit("/", 1)[-1], captions.get(k, default_caption), str(tar_path), name)
+            for k, name in images.items()]
+
+
+def _split(name: str) -> tuple[str, str]:
+    # webdataset keys end at the first dot of the file name ("a/b.seg.png" -> key "a/b", ext ".seg.png")
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), (dot + ext)
+
+
+def collect_sources(inputs: Sequence[Path], default_caption: str = "") -> tuple[list[tuple[Source, tuple]], list]:
+    """Every readable sample of folders and .tar files with its image size; unreadable ones are listed, not kept."""
+    good, bad = [], []
+    for inp in map(Path, inputs):
+        if inp.is_dir():
+            sources = folder_sources(inp, default_caption)
+        elif inp.suffix == ".tar" and inp.is_file():
+            sources = tar_sources(inp, default_caption)
+        else:
+            raise UserError(f"{inp}: expected an image folder or a .tar shard")
+        for s in sources:
+            size = _size_or_none(s.read())
+            if size is None:
+                bad.append(f"{s.path}{'::' + s.member if s.member else ''}")
+            else:
+                good.append((s, size))
+    if bad:
+        log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(bad[:10]))
+    return good, bad
+
+
+def _fingerprint(samples, settings: dict) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for s, bucket in samples:
+        h.update(f"{s.key}\0{s.caption}\0{bucket}\0".encode())
+        h.update(hashlib.sha256(s.read()).digest())
+    return h.hexdigest()
+
+
+def _shard_done(path: Path, fingerprint: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("fingerprint") == fingerprint
+    except Exception:
+        return False  # truncated or garbage: rewrite it
+
+
+def write_shards(
+    samples: Sequence[tuple[Source, tuple[int, int]]],
+    out_dir: Path,
+    per_shard: int,
+    buckets: Sequence[tuple[int, int]],
+    encode_latents: Callable[[torch.Tensor], torch.Tensor],
+    encode_text: Callable[[list[str]], dict[str, torch.Tensor]],
+    settings: dict,
+    skipped: Sequence[str] = (),
+    batch_size: int = 4,
+) -> Path:
+    """Encode ``samples`` (source, (width, height)) into shards of ``per_shard``; returns the index path.
+
+    ``encode_latents``: (B, 3, H, W) pixels in [-1, 1] -> (B, C, H/8, W/8); ``encode_text``: B captions -> dict
+    of (B, ...) tensors. Shards already complete with the same fingerprint are skipped.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards, done = [], 0
+    for n, lo in enumerate(range(0, len(samples), per_shard)):
+        chunk = samples[lo:lo + per_shard]
+        sized = [(s, assign_bucket(w, h, list(buckets))) for s, (w, h) in chunk]
+        path = out_dir / f"shard-{n:05d}.safetensors"
+        fp = _fingerprint(sized, settings)
+        if _shard_done(path, fp):
+            done += 1
+        else:
+            tensors = _encode_chunk(sized, encode_latents, encode_text, batch_size)
+            meta = {"fingerprint": fp, "keys": json.dumps([s.key for s, _ in sized])}
+            save_safetensors(tensors, path, meta, overwrite=True)
+        shards.append({"file": path.name, "keys": [s.key for s, _ in sized], "captions": [s.caption for s, _ in sized],
+                       "latent_hw": [[b[1] // 8, b[0] // 8] for _, b in sized]})
+    empty = out_dir / EMPTY_NAME
+    if not empty.exists():
+        save_safetensors({k: v[0] for k, v in encode_text([""]).items()}, empty, overwrite=True)
+    log.info("shards in %s: %d reused, %d written", out_dir, done, len(shards) - done)
+    return write_json(out_dir / INDEX_NAME, {"version": 1, "settings": settings, "shards": shards,
+                                             "empty": EMPTY_NAME, "skipped": list(skipped)})
+
+
+def _encode_chunk(sized, encode_latents, encode_text, batch_size) -> dict[str, torch.Tensor]:
+    tensors = {}
+    by_bucket: dict[tuple, list[int]] = {}
+    for j, (_, b) in enumerate(sized):
+        by_bucket.setdefault(b, []).append(j)
+    for (w, h), idx in by_bucket.items():  # a VAE batch never mixes sizes
+        for lo in range(0, len(idx), batch_size):
+            part = idx[lo:lo + batch_size]
+            pixels = torch.stack([load_and_fit(io.BytesIO(sized[j][0].read()), (w, h)) for j in part])
+            with torch.no_grad():
+                lat = encode_latents(pixels)  # (B, C, h/8, w/8)
+            for j, z in zip(part, lat):
+                tensors[f"{j:06d}.latents"] = z.float().clone()
+    captions = [s.caption for s, _ in sized]
+    for lo in range(0, len(captions), batch_size):
+        with torch.no_grad():
+            emb = encode_text(captions[lo:lo + batch_size])
+        for name, t in emb.items():
+            for i, row in enumerate(t):
+                tensors[f"{lo + i:06d}.{name}"] = row.float().clone()
+    return tensors
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Samples of a shard index; item ``i`` is a dict of ``latents``, text tensors and ``caption``."""
+
+    def __init__(self, index_path: Path | str):
+        self.index_path = Path(index_path)
+        if not self.index_path.is_file():
+            raise UserError(f"data.shards: {self.index_path} does not exist (write it with `dev2pro cache`)")
+        self.index = json.loads(self.index_path.read_text())
+        self.root = self.index_path.parent
+        self.items = [(sh["file"], j, sh["captions"][j], tuple(sh["latent_hw"][j]))
+                      for sh in self.index["shards"] for j in range(len(sh["keys"]))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        file, j, caption, _ = self.items[i]
+        with safe_open(self.root / file, "pt") as f:
+            prefix = f"{j:06d}."
+            out = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        return {**out, "caption": caption}
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """Latent (h, w) of every index, from the index alone (for ``BucketBatchSampler``)."""
+        return [it[3] for it in self.items]
+
+    def empty_text(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        return load((self.root / self.index["empty"]).read_bytes())
