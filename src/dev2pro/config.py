@@ -13,7 +13,7 @@ import difflib
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 

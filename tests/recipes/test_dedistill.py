@@ -1,7 +1,6 @@
 """`dev2pro dedistill` end to end on the tiny model folder and real images (scikit-image's data folder)."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +11,9 @@ from safetensors.torch import load_file
 
 from dev2pro.recipes.dedistill import cfg_teacher_objective, dedistill, load_dedistill_config
 
-SK_IMAGES = ["astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg"]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    import skimage
-
-    src = Path(skimage.__file__).parent / "data"
-    d = tmp_path_factory.mktemp("imgs")
-    for name in SK_IMAGES:
-        shutil.copy(src / name, d / name)
-    (d / "astronaut.txt").write_text("an astronaut in a white suit")
-    return d
+@pytest.fixture
+def images(sk_images):
+    return sk_images
 
 
 def _toml(tmp_path, model_dir, images, out="run", steps=16, objective="flow", batch=1, extra=""):

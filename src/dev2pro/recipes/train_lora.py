@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import load_config, opt, render_toml, require, section
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..flow import TIMESTEP_MODES
 from ..outputs import write_text
 from . import train_steps as steps

@@ -80,9 +80,10 @@ def prepare_data(cfg, out: Path, device) -> PreparedData:
     latent_paths = cache_latents([(it.path, s) for it, s in zip(items, sizes)],
                                  lambda px: encode_images(comps["vae"], px).cpu(), f"vae:{enc_id}", cache_dir)
     t5_len = cfg.model.t5_max_length
+    text_pipe = comps["pipe"]
 
     def encode_text(captions: list[str]) -> dict:
-        pe, pooled, _ = comps["pipe"].encode_prompt(prompt=captions, prompt_2=None, device=device,
+        pe, pooled, _ = text_pipe.encode_prompt(prompt=captions, prompt_2=None, device=device,
                                                     max_sequence_length=t5_len)
         return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}
 
@@ -91,8 +92,8 @@ def prepare_data(cfg, out: Path, device) -> PreparedData:
     extra = [""] + list(cfg.sample.prompts) + ([cfg.sample.negative] if cfg.sample.negative else [])
     text_paths = cache_text(captions + extra, encode_text, f"text:{enc_id}", settings, cache_dir)
     # the encoders are not needed again: free them before the transformer arrives
-    components = {"vae": comps["vae"].to("cpu"), "scheduler": comps["pipe"].scheduler}
-    del comps
+    components = {"vae": comps["vae"].to("cpu"), "scheduler": text_pipe.scheduler}
+    comps = text_pipe = None  # drop the encoders (closures above are not called again)
     _free(device)
     entries = [CacheEntry(lp, text_paths[it.caption], it.caption, it.repeats)
                for it, lp in zip(items, latent_paths)]
