@@ -234,3 +234,34 @@ def _toml_value(v) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(i) for i in v) + "]"
     return repr(v)
+
+
+def add_config_command(sub, name: str, help: str, schema: type, load, run):
+    """A subcommand for a config-driven recipe: CONFIG.toml, --set, --resume [DIR], --print-config, --no-progress.
+
+    ``load(path, overrides)`` builds the config; ``run(cfg, resume, progress)`` returns a summary with ``steps``,
+    ``losses`` and ``files``, which is printed.
+    """
+    p = sub.add_parser(name, help=help)
+    p.add_argument("config", nargs="?", help="TOML config (see --print-config)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
+                   help="continue from the latest state in output_dir, or from a given state folder")
+    p.add_argument("--print-config", action="store_true", help="print every option with its default and exit")
+    p.add_argument("--no-progress", action="store_true")
+
+    def main(a):
+        if a.print_config:
+            print(render_toml(schema()), end="")
+            return
+        if not a.config:
+            raise ConfigError(f"pass a config file: dev2pro {name} CONFIG.toml (see --print-config)")
+        summary = run(load(a.config, a.set), a.resume, not a.no_progress)
+        if not summary["files"]:  # non-main ranks of a distributed run write nothing
+            return
+        print(f"done: {summary['steps']} steps, final loss {summary['losses'][-1]:.4f}" if summary["losses"]
+              else "done: nothing to train (already finished)")
+        for f in summary["files"]:
+            print(f"  {f}")
+    p.set_defaults(run=main)
+    return p

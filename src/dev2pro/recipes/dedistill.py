@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import load_config, opt, render_toml, require, section
-from ..errors import ConfigError, UserError
+from ..errors import UserError
 from ..flow import flow_loss, flow_target, noisy_input, sample_sigmas
 from ..outputs import write_json, write_text
 from . import train_steps as steps
@@ -417,28 +417,11 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
 
 
 def add_dedistill_parser(sub):
-    p = sub.add_parser("dedistill", help="full fine-tune of FLUX.1-dev away from guidance distillation (make a "
-                                         "dev2pro); launch with accelerate/torchrun for several GPUs")
-    p.add_argument("config", nargs="?", help="TOML config (see --print-config)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
-                   help="continue from the latest state in output_dir, or from a given state folder")
-    p.add_argument("--print-config", action="store_true", help="print every option with its default and exit")
-    p.add_argument("--no-progress", action="store_true")
+    from ..config import add_config_command
 
-    def run(a):
-        if a.print_config:
-            print(render_toml(DedistillConfig()), end="")
-            return
-        if not a.config:
-            raise ConfigError("pass a config file: dev2pro dedistill CONFIG.toml (see --print-config)")
-        summary = dedistill(load_dedistill_config(a.config, a.set), a.resume, progress=not a.no_progress)
-        if summary["files"]:
-            print(f"done: {summary['steps']} steps, final loss {summary['losses'][-1]:.4f}"
-                  if summary["losses"] else "done")
-            for f in summary["files"]:
-                print(f"  {f}")
-    p.set_defaults(run=run)
+    add_config_command(sub, "dedistill", "full fine-tune of FLUX.1-dev away from guidance distillation (make a "
+                       "dev2pro); launch with accelerate/torchrun for several GPUs", DedistillConfig,
+                       load_dedistill_config, lambda cfg, resume, progress: dedistill(cfg, resume, progress=progress))
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from ..config import load_config, opt, render_toml, require, section
-from ..errors import ConfigError
 from ..flow import TIMESTEP_MODES
 from ..outputs import write_text
 from . import train_steps as steps
@@ -269,24 +268,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 
 
 def add_train_parser(sub):
-    p = sub.add_parser("train", help="train a Flux LoRA (default: guidance 1.0 on a de-distilled base)")
-    p.add_argument("config", nargs="?", help="TOML config (see --print-config)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
-                   help="continue from the latest state in output_dir, or from a given state folder")
-    p.add_argument("--print-config", action="store_true", help="print every option with its default and exit")
-    p.add_argument("--no-progress", action="store_true")
+    from ..config import add_config_command
 
-    def run(a):
-        if a.print_config:
-            print(render_toml(TrainConfig()), end="")
-            return
-        if not a.config:
-            raise ConfigError("pass a config file: dev2pro train CONFIG.toml (see --print-config)")
-        cfg = load_train_config(a.config, a.set)
-        summary = train(cfg, a.resume, progress=not a.no_progress)
-        print(f"done: {summary['steps']} steps, final loss {summary['losses'][-1]:.4f}" if summary["losses"]
-              else "done: nothing to train (already finished)")
-        for f in summary["files"]:
-            print(f"  {f}")
-    p.set_defaults(run=run)
+    add_config_command(sub, "train", "train a Flux LoRA (default: guidance 1.0 on a de-distilled base)",
+                       TrainConfig, load_train_config, lambda cfg, resume, progress: train(cfg, resume, progress))
