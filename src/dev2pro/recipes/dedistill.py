@@ -11,6 +11,11 @@ two for. Two objectives undo that:
   teacher at guidance ``w``: ``MSE(u + w (c - u), teacher(x_t, c, guidance=w)) [+ flow_weight * flow loss]``.
   The student then works with true CFG the way the teacher's guidance did. Cost: 3 forwards per step (teacher at
   B, no grad; student at 2B -- caption and empty prompt batched into one forward -- with grad).
+- ``guidance_distill``: the opposite direction, how dev was made from pro (Meng et al., "On Distillation of Guided
+  Diffusion Models", Algorithm 1): the teacher is a model sampled with true CFG (pro), the student has a guidance
+  embedding and must answer at guidance ``w`` what the teacher's ``u + w (c - u)`` gives. A student started from
+  a file without guidance embedding gets one, initialised to add nothing (it starts as the teacher). `dev2pro
+  demo` makes its toy dev this way. Cost: 3 forwards per step (teacher at 2B, no grad; student at B, with grad).
 
 Distributed (accelerate / torchrun, DDP or FSDP): every rank walks the same *global* batch list
 (``BucketBatchSampler`` with batch ``batch_size * world_size``) and draws all randomness (caption dropout, noise,
@@ -45,6 +50,7 @@ from .train_lora import DataSection, TrainSection, quiet_libraries
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("bfl", "diffusers", "fp8")
+OBJECTIVES = ("flow", "cfg_teacher", "guidance_distill")
 COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -53,7 +59,8 @@ COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 class ModelSection:
     path: str = opt("", "model folder in the FLUX.1-dev diffusers layout (text encoders, tokenizers, VAE)")
     transformer: str = opt("", "start weights (any layout); empty = the folder's transformer")
-    teacher: str = opt("", "cfg_teacher: the frozen guidance-distilled teacher; empty = the start weights")
+    teacher: str = opt("", "cfg_teacher: the frozen guidance-distilled teacher (empty = the start weights); "
+                           "guidance_distill: the CFG teacher (required)")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed at full size)")
     t5_max_length: int = opt(512, "T5 tokens (512 for dev)")
     allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")
@@ -118,8 +125,9 @@ class SaveSection:
 
 @dataclass
 class DedistillConfig:
-    objective: str = opt("flow", "flow: flow matching at guidance 1; cfg_teacher: match dev's guidance with CFG",
-                         ("flow", "cfg_teacher"))
+    objective: str = opt("flow", "flow: flow matching at guidance 1; cfg_teacher: match dev's guidance with CFG; "
+                                 "guidance_distill: make a dev-like student from a CFG teacher",
+                         OBJECTIVES)
     model: ModelSection = section(ModelSection, "base model")
     data: DedistillData = section(DedistillData, "dataset: folders (cached on the fly) or cache shards")
     teacher: TeacherSection = section(TeacherSection, "cfg_teacher objective")
@@ -192,6 +200,41 @@ def cfg_teacher_objective(student, teacher, x0, noise, sigmas, w_scale, text, em
         parts["loss/flow"] = fl.detach()
         loss = loss + flow_weight * fl
     return loss, parts
+
+
+def guidance_distill_objective(student, teacher, x0, noise, sigmas, w_scale, text, empty, device, dtype,
+                               teacher_dtype) -> tuple[torch.Tensor, dict]:
+    """MSE(student(x_t, c, guidance=w), u + w (c - u)) with u, c the teacher's outputs (Meng et al., Alg. 1)."""
+    from ..flux.latents import pack
+
+    b, _, h, w = x0.shape
+    x_t = pack(noisy_input(x0, noise, sigmas))  # (B, T, C*4)
+    pe, pooled = text["prompt_embeds"], text["pooled"]
+    with torch.no_grad():  # caption and empty prompt through the teacher as one 2B batch
+        both = predict(teacher, torch.cat([x_t, x_t]), torch.cat([sigmas, sigmas]), torch.ones(2 * b),
+                       torch.cat([pe, empty["prompt_embeds"].expand_as(pe)]),
+                       torch.cat([pooled, empty["pooled"].expand_as(pooled)]), h, w, device, teacher_dtype)
+        cond, uncond = both[:b], both[b:]
+        target = uncond + w_scale.to(device).view(b, 1, 1) * (cond - uncond)
+    pred = predict(student, x_t, sigmas, w_scale, pe, pooled, h, w, device, dtype)
+    loss = F.mse_loss(pred, target)
+    return loss, {"loss/distill": loss.detach()}
+
+
+def with_guidance_embedding(model):
+    """A copy of a model without guidance embedding that has one, initialised to add nothing (output unchanged)."""
+    from ..flux.spec import build_transformer, spec_from_diffusers_config
+
+    spec = spec_from_diffusers_config(dict(model.config)).with_(guidance_embeds=True,
+                                                                axes_dim=tuple(model.config.axes_dims_rope))
+    grown = build_transformer(spec, dtype=next(model.parameters()).dtype)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any("guidance_embedder" not in k for k in missing):
+        raise ValueError(f"cannot add a guidance embedding: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    last = grown.time_text_embed.guidance_embedder.linear_2
+    torch.nn.init.zeros_(last.weight)  # guidance adds zero to the conditioning vector until it learns otherwise
+    torch.nn.init.zeros_(last.bias)
+    return grown
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -325,7 +368,10 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     # 2. student: every weight trainable, fp32 master copy (autocast computes in bf16)
     start_from = cfg.model.transformer or cfg.model.path
     student, ckpt = load_transformer(start_from, dtype=torch.float32, allow_pickle=cfg.model.allow_pickle)
-    if not ckpt.spec().guidance_embeds:
+    if cfg.objective == "guidance_distill":
+        if not ckpt.spec().guidance_embeds:
+            student = with_guidance_embedding(student)
+    elif not ckpt.spec().guidance_embeds:
         log.warning("%s has no guidance embedding: it is already de-distilled or pro-like", start_from)
     student.to(device).requires_grad_(True).train()
     if cfg.model.gradient_checkpointing:
@@ -337,6 +383,11 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
         if not tck.spec().guidance_embeds:
             raise UserError(f"the cfg_teacher objective needs a guidance-distilled teacher (dev); "
                             f"{cfg.model.teacher or start_from} has no guidance embedding")
+        teacher.to(device).eval()
+    elif cfg.objective == "guidance_distill":
+        if not cfg.model.teacher:
+            raise UserError("model.teacher: the guidance_distill objective needs a CFG teacher (a pro-like model)")
+        teacher, _ = load_transformer(cfg.model.teacher, dtype=compute, allow_pickle=cfg.model.allow_pickle)
         teacher.to(device).eval()
     optimizer = build_optimizer(student.parameters(), "adamw", tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
@@ -365,6 +416,9 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
             with accelerator.autocast():
                 if teacher is None:
                     loss, parts = flow_objective(student, x0, noise, sigmas, text, device, torch.float32)
+                elif cfg.objective == "guidance_distill":
+                    loss, parts = guidance_distill_objective(student, teacher, x0, noise, sigmas, w_scale, text,
+                                                             empty, device, torch.float32, compute)
                 else:
                     loss, parts = cfg_teacher_objective(student, teacher, x0, noise, sigmas, w_scale, text, empty,
                                                         cfg.teacher.flow_weight, device, torch.float32, compute)
