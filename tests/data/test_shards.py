@@ -83,3 +83,52 @@ def test_dedistill_trains_from_shards(tmp_path, tiny_dev_dir, folder):
                                        "model.t5_max_length=16"])
     summary = dedistill(cfg, progress=False)
     assert len(summary["losses"]) == 3 and (tmp_path / "run" / "dev2pro.safetensors").exists()
+
+
+def test_tar_is_opened_once_however_many_members(tmp_path, folder, monkeypatch):
+    """Reading N members must not reopen (and rescan) the tar per member: that was O(N^2) in tar headers."""
+    import io
+
+    from PIL import Image
+
+    from dev2pro.data import shards
+
+    n = 40
+    path = tmp_path / "many.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (32 + i, 32), (i * 6, 100, 200)).save(buf, format="PNG")
+            for name, data in ((f"s{i:03d}.png", buf.getvalue()), (f"s{i:03d}.txt", f"sample {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    opens = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opens.append(a) or real_open(*a, **k))
+    samples, bad = shards.collect_sources([path])
+    assert len(samples) == n and bad == [] and samples[7][0].caption == "sample 7" and samples[7][1] == (39, 32)
+
+    def encode_latents(px):  # (B, 3, H, W) -> (B, 16, H/8, W/8): the pixel mean, enough to tell images apart
+        return px.mean(dim=(1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 16, px.shape[2] // 8, px.shape[3] // 8)
+
+    def encode_text(captions):
+        return {"prompt_embeds": torch.zeros(len(captions), 4, 8), "pooled": torch.zeros(len(captions), 8)}
+
+    for _ in range(2):  # the second pass fingerprints every shard (reads every image again) and skips them
+        shards.write_shards(samples, tmp_path / "out", 16, [(32, 32)], encode_latents, encode_text, {})
+    assert len(opens) == 1, f"{len(opens)} tarfile.open calls for one tar of {n} images"
+    ds = ShardDataset(tmp_path / "out" / "index.json")
+    means = [ds[i]["latents"][0, 0, 0].item() for i in range(n)]
+    assert len(set(means)) == n  # each sample got its own member's bytes
+
+
+def test_compressed_tar_is_refused_with_a_clear_error(tmp_path, folder):
+    from dev2pro.data.shards import collect_sources
+    from dev2pro.errors import UserError
+
+    path = tmp_path / "data.tar"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder / "coffee.png", arcname="coffee.png")
+    with pytest.raises(UserError, match="uncompressed tar"):
+        collect_sources([path])

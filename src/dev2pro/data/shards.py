@@ -41,18 +41,29 @@ INDEX_NAME, EMPTY_NAME = "index.json", "empty.safetensors"
 
 @dataclass(frozen=True)
 class Source:
-    """One sample before encoding: its key, caption and where its image bytes live (a file, or tar + member)."""
+    """One sample before encoding: its key, caption and where its image bytes live.
+
+    A plain file, or a tar member given by the byte range of its data (``offset``, ``size``): reading a member is
+    then one seek in the tar file, not a ``tarfile.open`` that walks every header before it (which made reading
+    all N members of a shard O(N^2)).
+    """
 
     key: str
     caption: str
     path: str
-    member: str = ""  # tar member name; empty for a plain file
+    member: str = ""  # tar member name (for messages); empty for a plain file
+    offset: int = 0  # tar members: where the member's data starts in the tar file
+    size: int = 0  # tar members: its length in bytes
 
     def read(self) -> bytes:
         if not self.member:
             return Path(self.path).read_bytes()
-        with tarfile.open(self.path) as tar:
-            return tar.extractfile(self.member).read()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise UserError(f"{self.path}: member {self.member} is cut short (the tar changed or is truncated)")
+        return data
 
 
 def _size_or_none(data: bytes) -> tuple[int, int] | None:
@@ -77,19 +88,28 @@ def folder_sources(folder: Path, default_caption: str = "") -> list[Source]:
 
 
 def tar_sources(tar_path: Path, default_caption: str = "") -> list[Source]:
-    """Samples of a webdataset tar in member order: ``key.<image ext>`` + optional ``key.txt``."""
+    """Samples of a webdataset tar in member order: ``key.<image ext>`` + optional ``key.txt``.
+
+    One sequential pass over the tar: captions are read as they pass, images are recorded by their data's byte
+    range. Only uncompressed tars (webdataset's format) are accepted: byte ranges need the raw file.
+    """
     images, captions = {}, {}
-    with tarfile.open(tar_path) as tar:
+    try:
+        tar = tarfile.open(tar_path, "r:")
+    except tarfile.ReadError as e:
+        raise UserError(f"{tar_path}: not an uncompressed tar ({e}); webdataset shards are plain .tar files") \
+            from None
+    with tar:
         for m in tar:
-            if not m.isfile():
+            if not m.isreg() or m.issparse():
                 continue
             stem, ext = _split(m.name)
             if ext.lower() in IMAGE_EXTENSIONS:
-                images.setdefault(stem, m.name)
+                images.setdefault(stem, m)
             elif ext == ".txt":
                 captions[stem] = tar.extractfile(m).read().decode("utf-8").strip()
-    return [Source(k.rsplit("/", 1)[-1], captions.get(k, default_caption), str(tar_path), name)
-            for k, name in images.items()]
+    return [Source(k.rsplit("/", 1)[-1], captions.get(k, default_caption), str(tar_path), m.name, m.offset_data,
+                   m.size) for k, m in images.items()]
 
 
 def _split(name: str) -> tuple[str, str]:
