@@ -238,10 +238,22 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         file, j, caption, _ = self.items[i]
-        with safe_open(self.root / file, "pt") as f:
-            prefix = f"{j:06d}."
-            out = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-        return {**out, "caption": caption}
+        f, names = self._open(file)
+        prefix = f"{j:06d}."
+        return {**{n: f.get_tensor(prefix + n) for n in names}, "caption": caption}
+
+    def _open(self, file: str):
+        # one open handle per shard and process (opening + listing 1000s of keys per item cost more than the
+        # training step on small models); handles are not pickled into DataLoader workers
+        handles = self.__dict__.setdefault("_handles", {})
+        if file not in handles:
+            f = safe_open(self.root / file, "pt")
+            names = sorted({k.split(".", 1)[1] for k in f.keys() if k.startswith("000000.")})
+            handles[file] = (f, names)
+        return handles[file]
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_handles"}
 
     def buckets(self) -> list[tuple[int, int]]:
         """Latent (h, w) of every index, from the index alone (for ``BucketBatchSampler``)."""
