@@ -235,3 +235,32 @@ def test_load_components_errors(tmp_path):
     (tmp_path / "vae").mkdir()
     with pytest.raises(UserError, match="lacks text_encoder"):
         S.load_components(tmp_path)
+
+
+def test_render_latents_matches_render_and_ignores_batching(dev):
+    """Batched latents == per-image latents; decoded they are render()'s image (same seed, same noise)."""
+    from dev2pro.flux.latents import decode_latents
+
+    pipe, embeds = dev
+    items, seeds = [embeds[0], embeds[1], embeds[0]], [0, 1, 2]
+    together = S.render_latents(pipe, items, seeds, guidance=3.5, steps=STEPS, batch_size=3, **SIZE)
+    alone = S.render_latents(pipe, items, seeds, guidance=3.5, steps=STEPS, batch_size=1, **SIZE)
+    assert together.shape == (3, 16, 8, 8)
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert not torch.allclose(together[0], together[2], atol=1e-3)  # same prompt, other seed
+    image = S.render(pipe, embeds[1:2], [1], guidance=3.5, steps=STEPS, **SIZE)[0]
+    decoded = ((decode_latents(pipe.vae, together[1:2])[0].clamp(-1, 1) + 1) * 127.5).round()
+    ours = decoded.permute(1, 2, 0).to(torch.int16).numpy()
+    assert np.abs(ours - pixels(image)).max() <= 1
+
+
+def test_render_latents_true_cfg_needs_negative_and_aligned_lists(pro):
+    pipe, embeds = pro
+    with pytest.raises(ValueError, match="negative"):
+        S.render_latents(pipe, embeds, [0], guidance=3.5, steps=STEPS, **SIZE)
+    with pytest.raises(ValueError, match="aligned"):
+        S.render_latents(pipe, embeds, [0, 1], guidance=3.5, steps=STEPS, **SIZE)
+    neg = S.encode_prompts(pipe, [""])[0]
+    with ForwardSpy(pipe.transformer) as spy:
+        S.render_latents(pipe, embeds, [0], guidance=3.5, negative=neg, steps=STEPS, **SIZE)
+    assert len(spy.guidance) == 2 * STEPS

@@ -256,6 +256,50 @@ def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guidance: fl
     return images
 
 
+@torch.no_grad()
+def render_latents(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guidance: float = 3.5,
+                   true_cfg: float = 1.0, negative: Embeds | None = None, steps: int = 20, width: int = 1024,
+                   height: int = 1024, mode: str = "auto", batch_size: int = 64) -> torch.Tensor:
+    """Like ``render`` for aligned lists (image i = ``embeds[i]`` with ``seeds[i]``), batched, returning the
+    denoised latents (N, C, height/8, width/8) instead of decoded images -- for evaluations that sample hundreds
+    of small images or decode with something other than the pipeline's VAE. Each image still gets its own seeded
+    CPU generator, so image i equals the one ``render`` makes for that prompt and seed (up to batch numerics)."""
+    from .flux.latents import unpack
+
+    if len(embeds) != len(seeds):
+        raise ValueError(f"{len(embeds)} prompt embeddings but {len(seeds)} seeds: pass aligned lists")
+    transformer = pipe.transformer
+    g = resolve_guidance(transformer.config.guidance_embeds, mode, guidance, true_cfg)
+    multiple = pipe.vae_scale_factor * 2
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise UserError(f"image size {width}x{height} must be positive multiples of {multiple}")
+    device, dtype = pipe._execution_device, compute_dtype(transformer)
+    use_cfg = g.cfg > 1.0
+    if use_cfg and negative is None:
+        raise ValueError("true CFG needs a negative prompt embedding: pass negative=")
+    was_training = transformer.training
+    transformer.eval()
+    out = []
+    try:
+        for lo in range(0, len(seeds), batch_size):
+            pe = torch.cat([e[0] for e in embeds[lo:lo + batch_size]]).to(device, dtype)
+            pooled = torch.cat([e[1] for e in embeds[lo:lo + batch_size]]).to(device, dtype)
+            n = pe.shape[0]
+            extra = {}
+            if use_cfg:
+                extra = dict(negative_prompt_embeds=negative[0].expand(n, -1, -1).to(device, dtype),
+                             negative_pooled_prompt_embeds=negative[1].expand(n, -1).to(device, dtype),
+                             true_cfg_scale=g.cfg)
+            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[lo:lo + batch_size]]
+            tokens = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_inference_steps=steps,
+                          guidance_scale=g.embedded if g.embedded is not None else 1.0, width=width, height=height,
+                          generator=gens, output_type="latent", **extra).images
+            out.append(unpack(tokens.float().cpu(), 2 * (height // multiple), 2 * (width // multiple)))
+    finally:
+        transformer.train(was_training)
+    return torch.cat(out)
+
+
 # ------------------------------------------------------------------------------------------------ grids and files
 def _font(size: int):
     from PIL import ImageFont

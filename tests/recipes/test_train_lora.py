@@ -189,3 +189,15 @@ def test_example_config_is_valid():
     cfg = load_train_config(Path(__file__).parents[2] / "configs" / "train_lora.toml")
     assert cfg.train.guidance == 1.0 and cfg.sample.guidance == 3.5 and cfg.model.fp8_storage
     assert cfg.model.inference_base.endswith("FLUX.1-dev")
+
+
+def test_shards_from_dev2pro_cache_train_like_the_folder(tmp_path, tiny_dev_dir, images):
+    """`dev2pro cache` output as data.shards: same samples, same order, same losses as the folder itself."""
+    from dev2pro.recipes.cache import cache
+
+    idx = cache([str(images)], str(tiny_dev_dir), str(tmp_path / "cached"), per_shard=2, resolution=64,
+                bucket_step=64, t5_max_length=512, default_caption="a photo")["index"]
+    folder = train(load_train_config(_toml(tmp_path, tiny_dev_dir, images, out="folder", steps=6)), progress=False)
+    sharded = train(load_train_config(_toml(tmp_path, tiny_dev_dir, images, out="shards", steps=6),
+                                      ["data.folders=[]", f'data.shards="{idx}"']), progress=False)
+    assert sharded["losses"] == pytest.approx(folder["losses"], rel=1e-4)

@@ -1,91 +1,374 @@
-"""`dev2pro demo`: the Dev2Pro workflow end to end on the built-in tiny model family, on CPU, in about a minute.
+"""`dev2pro demo`: the Dev2Pro claim, measured end to end on a CPU with the real Flux classes at toy scale.
 
-This is the smoke path every part of the toolkit runs through (it is not yet the measured pro -> dev -> dev2pro
-experiment; that needs trained toy bases):
-  1. init-tiny: a tiny FLUX.1-dev-layout folder (the "dev" base, guidance embedding present);
-  2. convert: the base to a ComfyUI-layout scaled-fp8 single file -- the form users train from (here the tiny dev
-     transformer stands in for a de-distilled dev2pro file);
-  3. train: a LoRA on the fp8 file (fp8 storage) at guidance 1.0 on real photos (scikit-image's data folder), with
-     samples rendered on the *dev* base at guidance 3.5 (`model.inference_base`), kohya + diffusers files out;
-  4. inspect the files and write a summary.
+The claim (Flux-Dev2Pro): a LoRA trained on a de-distilled base at guidance 1.0 and applied to FLUX.1-dev beats a
+LoRA trained on dev directly. Nobody can retrain BFL's models here, but every piece of the story can be rebuilt
+small, with the recipes users run:
+
+  world    scikit-learn's 8x8 digits (1,797 real images) as the base world, white on black, captioned
+           "a photo of the digit three"; the new concept, never seen by any base, is a style: the digit turned
+           90 degrees and drawn orange on blue, few-shot (5 images per class), captioned "sks style, the digit
+           three". Captions go through the tiny family's real CLIP/T5 tokenizers and encoders. Flux's VAE is
+           replaced by a fixed invertible pixel codec (`lab/world.py`): the VAE downsamples by 8 and would turn an
+           8x8 digit into one latent pixel; images are stored as 64x64 PNGs of 8x8 blocks, so the codec plays the
+           VAE's part (/8) losslessly. Data goes through `dev2pro cache`'s shard writer.
+  pro      a tiny Flux transformer without guidance embedding, trained from scratch by `dedistill` (objective
+           flow, 10% caption dropout): a real CFG model.
+  dev      `dedistill` objective `guidance_distill` (Meng et al., Algorithm 1): pro's weights plus a guidance
+           embedding, regressed onto pro's CFG output at w ~ U[1, 5].
+  dev2pro  `dedistill` objective `flow` at guidance 1.0 from dev (the Dev2Pro recipe); `--full` adds a
+           `cfg_teacher` de-distillation as a fifth arm.
+  arms     `dev2pro train` LoRAs, same data/steps/seed per arm: A dev @ 3.5, B dev @ 1.0, C dev2pro @ 1.0, D pro
+           (oracle, sampled on pro with true CFG). A-C are applied to dev and sampled at guidance 3.5 and 1.0,
+           after a short and the full training length.
+  judges   classifiers fitted here on real data (`lab/judges.py`): style fidelity, digit accuracy, Frechet
+           distances (to real concept images and to the oracle's samples), guidance integrity.
+
+The bases are trained once per demo seed; each LoRA seed (>= 3) changes the few-shot subset, the LoRA init and
+noise, and the sampling seeds, so the intervals measure LoRA-training variance on fixed bases. LoRA jobs run in two
+single-threaded worker processes (one per core). A finished stage is reused when the run is resumed.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import shutil
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from ..errors import UserError
 from ..outputs import write_json
 
-DEMO_IMAGES = ("astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg", "motorcycle_left.png")
+T5_LEN = 16  # the longest caption is 10 T5 tokens
+SIZE = 64  # pixel side seen by the pipeline: 8x8 digit pixels as 8x8 blocks
 
 
-def _images(dst: Path) -> Path:
-    try:
-        import skimage
-    except ImportError:
-        raise UserError("the demo uses photos shipped with scikit-image: pip install scikit-image") from None
-    src = Path(skimage.__file__).parent / "data"
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in DEMO_IMAGES:
-        if (src / name).exists():
-            shutil.copy(src / name, dst / name)
-    (dst / "astronaut.txt").write_text("sks style, an astronaut in a white suit")
-    return dst
+@dataclass(frozen=True)
+class Profile:
+    pro_steps: int
+    dev_steps: int
+    dedistill_steps: int
+    lora_steps: int
+    lora_short: int
+    seeds: int
+    eval_per_class: int  # samples per digit class and setting
+    sample_steps: int
+    batch: int = 32
+    lora_batch: int = 10
+    per_class: int = 5  # few-shot concept images per digit class
+    cfg_teacher_arm: bool = False
 
 
-def run_demo(out: str = "demo-out", quick: bool = False, overwrite: bool = False) -> dict:
-    from ..flux.checkpoint import convert, describe, open_checkpoint
-    from ..flux.tiny import write_tiny_model
+PROFILES = {
+    "quick": Profile(pro_steps=150, dev_steps=60, dedistill_steps=40, lora_steps=40, lora_short=15, seeds=3,
+                     eval_per_class=3, sample_steps=8),
+    "default": Profile(pro_steps=1200, dev_steps=500, dedistill_steps=300, lora_steps=200, lora_short=60,
+                       seeds=3, eval_per_class=8, sample_steps=16),
+    "full": Profile(pro_steps=4000, dev_steps=2000, dedistill_steps=1000, lora_steps=400, lora_short=100,
+                    seeds=5, eval_per_class=20, sample_steps=24, cfg_teacher_arm=True),
+}
+# arm -> (training base, training guidance, what it is); every arm but the oracle is applied to dev
+ARMS = {
+    "A": ("dev", 3.5, "dev @ 3.5"),
+    "B": ("dev", 1.0, "dev @ 1.0"),
+    "C": ("dev2pro", 1.0, "dev2pro @ 1.0"),
+    "D": ("pro", 1.0, "pro + CFG (oracle)"),
+    "E": ("dev2pro_cfg", 1.0, "dev2pro(cfg_teacher) @ 1.0"),
+}
+ORACLE = "D"
+GUIDANCES = (3.5, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _write_folder(folder: Path, images: np.ndarray, labels: np.ndarray, caption, make_rgb) -> Path:
+    from ..lab.world import to_pil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (rgb, y) in enumerate(zip(make_rgb(images), labels)):
+        to_pil(rgb, scale=SIZE // 8).save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(caption(int(y)))
+    return folder
+
+
+def _encode_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """The shard writer's "VAE": (B, 3, 64, 64) in [-1, 1] -> 8x8 block means -> codec latents (B, 16, 8, 8)."""
+    from ..lab.world import encode
+
+    rgb = torch.nn.functional.avg_pool2d((pixels.float() + 1) / 2, SIZE // 8)  # (B, 3, 8, 8)
+    return encode(rgb.permute(0, 2, 3, 1))
+
+
+def _text_encoder(model_dir: Path):
+    from .train_steps import load_encoders
+
+    pipe = load_encoders(model_dir, "cpu")["pipe"]
+
+    @torch.no_grad()
+    def encode_text(captions: list[str]) -> dict:
+        pe, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device="cpu", max_sequence_length=T5_LEN)
+        return {"prompt_embeds": pe.float(), "pooled": pooled.float()}
+
+    return encode_text
+
+
+def _shards(folder: Path, out: Path, encode_text) -> Path:
+    from ..data.buckets import make_buckets
+    from ..data.shards import collect_sources, write_shards
+
+    samples, bad = collect_sources([folder])
+    return write_shards(samples, out, per_shard=512, buckets=make_buckets(SIZE * SIZE, step=SIZE),
+                        encode_latents=_encode_pixels, encode_text=encode_text,
+                        settings={"codec": "dev2pro-demo-pixel-v1", "t5_max_length": T5_LEN}, skipped=bad,
+                        batch_size=64)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def _stage_done(run: Path) -> dict | None:
+    f = run / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _base(root: Path, name: str, objective: str, model_dir: Path, shards: Path, steps: int, lr: float, p: Profile,
+          seed: int, progress: bool, start: str = "", teacher: str = "", dropout: float = 0.0) -> dict:
+    """One base model through `dev2pro dedistill`; returns its summary (reused when already finished)."""
+    from .dedistill import dedistill, load_dedistill_config
+
+    run = root / "runs" / name
+    run.parent.mkdir(parents=True, exist_ok=True)
+    done = _stage_done(run)
+    if done is None:
+        cfg = load_dedistill_config(None, data={
+            "objective": objective,
+            "model": {"path": str(model_dir), "transformer": start, "teacher": teacher,
+                      "gradient_checkpointing": False, "t5_max_length": T5_LEN},
+            "data": {"shards": str(shards), "batch_size": p.batch, "caption_dropout": dropout},
+            "teacher": {"w_min": 1.0, "w_max": 5.0},
+            "train": {"steps": steps, "lr": lr, "warmup_steps": max(1, steps // 20), "schedule": "cosine",
+                      "seed": seed, "mixed_precision": "no", "ema_decay": 0.99, "max_grad_norm": 1.0},
+            "save": {"output_dir": str(run), "name": name, "formats": ["bfl"], "dtype": "fp32", "overwrite": True},
+        })
+        print(f"[{name}] dedistill objective={objective}, {steps} steps")
+        done = dedistill(cfg, progress=progress)
+    return {"file": str(run / f"{name}.safetensors"), "losses": done["losses"], "objective": objective}
+
+
+def _lora_job(job: dict) -> dict:
+    """Worker: train one arm's LoRA with `dev2pro train`, then sample it (short and full length) at each guidance.
+
+    Returns file names only: samples are written as .npy files (decoded RGB, class-major)."""
+    torch.set_num_threads(1)
+    from ..flux.checkpoint import load_transformer
+    from ..lab.world import decode
+    from ..lora.formats import load_lora
+    from ..lora.ops import apply_lora
+    from ..sampling import build_pipeline, render_latents
     from .train_lora import load_train_config, quiet_libraries, train
 
     quiet_libraries()
-    root = Path(out)
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise UserError(f"{root} exists; pass --overwrite to replace it or --out to pick another folder")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    print("[1/4] tiny dev model folder")
-    dev = write_tiny_model(root / "models" / "tiny-dev", variant="dev", seed=0)
-    print("[2/4] dev2pro base: the dev transformer as a ComfyUI scaled-fp8 file (what users train from)")
-    fp8 = convert(dev, root / "models" / "tiny-dev2pro-fp8.safetensors", layout="comfy", dtype="fp8-scaled")
-    images = _images(root / "data")
-    steps = 8 if quick else 40
-    print(f"[3/4] LoRA on the fp8 base at guidance 1.0, {steps} steps; samples on dev at guidance 3.5")
-    cfg = load_train_config(None, data={
-        "model": {"path": str(dev), "transformer": str(fp8), "inference_base": str(dev), "dtype": "fp32",
-                  "fp8_storage": True, "gradient_checkpointing": False, "t5_max_length": 128},
-        "data": {"folders": [{"path": str(images)}], "default_caption": "sks style, a photo", "resolution": 64,
-                 "bucket_step": 64},
-        "lora": {"rank": 8, "alpha": 8},
-        "train": {"steps": steps, "lr": 5e-3, "seed": 0},
-        "sample": {"every": steps // 2, "prompts": ["sks style, an astronaut", "sks style, a cat"], "seeds": [0, 1],
-                   "steps": 4, "width": 64, "height": 64},
-        "save": {"output_dir": str(root / "lora-run"), "formats": ["kohya", "diffusers"]},
-    })
-    summary = train(cfg, progress=True)
-    print("[4/4] inspect")
-    info = describe(open_checkpoint(fp8))
-    result = {
-        "seconds": round(time.perf_counter() - t0, 1),
-        "base": {"path": str(fp8), "layout": info["layout"], "fp8": info["fp8"], "variant": info["variant"]},
-        "lora_files": summary["files"],
-        "loss_first": summary["losses"][0], "loss_last": summary["losses"][-1],
-        "samples": sorted(str(p) for p in (root / "lora-run" / "samples").glob("*.png")),
-    }
-    write_json(root / "summary.json", result)
-    print(json.dumps(result, indent=2))
+    run = Path(job["run"])
+    result = {"arm": job["arm"], "seed": job["seed"], "samples": {}}
+    loras = {}
+    if job["arm"] != "ref":
+        summary = _stage_done(run)
+        if summary is None:
+            cfg = load_train_config(None, data={
+                "model": {"path": job["model_dir"], "transformer": job["base"], "dtype": "fp32",
+                          "gradient_checkpointing": False, "t5_max_length": T5_LEN},
+                "data": {"shards": job["shards"], "batch_size": job["lora_batch"]},
+                "lora": {"rank": 8, "alpha": 8},
+                "train": {"steps": job["steps"], "lr": 2e-3, "seed": job["seed"], "guidance": job["guidance"],
+                          "warmup_steps": 5},
+                "save": {"output_dir": str(run), "every": job["short"], "formats": ["kohya"], "overwrite": True},
+                "log_every": 50,
+            })
+            summary = train(cfg, progress=False)
+        result["losses"] = summary["losses"]
+        loras = {"short": run / f"lora-step{job['short']:06d}.safetensors", "long": run / "lora.safetensors"}
+    from safetensors.torch import load_file
+
+    prompts = load_file(job["prompts"])
+    n = job["eval_per_class"]
+    embeds = [(prompts["prompt_embeds"][k:k + 1], prompts["pooled"][k:k + 1]) for k in range(10) for _ in range(n)]
+    seeds = [job["seed"] * 100_000 + i for _ in range(10) for i in range(n)]  # same noise for every class
+    negative = (prompts["empty_embeds"][None], prompts["empty_pooled"][None])
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(job["model_dir"], subfolder="scheduler")
+    for length, lora in (loras.items() if loras else [("none", None)]):
+        out = run / f"samples-{length}.npz"
+        if not out.is_file():
+            model, _ = load_transformer(job["target"], dtype=torch.float32)
+            if lora is not None:
+                apply_lora(model, load_lora(lora), 1.0, adapter_name="arm")
+            pipe = build_pipeline({"scheduler": scheduler}, model)
+            arrays = {}
+            for g in GUIDANCES:
+                lat = render_latents(pipe, embeds, seeds, guidance=g, negative=negative, steps=job["sample_steps"],
+                                     width=SIZE, height=SIZE)
+                arrays[f"g{g}"] = decode(lat)
+            tmp = out.with_suffix(".tmp.npz")
+            np.savez(tmp, **arrays)
+            tmp.replace(out)
+        result["samples"][length] = str(out)
     return result
 
 
+# ------------------------------------------------------------------------------------------------ recipe
+def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None = None, overwrite: bool = False,
+             progress: bool = True, workers: int = 2) -> dict:
+    """Build the world, the three (four) bases and the LoRA arms, judge them, write report.md/.html/results.json."""
+    from ..flux.tiny import write_tiny_model
+    from ..lab import report
+    from ..lab.judges import fit_judges
+    from ..lab.world import DIGIT_WORDS, base_caption, concept_caption, few_shot, load_digits_world, plain, styled
+    from .train_lora import quiet_libraries
+
+    if profile not in PROFILES:
+        raise UserError(f"unknown demo profile {profile!r}: use one of {', '.join(PROFILES)}")
+    p = PROFILES[profile] if seeds is None else replace(PROFILES[profile], seeds=seeds)
+    if p.seeds < 1:
+        raise UserError("--seeds must be >= 1 (3 or more for confidence intervals)")
+    quiet_libraries()
+    torch.set_num_threads(1)  # two threads on two busy cores are several times slower than one
+    root = Path(out).resolve()
+    stamp = {"version": 1, "profile": profile, **asdict(p)}
+    _prepare_root(root, stamp, overwrite)
+    t0 = time.perf_counter()
+    timings = {}
+
+    # 1. world, data folders, shards (text through the tiny family's real tokenizers and encoders)
+    print("[1/6] data: scikit-learn digits -> image folders -> shards")
+    world = load_digits_world(seed=0)
+    model_dir = root / "models" / "tiny"
+    if not (model_dir / "model_index.json").is_file():
+        write_tiny_model(model_dir, variant="pro", seed=0, overwrite=True)
+    encode_text = _text_encoder(model_dir)
+    base_dir = root / "data" / "base"
+    if not base_dir.is_dir():
+        _write_folder(base_dir, world.train_images, world.train_labels, base_caption, plain)
+    base_shards = _shards(base_dir, root / "shards" / "base", encode_text)
+    concept_shards = {}
+    for s in range(p.seeds):
+        d = root / "data" / f"concept-seed{s}"
+        if not d.is_dir():
+            images, labels = few_shot(world, p.per_class, seed=s)
+            _write_folder(d, images, labels, concept_caption, styled)
+        concept_shards[s] = _shards(d, root / "shards" / f"concept-seed{s}", encode_text)
+    prompts = encode_text([concept_caption(k) for k in range(10)])
+    empty = encode_text([""])
+    from ..outputs import save_safetensors
+
+    prompt_file = save_safetensors({**prompts, "empty_embeds": empty["prompt_embeds"][0],
+                                    "empty_pooled": empty["pooled"][0]}, root / "prompts.safetensors", overwrite=True)
+    del encode_text
+    timings["data"] = time.perf_counter() - t0
+
+    # 2-4. bases through `dev2pro dedistill`
+    ms, sh = model_dir, base_shards
+    print("[2/6] pro: a CFG model trained from scratch (flow matching, 10% caption dropout)")
+    bases = {"pro": _base(root, "pro", "flow", ms, sh, p.pro_steps, 1e-3, p, 0, progress, dropout=0.1)}
+    print("[3/6] dev: guidance-distilled from pro (Meng et al. Alg. 1, w ~ U[1, 5])")
+    bases["dev"] = _base(root, "dev", "guidance_distill", ms, sh, p.dev_steps, 3e-4, p, 1, progress,
+                         start=bases["pro"]["file"], teacher=bases["pro"]["file"])
+    print("[4/6] dev2pro: de-distilled from dev (flow matching at guidance 1.0)")
+    bases["dev2pro"] = _base(root, "dev2pro", "flow", ms, sh, p.dedistill_steps, 2e-4, p, 2, progress,
+                             start=bases["dev"]["file"])
+    if p.cfg_teacher_arm:
+        bases["dev2pro_cfg"] = _base(root, "dev2pro_cfg", "cfg_teacher", ms, sh, p.dedistill_steps, 2e-4, p, 3,
+                                     progress, start=bases["dev"]["file"], teacher=bases["dev"]["file"])
+    timings["bases"] = time.perf_counter() - t0 - timings["data"]
+
+    # 5. LoRA arms x seeds (and dev without LoRA as the guidance reference), two single-threaded workers
+    arms = [a for a in ARMS if ARMS[a][0] in bases]
+    jobs = []
+    for s in range(p.seeds):
+        common = {"seed": s, "model_dir": str(model_dir), "prompts": str(prompt_file), "shards": str(concept_shards[s]),
+                  "eval_per_class": p.eval_per_class, "sample_steps": p.sample_steps, "steps": p.lora_steps,
+                  "short": p.lora_short, "lora_batch": p.lora_batch}
+        jobs.append({**common, "arm": "ref", "run": str(root / "arms" / f"ref-seed{s}"), "target": bases["dev"]["file"]})
+        for a in arms:
+            base, guidance, _ = ARMS[a]
+            target = bases["pro"]["file"] if a == ORACLE else bases["dev"]["file"]
+            jobs.append({**common, "arm": a, "run": str(root / "arms" / f"{a}-seed{s}"), "base": bases[base]["file"],
+                         "guidance": guidance, "target": target})
+    for j in jobs:
+        Path(j["run"]).mkdir(parents=True, exist_ok=True)
+    print(f"[5/6] LoRA arms {', '.join(arms)} x {p.seeds} seeds via `dev2pro train`, sampled at guidance "
+          f"{' and '.join(map(str, GUIDANCES))}")
+    results = _run_jobs(jobs, workers, progress)
+    timings["arms"] = time.perf_counter() - t0 - timings["data"] - timings["bases"]
+
+    # 6. judges, tables, report
+    print("[6/6] judges and report")
+    judges = fit_judges(world, seed=0)
+    table = report.evaluate(results, judges, world, arms=arms, oracle=ORACLE, seeds=p.seeds,
+                            per_class=p.eval_per_class)
+    stages = {name: report.loss_change(b["losses"]) for name, b in bases.items()}
+    for r in results:
+        if r["arm"] != "ref":
+            stages[f"lora-{r['arm']}-seed{r['seed']}"] = report.loss_change(r["losses"])
+    timings["total"] = time.perf_counter() - t0
+    summary = {"profile": profile, "settings": asdict(p), "arms": {a: ARMS[a][2] for a in arms}, "oracle": ORACLE,
+               "guidances": list(GUIDANCES), "stages": stages, "table": table,
+               "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+               "command": f"dev2pro demo{'' if profile == 'default' else ' --' + profile}"
+                          f"{'' if seeds is None else f' --seeds {seeds}'}",
+               "digits": list(DIGIT_WORDS)}
+    write_json(root / "results.json", summary)
+    report.write_reports(root, summary, results, world)
+    print((root / "report.md").read_text())
+    print(f"done in {timings['total']:.0f} s: {root / 'report.md'}, {root / 'report.html'}, {root / 'results.json'}")
+    return summary
+
+
+def _prepare_root(root: Path, stamp: dict, overwrite: bool) -> None:
+    """A new folder, or the same demo's folder to resume; anything else needs --overwrite."""
+    marker = root / "demo.json"
+    if root.exists() and any(root.iterdir()):
+        same = marker.is_file() and json.loads(marker.read_text()) == stamp
+        if overwrite:
+            shutil.rmtree(root)
+        elif not same:
+            raise UserError(f"{root} holds something else (another demo profile or other files); pass --overwrite "
+                            f"to replace it or --out to pick another folder")
+        else:
+            print(f"resuming the demo in {root}: finished stages are reused")
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(marker, stamp)
+
+
+def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc="LoRA arms", unit="job", disable=not progress, dynamic_ncols=True)
+    results = []
+    if workers <= 1:
+        for j in jobs:
+            results.append(_lora_job(j))
+            bar.update()
+    else:  # spawn: workers start clean (no forked torch thread pools)
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for r in pool.imap_unordered(_lora_job, jobs):
+                results.append(r)
+                bar.update()
+    bar.close()
+    return sorted(results, key=lambda r: (r["seed"], r["arm"]))
+
+
 def add_demo_parser(sub):
-    p = sub.add_parser("demo", help="run the Dev2Pro workflow end to end on the built-in tiny models (CPU)")
-    p.add_argument("--out", default="demo-out")
-    p.add_argument("--quick", action="store_true", help="fewer steps (smoke test)")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=lambda a: run_demo(a.out, a.quick, a.overwrite))
+    p = sub.add_parser("demo", help="measure the Dev2Pro claim end to end on toy Flux models (CPU, ~10 min)")
+    p.add_argument("--out", default="demo-out", help="output folder (a finished stage is reused on rerun)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="profile", const="quick", help="smoke test, ~2 min")
+    size.add_argument("--full", action="store_const", dest="profile", const="full",
+                      help="longer training, 5 seeds, a cfg_teacher arm (~1 h)")
+    p.add_argument("--seeds", type=int, default=None, help="LoRA seeds per arm (default 3; 5 with --full)")
+    p.add_argument("--workers", type=int, default=2, help="parallel LoRA jobs (one CPU core each)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(profile="default", run=lambda a: run_demo(a.out, a.profile, a.seeds, a.overwrite,
+                                                             not a.no_progress, a.workers))

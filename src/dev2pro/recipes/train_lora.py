@@ -58,6 +58,7 @@ class FolderSection:
 @dataclass
 class DataSection:
     folders: list[FolderSection] = opt([], "[[data.folders]] tables: path, repeats, caption")
+    shards: str = opt("", "index.json written by `dev2pro cache` (pre-encoded latents + text), instead of folders")
     default_caption: str = opt("", "caption for images without a .txt file")
     trigger: str = opt("", "trigger word prepended to every caption")
     caption_dropout: float = opt(0.0, "probability of training on the empty caption")
@@ -69,7 +70,8 @@ class DataSection:
     batch_size: int = opt(1, "images per step (per device)")
 
     def validate(self):
-        require(len(self.folders) > 0, "folders: add at least one [[data.folders]] table with a path")
+        require(len(self.folders) > 0 or bool(self.shards),
+                "folders: add at least one [[data.folders]] table with a path (or set data.shards)")
         require(0.0 <= self.caption_dropout < 1.0, "caption_dropout must be in [0, 1)")
         require(self.bucket_step >= 16 and self.bucket_step % 16 == 0, "bucket_step must be a multiple of 16")
         require(self.resolution >= self.bucket_step, "resolution must be >= bucket_step")
@@ -164,7 +166,7 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, data
     base = Path(path).parent if path else Path(".")
     # Relative paths in a config are relative to the config file, not to where the command is run.
     for obj, name in [(cfg.model, "path"), (cfg.model, "transformer"), (cfg.model, "inference_base"),
-                      (cfg.save, "output_dir"), (cfg.data, "cache_dir")] + [(f, "path") for f in cfg.data.folders]:
+                      (cfg.save, "output_dir"), (cfg.data, "cache_dir"), (cfg.data, "shards")] + [(f, "path") for f in cfg.data.folders]:
         value = getattr(obj, name)
         if value and not Path(value).is_absolute():
             setattr(obj, name, str((base / value).resolve()))

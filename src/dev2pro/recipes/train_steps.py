@@ -58,10 +58,13 @@ def encoder_identity(folder: Path) -> str:
 
 
 def prepare_data(cfg, out: Path, device) -> PreparedData:
+    """Dataset, batch sampler, collate and sample-prompt embeddings; from folders (cached here) or shards."""
+    if cfg.data.shards:
+        return _prepare_shards(cfg, device)
     from ..data.buckets import assign_bucket, make_buckets
     from ..data.cache import cache_latents, cache_text, load_cached
     from ..data.folders import DatasetFolder, scan_dataset
-    from ..data.loader import BucketBatchSampler, CacheEntry, CachedDataset, collate
+    from ..data.loader import CacheEntry, CachedDataset
     from ..flux.latents import encode_images
 
     d = cfg.data
@@ -97,13 +100,6 @@ def prepare_data(cfg, out: Path, device) -> PreparedData:
     _free(device)
     entries = [CacheEntry(lp, text_paths[it.caption], it.caption, it.repeats)
                for it, lp in zip(items, latent_paths)]
-    dataset = CachedDataset(entries)
-    sampler = BucketBatchSampler(dataset.buckets(), d.batch_size, seed=cfg.train.seed)
-    empty = load_cached(text_paths[""])
-    dropout = d.caption_dropout
-
-    def collate_fn(batch, generator):
-        return collate(batch, empty_text=empty, dropout_p=dropout, generator=generator)
 
     def embeds_of(text):
         t = load_cached(text_paths[text])
@@ -111,8 +107,50 @@ def prepare_data(cfg, out: Path, device) -> PreparedData:
 
     sample_embeds = [embeds_of(p) for p in cfg.sample.prompts]
     negative = embeds_of(cfg.sample.negative) if cfg.sample.negative else embeds_of("")
-    return PreparedData(dataset, sampler, collate_fn, sample_embeds, negative, components,
-                        [(w // 16) * (h // 16) for w, h in sizes])
+    return _assemble(cfg, CachedDataset(entries), load_cached(text_paths[""]), sample_embeds, negative, components,
+                     [(w // 16) * (h // 16) for w, h in sizes])
+
+
+def _prepare_shards(cfg, device) -> PreparedData:
+    """Pre-encoded shards (`dev2pro cache`): no VAE pass; the encoders load only to embed sample prompts."""
+    from ..data.shards import ShardDataset
+
+    dataset = ShardDataset(cfg.data.shards)
+    empty = dataset.empty_text()
+    if cfg.data.trigger or cfg.data.default_caption:
+        log.warning("data.trigger/default_caption do not apply to shards: their captions were encoded by "
+                    "`dev2pro cache`")
+    sample_embeds, negative, components = [], (empty["prompt_embeds"][None], empty["pooled"][None]), {}
+    if cfg.sample.prompts:
+        comps = load_encoders(Path(cfg.model.path), device)
+        pipe = comps["pipe"]
+
+        def embeds_of(text):
+            pe, pooled, _ = pipe.encode_prompt(prompt=[text], prompt_2=None, device=device,
+                                               max_sequence_length=empty["prompt_embeds"].shape[0])
+            return pe.float().cpu(), pooled.float().cpu()
+
+        with torch.no_grad():
+            sample_embeds = [embeds_of(p) for p in cfg.sample.prompts]
+            if cfg.sample.negative:
+                negative = embeds_of(cfg.sample.negative)
+        components = {"vae": comps["vae"].to("cpu"), "scheduler": pipe.scheduler}
+        comps = pipe = None
+        _free(device)
+    return _assemble(cfg, dataset, empty, sample_embeds, negative, components,
+                     [(h // 2) * (w // 2) for h, w in dataset.buckets()])
+
+
+def _assemble(cfg, dataset, empty, sample_embeds, negative, components, seq_lens) -> PreparedData:
+    from ..data.loader import BucketBatchSampler, collate
+
+    sampler = BucketBatchSampler(dataset.buckets(), cfg.data.batch_size, seed=cfg.train.seed)
+    dropout = cfg.data.caption_dropout
+
+    def collate_fn(batch, generator):
+        return collate(batch, empty_text=empty, dropout_p=dropout, generator=generator)
+
+    return PreparedData(dataset, sampler, collate_fn, sample_embeds, negative, components, seq_lens)
 
 
 def _image_size(path):
