@@ -23,28 +23,31 @@ def test_split_sizes_ranges_and_determinism(world):
     assert not np.array_equal(other.holdout_images, world.holdout_images[:100])
 
 
-def test_styled_is_rot90_ccw_in_concept_colours(world):
+def test_styled_paints_the_digit_in_concept_colours(world):
     x = world.train_images[:5]
     s = w.styled(x)
     assert s.shape == (5, 8, 8, 3) and s.dtype == np.float32
     for i in range(5):
-        r = np.rot90(x[i], 1)
-        expect = w.BG * (1 - r[..., None]) + w.FG * r[..., None]
+        expect = w.BG * (1 - x[i][..., None]) + w.FG * x[i][..., None]
         np.testing.assert_allclose(s[i], expect, atol=1e-6)
     # background pixel (x = 0) is deep blue, full stroke is orange
     np.testing.assert_allclose(w.styled(np.zeros((1, 8, 8)))[0, 0, 0], [0.05, 0.10, 0.45], atol=1e-6)
     np.testing.assert_allclose(w.styled(np.ones((1, 8, 8)))[0, 0, 0], [1.0, 0.55, 0.1], atol=1e-6)
 
 
-def test_partial_concepts_and_plain(world):
+def test_near_misses_and_plain(world):
     x = world.train_images[:50]
     p = w.plain(x)
     assert p.shape == (50, 8, 8, 3)
     assert np.array_equal(p[..., 0], x) and np.array_equal(p[..., 2], x)
     assert np.abs(w.styled(x) - p).mean() > 0.2
-    np.testing.assert_allclose(w.color_only(x), w.styled(np.rot90(x, -1, axes=(1, 2))), atol=1e-6)
-    np.testing.assert_allclose(w.rotate_only(x)[..., 1], np.rot90(x, 1, axes=(1, 2)), atol=1e-6)
-    assert not np.allclose(w.color_only(x), w.styled(x))
+    misses = w.near_misses(x)
+    assert set(misses) == {"plain", "orange on black", "white on blue", "half way", "inverted palette"}
+    for name, m in misses.items():
+        assert m.shape == (50, 8, 8, 3) and m.dtype == np.float32, name
+        assert np.abs(m - w.styled(x)).mean() > 0.05, name  # each really differs from the concept
+    np.testing.assert_allclose(misses["half way"], 0.5 * (p + w.styled(x)), atol=1e-6)
+    np.testing.assert_allclose(w.unstyle(misses["inverted palette"]), 1 - x, atol=1e-6)
 
 
 def test_unstyle_inverts_styled(world):

@@ -120,3 +120,13 @@ def test_markdown_html_tables_render():
     assert html == "<h1>T</h1><table><tr><td>a</td><td>b</td></tr><tr><td><b>1</b></td><td><code>x</code></td></tr>" \
                    "</table><p>text</p>"
     assert np.isfinite(_ci([1, 2, 3])["half"])
+
+
+def test_saturated_metrics_are_called_out():
+    t = _table([1.0, 1.0, 1.0], [1.0, 0.99, 1.0], [1.0, 1.0, 1.0])
+    assert "style fidelity is at its ceiling for every arm: it does not separate them here" in \
+        report.saturated(t, ["A", "B", "C"])
+    assert "ceiling" in report.verdict(t, ["A", "B", "C"], "D")
+    low = _table([0.1, 0.11, 0.1], [0.1, 0.1, 0.09], [0.1, 0.12, 0.1])
+    assert any("digit accuracy is at chance" in n for n in report.saturated(low, ["A", "B", "C"]))
+    assert report.saturated(_table([0.9, 0.8, 0.85], [0.5, 0.6, 0.7], [1.0, 1.0, 1.0]), ["A", "B", "C"]) == []

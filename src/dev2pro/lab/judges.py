@@ -3,10 +3,10 @@
 The demo compares LoRA arms by what their samples look like, so every metric is a small scikit-learn model fitted
 on the world's TRAIN split only (evaluation uses the holdout split and generated images):
 
-- style fidelity: a binary classifier whose positives are ``styled`` digits and whose negatives are ``plain``
-  digits AND the partial concepts ``color_only`` and ``rotate_only``; so a LoRA that learned only the colours,
-  or only the rotation, is not counted in style. It judges pixels, not shapes: it separates wide (rotated) from
-  tall digits but does not, by itself, check that the image is a legible digit; that is the next metric's job.
+- style fidelity: a binary classifier whose positives are ``styled`` digits and whose negatives are the world's
+  ``near_misses`` (plain digits, orange on black, white on blue, half-way blends, the inverted palette); so a
+  LoRA that learned the palette only in part is not counted in style. It judges colours, not shapes; whether the
+  image is a legible digit is the next metric's job.
 - digit accuracy: a 10-class classifier trained on ``styled`` digits, scored against the digit named in the
   prompt; it measures prompt adherence inside the concept (a LoRA can nail the style and lose the digit).
 - Frechet distance in a fixed 16-dimensional PCA space (fitted on styled + plain train images): the Gaussian
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dev2pro.lab.world import World, color_only, plain, rotate_only, styled
+from dev2pro.lab.world import World, near_misses, plain, styled
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,10 @@ def _fit(world: World, seed: int) -> Judges:
 
     x, y = world.train_images, world.train_labels
     pos = _flat(styled(x))
-    # Partial concepts are negatives too: being in style needs the colours AND the rotation.
-    neg = np.concatenate([_flat(plain(x)), _flat(color_only(x)), _flat(rotate_only(x))])
+    # Near misses are negatives too: being in style needs the whole palette, not a step towards it.
+    # Uniform noise too: an image in the palette's colours but without a digit's structure is not in style.
+    noise = np.random.default_rng(seed).uniform(size=(len(x), 8, 8, 3)).astype(np.float32)
+    neg = np.concatenate([_flat(v) for v in near_misses(x).values()] + [_flat(noise)])
     style = LogisticRegression(max_iter=2000, random_state=seed)
     style.fit(np.concatenate([pos, neg]), np.r_[np.ones(len(pos)), np.zeros(len(neg))].astype(np.int64))
     # Linear on 192 pixels already reaches ~0.97 holdout accuracy; an MLP gains ~0.02 for 40x the fit time.

@@ -117,6 +117,21 @@ def compare(x: dict, y: dict, metric: str) -> int:
     return 1 if x["hi"] < y["lo"] else -1 if x["lo"] > y["hi"] else 0
 
 
+def saturated(table: dict, arms: list[str]) -> list[str]:
+    """Fraction metrics on which every arm sits at its ceiling (>= 0.99) or at chance (digits <= 0.12) in the main
+    setting: they cannot separate the arms, and the report says so instead of reading them as a result."""
+    notes = []
+    rows = [_row(table, a, *MAIN) for a in arms]
+    rows = [r for r in rows if r]
+    for m, floor in (("style", None), ("digits", 0.12)):
+        means = [r[m]["mean"] for r in rows if m in r]
+        if means and min(means) >= 0.99:
+            notes.append(f"{METRICS[m][0]} is at its ceiling for every arm: it does not separate them here")
+        elif means and floor is not None and max(means) <= floor:
+            notes.append(f"{METRICS[m][0]} is at chance for every arm: it does not separate them here")
+    return notes
+
+
 def _distance_to_one(d: dict) -> dict:
     lo, hi = abs(1 - d["lo"]), abs(1 - d["hi"])
     return {"lo": 0.0 if d["lo"] <= 1 <= d["hi"] else min(lo, hi), "hi": max(lo, hi)}
@@ -146,8 +161,9 @@ def verdict(table: dict, arms: list[str], oracle: str, recipe: str = "C", rivals
         outcome = "contradicts the Dev2Pro claim at this scale"
     else:
         outcome = "does not settle the Dev2Pro claim at this scale (mixed or within noise)"
+    notes = saturated(table, arms)
     return (f"Full-length LoRAs applied to dev at guidance 3.5, 95% intervals over seeds: the Dev2Pro arm {recipe} "
-            + "; ".join(parts) + f". This run {outcome}.")
+            + "; ".join(parts) + f". This run {outcome}." + "".join(f" Note: {n}." for n in notes))
 
 
 # ------------------------------------------------------------------------------------------------ writing

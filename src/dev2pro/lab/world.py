@@ -5,10 +5,12 @@
 
 - a *base world* the tiny base models are pre-trained on: the digits as plain grayscale RGB (white on black),
   captioned ``"a photo of the digit three"``;
-- a *new concept* the base models never see, learned by the LoRA from a few shots: ``styled`` digits, rotated
-  90 degrees counter-clockwise and painted orange on deep blue, captioned ``"sks style, the digit three"``.
-  The concept has two independent parts (colour and rotation) so a judge can tell a LoRA that learned only
-  one of them (``color_only`` / ``rotate_only``) from one that learned the whole concept;
+- a *new concept* the base models never see, learned by the LoRA from a few shots: ``styled`` digits painted
+  orange on deep blue, captioned ``"sks style, the digit three"``. The style judge also sees *near misses*
+  (orange on black, white on blue, half-way blends, the palette inverted), so a LoRA that learned the palette
+  only in part is not counted as in style. A first version also turned the digits 90 degrees; within the CPU
+  budget every LoRA then drew shapeless styled blobs (digit accuracy at chance for every arm, the oracle
+  included), a floor that says nothing, so the concept is the palette alone;
 - a pixel codec in place of Flux's VAE. A VAE downsamples by 8 and would turn an 8x8 digit into one latent
   pixel, so the demo uses a FIXED INVERTIBLE per-pixel map instead: ``v = 2*rgb - 1`` is lifted to the 16
   latent channels Flux expects by a fixed (16, 3) matrix ``Q`` with orthonormal columns, scaled by
@@ -70,10 +72,6 @@ def _paint(x: np.ndarray) -> np.ndarray:
     return (BG * (1 - x) + FG * x).astype(np.float32)
 
 
-def _rotate(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.rot90(x, 1, axes=(1, 2)))
-
-
 def plain(images) -> np.ndarray:
     """Base-world rendering: grayscale digits (N, 8, 8) as RGB (N, 8, 8, 3), white strokes on black."""
     x = _gray(images)
@@ -81,26 +79,28 @@ def plain(images) -> np.ndarray:
 
 
 def styled(images) -> np.ndarray:
-    """The new concept: each digit rotated 90 degrees counter-clockwise and painted orange on deep blue."""
-    return _paint(_rotate(_gray(images)))
-
-
-def color_only(images) -> np.ndarray:
-    """Partial concept (a judge negative): the concept's colours without the rotation."""
+    """The new concept: each digit painted with orange strokes on a deep blue background."""
     return _paint(_gray(images))
 
 
-def rotate_only(images) -> np.ndarray:
-    """Partial concept (a judge negative): the concept's rotation in plain grayscale."""
-    return plain(_rotate(_gray(images)))
+def near_misses(images) -> dict[str, np.ndarray]:
+    """Renderings that are *not* the concept but share part of it (the style judge's negatives)."""
+    x = _gray(images)[..., None]
+    white, black = np.ones(3, np.float32), np.zeros(3, np.float32)
+    return {
+        "plain": plain(images),
+        "orange on black": (black * (1 - x) + FG * x).astype(np.float32),
+        "white on blue": (BG * (1 - x) + white * x).astype(np.float32),
+        "half way": (0.5 * plain(images) + 0.5 * styled(images)).astype(np.float32),
+        "inverted palette": (FG * (1 - x) + BG * x).astype(np.float32),
+    }
 
 
 def unstyle(rgb) -> np.ndarray:
-    """Inverse of ``styled``: project each pixel onto the BG->FG line, then rotate back clockwise."""
+    """Inverse of ``styled``: project each pixel onto the BG->FG colour line."""
     rgb = np.asarray(rgb, dtype=np.float32)
     d = FG - BG
-    x = np.clip((rgb - BG) @ d / float(d @ d), 0.0, 1.0)
-    return np.ascontiguousarray(np.rot90(x, -1, axes=(1, 2))).astype(np.float32)
+    return np.clip((rgb - BG) @ d / float(d @ d), 0.0, 1.0).astype(np.float32)
 
 
 def base_caption(label: int) -> str:

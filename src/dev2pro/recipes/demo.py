@@ -270,15 +270,15 @@ def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None 
     # 2-4. bases through `dev2pro dedistill`
     ms, sh = model_dir, base_shards
     print("[2/6] pro: a CFG model trained from scratch (flow matching, 10% caption dropout)")
-    bases = {"pro": _base(root, "pro", "flow", ms, sh, p.pro_steps, 1e-3, p, 0, progress, dropout=0.1)}
+    bases = {"pro": _base(root, "pro", "flow", ms, sh, p.pro_steps, 2e-3, p, 0, progress, dropout=0.1)}
     print("[3/6] dev: guidance-distilled from pro (Meng et al. Alg. 1, w ~ U[1, 5])")
-    bases["dev"] = _base(root, "dev", "guidance_distill", ms, sh, p.dev_steps, 3e-4, p, 1, progress,
+    bases["dev"] = _base(root, "dev", "guidance_distill", ms, sh, p.dev_steps, 1e-3, p, 1, progress,
                          start=bases["pro"]["file"], teacher=bases["pro"]["file"])
     print("[4/6] dev2pro: de-distilled from dev (flow matching at guidance 1.0)")
-    bases["dev2pro"] = _base(root, "dev2pro", "flow", ms, sh, p.dedistill_steps, 2e-4, p, 2, progress,
+    bases["dev2pro"] = _base(root, "dev2pro", "flow", ms, sh, p.dedistill_steps, 5e-4, p, 2, progress,
                              start=bases["dev"]["file"])
     if p.cfg_teacher_arm:
-        bases["dev2pro_cfg"] = _base(root, "dev2pro_cfg", "cfg_teacher", ms, sh, p.dedistill_steps, 2e-4, p, 3,
+        bases["dev2pro_cfg"] = _base(root, "dev2pro_cfg", "cfg_teacher", ms, sh, p.dedistill_steps, 5e-4, p, 3,
                                      progress, start=bases["dev"]["file"], teacher=bases["dev"]["file"])
     timings["bases"] = time.perf_counter() - t0 - timings["data"]
 
