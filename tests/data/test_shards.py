@@ -80,9 +80,16 @@ def test_dedistill_trains_from_shards(tmp_path, tiny_dev_dir, folder):
     cfg = load_dedistill_config(None, [f'model.path="{tiny_dev_dir}"', f'data.shards="{idx}"',
                                        f'save.output_dir="{tmp_path / "run"}"', "train.steps=3",
                                        'train.mixed_precision="no"', "model.gradient_checkpointing=false",
-                                       "model.t5_max_length=16"])
+                                       "model.t5_max_length=16", "sample.every=3", 'sample.prompts=["a cat"]',
+                                       "sample.seeds=[0, 1]", "sample.steps=2", "sample.width=32",
+                                       "sample.height=32"])
     summary = dedistill(cfg, progress=False)
     assert len(summary["losses"]) == 3 and (tmp_path / "run" / "dev2pro.safetensors").exists()
+    # shards carry no sample-prompt embeddings: the text encoders of model.path were loaded for them
+    from PIL import Image
+
+    for tag in ("g1", "cfg"):
+        assert Image.open(tmp_path / "run" / "samples" / f"step000003-{tag}.png").size == (64, 32)
 
 
 def test_tar_is_opened_once_however_many_members(tmp_path, folder, monkeypatch):

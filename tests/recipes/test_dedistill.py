@@ -18,13 +18,13 @@ def images(sk_images):
     return sk_images
 
 
-def _toml(tmp_path, model_dir, images, out="run", steps=16, objective="flow", batch=1, extra=""):
+def _toml(tmp_path, model_dir, images, out="run", steps=16, objective="flow", batch=1, extra="", checkpointing=False):
     text = f"""
 objective = "{objective}"
 
 [model]
 path = "{model_dir}"
-gradient_checkpointing = false
+gradient_checkpointing = {str(checkpointing).lower()}
 
 [[data.folders]]
 path = "{images}"
@@ -221,24 +221,233 @@ def test_resume_after_kill_gives_same_weights(tmp_path, tiny_dev_dir, images):
     assert resumed["losses"] == full["losses"][4:]
 
 
-def test_two_processes_match_one(tmp_path, tiny_dev_dir, images):
-    """2 ranks x batch 1 (gloo DDP under torchrun) == 1 process x batch 2: the same global batches and draws."""
-    one = _toml(tmp_path, tiny_dev_dir, images, out="one", steps=4, batch=2)
-    two = _toml(tmp_path, tiny_dev_dir, images, out="two", steps=4, batch=1)
-    # fp32 export: compare unrounded weights. AdamW turns last-bit differences of the gradient all-reduce into
-    # update differences of up to ~lr on near-zero gradients, so the weight tolerance is stated against lr = 1e-4.
-    fp32 = ["--set", 'save.formats=["bfl"]', "--set", 'save.dtype="fp32"', "--set", "train.lr=1e-4"]
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    p2 = _run_cli([str(two), *fp32], launcher=torchrun)
-    assert p2.returncode == 0, p2.stderr[-3000:]
-    p1 = _run_cli([str(one), *fp32])
-    assert p1.returncode == 0, p1.stderr[-3000:]
-    a = load_file(str(tmp_path / "one" / "dev2pro.safetensors"))
-    b = load_file(str(tmp_path / "two" / "dev2pro.safetensors"))
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+# fp32 export: compare unrounded weights. AdamW turns last-bit differences of the summed gradients into update
+# differences of up to ~lr on near-zero gradients, so the weight tolerance is stated against lr = 1e-4: 8 steps,
+# measured worst weight difference 1.9e-6 (DDP and FSDP alike), asserted < 1e-5.
+MULTI = ["--set", 'save.formats=["bfl"]', "--set", 'save.dtype="fp32"', "--set", "train.lr=1e-4"]
+WEIGHT_TOL, LOSS_TOL = 1e-5, 1e-6
+
+
+def _torchrun(n=2):
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(n)]
+
+
+def _weights(folder):
+    return load_file(str(Path(folder) / "dev2pro.safetensors"))
+
+
+def _worst(a, b):
     assert set(a) == set(b)
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst < 1e-5, worst
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _losses(folder):
     import json
-    la = json.loads((tmp_path / "one" / "summary.json").read_text())["losses"]
-    lb = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert lb["world_size"] == 2 and lb["losses"] == pytest.approx(la, abs=1e-6)
+
+    return json.loads((Path(folder) / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def multi_root(tmp_path_factory, tiny_dev_dir, sk_images):
+    """Configs shared by the multi-process tests: 8 steps, state every 4, per-block checkpointing, EMA."""
+    root = tmp_path_factory.mktemp("multi")
+    one = _toml(root, tiny_dev_dir, sk_images, out="one", steps=8, batch=2, checkpointing=True)
+    two = _toml(root, tiny_dev_dir, sk_images, out="two", steps=8, batch=1, checkpointing=True)
+    return root, one, two
+
+
+@pytest.fixture(scope="module")
+def one_process(multi_root):
+    """The reference: 1 process x batch 2 (the global batch of 2 ranks x batch 1)."""
+    root, one, _ = multi_root
+    p = _run_cli([str(one), *MULTI])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root / "one"
+
+
+@pytest.fixture(scope="module")
+def fsdp_two(multi_root):
+    """2 ranks x batch 1 under torchrun with FSDP2 sharding each block (train.distributed = "fsdp")."""
+    root, _, two = multi_root
+    p = _run_cli([str(two), *MULTI, "--set", 'train.distributed="fsdp"', "--set", 'save.output_dir="fsdp"'],
+                 launcher=_torchrun())
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root / "fsdp"
+
+
+def test_two_processes_match_one(multi_root, one_process):
+    """2 ranks x batch 1 (gloo DDP under torchrun) == 1 process x batch 2: the same global batches and draws."""
+    root, _, two = multi_root
+    p2 = _run_cli([str(two), *MULTI, "--set", 'train.distributed="ddp"', "--set", 'save.output_dir="ddp"'],
+                  launcher=_torchrun())
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    worst = _worst(_weights(one_process), _weights(root / "ddp"))
+    assert worst < WEIGHT_TOL, worst
+    la, lb = _losses(one_process), _losses(root / "ddp")
+    assert lb["world_size"] == 2 and lb["distributed"] == "ddp" and lb["losses"] == pytest.approx(la["losses"],
+                                                                                                 abs=LOSS_TOL)
+
+
+def test_fsdp_two_processes_match_one(one_process, fsdp_two):
+    """FSDP2 (per-block shards, gloo, activation checkpointing) on 2 ranks == 1 process with the same global batch."""
+    worst = _worst(_weights(one_process), _weights(fsdp_two))
+    print(f"FSDP 2 ranks vs 1 process: worst weight difference {worst:.2e}")
+    assert worst < WEIGHT_TOL, worst
+    la, lb = _losses(one_process), _losses(fsdp_two)
+    assert lb["world_size"] == 2 and lb["distributed"] == "fsdp"
+    assert lb["losses"] == pytest.approx(la["losses"], abs=LOSS_TOL)
+    state = fsdp_two / "state" / "step-000004"  # sharded: one file per rank + the common part
+    assert sorted(f.name for f in state.iterdir()) == ["common.json", "common.safetensors",
+                                                       "rank-00000-of-00002.safetensors",
+                                                       "rank-00001-of-00002.safetensors"]
+
+
+@pytest.mark.slow
+def test_fsdp_kill_and_resume_gives_the_same_weights(multi_root, one_process, fsdp_two):
+    """Launched through the shipped CPU FSDP accelerate config, killed after step 6, resumed from the sharded
+    state of step 4: the same weights as the uninterrupted FSDP run. The same state resumed by 1 process (other
+    world size, no FSDP) ends within the 1-vs-2-process tolerance of the 1-process run."""
+    import shutil
+
+    root, _, two = multi_root
+    launch = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu-fsdp.yaml"),
+              "--main_process_port", "0"]
+    args = [str(two), *MULTI, "--set", 'save.output_dir="killed"']
+    p = _run_cli(args, {"DEV2PRO_STOP_AFTER_STEP": "6"}, launcher=launch)
+    killed = root / "killed"
+    assert p.returncode != 0 and (killed / "state" / "step-000004").is_dir(), p.stderr[-3000:]
+    assert not (killed / "dev2pro.safetensors").exists()
+    shutil.copytree(killed, root / "killed-one")  # the same state, resumed below by one process
+    p = _run_cli([*args, "--resume", "latest"], launcher=launch)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _losses(killed)["distributed"] == "fsdp"  # the accelerate FSDP config was honoured on CPU
+    a, b = _weights(fsdp_two), _weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a), _worst(a, b)
+    assert _losses(killed)["losses"] == _losses(fsdp_two)["losses"][4:]
+
+    p = _run_cli([str(multi_root[1]), *MULTI, "--set", 'save.output_dir="killed-one"', "--resume", "latest"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    worst = _worst(_weights(one_process), _weights(root / "killed-one"))
+    print(f"2-rank FSDP state resumed by 1 process: worst weight difference {worst:.2e}")
+    assert worst < WEIGHT_TOL, worst
+
+
+# what each shipped accelerate config must configure: (processes, machines, mixed precision, FSDP settings or None)
+ACCELERATE_CONFIGS = {
+    "1gpu.yaml": (1, 1, "bf16", dict(offload=True, activation_checkpointing=True)),
+    "8gpu-fsdp.yaml": (8, 1, "bf16", dict(offload=False, activation_checkpointing=True)),
+    "multinode-fsdp.yaml": (32, 4, "bf16", dict(offload=False, activation_checkpointing=True)),
+    "cpu-fsdp.yaml": (2, 1, "no", dict(offload=False, activation_checkpointing=True)),
+    "cpu-ddp.yaml": (2, 1, "no", None),
+}
+
+
+def test_every_accelerate_config_is_listed():
+    assert sorted(p.name for p in (ROOT / "configs/accelerate").glob("*.yaml")) == sorted(ACCELERATE_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_accelerate_config_parses_and_configures_what_it_claims(name, monkeypatch):
+    """Parsed by accelerate's own config and launch code; the FSDP_* environment its launcher exports is what
+    the recipe reads (per-block wrapping, FSDP2, sharded state, checkpointing, offload)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from dev2pro.train.fsdp import FsdpSettings, settings_from_accelerate
+
+    path = ROOT / "configs/accelerate" / name
+    procs, machines, precision, fsdp = ACCELERATE_CONFIGS[name]
+    cfg = load_config_from_file(str(path))
+    assert (cfg.num_processes, cfg.num_machines, cfg.mixed_precision) == (procs, machines, precision)
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "x.py"]))
+    # every file goes through accelerate's torchrun launcher (its --cpu launcher would start a single process)
+    assert (args.use_fsdp, args.multi_gpu, args.cpu) == (fsdp is not None, fsdp is None, False)
+    env = prepare_multi_gpu_env(args)
+    for k in [k for k in os.environ if k.startswith(("FSDP_", "ACCELERATE_"))]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        if k.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(k, v)
+    settings = settings_from_accelerate()
+    if fsdp is None:
+        assert settings is None
+    else:
+        assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "FluxTransformerBlock,FluxSingleTransformerBlock"
+        assert settings == FsdpSettings(reshard_after_forward=True, full_state=False, **fsdp)
+
+
+def test_export_holds_the_ema_weights(tiny_dev_dir):
+    """The gathered export state is a copy: swapping the raw weights back must not change it (it once aliased them,
+    so single-process runs exported the raw weights instead of the EMA)."""
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.recipes.dedistill_steps import final_weights
+    from dev2pro.train.ema import EMA
+
+    model, _ = load_transformer(tiny_dev_dir, dtype=torch.float32)
+    ema = EMA(model.requires_grad_(True).parameters(), 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    state = final_weights(model, ema, torch.float32, rank=0)
+    names = [n for n, _ in model.named_parameters()]
+    assert all(torch.equal(state[n], s) for n, s in zip(names, ema.shadow))
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())  # the raw weights are back
+
+
+def test_sample_grids_at_guidance_1_and_true_cfg(tmp_path, tiny_dev_dir, images):
+    extra = """
+[sample]
+every = 2
+prompts = ["a red cat", "a photo"]
+seeds = [1, 2, 3]
+steps = 2
+width = 32
+height = 48
+guidance = 4.0
+"""
+    cfg = load_dedistill_config(_toml(tmp_path, tiny_dev_dir, images, steps=4, extra=extra))
+    dedistill(cfg, progress=False)
+    samples = Path(cfg.save.output_dir) / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step000002-cfg.png", "step000002-g1.png",
+                                                         "step000004-cfg.png", "step000004-g1.png"]
+    from PIL import Image
+
+    grids = {p.name: Image.open(p) for p in samples.iterdir()}
+    assert all(g.size == (3 * 32, 2 * 48) for g in grids.values())  # cols = seeds, rows = prompts
+    assert grids["step000004-cfg.png"].text["true_cfg"] == "4.0" and grids["step000004-g1.png"].text["true_cfg"] == "1.0"
+    import numpy as np
+
+    assert not np.array_equal(np.asarray(grids["step000004-g1.png"]), np.asarray(grids["step000004-cfg.png"]))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(cfg.save.output_dir) / "logs"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"samples/g1", "samples/cfg"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("samples/cfg")] == [2, 4]
+
+
+def test_export_trains_as_a_lora_base_and_inspects(tmp_path, tiny_dev_dir, images, capsys):
+    """The BFL file `dedistill` writes is `model.transformer` of `dev2pro train` and passes `dev2pro inspect`."""
+    import math
+
+    from dev2pro.cli import main as cli_main
+    from dev2pro.recipes.train_lora import load_train_config, train
+
+    cfg = load_dedistill_config(_toml(tmp_path, tiny_dev_dir, images, steps=2), ['save.formats=["bfl"]'])
+    exported = Path(dedistill(cfg, progress=False)["files"][0])
+    assert cli_main(["inspect", str(exported)]) == 0
+    assert "layout      bfl" in capsys.readouterr().out
+    lora = load_train_config(None, data={
+        "model": {"path": str(tiny_dev_dir), "transformer": str(exported), "dtype": "fp32",
+                  "gradient_checkpointing": False, "t5_max_length": 512},
+        "data": {"folders": [{"path": str(images)}], "default_caption": "a photo", "resolution": 64,
+                 "cache_dir": str(tmp_path.parent / "dedistill-cache")},
+        "lora": {"rank": 4, "alpha": 4}, "train": {"steps": 3, "lr": 1e-3, "seed": 1},
+        "save": {"output_dir": str(tmp_path / "lora")}})
+    summary = train(lora, progress=False)
+    assert len(summary["losses"]) == 3 and all(math.isfinite(x) and x > 0 for x in summary["losses"])
+    assert (tmp_path / "lora" / "lora.safetensors").is_file()
