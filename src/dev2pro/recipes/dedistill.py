@@ -2,7 +2,7 @@
 guidance distillation.
 
 FLUX.1-dev was distilled to take the CFG scale as an input (``guidance``) and answer in one forward what pro needs
-two for. Two objectives undo that:
+two for. Two objectives undo that, a third does it:
 
 - ``flow``: plain flow-matching on real data with the guidance input fixed at 1.0 (the Flux-Dev2Pro recipe). The
   model relearns the conditional velocity; all weights train (fp32 master weights, bf16 autocast). 1 forward.
@@ -34,7 +34,6 @@ The steps (objectives, data, state, samples, export) live in ``dedistill_steps``
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -53,7 +52,6 @@ from .train_lora import DataSection, TrainSection, quiet_libraries
 
 __all__ = ["dedistill", "load_dedistill_config", "DedistillConfig", "flow_objective", "cfg_teacher_objective",
            "guidance_distill_objective", "with_guidance_embedding", "export_model"]  # the maths live in the steps
-log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("bfl", "diffusers", "fp8")
 OBJECTIVES = ("flow", "cfg_teacher", "guidance_distill")
@@ -182,7 +180,7 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
 
     from ..data.loader import BucketBatchSampler
     from ..train.ema import EMA
-    from ..train.fsdp import clip_grad_norm, shard_transformer
+    from ..train.fsdp import clip_grad_norm
     from ..train.optim import build_optimizer, build_scheduler
     from ..train.progress import Progress
 
@@ -207,13 +205,10 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     # global batches, cut identically on every rank; drop_last: a partial batch cannot be split evenly
     sampler = BucketBatchSampler(data.buckets, cfg.data.batch_size * world, seed=tc.seed, drop_last=True)
 
-    # 2. student: every weight trainable, fp32 master copy (autocast computes in bf16); frozen teacher
-    student, start_from = ds.load_student(cfg)
+    # 2. student: every weight trainable, fp32 master copy (autocast computes in bf16), FSDP2 shards when sharding;
+    #    the frozen teacher is a replica on every rank
+    student, start_from = ds.load_student(cfg, fsdp, device, compute)
     teacher = ds.load_teacher(cfg, start_from, compute, device)
-    if cfg.model.gradient_checkpointing or (fsdp and fsdp.activation_checkpointing):
-        student.enable_gradient_checkpointing()
-    # FSDP2: DTensor shards on the device (or in host RAM with offload); the optimizer sees only its shards
-    student = shard_transformer(student, device, fsdp, compute) if fsdp else student.to(device)
     optimizer = build_optimizer(student.parameters(), "adamw", tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     if not fsdp:

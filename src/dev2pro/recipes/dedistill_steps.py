@@ -184,17 +184,37 @@ def global_batch(dataset, indices, rank: int, world: int, empty: dict, dropout_p
 
 
 # ------------------------------------------------------------------------------------------------ models
-def load_student(cfg):
-    """The start weights in fp32, every weight trainable; grows a guidance embedding for guidance_distill."""
-    from ..flux.checkpoint import load_transformer
+def load_student(cfg, fsdp: "fsdpmod.FsdpSettings | None", device, compute: torch.dtype):
+    """The start weights in fp32, every weight trainable, on ``device``; sharded per block under FSDP.
+
+    guidance_distill grows a guidance embedding on a start file without one. Under FSDP with
+    ``ram_efficient_loading`` the model is built on the meta device and sharded first; each rank then reads only
+    its rows of each tensor (one full tensor in memory at a time).
+    """
+    from ..flux import keys as keymod
+    from ..flux.checkpoint import load_transformer, open_checkpoint
+    from ..flux.spec import build_transformer
 
     start_from = cfg.model.transformer or cfg.model.path
-    student, ckpt = load_transformer(start_from, dtype=torch.float32, allow_pickle=cfg.model.allow_pickle)
-    if cfg.objective == "guidance_distill":
-        if not ckpt.spec().guidance_embeds:
-            student = with_guidance_embedding(student)
-    elif not ckpt.spec().guidance_embeds:
+    ckpt = open_checkpoint(start_from, allow_pickle=cfg.model.allow_pickle)
+    grow = cfg.objective == "guidance_distill" and not ckpt.spec().guidance_embeds
+    if not grow and not ckpt.spec().guidance_embeds:
         log.warning("%s has no guidance embedding: it is already de-distilled or pro-like", start_from)
+    if fsdp and fsdp.ram_efficient_loading and not grow:
+        student = build_transformer(ckpt.spec(), device="meta")
+    else:
+        student, _ = load_transformer(start_from, dtype=torch.float32, allow_pickle=cfg.model.allow_pickle)
+        student = with_guidance_embedding(student) if grow else student
+    if cfg.model.gradient_checkpointing or (fsdp and fsdp.activation_checkpointing):
+        student.enable_gradient_checkpointing()
+    if not fsdp:
+        return student.to(device).requires_grad_(True).train(), start_from
+    student = fsdpmod.shard_transformer(student, device, fsdp, compute)  # DTensor shards (host RAM with offload)
+    if student.x_embedder.weight.is_meta:
+        student.to_empty(device="cpu" if fsdp.offload else device)
+        plan = keymod.plan(ckpt.shapes, ckpt.key_layout, "diffusers")
+        fsdpmod.fill_shards(student, lambda name: keymod.assemble(
+            plan[name], lambda k: ckpt.get_dequantized(k, torch.float32)))
     return student.requires_grad_(True).train(), start_from
 
 

@@ -55,6 +55,7 @@ class FsdpSettings:
     offload: bool = False  # parameters, gradients and optimizer state in host RAM (one 80 GB GPU, full FLUX.1)
     activation_checkpointing: bool = False  # recompute each block in backward
     full_state: bool = False  # FULL_STATE_DICT: rank 0 writes whole tensors (else each rank its shard)
+    ram_efficient_loading: bool = True  # build on the meta device, each rank reads only its rows of the start weights
 
 
 def settings_from_accelerate() -> FsdpSettings | None:
@@ -79,7 +80,8 @@ def settings_from_accelerate() -> FsdpSettings | None:
     return FsdpSettings(reshard_after_forward=bool(plugin.reshard_after_forward),
                         offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy),
                         activation_checkpointing=bool(plugin.activation_checkpointing),
-                        full_state=plugin.state_dict_type.name == "FULL_STATE_DICT")
+                        full_state=plugin.state_dict_type.name == "FULL_STATE_DICT",
+                        ram_efficient_loading=bool(plugin.cpu_ram_efficient_loading))
 
 
 # ------------------------------------------------------------------------------------------------ sharding
@@ -106,11 +108,24 @@ def shard_transformer(model: torch.nn.Module, device, settings: FsdpSettings, co
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                               reduce_dtype=torch.float32, cast_forward_inputs=False)
     kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=settings.reshard_after_forward,
-              offload_policy=CPUOffloadPolicy() if settings.offload else OffloadPolicy())
+              offload_policy=CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if settings.offload else
+              OffloadPolicy())
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     return model
+
+
+@torch.no_grad()
+def fill_shards(model: torch.nn.Module, read: Callable[[str], torch.Tensor]) -> None:
+    """Copy into every parameter (this rank's shard of it) its rows of the full tensor ``read(name)`` returns.
+
+    For a model built on the meta device, sharded, then ``to_empty``: each rank holds one full tensor at a time,
+    never the whole model (8 ranks each loading FLUX.1 in fp32 would take 8 x 48 GB of host RAM).
+    """
+    for name, p in model.named_parameters():
+        local, first, _ = _piece(p)
+        local.copy_(read(name)[first:first + local.shape[0]])
 
 
 def is_sharded(t) -> bool:
