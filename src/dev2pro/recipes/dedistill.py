@@ -190,6 +190,7 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
     fsdp = ds.fsdp_settings(tc.distributed, tc.mixed_precision)  # None: DDP (or one process)
+    ds.warn_if_single_cpu_launch(world)
     out = Path(cfg.save.output_dir)
     if main:
         steps.prepare_output_dir(out, resume is not None, cfg.save.overwrite)

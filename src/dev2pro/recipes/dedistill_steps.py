@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -232,6 +233,16 @@ def load_teacher(cfg, start_from: str, dtype, device):
         raise UserError(f"the cfg_teacher objective needs a guidance-distilled teacher (dev); {path} has no "
                         f"guidance embedding")
     return teacher.to(device).eval()
+
+
+def warn_if_single_cpu_launch(world: int) -> None:
+    """`accelerate launch --cpu --num_processes N` starts ONE process (its CPU launcher; N only through mpirun):
+    it exports MASTER_ADDR for N > 1 but no WORLD_SIZE. Say so instead of silently training on one process."""
+    if world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
+            and "WORLD_SIZE" not in os.environ:
+        log.warning("accelerate launch --cpu started a single process: for N CPU processes use torchrun "
+                    "--nproc_per_node N, or configs/accelerate/cpu-ddp.yaml / cpu-fsdp.yaml (README: De-distilling "
+                    "at scale)")
 
 
 def fsdp_settings(distributed: str, mixed_precision: str) -> fsdpmod.FsdpSettings | None:
