@@ -286,6 +286,7 @@ def test_two_processes_match_one(multi_root, one_process):
                   launcher=_torchrun())
     assert p2.returncode == 0, p2.stderr[-3000:]
     worst = _worst(_weights(one_process), _weights(root / "ddp"))
+    print(f"DDP 2 ranks vs 1 process: worst weight difference {worst:.2e}")
     assert worst < WEIGHT_TOL, worst
     la, lb = _losses(one_process), _losses(root / "ddp")
     assert lb["world_size"] == 2 and lb["distributed"] == "ddp" and lb["losses"] == pytest.approx(la["losses"],
