@@ -24,7 +24,7 @@ def test_quick_demo_report_structure_and_every_stage_learns(quick):
     saved = json.loads((root / "results.json").read_text())
     assert saved["table"] == json.loads(json.dumps(summary["table"]))
     arms = list(saved["arms"])
-    assert arms == ["A", "B", "C", "D"]
+    assert arms == ["A", "B", "C", "D", "E"]
     rows = {(r["arm"], r["length"], r["guidance"]): r["metrics"] for r in saved["table"]["rows"]}
     assert set(rows) == {(a, length, g) for a in arms for length in ("short", "long") for g in GUIDANCES}
     for (arm, _, _), metrics in rows.items():
@@ -38,7 +38,8 @@ def test_quick_demo_report_structure_and_every_stage_learns(quick):
             assert 0.0 <= rows[(arm, "long", 3.5)][m]["mean"] <= 1.0
     # every model stage improved its own loss: 3 bases and every LoRA
     stages = saved["stages"]
-    assert set(stages) == {"pro", "dev", "dev2pro"} | {f"lora-{a}-seed{s}" for a in arms for s in range(p.seeds)}
+    assert set(stages) == {"pro", "dev", "dev2pro", "dev2pro_cfg"} | \
+        {f"lora-{a}-seed{s}" for a in arms for s in range(p.seeds)}
     assert all(st["improved"] for st in stages.values()), stages
     md = (root / "report.md").read_text()
     assert "**Verdict.**" in md and saved["table"]["verdict"] in md
@@ -130,3 +131,19 @@ def test_saturated_metrics_are_called_out():
     low = _table([0.1, 0.11, 0.1], [0.1, 0.1, 0.09], [0.1, 0.12, 0.1])
     assert any("digit accuracy is at chance" in n for n in report.saturated(low, ["A", "B", "C"]))
     assert report.saturated(_table([0.9, 0.8, 0.85], [0.5, 0.6, 0.7], [1.0, 1.0, 1.0]), ["A", "B", "C"]) == []
+
+
+def test_compare_pairs_arms_by_seed():
+    from dev2pro.lab.judges import mean_ci
+
+    def ci(v):
+        return {**mean_ci(v), "values": v}
+
+    # overlapping intervals, but better on every seed by a steady margin: paired, that is clear
+    x, y = ci([0.50, 0.70, 0.60, 0.80, 0.55]), ci([0.45, 0.66, 0.55, 0.76, 0.50])
+    assert x["lo"] < y["hi"]
+    assert report.compare(x, y, "digits") == 1 and report.compare(y, x, "digits") == -1
+    assert report.compare(y, x, "fd_oracle") == 1  # lower is better
+    # better on some seeds, worse on others: within noise
+    assert report.compare(ci([0.5, 0.7, 0.6]), ci([0.6, 0.6, 0.6]), "digits") == 0
+    assert report.compare(ci([0.9, 1.0, 1.1]), ci([0.5, 0.6, 0.55]), "integrity") == 1

@@ -1,8 +1,8 @@
 """The demo's numbers and words: per-seed metrics -> mean and 95% interval -> tables, a verdict, md/html/json.
 
 The verdict is derived from the table, never written in advance. For each metric an arm is *clearly* better than
-another only when their 95% intervals do not overlap; the main setting is the one the Dev2Pro recipe is about:
-the full-length LoRA applied to dev and sampled at guidance 3.5.
+another only when the 95% interval of its per-seed improvement (arms are paired by seed) excludes zero; the main
+setting is the one the Dev2Pro recipe is about: the full-length LoRA applied to dev and sampled at guidance 3.5.
 """
 
 from __future__ import annotations
@@ -104,9 +104,21 @@ def _row(table: dict, arm: str, length: str, g: float) -> dict | None:
 
 
 def compare(x: dict, y: dict, metric: str) -> int:
-    """+1 if interval ``x`` is clearly better than ``y`` on ``metric`` (intervals apart), -1 clearly worse, 0 within
-    noise (``x``, ``y``: ``mean_ci`` dicts)."""
+    """+1 if ``x`` is clearly better than ``y`` on ``metric``, -1 clearly worse, 0 within noise.
+
+    ``x``, ``y``: ``mean_ci`` dicts. With per-seed ``values`` of equal length the arms are paired (same few-shot
+    images, LoRA seed and sampling noise per seed), so the test is a paired one: the 95% interval of the per-seed
+    improvement must exclude 0. Without them the two intervals must not overlap.
+    """
+    from .judges import mean_ci
+
     direction = METRICS[metric][1]
+    xv, yv = x.get("values"), y.get("values")
+    if xv is not None and yv is not None and len(xv) == len(yv) > 1:
+        a, b = np.asarray(xv, dtype=float), np.asarray(yv, dtype=float)
+        gain = np.abs(1 - b) - np.abs(1 - a) if direction == 0 else direction * (a - b)
+        d = mean_ci(gain)
+        return 1 if d["lo"] > 0 else -1 if d["hi"] < 0 else 0
     if not (np.isfinite(x["half"]) and np.isfinite(y["half"])):
         return 0  # one seed: no interval, no claim
     if direction == 0:  # closeness to 1: compare the intervals of |1 - v|
@@ -161,8 +173,9 @@ def verdict(table: dict, arms: list[str], oracle: str, recipe: str = "C", rivals
         outcome = "contradicts the Dev2Pro claim at this scale"
     else:
         outcome = "does not settle the Dev2Pro claim at this scale (mixed or within noise)"
-    notes = saturated(table, arms)
-    return (f"Full-length LoRAs applied to dev at guidance 3.5, 95% intervals over seeds: the Dev2Pro arm {recipe} "
+    notes = saturated(table, [recipe, *rivals])
+    return (f"Full-length LoRAs applied to dev at guidance 3.5, paired 95% intervals over seeds: the Dev2Pro arm "
+            f"{recipe} "
             + "; ".join(parts) + f". This run {outcome}." + "".join(f" Note: {n}." for n in notes))
 
 
@@ -191,6 +204,7 @@ def markdown(summary: dict) -> str:
             row = _row(t, a, length, g)
             lines.append(f"| {a} {desc} | " + " | ".join(_fmt(row.get(m) if row else None) for m in METRICS) + " |")
         lines.append("")
+    lines += _paired_section(t, list(arms))
     lines += ["## References", "", "| set | style fidelity | digit accuracy | FD to real concept |", "|---|---|---|---|"]
     for name, r in t["references"].items():
         lines.append(f"| {name} | {_fmt(r['style'])} | {_fmt(r['digits'])} | {_fmt(r['fd_real'])} |")
@@ -198,14 +212,36 @@ def markdown(summary: dict) -> str:
               "|---|---|---|---|"]
     for name, st in summary["stages"].items():
         lines.append(f"| {name} | {st['first']:.4f} | {st['last']:.4f} | {'yes' if st['improved'] else 'NO'} |")
-    lines += ["", "Metrics: style fidelity = fraction a classifier trained on real styled vs plain/colour-only/"
-              "rotation-only digits calls in style; digit accuracy = a digit classifier trained on real styled "
+    lines += ["", "Metrics: style fidelity = fraction a classifier trained on real concept digits vs near misses "
+              "(plain, orange on black, white on blue, half-way blends, inverted palette, noise) calls in style; "
+              "digit accuracy = a digit classifier trained on real styled "
               "digits agrees with the prompt; FD = Fréchet distance in a fixed PCA space of real digits, to held-out "
               "real concept images and to the oracle's samples (same prompts and seeds); pixel distance to oracle "
               "= mean |arm - oracle| per prompt+seed; guidance integrity = how much dev+LoRA still changes between "
               "guidance 1.0 and 3.5, relative to dev without LoRA (1 = intact). Guidance lowers diversity, so FD "
               "to real data favours low guidance; read it beside the oracle distance.", ""]
     return "\n".join(lines) + "\n"
+
+
+def _paired_section(table: dict, arms: list[str]) -> list[str]:
+    """Per-seed differences between the non-oracle arms in the main setting (what the verdict is made of)."""
+    from .judges import format_ci, mean_ci
+
+    pairs = [(a, b) for a, b in (("C", "A"), ("C", "B"), ("B", "A"), ("E", "C")) if a in arms and b in arms]
+    metrics = [m for m in METRICS if m != "style"]
+    lines = ["## Paired differences, main setting (first arm minus second, per seed; * = 95% interval excludes 0)",
+             "", "| pair | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for a, b in pairs:
+        ra, rb = _row(table, a, *MAIN), _row(table, b, *MAIN)
+        cells = []
+        for m in metrics:
+            if not (ra and rb and m in ra and m in rb and len(ra[m]["values"]) > 1):
+                cells.append("—")
+                continue
+            d = mean_ci(np.asarray(ra[m]["values"]) - np.asarray(rb[m]["values"]))
+            cells.append(format_ci(d) + (" *" if compare(ra[m], rb[m], m) else ""))
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _png_uri(image) -> str:

@@ -65,11 +65,11 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(pro_steps=150, dev_steps=60, dedistill_steps=40, lora_steps=40, lora_short=15, seeds=3,
-                     eval_per_class=3, sample_steps=8),
-    "default": Profile(pro_steps=1200, dev_steps=500, dedistill_steps=300, lora_steps=200, lora_short=60,
-                       seeds=3, eval_per_class=8, sample_steps=16),
+                     eval_per_class=3, sample_steps=8, cfg_teacher_arm=True),  # every path, little learning
+    "default": Profile(pro_steps=1000, dev_steps=400, dedistill_steps=250, lora_steps=150, lora_short=50,
+                       seeds=5, eval_per_class=6, sample_steps=12),
     "full": Profile(pro_steps=4000, dev_steps=2000, dedistill_steps=1000, lora_steps=400, lora_short=100,
-                    seeds=5, eval_per_class=20, sample_steps=24, cfg_teacher_arm=True),
+                    seeds=8, eval_per_class=20, sample_steps=24, cfg_teacher_arm=True),
 }
 # arm -> (training base, training guidance, what it is); every arm but the oracle is applied to dev
 ARMS = {
@@ -351,9 +351,11 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
             results.append(_lora_job(j))
             bar.update()
     else:  # spawn: workers start clean (no forked torch thread pools)
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for r in pool.imap_unordered(_lora_job, jobs):
-                results.append(r)
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for fut in as_completed([pool.submit(_lora_job, j) for j in jobs]):
+                results.append(fut.result())
                 bar.update()
     bar.close()
     return sorted(results, key=lambda r: (r["seed"], r["arm"]))
@@ -365,8 +367,8 @@ def add_demo_parser(sub):
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="profile", const="quick", help="smoke test, ~2 min")
     size.add_argument("--full", action="store_const", dest="profile", const="full",
-                      help="longer training, 5 seeds, a cfg_teacher arm (~1 h)")
-    p.add_argument("--seeds", type=int, default=None, help="LoRA seeds per arm (default 3; 5 with --full)")
+                      help="longer training, 8 seeds, a cfg_teacher arm (about an hour)")
+    p.add_argument("--seeds", type=int, default=None, help="LoRA seeds per arm (default 5; 3 with --quick)")
     p.add_argument("--workers", type=int, default=2, help="parallel LoRA jobs (one CPU core each)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
     p.add_argument("--no-progress", action="store_true")
