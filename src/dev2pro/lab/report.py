@@ -219,7 +219,9 @@ def markdown(summary: dict) -> str:
               "real concept images and to the oracle's samples (same prompts and seeds); pixel distance to oracle "
               "= mean |arm - oracle| per prompt+seed; guidance integrity = how much dev+LoRA still changes between "
               "guidance 1.0 and 3.5, relative to dev without LoRA (1 = intact). Guidance lowers diversity, so FD "
-              "to real data favours low guidance; read it beside the oracle distance.", ""]
+              "to real data favours low guidance; read it beside the oracle distance. The oracle (D) is a LoRA "
+              "trained on pro and sampled with true CFG: the concept on the model dev imitates. The verdict and the "
+              "paired table compare arms seed by seed (same shots, LoRA seed and sampling noise).", ""]
     return "\n".join(lines) + "\n"
 
 
