@@ -3,7 +3,7 @@
 Inputs are image/caption folders and/or webdataset-style .tar shards; the output is ``shard-NNNNN.safetensors``
 files of N samples (VAE latents + T5/CLIP embeddings), ``index.json`` and ``empty.safetensors`` (see
 ``data.shards``). Run it again after a kill and it continues: complete shards are skipped. Train on the result
-with ``data.shards = "OUT/index.json"`` in a dedistill config.
+with ``data.shards = "OUT/index.json"`` in a train or dedistill config.
 """
 
 from __future__ import annotations
