@@ -212,6 +212,14 @@ def compute_dtype(transformer) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------------ rendering
+def _check_size(pipe, width: int, height: int) -> int:
+    """Image sides must be positive multiples of the VAE factor x 2 (2x2 latent packing); returns that multiple."""
+    multiple = pipe.vae_scale_factor * 2
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise UserError(f"image size {width}x{height} must be positive multiples of {multiple}")
+    return multiple
+
+
 @torch.no_grad()
 def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guidance: float = 3.5, true_cfg: float = 1.0,
            negative: Embeds | None = None, steps: int = 20, width: int = 1024, height: int = 1024,
@@ -223,9 +231,7 @@ def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guidance: fl
     """
     transformer = pipe.transformer
     g = resolve_guidance(transformer.config.guidance_embeds, mode, guidance, true_cfg)
-    multiple = pipe.vae_scale_factor * 2  # VAE /8, then 2x2 latent packing
-    if width % multiple or height % multiple or width <= 0 or height <= 0:
-        raise UserError(f"image size {width}x{height} must be positive multiples of {multiple}")
+    _check_size(pipe, width, height)
     if steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
     device = pipe._execution_device
@@ -270,9 +276,7 @@ def render_latents(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guid
         raise ValueError(f"{len(embeds)} prompt embeddings but {len(seeds)} seeds: pass aligned lists")
     transformer = pipe.transformer
     g = resolve_guidance(transformer.config.guidance_embeds, mode, guidance, true_cfg)
-    multiple = pipe.vae_scale_factor * 2
-    if width % multiple or height % multiple or width <= 0 or height <= 0:
-        raise UserError(f"image size {width}x{height} must be positive multiples of {multiple}")
+    multiple = _check_size(pipe, width, height)
     device, dtype = pipe._execution_device, compute_dtype(transformer)
     use_cfg = g.cfg > 1.0
     if use_cfg and negative is None:

@@ -109,33 +109,45 @@ def test_cfg_teacher_learns_and_drops_guidance(tmp_path, tiny_dev_dir, other_dev
     assert not any("guidance" in k for k in model.state_dict())
 
 
+def _fixed_batch():
+    """(x0, noise, sigmas, w, text, empty) for the hand computations: batch 2, 8x8 latents, 8 text tokens."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    sig, ws = torch.tensor([0.3, 0.8]), torch.tensor([1.5, 3.5])
+    text = {"prompt_embeds": torch.randn(2, 8, 32, generator=g), "pooled": torch.randn(2, 32, generator=g)}
+    empty = {"prompt_embeds": torch.randn(8, 32, generator=g), "pooled": torch.randn(32, generator=g)}
+    return x0, noise, sig, ws, text, empty
+
+
+def _run(model, x0, noise, sig, pe, pooled, guidance):
+    """The transformer on the flow-matching input at ``sig``, written out without the recipe's helpers."""
+    from dev2pro.flux.latents import image_ids, pack, text_ids
+
+    s = sig.view(-1, 1, 1, 1)
+    return model(hidden_states=pack((1 - s) * x0 + s * noise), timestep=sig, guidance=guidance,
+                 pooled_projections=pooled, encoder_hidden_states=pe, txt_ids=text_ids(pe.shape[1]),
+                 img_ids=image_ids(*x0.shape[-2:]), return_dict=False)[0]
+
+
 def test_cfg_teacher_loss_matches_hand_computation(tiny_dev_dir):
     from dev2pro.flux.checkpoint import load_transformer
-    from dev2pro.flux.latents import image_ids, pack, text_ids
+    from dev2pro.flux.latents import pack
 
     student, _ = load_transformer(tiny_dev_dir, dtype=torch.float32)
     teacher, _ = load_transformer(tiny_dev_dir, dtype=torch.float32)
     with torch.no_grad():  # make student and teacher differ
         for p in student.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    g = torch.Generator().manual_seed(0)
-    b, h, w = 2, 8, 8
-    x0, noise = torch.randn(b, 16, h, w, generator=g), torch.randn(b, 16, h, w, generator=g)
-    sig, ws = torch.tensor([0.3, 0.8]), torch.tensor([1.5, 3.5])
-    text = {"prompt_embeds": torch.randn(b, 8, 32, generator=g), "pooled": torch.randn(b, 32, generator=g)}
-    empty = {"prompt_embeds": torch.randn(8, 32, generator=g), "pooled": torch.randn(32, generator=g)}
+    x0, noise, sig, ws, text, empty = _fixed_batch()
+    b = 2
     loss, parts = cfg_teacher_objective(student, teacher, x0, noise, sig, ws, text, empty, 0.5, "cpu",
                                         torch.float32, torch.float32)
 
-    def run(model, pe, pooled, guidance):
-        x_t = pack((1 - sig.view(b, 1, 1, 1)) * x0 + sig.view(b, 1, 1, 1) * noise)
-        return model(hidden_states=x_t, timestep=sig, guidance=guidance, pooled_projections=pooled,
-                     encoder_hidden_states=pe, txt_ids=text_ids(8), img_ids=image_ids(h, w), return_dict=False)[0]
-
     with torch.no_grad():
-        c = run(student, text["prompt_embeds"], text["pooled"], torch.ones(b))
-        u = run(student, empty["prompt_embeds"].expand(b, 8, 32), empty["pooled"].expand(b, 32), torch.ones(b))
-        t = run(teacher, text["prompt_embeds"], text["pooled"], ws)
+        c = _run(student, x0, noise, sig, text["prompt_embeds"], text["pooled"], torch.ones(b))
+        u = _run(student, x0, noise, sig, empty["prompt_embeds"].expand(b, 8, 32), empty["pooled"].expand(b, 32),
+                 torch.ones(b))
+        t = _run(teacher, x0, noise, sig, text["prompt_embeds"], text["pooled"], ws)
     guided = u + ws.view(b, 1, 1) * (c - u)
     distill = ((guided - t) ** 2).mean()
     flow = ((c - pack(noise - x0)) ** 2).mean()
@@ -146,32 +158,22 @@ def test_cfg_teacher_loss_matches_hand_computation(tiny_dev_dir):
 def test_guidance_distill_loss_matches_hand_computation(tiny_pro_dir):
     """Meng et al. Alg. 1: the student at guidance w regresses onto the teacher's u + w (c - u)."""
     from dev2pro.flux.checkpoint import load_transformer
-    from dev2pro.flux.latents import image_ids, pack, text_ids
-
     teacher, _ = load_transformer(tiny_pro_dir, dtype=torch.float32)
     student = with_guidance_embedding(teacher)
-    g = torch.Generator().manual_seed(0)
-    b, h, w = 2, 8, 8
-    x0, noise = torch.randn(b, 16, h, w, generator=g), torch.randn(b, 16, h, w, generator=g)
-    sig, ws = torch.tensor([0.3, 0.8]), torch.tensor([1.5, 3.5])
-    text = {"prompt_embeds": torch.randn(b, 8, 32, generator=g), "pooled": torch.randn(b, 32, generator=g)}
-    empty = {"prompt_embeds": torch.randn(8, 32, generator=g), "pooled": torch.randn(32, generator=g)}
-
-    def run(model, pe, pooled, guidance):
-        x_t = pack((1 - sig.view(b, 1, 1, 1)) * x0 + sig.view(b, 1, 1, 1) * noise)
-        return model(hidden_states=x_t, timestep=sig, guidance=guidance, pooled_projections=pooled,
-                     encoder_hidden_states=pe, txt_ids=text_ids(8), img_ids=image_ids(h, w), return_dict=False)[0]
+    x0, noise, sig, ws, text, empty = _fixed_batch()
+    b = 2
 
     with torch.no_grad():
-        c = run(teacher, text["prompt_embeds"], text["pooled"], None)
-        u = run(teacher, empty["prompt_embeds"].expand(b, 8, 32), empty["pooled"].expand(b, 32), None)
+        c = _run(teacher, x0, noise, sig, text["prompt_embeds"], text["pooled"], None)
+        u = _run(teacher, x0, noise, sig, empty["prompt_embeds"].expand(b, 8, 32), empty["pooled"].expand(b, 32),
+                 None)
         # the grown embedding adds nothing yet: the student equals the teacher at any guidance
-        s = run(student, text["prompt_embeds"], text["pooled"], ws)
+        s = _run(student, x0, noise, sig, text["prompt_embeds"], text["pooled"], ws)
         assert torch.allclose(s, c, atol=1e-6)
         with torch.no_grad():
             for p in student.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        s = run(student, text["prompt_embeds"], text["pooled"], ws)
+        s = _run(student, x0, noise, sig, text["prompt_embeds"], text["pooled"], ws)
     loss, parts = guidance_distill_objective(student, teacher, x0, noise, sig, ws, text, empty, "cpu",
                                              torch.float32, torch.float32)
     expected = ((s - (u + ws.view(b, 1, 1) * (c - u))) ** 2).mean()

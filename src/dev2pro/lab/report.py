@@ -55,17 +55,19 @@ def evaluate(results: list[dict], judges, world, arms: list[str], oracle: str, s
         for a in arms:
             for length in ("short", "long"):
                 samples = _load(by[(a, s)]["samples"][length])
-                orc = _load(by[(oracle, s)]["samples"][length])["g3.5"]
+                orc_rgb = _load(by[(oracle, s)]["samples"][length])["g3.5"]
+                orc = features(judges, orc_rgb)
                 integ = guidance_integrity(samples["g1.0"], samples["g3.5"], ref["g1.0"], ref["g3.5"])
                 for g in (3.5, 1.0):
                     rgb = samples[f"g{g}"]
+                    feats = features(judges, rgb)
                     row = per_seed.setdefault((a, length, g), {k: [] for k in METRICS})
                     row["style"].append(style_fidelity(judges, rgb))
                     row["digits"].append(digit_accuracy(judges, rgb, labels))
-                    row["fd_real"].append(frechet_distance(features(judges, rgb), real))
+                    row["fd_real"].append(frechet_distance(feats, real))
                     if a != oracle:
-                        row["fd_oracle"].append(frechet_distance(features(judges, rgb), features(judges, orc)))
-                        row["pix_oracle"].append(float(np.abs(rgb - orc).mean()))
+                        row["fd_oracle"].append(frechet_distance(feats, orc))
+                        row["pix_oracle"].append(float(np.abs(rgb - orc_rgb).mean()))
                         row["integrity"].append(integ)
     rows = []
     for (a, length, g), vals in per_seed.items():
@@ -205,7 +207,8 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {a} {desc} | " + " | ".join(_fmt(row.get(m) if row else None) for m in METRICS) + " |")
         lines.append("")
     lines += _paired_section(t, list(arms))
-    lines += ["## References", "", "| set | style fidelity | digit accuracy | FD to real concept |", "|---|---|---|---|"]
+    lines += ["## References", "", "| set | style fidelity | digit accuracy | FD to real concept |",
+              "|---|---|---|---|"]
     for name, r in t["references"].items():
         lines.append(f"| {name} | {_fmt(r['style'])} | {_fmt(r['digits'])} | {_fmt(r['fd_real'])} |")
     lines += ["", "## Every stage improved its own training loss", "", "| stage | first 10% | last 10% | improved |",

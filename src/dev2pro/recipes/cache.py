@@ -23,7 +23,7 @@ def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000
     """Encode ``inputs`` into shards under ``out_dir``; returns {index, samples, skipped}."""
     from ..flux.latents import encode_images
     from .train_lora import quiet_libraries
-    from .train_steps import encoder_identity, load_encoders
+    from .train_steps import encoder_identity, load_encoders, text_encoder
 
     if per_shard < 1:
         raise UserError("--per-shard must be >= 1")
@@ -37,11 +37,7 @@ def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000
         raise UserError(f"{len(missing)} image(s) have no caption (e.g. {missing[:3]}); add .txt captions or "
                         f"pass --default-caption")
     comps = load_encoders(Path(model_dir), device)
-
-    def encode_text(captions):
-        pe, pooled, _ = comps["pipe"].encode_prompt(prompt=captions, prompt_2=None, device=device,
-                                                    max_sequence_length=t5_max_length)
-        return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}
+    encode_text = text_encoder(comps["pipe"], device, t5_max_length)
 
     settings = {"encoder": encoder_identity(Path(model_dir)), "t5_max_length": t5_max_length,
                 "resolution": resolution, "bucket_step": bucket_step, "per_shard": per_shard}

@@ -103,16 +103,9 @@ def _encode_pixels(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _text_encoder(model_dir: Path):
-    from .train_steps import load_encoders
+    from .train_steps import load_encoders, text_encoder
 
-    pipe = load_encoders(model_dir, "cpu")["pipe"]
-
-    @torch.no_grad()
-    def encode_text(captions: list[str]) -> dict:
-        pe, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device="cpu", max_sequence_length=T5_LEN)
-        return {"prompt_embeds": pe.float(), "pooled": pooled.float()}
-
-    return encode_text
+    return text_encoder(load_encoders(model_dir, "cpu")["pipe"], "cpu", T5_LEN)
 
 
 def _shards(folder: Path, out: Path, encode_text) -> Path:
@@ -289,7 +282,8 @@ def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None 
         common = {"seed": s, "model_dir": str(model_dir), "prompts": str(prompt_file), "shards": str(concept_shards[s]),
                   "eval_per_class": p.eval_per_class, "sample_steps": p.sample_steps, "steps": p.lora_steps,
                   "short": p.lora_short, "lora_batch": p.lora_batch}
-        jobs.append({**common, "arm": "ref", "run": str(root / "arms" / f"ref-seed{s}"), "target": bases["dev"]["file"]})
+        jobs.append({**common, "arm": "ref", "run": str(root / "arms" / f"ref-seed{s}"),
+                     "target": bases["dev"]["file"]})
         for a in arms:
             base, guidance, _ = ARMS[a]
             target = bases["pro"]["file"] if a == ORACLE else bases["dev"]["file"]

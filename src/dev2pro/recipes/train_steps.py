@@ -84,11 +84,7 @@ def prepare_data(cfg, out: Path, device) -> PreparedData:
                                  lambda px: encode_images(comps["vae"], px).cpu(), f"vae:{enc_id}", cache_dir)
     t5_len = cfg.model.t5_max_length
     text_pipe = comps["pipe"]
-
-    def encode_text(captions: list[str]) -> dict:
-        pe, pooled, _ = text_pipe.encode_prompt(prompt=captions, prompt_2=None, device=device,
-                                                    max_sequence_length=t5_len)
-        return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}
+    encode_text = text_encoder(text_pipe, device, t5_len)
 
     settings = {"t5_max_length": t5_len}
     captions = [it.caption for it in items]
@@ -124,18 +120,17 @@ def _prepare_shards(cfg, device) -> PreparedData:
     if cfg.sample.prompts:
         comps = load_encoders(Path(cfg.model.path), device)
         pipe = comps["pipe"]
+        encode = text_encoder(pipe, device, empty["prompt_embeds"].shape[0])  # the shards' T5 length
 
         def embeds_of(text):
-            pe, pooled, _ = pipe.encode_prompt(prompt=[text], prompt_2=None, device=device,
-                                               max_sequence_length=empty["prompt_embeds"].shape[0])
-            return pe.float().cpu(), pooled.float().cpu()
+            t = encode([text])
+            return t["prompt_embeds"], t["pooled"]
 
-        with torch.no_grad():
-            sample_embeds = [embeds_of(p) for p in cfg.sample.prompts]
-            if cfg.sample.negative:
-                negative = embeds_of(cfg.sample.negative)
+        sample_embeds = [embeds_of(p) for p in cfg.sample.prompts]
+        if cfg.sample.negative:
+            negative = embeds_of(cfg.sample.negative)
         components = {"vae": comps["vae"].to("cpu"), "scheduler": pipe.scheduler}
-        comps = pipe = None
+        comps = pipe = encode = None
         _free(device)
     return _assemble(cfg, dataset, empty, sample_embeds, negative, components,
                      [(h // 2) * (w // 2) for h, w in dataset.buckets()])
@@ -173,6 +168,18 @@ def load_encoders(model_dir: Path, device) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the VAE/text encoders from {model_dir}: {e}") from None
     return {"vae": vae, "pipe": pipe}
+
+
+def text_encoder(pipe, device, max_length: int) -> Callable[[list[str]], dict]:
+    """captions -> {"prompt_embeds" (B, seq, D), "pooled" (B, P)} in fp32 on the CPU, with ``pipe``'s CLIP + T5."""
+
+    @torch.no_grad()
+    def encode(captions: list[str]) -> dict:
+        pe, pooled, _ = pipe.encode_prompt(prompt=list(captions), prompt_2=None, device=device,
+                                           max_sequence_length=max_length)
+        return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}
+
+    return encode
 
 
 def _free(device):
