@@ -78,7 +78,7 @@ def test_extract_recovers_delta_and_error_is_monotone(tmp_path, base):
         err = sum(float((lora_delta(got[n]) - lora_delta(lw[n])).norm() ** 2) for n in lw) ** 0.5
         errors.append(err)
         if r >= 4:  # the LoRA has rank 4: full recovery
-            assert err < 1e-5 and all(v["energy"] > 0.999999 for v in report.values())
+            assert err < 1e-5 and all(v["energy"] > 0.999999 for v in report["layers"].values())
     assert all(b <= a + 1e-7 for a, b in zip(errors, errors[1:])), errors
     with pytest.raises(UserError, match="identical"):
         T.extract_lora(str(path), str(path), str(tmp_path / "none.safetensors"), rank=4)

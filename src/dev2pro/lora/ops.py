@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -58,24 +59,110 @@ def merge_into(weights: Mapping[str, torch.Tensor], lw: Mapping[str, LoraModule]
     return out
 
 
-def extract(delta: torch.Tensor, rank: int, energy: float | None = None) -> tuple[LoraModule, float]:
-    """Best rank-k LoRA of ``delta`` by SVD; returns (module, retained energy = kept / total squared singular values).
+RANK_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-    k is ``rank``, or with ``energy`` the smallest rank keeping that fraction (capped by ``rank``). The singular
-    values are split evenly (sqrt on each side) so up and down have similar magnitudes in low precision; alpha = k.
+
+@dataclass
+class Factors:
+    """The top singular triplets of a weight difference: delta ~= u @ diag(s) @ vh, plus ||delta||_F^2.
+
+    ``total`` is exact whichever way the triplets were found, so ``energy(k)`` is the true fraction of the
+    difference a rank-k LoRA made of these triplets keeps (for a randomized SVD too: its rank-k product is the
+    projection of delta onto k orthonormal columns, whose squared norm is exactly sum(s[:k]^2)).
+    """
+
+    u: torch.Tensor  # [out, q]
+    s: torch.Tensor  # [q], descending
+    vh: torch.Tensor  # [q, in]
+    total: float
+    method: str  # "exact" | "randomized"
+
+    def energy(self, k: int) -> float:
+        if self.total <= 0:
+            return 1.0
+        return min(1.0, float((self.s[:k].double() ** 2).sum()) / self.total)
+
+    def rank_for(self, energy: float) -> int:
+        """Smallest k keeping ``energy`` of the difference, or every triplet held when they do not reach it."""
+        if self.total <= 0:
+            return 1
+        cum = torch.cumsum(self.s.double() ** 2, 0) / self.total
+        return min(int(torch.searchsorted(cum, torch.tensor(energy, dtype=torch.float64))) + 1, self.s.numel())
+
+    def ladder(self, max_rank: int | None = None) -> dict[int, float]:
+        """Retained energy at ranks 1, 2, 4, ... (those these triplets cover): the spectrum summary."""
+        top = self.s.numel() if max_rank is None else min(max_rank, self.s.numel())
+        return {k: round(self.energy(k), 6) for k in RANK_LADDER if k <= top}
+
+    def module(self, k: int) -> LoraModule:
+        """Rank-k LoRA; singular values split evenly (sqrt each side) so up/down have similar magnitudes."""
+        root = self.s[:k].sqrt()
+        return LoraModule(down=(root[:, None] * self.vh[:k]).float().cpu().contiguous(),
+                          up=(self.u[:, :k] * root).float().cpu().contiguous(), alpha=float(k))
+
+
+def use_randomized(shape: tuple[int, int], rank: int, oversample: int = 16) -> bool:
+    """Randomized SVD pays off when the wanted triplets are a small part of the spectrum (rank << width)."""
+    return (rank + oversample) * 4 <= min(shape)
+
+
+def decompose(delta: torch.Tensor, rank: int, exact: bool | None = None, oversample: int = 16, niter: int = 4,
+              device: str | torch.device | None = None, seed: int = 0) -> Factors:
+    """The top ``rank`` (+ ``oversample`` for randomized) singular triplets of ``delta`` in fp32 on ``device``.
+
+    ``exact=None`` picks: ``torch.linalg.svd`` for small or near-full ranks, else ``torch.svd_lowrank`` (Halko et
+    al.: a random range finder with ``niter`` power iterations, which sharpen a slowly decaying spectrum) on
+    ``rank + oversample`` columns. A full SVD of a 3072-wide matrix costs O(n^3) for every triplet; the
+    randomized one costs O(n^2 q) for the q that are kept. Seeded, so repeated runs give the same file.
     """
     if delta.ndim != 2:
         raise ValueError(f"extract needs a 2-D weight difference, got shape {tuple(delta.shape)}")
     _no_fp8("delta", delta)
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    cum = torch.cumsum(s.double() ** 2, 0)
-    total = float(cum[-1])
-    k = max(1, min(rank, s.numel()))
-    if energy is not None and total > 0:
-        k = min(k, int(torch.searchsorted(cum / total, torch.tensor(energy, dtype=torch.float64))) + 1)
-    root = s[:k].sqrt()
-    module = LoraModule(down=(root[:, None] * vh[:k]).contiguous(), up=(u[:, :k] * root).contiguous(), alpha=float(k))
-    return module, (float(cum[k - 1]) / total if total > 0 else 1.0)
+    a = delta.to(device=device or delta.device, dtype=torch.float32)
+    total = float(a.double().square().sum()) if a.device.type == "cpu" else float(a.square().sum(dtype=torch.float64))
+    q = min(rank + oversample, *a.shape)
+    randomized = use_randomized(tuple(a.shape), rank, oversample) if exact is None else not exact
+    if randomized and q < min(a.shape):
+        with torch.random.fork_rng(devices=[a.device] if a.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(a, q=q, niter=niter)
+        return Factors(u, s, v.T, total, "randomized")
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    # the full spectrum's own sum: the same fp32 rounding as the kept part, so rank = width keeps exactly 1.0
+    return Factors(u, s, vh, float((s.double() ** 2).sum()), "exact")
+
+
+def extract(delta: torch.Tensor, rank: int, energy: float | None = None, exact: bool | None = None,
+            **svd) -> tuple[LoraModule, float]:
+    """Best rank-k LoRA of ``delta`` by SVD; returns (module, retained energy = kept / total squared singular values).
+
+    k is ``rank``, or with ``energy`` the smallest rank keeping that fraction (capped by ``rank``). alpha = k.
+    ``exact``/``svd`` choose the SVD (``decompose``).
+    """
+    f = decompose(delta, rank, exact, **svd)
+    k = max(1, min(rank, f.s.numel()))
+    if energy is not None:
+        k = min(k, f.rank_for(energy))
+    return f.module(k), f.energy(k)
+
+
+def rank_errors(weight: torch.Tensor, delta: torch.Tensor, f: Factors, ranks, x: torch.Tensor) -> dict[int, tuple]:
+    """Per rank k: (||x (delta - lora_k)^T||^2, ||x (weight + delta)^T||^2) on fixed inputs ``x`` [n, in].
+
+    Their ratio's square root is the relative output error of base + rank-k LoRA against the target layer; the
+    sums over layers give a whole-model figure. Ranks beyond the triplets held use all of them.
+    """
+    x = x.to(f.u.device, torch.float32)
+    target = x @ (weight.to(x) + delta.to(x)).T
+    resid = x @ delta.to(x).T
+    proj = (x @ f.vh.T) * f.s  # [n, q]
+    den = float(target.double().square().sum())
+    out = {}
+    for k in sorted(ranks):
+        k_eff = min(k, f.s.numel())
+        r = resid - proj[:, :k_eff] @ f.u[:, :k_eff].T
+        out[k] = (float(r.double().square().sum()), den)
+    return out
 
 
 def extract_pair(a_sd: Mapping[str, torch.Tensor], b_sd: Mapping[str, torch.Tensor], rank: int,

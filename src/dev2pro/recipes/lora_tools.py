@@ -10,6 +10,9 @@ per linear layer.
 from __future__ import annotations
 
 import json
+import logging
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,8 +22,10 @@ from ..flux import checkpoint as C
 from ..flux import fp8 as fp8mod
 from ..flux import keys as keymod
 from ..lora import formats as F
-from ..lora.ops import extract, lora_delta
-from ..outputs import check_output, stream_safetensors
+from ..lora.ops import decompose, lora_delta, rank_errors
+from ..outputs import check_output, stream_safetensors, write_json
+
+log = logging.getLogger(__name__)
 
 
 def info(path: str) -> dict:
@@ -104,39 +109,145 @@ def merge(base: str, loras: list[tuple[str, float]], out: str, overwrite: bool =
     return path
 
 
-def extract_lora(a: str, b: str, out: str, rank: int, energy: float | None = None, overwrite: bool = False,
-                 min_delta: float = 0.0) -> dict:
-    """SVD of (B - A) per linear layer into a kohya-layout LoRA; prints and returns per-layer retained energy."""
-    if rank <= 0:
-        raise UserError(f"--rank must be > 0, got {rank}")
-    check_output(out, overwrite)
+def _layer_pairs(a: str, b: str, report: dict):
+    """Stream (diffusers module name, A weight, B - A) for every 2-D linear weight the two checkpoints share, one
+    tensor pair at a time in fp32; differing 1-D tensors (biases, norm scales), which a LoRA cannot carry, go into
+    ``report["not_linear"]`` with their relative difference."""
     ca, cb = C.open_checkpoint(a), C.open_checkpoint(b)
     pa = keymod.plan(ca.shapes, ca.key_layout, "diffusers")
     pb = keymod.plan(cb.shapes, cb.key_layout, "diffusers")
-    lw, report = F.LoraWeights(layout="kohya"), {}
     for key in sorted(set(pa) & set(pb)):
-        if not key.endswith(".weight") or len(C._out_shape(ca, pa[key])) != 2:
-            continue
         wa = keymod.assemble(pa[key], lambda k: ca.get_dequantized(k, torch.float32))
         wb = keymod.assemble(pb[key], lambda k: cb.get_dequantized(k, torch.float32))
         if wa.shape != wb.shape:
             raise UserError(f"{key}: {tuple(wa.shape)} in {a} but {tuple(wb.shape)} in {b}; not the same model")
-        delta = wb - wa
-        norm = float(delta.norm())
-        if norm <= min_delta * max(float(wa.norm()), 1e-12):
+        if not key.endswith(".weight") or wa.ndim != 2:
+            if not torch.equal(wa, wb):
+                report["not_linear"][key] = round(float((wb - wa).norm() / wa.norm().clamp_min(1e-12)), 6)
             continue
-        module, kept = extract(delta, rank, energy)
-        lw[key[:-len(".weight")]] = module
-        report[key[:-len(".weight")]] = {"rank": module.rank, "energy": round(kept, 6)}
-    if not lw:
+        yield key[: -len(".weight")], wa, wb - wa
+
+
+def _total(layers: dict, field: str, k: int) -> float:
+    """Energy-weighted total over layers: sum of kept squared singular values / sum of totals."""
+    den = sum(v["delta_energy"] for v in layers.values())
+    return sum(v[field][k] * v["delta_energy"] for v in layers.values()) / den if den > 0 else 1.0
+
+
+def _recommend(by_rank: dict[int, float], target: float) -> int:
+    ok = [k for k, e in sorted(by_rank.items()) if e >= target]
+    return ok[0] if ok else max(by_rank)
+
+
+def extract_lora(a: str, b: str, out: str, rank: int | None = None, energy: float | None = None,
+                 overwrite: bool = False, min_delta: float = 0.0, exact: bool | None = None,
+                 ranks: list[int] | None = None, device: str | None = None, oversample: int = 16, niter: int = 4,
+                 n_inputs: int = 256) -> dict:
+    """SVD of (B - A) per linear layer, streamed tensor by tensor (GPU when there is one).
+
+    Default: write a kohya-layout LoRA of ``rank`` (or fewer per layer with ``energy``) and, beside it,
+    ``<out>.json``: per-layer and total retained energy by rank (the spectrum summary), the recommended rank for
+    the energy target (default 0.9), warnings. With ``ranks`` nothing but the fidelity report ``out`` (JSON) is
+    written: per rank, retained energy and the relative output error of A + rank-k LoRA against B on fixed random
+    inputs, per layer and in total. Returns the report.
+    """
+    if ranks:
+        if any(r <= 0 for r in ranks):
+            raise UserError(f"--ranks must be positive integers, got {ranks}")
+        rank = max(ranks)
+    elif rank is None or rank <= 0:
+        raise UserError(f"--rank must be > 0, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise UserError(f"--energy must be in (0, 1], got {energy}")
+    report_path = Path(out) if ranks else Path(str(out) + ".json")
+    check_output(report_path if ranks else out, overwrite)
+    if not ranks:
+        check_output(report_path, overwrite)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target = energy if energy is not None else 0.9
+    report = {"from": str(a), "to": str(b), "rank": rank, "energy_target": target, "device": device,
+              "layers": {}, "not_linear": {}, "warnings": []}
+    lw, inputs, t0 = F.LoraWeights(layout="kohya"), {}, time.perf_counter()
+    for name, wa, delta in _layer_pairs(a, b, report):
+        if float(delta.norm()) <= min_delta * max(float(wa.norm()), 1e-12) or not delta.any():
+            continue
+        f = decompose(delta, rank, exact, oversample=oversample, niter=niter, device=device)
+        layer = {"method": f.method, "delta_energy": f.total,
+                 "relative_delta": round(float(delta.norm() / wa.norm().clamp_min(1e-12)), 6),
+                 "energy_by_rank": f.ladder(rank)}
+        if ranks:
+            layer["energy_by_rank"] = {k: round(f.energy(k), 6) for k in sorted(ranks)}
+            x = inputs.setdefault(wa.shape[1], torch.randn(n_inputs, wa.shape[1],
+                                                           generator=torch.Generator().manual_seed(wa.shape[1])))
+            errs = rank_errors(wa, delta, f, ranks, x)
+            layer["output_error_by_rank"] = {k: round((num / den) ** 0.5 if den > 0 else 0.0, 6)
+                                             for k, (num, den) in errs.items()}
+            layer["_errs"] = errs
+        else:
+            k = max(1, min(rank, f.s.numel()))
+            if energy is not None:
+                k = min(k, f.rank_for(energy))
+            lw[name] = f.module(k)
+            layer.update(rank=k, energy=round(f.energy(k), 6))
+        report["layers"][name] = layer
+    if not report["layers"]:
         raise UserError(f"{a} and {b} have identical linear weights: there is nothing to extract")
-    meta = F.kohya_metadata(rank, float(rank), 1.0, "n/a", Path(b).name,
-                            extra={"dev2pro.extracted_from": Path(a).name, "dev2pro.extracted_to": Path(b).name})
-    F.save_lora(lw, out, "kohya", metadata=meta, overwrite=overwrite)
-    energies = [v["energy"] for v in report.values()]
-    print(f"wrote {out}: {len(lw)} layers, retained energy min {min(energies):.4f} mean "
-          f"{sum(energies) / len(energies):.4f}")
+    layers = report["layers"]
+    ladder = sorted(ranks) if ranks else sorted(set.intersection(*(set(v["energy_by_rank"]) for v in layers.values())))
+    report["total"] = {"energy_by_rank": {k: round(_total(layers, "energy_by_rank", k), 6) for k in ladder}}
+    if ranks:
+        num = {k: sum(v["_errs"][k][0] for v in layers.values()) for k in ranks}
+        den = sum(next(iter(v["_errs"].values()))[1] for v in layers.values())
+        report["total"]["output_error_by_rank"] = {k: round((num[k] / den) ** 0.5, 6) for k in sorted(ranks)}
+        for v in layers.values():
+            del v["_errs"]
+    else:
+        den = sum(v["delta_energy"] for v in layers.values())
+        report["total"]["retained_energy"] = round(sum(v["energy"] * v["delta_energy"] for v in layers.values())
+                                                   / den, 6)
+    report["recommended_rank"] = _recommend(report["total"]["energy_by_rank"], target)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    _warn_and_print(report, energy, ranks)
+    if not ranks:
+        meta = F.kohya_metadata(rank, float(rank), 1.0, "n/a", Path(b).name, extra={
+            "dev2pro.extracted_from": Path(a).name, "dev2pro.extracted_to": Path(b).name,
+            "dev2pro.retained_energy": str(report["total"]["retained_energy"])})
+        F.save_lora(lw, out, "kohya", metadata=meta, overwrite=overwrite)
+    write_json(report_path, report, overwrite=True)
+    print(f"wrote {'' if ranks else str(out) + ' and '}{report_path}")
     return report
+
+
+def _warn_and_print(report: dict, energy: float | None, ranks: list[int] | None) -> None:
+    layers, total = report["layers"], report["total"]
+    methods = sorted({v["method"] for v in layers.values()})
+    print(f"{len(layers)} layers ({'/'.join(methods)} SVD on {report['device']}, {report['seconds']} s)")
+    if report["not_linear"]:
+        worst = max(report["not_linear"].items(), key=lambda kv: kv[1])
+        report["warnings"].append(f"{len(report['not_linear'])} non-linear tensors (biases, norms) differ and are "
+                                  f"not in the LoRA (largest relative difference {worst[1]:.3g} in {worst[0]})")
+    print("rank | total retained energy" + (" | total output rel. error | worst layer error" if ranks else ""))
+    for k, e in total["energy_by_rank"].items():
+        line = f"{k:>4} | {e:.4f}"
+        if ranks:
+            worst = max(v["output_error_by_rank"][k] for v in layers.values())
+            line += f" | {total['output_error_by_rank'][k]:.4f} | {worst:.4f}"
+        print(line)
+    target = report["energy_target"]
+    print(f"recommended rank for {target:g} of the energy: {report['recommended_rank']}")
+    if energy is not None and not ranks:
+        short = {n: v["energy"] for n, v in layers.items() if v["energy"] < energy - 1e-9}
+        if short:
+            low = min(short.values())
+            report["warnings"].append(
+                f"--energy {energy:g} not met in {len(short)} of {len(layers)} layers at the --rank "
+                f"{report['rank']} cap (lowest {low:.3f} in {min(short, key=short.get)}, total "
+                f"{total['retained_energy']:.3f}): raise --rank (see energy_by_rank in the report)")
+    elif ranks and total["energy_by_rank"][max(total["energy_by_rank"])] < target:
+        report["warnings"].append(f"no rank in --ranks keeps {target:g} of the energy in total")
+    for w in report["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+        log.warning(w)
 
 
 def add_lora_parser(sub):
@@ -159,11 +270,31 @@ def add_lora_parser(sub):
     m.add_argument("out")
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(run=lambda a: merge(a.base, [parse_lora_arg(x) for x in a.lora], a.out, a.overwrite))
-    e = lsub.add_parser("extract", help="SVD of (B - A) per linear layer into a kohya LoRA (e.g. dev -> dev2pro)")
+    e = lsub.add_parser("extract", help="SVD of (B - A) per linear layer into a kohya LoRA (e.g. dev -> dev2pro); "
+                                        "a retained-energy report is written beside it as <out>.json")
     e.add_argument("--from", dest="a", required=True)
     e.add_argument("--to", dest="b", required=True)
-    e.add_argument("out")
-    e.add_argument("--rank", type=int, required=True)
-    e.add_argument("--energy", type=float, default=None, help="smallest rank keeping this energy fraction")
+    e.add_argument("out", help="LoRA file (or, with --ranks, the JSON fidelity report)")
+    e.add_argument("--rank", type=int, default=None, help="LoRA rank (required unless --ranks)")
+    e.add_argument("--energy", type=float, default=None,
+                   help="smallest rank per layer keeping this energy fraction (capped by --rank; warns if unmet); "
+                        "also the target of the recommended rank (default 0.9)")
+    e.add_argument("--ranks", default=None, metavar="4,16,64",
+                   help="write only a fidelity report for these ranks (energy and output error), no LoRA file")
+    e.add_argument("--exact", action="store_true", help="full SVD for every layer (default: randomized when "
+                                                        "rank << width)")
+    e.add_argument("--device", default=None, help="where the SVDs run (default: cuda if available, else cpu)")
+    e.add_argument("--niter", type=int, default=4, help="power iterations of the randomized SVD")
+    e.add_argument("--oversample", type=int, default=16, help="extra columns of the randomized SVD")
     e.add_argument("--overwrite", action="store_true")
-    e.set_defaults(run=lambda a: extract_lora(a.a, a.b, a.out, a.rank, a.energy, a.overwrite))
+
+    def run_extract(a):
+        ranks = None
+        if a.ranks:
+            try:
+                ranks = sorted({int(x) for x in a.ranks.split(",") if x.strip()})
+            except ValueError:
+                raise UserError(f"--ranks {a.ranks!r} must be comma-separated integers, e.g. 4,16,64") from None
+        return extract_lora(a.a, a.b, a.out, a.rank, a.energy, a.overwrite, exact=True if a.exact else None,
+                            ranks=ranks, device=a.device, oversample=a.oversample, niter=a.niter)
+    e.set_defaults(run=run_extract)
