@@ -6,7 +6,7 @@ and ``decompose(exact=False)`` (torch.svd_lowrank, oversample 16, 4 power iterat
 the speed ratio (goal >= 20x) and the retained energy of the rank-k LoRA each gives, with their relative difference
 (goal <= 0.5% at rank 64). One torch thread unless --threads says otherwise (machines here are shared).
 
-    python bench/extract.py [--width 3072] [--rank 64] [--threads 1] [--repeats 2] [--mlp]
+    python bench/extract.py [--width 3072] [--rank 64] [--threads 1] [--repeats 3] [--mlp]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=3072)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2, help="time each SVD this many times, keep the fastest")
+    p.add_argument("--repeats", type=int, default=3, help="time each SVD this many times, keep the fastest")
     p.add_argument("--mlp", action="store_true", help="also a width x 4*width (MLP-shaped) matrix")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

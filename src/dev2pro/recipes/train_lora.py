@@ -31,6 +31,10 @@ class ModelSection:
     transformer: str = opt("", "optional transformer file overriding the folder's (e.g. a dev2pro fp8 file)")
     inference_base: str = opt("", "transformer used for samples (e.g. the original FLUX.1-dev); empty = the "
                                   "training base")
+    adapter: str = opt("", "training adapter: a LoRA (e.g. dev -> dev2pro from `lora extract` or `dedistill` with "
+                           "train.adapter_rank) applied as a frozen side branch while training, off for samples; "
+                           "the training base is then dev and inference_base stays empty")
+    adapter_scale: float = opt(1.0, "strength of the training adapter")
     dtype: str = opt("bf16", "compute dtype", ("bf16", "fp16", "fp32"))
     fp8_storage: bool = opt(False, "store base weights in fp8 (bf16 compute); lowers memory with checkpointing")
     fp8_keep: list = opt(["norms", "biases", "embedders", "modulation", "final"],
@@ -42,6 +46,10 @@ class ModelSection:
     def validate(self):
         require(bool(self.path), "path: set model.path to a FLUX.1-dev-layout model folder")
         require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
+        # one base in memory is the point of an adapter: samples with it off already are "the LoRA on dev"
+        require(not (self.adapter and self.inference_base),
+                "adapter: set model.adapter or model.inference_base, not both (with an adapter the training base "
+                "is dev and samples are rendered on it with the adapter off)")
 
 
 @dataclass
@@ -129,6 +137,8 @@ class SampleSection:
     steps: int = opt(20, "sampling steps")
     width: int = opt(512, "sample width (multiple of 16)")
     height: int = opt(512, "sample height (multiple of 16)")
+    with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
+                                    "dev2pro), as step*-adapter.png")
 
     def validate(self):
         require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
@@ -165,7 +175,7 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, data
     cfg = load_config(TrainConfig, path, overrides, data)
     base = Path(path).parent if path else Path(".")
     # Relative paths in a config are relative to the config file, not to where the command is run.
-    for obj, name in [(cfg.model, "path"), (cfg.model, "transformer"), (cfg.model, "inference_base"),
+    for obj, name in [(cfg.model, "path"), (cfg.model, "transformer"), (cfg.model, "inference_base"), (cfg.model, "adapter"),
                       (cfg.save, "output_dir"), (cfg.data, "cache_dir"), (cfg.data, "shards")] + [(f, "path") for f in cfg.data.folders]:
         value = getattr(obj, name)
         if value and not Path(value).is_absolute():
@@ -206,6 +216,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                     "values pull the guidance embedding off its distilled meaning and the LoRA tends to collapse "
                     "or blur when used on dev", cfg.train.guidance)
     params = steps.add_lora(transformer, cfg, ckpt.spec())
+    if cfg.model.adapter:  # frozen side branch on top of the base, beside the trained LoRA (lora/adapter.py)
+        from ..lora import adapter
+
+        adapter.attach_file(transformer, cfg.model.adapter, cfg.model.adapter_scale,
+                            torch.float32 if dtype == torch.float32 else torch.bfloat16)
     from ..train.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(params, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)

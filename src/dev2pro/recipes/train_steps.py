@@ -220,7 +220,7 @@ def add_lora(transformer, cfg, spec) -> list[torch.nn.Parameter]:
                                        target_modules=names, init_lora_weights=True), adapter_name="default")
     params = []
     for n, p in transformer.named_parameters():
-        if "lora_" in n:
+        if "lora_" in n and ".default." in n:  # only the trained adapter (a training adapter stays frozen)
             p.data = p.data.float()
             p.requires_grad_(True)
             params.append(p)
@@ -305,7 +305,9 @@ def save_lora_files(model, cfg, ckpt, out: Path, suffix: str) -> list[Path]:
                           extra={"ss_steps": cfg.train.steps, "ss_learning_rate": cfg.train.lr,
                                  "dev2pro.train_base_variant": ckpt.spec().variant,
                                  "dev2pro.inference_base": Path(cfg.model.inference_base).name
-                                 if cfg.model.inference_base else ""})
+                                 if cfg.model.inference_base else "",
+                                 "dev2pro.training_adapter": Path(cfg.model.adapter).name if cfg.model.adapter
+                                 else ""})
     files = []
     for layout in cfg.save.formats:
         ext = "" if layout == "kohya" else f".{layout}"
@@ -333,6 +335,19 @@ class InferenceBase:
                                              allow_pickle=cfg.model.allow_pickle)
 
     def sample(self, train_model, step: int, folder: Path, bar) -> Path:
+        """Render the grid; with ``model.adapter`` on the training model with the adapter off (= the LoRA on dev),
+        and with ``sample.with_adapter`` a second grid with it on. Returns the (first) grid's path."""
+        if not self.cfg.model.adapter:
+            return self._sample(train_model, step, folder, bar)
+        from ..lora import adapter
+
+        with adapter.disabled(train_model):
+            path = self._sample(train_model, step, folder, bar)
+        if self.cfg.sample.with_adapter:
+            self._sample(train_model, step, folder, bar, suffix="-adapter")
+        return path
+
+    def _sample(self, train_model, step: int, folder: Path, bar, suffix: str = "") -> Path:
         from ..lora.ops import apply_lora, lora_from_peft_model
         from ..sampling import build_pipeline, make_grid, render, save_png
 
@@ -359,9 +374,11 @@ class InferenceBase:
         self.data.components["vae"].to("cpu")
         grid = make_grid(images, rows=len(self.data.sample_embeds), cols=len(sc.seeds))
         folder.mkdir(parents=True, exist_ok=True)
-        path = save_png(grid, folder / f"step{step:06d}.png",
+        base = self.cfg.model.inference_base or "training base"
+        if self.cfg.model.adapter:
+            base += f" + adapter {Path(self.cfg.model.adapter).name}" if suffix else " without the adapter"
+        path = save_png(grid, folder / f"step{step:06d}{suffix}.png",
                         {"step": str(step), "prompts": json.dumps(list(sc.prompts)), "seeds": json.dumps(sc.seeds),
-                         "guidance": str(sc.guidance), "base": self.cfg.model.inference_base or "training base"},
-                        overwrite=True)
-        bar.image("samples", grid, step)
+                         "guidance": str(sc.guidance), "base": base}, overwrite=True)
+        bar.image("samples" + suffix, grid, step)
         return path
