@@ -33,21 +33,17 @@ def matrix(out: int, inp: int, spectrum: str, seed: int) -> torch.Tensor:
     return (u * s) @ v.T * 1e-3
 
 
-def best_of(n: int, fn):
-    """Fastest of n calls (other jobs share this machine: the minimum is the least disturbed) and its result."""
-    best, out = float("inf"), None
-    for _ in range(n):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 def run(width: int, rank: int, mlp: bool, repeats: int) -> None:
     from dev2pro.lora.ops import decompose
 
     shapes = [(width, width)] + ([(width, 4 * width)] if mlp else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); rank {rank}; best of {repeats}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); rank {rank}; fastest of {repeats} paired runs each (shared machine); "
           "energy = kept / total squared singular values of the rank-k LoRA")
     print(f"{'matrix':>12} {'spectrum':>10} {'exact s':>8} {'rand s':>8} {'speedup':>8} {'E exact':>9} "
           f"{'E rand':>9} {'rel diff':>9}")
@@ -55,8 +51,13 @@ def run(width: int, rank: int, mlp: bool, repeats: int) -> None:
     for shape in shapes:
         for spectrum in ("power-0.5", "power-1.0", "lowrank+noise"):
             d = matrix(*shape, spectrum, seed=0)
-            te, fe = best_of(repeats, lambda: decompose(d, rank, exact=True))
-            tr, fr = best_of(repeats, lambda: decompose(d, rank, exact=False))
+            te, tr = [], []
+            for _ in range(repeats):  # paired: each exact run next to a randomized one, under the same load
+                t, fe = timed(lambda: decompose(d, rank, exact=True))
+                te.append(t)
+                t, fr = timed(lambda: decompose(d, rank, exact=False))
+                tr.append(t)
+            te, tr = min(te), min(tr)
             ee, er = fe.energy(rank), fr.energy(rank)
             diff = abs(ee - er) / ee
             worst_speed, worst_diff = min(worst_speed, te / tr), max(worst_diff, diff)

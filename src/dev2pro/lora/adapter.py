@@ -66,7 +66,7 @@ def set_enabled(model: torch.nn.Module, enabled: bool, name: str = ADAPTER) -> N
         if name not in layer.lora_A:
             continue
         others = [a for a in layer.active_adapters if a != name]
-        wanted = ([name] if enabled else []) + others
+        wanted = others + ([name] if enabled else [])  # the order attach() gives: same sums, same bits
         if list(layer.active_adapters) != wanted:
             layer.set_adapter(wanted)  # makes all of ``wanted`` trainable: the adapter is frozen again below
     freeze(model, name)

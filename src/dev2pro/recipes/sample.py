@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from .. import sampling as S
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
@@ -37,6 +39,8 @@ def png_info(prompt: str, seed: int, negative: str, settings: dict) -> dict:
               f"Size: {settings['width']}x{settings['height']}, Model: {settings['transformer']}")
     if settings["loras"]:
         params += ", LoRAs: " + "; ".join(f"{Path(p).name}:{s:g}" for p, s in settings["loras"])
+    if settings.get("adapter"):
+        params += f", Adapter: {Path(settings['adapter'][0]).name}:{settings['adapter'][1]:g}"
     return {"prompt": prompt, "seed": str(seed), "negative": negative, "dev2pro": settings, "parameters": params,
             "Software": "dev2pro"}
 
@@ -45,8 +49,11 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
                loras: Sequence[str | tuple[str, float]] = (), negative: str = "", guidance: float = 3.5,
                cfg: float = 1.0, mode: str = "auto", steps: int = 20, size: str | tuple[int, int] = (1024, 1024),
                seeds: Sequence[int] = (0,), overwrite: bool = False, fp8: bool = False,
-               max_sequence_length: int = 512) -> list[Path]:
-    """Render every prompt x seed; returns the written PNG paths (the grid last, when there is one)."""
+               max_sequence_length: int = 512, adapter: str | tuple[str, float] | None = None) -> list[Path]:
+    """Render every prompt x seed; returns the written PNG paths (the grid last, when there is one).
+
+    ``adapter`` (path[:scale]): a training adapter (e.g. dev -> dev2pro) added as a side branch after the LoRAs,
+    so dev + adapter + LoRA renders what the LoRA does on dev2pro without a second base file."""
     prompts = list(prompts)
     seeds = [int(s) for s in seeds]
     if not prompts:
@@ -55,7 +62,9 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
         raise UserError("give at least one seed")
     width, height = S.parse_size(size) if isinstance(size, str) else size
     loras = [S.parse_lora_arg(x) if isinstance(x, str) else (str(x[0]), float(x[1])) for x in loras]
-    S.check_inputs_exist(model, transformer, loras)
+    if isinstance(adapter, str):
+        adapter = S.parse_lora_arg(adapter)
+    S.check_inputs_exist(model, transformer, loras + ([adapter] if adapter else []))
     overwrite = check_output_dir(out, overwrite)
     g = S.resolve_guidance(open_checkpoint(transformer or model).spec().guidance_embeds, mode, guidance, cfg)
 
@@ -65,10 +74,15 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     components = S.load_components(model, dtype)
     embeds, negative_embeds = S.encode_and_free(components, prompts, negative, device, max_sequence_length)
     base, ckpt = S.load_base(transformer or model, loras, dtype, fp8_storage=fp8)
+    if adapter:
+        from ..lora import adapter as adaptermod
+
+        adaptermod.attach_file(base, adapter[0], adapter[1], torch.float32 if dtype == torch.float32 else dtype)
     pipe = S.build_pipeline(components, base.to(device))  # .to(device) keeps fp8 storage dtypes
     pipe.vae.to(device)
     print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); guidance: {g.mode} (embedded "
-          f"{g.embedded}, cfg {g.cfg}); {len(loras)} LoRA(s); loaded in {time.time() - t0:.1f}s")
+          f"{g.embedded}, cfg {g.cfg}); {len(loras)} LoRA(s)" + (f" + adapter {adapter[0]}" if adapter else "")
+          + f"; loaded in {time.time() - t0:.1f}s")
 
     t0 = time.time()
     images = S.render(pipe, embeds, seeds, guidance=guidance, true_cfg=cfg, negative=negative_embeds, steps=steps,
@@ -76,7 +90,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     seconds = time.time() - t0
 
     settings = dict(model=str(model), transformer=str(transformer or model), loras=[[p, s] for p, s in loras],
-                    guidance=g.to_dict(), steps=steps, width=width, height=height, fp8=fp8)
+                    guidance=g.to_dict(), steps=steps, width=width, height=height, fp8=fp8,
+                    adapter=list(adapter) if adapter else None)
     names = []
     with atomic_path(out, overwrite=overwrite, what="output folder") as tmp:
         tmp.mkdir()
@@ -125,11 +140,14 @@ def add_sample_parser(sub):
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
+    p.add_argument("--adapter", default=None, metavar="FILE[:SCALE]",
+                   help="training adapter (e.g. dev -> dev2pro LoRA) as a side branch: dev + adapter + LoRA renders "
+                        "the LoRA on dev2pro with one base")
 
     def run(a):
         prompts = S.read_prompts(a.prompts) if a.prompts else a.prompt
         seeds = S.parse_seeds(a.seeds) if a.seeds else [a.seed if a.seed is not None else 0]
         run_sample(a.model, prompts, a.out, transformer=a.transformer, loras=a.lora, negative=a.negative,
                    guidance=a.guidance, cfg=a.cfg, mode=a.mode, steps=a.steps, size=a.size, seeds=seeds,
-                   overwrite=a.overwrite, fp8=a.fp8)
+                   overwrite=a.overwrite, fp8=a.fp8, adapter=a.adapter)
     p.set_defaults(run=run)
