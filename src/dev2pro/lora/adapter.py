@@ -137,3 +137,25 @@ def training_bytes(spec, lora_targets: list[str], lora_rank: int, adapter_rank: 
              "inference_base": base + lora if inference_base else 0}
     parts["total"] = sum(parts.values())
     return parts
+
+
+class WithoutAdapters:
+    """Call a peft-injected model with every adapter off: the frozen base as a teacher, with no second copy.
+
+    Adapter de-distillation's ``cfg_teacher`` needs dev (the base) and dev + LoRA (the student) at once; both are
+    the same weights, so the teacher forward switches the LoRA off for the call (peft ``enable_adapters``) and back.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.config = model.config
+
+    def __call__(self, *args, **kwargs):
+        layers = _lora_layers(self.model)
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)  # peft re-marks the active adapters trainable, as they were

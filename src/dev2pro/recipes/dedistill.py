@@ -65,6 +65,7 @@ class ModelSection:
     teacher: str = opt("", "cfg_teacher: the frozen guidance-distilled teacher (empty = the start weights); "
                            "guidance_distill: the CFG teacher (required)")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed at full size)")
+    fp8_storage: bool = opt(False, "with train.adapter_rank: keep the frozen base in fp8 (bf16 compute)")
     t5_max_length: int = opt(512, "T5 tokens (512 for dev)")
     allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")
 
@@ -103,12 +104,18 @@ class DedistillTrain(TrainSection):
     ema_decay: float = opt(0.999, "EMA of the weights (0 = off); exported instead of the raw weights")
     distributed: str = opt("auto", "auto: FSDP under an accelerate FSDP config, else DDP; fsdp: shard each Flux "
                                    "block (e.g. under torchrun); ddp: replicate", ("auto", "ddp", "fsdp"))
+    adapter_rank: int = opt(0, "> 0: de-distill as a LoRA of this rank on every linear of the frozen start model "
+                               "(one base, fp8 possible) and export it as a training adapter (kohya + diffusers)")
 
     def validate(self):
         super().validate()
         require(self.guidance == 1.0, "guidance: the student trains at guidance 1.0 (the Dev2Pro recipe)")
         require(self.optimizer == "adamw", "optimizer: only adamw is supported for full fine-tunes here")
         require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
+        require(self.adapter_rank >= 0, "adapter_rank must be >= 0 (0 = full fine-tune)")
+        require(not (self.adapter_rank and self.distributed == "fsdp"),
+                "distributed: adapter de-distillation (adapter_rank > 0) runs on one device or DDP; FSDP shards "
+                "full fine-tunes")
 
 
 @dataclass
@@ -159,6 +166,12 @@ class DedistillConfig:
     sample: SampleSection = section(SampleSection, "sample grids during training")
     save: SaveSection = section(SaveSection, "outputs")
 
+    def validate(self):
+        require(not (self.train.adapter_rank and self.objective == "guidance_distill"),
+                "objective: adapter de-distillation (train.adapter_rank > 0) supports flow and cfg_teacher")
+        require(not (self.model.fp8_storage and not self.train.adapter_rank),
+                "fp8_storage: only a frozen base can be stored in fp8; set train.adapter_rank > 0")
+
 
 def load_dedistill_config(path, overrides=None, data=None) -> DedistillConfig:
     cfg = load_config(DedistillConfig, path, overrides, data)
@@ -208,14 +221,23 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
 
     # 2. student: every weight trainable, fp32 master copy (autocast computes in bf16), FSDP2 shards when sharding;
     #    the frozen teacher is a replica on every rank
+    #    (adapter de-distillation: a frozen base + a trainable LoRA; the cfg teacher is the base with the LoRA off)
+    if tc.adapter_rank and fsdp:
+        raise UserError("adapter de-distillation (train.adapter_rank > 0) runs on one device or DDP, not FSDP")
     student, start_from = ds.load_student(cfg, fsdp, device, compute)
-    teacher = ds.load_teacher(cfg, start_from, compute, device)
-    optimizer = build_optimizer(student.parameters(), "adamw", tc.lr, tc.weight_decay)
+    shared_teacher = bool(tc.adapter_rank) and cfg.objective == "cfg_teacher" and not cfg.model.teacher
+    teacher = None if shared_teacher else ds.load_teacher(cfg, start_from, compute, device)
+    trainable = [p for p in student.parameters() if p.requires_grad]  # all of them in a full fine-tune
+    optimizer = build_optimizer(trainable, "adamw", tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     if not fsdp:
         student, optimizer = accelerator.prepare(student, optimizer)
     inner = student if fsdp else accelerator.unwrap_model(student)
-    ema = EMA(inner.parameters(), tc.ema_decay) if tc.ema_decay > 0 else None
+    if shared_teacher:
+        from ..lora.adapter import WithoutAdapters
+
+        teacher = WithoutAdapters(inner)
+    ema = EMA(trainable, tc.ema_decay) if tc.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(tc.seed)  # shared by all ranks: dropout, noise, sigmas, w
     start, smoothed = 0, None
     if resume is not None:
@@ -243,8 +265,8 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
             for k, v in parts.items():
                 logged[k] = logged.get(k, 0.0) + v.item() / tc.grad_accum
         if tc.max_grad_norm > 0:
-            logged["grad_norm"] = clip_grad_norm(student.parameters(), tc.max_grad_norm) if fsdp else \
-                float(accelerator.clip_grad_norm_(student.parameters(), tc.max_grad_norm))
+            logged["grad_norm"] = clip_grad_norm(trainable, tc.max_grad_norm) if fsdp else \
+                float(accelerator.clip_grad_norm_(trainable, tc.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -266,15 +288,21 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     bar.close()
 
     # 3. export (EMA weights when kept), gathered from the shards to rank 0 one tensor at a time
-    state = ds.final_weights(inner, ema, COMPUTE_DTYPES["no" if cfg.save.dtype == "fp32" else cfg.save.dtype], rank)
+    if not tc.adapter_rank:
+        state = ds.final_weights(inner, ema, COMPUTE_DTYPES["no" if cfg.save.dtype == "fp32" else cfg.save.dtype],
+                                 rank)
     files, elapsed = [], time.perf_counter() - t0
     summary = {"losses": losses, "files": [], "steps": tc.steps, "world_size": world, "seconds": elapsed,
                "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else "none")}
     if main:
         meta = {"dev2pro.recipe": "dedistill", "dev2pro.objective": cfg.objective, "dev2pro.steps": str(tc.steps),
                 "dev2pro.ema_decay": str(tc.ema_decay), "dev2pro.start": Path(start_from).name}
-        files = export_model(state, out, cfg.save.name, cfg.save.formats, cfg.save.dtype, cfg.save.keep_guidance,
-                             meta)
+        if tc.adapter_rank:
+            meta["dev2pro.adapter_rank"] = str(tc.adapter_rank)
+            files = ds.export_adapter(inner, ema, out, cfg.save.name, meta)
+        else:
+            files = export_model(state, out, cfg.save.name, cfg.save.formats, cfg.save.dtype,
+                                 cfg.save.keep_guidance, meta)
         summary["files"] = [str(f) for f in files]
         write_json(out / "summary.json", {**summary, "steps_per_second": (tc.steps - start) / max(elapsed, 1e-9)})
     barrier()

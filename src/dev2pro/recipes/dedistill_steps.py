@@ -208,6 +208,9 @@ def load_student(cfg, fsdp: "fsdpmod.FsdpSettings | None", device, compute: torc
         student = with_guidance_embedding(student) if grow else student
     if cfg.model.gradient_checkpointing or (fsdp and fsdp.activation_checkpointing):
         student.enable_gradient_checkpointing()
+    if cfg.train.adapter_rank:
+        return with_adapter_lora(student, cfg.train.adapter_rank, compute, cfg.model.fp8_storage).to(device), \
+            start_from
     if not fsdp:
         return student.to(device).requires_grad_(True).train(), start_from
     student = fsdpmod.shard_transformer(student, device, fsdp, compute)  # DTensor shards (host RAM with offload)
@@ -217,6 +220,42 @@ def load_student(cfg, fsdp: "fsdpmod.FsdpSettings | None", device, compute: torc
         fsdpmod.fill_shards(student, lambda name: keymod.assemble(
             plan[name], lambda k: ckpt.get_dequantized(k, torch.float32)))
     return student.requires_grad_(True).train(), start_from
+
+
+def with_adapter_lora(model, rank: int, compute: torch.dtype, fp8: bool):
+    """Adapter de-distillation: the start model frozen (in ``compute``, or fp8 storage) with a trainable fp32 LoRA
+    of ``rank`` on every Linear -- what `lora extract` would cover -- initialised to add nothing (B = 0)."""
+    from peft import LoraConfig
+
+    from ..flux.fp8 import Fp8Policy, enable_fp8_storage
+
+    model.requires_grad_(False)
+    if compute != torch.float32:
+        model.to(compute)  # a frozen base needs no fp32 master copy
+    if fp8:
+        enable_fp8_storage(model, Fp8Policy(), compute_dtype=compute)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights=True),
+                      adapter_name="default")
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    return model.train()
+
+
+def export_adapter(model, ema, out: Path, name: str, metadata: dict) -> list[Path]:
+    """The de-distilled LoRA (EMA weights when kept) as adapter files: kohya (ComfyUI, `lora merge`) and diffusers."""
+    import contextlib
+
+    from ..lora.formats import save_lora
+    from ..lora.ops import lora_from_peft_model
+
+    with ema.applied() if ema is not None else contextlib.nullcontext():
+        lw = lora_from_peft_model(model, "default")
+    meta = {**{k: str(v) for k, v in metadata.items()}, "dev2pro.kind": "training_adapter"}
+    return [save_lora(lw, out / f"{name}-adapter.safetensors", "kohya", metadata=meta, overwrite=True),
+            save_lora(lw, out / f"{name}-adapter.diffusers.safetensors", "diffusers", metadata=meta, overwrite=True)]
 
 
 def load_teacher(cfg, start_from: str, dtype, device):
@@ -267,8 +306,10 @@ def save_state(state_dir: Path, step: int, model, optimizer, scheduler, ema, gen
     """Resumable state (every rank calls this): weights, AdamW moments and EMA as sharded tensors, the rest common."""
     from ..train.state import rng_state
 
-    names = {p: n for n, p in model.named_parameters()}
-    tensors = {f"model/{n}": p for n, p in model.named_parameters()}
+    # trainable weights only: all of them in a full fine-tune, the LoRA alone in adapter de-distillation
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = {p: n for n, p in trained.items()}
+    tensors = {f"model/{n}": p for n, p in trained.items()}
     scalars, moments = {}, set()
     for p, st in optimizer.state.items():
         for k, v in st.items():
@@ -298,7 +339,7 @@ def restore(resume: str, state_dir: Path, model, optimizer, scheduler, ema, gen,
         raise UserError(f"nothing to resume: no training state in {state_dir}" if resume == "latest" else
                         f"--resume {resume}: not a state folder (expected .../state/step-NNNNNN)")
     common = fsdpmod.read_common(folder)
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # what save_state wrote
     targets = {f"model/{n}": p for n, p in params.items()}
     saved = common["optimizer"]
     for n, p in params.items():  # AdamW state created here (shaped and sharded like p), filled below
