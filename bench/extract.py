@@ -6,7 +6,7 @@ and ``decompose(exact=False)`` (torch.svd_lowrank, oversample 16, 4 power iterat
 the speed ratio (goal >= 20x) and the retained energy of the rank-k LoRA each gives, with their relative difference
 (goal <= 0.5% at rank 64). One torch thread unless --threads says otherwise (machines here are shared).
 
-    python bench/extract.py [--width 3072] [--rank 64] [--threads 1] [--repeats 3] [--mlp]
+    python bench/extract.py [--width 3072] [--rank 64] [--threads 1] [--repeats 3] [--mlp] [--device cuda]
 """
 
 from __future__ import annotations
@@ -33,29 +33,38 @@ def matrix(out: int, inp: int, spectrum: str, seed: int) -> torch.Tensor:
     return (u * s) @ v.T * 1e-3
 
 
-def timed(fn):
+def timed(fn, device: str):
+    """CPU seconds of this process on the CPU (other jobs share these cores: wall time measures them too), wall
+    seconds between synchronisations on a GPU."""
+    if device == "cpu":
+        t0 = time.process_time()
+        out = fn()
+        return time.process_time() - t0, out
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = fn()
+    torch.cuda.synchronize()
     return time.perf_counter() - t0, out
 
 
-def run(width: int, rank: int, mlp: bool, repeats: int) -> None:
+def run(width: int, rank: int, mlp: bool, repeats: int, device: str) -> None:
     from dev2pro.lora.ops import decompose
 
     shapes = [(width, width)] + ([(width, 4 * width)] if mlp else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); rank {rank}; fastest of {repeats} paired runs each (shared machine); "
+    clock = "CPU seconds of this process" if device == "cpu" else f"seconds on {torch.cuda.get_device_name()}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {clock}; rank {rank}; fastest of {repeats} paired runs each (shared machine); "
           "energy = kept / total squared singular values of the rank-k LoRA")
     print(f"{'matrix':>12} {'spectrum':>10} {'exact s':>8} {'rand s':>8} {'speedup':>8} {'E exact':>9} "
           f"{'E rand':>9} {'rel diff':>9}")
     worst_speed, worst_diff = float("inf"), 0.0
     for shape in shapes:
         for spectrum in ("power-0.5", "power-1.0", "lowrank+noise"):
-            d = matrix(*shape, spectrum, seed=0)
+            d = matrix(*shape, spectrum, seed=0).to(device)
             te, tr = [], []
             for _ in range(repeats):  # paired: each exact run next to a randomized one, under the same load
-                t, fe = timed(lambda: decompose(d, rank, exact=True))
+                t, fe = timed(lambda: decompose(d, rank, exact=True, device=device), device)
                 te.append(t)
-                t, fr = timed(lambda: decompose(d, rank, exact=False))
+                t, fr = timed(lambda: decompose(d, rank, exact=False, device=device), device)
                 tr.append(t)
             te, tr = min(te), min(tr)
             ee, er = fe.energy(rank), fr.energy(rank)
@@ -72,11 +81,12 @@ def main() -> None:
     p.add_argument("--width", type=int, default=3072)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to time the GPU path")
     p.add_argument("--repeats", type=int, default=3, help="time each SVD this many times, keep the fastest")
     p.add_argument("--mlp", action="store_true", help="also a width x 4*width (MLP-shaped) matrix")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    run(a.width, a.rank, a.mlp, a.repeats)
+    run(a.width, a.rank, a.mlp, a.repeats, a.device)
 
 
 if __name__ == "__main__":

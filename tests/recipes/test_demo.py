@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dev2pro.lab import report
-from dev2pro.recipes.demo import ARMS, GUIDANCES, PROFILES, run_demo
+from dev2pro.recipes.demo import ADAPTER_RANKS, ARMS, GUIDANCES, PROFILES, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_quick_demo_report_structure_and_every_stage_learns(quick):
     saved = json.loads((root / "results.json").read_text())
     assert saved["table"] == json.loads(json.dumps(summary["table"]))
     arms = list(saved["arms"])
-    assert arms == ["A", "B", "C", "D", "E"]
+    assert arms == ["A", "B", "C", "C-ext", "C-lora", "D", "E"]
     rows = {(r["arm"], r["length"], r["guidance"]): r["metrics"] for r in saved["table"]["rows"]}
     assert set(rows) == {(a, length, g) for a in arms for length in ("short", "long") for g in GUIDANCES}
     for (arm, _, _), metrics in rows.items():
@@ -38,7 +38,7 @@ def test_quick_demo_report_structure_and_every_stage_learns(quick):
             assert 0.0 <= rows[(arm, "long", 3.5)][m]["mean"] <= 1.0
     # every model stage improved its own loss: 3 bases and every LoRA
     stages = saved["stages"]
-    assert set(stages) == {"pro", "dev", "dev2pro", "dev2pro_cfg"} | \
+    assert set(stages) == {"pro", "dev", "dev2pro", "dev2pro_cfg", "dev2pro_lora"} | \
         {f"lora-{a}-seed{s}" for a in arms for s in range(p.seeds)}
     assert all(st["improved"] for st in stages.values()), stages
     md = (root / "report.md").read_text()
@@ -51,6 +51,35 @@ def test_quick_demo_report_structure_and_every_stage_learns(quick):
     # LoRA files in the format users load elsewhere (kohya), one per length
     assert (root / "arms" / "C-seed0" / "lora.safetensors").is_file()
     assert (root / "arms" / "C-seed0" / f"lora-step{p.lora_short:06d}.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_quick_demo_adapter_arms(quick):
+    from dev2pro.lora.formats import load_lora
+
+    root, summary = quick
+    fid = summary["adapters"]
+    rank = fid["recommended_rank"]
+    assert rank in ADAPTER_RANKS and list(fid["energy_by_rank"]) == [str(k) for k in ADAPTER_RANKS]
+    energies = list(fid["energy_by_rank"].values())
+    assert energies == sorted(energies) and energies[-1] > 0.99  # rank 32: (nearly) every layer in full
+    kept = [fid["energy_by_rank"][str(k)] for k in ADAPTER_RANKS if k < rank]
+    assert all(e < fid["energy_target"] for e in kept) and fid["energy_by_rank"][str(rank)] >= fid["energy_target"]
+    model = fid["model"]
+    unexplained = [model[f"extracted r{k}"]["unexplained"] for k in ADAPTER_RANKS]
+    assert unexplained[-1] < unexplained[0] < 1.0 and model["dev (no adapter)"]["unexplained"] == 1.0
+    assert f"de-distilled LoRA r{rank}" in model
+    assert (root / "adapters" / f"extracted-r{rank}.safetensors").is_file()
+    lora_adapter = load_lora(root / "runs" / "dev2pro_lora" / "dev2pro_lora-adapter.safetensors")
+    assert all(m.rank == rank for m in lora_adapter.values())
+    # the arms' LoRA files hold the trained LoRA only, never the adapter they trained with
+    plain = set(load_lora(root / "arms" / "C-seed0" / "lora.safetensors"))
+    for arm in ("C-ext", "C-lora"):
+        assert set(load_lora(root / "arms" / f"{arm}-seed0" / "lora.safetensors")) == plain
+    md = (root / "report.md").read_text()
+    assert "## Adapter fidelity by rank" in md and "| C-ext − C |" in md and "| C-lora − B |" in md
+    assert "Adapter arms (one base" in summary["table"]["verdict"]
+    assert summary["timings_seconds"]["adapters"] > 0
 
 
 @pytest.mark.slow

@@ -84,6 +84,9 @@ def evaluate(results: list[dict], judges, world, arms: list[str], oracle: str, s
         refs[f"dev without LoRA @ {g}"] = {k: mean_ci(v) for k, v in vals.items()}
     table = {"rows": rows, "references": refs}
     table["verdict"] = verdict(table, arms, oracle)
+    extra = adapter_verdict(table, arms)
+    if extra:
+        table["verdict"] += " " + extra
     return table
 
 
@@ -181,6 +184,32 @@ def verdict(table: dict, arms: list[str], oracle: str, recipe: str = "C", rivals
             + "; ".join(parts) + f". This run {outcome}." + "".join(f" Note: {n}." for n in notes))
 
 
+def adapter_verdict(table: dict, arms: list[str], adapter_arms: tuple = ("C-ext", "C-lora"),
+                    reference: str = "C", rival: str = "B") -> str:
+    """A sentence per adapter arm: is training on dev + adapter within noise of training on dev2pro (C), and does
+    it keep C's edge over B? Paired 95% intervals in the main setting, on the verdict's key metrics."""
+    parts = []
+    for arm in [a for a in adapter_arms if a in arms]:
+        x = _row(table, arm, *MAIN)
+        said = []
+        for other in (reference, rival):
+            y = _row(table, other, *MAIN)
+            if x is None or y is None:
+                continue
+            res = {m: compare(x[m], y[m], m) for m in KEY_METRICS if m in x and m in y}
+            win = [METRICS[m][0] for m, v in res.items() if v > 0]
+            lose = [METRICS[m][0] for m, v in res.items() if v < 0]
+            if not win and not lose:
+                said.append(f"within noise of {other} on every key metric")
+            else:
+                said.append(f"vs {other} clearly better on {', '.join(win) or 'nothing'}, clearly worse on "
+                            f"{', '.join(lose) or 'nothing'}")
+        if said:
+            parts.append(f"{arm} is " + "; ".join(said))
+    return ("Adapter arms (one base: dev + a dev -> dev2pro adapter while training): " + "; ".join(parts) + ".") \
+        if parts else ""
+
+
 # ------------------------------------------------------------------------------------------------ writing
 def _fmt(d: dict | None, digits: int = 3) -> str:
     from .judges import format_ci
@@ -207,6 +236,7 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {a} {desc} | " + " | ".join(_fmt(row.get(m) if row else None) for m in METRICS) + " |")
         lines.append("")
     lines += _paired_section(t, list(arms))
+    lines += _fidelity_section(summary.get("adapters"))
     lines += ["## References", "", "| set | style fidelity | digit accuracy | FD to real concept |",
               "|---|---|---|---|"]
     for name, r in t["references"].items():
@@ -232,7 +262,8 @@ def _paired_section(table: dict, arms: list[str]) -> list[str]:
     """Per-seed differences between the non-oracle arms in the main setting (what the verdict is made of)."""
     from .judges import format_ci, mean_ci
 
-    pairs = [(a, b) for a, b in (("C", "A"), ("C", "B"), ("B", "A"), ("E", "C")) if a in arms and b in arms]
+    pairs = [(a, b) for a, b in (("C", "A"), ("C", "B"), ("B", "A"), ("E", "C"), ("C-ext", "C"), ("C-lora", "C"),
+                                 ("C-ext", "B"), ("C-lora", "B")) if a in arms and b in arms]
     metrics = [m for m in METRICS if m != "style"]
     lines = ["## Paired differences, main setting (first arm minus second, per seed; * = 95% interval excludes 0)",
              "", "| pair | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
@@ -247,6 +278,35 @@ def _paired_section(table: dict, arms: list[str]) -> list[str]:
             cells.append(format_ci(d) + (" *" if compare(ra[m], rb[m], m) else ""))
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _fidelity_section(fid: dict | None) -> list[str]:
+    """The dev -> dev2pro adapters: per rank, layer-level (lora extract --ranks) and model-level fidelity."""
+    if not fid:
+        return []
+    lines = ["## Adapter fidelity by rank (dev + adapter vs dev2pro)", "",
+             f"Recommended rank (smallest keeping {fid['energy_target']:g} of the energy): "
+             f"**{fid['recommended_rank']}**; C-ext trains with that extracted adapter, C-lora with a LoRA of the "
+             f"same rank de-distilled directly (`dedistill`, `train.adapter_rank`).", "",
+             "| rank | retained energy | layer output error | model output error | unexplained share | moved |",
+             "|---|---|---|---|---|---|"]
+    for k, e in fid["energy_by_rank"].items():
+        m = fid["model"].get(f"extracted r{k}", {})
+        lines.append(f"| {k} | {e:.3f} | {fid['layer_error_by_rank'][k]:.3f} | "
+                     f"{m.get('output_error', float('nan')):.4f} | {m.get('unexplained', float('nan')):.3f} | "
+                     f"{m.get('moved', float('nan')):.3f} |")
+    for name, m in fid["model"].items():
+        if not name.startswith("extracted"):
+            lines.append(f"| {name} | — | — | {m['output_error']:.4f} | {m['unexplained']:.3f} | {m['moved']:.3f} |")
+    lines += ["", "Layer output error: each linear on random inputs, summed over layers; model output error: "
+              "||f(dev + adapter) - f(dev2pro)|| / ||f(dev2pro)|| on the concept prompts and seeded noise at four "
+              "noise levels; unexplained share: the same distance over ||f(dev) - f(dev2pro)|| (1 = no adapter); moved: "
+              "||f(dev + adapter) - f(dev)|| in the same unit. The de-distilled LoRA is its own de-distillation run, "
+              "not a copy of this dev2pro: it may move dev as far in another direction (high unexplained share, "
+              "moved near 1), so the arms, not this table, judge it."
+              + (f" {fid['not_linear']} bias/norm tensors also differ; a LoRA cannot carry them." if fid["not_linear"]
+                 else ""), ""]
+    return lines
 
 
 def _png_uri(image) -> str:

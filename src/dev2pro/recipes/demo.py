@@ -17,9 +17,13 @@ small, with the recipes users run:
            embedding, regressed onto pro's CFG output at w ~ U[1, 5].
   dev2pro  `dedistill` objective `flow` at guidance 1.0 from dev (the Dev2Pro recipe); `--full` adds a
            `cfg_teacher` de-distillation as a fifth arm.
+  adapters dev -> dev2pro as a LoRA (`lora/adapter.py`): extracted from the two bases by `lora extract` at the rank
+           its `--ranks` report recommends (0.9 of the energy), and de-distilled directly as a LoRA of that rank
+           (`dedistill` with ``train.adapter_rank``); their fidelity by rank goes into the report.
   arms     `dev2pro train` LoRAs, same data/steps/seed per arm: A dev @ 3.5, B dev @ 1.0, C dev2pro @ 1.0, D pro
-           (oracle, sampled on pro with true CFG). A-C are applied to dev and sampled at guidance 3.5 and 1.0,
-           after a short and the full training length.
+           (oracle, sampled on pro with true CFG); C-ext and C-lora train on dev with the extracted / the
+           de-distilled adapter on (`model.adapter`: one base, Dev2Pro as a training adapter). Every arm but D is
+           applied to dev and sampled at guidance 3.5 and 1.0, after a short and the full training length.
   judges   classifiers fitted here on real data (`lab/judges.py`): style fidelity, digit accuracy, Frechet
            distances (to real concept images and to the oracle's samples), guidance integrity.
 
@@ -61,6 +65,7 @@ class Profile:
     lora_batch: int = 10
     per_class: int = 5  # few-shot concept images per digit class
     cfg_teacher_arm: bool = False
+    adapter_arms: bool = True  # C-ext and C-lora: train on dev + a dev -> dev2pro adapter
 
 
 PROFILES = {
@@ -76,9 +81,13 @@ ARMS = {
     "A": ("dev", 3.5, "dev @ 3.5"),
     "B": ("dev", 1.0, "dev @ 1.0"),
     "C": ("dev2pro", 1.0, "dev2pro @ 1.0"),
+    "C-ext": ("dev", 1.0, "dev + extracted adapter @ 1.0"),
+    "C-lora": ("dev", 1.0, "dev + LoRA-de-distilled adapter @ 1.0"),
     "D": ("pro", 1.0, "pro + CFG (oracle)"),
     "E": ("dev2pro_cfg", 1.0, "dev2pro(cfg_teacher) @ 1.0"),
 }
+ADAPTER_ARMS = {"C-ext": "extracted", "C-lora": "dedistilled"}  # arm -> which adapter is on while it trains
+ADAPTER_RANKS = (2, 4, 8, 16, 32)  # fidelity by rank; the tiny family is 64 wide
 ORACLE = "D"
 GUIDANCES = (3.5, 1.0)
 
@@ -126,8 +135,10 @@ def _stage_done(run: Path) -> dict | None:
 
 
 def _base(root: Path, name: str, objective: str, model_dir: Path, shards: Path, steps: int, lr: float, p: Profile,
-          seed: int, progress: bool, start: str = "", teacher: str = "", dropout: float = 0.0) -> dict:
-    """One base model through `dev2pro dedistill`; returns its summary (reused when already finished)."""
+          seed: int, progress: bool, start: str = "", teacher: str = "", dropout: float = 0.0,
+          adapter_rank: int = 0) -> dict:
+    """One base model (or, with ``adapter_rank``, a dev -> dev2pro LoRA adapter) through `dev2pro dedistill`;
+    returns its summary (reused when already finished)."""
     from .dedistill import dedistill, load_dedistill_config
 
     run = root / "runs" / name
@@ -141,12 +152,51 @@ def _base(root: Path, name: str, objective: str, model_dir: Path, shards: Path, 
             "data": {"shards": str(shards), "batch_size": p.batch, "caption_dropout": dropout},
             "teacher": {"w_min": 1.0, "w_max": 5.0},
             "train": {"steps": steps, "lr": lr, "warmup_steps": max(1, steps // 20), "schedule": "cosine",
-                      "seed": seed, "mixed_precision": "no", "ema_decay": 0.99, "max_grad_norm": 1.0},
+                      "seed": seed, "mixed_precision": "no", "ema_decay": 0.99, "max_grad_norm": 1.0,
+                      "adapter_rank": adapter_rank},
             "save": {"output_dir": str(run), "name": name, "formats": ["bfl"], "dtype": "fp32", "overwrite": True},
         })
         print(f"[{name}] dedistill objective={objective}, {steps} steps")
         done = dedistill(cfg, progress=progress)
-    return {"file": str(run / f"{name}.safetensors"), "losses": done["losses"], "objective": objective}
+    file = run / (f"{name}-adapter.safetensors" if adapter_rank else f"{name}.safetensors")
+    return {"file": str(file), "losses": done["losses"], "objective": objective}
+
+
+def _adapters(root: Path, bases: dict, prompts: Path, p: Profile, progress: bool, model_dir: Path,
+              shards: Path) -> tuple[dict, dict]:
+    """The two dev -> dev2pro adapters and their fidelity: extracted by `lora extract` at the rank its --ranks
+    report recommends (0.9 of the energy), and de-distilled as a LoRA of that rank (`dedistill`,
+    train.adapter_rank). Returns ({arm: adapter file}, fidelity summary for the report)."""
+    from safetensors.torch import load_file
+
+    from ..flux.checkpoint import load_transformer
+    from ..lab.fidelity import adapter_output_errors
+    from ..lora.ops import extract_pair
+    from .lora_tools import extract_lora
+
+    folder = root / "adapters"
+    folder.mkdir(exist_ok=True)
+    dev, d2p = bases["dev"]["file"], bases["dev2pro"]["file"]
+    report = folder / "fidelity.json"
+    fid = json.loads(report.read_text()) if report.is_file() else \
+        extract_lora(dev, d2p, str(report), ranks=list(ADAPTER_RANKS), exact=True, overwrite=True)
+    rank = int(fid["recommended_rank"])
+    ext = folder / f"extracted-r{rank}.safetensors"
+    if not ext.is_file():
+        extract_lora(dev, d2p, str(ext), rank=rank, exact=True, overwrite=True)
+    bases["dev2pro_lora"] = _base(root, "dev2pro_lora", "flow", model_dir, shards, p.dedistill_steps, 2e-3, p, 4,
+                                  progress, start=dev, adapter_rank=rank)
+    a_sd, b_sd = (load_transformer(f, dtype=torch.float32)[0].state_dict() for f in (dev, d2p))
+    candidates = {f"extracted r{k}": extract_pair(a_sd, b_sd, k)[0] for k in ADAPTER_RANKS}
+    candidates[f"de-distilled LoRA r{rank}"] = bases["dev2pro_lora"]["file"]
+    t = load_file(str(prompts))
+    model = adapter_output_errors(dev, d2p, candidates, t["prompt_embeds"], t["pooled"])
+    summary = {"recommended_rank": rank, "energy_target": fid["energy_target"],
+               "energy_by_rank": {str(k): v for k, v in fid["total"]["energy_by_rank"].items()},
+               "layer_error_by_rank": {str(k): v for k, v in fid["total"]["output_error_by_rank"].items()},
+               "model": model,
+               "not_linear": len(fid["not_linear"])}
+    return {"C-ext": str(ext), "C-lora": bases["dev2pro_lora"]["file"]}, summary
 
 
 def _lora_job(job: dict) -> dict:
@@ -169,7 +219,8 @@ def _lora_job(job: dict) -> dict:
         summary = _stage_done(run)
         if summary is None:
             cfg = load_train_config(None, data={
-                "model": {"path": job["model_dir"], "transformer": job["base"], "dtype": "fp32",
+                "model": {"path": job["model_dir"], "transformer": job["base"], "adapter": job.get("adapter", ""),
+                          "dtype": "fp32",
                           "gradient_checkpointing": False, "t5_max_length": T5_LEN},
                 "data": {"shards": job["shards"], "batch_size": job["lora_batch"]},
                 "lora": {"rank": 8, "alpha": 8},
@@ -231,7 +282,7 @@ def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None 
     stamp = {"version": 1, "profile": profile, **asdict(p)}
     _prepare_root(root, stamp, overwrite)
     t0 = time.perf_counter()
-    timings = {}
+    timings, cpu = {}, _Cpu()
 
     # 1. world, data folders, shards (text through the tiny family's real tokenizers and encoders)
     print("[1/6] data: scikit-learn digits -> image folders -> shards")
@@ -259,6 +310,7 @@ def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None 
                                     "empty_pooled": empty["pooled"][0]}, root / "prompts.safetensors", overwrite=True)
     del encode_text
     timings["data"] = time.perf_counter() - t0
+    cpu.mark("data")
 
     # 2-4. bases through `dev2pro dedistill`
     ms, sh = model_dir, base_shards
@@ -274,9 +326,16 @@ def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None 
         bases["dev2pro_cfg"] = _base(root, "dev2pro_cfg", "cfg_teacher", ms, sh, p.dedistill_steps, 5e-4, p, 3,
                                      progress, start=bases["dev"]["file"], teacher=bases["dev"]["file"])
     timings["bases"] = time.perf_counter() - t0 - timings["data"]
+    cpu.mark("bases")
+    adapter_files, fidelity = {}, None
+    if p.adapter_arms:
+        print("[4b/6] adapters: dev -> dev2pro extracted (lora extract) and de-distilled as a LoRA")
+        adapter_files, fidelity = _adapters(root, bases, prompt_file, p, progress, ms, sh)
+    timings["adapters"] = time.perf_counter() - t0 - timings["data"] - timings["bases"]
+    cpu.mark("adapters")
 
     # 5. LoRA arms x seeds (and dev without LoRA as the guidance reference), two single-threaded workers
-    arms = [a for a in ARMS if ARMS[a][0] in bases]
+    arms = [a for a in ARMS if ARMS[a][0] in bases and (a not in ADAPTER_ARMS or a in adapter_files)]
     jobs = []
     for s in range(p.seeds):
         common = {"seed": s, "model_dir": str(model_dir), "prompts": str(prompt_file), "shards": str(concept_shards[s]),
@@ -288,13 +347,14 @@ def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None 
             base, guidance, _ = ARMS[a]
             target = bases["pro"]["file"] if a == ORACLE else bases["dev"]["file"]
             jobs.append({**common, "arm": a, "run": str(root / "arms" / f"{a}-seed{s}"), "base": bases[base]["file"],
-                         "guidance": guidance, "target": target})
+                         "guidance": guidance, "target": target, "adapter": adapter_files.get(a, "")})
     for j in jobs:
         Path(j["run"]).mkdir(parents=True, exist_ok=True)
     print(f"[5/6] LoRA arms {', '.join(arms)} x {p.seeds} seeds via `dev2pro train`, sampled at guidance "
           f"{' and '.join(map(str, GUIDANCES))}")
     results = _run_jobs(jobs, workers, progress)
-    timings["arms"] = time.perf_counter() - t0 - timings["data"] - timings["bases"]
+    timings["arms"] = time.perf_counter() - t0 - timings["data"] - timings["bases"] - timings["adapters"]
+    cpu.mark("arms")
 
     # 6. judges, tables, report
     print("[6/6] judges and report")
@@ -306,17 +366,46 @@ def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None 
         if r["arm"] != "ref":
             stages[f"lora-{r['arm']}-seed{r['seed']}"] = report.loss_change(r["losses"])
     timings["total"] = time.perf_counter() - t0
+    cpu.mark("report")
     summary = {"profile": profile, "settings": asdict(p), "arms": {a: ARMS[a][2] for a in arms}, "oracle": ORACLE,
                "guidances": list(GUIDANCES), "stages": stages, "table": table,
-               "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+               "timings_seconds": {k: round(v, 1) for k, v in timings.items()}, "adapters": fidelity,
+               "cpu_seconds": cpu.summary(workers),
                "command": f"dev2pro demo{'' if profile == 'default' else ' --' + profile}"
                           f"{'' if seeds is None else f' --seeds {seeds}'}",
                "digits": list(DIGIT_WORDS)}
     write_json(root / "results.json", summary)
     report.write_reports(root, summary, results, world)
     print((root / "report.md").read_text())
-    print(f"done in {timings['total']:.0f} s: {root / 'report.md'}, {root / 'report.html'}, {root / 'results.json'}")
+    print(f"done in {timings['total']:.0f} s ({summary['cpu_seconds']['total']:.0f} CPU-s; on {workers} idle cores "
+          f"about {summary['cpu_seconds']['idle_wall_estimate']:.0f} s): {root / 'report.md'}, "
+          f"{root / 'report.html'}, {root / 'results.json'}")
     return summary
+
+
+class _Cpu:
+    """CPU seconds per stage, this process plus its finished worker processes. On a shared machine wall time
+    measures the other jobs too; CPU time is the demo's own cost. With the LoRA jobs spread over ``workers``
+    single-threaded processes and the rest serial, an idle machine would take about serial + arms / workers."""
+
+    def __init__(self):
+        self.last, self.stages = self._now(), {}
+
+    @staticmethod
+    def _now() -> float:
+        import resource
+
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                      resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+    def mark(self, stage: str) -> None:
+        now = self._now()
+        self.stages[stage], self.last = round(now - self.last, 1), now
+
+    def summary(self, workers: int) -> dict:
+        serial = sum(v for k, v in self.stages.items() if k != "arms")
+        return {**self.stages, "total": round(sum(self.stages.values()), 1),
+                "idle_wall_estimate": round(serial + self.stages.get("arms", 0.0) / max(1, workers), 1)}
 
 
 def _prepare_root(root: Path, stamp: dict, overwrite: bool) -> None:

@@ -10,7 +10,6 @@ per linear layer.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,6 @@ from ..flux import keys as keymod
 from ..lora import formats as F
 from ..lora.ops import decompose, lora_delta, rank_errors
 from ..outputs import check_output, stream_safetensors, write_json
-
-log = logging.getLogger(__name__)
 
 
 def info(path: str) -> dict:
@@ -247,7 +244,6 @@ def _warn_and_print(report: dict, energy: float | None, ranks: list[int] | None)
         report["warnings"].append(f"no rank in --ranks keeps {target:g} of the energy in total")
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
-        log.warning(w)
 
 
 def add_lora_parser(sub):
