@@ -91,7 +91,8 @@ class Factors:
 
     def ladder(self, max_rank: int | None = None) -> dict[int, float]:
         """Retained energy at ranks 1, 2, 4, ... (those these triplets cover): the spectrum summary."""
-        top = self.s.numel() if max_rank is None else min(max_rank, self.s.numel())
+        top = self.s.numel() if max_rank is None else max_rank if self.method == "exact" else \
+            min(max_rank, self.s.numel())  # an exact spectrum is complete: beyond it, everything is kept
         return {k: round(self.energy(k), 6) for k in RANK_LADDER if k <= top}
 
     def module(self, k: int) -> LoraModule:

@@ -157,10 +157,11 @@ def extract_lora(a: str, b: str, out: str, rank: int | None = None, energy: floa
     if energy is not None and not 0 < energy <= 1:
         raise UserError(f"--energy must be in (0, 1], got {energy}")
     report_path = Path(out) if ranks else Path(str(out) + ".json")
-    check_output(report_path if ranks else out, overwrite)
-    if not ranks:
-        check_output(report_path, overwrite)
+    for path in {Path(out), report_path}:
+        check_output(path, overwrite)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device here; use --device cpu")
     target = energy if energy is not None else 0.9
     report = {"from": str(a), "to": str(b), "rank": rank, "energy_target": target, "device": device,
               "layers": {}, "not_linear": {}, "warnings": []}
