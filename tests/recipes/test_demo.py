@@ -60,9 +60,9 @@ def test_quick_demo_adapter_arms(quick):
     root, summary = quick
     fid = summary["adapters"]
     rank = fid["recommended_rank"]
-    assert rank in ADAPTER_RANKS and list(fid["energy_by_rank"]) == [str(k) for k in ADAPTER_RANKS]
-    energies = list(fid["energy_by_rank"].values())
-    assert energies == sorted(energies) and energies[-1] > 0.99  # rank 32: (nearly) every layer in full
+    assert rank in ADAPTER_RANKS and sorted(map(int, fid["energy_by_rank"])) == list(ADAPTER_RANKS)
+    energies = [fid["energy_by_rank"][str(k)] for k in ADAPTER_RANKS]
+    assert energies == sorted(energies) and 0.9 <= energies[-1] <= 1.0
     kept = [fid["energy_by_rank"][str(k)] for k in ADAPTER_RANKS if k < rank]
     assert all(e < fid["energy_target"] for e in kept) and fid["energy_by_rank"][str(rank)] >= fid["energy_target"]
     model = fid["model"]
@@ -78,6 +78,9 @@ def test_quick_demo_adapter_arms(quick):
         assert set(load_lora(root / "arms" / f"{arm}-seed0" / "lora.safetensors")) == plain
     md = (root / "report.md").read_text()
     assert "## Adapter fidelity by rank" in md and "| C-ext − C |" in md and "| C-lora − B |" in md
+    table = md.split("## Adapter fidelity by rank")[1]
+    assert [int(line.split("|")[1]) for line in table.splitlines() if line[:3] in ("| 2", "| 4", "| 8", "| 1", "| 3")
+            and line.split("|")[1].strip().isdigit()] == list(ADAPTER_RANKS)  # rows in rank order
     assert "Adapter arms (one base" in summary["table"]["verdict"]
     assert summary["timings_seconds"]["adapters"] > 0
 

@@ -162,6 +162,11 @@ def _base(root: Path, name: str, objective: str, model_dir: Path, shards: Path, 
     return {"file": str(file), "losses": done["losses"], "objective": objective}
 
 
+def _by_rank(d: dict) -> dict[str, float]:
+    """Rank-keyed numbers in rank order (JSON files hold them with string keys, sorted as strings)."""
+    return {str(k): v for k, v in sorted(d.items(), key=lambda kv: int(kv[0]))}
+
+
 def _adapters(root: Path, bases: dict, prompts: Path, p: Profile, progress: bool, model_dir: Path,
               shards: Path) -> tuple[dict, dict]:
     """The two dev -> dev2pro adapters and their fidelity: extracted by `lora extract` at the rank its --ranks
@@ -192,8 +197,8 @@ def _adapters(root: Path, bases: dict, prompts: Path, p: Profile, progress: bool
     t = load_file(str(prompts))
     model = adapter_output_errors(dev, d2p, candidates, t["prompt_embeds"], t["pooled"])
     summary = {"recommended_rank": rank, "energy_target": fid["energy_target"],
-               "energy_by_rank": {str(k): v for k, v in fid["total"]["energy_by_rank"].items()},
-               "layer_error_by_rank": {str(k): v for k, v in fid["total"]["output_error_by_rank"].items()},
+               "energy_by_rank": _by_rank(fid["total"]["energy_by_rank"]),
+               "layer_error_by_rank": _by_rank(fid["total"]["output_error_by_rank"]),
                "model": model,
                "not_linear": len(fid["not_linear"])}
     return {"C-ext": str(ext), "C-lora": bases["dev2pro_lora"]["file"]}, summary
