@@ -362,7 +362,9 @@ class InferenceBase:
             target = train_model
         was_training = target.training
         target.eval()
-        pipe = build_pipeline({**self.data.components, "vae": self.data.components["vae"].to(self.device)}, target)
+        # the VAE decodes the transformer's latents: same dtype (bf16 training would feed bf16 latents to an fp32 VAE)
+        vae = self.data.components["vae"].to(self.device, self.dtype)
+        pipe = build_pipeline({**self.data.components, "vae": vae}, target)
         with torch.no_grad():  # prompt-major: one grid row per prompt, one column per seed
             images = render(pipe, self.data.sample_embeds, [int(s) for s in sc.seeds], guidance=sc.guidance,
                             true_cfg=sc.cfg, negative=self.data.negative_embeds, steps=sc.steps, width=sc.width,
