@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_config, opt, render_toml, require, section
+from ..config import SIZE_HELP, load_config, opt, render_toml, require, resolve_size, section
 from ..flow import TIMESTEP_MODES
 from ..outputs import write_text
 from . import train_steps as steps
@@ -129,8 +129,10 @@ class SampleSection:
     steps: int = opt(20, "sampling steps")
     width: int = opt(512, "sample width (multiple of 16)")
     height: int = opt(512, "sample height (multiple of 16)")
+    size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
 
     def validate(self):
+        resolve_size(self)
         require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
         require(self.steps > 0, "steps must be > 0")
 
