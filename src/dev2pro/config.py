@@ -302,27 +302,35 @@ def _toml_value(v) -> str:
     return repr(v)
 
 
-def add_config_command(sub, name: str, help: str, schema: type, load, run):
+def add_config_command(sub, name: str, help: str, schema: type | None = None, load=None, run=None, *,
+                       target=None):
     """A subcommand for a config-driven recipe: CONFIG.toml, --set, --resume [DIR], --print-config, --no-progress.
 
     ``load(path, overrides)`` builds the config; ``run(cfg, resume, progress)`` returns a summary with ``steps``,
-    ``losses`` and ``files``, which is printed.
+    ``losses`` and ``files``, which is printed. Pass ``target``, a function returning ``(schema, load, run)``,
+    instead of the three to import the recipe (torch, diffusers) only when the command runs, not to parse or
+    print --help.
     """
+    if target is None:
+        def target():
+            return schema, load, run
     p = sub.add_parser(name, help=help)
     p.add_argument("config", nargs="?", help="TOML config (see --print-config)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                    help="continue from the latest state in output_dir, or from a given state folder")
     p.add_argument("--print-config", action="store_true", help="print every option with its default and exit")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
     def main(a):
+        schema_, load_, run_ = target()
         if a.print_config:
-            print(render_toml(schema()), end="")
+            print(render_toml(schema_()), end="")
             return
         if not a.config:
             raise ConfigError(f"pass a config file: dev2pro {name} CONFIG.toml (see --print-config)")
-        summary = run(load(a.config, a.set), a.resume, not a.no_progress)
+        summary = run_(load_(a.config, a.set), a.resume, not a.no_progress)
         if not summary["files"]:  # non-main ranks of a distributed run write nothing
             return
         print(f"done: {summary['steps']} steps, final loss {summary['losses'][-1]:.4f}" if summary["losses"]

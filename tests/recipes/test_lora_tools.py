@@ -91,7 +91,7 @@ def test_lora_convert_round_trip_and_cli(tmp_path, base, capsys):
                  "--to", "kohya"]) == 0
     back = load_lora(tmp_path / "k.safetensors")
     assert all(torch.allclose(lora_delta(back[n]), lora_delta(lw[n]), atol=1e-7) for n in lw)
-    assert main(["lora", "info", str(lora)]) == 0
+    assert main(["lora", "info", "--json", str(lora)]) == 0
     assert '"layout": "kohya"' in capsys.readouterr().out
 
 

@@ -48,21 +48,7 @@ def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000
 
 
 def add_cache_parser(sub):
-    p = sub.add_parser("cache", help="encode image folders / webdataset tars into sharded latent+text caches")
-    p.add_argument("inputs", nargs="+", help="image folders (name.png + name.txt) and/or .tar shards")
-    p.add_argument("--model", required=True, help="FLUX.1-dev-layout model folder (VAE, text encoders)")
-    p.add_argument("--out", required=True, help="output folder for shards and index.json")
-    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard file")
-    p.add_argument("--resolution", type=int, default=512, help="bucket target side")
-    p.add_argument("--bucket-step", type=int, default=64)
-    p.add_argument("--t5-max-length", type=int, default=512)
-    p.add_argument("--default-caption", default="", help="caption for images without one")
-    p.add_argument("--batch-size", type=int, default=4, help="encoder batch")
+    """The `cache` subcommand (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_cache
 
-    def run(a):
-        r = cache(a.inputs, a.model, a.out, a.per_shard, a.resolution, a.bucket_step, a.t5_max_length,
-                  a.default_caption, a.batch_size)
-        print(f"{r['samples']} samples -> {r['index']}")
-        for s in r["skipped"]:
-            print(f"  skipped (unreadable): {s}")
-    p.set_defaults(run=run)
+    add_cache(sub)

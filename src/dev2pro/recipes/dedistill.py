@@ -284,11 +284,10 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
 
 
 def add_dedistill_parser(sub):
-    from ..config import add_config_command
+    """The `dedistill` subcommand (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_dedistill
 
-    add_config_command(sub, "dedistill", "full fine-tune of FLUX.1-dev away from guidance distillation (make a "
-                       "dev2pro); launch with accelerate/torchrun for several GPUs", DedistillConfig,
-                       load_dedistill_config, lambda cfg, resume, progress: dedistill(cfg, resume, progress=progress))
+    add_dedistill(sub)
 
 
 def main(argv=None) -> int:

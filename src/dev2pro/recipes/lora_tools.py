@@ -23,7 +23,8 @@ from ..lora.ops import extract, lora_delta
 from ..outputs import check_output, stream_safetensors
 
 
-def info(path: str) -> dict:
+def info(path: str, as_json: bool = False) -> dict:
+    """Describe a LoRA file: one dict (printed as JSON with ``as_json``, else as aligned text) and returned."""
     lw = F.load_lora(path)
     groups: dict[str, dict] = {}
     for name, m in lw.items():
@@ -33,8 +34,32 @@ def info(path: str) -> dict:
     out = {"path": str(path), "layout": lw.layout, "modules": len(lw), "groups": groups,
            "params": sum(m.down.numel() + m.up.numel() for m in lw.values()),
            "size_bytes": Path(path).stat().st_size, "metadata": lw.metadata}
-    print(json.dumps(out, indent=2, default=str))
+    print(json.dumps(out, indent=2, default=str) if as_json else format_info(out))
     return out
+
+
+def format_info(info: dict) -> str:
+    """The human form of ``info()``'s dict: known fields first, any other field as ``name: value``."""
+    lines = [f"{info['path']}", f"  layout:   {info['layout']}", f"  modules:  {info['modules']}",
+             f"  params:   {info['params']:,}", f"  size:     {_bytes(info['size_bytes'])}", "  groups:"]
+    lines += [f"    {n:>5} x {g}" for g, n in sorted(info["groups"].items())]
+    for k, v in info.items():
+        if k not in ("path", "layout", "modules", "params", "size_bytes", "groups", "metadata"):
+            lines.append(f"  {k + ':':<9} {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+    meta = info.get("metadata") or {}
+    if meta:
+        lines.append("  metadata:")
+        for k, v in sorted(meta.items()):
+            v = str(v)
+            lines.append(f"    {k}: {v if len(v) <= 100 else v[:97] + '...'}")
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def convert(src: str, dst: str, to: str, overwrite: bool = False) -> Path:
@@ -140,30 +165,7 @@ def extract_lora(a: str, b: str, out: str, rank: int, energy: float | None = Non
 
 
 def add_lora_parser(sub):
-    from ..sampling import parse_lora_arg
+    """The `lora` subcommands (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_lora
 
-    p = sub.add_parser("lora", help="LoRA tools: info, convert, merge, extract")
-    lsub = p.add_subparsers(dest="lora_command", required=True)
-    i = lsub.add_parser("info", help="layout, targets, rank/alpha per group, metadata")
-    i.add_argument("file")
-    i.set_defaults(run=lambda a: info(a.file))
-    c = lsub.add_parser("convert", help="convert between kohya, diffusers and comfy layouts (exact)")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--to", required=True, choices=list(F.WRITABLE))
-    c.add_argument("--overwrite", action="store_true")
-    c.set_defaults(run=lambda a: convert(a.src, a.dst, a.to, a.overwrite))
-    m = lsub.add_parser("merge", help="bake LoRAs into a checkpoint (fp8 requantised with the same scheme)")
-    m.add_argument("--base", required=True)
-    m.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]")
-    m.add_argument("out")
-    m.add_argument("--overwrite", action="store_true")
-    m.set_defaults(run=lambda a: merge(a.base, [parse_lora_arg(x) for x in a.lora], a.out, a.overwrite))
-    e = lsub.add_parser("extract", help="SVD of (B - A) per linear layer into a kohya LoRA (e.g. dev -> dev2pro)")
-    e.add_argument("--from", dest="a", required=True)
-    e.add_argument("--to", dest="b", required=True)
-    e.add_argument("out")
-    e.add_argument("--rank", type=int, required=True)
-    e.add_argument("--energy", type=float, default=None, help="smallest rank keeping this energy fraction")
-    e.add_argument("--overwrite", action="store_true")
-    e.set_defaults(run=lambda a: extract_lora(a.a, a.b, a.out, a.rank, a.energy, a.overwrite))
+    add_lora(sub)

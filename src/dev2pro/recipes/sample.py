@@ -99,37 +99,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
 
 
 def add_sample_parser(sub):
-    p = sub.add_parser("sample", help="render prompts x seeds from a Flux base (+ LoRAs) to PNGs and a grid")
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="FLUX.1-dev-layout diffusers folder (VAE, text encoders, scheduler, default transformer)")
-    p.add_argument("--transformer", metavar="FILE",
-                   help="transformer checkpoint to use instead of the folder's (any layout/dtype, incl. fp8)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="LoRA file with optional strength (default 1.0); repeat for several")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
-    src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line ('#' lines skipped)")
-    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt for true CFG (default: empty)")
-    p.add_argument("--guidance", type=float, default=3.5,
-                   help="guidance strength: the embedded value on dev-like bases, the CFG scale on bases without a "
-                        "guidance embedding (default 3.5)")
-    p.add_argument("--cfg", type=float, default=1.0,
-                   help="true CFG scale (> 1 adds a negative-prompt pass; combines with embedded guidance)")
-    p.add_argument("--mode", choices=S.MODES, default="auto",
-                   help="auto: embedded if the base has a guidance embedding, else true_cfg")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--size", default="1024x1024", metavar="WxH")
-    seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, help="one seed (default 0)")
-    seeds.add_argument("--seeds", metavar="A,B,C", help="comma-separated seeds")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
+    """The `sample` subcommand (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_sample
 
-    def run(a):
-        prompts = S.read_prompts(a.prompts) if a.prompts else a.prompt
-        seeds = S.parse_seeds(a.seeds) if a.seeds else [a.seed if a.seed is not None else 0]
-        run_sample(a.model, prompts, a.out, transformer=a.transformer, loras=a.lora, negative=a.negative,
-                   guidance=a.guidance, cfg=a.cfg, mode=a.mode, steps=a.steps, size=a.size, seeds=seeds,
-                   overwrite=a.overwrite, fp8=a.fp8)
-    p.set_defaults(run=run)
+    add_sample(sub)

@@ -272,7 +272,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 
 
 def add_train_parser(sub):
-    from ..config import add_config_command
+    """The `train` subcommand (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_train
 
-    add_config_command(sub, "train", "train a Flux LoRA (default: guidance 1.0 on a de-distilled base)",
-                       TrainConfig, load_train_config, lambda cfg, resume, progress: train(cfg, resume, progress))
+    add_train(sub)
