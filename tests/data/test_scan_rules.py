@@ -134,3 +134,24 @@ def test_scan_reports_skips_for_the_index(messy):
     result = scan([DatasetFolder(messy)], default_caption="x", buckets=BUCKETS)
     assert len(result.items) == 3 and len(result.skipped) == 3
     assert any("wide.png" in c for c in result.cropped)
+
+
+def test_cached_kohya_repeats_expand_in_the_shard_dataset(tmp_path):
+    import torch
+
+    from dev2pro.data.shards import ShardDataset, write_shards
+
+    root = tmp_path / "train"
+    copy("chelsea.png", root / "3_cat")
+    copy("camera.png", root / "1_man")
+    good, skipped = collect_sources([root], "")
+
+    def encode_latents(px):
+        return px.mean(dim=(1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 16, px.shape[2] // 8, px.shape[3] // 8)
+
+    def encode_text(captions):
+        return {"prompt_embeds": torch.zeros(len(captions), 4, 8), "pooled": torch.zeros(len(captions), 8)}
+
+    index = write_shards(good, tmp_path / "out", 8, [(32, 32)], encode_latents, encode_text, {})
+    ds = ShardDataset(index)
+    assert [ds[i]["caption"] for i in range(len(ds))] == ["man", "cat", "cat", "cat"]  # 1_man sorts first

@@ -49,6 +49,8 @@ class FolderSection:
     path: str = opt("", "folder of images with same-stem .txt captions")
     repeats: int = opt(1, "times each image is seen per epoch")
     caption: str = opt("", "caption for images without a .txt file in this folder")
+    recursive: bool = opt(False, "also read images in subfolders (a kohya parent of N_name folders is "
+                                 "recognised without it)")
 
     def validate(self):
         require(bool(self.path), "path: each [[data.folders]] needs a path")
@@ -57,7 +59,8 @@ class FolderSection:
 
 @dataclass
 class DataSection:
-    folders: list[FolderSection] = opt([], "[[data.folders]] tables: path, repeats, caption")
+    folders: list[FolderSection] = opt([], "[[data.folders]] tables: path, repeats, caption, recursive; a path "
+                                           "may be a kohya parent of N_name folders")
     shards: str = opt("", "index.json written by `dev2pro cache` (pre-encoded latents + text), instead of folders")
     default_caption: str = opt("", "caption for images without a .txt file")
     trigger: str = opt("", "trigger word prepended to every caption")

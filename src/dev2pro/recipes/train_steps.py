@@ -26,9 +26,7 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()) and not resuming and not overwrite:
         raise UserError(f"output folder {out} already holds a run; pass --resume to continue it, set "
                         f"save.overwrite = true to start over in it, or choose another save.output_dir")
-    if not out.parent.exists():
-        raise UserError(f"the parent of save.output_dir ({out.parent}) does not exist; create it first")
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # missing parents too, as kohya and ai-toolkit do
     return out / "state"
 
 
@@ -68,10 +66,11 @@ def prepare_data(cfg, out: Path, device) -> PreparedData:
     from ..flux.latents import encode_images
 
     d = cfg.data
-    folders = [DatasetFolder(Path(f.path), f.repeats, f.caption or None) for f in d.folders]
-    items = scan_dataset(folders, default_caption=d.default_caption or None, trigger=d.trigger or None,
-                         min_size=d.min_size, strict=d.strict)
+    folders = [DatasetFolder(Path(f.path), f.repeats, f.caption or None, getattr(f, "recursive", False))
+               for f in d.folders]
     buckets = make_buckets(d.resolution * d.resolution, step=d.bucket_step)
+    items = scan_dataset(folders, default_caption=d.default_caption or None, trigger=d.trigger or None,
+                         min_size=d.min_size, strict=d.strict, buckets=buckets)
     sizes = []
     for it in items:
         w, h = it.size if it.size else _image_size(it.path)
