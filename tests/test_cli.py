@@ -173,3 +173,20 @@ def test_train_and_sample_print_no_torchvision_warning(tiny_dev_dir, tmp_path):
                        capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "torchvision" not in r.stderr and "Loading weights" not in r.stderr, r.stderr
+
+
+def test_train_output_dir_parents_are_created(tmp_path):
+    from dev2pro.recipes.train_steps import prepare_output_dir
+
+    state = prepare_output_dir(tmp_path / "runs" / "2026" / "my-lora", resuming=False, overwrite=False)
+    assert (tmp_path / "runs" / "2026" / "my-lora").is_dir() and state.name == "state"
+
+
+def test_set_error_on_the_command_line_names_the_override(tmp_path, capsys):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[model]\npath = "m"\n[[data.folders]]\npath = "d"\n[save]\noutput_dir = "o"\n')
+    assert main(["train", str(cfg), "--set", "train.lr=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "dev2pro train: error: --set train.lr=abc: 'train.lr' must be a number" in err and str(cfg) not in err
+    assert main(["train", str(cfg), "--set", f"train.steps={2**63 - 1}"]) == 2
+    assert "the largest allowed is 2147483647" in capsys.readouterr().err
