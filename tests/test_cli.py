@@ -167,7 +167,8 @@ def test_sample_creates_missing_parents(tiny_dev_dir, tmp_path):
     assert (out / "000-s0.png").is_file() or any(out.glob("*.png"))
 
 
-def test_train_and_sample_print_no_torchvision_warning(tiny_dev_dir, tmp_path):
+@pytest.mark.slow  # a fresh process must import diffusers (~20 s on a busy CPU)
+def test_sample_prints_no_third_party_noise(tiny_dev_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "dev2pro.cli", "sample", "--model", str(tiny_dev_dir), "--prompt",
                         "a cat", "--steps", "1", "--size", "32x32", "--out", str(tmp_path / "s")],
                        capture_output=True, text=True, env=ENV, timeout=300)
