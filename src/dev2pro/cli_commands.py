@@ -125,12 +125,14 @@ def add_cache(sub):
     p.add_argument("--min-size", type=bounded_int(1), default=16,
                    help="images smaller than this on a side are skipped and listed (default 16, as in train)")
     p.add_argument("--recursive", action="store_true", help="also read images in subfolders of each folder")
+    p.add_argument("--strict", action="store_true",
+                   help="stop on unusable images (broken, tiny, unsupported format) instead of skipping them")
     p.add_argument("--batch-size", type=bounded_int(1, 4096), default=4, help="encoder batch size (default 4)")
 
     def run(a):
         from .recipes.cache import cache
         r = cache(a.inputs, a.model, a.out, a.per_shard, a.resolution, a.bucket_step, a.t5_max_length,
-                  a.default_caption, a.batch_size, min_size=a.min_size, recursive=a.recursive)
+                  a.default_caption, a.batch_size, min_size=a.min_size, recursive=a.recursive, strict=a.strict)
         print(f"{r['samples']} samples -> {r['index']}")
         for s in r["skipped"]:
             print(f"  skipped: {s}")

@@ -155,3 +155,11 @@ def test_cached_kohya_repeats_expand_in_the_shard_dataset(tmp_path):
     index = write_shards(good, tmp_path / "out", 8, [(32, 32)], encode_latents, encode_text, {})
     ds = ShardDataset(index)
     assert [ds[i]["caption"] for i in range(len(ds))] == ["man", "cat", "cat", "cat"]  # 1_man sorts first
+
+
+def test_strict_refuses_the_same_skips_in_both(messy):
+    with pytest.raises(UserError, match=r"3 image\(s\) cannot be used[\s\S]*anim\.gif[\s\S]*fix or delete") as a:
+        scan_dataset([DatasetFolder(messy)], default_caption="x", buckets=BUCKETS, strict=True)
+    with pytest.raises(UserError) as b:
+        collect_sources([messy], "x", buckets=BUCKETS, strict=True)
+    assert str(a.value) == str(b.value)

@@ -19,7 +19,8 @@ from ..errors import UserError
 
 def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000, resolution: int = 512,
           bucket_step: int = 64, t5_max_length: int = 512, default_caption: str = "", batch_size: int = 4,
-          device: str | None = None, min_size: int = 16, recursive: bool = False) -> dict:
+          device: str | None = None, min_size: int = 16, recursive: bool = False,
+          strict: bool = False) -> dict:
     """Encode ``inputs`` into shards under ``out_dir``; returns {index, samples, skipped}.
 
     The inputs are read with the rules `train` applies to its folders (``data.folders``): the same skips,
@@ -34,7 +35,8 @@ def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000
     quiet_libraries()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     buckets = make_buckets(resolution * resolution, step=bucket_step)
-    samples, skipped = collect_sources([Path(i) for i in inputs], default_caption, min_size, buckets, recursive)
+    samples, skipped = collect_sources([Path(i) for i in inputs], default_caption, min_size, buckets, recursive,
+                                       strict)
     comps = load_encoders(Path(model_dir), device)
     encode_text = text_encoder(comps["pipe"], device, t5_max_length)
 
