@@ -268,27 +268,35 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, what: str = "o
     place. The guard arguments are those of ``check_output``; ``size`` (bytes, when known) is checked against the
     free space first."""
     path = check_output(path, overwrite, what, folder=folder, owned=owned, sources=sources)
-    clean_stale_temps(path.parent if str(path.parent) else Path("."))
-    if size:
-        check_free_space(path, size, what)
+    # a file written inside an outer writer's temp folder: that writer reports errors, for its own destination
+    nested = any(t in path.parents for t in _active)
+    if not nested:
+        clean_stale_temps(path.parent if str(path.parent) else Path("."))
+        if size:
+            check_free_space(path, size, what)
     tmp = temp_path(path)
+    _active.append(tmp)
     try:
         yield tmp
         _commit(tmp, path, what)
     except Exception as e:
         code = disk_errno(e)
-        if code is None or (code in (errno.EACCES, errno.EPERM) and not _is_ours(e, tmp, path)):
+        if nested or code is None or (code in (errno.EACCES, errno.EPERM) and not _is_ours(e, tmp, path)):
             raise
         raise disk_error(code, what, path, size, _size_of(tmp)) from None
     finally:
+        _active.remove(tmp)
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
+
+
+_active: list[Path] = []  # temps of the writes in progress in this process (innermost last)
 
 
 def _is_ours(e: BaseException, tmp: Path, path: Path) -> bool:
     """A permission error on our temp or destination (not on an input the body was reading)."""
     name = getattr(e, "filename", None)
-    return name is None or Path(name).parent == tmp.parent or str(name).startswith(str(tmp))
+    return name is None or str(name).startswith(str(tmp)) or Path(name) in (path, path.parent)
 
 
 def _commit(tmp: Path, path: Path, what: str) -> None:
