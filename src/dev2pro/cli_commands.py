@@ -99,11 +99,14 @@ def add_convert(sub):
                    help="drop the guidance embedding (the output is sampled with true CFG)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="write the output even if the source lacks transformer tensors (it will not load)")
 
     def run(a):
         from .recipes.checkpoint_tools import convert
         make_parent(a.dst)
-        convert(a.src, a.dst, a.layout, a.dtype, a.keep, a.overwrite, a.allow_pickle, a.drop_guidance)
+        convert(a.src, a.dst, a.layout, a.dtype, a.keep, a.overwrite, a.allow_pickle, a.drop_guidance,
+                a.allow_incomplete)
     p.set_defaults(run=run)
 
 

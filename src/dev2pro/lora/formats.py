@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -311,7 +310,62 @@ def lora_from_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         mods = _from_bfl({n: _module(n, g) for n, g in groups.items()}, hidden, mlp_hidden)
     else:
         raise UserError(f"unknown LoRA layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    check_lora(mods, hidden, mlp_hidden)
     return LoraWeights(mods, metadata, layout)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+_H, _M = "h", "m"  # symbolic dims: model width, mlp width
+_SHAPES = [  # (pattern over diffusers module names, (out, in)); None = any (embedder inputs, final projection out)
+    (r"transformer_blocks\.\d+\.attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)", (_H, _H)),
+    (r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.0\.proj", (_M, _H)),
+    (r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.2", (_H, _M)),
+    (r"transformer_blocks\.\d+\.norm1(_context)?\.linear", ("6h", _H)),
+    (r"single_transformer_blocks\.\d+\.attn\.to_[qkv]", (_H, _H)),
+    (r"single_transformer_blocks\.\d+\.proj_mlp", (_M, _H)),
+    (r"single_transformer_blocks\.\d+\.proj_out", (_H, "h+m")),
+    (r"single_transformer_blocks\.\d+\.norm\.linear", ("3h", _H)),
+    (r"norm_out\.linear", ("2h", _H)),
+    (r"proj_out", (None, _H)),
+    (r"(x_embedder|context_embedder|time_text_embed\.\w+\.linear_1)", (_H, None)),
+    (r"time_text_embed\.\w+\.linear_2", (_H, _H)),
+]
+
+
+def _dim(sym, h: int, m: int) -> int | None:
+    return None if sym is None else {"h": h, "m": m, "6h": 6 * h, "3h": 3 * h, "2h": 2 * h, "h+m": h + m}[sym]
+
+
+def check_lora(mods: Mapping[str, LoraModule], hidden: int | None = None, mlp_hidden: int | None = None) -> None:
+    """Refuse a LoRA with NaN/inf values or a module whose delta cannot fit a Flux transformer.
+
+    The widths are the ones most modules agree on (or the given ones), so the odd module out is the one named."""
+    from ..outputs import NonFiniteError, count_nonfinite
+
+    for name, m in mods.items():
+        bad = count_nonfinite(m.down) + count_nonfinite(m.up)
+        if bad or not math.isfinite(m.alpha):
+            what = f"{bad} NaN/inf value(s)" if bad else f"alpha {m.alpha}"
+            raise NonFiniteError(f"LoRA module {name!r} holds {what}: the LoRA is broken (saved from a diverged "
+                                 f"run?) and would turn every image black; retrain it or use an earlier save.")
+    shaped = [(name, dims) for name in mods for pat, dims in _SHAPES if re.fullmatch(pat, name)]
+    votes_h = Counter(mods[n].down.shape[1] for n, d in shaped if d[1] == _H)
+    votes_h.update(mods[n].up.shape[0] for n, d in shaped if d[0] == _H)
+    h = hidden or (votes_h.most_common(1)[0][0] if votes_h else None)
+    if h is None:
+        return
+    votes_m = Counter(mods[n].up.shape[0] for n, d in shaped if d[0] == _M)
+    votes_m.update(mods[n].down.shape[1] for n, d in shaped if d[1] == _M)
+    votes_m.update(mods[n].down.shape[1] - h for n, d in shaped if d[1] == "h+m")
+    m = mlp_hidden or (votes_m.most_common(1)[0][0] if votes_m else 4 * h)
+    for name, (out_sym, in_sym) in shaped:
+        mod = mods[name]
+        want = (_dim(out_sym, h, m), _dim(in_sym, h, m))
+        got = (mod.up.shape[0], mod.down.shape[1])
+        if any(w is not None and w != g for w, g in zip(want, got)):
+            shown = "x".join("*" if w is None else str(w) for w in want)
+            raise UserError(f"LoRA module {name!r} gives a {got[0]}x{got[1]} delta, but in a Flux transformer of "
+                            f"width {h} (mlp {m}) that layer is {shown}: the file is damaged or mixes models.")
 
 
 def _kohya_to_bfl_names(groups: dict[str, dict]) -> dict[str, dict]:
@@ -438,26 +492,17 @@ def load_lora(path: str | os.PathLike, allow_pickle: bool = False, hidden: int |
 
 def save_lora(lw: LoraWeights | Mapping[str, LoraModule], path: str | os.PathLike, layout: str,
               metadata: Mapping[str, str] | None = None, overwrite: bool = False, hidden: int | None = None,
-              mlp_hidden: int | None = None) -> Path:
-    """Write ``lw`` as a safetensors file in ``layout``, atomically (temp file + os.replace)."""
-    from safetensors.torch import save_file
+              mlp_hidden: int | None = None, sources: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write ``lw`` as a safetensors file in ``layout``, atomically, through ``outputs`` (guarded destination,
+    NaN/inf refused, disk-full and read-only errors as one line). ``sources``: inputs it must not replace."""
+    from ..outputs import make_parent, save_safetensors
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite to replace it.")
     sd, meta = lora_to_state_dict(lw, layout, metadata, hidden, mlp_hidden)
-    # safetensors refuses views sharing storage (split ups, a shared down): give each tensor its own memory.
-    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    # sorted keys: a stable byte layout whatever the module order
+    sd = {k: sd[k].detach().to("cpu").contiguous() for k in sorted(sd)}
+    make_parent(path, "LoRA")
+    return save_safetensors(sd, path, meta, overwrite=overwrite, what="LoRA", sources=sources)
 
 
 def kohya_metadata(rank: int, alpha: float, guidance_scale: float, timestep_sampling: str, base_model_name: str,

@@ -24,7 +24,8 @@ from ..outputs import check_output, stream_safetensors
 
 
 def info(path: str, as_json: bool = False) -> dict:
-    """Describe a LoRA file: one dict (printed as JSON with ``as_json``, else as aligned text) and returned."""
+    """Describe a LoRA file (``load_lora`` has validated it: finite values, every shape fits a Flux transformer):
+    one dict, printed as JSON with ``as_json``, else as aligned text, and returned."""
     lw = F.load_lora(path)
     groups: dict[str, dict] = {}
     for name, m in lw.items():
@@ -64,7 +65,7 @@ def _bytes(n: int) -> str:
 
 def convert(src: str, dst: str, to: str, overwrite: bool = False) -> Path:
     lw = F.load_lora(src)
-    out = F.save_lora(lw, dst, to, metadata=lw.metadata, overwrite=overwrite)
+    out = F.save_lora(lw, dst, to, metadata=lw.metadata, overwrite=overwrite, sources=[src])
     print(f"wrote {out} ({to} layout, {len(lw)} modules)")
     return out
 
@@ -94,7 +95,8 @@ def merge(base: str, loras: list[tuple[str, float]], out: str, overwrite: bool =
     if ckpt.layout == "diffusers-folder":
         raise UserError(f"{base}: merge writes single files; convert the folder first "
                         f"(dev2pro convert {base} base.safetensors --layout bfl)")
-    check_output(out, overwrite)
+    sources = [base, *set(ckpt.files.values()), *(p for p, _ in loras)]
+    check_output(out, overwrite, "merged checkpoint", folder=False, sources=sources)
     deltas = _deltas_for(ckpt, loras)
     entries = []
     if "scaled_fp8" in ckpt.aux:
@@ -124,7 +126,7 @@ def merge(base: str, loras: list[tuple[str, float]], out: str, overwrite: bool =
             entries.append((ckpt.aux[scale_key], torch.float32, (), lambda m=merged: m(1).reshape(()).float()))
     meta = dict(ckpt.metadata)
     meta["dev2pro.merged_loras"] = json.dumps([[Path(p).name, s] for p, s in loras])
-    path = stream_safetensors(entries, out, meta, overwrite=overwrite)
+    path = stream_safetensors(entries, out, meta, overwrite=overwrite, what="merged checkpoint", sources=sources)
     print(f"wrote {path} ({len(loras)} LoRA(s) merged into {ckpt.layout} {ckpt.fp8_format} base)")
     return path
 
