@@ -191,3 +191,22 @@ def test_set_error_on_the_command_line_names_the_override(tmp_path, capsys):
     assert "dev2pro train: error: --set train.lr=abc: 'train.lr' must be a number" in err and str(cfg) not in err
     assert main(["train", str(cfg), "--set", f"train.steps={2**63 - 1}"]) == 2
     assert "the largest allowed is 2147483647" in capsys.readouterr().err
+
+
+def test_torchvision_fallback_warning_is_filtered_and_others_are_not():
+    """Fast in-process check of the filter (the slow test above checks a real `dev2pro sample`)."""
+    import logging
+
+    from dev2pro.noise import quiet_third_party
+
+    quiet_third_party()
+    quiet_third_party()  # idempotent
+    logger = logging.getLogger("transformers.utils.import_utils")
+
+    def record(msg):
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
+
+    noise = record("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+    assert not logger.filter(noise)
+    assert logger.filter(record("something that matters"))
+    assert sum(type(f).__name__ == "_DropNoise" for f in logger.filters) == 1

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
 from . import __version__
 from .errors import UserError
+from .noise import quiet_third_party
 
 # "module:function" builders, in --help order; each adds one subcommand (see the module docstring)
 COMMANDS = [
@@ -36,12 +36,6 @@ COMMANDS = [
     "dev2pro.cli_commands:add_demo",
 ]
 
-# Third-party log lines that say nothing a dev2pro user can act on (matched as substrings of the message).
-_NOISE = {
-    # diffusers' Flux pipeline imports CLIP/Siglip image processors for IP-adapters we never use
-    "transformers.utils.import_utils": ("requires torchvision (not installed)",),
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dev2pro", description=__doc__.splitlines()[0])
@@ -52,27 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
         module, func = entry.split(":")
         getattr(importlib.import_module(module), func)(sub)
     return parser
-
-
-class _DropNoise(logging.Filter):
-    def __init__(self, fragments):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record):
-        message = record.getMessage()
-        return not any(f in message for f in self.fragments)
-
-
-def quiet_third_party() -> None:
-    """Silence library chatter that does not concern the user, without importing the libraries."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch from a hub at run time
-    # transformers' per-file "Loading weights" bars: our own progress output is the one to watch
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name, fragments in _NOISE.items():
-        logger = logging.getLogger(name)  # the same object the library gets later with getLogger(name)
-        if not any(isinstance(f, _DropNoise) for f in logger.filters):
-            logger.addFilter(_DropNoise(fragments))
 
 
 def _closed_pipe() -> int:

@@ -181,6 +181,9 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, data
 # ------------------------------------------------------------------------------------------------ recipe
 def quiet_libraries():
     """Our progress bar is the one users watch: silence diffusers'/transformers' per-component loading bars."""
+    from ..noise import quiet_third_party
+
+    quiet_third_party()  # also in processes that did not start from the CLI (demo workers, torchrun -m)
     import diffusers
     import transformers
 
