@@ -136,9 +136,8 @@ def add_cache(sub):
         from .recipes.cache import cache
         r = cache(a.inputs, a.model, a.out, a.per_shard, a.resolution, a.bucket_step, a.t5_max_length,
                   a.default_caption, a.batch_size, min_size=a.min_size, recursive=a.recursive, strict=a.strict)
-        print(f"{r['samples']} samples -> {r['index']}")
-        for s in r["skipped"]:
-            print(f"  skipped: {s}")
+        skipped = f" ({len(r['skipped'])} skipped, listed above and in index.json)" if r["skipped"] else ""
+        print(f"{r['samples']} samples -> {r['index']}{skipped}")
     p.set_defaults(run=run)
 
 
