@@ -185,7 +185,7 @@ def add_sample(sub):
     p.add_argument("--size", type=size_arg, default=(1024, 1024), metavar="WxH",
                    help=SIZE_HELP + "; default 1024x1024")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=bounded_int(), help="one seed (default 0)")
+    seeds.add_argument("--seed", type=bounded_int(0, 2**64 - 1), help="one seed (default 0)")
     seeds.add_argument("--seeds", metavar="A,B,C", help="comma-separated seeds")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (created with its parents; must be empty or absent)")
