@@ -11,6 +11,7 @@ import os
 import sys
 
 from .errors import UserError
+from .recipes.caption import add_caption_parser, add_init_tiny_captioner_parser
 
 
 def _add_init_tiny(sub):
@@ -95,7 +96,9 @@ def _add_cache(sub):
 
 
 COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_cache, _add_train, _add_dedistill, _add_sample,
-            _add_compare, _add_lora, _add_demo]
+            _add_compare, _add_lora, _add_demo,
+            add_caption_parser,
+            add_init_tiny_captioner_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
