@@ -71,7 +71,7 @@ def test_each_family_loads_offline_and_captions_every_image(family, captioners, 
     folder = captioners(family)
     assert json.loads((folder / "config.json").read_text())["model_type"] == family
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
-    assert detect_family(folder) == {"qwen2_5_vl": "qwen"}.get(family, family)
+    assert detect_family(folder) == {"qwen2_5_vl": "qwen", "qwen3_vl": "qwen"}.get(family, family)
     cap = loaded(family)
     captions = caption_images(cap, _photos(sk_images), max_new_tokens=8)
     assert len(captions) == 4 and all(c.strip() for c in captions)
@@ -100,10 +100,16 @@ def test_each_family_gets_its_real_prompt_format(loaded, sk_images):
     pads = (inputs["input_ids"] == qwen.processor.convert_tokens_to_ids("<|image_pad|>")).sum(1).tolist()
     assert pads == [int(g.prod()) // 4 for g in inputs["image_grid_thw"]]  # one token per merged 2x2 patch group
     assert inputs["attention_mask"][:, -1].all()  # left padding: every prompt ends where generation starts
+    qwen3 = loaded("qwen3_vl")
+    inputs, _ = _inputs(qwen3, images, "Describe it.")
+    assert qwen3.processor.decode(inputs["input_ids"][0], skip_special_tokens=False).replace("<|endoftext|>", "") \
+        .startswith("<|im_start|>user\n<|vision_start|><|image_pad|>")  # Qwen3-VL: no default system turn
+    assert qwen3.image_processor.patch_size == 16
 
     blip = loaded("blip")
     assert all(c.startswith("a picture of ") for c in caption_images(blip, images, max_new_tokens=4))
     assert all(c.startswith("a photo of ") for c in caption_images(blip, images, "a photo of", 4))
+    assert not any(c.startswith("a picture of") for c in caption_images(blip, images, "", 4))  # unconditional
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -264,3 +270,17 @@ def test_kill_mid_run_leaves_no_half_caption(tmp_path, sk_images, captioners, lo
     assert {p.name: p.read_text(encoding="utf-8") for p in folder.glob("*.txt")} == {
         k.replace(".png", ".txt"): v + "\n" for k, v in expected.items()}
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temp left behind
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_cuda_bf16_captioning(family, captioners, sk_images, tmp_path):
+    import torch
+
+    cap = load_captioner(captioners(family), device="cuda")
+    assert cap.dtype == torch.bfloat16 and next(cap.model.parameters()).is_cuda
+    captions = caption_images(cap, _photos(sk_images), max_new_tokens=8, batch_size=2)
+    assert len(captions) == 4 and all(c.strip() for c in captions)
+    shutil.copy(sk_images / "rocket.jpg", tmp_path / "rocket.jpg")
+    results = run_caption(tmp_path, captioners(family), max_length=8, device="cuda", progress=False)
+    assert [r.status for r in results] == ["written"] and (tmp_path / "rocket.txt").read_text().strip()

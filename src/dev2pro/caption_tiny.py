@@ -4,7 +4,7 @@
 with the family's ``model_type``, ``model.safetensors``, the tokenizer files, ``processor_config.json`` /
 ``preprocessor_config.json``, a generation config and, for Qwen, the chat template). The folders written here are
 that layout with the real transformers classes (Florence-2's DaViT + BART, Qwen2.5-VL's windowed ViT + Qwen2 decoder
-with M-RoPE, BLIP's ViT + BERT decoder), only tiny and with random weights, so every code path of captioning runs
+with M-RoPE, Qwen3-VL's ViT with DeepStack + Qwen3 decoder, BLIP's ViT + BERT decoder), only tiny and with random weights, so every code path of captioning runs
 on a CPU in seconds while the captions themselves are nonsense.
 
 Nothing is downloaded: the vocabularies are built here from the tiny Flux family's caption corpus
@@ -23,7 +23,7 @@ import torch
 from .errors import UserError
 from .outputs import atomic_path
 
-TINY_FAMILIES = ("florence2", "qwen2_5_vl", "blip")
+TINY_FAMILIES = ("florence2", "qwen2_5_vl", "qwen3_vl", "blip")
 
 # The Qwen2-VL / Qwen2.5-VL Instruct chat template, as shipped in their repos' chat_template.json.
 QWEN_VL_CHAT_TEMPLATE = (
@@ -37,6 +37,16 @@ QWEN_VL_CHAT_TEMPLATE = (
     "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
     "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}"
+)
+
+# How the Qwen3-VL Instruct template renders a plain conversation: no default system turn (Qwen2/2.5-VL add one),
+# images as <|vision_start|><|image_pad|><|vision_end|>. Its tool-calling and thinking branches are left out.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}{%- if message['content'] is "
+    "string %}{{- message['content'] }}{%- else %}{%- for content in message['content'] %}{%- if content['type'] == "
+    "'image' or 'image' in content or 'image_url' in content %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 
@@ -97,37 +107,69 @@ def _florence2(seed: int):
     return Florence2ForConditionalGeneration(config), processor
 
 
-def _qwen2_5_vl(seed: int):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-    from transformers import Qwen2VLImageProcessorPil
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
+
+def _qwen_tokenizer(chat_template: str):
+    """A Qwen2 byte-level BPE tokenizer with the Qwen-VL special tokens after the vocabulary, as in the real one."""
+    from transformers import Qwen2Tokenizer
+
     vocab, merges = _byte_level_bpe([])
-    for s in specials:
-        vocab[s] = len(vocab)
+    for special in _QWEN_SPECIALS:
+        vocab[special] = len(vocab)
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                         extra_special_tokens=specials[1:], model_max_length=4096)
-    tok.chat_template = QWEN_VL_CHAT_TEMPLATE
-    # Patch 14 merged 2x2, as the real model; every image becomes 56x56 px = 4x4 patches = 4 image tokens.
+                         extra_special_tokens=_QWEN_SPECIALS[1:], model_max_length=4096)
+    tok.chat_template = chat_template
+    ids = {s: tok.convert_tokens_to_ids(s) for s in _QWEN_SPECIALS}
+    token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                     vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    text_ids = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                    pad_token_id=ids["<|endoftext|>"])
+    return tok, token_ids, text_ids
+
+
+def _qwen_text(vocab_size: int, text_ids: dict, **extra) -> dict:
+    """A 2-layer, 32-wide decoder with M-RoPE (head dim 8: sections 2+1+1 for time, height, width)."""
+    return dict(vocab_size=_padded_vocab(vocab_size), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, **text_ids, **extra)
+
+
+def _qwen2_5_vl(seed: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tok, token_ids, text_ids = _qwen_tokenizer(QWEN_VL_CHAT_TEMPLATE)
+    # Patch 14 merged 2x2, as the real model; images are resized to about 56x56 px (aspect kept, sides multiples
+    # of 28), i.e. 4-6 image tokens, so images of different shapes give prompts of different lengths.
     image_proc = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                                           size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
-    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=_padded_vocab(len(tok)), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, max_window_layers=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
+        text_config=_qwen_text(len(tok), text_ids, max_window_layers=2, rope_parameters={
+            "rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        tie_word_embeddings=True, **token_ids)
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config), (tok, image_proc)
+
+
+def _qwen3_vl(seed: int):
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok, token_ids, text_ids = _qwen_tokenizer(QWEN3_VL_CHAT_TEMPLATE)
+    # Patch 16 merged 2x2 (Qwen3-VL's), interleaved M-RoPE, and DeepStack features injected from vision block 1.
+    image_proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                          size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64})
+    config = Qwen3VLConfig(
+        text_config=_qwen_text(len(tok), text_ids, head_dim=8, rope_parameters={
+            "rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True, "rope_theta": 10000.0}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[1]),
+        tie_word_embeddings=True, **token_ids)
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(config), (tok, image_proc)
 
 
 def _wordpiece_vocab(specials: list[str]) -> dict[str, int]:
@@ -175,7 +217,7 @@ def _rescale_weights(model, seed: int, gain: float = 2.0) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * (gain / fan_in ** 0.5))
 
 
-_BUILDERS = {"florence2": _florence2, "qwen2_5_vl": _qwen2_5_vl, "blip": _blip}
+_BUILDERS = {"florence2": _florence2, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "blip": _blip}
 
 
 def write_tiny_captioner(out_dir: str | Path, family: str, seed: int = 0, overwrite: bool = False) -> Path:

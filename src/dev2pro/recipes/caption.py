@@ -219,7 +219,7 @@ def add_init_tiny_captioner_parser(sub):
     p = sub.add_parser("init-tiny-captioner",
                        help="write a tiny random-weight captioner folder (for tests and demos; captions are nonsense)")
     p.add_argument("dir")
-    p.add_argument("--family", required=True, choices=["florence2", "qwen2_5_vl", "blip"])
+    p.add_argument("--family", required=True, choices=["florence2", "qwen2_5_vl", "qwen3_vl", "blip"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
