@@ -155,6 +155,25 @@ def test_skip_existing_vs_overwrite(folder, captioners):
         k: v for k, v in files.items() if k != "astronaut.txt"}  # deterministic: same images, same captions
 
 
+def test_a_caption_typed_during_the_run_is_kept(folder, captioners, monkeypatch):
+    """Skip-existing is checked again right before writing: an edit made while the model ran is not clobbered."""
+    import dev2pro.caption as C
+
+    real = C.caption_images
+
+    def slow_user(captioner, images, *args, **kwargs):
+        (folder / "coffee.txt").write_text("typed by hand\n")  # appears while the batch is being captioned
+        return real(captioner, images, *args, **kwargs)
+    monkeypatch.setattr(C, "caption_images", slow_user)
+    (folder / "bad.txt").write_bytes(b"\xff\xfe not utf-8 \xff")
+    results = {r.image: r for r in run_caption(folder, captioners("blip"), max_length=4, batch_size=4,
+                                               progress=False)}
+    assert (results["coffee.png"].status, results["coffee.png"].caption) == ("skipped", "typed by hand")
+    assert (folder / "coffee.txt").read_text() == "typed by hand\n"
+    assert results["bad.png"].status == "error" and "not UTF-8" in results["bad.png"].error
+    assert results["chelsea.png"].status == results["rocket.jpg"].status == "written"
+
+
 def test_trigger_prefixes_each_new_caption(folder, captioners):
     model = captioners("florence2")
     plain = {r.image: r.caption for r in run_caption(folder, model, max_length=6, progress=False)

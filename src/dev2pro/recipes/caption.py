@@ -123,8 +123,11 @@ def run_caption(folder: str | Path, model: str | Path, *, prompt: str | None = N
     name = lambda p: p.relative_to(folder).as_posix()  # noqa: E731
     results, todo, bad = [], [], []
     for image in images:
-        old = None if overwrite else existing_caption(image)
-        problem = None if old is not None else image_problem(image)
+        try:
+            old = None if overwrite else existing_caption(image)
+            problem = None if old is not None else image_problem(image)
+        except UserError as e:  # a caption file that is not UTF-8: report it, caption the rest
+            old, problem = None, str(e)
         if old is not None:
             results.append(CaptionResult(name(image), old, "skipped"))
         elif problem:
@@ -145,15 +148,20 @@ def run_caption(folder: str | Path, model: str | Path, *, prompt: str | None = N
     with tqdm(total=len(todo), desc="caption", unit="img", file=sys.stderr, disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            for result in _caption_batch(captioner, batch, folder, prompt, trigger, max_length):
+            for result in _caption_batch(captioner, batch, folder, prompt, trigger, max_length, overwrite):
                 results.append(result)
                 emit(result)
             bar.update(len(batch))
     return results
 
 
-def _caption_batch(captioner, batch: list[Path], folder: Path, prompt, trigger, max_length) -> list[CaptionResult]:
-    """Decode, caption and write one batch; an image that fails to decode is reported, the others go on."""
+def _caption_batch(captioner, batch: list[Path], folder: Path, prompt, trigger, max_length,
+                   overwrite: bool) -> list[CaptionResult]:
+    """Decode, caption and write one batch; an image that fails to decode is reported, the others go on.
+
+    Without ``overwrite``, a caption that appeared while the batch was generated (typed in the web app, say) is
+    kept: the file is checked again right before writing.
+    """
     from PIL import Image
 
     from .. import caption as C
@@ -169,9 +177,18 @@ def _caption_batch(captioner, batch: list[Path], folder: Path, prompt, trigger, 
                                       f"unreadable: {type(e).__name__}: {e}")
     captions = C.caption_images(captioner, [im for _, im in loaded], prompt, max_length, batch_size=len(batch))
     for (path, _), text in zip(loaded, captions):
+        name = path.relative_to(folder).as_posix()
+        try:
+            newer = None if overwrite else existing_caption(path)
+        except UserError as e:
+            out[path] = CaptionResult(name, None, "error", str(e))
+            continue
+        if newer is not None:
+            out[path] = CaptionResult(name, newer, "skipped")
+            continue
         text = add_trigger(text, trigger)
         write_caption(path, text)
-        out[path] = CaptionResult(path.relative_to(folder).as_posix(), text, "written")
+        out[path] = CaptionResult(name, text, "written")
     return [out[p] for p in batch]
 
 
