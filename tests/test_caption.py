@@ -303,3 +303,14 @@ def test_cuda_bf16_captioning(family, captioners, sk_images, tmp_path):
     shutil.copy(sk_images / "rocket.jpg", tmp_path / "rocket.jpg")
     results = run_caption(tmp_path, captioners(family), max_length=8, device="cuda", progress=False)
     assert [r.status for r in results] == ["written"] and (tmp_path / "rocket.txt").read_text().strip()
+
+
+def test_tiny_captioner_folders_are_reproducible(tmp_path, captioners):
+    def digest(folder):
+        return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+    same = digest(write_tiny_captioner(tmp_path / "nested" / "a", "blip", seed=0))  # parents are created
+    assert same == digest(captioners("blip"))  # byte-identical for the same seed
+    other = digest(write_tiny_captioner(tmp_path / "b", "blip", seed=1))
+    assert [k for k in same if same[k] != other[k]] == ["model.safetensors"]  # the seed only changes the weights
+    with pytest.raises(UserError, match="unknown captioner family"):
+        write_tiny_captioner(tmp_path / "c", "llava")

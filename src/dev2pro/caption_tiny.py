@@ -3,9 +3,9 @@
 ``dev2pro caption --model DIR`` loads a captioner from a folder laid out exactly like its Hub repo (``config.json``
 with the family's ``model_type``, ``model.safetensors``, the tokenizer files, ``processor_config.json`` /
 ``preprocessor_config.json``, a generation config and, for Qwen, the chat template). The folders written here are
-that layout with the real transformers classes (Florence-2's DaViT + BART, Qwen2.5-VL's windowed ViT + Qwen2 decoder
-with M-RoPE, Qwen3-VL's ViT with DeepStack + Qwen3 decoder, BLIP's ViT + BERT decoder), only tiny and with random weights, so every code path of captioning runs
-on a CPU in seconds while the captions themselves are nonsense.
+that layout with the real transformers classes (Florence-2's DaViT + BART, Qwen2.5-VL's windowed ViT + Qwen2
+decoder with M-RoPE, Qwen3-VL's ViT with DeepStack + Qwen3 decoder, BLIP's ViT + BERT decoder), only tiny and with
+random weights, so every code path of captioning runs on a CPU in seconds while the captions are nonsense.
 
 Nothing is downloaded: the vocabularies are built here from the tiny Flux family's caption corpus
 (:func:`dev2pro.flux.tiny.tiny_corpus`). Byte-level BPE (BART, Qwen2) gets every byte plus each corpus word as
@@ -227,6 +227,7 @@ def write_tiny_captioner(out_dir: str | Path, family: str, seed: int = 0, overwr
     model, parts = _BUILDERS[family](seed)
     _rescale_weights(model, seed)
     out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, overwrite=overwrite, what="tiny captioner folder") as tmp:
         model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
         for part in parts if isinstance(parts, tuple) else (parts,):

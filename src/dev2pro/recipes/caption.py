@@ -105,8 +105,9 @@ def write_caption(image: Path, text: str) -> Path:
 
 
 def run_caption(folder: str | Path, model: str | Path, *, prompt: str | None = None, trigger: str | None = None,
-                max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 1, overwrite: bool = False, files: list[str] | None = None,
-                device: str = "auto", emit=None, progress: bool = True) -> list[CaptionResult]:
+                max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 1, overwrite: bool = False,
+                files: list[str] | None = None, device: str = "auto", emit=None,
+                progress: bool = True) -> list[CaptionResult]:
     """Caption a folder's images; ``emit(result)`` is called for each image as soon as its outcome is final."""
     from tqdm import tqdm
 
