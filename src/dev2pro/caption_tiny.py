@@ -76,12 +76,20 @@ def _byte_level_bpe(specials: list[str]) -> tuple[dict[str, int], list[tuple[str
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+def _image_processor(name: str):
+    """The PIL-backed image processor class: ``NamePil`` where transformers has both backends (torchvision is
+    optional and must match the torch build), else ``Name``. The saved config names ``Name`` either way."""
+    import transformers
+
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
 def _padded_vocab(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
 
 
 def _florence2(seed: int):
-    from transformers import BartTokenizer, CLIPImageProcessorPil, Florence2Config, Florence2ForConditionalGeneration
+    from transformers import BartTokenizer, Florence2Config, Florence2ForConditionalGeneration
     from transformers import Florence2Processor
 
     vocab, merges = _byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>"])
@@ -90,8 +98,9 @@ def _florence2(seed: int):
     tok = BartTokenizer(vocab=vocab, merges=merges, extra_special_tokens={"image_token": "<image>"},
                         model_max_length=1024)
     side = 32  # DaViT stage stride 4 -> an 8x8 grid, plus one pooled token
-    image_proc = CLIPImageProcessorPil(size={"height": side, "width": side}, crop_size={"height": side, "width": side},
-                                       do_center_crop=False, image_seq_length=(side // 4) ** 2 + 1)
+    image_proc = _image_processor("CLIPImageProcessor")(
+        size={"height": side, "width": side}, crop_size={"height": side, "width": side}, do_center_crop=False,
+        image_seq_length=(side // 4) ** 2 + 1)
     processor = Florence2Processor(image_processor=image_proc, tokenizer=tok)
     config = Florence2Config(
         text_config=dict(model_type="bart", vocab_size=_padded_vocab(len(tok)), d_model=32, encoder_layers=1,
@@ -136,13 +145,13 @@ def _qwen_text(vocab_size: int, text_ids: dict, **extra) -> dict:
 
 
 def _qwen2_5_vl(seed: int):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tok, token_ids, text_ids = _qwen_tokenizer(QWEN_VL_CHAT_TEMPLATE)
     # Patch 14 merged 2x2, as the real model; images are resized to about 56x56 px (aspect kept, sides multiples
     # of 28), i.e. 4-6 image tokens, so images of different shapes give prompts of different lengths.
-    image_proc = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                          size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
+    image_proc = _image_processor("Qwen2VLImageProcessor")(
+        patch_size=14, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
     config = Qwen2_5_VLConfig(
         text_config=_qwen_text(len(tok), text_ids, max_window_layers=2, rope_parameters={
             "rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0}),
@@ -155,12 +164,12 @@ def _qwen2_5_vl(seed: int):
 
 
 def _qwen3_vl(seed: int):
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tok, token_ids, text_ids = _qwen_tokenizer(QWEN3_VL_CHAT_TEMPLATE)
     # Patch 16 merged 2x2 (Qwen3-VL's), interleaved M-RoPE, and DeepStack features injected from vision block 1.
-    image_proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                          size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64})
+    image_proc = _image_processor("Qwen2VLImageProcessor")(
+        patch_size=16, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64})
     config = Qwen3VLConfig(
         text_config=_qwen_text(len(tok), text_ids, head_dim=8, rope_parameters={
             "rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True, "rope_theta": 10000.0}),
@@ -182,13 +191,13 @@ def _wordpiece_vocab(specials: list[str]) -> dict[str, int]:
 
 
 def _blip(seed: int):
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
     from transformers import BlipProcessor
 
     # BLIP's tokenizer is bert-base-uncased plus a [DEC] token that starts every caption.
     vocab = _wordpiece_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"])
     tok = BertTokenizer(vocab=vocab, bos_token="[DEC]", do_lower_case=True, model_max_length=512)
-    image_proc = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    image_proc = _image_processor("BlipImageProcessor")(size={"height": 32, "width": 32})
     processor = BlipProcessor(image_processor=image_proc, tokenizer=tok)
     config = BlipConfig(
         text_config=dict(vocab_size=_padded_vocab(len(tok)), hidden_size=32, encoder_hidden_size=32,
