@@ -95,10 +95,16 @@ def _add_cache(sub):
     add_cache_parser(sub)
 
 
+def _add_ui(sub):
+    from .ui.command import add_ui_parser  # light: the web stack is imported only when `ui` runs
+    add_ui_parser(sub)
+
+
 COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_cache, _add_train, _add_dedistill, _add_sample,
             _add_compare, _add_lora, _add_demo,
             add_caption_parser,
             add_init_tiny_captioner_parser]
+COMMANDS.append(_add_ui)
 
 
 def build_parser() -> argparse.ArgumentParser:
