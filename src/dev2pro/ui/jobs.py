@@ -25,7 +25,9 @@ ACTIVE = ("queued", "running")
 
 
 class JobManager:
-    def __init__(self, state_dir: Path, cwd: Path, poll_s: float = 0.5):
+    def __init__(self, state_dir: Path, cwd: Path, poll_s: float = 0.5, command: list[str] | None = None):
+        """``command``: what a job's args are appended to (default: this Python running the `dev2pro` CLI)."""
+        self.command = command or [sys.executable, "-m", "dev2pro.cli"]
         self.dir = Path(state_dir) / "jobs"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cwd = Path(cwd)
@@ -94,7 +96,8 @@ class JobManager:
         d.mkdir(exist_ok=True)
         log = open(d / "log.txt", "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "dev2pro.ui.runner", str(d), "--", *job["args"]],
+        argv = [sys.executable, "-m", "dev2pro.ui.runner", str(d), "--", *self.command, *job["args"]]
+        proc = subprocess.Popen(argv,
                                 cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)  # own session: survives the UI
         log.close()
@@ -125,7 +128,7 @@ class JobManager:
                     status = "done" if rc == 0 else "stopped" if job["stop_requested"] else "failed"
                     job.update(status=status, returncode=rc, ended=time.time())
                 elif not self._alive(job):
-                    job.update(status="failed", ended=time.time(),
+                    job.update(status="stopped" if job["stop_requested"] else "failed", ended=time.time(),
                                error="the job's process ended without recording a status (killed?)")
                 else:
                     continue

@@ -1,4 +1,4 @@
-"""``python -m dev2pro.ui.runner JOB_DIR -- ARGS...``: run ``dev2pro ARGS`` and record how it ended.
+"""``python -m dev2pro.ui.runner JOB_DIR -- COMMAND...``: run a job's command and record how it ended.
 
 The web app starts every job through this small wrapper, in its own session, so the job outlives the web app
 (a crash or restart of the UI never kills a run) and its exit status is still known afterwards: the child's pid is
@@ -23,10 +23,10 @@ def _write(path: Path, text: str):
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m dev2pro.ui.runner JOB_DIR -- ARGS...", file=sys.stderr)
+        print("usage: python -m dev2pro.ui.runner JOB_DIR -- COMMAND...", file=sys.stderr)
         return 2
-    job_dir, args = Path(argv[0]), argv[2:]
-    child = subprocess.Popen([sys.executable, "-m", "dev2pro.cli", *args])
+    job_dir, command = Path(argv[0]), argv[2:]
+    child = subprocess.Popen(command)
     _write(job_dir / "child.pid", str(child.pid))
     # The wrapper must outlive the child to record its status: forward stop signals instead of dying from them.
     for sig in (signal.SIGINT, signal.SIGTERM):
