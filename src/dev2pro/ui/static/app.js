@@ -292,18 +292,26 @@ async function loadResults() {
   if (!run) return;
   const r = await api("/api/run?run=" + encodeURIComponent(run));
   const ul = $("lora-files"); ul.innerHTML = "";
-  for (const p of r.loras) {
-    ul.append(el("li", {}, el("a", { href: fileUrl(p) + "?download=1", class: "download-lora", download: p.split("/").pop(),
-      text: p.split("/").pop() })));
+  const isStep = (p) => /-step\d+/.test(p);
+  const layout = (p) => (p.includes(".diffusers.") ? "diffusers / PEFT" : p.includes(".comfy.") ? "ComfyUI" :
+    "kohya (ComfyUI, Forge)");
+  const link = (p) => el("a", { href: fileUrl(p) + "?download=1", class: "download-lora", download: p.split("/").pop(),
+    text: p.split("/").pop() });
+  const finals = r.loras.filter((p) => !isStep(p)).sort((a, b) => layout(b).length - layout(a).length);
+  for (const p of finals) ul.append(el("li", {}, link(p), " ", el("span", { class: "status", text: layout(p) })));
+  const steps = r.loras.filter(isStep);
+  if (steps.length) {
+    const det = el("details", {}, el("summary", { text: `${steps.length} intermediate checkpoints` }));
+    for (const p of steps) det.append(el("div", {}, link(p)));
+    ul.append(el("li", {}, det));
   }
-  fill($("sample-lora"), r.loras, true);
-  const finals = r.loras.filter((p) => !/-step\d+/.test(p));
-  if (finals.length && !r.loras.includes($("sample-lora").dataset.chosen)) $("sample-lora").value = finals[0];
+  fill($("sample-lora"), [...finals, ...steps], true);
+  if (finals.length && !finals.includes($("sample-lora").value)) $("sample-lora").value = finals[0];
   const others = (await api("/api/runs")).runs.map((x) => x.run).filter((x) => x !== run);
   const otherLoras = [];
   for (const o of others.slice(0, 20)) {
     const info = await api("/api/run?run=" + encodeURIComponent(o), undefined, { quiet: true }).catch(() => null);
-    if (info) otherLoras.push(...info.loras.filter((p) => !/-step\d+/.test(p)));
+    if (info) otherLoras.push(...info.loras.filter((p) => !/-step\d+/.test(p) && !p.includes(".diffusers.")));
   }
   fill($("compare-other"), otherLoras, true, "(no LoRA: the base alone)");
 }
@@ -316,9 +324,9 @@ async function sampleDev() {
 }
 
 async function compareRun() {
-  const loras = [...$("sample-lora").options].map((o) => o.value).filter((p) => !/-step\d+/.test(p));
-  if (!loras.length) return toast("no final LoRA in this run yet");
-  const job = await api("/api/compare", { lora: loras[0], other: $("compare-other").value });
+  const lora = $("sample-lora").value;
+  if (!lora) return toast("no LoRA in this run yet");
+  const job = await api("/api/compare", { lora, other: $("compare-other").value });
   state.compareJob = job; $("compare-status").textContent = "compare " + job.status;
 }
 
