@@ -98,6 +98,10 @@ def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server
     page.click("#save-models")
     page.click("#inspect-train")
     page.wait_for_function("document.getElementById('inspect-out').textContent.includes('layout')")
+    page.select_option("#convert-src", "models/tiny-dev/transformer")
+    page.fill("#convert-dst", "models/tiny-fp8.safetensors")
+    page.click("#convert-fp8")  # queued: it runs before the caption job below (one job at a time)
+    page.wait_for_function("document.getElementById('jobbar').textContent.includes('convert')")
     shot(page, tmp_path, "1-models")
 
     # Dataset: upload six real photos, auto-caption them all, edit one caption by hand
@@ -122,6 +126,7 @@ def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server
     page.wait_for_selector("#thumbs textarea[data-saved='1']")
     assert (workspace / image).with_suffix(".txt").read_text().strip() == "sks, an edited caption"
     assert len(list((workspace / "datasets" / "set").glob("*.txt"))) == 6
+    assert (workspace / "models" / "tiny-fp8.safetensors").is_file()  # the convert job ran first
     assert "512x512 × 2" in page.inner_text("#bucket-preview")  # astronaut, camera; the rest wide/tall
     page.fill("#bucket-resolution", "64")
     page.dispatch_event("#bucket-resolution", "change")

@@ -68,6 +68,8 @@ async def convert(request: Request, ui):
     if dtype not in ("fp8", "fp8-scaled", "bf16", "fp16", "fp32"):
         raise UserError(f"dtype {dtype!r} is not one of fp8, fp8-scaled, bf16, fp16, fp32")
     args = ["convert", str(src), str(dst), "--dtype", dtype]
+    if src.is_dir() and dst.suffix == ".safetensors":  # a diffusers folder -> one file: the layout ComfyUI loads
+        args += ["--layout", "comfy"]
     job = ui.jobs.submit("convert", args, title=f"convert {ui.ws.rel(src)} -> {body['dst']} ({dtype})")
     return JSONResponse(job)
 
