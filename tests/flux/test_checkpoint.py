@@ -350,7 +350,8 @@ def test_convert_never_deletes_a_model_folder(tmp_path, model_copy, bfl_file, ca
              [str(bfl_file), str(model_copy)],  # a .safetensors onto a model folder
              [str(model_copy), str(model_copy / "transformer"), "--layout", "diffusers"],  # onto its own source
              [str(model_copy / "transformer"), str(model_copy / "transformer" / "diffusion_pytorch_model.safetensors"),
-              "--layout", "bfl"]]
+              "--layout", "bfl"],
+             [str(bfl_file), str(model_copy / "vae"), "--layout", "diffusers"]]  # same file names, not a transformer
     for args in cases:
         assert main(["convert", *args, "--overwrite"]) == 2, args
         err = capsys.readouterr().err

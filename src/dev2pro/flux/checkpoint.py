@@ -470,6 +470,7 @@ def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrit
         size += n
     shards.append(current)
     total = sum(_nbytes(e) for e in entries)
+    _check_not_other_component(dst)
     with atomic_path(dst, overwrite=overwrite, what="converted transformer folder", folder=True,
                      owned=DIFFUSERS_FOLDER_FILES, sources=sources, size=total) as tmp:
         tmp.mkdir()
@@ -486,6 +487,17 @@ def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrit
             (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     return dst
+
+
+def _check_not_other_component(dst: Path) -> None:
+    """A VAE or text-encoder folder has the same file names as a transformer folder: refuse to replace it."""
+    try:
+        cls = json.loads((dst / "config.json").read_text()).get("_class_name") if dst.is_dir() else None
+    except (OSError, ValueError, AttributeError):
+        return
+    if cls and cls != "FluxTransformer2DModel":
+        raise UserError(f"{dst} holds a {cls} (its config.json), not a Flux transformer: refusing to replace it "
+                        f"(nothing was deleted). Choose a new folder")
 
 
 def _nbytes(entry) -> int:
