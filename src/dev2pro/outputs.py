@@ -111,9 +111,9 @@ def _check_replaceable_folder(path: Path, what: str, folder: bool | None, owned:
     foreign = sorted(e for e in entries if not any(fnmatch.fnmatch(e, p) for p in owned))
     if foreign:
         kind = f"a model folder (it has {_model_marker(path)})" if is_model_folder(path) else "a folder"
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise UserError(f"{path} is {kind} holding {foreign[0]}{more}, which this command does not write: "
-                        f"refusing to replace it (nothing was deleted). Choose a new or empty folder")
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise UserError(f"{path} is {kind}: writing a {what} there would delete {shown}, which this command does "
+                        f"not write. Nothing was deleted; choose a new or empty folder")
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
