@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import glob
 import json
 import math
 import os
@@ -162,6 +163,16 @@ def clean_stale_temps(folder: str | os.PathLike, force: bool = False) -> list[Pa
     return removed
 
 
+def _clean_legacy_temps(path: Path) -> None:
+    """Temps that dev2pro before this naming left for this very output (``.NAME.<8 random>.tmp/``, ``.NAME.old``):
+    they carry no pid, so only the next write of the same destination removes them."""
+    parent = path.parent if str(path.parent) else Path(".")
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:[a-z0-9_]{{8}}\.tmp|old)$")
+    for entry in parent.glob(f".{glob.escape(path.name)}.*"):
+        if pattern.match(entry.name) and entry.is_dir():
+            _remove(entry)
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -272,6 +283,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, what: str = "o
     nested = any(t in path.parents for t in _active)
     if not nested:
         clean_stale_temps(path.parent if str(path.parent) else Path("."))
+        _clean_legacy_temps(path)
         if size:
             check_free_space(path, size, what)
     tmp = temp_path(path)

@@ -433,7 +433,10 @@ def test_stale_temps_of_a_killed_convert_are_removed_by_the_next_run(tmp_path, b
     live.write_bytes(b"x")
     other_host = tmp_path / f".dev2pro-tmp-x-{dead.pid}@not-{host}-00000000"  # maybe alive elsewhere: kept
     other_host.write_bytes(b"x")
+    legacy = [tmp_path / ".out.safetensors.k2x_9abc.tmp", tmp_path / ".out.safetensors.old"]  # older dev2pro
+    for p in legacy:
+        (p / "out.safetensors").mkdir(parents=True)
     outputs._cleaned.clear()
     C.convert(bfl_file, tmp_path / "out.safetensors")
-    assert not stale_file.exists() and not stale_dir.exists()
+    assert not stale_file.exists() and not stale_dir.exists() and not any(p.exists() for p in legacy)
     assert live.exists() and other_host.exists()
