@@ -235,7 +235,7 @@ def test_real_full_tmpfs(tmpfs, files, capsys, monkeypatch):
     assert old.read_bytes() == b"x" * 600_000 and _no_temps(tmpfs)
 
 
-def test_real_full_tmpfs_cache_and_train(tmpfs, tmp_path, tiny_dev_dir, sk_images, capsys):
+def test_real_full_tmpfs_cache(tmpfs, tiny_dev_dir, sk_images, capsys):
     _fill(tmpfs, 64 * 1024)
     assert main(["cache", str(sk_images), "--model", str(tiny_dev_dir), "--out", str(tmpfs / "shards"),
                  "--resolution", "64", "--default-caption", "a photo", "--per-shard", "2"]) == 2
