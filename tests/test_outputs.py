@@ -235,7 +235,7 @@ def test_real_full_tmpfs(tmpfs, files, capsys, monkeypatch):
     assert old.read_bytes() == b"x" * 600_000 and _no_temps(tmpfs)
 
 
-def test_real_full_tmpfs_cache_and_train(tmpfs, tmp_path, tiny_dev_dir, sk_images, capsys):
+def test_real_full_tmpfs_cache(tmpfs, tiny_dev_dir, sk_images, capsys):
     _fill(tmpfs, 64 * 1024)
     assert main(["cache", str(sk_images), "--model", str(tiny_dev_dir), "--out", str(tmpfs / "shards"),
                  "--resolution", "64", "--default-caption", "a photo", "--per-shard", "2"]) == 2
@@ -284,3 +284,31 @@ output_dir = "{tmpfs / 'run'}"
     line = _one_line_error(capsys)
     assert "no space left on the device" in line and str(tmpfs / "run") in line, line
     assert _no_temps(tmpfs)
+
+
+def test_train_on_a_nan_base_stops_at_load(tmp_path, tiny_dev_dir, sk_images, capsys):
+    """A NaN block in the base used to train to an all-NaN LoRA with exit 0; now the load names the tensor."""
+    sd = load_file(str(tiny_dev_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    sd["single_transformer_blocks.2.proj_out.weight"][0, :4] = float("nan")
+    bad = tmp_path / "nan-base.safetensors"
+    save_file(sd, str(bad))
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(f"""
+[model]
+path = "{tiny_dev_dir}"
+transformer = "{bad}"
+dtype = "fp32"
+[[data.folders]]
+path = "{sk_images}"
+[data]
+default_caption = "a photo"
+resolution = 64
+[train]
+steps = 2
+[save]
+output_dir = "{tmp_path / 'run'}"
+""")
+    assert main(["train", str(cfg), "--no-progress"]) == 2
+    line = _one_line_error(capsys)
+    assert "single_transformer_blocks.2.proj_out.weight holds 4 NaN/inf" in line, line
+    assert not (tmp_path / "run" / "lora.safetensors").exists() and not (tmp_path / "run" / "summary.json").exists()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import glob
 import json
 import math
 import os
@@ -111,9 +112,9 @@ def _check_replaceable_folder(path: Path, what: str, folder: bool | None, owned:
     foreign = sorted(e for e in entries if not any(fnmatch.fnmatch(e, p) for p in owned))
     if foreign:
         kind = f"a model folder (it has {_model_marker(path)})" if is_model_folder(path) else "a folder"
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise UserError(f"{path} is {kind} holding {foreign[0]}{more}, which this command does not write: "
-                        f"refusing to replace it (nothing was deleted). Choose a new or empty folder")
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise UserError(f"{path} is {kind}: writing a {what} there would delete {shown}, which this command does "
+                        f"not write. Nothing was deleted; choose a new or empty folder")
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
@@ -160,6 +161,16 @@ def clean_stale_temps(folder: str | os.PathLike, force: bool = False) -> list[Pa
         _remove(entry)
         removed.append(entry)
     return removed
+
+
+def _clean_legacy_temps(path: Path) -> None:
+    """Temps that dev2pro before this naming left for this very output (``.NAME.<8 random>.tmp/``, ``.NAME.old``):
+    they carry no pid, so only the next write of the same destination removes them."""
+    parent = path.parent if str(path.parent) else Path(".")
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:[a-z0-9_]{{8}}\.tmp|old)$")
+    for entry in parent.glob(f".{glob.escape(path.name)}.*"):
+        if pattern.match(entry.name) and entry.is_dir():
+            _remove(entry)
 
 
 def _alive(pid: int) -> bool:
@@ -272,6 +283,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, what: str = "o
     nested = any(t in path.parents for t in _active)
     if not nested:
         clean_stale_temps(path.parent if str(path.parent) else Path("."))
+        _clean_legacy_temps(path)
         if size:
             check_free_space(path, size, what)
     tmp = temp_path(path)

@@ -353,7 +353,8 @@ def test_convert_never_deletes_a_model_folder(tmp_path, model_copy, bfl_file, ca
              [str(bfl_file), str(model_copy)],  # a .safetensors onto a model folder
              [str(model_copy), str(model_copy / "transformer"), "--layout", "diffusers"],  # onto its own source
              [str(model_copy / "transformer"), str(model_copy / "transformer" / "diffusion_pytorch_model.safetensors"),
-              "--layout", "bfl"]]
+              "--layout", "bfl"],
+             [str(bfl_file), str(model_copy / "vae"), "--layout", "diffusers"]]  # same file names, not a transformer
     for args in cases:
         assert main(["convert", *args, "--overwrite"]) == 2, args
         err = capsys.readouterr().err
@@ -435,7 +436,10 @@ def test_stale_temps_of_a_killed_convert_are_removed_by_the_next_run(tmp_path, b
     live.write_bytes(b"x")
     other_host = tmp_path / f".dev2pro-tmp-x-{dead.pid}@not-{host}-00000000"  # maybe alive elsewhere: kept
     other_host.write_bytes(b"x")
+    legacy = [tmp_path / ".out.safetensors.k2x_9abc.tmp", tmp_path / ".out.safetensors.old"]  # older dev2pro
+    for p in legacy:
+        (p / "out.safetensors").mkdir(parents=True)
     outputs._cleaned.clear()
     C.convert(bfl_file, tmp_path / "out.safetensors")
-    assert not stale_file.exists() and not stale_dir.exists()
+    assert not stale_file.exists() and not stale_dir.exists() and not any(p.exists() for p in legacy)
     assert live.exists() and other_host.exists()

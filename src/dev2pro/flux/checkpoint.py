@@ -26,14 +26,13 @@ from ..errors import CheckpointError, UserError
 from ..outputs import NonFiniteError, atomic_path, count_nonfinite, stream_safetensors
 from . import fp8 as fp8mod
 from . import keys as keymod
+from .inspection import DTYPE_NAMES, GROUPS, describe, missing_summary, tensor_group  # noqa: F401 (API)
 from .spec import FluxSpec, build_transformer, spec_from_bfl_shapes, spec_from_diffusers_config, \
     spec_from_diffusers_shapes
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 LAYOUTS = ("bfl", "comfy", "diffusers")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-               torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
               "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -237,70 +236,6 @@ def _from_headers(path: Path, headers: Mapping[Path, dict], state: dict | None =
                       aux=aux, files=files, metadata=metadata, ignored=ignored, _state=state)
     keymod.plan(shapes, key_layout, "diffusers")  # raises on keys that are not part of a Flux transformer
     return ckpt
-
-
-# --------------------------------------------------------------------------------------------- inspection
-GROUPS = ("embedders", "modulation", "attention", "mlp", "norms", "final", "biases")
-
-
-def tensor_group(key: str) -> str:
-    """Coarse group of a BFL- or diffusers-named tensor, for inspect's dtype table."""
-    if key.endswith(".bias"):
-        return "biases"
-    if key.endswith(".scale") or "norm_q" in key or "norm_k" in key or "norm_added" in key:
-        return "norms"
-    if key.startswith(("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "x_embedder", "context_embedder",
-                       "time_text_embed")):
-        return "embedders"
-    if key.startswith(("final_layer", "norm_out", "proj_out")):
-        return "final"
-    if "_mod." in key or "modulation" in key or ".norm1" in key or ".norm.linear" in key:
-        return "modulation"
-    if "mlp" in key or ".ff" in key:
-        return "mlp"
-    return "attention"
-
-
-def missing_summary(missing: list[str], limit: int = 4) -> str:
-    """'final_layer.linear, final_layer.adaLN_modulation.1 (4 tensors)': modules rather than every tensor."""
-    modules = list(dict.fromkeys(k.rsplit(".", 1)[0] if k.endswith((".weight", ".bias", ".scale")) else k
-                                 for k in missing))
-    shown = ", ".join(modules[:limit]) + (f" and {len(modules) - limit} more modules" if len(modules) > limit else "")
-    return f"{shown} ({len(missing)} tensor{'s' if len(missing) != 1 else ''})"
-
-
-def describe(ckpt: Checkpoint) -> dict:
-    """Everything ``dev2pro inspect`` reports, as a JSON-able dict."""
-    spec = ckpt.spec()
-    missing = ckpt.missing()
-    groups: dict[str, dict[str, int]] = {}
-    for k, d in ckpt.dtypes.items():
-        g = groups.setdefault(tensor_group(k), {})
-        name = DTYPE_NAMES.get(d, str(d).replace("torch.", ""))
-        g[name] = g.get(name, 0) + 1
-    return {
-        "path": str(ckpt.path),
-        "layout": ckpt.layout,
-        "key_prefix": ckpt.prefix,
-        "variant": spec.variant,
-        "variant_detail": ("guidance-distilled (guidance_in present): dev-like, sample with embedded guidance"
-                           if spec.guidance_embeds else
-                           "no guidance embedding: schnell or de-distilled without guidance, sample with true CFG"),
-        "guidance_embeds": spec.guidance_embeds,
-        "double_blocks": spec.num_double,
-        "single_blocks": spec.num_single,
-        "hidden": spec.hidden,
-        "heads": spec.num_heads,
-        "fp8": ckpt.fp8_format,
-        "dtypes": groups,
-        "params": ckpt.num_params(),
-        "size_bytes": ckpt.size_bytes(),
-        "other_component_keys_ignored": ckpt.ignored,
-        "complete": not missing,
-        "missing": missing,
-        "metadata": dict(ckpt.metadata),
-        "spec": spec.to_dict(),
-    }
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -535,6 +470,7 @@ def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrit
         size += n
     shards.append(current)
     total = sum(_nbytes(e) for e in entries)
+    _check_not_other_component(dst)
     with atomic_path(dst, overwrite=overwrite, what="converted transformer folder", folder=True,
                      owned=DIFFUSERS_FOLDER_FILES, sources=sources, size=total) as tmp:
         tmp.mkdir()
@@ -551,6 +487,17 @@ def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrit
             (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     return dst
+
+
+def _check_not_other_component(dst: Path) -> None:
+    """A VAE or text-encoder folder has the same file names as a transformer folder: refuse to replace it."""
+    try:
+        cls = json.loads((dst / "config.json").read_text()).get("_class_name") if dst.is_dir() else None
+    except (OSError, ValueError, AttributeError):
+        return
+    if cls and cls != "FluxTransformer2DModel":
+        raise UserError(f"{dst} holds a {cls} (its config.json), not a Flux transformer: refusing to replace it "
+                        f"(nothing was deleted). Choose a new folder")
 
 
 def _nbytes(entry) -> int:

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from dev2pro.errors import UserError
-from dev2pro.outputs import atomic_path, make_parent
 from dev2pro.flux.spec import T5_MAX_LENGTH_DEV, TINY, FluxSpec, build_transformer
+from dev2pro.outputs import atomic_path, make_parent
 
 CLIP_MAX_LENGTH = 77
 VARIANTS = ("dev", "pro")
