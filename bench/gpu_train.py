@@ -181,7 +181,7 @@ def step_flops(model, spec: FluxSpec, img: int, txt: int) -> float:
     """Forward + input-gradient backward FLOPs of the frozen network (see the module docstring)."""
     fwd = 0.0
     for name, m in model.named_modules():
-        if type(m).__name__ in ("Linear", "Fp8Linear") and "lora_" not in name:
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name:  # peft's wrappers are not nn.Linear
             fwd += 2.0 * m.in_features * m.out_features * P.stream_tokens(name.replace(".base_layer", ""), img, txt)
     attn = 4.0 * (img + txt) ** 2 * spec.hidden * (spec.num_double + spec.num_single)
     return 2 * fwd + 3 * attn

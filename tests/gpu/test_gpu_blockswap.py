@@ -47,6 +47,10 @@ def _inputs(spec, img_side, txt, dtype):
 
 
 def _train(spec, swap_n, dtype, steps=3, fp8=False, img_side=16, txt=32):
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
     model, params = _model(spec, dtype, fp8)
     swap = BlockSwap(model, swap_n, "cuda", record=True).place() if swap_n else None
     opt = torch.optim.AdamW(params, lr=1e-3)

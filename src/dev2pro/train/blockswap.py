@@ -101,6 +101,7 @@ class BlockSwap:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._pinning_failed = False
         self.slots: dict[int, _Slot] = {p: _Slot(self._entries(self.blocks[p])) for p in self.swapped}
         self.resident: set[int] = set()  # swapped blocks whose device copies are installed
         self.trace: list[tuple[str, int, frozenset]] = []
@@ -121,20 +122,28 @@ class BlockSwap:
             for pname, p in list(module._parameters.items()):
                 if p is None or _is_trainable_name(pname):
                     continue
-                host = p.detach().to("cpu")
-                if self.cuda:
-                    host = host.pin_memory()
+                host = self._pin(p.detach().to("cpu"))
                 master = nn.Parameter(host, requires_grad=False)
                 module._parameters[pname] = master
                 entries.append(_Entry(module, pname, True, master))
             for bname, b in list(module._buffers.items()):
                 if b is None:
                     continue
-                host = b.to("cpu")
-                host = host.pin_memory() if self.cuda else host
+                host = self._pin(b.to("cpu"))
                 module._buffers[bname] = host
                 entries.append(_Entry(module, bname, False, host))
         return entries
+
+    def _pin(self, t: torch.Tensor) -> torch.Tensor:
+        """Page-locked host memory makes the copies asynchronous; without it (a refusing host) they still work."""
+        if not self.cuda or self._pinning_failed:
+            return t
+        try:
+            return t.pin_memory()
+        except RuntimeError as e:
+            self._pinning_failed = True
+            log.warning("block swap: cannot pin host memory (%s); copies will not overlap compute", e)
+            return t
 
     def _swapped_ids(self) -> set[int]:
         return {id(e.host) for s in self.slots.values() for e in s.entries}
