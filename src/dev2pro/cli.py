@@ -94,8 +94,13 @@ def _add_cache(sub):
     add_cache_parser(sub)
 
 
+def _add_plan(sub):
+    from .recipes.plan import add_plan_parser
+    add_plan_parser(sub)
+
+
 COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_cache, _add_train, _add_dedistill, _add_sample,
-            _add_compare, _add_lora, _add_demo]
+            _add_compare, _add_lora, _add_demo, _add_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

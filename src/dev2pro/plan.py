@@ -62,6 +62,8 @@ class PlanInputs:
     text_encoder: str = "gpu"  # gpu | cpu: where T5/CLIP run while caching
     text_encoder_dtype: str = "fp32"
     t5_params: int = T5_XXL_PARAMS
+    clip_params: int = CLIP_L_PARAMS
+    vae_params: int = VAE_PARAMS
 
 
 @dataclass
@@ -217,15 +219,30 @@ def activation_bytes(inp: PlanInputs, layers, per_block: dict, img: int) -> int:
     return inp.batch_size * (act + outside)
 
 
-def encoder_params(model_dir: str | None) -> int:
-    """T5 parameter count from ``text_encoder_2/config.json`` (T5-XXL's 4.76B when there is none)."""
-    cfg_path = Path(model_dir) / "text_encoder_2" / "config.json" if model_dir else None
-    if not cfg_path or not cfg_path.exists():
-        return T5_XXL_PARAMS
-    c = json.loads(cfg_path.read_text())
-    d, ff, kv = c["d_model"], c["d_ff"], c["num_heads"] * c["d_kv"]
-    layer = 4 * d * kv + (3 if "gated" in c.get("feed_forward_proj", "") else 2) * d * ff + 2 * d
-    return c["vocab_size"] * d + c["num_layers"] * layer + d + c.get("relative_attention_num_buckets", 32) * c["num_heads"]
+def component_params(model_dir: str | None, subfolder: str, default: int) -> int:
+    """Parameter count of a model folder's component from its safetensors headers (``default`` without files)."""
+    folder = Path(model_dir) / subfolder if model_dir else None
+    files = sorted(folder.glob("*.safetensors")) if folder and folder.is_dir() else []
+    if not files:
+        return default
+    n = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, info in header.items():
+            if key != "__metadata__":
+                size = 1
+                for d in info["shape"]:
+                    size *= d
+                n += size
+    return n
+
+
+def encoder_params(model_dir: str | None) -> dict[str, int]:
+    """{"t5", "clip", "vae"} parameter counts of a FLUX.1-dev-layout folder (FLUX.1's when absent)."""
+    return {"t5": component_params(model_dir, "text_encoder_2", T5_XXL_PARAMS),
+            "clip": component_params(model_dir, "text_encoder", CLIP_L_PARAMS),
+            "vae": component_params(model_dir, "vae", VAE_PARAMS)}
 
 
 def estimate(inp: PlanInputs) -> Plan:
@@ -249,11 +266,11 @@ def estimate(inp: PlanInputs) -> Plan:
         tokens = inp.sample_pixels // 256 + inp.text_tokens
         pixels = min(inp.sample_pixels, VAE_TILE_PIXELS) if inp.vae_tiling else inp.sample_pixels
         plan.sampling_extra = (plan.base_bytes - plan.swapped_bytes if inp.inference_base else 0) \
-            + 12 * tokens * s.hidden * b + VAE_PARAMS * b + pixels * VAE_DECODE_BYTES_PER_PIXEL * b // 2
+            + 12 * tokens * s.hidden * b + inp.vae_params * 4 + pixels * VAE_DECODE_BYTES_PER_PIXEL * 2
     # caching: the VAE (fp32) encodes on the GPU; CLIP + T5 in their dtype on the GPU or the CPU
     enc_bytes = DTYPE_BYTES[inp.text_encoder_dtype]
-    text = (inp.t5_params + CLIP_L_PARAMS) * enc_bytes
-    vae = VAE_PARAMS * 4 + max(inp.image_tokens) * 256 * VAE_DECODE_BYTES_PER_PIXEL * 2
+    text = (inp.t5_params + inp.clip_params) * enc_bytes
+    vae = inp.vae_params * 4 + max(inp.image_tokens) * 256 * VAE_DECODE_BYTES_PER_PIXEL * 2
     plan.caching_peak = vae + (0 if inp.text_encoder == "cpu" else text)
     on_host = plan.base_bytes + (plan.base_bytes if inp.inference_base else 0)  # loaded on the CPU first
     plan.host_ram = max(on_host, text if inp.text_encoder == "cpu" else 0)
@@ -261,7 +278,7 @@ def estimate(inp: PlanInputs) -> Plan:
 
 
 def fmt_gb(n: int) -> str:
-    return f"{n / GB:.1f} GB"
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1024**2:.1f} MB"
 
 
 def render(plan: Plan) -> str:
@@ -274,7 +291,7 @@ def render(plan: Plan) -> str:
     if i.blocks_to_swap:
         lines.append(f"  block swap {i.blocks_to_swap}: {fmt_gb(plan.swapped_bytes)} in pinned host RAM, "
                      f"{fmt_gb(plan.swap_window_bytes)} on the GPU at a time")
-    lines.append(f"  LoRA rank {i.rank} ({plan.lora_params / 1e6:.1f}M params): weights {fmt_gb(plan.lora_bytes)} + "
+    lines.append(f"  LoRA rank {i.rank} ({plan.lora_params / 1e6:.3g}M params): weights {fmt_gb(plan.lora_bytes)} + "
                  f"grads {fmt_gb(plan.grad_bytes)} + {i.optimizer} state {fmt_gb(plan.optimizer_bytes)}")
     ck = "with" if i.gradient_checkpointing else "without"
     for img, act in plan.activations.items():

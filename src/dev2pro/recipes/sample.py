@@ -45,7 +45,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
                loras: Sequence[str | tuple[str, float]] = (), negative: str = "", guidance: float = 3.5,
                cfg: float = 1.0, mode: str = "auto", steps: int = 20, size: str | tuple[int, int] = (1024, 1024),
                seeds: Sequence[int] = (0,), overwrite: bool = False, fp8: bool = False,
-               max_sequence_length: int = 512) -> list[Path]:
+               max_sequence_length: int = 512, blocks_to_swap: int = 0) -> list[Path]:
     """Render every prompt x seed; returns the written PNG paths (the grid last, when there is one)."""
     prompts = list(prompts)
     seeds = [int(s) for s in seeds]
@@ -65,7 +65,10 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     components = S.load_components(model, dtype)
     embeds, negative_embeds = S.encode_and_free(components, prompts, negative, device, max_sequence_length)
     base, ckpt = S.load_base(transformer or model, loras, dtype, fp8_storage=fp8)
-    pipe = S.build_pipeline(components, base.to(device))  # .to(device) keeps fp8 storage dtypes
+    from ..train.blockswap import enable_block_swap
+
+    enable_block_swap(base, blocks_to_swap, device)  # .to(device) when 0; keeps fp8 storage dtypes
+    pipe = S.build_pipeline(components, base)
     pipe.vae.to(device)
     print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); guidance: {g.mode} (embedded "
           f"{g.embedded}, cfg {g.cfg}); {len(loras)} LoRA(s); loaded in {time.time() - t0:.1f}s")
@@ -125,11 +128,13 @@ def add_sample_parser(sub):
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
+    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N",
+                   help="keep N transformer blocks' weights in host RAM, copied in just before use (less VRAM)")
 
     def run(a):
         prompts = S.read_prompts(a.prompts) if a.prompts else a.prompt
         seeds = S.parse_seeds(a.seeds) if a.seeds else [a.seed if a.seed is not None else 0]
         run_sample(a.model, prompts, a.out, transformer=a.transformer, loras=a.lora, negative=a.negative,
                    guidance=a.guidance, cfg=a.cfg, mode=a.mode, steps=a.steps, size=a.size, seeds=seeds,
-                   overwrite=a.overwrite, fp8=a.fp8)
+                   overwrite=a.overwrite, fp8=a.fp8, blocks_to_swap=a.blocks_to_swap)
     p.set_defaults(run=run)
