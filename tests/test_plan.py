@@ -127,3 +127,52 @@ def test_each_preset_fits_its_card_by_the_plan(gb):
 def test_advise_names_a_setting_that_fits():
     fits, message = advise(PlanInputs(FLUX_DEV, "bf16", image_tokens=(4096,), text_encoder="cpu"), 12 * GB)
     assert not fits and "model.blocks_to_swap" in message and "model.fp8_storage = true" in message
+
+
+def _cfg_toml(tmp_path, model_dir, images, model_extra=""):
+    path = tmp_path / "run.toml"
+    path.write_text(f"""
+[model]
+path = "{model_dir}"
+{model_extra}
+[[data.folders]]
+path = "{images}"
+[lora]
+rank = 8
+[save]
+output_dir = "{tmp_path / 'run'}"
+""")
+    return path
+
+
+def test_vram_preset_fills_what_the_user_left_unset(tmp_path, tiny_dev_dir, sk_images, capsys):
+    from dev2pro.config import render_toml
+    from dev2pro.recipes.plan import _has_bitsandbytes
+    from dev2pro.recipes.train_lora import load_train_config
+
+    path = _cfg_toml(tmp_path, tiny_dev_dir, sk_images, "vram = 12\nfp8_storage = false")
+    cfg = load_train_config(path, ["model.vae_tiling=false"])
+    assert cfg.model.fp8_storage is False and cfg.model.vae_tiling is False  # written by the user: kept
+    assert cfg.model.blocks_to_swap == 16 and cfg.model.text_encoder == "cpu"  # from the preset
+    assert cfg.model.fp8_keep == ["norms", "biases", "embedders", "final"]
+    assert cfg.train.optimizer == ("adamw8bit" if _has_bitsandbytes() else "adamw")
+    printed = capsys.readouterr().out
+    assert "--vram 12 preset: model.fp8_keep" in printed and "kept your model.fp8_storage" in printed
+    # the resolved config (what a run saves) carries the chosen values and reloads to them without the preset
+    resolved = tmp_path / "resolved.toml"
+    resolved.write_text(render_toml(cfg).replace("vram = 12", "vram = 0"))
+    again = load_train_config(resolved)
+    assert again.model.blocks_to_swap == 16 and again.model.fp8_storage is False
+    with pytest.raises(Exception, match="vram"):
+        load_train_config(path, ["model.vram=10"])
+
+
+def test_dev2pro_plan_command_prints_the_breakdown(tmp_path, tiny_dev_dir, sk_images, capsys):
+    from dev2pro.cli import main
+
+    path = _cfg_toml(tmp_path, tiny_dev_dir, sk_images, "blocks_to_swap = 2")
+    assert main(["plan", str(path), "--vram", "8", "--set", "train.optimizer=adafactor"]) == 0
+    out = capsys.readouterr().out
+    for text in ("base weights", "block swap 2:", "LoRA rank 8", "adafactor state", "activations at 1024 image "
+                 "tokens", "caching:", "--vram 8: fits"):
+        assert text in out, text
