@@ -17,9 +17,7 @@ def _model(spec, dtype, fp8=False):
 
     from dev2pro.recipes.train_steps import add_lora
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = build_transformer(spec).to(dtype)
+    model = build_transformer(spec, device="cuda", dtype=dtype, seed=0)
     if fp8:
         from dev2pro.flux.fp8 import Fp8Policy, enable_fp8_storage
 
