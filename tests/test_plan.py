@@ -153,7 +153,7 @@ def test_vram_preset_fills_what_the_user_left_unset(tmp_path, tiny_dev_dir, sk_i
     path = _cfg_toml(tmp_path, tiny_dev_dir, sk_images, "vram = 12\nfp8_storage = false")
     cfg = load_train_config(path, ["model.vae_tiling=false"])
     assert cfg.model.fp8_storage is False and cfg.model.vae_tiling is False  # written by the user: kept
-    assert cfg.model.blocks_to_swap == 16 and cfg.model.text_encoder == "cpu"  # from the preset
+    assert cfg.model.blocks_to_swap == 6 and cfg.model.text_encoder == "cpu"  # preset's 16, clamped to 6 blocks
     assert cfg.model.fp8_keep == ["norms", "biases", "embedders", "final"]
     assert cfg.train.optimizer == ("adamw8bit" if _has_bitsandbytes() else "adamw")
     printed = capsys.readouterr().out
@@ -162,7 +162,7 @@ def test_vram_preset_fills_what_the_user_left_unset(tmp_path, tiny_dev_dir, sk_i
     resolved = tmp_path / "resolved.toml"
     resolved.write_text(render_toml(cfg).replace("vram = 12", "vram = 0"))
     again = load_train_config(resolved)
-    assert again.model.blocks_to_swap == 16 and again.model.fp8_storage is False
+    assert again.model.blocks_to_swap == 6 and again.model.fp8_storage is False
     with pytest.raises(Exception, match="vram"):
         load_train_config(path, ["model.vram=10"])
 
@@ -176,3 +176,18 @@ def test_dev2pro_plan_command_prints_the_breakdown(tmp_path, tiny_dev_dir, sk_im
     for text in ("base weights", "block swap 2:", "LoRA rank 8", "adafactor state", "activations at 1024 image "
                  "tokens", "caching:", "--vram 8: fits"):
         assert text in out, text
+
+
+def test_train_vram_flag_runs_and_saves_the_chosen_settings(tmp_path, tiny_dev_dir, sk_images, capsys):
+    from dev2pro.cli import main
+
+    path = _cfg_toml(tmp_path, tiny_dev_dir, sk_images, 'dtype = "fp32"')
+    assert main(["train", str(path), "--vram", "16", "--set", "train.steps=2", "--set", "data.resolution=64",
+                 "--set", "data.default_caption=a photo", "--set", "data.bucket_step=64",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "--vram 16 preset:" in out and "memory plan" in out and "block swap 6:" in out
+    saved = (tmp_path / "run" / "config.toml").read_text()
+    for line in ("vram = 16", "fp8_storage = true", "blocks_to_swap = 6", "vae_tiling = true",
+                 'text_encoder_dtype = "bf16"', 'dtype = "fp32"'):
+        assert line in saved, line

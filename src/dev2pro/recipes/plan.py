@@ -58,6 +58,15 @@ def apply_vram_preset(cfg, explicit: set[str]) -> dict[str, object]:
                 value = "adamw"  # 8-bit states need bitsandbytes (CUDA); the plan shows the difference
             setattr(getattr(cfg, sec), key, list(value) if isinstance(value, tuple) else value)
             chosen[name] = value
+    if "model.blocks_to_swap" in chosen:  # a preset's count is for FLUX.1's 57 blocks: clamp for smaller models
+        try:
+            from ..flux.checkpoint import open_checkpoint
+
+            spec = open_checkpoint(cfg.model.transformer or cfg.model.path, allow_pickle=cfg.model.allow_pickle).spec()
+            n = min(cfg.model.blocks_to_swap, spec.num_double + spec.num_single)
+            cfg.model.blocks_to_swap = chosen["model.blocks_to_swap"] = n
+        except Exception:  # noqa: BLE001 -- loading the base later reports a bad path clearly
+            pass
     print(f"--vram {gb} preset: " + ", ".join(f"{k} = {v}" for k, v in chosen.items())
           + (f" (kept your {', '.join(kept)})" if kept else ""), flush=True)
     return chosen

@@ -177,10 +177,6 @@ class TrainConfig:
 
 def load_train_config(path: str | None, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
     cfg = load_config(TrainConfig, path, overrides, data)
-    if cfg.model.vram:
-        from .plan import apply_vram_preset, explicit_keys
-
-        apply_vram_preset(cfg, explicit_keys(path, overrides, data))
     base = Path(path).parent if path else Path(".")
     # Relative paths in a config are relative to the config file, not to where the command is run.
     for obj, name in [(cfg.model, "path"), (cfg.model, "transformer"), (cfg.model, "inference_base"),
@@ -188,6 +184,10 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, data
         value = getattr(obj, name)
         if value and not Path(value).is_absolute():
             setattr(obj, name, str((base / value).resolve()))
+    if cfg.model.vram:  # the preset fills only what the user left unset
+        from .plan import apply_vram_preset, explicit_keys
+
+        apply_vram_preset(cfg, explicit_keys(path, overrides, data))
     return cfg
 
 
