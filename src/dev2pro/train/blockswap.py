@@ -101,8 +101,7 @@ class BlockSwap:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._pinning_failed = False
-        self.slots: dict[int, _Slot] = {p: _Slot(self._entries(self.blocks[p])) for p in self.swapped}
+        self.slots: dict[int, _Slot] = {p: _Slot(e) for p, e in self._make_masters().items()}
         self.resident: set[int] = set()  # swapped blocks whose device copies are installed
         self.trace: list[tuple[str, int, frozenset]] = []
         self.max_resident = 0
@@ -114,36 +113,48 @@ class BlockSwap:
             self._handles.append(getattr(model, "module", model).register_forward_pre_hook(self._new_pass))
 
     # ---------------------------------------------------------------------------------------------- setup
-    def _entries(self, block: nn.Module) -> list[_Entry]:
-        entries = []
+    def _frozen(self, block: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
+        """(module, name, is_param, tensor) of every non-LoRA parameter and buffer of ``block``."""
+        found = []
         for mname, module in block.named_modules():
             if _is_trainable_name(mname):
                 continue
-            for pname, p in list(module._parameters.items()):
-                if p is None or _is_trainable_name(pname):
-                    continue
-                host = self._pin(p.detach().to("cpu"))
-                master = nn.Parameter(host, requires_grad=False)
-                module._parameters[pname] = master
-                entries.append(_Entry(module, pname, True, master))
-            for bname, b in list(module._buffers.items()):
-                if b is None:
-                    continue
-                host = self._pin(b.to("cpu"))
-                module._buffers[bname] = host
-                entries.append(_Entry(module, bname, False, host))
-        return entries
+            found += [(module, n, True, p) for n, p in module._parameters.items()
+                      if p is not None and not _is_trainable_name(n)]
+            found += [(module, n, False, b) for n, b in module._buffers.items() if b is not None]
+        return found
 
-    def _pin(self, t: torch.Tensor) -> torch.Tensor:
-        """Page-locked host memory makes the copies asynchronous; without it (a refusing host) they still work."""
-        if not self.cuda or self._pinning_failed:
-            return t
-        try:
-            return t.pin_memory()
-        except RuntimeError as e:
-            self._pinning_failed = True
-            log.warning("block swap: cannot pin host memory (%s); copies will not overlap compute", e)
-            return t
+    def _make_masters(self) -> dict[int, list[_Entry]]:
+        """Copy the swapped blocks' frozen tensors into one host buffer (pinned on CUDA) and install views of it.
+
+        One buffer rather than a pin per tensor: PyTorch's pinned-memory allocator rounds each request up to a
+        power of two, which would cost up to twice the swapped bytes in host RAM.
+        """
+        found = {p: self._frozen(self.blocks[p]) for p in self.swapped}
+        sizes = {id(t): -(-t.numel() * t.element_size() // 64) * 64 for f in found.values() for *_, t in f}
+        total = sum(sizes.values())
+        buf = None
+        if self.cuda:
+            try:
+                buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as e:  # a host that refuses page-locked memory: copies still work, synchronously
+                log.warning("block swap: cannot pin %.1f GB of host memory (%s); copies will not overlap compute",
+                            total / 1024**3, e)
+        if buf is None:
+            buf = torch.empty(total, dtype=torch.uint8)
+        self.host_buffer, offset, entries = buf, 0, {}
+        for p, items in found.items():
+            entries[p] = []
+            for module, name, is_param, t in items:
+                nbytes = t.numel() * t.element_size()
+                view = buf[offset:offset + nbytes].view(t.dtype).view(t.shape) if nbytes else \
+                    torch.empty(t.shape, dtype=t.dtype)
+                view.copy_(t.detach())
+                offset += sizes[id(t)]
+                host = nn.Parameter(view, requires_grad=False) if is_param else view
+                (module._parameters if is_param else module._buffers)[name] = host
+                entries[p].append(_Entry(module, name, is_param, host))
+        return entries
 
     def _swapped_ids(self) -> set[int]:
         return {id(e.host) for s in self.slots.values() for e in s.entries}
