@@ -324,11 +324,11 @@ def table(meta: dict, results: list) -> str:
             ratio = r["s_per_step"] / base[r["size"]] if r["size"] in base else None
             note = r.get("same_as", "") or (r["optimizer_used"] if r["optimizer_used"] != r["optimizer"] else "")
             lines.append(f"| {r['row']} | {r['size']}² | {r['s_per_step']:.3f} | {f(r['peak_alloc_gb'])} | "
-                         f"{f(r['peak_reserved_gb'])} | {f(r.get('plan_gb'), '.3g')} | {f(ratio)}x | {r['tflops']:.0f} | "
-                         f"{r['tflops'] * 1e12 / meta['matmul_flops']:.2f} | {note} |")
+                         f"{f(r['peak_reserved_gb'])} | {f(r.get('plan_gb'), '.3g')} | {f(ratio)}x | "
+                         f"{r['tflops']:.0f} | {r['tflops'] * 1e12 / meta['matmul_flops']:.2f} | {note} |")
         else:
-            lines.append(f"| {r['row']} | {r['size'] or '—'}{'²' if r['size'] else ''} | — | — | — | — | — | — | — | "
-                         f"{r.get('error') or r.get('skipped')} |")
+            size = f"{r['size']}²" if r["size"] else "—"
+            lines.append(f"| {r['row']} | {size} | — | — | — | — | — | — | — | {r.get('error') or r.get('skipped')} |")
     return "\n".join(lines)
 
 

@@ -232,7 +232,8 @@ def test_place_base_speed_switches(tmp_path):
 
     model, _ = _lora_model(TINY)
     assert place_base(model, cfg(attention_backend="native"), "cpu") is None
-    assert str(model.transformer_blocks[0].attn.processor._attention_backend) in ("native", "AttentionBackendName.NATIVE")
+    backend = str(model.transformer_blocks[0].attn.processor._attention_backend)
+    assert backend in ("native", "AttentionBackendName.NATIVE")
     with pytest.raises(UserError, match="attention_backend"):
         place_base(model, cfg(attention_backend="no-such-kernel"), "cpu")
     place_base(model, cfg(compile=True), "cpu")

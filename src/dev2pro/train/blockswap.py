@@ -85,7 +85,8 @@ class _Slot:
 
 
 class BlockSwap:
-    """Hooks that stream the frozen weights of ``n`` blocks of ``model`` (``swap_positions``) from host RAM to ``device``.
+    """Hooks that stream the frozen weights of ``n`` blocks of ``model`` (``swap_positions``) from host RAM to
+    ``device``.
 
     Create it after the LoRA is injected (its weights are told apart by name and always live on ``device``),
     then call ``place()`` instead of ``model.to(device)``.
@@ -282,7 +283,9 @@ class BlockSwap:
 
 
 def enable_block_swap(model: nn.Module, n: int, device, window: int = 2, record: bool = False) -> BlockSwap | None:
-    """Swap ``n`` blocks of ``model`` (``swap_positions``) and place the rest on ``device``; ``None`` (model moved) for n = 0."""
+    """Swap ``n`` blocks of ``model`` (``swap_positions``) and place the rest on ``device``.
+
+    Returns the ``BlockSwap``, or ``None`` for ``n = 0`` (then the whole model is moved)."""
     if n <= 0:
         model.to(device)
         return None
