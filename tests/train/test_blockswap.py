@@ -241,3 +241,16 @@ def test_place_base_speed_switches(tmp_path):
     other, _ = _lora_model(TINY)
     swap = place_base(other, cfg(compile=True, swap=2), "cpu")
     assert swap is not None and all(getattr(b, "_compiled_call_impl", None) is None for b in flux_blocks(other))
+
+
+@pytest.mark.slow
+def test_samples_on_a_swapped_inference_base_equal_unswapped(tmp_path, tiny_dev_dir, sk_images):
+    """With model.inference_base the second transformer is swapped too: placed for sampling, back to host after."""
+    from dev2pro.recipes.train_lora import load_train_config, train
+
+    grids = {}
+    for name, extra in (("plain", ""), ("swap", "blocks_to_swap = 4")):
+        toml = _train_toml(tmp_path, tiny_dev_dir, sk_images, name, f'inference_base = "{tiny_dev_dir}"\n{extra}')
+        train(load_train_config(toml, ["train.steps=2"]), progress=False)
+        grids[name] = (tmp_path / name / "samples" / "step000002.png").read_bytes()
+    assert grids["plain"] == grids["swap"]
