@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (H100/H200 class), < 8 minutes: the GPU-marked tests, then bench/gpu_train.py.
+# One command for a lent GPU (H100/H200 class), < 8 minutes (worst case ~7.7 with every limit hit): the GPU-marked tests, then bench/gpu_train.py.
 # Results (JSON + markdown + logs) go to $OUT (default ./gpu-out). Each phase has its own time limit and a failure
 # in one does not stop the next. Run from the repository root:
 #     bash bench/gpu_session.sh            # the real run
@@ -31,10 +31,13 @@ print("diffusers", diffusers.__version__, "peft", peft.__version__, "transformer
 PYEOF
 
 if [ -z "$SMOKE" ]; then
-  say "GPU tests (limit 120s)"
-  timeout 120 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
+  say "GPU tests in tests/gpu (limit 100s)"
+  timeout 100 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
   say "GPU tests exit ${PIPESTATUS[0]}"
-  BUDGET=230; LIMIT=300
+  say "other GPU-marked tests (limit 60s; a module that cannot be imported here is reported, not fatal)"
+  timeout 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --ignore=tests/gpu tests \
+    2>&1 | tail -n 40 | tee "$OUT/gpu_tests_other.log"
+  BUDGET=220; LIMIT=290
 else
   say "smoke: GPU tests collected only (they need CUDA)"
   timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
