@@ -152,8 +152,17 @@ def _dedistill_target():
 
 
 def add_train(sub):
-    add_config_command(sub, "train", "train a Flux LoRA (default: guidance 1.0 on a de-distilled base)",
-                       target=_train_target)
+    p = add_config_command(sub, "train", "train a Flux LoRA (default: guidance 1.0 on a de-distilled base)",
+                           target=_train_target)
+    p.add_argument("--vram", type=int, choices=(8, 12, 16, 24, 48), metavar="GB",
+                   help="GPU-size preset (8|12|16|24|48 GB), same as --set model.vram=GB")
+    run = p.get_default("run")
+
+    def run_with_vram(a):
+        if a.vram:
+            a.set = [*a.set, f"model.vram={a.vram}"]
+        run(a)
+    p.set_defaults(run=run_with_vram)
 
 
 def add_dedistill(sub):
@@ -191,6 +200,8 @@ def add_sample(sub):
                    help="output folder (created with its parents; must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
+    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N",
+                   help="keep N transformer blocks' weights in host RAM, copied in just before use (less VRAM)")
 
     def run(a):
         from . import sampling as S
@@ -200,7 +211,7 @@ def add_sample(sub):
         make_parent(a.out)
         run_sample(a.model, prompts, a.out, transformer=a.transformer, loras=a.lora, negative=a.negative,
                    guidance=a.guidance, cfg=a.cfg, mode=a.mode, steps=a.steps, size=a.size, seeds=seeds,
-                   overwrite=a.overwrite, fp8=a.fp8)
+                   overwrite=a.overwrite, fp8=a.fp8, blocks_to_swap=a.blocks_to_swap)
     p.set_defaults(run=run)
 
 

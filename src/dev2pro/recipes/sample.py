@@ -45,7 +45,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
                loras: Sequence[str | tuple[str, float]] = (), negative: str = "", guidance: float = 3.5,
                cfg: float = 1.0, mode: str = "auto", steps: int = 20, size: str | tuple[int, int] = (1024, 1024),
                seeds: Sequence[int] = (0,), overwrite: bool = False, fp8: bool = False,
-               max_sequence_length: int = 512) -> list[Path]:
+               max_sequence_length: int = 512, blocks_to_swap: int = 0) -> list[Path]:
     """Render every prompt x seed; returns the written PNG paths (the grid last, when there is one)."""
     prompts = list(prompts)
     seeds = [int(s) for s in seeds]
@@ -65,7 +65,10 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     components = S.load_components(model, dtype)
     embeds, negative_embeds = S.encode_and_free(components, prompts, negative, device, max_sequence_length)
     base, ckpt = S.load_base(transformer or model, loras, dtype, fp8_storage=fp8)
-    pipe = S.build_pipeline(components, base.to(device))  # .to(device) keeps fp8 storage dtypes
+    from ..train.blockswap import enable_block_swap
+
+    enable_block_swap(base, blocks_to_swap, device)  # .to(device) when 0; keeps fp8 storage dtypes
+    pipe = S.build_pipeline(components, base)
     pipe.vae.to(device)
     print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); guidance: {g.mode} (embedded "
           f"{g.embedded}, cfg {g.cfg}); {len(loras)} LoRA(s); loaded in {time.time() - t0:.1f}s")

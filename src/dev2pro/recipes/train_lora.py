@@ -36,12 +36,22 @@ class ModelSection:
     fp8_keep: list = opt(["norms", "biases", "embedders", "modulation", "final"],
                          "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed for fp8 to pay off)")
+    blocks_to_swap: int = opt(0, "blocks (of FLUX.1's 57, double blocks first) whose frozen weights stay in pinned "
+                                 "host RAM and are copied to the GPU just before use; needs gradient_checkpointing")
+    vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48): picks fp8 storage, checkpointing, blocks_to_swap, "
+                       "optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no preset")
+    text_encoder: str = opt("gpu", "where CLIP + T5 run while caching captions", ("gpu", "cpu"))
+    text_encoder_dtype: str = opt("fp32", "CLIP + T5 dtype while caching (bf16 halves T5-XXL's 19 GB)",
+                                  ("fp32", "bf16"))
+    vae_tiling: bool = opt(False, "decode samples in tiles (less memory for large samples)")
     t5_max_length: int = opt(512, "T5 tokens: 512 for dev and de-distilled bases (kohya's 256 is schnell's)")
     allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")
 
     def validate(self):
         require(bool(self.path), "path: set model.path to a FLUX.1-dev-layout model folder")
         require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
+        require(self.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
+        require(self.vram in (0, 8, 12, 16, 24, 48), f"vram = {self.vram}: choose 8, 12, 16, 24 or 48 (GB), or 0")
 
 
 @dataclass
@@ -113,6 +123,10 @@ class TrainSection:
     sigmoid_scale: float = opt(1.0, "logit-normal scale for sigmoid/shift/flux_shift")
     shift: float = opt(3.0, "shift value for timestep_sampling = 'shift'")
     mixed_precision: str = opt("no", "accelerate mixed precision", ("no", "bf16", "fp16"))
+    compile: bool = opt(False, "regional torch.compile of the repeated blocks (diffusers compile_repeated_blocks); "
+                               "the first steps are slow; not with blocks_to_swap")
+    attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
+                                     "PyTorch SDPA")
 
     def validate(self):
         require(self.steps > 0, "steps must be > 0")
@@ -175,6 +189,10 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, data
         value = getattr(obj, name)
         if value and not Path(value).is_absolute():
             setattr(obj, name, str((base / value).resolve()))
+    if cfg.model.vram:  # the preset fills only what the user left unset
+        from .plan import apply_vram_preset, explicit_keys
+
+        apply_vram_preset(cfg, explicit_keys(path, overrides, data))
     return cfg
 
 
@@ -197,6 +215,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     out = Path(cfg.save.output_dir)
     state_dir = steps.prepare_output_dir(out, resume is not None, cfg.save.overwrite)
     write_text(out / "config.toml", render_toml(cfg))
+    from .plan import print_plan_safely
+
+    print_plan_safely(cfg)
     torch.manual_seed(cfg.train.seed)
     from accelerate import Accelerator
 
@@ -214,11 +235,12 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                     "values pull the guidance embedding off its distilled meaning and the LoRA tends to collapse "
                     "or blur when used on dev", cfg.train.guidance)
     params = steps.add_lora(transformer, cfg, ckpt.spec())
+    swap = steps.place_base(transformer, cfg, device)  # block swap keeps part of the base in host RAM
     from ..train.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(params, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[swap is None, True])
     gen = torch.Generator().manual_seed(cfg.train.seed)  # noise, timesteps, caption dropout
     sampler = data.sampler
     start, smoothed = 0, None
