@@ -338,8 +338,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="folder for gpu_train.json/.md")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds after which remaining rows are skipped")
     ap.add_argument("--rows", default="", help="comma-separated substrings: run only matching rows")
+    ap.add_argument("--cudnn-sdp", action="store_true", help="keep PyTorch's cuDNN attention backend on")
     a = ap.parse_args(argv)
     started = time.perf_counter()
+    if not a.cudnn_sdp:
+        from dev2pro.train.cuda import avoid_cudnn_attention
+
+        avoid_cudnn_attention()  # its backward raised an illegal memory access on H200 (see train/cuda.py)
+    sdp = os.environ.get("DEV2PRO_BENCH_SDP", "")  # set by gpu_session.sh from its per-backend preflight
+    if sdp and torch.cuda.is_available():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        sdpa_kernel(getattr(SDPBackend, sdp)).__enter__()  # for the whole run
+        log(f"SDPA backend: {sdp} only")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     if a.smoke:

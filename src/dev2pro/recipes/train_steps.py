@@ -224,6 +224,9 @@ def place_base(model, cfg, device):
 
     Returns the ``BlockSwap`` (None without swap). Call after ``add_lora`` so the LoRA weights are told apart.
     """
+    from ..train.cuda import avoid_cudnn_attention
+
+    avoid_cudnn_attention()
     swap = None
     n = getattr(cfg.model, "blocks_to_swap", 0)
     if n:
