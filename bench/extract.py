@@ -52,7 +52,8 @@ def run(width: int, rank: int, mlp: bool, repeats: int, device: str) -> None:
 
     shapes = [(width, width)] + ([(width, 4 * width)] if mlp else [])
     clock = "CPU seconds of this process" if device == "cpu" else f"seconds on {torch.cuda.get_device_name()}"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {clock}; rank {rank}; fastest of {repeats} paired runs each (shared machine); "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {clock}; rank {rank}; "
+          f"fastest of {repeats} paired runs each (shared machine); "
           "energy = kept / total squared singular values of the rank-k LoRA")
     print(f"{'matrix':>12} {'spectrum':>10} {'exact s':>8} {'rand s':>8} {'speedup':>8} {'E exact':>9} "
           f"{'E rand':>9} {'rel diff':>9}")

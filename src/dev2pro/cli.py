@@ -1,119 +1,79 @@
 """The `dev2pro` command: each subcommand parses its flags and calls one recipe.
 
 User errors (bad files, bad config values, existing outputs) print one clear message and exit with status 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. Output into a closed pipe (``dev2pro inspect --json | head``)
+ends quietly with status 141, like any tool killed by SIGPIPE.
+
+Adding a subcommand: write ``add_NAME(sub)`` in a module that imports neither torch nor a recipe at import time
+(see ``cli_commands.py``: the parser is built eagerly, the recipe is imported inside the ``run`` function it
+sets), then append one line ``"dev2pro.your_module:add_NAME"`` to ``COMMANDS``. ``tests/test_cli.py`` checks
+that building every parser leaves torch unimported (``dev2pro --help`` must stay well under a second) and that
+every argument has help text.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
+from . import __version__
 from .errors import UserError
+from .noise import quiet_third_party
 
-
-def _add_init_tiny(sub):
-    p = sub.add_parser("init-tiny", help="write a tiny random-weight model folder in the FLUX.1-dev diffusers layout")
-    p.add_argument("dir")
-    p.add_argument("--variant", choices=["dev", "pro"], default="dev",
-                   help="dev: with guidance embedding (guidance-distilled); pro: without (true CFG)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-
-    def run(a):
-        from .recipes.checkpoint_tools import init_tiny
-        init_tiny(a.dir, a.variant, a.seed, a.overwrite)
-    p.set_defaults(run=run)
-
-
-def _add_inspect(sub):
-    p = sub.add_parser("inspect", help="describe a Flux checkpoint: layout, variant, dtypes, blocks, size")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt files (can run code: trust the source)")
-
-    def run(a):
-        from .recipes.checkpoint_tools import inspect
-        inspect(a.path, a.json, a.allow_pickle)
-    p.set_defaults(run=run)
-
-
-def _add_convert(sub):
-    p = sub.add_parser("convert", help="convert a Flux checkpoint between layouts and dtypes (streaming)")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--layout", choices=["bfl", "comfy", "diffusers"], help="output layout (default: as input)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp8", "fp8-scaled"], help="default: as input")
-    p.add_argument("--keep", metavar="GROUPS",
-                   help="fp8 only: comma-separated groups kept in bf16 (default norms,biases,embedders,modulation,"
-                        "final; pass '' to quantise every 2-D weight)")
-    p.add_argument("--drop-guidance", action="store_true",
-                   help="drop the guidance embedding (the output is sampled with true CFG)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--allow-pickle", action="store_true")
-
-    def run(a):
-        from .recipes.checkpoint_tools import convert
-        convert(a.src, a.dst, a.layout, a.dtype, a.keep, a.overwrite, a.allow_pickle, a.drop_guidance)
-    p.set_defaults(run=run)
-
-
-def _add_train(sub):
-    from .recipes.train_lora import add_train_parser
-    add_train_parser(sub)
-
-
-def _add_demo(sub):
-    from .recipes.demo import add_demo_parser
-    add_demo_parser(sub)
-
-
-def _add_sample(sub):
-    from .recipes.sample import add_sample_parser
-    add_sample_parser(sub)
-
-
-def _add_compare(sub):
-    from .recipes.compare import add_compare_parser
-    add_compare_parser(sub)
-
-
-def _add_lora(sub):
-    from .recipes.lora_tools import add_lora_parser
-    add_lora_parser(sub)
-
-
-def _add_dedistill(sub):
-    from .recipes.dedistill import add_dedistill_parser
-    add_dedistill_parser(sub)
-
-
-def _add_cache(sub):
-    from .recipes.cache import add_cache_parser
-    add_cache_parser(sub)
-
-
-COMMANDS = [_add_init_tiny, _add_inspect, _add_convert, _add_cache, _add_train, _add_dedistill, _add_sample,
-            _add_compare, _add_lora, _add_demo]
+# "module:function" builders, in --help order; each adds one subcommand (see the module docstring)
+COMMANDS = [
+    "dev2pro.cli_commands:add_init_tiny",
+    "dev2pro.cli_commands:add_inspect",
+    "dev2pro.cli_commands:add_convert",
+    "dev2pro.cli_commands:add_cache",
+    "dev2pro.cli_commands:add_train",
+    "dev2pro.cli_commands:add_dedistill",
+    "dev2pro.cli_commands:add_sample",
+    "dev2pro.cli_commands:add_compare",
+    "dev2pro.cli_commands:add_lora",
+    "dev2pro.cli_commands:add_demo",
+    "dev2pro.recipes.plan:add_plan_parser",
+    "dev2pro.recipes.caption:add_caption_parser",
+    "dev2pro.recipes.caption:add_init_tiny_captioner_parser",
+    "dev2pro.ui.command:add_ui_parser",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dev2pro", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
-        add(sub)
+    parser.add_argument("--version", action="version", version=f"dev2pro {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for entry in COMMANDS:
+        module, func = entry.split(":")
+        getattr(importlib.import_module(module), func)(sub)
     return parser
 
 
+def _closed_pipe() -> int:
+    # stdout's reader went away (`| head`): point stdout at /dev/null so the interpreter's final flush does not
+    # raise again, and exit like a process killed by SIGPIPE
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + 13
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch from a hub at run time
-    args = build_parser().parse_args(argv)
+    quiet_third_party()
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # --help into a closed pipe
+        return _closed_pipe()
     try:
         args.run(args)
+        sys.stdout.flush()
     except UserError as e:
         print(f"dev2pro {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
         print(f"dev2pro {args.command}: interrupted", file=sys.stderr)
         return 130

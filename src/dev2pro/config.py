@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import sys
 import types
 import typing
@@ -23,6 +25,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import ConfigError
+
+INT_LIMIT = 2**31 - 1  # no count, size or seed in a config needs more; 2^63-1 steps is a typo, not a plan
 
 
 def opt(default, help: str = "", choices: tuple | None = None):
@@ -42,12 +46,15 @@ def section(cls, help: str = ""):
 # ------------------------------------------------------------------------------------------------ loading
 def load_config(schema: type, path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None):
-    """Build ``schema`` from a TOML file and/or a dict, then apply ``section.key=value`` overrides."""
+    """Build ``schema`` from a TOML file and/or a dict, then apply ``section.key=value`` overrides.
+
+    Errors name where the bad value came from: ``--set train.lr=abc: 'train.lr' must be a number``, or the file.
+    """
     raw: dict = {}
-    source = "config"
+    source = _Source("config")
     if path is not None:
         path = Path(path)
-        source = str(path)
+        source = _Source(str(path))
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -58,9 +65,27 @@ def load_config(schema: type, path: str | Path | None = None, overrides: list[st
         raw = _merge(raw, data)
     for item in overrides or []:
         raw = _merge(raw, parse_override(item))
+        source.overrides[item.split("=", 1)[0].strip()] = item
     cfg = _build(schema, raw, source, "")
     _validate_tree(cfg, source, "")
     return cfg
+
+
+class _Source(str):
+    """The config file's name (a str, so messages can use it as is) plus the ``--set`` items applied on top:
+    ``source.of(message)`` prefixes a message with the override it is about, or else with the file."""
+
+    def __new__(cls, name: str):
+        obj = super().__new__(cls, name)
+        obj.overrides = {}
+        return obj
+
+    def of(self, field: str) -> str:
+        # the last override of this field or of one of its parent tables (``--set train={...}``) wins
+        for key in reversed(list(self.overrides)):
+            if field == key or field.startswith(key + ".") or field.startswith(key + "["):
+                return f"--set {self.overrides[key]}"
+        return str(self)
 
 
 def parse_override(item: str) -> dict:
@@ -90,14 +115,14 @@ def _merge(a: dict, b: dict) -> dict:
 
 def _build(schema: type, raw: dict, source: str, where: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: [{where.rstrip('.')}] must be a table, got {raw!r}")
+        raise ConfigError(f"{_of(source, where.rstrip('.'))}: [{where.rstrip('.')}] must be a table, got {raw!r}")
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean '{where}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"{source}: unknown key '{where}{key}'{hint}")
+            raise ConfigError(f"{_of(source, where + key)}: unknown key '{where}{key}'{hint}")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
@@ -108,11 +133,16 @@ def _build(schema: type, raw: dict, source: str, where: str):
         elif _is_list_of_dataclass(tp):
             item_tp = typing.get_args(tp)[0]
             if not isinstance(raw[name], list):
-                raise ConfigError(f"{source}: '{where}{name}' must be a list of tables ([[{where}{name}]])")
+                raise ConfigError(f"{_of(source, where + name)}: '{where}{name}' must be a list of tables "
+                                  f"([[{where}{name}]])")
             kwargs[name] = [_build(item_tp, r, source, f"{where}{name}[{i}].") for i, r in enumerate(raw[name])]
         else:
             kwargs[name] = _coerce(raw[name], tp, f.metadata.get("choices"), source, where + name)
     return schema(**kwargs)
+
+
+def _of(source, field: str) -> str:
+    return source.of(field) if isinstance(source, _Source) else str(source)
 
 
 def _is_list_of_dataclass(tp) -> bool:
@@ -121,7 +151,7 @@ def _is_list_of_dataclass(tp) -> bool:
 
 def _coerce(value: Any, tp, choices, source: str, name: str):
     def fail(expected: str):
-        raise ConfigError(f"{source}: '{name}' must be {expected}, got {value!r}")
+        raise ConfigError(f"{_of(source, name)}: '{name}' must be {expected}, got {value!r}")
 
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -134,19 +164,24 @@ def _coerce(value: Any, tp, choices, source: str, name: str):
     if choices is not None and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{source}: '{name}' = {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+        raise ConfigError(f"{_of(source, name)}: '{name}' = {value!r} is not one of {', '.join(map(str, choices))}{hint}")
     if tp is bool:
         if isinstance(value, bool):
             return value
         fail("true or false")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        fail("an integer")
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail("an integer")
+        if abs(value) > INT_LIMIT:
+            raise ConfigError(f"{_of(source, name)}: '{name}' = {value} is too large; the largest allowed is "
+                              f"{INT_LIMIT} (2^31 - 1)")
+        return value
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        fail("a number")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            fail("a number")
+        if not math.isfinite(value):
+            fail("a finite number")  # inf/nan train to an all-NaN result without any other error
+        return float(value)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -175,13 +210,44 @@ def _validate_tree(cfg, source: str, where: str):
         try:
             check()
         except ConfigError as e:
-            raise ConfigError(f"{source}: {where}{e}") from None
+            # messages start with the field they are about ("steps must be > 0"): blame its override if any
+            field = re.match(r"[\w.\[\]]*", f"{where}{e}").group(0).rstrip(".")
+            raise ConfigError(f"{_of(source, field)}: {where}{e}") from None
 
 
 def require(ok: bool, message: str):
     """Raise a ConfigError (field name first) unless ``ok``; used in ``validate()`` methods."""
     if not ok:
         raise ConfigError(message)
+
+
+SIZE_HELP = 'image size "WIDTHxHEIGHT" (e.g. "768x512"; one number for a square)'
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1024x768"`` (or ``"512"`` for a square) -> (width, height): the one size syntax of every command."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+))?\s*", str(text))
+    if not m or int(m.group(1)) == 0 or int(m.group(2) or 1) == 0:
+        raise ConfigError(f"size {text!r} must look like WIDTHxHEIGHT, e.g. 1024x1024")
+    w = int(m.group(1))
+    return w, int(m.group(2) or w)
+
+
+def resolve_size(section, default: tuple[int, int] = (512, 512)):
+    """Apply a section's ``size = "WxH"`` to its ``width``/``height`` (the older spelling, still accepted).
+
+    Both may be present when they agree (a saved config.toml has all three); different values are an error.
+    """
+    if not section.size:
+        return
+    try:
+        size = parse_size(section.size)
+    except ConfigError as e:
+        raise ConfigError(f"size: {e}") from None
+    require((section.width, section.height) in (size, default),
+            f"size: \"{section.size}\" disagrees with width/height {section.width}x{section.height}; set "
+            "size or width/height, not both")
+    section.width, section.height = size
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -236,27 +302,35 @@ def _toml_value(v) -> str:
     return repr(v)
 
 
-def add_config_command(sub, name: str, help: str, schema: type, load, run):
+def add_config_command(sub, name: str, help: str, schema: type | None = None, load=None, run=None, *,
+                       target=None):
     """A subcommand for a config-driven recipe: CONFIG.toml, --set, --resume [DIR], --print-config, --no-progress.
 
     ``load(path, overrides)`` builds the config; ``run(cfg, resume, progress)`` returns a summary with ``steps``,
-    ``losses`` and ``files``, which is printed.
+    ``losses`` and ``files``, which is printed. Pass ``target``, a function returning ``(schema, load, run)``,
+    instead of the three to import the recipe (torch, diffusers) only when the command runs, not to parse or
+    print --help.
     """
+    if target is None:
+        def target():
+            return schema, load, run
     p = sub.add_parser(name, help=help)
     p.add_argument("config", nargs="?", help="TOML config (see --print-config)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                    help="continue from the latest state in output_dir, or from a given state folder")
     p.add_argument("--print-config", action="store_true", help="print every option with its default and exit")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
     def main(a):
+        schema_, load_, run_ = target()
         if a.print_config:
-            print(render_toml(schema()), end="")
+            print(render_toml(schema_()), end="")
             return
         if not a.config:
             raise ConfigError(f"pass a config file: dev2pro {name} CONFIG.toml (see --print-config)")
-        summary = run(load(a.config, a.set), a.resume, not a.no_progress)
+        summary = run_(load_(a.config, a.set), a.resume, not a.no_progress)
         if not summary["files"]:  # non-main ranks of a distributed run write nothing
             return
         print(f"done: {summary['steps']} steps, final loss {summary['losses'][-1]:.4f}" if summary["losses"]

@@ -153,7 +153,10 @@ def test_diffusers_folder_written_by_convert_matches_own_loader(tmp_path, bfl_fi
     x = _inputs()
     with torch.no_grad():
         a, b = theirs(**x)[0], ours(**x)[0]
-    assert torch.equal(a, b)
+    mine = ours.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in theirs.state_dict().items())  # bitwise equal weights
+    # outputs: equal up to fp32 round-off (a view vs a contiguous copy of the same weight can take another kernel)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_comfy_scaled_fp8_file_loads_with_scales_applied(tmp_path):
@@ -324,3 +327,119 @@ def test_bfl_output_matches_diffusers_converter_full_width(tmp_path):
     ref = load_file(str(src))
     assert set(theirs) == set(ref)
     assert all(torch.equal(theirs[k], ref[k]) for k in ref)
+
+
+# ------------------------------------------------------------------------------------------------ safety (issue 10)
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_dev_dir):
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_dev_dir, dst)
+    return dst
+
+
+def test_convert_never_deletes_a_model_folder(tmp_path, model_copy, bfl_file, capsys):
+    from dev2pro.cli import main
+
+    before = _snapshot(model_copy)
+    assert {"model_index.json", "vae/diffusion_pytorch_model.safetensors", "tokenizer_2/tokenizer.json"} <= set(before)
+    cases = [[str(model_copy), str(model_copy), "--layout", "diffusers"],  # the issue's command
+             [str(bfl_file), str(model_copy), "--layout", "diffusers"],  # a layout onto a model folder
+             [str(bfl_file), str(model_copy)],  # a .safetensors onto a model folder
+             [str(model_copy), str(model_copy / "transformer"), "--layout", "diffusers"],  # onto its own source
+             [str(model_copy / "transformer"), str(model_copy / "transformer" / "diffusion_pytorch_model.safetensors"),
+              "--layout", "bfl"],
+             [str(bfl_file), str(model_copy / "vae"), "--layout", "diffusers"]]  # same file names, not a transformer
+    for args in cases:
+        assert main(["convert", *args, "--overwrite"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "error:" in err, err
+        assert _snapshot(model_copy) == before, args  # every file still there, byte for byte
+    assert not [p for p in tmp_path.rglob(".dev2pro-tmp-*")]
+
+
+def test_convert_replaces_only_its_own_earlier_output(tmp_path, bfl_file):
+    out = C.convert(bfl_file, tmp_path / "t", layout="diffusers")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt.*does not write"):
+        C.convert(bfl_file, out, layout="diffusers", overwrite=True)
+    (out / "notes.txt").unlink()
+    C.convert(bfl_file, out, layout="diffusers", dtype="bf16", overwrite=True)  # its own files: replaced
+    assert C.open_checkpoint(out).dtypes["x_embedder.weight"] == torch.bfloat16
+    same = C.convert(bfl_file, tmp_path / "same.safetensors")
+    with pytest.raises(UserError, match="is the input"):
+        C.convert(same, same, dtype="bf16", overwrite=True)
+
+
+def test_missing_components_are_reported_and_not_converted(tmp_path, bfl_file, capsys):
+    from dev2pro.cli import main
+
+    sd = load_file(str(bfl_file))
+    part = tmp_path / "no-final.safetensors"
+    save_file({k: v for k, v in sd.items() if not k.startswith("final_layer")}, str(part))
+    info = C.describe(C.open_checkpoint(part))
+    assert info["complete"] is False and info["missing"] == [
+        "final_layer.adaLN_modulation.1.bias", "final_layer.adaLN_modulation.1.weight", "final_layer.linear.bias",
+        "final_layer.linear.weight"]
+    assert C.describe(C.open_checkpoint(bfl_file))["missing"] == []
+    assert main(["inspect", str(part)]) == 0
+    assert "missing     final_layer.adaLN_modulation.1, final_layer.linear (4 tensors)" in capsys.readouterr().out
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(part), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "final_layer.linear" in err and "--allow-incomplete" in err and not out.exists()
+    assert main(["convert", str(part), str(out), "--allow-incomplete"]) == 0
+    assert set(load_file(str(out))) == {k for k in sd if not k.startswith("final_layer")}
+
+
+def test_non_finite_base_is_caught_at_load_and_never_converted(tmp_path, bfl_file, capsys):
+    from dev2pro.cli import main
+
+    sd = load_file(str(bfl_file))
+    sd["single_blocks.1.linear2.weight"][5, 7] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(sd, str(bad))
+    with pytest.raises(UserError, match=r"single_blocks.1.linear2.weight holds 1 NaN/inf"):
+        C.load_transformer(bad)
+    q = tmp_path / "fp8.safetensors"
+    C.convert(bfl_file, q, dtype="fp8")
+    raw = load_file(str(q))
+    raw["double_blocks.0.img_mlp.0.weight"].view(torch.uint8)[0, 0] = 0x7F  # an e4m3fn NaN
+    save_file(raw, str(q))
+    with pytest.raises(UserError, match="img_mlp.0.weight.*NaN/inf"):
+        C.load_transformer(q, fp8_storage=True)
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(bad), str(out)]) == 2
+    assert "NaN/inf" in capsys.readouterr().err and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_stale_temps_of_a_killed_convert_are_removed_by_the_next_run(tmp_path, bfl_file):
+    import socket
+    import subprocess
+
+    from dev2pro import outputs
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stale_file = tmp_path / f".dev2pro-tmp-out.safetensors-{dead.pid}@{host}-0123abcd"
+    stale_file.write_bytes(b"half a tensor")
+    stale_dir = tmp_path / f".dev2pro-tmp-out-{dead.pid}@{host}-89abcdef"
+    (stale_dir / "sub").mkdir(parents=True)
+    live = tmp_path / f".dev2pro-tmp-other-{os.getpid()}@{host}-00000000"  # a live writer's: kept
+    live.write_bytes(b"x")
+    other_host = tmp_path / f".dev2pro-tmp-x-{dead.pid}@not-{host}-00000000"  # maybe alive elsewhere: kept
+    other_host.write_bytes(b"x")
+    legacy = [tmp_path / ".out.safetensors.k2x_9abc.tmp", tmp_path / ".out.safetensors.old"]  # older dev2pro
+    for p in legacy:
+        (p / "out.safetensors").mkdir(parents=True)
+    outputs._cleaned.clear()
+    C.convert(bfl_file, tmp_path / "out.safetensors")
+    assert not stale_file.exists() and not stale_dir.exists() and not any(p.exists() for p in legacy)
+    assert live.exists() and other_host.exists()

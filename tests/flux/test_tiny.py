@@ -151,8 +151,14 @@ def test_refuses_non_empty_folder_without_overwrite(tmp_path):
         write_tiny_model(out)
     assert (out / "keep.txt").read_text() == "user data"
 
-    write_tiny_model(out, variant="pro", overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model_index.json").is_file()
+    with pytest.raises(UserError, match="keep.txt.*does not write"):  # --overwrite replaces models, not user data
+        write_tiny_model(out, variant="pro", overwrite=True)
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    write_tiny_model(out, variant="dev")
+    write_tiny_model(out, variant="pro", overwrite=True)  # an earlier model folder is replaced
+    assert (out / "model_index.json").is_file() and not (out / "transformer" / "config.json").read_text().count(
+        '"guidance_embeds": true')
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or backup siblings left
 
     empty = tmp_path / "empty"

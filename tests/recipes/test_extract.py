@@ -107,6 +107,7 @@ def test_ranks_mode_reports_fidelity_and_writes_no_lora(tmp_path, pair, capsys):
         e = layer["output_error_by_rank"]
         assert e["1"] >= e["2"] >= e["4"]
     assert rep["recommended_rank"] <= 4 and "output rel. error" in capsys.readouterr().out
-    assert main(["lora", "extract", "--from", str(a), "--to", str(b), str(tmp_path / "f2.json"), "--ranks",
-                 "a,b"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # a usage error, like any other bad flag
+        main(["lora", "extract", "--base", str(a), "--tuned", str(b), str(tmp_path / "f2.json"), "--ranks", "a,b"])
+    assert exit_.value.code == 2
     assert "--ranks 'a,b' must be comma-separated integers" in capsys.readouterr().err

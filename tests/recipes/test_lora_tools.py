@@ -91,7 +91,7 @@ def test_lora_convert_round_trip_and_cli(tmp_path, base, capsys):
                  "--to", "kohya"]) == 0
     back = load_lora(tmp_path / "k.safetensors")
     assert all(torch.allclose(lora_delta(back[n]), lora_delta(lw[n]), atol=1e-7) for n in lw)
-    assert main(["lora", "info", str(lora)]) == 0
+    assert main(["lora", "info", "--json", str(lora)]) == 0
     assert '"layout": "kohya"' in capsys.readouterr().out
 
 
@@ -111,3 +111,72 @@ def test_lora_tool_errors(tmp_path, base, capsys):
     out.write_bytes(b"x")
     assert main(["lora", "merge", "--base", str(path), "--lora", str(lora), str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ safety (issue 10)
+def _bad_lora(tmp_path, lw, name, **change):
+    """A diffusers-layout LoRA file with one module changed (written with safetensors' own writer)."""
+    from dev2pro.lora.formats import lora_to_state_dict
+
+    lw = LoraWeights({**lw, name: LoraModule(change.get("down", lw[name].down), change.get("up", lw[name].up),
+                                             lw[name].alpha)})
+    sd, meta = lora_to_state_dict(lw, "diffusers")
+    path = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(path), metadata=meta)
+    return path
+
+
+def test_wrong_shape_lora_is_invalid_for_info_and_merge(tmp_path, base, capsys):
+    path, _, lw = base
+    up = lw["transformer_blocks.0.attn.to_k"].up
+    bad = _bad_lora(tmp_path, lw, "transformer_blocks.0.attn.to_k", up=torch.cat([up, up[:8]]))  # 72 rows, not 64
+    assert main(["lora", "info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "transformer_blocks.0.attn.to_k" in err and "72x64" in err and "64x64" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["lora", "merge", "--base", str(path), "--lora", str(bad), str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "transformer_blocks.0.attn.to_k" in err and "Traceback" not in err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_non_finite_lora_is_refused_by_merge_sample_and_info(tmp_path, base, capsys):
+    from dev2pro.sampling import load_base
+
+    path, _, lw = base
+    up = lw["transformer_blocks.1.ff.net.2"].up.clone()
+    up[3, 1] = float("inf")
+    bad = _bad_lora(tmp_path, lw, "transformer_blocks.1.ff.net.2", up=up)
+    assert main(["lora", "merge", "--base", str(path), "--lora", str(bad), str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "NaN/inf" in err and "transformer_blocks.1.ff.net.2" in err and str(bad) in err
+    assert not (tmp_path / "m.safetensors").exists()
+    assert main(["lora", "info", str(bad)]) == 2
+    with pytest.raises(UserError, match="NaN/inf"):
+        load_base(path, [(str(bad), 1.0)])
+
+
+def test_merge_refuses_to_write_onto_its_base_or_lora(tmp_path, base, capsys):
+    path, lora, _ = base
+    before = path.read_bytes(), lora.read_bytes()
+    for out in (path, lora):
+        assert main(["lora", "merge", "--base", str(path), "--lora", str(lora), str(out), "--overwrite"]) == 2
+        assert "replace what this command reads" in capsys.readouterr().err
+    assert main(["lora", "convert", str(lora), str(lora), "--to", "comfy", "--overwrite"]) == 2
+    assert (path.read_bytes(), lora.read_bytes()) == before
+
+
+def test_merged_file_with_non_finite_values_is_not_written(tmp_path, base, capsys):
+    """A finite LoRA on a base whose fp16 weights overflow: the writer's own check refuses the output."""
+    path, _, lw = base
+    sd = C.open_checkpoint(path)
+    weights = {k: sd.get(k).to(torch.float16) for k in sd.shapes}
+    weights["double_blocks.0.img_attn.qkv.weight"][:] = 65000.0  # near fp16's max; the delta pushes it over
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(half))
+    big = _bad_lora(tmp_path, lw, "transformer_blocks.0.attn.to_q", up=lw["transformer_blocks.0.attn.to_q"].up * 1e5,
+                    down=lw["transformer_blocks.0.attn.to_q"].down.abs() + 1)
+    assert main(["lora", "merge", "--base", str(half), "--lora", str(big), str(tmp_path / "m.safetensors")]) == 2
+    assert "NaN/inf" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -20,16 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load, save_file
+from safetensors.torch import load
 
 from dev2pro.data.buckets import load_and_fit
+from dev2pro.outputs import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,10 @@ def _is_valid(path: Path, key: str, required: Iterable[str] = ()) -> bool:
 
 
 def _write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        # clone: a row of a batch output is a view of the whole batch's storage
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Through ``outputs``: a recognisable temp renamed into place, NaN/inf refused, a full or read-only disk as
+    one line. No fsync: a cache file lost in a power cut fails the header check and is recomputed."""
+    save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, path, metadata, overwrite=True,
+                     what="cache file", fsync=False)
 
 
 def _batches(keys: list[str], batch_size: int) -> Iterable[list[str]]:

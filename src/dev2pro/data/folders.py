@@ -1,25 +1,35 @@
-"""Training images and their captions, read from kohya-style folders.
+"""Training images and their captions: the one set of dataset rules that `train` and `cache` both apply.
 
 A dataset is a list of folders, each with a repeat count and an optional folder-wide caption. Every image
-(png / jpg / jpeg / webp, any case) in a folder is one item; its caption comes from the first of:
+(png / jpg / jpeg / webp / bmp, any case) in a folder is one item; its caption comes from the first of:
 
-1. a ``.txt`` file with the same stem beside it (``cat.png`` -> ``cat.txt``, UTF-8, stripped; empty counts as none),
+1. a ``.txt`` file with the same stem beside it (``cat.png`` -> ``cat.txt``; UTF-8, a BOM dropped, stripped),
 2. the folder's ``caption``,
-3. ``default_caption``.
+3. the kohya class token (``10_ohwx dog/`` -> ``ohwx dog``, for folders found under a kohya parent),
+4. ``default_caption``.
 
+kohya layout: a folder without images of its own whose subfolders are named ``N_name`` is a kohya
+``train_data_dir``: each ``N_name`` subfolder is a folder with ``N`` repeats (times the parent's repeats) and the
+class token ``name``; other subfolders are listed and not used, as kohya does. Folders are scanned
+non-recursively unless ``recursive`` is set, in the order given, files sorted by path, so a run is reproducible.
 A trigger word, when given, is prepended (``"trigger, caption"``) unless the caption already contains it.
-Folders are scanned non-recursively, in the order given, files sorted by name, so a run is reproducible.
 
-Broken images (zero bytes, not decodable, too small) are the common real-world mess: they are skipped with one
-warning listing them all (or, with ``strict``, rejected). A missing folder, an empty dataset or images nobody
-captioned are errors, because training on them silently would waste the whole run.
+Skipped and listed in one warning (or, with ``strict``, an error), never silently: files in image formats we do
+not train on (``.gif``, ``.tiff``, ...), broken images (zero bytes, not decodable), images smaller than
+``min_size`` on a side, and images whose aspect ratio is so far beyond the buckets' range that the crop would
+keep less than half of them (a 4096x16 strip). Images a little beyond the range are kept, cropped to the
+nearest bucket as kohya does, and listed with the fraction kept. Errors, because training on them silently
+would waste the run: a missing folder, an empty dataset, images with no caption (an empty ``.txt`` says so),
+caption files that are not UTF-8.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -28,7 +38,12 @@ from dev2pro.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# image formats people drop into datasets that we do not train on (animated, layered, raw or HDR): listed
+UNSUPPORTED_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".ico", ".psd", ".svg",
+                          ".jp2", ".tga", ".exr", ".hdr", ".dng", ".cr2", ".nef", ".arw", ".raw")
+MIN_KEPT = 0.5  # below this fraction kept by the bucket crop, an image is skipped instead of cropped
+_KOHYA_NAME = re.compile(r"^(\d+)_(.+)$")
 _EXIF_ORIENTATION = 0x0112
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _LIST_LIMIT = 20  # how many paths an error or warning spells out
@@ -36,11 +51,14 @@ _LIST_LIMIT = 20  # how many paths an error or warning spells out
 
 @dataclass(frozen=True)
 class DatasetFolder:
-    """A folder of images: each repeated ``repeats`` times per epoch, ``caption`` used where no .txt exists."""
+    """A folder of images: each repeated ``repeats`` times per epoch, ``caption`` used where no .txt exists.
+
+    ``recursive`` also takes images from subfolders (same repeats and caption)."""
 
     path: Path | str
     repeats: int = 1
     caption: str | None = None
+    recursive: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,38 +71,28 @@ class Item:
     size: tuple[int, int] | None = None
 
 
+@dataclass
+class ScanResult:
+    """Usable items plus what was left out (``skipped``) or kept but cropped hard (``cropped``), as
+    ``"path (reason)"`` lines."""
+
+    items: list[Item]
+    skipped: list[str] = field(default_factory=list)
+    cropped: list[str] = field(default_factory=list)
+
+
 def _listing(paths: list, limit: int = _LIST_LIMIT) -> str:
     shown = "\n".join(f"  {p}" for p in paths[:limit])
     more = f"\n  ... and {len(paths) - limit} more" if len(paths) > limit else ""
     return shown + more
 
 
-def _image_size(path: Path, min_size: int) -> tuple[tuple[int, int] | None, str | None]:
-    """((width, height), None) for a usable image, (None, reason) for one to skip."""
-    if path.stat().st_size == 0:
-        return None, "empty file"
+def decode_caption(data: bytes, where: str) -> str:
+    """Caption bytes -> stripped text; a UTF-8 BOM (some editors write one) is dropped."""
     try:
-        with Image.open(path) as im:
-            im.verify()  # checks structure (PNG chunk CRCs etc.) without decoding pixels; must come first
-        with Image.open(path) as im:  # verify() leaves the image unusable, so reopen (reads the header only)
-            w, h = im.size
-            if im.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS:
-                w, h = h, w
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        return None, f"unreadable: {type(e).__name__}: {e}"
-    if min(w, h) < min_size:
-        return None, f"{w}x{h} px, smaller than {min_size} px on a side"
-    return (w, h), None
-
-
-def _read_caption(txt: Path) -> str | None:
-    if not txt.is_file():
-        return None
-    try:
-        text = txt.read_text(encoding="utf-8-sig").strip()  # -sig drops a BOM some editors write
+        return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
-        raise UserError(f"caption file {txt} is not UTF-8 text; re-save it with UTF-8 encoding") from None
-    return text or None
+        raise UserError(f"caption file {where} is not UTF-8 text; re-save it with UTF-8 encoding") from None
 
 
 def add_trigger(caption: str, trigger: str | None) -> str:
@@ -94,60 +102,186 @@ def add_trigger(caption: str, trigger: str | None) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
-def _folder_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def crop_kept(size: tuple[int, int], buckets) -> tuple[float, tuple[int, int]]:
+    """(fraction of the image the bucket crop keeps, that bucket) for an image of ``size`` = (width, height)."""
+    from .buckets import assign_bucket
+
+    w, h = size
+    bw, bh = assign_bucket(w, h, list(buckets))
+    return min((w / h) / (bw / bh), (bw / bh) / (w / h)), (bw, bh)
 
 
-def scan_dataset(
-    folders: list[DatasetFolder],
-    default_caption: str | None = None,
-    trigger: str | None = None,
-    min_size: int = 16,
-    strict: bool = False,
-) -> list[Item]:
-    """All usable images of ``folders`` with their captions and repeats, in a deterministic order."""
-    items: list[Item] = []
-    bad: list[str] = []
-    uncaptioned: list[Path] = []
-    for folder in folders:
+class Scanner:
+    """Applies the rules of the module docstring one file at a time and remembers every skip; ``finish()``
+    raises the errors and logs the listings. Used for folders here and for tar members in ``shards``."""
+
+    def __init__(self, min_size: int = 16, buckets=None, default_caption: str | None = None,
+                 trigger: str | None = None, strict: bool = False):
+        self.min_size, self.buckets, self.strict = min_size, list(buckets) if buckets else None, strict
+        self.default_caption, self.trigger = default_caption, trigger
+        self.skipped: list[str] = []
+        self.cropped: list[str] = []
+        self.ignored: list[str] = []  # subfolders of a kohya parent that are not N_name
+        self.uncaptioned: list[str] = []
+        self.empty_captions: list[str] = []
+
+    # ---------------------------------------------------------------- one image
+    def image_size(self, src: Path | bytes, label: str) -> tuple[int, int] | None:
+        """(width, height) after EXIF rotation of a usable image; None (and listed) for one to skip."""
+        reason, size = None, None
+        if (len(src) if isinstance(src, bytes) else src.stat().st_size) == 0:
+            reason = "empty file"
+        else:
+            try:
+                with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+                    im.verify()  # checks structure (PNG chunk CRCs etc.) without decoding pixels; must come first
+                with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:  # verify() spends it
+                    w, h = im.size
+                    rotated = im.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS
+                    if im.format != "PNG":  # verify() checks PNG chunk CRCs; a cut JPEG only shows in a decode
+                        im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # JPEG: 1/8 scale, every byte read
+                        im.load()
+                    if rotated:
+                        w, h = h, w
+                size = (w, h)
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                reason = f"unreadable: {type(e).__name__}: {e}"
+        if size and min(size) < self.min_size:
+            reason = f"{size[0]}x{size[1]} px, smaller than {self.min_size} px on a side"
+        elif size and self.buckets:
+            kept, (bw, bh) = crop_kept(size, self.buckets)
+            ratio = f"{max(size) / min(size):.1f}:1"
+            if kept < MIN_KEPT:
+                reason = (f"{size[0]}x{size[1]} px: aspect ratio {ratio} is beyond the buckets' range; the crop to "
+                          f"{bw}x{bh} would keep {kept:.0%} of it")
+            elif kept < 0.999 and not _within_range(size, self.buckets):
+                self.cropped.append(f"{label} ({size[0]}x{size[1]} px, {ratio}: cropped to {bw}x{bh}, "
+                                    f"{kept:.0%} kept)")
+        if reason:
+            self.skipped.append(f"{label} ({reason})")
+            return None
+        return size
+
+    def unsupported(self, label: str, ext: str) -> None:
+        self.skipped.append(f"{label} (unsupported format {ext.lower()}; convert it to PNG, JPEG or WebP)")
+
+    def caption(self, txt: str | None, label: str, txt_label: str, fallbacks=()) -> str | None:
+        """The caption of an image from its .txt text (None: no file), else the first fallback set."""
+        for c in ([txt] if txt else []) + [f for f in fallbacks if f] + [self.default_caption]:
+            if c:
+                return add_trigger(c, self.trigger)
+        (self.empty_captions if txt is not None else self.uncaptioned).append(txt_label if txt is not None
+                                                                              else label)
+        return None
+
+    # ---------------------------------------------------------------- folders
+    def folders(self, folders: list[DatasetFolder]) -> list[tuple[Item, str]]:
+        """(item, key) of every usable image; key is the path below its folder without the suffix."""
+        out = []
+        for folder in folders:
+            for root, repeats, token, recursive in self._expand(folder):
+                for path in _folder_files(root, recursive):
+                    label = str(path)
+                    ext = path.suffix.lower()
+                    if ext in UNSUPPORTED_EXTENSIONS:
+                        self.unsupported(label, ext)
+                        continue
+                    size = self.image_size(path, label)
+                    if size is None:
+                        continue
+                    txt = path.with_suffix(".txt")
+                    text = decode_caption(txt.read_bytes(), str(txt)) if txt.is_file() else None
+                    caption = self.caption(text, label, str(txt), (folder.caption, token))
+                    if caption is not None:
+                        key = path.relative_to(Path(folder.path).expanduser()).with_suffix("").as_posix()
+                        out.append((Item(path, caption, repeats, size), key))
+        return out
+
+    def _expand(self, folder: DatasetFolder) -> list[tuple[Path, int, str | None, bool]]:
+        """(folder, repeats, class token, recursive) to scan for one configured folder (kohya parents expand)."""
         root = Path(folder.path).expanduser()
         if not root.is_dir():
             what = "is a file, not a folder" if root.exists() else "does not exist"
             raise UserError(f"dataset folder {root} {what}; fix the path in the dataset's folder list")
         if folder.repeats < 1:
             raise UserError(f"dataset folder {root}: repeats must be >= 1, got {folder.repeats}")
-        images = _folder_images(root)
-        if not images:
-            nested = [d.name for d in sorted(root.iterdir()) if d.is_dir() and _folder_images(d)]
-            hint = f" (subfolders {', '.join(nested[:5])} have images: list them as folders)" if nested else ""
-            raise UserError(
-                f"dataset folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}){hint}; "
-                "add images or remove the folder from the dataset"
-            )
-        for path in images:
-            size, reason = _image_size(path, min_size)
-            if reason:
-                bad.append(f"{path} ({reason})")
-                continue
-            caption = _read_caption(path.with_suffix(".txt"))
-            caption = caption if caption is not None else folder.caption
-            caption = caption if caption is not None else default_caption
-            if caption is None:
-                uncaptioned.append(path)
-                continue
-            items.append(Item(path, add_trigger(caption, trigger), folder.repeats, size))
+        if _folder_files(root, False, supported_only=True):
+            return [(root, folder.repeats, None, folder.recursive)]
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+        kohya = [(d, _KOHYA_NAME.match(d.name)) for d in subdirs]
+        if any(m for _, m in kohya):
+            parts = []
+            for d, m in kohya:
+                if not m:
+                    if _folder_files(d, folder.recursive, supported_only=True):
+                        self.ignored.append(f"{d} (not named N_name, e.g. 10_{d.name})")
+                elif not _folder_files(d, folder.recursive, supported_only=True):
+                    self.ignored.append(f"{d} (no images)")
+                else:
+                    parts.append((d, int(m.group(1)) * folder.repeats, m.group(2).strip(), folder.recursive))
+            if parts:
+                return parts
+        if folder.recursive and _folder_files(root, True, supported_only=True):
+            return [(root, folder.repeats, None, True)]
+        nested = [d.name for d in subdirs if _folder_files(d, True, supported_only=True)]
+        hint = (f" (subfolders {', '.join(nested[:5])} have images: list them as folders, name them N_name for "
+                "the kohya layout, or set recursive = true)" if nested else "")
+        raise UserError(f"dataset folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}){hint}; add images "
+                        "or remove the folder from the dataset")
 
-    if bad:
-        message = f"{len(bad)} image(s) cannot be used:\n{_listing(bad)}"
-        if strict:
-            raise UserError(f"{message}\nfix or delete them, or turn strict checking off to skip them")
-        log.warning("%s\nskipping them", message)
-    if uncaptioned:
-        raise UserError(
-            f"{len(uncaptioned)} image(s) have no caption:\n{_listing(uncaptioned, 5)}\n"
-            "add a .txt file with the same name beside each image, give the folder a caption, or set default_caption"
-        )
-    if not items:
-        names = ", ".join(str(Path(f.path)) for f in folders) or "(no folders given)"
-        raise UserError(f"the dataset is empty: no usable images in {names}; add images or fix the folder list")
-    return items
+    # ---------------------------------------------------------------- the end
+    def finish(self, items: list) -> None:
+        """Raise for captionless images and an empty dataset; list (or, strict, refuse) the skips."""
+        if self.ignored:
+            log.warning("%d subfolder(s) of a kohya-layout parent are not used (kohya reads only N_name "
+                        "folders, N = repeats):\n%s", len(self.ignored), _listing(self.ignored))
+        if self.skipped:
+            message = f"{len(self.skipped)} image(s) cannot be used:\n{_listing(self.skipped)}"
+            if self.strict:
+                raise UserError(f"{message}\nfix or delete them, or turn strict checking off to skip them")
+            log.warning("%s\nskipping them", message)
+        if self.cropped:
+            log.warning("%d image(s) are wider or taller than every bucket and are cropped to the nearest one:\n%s",
+                        len(self.cropped), _listing(self.cropped))
+        if self.empty_captions:
+            raise UserError(
+                f"{len(self.empty_captions)} empty caption file(s):\n{_listing(self.empty_captions, 5)}\n"
+                "write the caption into it, or delete it to use the folder caption or default caption instead")
+        if self.uncaptioned:
+            raise UserError(
+                f"{len(self.uncaptioned)} image(s) have no caption:\n{_listing(self.uncaptioned, 5)}\n"
+                "add a .txt file with the same name beside each image, give the folder a caption, or set a "
+                "default caption (data.default_caption, or --default-caption for `dev2pro cache`)")
+        if not items:
+            raise UserError("the dataset is empty: no usable images; add images or fix the folder list")
+
+
+def _within_range(size: tuple[int, int], buckets) -> bool:
+    ratios = [math.log(w / h) for w, h in buckets]
+    return min(ratios) - 1e-9 <= math.log(size[0] / size[1]) <= max(ratios) + 1e-9
+
+
+def _folder_files(folder: Path, recursive: bool, supported_only: bool = False) -> list[Path]:
+    """Images (and, unless ``supported_only``, files in unsupported image formats) of a folder, sorted by path;
+    hidden files (macOS ``._x.png`` and the like) left out."""
+    exts = IMAGE_EXTENSIONS if supported_only else IMAGE_EXTENSIONS + UNSUPPORTED_EXTENSIONS
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in files if p.suffix.lower() in exts and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def scan(folders: list[DatasetFolder], default_caption: str | None = None, trigger: str | None = None,
+         min_size: int = 16, strict: bool = False, buckets=None) -> ScanResult:
+    """All usable images of ``folders`` with captions and repeats, in a deterministic order, plus the skips.
+
+    ``buckets`` ((width, height) list, optional) turns on the aspect-ratio rule."""
+    scanner = Scanner(min_size, buckets, default_caption, trigger, strict)
+    items = [it for it, _ in scanner.folders(folders)]
+    scanner.finish(items)
+    return ScanResult(items, scanner.skipped, scanner.cropped)
+
+
+def scan_dataset(folders: list[DatasetFolder], default_caption: str | None = None, trigger: str | None = None,
+                 min_size: int = 16, strict: bool = False, buckets=None) -> list[Item]:
+    """The usable items of ``scan()`` (skips are logged there)."""
+    return scan(folders, default_caption, trigger, min_size, strict, buckets).items

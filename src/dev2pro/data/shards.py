@@ -16,6 +16,7 @@ training order is the sampler's: deterministic from (seed, epoch) and resumable 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -26,16 +27,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image, ImageOps
 from safetensors import safe_open
 
 from ..errors import UserError
 from ..outputs import save_safetensors, write_json
 from .buckets import assign_bucket, load_and_fit
+from .folders import IMAGE_EXTENSIONS, UNSUPPORTED_EXTENSIONS, DatasetFolder, Scanner, decode_caption
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INDEX_NAME, EMPTY_NAME = "index.json", "empty.safetensors"
 
 
@@ -54,6 +54,7 @@ class Source:
     member: str = ""  # tar member name (for messages); empty for a plain file
     offset: int = 0  # tar members: where the member's data starts in the tar file
     size: int = 0  # tar members: its length in bytes
+    repeats: int = 1  # times per epoch (kohya N_name folders)
 
     def read(self) -> bytes:
         if not self.member:
@@ -66,32 +67,12 @@ class Source:
         return data
 
 
-def _size_or_none(data: bytes) -> tuple[int, int] | None:
-    """(width, height) after EXIF rotation, or None when the bytes are not a decodable image."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return ImageOps.exif_transpose(im).size
-    except Exception:
-        return None
-
-
-def folder_sources(folder: Path, default_caption: str = "") -> list[Source]:
-    """Images of a folder in name order; captions from same-stem .txt files."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    out = []
-    for p in files:
-        txt = p.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else default_caption
-        out.append(Source(p.stem, caption, str(p)))
-    return out
-
-
-def tar_sources(tar_path: Path, default_caption: str = "") -> list[Source]:
+def tar_sources(tar_path: Path, scanner: Scanner) -> list[Source]:
     """Samples of a webdataset tar in member order: ``key.<image ext>`` + optional ``key.txt``.
 
     One sequential pass over the tar: captions are read as they pass, images are recorded by their data's byte
-    range. Only uncompressed tars (webdataset's format) are accepted: byte ranges need the raw file.
+    range; members in unsupported image formats are listed by ``scanner``. Only uncompressed tars (webdataset's
+    format) are accepted: byte ranges need the raw file.
     """
     images, captions = {}, {}
     try:
@@ -104,12 +85,19 @@ def tar_sources(tar_path: Path, default_caption: str = "") -> list[Source]:
             if not m.isreg() or m.issparse():
                 continue
             stem, ext = _split(m.name)
+            last = "." + ext.rsplit(".", 1)[-1].lower() if ext else ""
             if ext.lower() in IMAGE_EXTENSIONS:
                 images.setdefault(stem, m)
+            elif last in UNSUPPORTED_EXTENSIONS:
+                scanner.unsupported(f"{tar_path}::{m.name}", last)
             elif ext == ".txt":
-                captions[stem] = tar.extractfile(m).read().decode("utf-8").strip()
-    return [Source(k.rsplit("/", 1)[-1], captions.get(k, default_caption), str(tar_path), m.name, m.offset_data,
-                   m.size) for k, m in images.items()]
+                captions[stem] = decode_caption(tar.extractfile(m).read(), f"{tar_path}::{m.name}")
+    out = []
+    for k, m in images.items():
+        label = f"{tar_path}::{m.name}"
+        out.append((Source(k.rsplit("/", 1)[-1], "", str(tar_path), m.name, m.offset_data, m.size),
+                    captions.get(k), label, f"{tar_path}::{k}.txt"))
+    return out
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -119,25 +107,26 @@ def _split(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), (dot + ext)
 
 
-def collect_sources(inputs: Sequence[Path], default_caption: str = "") -> tuple[list[tuple[Source, tuple]], list]:
-    """Every readable sample of folders and .tar files with its image size; unreadable ones are listed, not kept."""
-    good, bad = [], []
+def collect_sources(inputs: Sequence[Path], default_caption: str = "", min_size: int = 16, buckets=None,
+                    recursive: bool = False, strict: bool = False) -> tuple[list[tuple[Source, tuple]], list]:
+    """Every usable sample of folders and .tar files with its image size, and the skipped ones as
+    ``"path (reason)"`` lines: the rules of ``data.folders`` (the ones `train` applies), tar members included."""
+    scanner = Scanner(min_size, buckets, default_caption or None, strict=strict)
+    good = []
     for inp in map(Path, inputs):
         if inp.is_dir():
-            sources = folder_sources(inp, default_caption)
+            for item, key in scanner.folders([DatasetFolder(inp, recursive=recursive)]):
+                good.append((Source(key, item.caption, str(item.path), repeats=item.repeats), item.size))
         elif inp.suffix == ".tar" and inp.is_file():
-            sources = tar_sources(inp, default_caption)
+            for source, text, label, txt_label in tar_sources(inp, scanner):
+                size = scanner.image_size(source.read(), label)
+                caption = scanner.caption(text, label, txt_label) if size else None
+                if caption is not None:
+                    good.append((dataclasses.replace(source, caption=caption), size))
         else:
             raise UserError(f"{inp}: expected an image folder or a .tar shard")
-        for s in sources:
-            size = _size_or_none(s.read())
-            if size is None:
-                bad.append(f"{s.path}{'::' + s.member if s.member else ''}")
-            else:
-                good.append((s, size))
-    if bad:
-        log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(bad[:10]))
-    return good, bad
+    scanner.finish(good)
+    return good, scanner.skipped
 
 
 def _fingerprint(samples, settings: dict) -> str:
@@ -189,7 +178,8 @@ def write_shards(
             meta = {"fingerprint": fp, "keys": json.dumps([s.key for s, _ in sized])}
             save_safetensors(tensors, path, meta, overwrite=True)
         shards.append({"file": path.name, "keys": [s.key for s, _ in sized], "captions": [s.caption for s, _ in sized],
-                       "latent_hw": [[b[1] // 8, b[0] // 8] for _, b in sized]})
+                       "latent_hw": [[b[1] // 8, b[0] // 8] for _, b in sized],
+                       "repeats": [s.repeats for s, _ in sized]})
     empty = out_dir / EMPTY_NAME
     if not empty.exists():
         save_safetensors({k: v[0] for k, v in encode_text([""]).items()}, empty, overwrite=True)
@@ -230,8 +220,10 @@ class ShardDataset(torch.utils.data.Dataset):
             raise UserError(f"data.shards: {self.index_path} does not exist (write it with `dev2pro cache`)")
         self.index = json.loads(self.index_path.read_text())
         self.root = self.index_path.parent
+        # each sample repeats times per epoch (kohya N_name folders); indexes without "repeats" mean once
         self.items = [(sh["file"], j, sh["captions"][j], tuple(sh["latent_hw"][j]))
-                      for sh in self.index["shards"] for j in range(len(sh["keys"]))]
+                      for sh in self.index["shards"] for j in range(len(sh["keys"]))
+                      for _ in range(sh.get("repeats", [1] * len(sh["keys"]))[j])]
 
     def __len__(self) -> int:
         return len(self.items)

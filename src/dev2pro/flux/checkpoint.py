@@ -23,17 +23,16 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import CheckpointError, UserError
-from ..outputs import atomic_path, check_output, stream_safetensors
+from ..outputs import NonFiniteError, atomic_path, count_nonfinite, stream_safetensors
 from . import fp8 as fp8mod
 from . import keys as keymod
+from .inspection import DTYPE_NAMES, GROUPS, describe, missing_summary, tensor_group  # noqa: F401 (API)
 from .spec import FluxSpec, build_transformer, spec_from_bfl_shapes, spec_from_diffusers_config, \
     spec_from_diffusers_shapes
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 LAYOUTS = ("bfl", "comfy", "diffusers")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-               torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
               "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -70,9 +69,25 @@ class Checkpoint:
             axes = json.loads(self.metadata["dev2pro.axes_dim"])
         if self.config:
             return spec_from_diffusers_config(self.config)
-        if self.key_layout == "bfl":
-            return spec_from_bfl_shapes(self.shapes, axes)
-        return spec_from_diffusers_shapes(self.shapes, axes)
+        try:
+            if self.key_layout == "bfl":
+                return spec_from_bfl_shapes(self.shapes, axes)
+            return spec_from_diffusers_shapes(self.shapes, axes)
+        except KeyError as e:
+            raise CheckpointError(f"{self.path} lacks {e.args[0]}, which sizes the model: the checkpoint is "
+                                  f"incomplete") from None
+        except ValueError as e:  # a gap in the block numbering
+            raise CheckpointError(f"{self.path}: {e}") from None
+
+    def missing(self) -> list[str]:
+        """Transformer tensors (in the file's own naming) that a complete model of this size has and the file
+        lacks -- e.g. ``final_layer.*`` of a truncated export."""
+        try:
+            pieces = keymod.pieces_for_shapes(self.shapes, self.key_layout)
+        except KeyError as e:
+            return [str(e.args[0])]
+        expected = {p.bfl if self.key_layout == "bfl" else p.diffusers for p in pieces}
+        return sorted(expected - set(self.shapes))
 
     def raw(self, full_key: str) -> torch.Tensor:
         if self._state is not None:
@@ -223,59 +238,6 @@ def _from_headers(path: Path, headers: Mapping[Path, dict], state: dict | None =
     return ckpt
 
 
-# --------------------------------------------------------------------------------------------- inspection
-GROUPS = ("embedders", "modulation", "attention", "mlp", "norms", "final", "biases")
-
-
-def tensor_group(key: str) -> str:
-    """Coarse group of a BFL- or diffusers-named tensor, for inspect's dtype table."""
-    if key.endswith(".bias"):
-        return "biases"
-    if key.endswith(".scale") or "norm_q" in key or "norm_k" in key or "norm_added" in key:
-        return "norms"
-    if key.startswith(("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "x_embedder", "context_embedder",
-                       "time_text_embed")):
-        return "embedders"
-    if key.startswith(("final_layer", "norm_out", "proj_out")):
-        return "final"
-    if "_mod." in key or "modulation" in key or ".norm1" in key or ".norm.linear" in key:
-        return "modulation"
-    if "mlp" in key or ".ff" in key:
-        return "mlp"
-    return "attention"
-
-
-def describe(ckpt: Checkpoint) -> dict:
-    """Everything ``dev2pro inspect`` reports, as a JSON-able dict."""
-    spec = ckpt.spec()
-    groups: dict[str, dict[str, int]] = {}
-    for k, d in ckpt.dtypes.items():
-        g = groups.setdefault(tensor_group(k), {})
-        name = DTYPE_NAMES.get(d, str(d).replace("torch.", ""))
-        g[name] = g.get(name, 0) + 1
-    return {
-        "path": str(ckpt.path),
-        "layout": ckpt.layout,
-        "key_prefix": ckpt.prefix,
-        "variant": spec.variant,
-        "variant_detail": ("guidance-distilled (guidance_in present): dev-like, sample with embedded guidance"
-                           if spec.guidance_embeds else
-                           "no guidance embedding: schnell or de-distilled without guidance, sample with true CFG"),
-        "guidance_embeds": spec.guidance_embeds,
-        "double_blocks": spec.num_double,
-        "single_blocks": spec.num_single,
-        "hidden": spec.hidden,
-        "heads": spec.num_heads,
-        "fp8": ckpt.fp8_format,
-        "dtypes": groups,
-        "params": ckpt.num_params(),
-        "size_bytes": ckpt.size_bytes(),
-        "other_component_keys_ignored": ckpt.ignored,
-        "metadata": dict(ckpt.metadata),
-        "spec": spec.to_dict(),
-    }
-
-
 # ------------------------------------------------------------------------------------------------ loading
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, fp8_storage: bool = False,
                      policy: "fp8mod.Fp8Policy | None" = None, scaled: bool = True, allow_pickle: bool = False,
@@ -317,6 +279,7 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
         if tuple(t.shape) != tuple(target.shape):
             raise CheckpointError(f"{path}: tensor {key} has shape {tuple(t.shape)}, the model expects "
                                   f"{tuple(target.shape)}; the file is inconsistent with its own block sizes")
+        _check_finite(path, " + ".join(dict.fromkeys(ckpt.prefix + p[0] for p in parts)), t)  # the file's names
         state[key] = t
         if keep_fp8 and s is not None:
             scales[key] = s
@@ -329,6 +292,15 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
         fp8mod.enable_fp8_storage(model, policy, compute_dtype=dtype, scales=scales)
     model.eval().requires_grad_(False)
     return model, ckpt
+
+
+def _check_finite(path, key: str, t: torch.Tensor) -> None:
+    """The load-time scan: one pass per tensor while it is in memory anyway (training on a NaN weight would
+    otherwise run to the end and save an all-NaN LoRA)."""
+    bad = count_nonfinite(t)
+    if bad:
+        raise NonFiniteError(f"{path}: tensor {key} holds {bad} NaN/inf value(s) of {t.numel()}; the checkpoint is "
+                             f"corrupt or was saved from a diverged run -- use another copy of the model")
 
 
 def _same_scale(ckpt: Checkpoint, parts) -> bool:
@@ -346,18 +318,32 @@ def _same_scale(ckpt: Checkpoint, parts) -> bool:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, layout: str | None = None, dtype: str | None = None,
             policy: "fp8mod.Fp8Policy | None" = None, overwrite: bool = False, allow_pickle: bool = False,
             drop_guidance: bool = False, extra_metadata: Mapping[str, str] | None = None,
-            progress: Callable[[int], None] | None = None) -> Path:
+            progress: Callable[[int], None] | None = None, allow_incomplete: bool = False) -> Path:
     """Convert any readable checkpoint to ``layout`` (bfl|comfy|diffusers; default: keep) and ``dtype``
-    (bf16|fp16|fp32|fp8|fp8-scaled; default: keep), streaming one tensor at a time."""
+    (bf16|fp16|fp32|fp8|fp8-scaled; default: keep), streaming one tensor at a time.
+
+    Refused: a destination that is (or holds) the source, a model folder, a folder holding files this writer does
+    not write; an incomplete source (unless ``allow_incomplete``); NaN/inf in any written tensor."""
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     layout = layout or ("diffusers" if ckpt.layout.startswith("diffusers") else ckpt.layout)
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    missing = ckpt.missing()
+    if missing and not allow_incomplete:
+        raise CheckpointError(f"{src} is incomplete: it lacks {missing_summary(missing)}, so the converted file "
+                              f"would not load either. Use a complete copy, or pass --allow-incomplete to convert "
+                              f"it anyway")
     entries, meta = conversion_entries(ckpt, layout, dtype, policy, drop_guidance)
     meta.update({"dev2pro.source": Path(src).name, **(extra_metadata or {})})
-    if layout == "diffusers":
-        return _write_diffusers_folder(ckpt, entries, Path(dst), meta, overwrite, progress)
-    return stream_safetensors(entries, dst, meta, overwrite=overwrite, progress=progress)
+    sources = [ckpt.path, *set(ckpt.files.values())]
+    try:
+        if layout == "diffusers":
+            return _write_diffusers_folder(ckpt, entries, Path(dst), meta, overwrite, progress, sources)
+        return stream_safetensors(entries, dst, meta, overwrite=overwrite, progress=progress,
+                                  what="converted checkpoint", sources=sources)
+    except NonFiniteError as e:
+        why = "its values overflow fp16 (convert to bf16 instead)" if dtype == "fp16" else "the source holds NaN/inf"
+        raise NonFiniteError(f"{e} ({why}; source {src})") from None
 
 
 DTYPE_CHOICES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
@@ -464,7 +450,12 @@ def _produce(ckpt: Checkpoint, parts, dtype: torch.dtype, raw: bool) -> torch.Te
     return keymod.assemble(parts, lambda k: ckpt.get_dequantized(k, torch.float32)).to(dtype)
 
 
-def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrite: bool, progress) -> Path:
+DIFFUSERS_FOLDER_FILES = ("config.json", "diffusion_pytorch_model*.safetensors",
+                          "diffusion_pytorch_model.safetensors.index.json")
+
+
+def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrite: bool, progress,
+                            sources=()) -> Path:
     """A transformer folder diffusers' ``from_pretrained`` reads: config.json + (sharded) safetensors."""
     spec = ckpt.spec()
     has_guidance = any("guidance_embedder" in e[0] for e in entries)
@@ -478,21 +469,35 @@ def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrit
         current.append(e)
         size += n
     shards.append(current)
-    with atomic_path(dst, overwrite=overwrite, what="output folder") as tmp:
+    total = sum(_nbytes(e) for e in entries)
+    _check_not_other_component(dst)
+    with atomic_path(dst, overwrite=overwrite, what="converted transformer folder", folder=True,
+                     owned=DIFFUSERS_FOLDER_FILES, sources=sources, size=total) as tmp:
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if len(shards) == 1:
-            stream_safetensors(shards[0], tmp / "diffusion_pytorch_model.safetensors", meta, progress=progress)
+            stream_safetensors(shards[0], tmp / "diffusion_pytorch_model.safetensors", meta, progress=progress,
+                               what="converted checkpoint")
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                stream_safetensors(shard, tmp / name, meta, progress=progress)
+                stream_safetensors(shard, tmp / name, meta, progress=progress, what="converted checkpoint")
                 weight_map.update({e[0]: name for e in shard})
-            total = sum(_nbytes(e) for e in entries)
             (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     return dst
+
+
+def _check_not_other_component(dst: Path) -> None:
+    """A VAE or text-encoder folder has the same file names as a transformer folder: refuse to replace it."""
+    try:
+        cls = json.loads((dst / "config.json").read_text()).get("_class_name") if dst.is_dir() else None
+    except (OSError, ValueError, AttributeError):
+        return
+    if cls and cls != "FluxTransformer2DModel":
+        raise UserError(f"{dst} holds a {cls} (its config.json), not a Flux transformer: refusing to replace it "
+                        f"(nothing was deleted). Choose a new folder")
 
 
 def _nbytes(entry) -> int:
@@ -501,6 +506,3 @@ def _nbytes(entry) -> int:
         n *= s
     return n * torch.empty((), dtype=entry[1]).element_size()
 
-
-def check_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
-    return check_output(dst, overwrite)

@@ -21,8 +21,6 @@ import json
 import math
 import os
 import re
-import secrets
-import shutil
 import string
 from collections import Counter
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 
 from dev2pro.errors import UserError
 from dev2pro.flux.spec import T5_MAX_LENGTH_DEV, TINY, FluxSpec, build_transformer
+from dev2pro.outputs import atomic_path, make_parent
 
 CLIP_MAX_LENGTH = 77
 VARIANTS = ("dev", "pro")
@@ -200,21 +199,14 @@ def write_tiny_model(out_dir, variant: str = "dev", seed: int = 0, spec: FluxSpe
         raise UserError(f"unknown tiny model variant {variant!r}: use one of {', '.join(VARIANTS)}")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder: choose another output folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    empty = out.is_dir() and not any(out.iterdir())
+    if out.is_dir() and not empty and not overwrite:
         raise UserError(f"{out} already exists and is not empty: pass overwrite=True (--overwrite) to replace it "
                         "or choose a new output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
+    make_parent(out, "tiny model folder")
+    # only an earlier model folder is replaced: a folder holding anything else is refused, not emptied
+    with atomic_path(out, overwrite=True, what="tiny model folder", folder=True,
+                     owned=[*MODEL_INDEX, "model_index.json"] if not empty else None) as tmp:
+        tmp.mkdir()
         _write_components(tmp, spec.with_(guidance_embeds=variant == "dev"), seed)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

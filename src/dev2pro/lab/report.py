@@ -297,11 +297,13 @@ def _fidelity_section(fid: dict | None) -> list[str]:
                      f"{m.get('moved', float('nan')):.3f} |")
     for name, m in fid["model"].items():
         if not name.startswith("extracted"):
-            lines.append(f"| {name} | — | — | {m['output_error']:.4f} | {m['unexplained']:.3f} | {m['moved']:.3f} |")
+            lines.append(f"| {name} | — | — | {m['output_error']:.4f} | {m['unexplained']:.3f} | "
+                         f"{m['moved']:.3f} |")
     lines += ["", "Layer output error: each linear on random inputs, summed over layers; model output error: "
               "||f(dev + adapter) - f(dev2pro)|| / ||f(dev2pro)|| on the concept prompts and seeded noise at four "
-              "noise levels; unexplained share: the same distance over ||f(dev) - f(dev2pro)|| (1 = no adapter); moved: "
-              "||f(dev + adapter) - f(dev)|| in the same unit. The de-distilled LoRA is its own de-distillation run, "
+              "noise levels; unexplained share: the same distance over ||f(dev) - f(dev2pro)|| (1 = no adapter); "
+              "moved: ||f(dev + adapter) - f(dev)|| in the same unit. The de-distilled LoRA is its own "
+              "de-distillation run, "
               "not a copy of this dev2pro: it may move dev as far in another direction (high unexplained share, "
               "moved near 1), so the arms, not this table, judge it."
               + (f" {fid['not_linear']} bias/norm tensors also differ; a LoRA cannot carry them." if fid["not_linear"]

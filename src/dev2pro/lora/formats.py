@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -311,6 +310,8 @@ def lora_from_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         mods = _from_bfl({n: _module(n, g) for n, g in groups.items()}, hidden, mlp_hidden)
     else:
         raise UserError(f"unknown LoRA layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    from .checks import check_lora  # finite values, every shape fits a Flux transformer
+    check_lora(mods, hidden, mlp_hidden)
     return LoraWeights(mods, metadata, layout)
 
 
@@ -438,26 +439,17 @@ def load_lora(path: str | os.PathLike, allow_pickle: bool = False, hidden: int |
 
 def save_lora(lw: LoraWeights | Mapping[str, LoraModule], path: str | os.PathLike, layout: str,
               metadata: Mapping[str, str] | None = None, overwrite: bool = False, hidden: int | None = None,
-              mlp_hidden: int | None = None) -> Path:
-    """Write ``lw`` as a safetensors file in ``layout``, atomically (temp file + os.replace)."""
-    from safetensors.torch import save_file
+              mlp_hidden: int | None = None, sources: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write ``lw`` as a safetensors file in ``layout``, atomically, through ``outputs`` (guarded destination,
+    NaN/inf refused, disk-full and read-only errors as one line). ``sources``: inputs it must not replace."""
+    from ..outputs import make_parent, save_safetensors
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite to replace it.")
     sd, meta = lora_to_state_dict(lw, layout, metadata, hidden, mlp_hidden)
-    # safetensors refuses views sharing storage (split ups, a shared down): give each tensor its own memory.
-    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    # sorted keys: a stable byte layout whatever the module order
+    sd = {k: sd[k].detach().to("cpu").contiguous() for k in sorted(sd)}
+    make_parent(path, "LoRA")
+    return save_safetensors(sd, path, meta, overwrite=overwrite, what="LoRA", sources=sources)
 
 
 def kohya_metadata(rank: int, alpha: float, guidance_scale: float, timestep_sampling: str, base_model_name: str,

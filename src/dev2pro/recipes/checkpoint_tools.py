@@ -36,18 +36,31 @@ def inspect(path: str, as_json: bool = False, allow_pickle: bool = False) -> dic
     print(f"  fp8         {info['fp8']}")
     print("  dtypes      " + "; ".join(f"{g}: " + ", ".join(f"{d} x{n}" for d, n in sorted(c.items()))
                                        for g, c in sorted(info["dtypes"].items())))
+    if info["missing"]:
+        print(f"  missing     {ckptmod.missing_summary(info['missing'], limit=8)}: the file is incomplete "
+              f"(it will not load; convert refuses it without --allow-incomplete)")
     if info["other_component_keys_ignored"]:
         print(f"  ignored     {info['other_component_keys_ignored']} keys of other components (VAE/text encoders)")
     return info
 
 
 def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = None, keep: str | None = None,
-            overwrite: bool = False, allow_pickle: bool = False, drop_guidance: bool = False) -> Path:
+            overwrite: bool = False, allow_pickle: bool = False, drop_guidance: bool = False,
+            allow_incomplete: bool = False) -> Path:
     policy = Fp8Policy.from_names(keep.split(",")) if keep is not None else Fp8Policy()
     ckpt = ckptmod.open_checkpoint(src, allow_pickle=allow_pickle)
-    total = ckpt.size_bytes()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", leave=False) as bar:
+    bar: list = []
+
+    def progress(n: int) -> None:  # the bar starts with the first byte: refusals print only their error
+        if not bar:
+            bar.append(tqdm(total=ckpt.size_bytes(), unit="B", unit_scale=True, desc="convert", leave=False))
+        bar[0].update(n)
+    try:
         out = ckptmod.convert(src, dst, layout=layout, dtype=dtype, policy=policy, overwrite=overwrite,
-                              allow_pickle=allow_pickle, drop_guidance=drop_guidance, progress=bar.update)
+                              allow_pickle=allow_pickle, drop_guidance=drop_guidance, progress=progress,
+                              allow_incomplete=allow_incomplete)
+    finally:
+        if bar:
+            bar[0].close()
     print(f"wrote {out} (layout {layout or 'as input'}, dtype {dtype or 'as input'})")
     return out

@@ -263,14 +263,7 @@ def compare(config_path: str, out: str | None = None, overwrite: bool = False,
 
 
 def add_compare_parser(sub):
-    p = sub.add_parser("compare", help="render the same prompts and seeds through several arms (bases, LoRAs, "
-                                       "guidance) and write a side-by-side grid, an HTML report and metrics")
-    p.add_argument("config", metavar="CONFIG.toml")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: the config's 'out')")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config value, e.g. --set steps=4 (repeatable)")
+    """The `compare` subcommand (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_compare
 
-    def run(a):
-        compare(a.config, a.out, a.overwrite, a.overrides)
-    p.set_defaults(run=run)
+    add_compare(sub)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_config, opt, render_toml, require, section
+from ..config import SIZE_HELP, load_config, opt, render_toml, require, resolve_size, section
 from ..errors import UserError
 from ..outputs import write_json, write_text
 from . import dedistill_steps as ds
@@ -126,9 +126,11 @@ class SampleSection:
     steps: int = opt(20, "sampling steps")
     width: int = opt(512, "sample width (multiple of 16)")
     height: int = opt(512, "sample height (multiple of 16)")
+    size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
     guidance: float = opt(3.5, "true-CFG scale of the second grid (the first is at guidance 1.0, no CFG)")
 
     def validate(self):
+        resolve_size(self)
         require(self.every >= 0, "every must be >= 0")
         require(not self.every or bool(self.prompts), "prompts: set sample prompts (or sample.every = 0)")
         require(bool(self.seeds), "seeds: give at least one seed")
@@ -310,11 +312,10 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
 
 
 def add_dedistill_parser(sub):
-    from ..config import add_config_command
+    """The `dedistill` subcommand (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_dedistill
 
-    add_config_command(sub, "dedistill", "full fine-tune of FLUX.1-dev away from guidance distillation (make a "
-                       "dev2pro); launch with accelerate/torchrun for several GPUs", DedistillConfig,
-                       load_dedistill_config, lambda cfg, resume, progress: dedistill(cfg, resume, progress=progress))
+    add_dedistill(sub)
 
 
 def main(argv=None) -> int:

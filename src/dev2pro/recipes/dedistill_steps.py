@@ -403,17 +403,22 @@ def export_model(state: dict, out: Path, name: str, formats, dtype: str, keep_gu
                  metadata: dict) -> list[Path]:
     """Write the trained weights (diffusers keys) through the checkpoint converter in each requested format."""
     from ..flux.checkpoint import convert
-    from ..outputs import save_safetensors
+    from ..outputs import clean_stale_temps, save_safetensors, temp_path
 
+    # a killed export left its diffusers-keyed source (a recognisable temp; older versions: a fixed hidden name)
+    clean_stale_temps(out, force=True)
+    (out / f".{name}.export.safetensors").unlink(missing_ok=True)
     tdtype = COMPUTE_DTYPES["no" if dtype == "fp32" else dtype]
-    tmp = out / f".{name}.export.safetensors"  # diffusers-keyed source for convert (it streams from files)
-    save_safetensors({k: v.detach().to("cpu", tdtype).contiguous() for k, v in state.items()}, tmp,
-                     overwrite=True)
+    tmp = temp_path(out / f"{name}.export.safetensors")  # diffusers-keyed source for convert (it streams files)
     targets = {"bfl": (out / f"{name}.safetensors", "bfl", dtype),
                "diffusers": (out / f"{name}-diffusers", "diffusers", dtype),
                "fp8": (out / f"{name}-fp8.safetensors", "bfl", "fp8-scaled")}
+    # the temp's name holds a pid: the exports record a fixed source name, so reruns write identical bytes
+    metadata = {"dev2pro.source": f".{name}.export.safetensors", **metadata}
     files = []
     try:
+        save_safetensors({k: v.detach().to("cpu", tdtype).contiguous() for k, v in state.items()}, tmp,
+                         overwrite=True, what="exported weights")
         for f in formats:
             dst, layout, dt = targets[f]
             files.append(convert(tmp, dst, layout=layout, dtype=dt, overwrite=True, drop_guidance=not keep_guidance,

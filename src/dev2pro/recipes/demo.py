@@ -450,15 +450,7 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
 
 
 def add_demo_parser(sub):
-    p = sub.add_parser("demo", help="measure the Dev2Pro claim end to end on toy Flux models (CPU, ~10 min)")
-    p.add_argument("--out", default="demo-out", help="output folder (a finished stage is reused on rerun)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", dest="profile", const="quick", help="smoke test, ~2 min")
-    size.add_argument("--full", action="store_const", dest="profile", const="full",
-                      help="longer training, 8 seeds, a cfg_teacher arm (about an hour)")
-    p.add_argument("--seeds", type=int, default=None, help="LoRA seeds per arm (default 5; 3 with --quick)")
-    p.add_argument("--workers", type=int, default=2, help="parallel LoRA jobs (one CPU core each)")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(profile="default", run=lambda a: run_demo(a.out, a.profile, a.seeds, a.overwrite,
-                                                             not a.no_progress, a.workers))
+    """The `demo` subcommand (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_demo
+
+    add_demo(sub)

@@ -25,7 +25,9 @@ from ..lora.ops import decompose, lora_delta, rank_errors
 from ..outputs import check_output, stream_safetensors, write_json
 
 
-def info(path: str) -> dict:
+def info(path: str, as_json: bool = False) -> dict:
+    """Describe a LoRA file (``load_lora`` has validated it: finite values, every shape fits a Flux transformer):
+    one dict, printed as JSON with ``as_json``, else as aligned text, and returned."""
     lw = F.load_lora(path)
     groups: dict[str, dict] = {}
     for name, m in lw.items():
@@ -35,13 +37,37 @@ def info(path: str) -> dict:
     out = {"path": str(path), "layout": lw.layout, "modules": len(lw), "groups": groups,
            "params": sum(m.down.numel() + m.up.numel() for m in lw.values()),
            "size_bytes": Path(path).stat().st_size, "metadata": lw.metadata}
-    print(json.dumps(out, indent=2, default=str))
+    print(json.dumps(out, indent=2, default=str) if as_json else format_info(out))
     return out
+
+
+def format_info(info: dict) -> str:
+    """The human form of ``info()``'s dict: known fields first, any other field as ``name: value``."""
+    lines = [f"{info['path']}", f"  layout:   {info['layout']}", f"  modules:  {info['modules']}",
+             f"  params:   {info['params']:,}", f"  size:     {_bytes(info['size_bytes'])}", "  groups:"]
+    lines += [f"    {n:>5} x {g}" for g, n in sorted(info["groups"].items())]
+    for k, v in info.items():
+        if k not in ("path", "layout", "modules", "params", "size_bytes", "groups", "metadata"):
+            lines.append(f"  {k + ':':<9} {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+    meta = info.get("metadata") or {}
+    if meta:
+        lines.append("  metadata:")
+        for k, v in sorted(meta.items()):
+            v = str(v)
+            lines.append(f"    {k}: {v if len(v) <= 100 else v[:97] + '...'}")
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def convert(src: str, dst: str, to: str, overwrite: bool = False) -> Path:
     lw = F.load_lora(src)
-    out = F.save_lora(lw, dst, to, metadata=lw.metadata, overwrite=overwrite)
+    out = F.save_lora(lw, dst, to, metadata=lw.metadata, overwrite=overwrite, sources=[src])
     print(f"wrote {out} ({to} layout, {len(lw)} modules)")
     return out
 
@@ -71,7 +97,8 @@ def merge(base: str, loras: list[tuple[str, float]], out: str, overwrite: bool =
     if ckpt.layout == "diffusers-folder":
         raise UserError(f"{base}: merge writes single files; convert the folder first "
                         f"(dev2pro convert {base} base.safetensors --layout bfl)")
-    check_output(out, overwrite)
+    sources = [base, *set(ckpt.files.values()), *(p for p, _ in loras)]
+    check_output(out, overwrite, "merged checkpoint", folder=False, sources=sources)
     deltas = _deltas_for(ckpt, loras)
     entries = []
     if "scaled_fp8" in ckpt.aux:
@@ -101,7 +128,7 @@ def merge(base: str, loras: list[tuple[str, float]], out: str, overwrite: bool =
             entries.append((ckpt.aux[scale_key], torch.float32, (), lambda m=merged: m(1).reshape(()).float()))
     meta = dict(ckpt.metadata)
     meta["dev2pro.merged_loras"] = json.dumps([[Path(p).name, s] for p, s in loras])
-    path = stream_safetensors(entries, out, meta, overwrite=overwrite)
+    path = stream_safetensors(entries, out, meta, overwrite=overwrite, what="merged checkpoint", sources=sources)
     print(f"wrote {path} ({len(loras)} LoRA(s) merged into {ckpt.layout} {ckpt.fp8_format} base)")
     return path
 
@@ -248,50 +275,7 @@ def _warn_and_print(report: dict, energy: float | None, ranks: list[int] | None)
 
 
 def add_lora_parser(sub):
-    from ..sampling import parse_lora_arg
+    """The `lora` subcommands (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_lora
 
-    p = sub.add_parser("lora", help="LoRA tools: info, convert, merge, extract")
-    lsub = p.add_subparsers(dest="lora_command", required=True)
-    i = lsub.add_parser("info", help="layout, targets, rank/alpha per group, metadata")
-    i.add_argument("file")
-    i.set_defaults(run=lambda a: info(a.file))
-    c = lsub.add_parser("convert", help="convert between kohya, diffusers and comfy layouts (exact)")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--to", required=True, choices=list(F.WRITABLE))
-    c.add_argument("--overwrite", action="store_true")
-    c.set_defaults(run=lambda a: convert(a.src, a.dst, a.to, a.overwrite))
-    m = lsub.add_parser("merge", help="bake LoRAs into a checkpoint (fp8 requantised with the same scheme)")
-    m.add_argument("--base", required=True)
-    m.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]")
-    m.add_argument("out")
-    m.add_argument("--overwrite", action="store_true")
-    m.set_defaults(run=lambda a: merge(a.base, [parse_lora_arg(x) for x in a.lora], a.out, a.overwrite))
-    e = lsub.add_parser("extract", help="SVD of (B - A) per linear layer into a kohya LoRA (e.g. dev -> dev2pro); "
-                                        "a retained-energy report is written beside it as <out>.json")
-    e.add_argument("--from", dest="a", required=True)
-    e.add_argument("--to", dest="b", required=True)
-    e.add_argument("out", help="LoRA file (or, with --ranks, the JSON fidelity report)")
-    e.add_argument("--rank", type=int, default=None, help="LoRA rank (required unless --ranks)")
-    e.add_argument("--energy", type=float, default=None,
-                   help="smallest rank per layer keeping this energy fraction (capped by --rank; warns if unmet); "
-                        "also the target of the recommended rank (default 0.9)")
-    e.add_argument("--ranks", default=None, metavar="4,16,64",
-                   help="write only a fidelity report for these ranks (energy and output error), no LoRA file")
-    e.add_argument("--exact", action="store_true", help="full SVD for every layer (default: randomized when "
-                                                        "rank << width)")
-    e.add_argument("--device", default=None, help="where the SVDs run (default: cuda if available, else cpu)")
-    e.add_argument("--niter", type=int, default=4, help="power iterations of the randomized SVD")
-    e.add_argument("--oversample", type=int, default=16, help="extra columns of the randomized SVD")
-    e.add_argument("--overwrite", action="store_true")
-
-    def run_extract(a):
-        ranks = None
-        if a.ranks:
-            try:
-                ranks = sorted({int(x) for x in a.ranks.split(",") if x.strip()})
-            except ValueError:
-                raise UserError(f"--ranks {a.ranks!r} must be comma-separated integers, e.g. 4,16,64") from None
-        return extract_lora(a.a, a.b, a.out, a.rank, a.energy, a.overwrite, exact=True if a.exact else None,
-                            ranks=ranks, device=a.device, oversample=a.oversample, niter=a.niter)
-    e.set_defaults(run=run_extract)
+    add_lora(sub)

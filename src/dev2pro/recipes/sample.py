@@ -49,7 +49,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
                loras: Sequence[str | tuple[str, float]] = (), negative: str = "", guidance: float = 3.5,
                cfg: float = 1.0, mode: str = "auto", steps: int = 20, size: str | tuple[int, int] = (1024, 1024),
                seeds: Sequence[int] = (0,), overwrite: bool = False, fp8: bool = False,
-               max_sequence_length: int = 512, adapter: str | tuple[str, float] | None = None) -> list[Path]:
+               max_sequence_length: int = 512, blocks_to_swap: int = 0,
+               adapter: str | tuple[str, float] | None = None) -> list[Path]:
     """Render every prompt x seed; returns the written PNG paths (the grid last, when there is one).
 
     ``adapter`` (path[:scale]): a training adapter (e.g. dev -> dev2pro) added as a side branch after the LoRAs,
@@ -74,11 +75,14 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     components = S.load_components(model, dtype)
     embeds, negative_embeds = S.encode_and_free(components, prompts, negative, device, max_sequence_length)
     base, ckpt = S.load_base(transformer or model, loras, dtype, fp8_storage=fp8)
-    if adapter:
+    if adapter:  # before the block swap: its weights, like the LoRAs', stay on the device
         from ..lora import adapter as adaptermod
 
         adaptermod.attach_file(base, adapter[0], adapter[1], torch.float32 if dtype == torch.float32 else dtype)
-    pipe = S.build_pipeline(components, base.to(device))  # .to(device) keeps fp8 storage dtypes
+    from ..train.blockswap import enable_block_swap
+
+    enable_block_swap(base, blocks_to_swap, device)  # .to(device) when 0; keeps fp8 storage dtypes
+    pipe = S.build_pipeline(components, base)
     pipe.vae.to(device)
     print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); guidance: {g.mode} (embedded "
           f"{g.embedded}, cfg {g.cfg}); {len(loras)} LoRA(s)" + (f" + adapter {adapter[0]}" if adapter else "")
@@ -114,40 +118,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
 
 
 def add_sample_parser(sub):
-    p = sub.add_parser("sample", help="render prompts x seeds from a Flux base (+ LoRAs) to PNGs and a grid")
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="FLUX.1-dev-layout diffusers folder (VAE, text encoders, scheduler, default transformer)")
-    p.add_argument("--transformer", metavar="FILE",
-                   help="transformer checkpoint to use instead of the folder's (any layout/dtype, incl. fp8)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="LoRA file with optional strength (default 1.0); repeat for several")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
-    src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line ('#' lines skipped)")
-    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt for true CFG (default: empty)")
-    p.add_argument("--guidance", type=float, default=3.5,
-                   help="guidance strength: the embedded value on dev-like bases, the CFG scale on bases without a "
-                        "guidance embedding (default 3.5)")
-    p.add_argument("--cfg", type=float, default=1.0,
-                   help="true CFG scale (> 1 adds a negative-prompt pass; combines with embedded guidance)")
-    p.add_argument("--mode", choices=S.MODES, default="auto",
-                   help="auto: embedded if the base has a guidance embedding, else true_cfg")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--size", default="1024x1024", metavar="WxH")
-    seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, help="one seed (default 0)")
-    seeds.add_argument("--seeds", metavar="A,B,C", help="comma-separated seeds")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
-    p.add_argument("--adapter", default=None, metavar="FILE[:SCALE]",
-                   help="training adapter (e.g. dev -> dev2pro LoRA) as a side branch: dev + adapter + LoRA renders "
-                        "the LoRA on dev2pro with one base")
+    """The `sample` subcommand (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_sample
 
-    def run(a):
-        prompts = S.read_prompts(a.prompts) if a.prompts else a.prompt
-        seeds = S.parse_seeds(a.seeds) if a.seeds else [a.seed if a.seed is not None else 0]
-        run_sample(a.model, prompts, a.out, transformer=a.transformer, loras=a.lora, negative=a.negative,
-                   guidance=a.guidance, cfg=a.cfg, mode=a.mode, steps=a.steps, size=a.size, seeds=seeds,
-                   overwrite=a.overwrite, fp8=a.fp8, adapter=a.adapter)
-    p.set_defaults(run=run)
+    add_sample(sub)

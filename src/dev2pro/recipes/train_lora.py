@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_config, opt, render_toml, require, section
+from ..config import SIZE_HELP, load_config, opt, render_toml, require, resolve_size, section
 from ..flow import TIMESTEP_MODES
 from ..outputs import write_text
 from . import train_steps as steps
@@ -40,12 +40,22 @@ class ModelSection:
     fp8_keep: list = opt(["norms", "biases", "embedders", "modulation", "final"],
                          "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed for fp8 to pay off)")
+    blocks_to_swap: int = opt(0, "blocks (of FLUX.1's 57, double blocks first) whose frozen weights stay in pinned "
+                                 "host RAM and are copied to the GPU just before use; needs gradient_checkpointing")
+    vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48): picks fp8 storage, checkpointing, blocks_to_swap, "
+                       "optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no preset")
+    text_encoder: str = opt("gpu", "where CLIP + T5 run while caching captions", ("gpu", "cpu"))
+    text_encoder_dtype: str = opt("fp32", "CLIP + T5 dtype while caching (bf16 halves T5-XXL's 19 GB)",
+                                  ("fp32", "bf16"))
+    vae_tiling: bool = opt(False, "decode samples in tiles (less memory for large samples)")
     t5_max_length: int = opt(512, "T5 tokens: 512 for dev and de-distilled bases (kohya's 256 is schnell's)")
     allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")
 
     def validate(self):
         require(bool(self.path), "path: set model.path to a FLUX.1-dev-layout model folder")
         require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
+        require(self.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
+        require(self.vram in (0, 8, 12, 16, 24, 48), f"vram = {self.vram}: choose 8, 12, 16, 24 or 48 (GB), or 0")
         # one base in memory is the point of an adapter: samples with it off already are "the LoRA on dev"
         require(not (self.adapter and self.inference_base),
                 "adapter: set model.adapter or model.inference_base, not both (with an adapter the training base "
@@ -57,6 +67,8 @@ class FolderSection:
     path: str = opt("", "folder of images with same-stem .txt captions")
     repeats: int = opt(1, "times each image is seen per epoch")
     caption: str = opt("", "caption for images without a .txt file in this folder")
+    recursive: bool = opt(False, "also read images in subfolders (a kohya parent of N_name folders is "
+                                 "recognised without it)")
 
     def validate(self):
         require(bool(self.path), "path: each [[data.folders]] needs a path")
@@ -65,7 +77,8 @@ class FolderSection:
 
 @dataclass
 class DataSection:
-    folders: list[FolderSection] = opt([], "[[data.folders]] tables: path, repeats, caption")
+    folders: list[FolderSection] = opt([], "[[data.folders]] tables: path, repeats, caption, recursive; a path "
+                                           "may be a kohya parent of N_name folders")
     shards: str = opt("", "index.json written by `dev2pro cache` (pre-encoded latents + text), instead of folders")
     default_caption: str = opt("", "caption for images without a .txt file")
     trigger: str = opt("", "trigger word prepended to every caption")
@@ -118,6 +131,10 @@ class TrainSection:
     sigmoid_scale: float = opt(1.0, "logit-normal scale for sigmoid/shift/flux_shift")
     shift: float = opt(3.0, "shift value for timestep_sampling = 'shift'")
     mixed_precision: str = opt("no", "accelerate mixed precision", ("no", "bf16", "fp16"))
+    compile: bool = opt(False, "regional torch.compile of the repeated blocks (diffusers compile_repeated_blocks); "
+                               "the first steps are slow; not with blocks_to_swap")
+    attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
+                                     "PyTorch SDPA")
 
     def validate(self):
         require(self.steps > 0, "steps must be > 0")
@@ -139,8 +156,10 @@ class SampleSection:
     height: int = opt(512, "sample height (multiple of 16)")
     with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
                                     "dev2pro), as step*-adapter.png")
+    size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
 
     def validate(self):
+        resolve_size(self)
         require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
         require(self.steps > 0, "steps must be > 0")
 
@@ -175,17 +194,25 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, data
     cfg = load_config(TrainConfig, path, overrides, data)
     base = Path(path).parent if path else Path(".")
     # Relative paths in a config are relative to the config file, not to where the command is run.
-    for obj, name in [(cfg.model, "path"), (cfg.model, "transformer"), (cfg.model, "inference_base"), (cfg.model, "adapter"),
+    for obj, name in [(cfg.model, "path"), (cfg.model, "transformer"), (cfg.model, "inference_base"),
+                      (cfg.model, "adapter"),
                       (cfg.save, "output_dir"), (cfg.data, "cache_dir"), (cfg.data, "shards")] + [(f, "path") for f in cfg.data.folders]:
         value = getattr(obj, name)
         if value and not Path(value).is_absolute():
             setattr(obj, name, str((base / value).resolve()))
+    if cfg.model.vram:  # the preset fills only what the user left unset
+        from .plan import apply_vram_preset, explicit_keys
+
+        apply_vram_preset(cfg, explicit_keys(path, overrides, data))
     return cfg
 
 
 # ------------------------------------------------------------------------------------------------ recipe
 def quiet_libraries():
     """Our progress bar is the one users watch: silence diffusers'/transformers' per-component loading bars."""
+    from ..noise import quiet_third_party
+
+    quiet_third_party()  # also in processes that did not start from the CLI (demo workers, torchrun -m)
     import diffusers
     import transformers
 
@@ -199,6 +226,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     out = Path(cfg.save.output_dir)
     state_dir = steps.prepare_output_dir(out, resume is not None, cfg.save.overwrite)
     write_text(out / "config.toml", render_toml(cfg))
+    from .plan import print_plan_safely
+
+    print_plan_safely(cfg)
     torch.manual_seed(cfg.train.seed)
     from accelerate import Accelerator
 
@@ -221,11 +251,12 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 
         adapter.attach_file(transformer, cfg.model.adapter, cfg.model.adapter_scale,
                             torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    swap = steps.place_base(transformer, cfg, device)  # block swap keeps part of the base in host RAM
     from ..train.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(params, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[swap is None, True])
     gen = torch.Generator().manual_seed(cfg.train.seed)  # noise, timesteps, caption dropout
     sampler = data.sampler
     start, smoothed = 0, None
@@ -285,7 +316,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 
 
 def add_train_parser(sub):
-    from ..config import add_config_command
+    """The `train` subcommand (built in cli_commands, which imports nothing heavy)."""
+    from ..cli_commands import add_train
 
-    add_config_command(sub, "train", "train a Flux LoRA (default: guidance 1.0 on a de-distilled base)",
-                       TrainConfig, load_train_config, lambda cfg, resume, progress: train(cfg, resume, progress))
+    add_train(sub)

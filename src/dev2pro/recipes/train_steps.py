@@ -26,9 +26,7 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()) and not resuming and not overwrite:
         raise UserError(f"output folder {out} already holds a run; pass --resume to continue it, set "
                         f"save.overwrite = true to start over in it, or choose another save.output_dir")
-    if not out.parent.exists():
-        raise UserError(f"the parent of save.output_dir ({out.parent}) does not exist; create it first")
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # missing parents too, as kohya and ai-toolkit do
     return out / "state"
 
 
@@ -68,25 +66,29 @@ def prepare_data(cfg, out: Path, device) -> PreparedData:
     from ..flux.latents import encode_images
 
     d = cfg.data
-    folders = [DatasetFolder(Path(f.path), f.repeats, f.caption or None) for f in d.folders]
-    items = scan_dataset(folders, default_caption=d.default_caption or None, trigger=d.trigger or None,
-                         min_size=d.min_size, strict=d.strict)
+    folders = [DatasetFolder(Path(f.path), f.repeats, f.caption or None, getattr(f, "recursive", False))
+               for f in d.folders]
     buckets = make_buckets(d.resolution * d.resolution, step=d.bucket_step)
+    items = scan_dataset(folders, default_caption=d.default_caption or None, trigger=d.trigger or None,
+                         min_size=d.min_size, strict=d.strict, buckets=buckets)
     sizes = []
     for it in items:
         w, h = it.size if it.size else _image_size(it.path)
         sizes.append(assign_bucket(w, h, buckets))
     model_dir = Path(cfg.model.path)
-    comps = load_encoders(model_dir, device)
+    text_device, text_dtype = text_encoder_placement(cfg.model, device)
+    comps = load_encoders(model_dir, device, text_device, text_dtype)
     enc_id = encoder_identity(model_dir)
     cache_dir = Path(d.cache_dir) if d.cache_dir else out / "cache"
     latent_paths = cache_latents([(it.path, s) for it, s in zip(items, sizes)],
                                  lambda px: encode_images(comps["vae"], px).cpu(), f"vae:{enc_id}", cache_dir)
     t5_len = cfg.model.t5_max_length
     text_pipe = comps["pipe"]
-    encode_text = text_encoder(text_pipe, device, t5_len)
+    encode_text = text_encoder(text_pipe, text_device, t5_len)
 
     settings = {"t5_max_length": t5_len}
+    if text_dtype != torch.float32:  # bf16 embeddings are other values: they get their own cache entries
+        settings["text_encoder_dtype"] = str(text_dtype).removeprefix("torch.")
     captions = [it.caption for it in items]
     extra = [""] + list(cfg.sample.prompts) + ([cfg.sample.negative] if cfg.sample.negative else [])
     text_paths = cache_text(captions + extra, encode_text, f"text:{enc_id}", settings, cache_dir)
@@ -118,9 +120,10 @@ def _prepare_shards(cfg, device) -> PreparedData:
                     "`dev2pro cache`")
     sample_embeds, negative, components = [], (empty["prompt_embeds"][None], empty["pooled"][None]), {}
     if cfg.sample.prompts:
-        comps = load_encoders(Path(cfg.model.path), device)
+        text_device, text_dtype = text_encoder_placement(cfg.model, device)
+        comps = load_encoders(Path(cfg.model.path), device, text_device, text_dtype)
         pipe = comps["pipe"]
-        encode = text_encoder(pipe, device, empty["prompt_embeds"].shape[0])  # the shards' T5 length
+        encode = text_encoder(pipe, text_device, empty["prompt_embeds"].shape[0])  # the shards' T5 length
 
         def embeds_of(text):
             t = encode([text])
@@ -155,8 +158,16 @@ def _image_size(path):
         return im.size
 
 
-def load_encoders(model_dir: Path, device) -> dict:
-    """VAE and a text-only FluxPipeline (CLIP + T5) from a FLUX.1-dev-layout folder, offline."""
+def text_encoder_placement(model_cfg, device) -> tuple:
+    """(device, dtype) for CLIP + T5 while caching: ``model.text_encoder`` (gpu|cpu), ``model.text_encoder_dtype``."""
+    where = getattr(model_cfg, "text_encoder", "gpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[getattr(model_cfg, "text_encoder_dtype", "fp32")]
+    return (torch.device("cpu") if where == "cpu" else device), dtype
+
+
+def load_encoders(model_dir: Path, device, text_device=None, text_dtype=None) -> dict:
+    """VAE (on ``device``) and a text-only FluxPipeline (CLIP + T5, on ``text_device``, default ``device``, in
+    ``text_dtype``, default fp32) from a FLUX.1-dev-layout folder, offline."""
     from diffusers import AutoencoderKL, FluxPipeline
 
     if not (model_dir / "model_index.json").exists():
@@ -164,7 +175,8 @@ def load_encoders(model_dir: Path, device) -> dict:
                         f"it must hold vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
     try:
         vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device).eval()
-        pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None, local_files_only=True).to(device)
+        pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None, local_files_only=True,
+                                            torch_dtype=text_dtype or torch.float32).to(text_device or device)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the VAE/text encoders from {model_dir}: {e}") from None
     return {"vae": vae, "pipe": pipe}
@@ -200,10 +212,43 @@ def load_base(cfg, dtype, device):
     policy = Fp8Policy.from_names(cfg.model.fp8_keep)
     model, ckpt = load_transformer(src, dtype=dtype, fp8_storage=cfg.model.fp8_storage, policy=policy,
                                    allow_pickle=cfg.model.allow_pickle)
-    model.to(device)
+    if not getattr(cfg.model, "blocks_to_swap", 0):
+        model.to(device)  # with block swap, place_base moves the resident part after the LoRA is added
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model, ckpt
+
+
+def place_base(model, cfg, device):
+    """Block swap (``model.blocks_to_swap``), attention backend and regional compilation on the LoRA'd base.
+
+    Returns the ``BlockSwap`` (None without swap). Call after ``add_lora`` so the LoRA weights are told apart.
+    """
+    from ..train.cuda import avoid_cudnn_attention
+
+    avoid_cudnn_attention()
+    swap = None
+    n = getattr(cfg.model, "blocks_to_swap", 0)
+    if n:
+        from ..train.blockswap import BlockSwap
+
+        if not cfg.model.gradient_checkpointing:
+            log.warning("model.blocks_to_swap without gradient_checkpointing: autograd keeps every block's weights "
+                        "for backward, so the swap saves no GPU memory; set model.gradient_checkpointing = true")
+        swap = BlockSwap(model, n, device).place()
+        log.info("block swap: %d blocks, %.2f GB of base weights in host RAM", n, swap.swapped_bytes() / 1024**3)
+    tc = cfg.train
+    if getattr(tc, "attention_backend", ""):
+        try:
+            model.set_attention_backend(tc.attention_backend)
+        except Exception as e:  # unknown name, or a kernel package that is not installed
+            raise UserError(f"train.attention_backend = {tc.attention_backend!r}: {e}") from None
+    if getattr(tc, "compile", False):
+        if swap is not None:
+            log.warning("train.compile is skipped with block swap (its per-block hooks would break the graphs)")
+        else:
+            model.compile_repeated_blocks(dynamic=True)
+    return swap
 
 
 def add_lora(transformer, cfg, spec) -> list[torch.nn.Parameter]:
@@ -333,6 +378,11 @@ class InferenceBase:
                                              fp8_storage=cfg.model.fp8_storage,
                                              policy=Fp8Policy.from_names(cfg.model.fp8_keep),
                                              allow_pickle=cfg.model.allow_pickle)
+        self.swap = None
+        if self.model is not None and getattr(cfg.model, "blocks_to_swap", 0):
+            from ..train.blockswap import BlockSwap
+
+            self.swap = BlockSwap(self.model, cfg.model.blocks_to_swap, device)  # placed while sampling only
 
     def sample(self, train_model, step: int, folder: Path, bar) -> Path:
         """Render the grid; with ``model.adapter`` on the training model with the adapter off (= the LoRA on dev),
@@ -354,16 +404,20 @@ class InferenceBase:
         sc = self.cfg.sample
         lw = lora_from_peft_model(train_model, "default")
         if self.model is not None:
-            target = self.model.to(self.device)
+            target = self.model if self.swap else self.model.to(self.device)
             if "sample" in getattr(target, "peft_config", {}):
                 target.delete_adapters("sample")
             apply_lora(target, lw, 1.0, adapter_name="sample")
+            if self.swap:
+                self.swap.place()  # after apply_lora, so the new LoRA weights go to the device too
         else:
             target = train_model
         was_training = target.training
         target.eval()
         # the VAE decodes the transformer's latents: same dtype (bf16 training would feed bf16 latents to an fp32 VAE)
         vae = self.data.components["vae"].to(self.device, self.dtype)
+        if getattr(self.cfg.model, "vae_tiling", False):
+            vae.enable_tiling()
         pipe = build_pipeline({**self.data.components, "vae": vae}, target)
         with torch.no_grad():  # prompt-major: one grid row per prompt, one column per seed
             images = render(pipe, self.data.sample_embeds, [int(s) for s in sc.seeds], guidance=sc.guidance,
@@ -371,7 +425,9 @@ class InferenceBase:
                             height=sc.height)
         if was_training:
             target.train()
-        if self.model is not None:
+        if self.swap:
+            self.swap.unplace()
+        elif self.model is not None:
             self.model.to("cpu")
         self.data.components["vae"].to("cpu")
         grid = make_grid(images, rows=len(self.data.sample_embeds), cols=len(sc.seeds))

@@ -1,0 +1,341 @@
+"""The argument parsers of every `dev2pro` subcommand, built without importing torch, diffusers or a recipe.
+
+Each ``add_*`` function adds one subcommand to an ``argparse`` subparsers object and sets ``run`` to a function
+that imports its recipe only when called, so ``dev2pro --help`` and ``dev2pro CMD --help`` stay fast (importing
+torch + diffusers takes seconds). Choices that the libraries define (sampling modes, LoRA layouts) are repeated
+here as constants; a test checks they equal the library's.
+
+Conventions shared by all subcommands: every argument has help text; image sizes are ``--size WxH``; output
+paths get their missing parent folders created; counts are bounded (``bounded_int``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import INT_LIMIT, SIZE_HELP, add_config_command, parse_size
+from .errors import ConfigError
+
+SAMPLE_MODES = ("auto", "embedded", "true_cfg")  # == dev2pro.sampling.MODES
+LORA_LAYOUTS = ("kohya", "comfy", "diffusers")  # == dev2pro.lora.formats.WRITABLE
+CHECKPOINT_LAYOUTS = ("bfl", "comfy", "diffusers")
+OVERWRITE_HELP = "replace an existing output (without it, existing outputs are never touched)"
+PICKLE_HELP = "allow .ckpt/.pt files (unpickling can run code: only for files you trust)"
+
+
+# ------------------------------------------------------------------------------------------------ argument types
+def bounded_int(low: int = 0, high: int = INT_LIMIT):
+    """An argparse type: an integer in [low, high], with an error that says the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: at least {low}, at most {high}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """``--size WxH`` -> (width, height)."""
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def make_parent(path: str | Path) -> None:
+    """Create the missing parent folders of an output path (like kohya and ai-toolkit do)."""
+    Path(path).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+
+
+def hidden_alias(p: argparse.ArgumentParser, flag: str, dest: str, **kw) -> None:
+    """An old spelling kept working but left out of --help (``lora convert --to`` is now ``--layout``)."""
+    p.add_argument(flag, dest=dest, help=argparse.SUPPRESS, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def add_init_tiny(sub):
+    p = sub.add_parser("init-tiny", help="write a tiny random-weight model folder in the FLUX.1-dev diffusers layout")
+    p.add_argument("dir", help="folder to create (missing parents are created)")
+    p.add_argument("--variant", choices=["dev", "pro"], default="dev",
+                   help="dev: with guidance embedding (guidance-distilled); pro: without (true CFG)")
+    p.add_argument("--seed", type=bounded_int(), default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+    def run(a):
+        from .recipes.checkpoint_tools import init_tiny
+        make_parent(a.dir)
+        init_tiny(a.dir, a.variant, a.seed, a.overwrite)
+    p.set_defaults(run=run)
+
+
+def add_inspect(sub):
+    p = sub.add_parser("inspect", help="describe a Flux checkpoint: layout, variant, dtypes, blocks, size")
+    p.add_argument("path", help="a .safetensors file or a diffusers model/transformer folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+
+    def run(a):
+        from .recipes.checkpoint_tools import inspect
+        inspect(a.path, a.json, a.allow_pickle)
+    p.set_defaults(run=run)
+
+
+def add_convert(sub):
+    p = sub.add_parser("convert", help="convert a Flux checkpoint between layouts and dtypes (streaming)")
+    p.add_argument("src", help="input checkpoint: a .safetensors file or a diffusers folder")
+    p.add_argument("dst", help="output file (missing parent folders are created)")
+    p.add_argument("--layout", choices=CHECKPOINT_LAYOUTS, help="output layout (default: as input)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp8", "fp8-scaled"],
+                   help="output dtype of the weights (default: as input)")
+    p.add_argument("--keep", metavar="GROUPS",
+                   help="fp8 only: comma-separated groups kept in bf16 (default norms,biases,embedders,modulation,"
+                        "final; pass '' to quantise every 2-D weight)")
+    p.add_argument("--drop-guidance", action="store_true",
+                   help="drop the guidance embedding (the output is sampled with true CFG)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="write the output even if the source lacks transformer tensors (it will not load)")
+
+    def run(a):
+        from .recipes.checkpoint_tools import convert
+        make_parent(a.dst)
+        convert(a.src, a.dst, a.layout, a.dtype, a.keep, a.overwrite, a.allow_pickle, a.drop_guidance,
+                a.allow_incomplete)
+    p.set_defaults(run=run)
+
+
+# ------------------------------------------------------------------------------------------------ data + training
+def add_cache(sub):
+    p = sub.add_parser("cache", help="encode image folders / webdataset tars into sharded latent+text caches")
+    p.add_argument("inputs", nargs="+", help="image folders (name.png + name.txt, or a kohya parent of N_name/ "
+                                             "folders) and/or webdataset .tar shards")
+    p.add_argument("--model", required=True, help="FLUX.1-dev-layout model folder (VAE, text encoders)")
+    p.add_argument("--out", required=True, help="output folder for shards and index.json (created)")
+    p.add_argument("--per-shard", type=bounded_int(1), default=1000, help="samples per shard file (default 1000)")
+    p.add_argument("--resolution", type=bounded_int(16, 16384), default=512,
+                   help="bucket target side: buckets hold about resolution^2 pixels (default 512)")
+    p.add_argument("--bucket-step", type=bounded_int(16, 16384), default=64,
+                   help="bucket sides are multiples of this, a multiple of 16 (default 64)")
+    p.add_argument("--t5-max-length", type=bounded_int(1, 512), default=512,
+                   help="T5 tokens per caption: 512 for dev and de-distilled bases (default 512)")
+    p.add_argument("--default-caption", default="", help="caption for images without a .txt file")
+    p.add_argument("--min-size", type=bounded_int(1), default=16,
+                   help="images smaller than this on a side are skipped and listed (default 16, as in train)")
+    p.add_argument("--recursive", action="store_true", help="also read images in subfolders of each folder")
+    p.add_argument("--strict", action="store_true",
+                   help="stop on unusable images (broken, tiny, unsupported format) instead of skipping them")
+    p.add_argument("--batch-size", type=bounded_int(1, 4096), default=4, help="encoder batch size (default 4)")
+
+    def run(a):
+        from .recipes.cache import cache
+        r = cache(a.inputs, a.model, a.out, a.per_shard, a.resolution, a.bucket_step, a.t5_max_length,
+                  a.default_caption, a.batch_size, min_size=a.min_size, recursive=a.recursive, strict=a.strict)
+        skipped = f" ({len(r['skipped'])} skipped, listed above and in index.json)" if r["skipped"] else ""
+        print(f"{r['samples']} samples -> {r['index']}{skipped}")
+    p.set_defaults(run=run)
+
+
+def _train_target():
+    from .recipes.train_lora import TrainConfig, load_train_config, train
+    return TrainConfig, load_train_config, train
+
+
+def _dedistill_target():
+    from .recipes.dedistill import DedistillConfig, dedistill, load_dedistill_config
+    return DedistillConfig, load_dedistill_config, dedistill
+
+
+def add_train(sub):
+    p = add_config_command(sub, "train", "train a Flux LoRA (default: guidance 1.0 on a de-distilled base)",
+                           target=_train_target)
+    p.add_argument("--vram", type=int, choices=(8, 12, 16, 24, 48), metavar="GB",
+                   help="GPU-size preset (8|12|16|24|48 GB), same as --set model.vram=GB")
+    run = p.get_default("run")
+
+    def run_with_vram(a):
+        if a.vram:
+            a.set = [*a.set, f"model.vram={a.vram}"]
+        run(a)
+    p.set_defaults(run=run_with_vram)
+
+
+def add_dedistill(sub):
+    add_config_command(sub, "dedistill", "full fine-tune of FLUX.1-dev away from guidance distillation (make a "
+                       "dev2pro); launch with accelerate/torchrun for several GPUs", target=_dedistill_target)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def add_sample(sub):
+    p = sub.add_parser("sample", help="render prompts x seeds from a Flux base (+ LoRAs) to PNGs and a grid")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="FLUX.1-dev-layout diffusers folder (VAE, text encoders, scheduler, default transformer)")
+    p.add_argument("--transformer", metavar="FILE",
+                   help="transformer checkpoint to use instead of the folder's (any layout/dtype, incl. fp8)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA file with optional strength (default 1.0); repeat for several")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
+    src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line ('#' lines skipped)")
+    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt for true CFG (default: empty)")
+    p.add_argument("--guidance", type=float, default=3.5,
+                   help="guidance strength: the embedded value on dev-like bases, the CFG scale on bases without a "
+                        "guidance embedding (default 3.5)")
+    p.add_argument("--cfg", type=float, default=1.0,
+                   help="true CFG scale (> 1 adds a negative-prompt pass; combines with embedded guidance)")
+    p.add_argument("--mode", choices=SAMPLE_MODES, default="auto",
+                   help="auto: embedded if the base has a guidance embedding, else true_cfg")
+    p.add_argument("--steps", type=bounded_int(1, 10000), default=20, help="sampling steps (default 20)")
+    p.add_argument("--size", type=size_arg, default=(1024, 1024), metavar="WxH",
+                   help=SIZE_HELP + "; default 1024x1024")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=bounded_int(0, 2**64 - 1), help="one seed (default 0)")
+    seeds.add_argument("--seeds", metavar="A,B,C", help="comma-separated seeds")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created with its parents; must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
+    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N",
+                   help="keep N transformer blocks' weights in host RAM, copied in just before use (less VRAM)")
+    p.add_argument("--adapter", default=None, metavar="FILE[:SCALE]",
+                   help="training adapter (e.g. a dev -> dev2pro LoRA) as a side branch: dev + adapter + LoRA "
+                        "renders the LoRA on dev2pro with one base")
+
+    def run(a):
+        from . import sampling as S
+        from .recipes.sample import run_sample
+        prompts = S.read_prompts(a.prompts) if a.prompts else a.prompt
+        seeds = S.parse_seeds(a.seeds) if a.seeds else [a.seed if a.seed is not None else 0]
+        make_parent(a.out)
+        run_sample(a.model, prompts, a.out, transformer=a.transformer, loras=a.lora, negative=a.negative,
+                   guidance=a.guidance, cfg=a.cfg, mode=a.mode, steps=a.steps, size=a.size, seeds=seeds,
+                   overwrite=a.overwrite, fp8=a.fp8, blocks_to_swap=a.blocks_to_swap, adapter=a.adapter)
+    p.set_defaults(run=run)
+
+
+def add_compare(sub):
+    p = sub.add_parser("compare", help="render the same prompts and seeds through several arms (bases, LoRAs, "
+                                       "guidance) and write a side-by-side grid, an HTML report and metrics")
+    p.add_argument("config", metavar="CONFIG.toml", help="compare config: model, prompts, seeds, size, [[arms]]")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the config's 'out'; parents created)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value, e.g. --set steps=4 (repeatable)")
+
+    def run(a):
+        from .recipes.compare import compare
+        if a.out:
+            make_parent(a.out)
+        compare(a.config, a.out, a.overwrite, a.overrides)
+    p.set_defaults(run=run)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA tools
+def add_lora(sub):
+    p = sub.add_parser("lora", help="LoRA tools: info, convert, merge, extract")
+    lsub = p.add_subparsers(dest="lora_command", required=True, metavar="{info,convert,merge,extract}")
+    i = lsub.add_parser("info", help="layout, targets, rank/alpha per group, metadata")
+    i.add_argument("file", help="a LoRA .safetensors file (kohya, diffusers/peft or comfy layout)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def info(a):
+        from .recipes.lora_tools import info
+        info(a.file, as_json=a.json)
+    i.set_defaults(run=info)
+
+    c = lsub.add_parser("convert", help="convert between kohya, diffusers and comfy layouts (exact)")
+    c.add_argument("src", help="input LoRA file (any supported layout)")
+    c.add_argument("dst", help="output LoRA file (missing parent folders are created)")
+    c.add_argument("--layout", choices=LORA_LAYOUTS, help="output layout (the same flag as `dev2pro convert`)")
+    hidden_alias(c, "--to", "layout", choices=LORA_LAYOUTS)
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+    def convert(a):
+        from .recipes.lora_tools import convert
+        if not a.layout:
+            c.error("the following arguments are required: --layout")
+        make_parent(a.dst)
+        convert(a.src, a.dst, a.layout, a.overwrite)
+    c.set_defaults(run=convert)
+
+    m = lsub.add_parser("merge", help="bake LoRAs into a checkpoint (fp8 requantised with the same scheme)")
+    m.add_argument("--base", required=True, help="base checkpoint (.safetensors; any layout, fp8 included)")
+    m.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]",
+                   help="LoRA file with optional strength (default 1.0); repeat for several")
+    m.add_argument("out", help="output checkpoint file (missing parent folders are created)")
+    m.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+    def merge(a):
+        from .recipes.lora_tools import merge
+        from .sampling import parse_lora_arg
+        loras = [parse_lora_arg(x) for x in a.lora]
+        make_parent(a.out)
+        merge(a.base, loras, a.out, a.overwrite)
+    m.set_defaults(run=merge)
+
+    e = lsub.add_parser("extract", help="SVD of (TUNED - BASE) per linear layer into a kohya LoRA "
+                                        "(e.g. --base dev --tuned dev2pro); a retained-energy report is written "
+                                        "beside it as <out>.json")
+    e.add_argument("--base", help="the original checkpoint, e.g. FLUX.1-dev")
+    e.add_argument("--tuned", help="the fine-tuned checkpoint, e.g. your dev2pro")
+    hidden_alias(e, "--from", "base")  # the old spelling: --from A --to B
+    hidden_alias(e, "--to", "tuned")
+    e.add_argument("out", help="output LoRA file, or with --ranks the JSON fidelity report (missing parent folders "
+                               "are created)")
+    e.add_argument("--rank", type=bounded_int(1, 65536), default=None,
+                   help="LoRA rank (the maximum with --energy); required unless --ranks")
+    e.add_argument("--energy", type=float, default=None,
+                   help="per layer, the smallest rank keeping this fraction of the difference's energy (0-1]; warns "
+                        "where --rank does not reach it; also the target of the recommended rank (default 0.9)")
+    e.add_argument("--ranks", default=None, metavar="4,16,64",
+                   help="write only a fidelity report for these ranks (energy and output error), no LoRA file")
+    e.add_argument("--exact", action="store_true",
+                   help="full SVD for every layer (default: randomized truncated SVD when rank << width)")
+    e.add_argument("--device", default=None, help="where the SVDs run (default: cuda if available, else cpu)")
+    e.add_argument("--niter", type=bounded_int(0, 100), default=4, help="power iterations of the randomized SVD")
+    e.add_argument("--oversample", type=bounded_int(0, 4096), default=16,
+                   help="extra columns of the randomized SVD")
+    e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+    def extract(a):
+        from .recipes.lora_tools import extract_lora
+        if not a.base or not a.tuned:
+            e.error("the following arguments are required: --base, --tuned")
+        ranks = None
+        if a.ranks:
+            try:
+                ranks = sorted({int(x) for x in a.ranks.split(",") if x.strip()})
+            except ValueError:
+                e.error(f"--ranks {a.ranks!r} must be comma-separated integers, e.g. 4,16,64")
+        elif a.rank is None:
+            e.error("the following arguments are required: --rank (or --ranks for a fidelity report)")
+        make_parent(a.out)
+        extract_lora(a.base, a.tuned, a.out, a.rank, a.energy, a.overwrite, exact=True if a.exact else None,
+                     ranks=ranks, device=a.device, oversample=a.oversample, niter=a.niter)
+    e.set_defaults(run=extract)
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def add_demo(sub):
+    p = sub.add_parser("demo", help="measure the Dev2Pro claim end to end on toy Flux models (CPU, ~10 min)")
+    p.add_argument("--out", default="demo-out", help="output folder (a finished stage is reused on rerun)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="profile", const="quick", help="smoke test, ~2 min")
+    size.add_argument("--full", action="store_const", dest="profile", const="full",
+                      help="longer training, 8 seeds, a cfg_teacher arm (about an hour)")
+    p.add_argument("--seeds", type=bounded_int(1, 1000), default=None,
+                   help="LoRA seeds per arm (default 5; 3 with --quick)")
+    p.add_argument("--workers", type=bounded_int(1, 1024), default=2, help="parallel LoRA jobs (one CPU core each)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+
+    def run(a):
+        from .recipes.demo import run_demo
+        make_parent(a.out)
+        run_demo(a.out, a.profile, a.seeds, a.overwrite, not a.no_progress, a.workers)
+    p.set_defaults(profile="default", run=run)

@@ -1,0 +1,371 @@
+"""Memory plan: how much GPU memory (and host RAM) a LoRA training run will need, before it loads anything.
+
+Every figure is computed from shapes, never by loading tensors: the base weights from the transformer's spec
+(read from the checkpoint header) with the fp8 keep policy applied tensor by tensor, exactly as
+``load_transformer`` stores them; the LoRA from the target module list and the Linear shapes; the optimizer
+state from how each optimizer stores its moments.
+
+Activations follow a stated formula. In units of one hidden-wide vector per token in the compute dtype (``b``
+bytes; FLUX.1: hidden 3072), diffusers' blocks save for backward, per token:
+  double block  27 units: norm1 (LayerNorm input, its output, the modulated output) 3, q and k RMSNorms (an fp32
+                copy + the input each) 6, attention (q, k, v, out) 4, out-proj input 1, gate 1, norm2 3,
+                MLP (GELU input 4 + output 4) 8, gate 1
+  single block  23 units: norm 3, MLP in 4 + cat(attn, GELU) 5, q/k RMSNorms 6, attention 4, gate 1
+plus, per LoRA-wrapped Linear, peft's fp32 copy of the Linear's input (it casts ``x`` to the LoRA weights'
+dtype: ``in_features * 4`` bytes per token, when the compute dtype is not fp32) and the rank-wide LoRA hidden.
+With per-block gradient checkpointing only each block's inputs are kept (one unit per token per block) and
+one block is recomputed at a time in backward: peak = all block inputs + the largest block's saved set +
+``BACKWARD_UNITS`` of gradient work space. fp8 storage adds bf16 copies of dequantised weights that autograd
+keeps: one block's worth with checkpointing, every fp8 block weight without (so fp8 without checkpointing
+saves nothing). Attention assumes a flash/efficient kernel (no seq x seq matrix). The unit counts were
+counted from diffusers' FluxTransformerBlock / FluxSingleTransformerBlock code; ``bench/gpu_train.py`` prints
+this estimate beside the measured peak so the constants can be recalibrated on real GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+GB = 1024**3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DOUBLE_UNITS, SINGLE_UNITS, BACKWARD_UNITS = 27, 23, 6
+CUDA_OVERHEAD = int(0.8 * GB)  # CUDA context, cuBLAS workspaces and allocator slack beyond allocated bytes
+VAE_DECODE_BYTES_PER_PIXEL = 2560  # ~10 live 128-channel bf16 maps at full resolution in the VAE decoder
+VAE_TILE_PIXELS = 512 * 512
+VAE_PARAMS, CLIP_L_PARAMS = 83_653_863, 123_060_480
+T5_XXL_PARAMS = 4_762_310_656
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What the plan needs, as explicit values (recipes build it from their config)."""
+
+    spec: object  # FluxSpec
+    dtype: str = "bf16"  # compute dtype
+    fp8_storage: bool = False
+    fp8_keep: tuple[str, ...] = ("norms", "biases", "embedders", "modulation", "final")
+    gradient_checkpointing: bool = True
+    blocks_to_swap: int = 0
+    rank: int = 16
+    targets: str = "all_linear"
+    extra_targets: tuple[str, ...] = ()
+    optimizer: str = "adamw"
+    batch_size: int = 1
+    image_tokens: tuple[int, ...] = (1024,)  # packed image tokens per bucket (512^2 -> 1024, 1024^2 -> 4096)
+    text_tokens: int = 512
+    sample_pixels: int = 0  # width * height of samples during training (0 = no samples)
+    inference_base: bool = False  # a second transformer visits the GPU for samples
+    vae_tiling: bool = False
+    text_encoder: str = "gpu"  # gpu | cpu: where T5/CLIP run while caching
+    text_encoder_dtype: str = "fp32"
+    t5_params: int = T5_XXL_PARAMS
+    clip_params: int = CLIP_L_PARAMS
+    vae_params: int = VAE_PARAMS
+
+
+@dataclass
+class Plan:
+    inputs: PlanInputs
+    base_groups: dict = field(default_factory=dict)  # "group dtype" -> bytes (resident + swapped)
+    base_bytes: int = 0
+    swapped_bytes: int = 0
+    swap_window_bytes: int = 0
+    lora_params: int = 0
+    lora_bytes: int = 0
+    grad_bytes: int = 0
+    optimizer_bytes: int = 0
+    activations: dict = field(default_factory=dict)  # image tokens -> bytes
+    sampling_extra: int = 0
+    caching_peak: int = 0
+    host_ram: int = 0
+
+    @property
+    def static_bytes(self) -> int:
+        """Weights on the GPU + LoRA + grads + optimizer state (what stays between steps)."""
+        return self.base_bytes - self.swapped_bytes + self.swap_window_bytes + self.lora_bytes + self.grad_bytes \
+            + self.optimizer_bytes
+
+    def train_peak(self, image_tokens: int | None = None) -> int:
+        """Estimated peak allocated bytes of a training step (the largest bucket by default)."""
+        act = self.activations[image_tokens] if image_tokens is not None else max(self.activations.values())
+        return self.static_bytes + act
+
+    @property
+    def sampling_peak(self) -> int:
+        return self.static_bytes - self.grad_bytes + self.sampling_extra
+
+    @property
+    def peak(self) -> int:
+        """The run's peak GPU allocation over caching, training and sampling."""
+        return max(self.train_peak(), self.sampling_peak if self.inputs.sample_pixels else 0, self.caching_peak)
+
+    def to_dict(self) -> dict:
+        return {"base_groups_gb": {k: v / GB for k, v in self.base_groups.items()}, "base_gb": self.base_bytes / GB,
+                "swapped_gb": self.swapped_bytes / GB, "swap_window_gb": self.swap_window_bytes / GB,
+                "lora_params": self.lora_params, "lora_gb": self.lora_bytes / GB, "grads_gb": self.grad_bytes / GB,
+                "optimizer_gb": self.optimizer_bytes / GB,
+                "activations_gb": {str(k): v / GB for k, v in self.activations.items()},
+                "train_peak_gb": {str(k): self.train_peak(k) / GB for k in self.activations},
+                "sampling_peak_gb": self.sampling_peak / GB, "caching_peak_gb": self.caching_peak / GB,
+                "host_ram_gb": self.host_ram / GB, "peak_gb": self.peak / GB}
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def _meta_model(spec):
+    from .flux.spec import build_transformer
+
+    return build_transformer(spec, device="meta")
+
+
+def _block_of(key: str, num_double: int) -> int | None:
+    """Execution position (0..56 for FLUX.1) of a diffusers key's block, None outside the blocks."""
+    parts = key.split(".")
+    if parts[0] == "transformer_blocks":
+        return int(parts[1])
+    if parts[0] == "single_transformer_blocks":
+        return num_double + int(parts[1])
+    return None
+
+
+def base_weights(model, inp: PlanInputs) -> tuple[dict, dict]:
+    """({"group dtype": bytes}, {block position: [bytes, fp8 values]}) of the base as ``load_transformer``
+    stores it."""
+    from .flux.checkpoint import tensor_group
+    from .flux.fp8 import Fp8Policy
+
+    policy = Fp8Policy.from_names(inp.fp8_keep)
+    b = DTYPE_BYTES[inp.dtype]
+    groups: dict[str, int] = {}
+    per_block: dict[int, int] = {}
+    for key, t in model.state_dict().items():
+        fp8 = inp.fp8_storage and t.ndim == 2 and policy.should_quantize(key, tuple(t.shape))
+        nbytes = t.numel() * (1 if fp8 else b) + (4 if fp8 else 0)  # + the fp32 per-tensor scale
+        label = f"{tensor_group(key)} {'fp8' if fp8 else inp.dtype}"
+        groups[label] = groups.get(label, 0) + nbytes
+        pos = _block_of(key, inp.spec.num_double)
+        if pos is not None:
+            acc = per_block.setdefault(pos, [0, 0])
+            acc[0] += nbytes
+            acc[1] += t.numel() if fp8 else 0
+    return groups, per_block
+
+
+def lora_layers(model, inp: PlanInputs) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of every Linear the LoRA wraps."""
+    from .lora.targets import target_modules
+
+    s = inp.spec
+    names = target_modules(inp.targets, s.num_double, s.num_single, inp.extra_targets, guidance=s.guidance_embeds)
+    return [(n, m.in_features, m.out_features) for n in names for m in [model.get_submodule(n)]]
+
+
+def optimizer_state_bytes(name: str, shapes: Sequence[tuple[int, int]]) -> int:
+    """Bytes of optimizer state for fp32 LoRA matrices of these (rows, cols) shapes.
+
+    adamw: exp_avg + exp_avg_sq (fp32) + a 0-d fp32 step per tensor. adamw8bit (bitsandbytes): two uint8 moments
+    with an fp32 absmax per 256 values; tensors under 4096 values keep fp32 moments. prodigy: four fp32 moments.
+    adafactor (torch): a row and a column second-moment vector per matrix + step.
+    """
+    total = 0
+    for r, c in shapes:
+        n = r * c
+        if name == "adamw":
+            total += 8 * n + 4
+        elif name == "adamw8bit":
+            total += 8 * n + 4 if n < 4096 else 2 * n + 2 * 4 * -(-n // 256) + 4
+        elif name == "prodigy":
+            total += 16 * n + 4
+        elif name == "adafactor":
+            total += 4 * (r + c) + 4
+        else:
+            raise ValueError(f"unknown optimizer {name!r}")
+    return total
+
+
+def stream_tokens(name: str, img: int, txt: int) -> int:
+    """Tokens a Linear sees: image stream, text stream (add_*, ff_context, to_add_out), or both (single)."""
+    if name.startswith("single_transformer_blocks."):
+        return img + txt
+    if not name.startswith("transformer_blocks."):
+        return 1 if "time_text_embed" in name or "norm" in name else (txt if "context" in name else img)
+    if any(k in name for k in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "norm1_context")):
+        return txt
+    return 1 if ".norm1." in name else img
+
+
+def activation_bytes(inp: PlanInputs, layers, per_block: dict, img: int) -> int:
+    """Peak activation bytes of one training step at ``img`` image tokens (formula in the module docstring)."""
+    s, b, txt = inp.spec, DTYPE_BYTES[inp.dtype], inp.text_tokens
+    tokens = img + txt
+    lora_copy = 4 if inp.dtype != "fp32" else 0
+    lora_block: dict[int, int] = {}
+    for name, fin, _ in layers:
+        pos = _block_of(name, s.num_double)
+        if pos is not None:
+            lora_block[pos] = lora_block.get(pos, 0) + stream_tokens(name, img, txt) * (fin * lora_copy
+                                                                                        + inp.rank * 4)
+    saved = {p: tokens * s.hidden * b * (DOUBLE_UNITS if p < s.num_double else SINGLE_UNITS)
+             + lora_block.get(p, 0) for p in range(s.num_double + s.num_single)}
+    fp8_block = {p: n_fp8 * b for p, (_, n_fp8) in per_block.items()}  # dequantised copies autograd keeps
+    outside = txt * s.context_dim * b + img * s.in_channels * 4 * 4 + tokens * s.head_dim * 4 * 2
+    if inp.gradient_checkpointing:
+        big = max(saved[p] + fp8_block.get(p, 0) for p in saved)
+        act = len(saved) * tokens * s.hidden * b + big + BACKWARD_UNITS * tokens * s.hidden * b
+    else:
+        act = sum(saved.values()) + sum(fp8_block.values()) + BACKWARD_UNITS * tokens * s.hidden * b
+    return inp.batch_size * (act + outside)
+
+
+def component_params(model_dir: str | None, subfolder: str, default: int) -> int:
+    """Parameter count of a model folder's component from its safetensors headers (``default`` without files)."""
+    folder = Path(model_dir) / subfolder if model_dir else None
+    files = sorted(folder.glob("*.safetensors")) if folder and folder.is_dir() else []
+    if not files:
+        return default
+    n = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, info in header.items():
+            if key != "__metadata__":
+                size = 1
+                for d in info["shape"]:
+                    size *= d
+                n += size
+    return n
+
+
+def encoder_params(model_dir: str | None) -> dict[str, int]:
+    """{"t5", "clip", "vae"} parameter counts of a FLUX.1-dev-layout folder (FLUX.1's when absent)."""
+    return {"t5": component_params(model_dir, "text_encoder_2", T5_XXL_PARAMS),
+            "clip": component_params(model_dir, "text_encoder", CLIP_L_PARAMS),
+            "vae": component_params(model_dir, "vae", VAE_PARAMS)}
+
+
+def estimate(inp: PlanInputs) -> Plan:
+    """The memory plan for these settings."""
+    model = _meta_model(inp.spec)
+    groups, per_block = base_weights(model, inp)
+    plan = Plan(inp, base_groups=groups, base_bytes=sum(groups.values()))
+    from .train.blockswap import swap_positions
+
+    swapped = swap_positions(inp.spec.num_double, inp.spec.num_single, inp.blocks_to_swap)
+    plan.swapped_bytes = sum(per_block[p][0] for p in swapped)
+    plan.swap_window_bytes = sum(sorted((per_block[p][0] for p in swapped), reverse=True)[:2])
+    layers = lora_layers(model, inp)
+    plan.lora_params = sum(inp.rank * (fin + fout) for _, fin, fout in layers)
+    plan.lora_bytes = plan.grad_bytes = 4 * plan.lora_params
+    shapes = [s for _, fin, fout in layers for s in ((inp.rank, fin), (fout, inp.rank))]
+    plan.optimizer_bytes = optimizer_state_bytes(inp.optimizer, shapes)
+    plan.activations = {img: activation_bytes(inp, layers, per_block, img) for img in sorted(set(inp.image_tokens))}
+    b, s = DTYPE_BYTES[inp.dtype], inp.spec
+    if inp.sample_pixels:
+        tokens = inp.sample_pixels // 256 + inp.text_tokens
+        pixels = min(inp.sample_pixels, VAE_TILE_PIXELS) if inp.vae_tiling else inp.sample_pixels
+        plan.sampling_extra = (plan.base_bytes - plan.swapped_bytes if inp.inference_base else 0) \
+            + 12 * tokens * s.hidden * b + inp.vae_params * 4 + pixels * VAE_DECODE_BYTES_PER_PIXEL * 2
+    # caching: the VAE (fp32) encodes on the GPU; CLIP + T5 in their dtype on the GPU or the CPU
+    enc_bytes = DTYPE_BYTES[inp.text_encoder_dtype]
+    text = (inp.t5_params + inp.clip_params) * enc_bytes
+    vae = inp.vae_params * 4 + max(inp.image_tokens) * 256 * VAE_DECODE_BYTES_PER_PIXEL * 2
+    plan.caching_peak = vae + (0 if inp.text_encoder == "cpu" else text)
+    on_host = plan.base_bytes + (plan.base_bytes if inp.inference_base else 0)  # loaded on the CPU first
+    plan.host_ram = max(on_host, text if inp.text_encoder == "cpu" else 0)
+    return plan
+
+
+def fmt_gb(n: int) -> str:
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1024**2:.1f} MB"
+
+
+def render(plan: Plan) -> str:
+    """The plan as printed by `dev2pro plan` and at the start of `dev2pro train`."""
+    i = plan.inputs
+    lines = ["memory plan (estimates; GPU figures are allocated bytes, the card also needs "
+             f"~{fmt_gb(CUDA_OVERHEAD)} for the CUDA context):"]
+    lines.append(f"  base weights {fmt_gb(plan.base_bytes)}: " + ", ".join(
+        f"{k} {fmt_gb(v)}" for k, v in sorted(plan.base_groups.items(), key=lambda kv: -kv[1])))
+    if i.blocks_to_swap:
+        lines.append(f"  block swap {i.blocks_to_swap}: {fmt_gb(plan.swapped_bytes)} in pinned host RAM, "
+                     f"{fmt_gb(plan.swap_window_bytes)} on the GPU at a time")
+    lines.append(f"  LoRA rank {i.rank} ({plan.lora_params / 1e6:.3g}M params): weights {fmt_gb(plan.lora_bytes)} + "
+                 f"grads {fmt_gb(plan.grad_bytes)} + {i.optimizer} state {fmt_gb(plan.optimizer_bytes)}")
+    ck = "with" if i.gradient_checkpointing else "without"
+    for img, act in plan.activations.items():
+        lines.append(f"  activations at {img} image tokens (~{int((img * 256) ** 0.5)}px^2), batch {i.batch_size}, "
+                     f"{ck} checkpointing: {fmt_gb(act)} -> training peak {fmt_gb(plan.train_peak(img))}")
+    if i.sample_pixels:
+        lines.append(f"  sampling: +{fmt_gb(plan.sampling_extra)} (inference base "
+                     f"{'on GPU' if i.inference_base else 'is the training base'}, VAE decode"
+                     f"{' tiled' if i.vae_tiling else ''}) -> {fmt_gb(plan.sampling_peak)}")
+    lines.append(f"  caching: {fmt_gb(plan.caching_peak)} (T5 {i.text_encoder}, {i.text_encoder_dtype}); "
+                 f"host RAM peak ~{fmt_gb(plan.host_ram)}")
+    lines.append(f"  peak GPU: {fmt_gb(plan.peak)} (+{fmt_gb(CUDA_OVERHEAD)} context)")
+    return "\n".join(lines)
+
+
+# --vram presets: the settings each card size gets (explicit config values win over these)
+_ALL_FP8 = ["norms", "biases", "embedders", "final"]
+VRAM_PRESETS: dict[int, dict[str, dict]] = {
+    48: {"model": dict(fp8_storage=False, gradient_checkpointing=True, blocks_to_swap=0, text_encoder="gpu",
+                       text_encoder_dtype="fp32", vae_tiling=False), "train": dict(optimizer="adamw")},
+    24: {"model": dict(fp8_storage=True, gradient_checkpointing=True, blocks_to_swap=0, text_encoder="gpu",
+                       text_encoder_dtype="bf16", vae_tiling=False), "train": dict(optimizer="adamw")},
+    16: {"model": dict(fp8_storage=True, fp8_keep=_ALL_FP8, gradient_checkpointing=True, blocks_to_swap=8,
+                       text_encoder="gpu", text_encoder_dtype="bf16", vae_tiling=True),
+         "train": dict(optimizer="adamw")},
+    12: {"model": dict(fp8_storage=True, fp8_keep=_ALL_FP8, gradient_checkpointing=True, blocks_to_swap=16,
+                       text_encoder="cpu", text_encoder_dtype="bf16", vae_tiling=True),
+         "train": dict(optimizer="adamw8bit")},
+    8: {"model": dict(fp8_storage=True, fp8_keep=_ALL_FP8, gradient_checkpointing=True, blocks_to_swap=28,
+                      text_encoder="cpu", text_encoder_dtype="bf16", vae_tiling=True),
+        "train": dict(optimizer="adamw8bit")},
+}
+
+
+# settings tried in order when a plan does not fit: the cheapest change in speed first
+_REMEDIES = (
+    ("model.gradient_checkpointing = true", dict(gradient_checkpointing=True)),
+    ("model.fp8_storage = true", dict(fp8_storage=True)),
+    ('model.fp8_keep = ["norms", "biases", "embedders", "final"]', dict(fp8_keep=("norms", "biases", "embedders",
+                                                                               "final"))),
+    ('train.optimizer = "adamw8bit"', dict(optimizer="adamw8bit")),
+    *((f"model.blocks_to_swap = {n}", dict(blocks_to_swap=n)) for n in (8, 16, 22, 28, 36, 45)),
+)
+
+
+def advise(inp: PlanInputs, vram_bytes: int) -> tuple[bool, str]:
+    """(fits, message): whether the plan fits a card of ``vram_bytes``, else the settings that would."""
+    plan = estimate(inp)
+    need = plan.peak + CUDA_OVERHEAD
+    if need <= vram_bytes:
+        return True, f"fits: ~{fmt_gb(need)} of {fmt_gb(vram_bytes)}"
+    changed, settings = [], inp
+    for label, change in _REMEDIES:
+        if all(getattr(settings, k) == v for k, v in change.items()):
+            continue
+        if "blocks_to_swap" in change and change["blocks_to_swap"] < settings.blocks_to_swap:
+            continue
+        settings = replace(settings, **change)
+        if "blocks_to_swap" in change:
+            changed = [c for c in changed if not c.startswith("model.blocks_to_swap")]
+        changed.append(label)
+        for te in (dict(text_encoder_dtype="bf16"), dict(text_encoder="cpu")):
+            if estimate(settings).caching_peak + CUDA_OVERHEAD > vram_bytes and \
+                    any(getattr(settings, k) != v for k, v in te.items()):
+                settings = replace(settings, **te)
+                changed += [f'model.{k} = "{v}"' for k, v in te.items()]
+        if estimate(settings).peak + CUDA_OVERHEAD <= vram_bytes:
+            return False, (f"WARNING: the plan needs ~{fmt_gb(need)} but the GPU has {fmt_gb(vram_bytes)}; "
+                           f"set {', '.join(changed)} (or --vram {vram_preset_for(vram_bytes)})")
+    return False, (f"WARNING: the plan needs ~{fmt_gb(need)} but the GPU has {fmt_gb(vram_bytes)}, and no setting "
+                   "makes it fit: lower data.resolution or use a larger GPU")
+
+
+def vram_preset_for(vram_bytes: int) -> int:
+    """The largest preset (8/12/16/24/48 GB) not above the card."""
+    fits = [v for v in VRAM_PRESETS if v * GB <= vram_bytes * 1.02]
+    return max(fits) if fits else min(VRAM_PRESETS)

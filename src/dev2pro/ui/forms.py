@@ -1,0 +1,176 @@
+"""Config schema -> browser form, and browser form -> a config validated exactly as the CLI validates it.
+
+The Train page is generated from the dataclass tree that ``dev2pro train --print-config`` renders (field types,
+defaults, help text, choices), so a field added to the schema appears in the UI with no UI change. Submitted
+values go back through the CLI's own loader (``load_config``/``load_train_config``): type errors, choices, typos
+and cross-field rules produce the same messages as on the command line. Which string fields are file paths is
+asked of the loader too (the fields it resolves relative to a config file); those must resolve inside the
+workspace before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ..errors import ConfigError
+
+
+def _unwrap(tp) -> tuple[Any, bool]:
+    """(type without None, whether None is allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def field_specs(schema: type, prefix: str = "") -> list[dict]:
+    """One dict per leaf field, in schema order: key (dotted), kind, default, help, choices, optional.
+
+    kind is bool | int | float | str | choice | list | tables; ``tables`` (a list of sub-tables such as
+    ``[[data.folders]]``) carries ``fields``, the specs of one item with keys relative to the item.
+    """
+    hints = typing.get_type_hints(schema)
+    default = schema()
+    out: list[dict] = []
+    for f in dataclasses.fields(schema):
+        tp, optional = _unwrap(hints[f.name])
+        key = prefix + f.name
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(tp):
+            out.append({"key": key, "kind": "section", "help": f.metadata.get("help", "")})
+            out.extend(field_specs(tp, key + "."))
+            continue
+        spec = {"key": key, "help": f.metadata.get("help", ""), "optional": optional,
+                "choices": list(f.metadata.get("choices") or []) or None}
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
+        if item is not None and dataclasses.is_dataclass(item):
+            spec.update(kind="tables", fields=field_specs(item), default=[dataclasses.asdict(v) for v in value])
+        elif spec["choices"]:
+            spec.update(kind="choice", default=value)
+        elif tp in (bool, int, float, str):
+            spec.update(kind=tp.__name__, default=value)
+        elif tp is list or typing.get_origin(tp) is list:
+            spec.update(kind="list", item=getattr(item, "__name__", None), default=list(value))
+        else:
+            spec.update(kind="str", default=value)
+        out.append(spec)
+    return out
+
+
+def _parse_item(text: str, item: str | None):
+    """One line of a list field: TOML-parsed (numbers, booleans) unless the list holds strings."""
+    if item == "str":
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _value(spec: dict, raw):
+    """A browser value (string, bool or list of strings) -> the Python value the loader checks."""
+    kind = spec["kind"]
+    if kind == "bool":
+        return raw if isinstance(raw, bool) else str(raw).lower() in ("true", "1", "on", "yes")
+    if kind == "list":
+        lines = raw if isinstance(raw, list) else str(raw).splitlines()
+        return [_parse_item(s.strip(), spec.get("item")) for s in lines if str(s).strip()]
+    if isinstance(raw, str) and kind in ("int", "float", "choice"):
+        text = raw.strip()
+        if spec["optional"] and text == "":
+            return None
+        try:  # numbers typed into a text box; anything unparsable goes to the loader, which names the field
+            return tomllib.loads(f"v = {text}")["v"] if kind != "choice" or text[:1].isdigit() else text
+        except tomllib.TOMLDecodeError:
+            return text
+    if kind == "str" and spec["optional"] and raw == "":
+        return None
+    return raw
+
+
+def form_to_data(specs: list[dict], values: dict) -> dict:
+    """Flat browser values {"train.steps": "20", "data.folders": [{"path": ...}]} -> the nested config dict."""
+    data: dict = {}
+    for spec in specs:
+        if spec["kind"] == "section" or spec["key"] not in values:
+            continue
+        raw = values[spec["key"]]
+        if spec["kind"] == "tables":
+            if not isinstance(raw, list):
+                raise ConfigError(f"'{spec['key']}' must be a list of tables")
+            value = [form_to_data(spec["fields"], item if isinstance(item, dict) else {}) for item in raw]
+        else:
+            value = _value(spec, raw)
+        node = data
+        *parents, last = spec["key"].split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return data
+
+
+def path_keys(specs: list[dict], loader: Callable) -> set[str]:
+    """Keys of the string fields ``loader`` treats as paths (it makes them absolute); ``tables`` items as
+    ``key[].field``. Found by loading a probe config with every free-text string field set."""
+    probe: dict = {}
+
+    def fill(specs, values):
+        for s in specs:
+            if s["kind"] == "str":
+                values[s["key"]] = f"probe-{s['key']}"
+            elif s["kind"] == "tables":
+                item: dict = {}
+                fill(s["fields"], item)
+                values[s["key"]] = [item]
+    fill(specs, probe)
+    cfg = loader(None, data=form_to_data(specs, probe))
+    found: set[str] = set()
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
+                walk(v[0], f"{prefix}{f.name}[].")
+            elif isinstance(v, str) and "probe-" in v and os.path.isabs(v):
+                found.add(prefix + f.name)
+    walk(cfg, "")
+    return found
+
+
+def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[str], resolve: Callable):
+    """Browser values -> a validated config; every path field goes through ``resolve`` (workspace-confined)
+    first, and the result through the CLI's ``loader`` (same checks, same messages as the command line)."""
+    data = form_to_data(specs, values)
+
+    def fix(node: dict, parts: list[str], key: str):
+        head, rest = parts[0], parts[1:]
+        if head.endswith("[]"):
+            for item in node.get(head[:-2]) or []:
+                if isinstance(item, dict):
+                    fix(item, rest, key)
+        elif rest:
+            if isinstance(node.get(head), dict):
+                fix(node[head], rest, key)
+        elif isinstance(node.get(head), str) and node[head].strip():
+            try:
+                node[head] = str(resolve(node[head]))
+            except ConfigError:
+                raise
+            except Exception as e:  # PathRefused and friends: name the field like the loader does
+                raise ConfigError(f"'{key}': {e}") from None
+
+    for key in sorted(paths):
+        fix(data, key.replace("[].", "[]\0").replace(".", "\0").split("\0"), key)
+    return loader(None, data=data)

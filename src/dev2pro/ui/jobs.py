@@ -1,0 +1,192 @@
+"""Jobs: `dev2pro` subcommands run as detached subprocesses, one at a time, recorded as JSON in the workspace.
+
+A job is ``dev2pro ARGS`` (train, caption, convert, compare, sample) started through ``dev2pro.ui.runner`` in its
+own session with its output in a log file. Jobs share the accelerator, so they run one at a time: submitting
+queues, and a scheduler thread starts the oldest queued job once nothing runs. Each job's record
+(``.dev2pro-ui/jobs/<id>/job.json``) holds its arguments, status and the runner's pid + process start time, so a
+restarted web app re-attaches: a live runner with the same start time is still running, a written ``rc`` file says
+how a job ended while the UI was away, and a vanished runner without one is marked failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ACTIVE = ("queued", "running")
+
+
+class JobManager:
+    def __init__(self, state_dir: Path, cwd: Path, poll_s: float = 0.5, command: list[str] | None = None):
+        """``command``: what a job's args are appended to (default: this Python running the `dev2pro` CLI)."""
+        self.command = command or [sys.executable, "-m", "dev2pro.cli"]
+        self.dir = Path(state_dir) / "jobs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cwd = Path(cwd)
+        self.poll_s = poll_s
+        self.lock = threading.RLock()
+        self.procs: dict[str, subprocess.Popen] = {}  # runners started by this process (reaped here)
+        self.jobs: dict[str, dict] = {}
+        for f in sorted(self.dir.glob("*/job.json")):
+            try:
+                job = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # a record cut short by a crash: skip it rather than refuse to start
+            self.jobs[job["id"]] = job
+        self.refresh()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------ records
+    def _save(self, job: dict):
+        d = self.dir / job["id"]
+        d.mkdir(exist_ok=True)
+        tmp = d / ".job.json.tmp"
+        tmp.write_text(json.dumps(job, indent=1))
+        os.replace(tmp, d / "job.json")
+
+    def submit(self, kind: str, args: list[str], title: str = "", run_dir: str = "", out: str = "") -> dict:
+        """Queue ``dev2pro ARGS``; returns the job record (``out``: the folder it writes, workspace-relative)."""
+        with self.lock:
+            n = len(self.jobs) + 1
+            job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{n:03d}-{kind}"
+            job = {"id": job_id, "kind": kind, "title": title or kind, "args": [str(a) for a in args],
+                   "run_dir": run_dir, "out": out, "status": "queued", "created": time.time(), "started": None,
+                   "ended": None, "pid": None, "pid_started": None, "returncode": None, "stop_requested": False,
+                   "error": ""}
+            self.jobs[job_id] = job
+            self._save(job)
+        self.schedule()
+        return job
+
+    def get(self, job_id: str) -> dict | None:
+        with self.lock:
+            job = self.jobs.get(job_id)
+            return dict(job) if job else None
+
+    def list(self) -> list[dict]:
+        with self.lock:
+            return [dict(j) for j in sorted(self.jobs.values(), key=lambda j: j["created"], reverse=True)]
+
+    def log_path(self, job_id: str) -> Path:
+        return self.dir / job_id / "log.txt"
+
+    def log_tail(self, job_id: str, lines: int = 40, max_bytes: int = 64_000) -> str:
+        """The last ``lines`` lines of a job's output; progress-bar redraws (\\r) count as lines."""
+        path = self.log_path(job_id)
+        if not path.exists():
+            return ""
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - max_bytes))
+            text = f.read().decode("utf-8", "replace")
+        parts = [p for p in text.replace("\r", "\n").split("\n") if p.strip()]
+        return "\n".join(parts[-lines:])
+
+    # ------------------------------------------------------------------------------------------ processes
+    def _start(self, job: dict):
+        d = self.dir / job["id"]
+        d.mkdir(exist_ok=True)
+        log = open(d / "log.txt", "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "dev2pro.ui.runner", str(d), "--", *self.command, *job["args"]]
+        proc = subprocess.Popen(argv,
+                                cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)  # own session: survives the UI
+        log.close()
+        self.procs[job["id"]] = proc
+        job.update(status="running", started=time.time(), pid=proc.pid,
+                   pid_started=psutil.Process(proc.pid).create_time())
+        self._save(job)
+
+    def _alive(self, job: dict) -> bool:
+        proc = self.procs.get(job["id"])
+        if proc is not None:
+            return proc.poll() is None
+        try:  # a runner from an earlier UI process: same pid *and* same start time (pids are reused)
+            p = psutil.Process(job["pid"])
+            return abs(p.create_time() - job["pid_started"]) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
+        except (psutil.Error, TypeError):
+            return False
+
+    def refresh(self):
+        """Update running jobs from their runners: still alive, or ended (rc file) or vanished."""
+        with self.lock:
+            for job in self.jobs.values():
+                if job["status"] != "running":
+                    continue
+                rc_file = self.dir / job["id"] / "rc"
+                if rc_file.exists():
+                    rc = int(rc_file.read_text().strip() or -1)
+                    status = "done" if rc == 0 else "stopped" if job["stop_requested"] else "failed"
+                    job.update(status=status, returncode=rc, ended=time.time())
+                elif not self._alive(job):
+                    job.update(status="stopped" if job["stop_requested"] else "failed", ended=time.time(),
+                               error="the job's process ended without recording a status (killed?)")
+                else:
+                    continue
+                self.procs.pop(job["id"], None)
+                self._save(job)
+
+    def schedule(self):
+        """Start the oldest queued job if none is running (one accelerator job at a time)."""
+        with self.lock:
+            self.refresh()
+            if any(j["status"] == "running" for j in self.jobs.values()):
+                return
+            queued = sorted((j for j in self.jobs.values() if j["status"] == "queued"), key=lambda j: j["created"])
+            if queued:
+                self._start(queued[0])
+
+    def stop(self, job_id: str) -> dict:
+        """Cancel a queued job, or send SIGINT (like Ctrl-C) to a running one; it ends as 'stopped'."""
+        with self.lock:
+            job = self.jobs[job_id]
+            if job["status"] == "queued":
+                job.update(status="stopped", ended=time.time(), stop_requested=True)
+            elif job["status"] == "running":
+                job["stop_requested"] = True
+                pid_file = self.dir / job_id / "child.pid"
+                if pid_file.exists():
+                    try:
+                        os.kill(int(pid_file.read_text()), signal.SIGINT)
+                    except (ProcessLookupError, ValueError):
+                        pass
+                else:  # the child has not started yet: stop the runner before it does
+                    try:
+                        os.kill(job["pid"], signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            self._save(job)
+            return dict(job)
+
+    def wait(self, job_id: str, timeout: float = 600) -> dict:
+        """Block until a job has ended (for tests and scripts)."""
+        end = time.time() + timeout
+        while time.time() < end:
+            self.schedule()
+            job = self.get(job_id)
+            if job["status"] not in ACTIVE:
+                return job
+            time.sleep(0.1)
+        raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+
+    # ------------------------------------------------------------------------------------------ thread
+    def start_scheduler(self):
+        def loop():
+            while not self._stop.wait(self.poll_s):
+                self.schedule()
+        self._thread = threading.Thread(target=loop, name="dev2pro-ui-jobs", daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)

@@ -1,0 +1,95 @@
+"""What the Monitor and Results pages show about a run folder, read from the files `dev2pro train` writes.
+
+Nothing here talks to the training process: loss and lr come from its TensorBoard event files (``logs/``), the
+step total from its resolved ``config.toml``, sample grids from ``samples/``, LoRA files from the folder itself
+and the final numbers from ``summary.json``. So a run started from a terminal is watched the same way as one
+started from the browser, and a restarted web app sees everything a run has written so far.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SCALARS = {"loss": "loss/step", "smoothed": "loss/smoothed", "lr": "lr"}
+_MEM = re.compile(r"mem=([0-9.]+)G")
+
+
+def find_runs(root: Path, limit: int = 200) -> list[Path]:
+    """Training run folders under ``root`` (a ``config.toml`` beside ``logs/``, ``state/`` or
+    ``summary.json``), newest first; hidden folders skipped."""
+    runs = []
+    for cfg in root.glob("**/config.toml"):
+        d = cfg.parent
+        if any(part.startswith(".") for part in d.relative_to(root).parts):
+            continue
+        if (d / "logs").is_dir() or (d / "state").is_dir() or (d / "summary.json").exists():
+            runs.append(d)
+    return sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)[:limit]
+
+
+def read_scalars(logs: Path) -> dict[str, list[list[float]]]:
+    """{name: [[step, value, wall_time], ...]} from the run's event files; a resumed run's repeated steps keep
+    their latest value."""
+    if not logs.is_dir() or not any(logs.glob("events.out.tfevents.*")):
+        return {k: [] for k in SCALARS}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logs), size_guidance={"scalars": 0, "images": 1, "tensors": 1})
+    ea.Reload()
+    tags = set(ea.Tags().get("scalars", []))
+    out = {}
+    for name, tag in SCALARS.items():
+        by_step: dict[int, list[float]] = {}
+        for e in ea.Scalars(tag) if tag in tags else []:
+            if e.step not in by_step or e.wall_time >= by_step[e.step][2]:
+                by_step[e.step] = [e.step, e.value, e.wall_time]
+        out[name] = [by_step[s] for s in sorted(by_step)]
+    return out
+
+
+def _speed(points: list[list[float]], window: int = 10) -> float | None:
+    """Steps per second over the last ``window`` logged points (one training session: no gaps > 60 s)."""
+    pts = points[-window:]
+    while len(pts) >= 2 and pts[-1][2] - pts[0][2] > 60 * (len(pts) - 1):
+        pts = pts[1:]
+    if len(pts) < 2 or pts[-1][2] <= pts[0][2]:
+        return None
+    return (pts[-1][0] - pts[0][0]) / (pts[-1][2] - pts[0][2])
+
+
+def run_info(run: Path, root: Path, log_tail: str = "") -> dict:
+    """Everything the Monitor/Results pages show for one run folder (paths relative to ``root``)."""
+    rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+    total = None
+    if (run / "config.toml").exists():
+        try:
+            total = tomllib.loads((run / "config.toml").read_text()).get("train", {}).get("steps")
+        except tomllib.TOMLDecodeError:
+            pass
+    scalars = read_scalars(run / "logs")
+    step = int(scalars["loss"][-1][0]) if scalars["loss"] else 0
+    speed = _speed(scalars["loss"])
+    summary = None
+    if (run / "summary.json").exists():
+        import json
+
+        summary = json.loads((run / "summary.json").read_text())
+    mem = _MEM.findall(log_tail)
+    return {
+        "run": rel(run), "total_steps": total, "step": step, "steps_per_second": speed,
+        "eta_seconds": (total - step) / speed if speed and total else None,
+        "memory_gb": float(mem[-1]) if mem else None,
+        "scalars": {k: [[p[0], p[1]] for p in v] for k, v in scalars.items()},
+        "samples": [rel(p) for p in sorted((run / "samples").glob("*.png"))] if (run / "samples").is_dir() else [],
+        "loras": [rel(p) for p in sorted(run.glob("*.safetensors"))] if run.is_dir() else [],
+        "states": sorted(p.name for p in (run / "state").iterdir()) if (run / "state").is_dir() else [],
+        "summary": {k: v for k, v in summary.items() if k != "losses"} if summary else None,
+        "finished": summary is not None,
+    }

@@ -1,0 +1,395 @@
+// dev2pro web app: plain DOM code over the JSON API in dev2pro/ui/routes_*.py. No framework, no build step.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const state = { page: "models", schema: null, settings: {}, folder: null, runInfo: null, captionJob: null };
+
+async function api(path, body, opts = {}) {
+  const init = { headers: { "X-Dev2pro-UI": "1" } };
+  if (body instanceof FormData) { init.method = "POST"; init.body = body; }
+  else if (body !== undefined) {
+    init.method = "POST"; init.body = JSON.stringify(body); init.headers["Content-Type"] = "application/json";
+  }
+  const r = await fetch(path, init);
+  const data = await r.json().catch(() => ({ error: r.statusText }));
+  if (!r.ok) { if (!opts.quiet) toast(data.error || r.statusText); throw new Error(data.error || r.statusText); }
+  return data;
+}
+
+function toast(msg, ok = false) {
+  const t = $("toast"); t.textContent = msg; t.className = ok ? "ok" : ""; t.hidden = false;
+  clearTimeout(toast.timer); toast.timer = setTimeout(() => (t.hidden = true), ok ? 2500 : 8000);
+}
+const el = (tag, attrs = {}, ...kids) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v; else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v); else e.setAttribute(k, v);
+  }
+  for (const k of kids) e.append(k);
+  return e;
+};
+const fill = (select, values, keep = true, blank = null) => {
+  const old = select.value; select.innerHTML = "";
+  if (blank !== null) select.append(el("option", { value: "", text: blank }));
+  for (const v of values) select.append(el("option", { value: v, text: v }));
+  if (keep && values.includes(old)) select.value = old;
+};
+const fileUrl = (p) => "/files/" + p.split("/").map(encodeURIComponent).join("/");
+
+// ------------------------------------------------------------------------------------------------ pages
+function show(page) {
+  state.page = page;
+  for (const s of document.querySelectorAll(".page")) s.hidden = s.id !== "page-" + page;
+  for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t.dataset.page === page);
+  ({ models: loadModels, dataset: loadDataset, train: loadTrain, monitor: loadRuns, results: loadResults })[page]();
+}
+
+async function loadModels() {
+  const m = await api("/api/models");
+  state.settings = m.settings; $("ws-root").textContent = m.workspace;
+  fill($("train-base"), m.flux, false); fill($("inference-base"), m.transformers, false, "(the training base)");
+  fill($("convert-src"), m.transformers, true); fill($("captioner"), m.captioners, true);
+  if (m.settings.train_base) $("train-base").value = m.settings.train_base;
+  if (m.settings.inference_base) $("inference-base").value = m.settings.inference_base;
+  if (m.settings.captioner) $("captioner").value = m.settings.captioner;
+}
+
+async function inspect(path) {
+  if (!path) return toast("choose a model first");
+  $("inspect-out").textContent = "inspecting " + path + " ...";
+  const r = await api("/api/inspect", { path });
+  $("inspect-out").textContent = JSON.stringify(r.info, null, 2);
+}
+
+// ------------------------------------------------------------------------------------------------ dataset
+async function loadDataset() {
+  if (!$("captioner").options.length) await loadModels();
+  if (state.settings.dataset && !state.folder) $("dataset-folder").value = state.settings.dataset;
+  const folder = $("dataset-folder").value.trim();
+  let d;
+  const q = `folder=${encodeURIComponent(folder)}&resolution=${$("bucket-resolution").value}` +
+    `&bucket_step=${$("bucket-step").value}`;
+  try { d = await api("/api/dataset?" + q, undefined, { quiet: true }); }
+  catch (e) { $("thumbs").innerHTML = ""; $("bucket-preview").textContent = "(empty: upload images)"; return; }
+  state.folder = d.folder;
+  $("folder-list").innerHTML = ""; for (const f of d.folders) $("folder-list").append(el("option", { value: f }));
+  $("bucket-preview").textContent = d.images.length + " images; buckets: " +
+    (d.buckets.map((b) => `${b.bucket} × ${b.images}`).join(", ") || "none");
+  const grid = $("thumbs"); grid.innerHTML = "";
+  for (const im of d.images) {
+    const ta = el("textarea", { class: "caption", rows: 3, "data-path": im.path, placeholder: "(no caption)" });
+    ta.value = im.caption;
+    ta.addEventListener("change", async () => {
+      await api("/api/caption", { image: im.path, text: ta.value });
+      ta.dataset.saved = "1"; toast("caption saved: " + im.name, true);
+    });
+    grid.append(el("div", { class: "thumb" + (im.bad ? " bad" : ""), "data-path": im.path },
+      el("img", { src: "/api/thumb?path=" + encodeURIComponent(im.path), alt: im.name, loading: "lazy" }),
+      el("div", { class: "meta" }, el("label", { class: "check" }, el("input", { type: "checkbox", class: "select" }),
+        im.name), el("span", { text: im.size ? im.size.join("×") : "" })),
+      im.bad ? el("div", { class: "flag", text: "skipped in training: " + im.bad }) : "", ta));
+  }
+}
+
+async function upload() {
+  const files = $("upload-files").files;
+  if (!files.length) return toast("choose image files first");
+  const fd = new FormData();
+  fd.append("folder", $("dataset-folder").value.trim());
+  for (const f of files) fd.append("files", f, f.name);
+  const r = await api("/api/upload", fd);
+  toast(`uploaded ${r.saved.length} images`, true);
+  $("upload-files").value = "";
+  await api("/api/settings", { dataset: r.folder });
+  state.settings.dataset = r.folder; await loadDataset();
+}
+
+async function autocaption(selected) {
+  const files = selected ? [...document.querySelectorAll("#thumbs .thumb")]
+    .filter((t) => t.querySelector(".select").checked).map((t) => t.dataset.path) : [];
+  if (selected && !files.length) return toast("tick some images first");
+  const model = $("captioner").value;
+  if (!model) return toast("no captioner folder in the workspace");
+  await api("/api/settings", { captioner: model, trigger: $("trigger").value });
+  const job = await api("/api/autocaption", { folder: $("dataset-folder").value.trim(), model, files,
+    trigger: $("trigger").value, prompt: $("caption-prompt").value, overwrite: $("caption-overwrite").checked,
+    max_length: $("caption-max-length").value, batch_size: $("caption-batch-size").value });
+  state.captionJob = job.id; $("caption-status").textContent = "captioning: " + job.status;
+}
+
+async function pollCaption() {
+  if (!state.captionJob) return;
+  const j = await api("/api/jobs/" + state.captionJob, undefined, { quiet: true });
+  const counts = {};
+  for (const r of j.results) counts[r.status] = (counts[r.status] || 0) + 1;
+  const errors = j.results.filter((r) => r.status === "error").map((r) => `${r.image}: ${r.error}`);
+  $("caption-status").textContent = `captioning ${j.status}: ` + Object.entries(counts).map(([k, v]) => `${v} ${k}`)
+    .join(", ") + (errors.length ? " | " + errors.join("; ") : "") + (j.status === "failed" ? " | " + j.log : "");
+  $("caption-status").dataset.status = j.status;
+  if (!["queued", "running"].includes(j.status)) { state.captionJob = null; if (state.page === "dataset") loadDataset(); }
+}
+
+// ------------------------------------------------------------------------------------------------ train form
+function input(spec, value, attrs = {}) {
+  const a = { "data-key": spec.key, title: spec.help, ...attrs };
+  if (spec.kind === "bool") { const i = el("input", { type: "checkbox", ...a }); i.checked = !!value; return i; }
+  if (spec.kind === "choice") {
+    const s = el("select", a); fill(s, spec.choices.map(String), false); s.value = String(value); return s;
+  }
+  if (spec.kind === "list") {
+    const t = el("textarea", { rows: 2, placeholder: "one per line", ...a });
+    t.value = (value || []).join("\n"); return t;
+  }
+  const i = el("input", { type: "text", ...a }); i.value = value === null || value === undefined ? "" : value; return i;
+}
+
+function field(spec, value, idPrefix) {
+  const lab = el("label", { class: spec.kind === "list" || spec.kind === "tables" ? "wide" : "" },
+    spec.key.split(".").pop() + (spec.help ? "" : ""));
+  lab.title = spec.help;
+  const i = input(spec, value, { id: idPrefix + spec.key.replaceAll(".", "-") });
+  if (spec.kind === "bool") { lab.className = "check"; lab.prepend(i); } else lab.append(i);
+  return lab;
+}
+
+function tableRow(spec, item, holder) {
+  const row = el("div", { class: "row table-row" });
+  for (const f of spec.fields) {
+    if (f.kind === "section") continue;
+    const l = field(f, item[f.key] ?? f.default, "f-" + spec.key.replaceAll(".", "-") + "-");
+    l.querySelector("[data-key]").dataset.key = f.key; row.append(l);
+  }
+  row.append(el("button", { class: "secondary", type: "button", text: "remove", onclick: () => row.remove() }));
+  holder.append(row);
+}
+
+function prefill() {
+  const s = state.settings, v = {};
+  if (s.train_base) v["model.path"] = s.train_base;
+  if (s.inference_base) v["model.inference_base"] = s.inference_base;
+  if (s.dataset) v["data.folders"] = [{ path: s.dataset }];
+  if (s.trigger) v["data.trigger"] = s.trigger;
+  v["save.output_dir"] = "runs/lora-" + new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "");
+  return v;
+}
+
+async function loadTrain() {
+  if (state.schema) return;
+  const r = await api("/api/schema");
+  state.schema = r.fields; state.settings = r.settings;
+  const form = $("train-form"), pre = prefill();
+  let fs = el("fieldset", {}, el("legend", { text: "general" }));
+  form.append(fs);
+  for (const spec of r.fields) {
+    if (spec.kind === "section") {
+      fs = el("fieldset", { title: spec.help }, el("legend", { text: spec.key + " — " + spec.help })); form.append(fs);
+      continue;
+    }
+    const value = spec.key in pre ? pre[spec.key] : spec.default;
+    if (spec.kind === "tables") {
+      const holder = el("div", { class: "table-list", "data-table": spec.key, title: spec.help },
+        el("div", { text: spec.key + ": " + spec.help }));
+      for (const item of value) tableRow(spec, item, holder);
+      holder.append(el("button", { class: "secondary", type: "button", text: "add",
+        onclick: (e) => { e.target.remove(); tableRow(spec, {}, holder); holder.append(e.target); } }));
+      fs.append(holder);
+    } else fs.append(field(spec, value, "f-"));
+  }
+  if (!form.firstChild.querySelector("[data-key]")) form.firstChild.remove();
+}
+
+function formValues() {
+  const v = {};
+  const read = (i) => (i.type === "checkbox" ? i.checked : i.value);
+  for (const i of document.querySelectorAll("#train-form [data-key]")) {
+    if (i.closest(".table-row")) continue;
+    v[i.dataset.key] = read(i);
+  }
+  for (const holder of document.querySelectorAll("#train-form [data-table]")) {
+    v[holder.dataset.table] = [...holder.querySelectorAll(".table-row")].map((row) => {
+      const item = {}; for (const i of row.querySelectorAll("[data-key]")) item[i.dataset.key] = read(i); return item;
+    });
+  }
+  return v;
+}
+
+async function previewToml() {
+  $("train-error").textContent = "";
+  try { $("toml-preview").textContent = (await api("/api/train/preview", { values: formValues() }, { quiet: true })).toml; }
+  catch (e) { $("train-error").textContent = e.message; }
+}
+
+async function startTrain() {
+  $("train-error").textContent = "";
+  try {
+    const r = await api("/api/train/start", { values: formValues() }, { quiet: true });
+    toast("training queued: " + r.job.run_dir, true);
+    state.run = r.job.run_dir; show("monitor");
+  } catch (e) { $("train-error").textContent = e.message; }
+}
+
+// ------------------------------------------------------------------------------------------------ monitor
+function plot(svg, series, classes) {
+  const W = 400, H = 180, P = 28;
+  const pts = series.flat();
+  svg.innerHTML = ""; svg.dataset.points = series[0] ? series[0].length : 0;
+  if (!pts.length) { svg.innerHTML = `<text x="${W / 2 - 30}" y="${H / 2}">no data yet</text>`; return; }
+  const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
+  const [x0, x1] = [Math.min(...xs), Math.max(...xs, Math.min(...xs) + 1)];
+  let [y0, y1] = [Math.min(...ys), Math.max(...ys)]; if (y1 - y0 < 1e-12) { y0 -= 1e-3; y1 += 1e-3; }
+  const sx = (x) => P + ((x - x0) / (x1 - x0)) * (W - P - 6), sy = (y) => H - 16 - ((y - y0) / (y1 - y0)) * (H - 26);
+  series.forEach((s, k) => {
+    const pl = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    pl.setAttribute("class", classes[k]); pl.setAttribute("points", s.map((p) => `${sx(p[0])},${sy(p[1])}`).join(" "));
+    svg.append(pl);
+  });
+  const fmt = (v) => (Math.abs(v) < 0.01 ? v.toExponential(1) : v.toFixed(3));
+  svg.insertAdjacentHTML("beforeend", `<text x="2" y="12">${fmt(y1)}</text><text x="2" y="${H - 18}">${fmt(y0)}</text>` +
+    `<text x="${P}" y="${H - 3}">step ${x0}</text><text x="${W - 60}" y="${H - 3}">step ${x1}</text>`);
+}
+
+async function loadRuns() {
+  const r = await api("/api/runs");
+  const names = r.runs.map((x) => x.run);
+  fill($("run-select"), names, true); fill($("results-run"), names, true);
+  if (state.run && names.includes(state.run)) { $("run-select").value = state.run; $("results-run").value = state.run; }
+  await pollRun();
+}
+
+async function pollRun() {
+  const run = $("run-select").value;
+  if (!run) return;
+  const r = await api("/api/run?run=" + encodeURIComponent(run), undefined, { quiet: true });
+  state.runInfo = r;
+  const st = r.job ? r.job.status : r.finished ? "finished" : "unknown";
+  const f = (x, d = 2) => (x === null || x === undefined ? "–" : Number(x).toFixed(d));
+  $("run-status").textContent = `${st} · step ${r.step}/${r.total_steps ?? "?"} · ${f(r.steps_per_second)} it/s · ETA ` +
+    `${r.eta_seconds === null ? "–" : Math.round(r.eta_seconds) + " s"} · memory ${f(r.memory_gb, 1)} GB` +
+    (r.states.length ? ` · saved states: ${r.states.join(", ")}` : "");
+  $("run-status").dataset.status = st; $("run-status").dataset.step = r.step;
+  plot($("loss-plot"), [r.scalars.loss, r.scalars.smoothed], ["raw", "smooth"]);
+  plot($("lr-plot"), [r.scalars.lr], ["lr"]);
+  const grid = $("sample-grid");
+  if (r.samples.length) {
+    const last = r.samples[r.samples.length - 1];
+    if (grid.dataset.path !== last) { grid.src = fileUrl(last) + "?t=" + Date.now(); grid.dataset.path = last; }
+    grid.hidden = false; $("sample-caption").textContent = "samples: " + last.split("/").pop();
+  } else { grid.hidden = true; grid.dataset.path = ""; }
+  const list = $("sample-list");
+  if (list.childElementCount !== r.samples.length) {
+    list.innerHTML = "";
+    for (const s of r.samples) list.append(el("img", { src: fileUrl(s), title: s, onclick: () => { grid.src = fileUrl(s); } }));
+  }
+  $("log-tail").textContent = r.log;
+  $("stop-run").disabled = !(r.job && ["queued", "running"].includes(r.job.status));
+  $("resume-run").disabled = !(r.states.length && !(r.job && ["queued", "running"].includes(r.job.status)) && !r.finished);
+}
+
+// ------------------------------------------------------------------------------------------------ results
+async function loadResults() {
+  if (!$("results-run").options.length) await loadRuns();
+  const run = $("results-run").value;
+  if (!run) return;
+  const r = await api("/api/run?run=" + encodeURIComponent(run));
+  const ul = $("lora-files"); ul.innerHTML = "";
+  const isStep = (p) => /-step\d+/.test(p);
+  const layout = (p) => (p.includes(".diffusers.") ? "diffusers / PEFT" : p.includes(".comfy.") ? "ComfyUI" :
+    "kohya (ComfyUI, Forge)");
+  const link = (p) => el("a", { href: fileUrl(p) + "?download=1", class: "download-lora", download: p.split("/").pop(),
+    text: p.split("/").pop() });
+  const finals = r.loras.filter((p) => !isStep(p)).sort((a, b) => layout(b).length - layout(a).length);
+  for (const p of finals) ul.append(el("li", {}, link(p), " ", el("span", { class: "status", text: layout(p) })));
+  const steps = r.loras.filter(isStep);
+  if (steps.length) {
+    const det = el("details", {}, el("summary", { text: `${steps.length} intermediate checkpoints` }));
+    for (const p of steps) det.append(el("div", {}, link(p)));
+    ul.append(el("li", {}, det));
+  }
+  fill($("sample-lora"), [...finals, ...steps], true);
+  if (finals.length && !finals.includes($("sample-lora").value)) $("sample-lora").value = finals[0];
+  const others = (await api("/api/runs")).runs.map((x) => x.run).filter((x) => x !== run);
+  const otherLoras = [];
+  for (const o of others.slice(0, 20)) {
+    const info = await api("/api/run?run=" + encodeURIComponent(o), undefined, { quiet: true }).catch(() => null);
+    if (info) otherLoras.push(...info.loras.filter((p) => !/-step\d+/.test(p) && !p.includes(".diffusers.")));
+  }
+  fill($("compare-other"), otherLoras, true, "(no LoRA: the base alone)");
+}
+
+async function sampleDev() {
+  const lora = $("sample-lora").value;
+  if (!lora) return toast("no LoRA in this run yet");
+  const job = await api("/api/sample", { lora, strength: $("strength").value, prompt: $("sample-prompt").value });
+  state.sampleJob = job;
+}
+
+async function compareRun() {
+  const lora = $("sample-lora").value;
+  if (!lora) return toast("no LoRA in this run yet");
+  const job = await api("/api/compare", { lora, other: $("compare-other").value });
+  state.compareJob = job; $("compare-status").textContent = "compare " + job.status;
+}
+
+async function pollResults() {
+  for (const key of ["sampleJob", "compareJob"]) {
+    const j = state[key];
+    if (!j) continue;
+    const now = await api("/api/jobs/" + j.id, undefined, { quiet: true });
+    if (key === "compareJob") { $("compare-status").textContent = "compare " + now.status; $("compare-status").dataset.status = now.status; }
+    if (["queued", "running"].includes(now.status)) continue;
+    state[key] = null;
+    if (now.status !== "done") { toast(`${now.kind} ${now.status}: ` + now.log.split("\n").slice(-1)[0]); continue; }
+    if (key === "sampleJob") {
+      const pngs = now.outputs.filter((p) => p.endsWith(".png"));
+      const img = $("sample-result"); img.src = fileUrl(pngs.find((p) => p.endsWith("/grid.png")) || pngs[0]);
+      img.hidden = false;
+    }
+    else { const f = $("compare-report"); f.src = fileUrl(j.out + "/report.html"); f.hidden = false; }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ polling
+async function pollJobs() {
+  const r = await api("/api/jobs", undefined, { quiet: true });
+  const active = r.jobs.filter((j) => ["queued", "running"].includes(j.status)).reverse();
+  $("jobbar").textContent = active.length ? active.map((j) => `${j.status}: ${j.title}`).join(" · ") : "no jobs running";
+}
+
+async function tick() {
+  try {
+    await pollJobs();
+    await pollCaption();
+    if (state.page === "monitor") await pollRun();
+    if (state.page === "results") await pollResults();
+  } catch (e) { /* the server may be restarting: try again next tick */ }
+  setTimeout(tick, 1000);
+}
+
+// ------------------------------------------------------------------------------------------------ wiring
+for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => show(t.dataset.page));
+$("save-models").onclick = async () => {
+  state.settings = await api("/api/settings", { train_base: $("train-base").value, inference_base: $("inference-base").value });
+  state.schema = null; $("train-form").innerHTML = ""; toast("models saved", true);
+};
+$("inspect-train").onclick = () => inspect($("train-base").value);
+$("inspect-inference").onclick = () => inspect($("inference-base").value || $("train-base").value);
+$("convert-fp8").onclick = async () => {
+  const j = await api("/api/convert", { src: $("convert-src").value, dst: $("convert-dst").value, dtype: "fp8" });
+  toast("queued: " + j.title, true);
+};
+$("load-folder").onclick = () => { state.folder = null; state.settings.dataset = $("dataset-folder").value; loadDataset(); };
+$("upload").onclick = upload;
+$("bucket-resolution").onchange = $("bucket-step").onchange = () => loadDataset();
+$("caption-all").onclick = () => autocaption(false);
+$("caption-selected").onclick = () => autocaption(true);
+$("preview-toml").onclick = previewToml;
+$("start-train").onclick = startTrain;
+$("run-select").onchange = () => { state.run = $("run-select").value; pollRun(); };
+$("results-run").onchange = () => { state.run = $("results-run").value; loadResults(); };
+$("stop-run").onclick = async () => { const r = state.runInfo; if (r && r.job) await api(`/api/jobs/${r.job.id}/stop`, {}); pollRun(); };
+$("resume-run").onclick = async () => { await api("/api/train/resume", { run: $("run-select").value }); pollRun(); };
+$("strength").oninput = () => ($("strength-value").textContent = Number($("strength").value).toFixed(1));
+$("sample-dev").onclick = sampleDev;
+$("compare-run").onclick = compareRun;
+show("models");
+tick();

@@ -1,0 +1,82 @@
+"""Config loading: errors name where a bad value came from (file or --set), integer bounds, finite floats."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from dev2pro.config import INT_LIMIT, load_config, opt, require, section
+from dev2pro.errors import ConfigError
+
+
+@dataclass
+class Train:
+    steps: int = opt(10, "steps")
+    lr: float = opt(1e-4, "learning rate")
+
+    def validate(self):
+        require(self.steps > 0, "steps must be > 0")
+
+
+@dataclass
+class Cfg:
+    train: Train = section(Train, "training")
+    name: str = opt("x", "a name")
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    p = tmp_path / "run.toml"
+    p.write_text("[train]\nsteps = 5\n")
+    return p
+
+
+def test_set_type_error_names_the_override_not_the_file(cfg_file):
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, cfg_file, ["train.lr=abc"])
+    assert str(e.value) == "--set train.lr=abc: 'train.lr' must be a number, got 'abc'"
+
+
+def test_set_unknown_key_and_validation_name_the_override(cfg_file):
+    with pytest.raises(ConfigError, match=r"^--set train\.stpes=3: unknown key 'train\.stpes'; did you mean "
+                                          r"'train\.steps'\?"):
+        load_config(Cfg, cfg_file, ["train.stpes=3"])
+    with pytest.raises(ConfigError, match=r"^--set train\.steps=0: train\.steps must be > 0$"):
+        load_config(Cfg, cfg_file, ["train.steps=0"])
+
+
+def test_file_errors_still_name_the_file(cfg_file):
+    cfg_file.write_text("[train]\nsteps = 0\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg_file}: train\.steps must be > 0$"):
+        load_config(Cfg, cfg_file, ["train.lr=0.1"])
+    cfg_file.write_text("[train]\nlr = \"fast\"\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg_file}: 'train\.lr' must be a number"):
+        load_config(Cfg, cfg_file)
+
+
+def test_huge_integers_are_refused_with_the_limit(cfg_file):
+    with pytest.raises(ConfigError, match=rf"'train\.steps' = {2**63 - 1} is too large; the largest allowed is "
+                                          rf"{INT_LIMIT}"):
+        load_config(Cfg, cfg_file, [f"train.steps={2**63 - 1}"])
+    assert load_config(Cfg, cfg_file, [f"train.steps={INT_LIMIT}"]).train.steps == INT_LIMIT
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_floats_are_refused(cfg_file, value):
+    with pytest.raises(ConfigError, match=rf"--set train\.lr={value}: 'train\.lr' must be a finite number"):
+        load_config(Cfg, cfg_file, [f"train.lr={value}"])
+
+
+def test_train_sample_size_is_one_string_with_width_height_still_accepted(tmp_path):
+    from dev2pro.recipes.train_lora import load_train_config
+
+    p = tmp_path / "t.toml"
+    p.write_text('[model]\npath = "m"\n[[data.folders]]\npath = "d"\n[save]\noutput_dir = "o"\n'
+                 '[sample]\nsize = "768x512"\n')
+    cfg = load_train_config(str(p))
+    assert (cfg.sample.width, cfg.sample.height) == (768, 512)
+    cfg = load_train_config(str(p), ["sample.size=", "sample.width=320", "sample.height=256"])
+    assert (cfg.sample.width, cfg.sample.height) == (320, 256)
+    with pytest.raises(ConfigError, match=r"sample\.size.*WIDTHxHEIGHT"):
+        load_train_config(str(p), ["sample.size=big"])
+    with pytest.raises(ConfigError, match=r"sample\.size.*not both"):
+        load_train_config(str(p), ["sample.width=320"])

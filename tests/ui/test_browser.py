@@ -1,0 +1,191 @@
+"""The whole workflow in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): upload six
+real photos, auto-caption them with a tiny captioner, edit a caption, train 20 steps on the tiny Flux family while
+the loss plot and sample grids update, stop and resume, download the LoRA (checked with `dev2pro lora info`),
+sample it on the inference base at a chosen strength and open a `dev2pro compare` report.
+
+Screenshots of every page go to ``<tmp>/screenshots`` (and to $DEV2PRO_UI_SCREENSHOTS when set).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"),
+]
+IMAGES = ("astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg", "motorcycle_left.png")
+T = 120_000  # ms: generous waits for a loaded 2-core machine; each normally takes a few seconds
+
+
+@pytest.fixture
+def workspace(tmp_path, env):
+    """A workspace with a tiny Flux model and a tiny BLIP captioner (built in parallel)."""
+    ws = tmp_path / "ws"
+    (ws / "models").mkdir(parents=True)
+    cmds = [["init-tiny", str(ws / "models" / "tiny-dev")],
+            ["init-tiny-captioner", str(ws / "models" / "captioner"), "--family", "blip"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "dev2pro.cli", *c], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for c in cmds]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out
+    return ws
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, accept_downloads=True,
+            viewport={"width": 1280, "height": 900},
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.pages[0] if browser.pages else browser.new_page()
+        page.set_default_timeout(T)
+        yield page
+        browser.close()
+
+
+def shot(page, tmp_path, name):
+    out = tmp_path / "screenshots"
+    out.mkdir(exist_ok=True)
+    page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+    if os.environ.get("DEV2PRO_UI_SCREENSHOTS"):
+        Path(os.environ["DEV2PRO_UI_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / f"{name}.png", Path(os.environ["DEV2PRO_UI_SCREENSHOTS"]) / f"{name}.png")
+
+
+def wait_status(page, selector, want):
+    """Wait until ``selector``'s data-status is ``want`` or 'failed'; fail with the page's log on 'failed'."""
+    page.wait_for_selector(f"{selector}[data-status='{want}'], {selector}[data-status='failed']")
+    status = page.get_attribute(selector, "data-status")
+    assert status == want, page.inner_text(selector) + "\n" + page.inner_text("#log-tail")
+
+
+def fill_train_form(page):
+    values = {"model-dtype": "fp32", "data-resolution": "64", "data-bucket_step": "64", "lora-rank": "4",
+              "lora-alpha": "4", "train-steps": "20", "train-lr": "0.01", "sample-every": "4", "sample-steps": "8",
+              "sample-width": "128", "sample-height": "128", "save-output_dir": "runs/ui-lora", "save-every": "2",
+              "log_every": "1"}
+    for key, value in values.items():
+        node = page.locator(f"#f-{key}")
+        if node.evaluate("e => e.tagName") == "SELECT":
+            node.select_option(value)
+        else:
+            node.fill(value)
+    page.locator("#f-model-gradient_checkpointing").uncheck()
+    page.locator("#f-sample-prompts").fill("sks, a photo")
+    page.locator("#f-save-formats").fill("kohya\ndiffusers")
+
+
+def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server, capsys):
+    page = browser_page
+    url = ui_server(workspace)
+    page.goto(url)
+
+    # Models: the tiny folder is the training base, its transformer the inference base ("dev"); inspect shown
+    page.wait_for_selector("#train-base option[value='models/tiny-dev']", state="attached")
+    page.select_option("#inference-base", "models/tiny-dev/transformer")
+    page.click("#save-models")
+    page.click("#inspect-train")
+    page.wait_for_function("document.getElementById('inspect-out').textContent.includes('layout')")
+    page.select_option("#convert-src", "models/tiny-dev/transformer")
+    page.fill("#convert-dst", "models/tiny-fp8.safetensors")
+    page.click("#convert-fp8")  # queued: it runs before the caption job below (one job at a time)
+    page.wait_for_function("document.getElementById('jobbar').textContent.includes('convert')")
+    shot(page, tmp_path, "1-models")
+
+    # Dataset: upload six real photos, auto-caption them all, edit one caption by hand
+    page.click("#tab-dataset")
+    page.fill("#dataset-folder", "datasets/set")
+    src = Path(__import__("skimage").__file__).parent / "data"
+    page.set_input_files("#upload-files", [str(src / n) for n in IMAGES])
+    page.click("#upload")
+    page.wait_for_function("document.querySelectorAll('#thumbs .thumb').length === 6")
+    page.select_option("#captioner", "models/captioner")
+    page.fill("#trigger", "sks")
+    page.fill("#caption-max-length", "12")  # the tiny captioner babbles; keep it short
+    page.fill("#caption-batch-size", "3")
+    page.click("#caption-all")
+    page.wait_for_selector("#caption-status[data-status='done'], #caption-status[data-status='failed']")
+    assert "6 written" in page.inner_text("#caption-status"), page.inner_text("#caption-status")
+    page.wait_for_function("[...document.querySelectorAll('#thumbs textarea')].every(t => t.value.startsWith('sks'))")
+    first = page.locator("#thumbs textarea").first
+    image = first.get_attribute("data-path")
+    first.fill("sks, an edited caption")
+    first.blur()
+    page.wait_for_selector("#thumbs textarea[data-saved='1']")
+    assert (workspace / image).with_suffix(".txt").read_text().strip() == "sks, an edited caption"
+    assert len(list((workspace / "datasets" / "set").glob("*.txt"))) == 6
+    assert (workspace / "models" / "tiny-fp8.safetensors").is_file()  # the convert job ran first
+    assert "512x512 × 2" in page.inner_text("#bucket-preview")  # astronaut, camera; the rest wide/tall
+    page.fill("#bucket-resolution", "64")
+    page.dispatch_event("#bucket-resolution", "change")
+    page.wait_for_function("document.getElementById('bucket-preview').textContent.includes('64x64 × 6')")
+    shot(page, tmp_path, "2-dataset")
+
+    # Train: the generated form; a bad value gets the CLI's message; the TOML preview; start
+    page.click("#tab-train")
+    page.wait_for_selector("#f-train-steps")
+    assert page.input_value("#f-model-path") == "models/tiny-dev"
+    fill_train_form(page)
+    page.fill("#f-train-steps", "twenty")
+    page.click("#preview-toml")
+    page.wait_for_function("document.getElementById('train-error').textContent.includes('must be an integer')")
+    page.fill("#f-train-steps", "20")
+    page.click("#preview-toml")
+    page.wait_for_function("document.getElementById('toml-preview').textContent.includes('steps = 20')")
+    assert str(workspace / "datasets" / "set") in page.inner_text("#toml-preview")
+    shot(page, tmp_path, "3-train")
+    page.click("#start-train")
+
+    # Monitor: loss plot grows, a sample grid appears; stop mid-run, then resume to the end
+    page.wait_for_selector("#page-monitor:not([hidden])")
+    page.wait_for_function("+document.getElementById('loss-plot').dataset.points >= 2")
+    page.wait_for_selector("#sample-grid:not([hidden])")
+    page.wait_for_function("+document.getElementById('run-status').dataset.step >= 2")  # a state is saved
+    page.click("#stop-run")
+    wait_status(page, "#run-status", "stopped")
+    stopped_at = int(page.get_attribute("#run-status", "data-step"))
+    assert 2 <= stopped_at < 20, stopped_at
+    shot(page, tmp_path, "4-monitor-stopped")
+    page.wait_for_selector("#resume-run:not([disabled])")
+    page.click("#resume-run")
+    wait_status(page, "#run-status", "done")
+    page.wait_for_function("document.getElementById('run-status').dataset.step === '20'")
+    assert int(page.get_attribute("#loss-plot", "data-points")) == 20
+    assert (workspace / "runs" / "ui-lora" / "samples" / "step000020.png").exists()
+    shot(page, tmp_path, "5-monitor")
+
+    # Results: download the LoRA and read it back with `dev2pro lora info`; sample at strength 0.5; compare
+    page.click("#tab-results")
+    page.wait_for_selector("a.download-lora:text-is('lora.safetensors')")
+    with page.expect_download() as dl:
+        page.click("a.download-lora:text-is('lora.safetensors')")
+    lora = tmp_path / "downloaded.safetensors"
+    dl.value.save_as(str(lora))
+    assert lora.read_bytes() == (workspace / "runs" / "ui-lora" / "lora.safetensors").read_bytes()
+    from dev2pro.cli import main
+
+    assert main(["lora", "info", str(lora)]) == 0  # `dev2pro lora info`, in this process (saves a start-up)
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "kohya" and info["modules"] > 0 and info["metadata"]["ss_steps"] == "20"
+    assert all(" r=4 " in group for group in info["groups"])
+    page.locator("#strength").evaluate("e => { e.value = '0.5'; e.dispatchEvent(new Event('input')); }")
+    page.click("#sample-dev")
+    page.wait_for_selector("#sample-result:not([hidden])")
+    page.click("#compare-run")
+    wait_status(page, "#compare-status", "done")
+    page.wait_for_selector("#compare-report:not([hidden])")
+    report = page.frame_locator("#compare-report")
+    assert "no LoRA" in report.locator("body").inner_text(timeout=T)
+    shot(page, tmp_path, "6-results")

@@ -1,0 +1,117 @@
+"""The Train form is the config schema: every field appears with its default, a field added to a schema appears
+with no UI change, and values from the browser meet the CLI's own validation (same messages)."""
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import pytest
+
+from dev2pro.config import load_config, opt, section
+from dev2pro.errors import ConfigError
+from dev2pro.recipes.train_lora import TrainConfig, load_train_config
+from dev2pro.ui import forms
+from dev2pro.ui.workspace import Workspace
+
+
+def leaf_keys(schema, prefix=""):
+    out = []
+    for f in dataclasses.fields(schema):
+        v = getattr(schema(), f.name)
+        out += leaf_keys(type(v), f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [prefix + f.name]
+    return out
+
+
+def test_every_train_option_is_a_form_field_with_its_default():
+    specs = [s for s in forms.field_specs(TrainConfig) if s["kind"] != "section"]
+    assert [s["key"] for s in specs] == leaf_keys(TrainConfig)
+    cfg = TrainConfig()
+    for s in specs:
+        node = cfg
+        for part in s["key"].split("."):
+            node = getattr(node, part)
+        assert s["default"] == (node if s["kind"] != "tables" else [dataclasses.asdict(i) for i in node]), s["key"]
+    kinds = {s["key"]: s["kind"] for s in specs}
+    assert kinds["train.steps"] == "int" and kinds["train.optimizer"] == "choice" and kinds["data.folders"] == "tables"
+    assert kinds["model.fp8_storage"] == "bool" and kinds["sample.prompts"] == "list"
+
+
+def test_a_new_schema_field_appears_without_ui_changes(tmp_path):
+    @dataclass
+    class Inner:
+        folder: str = opt("", "a folder")
+        level: int = opt(3, "a level")
+        mode: str = opt("a", "a mode", ("a", "b"))
+
+        def validate(self):
+            if self.level > 9:
+                raise ConfigError("level must be <= 9")
+
+    @dataclass
+    class Schema:
+        inner: Inner = section(Inner, "an added section")
+        extra: float = opt(0.5, "an added top-level field")
+
+    def loader(path, overrides=None, data=None):  # resolves 'folder' like load_train_config resolves paths
+        cfg = load_config(Schema, path, overrides, data)
+        if cfg.inner.folder:
+            cfg.inner.folder = str((tmp_path / cfg.inner.folder).resolve())
+        return cfg
+
+    specs = forms.field_specs(Schema)
+    assert [(s["key"], s["kind"]) for s in specs] == [("inner", "section"), ("inner.folder", "str"),
+                                                      ("inner.level", "int"), ("inner.mode", "choice"),
+                                                      ("extra", "float")]
+    assert forms.path_keys(specs, loader) == {"inner.folder"}
+    ws = Workspace(tmp_path)
+    cfg = forms.build_config(specs, {"inner.level": "7", "extra": "2", "inner.folder": "x"}, loader,
+                             {"inner.folder"}, ws.resolve)
+    assert cfg.inner.level == 7 and cfg.extra == 2.0 and cfg.inner.folder == str(tmp_path.resolve() / "x")
+    with pytest.raises(ConfigError, match="level must be <= 9"):
+        forms.build_config(specs, {"inner.level": "12"}, loader, set(), ws.resolve)
+
+
+@pytest.mark.parametrize("key,value,override", [
+    ("train.steps", "abc", "train.steps=abc"),
+    ("train.optimizer", "adam", "train.optimizer='adam'"),
+    ("lora.rank", "0", "lora.rank=0"),
+    ("data.bucket_step", "20", "data.bucket_step=20"),
+    ("model.fp8_keep", "norms\n7", None),
+])
+def test_browser_values_get_the_cli_messages(tmp_path, key, value, override):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d").mkdir()
+    specs = forms.field_specs(TrainConfig)
+    base = {"model.path": "m", "data.folders": [{"path": "d"}], "save.output_dir": "out"}
+    ws = Workspace(tmp_path)
+    paths = forms.path_keys(specs, load_train_config)
+    assert paths == {"model.path", "model.transformer", "model.inference_base", "data.shards", "data.cache_dir",
+                     "data.folders[].path", "save.output_dir"}
+    if override is None:  # a valid list: parsed per line like TOML
+        cfg = forms.build_config(specs, {**base, key: value}, load_train_config, paths, ws.resolve)
+        assert cfg.model.fp8_keep == ["norms", 7]
+        return
+    with pytest.raises(ConfigError) as ui_err:
+        forms.build_config(specs, {**base, key: value}, load_train_config, paths, ws.resolve)
+    toml = tmp_path / "c.toml"
+    toml.write_text('[model]\npath = "m"\n[[data.folders]]\npath = "d"\n[save]\noutput_dir = "out"\n')
+    with pytest.raises(ConfigError) as cli_err:
+        load_train_config(toml, [override])
+    strip = lambda e: re.sub(r"^\S+: ", "", str(e.value))  # noqa: E731  (the source name differs)
+    assert strip(ui_err) == strip(cli_err)
+
+
+def test_a_valid_form_equals_the_same_toml(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d").mkdir()
+    specs = forms.field_specs(TrainConfig)
+    values = {"model.path": "m", "data.folders": [{"path": "d", "repeats": "3", "caption": "x"}],
+              "save.output_dir": "runs/a", "train.steps": "20", "train.lr": "1e-2", "model.fp8_storage": True,
+              "sample.prompts": "a cat\n a dog ", "sample.seeds": "1\n2", "save.formats": "kohya\ndiffusers"}
+    ui_cfg = forms.build_config(specs, values, load_train_config, forms.path_keys(specs, load_train_config),
+                                Workspace(tmp_path).resolve)
+    toml = tmp_path / "c.toml"
+    toml.write_text('[model]\npath = "m"\nfp8_storage = true\n[[data.folders]]\npath = "d"\nrepeats = 3\n'
+                    'caption = "x"\n[train]\nsteps = 20\nlr = 1e-2\n[sample]\nprompts = ["a cat", "a dog"]\n'
+                    'seeds = [1, 2]\n[save]\noutput_dir = "runs/a"\nformats = ["kohya", "diffusers"]\n')
+    assert ui_cfg == load_train_config(toml)
