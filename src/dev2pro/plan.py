@@ -58,6 +58,7 @@ class PlanInputs:
     text_tokens: int = 512
     sample_pixels: int = 0  # width * height of samples during training (0 = no samples)
     inference_base: bool = False  # a second transformer visits the GPU for samples
+    adapter_params: int = 0  # a frozen training adapter (model.adapter), held in the compute dtype (fp32 or bf16)
     vae_tiling: bool = False
     text_encoder: str = "gpu"  # gpu | cpu: where T5/CLIP run while caching
     text_encoder_dtype: str = "fp32"
@@ -75,6 +76,7 @@ class Plan:
     swap_window_bytes: int = 0
     lora_params: int = 0
     lora_bytes: int = 0
+    adapter_bytes: int = 0
     grad_bytes: int = 0
     optimizer_bytes: int = 0
     activations: dict = field(default_factory=dict)  # image tokens -> bytes
@@ -86,7 +88,7 @@ class Plan:
     def static_bytes(self) -> int:
         """Weights on the GPU + LoRA + grads + optimizer state (what stays between steps)."""
         return self.base_bytes - self.swapped_bytes + self.swap_window_bytes + self.lora_bytes + self.grad_bytes \
-            + self.optimizer_bytes
+            + self.optimizer_bytes + self.adapter_bytes
 
     def train_peak(self, image_tokens: int | None = None) -> int:
         """Estimated peak allocated bytes of a training step (the largest bucket by default)."""
@@ -106,6 +108,7 @@ class Plan:
         return {"base_groups_gb": {k: v / GB for k, v in self.base_groups.items()}, "base_gb": self.base_bytes / GB,
                 "swapped_gb": self.swapped_bytes / GB, "swap_window_gb": self.swap_window_bytes / GB,
                 "lora_params": self.lora_params, "lora_gb": self.lora_bytes / GB, "grads_gb": self.grad_bytes / GB,
+                "adapter_gb": self.adapter_bytes / GB,
                 "optimizer_gb": self.optimizer_bytes / GB,
                 "activations_gb": {str(k): v / GB for k, v in self.activations.items()},
                 "train_peak_gb": {str(k): self.train_peak(k) / GB for k in self.activations},
@@ -260,6 +263,7 @@ def estimate(inp: PlanInputs) -> Plan:
     plan.lora_bytes = plan.grad_bytes = 4 * plan.lora_params
     shapes = [s for _, fin, fout in layers for s in ((inp.rank, fin), (fout, inp.rank))]
     plan.optimizer_bytes = optimizer_state_bytes(inp.optimizer, shapes)
+    plan.adapter_bytes = inp.adapter_params * (4 if inp.dtype == "fp32" else 2)  # lora/adapter.py's dtype rule
     plan.activations = {img: activation_bytes(inp, layers, per_block, img) for img in sorted(set(inp.image_tokens))}
     b, s = DTYPE_BYTES[inp.dtype], inp.spec
     if inp.sample_pixels:
@@ -272,7 +276,8 @@ def estimate(inp: PlanInputs) -> Plan:
     text = (inp.t5_params + inp.clip_params) * enc_bytes
     vae = inp.vae_params * 4 + max(inp.image_tokens) * 256 * VAE_DECODE_BYTES_PER_PIXEL * 2
     plan.caching_peak = vae + (0 if inp.text_encoder == "cpu" else text)
-    on_host = plan.base_bytes + (plan.base_bytes if inp.inference_base else 0)  # loaded on the CPU first
+    on_host = plan.base_bytes + (plan.base_bytes if inp.inference_base else 0) \
+        + plan.adapter_bytes  # loaded on the CPU first
     plan.host_ram = max(on_host, text if inp.text_encoder == "cpu" else 0)
     return plan
 
@@ -293,6 +298,9 @@ def render(plan: Plan) -> str:
                      f"{fmt_gb(plan.swap_window_bytes)} on the GPU at a time")
     lines.append(f"  LoRA rank {i.rank} ({plan.lora_params / 1e6:.3g}M params): weights {fmt_gb(plan.lora_bytes)} + "
                  f"grads {fmt_gb(plan.grad_bytes)} + {i.optimizer} state {fmt_gb(plan.optimizer_bytes)}")
+    if plan.adapter_bytes:
+        lines.append(f"  training adapter ({i.adapter_params / 1e6:.3g}M params, frozen side branch, off for "
+                     f"samples): {fmt_gb(plan.adapter_bytes)}")
     ck = "with" if i.gradient_checkpointing else "without"
     for img, act in plan.activations.items():
         lines.append(f"  activations at {img} image tokens (~{int((img * 256) ** 0.5)}px^2), batch {i.batch_size}, "

@@ -147,3 +147,24 @@ def test_parameter_bytes_one_base_with_adapter_vs_two_bases():
         print(f"fp8={policy is not None}: adapter {one['total'] / 2**30:.2f} GiB vs two bases "
               f"{two['total'] / 2**30:.2f} GiB = {ratio:.3f}x")
         assert ratio <= 0.55
+
+
+def test_dev2pro_plan_counts_the_adapter_instead_of_a_second_base(tmp_path):
+    from safetensors.torch import save_file
+
+    from dev2pro.plan import PlanInputs, estimate, render
+    from dev2pro.recipes.plan import _adapter_params
+
+    shapes = A.linear_shapes(FLUX_DEV)
+    params = sum(64 * (o + i) for o, i in shapes.values())  # a rank-64 adapter on every linear
+    for fp8 in (False, True):
+        two = estimate(PlanInputs(FLUX_DEV, fp8_storage=fp8, sample_pixels=1024 * 1024, inference_base=True))
+        one = estimate(PlanInputs(FLUX_DEV, fp8_storage=fp8, sample_pixels=1024 * 1024, adapter_params=params))
+        assert one.adapter_bytes == 2 * params  # bf16 compute: a bf16 adapter
+        assert one.host_ram / two.host_ram <= 0.55  # parameter bytes held: one base + adapter vs two bases
+        assert one.peak < 0.65 * two.peak and one.static_bytes - two.static_bytes == one.adapter_bytes
+        assert "training adapter (347M params" in render(one)
+    f = tmp_path / "a.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 10), "lora_unet_x.lora_up.weight": torch.zeros(6, 4),
+               "lora_unet_x.alpha": torch.tensor(4.0)}, str(f))
+    assert _adapter_params(str(f)) == 64 and _adapter_params("") == 0

@@ -8,6 +8,7 @@ seen), and apply a ``--vram`` preset to a config without touching the settings t
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -96,8 +97,19 @@ def plan_inputs(cfg):
                       optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
                       image_tokens=((res // 16) ** 2,), text_tokens=m.t5_max_length, sample_pixels=sample,
                       inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,
+                      adapter_params=_adapter_params(getattr(m, "adapter", "")),
                       text_encoder=m.text_encoder, text_encoder_dtype=m.text_encoder_dtype,
                       **{f"{k}_params": v for k, v in encoder_params(m.path).items()})
+
+
+def _adapter_params(path: str) -> int:
+    """Parameters of a training adapter file, from its safetensors header (no tensor is read)."""
+    if not path:
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.endswith(".weight"))
 
 
 def card_bytes(vram_gb: float | None) -> tuple[int | None, str]:
