@@ -6,10 +6,9 @@ Long work (convert, caption) is queued as a `dev2pro` job; ``inspect`` reads hea
 
 from __future__ import annotations
 
+import asyncio
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -53,11 +52,15 @@ async def settings(request: Request, ui):
 
 async def inspect(request: Request, ui):
     path = ui.ws.resolve((await request.json())["path"], must_exist=True)
-    proc = subprocess.run([sys.executable, "-m", "dev2pro.cli", "inspect", str(path), "--json"], cwd=ui.ws.root,
-                          capture_output=True, text=True, timeout=300)
+    # a subprocess awaited without blocking the server (it imports torch: seconds)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "dev2pro.cli", "inspect", str(path), "--json",
+                                                cwd=ui.ws.root, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=300)
     if proc.returncode != 0:
-        raise UserError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "inspect failed")
-    return JSONResponse({"path": ui.ws.rel(path), "info": json.loads(proc.stdout)})
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise UserError(lines[-1] if lines else "inspect failed")
+    return JSONResponse({"path": ui.ws.rel(path), "info": json.loads(out)})
 
 
 async def convert(request: Request, ui):
@@ -88,7 +91,12 @@ def _bucket_preview(sizes: list[tuple[int, int]], resolution: int, step: int) ->
 
 
 async def dataset(request: Request, ui):
-    q = request.query_params
+    from starlette.concurrency import run_in_threadpool
+
+    return JSONResponse(await run_in_threadpool(_dataset, ui, request.query_params))  # reads every image header
+
+
+def _dataset(ui, q) -> dict:
     folder = ui.ws.resolve(q.get("folder", ""), must_exist=True)
     if not folder.is_dir():
         raise UserError(f"{q.get('folder')} is not a folder")
@@ -108,7 +116,7 @@ async def dataset(request: Request, ui):
     folders = sorted({ui.ws.rel(p.parent) for ext in ("png", "jpg", "jpeg", "webp")
                       for p in ui.ws.find(f"*.{ext}") if "samples" not in p.parts and "runs" not in
                       p.relative_to(ui.ws.root).parts[:1]})
-    return JSONResponse({"folder": ui.ws.rel(folder), "images": items, "buckets": buckets, "folders": folders})
+    return {"folder": ui.ws.rel(folder), "images": items, "buckets": buckets, "folders": folders}
 
 
 async def upload(request: Request, ui):
@@ -161,7 +169,12 @@ async def autocaption(request: Request, ui):
     for flag in ("max_length", "batch_size"):
         if b.get(flag) not in (None, ""):
             args += [f"--{flag.replace('_', '-')}", str(int(b[flag]))]
-    names = [Path(ui.ws.resolve(f, must_exist=True)).name for f in b.get("files") or []]
+    names = []
+    for f in b.get("files") or []:
+        image = ui.ws.resolve(f, must_exist=True)
+        if image.parent != folder:
+            raise UserError(f"{f} is not in {b['folder']}")
+        names.append(image.name)
     if names:
         args += ["--files", ",".join(names)]
     job = ui.jobs.submit("caption", args, title=f"caption {ui.ws.rel(folder)}" + (f" ({len(names)} images)"
