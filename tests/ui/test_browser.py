@@ -3,6 +3,7 @@ real photos, auto-caption them with a tiny captioner, edit a caption, train 20 s
 the loss plot and sample grids update, stop and resume, download the LoRA (checked with `dev2pro lora info`),
 sample it on the inference base at a chosen strength and open a `dev2pro compare` report.
 
+The web app is killed and restarted while the resumed run trains: the new one re-attaches to it.
 Screenshots of every page go to ``<tmp>/screenshots`` (and to $DEV2PRO_UI_SCREENSHOTS when set).
 """
 
@@ -88,7 +89,7 @@ def fill_train_form(page):
 
 def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server, capsys):
     page = browser_page
-    url = ui_server(workspace)
+    url = ui_server.start(workspace)
     page.goto(url)
 
     # Models: the tiny folder is the training base, its transformer the inference base ("dev"); inspect shown
@@ -159,7 +160,17 @@ def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server
     shot(page, tmp_path, "4-monitor-stopped")
     page.wait_for_selector("#resume-run:not([disabled])")
     page.click("#resume-run")
+    page.wait_for_selector("#run-status[data-status='running']")
+    records = lambda: [json.loads(p.read_text())  # noqa: E731
+                       for p in sorted((workspace / ".dev2pro-ui" / "jobs").glob("*-train/job.json"))]
+    resumed = records()[-1]
+    # the web app crashes mid-run; the job lives in its own session; a new web app on the same port re-attaches
+    ui_server.crash()
+    ui_server.start(workspace, port=int(url.rsplit(":", 1)[1]))
     wait_status(page, "#run-status", "done")
+    first, second = records()
+    assert first["status"] == "stopped" and second["id"] == resumed["id"]
+    assert second["status"] == "done" and second["pid"] == resumed["pid"]  # the same process ran to the end
     page.wait_for_function("document.getElementById('run-status').dataset.step === '20'")
     assert int(page.get_attribute("#loss-plot", "data-points")) == 20
     assert (workspace / "runs" / "ui-lora" / "samples" / "step000020.png").exists()

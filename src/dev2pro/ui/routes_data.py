@@ -41,7 +41,7 @@ async def models(request: Request, ui):
 
 async def settings(request: Request, ui):
     values = await request.json()
-    allowed = {"train_base", "inference_base", "captioner", "dataset", "trigger"}
+    allowed = {"train_base", "train_transformer", "inference_base", "captioner", "dataset", "trigger"}
     for key, value in values.items():
         if key not in allowed:
             raise UserError(f"unknown setting {key!r}")

@@ -48,6 +48,8 @@ async function loadModels() {
   const m = await api("/api/models");
   state.settings = m.settings; $("ws-root").textContent = m.workspace;
   fill($("train-base"), m.flux, false); fill($("inference-base"), m.transformers, false, "(the training base)");
+  fill($("train-transformer"), m.transformers, false, "(the folder's transformer)");
+  if (m.settings.train_transformer) $("train-transformer").value = m.settings.train_transformer;
   fill($("convert-src"), m.transformers, true); fill($("captioner"), m.captioners, true);
   if (m.settings.train_base) $("train-base").value = m.settings.train_base;
   if (m.settings.inference_base) $("inference-base").value = m.settings.inference_base;
@@ -167,6 +169,7 @@ function prefill() {
   const s = state.settings, v = {};
   if (s.train_base) v["model.path"] = s.train_base;
   if (s.inference_base) v["model.inference_base"] = s.inference_base;
+  if (s.train_transformer) v["model.transformer"] = s.train_transformer;
   if (s.dataset) v["data.folders"] = [{ path: s.dataset }];
   if (s.trigger) v["data.trigger"] = s.trigger;
   v["save.output_dir"] = "runs/lora-" + new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "");
@@ -368,10 +371,11 @@ async function tick() {
 // ------------------------------------------------------------------------------------------------ wiring
 for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => show(t.dataset.page));
 $("save-models").onclick = async () => {
-  state.settings = await api("/api/settings", { train_base: $("train-base").value, inference_base: $("inference-base").value });
+  state.settings = await api("/api/settings", { train_base: $("train-base").value, inference_base:
+    $("inference-base").value, train_transformer: $("train-transformer").value });
   state.schema = null; $("train-form").innerHTML = ""; toast("models saved", true);
 };
-$("inspect-train").onclick = () => inspect($("train-base").value);
+$("inspect-train").onclick = () => inspect($("train-transformer").value || $("train-base").value);
 $("inspect-inference").onclick = () => inspect($("inference-base").value || $("train-base").value);
 $("convert-fp8").onclick = async () => {
   const j = await api("/api/convert", { src: $("convert-src").value, dst: $("convert-dst").value, dtype: "fp8" });
