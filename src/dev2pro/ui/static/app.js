@@ -181,8 +181,9 @@ async function loadTrain() {
   const r = await api("/api/schema");
   state.schema = r.fields; state.settings = r.settings;
   const form = $("train-form"), pre = prefill();
-  let fs = el("fieldset", {}, el("legend", { text: "general" }));
-  form.append(fs);
+  const general = el("fieldset", {}, el("legend", { text: "general" }));
+  let fs = general;
+  form.append(general);
   for (const spec of r.fields) {
     if (spec.kind === "section") {
       fs = el("fieldset", { title: spec.help }, el("legend", { text: spec.key + " — " + spec.help })); form.append(fs);
@@ -196,9 +197,9 @@ async function loadTrain() {
       holder.append(el("button", { class: "secondary", type: "button", text: "add",
         onclick: (e) => { e.target.remove(); tableRow(spec, {}, holder); holder.append(e.target); } }));
       fs.append(holder);
-    } else fs.append(field(spec, value, "f-"));
+    } else (spec.key.includes(".") ? fs : general).append(field(spec, value, "f-"));  // top-level keys: general
   }
-  if (!form.firstChild.querySelector("[data-key]")) form.firstChild.remove();
+  if (!general.querySelector("[data-key]")) general.remove();
 }
 
 function formValues() {
