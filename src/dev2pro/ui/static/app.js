@@ -60,7 +60,10 @@ async function inspect(path) {
   if (!path) return toast("choose a model first");
   $("inspect-out").textContent = "inspecting " + path + " ...";
   const r = await api("/api/inspect", { path });
-  $("inspect-out").textContent = JSON.stringify(r.info, null, 2);
+  const i = r.info;
+  const summary = `${r.path}: ${i.layout}, ${i.variant_detail || i.variant}, ${i.double_blocks} double + ` +
+    `${i.single_blocks} single blocks, hidden ${i.hidden}, fp8: ${i.fp8}`;
+  $("inspect-out").textContent = summary + "\n\n" + JSON.stringify(i, null, 2);
 }
 
 // ------------------------------------------------------------------------------------------------ dataset
