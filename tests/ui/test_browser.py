@@ -72,7 +72,7 @@ def wait_status(page, selector, want):
 
 
 def fill_train_form(page):
-    values = {"model-dtype": "fp32", "data-resolution": "64", "data-bucket_step": "64", "lora-rank": "4",
+    values = {"model-dtype": "fp32", "data-resolution": "128", "data-bucket_step": "64", "lora-rank": "4",
               "lora-alpha": "4", "train-steps": "20", "train-lr": "0.01", "sample-every": "4", "sample-steps": "8",
               "sample-width": "128", "sample-height": "128", "save-output_dir": "runs/ui-lora", "save-every": "2",
               "log_every": "1"}
