@@ -115,3 +115,25 @@ def test_a_valid_form_equals_the_same_toml(tmp_path):
                     'caption = "x"\n[train]\nsteps = 20\nlr = 1e-2\n[sample]\nprompts = ["a cat", "a dog"]\n'
                     'seeds = [1, 2]\n[save]\noutput_dir = "runs/a"\nformats = ["kohya", "diffusers"]\n')
     assert ui_cfg == load_train_config(toml)
+
+
+def test_only_values_that_differ_from_the_defaults_reach_the_loader(tmp_path):
+    """A form shows every default; passing them all would make every key 'set by the user' and stop settings
+    that fill unset keys (a VRAM preset) from applying. The loader sees what a hand-written TOML would hold."""
+    seen = {}
+
+    def loader(path, overrides=None, data=None):
+        seen["data"] = data
+        return load_train_config(path, overrides, data)
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d").mkdir()
+    specs = forms.field_specs(TrainConfig)
+    values = {s["key"]: s["default"] for s in specs if s["kind"] not in ("section", "tables")}
+    values.update({"model.path": "m", "data.folders": [{"path": "d"}], "save.output_dir": "o", "train.steps": "20",
+                   "lora.alpha": "16", "lora.rank": 16, "model.gradient_checkpointing": True})  # as the page sends
+    forms.build_config(specs, values, loader, {"model.path", "save.output_dir", "data.folders[].path"},
+                       Workspace(tmp_path).resolve)
+    assert seen["data"] == {"model": {"path": str(tmp_path.resolve() / "m")},
+                            "data": {"folders": [{"path": str(tmp_path.resolve() / "d")}]},
+                            "train": {"steps": 20}, "save": {"output_dir": str(tmp_path.resolve() / "o")}}

@@ -84,7 +84,8 @@ def _value(spec: dict, raw):
         return raw if isinstance(raw, bool) else str(raw).lower() in ("true", "1", "on", "yes")
     if kind == "list":
         lines = raw if isinstance(raw, list) else str(raw).splitlines()
-        return [_parse_item(s.strip(), spec.get("item")) for s in lines if str(s).strip()]
+        return [_parse_item(s.strip(), spec.get("item")) if isinstance(s, str) else s
+                for s in lines if str(s).strip()]
     if isinstance(raw, str) and kind in ("int", "float", "choice"):
         text = raw.strip()
         if spec["optional"] and text == "":
@@ -98,8 +99,12 @@ def _value(spec: dict, raw):
     return raw
 
 
-def form_to_data(specs: list[dict], values: dict) -> dict:
-    """Flat browser values {"train.steps": "20", "data.folders": [{"path": ...}]} -> the nested config dict."""
+def form_to_data(specs: list[dict], values: dict, drop_defaults: bool = False) -> dict:
+    """Flat browser values {"train.steps": "20", "data.folders": [{"path": ...}]} -> the nested config dict.
+
+    ``drop_defaults``: leave out values equal to the schema default, so the loader sees only what the user set
+    (as in a hand-written TOML), and settings that fill unset keys (e.g. a VRAM preset) still apply.
+    """
     data: dict = {}
     for spec in specs:
         if spec["kind"] == "section" or spec["key"] not in values:
@@ -111,6 +116,8 @@ def form_to_data(specs: list[dict], values: dict) -> dict:
             value = [form_to_data(spec["fields"], item if isinstance(item, dict) else {}) for item in raw]
         else:
             value = _value(spec, raw)
+        if drop_defaults and value == spec["default"] and isinstance(value, bool) == isinstance(spec["default"], bool):
+            continue
         node = data
         *parents, last = spec["key"].split(".")
         for p in parents:
@@ -152,7 +159,7 @@ def path_keys(specs: list[dict], loader: Callable) -> set[str]:
 def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[str], resolve: Callable):
     """Browser values -> a validated config; every path field goes through ``resolve`` (workspace-confined)
     first, and the result through the CLI's ``loader`` (same checks, same messages as the command line)."""
-    data = form_to_data(specs, values)
+    data = form_to_data(specs, values, drop_defaults=True)
 
     def fix(node: dict, parts: list[str], key: str):
         head, rest = parts[0], parts[1:]
