@@ -67,7 +67,7 @@ def add_ui_parser(sub):
     p.add_argument("--workspace", default=os.environ.get("DEV2PRO_WORKSPACE", "."), metavar="DIR",
                    help="the only folder the app reads and writes (default: the current folder)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (non-loopback needs --auth)")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--auth", metavar="USER:PASS", default=os.environ.get("DEV2PRO_UI_AUTH"),
                    help="require HTTP basic auth (also read from DEV2PRO_UI_AUTH, which keeps it out of `ps`)")
     p.add_argument("--max-upload-mb", type=int, default=50, help="largest accepted image upload")
