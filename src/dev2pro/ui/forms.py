@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import types
 import typing
@@ -128,19 +129,34 @@ def form_to_data(specs: list[dict], values: dict, drop_defaults: bool = False) -
 
 def path_keys(specs: list[dict], loader: Callable) -> set[str]:
     """Keys of the string fields ``loader`` treats as paths (it makes them absolute); ``tables`` items as
-    ``key[].field``. Found by loading a probe config with every free-text string field set."""
+    ``key[].field``. Found by loading a probe config with every free-text string field set to a relative name;
+    a field whose own validation rejects the probe (a format such as ``WxH``) is not a free path and is left
+    at its default, and the probe is retried (errors name their field)."""
     probe: dict = {}
+    entries: list[tuple[dict, str, str]] = []  # (container, its key, the full key shown in errors)
 
-    def fill(specs, values):
+    def fill(specs, values, prefix):
         for s in specs:
             if s["kind"] == "str":
-                values[s["key"]] = f"probe-{s['key']}"
+                values[s["key"]] = f"probe-{prefix}{s['key']}"
+                entries.append((values, s["key"], prefix + s["key"]))
             elif s["kind"] == "tables":
                 item: dict = {}
-                fill(s["fields"], item)
+                fill(s["fields"], item, f"{s['key']}[0].")
                 values[s["key"]] = [item]
-    fill(specs, probe)
-    cfg = loader(None, data=form_to_data(specs, probe))
+    fill(specs, probe, "")
+    for _ in range(len(entries) + 1):
+        try:
+            cfg = loader(None, data=form_to_data(specs, probe))
+            break
+        except ConfigError as e:
+            msg = str(e)
+            bad = [(c, k, full) for c, k, full in entries if c.get(k) is not None
+                   and (c[k] in msg or re.search(rf"(?<![\w.]){re.escape(full)}(?![\w\[])", msg))]
+            if not bad:
+                raise ConfigError(f"cannot tell which train settings are paths: {msg}") from None
+            for c, k, _full in bad:
+                del c[k]
     found: set[str] = set()
 
     def walk(obj, prefix):

@@ -78,11 +78,26 @@ async def convert(request: Request, ui):
 
 
 # ------------------------------------------------------------------------------------------------ dataset
-def _bucket_preview(sizes: list[tuple[int, int]], resolution: int, step: int) -> list[dict]:
-    """How many images land in each bucket, with the same functions training uses."""
-    from ..data.buckets import assign_bucket, make_buckets
+def _image_checker(min_size: int, buckets):
+    """``check(path) -> (size or None, reason or None)`` with the dataset reader's own rules (unreadable, too
+    small, and where the reader knows buckets, an aspect ratio no bucket can hold)."""
+    try:
+        from ..data.folders import Scanner
+    except ImportError:  # the reader before its Scanner: one function, no bucket-range rule
+        from ..data.folders import _image_size
+        return lambda path: _image_size(path, min_size)
 
-    buckets = make_buckets(resolution * resolution, step=step)
+    def check(path):
+        scanner = Scanner(min_size=min_size, buckets=buckets)
+        size = scanner.image_size(path, path.name)
+        return size, (scanner.skipped[0][len(path.name) + 2:-1] if scanner.skipped else None)
+    return check
+
+
+def _bucket_preview(sizes: list[tuple[int, int]], buckets) -> list[dict]:
+    """How many images land in each bucket, with the same functions training uses."""
+    from ..data.buckets import assign_bucket
+
     counts: dict[tuple[int, int], int] = {}
     for w, h in sizes:
         b = assign_bucket(w, h, buckets)
@@ -100,23 +115,24 @@ def _dataset(ui, q) -> dict:
     folder = ui.ws.resolve(q.get("folder", ""), must_exist=True)
     if not folder.is_dir():
         raise UserError(f"{q.get('folder')} is not a folder")
-    from ..data.folders import _image_size  # the same readability/size check training applies
+    from ..data.buckets import make_buckets
 
-    min_size = int(q.get("min_size", 16))
+    buckets = make_buckets(int(q.get("resolution", 512)) ** 2, step=int(q.get("bucket_step", 64)))
+    check = _image_checker(int(q.get("min_size", 16)), buckets)
     items, sizes = [], []
     for img in ui.ws.images(folder):
-        size, reason = _image_size(img, min_size)
+        size, reason = check(img)
         txt = img.with_suffix(".txt")
         caption = txt.read_text(encoding="utf-8-sig", errors="replace").strip() if txt.is_file() else ""
         items.append({"path": ui.ws.rel(img), "name": img.name, "caption": caption, "has_caption": txt.is_file(),
                       "size": list(size) if size else None, "bad": reason})
         if size:
             sizes.append(size)
-    buckets = _bucket_preview(sizes, int(q.get("resolution", 512)), int(q.get("bucket_step", 64)))
+    preview = _bucket_preview(sizes, buckets)
     folders = sorted({ui.ws.rel(p.parent) for ext in ("png", "jpg", "jpeg", "webp")
                       for p in ui.ws.find(f"*.{ext}") if "samples" not in p.parts and "runs" not in
                       p.relative_to(ui.ws.root).parts[:1]})
-    return {"folder": ui.ws.rel(folder), "images": items, "buckets": buckets, "folders": folders}
+    return {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders}
 
 
 async def upload(request: Request, ui):
