@@ -9,6 +9,7 @@ Screenshots of every page go to ``<tmp>/screenshots`` (and to $DEV2PRO_UI_SCREEN
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -187,9 +188,9 @@ def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server
     from dev2pro.cli import main
 
     assert main(["lora", "info", str(lora)]) == 0  # `dev2pro lora info`, in this process (saves a start-up)
-    info = json.loads(capsys.readouterr().out)
-    assert info["layout"] == "kohya" and info["modules"] > 0 and info["metadata"]["ss_steps"] == "20"
-    assert all(" r=4 " in group for group in info["groups"])
+    info = capsys.readouterr().out  # text or JSON, depending on the version: check what both say
+    assert re.search(r"layout\W+kohya", info) and re.search(r"ss_steps\W+20\b", info), info
+    assert "transformer_blocks r=4 alpha=4" in info and "single_transformer_blocks r=4 alpha=4" in info
     page.locator("#strength").evaluate("e => { e.value = '0.5'; e.dispatchEvent(new Event('input')); }")
     page.click("#sample-dev")
     page.wait_for_selector("#sample-result:not([hidden])")
