@@ -136,3 +136,24 @@ def test_only_values_that_differ_from_the_defaults_reach_the_loader(tmp_path):
     assert seen["data"] == {"model": {"path": str(tmp_path.resolve() / "m")},
                             "data": {"folders": [{"path": str(tmp_path.resolve() / "d")}]},
                             "train": {"steps": 20}, "save": {"output_dir": str(tmp_path.resolve() / "o")}}
+
+
+def test_absolute_paths_outside_the_workspace_are_refused_in_any_field(tmp_path):
+    """Even a string field the path probe did not recognise cannot point outside the workspace."""
+    @dataclass
+    class Schema:
+        where: str = opt("", "a location checked by its own validator (so the probe skips it)")
+
+        def validate(self):
+            if self.where and not self.where.startswith("/"):
+                raise ConfigError(f"where: '{self.where}' must be absolute")
+
+    loader = lambda path, overrides=None, data=None: load_config(Schema, path, overrides, data)  # noqa: E731
+    specs = forms.field_specs(Schema)
+    assert forms.path_keys(specs, loader) == set()
+    ws = Workspace(tmp_path)
+    (tmp_path / "inside").mkdir()
+    assert forms.build_config(specs, {"where": str(tmp_path / "inside")}, loader, set(), ws.resolve).where
+    for outside in ["/etc/passwd", "/tmp", str(tmp_path.parent / "new-output")]:
+        with pytest.raises(ConfigError, match="outside the workspace"):
+            forms.build_config(specs, {"where": outside}, loader, set(), ws.resolve)

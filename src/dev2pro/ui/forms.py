@@ -196,4 +196,23 @@ def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[s
 
     for key in sorted(paths):
         fix(data, key.replace("[].", "[]\0").replace(".", "\0").split("\0"), key)
-    return loader(None, data=data)
+    cfg = loader(None, data=data)
+    _check_other_paths(cfg, "", resolve)
+    return cfg
+
+
+def _check_other_paths(cfg, prefix: str, resolve: Callable):
+    """A safety net behind the probe: any other string setting that names an absolute filesystem location
+    (an existing path, or one whose folder exists) must be inside the workspace too."""
+    root = resolve("")
+    for f in dataclasses.fields(cfg):
+        v, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(v):
+            _check_other_paths(v, key + ".", resolve)
+        elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
+            for item in v:
+                _check_other_paths(item, key + "[].", resolve)
+        elif isinstance(v, str) and os.path.isabs(v) and (os.path.exists(v) or os.path.isdir(os.path.dirname(v))):
+            real = os.path.realpath(v)
+            if real != str(root) and not real.startswith(str(root) + os.sep):
+                raise ConfigError(f"'{key}': {v} is outside the workspace; use a path inside it")
