@@ -314,3 +314,15 @@ def test_tiny_captioner_folders_are_reproducible(tmp_path, captioners):
     assert [k for k in same if same[k] != other[k]] == ["model.safetensors"]  # the seed only changes the weights
     with pytest.raises(UserError, match="unknown captioner family"):
         write_tiny_captioner(tmp_path / "c", "llava")
+
+
+def test_a_max_length_past_the_decoders_positions_stops_there(loaded, sk_images, monkeypatch):
+    """BLIP's text decoder has learned positions: asking for more new tokens than it has crashed (IndexError)."""
+    cap = loaded("blip")
+    monkeypatch.setattr(cap.model.config.text_config, "max_position_embeddings", 24)
+    asked = []
+    generate = cap.model.generate
+    monkeypatch.setattr(cap.model, "generate", lambda **kw: asked.append(kw) or generate(**kw))
+    got = caption_images(cap, _photos(sk_images, n=1), max_new_tokens=128)  # the default length
+    prompt_len = asked[0]["input_ids"].shape[1]
+    assert asked[0]["max_new_tokens"] == 24 - prompt_len and len(got) == 1

@@ -127,8 +127,13 @@ def caption_images(captioner: Captioner, images: list, prompt: str | None = None
     for start in range(0, len(images), batch_size):
         batch = [im.convert("RGB") for im in images[start:start + batch_size]]
         inputs, prompt_len = _inputs(captioner, batch, prompt)
+        # a text decoder with learned positions (BLIP: 512) crashes past its last one: stop there instead
+        limit = getattr(getattr(captioner.model.config, "text_config", None), "max_position_embeddings", None)
+        ids = inputs.get("input_ids")
+        new_tokens = max_new_tokens if not limit or ids is None else \
+            max(1, min(max_new_tokens, limit - ids.shape[1]))
         with torch.inference_mode():
-            out = captioner.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+            out = captioner.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, num_beams=1)
         tokenizer = getattr(captioner.processor, "tokenizer", captioner.processor)
         texts = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         captions += [_one_line(t) for t in texts]

@@ -202,7 +202,7 @@ def _blip(seed: int):
     config = BlipConfig(
         text_config=dict(vocab_size=_padded_vocab(len(tok)), hidden_size=32, encoder_hidden_size=32,
                          intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=128, bos_token_id=vocab["[DEC]"], pad_token_id=vocab["[PAD]"],
+                         max_position_embeddings=512, bos_token_id=vocab["[DEC]"], pad_token_id=vocab["[PAD]"],
                          sep_token_id=vocab["[SEP]"], eos_token_id=vocab["[SEP]"]),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8),

@@ -50,18 +50,29 @@ def stop_server(proc: subprocess.Popen):
         proc.kill()
 
 
+class Servers:
+    """`dev2pro ui` subprocesses of one test: start, crash (SIGKILL, as a crash would), stop all at the end."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, workspace: Path, *extra: str, port: int | None = None) -> str:
+        port = port or free_port()
+        self.procs.append(start_server(workspace, port, *extra))
+        return f"http://127.0.0.1:{port}"
+
+    def crash(self):
+        self.procs[-1].kill()
+        self.procs[-1].wait(timeout=10)
+
+
 @pytest.fixture
 def ui_server():
-    """start(workspace, *flags) -> base URL of a `dev2pro ui` subprocess; stopped after the test."""
-    procs = []
-
-    def start(workspace: Path, *extra: str) -> str:
-        port = free_port()
-        procs.append(start_server(workspace, port, *extra))
-        return f"http://127.0.0.1:{port}"
-    yield start
-    for p in procs:
-        stop_server(p)
+    servers = Servers()
+    yield servers
+    for p in servers.procs:
+        if p.poll() is None:
+            stop_server(p)
 
 
 @pytest.fixture

@@ -3,15 +3,16 @@ real photos, auto-caption them with a tiny captioner, edit a caption, train 20 s
 the loss plot and sample grids update, stop and resume, download the LoRA (checked with `dev2pro lora info`),
 sample it on the inference base at a chosen strength and open a `dev2pro compare` report.
 
+The web app is killed and restarted while the resumed run trains: the new one re-attaches to it.
 Screenshots of every page go to ``<tmp>/screenshots`` (and to $DEV2PRO_UI_SCREENSHOTS when set).
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def wait_status(page, selector, want):
 
 
 def fill_train_form(page):
-    values = {"model-dtype": "fp32", "data-resolution": "64", "data-bucket_step": "64", "lora-rank": "4",
+    values = {"model-dtype": "fp32", "data-resolution": "128", "data-bucket_step": "64", "lora-rank": "4",
               "lora-alpha": "4", "train-steps": "20", "train-lr": "0.01", "sample-every": "4", "sample-steps": "8",
               "sample-width": "128", "sample-height": "128", "save-output_dir": "runs/ui-lora", "save-every": "2",
               "log_every": "1"}
@@ -89,7 +90,7 @@ def fill_train_form(page):
 
 def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server, capsys):
     page = browser_page
-    url = ui_server(workspace)
+    url = ui_server.start(workspace)
     page.goto(url)
 
     # Models: the tiny folder is the training base, its transformer the inference base ("dev"); inspect shown
@@ -160,7 +161,17 @@ def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server
     shot(page, tmp_path, "4-monitor-stopped")
     page.wait_for_selector("#resume-run:not([disabled])")
     page.click("#resume-run")
+    page.wait_for_selector("#run-status[data-status='running']")
+    records = lambda: [json.loads(p.read_text())  # noqa: E731
+                       for p in sorted((workspace / ".dev2pro-ui" / "jobs").glob("*-train/job.json"))]
+    resumed = records()[-1]
+    # the web app crashes mid-run; the job lives in its own session; a new web app on the same port re-attaches
+    ui_server.crash()
+    ui_server.start(workspace, port=int(url.rsplit(":", 1)[1]))
     wait_status(page, "#run-status", "done")
+    first, second = records()
+    assert first["status"] == "stopped" and second["id"] == resumed["id"]
+    assert second["status"] == "done" and second["pid"] == resumed["pid"]  # the same process ran to the end
     page.wait_for_function("document.getElementById('run-status').dataset.step === '20'")
     assert int(page.get_attribute("#loss-plot", "data-points")) == 20
     assert (workspace / "runs" / "ui-lora" / "samples" / "step000020.png").exists()
@@ -177,9 +188,9 @@ def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server
     from dev2pro.cli import main
 
     assert main(["lora", "info", str(lora)]) == 0  # `dev2pro lora info`, in this process (saves a start-up)
-    info = json.loads(capsys.readouterr().out)
-    assert info["layout"] == "kohya" and info["modules"] > 0 and info["metadata"]["ss_steps"] == "20"
-    assert all(" r=4 " in group for group in info["groups"])
+    info = capsys.readouterr().out  # text or JSON, depending on the version: check what both say
+    assert re.search(r"layout\W+kohya", info) and re.search(r"ss_steps\W+20\b", info), info
+    assert "transformer_blocks r=4 alpha=4" in info and "single_transformer_blocks r=4 alpha=4" in info
     page.locator("#strength").evaluate("e => { e.value = '0.5'; e.dispatchEvent(new Event('input')); }")
     page.click("#sample-dev")
     page.wait_for_selector("#sample-result:not([hidden])")

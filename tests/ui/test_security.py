@@ -2,6 +2,7 @@
 size limit, requests need the UI header (CSRF) and a loopback Host (DNS rebinding), non-loopback binds need auth."""
 
 import base64
+import collections
 import http.client
 import io
 import json
@@ -178,3 +179,27 @@ def test_http_csrf_host_and_auth_rules(server):
     bad = {"Authorization": "Basic " + base64.b64encode(b"me:nope").decode()}
     assert authed("GET", "/api/models", headers=bad)[0] == 401
     assert authed("GET", "/api/models", headers=good)[0] == 200
+
+
+def test_dataset_api_flags_bad_images_and_previews_buckets(server, tree):
+    ws_dir, _ = tree
+    (ws_dir / "data" / "tall.png").write_bytes(png_bytes((48, 96)))
+    (ws_dir / "data" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (ws_dir / "data" / "tiny.png").write_bytes(png_bytes((8, 8)))
+    (ws_dir / "data" / "a.txt").write_text("a red square\n")
+    req = server()
+    status, body = req("GET", "/api/dataset?folder=data&resolution=64&bucket_step=16")
+    assert status == 200, body
+    d = json.loads(body)
+    by_name = {i["name"]: i for i in d["images"]}
+    assert by_name["a.png"]["caption"] == "a red square" and by_name["a.png"]["size"] == [32, 24]
+    assert by_name["broken.jpg"]["bad"].startswith("unreadable") and "smaller than 16" in by_name["tiny.png"]["bad"]
+    # the buckets training would use (64^2 pixels, 16-px sides) for the two usable images
+    from dev2pro.data.buckets import assign_bucket, make_buckets
+
+    buckets = make_buckets(64 * 64, step=16)
+    want = collections.Counter("%dx%d" % assign_bucket(w, h, buckets) for w, h in [(32, 24), (48, 96)])
+    assert {b["bucket"]: b["images"] for b in d["buckets"]} == want and len(want) == 2
+    status, body = req("POST", "/api/caption", json.dumps({"image": "data/tall.png", "text": " a tall one "}),
+                       {"Content-Type": "application/json"})
+    assert status == 200 and (ws_dir / "data" / "tall.txt").read_text() == "a tall one\n"

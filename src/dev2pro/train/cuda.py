@@ -1,11 +1,14 @@
 """CUDA settings the training recipes apply before the first step.
 
-``avoid_cudnn_attention``: on an H200 with torch 2.11 (cu130), the backward of PyTorch's SDPA through the cuDNN
-attention backend raised "CUDA error: an illegal memory access" for a full-width Flux block (24 heads x 128, 1536
-tokens, bf16) in both our step and a plain diffusers + peft step, while the MATH backend ran (2026-11-28,
-`bench/gpu_session.sh`). PyTorch prefers cuDNN attention on Hopper for some shapes, so training turns that one
-backend off; SDPA then picks flash / memory-efficient attention, which are exact enough and fast on these GPUs.
-``train.attention_backend`` (diffusers' dispatcher) still overrides this for users who want a specific kernel.
+``avoid_cudnn_attention``: on the lent H200 (torch 2.11.0+cu130, 2026-11-28), a full-size FLUX.1 LoRA step with
+gradient checkpointing died in backward with "CUDA error: an illegal memory access" under PyTorch's default SDPA
+backend choice: in our step and in a plain diffusers + peft step alike, at 512^2 and 1024^2. With the cuDNN
+attention backend turned on explicitly (`bench/gpu_train.py --cudnn-sdp`) 1024^2 failed the same way; with it
+off, every row of `bench/gpu_session.sh` ran in three separate runs (flash/memory-efficient attention are chosen
+instead). A lone SDPA backward on contiguous tensors of the same shape passed on every backend, so the failure
+needs the model's layouts; we do not know which cuDNN/torch versions are affected, so training turns the backend
+off on every CUDA device (it costs nothing measurable here). ``train.attention_backend`` (diffusers' dispatcher)
+still selects a specific kernel for users who want one.
 """
 
 from __future__ import annotations

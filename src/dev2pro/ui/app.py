@@ -133,14 +133,22 @@ async def thumb(request: Request, ui: UIContext):
 
     from PIL import Image, ImageOps
 
+    from starlette.concurrency import run_in_threadpool
+
     path = ui.ws.resolve(request.query_params["path"], must_exist=True)
     size = min(512, max(32, int(request.query_params.get("size", 192))))
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=85)
-    return Response(buf.getvalue(), media_type="image/jpeg")
+
+    def render() -> bytes:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=85)
+        return buf.getvalue()
+    try:
+        return Response(await run_in_threadpool(render), media_type="image/jpeg")
+    except OSError:  # unreadable images are flagged on the page; no thumbnail
+        return error("not a readable image", 415)
 
 
 # ------------------------------------------------------------------------------------------------ jobs

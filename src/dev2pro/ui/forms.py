@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import types
 import typing
@@ -84,7 +85,8 @@ def _value(spec: dict, raw):
         return raw if isinstance(raw, bool) else str(raw).lower() in ("true", "1", "on", "yes")
     if kind == "list":
         lines = raw if isinstance(raw, list) else str(raw).splitlines()
-        return [_parse_item(s.strip(), spec.get("item")) for s in lines if str(s).strip()]
+        return [_parse_item(s.strip(), spec.get("item")) if isinstance(s, str) else s
+                for s in lines if str(s).strip()]
     if isinstance(raw, str) and kind in ("int", "float", "choice"):
         text = raw.strip()
         if spec["optional"] and text == "":
@@ -98,8 +100,12 @@ def _value(spec: dict, raw):
     return raw
 
 
-def form_to_data(specs: list[dict], values: dict) -> dict:
-    """Flat browser values {"train.steps": "20", "data.folders": [{"path": ...}]} -> the nested config dict."""
+def form_to_data(specs: list[dict], values: dict, drop_defaults: bool = False) -> dict:
+    """Flat browser values {"train.steps": "20", "data.folders": [{"path": ...}]} -> the nested config dict.
+
+    ``drop_defaults``: leave out values equal to the schema default, so the loader sees only what the user set
+    (as in a hand-written TOML), and settings that fill unset keys (e.g. a VRAM preset) still apply.
+    """
     data: dict = {}
     for spec in specs:
         if spec["kind"] == "section" or spec["key"] not in values:
@@ -111,6 +117,8 @@ def form_to_data(specs: list[dict], values: dict) -> dict:
             value = [form_to_data(spec["fields"], item if isinstance(item, dict) else {}) for item in raw]
         else:
             value = _value(spec, raw)
+        if drop_defaults and value == spec["default"] and isinstance(value, bool) == isinstance(spec["default"], bool):
+            continue
         node = data
         *parents, last = spec["key"].split(".")
         for p in parents:
@@ -121,19 +129,34 @@ def form_to_data(specs: list[dict], values: dict) -> dict:
 
 def path_keys(specs: list[dict], loader: Callable) -> set[str]:
     """Keys of the string fields ``loader`` treats as paths (it makes them absolute); ``tables`` items as
-    ``key[].field``. Found by loading a probe config with every free-text string field set."""
+    ``key[].field``. Found by loading a probe config with every free-text string field set to a relative name;
+    a field whose own validation rejects the probe (a format such as ``WxH``) is not a free path and is left
+    at its default, and the probe is retried (errors name their field)."""
     probe: dict = {}
+    entries: list[tuple[dict, str, str]] = []  # (container, its key, the full key shown in errors)
 
-    def fill(specs, values):
+    def fill(specs, values, prefix):
         for s in specs:
             if s["kind"] == "str":
-                values[s["key"]] = f"probe-{s['key']}"
+                values[s["key"]] = f"probe-{prefix}{s['key']}"
+                entries.append((values, s["key"], prefix + s["key"]))
             elif s["kind"] == "tables":
                 item: dict = {}
-                fill(s["fields"], item)
+                fill(s["fields"], item, f"{s['key']}[0].")
                 values[s["key"]] = [item]
-    fill(specs, probe)
-    cfg = loader(None, data=form_to_data(specs, probe))
+    fill(specs, probe, "")
+    for _ in range(len(entries) + 1):
+        try:
+            cfg = loader(None, data=form_to_data(specs, probe))
+            break
+        except ConfigError as e:
+            msg = str(e)
+            bad = [(c, k, full) for c, k, full in entries if c.get(k) is not None
+                   and (c[k] in msg or re.search(rf"(?<![\w.]){re.escape(full)}(?![\w\[])", msg))]
+            if not bad:
+                raise ConfigError(f"cannot tell which train settings are paths: {msg}") from None
+            for c, k, _full in bad:
+                del c[k]
     found: set[str] = set()
 
     def walk(obj, prefix):
@@ -152,7 +175,7 @@ def path_keys(specs: list[dict], loader: Callable) -> set[str]:
 def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[str], resolve: Callable):
     """Browser values -> a validated config; every path field goes through ``resolve`` (workspace-confined)
     first, and the result through the CLI's ``loader`` (same checks, same messages as the command line)."""
-    data = form_to_data(specs, values)
+    data = form_to_data(specs, values, drop_defaults=True)
 
     def fix(node: dict, parts: list[str], key: str):
         head, rest = parts[0], parts[1:]
@@ -173,4 +196,23 @@ def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[s
 
     for key in sorted(paths):
         fix(data, key.replace("[].", "[]\0").replace(".", "\0").split("\0"), key)
-    return loader(None, data=data)
+    cfg = loader(None, data=data)
+    _check_other_paths(cfg, "", resolve)
+    return cfg
+
+
+def _check_other_paths(cfg, prefix: str, resolve: Callable):
+    """A safety net behind the probe: any other string setting that names an absolute filesystem location
+    (an existing path, or one whose folder exists) must be inside the workspace too."""
+    root = resolve("")
+    for f in dataclasses.fields(cfg):
+        v, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(v):
+            _check_other_paths(v, key + ".", resolve)
+        elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
+            for item in v:
+                _check_other_paths(item, key + "[].", resolve)
+        elif isinstance(v, str) and os.path.isabs(v) and (os.path.exists(v) or os.path.isdir(os.path.dirname(v))):
+            real = os.path.realpath(v)
+            if real != str(root) and not real.startswith(str(root) + os.sep):
+                raise ConfigError(f"'{key}': {v} is outside the workspace; use a path inside it")

@@ -6,10 +6,9 @@ Long work (convert, caption) is queued as a `dev2pro` job; ``inspect`` reads hea
 
 from __future__ import annotations
 
+import asyncio
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -42,7 +41,7 @@ async def models(request: Request, ui):
 
 async def settings(request: Request, ui):
     values = await request.json()
-    allowed = {"train_base", "inference_base", "captioner", "dataset", "trigger"}
+    allowed = {"train_base", "train_transformer", "inference_base", "captioner", "dataset", "trigger"}
     for key, value in values.items():
         if key not in allowed:
             raise UserError(f"unknown setting {key!r}")
@@ -53,11 +52,15 @@ async def settings(request: Request, ui):
 
 async def inspect(request: Request, ui):
     path = ui.ws.resolve((await request.json())["path"], must_exist=True)
-    proc = subprocess.run([sys.executable, "-m", "dev2pro.cli", "inspect", str(path), "--json"], cwd=ui.ws.root,
-                          capture_output=True, text=True, timeout=300)
+    # a subprocess awaited without blocking the server (it imports torch: seconds)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "dev2pro.cli", "inspect", str(path), "--json",
+                                                cwd=ui.ws.root, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=300)
     if proc.returncode != 0:
-        raise UserError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "inspect failed")
-    return JSONResponse({"path": ui.ws.rel(path), "info": json.loads(proc.stdout)})
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise UserError(lines[-1] if lines else "inspect failed")
+    return JSONResponse({"path": ui.ws.rel(path), "info": json.loads(out)})
 
 
 async def convert(request: Request, ui):
@@ -75,11 +78,26 @@ async def convert(request: Request, ui):
 
 
 # ------------------------------------------------------------------------------------------------ dataset
-def _bucket_preview(sizes: list[tuple[int, int]], resolution: int, step: int) -> list[dict]:
-    """How many images land in each bucket, with the same functions training uses."""
-    from ..data.buckets import assign_bucket, make_buckets
+def _image_checker(min_size: int, buckets):
+    """``check(path) -> (size or None, reason or None)`` with the dataset reader's own rules (unreadable, too
+    small, and where the reader knows buckets, an aspect ratio no bucket can hold)."""
+    try:
+        from ..data.folders import Scanner
+    except ImportError:  # the reader before its Scanner: one function, no bucket-range rule
+        from ..data.folders import _image_size
+        return lambda path: _image_size(path, min_size)
 
-    buckets = make_buckets(resolution * resolution, step=step)
+    def check(path):
+        scanner = Scanner(min_size=min_size, buckets=buckets)
+        size = scanner.image_size(path, path.name)
+        return size, (scanner.skipped[0][len(path.name) + 2:-1] if scanner.skipped else None)
+    return check
+
+
+def _bucket_preview(sizes: list[tuple[int, int]], buckets) -> list[dict]:
+    """How many images land in each bucket, with the same functions training uses."""
+    from ..data.buckets import assign_bucket
+
     counts: dict[tuple[int, int], int] = {}
     for w, h in sizes:
         b = assign_bucket(w, h, buckets)
@@ -88,27 +106,33 @@ def _bucket_preview(sizes: list[tuple[int, int]], resolution: int, step: int) ->
 
 
 async def dataset(request: Request, ui):
-    q = request.query_params
+    from starlette.concurrency import run_in_threadpool
+
+    return JSONResponse(await run_in_threadpool(_dataset, ui, request.query_params))  # reads every image header
+
+
+def _dataset(ui, q) -> dict:
     folder = ui.ws.resolve(q.get("folder", ""), must_exist=True)
     if not folder.is_dir():
         raise UserError(f"{q.get('folder')} is not a folder")
-    from ..data.folders import _image_size  # the same readability/size check training applies
+    from ..data.buckets import make_buckets
 
-    min_size = int(q.get("min_size", 16))
+    buckets = make_buckets(int(q.get("resolution", 512)) ** 2, step=int(q.get("bucket_step", 64)))
+    check = _image_checker(int(q.get("min_size", 16)), buckets)
     items, sizes = [], []
     for img in ui.ws.images(folder):
-        size, reason = _image_size(img, min_size)
+        size, reason = check(img)
         txt = img.with_suffix(".txt")
         caption = txt.read_text(encoding="utf-8-sig", errors="replace").strip() if txt.is_file() else ""
         items.append({"path": ui.ws.rel(img), "name": img.name, "caption": caption, "has_caption": txt.is_file(),
                       "size": list(size) if size else None, "bad": reason})
         if size:
             sizes.append(size)
-    buckets = _bucket_preview(sizes, int(q.get("resolution", 512)), int(q.get("bucket_step", 64)))
+    preview = _bucket_preview(sizes, buckets)
     folders = sorted({ui.ws.rel(p.parent) for ext in ("png", "jpg", "jpeg", "webp")
                       for p in ui.ws.find(f"*.{ext}") if "samples" not in p.parts and "runs" not in
                       p.relative_to(ui.ws.root).parts[:1]})
-    return JSONResponse({"folder": ui.ws.rel(folder), "images": items, "buckets": buckets, "folders": folders})
+    return {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders}
 
 
 async def upload(request: Request, ui):
@@ -161,7 +185,12 @@ async def autocaption(request: Request, ui):
     for flag in ("max_length", "batch_size"):
         if b.get(flag) not in (None, ""):
             args += [f"--{flag.replace('_', '-')}", str(int(b[flag]))]
-    names = [Path(ui.ws.resolve(f, must_exist=True)).name for f in b.get("files") or []]
+    names = []
+    for f in b.get("files") or []:
+        image = ui.ws.resolve(f, must_exist=True)
+        if image.parent != folder:
+            raise UserError(f"{f} is not in {b['folder']}")
+        names.append(image.name)
     if names:
         args += ["--files", ",".join(names)]
     job = ui.jobs.submit("caption", args, title=f"caption {ui.ws.rel(folder)}" + (f" ({len(names)} images)"

@@ -106,7 +106,10 @@ async def run(request: Request, ui):
     if job is None and not d.is_dir():
         raise UserError(f"{rel} is not a run folder")
     tail = ui.jobs.log_tail(job["id"]) if job else ""
-    return JSONResponse({**run_info(d, ui.ws.root, tail), "job": job, "log": tail})
+    from starlette.concurrency import run_in_threadpool
+
+    info = await run_in_threadpool(run_info, d, ui.ws.root, tail)  # reads event files
+    return JSONResponse({**info, "job": job, "log": tail})
 
 
 def _run_config(run: Path) -> dict:

@@ -3,8 +3,8 @@
 Every path that comes from the browser is a workspace-relative string. ``Workspace.resolve`` refuses absolute
 paths, ``..`` components, backslashes, NUL bytes and anything whose real path (symlinks followed) lands outside the
 workspace's real path, so a request can never reach a file the user did not put in the workspace. Uploads are
-size-limited, must decode fully as an image (PIL ``verify`` then ``load``, PIL's decompression-bomb warning treated as an error) and keep
-the format's own extension; captions are written atomically beside their image.
+size-limited, must decode fully as an image (PIL ``verify`` then ``load``; PIL's decompression-bomb warning is an
+error) and keep the format's own extension; captions are written atomically beside their image.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
+from ..data.folders import IMAGE_EXTENSIONS  # what training reads
 from ..errors import UserError
 
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # what training reads (data.folders)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 

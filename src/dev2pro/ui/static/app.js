@@ -48,6 +48,8 @@ async function loadModels() {
   const m = await api("/api/models");
   state.settings = m.settings; $("ws-root").textContent = m.workspace;
   fill($("train-base"), m.flux, false); fill($("inference-base"), m.transformers, false, "(the training base)");
+  fill($("train-transformer"), m.transformers, false, "(the folder's transformer)");
+  if (m.settings.train_transformer) $("train-transformer").value = m.settings.train_transformer;
   fill($("convert-src"), m.transformers, true); fill($("captioner"), m.captioners, true);
   if (m.settings.train_base) $("train-base").value = m.settings.train_base;
   if (m.settings.inference_base) $("inference-base").value = m.settings.inference_base;
@@ -58,7 +60,10 @@ async function inspect(path) {
   if (!path) return toast("choose a model first");
   $("inspect-out").textContent = "inspecting " + path + " ...";
   const r = await api("/api/inspect", { path });
-  $("inspect-out").textContent = JSON.stringify(r.info, null, 2);
+  const i = r.info;
+  const summary = `${r.path}: ${i.layout}, ${i.variant_detail || i.variant}, ${i.double_blocks} double + ` +
+    `${i.single_blocks} single blocks, hidden ${i.hidden}, fp8: ${i.fp8}`;
+  $("inspect-out").textContent = summary + "\n\n" + JSON.stringify(i, null, 2);
 }
 
 // ------------------------------------------------------------------------------------------------ dataset
@@ -167,6 +172,7 @@ function prefill() {
   const s = state.settings, v = {};
   if (s.train_base) v["model.path"] = s.train_base;
   if (s.inference_base) v["model.inference_base"] = s.inference_base;
+  if (s.train_transformer) v["model.transformer"] = s.train_transformer;
   if (s.dataset) v["data.folders"] = [{ path: s.dataset }];
   if (s.trigger) v["data.trigger"] = s.trigger;
   v["save.output_dir"] = "runs/lora-" + new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "");
@@ -178,8 +184,9 @@ async function loadTrain() {
   const r = await api("/api/schema");
   state.schema = r.fields; state.settings = r.settings;
   const form = $("train-form"), pre = prefill();
-  let fs = el("fieldset", {}, el("legend", { text: "general" }));
-  form.append(fs);
+  const general = el("fieldset", {}, el("legend", { text: "general" }));
+  let fs = general;
+  form.append(general);
   for (const spec of r.fields) {
     if (spec.kind === "section") {
       fs = el("fieldset", { title: spec.help }, el("legend", { text: spec.key + " — " + spec.help })); form.append(fs);
@@ -193,9 +200,9 @@ async function loadTrain() {
       holder.append(el("button", { class: "secondary", type: "button", text: "add",
         onclick: (e) => { e.target.remove(); tableRow(spec, {}, holder); holder.append(e.target); } }));
       fs.append(holder);
-    } else fs.append(field(spec, value, "f-"));
+    } else (spec.key.includes(".") ? fs : general).append(field(spec, value, "f-"));  // top-level keys: general
   }
-  if (!form.firstChild.querySelector("[data-key]")) form.firstChild.remove();
+  if (!general.querySelector("[data-key]")) general.remove();
 }
 
 function formValues() {
@@ -368,10 +375,11 @@ async function tick() {
 // ------------------------------------------------------------------------------------------------ wiring
 for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => show(t.dataset.page));
 $("save-models").onclick = async () => {
-  state.settings = await api("/api/settings", { train_base: $("train-base").value, inference_base: $("inference-base").value });
+  state.settings = await api("/api/settings", { train_base: $("train-base").value, inference_base:
+    $("inference-base").value, train_transformer: $("train-transformer").value });
   state.schema = null; $("train-form").innerHTML = ""; toast("models saved", true);
 };
-$("inspect-train").onclick = () => inspect($("train-base").value);
+$("inspect-train").onclick = () => inspect($("train-transformer").value || $("train-base").value);
 $("inspect-inference").onclick = () => inspect($("inference-base").value || $("train-base").value);
 $("convert-fp8").onclick = async () => {
   const j = await api("/api/convert", { src: $("convert-src").value, dst: $("convert-dst").value, dtype: "fp8" });
