@@ -95,8 +95,10 @@ def test_train_with_adapter_equals_merged_base_and_samples_are_the_lora_on_dev(t
 
 def test_adapter_and_inference_base_are_exclusive(tmp_path, tiny_dev_dir, sk_images, files):
     base, adapter, merged, _ = files
+    cfg = load_train_config(None, data={"model": {"path": str(tiny_dev_dir), "adapter": str(adapter),
+                                                  "inference_base": str(base)},
+                                        "data": {"folders": [{"path": str(sk_images)}]},
+                                        "save": {"output_dir": str(tmp_path / "x")}})
     with pytest.raises(UserError, match="adapter or model.inference_base, not both"):
-        load_train_config(None, data={"model": {"path": str(tiny_dev_dir), "adapter": str(adapter),
-                                                "inference_base": str(base)},
-                                      "data": {"folders": [{"path": str(sk_images)}]},
-                                      "save": {"output_dir": str(tmp_path / "x")}})
+        train(cfg, progress=False)
+    assert not (tmp_path / "x").exists()  # refused before anything was written

@@ -84,8 +84,8 @@ def test_browser_values_get_the_cli_messages(tmp_path, key, value, override):
     base = {"model.path": "m", "data.folders": [{"path": "d"}], "save.output_dir": "out"}
     ws = Workspace(tmp_path)
     paths = forms.path_keys(specs, load_train_config)
-    assert paths == {"model.path", "model.transformer", "model.inference_base", "data.shards", "data.cache_dir",
-                     "data.folders[].path", "save.output_dir"}
+    assert paths == {"model.path", "model.transformer", "model.inference_base", "model.adapter", "data.shards",
+                     "data.cache_dir", "data.folders[].path", "save.output_dir"}
     if override is None:  # a valid list: parsed per line like TOML
         cfg = forms.build_config(specs, {**base, key: value}, load_train_config, paths, ws.resolve)
         assert cfg.model.fp8_keep == ["norms", 7]

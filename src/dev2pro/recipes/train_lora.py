@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import SIZE_HELP, load_config, opt, render_toml, require, resolve_size, section
+from ..errors import UserError
 from ..flow import TIMESTEP_MODES
 from ..outputs import write_text
 from . import train_steps as steps
@@ -56,10 +57,6 @@ class ModelSection:
         require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
         require(self.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
         require(self.vram in (0, 8, 12, 16, 24, 48), f"vram = {self.vram}: choose 8, 12, 16, 24 or 48 (GB), or 0")
-        # one base in memory is the point of an adapter: samples with it off already are "the LoRA on dev"
-        require(not (self.adapter and self.inference_base),
-                "adapter: set model.adapter or model.inference_base, not both (with an adapter the training base "
-                "is dev and samples are rendered on it with the adapter off)")
 
 
 @dataclass
@@ -222,6 +219,11 @@ def quiet_libraries():
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
     """Run the whole job; returns a summary (losses, paths)."""
+    if cfg.model.adapter and cfg.model.inference_base:
+        # one base in memory is the point of an adapter: samples with it off already are "the LoRA on dev". (Checked
+        # here, not in validate(): the config editor probes every path field with a value at once.)
+        raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
+                        "training base is dev and samples are rendered on it with the adapter off)")
     quiet_libraries()
     out = Path(cfg.save.output_dir)
     state_dir = steps.prepare_output_dir(out, resume is not None, cfg.save.overwrite)
