@@ -162,6 +162,24 @@ def _base(root: Path, name: str, objective: str, model_dir: Path, shards: Path, 
     return {"file": str(file), "losses": done["losses"], "objective": objective}
 
 
+def _arm_jobs(root: Path, p: Profile, arms: list[str], bases: dict, adapter_files: dict, model_dir: Path,
+              prompt_file: Path, concept_shards: dict) -> list[dict]:
+    """One `_lora_job` per (seed, arm), plus dev without LoRA per seed as the guidance reference."""
+    jobs = []
+    for s in range(p.seeds):
+        common = {"seed": s, "model_dir": str(model_dir), "prompts": str(prompt_file), "shards": str(concept_shards[s]),
+                  "eval_per_class": p.eval_per_class, "sample_steps": p.sample_steps, "steps": p.lora_steps,
+                  "short": p.lora_short, "lora_batch": p.lora_batch}
+        jobs.append({**common, "arm": "ref", "run": str(root / "arms" / f"ref-seed{s}"),
+                     "target": bases["dev"]["file"]})
+        for a in arms:
+            base, guidance, _ = ARMS[a]
+            target = bases["pro"]["file"] if a == ORACLE else bases["dev"]["file"]
+            jobs.append({**common, "arm": a, "run": str(root / "arms" / f"{a}-seed{s}"), "base": bases[base]["file"],
+                         "guidance": guidance, "target": target, "adapter": adapter_files.get(a, "")})
+    return jobs
+
+
 def _by_rank(d: dict) -> dict[str, float]:
     """Rank-keyed numbers in rank order (JSON files hold them with string keys, sorted as strings)."""
     return {str(k): v for k, v in sorted(d.items(), key=lambda kv: int(kv[0]))}
@@ -341,18 +359,7 @@ def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None 
 
     # 5. LoRA arms x seeds (and dev without LoRA as the guidance reference), two single-threaded workers
     arms = [a for a in ARMS if ARMS[a][0] in bases and (a not in ADAPTER_ARMS or a in adapter_files)]
-    jobs = []
-    for s in range(p.seeds):
-        common = {"seed": s, "model_dir": str(model_dir), "prompts": str(prompt_file), "shards": str(concept_shards[s]),
-                  "eval_per_class": p.eval_per_class, "sample_steps": p.sample_steps, "steps": p.lora_steps,
-                  "short": p.lora_short, "lora_batch": p.lora_batch}
-        jobs.append({**common, "arm": "ref", "run": str(root / "arms" / f"ref-seed{s}"),
-                     "target": bases["dev"]["file"]})
-        for a in arms:
-            base, guidance, _ = ARMS[a]
-            target = bases["pro"]["file"] if a == ORACLE else bases["dev"]["file"]
-            jobs.append({**common, "arm": a, "run": str(root / "arms" / f"{a}-seed{s}"), "base": bases[base]["file"],
-                         "guidance": guidance, "target": target, "adapter": adapter_files.get(a, "")})
+    jobs = _arm_jobs(root, p, arms, bases, adapter_files, model_dir, prompt_file, concept_shards)
     for j in jobs:
         Path(j["run"]).mkdir(parents=True, exist_ok=True)
     print(f"[5/6] LoRA arms {', '.join(arms)} x {p.seeds} seeds via `dev2pro train`, sampled at guidance "
