@@ -1,6 +1,5 @@
 """The training adapter: a frozen side-branch LoRA that is on for training and off for samples (lora/adapter.py)."""
 
-import pytest
 import torch
 
 from dev2pro.flux.fp8 import Fp8Policy, enable_fp8_storage, quantize
