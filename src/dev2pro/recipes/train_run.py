@@ -119,7 +119,8 @@ def finish(save_lora: Callable[[str], list], save_state: Callable[[int], Path] |
                                              "will be trained again)")) from None
     plot_losses(history, out)
     say(f"saved the final LoRA at step {done}: {', '.join(str(f) for f in files)}"
-        + (f" (state {state})" if state is not None and state_error is None else ""))
+        + (f" (state {state})" if state is not None and state_error is None else "")
+        + (f"; loss curve: {out / 'loss.png'}" if (out / "loss.png").exists() else ""))
     if state_error is not None:
         say(f"warning: the final training state could not be saved ({state_error}); the LoRA files are complete, "
             f"but extending this run with --resume would restart from an earlier state")
