@@ -206,7 +206,6 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
 def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: bool, say) -> dict:
     from ..data.loader import BucketBatchSampler
     from ..train.ema import EMA
-    from ..train.fsdp import clip_grad_norm
     from ..train.optim import build_optimizer, build_scheduler
     from ..train.progress import Progress
     from ..train.run import NonFiniteGuard, stop_on_interrupt
@@ -271,24 +270,7 @@ def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: b
     try:
         with stop_on_interrupt() as stop:
             for step in range(start, tc.steps):
-                total, logged = 0.0, {}
-                for micro in range(tc.grad_accum):
-                    if fsdp:  # reduce-scatter gradients once per step, after the last micro-batch
-                        student.set_requires_gradient_sync(micro == tc.grad_accum - 1)
-                    x0, noise, sigmas, w_scale, text = ds.global_batch(data.dataset, next(batches), rank, world,
-                                                                       data.empty, cfg.data.caption_dropout, gen,
-                                                                       teacher is not None, cfg.teacher, tc)
-                    with accelerator.autocast():
-                        loss, parts = ds.objective_loss(cfg, student, teacher, x0, noise, sigmas, w_scale, text,
-                                                        data.empty, device, compute)
-                    accelerator.backward(loss / tc.grad_accum)
-                    # the logged loss is the global batch's: the mean over ranks
-                    total += accelerator.reduce(loss.detach(), "mean").item() / tc.grad_accum
-                    for k, v in parts.items():
-                        logged[k] = logged.get(k, 0.0) + v.item() / tc.grad_accum
-                if tc.max_grad_norm > 0:  # global norm: every rank takes the same decision below
-                    logged["grad_norm"] = clip_grad_norm(student.parameters(), tc.max_grad_norm) if fsdp else \
-                        float(accelerator.clip_grad_norm_(student.parameters(), tc.max_grad_norm))
+                total, logged = _accumulate(cfg, accelerator, student, teacher, data, batches, gen, fsdp, compute)
                 done = step + 1
                 if guard.check(done, total, logged.get("grad_norm")):
                     optimizer.step()
@@ -313,22 +295,11 @@ def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: b
                     os._exit(17)  # test hook: die like a killed process right after step k
 
         # 3. export (EMA weights when kept), gathered from the shards to rank 0 one tensor at a time, then samples
-        state = ds.final_weights(inner, ema, COMPUTE_DTYPES["no" if cfg.save.dtype == "fp32" else cfg.save.dtype],
-                                 rank)
-        files, elapsed = [], time.perf_counter() - t0
-        summary = {"losses": losses, "files": [], "steps": tc.steps, "world_size": world, "seconds": elapsed,
-                   "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else "none"),
+        summary = {"losses": losses, "files": [], "steps": tc.steps, "world_size": world,
+                   "seconds": time.perf_counter() - t0, "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else
+                                                                                            "none"),
                    "skipped_steps": guard.skipped}
-        if main:
-            meta = {"dev2pro.recipe": "dedistill", "dev2pro.objective": cfg.objective,
-                    "dev2pro.steps": str(tc.steps), "dev2pro.ema_decay": str(tc.ema_decay),
-                    "dev2pro.start": Path(start_from).name}
-            files = ds.export_or_keep_state(state, out, cfg.save, meta, state_dir)
-            run.plot_losses(run.finite_or_none(history), out)
-            note(f"exported: {', '.join(str(f) for f in files)}; loss curve: {out / 'loss.png'}")
-            summary["files"] = [str(f) for f in files]
-            write_json(out / "summary.json", {**summary, "losses": run.finite_or_none(losses),
-                                              "steps_per_second": (tc.steps - start) / max(elapsed, 1e-9)})
+        _export(cfg, inner, ema, rank, main, out, start_from, summary, history, start, note)
         barrier()
         if cfg.sample.every:
             note("rendering final samples...")
@@ -337,6 +308,51 @@ def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: b
         return summary
     finally:
         bar.close()
+
+
+def _accumulate(cfg, accelerator, student, teacher, data, batches, gen, fsdp, compute) -> tuple[float, dict]:
+    """Forward + backward over ``grad_accum`` global micro-batches (this rank's slice), then clip.
+
+    Returns the step's loss (the global batch's: the mean over ranks) and the logged parts; ``grad_norm`` is the
+    global norm, so every rank takes the same non-finite decision."""
+    from ..train.fsdp import clip_grad_norm
+
+    tc, rank, world, device = cfg.train, accelerator.process_index, accelerator.num_processes, accelerator.device
+    total, logged = 0.0, {}
+    for micro in range(tc.grad_accum):
+        if fsdp:  # reduce-scatter gradients once per step, after the last micro-batch
+            student.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+        x0, noise, sigmas, w_scale, text = ds.global_batch(data.dataset, next(batches), rank, world, data.empty,
+                                                           cfg.data.caption_dropout, gen, teacher is not None,
+                                                           cfg.teacher, tc)
+        with accelerator.autocast():
+            loss, parts = ds.objective_loss(cfg, student, teacher, x0, noise, sigmas, w_scale, text, data.empty,
+                                            device, compute)
+        accelerator.backward(loss / tc.grad_accum)
+        total += accelerator.reduce(loss.detach(), "mean").item() / tc.grad_accum
+        for k, v in parts.items():
+            logged[k] = logged.get(k, 0.0) + v.item() / tc.grad_accum
+    if tc.max_grad_norm > 0:
+        logged["grad_norm"] = clip_grad_norm(student.parameters(), tc.max_grad_norm) if fsdp else \
+            float(accelerator.clip_grad_norm_(student.parameters(), tc.max_grad_norm))
+    return total, logged
+
+
+def _export(cfg, inner, ema, rank: int, main: bool, out: Path, start_from, summary: dict, history, start, note):
+    """Gather the (EMA) weights to rank 0 and export them; a full disk keeps the last state and says so."""
+    from . import train_run as run
+
+    state = ds.final_weights(inner, ema, COMPUTE_DTYPES["no" if cfg.save.dtype == "fp32" else cfg.save.dtype], rank)
+    if not main:
+        return
+    meta = {"dev2pro.recipe": "dedistill", "dev2pro.objective": cfg.objective, "dev2pro.steps": str(cfg.train.steps),
+            "dev2pro.ema_decay": str(cfg.train.ema_decay), "dev2pro.start": Path(start_from).name}
+    files = ds.export_or_keep_state(state, out, cfg.save, meta, out / "state")
+    run.plot_losses(run.finite_or_none(history), out)
+    note(f"exported: {', '.join(str(f) for f in files)}; loss curve: {out / 'loss.png'}")
+    summary["files"] = [str(f) for f in files]
+    write_json(out / "summary.json", {**summary, "losses": run.finite_or_none(summary["losses"]),
+                                      "steps_per_second": (cfg.train.steps - start) / max(summary["seconds"], 1e-9)})
 
 
 def add_dedistill_parser(sub):

@@ -229,15 +229,15 @@ def _train(cfg: TrainConfig, accelerator, out: Path, state_dir: Path, resume, pr
     data = steps.prepare_data(cfg, out, device)
     # 2. base transformer + LoRA
     transformer, ckpt = steps.load_base(cfg, dtype, device)
-    if ckpt.spec().guidance_embeds and tc.guidance != 1.0:
+    if ckpt.spec().guidance_embeds and cfg.train.guidance != 1.0:
         log.warning("training a guidance-distilled base at guidance %.2f: the Dev2Pro recipe trains at 1.0; other "
                     "values pull the guidance embedding off its distilled meaning and the LoRA tends to collapse "
-                    "or blur when used on dev", tc.guidance)
+                    "or blur when used on dev", cfg.train.guidance)
     params = steps.add_lora(transformer, cfg, ckpt.spec())
-    optimizer = build_optimizer(params, tc.optimizer, tc.lr, tc.weight_decay)
-    scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
+    optimizer = build_optimizer(params, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    gen = torch.Generator().manual_seed(tc.seed)  # noise, timesteps, caption dropout
+    gen = torch.Generator().manual_seed(cfg.train.seed)  # noise, timesteps, caption dropout
     sampler = data.sampler
     start, smoothed, history = 0, None, []  # history: the loss of every step so far (loss.png)
     if resume is not None:
@@ -280,13 +280,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path, state_dir: Path, resume, pr
         t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
         with stop_on_interrupt() as stop:
             for step in range(start, tc.steps):
-                total = 0.0
-                for _ in range(tc.grad_accum):
-                    batch = data.collate([data.dataset[i] for i in next(sampler_iter)], gen)
-                    with accelerator.autocast():
-                        loss = steps.flow_matching_loss(transformer, batch, tc, gen, device, dtype)
-                    accelerator.backward(loss / tc.grad_accum)
-                    total += loss.item() / tc.grad_accum
+                total = _accumulate(accelerator, transformer, data, sampler_iter, gen, tc, device, dtype)
                 done = step + 1
                 if guard.check(done, total, run.grad_norm(accelerator, params, tc.max_grad_norm)):
                     optimizer.step()  # a skipped step (nan_policy = "skip") leaves the weights as they were
@@ -311,6 +305,18 @@ def _train(cfg: TrainConfig, accelerator, out: Path, state_dir: Path, resume, pr
                        note, t0, start)
     finally:
         bar.close()
+
+
+def _accumulate(accelerator, transformer, data, batches, gen, tc, device, dtype) -> float:
+    """Forward + backward over ``grad_accum`` micro-batches; returns the step's loss."""
+    total = 0.0
+    for _ in range(tc.grad_accum):
+        batch = data.collate([data.dataset[i] for i in next(batches)], gen)
+        with accelerator.autocast():
+            loss = steps.flow_matching_loss(transformer, batch, tc, gen, device, dtype)
+        accelerator.backward(loss / tc.grad_accum)
+        total += loss.item() / tc.grad_accum
+    return total
 
 
 def _finish(cfg, out, state_dir, done, history, losses, skipped, save_lora, save_state, sample, say, t0=None,
