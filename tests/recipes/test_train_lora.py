@@ -430,3 +430,11 @@ def test_ctrl_c_saves_a_state_and_resume_is_bit_identical(tmp_path, tiny_dev_dir
     assert f"resumed from step {k}" in capsys.readouterr().out
     assert resumed["losses"] == full["losses"][k:]
     assert _same_lora(stopped / "lora.safetensors", tmp_path / "full" / "lora.safetensors")
+
+
+def test_overwrite_starts_over_without_the_old_runs_states(tmp_path, tiny_dev_dir, images):
+    cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=8)
+    train(load_train_config(cfg_path), progress=False, quiet=True)  # states at 4 and 8
+    train(load_train_config(cfg_path, ["save.overwrite=true", "train.steps=2"]), progress=False, quiet=True)
+    # a later --resume must find this run's last state, not the old run's step 8
+    assert sorted(p.name for p in (tmp_path / "run" / "state").iterdir()) == ["step-000002"]

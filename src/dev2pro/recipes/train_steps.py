@@ -40,6 +40,12 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, say: Call
                         "another save.output_dir")
     if resume is None and status == "started":
         say(f"reusing {out}: an earlier start never saved anything (cached latents and text are reused when valid)")
+    if resume is None and status == "saved" and (out / "state").is_dir():
+        # starting over (save.overwrite): the old run's states must not be what a later --resume picks up
+        import shutil
+
+        shutil.rmtree(out / "state")
+        say(f"save.overwrite: starting over in {out} (the previous run's training states were removed)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
