@@ -267,6 +267,7 @@ def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: b
     guard = NonFiniteGuard(tc.nan_policy, tc.nan_max_skips, lambda: run.stop_hint(state_dir, out).replace(
         "dev2pro train", "dev2pro dedistill"))
     t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
+    bar.start_clock()
     try:
         with stop_on_interrupt() as stop:
             for step in range(start, tc.steps):
@@ -294,6 +295,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: b
                     bar.close()
                     os._exit(17)  # test hook: die like a killed process right after step k
 
+        bar.end_bar()
+        note = say
         # 3. export (EMA weights when kept), gathered from the shards to rank 0 one tensor at a time, then samples
         summary = {"losses": losses, "files": [], "steps": tc.steps, "world_size": world,
                    "seconds": time.perf_counter() - t0, "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else

@@ -273,10 +273,11 @@ def _train(cfg: TrainConfig, accelerator, out: Path, state_dir: Path, resume, pr
                                                                          [], save_lora, None, sample, say)
         if main and cfg.sample.prompts and cfg.sample.baseline and start == 0:
             say("rendering step-0 samples (the base before training)...")
-            sample(0)
+            say(f"samples: {sample(0)}")
         losses: list[float] = []
         guard = NonFiniteGuard(tc.nan_policy, tc.nan_max_skips, lambda: run.stop_hint(state_dir, out))
         transformer.train()
+        bar.start_clock()
         t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
         with stop_on_interrupt() as stop:
             for step in range(start, tc.steps):
@@ -301,8 +302,9 @@ def _train(cfg: TrainConfig, accelerator, out: Path, state_dir: Path, resume, pr
                 if stop_after and done == stop_after:
                     bar.close()
                     os._exit(17)  # test hook: die like a killed process right after step k's state
+        bar.end_bar()
         return _finish(cfg, out, state_dir, tc.steps, history, losses, guard.skipped, save_lora, save_state, sample,
-                       note, t0, start)
+                       say, t0, start)
     finally:
         bar.close()
 

@@ -60,7 +60,8 @@ class Progress:
             self.mem = peak_memory_gb()
         avg = f"{self.smoothed:.4f}" if self.smoothed is not None else "-"
         if self.enabled:  # cheap (no refresh): tqdm redraws at its own pace
-            self.bar.set_postfix(loss=f"{loss:.4f}", avg=avg, lr=f"{lr:.2e}", mem=f"{self.mem:.1f}G", refresh=False)
+            self.bar.set_postfix({"loss": f"{loss:.4f}", "avg": avg, "lr": f"{lr:.2e}", "mem": f"{self.mem:.1f}G"},
+                                 refresh=False)
         self.bar.update(1)
         if self.lines and periodic:
             rate = (step - self.first) / max(time.perf_counter() - self.t0, 1e-9)
@@ -73,6 +74,17 @@ class Progress:
             self.writer.add_scalar("lr", lr, step)
             for k, v in (extra or {}).items():
                 self.writer.add_scalar(k, v, step)
+
+    def start_clock(self):
+        """Rates and ETAs count from here (not from set-up work such as a step-0 sample grid)."""
+        self.t0 = time.perf_counter()
+        if self.enabled:  # the bar's own rate and ETA too
+            self.bar.start_t = self.bar.last_print_t = self.bar._time()
+
+    def end_bar(self):
+        """Close the bar at the end of the loop (its clock would run on through the final save and samples);
+        TensorBoard stays open for the final grid."""
+        self.bar.close()
 
     def image(self, tag: str, image, step: int):
         if self.writer:
