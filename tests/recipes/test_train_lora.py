@@ -438,3 +438,50 @@ def test_overwrite_starts_over_without_the_old_runs_states(tmp_path, tiny_dev_di
     train(load_train_config(cfg_path, ["save.overwrite=true", "train.steps=2"]), progress=False, quiet=True)
     # a later --resume must find this run's last state, not the old run's step 8
     assert sorted(p.name for p in (tmp_path / "run" / "state").iterdir()) == ["step-000002"]
+
+
+def _pages(path):
+    files = [Path(path)] if Path(path).is_file() else [f for f in Path(path).rglob("*") if f.is_file()]
+    return sum(-(-f.stat().st_size // 4096) for f in files)
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_at_the_final_save_keeps_a_state(tmp_path, tiny_dev_dir, images, reference):
+    """On a small tmpfs sized to hold the run and its final state but not the final LoRA file."""
+    ref = reference[8][1]
+    lora_pages = _pages(ref / "lora.safetensors")
+    before = _pages(ref) - lora_pages - _pages(ref / "loss.png") - _pages(ref / "summary.json") + 1  # + the lock
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = (before + lora_pages // 2 + 2) * 4096
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root or a user namespace)")
+    try:
+        cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=8),
+                                ["save.every=0", f'save.output_dir="{disk / "run"}"'])
+        with pytest.raises(UserError, match=r"disk is full.*state .*step-000008 is kept.*--resume"):
+            train(cfg, progress=False, quiet=True)
+        assert (disk / "run" / "state" / "step-000008").is_dir() and not (disk / "run" / "lora.safetensors").exists()
+        assert not [p for p in (disk / "run").iterdir() if p.name.startswith(".") and p.name != ".dev2pro.lock"]
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_disk_full_at_a_periodic_save_is_one_line_naming_the_last_state(tmp_path, tiny_dev_dir, images,
+                                                                        monkeypatch):
+    from safetensors import SafetensorError
+
+    from dev2pro.lora import formats
+
+    real, calls = formats.save_lora, []
+
+    def full_on_the_second_save(*a, **k):  # the Rust writer's way of saying it
+        calls.append(1)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(formats, "save_lora", full_on_the_second_save)
+    cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=10))  # saves at 4 and 8
+    with pytest.raises(UserError, match=r"save step 8 .*disk is full.*last saved state is .*step-000004.*--resume"):
+        train(cfg, progress=False, quiet=True)

@@ -403,13 +403,13 @@ def export_model(state: dict, out: Path, name: str, formats, dtype: str, keep_gu
 
 def export_or_keep_state(state: dict, out: Path, save, metadata: dict, state_dir: Path) -> list[Path]:
     """``export_model`` with a full disk (or a read-only folder) turned into one line that names the kept state."""
-    from ..train.run import os_error_message
+    from ..train.run import write_error_message, write_errors
     from ..train.state import latest_state
 
     try:
         return export_model(state, out, save.name, save.formats, save.dtype, save.keep_guidance, metadata)
-    except OSError as e:
-        why = os_error_message(e, Path(e.filename or out / f"{save.name}.safetensors"), "export the model to")
+    except write_errors() as e:
+        why = write_error_message(e, out / f"{save.name}.safetensors", "export the model to")
         kept = latest_state(state_dir)
         if kept is None:
             raise UserError(f"{why}; no training state was kept (set save.every to keep one): free space and "

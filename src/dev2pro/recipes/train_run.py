@@ -6,6 +6,7 @@ The loop itself stays in ``train_lora.train``; these functions are its lifecycle
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter
@@ -14,8 +15,10 @@ from typing import Callable
 
 from ..errors import UserError
 from ..train.lossplot import save_loss_plot
-from ..train.run import os_error_message
+from ..train.run import write_error_message, write_errors
 from ..train.state import latest_state
+
+log = logging.getLogger(__name__)
 
 
 def startup_lines(cfg, data, n_params: int, variant: str, start: int, out: Path) -> list[str]:
@@ -74,13 +77,25 @@ def grad_norm(accelerator, params, max_norm: float) -> float:
 
 
 def plot_losses(history: list, out: Path) -> None:
-    save_loss_plot(history, out / "loss.png", title=out.name)
+    """Redraw ``loss.png``; a failure (full disk) is a warning, never the end of a run."""
+    try:
+        save_loss_plot(history, out / "loss.png", title=out.name)
+    except write_errors() as e:
+        log.warning("loss.png not updated: %s", write_error_message(e, out / "loss.png", "write"))
 
 
 def save_periodic(save_lora: Callable[[str], list], save_state: Callable[[int], Path], done: int, history: list,
                   out: Path, say) -> None:
-    files = save_lora(f"-step{done:06d}")
-    state = save_state(done)
+    """LoRA files and state of step ``done``; a failed write stops the run with one line naming the last state."""
+    state_dir = out / "state"
+    last = latest_state(state_dir)
+    try:
+        files = save_lora(f"-step{done:06d}")
+        state = save_state(done)
+    except write_errors() as e:
+        where = (f"the last saved state is {last}: free space and run `{resume_hint(out)}`" if last else
+                 "no state was saved yet: free space and start again")
+        raise UserError(f"{write_error_message(e, out, f'save step {done} in')}; {where}") from None
     plot_losses(history, out)
     say(f"saved step {done}: {', '.join(str(f) for f in files)} (state {state})")
 
@@ -101,15 +116,14 @@ def finish(save_lora: Callable[[str], list], save_state: Callable[[int], Path] |
     if save_state is not None:
         try:
             state = save_state(done)
-        except (OSError, UserError) as e:
-            state_error = e
+        except write_errors() as e:
+            state_error = write_error_message(e, state_dir, "save the final training state in")
     else:
         state = latest_state(state_dir)
     try:
         files = save_lora("")
-    except (OSError, UserError) as e:
-        why = os_error_message(e, Path(e.filename or first_file), "write the final LoRA") if isinstance(e, OSError) \
-            else str(e)
+    except write_errors() as e:
+        why = write_error_message(e, first_file, "write the final LoRA")
         kept = state if state is not None and state_error is None else latest_state(state_dir)
         if kept is None:
             raise UserError(f"{why}; no training state could be kept either ({state_error}): free space and "

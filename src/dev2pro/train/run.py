@@ -18,6 +18,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -56,6 +57,26 @@ def os_error_message(e: OSError, path: Path, doing: str) -> str:
            errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno,
                                                                                              e.strerror or str(e))
     return f"cannot {doing} {path}: {why} ({e.strerror or e})"
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError from Python writes, SafetensorError from the Rust writer (which reports
+    a full disk as "... (os error 28)"), UserError where an output guard already explained it."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return OSError, UserError
+    return OSError, UserError, SafetensorError
+
+
+def write_error_message(e: BaseException, path: Path, doing: str) -> str:
+    """One line for any of ``write_errors()``."""
+    if isinstance(e, UserError):
+        return str(e)
+    if not isinstance(e, OSError):
+        m = re.search(r"os error (\d+)", str(e))
+        e = OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else OSError(None, str(e))
+    return os_error_message(e, Path(e.filename or path), doing)
 
 
 class RunLock:
