@@ -202,14 +202,18 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
 
     quiet_libraries()
     out = Path(cfg.save.output_dir)
-    say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=1,
                               cpu=not torch.cuda.is_available())
-    lock = RunLock.acquire(out) if accelerator.is_main_process else None
+    quiet = quiet or not accelerator.is_main_process
+    say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
+    lock = None
     try:
-        state_dir = steps.prepare_output_dir(out, resume, cfg.save.overwrite, say)
-        write_text(out / "config.toml", render_toml(cfg))
-        return _train(cfg, accelerator, out, state_dir, resume, progress, say, quiet)
+        if accelerator.is_main_process:  # one process checks, locks and writes the folder; the others wait
+            lock = RunLock.acquire(out)
+            steps.prepare_output_dir(out, resume, cfg.save.overwrite, say)
+            write_text(out / "config.toml", render_toml(cfg))
+        accelerator.wait_for_everyone()
+        return _train(cfg, accelerator, out, out / "state", resume, progress, say, quiet)
     finally:
         if lock is not None:
             lock.release()
