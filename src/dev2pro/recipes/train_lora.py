@@ -265,7 +265,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path, state_dir: Path, resume, pr
     if start > tc.steps:
         raise UserError(f"{out} is at step {start}, past train.steps = {tc.steps}: set train.steps above {start} "
                         f"to train further")
-    if main and start == 0:
+    if main and start < tc.steps:
         for line in run.startup_lines(cfg, data, sum(p.numel() for p in params), ckpt.spec().variant, start, out):
             say(line)
     bar = Progress(tc.steps, start, "train", out / "logs" if main else None, enabled=progress and main,
