@@ -119,3 +119,21 @@ def test_guard_skip_mode_counts_and_stops_after_k_in_a_row():
     assert guard.skipped == [1, 3, 4]
     with pytest.raises(UserError, match="3 steps in a row"):
         guard.check(5, math.nan, 1.0)
+
+
+def test_stale_temps_of_killed_writers_are_cleaned(tmp_path):
+    from dev2pro.train.run import clean_stale_temps
+
+    run = tmp_path / "run"
+    (run / "state" / ".step-000004.abc.tmp").mkdir(parents=True)
+    (run / "state" / ".step-000004.abc.tmp" / "lora.safetensors").write_bytes(b"half")
+    (run / "state" / ".step-000002.old").mkdir()
+    (run / ".lora.safetensors.x1.tmp").write_bytes(b"half")
+    (run / ".dev2pro.export.safetensors").write_bytes(b"half")
+    (run / "state" / "step-000002").mkdir()
+    keep = [run / "lora.safetensors", run / ".dev2pro.lock", run / "config.toml"]
+    for k in keep:
+        k.write_bytes(b"x")
+    assert len(clean_stale_temps(run)) == 4
+    assert sorted(p.name for p in run.rglob("*")) == sorted([".dev2pro.lock", "config.toml", "lora.safetensors",
+                                                             "state", "step-000002"])

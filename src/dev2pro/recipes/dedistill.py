@@ -184,7 +184,7 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     """
     from accelerate import Accelerator
 
-    from ..train.run import RunLock
+    from ..train.run import RunLock, clean_stale_temps
 
     quiet_libraries()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
@@ -194,6 +194,7 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     try:
         if main:
             lock = RunLock.acquire(out)
+            clean_stale_temps(out)  # a killed run's half-written files (we hold the lock: nobody writes them)
             steps.prepare_output_dir(out, resume, cfg.save.overwrite, say)
             write_text(out / "config.toml", render_toml(cfg))
         accelerator.wait_for_everyone()

@@ -198,7 +198,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
     """
     from accelerate import Accelerator
 
-    from ..train.run import RunLock
+    from ..train.run import RunLock, clean_stale_temps
 
     quiet_libraries()
     out = Path(cfg.save.output_dir)
@@ -210,6 +210,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
     try:
         if accelerator.is_main_process:  # one process checks, locks and writes the folder; the others wait
             lock = RunLock.acquire(out)
+            clean_stale_temps(out)  # a killed run's half-written files (we hold the lock: nobody writes them)
             steps.prepare_output_dir(out, resume, cfg.save.overwrite, say)
             write_text(out / "config.toml", render_toml(cfg))
         accelerator.wait_for_everyone()

@@ -42,13 +42,30 @@ def folder_status(folder: Path) -> str:
         return "empty"
     from .state import list_states
 
-    if list_states(folder / STATE_DIR) or any(n.endswith(".safetensors") or n == "summary.json" for n in names):
+    shown = [n for n in names if not n.startswith(".")]
+    if list_states(folder / STATE_DIR) or any(n.endswith(".safetensors") or n == "summary.json" for n in shown):
         return "saved"
     # hidden names are atomic-write temps and the lock; an empty state/ is what an interrupted first save leaves
     if all(n in STARTED_ENTRIES or n.startswith(".") or n == STATE_DIR and not any((folder / n).iterdir())
            for n in names):
         return "started"
     return "foreign"
+
+
+def clean_stale_temps(folder: Path, subfolders=("state", "samples")) -> list[Path]:
+    """Remove what killed writers left: hidden ``.NAME.*.tmp`` temps and ``.NAME.old`` folders of atomic writes,
+    and dedistill's hidden ``.NAME.export.safetensors`` export source.
+
+    Call it holding the folder's ``RunLock``: then no other process can be writing them."""
+    import shutil
+
+    removed = []
+    for d in [Path(folder)] + [Path(folder) / s for s in subfolders]:
+        for p in d.iterdir() if d.is_dir() else []:
+            if p.name.startswith(".") and p.name.endswith((".tmp", ".old", ".export.safetensors")):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(p)
+    return removed
 
 
 def os_error_message(e: OSError, path: Path, doing: str) -> str:
