@@ -133,6 +133,8 @@ def test_export_comes_before_final_samples_and_a_full_disk_keeps_the_state(tmp_p
     out = tmp_path / "run"
     assert (out / "state" / "step-000006").is_dir() and not (out / "dev2pro.safetensors").exists()
     monkeypatch.undo()
+    (out / ".dev2pro.export.safetensors").write_bytes(b"half an export, as kill -9 leaves it")
+    (out / ".dev2pro.safetensors.k3j.tmp").mkdir()
 
     def crash(model, data, sc, step, *a, **k):
         raise RuntimeError("out of memory while sampling (simulated)")
@@ -143,6 +145,7 @@ def test_export_comes_before_final_samples_and_a_full_disk_keeps_the_state(tmp_p
         dedistill(load_dedistill_config(_toml(tmp_path, tiny_dev_dir, sk_images, steps=6, extra=extra)),
                   resume="latest", progress=False)
     assert _same(out / "dev2pro.safetensors", reference[6][1])
+    assert not list(out.glob(".*.tmp")) and not (out / ".dev2pro.export.safetensors").exists()
 
 
 def test_non_finite_loss_stops_with_the_step_and_the_last_state(tmp_path, tiny_dev_dir, sk_images, monkeypatch):
