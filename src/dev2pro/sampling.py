@@ -351,6 +351,36 @@ def make_grid(images: Sequence, rows: int, cols: int, labels: Sequence[str | Non
     return grid
 
 
+LABEL_FONT_SIZE = 12  # label bands are LABEL_FONT_SIZE + 6 pixels high
+
+
+def make_labelled_grid(images: Sequence, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "",
+                       font_size: int = LABEL_FONT_SIZE):
+    """A sample grid people can read: one row per prompt, one column per seed, row-major ``images``.
+
+    Layout (band = ``font_size + 6`` px): a title band (e.g. the step), a header band with each column's label
+    (the seed), then per row a band with its label (the prompt, cut to fit) above the images. Size:
+    (cols*W, rows*H + (rows + 2) * band). ``make_grid`` stays the plain tiling.
+    """
+    from PIL import Image, ImageDraw
+
+    rows, cols = len(row_labels), len(col_labels)
+    body = make_grid(images, rows=rows, cols=cols)
+    w, h = images[0].size
+    band = font_size + 6
+    grid = Image.new("RGB", (cols * w, 2 * band + rows * (h + band)), "white")
+    draw, font = ImageDraw.Draw(grid), _font(font_size)
+    draw.text((2, 2), _fit(draw, title, font, cols * w - 4), fill="black", font=font)
+    for c, label in enumerate(col_labels):
+        draw.text((c * w + 2, band + 2), _fit(draw, str(label), font, w - 4), fill=(60, 60, 60), font=font)
+    for r, label in enumerate(row_labels):
+        y = 2 * band + r * (h + band)
+        draw.rectangle([0, y, cols * w - 1, y + band - 1], fill=(235, 235, 235))
+        draw.text((2, y + 2), _fit(draw, str(label), font, cols * w - 4), fill="black", font=font)
+        grid.paste(body.crop((0, r * h, cols * w, (r + 1) * h)), (0, y + band))
+    return grid
+
+
 def save_png(image, path: str | os.PathLike, info: dict, overwrite: bool = False) -> Path:
     """Write a PNG atomically with each ``info`` item as a text chunk (non-strings as JSON)."""
     from PIL.PngImagePlugin import PngInfo
