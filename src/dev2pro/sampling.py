@@ -255,11 +255,23 @@ def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guidance: fl
                 generator = torch.Generator("cpu").manual_seed(int(seed))  # CPU noise: same image on any device
                 out = pipe(prompt_embeds=prompt_embeds.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype),
                            guidance_scale=g.embedded if g.embedded is not None else 1.0, num_inference_steps=steps,
-                           width=width, height=height, generator=generator, output_type="pil", **extra)
-                images.append(out.images[0])
+                           width=width, height=height, generator=generator, output_type="latent", **extra)
+                images.append(decode(pipe, out.images, width, height)[0])
     finally:
         transformer.train(was_training)
     return images
+
+
+@torch.no_grad()
+def decode(pipe, packed: torch.Tensor, width: int, height: int) -> list:
+    """Packed latents (B, T, C*4) -> PIL images, as FluxPipeline decodes them but in the VAE's own dtype: the
+    pipeline hands the VAE latents in the transformer's dtype, so a bf16 transformer beside the fp32 VAE that
+    training keeps for caching crashed ("Input type (BFloat16) and bias type (float)")."""
+    vae = pipe.vae
+    latents = pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
+    latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+    image = vae.decode(latents.to(next(vae.parameters()).device, vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 @torch.no_grad()
