@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import UserError
+from ..outputs import pid_alive
 
 LOCK_NAME = ".dev2pro.lock"
 # What a start leaves before its first save: the resolved config, caches, logs, baseline samples, the lock.
@@ -143,7 +144,7 @@ class RunLock:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 holder = _read_pid(path)
-                if holder is not None and _alive(holder):
+                if holder is not None and pid_alive(holder):
                     raise UserError(_busy(path.parent, holder, what)) from None
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
@@ -183,16 +184,6 @@ def _read_pid(path: Path) -> int | None:
 def _write_pid(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class StopRequest:
