@@ -264,3 +264,18 @@ def test_render_latents_true_cfg_needs_negative_and_aligned_lists(pro):
     with ForwardSpy(pipe.transformer) as spy:
         S.render_latents(pipe, embeds, [0], guidance=3.5, negative=neg, steps=STEPS, **SIZE)
     assert len(spy.guidance) == 2 * STEPS
+
+
+def test_bf16_transformer_beside_an_fp32_vae_renders(dev, tiny_dev_dir):
+    """Training keeps the VAE it cached with (fp32) and samples with the bf16 base: decoding must use the VAE's
+    dtype (the pipeline passed bf16 latents to the fp32 VAE and crashed)."""
+    import copy
+
+    pipe, embeds = dev
+    components = S.load_components(tiny_dev_dir, text_encoders=False)
+    bf16 = S.build_pipeline(components, copy.deepcopy(pipe.transformer).to(torch.bfloat16))
+    assert bf16.vae.dtype == torch.float32
+    img = S.render(bf16, embeds[:1], [3], steps=STEPS, **SIZE)[0]
+    ref = S.render(pipe, embeds[:1], [3], steps=STEPS, **SIZE)[0]
+    assert img.size == ref.size
+    assert np.abs(pixels(img).astype(int) - pixels(ref).astype(int)).mean() < 8  # same picture, bf16 rounding

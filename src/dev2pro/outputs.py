@@ -156,7 +156,7 @@ def clean_stale_temps(folder: str | os.PathLike, force: bool = False) -> list[Pa
     removed, host = [], socket.gethostname()
     for entry in folder.iterdir():
         m = _TMP_RE.match(entry.name)
-        if not m or m["host"] != host or _alive(int(m["pid"])):
+        if not m or m["host"] != host or pid_alive(int(m["pid"])):
             continue
         _remove(entry)
         removed.append(entry)
@@ -173,7 +173,8 @@ def _clean_legacy_temps(path: Path) -> None:
             _remove(entry)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (a PID we may not signal counts as alive)."""
     if pid == os.getpid():
         return True
     try:

@@ -255,11 +255,23 @@ def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guidance: fl
                 generator = torch.Generator("cpu").manual_seed(int(seed))  # CPU noise: same image on any device
                 out = pipe(prompt_embeds=prompt_embeds.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype),
                            guidance_scale=g.embedded if g.embedded is not None else 1.0, num_inference_steps=steps,
-                           width=width, height=height, generator=generator, output_type="pil", **extra)
-                images.append(out.images[0])
+                           width=width, height=height, generator=generator, output_type="latent", **extra)
+                images.append(decode(pipe, out.images, width, height)[0])
     finally:
         transformer.train(was_training)
     return images
+
+
+@torch.no_grad()
+def decode(pipe, packed: torch.Tensor, width: int, height: int) -> list:
+    """Packed latents (B, T, C*4) -> PIL images, as FluxPipeline decodes them but in the VAE's own dtype: the
+    pipeline hands the VAE latents in the transformer's dtype, so a bf16 transformer beside the fp32 VAE that
+    training keeps for caching crashed ("Input type (BFloat16) and bias type (float)")."""
+    vae = pipe.vae
+    latents = pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
+    latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+    image = vae.decode(latents.to(next(vae.parameters()).device, vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 @torch.no_grad()
@@ -348,6 +360,36 @@ def make_grid(images: Sequence, rows: int, cols: int, labels: Sequence[str | Non
         grid.paste(im.convert("RGB"), (x, y + band))
         if band and labels[i]:
             draw.text((x + 2, y + 2), _fit(draw, str(labels[i]), font, w - 4), fill="black", font=font)
+    return grid
+
+
+LABEL_FONT_SIZE = 12  # label bands are LABEL_FONT_SIZE + 6 pixels high
+
+
+def make_labelled_grid(images: Sequence, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "",
+                       font_size: int = LABEL_FONT_SIZE):
+    """A sample grid people can read: one row per prompt, one column per seed, row-major ``images``.
+
+    Layout (band = ``font_size + 6`` px): a title band (e.g. the step), a header band with each column's label
+    (the seed), then per row a band with its label (the prompt, cut to fit) above the images. Size:
+    (cols*W, rows*H + (rows + 2) * band). ``make_grid`` stays the plain tiling.
+    """
+    from PIL import Image, ImageDraw
+
+    rows, cols = len(row_labels), len(col_labels)
+    body = make_grid(images, rows=rows, cols=cols)
+    w, h = images[0].size
+    band = font_size + 6
+    grid = Image.new("RGB", (cols * w, 2 * band + rows * (h + band)), "white")
+    draw, font = ImageDraw.Draw(grid), _font(font_size)
+    draw.text((2, 2), _fit(draw, title, font, cols * w - 4), fill="black", font=font)
+    for c, label in enumerate(col_labels):
+        draw.text((c * w + 2, band + 2), _fit(draw, str(label), font, w - 4), fill=(60, 60, 60), font=font)
+    for r, label in enumerate(row_labels):
+        y = 2 * band + r * (h + band)
+        draw.rectangle([0, y, cols * w - 1, y + band - 1], fill=(235, 235, 235))
+        draw.text((2, y + 2), _fit(draw, str(label), font, cols * w - 4), fill="black", font=font)
+        grid.paste(body.crop((0, r * h, cols * w, (r + 1) * h)), (0, y + band))
     return grid
 
 

@@ -310,7 +310,9 @@ def test_fsdp_two_processes_match_one(one_process, fsdp_two):
         a, b = (np.asarray(Image.open(d / "samples" / f"step000006-{tag}.png"), dtype=np.int16)
                 for d in (one_process, fsdp_two))
         print(f"sample grid {tag}: worst pixel difference {np.abs(a - b).max()}")
-        assert a.shape == b.shape == (32, 64, 3) and np.abs(a - b).max() <= 2
+        from dev2pro.sampling import LABEL_FONT_SIZE
+        labels = 3 * (LABEL_FONT_SIZE + 6)  # title, seed and prompt bands of the labelled grid
+        assert a.shape == b.shape == (32 + labels, 64, 3) and np.abs(a - b).max() <= 2
     state = fsdp_two / "state" / "step-000004"  # sharded: one file per rank + the common part
     assert sorted(f.name for f in state.iterdir()) == ["common.json", "common.safetensors",
                                                        "rank-00000-of-00002.safetensors",
@@ -433,7 +435,9 @@ guidance = 4.0
     from PIL import Image
 
     grids = {p.name: Image.open(p) for p in samples.iterdir()}
-    assert all(g.size == (3 * 32, 2 * 48) for g in grids.values())  # cols = seeds, rows = prompts
+    from dev2pro.sampling import LABEL_FONT_SIZE
+    band = LABEL_FONT_SIZE + 6  # labelled: a title and seed band, a prompt band over each row
+    assert all(g.size == (3 * 32, 2 * 48 + 4 * band) for g in grids.values())  # cols = seeds, rows = prompts
     assert grids["step000004-cfg.png"].text["true_cfg"] == "4.0" and grids["step000004-g1.png"].text["true_cfg"] == "1.0"
     import numpy as np
 

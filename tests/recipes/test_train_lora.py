@@ -1,5 +1,6 @@
 """`dev2pro train` end to end on a tiny model folder and real images (scikit-image's data folder)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -73,6 +74,9 @@ def test_tiny_run_pins_losses_and_learns(tmp_path, tiny_dev_dir, images):
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in lora
     assert lora["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (24, 64)  # 3 x rank fused
     assert (out / "config.toml").exists() and (out / "logs").is_dir()
+    from PIL import Image
+    with Image.open(out / "loss.png") as im:  # the loss curve beside the run
+        im.verify()
     # the resolved config reloads to the same values
     again = load_train_config(out / "config.toml")
     assert again.train.lr == cfg.train.lr and again.lora.rank == 8
@@ -119,9 +123,15 @@ height = 64
     train(cfg, progress=False)
     out = Path(cfg.save.output_dir)
     from PIL import Image
+    from dev2pro.sampling import LABEL_FONT_SIZE
     grid = Image.open(out / "samples" / "step000002.png")
-    assert grid.size == (128, 128)  # 2 prompts x 2 seeds of 64 px
+    band = LABEL_FONT_SIZE + 6
+    assert grid.size == (128, 128 + 4 * band)  # 2 prompts x 2 seeds of 64 px + title, seed and prompt bands
     assert grid.info.get("base", "").endswith("tiny-dev")
+    assert grid.info["title"].startswith("step 2") and json.loads(grid.info["rows"]) == ["an astronaut", "a photo"]
+    assert json.loads(grid.info["cols"]) == ["seed 1", "seed 2"]
+    baseline = Image.open(out / "samples" / "step000000.png")  # before training: the base alone
+    assert baseline.size == grid.size and baseline.info["title"].startswith("step 0")
     # the kohya and diffusers files hold the same LoRA and apply to the dev base identically
     from dev2pro.flux.checkpoint import load_transformer
     from dev2pro.lora.formats import load_lora
@@ -201,3 +211,317 @@ def test_shards_from_dev2pro_cache_train_like_the_folder(tmp_path, tiny_dev_dir,
     sharded = train(load_train_config(_toml(tmp_path, tiny_dev_dir, images, out="shards", steps=6),
                                       ["data.folders=[]", f'data.shards="{idx}"']), progress=False)
     assert sharded["losses"] == pytest.approx(folder["losses"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ run lifecycle
+def _same_lora(a_path, b_path):
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_dev_dir, sk_images):
+    """Uninterrupted runs of 8 and 12 steps (no periodic saves) for the bit-identity checks below."""
+    root = tmp_path_factory.mktemp("reference")
+    runs = {}
+    for n in (8, 12):
+        cfg = load_train_config(_toml(root, tiny_dev_dir, sk_images, out=f"ref{n}", steps=n), ["save.every=0"])
+        runs[n] = (train(cfg, progress=False, quiet=True), Path(cfg.save.output_dir))
+    return runs
+
+
+def test_failed_start_is_rerun_without_flags(tmp_path, tiny_dev_dir, images, capsys):
+    cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=2)
+    with pytest.raises(UserError, match="model_index.json"):
+        train(load_train_config(cfg_path, [f'model.path="{tmp_path / "no-such-model"}"']), progress=False)
+    nocap = tmp_path / "nocap"
+    nocap.mkdir()
+    shutil.copy(images / "coffee.png", nocap / "coffee.png")
+    with pytest.raises(UserError, match="caption"):
+        train(load_train_config(cfg_path, ['data.default_caption=""', f'data.folders=[{{path="{nocap}"}}]']),
+              progress=False)
+    out = tmp_path / "run"
+    assert (out / "config.toml").exists() and not (out / "state").exists()
+    with pytest.raises(UserError, match=r"never saved.*without --resume"):
+        train(load_train_config(cfg_path), resume="latest", progress=False)
+    summary = train(load_train_config(cfg_path), progress=False)  # no flag needed
+    assert len(summary["losses"]) == 2 and (out / "lora.safetensors").exists()
+    assert "reusing" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--resume"):  # a run that saved is still protected
+        train(load_train_config(cfg_path), progress=False)
+
+
+def _hold_lock(folder):
+    code = ("import sys, time; from pathlib import Path; from dev2pro.train.run import RunLock; "
+            "lock = RunLock.acquire(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_refuses_a_second_trainer_in_the_same_folder(tmp_path, tiny_dev_dir, images):
+    cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=2)
+    holder = _hold_lock(tmp_path / "run")
+    try:
+        with pytest.raises(UserError, match=rf"PID {holder.pid}\b"):
+            train(load_train_config(cfg_path), resume="latest", progress=False)
+        with pytest.raises(UserError, match=rf"PID {holder.pid}\b"):
+            train(load_train_config(cfg_path), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    train(load_train_config(cfg_path), progress=False)  # the dead holder's lock is stale: taken over
+
+
+def test_extending_steps_continues_from_the_end(tmp_path, tiny_dev_dir, images, reference, capsys):
+    cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=8)
+    first = train(load_train_config(cfg_path, ["save.every=0"]), progress=False)
+    out = tmp_path / "run"
+    assert (out / "state" / "step-000008").is_dir()  # the last step saves a resumable state
+    assert first["losses"] == reference[8][0]["losses"]
+    capsys.readouterr()
+    again = train(load_train_config(cfg_path, ["save.every=0"]), resume="latest", progress=False)
+    assert again["losses"] == [] and "already finished at step 8" in capsys.readouterr().out
+    more = train(load_train_config(cfg_path, ["save.every=0", "train.steps=12"]), resume="latest", progress=False)
+    text = capsys.readouterr().out
+    assert f"resumed from step 8 ({out / 'state' / 'step-000008'})" in text
+    assert more["losses"] == reference[12][0]["losses"][8:]
+    assert _same_lora(out / "lora.safetensors", reference[12][1] / "lora.safetensors")
+
+
+def test_final_lora_and_state_exist_even_if_final_sampling_crashes(tmp_path, tiny_dev_dir, images, monkeypatch):
+    from dev2pro.recipes import train_steps
+
+    real = train_steps.InferenceBase.sample
+
+    def crash_at_the_end(self, model, step, folder, bar, *a, **k):
+        if step == 4:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, model, step, folder, bar, *a, **k)
+
+    monkeypatch.setattr(train_steps.InferenceBase, "sample", crash_at_the_end)
+    extra = '[sample]\nprompts = ["a photo"]\nsteps = 1\nwidth = 64\nheight = 64\n'
+    cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=4, extra=extra), ["save.every=0"])
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(cfg, progress=False)
+    out = tmp_path / "run"
+    assert (out / "lora.safetensors").exists() and (out / "state" / "step-000004").is_dir()
+    assert (out / "samples" / "step000000.png").exists()  # the step-0 baseline came before training
+
+
+def test_disk_full_at_the_final_save_keeps_a_state(tmp_path, tiny_dev_dir, images, reference, monkeypatch):
+    import errno
+
+    from dev2pro.lora import formats
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(formats, "save_lora", full)
+    cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=8)
+    with pytest.raises(UserError, match=r"lora\.safetensors.*No space left.*state.*step-000008.*--resume"):
+        train(load_train_config(cfg_path, ["save.every=0"]), progress=False)
+    out = tmp_path / "run"
+    assert (out / "state" / "step-000008").is_dir() and not (out / "lora.safetensors").exists()
+    monkeypatch.undo()
+    done = train(load_train_config(cfg_path, ["save.every=0"]), resume="latest", progress=False)
+    assert done["losses"] == [] and _same_lora(out / "lora.safetensors", reference[8][1] / "lora.safetensors")
+
+
+def _nan_at(monkeypatch, bad_steps):
+    from dev2pro.recipes import train_steps
+
+    real, calls = train_steps.flow_matching_loss, []
+
+    def loss(*a, **k):
+        calls.append(1)
+        value = real(*a, **k)
+        return value * float("nan") if len(calls) in bad_steps else value
+
+    monkeypatch.setattr(train_steps, "flow_matching_loss", loss)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, tiny_dev_dir, images, monkeypatch):
+    _nan_at(monkeypatch, {7})
+    cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=10))  # saves every 4 steps
+    with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 7.*state/step-000004"):
+        train(cfg, progress=False)
+    out = tmp_path / "run"
+    assert not (out / "lora.safetensors").exists()
+    states = sorted(p.name for p in (out / "state").iterdir())
+    assert states == ["step-000004"]
+    lora = load_file(str(out / "state" / "step-000004" / "lora.safetensors"))
+    assert all(torch.isfinite(t).all() for t in lora.values())
+
+
+def test_skip_policy_skips_non_finite_steps(tmp_path, tiny_dev_dir, images, monkeypatch):
+    _nan_at(monkeypatch, {3})
+    cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=5), ['train.nan_policy="skip"'])
+    summary = train(cfg, progress=False)
+    assert summary["skipped_steps"] == [3]
+    lora = load_file(str(tmp_path / "run" / "lora.safetensors"))
+    assert all(torch.isfinite(t).all() for t in lora.values())
+    import json
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())  # valid JSON: no bare NaN
+    assert saved["losses"][2] is None and saved["skipped_steps"] == [3]
+
+
+def test_nan_base_and_infinite_lr_end_with_a_clear_error(tmp_path, tiny_dev_dir, images, capsys):
+    from safetensors.torch import save_file
+
+    from dev2pro.cli import main
+    from dev2pro.flux.checkpoint import load_transformer
+
+    model, _ = load_transformer(tiny_dev_dir, dtype=torch.float32)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["single_transformer_blocks.1.proj_out.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan-base.safetensors"
+    save_file(sd, str(bad))
+    cfg = _toml(tmp_path, tiny_dev_dir, images, steps=3)
+    assert main(["train", str(cfg), "--no-progress", "--set", f'model.transformer="{bad}"']) == 2
+    err = capsys.readouterr().err
+    assert ("non-finite" in err or "NaN" in err) and "Traceback" not in err
+    assert not (tmp_path / "run" / "lora.safetensors").exists()
+    assert main(["train", str(cfg), "--set", "train.lr=inf", "--set", "save.overwrite=true"]) == 2
+    assert "lr" in capsys.readouterr().err
+
+
+def test_no_progress_mode_prints_a_summary_progress_and_saves(tmp_path, tiny_dev_dir, images, capsys):
+    cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=6), ["log_every=2"])
+    train(cfg, progress=False)
+    out_dir = tmp_path / "run"
+    text = capsys.readouterr().out
+    for needle in ("5 images", "bucket", "64x64 (5)", "steps 6", "epoch", "rank 8", "guidance 1.0",
+                   f"tensorboard --logdir {out_dir / 'logs'}", "train step 2/6", "train step 4/6", "train step 6/6",
+                   f"saved step 4: {out_dir / 'lora-step000004.safetensors'}",
+                   f"saved the final LoRA at step 6: {out_dir / 'lora.safetensors'}"):
+        assert needle in text, needle
+    assert text.count("tensorboard --logdir") == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_state_and_resume_is_bit_identical(tmp_path, tiny_dev_dir, images, capsys):
+    import signal
+    steps = 30
+    full = train(load_train_config(_toml(tmp_path, tiny_dev_dir, images, out="full", steps=steps),
+                                   ["save.every=0"]), progress=False, quiet=True)
+    cfg_path = _toml(tmp_path, tiny_dev_dir, images, out="stopped", steps=steps)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dev2pro.cli", "train", str(cfg_path), "--no-progress", "--set",
+                             "save.every=0", "--set", "log_every=1"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("train step 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    text = "".join(seen) + rest
+    assert proc.returncode == 130, text[-3000:]
+    stopped = tmp_path / "stopped"
+    states = sorted((stopped / "state").iterdir())
+    assert len(states) == 1 and "--resume" in text and "Traceback" not in text
+    k = int(states[0].name.split("-")[1])
+    assert 3 <= k < steps and f"interrupted at step {k}" in text
+    capsys.readouterr()
+    resumed = train(load_train_config(cfg_path, ["save.every=0"]), resume="latest", progress=False)
+    assert f"resumed from step {k}" in capsys.readouterr().out
+    assert resumed["losses"] == full["losses"][k:]
+    assert _same_lora(stopped / "lora.safetensors", tmp_path / "full" / "lora.safetensors")
+
+
+def test_overwrite_starts_over_without_the_old_runs_states(tmp_path, tiny_dev_dir, images):
+    cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=8)
+    train(load_train_config(cfg_path), progress=False, quiet=True)  # states at 4 and 8
+    train(load_train_config(cfg_path, ["save.overwrite=true", "train.steps=2"]), progress=False, quiet=True)
+    # a later --resume must find this run's last state, not the old run's step 8
+    assert sorted(p.name for p in (tmp_path / "run" / "state").iterdir()) == ["step-000002"]
+
+
+def _pages(path):
+    files = [Path(path)] if Path(path).is_file() else [f for f in Path(path).rglob("*") if f.is_file()]
+    return sum(-(-f.stat().st_size // 4096) for f in files)
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_at_the_final_save_keeps_a_state(tmp_path, tiny_dev_dir, images, reference):
+    """On a small tmpfs sized to hold the run and its final state but not the final LoRA file."""
+    ref = reference[8][1]
+    lora_pages = _pages(ref / "lora.safetensors")
+    before = _pages(ref) - lora_pages - _pages(ref / "loss.png") - _pages(ref / "summary.json") + 1  # + the lock
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = (before + lora_pages // 2 + 2) * 4096
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root or a user namespace)")
+    try:
+        cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=8),
+                                ["save.every=0", f'save.output_dir="{disk / "run"}"'])
+        with pytest.raises(UserError, match=r"disk is full.*state .*step-000008 is kept.*--resume"):
+            train(cfg, progress=False, quiet=True)
+        assert (disk / "run" / "state" / "step-000008").is_dir() and not (disk / "run" / "lora.safetensors").exists()
+        assert not [p for p in (disk / "run").iterdir() if p.name.startswith(".") and p.name != ".dev2pro.lock"]
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_disk_full_at_a_periodic_save_is_one_line_naming_the_last_state(tmp_path, tiny_dev_dir, images,
+                                                                        monkeypatch):
+    from safetensors import SafetensorError
+
+    from dev2pro.lora import formats
+
+    real, calls = formats.save_lora, []
+
+    def full_on_the_second_save(*a, **k):  # the Rust writer's way of saying it
+        calls.append(1)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(formats, "save_lora", full_on_the_second_save)
+    cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=10))  # saves at 4 and 8
+    with pytest.raises(UserError, match=r"save step 8 .*disk is full.*last saved state is .*step-000004.*--resume"):
+        train(cfg, progress=False, quiet=True)
+
+
+@pytest.mark.slow
+def test_kill_9_soak_resumes_bit_identically_and_leaves_no_temps(tmp_path, tiny_dev_dir, images, reference):
+    """5 kill -9 at random moments (seeded), each followed by the command a user would run next (plain while
+    nothing was saved, --resume after): the final LoRA equals the uninterrupted run's, no temp file is left."""
+    import random
+    import signal
+    import time
+
+    rng = random.Random(1234)
+    cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=8, extra="")
+    out = tmp_path / "run"
+    sets = ["--set", "save.every=2", "--set", "log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kills, runs = 0, 0
+    while kills < 5:
+        runs += 1
+        assert runs < 40, "the runs keep finishing before the kill"
+        resume = ["--resume"] if (out / "state").is_dir() and any((out / "state").glob("step-*")) else []
+        proc = subprocess.Popen([sys.executable, "-m", "dev2pro.cli", "train", str(cfg_path), "--no-progress",
+                                 *sets, *resume], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        line = ""
+        while line is not None and "train step" not in line and proc.poll() is None:  # wait for the loop
+            line = proc.stdout.readline() or None
+        time.sleep(rng.uniform(0.0, 1.5))  # somewhere in a step, a save or the final files
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.communicate(timeout=300)
+        if proc.returncode == 0:  # finished before the kill: start this run over
+            shutil.rmtree(out)
+    resume = "latest" if any((out / "state").glob("step-*")) else None
+    train(load_train_config(cfg_path, ["save.every=2"]), resume=resume, progress=False, quiet=True)
+    ref = load_file(str(reference[8][1] / "lora.safetensors"))
+    got = load_file(str(out / "lora.safetensors"))
+    assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+    left = [p for p in out.rglob(".*")]
+    assert left == [], left

@@ -167,6 +167,7 @@ class DedistillConfig:
     train: DedistillTrain = section(DedistillTrain, "optimisation")
     sample: SampleSection = section(SampleSection, "sample grids during training")
     save: SaveSection = section(SaveSection, "outputs")
+    log_every: int = opt(10, "TensorBoard scalar interval and, with --no-progress, progress-line interval (steps)")
 
     def validate(self):
         require(not (self.train.adapter_rank and self.objective == "guidance_distill"),
@@ -190,27 +191,47 @@ def load_dedistill_config(path, overrides=None, data=None) -> DedistillConfig:
 
 # ------------------------------------------------------------------------------------------------ recipe
 def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = True) -> dict:
-    """Run the whole job; returns a summary (losses, exported files)."""
+    """Run the whole job; returns a summary (losses, exported files).
+
+    The run folder is locked by the main process; Ctrl-C saves a resumable state at the end of the step; with
+    ``save.every`` set the last step saves one too, so an export that fails (full disk) or a larger ``train.steps``
+    continues with ``--resume``.
+    """
     from accelerate import Accelerator
 
-    from ..data.loader import BucketBatchSampler
-    from ..train.ema import EMA
-    from ..train.fsdp import clip_grad_norm
-    from ..train.optim import build_optimizer, build_scheduler
-    from ..train.progress import Progress
+    from ..train.run import RunLock, clean_stale_temps
 
     quiet_libraries()
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    out, main = Path(cfg.save.output_dir), accelerator.is_main_process
+    say = (lambda message: print(message, flush=True)) if main else (lambda message: None)
+    lock = None
+    try:
+        if main:
+            lock = RunLock.acquire(out)
+            clean_stale_temps(out)  # a killed run's half-written files (we hold the lock: nobody writes them)
+            steps.prepare_output_dir(out, resume, cfg.save.overwrite, say)
+            write_text(out / "config.toml", render_toml(cfg))
+        accelerator.wait_for_everyone()
+        return _dedistill(cfg, accelerator, out, resume, progress, say)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: bool, say) -> dict:
+    from ..data.loader import BucketBatchSampler
+    from ..train.ema import EMA
+    from ..train.optim import build_optimizer, build_scheduler
+    from ..train.progress import Progress
+    from ..train.run import NonFiniteGuard, stop_on_interrupt
+    from . import train_run as run
+
     tc = cfg.train
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
     fsdp = ds.fsdp_settings(tc.distributed, tc.mixed_precision)  # None: DDP (or one process)
     ds.warn_if_single_cpu_launch(world)
-    out = Path(cfg.save.output_dir)
-    if main:
-        steps.prepare_output_dir(out, resume is not None, cfg.save.overwrite)
-        write_text(out / "config.toml", render_toml(cfg))
-    barrier()
     state_dir = out / "state"
     torch.manual_seed(tc.seed)
     compute = COMPUTE_DTYPES[tc.mixed_precision]
@@ -241,74 +262,130 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
         teacher = WithoutAdapters(inner)
     ema = EMA(trainable, tc.ema_decay) if tc.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(tc.seed)  # shared by all ranks: dropout, noise, sigmas, w
-    start, smoothed = 0, None
+    start, smoothed, history = 0, None, []
     if resume is not None:
-        start, smoothed = ds.restore(resume, state_dir, inner, optimizer, scheduler, ema, gen, sampler)
+        start, smoothed, history = ds.restore(resume, state_dir, inner, optimizer, scheduler, ema, gen, sampler)
+        say(f"resumed from step {start} ({ds.resumed_folder(resume, state_dir)})")
+    if start > tc.steps:
+        raise UserError(f"{out} is at step {start}, past train.steps = {tc.steps}: set train.steps above {start}")
     batches = steps.batches_forever(sampler)
+    say(f"dedistill ({cfg.objective}) -> {out}: steps {tc.steps}, batch {cfg.data.batch_size} x {world} "
+        f"process(es), lr {tc.lr:g}; TensorBoard: tensorboard --logdir {out / 'logs'}")
+
+    def save_state(done: int) -> Path:
+        path = ds.save_state(state_dir, done, inner, optimizer, scheduler, ema, gen, sampler, bar.smoothed,
+                             tc.grad_accum, cfg.save.keep_last, rank, world, barrier,
+                             full=bool(fsdp and fsdp.full_state), losses=run.finite_or_none(history))
+        if main:
+            run.plot_losses(run.finite_or_none(history), out)
+        return path
+
+    def grids(done: int):
+        with ema.applied() if ema is not None else contextlib.nullcontext():  # what an export now would hold
+            return ds.sample_grids(inner, data, cfg.sample, done, out / "samples", bar, main, accelerator.autocast,
+                                   device)
 
     bar = Progress(tc.steps, start, "dedistill", out / "logs" if main else None, enabled=progress and main,
-                   smoothed=smoothed)
+                   smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main)
+    note = bar.write if main else say
     losses: list[float] = []
+    guard = NonFiniteGuard(tc.nan_policy, tc.nan_max_skips, lambda: run.stop_hint(state_dir, out).replace(
+        "dev2pro train", "dev2pro dedistill"))
     t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
-    for step in range(start, tc.steps):
-        total, logged = 0.0, {}
-        for micro in range(tc.grad_accum):
-            if fsdp:  # reduce-scatter gradients once per step, after the last micro-batch
-                student.set_requires_gradient_sync(micro == tc.grad_accum - 1)
-            x0, noise, sigmas, w_scale, text = ds.global_batch(data.dataset, next(batches), rank, world, data.empty,
-                                                               cfg.data.caption_dropout, gen, teacher is not None,
-                                                               cfg.teacher, tc)
-            with accelerator.autocast():
-                loss, parts = ds.objective_loss(cfg, student, teacher, x0, noise, sigmas, w_scale, text, data.empty,
-                                                device, compute)
-            accelerator.backward(loss / tc.grad_accum)
-            # the logged loss is the global batch's: the mean over ranks
-            total += accelerator.reduce(loss.detach(), "mean").item() / tc.grad_accum
-            for k, v in parts.items():
-                logged[k] = logged.get(k, 0.0) + v.item() / tc.grad_accum
-        if tc.max_grad_norm > 0:
-            logged["grad_norm"] = clip_grad_norm(trainable, tc.max_grad_norm) if fsdp else \
-                float(accelerator.clip_grad_norm_(trainable, tc.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
-        losses.append(total)
-        bar.update(step + 1, total, scheduler.get_last_lr()[0], logged)
-        done = step + 1
-        if cfg.save.every and done % cfg.save.every == 0 and done < tc.steps:
-            ds.save_state(state_dir, done, inner, optimizer, scheduler, ema, gen, sampler, bar.smoothed,
-                          tc.grad_accum, cfg.save.keep_last, rank, world, barrier, full=bool(fsdp and fsdp.full_state))
-        if cfg.sample.every and (done % cfg.sample.every == 0 or done == tc.steps):
-            with ema.applied() if ema is not None else contextlib.nullcontext():  # what an export now would hold
-                ds.sample_grids(inner, data, cfg.sample, done, out / "samples", bar, main, accelerator.autocast,
-                                device)
-        if stop_after and done == stop_after:
-            bar.close()
-            os._exit(17)  # test hook: die like a killed process right after step k
-    bar.close()
+    bar.start_clock()
+    try:
+        with stop_on_interrupt() as stop:
+            for step in range(start, tc.steps):
+                total, logged = _accumulate(cfg, accelerator, student, teacher, data, batches, gen, fsdp, compute)
+                done = step + 1
+                if guard.check(done, total, logged.get("grad_norm")):
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(total)
+                history.append(total)
+                bar.update(done, total, scheduler.get_last_lr()[0], logged)
+                last = done == tc.steps
+                if cfg.save.every and (done % cfg.save.every == 0 or last):  # the last state: extend or re-export
+                    note(f"saved state at step {done}: {save_state(done)}")
+                if cfg.sample.every and done % cfg.sample.every == 0 and not last:
+                    grids(done)
+                if ds.any_rank(stop.requested, accelerator) and not last:
+                    note(f"interrupted at step {done}: state saved in {save_state(done)}; resume with: "
+                         f"dev2pro dedistill {out / 'config.toml'} --resume")
+                    raise KeyboardInterrupt
+                if stop_after and done == stop_after:
+                    bar.close()
+                    os._exit(17)  # test hook: die like a killed process right after step k
 
-    # 3. export (EMA weights when kept), gathered from the shards to rank 0 one tensor at a time
-    if not tc.adapter_rank:
-        state = ds.final_weights(inner, ema, COMPUTE_DTYPES["no" if cfg.save.dtype == "fp32" else cfg.save.dtype],
-                                 rank)
-    files, elapsed = [], time.perf_counter() - t0
-    summary = {"losses": losses, "files": [], "steps": tc.steps, "world_size": world, "seconds": elapsed,
-               "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else "none")}
-    if main:
-        meta = {"dev2pro.recipe": "dedistill", "dev2pro.objective": cfg.objective, "dev2pro.steps": str(tc.steps),
-                "dev2pro.ema_decay": str(tc.ema_decay), "dev2pro.start": Path(start_from).name}
-        if tc.adapter_rank:
-            meta["dev2pro.adapter_rank"] = str(tc.adapter_rank)
-            files = ds.export_adapter(inner, ema, out, cfg.save.name, meta)
-        else:
-            files = export_model(state, out, cfg.save.name, cfg.save.formats, cfg.save.dtype,
-                                 cfg.save.keep_guidance, meta)
-        summary["files"] = [str(f) for f in files]
-        write_json(out / "summary.json", {**summary, "steps_per_second": (tc.steps - start) / max(elapsed, 1e-9)})
-    barrier()
-    return summary
+        bar.end_bar()
+        note = say
+        # 3. export (EMA weights when kept), gathered from the shards to rank 0 one tensor at a time, then samples
+        summary = {"losses": losses, "files": [], "steps": tc.steps, "world_size": world,
+                   "seconds": time.perf_counter() - t0, "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else
+                                                                                            "none"),
+                   "skipped_steps": guard.skipped}
+        _export(cfg, inner, ema, rank, main, out, start_from, summary, history, start, note)
+        barrier()
+        if cfg.sample.every:
+            note("rendering final samples...")
+            grids(tc.steps)
+        barrier()
+        return summary
+    finally:
+        bar.close()
+
+
+def _accumulate(cfg, accelerator, student, teacher, data, batches, gen, fsdp, compute) -> tuple[float, dict]:
+    """Forward + backward over ``grad_accum`` global micro-batches (this rank's slice), then clip.
+
+    Returns the step's loss (the global batch's: the mean over ranks) and the logged parts; ``grad_norm`` is the
+    global norm, so every rank takes the same non-finite decision."""
+    from ..train.fsdp import clip_grad_norm
+
+    tc, rank, world, device = cfg.train, accelerator.process_index, accelerator.num_processes, accelerator.device
+    total, logged = 0.0, {}
+    for micro in range(tc.grad_accum):
+        if fsdp:  # reduce-scatter gradients once per step, after the last micro-batch
+            student.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+        x0, noise, sigmas, w_scale, text = ds.global_batch(data.dataset, next(batches), rank, world, data.empty,
+                                                           cfg.data.caption_dropout, gen, teacher is not None,
+                                                           cfg.teacher, tc)
+        with accelerator.autocast():
+            loss, parts = ds.objective_loss(cfg, student, teacher, x0, noise, sigmas, w_scale, text, data.empty,
+                                            device, compute)
+        accelerator.backward(loss / tc.grad_accum)
+        total += accelerator.reduce(loss.detach(), "mean").item() / tc.grad_accum
+        for k, v in parts.items():
+            logged[k] = logged.get(k, 0.0) + v.item() / tc.grad_accum
+    if tc.max_grad_norm > 0:
+        logged["grad_norm"] = clip_grad_norm(student.parameters(), tc.max_grad_norm) if fsdp else \
+            float(accelerator.clip_grad_norm_(student.parameters(), tc.max_grad_norm))
+    return total, logged
+
+
+def _export(cfg, inner, ema, rank: int, main: bool, out: Path, start_from, summary: dict, history, start, note):
+    """Gather the (EMA) weights to rank 0 and export them; a full disk keeps the last state and says so."""
+    from . import train_run as run
+
+    adapter = cfg.train.adapter_rank  # adapter de-distillation: the LoRA alone, as adapter files (one process/DDP)
+    state = {} if adapter else ds.final_weights(inner, ema, COMPUTE_DTYPES["no" if cfg.save.dtype == "fp32" else
+                                                                           cfg.save.dtype], rank)
+    if not main:
+        return
+    meta = {"dev2pro.recipe": "dedistill", "dev2pro.objective": cfg.objective, "dev2pro.steps": str(cfg.train.steps),
+            "dev2pro.ema_decay": str(cfg.train.ema_decay), "dev2pro.start": Path(start_from).name}
+    if adapter:
+        files = ds.export_adapter(inner, ema, out, cfg.save.name, {**meta, "dev2pro.adapter_rank": str(adapter)})
+    else:
+        files = ds.export_or_keep_state(state, out, cfg.save, meta, out / "state")
+    run.plot_losses(run.finite_or_none(history), out)
+    note(f"exported: {', '.join(str(f) for f in files)}; loss curve: {out / 'loss.png'}")
+    summary["files"] = [str(f) for f in files]
+    write_json(out / "summary.json", {**summary, "losses": run.finite_or_none(summary["losses"]),
+                                      "steps_per_second": (cfg.train.steps - start) / max(summary["seconds"], 1e-9)})
 
 
 def add_dedistill_parser(sub):

@@ -302,7 +302,7 @@ def fsdp_settings(distributed: str, mixed_precision: str) -> fsdpmod.FsdpSetting
 
 # ------------------------------------------------------------------------------------------------ state
 def save_state(state_dir: Path, step: int, model, optimizer, scheduler, ema, gen, sampler, smoothed, accum: int,
-               keep_last: int, rank: int, world: int, barrier, full: bool = False) -> Path:
+               keep_last: int, rank: int, world: int, barrier, full: bool = False, losses: list | None = None) -> Path:
     """Resumable state (every rank calls this): weights, AdamW moments and EMA as sharded tensors, the rest common."""
     from ..train.state import rng_state
 
@@ -326,12 +326,19 @@ def save_state(state_dir: Path, step: int, model, optimizer, scheduler, ema, gen
               "scheduler": scheduler.state_dict(), "rng": rng_state({"train": gen}),
               "ema": {"decay": ema.decay, "updates": ema.updates} if ema is not None else {},
               "progress": {"step": step, "smoothed": smoothed,
-                           "sampler": sampler.state_dict(batches_done=step * accum)}}
+                           "sampler": sampler.state_dict(batches_done=step * accum), "losses": list(losses or [])}}
     return fsdpmod.save_sharded_state(state_dir, step, tensors, common, rank, world, barrier, keep_last, full)
 
 
+def resumed_folder(resume: str, state_dir: Path) -> Path | None:
+    from ..train.state import latest_state
+
+    return latest_state(state_dir) if resume == "latest" else Path(resume)
+
+
 def restore(resume: str, state_dir: Path, model, optimizer, scheduler, ema, gen, sampler):
-    """Load a saved state (from any number of processes, sharded or not) into the live objects -> (step, smoothed)."""
+    """Load a saved state (from any number of processes, sharded or not) into the live objects
+    -> (step, smoothed, losses of steps 1..step with None where unknown)."""
     from ..train.state import latest_state, set_rng_state
 
     folder = latest_state(state_dir) if resume == "latest" else Path(resume)
@@ -358,8 +365,17 @@ def restore(resume: str, state_dir: Path, model, optimizer, scheduler, ema, gen,
     scheduler.load_state_dict(common["scheduler"])
     sampler.load_state_dict(common["progress"]["sampler"])
     set_rng_state(common["rng"], {"train": gen})
-    log.info("resumed from %s", folder)
-    return int(common["progress"]["step"]), common["progress"].get("smoothed")
+    step = int(common["progress"]["step"])
+    losses = list(common["progress"].get("losses", []))[:step]
+    return step, common["progress"].get("smoothed"), [None] * (step - len(losses)) + losses
+
+
+def any_rank(flag: bool, accelerator) -> bool:
+    """True on every rank when ``flag`` is set on any (a Ctrl-C may reach only some processes)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, "max").item() > 0)
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -369,7 +385,7 @@ def sample_grids(model, data: Data, sc, step: int, folder: Path, bar, main: bool
     Every rank renders (under FSDP each forward needs all ranks' shards; under DDP it costs no extra wall time);
     the main process writes ``stepNNNNNN-g1.png`` / ``-cfg.png`` and logs them to TensorBoard.
     """
-    from ..sampling import build_pipeline, make_grid, render, save_png
+    from ..sampling import build_pipeline, make_labelled_grid, render, save_png
 
     vae = data.components["vae"].to(device)
     pipe = build_pipeline({**data.components, "vae": vae}, model)
@@ -380,10 +396,13 @@ def sample_grids(model, data: Data, sc, step: int, folder: Path, bar, main: bool
                             steps=sc.steps, width=sc.width, height=sc.height)
         if main:
             folder.mkdir(parents=True, exist_ok=True)
-            grid = make_grid(images, rows=len(data.sample_embeds), cols=len(seeds))
+            title = f"step {step}  |  guidance 1.0" + (f", true CFG {scale:g}" if tag == "cfg" else ", no CFG")
+            rows, cols = [str(p) for p in sc.prompts], [f"seed {s}" for s in seeds]
+            grid = make_labelled_grid(images, rows, cols, title)
             paths.append(save_png(grid, folder / f"step{step:06d}-{tag}.png",
                                   {"step": str(step), "prompts": json.dumps(list(sc.prompts)),
-                                   "seeds": json.dumps(seeds), "true_cfg": str(scale), "guidance": "1.0"},
+                                   "seeds": json.dumps(seeds), "true_cfg": str(scale), "guidance": "1.0",
+                                   "title": title, "rows": json.dumps(rows), "cols": json.dumps(cols)},
                                   overwrite=True))
             bar.image(f"samples/{tag}", grid, step)
     vae.to("cpu")
@@ -426,3 +445,20 @@ def export_model(state: dict, out: Path, name: str, formats, dtype: str, keep_gu
     finally:
         tmp.unlink(missing_ok=True)
     return files
+
+
+def export_or_keep_state(state: dict, out: Path, save, metadata: dict, state_dir: Path) -> list[Path]:
+    """``export_model`` with a full disk (or a read-only folder) turned into one line that names the kept state."""
+    from ..train.run import write_error_message, write_errors
+    from ..train.state import latest_state
+
+    try:
+        return export_model(state, out, save.name, save.formats, save.dtype, save.keep_guidance, metadata)
+    except write_errors() as e:
+        why = write_error_message(e, out / f"{save.name}.safetensors", "export the model to")
+        kept = latest_state(state_dir)
+        if kept is None:
+            raise UserError(f"{why}; no training state was kept (set save.every to keep one): free space and "
+                            f"train again") from None
+        raise UserError(f"{why}; the training state {kept} is kept: free space and run `dev2pro dedistill "
+                        f"{out / 'config.toml'} --resume` to export it") from None

@@ -252,7 +252,7 @@ def _lora_job(job: dict) -> dict:
                 "save": {"output_dir": str(run), "every": job["short"], "formats": ["kohya"], "overwrite": True},
                 "log_every": 50,
             })
-            summary = train(cfg, progress=False)
+            summary = train(cfg, progress=False, quiet=True)  # parallel workers: no interleaved console
         result["losses"] = summary["losses"]
         loras = {"short": run / f"lora-step{job['short']:06d}.safetensors", "long": run / "lora.safetensors"}
     from safetensors.torch import load_file

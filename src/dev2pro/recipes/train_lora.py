@@ -9,6 +9,7 @@ progress, samples on the inference base, LoRA files and resumable state every N 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -132,10 +133,14 @@ class TrainSection:
                                "the first steps are slow; not with blocks_to_swap")
     attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
                                      "PyTorch SDPA")
+    nan_policy: str = opt("stop", "on a non-finite loss or gradient: stop (keep the last good state) or skip the "
+                                  "update", ("stop", "skip"))
+    nan_max_skips: int = opt(10, "skip policy: stop after this many non-finite steps in a row")
 
     def validate(self):
         require(self.steps > 0, "steps must be > 0")
-        require(self.lr > 0, "lr must be > 0")
+        require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
+        require(self.nan_max_skips >= 1, "nan_max_skips must be >= 1")
         require(self.grad_accum >= 1, "grad_accum must be >= 1")
         require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
 
@@ -154,6 +159,7 @@ class SampleSection:
     with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
                                     "dev2pro), as step*-adapter.png")
     size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
+    baseline: bool = opt(True, "render a step-0 grid (the base before training) to compare the others with")
 
     def validate(self):
         resolve_size(self)
@@ -217,26 +223,53 @@ def quiet_libraries():
     transformers.utils.logging.disable_progress_bar()
 
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
-    """Run the whole job; returns a summary (losses, paths)."""
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, quiet: bool = False) -> dict:
+    """Run the whole job; returns a summary (losses, paths). ``quiet``: no console lines (the demo's workers).
+
+    One process trains in a run folder at a time (a lock file). Ctrl-C saves a resumable state at the end of the
+    step; the last step saves one too, so ``--resume`` with a larger ``train.steps`` continues from the end.
+    """
     if cfg.model.adapter and cfg.model.inference_base:
         # one base in memory is the point of an adapter: samples with it off already are "the LoRA on dev". (Checked
         # here, not in validate(): the config editor probes every path field with a value at once.)
         raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
                         "training base is dev and samples are rendered on it with the adapter off)")
-    quiet_libraries()
-    out = Path(cfg.save.output_dir)
-    state_dir = steps.prepare_output_dir(out, resume is not None, cfg.save.overwrite)
-    write_text(out / "config.toml", render_toml(cfg))
-    from .plan import print_plan_safely
-
-    print_plan_safely(cfg)
-    torch.manual_seed(cfg.train.seed)
     from accelerate import Accelerator
 
+    from ..train.run import RunLock, clean_stale_temps
+
+    quiet_libraries()
+    out = Path(cfg.save.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=1,
                               cpu=not torch.cuda.is_available())
-    device = accelerator.device
+    quiet = quiet or not accelerator.is_main_process
+    say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
+    lock = None
+    try:
+        if accelerator.is_main_process:  # one process checks, locks and writes the folder; the others wait
+            lock = RunLock.acquire(out)
+            clean_stale_temps(out)  # a killed run's half-written files (we hold the lock: nobody writes them)
+            steps.prepare_output_dir(out, resume, cfg.save.overwrite, say)
+            write_text(out / "config.toml", render_toml(cfg))
+            if not quiet:
+                from .plan import print_plan_safely
+
+                print_plan_safely(cfg)
+        accelerator.wait_for_everyone()
+        return _train(cfg, accelerator, out, out / "state", resume, progress, say, quiet)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, accelerator, out: Path, state_dir: Path, resume, progress: bool, say, quiet) -> dict:
+    from ..train.optim import build_optimizer, build_scheduler
+    from ..train.progress import Progress
+    from ..train.run import NonFiniteGuard, stop_on_interrupt
+    from . import train_run as run
+
+    torch.manual_seed(cfg.train.seed)
+    device, tc = accelerator.device, cfg.train
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
 
     # 1. data -> cached latents and text embeddings (encoders are freed afterwards)
@@ -254,66 +287,109 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         adapter.attach_file(transformer, cfg.model.adapter, cfg.model.adapter_scale,
                             torch.float32 if dtype == torch.float32 else torch.bfloat16)
     swap = steps.place_base(transformer, cfg, device)  # block swap keeps part of the base in host RAM
-    from ..train.optim import build_optimizer, build_scheduler
-
     optimizer = build_optimizer(params, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule)
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[swap is None, True])
     gen = torch.Generator().manual_seed(cfg.train.seed)  # noise, timesteps, caption dropout
     sampler = data.sampler
-    start, smoothed = 0, None
+    start, smoothed, history = 0, None, []  # history: the loss of every step so far (loss.png)
     if resume is not None:
-        start, smoothed = steps.resume_state(resume, state_dir, accelerator.unwrap_model(transformer), optimizer,
-                                             scheduler, sampler, gen)
+        r = steps.resume_state(resume, state_dir, accelerator.unwrap_model(transformer), optimizer, scheduler,
+                               sampler, gen)
+        start, smoothed, history = r.step, r.smoothed, r.losses
+        say(f"resumed from step {start} ({r.folder})")
     sampler_iter = steps.batches_forever(sampler)
     inference = steps.InferenceBase(cfg, ckpt, dtype, data, device)
-
-    from ..train.progress import Progress
-
     main = accelerator.is_main_process
-    bar = Progress(cfg.train.steps, start, "train", out / "logs" if main else None, enabled=progress and main,
-                   smoothed=smoothed, log_every=cfg.log_every)
-    losses: list[float] = []
-    transformer.train()
-    t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
-    for step in range(start, cfg.train.steps):
-        total = 0.0
-        for _ in range(cfg.train.grad_accum):
-            batch = data.collate([data.dataset[i] for i in next(sampler_iter)], gen)
-            with accelerator.autocast():
-                loss = steps.flow_matching_loss(transformer, batch, cfg.train, gen, device, dtype)
-            accelerator.backward(loss / cfg.train.grad_accum)
-            total += loss.item() / cfg.train.grad_accum
-        if cfg.train.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(total)
-        bar.update(step + 1, total, scheduler.get_last_lr()[0])
-        done = step + 1
-        if accelerator.is_main_process:
-            model = accelerator.unwrap_model(transformer)
-            if cfg.sample.prompts and cfg.sample.every and done % cfg.sample.every == 0 and done < cfg.train.steps:
-                inference.sample(model, done, out / "samples", bar)
-            if cfg.save.every and done % cfg.save.every == 0 and done < cfg.train.steps:
-                steps.save_lora_files(model, cfg, ckpt, out, suffix=f"-step{done:06d}")
-                steps.save_state(state_dir, done, model, optimizer, scheduler, sampler, gen, bar.smoothed,
-                                 cfg.train.grad_accum, cfg.save.keep_last)
-        if stop_after and done == stop_after:
-            bar.close()
-            os._exit(17)  # test hook: die like a killed process right after step k's state
-    bar.close()
-    model = accelerator.unwrap_model(transformer)
-    files = steps.save_lora_files(model, cfg, ckpt, out, suffix="")
+    model = lambda: accelerator.unwrap_model(transformer)  # noqa: E731
+    save_lora = lambda suffix: steps.save_lora_files(model(), cfg, ckpt, out, suffix)  # noqa: E731
+
+    def save_state(done: int) -> Path:
+        return steps.save_state(state_dir, done, model(), optimizer, scheduler, sampler, gen, bar.smoothed,
+                                tc.grad_accum, cfg.save.keep_last, run.finite_or_none(history))
+
+    def sample(step: int) -> Path:
+        return inference.sample(model(), step, out / "samples", bar, progress and main)
+
+    if start > tc.steps:
+        raise UserError(f"{out} is at step {start}, past train.steps = {tc.steps}: set train.steps above {start} "
+                        f"to train further")
+    if main and start < tc.steps:
+        for line in run.startup_lines(cfg, data, sum(p.numel() for p in params), ckpt.spec().variant, start, out):
+            say(line)
+    bar = Progress(tc.steps, start, "train", out / "logs" if main else None, enabled=progress and main,
+                   smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main and not quiet)
+    note = say if quiet else bar.write  # console lines that do not break the bar
+    try:
+        if start == tc.steps:  # a finished run: only the final files, if a full disk kept them from being written
+            return run.already_finished(cfg, out, start, say) or _finish(cfg, out, state_dir, start, history, [],
+                                                                         [], save_lora, None, sample, say)
+        if main and cfg.sample.prompts and cfg.sample.baseline and start == 0:
+            say("rendering step-0 samples (the base before training)...")
+            say(f"samples: {sample(0)}")
+        losses: list[float] = []
+        guard = NonFiniteGuard(tc.nan_policy, tc.nan_max_skips, lambda: run.stop_hint(state_dir, out))
+        transformer.train()
+        bar.start_clock()
+        t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
+        with stop_on_interrupt() as stop:
+            for step in range(start, tc.steps):
+                total = _accumulate(accelerator, transformer, data, sampler_iter, gen, tc, device, dtype)
+                done = step + 1
+                if guard.check(done, total, run.grad_norm(accelerator, params, tc.max_grad_norm)):
+                    optimizer.step()  # a skipped step (nan_policy = "skip") leaves the weights as they were
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(total)
+                history.append(total)
+                bar.update(done, total, scheduler.get_last_lr()[0])
+                if main:
+                    if cfg.sample.prompts and cfg.sample.every and done % cfg.sample.every == 0 and done < tc.steps:
+                        sample(done)
+                    if cfg.save.every and done % cfg.save.every == 0 and done < tc.steps:
+                        run.save_periodic(save_lora, save_state, done, history, out, note)
+                if stop.requested and done < tc.steps:
+                    if main:
+                        run.save_on_interrupt(save_state, done, out, note)
+                    raise KeyboardInterrupt
+                if stop_after and done == stop_after:
+                    bar.close()
+                    os._exit(17)  # test hook: die like a killed process right after step k's state
+        bar.end_bar()
+        return _finish(cfg, out, state_dir, tc.steps, history, losses, guard.skipped, save_lora, save_state, sample,
+                       say, t0, start)
+    finally:
+        bar.close()
+
+
+def _accumulate(accelerator, transformer, data, batches, gen, tc, device, dtype) -> float:
+    """Forward + backward over ``grad_accum`` micro-batches; returns the step's loss."""
+    total = 0.0
+    for _ in range(tc.grad_accum):
+        batch = data.collate([data.dataset[i] for i in next(batches)], gen)
+        with accelerator.autocast():
+            loss = steps.flow_matching_loss(transformer, batch, tc, gen, device, dtype)
+        accelerator.backward(loss / tc.grad_accum)
+        total += loss.item() / tc.grad_accum
+    return total
+
+
+def _finish(cfg, out, state_dir, done, history, losses, skipped, save_lora, save_state, sample, say, t0=None,
+            start=None) -> dict:
+    """Final state, final LoRA files, then the final samples (a crash there loses nothing), then the summary."""
+    from . import train_run as run
+
+    files = run.finish(save_lora, save_state, done, run.finite_or_none(history), out, state_dir,
+                       out / f"{cfg.save.name}.safetensors", say)
     if cfg.sample.prompts:
-        inference.sample(model, cfg.train.steps, out / "samples", bar)
-    elapsed = time.perf_counter() - t0
-    summary = {"losses": losses, "files": [str(f) for f in files], "steps": cfg.train.steps,
-               "seconds": elapsed, "steps_per_second": (cfg.train.steps - start) / max(elapsed, 1e-9)}
+        run.final_samples(lambda: sample(done), len(cfg.sample.prompts) * len(cfg.sample.seeds), cfg.sample.steps,
+                          files, say)
+    elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+    summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "seconds": elapsed,
+               "steps_per_second": (done - (start or done)) / max(elapsed, 1e-9), "skipped_steps": list(skipped)}
     from ..outputs import write_json
 
-    write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", {**summary, "losses": run.finite_or_none(losses)})
     return summary
 
 

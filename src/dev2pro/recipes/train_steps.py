@@ -21,12 +21,35 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ output dir
-def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> Path:
-    """Create the run folder; refuse to reuse another run's folder unless resuming or overwrite is set."""
-    if out.exists() and any(out.iterdir()) and not resuming and not overwrite:
-        raise UserError(f"output folder {out} already holds a run; pass --resume to continue it, set "
-                        f"save.overwrite = true to start over in it, or choose another save.output_dir")
-    out.mkdir(parents=True, exist_ok=True)  # missing parents too, as kohya and ai-toolkit do
+def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, say: Callable[[str], None] = print) -> Path:
+    """Check the (locked) run folder for this start; returns its state folder.
+
+    A folder a failed start left behind (config, caches, logs: no state, no LoRA) is reused by a plain rerun; a run
+    that saved needs ``--resume`` (or ``save.overwrite``); a folder holding anything else is never reused silently.
+    """
+    from ..train.run import folder_status, os_error_message
+
+    status = folder_status(out)
+    if resume == "latest" and status in ("absent", "empty", "started"):
+        raise UserError(f"nothing to resume: {out} " + (
+            "was started but never saved a training state (a failed start, or a run stopped before its first save)"
+            if status == "started" else "holds no run") + "; run the same command without --resume to start it")
+    if resume is None and status in ("saved", "foreign") and not overwrite:
+        raise UserError(f"output folder {out} already holds " + ("a run" if status == "saved" else "other files") +
+                        "; pass --resume to continue it, set save.overwrite = true to start over in it, or choose "
+                        "another save.output_dir")
+    if resume is None and status == "started":
+        say(f"reusing {out}: an earlier start never saved anything (cached latents and text are reused when valid)")
+    if resume is None and status == "saved" and (out / "state").is_dir():
+        # starting over (save.overwrite): the old run's states must not be what a later --resume picks up
+        import shutil
+
+        shutil.rmtree(out / "state")
+        say(f"save.overwrite: starting over in {out} (the previous run's training states were removed)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(os_error_message(e, out, "create the run folder")) from None
     return out / "state"
 
 
@@ -303,23 +326,33 @@ def batches_forever(sampler):
 
 
 def save_state(state_dir: Path, step: int, model, optimizer, scheduler, sampler, gen, smoothed, grad_accum,
-               keep_last):
+               keep_last, losses: list | None = None) -> Path:
+    """The resumable state after ``step``; ``losses`` (steps 1..step, None = skipped) feeds ``loss.png``."""
     from peft.utils import get_peft_model_state_dict
 
     from ..train.state import rng_state, save_state as write
 
-    write(state_dir, step, {
+    return write(state_dir, step, {
         "lora": {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state({"train": gen}),
         "progress": {"step": step, "smoothed": smoothed,
-                     "sampler": sampler.state_dict(batches_done=step * grad_accum)},
+                     "sampler": sampler.state_dict(batches_done=step * grad_accum),
+                     "losses": list(losses or [])},
     }, keep_last=keep_last)
 
 
-def resume_state(resume: str, state_dir: Path, model, optimizer, scheduler, sampler, gen):
-    """Restore a saved state; returns (step, smoothed loss)."""
+@dataclass
+class Resumed:
+    step: int
+    smoothed: float | None
+    folder: Path
+    losses: list  # per step 1..step (None = skipped or not recorded)
+
+
+def resume_state(resume: str, state_dir: Path, model, optimizer, scheduler, sampler, gen) -> Resumed:
+    """Restore a saved state into the live objects."""
     from peft.utils import set_peft_model_state_dict
 
     from ..train.state import latest_state, load_state, set_rng_state
@@ -336,8 +369,9 @@ def resume_state(resume: str, state_dir: Path, model, optimizer, scheduler, samp
     scheduler.load_state_dict(parts["scheduler"])
     sampler.load_state_dict(parts["progress"]["sampler"])
     set_rng_state(parts["rng"], {"train": gen})
-    log.info("resumed from %s", folder)
-    return int(parts["progress"]["step"]), parts["progress"].get("smoothed")
+    step = int(parts["progress"]["step"])
+    losses = list(parts["progress"].get("losses", []))[:step]
+    return Resumed(step, parts["progress"].get("smoothed"), folder, [None] * (step - len(losses)) + losses)
 
 
 def save_lora_files(model, cfg, ckpt, out: Path, suffix: str) -> list[Path]:
@@ -384,22 +418,23 @@ class InferenceBase:
 
             self.swap = BlockSwap(self.model, cfg.model.blocks_to_swap, device)  # placed while sampling only
 
-    def sample(self, train_model, step: int, folder: Path, bar) -> Path:
+    def sample(self, train_model, step: int, folder: Path, bar, progress: bool = False) -> Path:
         """Render the grid; with ``model.adapter`` on the training model with the adapter off (= the LoRA on dev),
         and with ``sample.with_adapter`` a second grid with it on. Returns the (first) grid's path."""
         if not self.cfg.model.adapter:
-            return self._sample(train_model, step, folder, bar)
+            return self._sample(train_model, step, folder, bar, progress)
         from ..lora import adapter
 
         with adapter.disabled(train_model):
-            path = self._sample(train_model, step, folder, bar)
+            path = self._sample(train_model, step, folder, bar, progress)
         if self.cfg.sample.with_adapter:
-            self._sample(train_model, step, folder, bar, suffix="-adapter")
+            self._sample(train_model, step, folder, bar, progress, suffix="-adapter")
         return path
 
-    def _sample(self, train_model, step: int, folder: Path, bar, suffix: str = "") -> Path:
+    def _sample(self, train_model, step: int, folder: Path, bar, progress: bool = False, suffix: str = "") -> Path:
         from ..lora.ops import apply_lora, lora_from_peft_model
-        from ..sampling import build_pipeline, make_grid, render, save_png
+        from ..sampling import build_pipeline, make_labelled_grid, render, save_png
+        from ..train.progress import render_each
 
         sc = self.cfg.sample
         lw = lora_from_peft_model(train_model, "default")
@@ -414,15 +449,14 @@ class InferenceBase:
             target = train_model
         was_training = target.training
         target.eval()
-        # the VAE decodes the transformer's latents: same dtype (bf16 training would feed bf16 latents to an fp32 VAE)
-        vae = self.data.components["vae"].to(self.device, self.dtype)
+        vae = self.data.components["vae"].to(self.device)
         if getattr(self.cfg.model, "vae_tiling", False):
             vae.enable_tiling()
         pipe = build_pipeline({**self.data.components, "vae": vae}, target)
         with torch.no_grad():  # prompt-major: one grid row per prompt, one column per seed
-            images = render(pipe, self.data.sample_embeds, [int(s) for s in sc.seeds], guidance=sc.guidance,
-                            true_cfg=sc.cfg, negative=self.data.negative_embeds, steps=sc.steps, width=sc.width,
-                            height=sc.height)
+            images = render_each(render, pipe, self.data.sample_embeds, [int(s) for s in sc.seeds], f"samples {step}",
+                                 progress, guidance=sc.guidance, true_cfg=sc.cfg, negative=self.data.negative_embeds,
+                                 steps=sc.steps, width=sc.width, height=sc.height)
         if was_training:
             target.train()
         if self.swap:
@@ -430,13 +464,16 @@ class InferenceBase:
         elif self.model is not None:
             self.model.to("cpu")
         self.data.components["vae"].to("cpu")
-        grid = make_grid(images, rows=len(self.data.sample_embeds), cols=len(sc.seeds))
-        folder.mkdir(parents=True, exist_ok=True)
         base = self.cfg.model.inference_base or "training base"
         if self.cfg.model.adapter:
             base += f" + adapter {Path(self.cfg.model.adapter).name}" if suffix else " without the adapter"
+        title = f"step {step}  |  guidance {sc.guidance}  |  {Path(base).name}"
+        rows, cols = [str(p) for p in sc.prompts], [f"seed {s}" for s in sc.seeds]
+        grid = make_labelled_grid(images, rows, cols, title)
+        folder.mkdir(parents=True, exist_ok=True)
         path = save_png(grid, folder / f"step{step:06d}{suffix}.png",
                         {"step": str(step), "prompts": json.dumps(list(sc.prompts)), "seeds": json.dumps(sc.seeds),
-                         "guidance": str(sc.guidance), "base": base}, overwrite=True)
+                         "guidance": str(sc.guidance), "base": base, "title": title, "rows": json.dumps(rows),
+                         "cols": json.dumps(cols)}, overwrite=True)
         bar.image("samples" + suffix, grid, step)
         return path

@@ -5,6 +5,9 @@ the loop already fetched."""
 from __future__ import annotations
 
 import logging
+import math
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +26,23 @@ def peak_memory_gb() -> float:
 
 
 class Progress:
-    """tqdm bar + TensorBoard writer; ``update(step, loss, lr)`` once per optimiser step."""
+    """tqdm bar (or, without one, a progress line every ``log_every`` steps) + TensorBoard writer.
+
+    ``update(step, loss, lr)`` once per optimiser step. The bar's postfix shows this step's loss and the smoothed
+    value every step (the final line of a run prints the same numbers); memory is queried every ``log_every``.
+    Non-finite losses (steps skipped by ``train.nan_policy = "skip"``) do not enter the smoothed value.
+    """
 
     def __init__(self, total: int, start: int, desc: str, log_dir: Path | None, enabled: bool = True,
-                 smoothing: float = 0.9, smoothed: float | None = None, log_every: int = 10):
+                 smoothing: float = 0.9, smoothed: float | None = None, log_every: int = 10, lines: bool = False):
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
                         unit="step")
+        self.total, self.desc, self.enabled, self.lines = total, desc, enabled, lines and not enabled
         self.smoothing = smoothing
         self.log_every = max(1, log_every)
         self.smoothed = smoothed
+        self.mem = 0.0
+        self.t0, self.first = time.perf_counter(), start
         self.writer = None
         if log_dir is not None:
             try:
@@ -42,11 +53,21 @@ class Progress:
 
     def update(self, step: int, loss: float, lr: float, extra: dict | None = None):
         s = self.smoothing
-        self.smoothed = loss if self.smoothed is None else s * self.smoothed + (1 - s) * loss
-        if step % self.log_every == 0 or step == 1:  # formatting/TensorBoard every step costs ~ms on small steps
-            self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", mem=f"{peak_memory_gb():.1f}G",
+        if math.isfinite(loss):
+            self.smoothed = loss if self.smoothed is None else s * self.smoothed + (1 - s) * loss
+        periodic = step % self.log_every == 0 or step == self.total
+        if periodic or step == self.first + 1:
+            self.mem = peak_memory_gb()
+        avg = f"{self.smoothed:.4f}" if self.smoothed is not None else "-"
+        if self.enabled:  # cheap (no refresh): tqdm redraws at its own pace
+            self.bar.set_postfix({"loss": f"{loss:.4f}", "avg": avg, "lr": f"{lr:.2e}", "mem": f"{self.mem:.1f}G"},
                                  refresh=False)
         self.bar.update(1)
+        if self.lines and periodic:
+            rate = (step - self.first) / max(time.perf_counter() - self.t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else 0.0
+            print(f"{self.desc} step {step}/{self.total} ({100 * step // self.total}%)  loss {loss:.4f}  avg {avg}"
+                  f"  lr {lr:.2e}  {rate:.2f} step/s  ETA {_hms(eta)}  mem {self.mem:.1f}G", flush=True)
         if self.writer and step % self.log_every == 0:
             self.writer.add_scalar("loss/step", loss, step)
             self.writer.add_scalar("loss/smoothed", self.smoothed, step)
@@ -54,14 +75,47 @@ class Progress:
             for k, v in (extra or {}).items():
                 self.writer.add_scalar(k, v, step)
 
+    def start_clock(self):
+        """Rates and ETAs count from here (not from set-up work such as a step-0 sample grid)."""
+        self.t0 = time.perf_counter()
+        if self.enabled:  # the bar's own rate and ETA too
+            self.bar.start_t = self.bar.last_print_t = self.bar._time()
+
+    def end_bar(self):
+        """Close the bar at the end of the loop (its clock would run on through the final save and samples);
+        TensorBoard stays open for the final grid."""
+        self.bar.close()
+
     def image(self, tag: str, image, step: int):
         if self.writer:
             self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def write(self, message: str):
-        self.bar.write(message)
+        """A console line that does not break the bar (stdout)."""
+        self.bar.write(message, file=sys.stdout)
+        sys.stdout.flush()
 
     def close(self):
         self.bar.close()
         if self.writer:
             self.writer.close()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def render_each(render, pipe, embeds, seeds, desc: str, bar: bool, **kwargs) -> list:
+    """``render`` (``sampling.render``) one image at a time so a bar can show how far a grid is.
+
+    The same images as one call: every (prompt, seed) pair has its own seeded generator. Prompt-major order.
+    """
+    total = len(embeds) * len(seeds)
+    images = []
+    with tqdm(total=total, desc=desc, disable=not bar, leave=False, unit="image") as pbar:
+        for e in embeds:
+            for s in seeds:
+                images += render(pipe, [e], [s], **kwargs)
+                pbar.update(1)
+    return images

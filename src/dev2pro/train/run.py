@@ -1,0 +1,240 @@
+"""The life of a run folder: what state it is in, one trainer at a time, Ctrl-C, non-finite steps.
+
+- ``folder_status``: a folder that a failed start left behind (resolved config, caches, logs; no state, no LoRA) is
+  "started" and a plain rerun reuses it; "saved" runs need ``--resume`` (or ``save.overwrite``); anything else in
+  the folder makes it "foreign" and it is never reused without the flag.
+- ``RunLock``: a lock file holding the trainer's PID. ``fcntl.flock`` where available: the kernel drops the lock
+  when the process dies (kill -9 included), so a stale file is simply taken over; elsewhere ``O_EXCL`` plus a check
+  that the recorded PID is alive.
+- ``stop_on_interrupt``: the first Ctrl-C becomes a request the loop honours at the end of the step (it saves a
+  resumable state); a second Ctrl-C interrupts at once.
+- ``NonFiniteGuard``: ``train.nan_policy`` -- stop at the first non-finite loss or gradient norm (the default), or
+  skip such updates and stop after ``max_skips`` in a row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..errors import UserError
+from ..outputs import pid_alive
+
+LOCK_NAME = ".dev2pro.lock"
+# What a start leaves before its first save: the resolved config, caches, logs, baseline samples, the lock.
+STARTED_ENTRIES = {"config.toml", "cache", "logs", "samples", "loss.png", LOCK_NAME}
+STATE_DIR = "state"
+
+
+def folder_status(folder: Path) -> str:
+    """"absent" | "empty" | "started" (a start that never saved) | "saved" (a state or a LoRA) | "foreign"."""
+    folder = Path(folder)
+    if not folder.exists():
+        return "absent"
+    names = [p.name for p in folder.iterdir()]
+    if all(n.startswith(".") for n in names):  # nothing, or only our lock / atomic-write temps
+        return "empty"
+    from .state import list_states
+
+    shown = [n for n in names if not n.startswith(".")]
+    if list_states(folder / STATE_DIR) or any(n.endswith(".safetensors") or n == "summary.json" for n in shown):
+        return "saved"
+    # hidden names are atomic-write temps and the lock; an empty state/ is what an interrupted first save leaves
+    if all(n in STARTED_ENTRIES or n.startswith(".") or n == STATE_DIR and not any((folder / n).iterdir())
+           for n in names):
+        return "started"
+    return "foreign"
+
+
+def clean_stale_temps(folder: Path, subfolders=("state", "samples")) -> list[Path]:
+    """Remove what killed writers left: hidden ``.NAME.*.tmp`` temps and ``.NAME.old`` folders of atomic writes,
+    and dedistill's hidden ``.NAME.export.safetensors`` export source.
+
+    Call it holding the folder's ``RunLock``: then no other process can be writing them."""
+    import shutil
+
+    removed = []
+    for d in [Path(folder)] + [Path(folder) / s for s in subfolders]:
+        for p in d.iterdir() if d.is_dir() else []:
+            if p.name.startswith(".") and p.name.endswith((".tmp", ".old", ".export.safetensors")):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(p)
+    return removed
+
+
+def os_error_message(e: OSError, path: Path, doing: str) -> str:
+    """One line for a failed write: what, where, why (full disk and read-only named as such)."""
+    why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+           errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno,
+                                                                                             e.strerror or str(e))
+    return f"cannot {doing} {path}: {why} ({e.strerror or e})"
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError from Python writes, SafetensorError from the Rust writer (which reports
+    a full disk as "... (os error 28)"), UserError where an output guard already explained it."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return OSError, UserError
+    return OSError, UserError, SafetensorError
+
+
+def write_error_message(e: BaseException, path: Path, doing: str) -> str:
+    """One line for any of ``write_errors()``."""
+    if isinstance(e, UserError):
+        return str(e)
+    if not isinstance(e, OSError):
+        m = re.search(r"os error (\d+)", str(e))
+        e = OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else OSError(None, str(e))
+    return os_error_message(e, Path(e.filename or path), doing)
+
+
+class RunLock:
+    """Exclusive use of a run folder by one process; ``acquire`` creates the folder (and its parents)."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self.fd, self.released = path, fd, False
+
+    @classmethod
+    def acquire(cls, folder: Path, what: str = "training") -> "RunLock":
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(os_error_message(e, folder, "create the run folder")) from None
+        path = folder / LOCK_NAME
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock
+            return cls._acquire_exclusive(path, what)
+        for _ in range(5):  # retry if the file we locked was replaced (released and unlinked) meanwhile
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(os_error_message(e, folder, f"use the run folder (lock file {LOCK_NAME}) in"))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_pid(path)
+                os.close(fd)
+                raise UserError(_busy(folder, holder, what)) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                _write_pid(fd)
+                return cls(path, fd)
+            os.close(fd)
+        raise UserError(f"{folder}: could not take the lock {LOCK_NAME} (it keeps changing); is another dev2pro "
+                        f"process starting there?")
+
+    @classmethod
+    def _acquire_exclusive(cls, path: Path, what: str) -> "RunLock":
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = _read_pid(path)
+                if holder is not None and pid_alive(holder):
+                    raise UserError(_busy(path.parent, holder, what)) from None
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            _write_pid(fd)
+            return cls(path, fd)
+        raise UserError(_busy(path.parent, _read_pid(path), what))
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # before closing: nobody can take the old file's lock once it is unlinked
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _busy(folder: Path, pid: int | None, what: str) -> str:
+    who = f"PID {pid}" if pid is not None else "an unknown PID"
+    return (f"{folder} is in use: another dev2pro process ({who}) is {what} in it; wait for it to finish or stop "
+            f"it (kill {pid if pid is not None else 'PID'}), or choose another save.output_dir")
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+class StopRequest:
+    requested = False
+
+
+@contextlib.contextmanager
+def stop_on_interrupt() -> Iterator[StopRequest]:
+    """Within the block the first SIGINT sets ``.requested``; the second raises KeyboardInterrupt as usual."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class NonFiniteGuard:
+    """Decides what a step with a non-finite loss or gradient norm does (see ``train.nan_policy``).
+
+    ``check`` returns True to apply the update, False to skip it; it raises ``UserError`` to stop, with
+    ``context()`` appended (where the last good state is, how to go on).
+    """
+
+    def __init__(self, policy: str, max_skips: int, context: Callable[[], str]):
+        self.policy, self.max_skips, self.context = policy, max(1, int(max_skips)), context
+        self.skipped: list[int] = []
+        self.in_a_row = 0
+
+    def check(self, step: int, loss: float, grad_norm: float | None) -> bool:
+        bad = None
+        if not math.isfinite(loss):
+            bad = f"non-finite loss ({loss}) at step {step}"
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            bad = f"non-finite gradients ({grad_norm}) at step {step}"
+        if bad is None:
+            self.in_a_row = 0
+            return True
+        if self.policy == "skip":
+            self.in_a_row += 1
+            if self.in_a_row < self.max_skips:
+                self.skipped.append(step)
+                return False
+            bad = f"{bad}: {self.in_a_row} steps in a row were non-finite (train.nan_max_skips = {self.max_skips})"
+        raise UserError(f"{bad}; training stopped without saving these weights. {self.context()}")

@@ -1,0 +1,30 @@
+"""Labelled sample grids: a title band with the step, seed column headers, a prompt band over each row."""
+
+import json
+
+from PIL import Image
+
+from dev2pro.sampling import LABEL_FONT_SIZE, make_grid, make_labelled_grid, save_png
+
+
+def _tiles(n, w=40, h=30):
+    return [Image.new("RGB", (w, h), (20 * i, 100, 200)) for i in range(n)]
+
+
+def test_labelled_grid_grows_by_the_label_bands_and_keeps_every_tile(tmp_path):
+    tiles = _tiles(6)
+    grid = make_labelled_grid(tiles, row_labels=["a cat", "a dog"], col_labels=["seed 0", "seed 1", "seed 2"],
+                              title="step 100")
+    band = LABEL_FONT_SIZE + 6
+    assert grid.size == (3 * 40, 2 * 30 + (2 + 2) * band)  # title + seed header, then one prompt band per row
+    for i, tile in enumerate(tiles):  # every tile lands where the bands say
+        r, c = divmod(i, 3)
+        y = 2 * band + r * (30 + band) + band
+        assert grid.crop((c * 40, y, c * 40 + 40, y + 30)).tobytes() == tile.tobytes()
+    title = grid.crop((0, 0, 120, band)).convert("L")
+    assert min(title.getdata()) < 128  # text was drawn in the title band
+    plain = make_grid(tiles, rows=2, cols=3)  # the plain grid is unchanged for existing callers
+    assert plain.size == (120, 60)
+    path = save_png(grid, tmp_path / "g.png", {"title": "step 100", "rows": json.dumps(["a cat", "a dog"])})
+    with Image.open(path) as im:
+        assert im.info["title"] == "step 100" and json.loads(im.info["rows"]) == ["a cat", "a dog"]

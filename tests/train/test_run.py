@@ -1,0 +1,139 @@
+"""The run folder's life: its status, the lock that keeps one trainer per folder, Ctrl-C, the non-finite guard."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from dev2pro.errors import UserError
+from dev2pro.train.run import (LOCK_NAME, NonFiniteGuard, RunLock, folder_status, stop_on_interrupt)
+
+
+def test_folder_status_tells_a_failed_start_from_a_saved_run(tmp_path):
+    run = tmp_path / "run"
+    assert folder_status(run) == "absent"
+    run.mkdir()
+    assert folder_status(run) == "empty"
+    (run / "config.toml").write_text("")
+    (run / "cache").mkdir()
+    (run / "logs").mkdir()
+    (run / ".config.toml.abc.tmp").mkdir()  # a temp left by an atomic write
+    assert folder_status(run) == "started"
+    (run / "state" / "step-000004").mkdir(parents=True)
+    assert folder_status(run) == "saved"
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.png").write_bytes(b"x")
+    assert folder_status(other) == "foreign"
+    lora_only = tmp_path / "old"
+    lora_only.mkdir()
+    (lora_only / "config.toml").write_text("")
+    (lora_only / "lora.safetensors").write_bytes(b"x")
+    assert folder_status(lora_only) == "saved"
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from dev2pro.train.run import RunLock
+    lock = RunLock.acquire(Path(sys.argv[1]))
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+def _hold_lock(folder):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_refuses_a_second_process_and_names_its_pid(tmp_path):
+    run = tmp_path / "run"
+    proc = _hold_lock(run)
+    try:
+        with pytest.raises(UserError, match=rf"PID {proc.pid}\b.*{run.name}|{run.name}.*PID {proc.pid}\b"):
+            RunLock.acquire(run)
+    finally:
+        proc.kill()
+        proc.wait()
+    # the holder died without cleaning up: its lock file (naming a dead PID) is stale and is taken over
+    assert (run / LOCK_NAME).exists()
+    with RunLock.acquire(run) as lock:
+        assert (run / LOCK_NAME).read_text().split()[0] == str(os.getpid())
+        with pytest.raises(UserError, match="PID"):  # the same process cannot take it twice either
+            RunLock.acquire(run)
+    assert not (run / LOCK_NAME).exists()  # released cleanly: nothing left behind
+    assert lock.released
+
+
+def test_lock_creates_missing_parents_and_reports_read_only_folders(tmp_path):
+    run = tmp_path / "a" / "b" / "run"
+    with RunLock.acquire(run):
+        assert run.is_dir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write read-only folders (root)")
+        with pytest.raises(UserError, match="ro"):
+            RunLock.acquire(ro / "run")
+    finally:
+        os.chmod(ro, 0o755)
+
+
+def test_first_ctrl_c_is_a_request_the_second_interrupts():
+    with stop_on_interrupt() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested  # no KeyboardInterrupt: the step finishes and the loop saves
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_guard_stops_on_the_first_non_finite_step_by_default():
+    guard = NonFiniteGuard("stop", max_skips=3, context=lambda: "last state: none")
+    assert guard.check(1, 0.5, 1.0)
+    with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 2.*last state: none"):
+        guard.check(2, math.nan, 1.0)
+    with pytest.raises(UserError, match=r"non-finite gradients \(inf\) at step 3"):
+        guard.check(3, 0.5, math.inf)
+
+
+def test_guard_skip_mode_counts_and_stops_after_k_in_a_row():
+    guard = NonFiniteGuard("skip", max_skips=3, context=lambda: "")
+    assert not guard.check(1, math.nan, 1.0)
+    assert guard.check(2, 0.4, 1.0)
+    assert not guard.check(3, 0.4, math.nan)
+    assert not guard.check(4, math.inf, 1.0)
+    assert guard.skipped == [1, 3, 4]
+    with pytest.raises(UserError, match="3 steps in a row"):
+        guard.check(5, math.nan, 1.0)
+
+
+def test_stale_temps_of_killed_writers_are_cleaned(tmp_path):
+    from dev2pro.train.run import clean_stale_temps
+
+    run = tmp_path / "run"
+    (run / "state" / ".step-000004.abc.tmp").mkdir(parents=True)
+    (run / "state" / ".step-000004.abc.tmp" / "lora.safetensors").write_bytes(b"half")
+    (run / "state" / ".step-000002.old").mkdir()
+    (run / ".lora.safetensors.x1.tmp").write_bytes(b"half")
+    (run / ".dev2pro.export.safetensors").write_bytes(b"half")
+    (run / "state" / "step-000002").mkdir()
+    keep = [run / "lora.safetensors", run / ".dev2pro.lock", run / "config.toml"]
+    for k in keep:
+        k.write_bytes(b"x")
+    assert len(clean_stale_temps(run)) == 4
+    assert sorted(p.name for p in run.rglob("*")) == sorted([".dev2pro.lock", "config.toml", "lora.safetensors",
+                                                             "state", "step-000002"])
