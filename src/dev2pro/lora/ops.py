@@ -87,7 +87,8 @@ class Factors:
         if self.total <= 0:
             return 1
         cum = torch.cumsum(self.s.double() ** 2, 0) / self.total
-        return min(int(torch.searchsorted(cum, torch.tensor(energy, dtype=torch.float64))) + 1, self.s.numel())
+        target = torch.tensor(energy, dtype=torch.float64, device=cum.device)  # triplets may sit on the GPU
+        return min(int(torch.searchsorted(cum, target)) + 1, self.s.numel())
 
     def ladder(self, max_rank: int | None = None) -> dict[int, float]:
         """Retained energy at ranks 1, 2, 4, ... (those these triplets cover): the spectrum summary."""
