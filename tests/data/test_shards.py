@@ -88,8 +88,11 @@ def test_dedistill_trains_from_shards(tmp_path, tiny_dev_dir, folder):
     # shards carry no sample-prompt embeddings: the text encoders of model.path were loaded for them
     from PIL import Image
 
+    from dev2pro.sampling import LABEL_FONT_SIZE
+
+    band = LABEL_FONT_SIZE + 6  # labelled grid: title and seed bands, a prompt band over the one row
     for tag in ("g1", "cfg"):
-        assert Image.open(tmp_path / "run" / "samples" / f"step000003-{tag}.png").size == (64, 32)
+        assert Image.open(tmp_path / "run" / "samples" / f"step000003-{tag}.png").size == (64, 32 + 3 * band)
 
 
 def test_tar_is_opened_once_however_many_members(tmp_path, folder, monkeypatch):
