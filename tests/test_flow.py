@@ -14,7 +14,6 @@ from dev2pro.flow import (
     flux_mu,
     noisy_input,
     sample_sigmas,
-    sampling_sigmas,
     shift_sigmas,
     time_shift,
 )
@@ -118,11 +117,11 @@ def test_sample_sigmas_bad_inputs():
         sample_sigmas(4, "flux_shift", gen())
 
 
-def test_sampling_sigmas_is_bfl_get_schedule():
-    sigmas = sampling_sigmas(4, 1024)
+def test_time_shift_with_flux_mu_is_bfl_get_schedule():
+    """BFL's get_schedule(4, 1024): linspace(1, 0, 5) time-shifted by mu(1024) -- the shift flux_shift sampling uses."""
     mu = 0.5 + 0.65 * 768 / 3840
+    assert flux_mu(1024) == pytest.approx(mu)
+    sigmas = time_shift(flux_mu(1024), 1.0, torch.linspace(1, 0, 5))
     expected = [1.0] + [math.exp(mu) / (math.exp(mu) + (1 / t - 1)) for t in (0.75, 0.5, 0.25)] + [0.0]
-    assert sigmas.shape == (5,)
     torch.testing.assert_close(sigmas, torch.tensor(expected))
     assert torch.all(sigmas[:-1] > sigmas[1:])
-    torch.testing.assert_close(sampling_sigmas(4, 1024, shift=False), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))

@@ -111,10 +111,3 @@ def sample_sigmas(
         return shift_sigmas(t, shift)
     return time_shift(flux_mu(image_seq_len), 1.0, t)
 
-
-def sampling_sigmas(num_steps: int, image_seq_len: int, shift: bool = True) -> torch.Tensor:
-    """BFL ``get_schedule``: ``num_steps + 1`` sigmas from 1 down to 0, time-shifted by ``flux_mu(image_seq_len)``."""
-    sigmas = torch.linspace(1, 0, num_steps + 1)
-    if shift:
-        sigmas = time_shift(flux_mu(image_seq_len), 1.0, sigmas)
-    return sigmas

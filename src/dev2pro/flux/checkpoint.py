@@ -372,7 +372,7 @@ def conversion_entries(ckpt: Checkpoint, layout: str, dtype: str | None, policy:
             out_dtype = src_dtypes.pop() if len(src_dtypes) == 1 else torch.bfloat16
             if out_dtype not in FP8_DTYPES:
                 entries.append((prefix + key, out_dtype, shape,
-                                (lambda parts=parts, d=out_dtype: _produce(ckpt, parts, d, False))))
+                                (lambda parts=parts, d=out_dtype: _produce(ckpt, parts, d))))
                 continue
             if _same_scale(ckpt, parts):
                 sc = ckpt.scale_of(parts[0][0])
@@ -398,7 +398,7 @@ def conversion_entries(ckpt: Checkpoint, layout: str, dtype: str | None, policy:
         # The keep-in-bf16 policy: tensors the fp8 policy leaves out are written in bf16.
         out_dtype = torch.bfloat16 if quant or dtype is None else DTYPE_CHOICES[dtype]
         entries.append((prefix + key, out_dtype, shape,
-                        (lambda parts=parts, d=out_dtype: _produce(ckpt, parts, d, False))))
+                        (lambda parts=parts, d=out_dtype: _produce(ckpt, parts, d))))
     if any_scale:
         marker = fp8mod.scaled_fp8_marker(torch.float8_e4m3fn)
         entries.insert(0, (prefix + "scaled_fp8", marker.dtype, tuple(marker.shape), lambda: marker))
@@ -446,7 +446,7 @@ def _out_shape(ckpt: Checkpoint, parts) -> tuple[int, ...]:
     return (rows, *first[1:])
 
 
-def _produce(ckpt: Checkpoint, parts, dtype: torch.dtype, raw: bool) -> torch.Tensor:
+def _produce(ckpt: Checkpoint, parts, dtype: torch.dtype) -> torch.Tensor:
     return keymod.assemble(parts, lambda k: ckpt.get_dequantized(k, torch.float32)).to(dtype)
 
 

@@ -60,13 +60,6 @@ SCALE_BUFFER = "weight_scale"  # name of the scale buffer on an Fp8Linear (so it
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
 
-def fp8_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a config name ('e4m3fn' or 'e5m2')."""
-    if name not in FORMATS:
-        raise UserError(f"unknown fp8 format {name!r}; use one of {', '.join(FORMATS)}")
-    return FORMATS[name]
-
-
 def relative_error_bound(dtype: torch.dtype = torch.float8_e4m3fn) -> float:
     """Worst relative rounding error for values in the format's normal range: half an ulp (2^-4 for e4m3fn)."""
     return torch.finfo(dtype).eps / 2
