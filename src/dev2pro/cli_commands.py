@@ -239,6 +239,11 @@ def add_compare(sub):
 def add_lora(sub):
     p = sub.add_parser("lora", help="LoRA tools: info, convert, merge, extract")
     lsub = p.add_subparsers(dest="lora_command", required=True, metavar="{info,convert,merge,extract}")
+    for add in (_add_lora_info, _add_lora_convert, _add_lora_merge, _add_lora_extract):
+        add(lsub)
+
+
+def _add_lora_info(lsub):
     i = lsub.add_parser("info", help="layout, targets, rank/alpha per group, metadata")
     i.add_argument("file", help="a LoRA .safetensors file (kohya, diffusers/peft or comfy layout)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -248,6 +253,8 @@ def add_lora(sub):
         info(a.file, as_json=a.json)
     i.set_defaults(run=info)
 
+
+def _add_lora_convert(lsub):
     c = lsub.add_parser("convert", help="convert between kohya, diffusers and comfy layouts (exact)")
     c.add_argument("src", help="input LoRA file (any supported layout)")
     c.add_argument("dst", help="output LoRA file (missing parent folders are created)")
@@ -263,6 +270,8 @@ def add_lora(sub):
         convert(a.src, a.dst, a.layout, a.overwrite)
     c.set_defaults(run=convert)
 
+
+def _add_lora_merge(lsub):
     m = lsub.add_parser("merge", help="bake LoRAs into a checkpoint (fp8 requantised with the same scheme)")
     m.add_argument("--base", required=True, help="base checkpoint (.safetensors; any layout, fp8 included)")
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]",
@@ -278,6 +287,8 @@ def add_lora(sub):
         merge(a.base, loras, a.out, a.overwrite)
     m.set_defaults(run=merge)
 
+
+def _add_lora_extract(lsub):
     e = lsub.add_parser("extract", help="SVD of (TUNED - BASE) per linear layer into a kohya LoRA "
                                         "(e.g. --base dev --tuned dev2pro); a retained-energy report is written "
                                         "beside it as <out>.json")

@@ -398,7 +398,7 @@ def stream_safetensors(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for key, dtype, shape, _ in entries:
-        n = _nbytes(dtype, shape)
+        n = tensor_nbytes(dtype, shape)
         header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -430,7 +430,8 @@ def write_bytes(f, data) -> None:
     f.write(data)
 
 
-def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+def tensor_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    """Bytes a tensor of this dtype and shape holds (for free-space checks and shard sizes)."""
     n = 1
     for s in shape:
         n *= int(s)

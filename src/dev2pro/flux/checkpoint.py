@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import CheckpointError, UserError
-from ..outputs import NonFiniteError, atomic_path, count_nonfinite, stream_safetensors
+from ..outputs import NonFiniteError, atomic_path, count_nonfinite, stream_safetensors, tensor_nbytes
 from . import fp8 as fp8mod
 from . import keys as keymod
 from .inspection import DTYPE_NAMES, GROUPS, describe, missing_summary, tensor_group  # noqa: F401 (API)
@@ -462,14 +462,14 @@ def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrit
     config = {"_class_name": "FluxTransformer2DModel", **spec.with_(guidance_embeds=has_guidance).diffusers_config()}
     shards, current, size = [], [], 0
     for e in entries:
-        n = _nbytes(e)
+        n = tensor_nbytes(e[1], e[2])
         if current and size + n > SHARD_BYTES:
             shards.append(current)
             current, size = [], 0
         current.append(e)
         size += n
     shards.append(current)
-    total = sum(_nbytes(e) for e in entries)
+    total = sum(tensor_nbytes(e[1], e[2]) for e in entries)
     _check_not_other_component(dst)
     with atomic_path(dst, overwrite=overwrite, what="converted transformer folder", folder=True,
                      owned=DIFFUSERS_FOLDER_FILES, sources=sources, size=total) as tmp:
@@ -498,11 +498,3 @@ def _check_not_other_component(dst: Path) -> None:
     if cls and cls != "FluxTransformer2DModel":
         raise UserError(f"{dst} holds a {cls} (its config.json), not a Flux transformer: refusing to replace it "
                         f"(nothing was deleted). Choose a new folder")
-
-
-def _nbytes(entry) -> int:
-    n = 1
-    for s in entry[2]:
-        n *= s
-    return n * torch.empty((), dtype=entry[1]).element_size()
-
