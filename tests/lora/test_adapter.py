@@ -1,13 +1,18 @@
 """The training adapter: a frozen side-branch LoRA that is on for training and off for samples (lora/adapter.py)."""
 
 import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
 
 from dev2pro.flux.fp8 import Fp8Policy, enable_fp8_storage, quantize
 from dev2pro.flux.spec import FLUX_DEV, TINY, build_transformer
 from dev2pro.lora import adapter as A
 from dev2pro.lora.formats import LoraModule, LoraWeights
-from dev2pro.lora.ops import apply_lora, lora_delta, merge_into
+from dev2pro.lora.merge import add_delta
+from dev2pro.lora.ops import apply_lora, lora_delta, lora_from_peft_model
 from dev2pro.lora.targets import target_modules
+from dev2pro.plan import PlanInputs, estimate, render
+from dev2pro.recipes.plan import adapter_params_in_file
 
 
 def _lora(model, names, rank, rel, seed):
@@ -41,8 +46,6 @@ def _out(model, seed=0):
 
 
 def _trainable(model):
-    from peft import LoraConfig
-
     names = target_modules("attention", TINY.num_double, TINY.num_single)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=names, init_lora_weights=True), "default")
     for n, p in model.named_parameters():
@@ -50,7 +53,7 @@ def _trainable(model):
     return names
 
 
-def test_adapter_is_frozen_on_by_default_switchable_and_equals_the_merged_base():
+def test_adapter_is_frozen_on_by_default_switchable_and_equals_the_merged_base(merged_sd):
     base = build_transformer(TINY, seed=0)
     adapter = _lora(base, _linears(base), rank=4, rel=0.05, seed=1)
     model = build_transformer(TINY, seed=0)
@@ -67,9 +70,7 @@ def test_adapter_is_frozen_on_by_default_switchable_and_equals_the_merged_base()
     assert len(trained) == 2 * len(lora_names) and all(p.dtype == torch.float32 for p in adapter_params)
     # adapter on == the LoRA on the base with the adapter merged into its weights (fp32 round-off)
     merged = build_transformer(TINY, seed=0)
-    merged.load_state_dict(merge_into(merged.state_dict(), adapter))
-    from dev2pro.lora.ops import lora_from_peft_model
-
+    merged.load_state_dict(merged_sd(merged.state_dict(), [(adapter, 1.0)]))
     apply_lora(merged, lora_from_peft_model(model, "default"), adapter_name="default")
     torch.testing.assert_close(_out(model), _out(merged), atol=1e-5, rtol=1e-5)
     # adapter off == the plain base with the same LoRA, bit for bit; the switch keeps the adapter frozen
@@ -86,7 +87,7 @@ def test_adapter_is_frozen_on_by_default_switchable_and_equals_the_merged_base()
     assert all(p.grad is None for p in adapter_params) and all(p.grad is not None for p in trained)
 
 
-def test_fp8_merge_loses_the_adapter_but_the_side_branch_keeps_it():
+def test_fp8_merge_loses_the_adapter_but_the_side_branch_keeps_it(merged_sd):
     """A dev -> dev2pro delta is small next to the weights (2% of each weight's norm here): merged into e4m3
     storage it mostly rounds away or turns into rounding noise; as a bf16/fp32 side branch over the fp8 base it
     survives. Effect = output change the adapter causes; error = distance to the fp32 effect, relative to it."""
@@ -112,7 +113,7 @@ def test_fp8_merge_loses_the_adapter_but_the_side_branch_keeps_it():
     assert all(p.dtype == torch.bfloat16 for n, p in side.named_parameters() if A.ADAPTER in n)
     assert any(p.dtype == torch.float8_e4m3fn for p in side.parameters())
     side_effect = _out(side) - _out(fp8_base)
-    merged_effect = _out(fp8_model(merge_into(ref.state_dict(), adapter))) - _out(fp8_base)
+    merged_effect = _out(fp8_model(merged_sd(ref.state_dict(), [(adapter, 1.0)]))) - _out(fp8_base)
     side_err = float((side_effect - effect).norm() / effect.norm())
     merged_err = float((merged_effect - effect).norm() / effect.norm())
     print(f"relative error of the adapter's effect: side branch {side_err:.3f}, merged into fp8 {merged_err:.3f}")
@@ -120,7 +121,8 @@ def test_fp8_merge_loses_the_adapter_but_the_side_branch_keeps_it():
     # at the weights: what the fp8 storage changes is mostly rounding noise, not the delta
     w = ref.transformer_blocks[0].attn.to_q.weight.detach()
     d = lora_delta(adapter["transformer_blocks.0.attn.to_q"])
-    (q0, s0), (q1, s1) = quantize(w, scaled=True), quantize(w + d, scaled=True)
+    q0, s0 = quantize(w, scaled=True)
+    q1, s1 = add_delta(q0, d, s0)  # what `lora merge` does to a scaled-fp8 file's weight
     stored = q1.float() * s1 - q0.float() * s0
     assert float((stored - d).norm() / d.norm()) > 0.5
 
@@ -149,11 +151,6 @@ def test_parameter_bytes_one_base_with_adapter_vs_two_bases():
 
 
 def test_dev2pro_plan_counts_the_adapter_instead_of_a_second_base(tmp_path):
-    from safetensors.torch import save_file
-
-    from dev2pro.plan import PlanInputs, estimate, render
-    from dev2pro.recipes.plan import _adapter_params
-
     shapes = A.linear_shapes(FLUX_DEV)
     params = sum(64 * (o + i) for o, i in shapes.values())  # a rank-64 adapter on every linear
     for fp8 in (False, True):
@@ -166,4 +163,4 @@ def test_dev2pro_plan_counts_the_adapter_instead_of_a_second_base(tmp_path):
     f = tmp_path / "a.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 10), "lora_unet_x.lora_up.weight": torch.zeros(6, 4),
                "lora_unet_x.alpha": torch.tensor(4.0)}, str(f))
-    assert _adapter_params(str(f)) == 64 and _adapter_params("") == 0
+    assert adapter_params_in_file(str(f)) == 64 and adapter_params_in_file("") == 0

@@ -1,14 +1,19 @@
-"""LoRA maths: apply == merge == manual delta, SVD extraction, peft round trips, clear errors."""
+"""LoRA maths: apply == merge (``lora.merge``) == manual delta, SVD extraction, peft round trips, clear errors."""
 
 import math
 
 import pytest
 import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
 
 from dev2pro.errors import UserError
+from dev2pro.flux import checkpoint as C
+from dev2pro.flux.fp8 import quantize, relative_error_bound
 from dev2pro.flux.spec import TINY, build_transformer
-from dev2pro.lora.formats import LoraModule, LoraWeights
-from dev2pro.lora.ops import apply_lora, extract, extract_pair, lora_delta, lora_from_peft_model, merge_into
+from dev2pro.lora.formats import LoraModule, LoraWeights, save_lora
+from dev2pro.lora.merge import add_delta, deltas_for, merge_loras
+from dev2pro.lora.ops import apply_lora, extract, extract_pair, lora_delta, lora_from_peft_model
 
 
 def random_lora(model, seed=0, std=0.1):
@@ -35,13 +40,14 @@ def forward(model, x):
         return model(**x).sample
 
 
-def merged_model(lws_and_scales):
-    model = build_transformer(TINY, seed=0)
-    sd = model.state_dict()
-    for lw, scale in lws_and_scales:
-        sd = merge_into(sd, lw, scale)
-    model.load_state_dict(sd)
-    return model
+@pytest.fixture
+def merged_model(merged_sd):
+    """The tiny model (seed 0) with LoRAs merged by ``merge_loras`` (through files)."""
+    def build(lws_and_scales):
+        model = build_transformer(TINY, seed=0)
+        model.load_state_dict(merged_sd(model.state_dict(), lws_and_scales))
+        return model
+    return build
 
 
 # ------------------------------------------------------------------------------------------- apply and merge
@@ -59,14 +65,14 @@ def test_apply_lora_equals_manually_added_deltas():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # fp32: LoRA branch vs merged weight, summation order
 
 
-def test_merge_then_forward_equals_lora_forward():
+def test_merge_then_forward_equals_lora_forward(merged_model):
     model = build_transformer(TINY, seed=0)
     lw, x = random_lora(model, seed=8), inputs(seed=1)
     apply_lora(model, lw)
     torch.testing.assert_close(forward(merged_model([(lw, 1.0)]), x), forward(model, x), atol=1e-5, rtol=0)
 
 
-def test_second_adapter_keeps_the_first_active():
+def test_second_adapter_keeps_the_first_active(merged_model):
     model = build_transformer(TINY, seed=0)
     a, b, x = random_lora(model, seed=1), random_lora(model, seed=2), inputs()
     apply_lora(model, a, adapter_name="a")
@@ -76,19 +82,51 @@ def test_second_adapter_keeps_the_first_active():
         apply_lora(model, a, adapter_name="a")
 
 
-def test_merge_keeps_dtype_and_matches_in_bf16():
+def test_merge_keeps_dtype_and_matches_in_bf16(tmp_path):
     model = build_transformer(TINY, seed=0)
     lw = random_lora(model, seed=3)
     sd16 = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    merged = merge_into(sd16, lw)
-    assert all(merged[k].dtype == torch.bfloat16 for k in merged)
-    want = merge_into({k: v.float() for k, v in sd16.items()}, lw)
-    for k in lw:  # fp32 maths, then one rounding to bf16 at the end
-        assert torch.equal(merged[f"{k}.weight"], want[f"{k}.weight"].to(torch.bfloat16))
-        assert not torch.equal(merged[f"{k}.weight"], sd16[f"{k}.weight"])
+    for k, m in lw.items():  # the per-tensor step: fp32 maths, then one rounding to bf16 at the end
+        w = sd16[f"{k}.weight"]
+        merged, scale = add_delta(w, lora_delta(m))
+        assert merged.dtype == torch.bfloat16 and scale is None
+        assert torch.equal(merged, (w.float() + lora_delta(m)).to(torch.bfloat16))
+        assert not torch.equal(merged, w)
+    # the whole file: every tensor stays bf16, untouched ones are bit-identical
+    base = tmp_path / "bf16.safetensors"
+    save_file({k: v.contiguous() for k, v in sd16.items()}, str(base))
+    lora = save_lora(lw, tmp_path / "l.safetensors", "diffusers")
+    out = C.open_checkpoint(merge_loras(base, [(str(lora), 0.5)], tmp_path / "m.safetensors"))
+    assert set(out.dtypes.values()) == {torch.bfloat16} and set(out.shapes) == set(sd16)
+    for key, w in sd16.items():
+        name = key.removesuffix(".weight")
+        want = add_delta(w, 0.5 * lora_delta(lw[name]))[0] if name in lw and key.endswith(".weight") else w
+        assert torch.equal(out.get(key), want), key
 
 
-def test_apply_and_merge_errors():
+@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_merge_dequantises_adds_and_requantises_with_the_same_scheme(fmt):
+    g = torch.Generator().manual_seed(9)
+    w, d = torch.randn(64, 48, generator=g) * 0.02, torch.randn(64, 48, generator=g) * 0.01
+    bound = relative_error_bound(fmt)
+    q0, s0 = quantize(w, scaled=True, dtype=fmt)
+    q1, s1 = add_delta(q0, d, s0)  # scaled fp8: a fresh per-tensor scale for the new amax
+    want = q0.float() * s0 + d
+    assert q1.dtype == fmt and s1.shape == () and s1.dtype == torch.float32
+    assert torch.isclose(s1, want.abs().max() / torch.finfo(fmt).max)
+    # one rounding to fp8: at most half an ulp of the value (plus the subnormal step near zero)
+    err = (q1.float() * s1 - want).abs()
+    subnormal_step = torch.finfo(fmt).tiny * torch.finfo(fmt).eps
+    assert (err <= bound * want.abs() * (1 + 1e-5) + s1 * subnormal_step).all()
+    assert float((q1.float() * s1 - q0.float() * s0 - d).norm() / d.norm()) < 0.5  # a large delta survives
+    plain, none = add_delta(w.to(fmt), d)  # plain fp8 casts stay plain
+    assert plain.dtype == fmt and none is None
+    assert torch.equal(plain, (w.to(fmt).float() + d).to(fmt))
+    half, kept = add_delta(w.half(), d, torch.tensor(2.0))  # a non-fp8 weight: cast back, any scale passed through
+    assert half.dtype == torch.float16 and float(kept) == 2.0 and torch.equal(half, (w.half().float() + d).half())
+
+
+def test_apply_and_merge_errors(tmp_path):
     model = build_transformer(TINY, seed=0)
     h = TINY.hidden
     missing = LoraWeights({"transformer_blocks.7.attn.to_q": LoraModule(torch.zeros(2, h), torch.zeros(h, 2), 2.0)})
@@ -99,22 +137,29 @@ def test_apply_and_merge_errors():
     with pytest.raises(UserError, match=r"'transformer_blocks\.0\.attn\.to_k' is 96x96 but the model's layer is 64x64"):
         apply_lora(model, wide)
     assert not getattr(model, "peft_config", {})  # nothing half-loaded
-    sd = model.state_dict()
-    with pytest.raises(UserError, match="is 96x96 but the base weight"):
-        merge_into(sd, wide)
-    with pytest.raises(UserError, match="has no weight 'transformer_blocks.7.attn.to_q.weight'"):
-        merge_into(sd, missing)
-    assert merge_into(sd, missing, strict=False).keys() == sd.keys()
-    fp8 = {"transformer_blocks.0.attn.to_k.weight": torch.zeros(96, 96).to(torch.float8_e4m3fn)}
-    with pytest.raises(ValueError, match="dequantise"):
-        merge_into(fp8, wide)
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base))
+    wide_f, missing_f = (str(save_lora(lw, tmp_path / f"{n}.safetensors", "diffusers"))
+                         for n, lw in (("wide", wide), ("missing", missing)))
+    ckpt = C.open_checkpoint(base)
+    with pytest.raises(UserError, match=r"wide.safetensors: module 'transformer_blocks.0.attn.to_k' gives a \(96, "
+                                        r"96\) delta but the base weight is \(64, 64\); the LoRA is for another "
+                                        r"model size"):
+        deltas_for(ckpt, [(wide_f, 1.0)])
+    with pytest.raises(UserError, match=r"missing.safetensors: module 'transformer_blocks.7.attn.to_q' has no weight "
+                                        r"in base .*base.safetensors; the LoRA is for another model"):
+        merge_loras(base, [(missing_f, 1.0)], tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    # several LoRAs on one weight add up, each with its own scale
+    other = LoraWeights({"transformer_blocks.0.attn.to_k": LoraModule(torch.ones(1, h), torch.ones(h, 1), 1.0)})
+    ok = [(str(save_lora(other, tmp_path / "a.safetensors", "kohya")), 0.5),
+          (str(save_lora(other, tmp_path / "b.safetensors", "diffusers")), -2.0)]
+    assert torch.equal(deltas_for(ckpt, ok)["transformer_blocks.0.attn.to_k.weight"], torch.full((h, h), -1.5))
 
 
 # ----------------------------------------------------------------------------------------------- peft models
 @pytest.mark.filterwarnings("ignore:Already found a")
-def test_lora_from_peft_model_reads_patterns_and_rslora():
-    from peft import LoraConfig
-
+def test_lora_from_peft_model_reads_patterns_and_rslora(merged_model):
     model = build_transformer(TINY, seed=0)
     targets = ["to_q", "to_k", "proj_mlp", "norm_out.linear"]
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
@@ -169,12 +214,12 @@ def test_extract_error_never_grows_with_rank_and_energy_picks_smallest_rank():
     assert extract(delta, rank=3, energy=0.999)[0].rank == 3  # capped by rank
 
 
-def test_extract_pair_recovers_a_merged_lora():
+def test_extract_pair_recovers_a_merged_lora(merged_model):
     model = build_transformer(TINY, seed=0)
     a_sd = model.state_dict()
     lora = random_lora(model, seed=7)
     lora.pop("proj_out")  # one linear left unchanged
-    b_sd = merge_into(a_sd, lora)
+    b_sd = merged_model([(lora, 1.0)]).state_dict()
     lw, report = extract_pair(a_sd, b_sd, rank=8, energy=1 - 1e-7)
     assert lw.keys() == lora.keys()
     assert "proj_out.weight" in report["identical"] and "x_embedder.bias" in report["not_linear"]

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from ..errors import UserError
 from ..outputs import NonFiniteError, count_nonfinite
-from .formats import LoraModule
+
+if TYPE_CHECKING:  # formats imports this module to check what it loads
+    from .formats import LoraModule
 
 _H, _M = "h", "m"  # symbolic dims: model width, mlp width
 _SHAPES = [  # (pattern over diffusers module names, (out, in)); None = any (embedder inputs, final projection out)

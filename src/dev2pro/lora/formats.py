@@ -38,9 +38,12 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
 from ..flux.keys import Piece, module_pieces
+from ..outputs import make_parent, save_safetensors
+from .checks import check_lora
 
 WRITABLE = ("kohya", "comfy", "diffusers")
 LAYOUTS = WRITABLE + ("xlabs",)
@@ -172,8 +175,9 @@ def _unfuse(m: LoraModule, rows: list[tuple[int, int]]) -> list[LoraModule | Non
     return out
 
 
-def _to_bfl(lw: Mapping[str, LoraModule], hidden=None, mlp_hidden=None) -> dict[str, LoraModule]:
-    """diffusers-named modules -> BFL-named modules (fused where BFL fuses)."""
+def to_bfl(lw: Mapping[str, LoraModule], hidden=None, mlp_hidden=None) -> dict[str, LoraModule]:
+    """diffusers-named modules -> BFL-named modules (fused where BFL fuses), as written to kohya/ComfyUI files and
+    merged into BFL/ComfyUI checkpoints."""
     out = {}
     for bfl, parts in _groups(lw, "diffusers", hidden, mlp_hidden).items():
         mods = [lw.get(p.diffusers) for p in parts]
@@ -306,16 +310,15 @@ def lora_from_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     elif layout in ("kohya", "comfy"):
         groups = _group(sd, (_PREFIX[layout], ""), layout)
         if layout == "kohya":
-            groups = _kohya_to_bfl_names(groups)
+            groups = _bfl_names_from_kohya(groups)
         mods = _from_bfl({n: _module(n, g) for n, g in groups.items()}, hidden, mlp_hidden)
     else:
         raise UserError(f"unknown LoRA layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    from .checks import check_lora  # finite values, every shape fits a Flux transformer
-    check_lora(mods, hidden, mlp_hidden)
+    check_lora(mods, hidden, mlp_hidden)  # finite values, every shape fits a Flux transformer
     return LoraWeights(mods, metadata, layout)
 
 
-def _kohya_to_bfl_names(groups: dict[str, dict]) -> dict[str, dict]:
+def _bfl_names_from_kohya(groups: dict[str, dict]) -> dict[str, dict]:
     """Underscored BFL paths (``double_blocks_0_img_attn_qkv``) -> dotted ones, via the known module names."""
     counts = [1 + max((int(m.group(1)) for k in groups if (m := re.match(pat, k))), default=-1)
               for pat in (r"double_blocks_(\d+)_", r"single_blocks_(\d+)_")]
@@ -401,7 +404,7 @@ def lora_to_state_dict(lw: LoraWeights | Mapping[str, LoraModule], layout: str, 
         cfg = {f"transformer.{k}": v for k, v in peft_config_kwargs(lw).items()}
         meta[ADAPTER_METADATA_KEY] = json.dumps(cfg, indent=2, sort_keys=True)  # as diffusers' save_lora_weights
     else:
-        for bfl, m in _to_bfl(lw, hidden, mlp_hidden).items():
+        for bfl, m in to_bfl(lw, hidden, mlp_hidden).items():
             name = _PREFIX[layout] + (bfl.replace(".", "_") if layout == "kohya" else bfl)
             sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = m.down, m.up
             sd[f"{name}.alpha"] = torch.tensor(float(m.alpha))  # 0-d, like kohya's (fp32 here, not bf16)
@@ -412,8 +415,6 @@ def lora_to_state_dict(lw: LoraWeights | Mapping[str, LoraModule], layout: str, 
 def load_lora(path: str | os.PathLike, allow_pickle: bool = False, hidden: int | None = None,
               mlp_hidden: int | None = None) -> LoraWeights:
     """Read a LoRA file (safetensors; a pickled .pt/.bin/.ckpt only with ``allow_pickle``)."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such LoRA file.")
@@ -442,8 +443,6 @@ def save_lora(lw: LoraWeights | Mapping[str, LoraModule], path: str | os.PathLik
               mlp_hidden: int | None = None, sources: Iterable[str | os.PathLike] = ()) -> Path:
     """Write ``lw`` as a safetensors file in ``layout``, atomically, through ``outputs`` (guarded destination,
     NaN/inf refused, disk-full and read-only errors as one line). ``sources``: inputs it must not replace."""
-    from ..outputs import make_parent, save_safetensors
-
     path = Path(path)
     sd, meta = lora_to_state_dict(lw, layout, metadata, hidden, mlp_hidden)
     # sorted keys: a stable byte layout whatever the module order

@@ -1,12 +1,13 @@
-"""LoRA maths on tensors and models: delta, merge, SVD extraction, and putting a LoRA into a diffusers model.
+"""LoRA maths on tensors and models: delta, SVD extraction, and putting a LoRA into a diffusers model.
 
 A LoRA module is a rank-r factorisation of a weight update, delta W = up @ down * alpha / r. So:
-- merging adds that product to the base weight (in fp32, cast back to the weight's dtype; fp8 storage is the
-  caller's business: dequantise first, requantise after, or scaled-fp8 weights come out silently wrong);
+- merging adds that product to the base weight (``lora.merge``: in fp32, then back to the weight's storage, fp8
+  requantised with its scale);
 - extraction is the reverse: the best rank-k approximation of a weight difference is its truncated SVD
   (Eckart-Young), and the squared singular values say how much of the difference each rank keeps ("energy");
 - applying to a model goes through peft (``load_lora_adapter``) with each module's alpha kept, for any model size.
-Streaming whole checkpoint files through these functions is the checkpoint module's job, not this one's.
+These functions work on tensors in memory; streaming checkpoint files through them is ``lora.merge``'s job (merge)
+and ``recipes.lora_tools``' (extract).
 """
 
 from __future__ import annotations
@@ -19,44 +20,18 @@ from typing import Mapping
 import torch
 
 from ..errors import UserError
+from ..flux.fp8 import FP8_DTYPES
 from .formats import LoraModule, LoraWeights, lora_to_peft_state_dict, peft_config_kwargs
-
-_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-             if hasattr(torch, n))
 
 
 def _no_fp8(name: str, t: torch.Tensor) -> None:
-    if t.dtype in _FP8:
+    if t.dtype in FP8_DTYPES:
         raise ValueError(f"{name} is {t.dtype}: dequantise fp8 weights (with their scales) before LoRA maths.")
 
 
 def lora_delta(module: LoraModule, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """delta W = up @ down * alpha / rank, computed in fp32 and returned as ``dtype``."""
     return (module.up.float() @ module.down.float() * module.scale).to(dtype)
-
-
-def merge_into(weights: Mapping[str, torch.Tensor], lw: Mapping[str, LoraModule], scale: float = 1.0,
-               strict: bool = True) -> dict[str, torch.Tensor]:
-    """``weights`` (diffusers names, ``<module>.weight``) with ``scale`` x each LoRA delta added.
-
-    Maths in fp32, results cast back to each weight's dtype; untouched tensors are passed through. With
-    ``strict=False`` LoRA modules whose weight is not in ``weights`` are skipped (for merging shard by shard).
-    """
-    out = dict(weights)
-    for name, module in lw.items():
-        key = f"{name}.weight"
-        if key not in weights:
-            if strict:
-                raise UserError(f"LoRA module {name!r} has no weight {key!r} in the base: the LoRA is for another "
-                                f"model family or size.")
-            continue
-        w = weights[key]
-        _no_fp8(key, w)
-        if tuple(w.shape) != (module.up.shape[0], module.down.shape[1]):
-            raise UserError(f"LoRA module {name!r} is {module.up.shape[0]}x{module.down.shape[1]} but the base "
-                            f"weight {key!r} is {tuple(w.shape)}: the LoRA is for another model size.")
-        out[key] = (w.float() + scale * lora_delta(module).to(w.device)).to(w.dtype)
-    return out
 
 
 RANK_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -232,7 +207,7 @@ def apply_lora(transformer: torch.nn.Module, lw: Mapping[str, LoraModule], scale
 
     The adapter is added to the active ones (earlier adapters stay on) with strength ``scale``; returns its name.
     """
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # heavy (~2 s): lora info/merge/extract skip it
 
     check_fits(transformer, lw)
     if adapter_name in getattr(transformer, "peft_config", {}):
@@ -262,7 +237,7 @@ def lora_from_peft_model(transformer: torch.nn.Module, adapter_name: str = "defa
     """LoraWeights of a peft-injected model's adapter; rank and alpha per layer as peft resolved them (config +
     rank/alpha patterns), rsLoRA expressed as an alpha over r. Wrapper prefixes (compile, FSDP, checkpointing,
     PeftModel) are dropped from names; DTensor shards are gathered."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # heavy (~2 s), as in apply_lora
 
     lw = LoraWeights(layout="diffusers")
     for name, module in transformer.named_modules():

@@ -2,9 +2,8 @@
 dev -> dev2pro difference itself as a LoRA.
 
 merge and extract stream through checkpoints one tensor at a time (a 24 GB base needs about one tensor of RAM):
-merge adds each LoRA's delta in the base's own naming (BFL-fused qkv deltas for BFL/ComfyUI files), dequantising
-fp8 weights first and requantising them with the same scheme (plain or scaled); extract takes the SVD of B - A
-per linear layer.
+merge is ``lora.merge.merge_loras`` (each LoRA's delta added in the base's own naming, fp8 requantised with the
+same scheme); extract takes the SVD of B - A per linear layer.
 """
 
 from __future__ import annotations
@@ -18,11 +17,11 @@ import torch
 
 from ..errors import UserError
 from ..flux import checkpoint as C
-from ..flux import fp8 as fp8mod
 from ..flux import keys as keymod
 from ..lora import formats as F
-from ..lora.ops import decompose, lora_delta, rank_errors
-from ..outputs import check_output, stream_safetensors, write_json
+from ..lora.merge import merge_loras
+from ..lora.ops import decompose, rank_errors
+from ..outputs import check_output, write_json
 
 
 def info(path: str, as_json: bool = False) -> dict:
@@ -72,63 +71,10 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False) -> Path:
     return out
 
 
-def _deltas_for(ckpt: C.Checkpoint, loras: list[tuple[str, float]]) -> dict[str, torch.Tensor]:
-    """Summed delta per *weight key* of the checkpoint, in its own naming (fp32)."""
-    total: dict[str, torch.Tensor] = {}
-    for path, scale in loras:
-        lw = F.load_lora(path)
-        mods = F._to_bfl(lw) if ckpt.key_layout == "bfl" else dict(lw)
-        for name, m in mods.items():
-            key = name + ".weight"
-            if key not in ckpt.shapes:
-                raise UserError(f"{path}: module {name!r} has no weight in base {ckpt.path}; the LoRA is for "
-                                f"another model (family or size)")
-            d = lora_delta(m) * scale
-            if tuple(d.shape) != tuple(ckpt.shapes[key]):
-                raise UserError(f"{path}: module {name!r} gives a {tuple(d.shape)} delta but the base weight is "
-                                f"{tuple(ckpt.shapes[key])}; the LoRA is for another model size")
-            total[key] = total[key] + d if key in total else d
-    return total
-
-
 def merge(base: str, loras: list[tuple[str, float]], out: str, overwrite: bool = False) -> Path:
     """Bake LoRAs into a single-file checkpoint, keeping its layout and dtype scheme (fp8 requantised)."""
+    path = merge_loras(base, loras, out, overwrite=overwrite)
     ckpt = C.open_checkpoint(base)
-    if ckpt.layout == "diffusers-folder":
-        raise UserError(f"{base}: merge writes single files; convert the folder first "
-                        f"(dev2pro convert {base} base.safetensors --layout bfl)")
-    sources = [base, *set(ckpt.files.values()), *(p for p, _ in loras)]
-    check_output(out, overwrite, "merged checkpoint", folder=False, sources=sources)
-    deltas = _deltas_for(ckpt, loras)
-    entries = []
-    if "scaled_fp8" in ckpt.aux:
-        marker = ckpt.raw(ckpt.aux["scaled_fp8"])
-        entries.append((ckpt.aux["scaled_fp8"], marker.dtype, tuple(marker.shape), lambda m=marker: m))
-    for key, shape in ckpt.shapes.items():
-        dtype, full = ckpt.dtypes[key], ckpt.prefix + key
-        scale_key = fp8mod.scale_key_for(key, ckpt.aux)
-        if key not in deltas:
-            entries.append((full, dtype, tuple(shape), lambda k=key: ckpt.get(k)))
-            if scale_key:
-                entries.append((ckpt.aux[scale_key], torch.float32, (), lambda s=scale_key: ckpt.raw(ckpt.aux[s])
-                                .float().reshape(())))
-            continue
-        memo: dict = {}
-
-        def merged(which, key=key, dtype=dtype, scaled=scale_key is not None, memo=memo):
-            if not memo:
-                w = ckpt.get_dequantized(key, torch.float32) + deltas.pop(key)
-                if dtype in C.FP8_DTYPES:
-                    memo[0], memo[1] = fp8mod.quantize(w, scaled=scaled, dtype=dtype)
-                else:
-                    memo[0], memo[1] = w.to(dtype), None
-            return memo.pop(which)
-        entries.append((full, dtype, tuple(shape), lambda m=merged: m(0)))
-        if scale_key:
-            entries.append((ckpt.aux[scale_key], torch.float32, (), lambda m=merged: m(1).reshape(()).float()))
-    meta = dict(ckpt.metadata)
-    meta["dev2pro.merged_loras"] = json.dumps([[Path(p).name, s] for p, s in loras])
-    path = stream_safetensors(entries, out, meta, overwrite=overwrite, what="merged checkpoint", sources=sources)
     print(f"wrote {path} ({len(loras)} LoRA(s) merged into {ckpt.layout} {ckpt.fp8_format} base)")
     return path
 
@@ -272,10 +218,3 @@ def _warn_and_print(report: dict, energy: float | None, ranks: list[int] | None)
         report["warnings"].append(f"no rank in --ranks keeps {target:g} of the energy in total")
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
-
-
-def add_lora_parser(sub):
-    """The `lora` subcommands (built in cli_commands, which imports nothing heavy)."""
-    from ..cli_commands import add_lora
-
-    add_lora(sub)

@@ -97,12 +97,12 @@ def plan_inputs(cfg):
                       optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
                       image_tokens=((res // 16) ** 2,), text_tokens=m.t5_max_length, sample_pixels=sample,
                       inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,
-                      adapter_params=_adapter_params(getattr(m, "adapter", "")),
+                      adapter_params=adapter_params_in_file(getattr(m, "adapter", "")),
                       text_encoder=m.text_encoder, text_encoder_dtype=m.text_encoder_dtype,
                       **{f"{k}_params": v for k, v in encoder_params(m.path).items()})
 
 
-def _adapter_params(path: str) -> int:
+def adapter_params_in_file(path: str) -> int:
     """Parameters of a training adapter file, from its safetensors header (no tensor is read)."""
     if not path:
         return 0

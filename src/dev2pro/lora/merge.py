@@ -1,0 +1,112 @@
+"""Bake LoRAs into a base checkpoint file, streamed one tensor at a time (a 24 GB base needs about one tensor of RAM).
+
+Each LoRA's delta is added in the base's own naming: BFL-fused deltas (``formats.to_bfl``: img/txt qkv, single
+linear1) for BFL and ComfyUI files, diffusers names for diffusers files. fp8 weights are dequantised first and
+requantised after with the same scheme (plain casts, or ComfyUI scaled fp8 with a fresh per-tensor scale; its
+``scaled_fp8`` marker is kept): adding a delta to fp8 storage directly, or dropping the scale, gives silently wrong
+weights. Every other tensor is copied through unchanged. Written with ``outputs.stream_safetensors`` because
+safetensors' own writer needs the whole state dict in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from ..flux import checkpoint as C
+from ..flux import fp8 as fp8mod
+from ..outputs import check_output, stream_safetensors
+from .formats import load_lora, to_bfl
+from .ops import lora_delta
+
+Entry = tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]  # outputs.stream_safetensors' entries
+
+
+def deltas_for(ckpt: C.Checkpoint, loras: list[tuple[str, float]]) -> dict[str, torch.Tensor]:
+    """Summed ``scale`` x delta per weight key of ``ckpt``, in its own naming (fp32); UserError naming the LoRA file
+    for a module the base lacks or whose delta has another shape (a LoRA for another model family or size)."""
+    total: dict[str, torch.Tensor] = {}
+    for path, scale in loras:
+        lw = load_lora(path)
+        mods = to_bfl(lw) if ckpt.key_layout == "bfl" else dict(lw)
+        for name, m in mods.items():
+            key = name + ".weight"
+            if key not in ckpt.shapes:
+                raise UserError(f"{path}: module {name!r} has no weight in base {ckpt.path}; the LoRA is for "
+                                f"another model (family or size)")
+            d = lora_delta(m) * scale
+            if tuple(d.shape) != tuple(ckpt.shapes[key]):
+                raise UserError(f"{path}: module {name!r} gives a {tuple(d.shape)} delta but the base weight is "
+                                f"{tuple(ckpt.shapes[key])}; the LoRA is for another model size")
+            total[key] = total[key] + d if key in total else d
+    return total
+
+
+def add_delta(weight: torch.Tensor, delta: torch.Tensor,
+              scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(stored weight + delta, its scale) in the weight's own storage: maths in fp32, one rounding at the end.
+
+    ``weight`` as stored in a file (fp8 with its ComfyUI ``scale`` when it has one, or bf16/fp16/fp32); fp8 comes
+    back requantised with the same scheme (a new 0-d fp32 scale when ``scale`` is given, else None). Other dtypes
+    come back cast, with ``scale`` passed through.
+    """
+    fp8 = weight.dtype in C.FP8_DTYPES
+    w = (fp8mod.dequantize_entry(weight, scale, torch.float32) if fp8 else weight.to(torch.float32)) + delta
+    if fp8:
+        return fp8mod.quantize(w, scaled=scale is not None, dtype=weight.dtype)
+    return w.to(weight.dtype), scale
+
+
+def merged_entries(ckpt: C.Checkpoint, deltas: dict[str, torch.Tensor]) -> list[Entry]:
+    """The output file's entries in the base's key order: its tensors with ``deltas`` added (``deltas`` is emptied
+    as they are written), untouched tensors copied, fp8 scales written as 0-d fp32 after their weights."""
+    entries: list[Entry] = []
+    if "scaled_fp8" in ckpt.aux:  # ComfyUI's marker of a scaled-fp8 file: readers need it to apply the scales
+        marker = ckpt.raw(ckpt.aux["scaled_fp8"])
+        entries.append((ckpt.aux["scaled_fp8"], marker.dtype, tuple(marker.shape), lambda m=marker: m))
+    for key, shape in ckpt.shapes.items():
+        dtype, full = ckpt.dtypes[key], ckpt.prefix + key
+        scale_key = fp8mod.scale_key_for(key, ckpt.aux)
+        if key not in deltas:
+            entries.append((full, dtype, tuple(shape), lambda k=key: ckpt.get(k)))
+            if scale_key:
+                entries.append((ckpt.aux[scale_key], torch.float32, (), lambda s=scale_key: ckpt.raw(ckpt.aux[s])
+                                .float().reshape(())))
+            continue
+        memo: dict = {}
+
+        def merged(which: int, key=key, memo=memo) -> torch.Tensor:
+            # the weight (0) and its scale (1) come from one requantisation, computed when the weight is written
+            if not memo:
+                memo[0], memo[1] = add_delta(ckpt.get(key), deltas.pop(key), ckpt.scale_of(key))
+            return memo.pop(which)
+        entries.append((full, dtype, tuple(shape), lambda m=merged: m(0)))
+        if scale_key:
+            entries.append((ckpt.aux[scale_key], torch.float32, (), lambda m=merged: m(1).reshape(()).float()))
+    return entries
+
+
+def merge_loras(base: str | os.PathLike, loras: list[tuple[str, float]], out: str | os.PathLike,
+                overwrite: bool = False) -> Path:
+    """Write ``base`` with each (LoRA file, scale) of ``loras`` added to ``out``: the base's layout, key order,
+    dtypes and metadata, plus ``dev2pro.merged_loras`` (JSON [[file name, scale], ...]).
+
+    UserError for a diffusers folder (merge writes single files), an existing ``out`` without ``overwrite``, an
+    ``out`` that is one of the inputs, a LoRA that does not fit the base; nothing is written then, nor when a merged
+    tensor overflows its dtype (NaN/inf).
+    """
+    ckpt = C.open_checkpoint(base)
+    if ckpt.layout == "diffusers-folder":
+        raise UserError(f"{base}: merge writes single files; convert the folder first "
+                        f"(dev2pro convert {base} base.safetensors --layout bfl)")
+    sources = [base, *set(ckpt.files.values()), *(p for p, _ in loras)]
+    check_output(out, overwrite, "merged checkpoint", folder=False, sources=sources)
+    entries = merged_entries(ckpt, deltas_for(ckpt, loras))
+    meta = dict(ckpt.metadata)
+    meta["dev2pro.merged_loras"] = json.dumps([[Path(p).name, s] for p, s in loras])
+    return stream_safetensors(entries, out, meta, overwrite=overwrite, what="merged checkpoint", sources=sources)
