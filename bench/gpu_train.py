@@ -3,7 +3,7 @@ rank-16 LoRA on all linear layers, batch 1, at 512^2 and 1024^2 (1024 / 4096 ima
 
 Rows: a diffusers-style baseline step (peft LoRA on a bf16 transformer with gradient checkpointing, LoRA in bf16,
 no autocast, as ``train_dreambooth_lora_flux.py`` does with bf16 mixed precision), then dev2pro's own step
-(``train_steps.add_lora`` + ``train_steps.flow_matching_loss``, fp32 LoRA) for: bf16 without / with checkpointing,
+(``train.model.add_lora`` + ``objectives.flow_objective``, fp32 LoRA) for: bf16 without / with checkpointing,
 fp8 storage + checkpointing, fp8 + block swap 16 and 28, and each ``--vram`` preset (``plan.VRAM_PRESETS``; a
 preset whose settings equal a measured row reuses it). Columns: s/step (median of the timed steps after warm-up,
 ``torch.cuda.synchronize`` around each), peak allocated and reserved GB (``reset_peak_memory_stats`` per row),
@@ -31,9 +31,8 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -116,13 +115,11 @@ def add_lora(model, row: Row, spec: FluxSpec, rank: int):
     from peft import LoraConfig
 
     from dev2pro.lora.targets import target_modules
-    from dev2pro.recipes import train_steps
+    from dev2pro.train.model import add_lora as dev2pro_add_lora
 
-    if row.style == "dev2pro":
-        lora = SimpleNamespace(rank=rank, alpha=float(rank), dropout=0.0, targets="all_linear", extra_targets=[],
-                               double_blocks=[], single_blocks=[])
-        return train_steps.add_lora(model, SimpleNamespace(lora=lora), spec)
     names = target_modules("all_linear", spec.num_double, spec.num_single, guidance=spec.guidance_embeds)
+    if row.style == "dev2pro":
+        return dev2pro_add_lora(model, names, rank, float(rank))
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=names),
                       adapter_name="default")
     params = [p for n, p in model.named_parameters() if "lora_" in n]
@@ -150,10 +147,10 @@ def synthetic_batch(spec: FluxSpec, size: int, txt: int, seed: int = 0) -> dict:
 
 
 def dev2pro_step(model, batch, gen, device, dtype):
-    from dev2pro.recipes import train_steps
+    from dev2pro.objectives import draw, flow_objective
 
-    tc = SimpleNamespace(guidance=1.0, timestep_sampling="sigmoid", sigmoid_scale=1.0, shift=3.0)
-    return train_steps.flow_matching_loss(model, batch, tc, gen, device, dtype)
+    noised = draw(batch, gen, dropout_p=0.0, empty={}, timestep_sampling="sigmoid", sigmoid_scale=1.0, shift=3.0)
+    return flow_objective(model, noised, 1.0, device, dtype)[0]
 
 
 def diffusers_step(model, batch, gen, device, dtype):

@@ -24,8 +24,13 @@ import torch
 def overhead(steps: int, work: Path) -> None:
     from dev2pro.flux.spec import FluxSpec
     from dev2pro.flux.tiny import write_tiny_model
-    from dev2pro.recipes import train_steps as S
+    from dev2pro.data.folders import DatasetFolder
+    from dev2pro.data.loader import BucketBatchSampler, collate
+    from dev2pro.data.prepare import FolderOptions, load_training_data
+    from dev2pro.lora.targets import target_modules
+    from dev2pro.objectives import draw, flow_objective
     from dev2pro.recipes.train_lora import load_train_config, train
+    from dev2pro.train.model import add_lora, load_base
 
     # A small model whose step cost (not Python overhead) dominates, like a real run.
     spec = FluxSpec(hidden=256, num_heads=4, num_double=2, num_single=4, in_channels=64, context_dim=32,
@@ -68,19 +73,24 @@ output_dir = "{work / 'run'}"
     # bare loop: same model, LoRA, batch shapes and loss function; no data loader, logging or progress
     out = work / "bare"
     out.mkdir()
-    data = S.prepare_data(cfg, out, "cpu")
-    model, ckpt = S.load_base(cfg, torch.float32, "cpu")
-    params = S.add_lora(model, cfg, ckpt.spec())
+    data = load_training_data(model_dir, "cpu", folders=[DatasetFolder(imgs)], cache_dir=out / "cache",
+                              options=FolderOptions("a photo", resolution=128, bucket_step=128), t5_max_length=128)
+    model, ckpt = load_base(str(model_dir), torch.float32, "cpu", gradient_checkpointing=False)
+    params = add_lora(model, target_modules("all_linear", spec.num_double, spec.num_single,
+                                            guidance=spec.guidance_embeds), 16, 16.0)
     opt = torch.optim.AdamW(params, lr=cfg.train.lr)
     gen = torch.Generator().manual_seed(0)
-    batch = data.collate([data.dataset[i] for i in next(iter(data.sampler))], gen)
+    sampler = BucketBatchSampler(data.dataset.buckets(), 1, seed=0)
+    items = collate([data.dataset[i] for i in next(iter(sampler))])
     model.train()
 
     def bare_sps():
         for i in range(steps + 3):
             if i == 3:
                 t0 = time.perf_counter()
-            loss = S.flow_matching_loss(model, batch, cfg.train, gen, "cpu", torch.float32)
+            batch = draw(items, gen, dropout_p=0.0, empty=data.empty, timestep_sampling="sigmoid", sigmoid_scale=1.0,
+                         shift=3.0)
+            loss = flow_objective(model, batch, 1.0, "cpu", torch.float32)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

@@ -36,3 +36,14 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)  # the same object the library gets later with getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise(fragments))
+
+
+def quiet_libraries() -> None:
+    """For commands that load models: the filters above, and no diffusers/transformers per-component loading bars
+    (our progress bar is the one users watch). Imports both libraries: call it when a command runs, not at import."""
+    quiet_third_party()  # also in processes that did not start from the CLI (demo workers, torchrun -m)
+    import diffusers  # noqa: PLC0415 - heavy; this module is imported by the CLI's parser
+    import transformers  # noqa: PLC0415
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

@@ -62,6 +62,16 @@ class NonFiniteError(UserError):
 
 
 # ------------------------------------------------------------------------------------------------ guard
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> bool:
+    """Check an output folder up front; an existing *empty* folder counts as free. Returns the overwrite to use."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file, not a folder: choose another --out")
+    empty = out.is_dir() and not any(out.iterdir())
+    check_output(out, overwrite or empty, what="output folder")
+    return overwrite or empty
+
+
 def check_output(path: str | os.PathLike, overwrite: bool, what: str = "output", *, folder: bool | None = None,
                  owned: Sequence[str] | None = None, sources: Iterable[str | os.PathLike] = ()) -> Path:
     """Validate an output path before anything is computed; returns it as a Path.

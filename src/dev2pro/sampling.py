@@ -29,23 +29,20 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from .errors import UserError
+from .flux.checkpoint import load_transformer
+from .flux.latents import load_vae, unpack
+from .lora.formats import load_lora
+from .lora.ops import apply_lora
 from .outputs import atomic_path
+from .text import TEXT_COMPONENTS, Embeds, encode_each, free_memory, load_text_encoders
 
 MODES = ("auto", "embedded", "true_cfg")
-# Sub-folders of a FLUX.1-dev diffusers folder that sampling needs besides the transformer.
-COMPONENTS = {
-    "vae": ("diffusers", "AutoencoderKL"),
-    "text_encoder": ("transformers", "CLIPTextModel"),
-    "tokenizer": ("transformers", "CLIPTokenizer"),
-    "text_encoder_2": ("transformers", "T5EncoderModel"),
-    "tokenizer_2": ("transformers", "T5TokenizerFast"),
-    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-}
-TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-
-Embeds = tuple[torch.Tensor, torch.Tensor]  # (T5 prompt_embeds [1, seq, D], CLIP pooled [1, P])
+SCHEDULER = "scheduler"
 
 
 # ------------------------------------------------------------------------------------------------ components
@@ -65,58 +62,39 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_components(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     text_encoders: bool = True) -> dict:
-    """VAE, tokenizers, text encoders and scheduler from a FLUX.1-dev-layout folder, offline.
-
-    ``text_encoders=False`` skips CLIP/T5 (they come back as None) for callers that already hold embeddings.
-    """
-    import importlib
-
+    """VAE, scheduler and (``text_encoders=True``) the text stack of ``text.load_text_encoders`` from a
+    FLUX.1-dev-layout folder, offline; skipped text parts come back as None (callers that hold embeddings)."""
     root = Path(model_dir)
     if not root.is_dir():
         raise UserError(f"model folder {root} does not exist: pass a FLUX.1-dev-layout diffusers folder "
                         "(model_index.json, vae/, text_encoder/, ...), e.g. one written by `dev2pro init-tiny`")
-    wanted = [n for n in COMPONENTS if text_encoders or n not in TEXT_COMPONENTS]
+    wanted = ["vae", SCHEDULER, *(TEXT_COMPONENTS if text_encoders else ())]
     missing = [n for n in wanted if not (root / n).is_dir()]
     if missing:
         raise UserError(f"model folder {root} lacks {', '.join(missing)}/: it must have the FLUX.1-dev diffusers "
                         "layout (download the whole repo, not only the transformer)")
-    out = {n: None for n in COMPONENTS}
-    for name in wanted:
-        library, cls_name = COMPONENTS[name]
-        cls = getattr(importlib.import_module(library), cls_name)
-        kwargs = {"local_files_only": True}
-        if name in ("vae", "text_encoder", "text_encoder_2"):
-            kwargs["torch_dtype"] = dtype
-        try:
-            out[name] = cls.from_pretrained(root / name, **kwargs)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load {root / name} as {cls_name}: {e}") from None
-        if name in ("vae", "text_encoder", "text_encoder_2"):
-            out[name].eval().requires_grad_(False)
+    out = {"vae": load_vae(root, dtype=dtype), **{n: None for n in TEXT_COMPONENTS}}
+    try:
+        out[SCHEDULER] = FlowMatchEulerDiscreteScheduler.from_pretrained(root / SCHEDULER, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {root / SCHEDULER} as FlowMatchEulerDiscreteScheduler: {e}") from None
+    if text_encoders:
+        pipe = load_text_encoders(root, "cpu", dtype)
+        out.update({n: getattr(pipe, n) for n in TEXT_COMPONENTS})
     return out
 
 
 def build_pipeline(components: dict, transformer=None, progress: bool = False):
     """A FluxPipeline from ``load_components`` output; any component (text encoders, transformer) may be None."""
-    from diffusers import FluxPipeline
-
-    parts = {n: components.get(n) for n in COMPONENTS}
+    parts = {n: components.get(n) for n in ("vae", SCHEDULER, *TEXT_COMPONENTS)}
     pipe = FluxPipeline(transformer=transformer, **parts)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe
 
 
-@torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int = 512) -> list[Embeds]:
     """Encode each prompt with the pipeline's CLIP (pooled) and T5 (sequence): [(embeds [1,seq,D], pooled [1,P])]."""
-    if pipe.text_encoder is None or pipe.text_encoder_2 is None:
-        raise ValueError("this pipeline has no text encoders: load them (load_components(text_encoders=True)) "
-                         "or pass prompt embeddings")
-    out = []
-    for prompt in prompts:
-        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=max_sequence_length)
-        out.append((embeds.cpu(), pooled.cpu()))
-    return out
+    return encode_each(pipe, prompts, max_sequence_length, pipe._execution_device)
 
 
 def encode_and_free(components: dict, prompts: Sequence[str], negative: str = "", device: str | torch.device = "cpu",
@@ -133,8 +111,7 @@ def encode_and_free(components: dict, prompts: Sequence[str], negative: str = ""
     del pipe
     for name in TEXT_COMPONENTS:
         components[name] = None
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     return embeds[:-1], embeds[-1]
 
 
@@ -144,10 +121,6 @@ def load_base(path: str | os.PathLike, loras: Sequence[tuple[str, float]] = (), 
 
     Returns (transformer, Checkpoint). With ``fp8_storage`` fp8 files stay fp8 in memory (compute in ``dtype``).
     """
-    from .flux.checkpoint import load_transformer
-    from .lora.formats import load_lora
-    from .lora.ops import apply_lora
-
     transformer, ckpt = load_transformer(path, dtype=dtype, fp8_storage=fp8_storage)
     for i, (lora_path, scale) in enumerate(loras):
         lw = load_lora(lora_path)
@@ -181,6 +154,20 @@ class Guidance:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        """One line for titles and logs, e.g. ``embedded guidance 3.5`` or ``true CFG 3.5``."""
+        if self.mode == "embedded":
+            return f"guidance {self.embedded:g}" + (f", true CFG {self.cfg:g}" if self.cfg > 1.0 else "")
+        return f"true CFG {self.cfg:g}" if self.cfg > 1.0 else "no CFG" + (
+            f" (guidance {self.embedded:g})" if self.embedded is not None else "")
+
+    def pipeline_kwargs(self, transformer) -> dict:
+        """The FluxPipeline arguments for this guidance (the pipeline builds the guidance tensor from them)."""
+        if (self.embedded is not None) != bool(transformer.config.guidance_embeds):
+            raise ValueError(f"{self} was resolved for a base {'with' if self.embedded is not None else 'without'} "
+                             "a guidance embedding; resolve it for this transformer")
+        return {"guidance_scale": self.embedded if self.embedded is not None else 1.0}
 
 
 def resolve_guidance(guidance_embeds: bool, mode: str = "auto", guidance: float = 3.5,
@@ -221,16 +208,14 @@ def _check_size(pipe, width: int, height: int) -> int:
 
 
 @torch.no_grad()
-def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guidance: float = 3.5, true_cfg: float = 1.0,
-           negative: Embeds | None = None, steps: int = 20, width: int = 1024, height: int = 1024,
-           mode: str = "auto") -> list:
+def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], guidance: Guidance, *,
+           negative: Embeds | None = None, steps: int = 20, width: int = 1024, height: int = 1024) -> list:
     """Render every (prompt embedding, seed) pair, prompt-major: [p0 s0, p0 s1, ..., p1 s0, ...] as PIL images.
 
-    ``negative`` (embeddings) is the true-CFG negative; default: the empty prompt, encoded with the pipeline's
-    text encoders. The transformer is put in eval mode for the call and restored afterwards (callers mid-training).
+    ``guidance`` is resolved once per run (``resolve_guidance``) for this transformer. ``negative`` (embeddings)
+    is the true-CFG negative; default: the empty prompt, encoded with the pipeline's text encoders. The transformer is put in eval mode for the call and restored afterwards (callers mid-training).
     """
-    transformer = pipe.transformer
-    g = resolve_guidance(transformer.config.guidance_embeds, mode, guidance, true_cfg)
+    transformer, g = pipe.transformer, guidance
     _check_size(pipe, width, height)
     if steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
@@ -254,8 +239,8 @@ def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guidance: fl
             for seed in seeds:
                 generator = torch.Generator("cpu").manual_seed(int(seed))  # CPU noise: same image on any device
                 out = pipe(prompt_embeds=prompt_embeds.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype),
-                           guidance_scale=g.embedded if g.embedded is not None else 1.0, num_inference_steps=steps,
-                           width=width, height=height, generator=generator, output_type="latent", **extra)
+                           num_inference_steps=steps, width=width, height=height, generator=generator,
+                           output_type="latent", **g.pipeline_kwargs(transformer), **extra)
                 images.append(decode(pipe, out.images, width, height)[0])
     finally:
         transformer.train(was_training)
@@ -275,19 +260,16 @@ def decode(pipe, packed: torch.Tensor, width: int, height: int) -> list:
 
 
 @torch.no_grad()
-def render_latents(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guidance: float = 3.5,
-                   true_cfg: float = 1.0, negative: Embeds | None = None, steps: int = 20, width: int = 1024,
-                   height: int = 1024, mode: str = "auto", batch_size: int = 64) -> torch.Tensor:
+def render_latents(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], guidance: Guidance, *,
+                   negative: Embeds | None = None, steps: int = 20, width: int = 1024, height: int = 1024,
+                   batch_size: int = 64) -> torch.Tensor:
     """Like ``render`` for aligned lists (image i = ``embeds[i]`` with ``seeds[i]``), batched, returning the
     denoised latents (N, C, height/8, width/8) instead of decoded images -- for evaluations that sample hundreds
     of small images or decode with something other than the pipeline's VAE. Each image still gets its own seeded
     CPU generator, so image i equals the one ``render`` makes for that prompt and seed (up to batch numerics)."""
-    from .flux.latents import unpack
-
     if len(embeds) != len(seeds):
         raise ValueError(f"{len(embeds)} prompt embeddings but {len(seeds)} seeds: pass aligned lists")
-    transformer = pipe.transformer
-    g = resolve_guidance(transformer.config.guidance_embeds, mode, guidance, true_cfg)
+    transformer, g = pipe.transformer, guidance
     multiple = _check_size(pipe, width, height)
     device, dtype = pipe._execution_device, compute_dtype(transformer)
     use_cfg = g.cfg > 1.0
@@ -307,9 +289,9 @@ def render_latents(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guid
                              negative_pooled_prompt_embeds=negative[1].expand(n, -1).to(device, dtype),
                              true_cfg_scale=g.cfg)
             gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[lo:lo + batch_size]]
-            tokens = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_inference_steps=steps,
-                          guidance_scale=g.embedded if g.embedded is not None else 1.0, width=width, height=height,
-                          generator=gens, output_type="latent", **extra).images
+            tokens = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_inference_steps=steps, width=width,
+                          height=height, generator=gens, output_type="latent", **g.pipeline_kwargs(transformer),
+                          **extra).images
             out.append(unpack(tokens.float().cpu(), 2 * (height // multiple), 2 * (width // multiple)))
     finally:
         transformer.train(was_training)
@@ -318,8 +300,6 @@ def render_latents(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], *, guid
 
 # ------------------------------------------------------------------------------------------------ grids and files
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
@@ -341,8 +321,6 @@ def make_grid(images: Sequence, rows: int, cols: int, labels: Sequence[str | Non
 
     Size without labels: (cols*W + (cols-1)*pad, rows*H + (rows-1)*pad). Labels add a band per row.
     """
-    from PIL import Image, ImageDraw
-
     if len(images) != rows * cols:
         raise ValueError(f"a {rows}x{cols} grid needs {rows * cols} images, got {len(images)}")
     if labels is not None and len(labels) != len(images):
@@ -374,8 +352,6 @@ def make_labelled_grid(images: Sequence, row_labels: Sequence[str], col_labels: 
     (the seed), then per row a band with its label (the prompt, cut to fit) above the images. Size:
     (cols*W, rows*H + (rows + 2) * band). ``make_grid`` stays the plain tiling.
     """
-    from PIL import Image, ImageDraw
-
     rows, cols = len(row_labels), len(col_labels)
     body = make_grid(images, rows=rows, cols=cols)
     w, h = images[0].size
@@ -395,8 +371,6 @@ def make_labelled_grid(images: Sequence, row_labels: Sequence[str], col_labels: 
 
 def save_png(image, path: str | os.PathLike, info: dict, overwrite: bool = False) -> Path:
     """Write a PNG atomically with each ``info`` item as a text chunk (non-strings as JSON)."""
-    from PIL.PngImagePlugin import PngInfo
-
     meta = PngInfo()
     for key, value in info.items():
         meta.add_text(str(key), value if isinstance(value, str) else json.dumps(value, sort_keys=True))
@@ -425,15 +399,6 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
         raise UserError(f"LoRA argument {arg!r}: the scale after the last ':' must be a finite number "
                         f"(e.g. {path or 'lora.safetensors'}:0.8), got {suffix!r}")
     return path, scale
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"1024x768"`` (or a single number for a square) -> (width, height)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+))?\s*", str(text))
-    if not m:
-        raise UserError(f"size {text!r} must look like WIDTHxHEIGHT, e.g. 1024x1024")
-    w = int(m.group(1))
-    return w, int(m.group(2) or w)
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -7,8 +7,8 @@ Resuming is therefore just "(epoch, position)": a resumed run replays exactly th
 would have seen. With DataLoader workers the sampler runs ahead of training (prefetch), so save
 ``state_dict(batches_done=...)`` with the count the loop actually consumed.
 
-Caption dropout (training on the empty caption some of the time) is what lets a LoRA trained at guidance 1.0 be
-used with true CFG; ``collate`` swaps in the cached empty-caption embeddings with probability ``dropout_p``.
+Caption dropout (training on the empty caption some of the time) is drawn with the step's other random draws in
+``objectives.draw``; ``collate`` only stacks.
 """
 
 from __future__ import annotations
@@ -145,35 +145,16 @@ class BucketBatchSampler:
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
 
 
-def collate(
-    batch: list[dict],
-    empty_text: dict[str, torch.Tensor] | None = None,
-    dropout_p: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> dict:
+def collate(batch: list[dict]) -> dict:
     """Stack dataset items into ``latents`` (B, C, h, w), the text tensors (``prompt_embeds`` (B, seq, D),
-    ``pooled`` (B, D), ...), ``captions`` and ``dropped`` (B,) bool, replacing each item's text by
-    ``empty_text`` (the cached empty-caption embeddings) with probability ``dropout_p``, drawn from ``generator``.
-    """
-    drop = torch.zeros(len(batch), dtype=torch.bool)
-    if dropout_p > 0:
-        if empty_text is None:
-            raise ValueError("caption dropout needs empty_text, the cached embeddings of the empty caption")
-        drop = torch.rand(len(batch), generator=generator) < dropout_p
+    ``pooled`` (B, D), ...) and ``captions``."""
     names = [k for k in batch[0] if k not in ("latents", "caption")]
-    text = {}
-    for name in names:
-        rows = []
-        for item, dropped in zip(batch, drop.tolist()):
-            row = item[name]
-            if dropped:
-                row = empty_text[name]
-                row = row[0] if row.dim() == item[name].dim() + 1 else row  # accept a (1, ...) batch too
-            rows.append(row)
-        text[name] = torch.stack(rows)
-    return {
-        "latents": torch.stack([item["latents"] for item in batch]),  # (B, C, h, w)
-        **text,
-        "captions": ["" if d else item["caption"] for item, d in zip(batch, drop.tolist())],
-        "dropped": drop,
-    }
+    return {"latents": torch.stack([item["latents"] for item in batch]),  # (B, C, h, w)
+            **{name: torch.stack([item[name] for item in batch]) for name in names},
+            "captions": [item["caption"] for item in batch]}
+
+
+def batches_forever(sampler):
+    """The sampler's batches, epoch after epoch (it reshuffles per epoch and resumes mid-epoch)."""
+    while True:
+        yield from sampler

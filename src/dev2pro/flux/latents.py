@@ -11,8 +11,22 @@ its pipelines and training scripts feed the model; we only give them latent-size
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from diffusers import AutoencoderKL
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+from ..errors import UserError
+
+
+def load_vae(model_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """The Flux VAE of a FLUX.1-dev-layout folder (``vae/``), frozen, in eval mode, offline."""
+    try:
+        vae = AutoencoderKL.from_pretrained(Path(model_dir) / "vae", torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {Path(model_dir) / 'vae'} as AutoencoderKL: {e}") from None
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def _check_even(h: int, w: int) -> None:

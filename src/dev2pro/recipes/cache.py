@@ -15,6 +15,9 @@ import torch
 from ..data.buckets import make_buckets
 from ..data.shards import collect_sources, write_shards
 from ..errors import UserError
+from ..flux.latents import encode_images, load_vae
+from ..noise import quiet_libraries
+from ..text import encoder_identity, load_text_encoders, text_encoder
 
 
 def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000, resolution: int = 512,
@@ -26,10 +29,6 @@ def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000
     The inputs are read with the rules `train` applies to its folders (``data.folders``): the same skips,
     listed, the same caption errors, the kohya ``N_name/`` layout (repeats are kept per sample in the index).
     """
-    from ..flux.latents import encode_images
-    from .train_lora import quiet_libraries
-    from .train_steps import encoder_identity, load_encoders, text_encoder
-
     if per_shard < 1:
         raise UserError("--per-shard must be >= 1")
     quiet_libraries()
@@ -37,19 +36,12 @@ def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000
     buckets = make_buckets(resolution * resolution, step=bucket_step)
     samples, skipped = collect_sources([Path(i) for i in inputs], default_caption, min_size, buckets, recursive,
                                        strict)
-    comps = load_encoders(Path(model_dir), device)
-    encode_text = text_encoder(comps["pipe"], device, t5_max_length)
+    vae = load_vae(model_dir, device)
+    encode_text = text_encoder(load_text_encoders(model_dir, device), device, t5_max_length)
 
     settings = {"encoder": encoder_identity(Path(model_dir)), "t5_max_length": t5_max_length,
                 "resolution": resolution, "bucket_step": bucket_step, "per_shard": per_shard}
     index = write_shards(samples, Path(out_dir), per_shard, buckets,
-                         lambda px: encode_images(comps["vae"], px.to(device)).cpu(), encode_text, settings,
+                         lambda px: encode_images(vae, px.to(device)).cpu(), encode_text, settings,
                          skipped=skipped, batch_size=batch_size)
     return {"index": str(index), "samples": len(samples), "skipped": skipped}
-
-
-def add_cache_parser(sub):
-    """The `cache` subcommand (built in cli_commands, which imports nothing heavy)."""
-    from ..cli_commands import add_cache
-
-    add_cache(sub)

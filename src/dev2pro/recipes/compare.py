@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 from .. import sampling as S
-from ..config import load_config, opt, require, to_dict
+from ..config import load_config, opt, parse_size, require, to_dict
 from ..errors import ConfigError, UserError
 from ..flux.checkpoint import open_checkpoint
 from ..lab import metrics as M
-from ..outputs import atomic_path, write_json, write_text
-from .sample import check_output_dir
+from ..outputs import atomic_path, check_output_dir, write_json, write_text
 
 BLOCK_PAD = 8  # pixels between arm blocks in compare.png
 
@@ -79,7 +78,7 @@ class CompareConfig:
         require(self.steps >= 1, f"steps: must be >= 1, got {self.steps}")
         require(len(self.arms) >= 1, "arms: add at least one [[arms]] table")
         try:
-            S.parse_size(self.size)
+            parse_size(self.size)
         except UserError as e:
             raise ConfigError(f"size: {e}") from None
         slugs = [S.slug(a.name) for a in self.arms]
@@ -123,7 +122,7 @@ def _call_hook(fn, spec: str, images: list, prompts: list[str]) -> dict[str, flo
 def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = False) -> dict:
     """Render every arm, compute metrics, write compare.png / report.html / results.json. Returns the results."""
     out = Path(out or cfg.out)
-    width, height = S.parse_size(cfg.size)
+    width, height = parse_size(cfg.size)
     arm_loras = {a.name: [S.parse_lora_arg(x) for x in a.loras] for a in cfg.arms}
     for arm in cfg.arms:
         S.check_inputs_exist(cfg.model, arm.transformer, arm_loras[arm.name])
@@ -144,14 +143,14 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
         t0 = time.time()
         base, ckpt = S.load_base(arm.transformer or cfg.model, arm_loras[arm.name], dtype, fp8_storage=arm.fp8)
         pipe = S.build_pipeline(components, base.to(device))
-        images[arm.name] = S.render(pipe, embeds, cfg.seeds, guidance=arm.guidance, true_cfg=arm.cfg,
-                                    negative=negative, steps=cfg.steps, width=width, height=height, mode=arm.mode)
+        images[arm.name] = S.render(pipe, embeds, cfg.seeds, guidance[arm.name], negative=negative, steps=cfg.steps,
+                                    width=width, height=height)
         seconds = time.time() - t0
         arm_info.append(dict(name=arm.name, transformer=str(arm.transformer or cfg.model), layout=ckpt.layout,
                              variant=ckpt.spec().variant, loras=[[p, s] for p, s in arm_loras[arm.name]],
                              guidance=guidance[arm.name].to_dict(), fp8=arm.fp8, seconds=round(seconds, 2)))
-        print(f"arm {arm.name!r}: {len(images[arm.name])} images in {seconds:.1f}s "
-              f"({guidance[arm.name].mode}, embedded {guidance[arm.name].embedded}, cfg {guidance[arm.name].cfg})")
+        print(f"arm {arm.name!r}: {len(images[arm.name])} images in {seconds:.1f}s ({guidance[arm.name].describe()}, "
+              f"{guidance[arm.name].mode})")
         del pipe, base
         gc.collect()
         if device.type == "cuda":

@@ -25,36 +25,50 @@ Gradients averaged over ranks are then those of the global batch, so N processes
 gets with the same global batch. The resumable state is sharded (each rank writes its rows) and loads on any
 number of processes.
 
-The story: config -> data (cached folders via the LoRA recipe's steps, or shards from `dev2pro cache`) -> student
-(+ teacher) -> loop (loss, clip, AdamW, warmup/cosine, EMA, TensorBoard, sample grids at guidance 1 and true CFG,
-resumable state) -> export through `flux.checkpoint.convert`: a BFL file (default), a diffusers folder and/or fp8.
-The steps (objectives, data, state, samples, export) live in ``dedistill_steps``.
+The story: config -> data (folders cached on the fly, or shards from `dev2pro cache`: ``data.prepare``) -> student
+(+ teacher: ``train.model``) -> loop (``objectives``, clip, AdamW, warmup/cosine, EMA, TensorBoard, sample grids at
+guidance 1 and true CFG: ``train.samples``, resumable state: ``train.state``) -> export through
+``flux.checkpoint.convert`` (``train.export``): a BFL file (default), a diffusers folder and/or fp8.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
+from ..cli_commands import add_dedistill
 from ..config import SIZE_HELP, load_config, opt, render_toml, require, resolve_size, section
+from ..data.folders import DatasetFolder
+from ..data.loader import BucketBatchSampler, batches_forever, collate
+from ..data.prepare import FolderOptions, load_training_data
 from ..errors import UserError
+from ..flux.checkpoint import DTYPE_CHOICES
+from ..lora.adapter import WithoutAdapters
+from ..noise import quiet_libraries
+from ..objectives import OBJECTIVES, draw, objective_loss
 from ..outputs import write_json, write_text
-from . import dedistill_steps as ds
-from . import train_steps as steps
-from .dedistill_steps import (COMPUTE_DTYPES, cfg_teacher_objective, export_model, flow_objective,
-                              guidance_distill_objective, with_guidance_embedding)
-from .train_lora import DataSection, TrainSection, quiet_libraries
-
-__all__ = ["dedistill", "load_dedistill_config", "DedistillConfig", "flow_objective", "cfg_teacher_objective",
-           "guidance_distill_objective", "with_guidance_embedding", "export_model"]  # the maths live in the steps
+from ..train import fsdp as fsdpmod
+from ..train import lifecycle as life
+from ..train.ema import EMA
+from ..train.export import export_adapter, export_or_keep_state, final_weights
+from ..train.fsdp import clip_grad_norm
+from ..train.model import load_student, load_teacher
+from ..train.optim import build_optimizer, build_scheduler
+from ..train.progress import Progress
+from ..train.run import NonFiniteGuard, RunLock, clean_stale_temps, stop_on_interrupt
+from ..train.samples import GridSpec, dedistill_grids
+from ..train.state import restore_training_state, save_training_state
+from .train_lora import DataSection, TrainSection  # TODO(issue 11): shared sections move to dev2pro.schemas
 
 EXPORT_FORMATS = ("bfl", "diffusers", "fp8")
-OBJECTIVES = ("flow", "cfg_teacher", "guidance_distill")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -127,7 +141,7 @@ class SampleSection:
     width: int = opt(512, "sample width (multiple of 16)")
     height: int = opt(512, "sample height (multiple of 16)")
     size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
-    guidance: float = opt(3.5, "true-CFG scale of the second grid (the first is at guidance 1.0, no CFG)")
+    cfg: float = opt(3.5, "true-CFG scale of the second grid (the first is at guidance 1.0, no CFG)")
 
     def validate(self):
         resolve_size(self)
@@ -136,7 +150,7 @@ class SampleSection:
         require(bool(self.seeds), "seeds: give at least one seed")
         require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
         require(self.steps > 0, "steps must be > 0")
-        require(self.guidance >= 1.0, "guidance: the true-CFG scale must be >= 1")
+        require(self.cfg >= 1.0, "cfg: the true-CFG scale must be >= 1")
 
 
 @dataclass
@@ -197,10 +211,6 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     ``save.every`` set the last step saves one too, so an export that fails (full disk) or a larger ``train.steps``
     continues with ``--resume``.
     """
-    from accelerate import Accelerator
-
-    from ..train.run import RunLock, clean_stale_temps
-
     quiet_libraries()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     out, main = Path(cfg.save.output_dir), accelerator.is_main_process
@@ -210,7 +220,7 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
         if main:
             lock = RunLock.acquire(out)
             clean_stale_temps(out)  # a killed run's half-written files (we hold the lock: nobody writes them)
-            steps.prepare_output_dir(out, resume, cfg.save.overwrite, say)
+            life.prepare_output_dir(out, resume, cfg.save.overwrite, say)
             write_text(out / "config.toml", render_toml(cfg))
         accelerator.wait_for_everyone()
         return _dedistill(cfg, accelerator, out, resume, progress, say)
@@ -219,118 +229,106 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
             lock.release()
 
 
+@dataclass
+class _Models:
+    student: torch.nn.Module  # as the loop calls it (DDP-wrapped when replicated)
+    inner: torch.nn.Module  # the module itself (FSDP shards in place)
+    teacher: object
+    trainable: list
+    start_from: str
+
+
+def _models(cfg: DedistillConfig, accelerator, fsdp, compute) -> _Models:
+    """Student (every weight trainable, fp32 master copy, FSDP2 shards when sharding; or a LoRA on a frozen base)
+    and the frozen teacher (a replica on every rank; with an adapter and no teacher file: the base, LoRA off)."""
+    m, tc, device = cfg.model, cfg.train, accelerator.device
+    if cfg.objective == "guidance_distill" and not m.teacher:
+        raise UserError("model.teacher: the guidance_distill objective needs a CFG teacher (a pro-like model)")
+    start_from = m.transformer or m.path
+    student = load_student(start_from, device, compute, grow_guidance=cfg.objective == "guidance_distill",
+                           gradient_checkpointing=m.gradient_checkpointing, adapter_rank=tc.adapter_rank,
+                           fp8_storage=m.fp8_storage, fsdp=fsdp, allow_pickle=m.allow_pickle)
+    shared_teacher = bool(tc.adapter_rank) and cfg.objective == "cfg_teacher" and not m.teacher
+    teacher = None if shared_teacher else load_teacher(cfg.objective, m.teacher or start_from, compute, device,
+                                                       m.allow_pickle)
+    trainable = [p for p in student.parameters() if p.requires_grad]  # all of them in a full fine-tune
+    return _Models(student, student, teacher, trainable, start_from)
+
+
 def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: bool, say) -> dict:
-    from ..data.loader import BucketBatchSampler
-    from ..train.ema import EMA
-    from ..train.optim import build_optimizer, build_scheduler
-    from ..train.progress import Progress
-    from ..train.run import NonFiniteGuard, stop_on_interrupt
-    from . import train_run as run
-
-    tc = cfg.train
+    tc, m = cfg.train, cfg.model
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
-    fsdp = ds.fsdp_settings(tc.distributed, tc.mixed_precision)  # None: DDP (or one process)
-    ds.warn_if_single_cpu_launch(world)
-    state_dir = out / "state"
-    torch.manual_seed(tc.seed)
-    compute = COMPUTE_DTYPES[tc.mixed_precision]
-
-    # 1. data (rank 0 fills the cache first, the others then read it)
-    with accelerator.main_process_first():
-        data = ds.load_data(cfg, out, device)
-    # global batches, cut identically on every rank; drop_last: a partial batch cannot be split evenly
-    sampler = BucketBatchSampler(data.buckets, cfg.data.batch_size * world, seed=tc.seed, drop_last=True)
-
-    # 2. student: every weight trainable, fp32 master copy (autocast computes in bf16), FSDP2 shards when sharding;
-    #    the frozen teacher is a replica on every rank
-    #    (adapter de-distillation: a frozen base + a trainable LoRA; the cfg teacher is the base with the LoRA off)
+    main, barrier, state_dir = accelerator.is_main_process, accelerator.wait_for_everyone, out / "state"
+    fsdp = fsdpmod.settings_for(tc.distributed, tc.mixed_precision)  # None: DDP (or one process)
     if tc.adapter_rank and fsdp:
         raise UserError("adapter de-distillation (train.adapter_rank > 0) runs on one device or DDP, not FSDP")
-    student, start_from = ds.load_student(cfg, fsdp, device, compute)
-    shared_teacher = bool(tc.adapter_rank) and cfg.objective == "cfg_teacher" and not cfg.model.teacher
-    teacher = None if shared_teacher else ds.load_teacher(cfg, start_from, compute, device)
-    trainable = [p for p in student.parameters() if p.requires_grad]  # all of them in a full fine-tune
-    optimizer = build_optimizer(trainable, "adamw", tc.lr, tc.weight_decay)
+    fsdpmod.warn_if_single_cpu_launch(world)
+    torch.manual_seed(tc.seed)
+    compute = DTYPE_CHOICES["fp32" if tc.mixed_precision == "no" else tc.mixed_precision]
+    prompts = list(cfg.sample.prompts) if cfg.sample.every else []
+    d = cfg.data
+    with accelerator.main_process_first():  # rank 0 fills the cache first, the others then read it
+        data = load_training_data(
+            Path(m.path), device, folders=[DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive)
+                                           for f in d.folders],
+            shards=d.shards, options=FolderOptions(d.default_caption, d.trigger, d.min_size, d.strict, d.resolution,
+                                                   d.bucket_step),
+            cache_dir=Path(d.cache_dir) if d.cache_dir else out / "cache", t5_max_length=m.t5_max_length,
+            prompts=prompts)
+    # global batches, cut identically on every rank; drop_last: a partial batch cannot be split evenly
+    sampler = BucketBatchSampler(data.dataset.buckets(), d.batch_size * world, seed=tc.seed, drop_last=True)
+    models = _models(cfg, accelerator, fsdp, compute)
+    optimizer = build_optimizer(models.trainable, "adamw", tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     if not fsdp:
-        student, optimizer = accelerator.prepare(student, optimizer)
-    inner = student if fsdp else accelerator.unwrap_model(student)
-    if shared_teacher:
-        from ..lora.adapter import WithoutAdapters
-
-        teacher = WithoutAdapters(inner)
-    ema = EMA(trainable, tc.ema_decay) if tc.ema_decay > 0 else None
+        models.student, optimizer = accelerator.prepare(models.student, optimizer)
+        models.inner = accelerator.unwrap_model(models.student)
+    if models.teacher is None and cfg.objective != "flow":
+        models.teacher = WithoutAdapters(models.inner)
+    ema = EMA(models.trainable, tc.ema_decay) if tc.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(tc.seed)  # shared by all ranks: dropout, noise, sigmas, w
     start, smoothed, history = 0, None, []
     if resume is not None:
-        start, smoothed, history = ds.restore(resume, state_dir, inner, optimizer, scheduler, ema, gen, sampler)
-        say(f"resumed from step {start} ({ds.resumed_folder(resume, state_dir)})")
+        r = restore_training_state(resume, state_dir, models.inner, optimizer, scheduler, gen, sampler, ema)
+        start, smoothed, history = r.step, r.smoothed, r.losses
+        say(f"resumed from step {start} ({r.folder})")
     if start > tc.steps:
         raise UserError(f"{out} is at step {start}, past train.steps = {tc.steps}: set train.steps above {start}")
-    batches = steps.batches_forever(sampler)
-    say(f"dedistill ({cfg.objective}) -> {out}: steps {tc.steps}, batch {cfg.data.batch_size} x {world} "
-        f"process(es), lr {tc.lr:g}; TensorBoard: tensorboard --logdir {out / 'logs'}")
+    say(f"dedistill ({cfg.objective}) -> {out}: steps {tc.steps}, batch {d.batch_size} x {world} process(es), "
+        f"lr {tc.lr:g}; TensorBoard: tensorboard --logdir {out / 'logs'}")
+    bar = Progress(tc.steps, start, "dedistill", out / "logs" if main else None, enabled=progress and main,
+                   smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main)
 
     def save_state(done: int) -> Path:
-        path = ds.save_state(state_dir, done, inner, optimizer, scheduler, ema, gen, sampler, bar.smoothed,
-                             tc.grad_accum, cfg.save.keep_last, rank, world, barrier,
-                             full=bool(fsdp and fsdp.full_state), losses=run.finite_or_none(history))
+        path = save_training_state(state_dir, done, models.inner, optimizer, scheduler, gen, sampler,
+                                   smoothed=bar.smoothed, grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last,
+                                   losses=life.finite_or_none(history), ema=ema, rank=rank, world=world,
+                                   barrier=barrier, full=bool(fsdp and fsdp.full_state))
         if main:
-            run.plot_losses(run.finite_or_none(history), out)
+            life.plot_losses(life.finite_or_none(history), out)
         return path
+
+    sc = cfg.sample
+    spec = GridSpec(sc.prompts, [int(s) for s in sc.seeds], data.sample_embeds, data.negative, sc.steps, sc.width,
+                    sc.height)
 
     def grids(done: int):
         with ema.applied() if ema is not None else contextlib.nullcontext():  # what an export now would hold
-            return ds.sample_grids(inner, data, cfg.sample, done, out / "samples", bar, main, accelerator.autocast,
-                                   device)
+            return dedistill_grids(models.inner, spec, data.components, sc.cfg, done, out / "samples", bar, main,
+                                   accelerator.autocast, device)
 
-    bar = Progress(tc.steps, start, "dedistill", out / "logs" if main else None, enabled=progress and main,
-                   smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main)
-    note = bar.write if main else say
-    losses: list[float] = []
-    guard = NonFiniteGuard(tc.nan_policy, tc.nan_max_skips, lambda: run.stop_hint(state_dir, out).replace(
-        "dev2pro train", "dev2pro dedistill"))
-    t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
-    bar.start_clock()
     try:
-        with stop_on_interrupt() as stop:
-            for step in range(start, tc.steps):
-                total, logged = _accumulate(cfg, accelerator, student, teacher, data, batches, gen, fsdp, compute)
-                done = step + 1
-                if guard.check(done, total, logged.get("grad_norm")):
-                    optimizer.step()
-                    if ema is not None:
-                        ema.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(total)
-                history.append(total)
-                bar.update(done, total, scheduler.get_last_lr()[0], logged)
-                last = done == tc.steps
-                if cfg.save.every and (done % cfg.save.every == 0 or last):  # the last state: extend or re-export
-                    note(f"saved state at step {done}: {save_state(done)}")
-                if cfg.sample.every and done % cfg.sample.every == 0 and not last:
-                    grids(done)
-                if ds.any_rank(stop.requested, accelerator) and not last:
-                    note(f"interrupted at step {done}: state saved in {save_state(done)}; resume with: "
-                         f"dev2pro dedistill {out / 'config.toml'} --resume")
-                    raise KeyboardInterrupt
-                if stop_after and done == stop_after:
-                    bar.close()
-                    os._exit(17)  # test hook: die like a killed process right after step k
-
+        losses, skipped, t0 = _loop(cfg, accelerator, models, data, sampler, gen, optimizer, scheduler, ema, fsdp,
+                                    compute, start, history, bar, save_state, grids, out)
         bar.end_bar()
-        note = say
-        # 3. export (EMA weights when kept), gathered from the shards to rank 0 one tensor at a time, then samples
+        # export (EMA weights when kept), gathered from the shards to rank 0 one tensor at a time, then samples
         summary = {"losses": losses, "files": [], "steps": tc.steps, "world_size": world,
-                   "seconds": time.perf_counter() - t0, "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else
-                                                                                            "none"),
-                   "skipped_steps": guard.skipped}
-        _export(cfg, inner, ema, rank, main, out, start_from, summary, history, start, note)
+                   "seconds": time.perf_counter() - t0,
+                   "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else "none"), "skipped_steps": skipped}
+        _export(cfg, models, ema, rank, main, out, summary, history, start, say)
         barrier()
-        if cfg.sample.every:
-            note("rendering final samples...")
+        if sc.every:
+            say("rendering final samples...")
             grids(tc.steps)
         barrier()
         return summary
@@ -338,74 +336,102 @@ def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: b
         bar.close()
 
 
-def _accumulate(cfg, accelerator, student, teacher, data, batches, gen, fsdp, compute) -> tuple[float, dict]:
+def _loop(cfg, accelerator, models: _Models, data, sampler, gen, optimizer, scheduler, ema, fsdp, compute,
+          start: int, history: list, bar, save_state, grids, out: Path) -> tuple[list, list, float]:
+    """Steps ``start..train.steps`` with states, grids and Ctrl-C on schedule; -> (losses, skipped, start time)."""
+    tc, main = cfg.train, accelerator.is_main_process
+    note = bar.write if main else (lambda message: None)
+    batches = batches_forever(sampler)
+    losses: list[float] = []
+    guard = NonFiniteGuard(tc.nan_policy, tc.nan_max_skips, lambda: life.stop_hint(out / "state", out, "dedistill"))
+    t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
+    bar.start_clock()
+    with stop_on_interrupt() as stop:
+        for step in range(start, tc.steps):
+            total, logged = _accumulate(cfg, accelerator, models, data, batches, gen, fsdp, compute)
+            done = step + 1
+            if guard.check(done, total, logged.get("grad_norm")):
+                optimizer.step()
+                if ema is not None:
+                    ema.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            history.append(total)
+            bar.update(done, total, scheduler.get_last_lr()[0], logged)
+            last = done == tc.steps
+            if cfg.save.every and (done % cfg.save.every == 0 or last):  # the last state: extend or re-export
+                note(f"saved state at step {done}: {save_state(done)}")
+            if cfg.sample.every and done % cfg.sample.every == 0 and not last:
+                grids(done)
+            if life.any_rank(stop.requested, accelerator) and not last:
+                note(f"interrupted at step {done}: state saved in {save_state(done)}; resume with: "
+                     f"{life.resume_hint(out, 'dedistill')}")
+                raise KeyboardInterrupt
+            if stop_after and done == stop_after:
+                bar.close()
+                os._exit(17)  # test hook: die like a killed process right after step k
+    return losses, guard.skipped, t0
+
+
+def _accumulate(cfg, accelerator, models: _Models, data, batches, gen, fsdp, compute) -> tuple[float, dict]:
     """Forward + backward over ``grad_accum`` global micro-batches (this rank's slice), then clip.
 
     Returns the step's loss (the global batch's: the mean over ranks) and the logged parts; ``grad_norm`` is the
     global norm, so every rank takes the same non-finite decision."""
-    from ..train.fsdp import clip_grad_norm
-
     tc, rank, world, device = cfg.train, accelerator.process_index, accelerator.num_processes, accelerator.device
+    w_range = (cfg.teacher.w_min, cfg.teacher.w_max) if models.teacher is not None else None
     total, logged = 0.0, {}
     for micro in range(tc.grad_accum):
         if fsdp:  # reduce-scatter gradients once per step, after the last micro-batch
-            student.set_requires_gradient_sync(micro == tc.grad_accum - 1)
-        x0, noise, sigmas, w_scale, text = ds.global_batch(data.dataset, next(batches), rank, world, data.empty,
-                                                           cfg.data.caption_dropout, gen, teacher is not None,
-                                                           cfg.teacher, tc)
-        with accelerator.autocast():
-            loss, parts = ds.objective_loss(cfg, student, teacher, x0, noise, sigmas, w_scale, text, data.empty,
-                                            device, compute)
+            models.student.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+        indices = next(batches)
+        per = len(indices) // world
+        batch = draw(collate([data.dataset[i] for i in indices[rank * per:(rank + 1) * per]]), gen,
+                     dropout_p=cfg.data.caption_dropout, empty=data.empty, timestep_sampling=tc.timestep_sampling,
+                     sigmoid_scale=tc.sigmoid_scale, shift=tc.shift, w_range=w_range, rank=rank, world=world)
+        with accelerator.autocast():  # the student computes in fp32 under autocast
+            loss, parts = objective_loss(cfg.objective, models.student, models.teacher, batch, data.empty, device,
+                                         torch.float32, compute, flow_weight=cfg.teacher.flow_weight)
         accelerator.backward(loss / tc.grad_accum)
         total += accelerator.reduce(loss.detach(), "mean").item() / tc.grad_accum
         for k, v in parts.items():
             logged[k] = logged.get(k, 0.0) + v.item() / tc.grad_accum
     if tc.max_grad_norm > 0:
-        logged["grad_norm"] = clip_grad_norm(student.parameters(), tc.max_grad_norm) if fsdp else \
-            float(accelerator.clip_grad_norm_(student.parameters(), tc.max_grad_norm))
+        logged["grad_norm"] = clip_grad_norm(models.student.parameters(), tc.max_grad_norm) if fsdp else \
+            float(accelerator.clip_grad_norm_(models.student.parameters(), tc.max_grad_norm))
     return total, logged
 
 
-def _export(cfg, inner, ema, rank: int, main: bool, out: Path, start_from, summary: dict, history, start, note):
+def _export(cfg, models: _Models, ema, rank: int, main: bool, out: Path, summary: dict, history, start, say):
     """Gather the (EMA) weights to rank 0 and export them; a full disk keeps the last state and says so."""
-    from . import train_run as run
-
-    adapter = cfg.train.adapter_rank  # adapter de-distillation: the LoRA alone, as adapter files (one process/DDP)
-    state = {} if adapter else ds.final_weights(inner, ema, COMPUTE_DTYPES["no" if cfg.save.dtype == "fp32" else
-                                                                           cfg.save.dtype], rank)
+    adapter, sv = cfg.train.adapter_rank, cfg.save  # adapter de-distillation: the LoRA alone, as adapter files
+    state = {} if adapter else final_weights(models.inner, ema, DTYPE_CHOICES[sv.dtype], rank)
     if not main:
         return
     meta = {"dev2pro.recipe": "dedistill", "dev2pro.objective": cfg.objective, "dev2pro.steps": str(cfg.train.steps),
-            "dev2pro.ema_decay": str(cfg.train.ema_decay), "dev2pro.start": Path(start_from).name}
+            "dev2pro.ema_decay": str(cfg.train.ema_decay), "dev2pro.start": Path(models.start_from).name}
     if adapter:
-        files = ds.export_adapter(inner, ema, out, cfg.save.name, {**meta, "dev2pro.adapter_rank": str(adapter)})
+        files = export_adapter(models.inner, ema, out, sv.name, {**meta, "dev2pro.adapter_rank": str(adapter)})
     else:
-        files = ds.export_or_keep_state(state, out, cfg.save, meta, out / "state")
-    run.plot_losses(run.finite_or_none(history), out)
-    note(f"exported: {', '.join(str(f) for f in files)}; loss curve: {out / 'loss.png'}")
+        files = export_or_keep_state(state, out, sv.name, sv.formats, sv.dtype, sv.keep_guidance, meta, out / "state",
+                                     life.resume_hint(out, "dedistill"))
+    life.plot_losses(life.finite_or_none(history), out)
+    say(f"exported: {', '.join(str(f) for f in files)}; loss curve: {out / 'loss.png'}")
     summary["files"] = [str(f) for f in files]
-    write_json(out / "summary.json", {**summary, "losses": run.finite_or_none(summary["losses"]),
+    write_json(out / "summary.json", {**summary, "losses": life.finite_or_none(summary["losses"]),
                                       "steps_per_second": (cfg.train.steps - start) / max(summary["seconds"], 1e-9)})
-
-
-def add_dedistill_parser(sub):
-    """The `dedistill` subcommand (built in cli_commands, which imports nothing heavy)."""
-    from ..cli_commands import add_dedistill
-
-    add_dedistill(sub)
 
 
 def main(argv=None) -> int:
     """``python -m dev2pro.recipes.dedistill CONFIG`` (for torchrun -m before the CLI wires the subcommand)."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="dev2pro")
-    add_dedistill_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["dedistill", *(argv if argv is not None else __import__("sys").argv[1:])])
+    add_dedistill(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["dedistill", *(argv if argv is not None else sys.argv[1:])])
     try:
         args.run(args)
     except UserError as e:
-        print(f"error: {e}", file=__import__("sys").stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -17,17 +17,10 @@ import torch
 from .. import sampling as S
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
-from ..outputs import atomic_path, check_output
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> bool:
-    """Check the output folder up front; an existing *empty* folder counts as free. Returns the overwrite to use."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} is a file, not a folder: choose another --out")
-    empty = out.is_dir() and not any(out.iterdir())
-    check_output(out, overwrite or empty, what="output folder")
-    return overwrite or empty
+from ..config import parse_size
+from ..lora import adapter as adaptermod
+from ..outputs import atomic_path, check_output_dir
+from ..train.blockswap import enable_block_swap
 
 
 def png_info(prompt: str, seed: int, negative: str, settings: dict) -> dict:
@@ -61,7 +54,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
         raise UserError("give a prompt (--prompt TEXT) or a prompts file (--prompts FILE)")
     if not seeds:
         raise UserError("give at least one seed")
-    width, height = S.parse_size(size) if isinstance(size, str) else size
+    width, height = parse_size(size) if isinstance(size, str) else size
     loras = [S.parse_lora_arg(x) if isinstance(x, str) else (str(x[0]), float(x[1])) for x in loras]
     if isinstance(adapter, str):
         adapter = S.parse_lora_arg(adapter)
@@ -76,21 +69,16 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     embeds, negative_embeds = S.encode_and_free(components, prompts, negative, device, max_sequence_length)
     base, ckpt = S.load_base(transformer or model, loras, dtype, fp8_storage=fp8)
     if adapter:  # before the block swap: its weights, like the LoRAs', stay on the device
-        from ..lora import adapter as adaptermod
-
         adaptermod.attach_file(base, adapter[0], adapter[1], torch.float32 if dtype == torch.float32 else dtype)
-    from ..train.blockswap import enable_block_swap
-
     enable_block_swap(base, blocks_to_swap, device)  # .to(device) when 0; keeps fp8 storage dtypes
     pipe = S.build_pipeline(components, base)
     pipe.vae.to(device)
-    print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); guidance: {g.mode} (embedded "
-          f"{g.embedded}, cfg {g.cfg}); {len(loras)} LoRA(s)" + (f" + adapter {adapter[0]}" if adapter else "")
+    print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); {g.describe()} ({g.mode}); "
+          f"{len(loras)} LoRA(s)" + (f" + adapter {adapter[0]}" if adapter else "")
           + f"; loaded in {time.time() - t0:.1f}s")
 
     t0 = time.time()
-    images = S.render(pipe, embeds, seeds, guidance=guidance, true_cfg=cfg, negative=negative_embeds, steps=steps,
-                      width=width, height=height, mode=mode)
+    images = S.render(pipe, embeds, seeds, g, negative=negative_embeds, steps=steps, width=width, height=height)
     seconds = time.time() - t0
 
     settings = dict(model=str(model), transformer=str(transformer or model), loras=[[p, s] for p, s in loras],

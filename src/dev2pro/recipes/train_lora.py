@@ -12,16 +12,36 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from accelerate import Accelerator
 
 from ..config import SIZE_HELP, load_config, opt, render_toml, require, resolve_size, section
+from ..data.folders import DatasetFolder
+from ..data.loader import BucketBatchSampler, batches_forever, collate
+from ..data.prepare import FolderOptions, load_training_data
 from ..errors import UserError
 from ..flow import TIMESTEP_MODES
-from ..outputs import write_text
-from . import train_steps as steps
+from ..flux.checkpoint import DTYPE_CHOICES
+from ..lora import adapter as adaptermod
+from ..lora.formats import kohya_metadata
+from ..lora.targets import target_modules
+from ..noise import quiet_libraries
+from ..objectives import draw, flow_objective
+from ..outputs import write_json, write_text
+from ..train import lifecycle as life
+from ..train.export import lora_paths, save_lora_files
+from ..train.model import add_lora, load_base, place_base
+from ..train.optim import build_optimizer, build_scheduler
+from ..train.progress import Progress
+from ..train.run import NonFiniteGuard, RunLock, clean_stale_temps, stop_on_interrupt
+from ..train.samples import GridSpec, LoraSampler
+from ..train.state import restore_training_state, save_training_state
+from .plan import print_plan_safely  # TODO(issue 11): the plan report moves to the library with the schemas
 
 log = logging.getLogger(__name__)
 
@@ -211,16 +231,13 @@ def load_train_config(path: str | None, overrides: list[str] | None = None, data
 
 
 # ------------------------------------------------------------------------------------------------ recipe
-def quiet_libraries():
-    """Our progress bar is the one users watch: silence diffusers'/transformers' per-component loading bars."""
-    from ..noise import quiet_third_party
+@dataclass
+class _Run:
+    """How this run saves and samples (closures over its model, optimizer and folders)."""
 
-    quiet_third_party()  # also in processes that did not start from the CLI (demo workers, torchrun -m)
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    save_lora: Callable[[str], list]
+    save_state: Callable[[int], Path]
+    sample: Callable[[int], Path]
 
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, quiet: bool = False) -> dict:
@@ -234,10 +251,6 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
         # here, not in validate(): the config editor probes every path field with a value at once.)
         raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
                         "training base is dev and samples are rendered on it with the adapter off)")
-    from accelerate import Accelerator
-
-    from ..train.run import RunLock, clean_stale_temps
-
     quiet_libraries()
     out = Path(cfg.save.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=1,
@@ -249,152 +262,217 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
         if accelerator.is_main_process:  # one process checks, locks and writes the folder; the others wait
             lock = RunLock.acquire(out)
             clean_stale_temps(out)  # a killed run's half-written files (we hold the lock: nobody writes them)
-            steps.prepare_output_dir(out, resume, cfg.save.overwrite, say)
+            life.prepare_output_dir(out, resume, cfg.save.overwrite, say)
             write_text(out / "config.toml", render_toml(cfg))
             if not quiet:
-                from .plan import print_plan_safely
-
                 print_plan_safely(cfg)
         accelerator.wait_for_everyone()
-        return _train(cfg, accelerator, out, out / "state", resume, progress, say, quiet)
+        return _train(cfg, accelerator, out, resume, progress, say, quiet)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: TrainConfig, accelerator, out: Path, state_dir: Path, resume, progress: bool, say, quiet) -> dict:
-    from ..train.optim import build_optimizer, build_scheduler
-    from ..train.progress import Progress
-    from ..train.run import NonFiniteGuard, stop_on_interrupt
-    from . import train_run as run
-
-    torch.manual_seed(cfg.train.seed)
-    device, tc = accelerator.device, cfg.train
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
-
-    # 1. data -> cached latents and text embeddings (encoders are freed afterwards)
-    data = steps.prepare_data(cfg, out, device)
-    # 2. base transformer + LoRA
-    transformer, ckpt = steps.load_base(cfg, dtype, device)
-    if ckpt.spec().guidance_embeds and cfg.train.guidance != 1.0:
+def _load(cfg: TrainConfig, device, dtype, out: Path):
+    """Data (cached latents + text; the encoders are freed), then the base with its LoRA (and training adapter),
+    placed on the device. Returns (data, transformer, checkpoint, trainable params, block swap)."""
+    d, m, lc = cfg.data, cfg.model, cfg.lora
+    data = load_training_data(
+        Path(m.path), device, folders=[DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive)
+                                       for f in d.folders],
+        shards=d.shards, options=FolderOptions(d.default_caption, d.trigger, d.min_size, d.strict, d.resolution,
+                                               d.bucket_step),
+        cache_dir=Path(d.cache_dir) if d.cache_dir else out / "cache", t5_max_length=m.t5_max_length,
+        prompts=cfg.sample.prompts, negative=cfg.sample.negative,
+        text_device=torch.device("cpu") if m.text_encoder == "cpu" else device,
+        text_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[m.text_encoder_dtype])
+    transformer, ckpt = load_base(m.transformer or m.path, dtype, device, fp8_storage=m.fp8_storage,
+                                  fp8_keep=m.fp8_keep, gradient_checkpointing=m.gradient_checkpointing,
+                                  blocks_to_swap=m.blocks_to_swap, allow_pickle=m.allow_pickle)
+    spec = ckpt.spec()
+    if spec.guidance_embeds and cfg.train.guidance != 1.0:
         log.warning("training a guidance-distilled base at guidance %.2f: the Dev2Pro recipe trains at 1.0; other "
                     "values pull the guidance embedding off its distilled meaning and the LoRA tends to collapse "
                     "or blur when used on dev", cfg.train.guidance)
-    params = steps.add_lora(transformer, cfg, ckpt.spec())
-    if cfg.model.adapter:  # frozen side branch on top of the base, beside the trained LoRA (lora/adapter.py)
-        from ..lora import adapter
+    names = target_modules(lc.targets, spec.num_double, spec.num_single, lc.extra_targets,
+                           [int(i) for i in lc.double_blocks] or None, [int(i) for i in lc.single_blocks] or None,
+                           spec.guidance_embeds)
+    params = add_lora(transformer, names, lc.rank, lc.alpha, lc.dropout)
+    if m.adapter:  # frozen side branch on top of the base, beside the trained LoRA (lora/adapter.py)
+        adaptermod.attach_file(transformer, m.adapter, m.adapter_scale,
+                               torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    swap = place_base(transformer, device, blocks_to_swap=m.blocks_to_swap,  # part of the base stays in host RAM
+                      gradient_checkpointing=m.gradient_checkpointing,
+                      attention_backend=cfg.train.attention_backend, compile=cfg.train.compile)
+    return data, transformer, ckpt, params, swap
 
-        adapter.attach_file(transformer, cfg.model.adapter, cfg.model.adapter_scale,
-                            torch.float32 if dtype == torch.float32 else torch.bfloat16)
-    swap = steps.place_base(transformer, cfg, device)  # block swap keeps part of the base in host RAM
-    optimizer = build_optimizer(params, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule)
+
+def _sampler(cfg: TrainConfig, data, ckpt, dtype, device) -> LoraSampler:
+    m, sc = cfg.model, cfg.sample
+    spec = GridSpec(sc.prompts, [int(s) for s in sc.seeds], data.sample_embeds, data.negative, sc.steps, sc.width,
+                    sc.height)
+    return LoraSampler(spec, data.components, device, dtype, guidance=sc.guidance, cfg=sc.cfg,
+                       inference_base=m.inference_base, training_guidance_embeds=ckpt.spec().guidance_embeds,
+                       adapter=m.adapter, with_adapter=sc.with_adapter, fp8_storage=m.fp8_storage,
+                       fp8_keep=m.fp8_keep, blocks_to_swap=m.blocks_to_swap, vae_tiling=m.vae_tiling,
+                       allow_pickle=m.allow_pickle)
+
+
+def _lora_metadata(cfg: TrainConfig, ckpt) -> dict:
+    m, tc = cfg.model, cfg.train
+    return kohya_metadata(cfg.lora.rank, cfg.lora.alpha, tc.guidance, tc.timestep_sampling,
+                          Path(m.transformer or m.path).name,
+                          extra={"ss_steps": tc.steps, "ss_learning_rate": tc.lr,
+                                 "dev2pro.train_base_variant": ckpt.spec().variant,
+                                 "dev2pro.inference_base": Path(m.inference_base).name if m.inference_base else "",
+                                 "dev2pro.training_adapter": Path(m.adapter).name if m.adapter else ""})
+
+
+def _train(cfg: TrainConfig, accelerator, out: Path, resume, progress: bool, say, quiet) -> dict:
+    torch.manual_seed(cfg.train.seed)
+    device, tc, state_dir = accelerator.device, cfg.train, out / "state"
+    dtype = DTYPE_CHOICES[cfg.model.dtype]
+    data, transformer, ckpt, params, swap = _load(cfg, device, dtype, out)
+    optimizer = build_optimizer(params, tc.optimizer, tc.lr, tc.weight_decay)
+    scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[swap is None, True])
-    gen = torch.Generator().manual_seed(cfg.train.seed)  # noise, timesteps, caption dropout
-    sampler = data.sampler
+    gen = torch.Generator().manual_seed(tc.seed)  # caption dropout, noise, timesteps
+    sampler = BucketBatchSampler(data.dataset.buckets(), cfg.data.batch_size, seed=tc.seed)
+    model = lambda: accelerator.unwrap_model(transformer)  # noqa: E731
     start, smoothed, history = 0, None, []  # history: the loss of every step so far (loss.png)
     if resume is not None:
-        r = steps.resume_state(resume, state_dir, accelerator.unwrap_model(transformer), optimizer, scheduler,
-                               sampler, gen)
+        r = restore_training_state(resume, state_dir, model(), optimizer, scheduler, gen, sampler)
         start, smoothed, history = r.step, r.smoothed, r.losses
         say(f"resumed from step {start} ({r.folder})")
-    sampler_iter = steps.batches_forever(sampler)
-    inference = steps.InferenceBase(cfg, ckpt, dtype, data, device)
-    main = accelerator.is_main_process
-    model = lambda: accelerator.unwrap_model(transformer)  # noqa: E731
-    save_lora = lambda suffix: steps.save_lora_files(model(), cfg, ckpt, out, suffix)  # noqa: E731
-
-    def save_state(done: int) -> Path:
-        return steps.save_state(state_dir, done, model(), optimizer, scheduler, sampler, gen, bar.smoothed,
-                                tc.grad_accum, cfg.save.keep_last, run.finite_or_none(history))
-
-    def sample(step: int) -> Path:
-        return inference.sample(model(), step, out / "samples", bar, progress and main)
-
     if start > tc.steps:
         raise UserError(f"{out} is at step {start}, past train.steps = {tc.steps}: set train.steps above {start} "
                         f"to train further")
+    main = accelerator.is_main_process
+    samples = _sampler(cfg, data, ckpt, dtype, device)
     if main and start < tc.steps:
-        for line in run.startup_lines(cfg, data, sum(p.numel() for p in params), ckpt.spec().variant, start, out):
+        for line in _startup_lines(cfg, data.dataset, len(sampler), sum(p.numel() for p in params),
+                                   ckpt.spec().variant, start, out, samples.guidance):
             say(line)
     bar = Progress(tc.steps, start, "train", out / "logs" if main else None, enabled=progress and main,
                    smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main and not quiet)
-    note = say if quiet else bar.write  # console lines that do not break the bar
+    meta = _lora_metadata(cfg, ckpt)
+    run = _Run(
+        save_lora=lambda suffix: save_lora_files(model(), out, cfg.save.name, cfg.save.formats, meta, suffix),
+        save_state=lambda done: save_training_state(
+            state_dir, done, model(), optimizer, scheduler, gen, sampler, smoothed=bar.smoothed,
+            grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last, losses=life.finite_or_none(history)),
+        sample=lambda step: samples.sample(model(), step, out / "samples", bar, progress and main))
     try:
         if start == tc.steps:  # a finished run: only the final files, if a full disk kept them from being written
-            return run.already_finished(cfg, out, start, say) or _finish(cfg, out, state_dir, start, history, [],
-                                                                         [], save_lora, None, sample, say)
+            files = lora_paths(out, cfg.save.name, cfg.save.formats)
+            return life.already_finished(files, start, say) or _finish(cfg, out, start, history, [], [], run, None,
+                                                                       say)
         if main and cfg.sample.prompts and cfg.sample.baseline and start == 0:
             say("rendering step-0 samples (the base before training)...")
-            say(f"samples: {sample(0)}")
-        losses: list[float] = []
-        guard = NonFiniteGuard(tc.nan_policy, tc.nan_max_skips, lambda: run.stop_hint(state_dir, out))
-        transformer.train()
-        bar.start_clock()
-        t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
-        with stop_on_interrupt() as stop:
-            for step in range(start, tc.steps):
-                total = _accumulate(accelerator, transformer, data, sampler_iter, gen, tc, device, dtype)
-                done = step + 1
-                if guard.check(done, total, run.grad_norm(accelerator, params, tc.max_grad_norm)):
-                    optimizer.step()  # a skipped step (nan_policy = "skip") leaves the weights as they were
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(total)
-                history.append(total)
-                bar.update(done, total, scheduler.get_last_lr()[0])
-                if main:
-                    if cfg.sample.prompts and cfg.sample.every and done % cfg.sample.every == 0 and done < tc.steps:
-                        sample(done)
-                    if cfg.save.every and done % cfg.save.every == 0 and done < tc.steps:
-                        run.save_periodic(save_lora, save_state, done, history, out, note)
-                if stop.requested and done < tc.steps:
-                    if main:
-                        run.save_on_interrupt(save_state, done, out, note)
-                    raise KeyboardInterrupt
-                if stop_after and done == stop_after:
-                    bar.close()
-                    os._exit(17)  # test hook: die like a killed process right after step k's state
+            say(f"samples: {run.sample(0)}")
+        losses, skipped, t0 = _loop(cfg, accelerator, transformer, params, optimizer, scheduler, data, sampler, gen,
+                                    start, history, bar, run, out)
         bar.end_bar()
-        return _finish(cfg, out, state_dir, tc.steps, history, losses, guard.skipped, save_lora, save_state, sample,
-                       say, t0, start)
+        return _finish(cfg, out, tc.steps, history, losses, skipped, run, run.save_state, say, t0, start)
     finally:
         bar.close()
 
 
-def _accumulate(accelerator, transformer, data, batches, gen, tc, device, dtype) -> float:
+def _loop(cfg, accelerator, transformer, params, optimizer, scheduler, data, sampler, gen, start: int,
+          history: list, bar, run, out: Path) -> tuple[list, list, float]:
+    """Steps ``start..train.steps``: accumulate, clip, step (unless non-finite), samples and saves on schedule,
+    Ctrl-C saves and stops. Returns (this run's losses, skipped steps, start time)."""
+    tc, main, device = cfg.train, accelerator.is_main_process, accelerator.device
+    dtype = DTYPE_CHOICES[cfg.model.dtype]
+    note = bar.write  # console lines that do not break the bar
+    batches = batches_forever(sampler)
+    losses: list[float] = []
+    guard = NonFiniteGuard(tc.nan_policy, tc.nan_max_skips, lambda: life.stop_hint(out / "state", out))
+    transformer.train()
+    bar.start_clock()
+    t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
+    with stop_on_interrupt() as stop:
+        for step in range(start, tc.steps):
+            total = _accumulate(cfg, accelerator, transformer, data, batches, gen, device, dtype)
+            done = step + 1
+            if guard.check(done, total, life.grad_norm(accelerator, params, tc.max_grad_norm)):
+                optimizer.step()  # a skipped step (nan_policy = "skip") leaves the weights as they were
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            history.append(total)
+            bar.update(done, total, scheduler.get_last_lr()[0])
+            if main:
+                if cfg.sample.prompts and cfg.sample.every and done % cfg.sample.every == 0 and done < tc.steps:
+                    run.sample(done)
+                if cfg.save.every and done % cfg.save.every == 0 and done < tc.steps:
+                    life.save_periodic(run.save_lora, run.save_state, done, history, out, note)
+            if stop.requested and done < tc.steps:
+                if main:
+                    life.save_on_interrupt(run.save_state, done, out, note)
+                raise KeyboardInterrupt
+            if stop_after and done == stop_after:
+                bar.close()
+                os._exit(17)  # test hook: die like a killed process right after step k's state
+    return losses, guard.skipped, t0
+
+
+def _accumulate(cfg, accelerator, transformer, data, batches, gen, device, dtype) -> float:
     """Forward + backward over ``grad_accum`` micro-batches; returns the step's loss."""
-    total = 0.0
+    tc, total = cfg.train, 0.0
     for _ in range(tc.grad_accum):
-        batch = data.collate([data.dataset[i] for i in next(batches)], gen)
+        batch = draw(collate([data.dataset[i] for i in next(batches)]), gen, dropout_p=cfg.data.caption_dropout,
+                     empty=data.empty, timestep_sampling=tc.timestep_sampling, sigmoid_scale=tc.sigmoid_scale,
+                     shift=tc.shift)
         with accelerator.autocast():
-            loss = steps.flow_matching_loss(transformer, batch, tc, gen, device, dtype)
+            loss, _ = flow_objective(transformer, batch, tc.guidance, device, dtype)
         accelerator.backward(loss / tc.grad_accum)
         total += loss.item() / tc.grad_accum
     return total
 
 
-def _finish(cfg, out, state_dir, done, history, losses, skipped, save_lora, save_state, sample, say, t0=None,
-            start=None) -> dict:
+def _finish(cfg, out, done, history, losses, skipped, run, save_state, say, t0=None, start=None) -> dict:
     """Final state, final LoRA files, then the final samples (a crash there loses nothing), then the summary."""
-    from . import train_run as run
-
-    files = run.finish(save_lora, save_state, done, run.finite_or_none(history), out, state_dir,
-                       out / f"{cfg.save.name}.safetensors", say)
+    files = life.finish(run.save_lora, save_state, done, life.finite_or_none(history), out, out / "state",
+                        out / f"{cfg.save.name}.safetensors", say)
     if cfg.sample.prompts:
-        run.final_samples(lambda: sample(done), len(cfg.sample.prompts) * len(cfg.sample.seeds), cfg.sample.steps,
-                          files, say)
+        life.final_samples(lambda: run.sample(done), len(cfg.sample.prompts) * len(cfg.sample.seeds),
+                           cfg.sample.steps, files, say)
     elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+    trained = 0 if start is None else done - start  # steps this process ran (a finished run rerun: none)
     summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "seconds": elapsed,
-               "steps_per_second": (done - (start or done)) / max(elapsed, 1e-9), "skipped_steps": list(skipped)}
-    from ..outputs import write_json
-
-    write_json(out / "summary.json", {**summary, "losses": run.finite_or_none(losses)})
+               "steps_per_second": trained / max(elapsed, 1e-9), "skipped_steps": list(skipped)}
+    write_json(out / "summary.json", {**summary, "losses": life.finite_or_none(losses)})
     return summary
 
 
-def add_train_parser(sub):
-    """The `train` subcommand (built in cli_commands, which imports nothing heavy)."""
-    from ..cli_commands import add_train
-
-    add_train(sub)
+def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: int, out: Path,
+                   guidance) -> list[str]:
+    """The run at a glance: data and buckets, steps and epochs, LoRA size, guidance, bases, outputs."""
+    tc, sc = cfg.train, cfg.sample
+    buckets = Counter(ds.buckets())  # latent (h, w) per sample, repeats included
+    n_images = len(getattr(ds, "entries", None) or ds)
+    per_epoch = max(1, per_epoch)  # batches per epoch
+    epochs = tc.steps * tc.grad_accum / per_epoch
+    source = cfg.data.shards or ", ".join(f.path for f in cfg.data.folders)
+    base = cfg.model.transformer or cfg.model.path
+    lines = [
+        f"dev2pro train -> {out}",
+        f"  data: {n_images} images ({len(ds)} samples per epoch with repeats) from {source}",
+        f"  buckets: {len(buckets)} bucket(s): " + ", ".join(f"{w * 8}x{h * 8} ({n})" for (h, w), n in
+                                                         sorted(buckets.items(), key=lambda kv: -kv[1])),
+        f"  steps {tc.steps}" + (f" (resuming at {start})" if start else "") + f", batch {cfg.data.batch_size} x "
+        f"grad_accum {tc.grad_accum}, {per_epoch} batches per epoch = {epochs:.1f} epochs",
+        f"  LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {cfg.lora.targets}, {n_params:,} trainable "
+        f"parameters; lr {tc.lr:g} ({tc.optimizer}, {tc.schedule})",
+        f"  guidance {tc.guidance} in training (base: {base}, {variant})",
+    ]
+    if sc.prompts:
+        lines.append(f"  samples: {len(sc.prompts)} prompt(s) x {len(sc.seeds)} seed(s) at {guidance.describe()} "
+                     f"on {cfg.model.inference_base or 'the training base'}, "
+                     + (f"every {sc.every} steps and " if sc.every else "") + f"at the end -> {out / 'samples'}")
+    lines += ["  saves: " + (f"every {cfg.save.every} steps and " if cfg.save.every else "") +
+              f"at the end -> {out / cfg.save.name}.safetensors ({', '.join(cfg.save.formats)}), resumable state "
+              f"in {out / 'state'}",
+              f"  TensorBoard: tensorboard --logdir {out / 'logs'}"]
+    return lines

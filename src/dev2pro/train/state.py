@@ -1,25 +1,40 @@
-"""Training-state checkpoints for resume: everything that makes step k+1 identical to an uninterrupted run.
+"""Training states for resume: everything that makes step k+1 identical to an uninterrupted run, in ONE format that
+`train` and `dedistill` share and that loads on any number of processes.
 
-A state folder ``state/step-000123/`` holds the trainable weights, the optimizer and LR-schedule state, every
-random-generator state the loop draws from, the step and the data order position. Tensors go to safetensors and
-the rest to JSON -- no pickle, so resuming from a folder someone sent you cannot run code. Each folder is written
-atomically (temp dir + rename); the newest ``keep_last`` are kept.
+A state folder ``state/step-000123/`` holds the trained weights (all of them in a full fine-tune, the LoRA's in
+LoRA training), the optimizer's per-weight tensors (AdamW moments) and the EMA as *row pieces*, plus
+``common.safetensors`` + ``common.json``: the optimizer's scalars and hyper-parameters, the LR schedule, every random
+generator, the step, the data position and the loss history. No pickle anywhere (torch.distributed.checkpoint
+pickles its metadata), so resuming from a folder someone sent you cannot run code.
+
+Pieces: FSDP2 splits a tensor of N rows over W ranks into chunks of ``ceil(N/W)`` rows (``Shard(0)``). Each rank
+writes its rows of every tensor with their first row into its own ``rank-R-of-W.safetensors``; tensors that are
+not sharded (DDP, one process) are written once, by rank 0. Loading copies into each live tensor the rows it holds
+*now*, from whichever files have them: a state saved by 2 FSDP ranks resumes on 1 process, under DDP or on 8 ranks.
+The folder appears under its final name only when complete; the newest ``keep_last`` are kept.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import shutil
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from ..errors import UserError
-from ..outputs import atomic_path, save_safetensors
+from ..outputs import save_safetensors
 
+STATE_FORMAT = "dev2pro-sharded-state-1"
 STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -61,31 +76,6 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def save_state(root: Path, step: int, parts: dict[str, Any], keep_last: int = 2) -> Path:
-    """Write ``root/step-XXXXXX`` with one safetensors + JSON pair per named part; prune older folders."""
-    root.mkdir(parents=True, exist_ok=True)
-    dst = root / f"step-{step:06d}"
-    with atomic_path(dst, overwrite=True, what="training state") as tmp:
-        tmp.mkdir()
-        for name, obj in parts.items():
-            tensors, skeleton = flatten_state(obj)
-            save_safetensors(tensors, tmp / f"{name}.safetensors", overwrite=True)
-            (tmp / f"{name}.json").write_text(json.dumps(skeleton))
-    for old in list_states(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return dst
-
-
-def load_state(folder: Path) -> dict[str, Any]:
-    parts = {}
-    for js in sorted(folder.glob("*.json")):
-        st = js.with_suffix(".safetensors")
-        if not st.exists():
-            raise UserError(f"training state {folder} is incomplete ({st.name} missing); resume from another step")
-        parts[js.stem] = unflatten_state(json.loads(js.read_text()), load_file(str(st)))
-    return parts
-
-
 def list_states(root: Path) -> list[Path]:
     """State folders under ``root``, oldest first."""
     if not root.is_dir():
@@ -117,3 +107,205 @@ def set_rng_state(state: dict[str, torch.Tensor], generators: dict[str, torch.Ge
             torch.cuda.set_rng_state_all(cuda)
     for k, g in generators.items():
         g.set_state(state[f"gen_{k}"])
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def is_sharded(t) -> bool:
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (an all-gather for a shard; a no-op for a plain tensor)."""
+    if not is_sharded(t):
+        return t
+    mesh = t.device_mesh
+    if t.device.type != mesh.device_type:  # CPU-offloaded shard on a GPU mesh: gather on the mesh's device
+        t = DTensor.from_local(t.to_local().to(mesh.device_type), mesh, t.placements, shape=t.shape,
+                               stride=t.stride())
+    return t.full_tensor()
+
+
+
+
+def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(this rank's rows, the index of its first row in the full tensor, whether ``t`` is sharded)."""
+    if not is_sharded(t):
+        return t, 0, False
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or not t.placements[0].is_shard(0):
+        raise NotImplementedError(f"only 1-D meshes sharded on dim 0 (FSDP2's default) are handled, got "
+                                  f"{t.placements} on {mesh}")
+    local = t.to_local()
+    rows, chunk = t.shape[0], math.ceil(t.shape[0] / mesh.size())
+    first = min(mesh.get_local_rank() * chunk, rows)
+    if local.shape[0] != max(0, min(chunk, rows - first)):
+        raise RuntimeError(f"unexpected shard of {tuple(t.shape)}: {tuple(local.shape)} rows from {first}")
+    return local, first, True
+
+
+def save_sharded_state(root: Path, step: int, tensors: dict[str, torch.Tensor], common: dict, rank: int,
+                       world: int, barrier: Callable[[], None], keep_last: int = 2, full: bool = False) -> Path:
+    """Write ``root/step-XXXXXX`` (every rank calls this): rank files of ``tensors`` + ``common`` from rank 0.
+
+    The folder appears under its final name only when complete (rank 0 renames it once all ranks have written);
+    ``full`` gathers sharded tensors so rank 0 writes them whole. Needs a filesystem all ranks share.
+    """
+    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    pieces, index = {}, {}
+    for name, t in tensors.items():
+        if full:
+            t = full_tensor(t)
+        local, first, sharded = local_rows(t.detach())
+        if (sharded or rank == 0) and local.numel():
+            pieces[name] = local.cpu().contiguous()
+            index[name] = [first, list(t.shape)]
+    save_safetensors(pieces, tmp / f"rank-{rank:05d}-of-{world:05d}.safetensors",
+                     {"format": STATE_FORMAT, "pieces": json.dumps(index)}, overwrite=True, what="training state")
+    barrier()
+    if rank == 0:
+        flat, skeleton = flatten_state(common)
+        save_safetensors(flat, tmp / "common.safetensors", overwrite=True, what="training state")
+        (tmp / "common.json").write_text(json.dumps({"format": STATE_FORMAT, "step": step, "world_size": world,
+                                                     "state": skeleton}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_states(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def read_common(folder: Path) -> dict:
+    """The non-tensor part of a sharded state (plus its small tensors, e.g. RNG states)."""
+    meta_path = folder / "common.json"
+    if (folder / "progress.json").is_file() and not meta_path.is_file():
+        raise UserError(f"{folder} is a training state of an older dev2pro (before train and dedistill shared one "
+                        "state format); finish that run with the version that started it, or start it again")
+    if not meta_path.is_file() or not (folder / "common.safetensors").is_file():
+        raise UserError(f"{folder} is not a complete training state (common.json/common.safetensors missing); "
+                        f"resume from another step")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != STATE_FORMAT:
+        raise UserError(f"{folder}: unknown training-state format {meta.get('format')!r}")
+    return unflatten_state(meta["state"], load_file(str(folder / "common.safetensors")))
+
+
+@torch.no_grad()
+def load_sharded_tensors(folder: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Copy into each target (a plain tensor or this rank's shard of a DTensor) its rows, from any rank file."""
+    files = sorted(folder.glob("rank-*.safetensors"))
+    with ExitStack() as stack:
+        where: dict[str, list] = {}
+        for f in files:
+            h = stack.enter_context(safe_open(str(f), "pt"))
+            for name, (first, shape) in json.loads((h.metadata() or {})["pieces"]).items():
+                where.setdefault(name, []).append((h, first, shape))
+        for name, target in targets.items():
+            if name not in where:
+                raise UserError(f"{folder}: the saved state has no {name}; it belongs to another model or setup")
+            local, first, _ = local_rows(target)
+            if list(target.shape) != where[name][0][2]:
+                raise UserError(f"{folder}: {name} was saved with shape {where[name][0][2]}, the model has "
+                                f"{list(target.shape)}")
+            if local.ndim == 0:
+                local.copy_(where[name][0][0].get_tensor(name))
+                continue
+            lo, hi, covered = first, first + local.shape[0], 0
+            for h, start, _ in where[name]:
+                part = h.get_slice(name)
+                a, b = max(lo, start), min(hi, start + part.get_shape()[0])
+                if a < b:
+                    local[a - lo:b - lo].copy_(part[a - start:b - start])
+                    covered += b - a
+            if covered != hi - lo:
+                raise UserError(f"{folder}: rows {lo}..{hi} of {name} are not all saved (a rank file is missing)")
+
+
+# ------------------------------------------------------------------------------------------------ training states
+def _noop() -> None:
+    return None
+
+
+def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler, gen: torch.Generator, sampler, *,
+                        smoothed: float | None, grad_accum: int, keep_last: int, losses: list | None = None, ema=None,
+                        rank: int = 0, world: int = 1, barrier: Callable[[], None] = _noop,
+                        full: bool = False) -> Path:
+    """The resumable state after ``step`` (every rank calls this): the trainable weights, the optimizer's per-weight
+    tensors and the EMA as pieces, the rest common; ``losses`` (steps 1..step, None = skipped) feeds ``loss.png``."""
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = {p: n for n, p in trained.items()}
+    tensors = {f"model/{n}": p for n, p in trained.items()}
+    scalars, moments = {}, {}
+    for p, st in optimizer.state.items():
+        scalars.setdefault(names[p], {})
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.ndim > 0 and v.shape == p.shape:  # AdamW moments: shaped (and sharded) like p
+                tensors[f"optim/{k}/{names[p]}"] = v
+                moments[k] = str(v.dtype).removeprefix("torch.")
+            else:
+                scalars[names[p]][k] = v
+    if ema is not None:
+        tensors.update({f"ema/{names[p]}": s for p, s in zip(ema.params, ema.shadow)})
+    common = {"optimizer": {"param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                             for g in optimizer.param_groups],
+                            "scalars": scalars, "moments": moments},
+              "scheduler": scheduler.state_dict(), "rng": rng_state({"train": gen}),
+              "ema": {"decay": ema.decay, "updates": ema.updates} if ema is not None else {},
+              "progress": {"step": step, "smoothed": smoothed,
+                           "sampler": sampler.state_dict(batches_done=step * grad_accum),
+                           "losses": list(losses or [])}}
+    return save_sharded_state(state_dir, step, tensors, common, rank, world, barrier, keep_last, full)
+
+
+@dataclass
+class Resumed:
+    step: int
+    smoothed: float | None
+    folder: Path
+    losses: list  # per step 1..step (None = skipped or not recorded)
+
+
+def state_folder(resume: str, state_dir: Path) -> Path:
+    """The folder ``--resume`` names: ``latest`` (the newest in ``state_dir``) or a given ``.../step-NNNNNN``."""
+    folder = latest_state(state_dir) if resume == "latest" else Path(resume)
+    if folder is None or not folder.is_dir():
+        raise UserError(f"nothing to resume: no training state in {state_dir}" if resume == "latest" else
+                        f"--resume {resume}: not a state folder (expected .../state/step-NNNNNN)")
+    return folder
+
+
+def restore_training_state(resume: str, state_dir: Path, model, optimizer, scheduler, gen: torch.Generator, sampler,
+                           ema=None) -> Resumed:
+    """Load a state saved by ``save_training_state`` (by any number of processes) into the live objects."""
+    folder = state_folder(resume, state_dir)
+    common = read_common(folder)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # what save_training_state wrote
+    targets = {f"model/{n}": p for n, p in params.items()}
+    saved = common["optimizer"]
+    moments = saved["moments"]
+    for n, p in params.items():  # optimizer state created here (shaped and sharded like p), filled below
+        if n in saved["scalars"]:
+            dtypes = moments if isinstance(moments, dict) else dict.fromkeys(moments)  # older states: a list
+            optimizer.state[p] = {**saved["scalars"][n], **{
+                k: torch.zeros_like(p, dtype=getattr(torch, d) if d else None) for k, d in dtypes.items()}}
+            targets.update({f"optim/{k}/{n}": optimizer.state[p][k] for k in dtypes})
+    for group, values in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update(values)
+    if ema is not None:
+        if not common["ema"]:
+            raise UserError(f"{folder} was saved without EMA; set train.ema_decay = 0 to resume it")
+        ema.decay, ema.updates = float(common["ema"]["decay"]), int(common["ema"]["updates"])
+        names = {p: n for n, p in params.items()}
+        targets.update({f"ema/{names[p]}": s for p, s in zip(ema.params, ema.shadow)})
+    load_sharded_tensors(folder, targets)
+    scheduler.load_state_dict(common["scheduler"])
+    sampler.load_state_dict(common["progress"]["sampler"])
+    set_rng_state(common["rng"], {"train": gen})
+    step = int(common["progress"]["step"])
+    losses = list(common["progress"].get("losses", []))[:step]
+    return Resumed(step, common["progress"].get("smoothed"), folder, [None] * (step - len(losses)) + losses)

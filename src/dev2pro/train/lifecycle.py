@@ -1,75 +1,81 @@
-"""What `dev2pro train` tells the user and how it ends: the start-up summary, save messages, the final save (state
-first, then the LoRA files, then samples), Ctrl-C, and the hints printed when a run stops.
+"""How a training run tells the user where it is and how it ends: save messages, the final save (state first,
+then the LoRA files, then samples), Ctrl-C, loss.png, and the hints printed when a run stops.
 
-The loop itself stays in ``train_lora.train``; these functions are its lifecycle steps.
+The loops stay in the recipes (`train`, `dedistill`); these are their lifecycle steps.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..errors import UserError
-from ..train.lossplot import save_loss_plot
-from ..train.run import write_error_message, write_errors
-from ..train.state import latest_state
+from .lossplot import save_loss_plot
+from .run import folder_status, os_error_message, write_error_message, write_errors
+from .state import latest_state
 
 log = logging.getLogger(__name__)
 
 
-def startup_lines(cfg, data, n_params: int, variant: str, start: int, out: Path) -> list[str]:
-    """The run at a glance: data and buckets, steps and epochs, LoRA size, guidance, bases, outputs."""
-    ds, tc, sc = data.dataset, cfg.train, cfg.sample
-    buckets = Counter(ds.buckets())  # latent (h, w) per sample, repeats included
-    n_images = len(getattr(ds, "entries", None) or ds)
-    per_epoch = max(1, len(data.sampler))  # batches per epoch
-    epochs = tc.steps * tc.grad_accum / per_epoch
-    source = cfg.data.shards or ", ".join(f.path for f in cfg.data.folders)
-    base = cfg.model.transformer or cfg.model.path
-    lines = [
-        f"dev2pro train -> {out}",
-        f"  data: {n_images} images ({len(ds)} samples per epoch with repeats) from {source}",
-        f"  buckets: {len(buckets)} bucket(s): " + ", ".join(f"{w * 8}x{h * 8} ({n})" for (h, w), n in
-                                                         sorted(buckets.items(), key=lambda kv: -kv[1])),
-        f"  steps {tc.steps}" + (f" (resuming at {start})" if start else "") + f", batch {cfg.data.batch_size} x "
-        f"grad_accum {tc.grad_accum}, {per_epoch} batches per epoch = {epochs:.1f} epochs",
-        f"  LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {cfg.lora.targets}, {n_params:,} trainable "
-        f"parameters; lr {tc.lr:g} ({tc.optimizer}, {tc.schedule})",
-        f"  guidance {tc.guidance} in training (base: {base}, {variant})",
-    ]
-    if sc.prompts:
-        lines.append(f"  samples: {len(sc.prompts)} prompt(s) x {len(sc.seeds)} seed(s) at guidance {sc.guidance} "
-                     f"on {cfg.model.inference_base or 'the training base'}, "
-                     + (f"every {sc.every} steps and " if sc.every else "") + f"at the end -> {out / 'samples'}")
-    lines += [f"  saves: " + (f"every {cfg.save.every} steps and " if cfg.save.every else "") +
-              f"at the end -> {out / cfg.save.name}.safetensors ({', '.join(cfg.save.formats)}), resumable state "
-              f"in {out / 'state'}",
-              f"  TensorBoard: tensorboard --logdir {out / 'logs'}"]
-    return lines
+def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, say: Callable[[str], None] = print) -> Path:
+    """Check the (locked) run folder for this start; returns its state folder.
+
+    A folder a failed start left behind (config, caches, logs: no state, no LoRA) is reused by a plain rerun; a run
+    that saved needs ``--resume`` (or ``save.overwrite``); a folder holding anything else is never reused silently.
+    """
+    status = folder_status(out)
+    if resume == "latest" and status in ("absent", "empty", "started"):
+        raise UserError(f"nothing to resume: {out} " + (
+            "was started but never saved a training state (a failed start, or a run stopped before its first save)"
+            if status == "started" else "holds no run") + "; run the same command without --resume to start it")
+    if resume is None and status in ("saved", "foreign") and not overwrite:
+        raise UserError(f"output folder {out} already holds " + ("a run" if status == "saved" else "other files") +
+                        "; pass --resume to continue it, set save.overwrite = true to start over in it, or choose "
+                        "another save.output_dir")
+    if resume is None and status == "started":
+        say(f"reusing {out}: an earlier start never saved anything (cached latents and text are reused when valid)")
+    if resume is None and status == "saved" and (out / "state").is_dir():
+        # starting over (save.overwrite): the old run's states must not be what a later --resume picks up
+        shutil.rmtree(out / "state")
+        say(f"save.overwrite: starting over in {out} (the previous run's training states were removed)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(os_error_message(e, out, "create the run folder")) from None
+    return out / "state"
 
 
-def resume_hint(out: Path) -> str:
-    return f"dev2pro train {out / 'config.toml'} --resume"
+def any_rank(flag: bool, accelerator) -> bool:
+    """True on every rank when ``flag`` is set on any (a Ctrl-C may reach only some processes)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, "max").item() > 0)
 
 
-def stop_hint(state_dir: Path, out: Path) -> str:
+def resume_hint(out: Path, command: str = "train") -> str:
+    """The command that continues the run in ``out`` (its saved config.toml)."""
+    return f"dev2pro {command} {out / 'config.toml'} --resume"
+
+
+def stop_hint(state_dir: Path, out: Path, command: str = "train") -> str:
     """Appended to a non-finite stop: where the last good state is and what to change."""
     fix = ("lower train.lr, check the base model and the data for NaN/inf values, or set train.nan_policy = "
            "\"skip\"")
     last = latest_state(state_dir)
     if last is None:
         return f"No state was saved before it; fix the cause ({fix}) and start again."
-    return f"The last good state is {last}: fix the cause ({fix}) and continue with `{resume_hint(out)}`."
+    return f"The last good state is {last}: fix the cause ({fix}) and continue with `{resume_hint(out, command)}`."
 
 
 def grad_norm(accelerator, params, max_norm: float) -> float:
     """The total gradient norm (clipped to ``max_norm`` when > 0); non-finite when any gradient is."""
-    import torch
-
     if max_norm > 0:
         return float(accelerator.clip_grad_norm_(params, max_norm))
     grads = [p.grad for p in params if p.grad is not None]
@@ -158,9 +164,8 @@ def finite_or_none(values: list) -> list:
     return [v if v is not None and math.isfinite(v) else None for v in values]
 
 
-def already_finished(cfg, out: Path, step: int, say) -> dict | None:
+def already_finished(files: list[Path], step: int, say) -> dict | None:
     """A resumed run already at its last step with every final LoRA file present: say so and return a summary."""
-    files = [out / f"{cfg.save.name}{'' if f == 'kohya' else '.' + f}.safetensors" for f in cfg.save.formats]
     if not all(f.exists() for f in files):
         return None
     say(f"already finished at step {step}: {', '.join(str(f) for f in files)}; to train further, raise "

@@ -1,0 +1,145 @@
+"""Sample grids during training: rows = prompts, columns = seeds, a title band, PNG metadata, TensorBoard.
+
+``LoraSampler`` renders the current LoRA on the base it will be used with (``model.inference_base``, e.g. dev:
+the Dev2Pro recipe samples there at guidance ~3.5), or on the training model (with a training adapter switched
+off, which is the same thing). ``dedistill_grids`` renders a de-distilling student twice: at guidance 1.0 without
+CFG and with true CFG. The guidance of every grid is resolved once (``sampling.resolve_guidance``) and that one
+object drives the render, the title and the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..flux.checkpoint import load_transformer
+from ..flux.fp8 import Fp8Policy
+from ..lora import adapter as adaptermod
+from ..lora.ops import apply_lora, lora_from_peft_model
+from ..sampling import Guidance, build_pipeline, make_labelled_grid, render, resolve_guidance, save_png
+from .blockswap import BlockSwap
+from .progress import render_each
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """What every grid of a run shows: prompts (rows), seeds (columns), their embeddings, the render size."""
+
+    prompts: Sequence[str]
+    seeds: Sequence[int]
+    embeds: list
+    negative: tuple | None
+    steps: int
+    width: int
+    height: int
+
+
+def write_grid(images: list, spec: GridSpec, title: str, path: Path, info: dict, bar=None, tag: str = "") -> Path:
+    """The labelled grid of ``images`` (prompt-major) written with its metadata, and logged to TensorBoard."""
+    rows, cols = [str(p) for p in spec.prompts], [f"seed {s}" for s in spec.seeds]
+    grid = make_labelled_grid(images, rows, cols, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(grid, path, {**info, "prompts": json.dumps(list(spec.prompts)), "seeds": json.dumps(list(spec.seeds)),
+                          "title": title, "rows": json.dumps(rows), "cols": json.dumps(cols)}, overwrite=True)
+    if bar is not None:
+        bar.image(tag, grid, int(info.get("step", 0)))
+    return path
+
+
+class LoraSampler:
+    """Grids of the current LoRA on the inference base (``inference_base``) or the training model.
+
+    The inference transformer lives on the CPU and visits the device only while sampling, so a 24 GB card does
+    not hold two bases at once; the current LoRA weights are copied into it as a peft adapter each time.
+    """
+
+    def __init__(self, spec: GridSpec, components: dict, device, dtype, *, guidance: float, cfg: float,
+                 inference_base: str = "", training_guidance_embeds: bool = True, adapter: str = "",
+                 with_adapter: bool = False, fp8_storage: bool = False, fp8_keep: Sequence[str] = (),
+                 blocks_to_swap: int = 0, vae_tiling: bool = False, allow_pickle: bool = False):
+        self.spec, self.components, self.device, self.dtype = spec, components, device, dtype
+        self.adapter, self.with_adapter, self.vae_tiling = adapter, with_adapter, vae_tiling
+        self.model, self.swap = None, None
+        if inference_base and spec.prompts:
+            self.model, _ = load_transformer(inference_base, dtype=dtype, fp8_storage=fp8_storage,
+                                             policy=Fp8Policy.from_names(fp8_keep), allow_pickle=allow_pickle)
+            if blocks_to_swap:
+                self.swap = BlockSwap(self.model, blocks_to_swap, device)  # placed while sampling only
+        embeds = self.model.config.guidance_embeds if self.model is not None else training_guidance_embeds
+        self.guidance: Guidance = resolve_guidance(embeds, "auto", guidance, cfg)
+        self.base = inference_base or "training base"
+
+    def sample(self, train_model, step: int, folder: Path, bar, progress: bool = False) -> Path:
+        """Render the grid; with a training adapter on the training model with the adapter off (= the LoRA on
+        dev), and with ``with_adapter`` a second grid with it on. Returns the (first) grid's path."""
+        if not self.adapter:
+            return self._sample(train_model, step, folder, bar, progress)
+        with adaptermod.disabled(train_model):
+            path = self._sample(train_model, step, folder, bar, progress)
+        if self.with_adapter:
+            self._sample(train_model, step, folder, bar, progress, suffix="-adapter")
+        return path
+
+    def _target(self, train_model):
+        if self.model is None:
+            return train_model
+        target = self.model if self.swap else self.model.to(self.device)
+        if "sample" in getattr(target, "peft_config", {}):
+            target.delete_adapters("sample")
+        apply_lora(target, lora_from_peft_model(train_model, "default"), 1.0, adapter_name="sample")
+        if self.swap:
+            self.swap.place()  # after apply_lora, so the new LoRA weights go to the device too
+        return target
+
+    def _sample(self, train_model, step: int, folder: Path, bar, progress: bool = False, suffix: str = "") -> Path:
+        target, spec = self._target(train_model), self.spec
+        was_training = target.training
+        target.eval()
+        vae = self.components["vae"].to(self.device)
+        if self.vae_tiling:
+            vae.enable_tiling()
+        pipe = build_pipeline({**self.components, "vae": vae}, target)
+        with torch.no_grad():  # prompt-major: one grid row per prompt, one column per seed
+            images = render_each(render, pipe, spec.embeds, [int(s) for s in spec.seeds], f"samples {step}",
+                                 progress, guidance=self.guidance, negative=spec.negative, steps=spec.steps,
+                                 width=spec.width, height=spec.height)
+        target.train(was_training)
+        if self.swap:
+            self.swap.unplace()
+        elif self.model is not None:
+            self.model.to("cpu")
+        self.components["vae"].to("cpu")
+        base = self.base
+        if self.adapter:
+            base += f" + adapter {Path(self.adapter).name}" if suffix else " without the adapter"
+        title = f"step {step}  |  {self.guidance.describe()}  |  {Path(base).name}"
+        info = {"step": str(step), "guidance": json.dumps(self.guidance.to_dict()), "base": base}
+        return write_grid(images, spec, title, folder / f"step{step:06d}{suffix}.png", info, bar, "samples" + suffix)
+
+
+def dedistill_grids(model, spec: GridSpec, components: dict, cfg_scale: float, step: int, folder: Path, bar,
+                    main: bool, autocast, device) -> list[Path]:
+    """Grids at guidance 1.0 without CFG (``-g1``) and with true CFG at ``cfg_scale`` (``-cfg``).
+
+    Every rank renders (under FSDP each forward needs all ranks' shards; under DDP it costs no extra wall time);
+    the main process writes ``stepNNNNNN-g1.png`` / ``-cfg.png`` and logs them to TensorBoard.
+    """
+    vae = components["vae"].to(device)
+    pipe = build_pipeline({**components, "vae": vae}, model)
+    embeds, paths = model.config.guidance_embeds, []
+    for tag, scale in (("g1", 1.0), ("cfg", float(cfg_scale))):
+        guidance = resolve_guidance(embeds, "auto", 1.0, scale)
+        with autocast():  # the training forward's precision (FSDP's bf16 shards need it)
+            images = render(pipe, spec.embeds, [int(s) for s in spec.seeds], guidance, negative=spec.negative,
+                            steps=spec.steps, width=spec.width, height=spec.height)
+        if main:
+            title = f"step {step}  |  {guidance.describe()}"
+            info = {"step": str(step), "guidance": json.dumps(guidance.to_dict())}
+            paths.append(write_grid(images, spec, title, folder / f"step{step:06d}-{tag}.png", info, bar,
+                                    f"samples/{tag}"))
+    vae.to("cpu")
+    return paths
