@@ -172,7 +172,7 @@ def test_sample_prints_no_third_party_noise(tiny_dev_dir, tmp_path):
 
 
 def test_train_output_dir_parents_are_created(tmp_path):
-    from dev2pro.recipes.train_steps import prepare_output_dir
+    from dev2pro.train.lifecycle import prepare_output_dir
 
     state = prepare_output_dir(tmp_path / "runs" / "2026" / "my-lora", resume=None, overwrite=False)
     assert (tmp_path / "runs" / "2026" / "my-lora").is_dir() and state.name == "state"

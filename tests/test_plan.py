@@ -20,14 +20,12 @@ def _bytes(tensors) -> int:
 
 
 def _lora(model, spec, rank, optimizer):
-    from types import SimpleNamespace
-
-    from dev2pro.recipes.train_steps import add_lora
+    from dev2pro.lora.targets import target_modules
+    from dev2pro.train.model import add_lora
     from dev2pro.train.optim import build_optimizer
 
-    lora = SimpleNamespace(rank=rank, alpha=float(rank), dropout=0.0, targets="all_linear", extra_targets=[],
-                           double_blocks=[], single_blocks=[])
-    params = add_lora(model, SimpleNamespace(lora=lora), spec)
+    names = target_modules("all_linear", spec.num_double, spec.num_single, guidance=spec.guidance_embeds)
+    params = add_lora(model, names, rank, float(rank))
     opt = build_optimizer(params, optimizer, 1e-4)
     for p in params:
         p.grad = torch.zeros_like(p)

@@ -6,7 +6,22 @@ import torch
 from PIL import Image
 
 from dev2pro import sampling as S
+from dev2pro.config import parse_size
 from dev2pro.errors import UserError
+
+
+def _guidance(pipe, guidance=3.5, true_cfg=1.0, mode="auto"):
+    """Resolved once for the pipeline's transformer, as every caller of render does."""
+    return S.resolve_guidance(pipe.transformer.config.guidance_embeds, mode, guidance, true_cfg)
+
+
+def _render(pipe, embeds, seeds, guidance=3.5, true_cfg=1.0, mode="auto", **kw):
+    return S.render(pipe, embeds, seeds, _guidance(pipe, guidance, true_cfg, mode), **kw)
+
+
+def _render_latents(pipe, embeds, seeds, guidance=3.5, true_cfg=1.0, mode="auto", **kw):
+    return S.render_latents(pipe, embeds, seeds, _guidance(pipe, guidance, true_cfg, mode), **kw)
+
 
 STEPS = 2
 SIZE = dict(width=64, height=64)
@@ -73,8 +88,8 @@ def test_resolve_guidance_table():
 
 def test_same_seed_same_pixels_other_seed_differs(dev):
     pipe, embeds = dev
-    a, b = S.render(pipe, embeds[:1], [7, 8], steps=STEPS, **SIZE)
-    (again,) = S.render(pipe, embeds[:1], [7], steps=STEPS, **SIZE)  # alone, not in a batch of seeds
+    a, b = _render(pipe, embeds[:1], [7, 8], steps=STEPS, **SIZE)
+    (again,) = _render(pipe, embeds[:1], [7], steps=STEPS, **SIZE)  # alone, not in a batch of seeds
     assert a.size == (64, 64)
     assert np.array_equal(pixels(a), pixels(again))
     assert np.abs(pixels(a) - pixels(b)).mean() > 1.0
@@ -82,8 +97,8 @@ def test_same_seed_same_pixels_other_seed_differs(dev):
 
 def test_images_are_prompt_major(dev):
     pipe, embeds = dev
-    images = S.render(pipe, embeds, [0, 1], steps=STEPS, **SIZE)
-    (p1s0,) = S.render(pipe, embeds[1:], [0], steps=STEPS, **SIZE)
+    images = _render(pipe, embeds, [0, 1], steps=STEPS, **SIZE)
+    (p1s0,) = _render(pipe, embeds[1:], [0], steps=STEPS, **SIZE)
     assert len(images) == 4
     assert np.array_equal(pixels(images[2]), pixels(p1s0))
 
@@ -91,26 +106,26 @@ def test_images_are_prompt_major(dev):
 def test_dev_uses_embedded_guidance_one_forward_per_step(dev):
     pipe, embeds = dev
     with ForwardSpy(pipe.transformer) as spy:
-        S.render(pipe, embeds[:1], [0], guidance=3.5, steps=STEPS, **SIZE)
+        _render(pipe, embeds[:1], [0], guidance=3.5, steps=STEPS, **SIZE)
     assert spy.guidance == [3.5] * STEPS
 
 
 def test_pro_uses_true_cfg_two_forwards_per_step(pro):
     pipe, embeds = pro
     with ForwardSpy(pipe.transformer) as spy:
-        S.render(pipe, embeds, [0], guidance=3.5, steps=STEPS, **SIZE)
+        _render(pipe, embeds, [0], guidance=3.5, steps=STEPS, **SIZE)
     assert spy.guidance == [None] * (2 * STEPS)
 
 
 def test_embedded_guidance_combines_with_true_cfg(dev):
     pipe, embeds = dev
     with ForwardSpy(pipe.transformer) as spy:
-        plain = S.render(pipe, embeds[:1], [0], guidance=3.5, steps=STEPS, **SIZE)[0]
-        cfg = S.render(pipe, embeds[:1], [0], guidance=3.5, true_cfg=3.0, steps=STEPS, **SIZE)[0]
+        plain = _render(pipe, embeds[:1], [0], guidance=3.5, steps=STEPS, **SIZE)[0]
+        cfg = _render(pipe, embeds[:1], [0], guidance=3.5, true_cfg=3.0, steps=STEPS, **SIZE)[0]
     assert spy.guidance == [3.5] * STEPS + [3.5] * (2 * STEPS)
     assert not np.array_equal(pixels(plain), pixels(cfg))
     with ForwardSpy(pipe.transformer) as spy:  # forced true_cfg on a dev-like base: embedding at neutral 1.0
-        S.render(pipe, embeds[:1], [0], guidance=3.5, mode="true_cfg", steps=STEPS, **SIZE)
+        _render(pipe, embeds[:1], [0], guidance=3.5, mode="true_cfg", steps=STEPS, **SIZE)
     assert spy.guidance == [1.0] * (2 * STEPS)
 
 
@@ -119,14 +134,14 @@ def test_pipeline_without_text_encoders_renders_from_embeddings(dev, tiny_dev_di
     components = S.load_components(tiny_dev_dir, text_encoders=False)
     assert components["text_encoder"] is None and components["vae"] is not None
     bare = S.build_pipeline(components, pipe.transformer)
-    a = S.render(bare, embeds[:1], [3], steps=STEPS, **SIZE)[0]
-    b = S.render(pipe, embeds[:1], [3], steps=STEPS, **SIZE)[0]
+    a = _render(bare, embeds[:1], [3], steps=STEPS, **SIZE)[0]
+    b = _render(pipe, embeds[:1], [3], steps=STEPS, **SIZE)[0]
     assert np.array_equal(pixels(a), pixels(b))
     with pytest.raises(ValueError, match="negative"):  # true CFG needs a negative it cannot encode
-        S.render(bare, embeds[:1], [3], true_cfg=2.0, steps=STEPS, **SIZE)
+        _render(bare, embeds[:1], [3], true_cfg=2.0, steps=STEPS, **SIZE)
     negative = S.encode_prompts(pipe, [""])[0]
-    c = S.render(bare, embeds[:1], [3], true_cfg=2.0, negative=negative, steps=STEPS, **SIZE)[0]
-    d = S.render(pipe, embeds[:1], [3], true_cfg=2.0, steps=STEPS, **SIZE)[0]  # default negative = ""
+    c = _render(bare, embeds[:1], [3], true_cfg=2.0, negative=negative, steps=STEPS, **SIZE)[0]
+    d = _render(pipe, embeds[:1], [3], true_cfg=2.0, steps=STEPS, **SIZE)[0]  # default negative = ""
     assert np.array_equal(pixels(c), pixels(d))
 
 
@@ -134,7 +149,7 @@ def test_render_restores_training_mode(dev):
     pipe, embeds = dev
     pipe.transformer.train()
     try:
-        S.render(pipe, embeds[:1], [0], steps=1, **SIZE)
+        _render(pipe, embeds[:1], [0], steps=1, **SIZE)
         assert pipe.transformer.training
     finally:
         pipe.transformer.eval()
@@ -143,7 +158,7 @@ def test_render_restores_training_mode(dev):
 def test_bad_size_is_a_user_error(dev):
     pipe, embeds = dev
     with pytest.raises(UserError, match="multiples of 16"):
-        S.render(pipe, embeds[:1], [0], steps=1, width=72, height=64)
+        _render(pipe, embeds[:1], [0], steps=1, width=72, height=64)
 
 
 def _random_lora(transformer, seed: int, path):
@@ -165,7 +180,7 @@ def test_lora_scale_changes_output_and_zero_is_no_lora(dev, tiny_dev_dir, tmp_pa
 
     def image(loras):
         base, _ = S.load_base(tiny_dev_dir, loras)
-        return pixels(S.render(S.build_pipeline({"vae": pipe.vae, "scheduler": pipe.scheduler}, base), embeds[:1],
+        return pixels(_render(S.build_pipeline({"vae": pipe.vae, "scheduler": pipe.scheduler}, base), embeds[:1],
                                [0], steps=STEPS, **SIZE)[0])
 
     plain, with_a, a_zero = image([]), image([(a, 1.0)]), image([(a, 0.0)])
@@ -215,10 +230,10 @@ def test_parse_lora_arg(tmp_path):
 
 
 def test_parse_size_seeds_prompts(tmp_path):
-    assert S.parse_size("1024x768") == (1024, 768)
-    assert S.parse_size("512") == (512, 512)
+    assert parse_size("1024x768") == (1024, 768)
+    assert parse_size("512") == (512, 512)
     with pytest.raises(UserError, match="WIDTHxHEIGHT"):
-        S.parse_size("big")
+        parse_size("big")
     assert S.parse_seeds("1, 2,3") == [1, 2, 3]
     with pytest.raises(UserError, match="integers"):
         S.parse_seeds("1,two")
@@ -243,12 +258,12 @@ def test_render_latents_matches_render_and_ignores_batching(dev):
 
     pipe, embeds = dev
     items, seeds = [embeds[0], embeds[1], embeds[0]], [0, 1, 2]
-    together = S.render_latents(pipe, items, seeds, guidance=3.5, steps=STEPS, batch_size=3, **SIZE)
-    alone = S.render_latents(pipe, items, seeds, guidance=3.5, steps=STEPS, batch_size=1, **SIZE)
+    together = _render_latents(pipe, items, seeds, guidance=3.5, steps=STEPS, batch_size=3, **SIZE)
+    alone = _render_latents(pipe, items, seeds, guidance=3.5, steps=STEPS, batch_size=1, **SIZE)
     assert together.shape == (3, 16, 8, 8)
     assert torch.allclose(together, alone, atol=1e-5)
     assert not torch.allclose(together[0], together[2], atol=1e-3)  # same prompt, other seed
-    image = S.render(pipe, embeds[1:2], [1], guidance=3.5, steps=STEPS, **SIZE)[0]
+    image = _render(pipe, embeds[1:2], [1], guidance=3.5, steps=STEPS, **SIZE)[0]
     decoded = ((decode_latents(pipe.vae, together[1:2])[0].clamp(-1, 1) + 1) * 127.5).round()
     ours = decoded.permute(1, 2, 0).to(torch.int16).numpy()
     assert np.abs(ours - pixels(image)).max() <= 1
@@ -257,12 +272,12 @@ def test_render_latents_matches_render_and_ignores_batching(dev):
 def test_render_latents_true_cfg_needs_negative_and_aligned_lists(pro):
     pipe, embeds = pro
     with pytest.raises(ValueError, match="negative"):
-        S.render_latents(pipe, embeds, [0], guidance=3.5, steps=STEPS, **SIZE)
+        _render_latents(pipe, embeds, [0], guidance=3.5, steps=STEPS, **SIZE)
     with pytest.raises(ValueError, match="aligned"):
-        S.render_latents(pipe, embeds, [0, 1], guidance=3.5, steps=STEPS, **SIZE)
+        _render_latents(pipe, embeds, [0, 1], guidance=3.5, steps=STEPS, **SIZE)
     neg = S.encode_prompts(pipe, [""])[0]
     with ForwardSpy(pipe.transformer) as spy:
-        S.render_latents(pipe, embeds, [0], guidance=3.5, negative=neg, steps=STEPS, **SIZE)
+        _render_latents(pipe, embeds, [0], guidance=3.5, negative=neg, steps=STEPS, **SIZE)
     assert len(spy.guidance) == 2 * STEPS
 
 
@@ -275,7 +290,7 @@ def test_bf16_transformer_beside_an_fp32_vae_renders(dev, tiny_dev_dir):
     components = S.load_components(tiny_dev_dir, text_encoders=False)
     bf16 = S.build_pipeline(components, copy.deepcopy(pipe.transformer).to(torch.bfloat16))
     assert bf16.vae.dtype == torch.float32
-    img = S.render(bf16, embeds[:1], [3], steps=STEPS, **SIZE)[0]
-    ref = S.render(pipe, embeds[:1], [3], steps=STEPS, **SIZE)[0]
+    img = _render(bf16, embeds[:1], [3], steps=STEPS, **SIZE)[0]
+    ref = _render(pipe, embeds[:1], [3], steps=STEPS, **SIZE)[0]
     assert img.size == ref.size
     assert np.abs(pixels(img).astype(int) - pixels(ref).astype(int)).mean() < 8  # same picture, bf16 rounding

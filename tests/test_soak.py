@@ -82,7 +82,7 @@ def warm():
     import peft  # noqa: F401
 
     from dev2pro.cli import build_parser
-    from dev2pro.recipes import checkpoint_tools, dedistill_steps, train_lora  # noqa: F401
+    from dev2pro.recipes import checkpoint_tools, dedistill, train_lora  # noqa: F401
     build_parser()
 
 
@@ -128,7 +128,7 @@ def test_kill_convert(tmp_path, source):
 
 
 def _export(state_path, out):
-    from dev2pro.recipes.dedistill_steps import export_model
+    from dev2pro.train.export import export_model
 
     state = load_file(str(state_path))
     export_model(state, Path(out), "m", ["bfl", "diffusers", "fp8"], "bf16", True, {"dev2pro.recipe": "dedistill"})

@@ -68,7 +68,7 @@ def load_components(model_dir: str | os.PathLike, dtype: torch.dtype = torch.flo
     if not root.is_dir():
         raise UserError(f"model folder {root} does not exist: pass a FLUX.1-dev-layout diffusers folder "
                         "(model_index.json, vae/, text_encoder/, ...), e.g. one written by `dev2pro init-tiny`")
-    wanted = ["vae", SCHEDULER, *(TEXT_COMPONENTS if text_encoders else ())]
+    wanted = ["vae", *(TEXT_COMPONENTS if text_encoders else ()), SCHEDULER]
     missing = [n for n in wanted if not (root / n).is_dir()]
     if missing:
         raise UserError(f"model folder {root} lacks {', '.join(missing)}/: it must have the FLUX.1-dev diffusers "

@@ -92,31 +92,11 @@ def item(value, caption):
     }
 
 
-def test_collate_shapes_and_no_dropout():
+def test_collate_shapes():
     out = collate([item(1.0, "one"), item(2.0, "two")])
     assert out["latents"].shape == (2, 16, 4, 6)
     assert out["prompt_embeds"].shape == (2, 5, 8) and out["pooled"].shape == (2, 3)
-    assert out["captions"] == ["one", "two"] and not out["dropped"].any()
-
-
-def test_caption_dropout_is_deterministic_and_at_the_right_rate():
-    empty = {"prompt_embeds": torch.zeros(1, 5, 8), "pooled": torch.zeros(3)}  # a (1, ...) batch is accepted
-    batch = [item(float(i + 1), f"c{i}") for i in range(64)]
-    g = torch.Generator().manual_seed(5)
-    outs = [collate(batch, empty, 0.25, g) for _ in range(20)]
-    rate = torch.cat([o["dropped"] for o in outs]).float().mean().item()
-    assert 0.2 < rate < 0.3
-    again = collate(batch, empty, 0.25, torch.Generator().manual_seed(5))
-    assert torch.equal(again["dropped"], outs[0]["dropped"])
-    o = outs[0]
-    for i, dropped in enumerate(o["dropped"].tolist()):
-        assert o["captions"][i] == ("" if dropped else f"c{i}")
-        assert o["pooled"][i].eq(0.0 if dropped else i + 1).all()
-        assert o["prompt_embeds"][i].eq(0.0 if dropped else i + 1).all()
-        assert o["latents"][i].eq(i + 1).all()  # latents are never dropped
-    assert collate(batch, empty, 1.0, g)["dropped"].all()
-    with pytest.raises(ValueError, match="empty_text"):
-        collate(batch, None, 0.1, g)
+    assert out["captions"] == ["one", "two"] and out["pooled"][1].eq(2.0).all()
 
 
 def test_cached_dataset_with_dataloader(tmp_path):
@@ -138,9 +118,7 @@ def test_cached_dataset_with_dataloader(tmp_path):
     assert ds[2]["caption"] == "a tall dog" and ds[2]["pooled"].tolist() == [10.0] * 3
 
     sampler = BucketBatchSampler(ds.buckets(), batch_size=2, seed=0)
-    empty = CachedDataset([(entries[0].latents, text[""])])[0]
-    g = torch.Generator().manual_seed(0)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=lambda b: collate(b, empty, 0.0, g))
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
     seen = []
     for batch in loader:
         assert batch["latents"].shape[1:] in {(16, 4, 6), (16, 6, 4)}
@@ -190,9 +168,7 @@ def test_folder_to_training_batch_pipeline(tmp_path):
     ds = CachedDataset([CacheEntry(lp, text[i.caption], i.caption, i.repeats) for lp, i in zip(latent_paths, items)])
     assert len(ds) == 10
     sampler = BucketBatchSampler(ds.buckets(), batch_size=3, seed=0)
-    g = torch.Generator().manual_seed(0)
-    empty = {k: v for k, v in CachedDataset([(latent_paths[0], text[""])])[0].items() if k != "caption"}
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=lambda b: collate(b, empty, 0.5, g))
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
     batches = list(loader)
     assert sum(len(b["captions"]) for b in batches) == 10
     for b in batches:

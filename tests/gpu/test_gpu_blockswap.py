@@ -13,9 +13,8 @@ GB = 1024**3
 
 
 def _model(spec, dtype, fp8=False):
-    from types import SimpleNamespace
-
-    from dev2pro.recipes.train_steps import add_lora
+    from dev2pro.lora.targets import target_modules
+    from dev2pro.train.model import add_lora
 
     model = build_transformer(spec, device="cuda", dtype=dtype, seed=0)
     if fp8:
@@ -25,9 +24,8 @@ def _model(spec, dtype, fp8=False):
     model.enable_gradient_checkpointing()
     model.requires_grad_(False)
     torch.manual_seed(1)
-    lora = SimpleNamespace(rank=16, alpha=16.0, dropout=0.0, targets="all_linear", extra_targets=[],
-                           double_blocks=[], single_blocks=[])
-    params = add_lora(model, SimpleNamespace(lora=lora), spec)
+    names = target_modules("all_linear", spec.num_double, spec.num_single, guidance=spec.guidance_embeds)
+    params = add_lora(model, names, 16, 16.0)
     return model.train(), params
 
 

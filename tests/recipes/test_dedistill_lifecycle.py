@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from dev2pro.errors import UserError
-from dev2pro.recipes import dedistill_steps as ds
+from dev2pro.recipes import dedistill as ds
+from dev2pro.train import export
 from dev2pro.recipes.dedistill import dedistill, load_dedistill_config
 
 
@@ -126,7 +127,7 @@ def test_export_comes_before_final_samples_and_a_full_disk_keeps_the_state(tmp_p
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ds, "export_model", full)
+    monkeypatch.setattr(export, "export_model", full)
     cfg_path = _toml(tmp_path, tiny_dev_dir, sk_images, steps=6)
     with pytest.raises(UserError, match=r"No space left.*state.*step-000006.*--resume"):
         dedistill(load_dedistill_config(cfg_path), progress=False)
@@ -136,10 +137,10 @@ def test_export_comes_before_final_samples_and_a_full_disk_keeps_the_state(tmp_p
     (out / ".dev2pro.export.safetensors").write_bytes(b"half an export, as kill -9 leaves it")
     (out / ".dev2pro.safetensors.k3j.tmp").mkdir()
 
-    def crash(model, data, sc, step, *a, **k):
+    def crash(*a, **k):
         raise RuntimeError("out of memory while sampling (simulated)")
 
-    monkeypatch.setattr(ds, "sample_grids", crash)
+    monkeypatch.setattr(ds, "dedistill_grids", crash)
     extra = '[sample]\nevery = 100\nprompts = ["a cat"]\nsteps = 1\nwidth = 32\nheight = 32\n'
     with pytest.raises(RuntimeError, match="simulated"):  # resume writes the export, then the samples fail
         dedistill(load_dedistill_config(_toml(tmp_path, tiny_dev_dir, sk_images, steps=6, extra=extra)),

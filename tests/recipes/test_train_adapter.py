@@ -11,12 +11,14 @@ from dev2pro.flux.checkpoint import load_transformer
 from dev2pro.flux.keys import diffusers_to_bfl
 from dev2pro.lora import adapter as A
 from dev2pro.lora.formats import LoraModule, LoraWeights, load_lora, save_lora
-from dev2pro.lora.ops import lora_delta
-from dev2pro.lora.ops import apply_lora
+from dev2pro.lora.ops import apply_lora, lora_delta
 from dev2pro.recipes import lora_tools as T
-from dev2pro.recipes import train_steps as steps
 from dev2pro.recipes.sample import run_sample
 from dev2pro.recipes.train_lora import load_train_config, train
+from dev2pro.data.folders import DatasetFolder
+from dev2pro.data.prepare import FolderOptions, load_training_data
+from dev2pro.train.model import load_base
+from dev2pro.train.samples import GridSpec, LoraSampler
 
 SAMPLE = dict(prompts=["a photo"], seeds=[0], steps=3, width=64, height=64, guidance=3.5)
 
@@ -72,13 +74,16 @@ def test_train_with_adapter_equals_merged_base_and_samples_are_the_lora_on_dev(t
     state = next((tmp_path / "side" / "state").iterdir())
     assert not any(A.ADAPTER in k for f in state.glob("*.safetensors") for k in load_file(str(f)))
     # the grid with the adapter off is the LoRA on the plain base, bit for bit (same sampling code, same cached
-    # prompt embeddings: a model with only the saved LoRA, no adapter, sampled by the recipe's InferenceBase)
-    plain_cfg = _cfg(tmp_path, tiny_dev_dir, sk_images, "plain", base)
-    data = steps.prepare_data(plain_cfg, tmp_path / "plain", "cpu")
-    model, ckpt = steps.load_base(plain_cfg, torch.float32, "cpu")
+    # prompt embeddings: a model with only the saved LoRA, no adapter, sampled by the recipe's LoraSampler)
+    data = load_training_data(tiny_dev_dir, "cpu", folders=[DatasetFolder(sk_images)], cache_dir=tmp_path / "cache",
+                              options=FolderOptions("a photo", resolution=64, bucket_step=64),
+                              prompts=SAMPLE["prompts"])
+    model, _ = load_base(str(base), torch.float32, "cpu", gradient_checkpointing=False)
     apply_lora(model, load_lora(tmp_path / "side" / "lora.diffusers.safetensors"), adapter_name="default")
     bar = type("Bar", (), {"image": lambda self, *a: None})()
-    plain = steps.InferenceBase(plain_cfg, ckpt, torch.float32, data, "cpu").sample(model, 10, tmp_path / "p", bar)
+    spec = GridSpec(SAMPLE["prompts"], SAMPLE["seeds"], data.sample_embeds, data.negative, SAMPLE["steps"], 64, 64)
+    plain = LoraSampler(spec, data.components, "cpu", torch.float32, guidance=3.5, cfg=3.5).sample(
+        model, 10, tmp_path / "p", bar)
     grid_off = np.asarray(Image.open(tmp_path / "side" / "samples" / "step000010.png"))
     grid_on = np.asarray(Image.open(tmp_path / "side" / "samples" / "step000010-adapter.png"))
     assert np.array_equal(grid_off, np.asarray(Image.open(plain)))

@@ -291,16 +291,16 @@ def test_extending_steps_continues_from_the_end(tmp_path, tiny_dev_dir, images, 
 
 
 def test_final_lora_and_state_exist_even_if_final_sampling_crashes(tmp_path, tiny_dev_dir, images, monkeypatch):
-    from dev2pro.recipes import train_steps
+    from dev2pro.train.samples import LoraSampler
 
-    real = train_steps.InferenceBase.sample
+    real = LoraSampler.sample
 
     def crash_at_the_end(self, model, step, folder, bar, *a, **k):
         if step == 4:
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(self, model, step, folder, bar, *a, **k)
 
-    monkeypatch.setattr(train_steps.InferenceBase, "sample", crash_at_the_end)
+    monkeypatch.setattr(LoraSampler, "sample", crash_at_the_end)
     extra = '[sample]\nprompts = ["a photo"]\nsteps = 1\nwidth = 64\nheight = 64\n'
     cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=4, extra=extra), ["save.every=0"])
     with pytest.raises(RuntimeError, match="simulated"):
@@ -313,12 +313,12 @@ def test_final_lora_and_state_exist_even_if_final_sampling_crashes(tmp_path, tin
 def test_disk_full_at_the_final_save_keeps_a_state(tmp_path, tiny_dev_dir, images, reference, monkeypatch):
     import errno
 
-    from dev2pro.lora import formats
+    from dev2pro.train import export
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(formats, "save_lora", full)
+    monkeypatch.setattr(export, "save_lora", full)
     cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=8)
     with pytest.raises(UserError, match=r"lora\.safetensors.*No space left.*state.*step-000008.*--resume"):
         train(load_train_config(cfg_path, ["save.every=0"]), progress=False)
@@ -330,16 +330,16 @@ def test_disk_full_at_the_final_save_keeps_a_state(tmp_path, tiny_dev_dir, image
 
 
 def _nan_at(monkeypatch, bad_steps):
-    from dev2pro.recipes import train_steps
+    from dev2pro.recipes import train_lora
 
-    real, calls = train_steps.flow_matching_loss, []
+    real, calls = train_lora.flow_objective, []
 
     def loss(*a, **k):
         calls.append(1)
-        value = real(*a, **k)
-        return value * float("nan") if len(calls) in bad_steps else value
+        value, parts = real(*a, **k)
+        return (value * float("nan") if len(calls) in bad_steps else value), parts
 
-    monkeypatch.setattr(train_steps, "flow_matching_loss", loss)
+    monkeypatch.setattr(train_lora, "flow_objective", loss)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, tiny_dev_dir, images, monkeypatch):
@@ -471,9 +471,9 @@ def test_disk_full_at_a_periodic_save_is_one_line_naming_the_last_state(tmp_path
                                                                         monkeypatch):
     from safetensors import SafetensorError
 
-    from dev2pro.lora import formats
+    from dev2pro.train import export
 
-    real, calls = formats.save_lora, []
+    real, calls = export.save_lora, []
 
     def full_on_the_second_save(*a, **k):  # the Rust writer's way of saying it
         calls.append(1)
@@ -481,7 +481,7 @@ def test_disk_full_at_a_periodic_save_is_one_line_naming_the_last_state(tmp_path
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(*a, **k)
 
-    monkeypatch.setattr(formats, "save_lora", full_on_the_second_save)
+    monkeypatch.setattr(export, "save_lora", full_on_the_second_save)
     cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=10))  # saves at 4 and 8
     with pytest.raises(UserError, match=r"save step 8 .*(disk is full|no space left).*last saved state is .*step-000004.*--resume"):
         train(cfg, progress=False, quiet=True)

@@ -221,22 +221,16 @@ def test_dev2pro_sample_with_swap_equals_without(tmp_path, tiny_dev_dir):
 def test_place_base_speed_switches(tmp_path):
     """train.attention_backend goes to diffusers' dispatcher (a bad name is a UserError); train.compile compiles
     the repeated blocks regionally (lazily: nothing is compiled until the first forward) and is skipped with swap."""
-    from types import SimpleNamespace
-
     from dev2pro.errors import UserError
-    from dev2pro.recipes.train_steps import place_base
-
-    def cfg(swap=0, **train):
-        return SimpleNamespace(model=SimpleNamespace(blocks_to_swap=swap, gradient_checkpointing=True),
-                               train=SimpleNamespace(**{"compile": False, "attention_backend": "", **train}))
+    from dev2pro.train.model import place_base
 
     model, _ = _lora_model(TINY)
-    assert place_base(model, cfg(attention_backend="native"), "cpu") is None
+    assert place_base(model, "cpu", attention_backend="native") is None
     backend = str(model.transformer_blocks[0].attn.processor._attention_backend)
     assert backend in ("native", "AttentionBackendName.NATIVE")
     with pytest.raises(UserError, match="attention_backend"):
-        place_base(model, cfg(attention_backend="no-such-kernel"), "cpu")
-    place_base(model, cfg(compile=True), "cpu")
+        place_base(model, "cpu", attention_backend="no-such-kernel")
+    place_base(model, "cpu", compile=True)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in flux_blocks(model))
     other, _ = _lora_model(TINY)
     swap = place_base(other, cfg(compile=True, swap=2), "cpu")

@@ -70,8 +70,8 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
     items = scan_dataset(folders, default_caption=o.default_caption or None, trigger=o.trigger or None,
                          min_size=o.min_size, strict=o.strict, buckets=buckets)
     sizes = [assign_bucket(*(it.size if it.size else _image_size(it.path)), buckets) for it in items]
+    pipe = load_text_encoders(model_dir, text_device, text_dtype)  # first: it names a folder that is no model
     vae = load_vae(model_dir, device)
-    pipe = load_text_encoders(model_dir, text_device, text_dtype)
     enc_id = encoder_identity(model_dir)
     latent_paths = cache_latents([(it.path, s) for it, s in zip(items, sizes)],
                                  lambda px: encode_images(vae, px).cpu(), f"vae:{enc_id}", cache_dir)
