@@ -4,8 +4,8 @@ The Train page is generated from the dataclass tree that ``dev2pro train --print
 defaults, help text, choices), so a field added to the schema appears in the UI with no UI change. Submitted
 values go back through the CLI's own loader (``load_config``/``load_train_config``): type errors, choices, typos
 and cross-field rules produce the same messages as on the command line. Which string fields are file paths the
-schema says (``opt(..., path=True)``, the fields the loader resolves relative to a config file); those must
-resolve inside the workspace before anything runs.
+schema says (``opt(..., path=True)``; ``config.path_fields``, the fields the loader resolves relative to a config
+file); those must resolve inside the workspace before anything runs.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def field_specs(schema: type, prefix: str = "") -> list[dict]:
             out.extend(field_specs(tp, key + "."))
             continue
         spec = {"key": key, "help": f.metadata.get("help", ""), "optional": optional,
-                "choices": list(f.metadata.get("choices") or []) or None, "path": bool(f.metadata.get("path"))}
+                "choices": list(f.metadata.get("choices") or []) or None}
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
         if item is not None and dataclasses.is_dataclass(item):
             spec.update(kind="tables", fields=field_specs(item), default=[dataclasses.asdict(v) for v in value])
@@ -124,18 +124,6 @@ def form_to_data(specs: list[dict], values: dict, drop_defaults: bool = False) -
             node = node.setdefault(p, {})
         node[last] = value
     return data
-
-
-def path_keys(specs: list[dict]) -> set[str]:
-    """Keys of the fields the schema marks as paths (``opt(..., path=True)``); ``tables`` items as
-    ``key[].field``."""
-    found: set[str] = set()
-    for s in specs:
-        if s["kind"] == "tables":
-            found |= {f"{s['key']}[].{k}" for k in path_keys(s["fields"])}
-        elif s.get("path"):
-            found.add(s["key"])
-    return found
 
 
 def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[str], resolve: Callable):
