@@ -67,7 +67,7 @@ def test_non_finite_floats_are_refused(cfg_file, value):
 
 
 def test_train_sample_size_is_one_string_with_width_height_still_accepted(tmp_path):
-    from dev2pro.recipes.train_lora import load_train_config
+    from dev2pro.schemas import load_train_config
 
     p = tmp_path / "t.toml"
     p.write_text('[model]\npath = "m"\n[[data.folders]]\npath = "d"\n[save]\noutput_dir = "o"\n'

@@ -145,15 +145,15 @@ output_dir = "{tmp_path / 'run'}"
 
 def test_vram_preset_fills_what_the_user_left_unset(tmp_path, tiny_dev_dir, sk_images, capsys):
     from dev2pro.config import render_toml
-    from dev2pro.recipes.plan import _has_bitsandbytes
-    from dev2pro.recipes.train_lora import load_train_config
+    from dev2pro.plan import has_bitsandbytes
+    from dev2pro.schemas import load_train_config
 
     path = _cfg_toml(tmp_path, tiny_dev_dir, sk_images, "vram = 12\nfp8_storage = false")
     cfg = load_train_config(path, ["model.vae_tiling=false"])
     assert cfg.model.fp8_storage is False and cfg.model.vae_tiling is False  # written by the user: kept
     assert cfg.model.blocks_to_swap == 6 and cfg.model.text_encoder == "cpu"  # preset's 16, clamped to 6 blocks
     assert cfg.model.fp8_keep == ["norms", "biases", "embedders", "final"]
-    assert cfg.train.optimizer == ("adamw8bit" if _has_bitsandbytes() else "adamw")
+    assert cfg.train.optimizer == ("adamw8bit" if has_bitsandbytes() else "adamw")
     printed = capsys.readouterr().out
     assert "--vram 12 preset: model.fp8_keep" in printed and "kept your model.fp8_storage" in printed
     # the resolved config (what a run saves) carries the chosen values and reloads to them without the preset

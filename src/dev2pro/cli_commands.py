@@ -142,12 +142,14 @@ def add_cache(sub):
 
 
 def _train_target():
-    from .recipes.train_lora import TrainConfig, load_train_config, train
+    from .recipes.train_lora import train
+    from .schemas import TrainConfig, load_train_config
     return TrainConfig, load_train_config, train
 
 
 def _dedistill_target():
-    from .recipes.dedistill import DedistillConfig, dedistill, load_dedistill_config
+    from .recipes.dedistill import dedistill
+    from .schemas import DedistillConfig, load_dedistill_config
     return DedistillConfig, load_dedistill_config, dedistill
 
 

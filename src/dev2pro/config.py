@@ -3,7 +3,10 @@
 A schema is a tree of dataclasses; each field's type and default are the documentation (``--print-config``
 renders them as TOML with the help text from ``field(metadata={"help": ...})``). Loading checks every key
 against the schema (typos get a "did you mean"), converts and validates types, and runs each section's
-``validate()`` for cross-field rules. Only recipes see these objects; library functions get plain arguments.
+``validate()`` for cross-field rules. Fields marked ``path=True`` are made absolute relative to the config file's
+folder (one resolver for every schema). A section may list keys it no longer has in ``RENAMED`` (key -> what to
+do), so an older config gets that message instead of "unknown key". Only recipes see these objects; library
+functions get plain arguments.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from .errors import ConfigError
 INT_LIMIT = 2**31 - 1  # no count, size or seed in a config needs more; 2^63-1 steps is a typo, not a plan
 
 
-def opt(default, help: str = "", choices: tuple | None = None):
-    """A config field with help text (and optional allowed values) for --print-config and validation."""
-    kw = {"metadata": {"help": help, "choices": choices}}
+def opt(default, help: str = "", choices: tuple | None = None, *, path: bool = False):
+    """A config field with help text (and optional allowed values) for --print-config and validation.
+
+    ``path=True``: a file or folder; the loader resolves a relative value against the config file's folder."""
+    kw = {"metadata": {"help": help, "choices": choices, "path": path}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), **kw)
     if dataclasses.is_dataclass(default):
@@ -41,6 +46,25 @@ def opt(default, help: str = "", choices: tuple | None = None):
 
 def section(cls, help: str = ""):
     return field(default_factory=cls, metadata={"help": help, "choices": None})
+
+
+def ordered(*names: str):
+    """Class decorator (above ``@dataclass``) for a section that extends a base: list its fields in this order.
+
+    A dataclass puts a base's fields first; the order is what ``--print-config``, a saved config.toml and the UI
+    form show, so an extension places its fields beside the ones they belong with. ``names`` must list every
+    field once (checked at import). Only the listing order changes; construction is by keyword everywhere.
+    """
+    def apply(cls):
+        real = [f.name for f in dataclasses.fields(cls)]  # __dataclass_fields__ also holds ClassVar entries
+        if sorted(names) != sorted(real):
+            raise TypeError(f"ordered({cls.__name__}): missing {sorted(set(real) - set(names))}, unknown "
+                            f"{sorted(set(names) - set(real))}")
+        every = cls.__dataclass_fields__
+        cls.__dataclass_fields__ = {**{n: every[n] for n in names}, **{k: v for k, v in every.items()
+                                                                         if k not in names}}
+        return cls
+    return apply
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -66,9 +90,86 @@ def load_config(schema: type, path: str | Path | None = None, overrides: list[st
     for item in overrides or []:
         raw = _merge(raw, parse_override(item))
         source.overrides[item.split("=", 1)[0].strip()] = item
+    _check_renamed(schema, raw, source)
     cfg = _build(schema, raw, source, "")
     _validate_tree(cfg, source, "")
+    # relative paths in a config are relative to the config file, not to where the command runs
+    resolve_paths(cfg, path.parent if path is not None else Path("."))
     return cfg
+
+
+def resolve_paths(cfg, base: Path) -> None:
+    """Make every non-empty relative ``path=True`` field in the tree (lists of tables included) absolute, against
+    ``base``."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            resolve_paths(v, base)
+        elif isinstance(v, list):
+            for item in v:
+                if dataclasses.is_dataclass(item):
+                    resolve_paths(item, base)
+        elif f.metadata.get("path") and isinstance(v, str) and v and not Path(v).is_absolute():
+            setattr(cfg, f.name, str((Path(base) / v).resolve()))
+
+
+def path_fields(schema: type, prefix: str = "") -> set[str]:
+    """Dotted keys of the ``path=True`` fields of a schema; a list of tables' fields as ``key[].field``."""
+    hints, out = typing.get_type_hints(schema), set()
+    for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out |= path_fields(tp, f"{prefix}{f.name}.")
+        elif _is_list_of_dataclass(tp):
+            out |= path_fields(typing.get_args(tp)[0], f"{prefix}{f.name}[].")
+        elif f.metadata.get("path"):
+            out.add(prefix + f.name)
+    return out
+
+
+def _check_renamed(schema: type, raw: dict, source) -> None:
+    """One error listing every key the schema renamed or removed (a section's ``RENAMED``) with what to do."""
+    found: list[tuple[str, str]] = []
+
+    def walk(tp, node, where):
+        if not isinstance(node, dict):
+            return
+        hints = typing.get_type_hints(tp)
+        renamed = getattr(tp, "RENAMED", {})
+        for key, value in node.items():
+            if key in renamed and key not in hints:
+                found.append((where + key, renamed[key]))
+            elif key in hints and dataclasses.is_dataclass(hints[key]):
+                walk(hints[key], value, f"{where}{key}.")
+            elif key in hints and _is_list_of_dataclass(hints[key]) and isinstance(value, list):
+                for i, item in enumerate(value):
+                    walk(typing.get_args(hints[key])[0], item, f"{where}{key}[{i}].")
+    walk(schema, raw, "")
+    if found:
+        where = _of(source, found[0][0])
+        hint = "" if where.startswith("--set") else (" (a config.toml saved in a run folder by an older dev2pro "
+                                                      "lists every key: edit it the same way, then --resume "
+                                                      "continues the run)")
+        raise ConfigError(f"{where}: " + "; ".join(f"{k}: {m}" for k, m in found) + hint)
+
+
+def explicit_keys(path, overrides, data) -> set[str]:
+    """``section.key`` names the user set in the TOML file, the ``data`` dict or ``--set`` overrides (the
+    settings a preset must leave alone)."""
+    raw: list[dict] = []
+    if path is not None and Path(path).exists():
+        raw.append(tomllib.loads(Path(path).read_text()))
+    if data:
+        raw.append(data)
+    raw += [parse_override(o) for o in overrides or []]
+    keys = set()
+    for r in raw:
+        for sec, table in r.items():
+            if isinstance(table, dict):
+                keys |= {f"{sec}.{k}" for k in table}
+            else:
+                keys.add(sec)
+    return keys
 
 
 class _Source(str):

@@ -377,3 +377,44 @@ def vram_preset_for(vram_bytes: int) -> int:
     """The largest preset (8/12/16/24/48 GB) not above the card."""
     fits = [v for v in VRAM_PRESETS if v * GB <= vram_bytes * 1.02]
     return max(fits) if fits else min(VRAM_PRESETS)
+
+
+def vram_preset(gb: int, explicit: set[str]) -> tuple[dict[str, object], list[str]]:
+    """(chosen, kept): the ``gb`` preset's ``"section.key" -> value`` settings not named in ``explicit`` (what the
+    user wrote), and the preset keys left alone because the user wrote them."""
+    from .errors import UserError
+
+    if gb not in VRAM_PRESETS:
+        raise UserError(f"model.vram = {gb}: choose one of {', '.join(map(str, sorted(VRAM_PRESETS)))} (GB), "
+                        "or 0 for no preset")
+    chosen, kept = {}, []
+    for sec, values in VRAM_PRESETS[gb].items():
+        for key, value in values.items():
+            name = f"{sec}.{key}"
+            if name in explicit:
+                kept.append(name)
+                continue
+            if name == "train.optimizer" and value == "adamw8bit" and not has_bitsandbytes():
+                value = "adamw"  # 8-bit states need bitsandbytes (CUDA); the plan shows the difference
+            chosen[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return chosen, kept
+
+
+def clamp_blocks_to_swap(blocks: int, transformer: str, allow_pickle: bool = False) -> int:
+    """A preset's swap count is for FLUX.1's 57 blocks: at most the blocks of the checkpoint at ``transformer``
+    (its header only); unchanged when it cannot be read (loading the base later reports a bad path clearly)."""
+    try:
+        from .flux.checkpoint import open_checkpoint
+
+        spec = open_checkpoint(transformer, allow_pickle=allow_pickle).spec()
+    except Exception:  # noqa: BLE001
+        return blocks
+    return min(blocks, spec.num_double + spec.num_single)
+
+
+def has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True

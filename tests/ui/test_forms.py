@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from dev2pro.config import load_config, opt, section
+from dev2pro.config import load_config, opt, path_fields, section
 from dev2pro.errors import ConfigError
-from dev2pro.recipes.train_lora import TrainConfig, load_train_config
+from dev2pro.schemas import TrainConfig, load_train_config
 from dev2pro.ui import forms
 from dev2pro.ui.workspace import Workspace
 
@@ -38,7 +38,7 @@ def test_every_train_option_is_a_form_field_with_its_default():
 def test_a_new_schema_field_appears_without_ui_changes(tmp_path):
     @dataclass
     class Inner:
-        folder: str = opt("", "a folder")
+        folder: str = opt("", "a folder", path=True)
         level: int = opt(3, "a level")
         mode: str = opt("a", "a mode", ("a", "b"))
 
@@ -51,17 +51,14 @@ def test_a_new_schema_field_appears_without_ui_changes(tmp_path):
         inner: Inner = section(Inner, "an added section")
         extra: float = opt(0.5, "an added top-level field")
 
-    def loader(path, overrides=None, data=None):  # resolves 'folder' like load_train_config resolves paths
-        cfg = load_config(Schema, path, overrides, data)
-        if cfg.inner.folder:
-            cfg.inner.folder = str((tmp_path / cfg.inner.folder).resolve())
-        return cfg
+    def loader(path, overrides=None, data=None):  # the loader resolves path fields like load_train_config's
+        return load_config(Schema, path, overrides, data)
 
     specs = forms.field_specs(Schema)
     assert [(s["key"], s["kind"]) for s in specs] == [("inner", "section"), ("inner.folder", "str"),
                                                       ("inner.level", "int"), ("inner.mode", "choice"),
                                                       ("extra", "float")]
-    assert forms.path_keys(specs, loader) == {"inner.folder"}
+    assert path_fields(Schema) == {"inner.folder"}
     ws = Workspace(tmp_path)
     cfg = forms.build_config(specs, {"inner.level": "7", "extra": "2", "inner.folder": "x"}, loader,
                              {"inner.folder"}, ws.resolve)
@@ -83,7 +80,7 @@ def test_browser_values_get_the_cli_messages(tmp_path, key, value, override):
     specs = forms.field_specs(TrainConfig)
     base = {"model.path": "m", "data.folders": [{"path": "d"}], "save.output_dir": "out"}
     ws = Workspace(tmp_path)
-    paths = forms.path_keys(specs, load_train_config)
+    paths = path_fields(TrainConfig)
     assert paths == {"model.path", "model.transformer", "model.inference_base", "model.adapter", "data.shards",
                      "data.cache_dir", "data.folders[].path", "save.output_dir"}
     if override is None:  # a valid list: parsed per line like TOML
@@ -107,7 +104,7 @@ def test_a_valid_form_equals_the_same_toml(tmp_path):
     values = {"model.path": "m", "data.folders": [{"path": "d", "repeats": "3", "caption": "x"}],
               "save.output_dir": "runs/a", "train.steps": "20", "train.lr": "1e-2", "model.fp8_storage": True,
               "sample.prompts": "a cat\n a dog ", "sample.seeds": "1\n2", "save.formats": "kohya\ndiffusers"}
-    ui_cfg = forms.build_config(specs, values, load_train_config, forms.path_keys(specs, load_train_config),
+    ui_cfg = forms.build_config(specs, values, load_train_config, path_fields(TrainConfig),
                                 Workspace(tmp_path).resolve)
     toml = tmp_path / "c.toml"
     toml.write_text('[model]\npath = "m"\nfp8_storage = true\n[[data.folders]]\npath = "d"\nrepeats = 3\n'
@@ -139,10 +136,10 @@ def test_only_values_that_differ_from_the_defaults_reach_the_loader(tmp_path):
 
 
 def test_absolute_paths_outside_the_workspace_are_refused_in_any_field(tmp_path):
-    """Even a string field the path probe did not recognise cannot point outside the workspace."""
+    """Even a string field not marked as a path cannot point outside the workspace."""
     @dataclass
     class Schema:
-        where: str = opt("", "a location checked by its own validator (so the probe skips it)")
+        where: str = opt("", "a location checked by its own validator (not marked as a path)")
 
         def validate(self):
             if self.where and not self.where.startswith("/"):
@@ -150,7 +147,7 @@ def test_absolute_paths_outside_the_workspace_are_refused_in_any_field(tmp_path)
 
     loader = lambda path, overrides=None, data=None: load_config(Schema, path, overrides, data)  # noqa: E731
     specs = forms.field_specs(Schema)
-    assert forms.path_keys(specs, loader) == set()
+    assert path_fields(Schema) == set()
     ws = Workspace(tmp_path)
     (tmp_path / "inside").mkdir()
     assert forms.build_config(specs, {"where": str(tmp_path / "inside")}, loader, set(), ws.resolve).where

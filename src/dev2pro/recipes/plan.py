@@ -1,8 +1,8 @@
-"""`dev2pro plan CONFIG.toml [--vram GB]` and the plan printed at the start of `dev2pro train`; the --vram presets.
+"""`dev2pro plan CONFIG.toml [--vram GB]` and the plan printed at the start of `dev2pro train`.
 
 The recipe side of ``dev2pro.plan``: turn a train config into ``PlanInputs`` (the transformer's spec comes from
-the checkpoint header, nothing is loaded), print the plan, compare it with the card (``--vram`` or the CUDA device
-seen), and apply a ``--vram`` preset to a config without touching the settings the user wrote explicitly.
+the checkpoint header, nothing is loaded), print the plan and compare it with the card (``--vram`` or the CUDA
+device seen). The ``--vram`` presets are applied by the config loader (``schemas.load_train_config``).
 """
 
 from __future__ import annotations
@@ -10,75 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from pathlib import Path
-
-from ..errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------ presets
-def explicit_keys(path, overrides, data) -> set[str]:
-    """``section.key`` names the user set in the TOML file, the ``data`` dict or ``--set`` overrides."""
-    from ..config import parse_override, tomllib
-
-    raw: list[dict] = []
-    if path is not None and Path(path).exists():
-        raw.append(tomllib.loads(Path(path).read_text()))
-    if data:
-        raw.append(data)
-    raw += [parse_override(o) for o in overrides or []]
-    keys = set()
-    for r in raw:
-        for sec, table in r.items():
-            if isinstance(table, dict):
-                keys |= {f"{sec}.{k}" for k in table}
-            else:
-                keys.add(sec)
-    return keys
-
-
-def apply_vram_preset(cfg, explicit: set[str]) -> dict[str, object]:
-    """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose."""
-    from ..plan import VRAM_PRESETS
-
-    gb = cfg.model.vram
-    if not gb:
-        return {}
-    if gb not in VRAM_PRESETS:
-        raise UserError(f"model.vram = {gb}: choose one of {', '.join(map(str, sorted(VRAM_PRESETS)))} (GB), "
-                        "or 0 for no preset")
-    chosen, kept = {}, []
-    for sec, values in VRAM_PRESETS[gb].items():
-        for key, value in values.items():
-            name = f"{sec}.{key}"
-            if name in explicit:
-                kept.append(name)
-                continue
-            if name == "train.optimizer" and value == "adamw8bit" and not _has_bitsandbytes():
-                value = "adamw"  # 8-bit states need bitsandbytes (CUDA); the plan shows the difference
-            setattr(getattr(cfg, sec), key, list(value) if isinstance(value, tuple) else value)
-            chosen[name] = value
-    if "model.blocks_to_swap" in chosen:  # a preset's count is for FLUX.1's 57 blocks: clamp for smaller models
-        try:
-            from ..flux.checkpoint import open_checkpoint
-
-            spec = open_checkpoint(cfg.model.transformer or cfg.model.path, allow_pickle=cfg.model.allow_pickle).spec()
-            n = min(cfg.model.blocks_to_swap, spec.num_double + spec.num_single)
-            cfg.model.blocks_to_swap = chosen["model.blocks_to_swap"] = n
-        except Exception:  # noqa: BLE001 -- loading the base later reports a bad path clearly
-            pass
-    print(f"--vram {gb} preset: " + ", ".join(f"{k} = {v}" for k, v in chosen.items())
-          + (f" (kept your {', '.join(kept)})" if kept else ""), flush=True)
-    return chosen
-
-
-def _has_bitsandbytes() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -160,7 +93,7 @@ def add_plan_parser(sub):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
 
     def run(a):
-        from .train_lora import load_train_config
+        from ..schemas import load_train_config
 
         report(load_train_config(a.config, a.set), a.vram)
     p.set_defaults(run=run)

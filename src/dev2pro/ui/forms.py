@@ -3,16 +3,15 @@
 The Train page is generated from the dataclass tree that ``dev2pro train --print-config`` renders (field types,
 defaults, help text, choices), so a field added to the schema appears in the UI with no UI change. Submitted
 values go back through the CLI's own loader (``load_config``/``load_train_config``): type errors, choices, typos
-and cross-field rules produce the same messages as on the command line. Which string fields are file paths is
-asked of the loader too (the fields it resolves relative to a config file); those must resolve inside the
-workspace before anything runs.
+and cross-field rules produce the same messages as on the command line. Which string fields are file paths the
+schema says (``opt(..., path=True)``; ``config.path_fields``, the fields the loader resolves relative to a config
+file); those must resolve inside the workspace before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 import types
 import typing
@@ -127,51 +126,6 @@ def form_to_data(specs: list[dict], values: dict, drop_defaults: bool = False) -
     return data
 
 
-def path_keys(specs: list[dict], loader: Callable) -> set[str]:
-    """Keys of the string fields ``loader`` treats as paths (it makes them absolute); ``tables`` items as
-    ``key[].field``. Found by loading a probe config with every free-text string field set to a relative name;
-    a field whose own validation rejects the probe (a format such as ``WxH``) is not a free path and is left
-    at its default, and the probe is retried (errors name their field)."""
-    probe: dict = {}
-    entries: list[tuple[dict, str, str]] = []  # (container, its key, the full key shown in errors)
-
-    def fill(specs, values, prefix):
-        for s in specs:
-            if s["kind"] == "str":
-                values[s["key"]] = f"probe-{prefix}{s['key']}"
-                entries.append((values, s["key"], prefix + s["key"]))
-            elif s["kind"] == "tables":
-                item: dict = {}
-                fill(s["fields"], item, f"{s['key']}[0].")
-                values[s["key"]] = [item]
-    fill(specs, probe, "")
-    for _ in range(len(entries) + 1):
-        try:
-            cfg = loader(None, data=form_to_data(specs, probe))
-            break
-        except ConfigError as e:
-            msg = str(e)
-            bad = [(c, k, full) for c, k, full in entries if c.get(k) is not None
-                   and (c[k] in msg or re.search(rf"(?<![\w.]){re.escape(full)}(?![\w\[])", msg))]
-            if not bad:
-                raise ConfigError(f"cannot tell which train settings are paths: {msg}") from None
-            for c, k, _full in bad:
-                del c[k]
-    found: set[str] = set()
-
-    def walk(obj, prefix):
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            if dataclasses.is_dataclass(v):
-                walk(v, f"{prefix}{f.name}.")
-            elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
-                walk(v[0], f"{prefix}{f.name}[].")
-            elif isinstance(v, str) and "probe-" in v and os.path.isabs(v):
-                found.add(prefix + f.name)
-    walk(cfg, "")
-    return found
-
-
 def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[str], resolve: Callable):
     """Browser values -> a validated config; every path field goes through ``resolve`` (workspace-confined)
     first, and the result through the CLI's ``loader`` (same checks, same messages as the command line)."""
@@ -202,7 +156,7 @@ def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[s
 
 
 def _check_other_paths(cfg, prefix: str, resolve: Callable):
-    """A safety net behind the probe: any other string setting that names an absolute filesystem location
+    """A safety net behind the path marks: any other string setting that names an absolute filesystem location
     (an existing path, or one whose folder exists) must be inside the workspace too."""
     root = resolve("")
     for f in dataclasses.fields(cfg):

@@ -28,10 +28,10 @@ else:  # pragma: no cover
 
 @functools.lru_cache(maxsize=1)
 def _schema():
-    from ..recipes.train_lora import TrainConfig, load_train_config
+    from ..config import path_fields
+    from ..schemas import TrainConfig, load_train_config
 
-    specs = forms.field_specs(TrainConfig)
-    return specs, load_train_config, forms.path_keys(specs, load_train_config)
+    return forms.field_specs(TrainConfig), load_train_config, path_fields(TrainConfig)
 
 
 def _config(ui, values: dict):

@@ -1,0 +1,364 @@
+"""The config schemas of `dev2pro train` and `dev2pro dedistill`, and their loaders.
+
+Shared sections are written once, as bases each recipe extends (adds fields, may change a default or a help
+text), never inherits-then-forbids: one ``DataSection`` (folders or shards, the bucket checks for both), an
+optimisation base ``OptimBase`` (the LoRA's ``TrainSection`` adds the optimizer choice, the embedded training
+guidance, compile and the attention backend; ``DedistillTrain`` adds EMA, distribution and the adapter rank),
+a sample base (``sample.guidance`` is always the embedded guidance, ``sample.cfg`` always the true-CFG scale),
+and model and save bases. Path fields are marked ``path=True``; ``config.load_config`` resolves them all against
+the config file's folder. Keys a recipe no longer has are listed in a section's ``RENAMED`` with what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .config import SIZE_HELP, explicit_keys, load_config, opt, ordered, require, resolve_size, section
+from .flow import TIMESTEP_MODES
+
+EXPORT_FORMATS = ("bfl", "diffusers", "fp8")
+OBJECTIVES = ("flow", "cfg_teacher", "guidance_distill")
+
+
+# ------------------------------------------------------------------------------------------------ model
+@dataclass
+class ModelBase:
+    path: str = opt("", "model folder in the FLUX.1-dev diffusers layout (text encoders, tokenizers, VAE)",
+                    path=True)
+    transformer: str = opt("", "optional transformer file overriding the folder's (e.g. a dev2pro fp8 file)",
+                           path=True)
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed for fp8 to pay off)")
+    fp8_storage: bool = opt(False, "store base weights in fp8 (bf16 compute); lowers memory with checkpointing")
+    t5_max_length: int = opt(512, "T5 tokens: 512 for dev and de-distilled bases (kohya's 256 is schnell's)")
+    allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")
+
+    def validate(self):
+        require(bool(self.path), "path: set model.path to a FLUX.1-dev-layout model folder")
+        require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
+
+
+@ordered("path", "transformer", "inference_base", "adapter", "adapter_scale", "dtype", "fp8_storage", "fp8_keep",
+         "gradient_checkpointing", "blocks_to_swap", "vram", "text_encoder", "text_encoder_dtype", "vae_tiling",
+         "t5_max_length", "allow_pickle")
+@dataclass
+class ModelSection(ModelBase):
+    inference_base: str = opt("", "transformer used for samples (e.g. the original FLUX.1-dev); empty = the "
+                                  "training base", path=True)
+    adapter: str = opt("", "training adapter: a LoRA (e.g. dev -> dev2pro from `lora extract` or `dedistill` with "
+                           "train.adapter_rank) applied as a frozen side branch while training, off for samples; "
+                           "the training base is then dev and inference_base stays empty", path=True)
+    adapter_scale: float = opt(1.0, "strength of the training adapter")
+    dtype: str = opt("bf16", "compute dtype", ("bf16", "fp16", "fp32"))
+    fp8_keep: list = opt(["norms", "biases", "embedders", "modulation", "final"],
+                         "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
+    blocks_to_swap: int = opt(0, "blocks (of FLUX.1's 57, double blocks first) whose frozen weights stay in pinned "
+                                 "host RAM and are copied to the GPU just before use; needs gradient_checkpointing")
+    vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48): picks fp8 storage, checkpointing, blocks_to_swap, "
+                       "optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no preset")
+    text_encoder: str = opt("gpu", "where CLIP + T5 run while caching captions", ("gpu", "cpu"))
+    text_encoder_dtype: str = opt("fp32", "CLIP + T5 dtype while caching (bf16 halves T5-XXL's 19 GB)",
+                                  ("fp32", "bf16"))
+    vae_tiling: bool = opt(False, "decode samples in tiles (less memory for large samples)")
+
+    def validate(self):
+        super().validate()
+        require(self.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
+        require(self.vram in (0, 8, 12, 16, 24, 48), f"vram = {self.vram}: choose 8, 12, 16, 24 or 48 (GB), or 0")
+
+
+@ordered("path", "transformer", "teacher", "gradient_checkpointing", "fp8_storage", "t5_max_length", "allow_pickle")
+@dataclass
+class DedistillModel(ModelBase):
+    transformer: str = opt("", "start weights (any layout); empty = the folder's transformer", path=True)
+    teacher: str = opt("", "cfg_teacher: the frozen guidance-distilled teacher (empty = the start weights); "
+                           "guidance_distill: the CFG teacher (required)", path=True)
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed at full size)")
+    fp8_storage: bool = opt(False, "with train.adapter_rank: keep the frozen base in fp8 (bf16 compute)")
+    t5_max_length: int = opt(512, "T5 tokens (512 for dev)")
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class FolderSection:
+    path: str = opt("", "folder of images with same-stem .txt captions", path=True)
+    repeats: int = opt(1, "times each image is seen per epoch")
+    caption: str = opt("", "caption for images without a .txt file in this folder")
+    recursive: bool = opt(False, "also read images in subfolders (a kohya parent of N_name folders is "
+                                 "recognised without it)")
+
+    def validate(self):
+        require(bool(self.path), "path: each [[data.folders]] needs a path")
+        require(self.repeats >= 1, "repeats must be >= 1")
+
+
+@dataclass
+class DataSection:
+    folders: list[FolderSection] = opt([], "[[data.folders]] tables: path, repeats, caption, recursive; a path "
+                                           "may be a kohya parent of N_name folders")
+    shards: str = opt("", "index.json written by `dev2pro cache` (pre-encoded latents + text), instead of folders",
+                      path=True)
+    default_caption: str = opt("", "caption for images without a .txt file")
+    trigger: str = opt("", "trigger word prepended to every caption")
+    caption_dropout: float = opt(0.0, "probability of training on the empty caption")
+    resolution: int = opt(512, "bucket target side: buckets have about resolution^2 pixels")
+    bucket_step: int = opt(64, "bucket sides are multiples of this (>= 16)")
+    min_size: int = opt(16, "images smaller than this on a side are skipped (listed in a warning)")
+    strict: bool = opt(False, "stop on unreadable/tiny images instead of skipping them")
+    cache_dir: str = opt("", "latent/text cache folder (default: <output_dir>/cache)", path=True)
+    batch_size: int = opt(1, "images per step (per device)")
+
+    def validate(self):
+        require(len(self.folders) > 0 or bool(self.shards),
+                "folders: add at least one [[data.folders]] table with a path (or set data.shards)")
+        require(0.0 <= self.caption_dropout < 1.0, "caption_dropout must be in [0, 1)")
+        require(self.bucket_step >= 16 and self.bucket_step % 16 == 0, "bucket_step must be a multiple of 16")
+        require(self.resolution >= self.bucket_step, "resolution must be >= bucket_step")
+        require(self.batch_size >= 1, "batch_size must be >= 1")
+
+
+@dataclass
+class DedistillData(DataSection):
+    shards: str = opt("", "index.json written by `dev2pro cache` (used instead of [[data.folders]])", path=True)
+
+
+# ------------------------------------------------------------------------------------------------ optimisation
+@dataclass
+class OptimBase:
+    steps: int = opt(1000, "optimiser steps")
+    lr: float = opt(1e-4, "learning rate")
+    weight_decay: float = opt(0.0, "weight decay")
+    warmup_steps: int = opt(0, "linear LR warmup steps")
+    schedule: str = opt("constant", "LR schedule after warmup", ("constant", "cosine", "linear"))
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+    seed: int = opt(42, "seed for LoRA init, noise, timesteps and data order")
+    timestep_sampling: str = opt("sigmoid", "how sigmas are drawn", TIMESTEP_MODES)
+    sigmoid_scale: float = opt(1.0, "logit-normal scale for sigmoid/shift/flux_shift")
+    shift: float = opt(3.0, "shift value for timestep_sampling = 'shift'")
+    mixed_precision: str = opt("no", "accelerate mixed precision", ("no", "bf16", "fp16"))
+    nan_policy: str = opt("stop", "on a non-finite loss or gradient: stop (keep the last good state) or skip the "
+                                  "update", ("stop", "skip"))
+    nan_max_skips: int = opt(10, "skip policy: stop after this many non-finite steps in a row")
+
+    def validate(self):
+        require(self.steps > 0, "steps must be > 0")
+        require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
+        require(self.nan_max_skips >= 1, "nan_max_skips must be >= 1")
+        require(self.grad_accum >= 1, "grad_accum must be >= 1")
+        require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+
+
+@ordered("steps", "lr", "optimizer", "weight_decay", "warmup_steps", "schedule", "grad_accum", "max_grad_norm", "seed",
+         "guidance", "timestep_sampling", "sigmoid_scale", "shift", "mixed_precision", "compile", "attention_backend",
+         "nan_policy", "nan_max_skips")
+@dataclass
+class TrainSection(OptimBase):
+    optimizer: str = opt("adamw", "optimizer", ("adamw", "adamw8bit", "prodigy", "adafactor"))
+    guidance: float = opt(1.0, "guidance input during training: 1.0 is the Dev2Pro recipe")
+    compile: bool = opt(False, "regional torch.compile of the repeated blocks (diffusers compile_repeated_blocks); "
+                               "the first steps are slow; not with blocks_to_swap")
+    attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
+                                     "PyTorch SDPA")
+
+
+@dataclass
+class DedistillTrain(OptimBase):
+    RENAMED: ClassVar[dict] = {
+        "guidance": "dedistill always trains at guidance 1.0 (the Dev2Pro recipe); delete the line",
+        "optimizer": "dedistill always uses AdamW (fp32 master weights); delete the line",
+        "compile": "dedistill has no regional compile (the setting was never read); delete the line",
+        "attention_backend": "dedistill uses PyTorch SDPA (the setting was never read); delete the line",
+    }
+    lr: float = opt(1e-5, "learning rate (full fine-tune: much lower than LoRA)")
+    schedule: str = opt("cosine", "LR schedule after warmup", ("constant", "cosine", "linear"))
+    warmup_steps: int = opt(100, "linear LR warmup steps")
+    mixed_precision: str = opt("bf16", "autocast compute dtype over fp32 master weights", ("no", "bf16", "fp16"))
+    ema_decay: float = opt(0.999, "EMA of the weights (0 = off); exported instead of the raw weights")
+    distributed: str = opt("auto", "auto: FSDP under an accelerate FSDP config, else DDP; fsdp: shard each Flux "
+                                   "block (e.g. under torchrun); ddp: replicate", ("auto", "ddp", "fsdp"))
+    adapter_rank: int = opt(0, "> 0: de-distill as a LoRA of this rank on every linear of the frozen start model "
+                               "(one base, fp8 possible) and export it as a training adapter (kohya + diffusers)")
+
+    def validate(self):
+        super().validate()
+        require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
+        require(self.adapter_rank >= 0, "adapter_rank must be >= 0 (0 = full fine-tune)")
+        require(not (self.adapter_rank and self.distributed == "fsdp"),
+                "distributed: adapter de-distillation (adapter_rank > 0) runs on one device or DDP; FSDP shards "
+                "full fine-tunes")
+
+
+# ------------------------------------------------------------------------------------------------ LoRA, teacher
+@dataclass
+class LoraSection:
+    rank: int = opt(16, "LoRA rank")
+    alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)")
+    dropout: float = opt(0.0, "LoRA dropout")
+    targets: str = opt("all_linear", "target preset", ("attention", "all_linear"))
+    extra_targets: list = opt([], "extra targets: modulation, embedders")
+    double_blocks: list = opt([], "train only these double-block indices (empty = all)")
+    single_blocks: list = opt([], "train only these single-block indices (empty = all)")
+
+    def validate(self):
+        require(self.rank > 0, f"rank must be > 0, got {self.rank}")
+        require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+
+
+@dataclass
+class TeacherSection:
+    w_min: float = opt(1.0, "lowest CFG scale drawn per sample")
+    w_max: float = opt(5.0, "highest CFG scale drawn per sample")
+    flow_weight: float = opt(0.0, "weight of an extra flow-matching loss on the student's conditional output")
+
+    def validate(self):
+        require(0.0 <= self.w_min <= self.w_max, "w_min must be in [0, w_max]")
+        require(self.flow_weight >= 0.0, "flow_weight must be >= 0")
+
+
+# ------------------------------------------------------------------------------------------------ samples
+@dataclass
+class SampleBase:
+    every: int = opt(0, "render samples every N steps (0 = only at the end if prompts are set)")
+    prompts: list = opt([], "sample prompts")
+    seeds: list = opt([0], "one column per seed")
+    steps: int = opt(20, "sampling steps")
+    width: int = opt(512, "sample width (multiple of 16)")
+    height: int = opt(512, "sample height (multiple of 16)")
+    size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
+    cfg: float = opt(3.5, "true CFG scale for bases without guidance embedding")
+
+    def validate(self):
+        resolve_size(self)
+        require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
+        require(self.steps > 0, "steps must be > 0")
+
+
+@ordered("every", "prompts", "negative", "seeds", "guidance", "cfg", "steps", "width", "height", "with_adapter",
+         "size", "baseline")
+@dataclass
+class SampleSection(SampleBase):
+    negative: str = opt("", "negative prompt for true CFG (bases without guidance embedding)")
+    guidance: float = opt(3.5, "embedded guidance on guidance-distilled bases (dev): 3.5 is dev's default")
+    with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
+                                    "dev2pro), as step*-adapter.png")
+    baseline: bool = opt(True, "render a step-0 grid (the base before training) to compare the others with")
+
+
+@dataclass
+class DedistillSample(SampleBase):
+    RENAMED: ClassVar[dict] = {
+        "guidance": "in dedistill configs this is now sample.cfg (the true-CFG scale of the second grid; "
+                    "sample.guidance means the embedded guidance everywhere); rename the key to cfg",
+    }
+    every: int = opt(0, "sample grids every N steps and at the end (0 = off)")
+    prompts: list = opt([], "one grid row per prompt")
+    seeds: list = opt([0], "one grid column per seed")
+    cfg: float = opt(3.5, "true-CFG scale of the second grid (the first is at guidance 1.0, no CFG)")
+
+    def validate(self):
+        super().validate()
+        require(self.every >= 0, "every must be >= 0")
+        require(not self.every or bool(self.prompts), "prompts: set sample prompts (or sample.every = 0)")
+        require(bool(self.seeds), "seeds: give at least one seed")
+        require(self.cfg >= 1.0, "cfg: the true-CFG scale must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+@dataclass
+class SaveSection:
+    FORMATS: ClassVar[tuple] = ("kohya", "diffusers", "comfy")
+    FORMAT_KIND: ClassVar[str] = "layout"
+    output_dir: str = opt("", "run folder: LoRA files, samples, state, logs, resolved config", path=True)
+    name: str = opt("lora", "file name stem of the saved LoRA")
+    every: int = opt(0, "save LoRA + training state every N steps (0 = only at the end)")
+    keep_last: int = opt(2, "training states kept for resume")
+    formats: list = opt(["kohya"], "LoRA layouts written: kohya (ComfyUI/Forge), diffusers, comfy")
+    overwrite: bool = opt(False, "allow reusing an output_dir that holds another run")
+
+    def validate(self):
+        require(bool(self.output_dir), "output_dir: set save.output_dir")
+        for f in self.formats:
+            require(f in self.FORMATS, f"formats: unknown {self.FORMAT_KIND} {f!r} ({'|'.join(self.FORMATS)})")
+
+
+@ordered("output_dir", "name", "every", "keep_last", "formats", "dtype", "keep_guidance", "overwrite")
+@dataclass
+class DedistillSave(SaveSection):
+    FORMATS: ClassVar[tuple] = EXPORT_FORMATS
+    FORMAT_KIND: ClassVar[str] = "export"
+    output_dir: str = opt("", "run folder: exported model, state, logs, resolved config", path=True)
+    name: str = opt("dev2pro", "file name stem of the exported model")
+    every: int = opt(0, "save resumable state every N steps (0 = off)")
+    formats: list = opt(["bfl"], "exports: bfl (single file), diffusers (transformer folder), fp8 (BFL fp8-scaled)")
+    dtype: str = opt("bf16", "dtype of the bfl/diffusers exports", ("bf16", "fp16", "fp32"))
+    keep_guidance: bool = opt(True, "keep the guidance embedding; false = pro-like model sampled with true CFG")
+
+
+# ------------------------------------------------------------------------------------------------ the configs
+@dataclass
+class TrainConfig:
+    model: ModelSection = section(ModelSection, "base model")
+    data: DataSection = section(DataSection, "dataset")
+    lora: LoraSection = section(LoraSection, "LoRA shape")
+    train: TrainSection = section(TrainSection, "optimisation")
+    sample: SampleSection = section(SampleSection, "samples during training")
+    save: SaveSection = section(SaveSection, "outputs")
+    log_every: int = opt(10, "progress-bar postfix and TensorBoard scalar interval (steps)")
+
+
+@dataclass
+class DedistillConfig:
+    objective: str = opt("flow", "flow: flow matching at guidance 1; cfg_teacher: match dev's guidance with CFG; "
+                                 "guidance_distill: make a dev-like student from a CFG teacher",
+                         OBJECTIVES)
+    model: DedistillModel = section(DedistillModel, "base model")
+    data: DedistillData = section(DedistillData, "dataset: folders (cached on the fly) or cache shards")
+    teacher: TeacherSection = section(TeacherSection, "cfg_teacher objective")
+    train: DedistillTrain = section(DedistillTrain, "optimisation")
+    sample: DedistillSample = section(DedistillSample, "sample grids during training")
+    save: DedistillSave = section(DedistillSave, "outputs")
+    log_every: int = opt(10, "TensorBoard scalar interval and, with --no-progress, progress-line interval (steps)")
+
+    def validate(self):
+        require(not (self.train.adapter_rank and self.objective == "guidance_distill"),
+                "objective: adapter de-distillation (train.adapter_rank > 0) supports flow and cfg_teacher")
+        require(not (self.model.fp8_storage and not self.train.adapter_rank),
+                "fp8_storage: only a frozen base can be stored in fp8; set train.adapter_rank > 0")
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+def load_train_config(path, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
+    """The `dev2pro train` config from a TOML file, a dict and ``--set`` overrides; a ``model.vram`` preset fills
+    only the settings the user did not write."""
+    cfg = load_config(TrainConfig, path, overrides, data)
+    if cfg.model.vram:
+        apply_vram_preset(cfg, explicit_keys(path, overrides, data))
+    return cfg
+
+
+def load_dedistill_config(path, overrides: list[str] | None = None, data: dict | None = None) -> DedistillConfig:
+    """The `dev2pro dedistill` config from a TOML file, a dict and ``--set`` overrides."""
+    return load_config(DedistillConfig, path, overrides, data)
+
+
+def apply_vram_preset(cfg: TrainConfig, explicit: set[str]) -> dict[str, object]:
+    """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose."""
+    from .plan import clamp_blocks_to_swap, vram_preset
+
+    gb = cfg.model.vram
+    if not gb:
+        return {}
+    chosen, kept = vram_preset(gb, explicit)
+    for name, value in chosen.items():
+        sec, key = name.split(".")
+        setattr(getattr(cfg, sec), key, value)
+    if "model.blocks_to_swap" in chosen:  # a preset's count is for FLUX.1's 57 blocks: clamp for smaller models
+        n = clamp_blocks_to_swap(cfg.model.blocks_to_swap, cfg.model.transformer or cfg.model.path,
+                                 cfg.model.allow_pickle)
+        cfg.model.blocks_to_swap = chosen["model.blocks_to_swap"] = n
+    print(f"--vram {gb} preset: " + ", ".join(f"{k} = {v}" for k, v in chosen.items())
+          + (f" (kept your {', '.join(kept)})" if kept else ""), flush=True)
+    return chosen

@@ -1,0 +1,170 @@
+"""The train and dedistill schemas: renamed/removed keys say what to do, one resolver makes every path field
+absolute against the config's folder, dedistill data runs the bucket checks, --print-config output reloads."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from dev2pro.config import path_fields, render_toml
+from dev2pro.errors import ConfigError
+from dev2pro.schemas import (DedistillConfig, TrainConfig, load_dedistill_config, load_train_config)
+
+DEDISTILL = """
+[model]
+path = "models/dev"
+teacher = "teachers/dev.safetensors"
+[[data.folders]]
+path = "imgs"
+[save]
+output_dir = "runs/d"
+"""
+TRAIN = DEDISTILL.replace('teacher = "teachers/dev.safetensors"\n', "")
+
+
+def _write(tmp_path, text, name="c.toml"):
+    (tmp_path / "cfgs").mkdir(exist_ok=True)
+    p = tmp_path / "cfgs" / name
+    p.write_text(text)
+    return p
+
+
+def test_dedistill_sample_guidance_says_it_is_now_cfg(tmp_path):
+    p = _write(tmp_path, DEDISTILL + "[sample]\nguidance = 4.0\n")
+    with pytest.raises(ConfigError) as e:
+        load_dedistill_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: sample.guidance: in dedistill configs this is now sample.cfg (the true-CFG scale")
+    assert "rename the key to cfg" in msg and "--resume" in msg
+    with pytest.raises(ConfigError, match=r"^--set sample\.guidance=4: sample\.guidance: .*now sample\.cfg"):
+        load_dedistill_config(_write(tmp_path, DEDISTILL), ["sample.guidance=4"])
+    renamed = _write(tmp_path, DEDISTILL + "[sample]\ncfg = 4.0\n", "renamed.toml")
+    cfg = load_dedistill_config(renamed)
+    assert cfg.sample.cfg == 4.0 and not hasattr(cfg.sample, "guidance")
+    with pytest.raises(ConfigError, match=r"^--set sample\.cfg=0\.5: sample\.cfg: the true-CFG scale must be >= 1"):
+        load_dedistill_config(renamed, ["sample.cfg=0.5"])
+
+
+def test_removed_dedistill_train_keys_are_all_named_in_one_message(tmp_path):
+    """A run folder's config.toml from before the split holds every old key: one error lists them all."""
+    p = _write(tmp_path, DEDISTILL + '[train]\nsteps = 3\nguidance = 1.0\noptimizer = "adamw"\ncompile = false\n'
+                                     'attention_backend = ""\n[sample]\nguidance = 3.5\n')
+    with pytest.raises(ConfigError) as e:
+        load_dedistill_config(p)
+    msg = str(e.value)
+    assert "train.guidance: dedistill always trains at guidance 1.0 (the Dev2Pro recipe); delete the line" in msg
+    for key in ("train.optimizer", "train.compile", "train.attention_backend", "sample.guidance"):
+        assert f"{key}: " in msg, key
+    assert "unknown key" not in msg
+    names = {f.name for f in dataclasses.fields(DedistillConfig().train)}
+    assert not names & {"guidance", "optimizer", "compile", "attention_backend"}
+    # the train recipe keeps them: there they mean something
+    assert {"guidance", "optimizer", "compile", "attention_backend"} <= {f.name for f in
+                                                                        dataclasses.fields(TrainConfig().train)}
+
+
+def test_a_typo_is_still_an_unknown_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.stpes'; did you mean 'train\.steps'"):
+        load_dedistill_config(_write(tmp_path, DEDISTILL), ["train.stpes=3"])
+
+
+def test_every_path_field_resolves_against_the_config_folder(tmp_path):
+    absolute = str(tmp_path / "elsewhere" / "base.safetensors")
+    p = _write(tmp_path, f"""
+[model]
+path = "models/dev"
+transformer = "{absolute}"
+inference_base = "../dev.safetensors"
+adapter = "adapters/a.safetensors"
+[[data.folders]]
+path = "imgs/one"
+[[data.folders]]
+path = "imgs/two"
+[data]
+cache_dir = "cache"
+[save]
+output_dir = "runs/r"
+""")
+    cfg = load_train_config(p)
+    here = (tmp_path / "cfgs").resolve()
+    assert cfg.model.path == str(here / "models/dev") and cfg.model.transformer == absolute
+    assert cfg.model.inference_base == str(tmp_path.resolve() / "dev.safetensors")
+    assert cfg.model.adapter == str(here / "adapters/a.safetensors")
+    assert [f.path for f in cfg.data.folders] == [str(here / "imgs/one"), str(here / "imgs/two")]
+    assert cfg.data.cache_dir == str(here / "cache") and cfg.save.output_dir == str(here / "runs/r")
+    assert cfg.data.shards == "" and cfg.sample.size == "" and cfg.data.trigger == ""  # empty / not paths: as written
+
+    d = load_dedistill_config(_write(tmp_path, DEDISTILL + '[data]\nshards = "cache/index.json"\n', "d.toml"))
+    assert d.model.teacher == str(here / "teachers/dev.safetensors") and d.model.path == str(here / "models/dev")
+    assert d.data.shards == str(here / "cache/index.json") and d.save.output_dir == str(here / "runs/d")
+    assert d.data.folders[0].path == str(here / "imgs")
+
+
+def test_the_marked_path_fields_are_exactly_the_old_hand_written_lists():
+    assert path_fields(TrainConfig) == {"model.path", "model.transformer", "model.inference_base", "model.adapter",
+                                        "data.folders[].path", "data.shards", "data.cache_dir", "save.output_dir"}
+    assert path_fields(DedistillConfig) == {"model.path", "model.transformer", "model.teacher",
+                                            "data.folders[].path", "data.shards", "data.cache_dir",
+                                            "save.output_dir"}
+
+
+def test_without_a_file_paths_resolve_against_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_dedistill_config(None, data={"model": {"path": "m"}, "data": {"shards": "s/index.json"},
+                                            "save": {"output_dir": "o"}})
+    assert cfg.model.path == str(tmp_path.resolve() / "m") and cfg.save.output_dir == str(tmp_path.resolve() / "o")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.bucket_step=20", "data.bucket_step must be a multiple of 16"),
+    ("data.resolution=32", "data.resolution must be >= bucket_step"),
+])
+def test_dedistill_data_runs_the_bucket_checks(tmp_path, override, message):
+    p = _write(tmp_path, DEDISTILL)
+    with pytest.raises(ConfigError, match=rf"^--set {override}: {message}"):
+        load_dedistill_config(p, [override])
+    with pytest.raises(ConfigError, match=rf"^--set {override}: {message}"):
+        load_train_config(_write(tmp_path, TRAIN, "t.toml"), [override])
+
+
+def test_dedistill_keeps_its_own_defaults_and_help(tmp_path):
+    d, t = DedistillConfig(), TrainConfig()
+    assert (d.train.lr, d.train.schedule, d.train.warmup_steps, d.train.mixed_precision) == (1e-5, "cosine", 100,
+                                                                                             "bf16")
+    assert (t.train.lr, t.train.schedule, t.train.warmup_steps, t.train.mixed_precision) == (1e-4, "constant", 0,
+                                                                                             "no")
+    assert (d.save.name, d.save.formats, t.save.name, t.save.formats) == ("dev2pro", ["bfl"], "lora", ["kohya"])
+    with pytest.raises(ConfigError, match=r"save\.formats: unknown export 'kohya' \(bfl\|diffusers\|fp8\)"):
+        load_dedistill_config(_write(tmp_path, DEDISTILL), ['save.formats=["kohya"]'])
+    with pytest.raises(ConfigError, match=r"save\.formats: unknown layout 'bfl' \(kohya\|diffusers\|comfy\)"):
+        load_train_config(_write(tmp_path, TRAIN, "t.toml"), ['save.formats=["bfl"]'])
+
+
+@pytest.mark.parametrize("command,loader", [("train", load_train_config), ("dedistill", load_dedistill_config)])
+def test_print_config_renders_and_reloads(tmp_path, capsys, command, loader):
+    """--print-config's output, filled with the required values, loads back to the config it rendered."""
+    from dev2pro.cli import main
+
+    assert main([command, "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "folders = []" in text and "cfg = 3.5" in text
+    filled = text.replace('path = ""', f'path = "{tmp_path / "m"}"', 1).replace(
+        'output_dir = ""', f'output_dir = "{tmp_path / "o"}"').replace(
+        'shards = ""', f'shards = "{tmp_path / "s.json"}"')
+    cfg = loader(_write(tmp_path, filled))
+    again = loader(_write(tmp_path, render_toml(cfg), "again.toml"))
+    assert again == cfg and render_toml(again) == render_toml(cfg)
+    default = (TrainConfig if command == "train" else DedistillConfig)()
+    assert dataclasses.replace(cfg, model=default.model, data=default.data, save=default.save) == \
+        dataclasses.replace(default)  # nothing but the three filled values differs from the defaults
+    assert Path(cfg.model.path) == tmp_path / "m"
+
+
+def test_the_example_configs_load():
+    root = (Path(__file__).parents[1] / "configs").resolve()
+    d = load_dedistill_config(root / "dedistill.toml")
+    assert d.sample.cfg == 3.5 and d.save.formats == ["bfl", "fp8"]
+    assert d.model.path == str(root.parent / "models/FLUX.1-dev")
+    assert d.save.output_dir == str(root.parent / "runs/dev2pro")
+    t = load_train_config(root / "train_lora.toml")
+    assert t.data.folders[0].path == str(root.parent / "data/my-style")
