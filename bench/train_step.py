@@ -29,7 +29,8 @@ def overhead(steps: int, work: Path) -> None:
     from dev2pro.data.prepare import FolderOptions, load_training_data
     from dev2pro.lora.targets import target_modules
     from dev2pro.objectives import draw, flow_objective
-    from dev2pro.recipes.train_lora import load_train_config, train
+    from dev2pro.recipes.train_lora import train
+    from dev2pro.schemas import load_train_config
     from dev2pro.train.model import add_lora, load_base
 
     # A small model whose step cost (not Python overhead) dominates, like a real run.

@@ -25,9 +25,13 @@ this estimate beside the measured peak so the constants can be recalibrated on r
 from __future__ import annotations
 
 import json
+import math
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
+
+from safetensors import safe_open
 
 GB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -418,3 +422,40 @@ def has_bitsandbytes() -> bool:
     except Exception:
         return False
     return True
+
+
+# ------------------------------------------------------------------------------------------------ report
+def adapter_params_in_file(path: str) -> int:
+    """Parameters of a training adapter file, from its safetensors header (no tensor is read)."""
+    if not path:
+        return 0
+    with safe_open(path, "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.endswith(".weight"))
+
+
+def card_bytes(vram_gb: float | None) -> tuple[int | None, str]:
+    """(bytes, description) of the card to check against: ``--vram`` if given, else the CUDA device seen."""
+    if vram_gb:
+        return int(vram_gb * GB), f"--vram {vram_gb:g}"
+    import torch  # noqa: PLC0415 - only here: `dev2pro plan --help` imports this module and must stay fast
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, props.name
+    return None, "no CUDA device"
+
+
+def report(inputs: PlanInputs, vram_gb: float | None = None, out=None) -> dict:
+    """Print the plan and the fit verdict; returns the plan as a dict (plus 'fits' and 'message')."""
+    out = out or sys.stdout
+    plan = estimate(inputs)
+    print(render(plan), file=out, flush=True)
+    card, what = card_bytes(vram_gb)
+    result = plan.to_dict()
+    if card is None:
+        print("  (no GPU seen: pass --vram GB to check a card)", file=out, flush=True)
+        return result
+    fits, message = advise(inputs, card)
+    print(f"  {what}: {message}", file=out, flush=True)
+    result.update(fits=fits, message=message)
+    return result

@@ -17,9 +17,11 @@ from typing import ClassVar
 
 from .config import SIZE_HELP, explicit_keys, load_config, opt, ordered, require, resolve_size, section
 from .flow import TIMESTEP_MODES
+from .flux.checkpoint import open_checkpoint
+from .objectives import OBJECTIVES
+from .plan import PlanInputs, adapter_params_in_file, clamp_blocks_to_swap, encoder_params, vram_preset
 
 EXPORT_FORMATS = ("bfl", "diffusers", "fp8")
-OBJECTIVES = ("flow", "cfg_teacher", "guidance_distill")
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -346,8 +348,6 @@ def load_dedistill_config(path, overrides: list[str] | None = None, data: dict |
 
 def apply_vram_preset(cfg: TrainConfig, explicit: set[str]) -> dict[str, object]:
     """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose."""
-    from .plan import clamp_blocks_to_swap, vram_preset
-
     gb = cfg.model.vram
     if not gb:
         return {}
@@ -362,3 +362,20 @@ def apply_vram_preset(cfg: TrainConfig, explicit: set[str]) -> dict[str, object]
     print(f"--vram {gb} preset: " + ", ".join(f"{k} = {v}" for k, v in chosen.items())
           + (f" (kept your {', '.join(kept)})" if kept else ""), flush=True)
     return chosen
+
+
+def plan_inputs(cfg):
+    """PlanInputs for a train (or dedistill) config; the spec comes from the checkpoint header only."""
+    m = cfg.model
+    spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle).spec()
+    res = cfg.data.resolution
+    sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
+    return PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
+                      gradient_checkpointing=m.gradient_checkpointing, blocks_to_swap=m.blocks_to_swap,
+                      rank=cfg.lora.rank, targets=cfg.lora.targets, extra_targets=tuple(cfg.lora.extra_targets),
+                      optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
+                      image_tokens=((res // 16) ** 2,), text_tokens=m.t5_max_length, sample_pixels=sample,
+                      inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,
+                      adapter_params=adapter_params_in_file(getattr(m, "adapter", "")),
+                      text_encoder=m.text_encoder, text_encoder_dtype=m.text_encoder_dtype,
+                      **{f"{k}_params": v for k, v in encoder_params(m.path).items()})

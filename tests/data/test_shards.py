@@ -73,7 +73,8 @@ def test_rerun_skips_complete_shards(tmp_path, tiny_dev_dir, folder):
 
 
 def test_dedistill_trains_from_shards(tmp_path, tiny_dev_dir, folder):
-    from dev2pro.recipes.dedistill import dedistill, load_dedistill_config
+    from dev2pro.recipes.dedistill import dedistill
+    from dev2pro.schemas import load_dedistill_config
 
     idx = cache([str(folder)], str(tiny_dev_dir), str(tmp_path / "shards"), per_shard=2, resolution=64,
                 t5_max_length=16)["index"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dev2pro.recipes.dedistill import dedistill, load_dedistill_config
+from dev2pro.recipes.dedistill import dedistill
+from dev2pro.schemas import load_dedistill_config
 
 
 @pytest.fixture
@@ -367,7 +368,8 @@ def test_export_trains_as_a_lora_base_and_inspects(tmp_path, tiny_dev_dir, image
     import math
 
     from dev2pro.cli import main as cli_main
-    from dev2pro.recipes.train_lora import load_train_config, train
+    from dev2pro.recipes.train_lora import train
+    from dev2pro.schemas import load_train_config
 
     cfg = load_dedistill_config(_toml(tmp_path, tiny_dev_dir, images, steps=2), ['save.formats=["bfl"]'])
     exported = Path(dedistill(cfg, progress=False)["files"][0])

@@ -8,7 +8,8 @@ from dev2pro.errors import UserError
 from dev2pro.flux.checkpoint import load_transformer
 from dev2pro.lora.formats import load_lora
 from dev2pro.lora.ops import lora_delta
-from dev2pro.recipes.dedistill import dedistill, load_dedistill_config
+from dev2pro.recipes.dedistill import dedistill
+from dev2pro.schemas import load_dedistill_config
 
 from .test_dedistill import _run_cli, _toml
 

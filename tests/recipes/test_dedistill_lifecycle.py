@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from dev2pro.errors import UserError
 from dev2pro.recipes import dedistill as ds
 from dev2pro.train import export
-from dev2pro.recipes.dedistill import dedistill, load_dedistill_config
+from dev2pro.recipes.dedistill import dedistill
+from dev2pro.schemas import load_dedistill_config
 
 
 def _toml(root, model_dir, images, out="run", steps=8, every=4, extra=""):

@@ -14,7 +14,8 @@ from dev2pro.lora.formats import LoraModule, LoraWeights, load_lora, save_lora
 from dev2pro.lora.ops import apply_lora, lora_delta
 from dev2pro.recipes import lora_tools as T
 from dev2pro.recipes.sample import run_sample
-from dev2pro.recipes.train_lora import load_train_config, train
+from dev2pro.recipes.train_lora import train
+from dev2pro.schemas import load_train_config
 from dev2pro.data.folders import DatasetFolder
 from dev2pro.data.prepare import FolderOptions, load_training_data
 from dev2pro.train.model import load_base

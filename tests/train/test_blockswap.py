@@ -191,7 +191,8 @@ def test_dev2pro_train_with_swap_equals_without(tmp_path, tiny_dev_dir, sk_image
     """The recipe: 5 steps with blocks_to_swap = 3 give the same losses, LoRA file and sample grid."""
     from safetensors.torch import load_file
 
-    from dev2pro.recipes.train_lora import load_train_config, train
+    from dev2pro.recipes.train_lora import train
+    from dev2pro.schemas import load_train_config
 
     runs = {}
     for name, extra in (("plain", ""), ("swap", "blocks_to_swap = 3")):
@@ -233,14 +234,15 @@ def test_place_base_speed_switches(tmp_path):
     place_base(model, "cpu", compile=True)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in flux_blocks(model))
     other, _ = _lora_model(TINY)
-    swap = place_base(other, cfg(compile=True, swap=2), "cpu")
+    swap = place_base(other, "cpu", blocks_to_swap=2, compile=True)
     assert swap is not None and all(getattr(b, "_compiled_call_impl", None) is None for b in flux_blocks(other))
 
 
 @pytest.mark.slow
 def test_samples_on_a_swapped_inference_base_equal_unswapped(tmp_path, tiny_dev_dir, sk_images):
     """With model.inference_base the second transformer is swapped too: placed for sampling, back to host after."""
-    from dev2pro.recipes.train_lora import load_train_config, train
+    from dev2pro.recipes.train_lora import train
+    from dev2pro.schemas import load_train_config
 
     grids = {}
     for name, extra in (("plain", ""), ("swap", "blocks_to_swap = 4")):

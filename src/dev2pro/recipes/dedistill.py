@@ -45,7 +45,7 @@ import torch
 from accelerate import Accelerator
 
 from ..cli_commands import add_dedistill
-from ..config import SIZE_HELP, load_config, opt, render_toml, require, resolve_size, section
+from ..config import render_toml
 from ..data.folders import DatasetFolder
 from ..data.loader import BucketBatchSampler, batches_forever, collate
 from ..data.prepare import FolderOptions, load_training_data
@@ -53,8 +53,9 @@ from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES
 from ..lora.adapter import WithoutAdapters
 from ..noise import quiet_libraries
-from ..objectives import OBJECTIVES, draw, objective_loss
+from ..objectives import draw, objective_loss
 from ..outputs import write_json, write_text
+from ..schemas import DedistillConfig
 from ..train import fsdp as fsdpmod
 from ..train import lifecycle as life
 from ..train.ema import EMA
@@ -66,142 +67,6 @@ from ..train.progress import Progress
 from ..train.run import NonFiniteGuard, RunLock, clean_stale_temps, stop_on_interrupt
 from ..train.samples import GridSpec, dedistill_grids
 from ..train.state import restore_training_state, save_training_state
-from .train_lora import DataSection, TrainSection  # TODO(issue 11): shared sections move to dev2pro.schemas
-
-EXPORT_FORMATS = ("bfl", "diffusers", "fp8")
-
-
-# ------------------------------------------------------------------------------------------------ config
-@dataclass
-class ModelSection:
-    path: str = opt("", "model folder in the FLUX.1-dev diffusers layout (text encoders, tokenizers, VAE)")
-    transformer: str = opt("", "start weights (any layout); empty = the folder's transformer")
-    teacher: str = opt("", "cfg_teacher: the frozen guidance-distilled teacher (empty = the start weights); "
-                           "guidance_distill: the CFG teacher (required)")
-    gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed at full size)")
-    fp8_storage: bool = opt(False, "with train.adapter_rank: keep the frozen base in fp8 (bf16 compute)")
-    t5_max_length: int = opt(512, "T5 tokens (512 for dev)")
-    allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")
-
-    def validate(self):
-        require(bool(self.path), "path: set model.path to a FLUX.1-dev-layout model folder")
-        require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
-
-
-@dataclass
-class DedistillData(DataSection):
-    shards: str = opt("", "index.json written by `dev2pro cache` (used instead of [[data.folders]])")
-
-    def validate(self):
-        require(bool(self.folders) or bool(self.shards), "folders: add [[data.folders]] or set data.shards")
-        require(0.0 <= self.caption_dropout < 1.0, "caption_dropout must be in [0, 1)")
-        require(self.batch_size >= 1, "batch_size must be >= 1")
-
-
-@dataclass
-class TeacherSection:
-    w_min: float = opt(1.0, "lowest CFG scale drawn per sample")
-    w_max: float = opt(5.0, "highest CFG scale drawn per sample")
-    flow_weight: float = opt(0.0, "weight of an extra flow-matching loss on the student's conditional output")
-
-    def validate(self):
-        require(0.0 <= self.w_min <= self.w_max, "w_min must be in [0, w_max]")
-        require(self.flow_weight >= 0.0, "flow_weight must be >= 0")
-
-
-@dataclass
-class DedistillTrain(TrainSection):
-    lr: float = opt(1e-5, "learning rate (full fine-tune: much lower than LoRA)")
-    schedule: str = opt("cosine", "LR schedule after warmup", ("constant", "cosine", "linear"))
-    warmup_steps: int = opt(100, "linear LR warmup steps")
-    mixed_precision: str = opt("bf16", "autocast compute dtype over fp32 master weights", ("no", "bf16", "fp16"))
-    ema_decay: float = opt(0.999, "EMA of the weights (0 = off); exported instead of the raw weights")
-    distributed: str = opt("auto", "auto: FSDP under an accelerate FSDP config, else DDP; fsdp: shard each Flux "
-                                   "block (e.g. under torchrun); ddp: replicate", ("auto", "ddp", "fsdp"))
-    adapter_rank: int = opt(0, "> 0: de-distill as a LoRA of this rank on every linear of the frozen start model "
-                               "(one base, fp8 possible) and export it as a training adapter (kohya + diffusers)")
-
-    def validate(self):
-        super().validate()
-        require(self.guidance == 1.0, "guidance: the student trains at guidance 1.0 (the Dev2Pro recipe)")
-        require(self.optimizer == "adamw", "optimizer: only adamw is supported for full fine-tunes here")
-        require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
-        require(self.adapter_rank >= 0, "adapter_rank must be >= 0 (0 = full fine-tune)")
-        require(not (self.adapter_rank and self.distributed == "fsdp"),
-                "distributed: adapter de-distillation (adapter_rank > 0) runs on one device or DDP; FSDP shards "
-                "full fine-tunes")
-
-
-@dataclass
-class SampleSection:
-    every: int = opt(0, "sample grids every N steps and at the end (0 = off)")
-    prompts: list = opt([], "one grid row per prompt")
-    seeds: list = opt([0], "one grid column per seed")
-    steps: int = opt(20, "sampling steps")
-    width: int = opt(512, "sample width (multiple of 16)")
-    height: int = opt(512, "sample height (multiple of 16)")
-    size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
-    cfg: float = opt(3.5, "true-CFG scale of the second grid (the first is at guidance 1.0, no CFG)")
-
-    def validate(self):
-        resolve_size(self)
-        require(self.every >= 0, "every must be >= 0")
-        require(not self.every or bool(self.prompts), "prompts: set sample prompts (or sample.every = 0)")
-        require(bool(self.seeds), "seeds: give at least one seed")
-        require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
-        require(self.steps > 0, "steps must be > 0")
-        require(self.cfg >= 1.0, "cfg: the true-CFG scale must be >= 1")
-
-
-@dataclass
-class SaveSection:
-    output_dir: str = opt("", "run folder: exported model, state, logs, resolved config")
-    name: str = opt("dev2pro", "file name stem of the exported model")
-    every: int = opt(0, "save resumable state every N steps (0 = off)")
-    keep_last: int = opt(2, "training states kept for resume")
-    formats: list = opt(["bfl"], "exports: bfl (single file), diffusers (transformer folder), fp8 (BFL fp8-scaled)")
-    dtype: str = opt("bf16", "dtype of the bfl/diffusers exports", ("bf16", "fp16", "fp32"))
-    keep_guidance: bool = opt(True, "keep the guidance embedding; false = pro-like model sampled with true CFG")
-    overwrite: bool = opt(False, "allow reusing an output_dir that holds another run")
-
-    def validate(self):
-        require(bool(self.output_dir), "output_dir: set save.output_dir")
-        for f in self.formats:
-            require(f in EXPORT_FORMATS, f"formats: unknown export {f!r} ({'|'.join(EXPORT_FORMATS)})")
-
-
-@dataclass
-class DedistillConfig:
-    objective: str = opt("flow", "flow: flow matching at guidance 1; cfg_teacher: match dev's guidance with CFG; "
-                                 "guidance_distill: make a dev-like student from a CFG teacher",
-                         OBJECTIVES)
-    model: ModelSection = section(ModelSection, "base model")
-    data: DedistillData = section(DedistillData, "dataset: folders (cached on the fly) or cache shards")
-    teacher: TeacherSection = section(TeacherSection, "cfg_teacher objective")
-    train: DedistillTrain = section(DedistillTrain, "optimisation")
-    sample: SampleSection = section(SampleSection, "sample grids during training")
-    save: SaveSection = section(SaveSection, "outputs")
-    log_every: int = opt(10, "TensorBoard scalar interval and, with --no-progress, progress-line interval (steps)")
-
-    def validate(self):
-        require(not (self.train.adapter_rank and self.objective == "guidance_distill"),
-                "objective: adapter de-distillation (train.adapter_rank > 0) supports flow and cfg_teacher")
-        require(not (self.model.fp8_storage and not self.train.adapter_rank),
-                "fp8_storage: only a frozen base can be stored in fp8; set train.adapter_rank > 0")
-
-
-def load_dedistill_config(path, overrides=None, data=None) -> DedistillConfig:
-    cfg = load_config(DedistillConfig, path, overrides, data)
-    base = Path(path).parent if path else Path(".")
-    # relative paths are relative to the config file, not to where the command runs
-    for obj, name in [(cfg.model, "path"), (cfg.model, "transformer"), (cfg.model, "teacher"),
-                      (cfg.save, "output_dir"), (cfg.data, "cache_dir"), (cfg.data, "shards")] + \
-            [(f, "path") for f in cfg.data.folders]:
-        value = getattr(obj, name)
-        if value and not Path(value).is_absolute():
-            setattr(obj, name, str((base / value).resolve()))
-    return cfg
-
 
 # ------------------------------------------------------------------------------------------------ recipe
 def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = True) -> dict:

@@ -9,7 +9,6 @@ progress, samples on the inference base, LoRA files and resumable state every N 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -20,12 +19,11 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from ..config import SIZE_HELP, load_config, opt, render_toml, require, resolve_size, section
+from ..config import render_toml
 from ..data.folders import DatasetFolder
 from ..data.loader import BucketBatchSampler, batches_forever, collate
 from ..data.prepare import FolderOptions, load_training_data
 from ..errors import UserError
-from ..flow import TIMESTEP_MODES
 from ..flux.checkpoint import DTYPE_CHOICES
 from ..lora import adapter as adaptermod
 from ..lora.formats import kohya_metadata
@@ -33,6 +31,8 @@ from ..lora.targets import target_modules
 from ..noise import quiet_libraries
 from ..objectives import draw, flow_objective
 from ..outputs import write_json, write_text
+from ..plan import report as report_plan
+from ..schemas import TrainConfig, plan_inputs
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
 from ..train.model import add_lora, load_base, place_base
@@ -41,193 +41,8 @@ from ..train.progress import Progress
 from ..train.run import NonFiniteGuard, RunLock, clean_stale_temps, stop_on_interrupt
 from ..train.samples import GridSpec, LoraSampler
 from ..train.state import restore_training_state, save_training_state
-from .plan import print_plan_safely  # TODO(issue 11): the plan report moves to the library with the schemas
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------ config
-@dataclass
-class ModelSection:
-    path: str = opt("", "model folder in the FLUX.1-dev diffusers layout (text encoders, tokenizers, VAE)")
-    transformer: str = opt("", "optional transformer file overriding the folder's (e.g. a dev2pro fp8 file)")
-    inference_base: str = opt("", "transformer used for samples (e.g. the original FLUX.1-dev); empty = the "
-                                  "training base")
-    adapter: str = opt("", "training adapter: a LoRA (e.g. dev -> dev2pro from `lora extract` or `dedistill` with "
-                           "train.adapter_rank) applied as a frozen side branch while training, off for samples; "
-                           "the training base is then dev and inference_base stays empty")
-    adapter_scale: float = opt(1.0, "strength of the training adapter")
-    dtype: str = opt("bf16", "compute dtype", ("bf16", "fp16", "fp32"))
-    fp8_storage: bool = opt(False, "store base weights in fp8 (bf16 compute); lowers memory with checkpointing")
-    fp8_keep: list = opt(["norms", "biases", "embedders", "modulation", "final"],
-                         "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
-    gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed for fp8 to pay off)")
-    blocks_to_swap: int = opt(0, "blocks (of FLUX.1's 57, double blocks first) whose frozen weights stay in pinned "
-                                 "host RAM and are copied to the GPU just before use; needs gradient_checkpointing")
-    vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48): picks fp8 storage, checkpointing, blocks_to_swap, "
-                       "optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no preset")
-    text_encoder: str = opt("gpu", "where CLIP + T5 run while caching captions", ("gpu", "cpu"))
-    text_encoder_dtype: str = opt("fp32", "CLIP + T5 dtype while caching (bf16 halves T5-XXL's 19 GB)",
-                                  ("fp32", "bf16"))
-    vae_tiling: bool = opt(False, "decode samples in tiles (less memory for large samples)")
-    t5_max_length: int = opt(512, "T5 tokens: 512 for dev and de-distilled bases (kohya's 256 is schnell's)")
-    allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")
-
-    def validate(self):
-        require(bool(self.path), "path: set model.path to a FLUX.1-dev-layout model folder")
-        require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
-        require(self.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
-        require(self.vram in (0, 8, 12, 16, 24, 48), f"vram = {self.vram}: choose 8, 12, 16, 24 or 48 (GB), or 0")
-
-
-@dataclass
-class FolderSection:
-    path: str = opt("", "folder of images with same-stem .txt captions")
-    repeats: int = opt(1, "times each image is seen per epoch")
-    caption: str = opt("", "caption for images without a .txt file in this folder")
-    recursive: bool = opt(False, "also read images in subfolders (a kohya parent of N_name folders is "
-                                 "recognised without it)")
-
-    def validate(self):
-        require(bool(self.path), "path: each [[data.folders]] needs a path")
-        require(self.repeats >= 1, "repeats must be >= 1")
-
-
-@dataclass
-class DataSection:
-    folders: list[FolderSection] = opt([], "[[data.folders]] tables: path, repeats, caption, recursive; a path "
-                                           "may be a kohya parent of N_name folders")
-    shards: str = opt("", "index.json written by `dev2pro cache` (pre-encoded latents + text), instead of folders")
-    default_caption: str = opt("", "caption for images without a .txt file")
-    trigger: str = opt("", "trigger word prepended to every caption")
-    caption_dropout: float = opt(0.0, "probability of training on the empty caption")
-    resolution: int = opt(512, "bucket target side: buckets have about resolution^2 pixels")
-    bucket_step: int = opt(64, "bucket sides are multiples of this (>= 16)")
-    min_size: int = opt(16, "images smaller than this on a side are skipped (listed in a warning)")
-    strict: bool = opt(False, "stop on unreadable/tiny images instead of skipping them")
-    cache_dir: str = opt("", "latent/text cache folder (default: <output_dir>/cache)")
-    batch_size: int = opt(1, "images per step (per device)")
-
-    def validate(self):
-        require(len(self.folders) > 0 or bool(self.shards),
-                "folders: add at least one [[data.folders]] table with a path (or set data.shards)")
-        require(0.0 <= self.caption_dropout < 1.0, "caption_dropout must be in [0, 1)")
-        require(self.bucket_step >= 16 and self.bucket_step % 16 == 0, "bucket_step must be a multiple of 16")
-        require(self.resolution >= self.bucket_step, "resolution must be >= bucket_step")
-        require(self.batch_size >= 1, "batch_size must be >= 1")
-
-
-@dataclass
-class LoraSection:
-    rank: int = opt(16, "LoRA rank")
-    alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)")
-    dropout: float = opt(0.0, "LoRA dropout")
-    targets: str = opt("all_linear", "target preset", ("attention", "all_linear"))
-    extra_targets: list = opt([], "extra targets: modulation, embedders")
-    double_blocks: list = opt([], "train only these double-block indices (empty = all)")
-    single_blocks: list = opt([], "train only these single-block indices (empty = all)")
-
-    def validate(self):
-        require(self.rank > 0, f"rank must be > 0, got {self.rank}")
-        require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
-        require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
-
-
-@dataclass
-class TrainSection:
-    steps: int = opt(1000, "optimiser steps")
-    lr: float = opt(1e-4, "learning rate")
-    optimizer: str = opt("adamw", "optimizer", ("adamw", "adamw8bit", "prodigy", "adafactor"))
-    weight_decay: float = opt(0.0, "weight decay")
-    warmup_steps: int = opt(0, "linear LR warmup steps")
-    schedule: str = opt("constant", "LR schedule after warmup", ("constant", "cosine", "linear"))
-    grad_accum: int = opt(1, "gradient accumulation steps")
-    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
-    seed: int = opt(42, "seed for LoRA init, noise, timesteps and data order")
-    guidance: float = opt(1.0, "guidance input during training: 1.0 is the Dev2Pro recipe")
-    timestep_sampling: str = opt("sigmoid", "how sigmas are drawn", TIMESTEP_MODES)
-    sigmoid_scale: float = opt(1.0, "logit-normal scale for sigmoid/shift/flux_shift")
-    shift: float = opt(3.0, "shift value for timestep_sampling = 'shift'")
-    mixed_precision: str = opt("no", "accelerate mixed precision", ("no", "bf16", "fp16"))
-    compile: bool = opt(False, "regional torch.compile of the repeated blocks (diffusers compile_repeated_blocks); "
-                               "the first steps are slow; not with blocks_to_swap")
-    attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
-                                     "PyTorch SDPA")
-    nan_policy: str = opt("stop", "on a non-finite loss or gradient: stop (keep the last good state) or skip the "
-                                  "update", ("stop", "skip"))
-    nan_max_skips: int = opt(10, "skip policy: stop after this many non-finite steps in a row")
-
-    def validate(self):
-        require(self.steps > 0, "steps must be > 0")
-        require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
-        require(self.nan_max_skips >= 1, "nan_max_skips must be >= 1")
-        require(self.grad_accum >= 1, "grad_accum must be >= 1")
-        require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
-
-
-@dataclass
-class SampleSection:
-    every: int = opt(0, "render samples every N steps (0 = only at the end if prompts are set)")
-    prompts: list = opt([], "sample prompts")
-    negative: str = opt("", "negative prompt for true CFG (bases without guidance embedding)")
-    seeds: list = opt([0], "one column per seed")
-    guidance: float = opt(3.5, "embedded guidance on guidance-distilled bases (dev): 3.5 is dev's default")
-    cfg: float = opt(3.5, "true CFG scale for bases without guidance embedding")
-    steps: int = opt(20, "sampling steps")
-    width: int = opt(512, "sample width (multiple of 16)")
-    height: int = opt(512, "sample height (multiple of 16)")
-    with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
-                                    "dev2pro), as step*-adapter.png")
-    size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
-    baseline: bool = opt(True, "render a step-0 grid (the base before training) to compare the others with")
-
-    def validate(self):
-        resolve_size(self)
-        require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
-        require(self.steps > 0, "steps must be > 0")
-
-
-@dataclass
-class SaveSection:
-    output_dir: str = opt("", "run folder: LoRA files, samples, state, logs, resolved config")
-    name: str = opt("lora", "file name stem of the saved LoRA")
-    every: int = opt(0, "save LoRA + training state every N steps (0 = only at the end)")
-    keep_last: int = opt(2, "training states kept for resume")
-    formats: list = opt(["kohya"], "LoRA layouts written: kohya (ComfyUI/Forge), diffusers, comfy")
-    overwrite: bool = opt(False, "allow reusing an output_dir that holds another run")
-
-    def validate(self):
-        require(bool(self.output_dir), "output_dir: set save.output_dir")
-        for f in self.formats:
-            require(f in ("kohya", "diffusers", "comfy"), f"formats: unknown layout {f!r} (kohya|diffusers|comfy)")
-
-
-@dataclass
-class TrainConfig:
-    model: ModelSection = section(ModelSection, "base model")
-    data: DataSection = section(DataSection, "dataset")
-    lora: LoraSection = section(LoraSection, "LoRA shape")
-    train: TrainSection = section(TrainSection, "optimisation")
-    sample: SampleSection = section(SampleSection, "samples during training")
-    save: SaveSection = section(SaveSection, "outputs")
-    log_every: int = opt(10, "progress-bar postfix and TensorBoard scalar interval (steps)")
-
-
-def load_train_config(path: str | None, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
-    cfg = load_config(TrainConfig, path, overrides, data)
-    base = Path(path).parent if path else Path(".")
-    # Relative paths in a config are relative to the config file, not to where the command is run.
-    for obj, name in [(cfg.model, "path"), (cfg.model, "transformer"), (cfg.model, "inference_base"),
-                      (cfg.model, "adapter"),
-                      (cfg.save, "output_dir"), (cfg.data, "cache_dir"), (cfg.data, "shards")] + [(f, "path") for f in cfg.data.folders]:
-        value = getattr(obj, name)
-        if value and not Path(value).is_absolute():
-            setattr(obj, name, str((base / value).resolve()))
-    if cfg.model.vram:  # the preset fills only what the user left unset
-        from .plan import apply_vram_preset, explicit_keys
-
-        apply_vram_preset(cfg, explicit_keys(path, overrides, data))
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -265,12 +80,20 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
             life.prepare_output_dir(out, resume, cfg.save.overwrite, say)
             write_text(out / "config.toml", render_toml(cfg))
             if not quiet:
-                print_plan_safely(cfg)
+                _print_plan(cfg)
         accelerator.wait_for_everyone()
         return _train(cfg, accelerator, out, resume, progress, say, quiet)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _print_plan(cfg: TrainConfig) -> None:
+    """The memory plan at the start: informative only, so a failure to estimate never stops training."""
+    try:
+        report_plan(plan_inputs(cfg), cfg.model.vram or None)
+    except Exception as e:  # noqa: BLE001 -- an estimate must not cost the user their run
+        log.warning("memory plan unavailable: %s", e)
 
 
 def _load(cfg: TrainConfig, device, dtype, out: Path):
