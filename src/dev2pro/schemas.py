@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from .config import SIZE_HELP, explicit_keys, load_config, opt, ordered, require, resolve_size, section
+from .data.folders import DatasetFolder
+from .data.prepare import FolderOptions
 from .flow import TIMESTEP_MODES
 from .flux.checkpoint import open_checkpoint
 from .objectives import OBJECTIVES
@@ -379,3 +382,12 @@ def plan_inputs(cfg):
                       adapter_params=adapter_params_in_file(getattr(m, "adapter", "")),
                       text_encoder=m.text_encoder, text_encoder_dtype=m.text_encoder_dtype,
                       **{f"{k}_params": v for k, v in encoder_params(m.path).items()})
+
+
+def data_source(data: DataSection, out: Path) -> dict:
+    """``data.prepare.load_training_data``'s source arguments (folders or shards, folder rules, cache folder) from
+    a ``[data]`` section; the cache defaults to ``<output_dir>/cache``."""
+    return {"folders": [DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive) for f in data.folders],
+            "shards": data.shards, "cache_dir": Path(data.cache_dir) if data.cache_dir else out / "cache",
+            "options": FolderOptions(data.default_caption, data.trigger, data.min_size, data.strict, data.resolution,
+                                     data.bucket_step)}

@@ -12,7 +12,7 @@ from dev2pro.lora.merge import add_delta
 from dev2pro.lora.ops import apply_lora, lora_delta, lora_from_peft_model
 from dev2pro.lora.targets import target_modules
 from dev2pro.plan import PlanInputs, estimate, render
-from dev2pro.recipes.plan import adapter_params_in_file
+from dev2pro.plan import adapter_params_in_file
 
 
 def _lora(model, names, rank, rel, seed):

@@ -46,16 +46,15 @@ from accelerate import Accelerator
 
 from ..cli_commands import add_dedistill
 from ..config import render_toml
-from ..data.folders import DatasetFolder
 from ..data.loader import BucketBatchSampler, batches_forever, collate
-from ..data.prepare import FolderOptions, load_training_data
+from ..data.prepare import load_training_data
 from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES
 from ..lora.adapter import WithoutAdapters
 from ..noise import quiet_libraries
 from ..objectives import draw, objective_loss
 from ..outputs import write_json, write_text
-from ..schemas import DedistillConfig
+from ..schemas import DedistillConfig, data_source
 from ..train import fsdp as fsdpmod
 from ..train import lifecycle as life
 from ..train.ema import EMA
@@ -133,13 +132,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: b
     prompts = list(cfg.sample.prompts) if cfg.sample.every else []
     d = cfg.data
     with accelerator.main_process_first():  # rank 0 fills the cache first, the others then read it
-        data = load_training_data(
-            Path(m.path), device, folders=[DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive)
-                                           for f in d.folders],
-            shards=d.shards, options=FolderOptions(d.default_caption, d.trigger, d.min_size, d.strict, d.resolution,
-                                                   d.bucket_step),
-            cache_dir=Path(d.cache_dir) if d.cache_dir else out / "cache", t5_max_length=m.t5_max_length,
-            prompts=prompts)
+        data = load_training_data(Path(m.path), device, **data_source(d, out), t5_max_length=m.t5_max_length,
+                                  prompts=prompts)
     # global batches, cut identically on every rank; drop_last: a partial batch cannot be split evenly
     sampler = BucketBatchSampler(data.dataset.buckets(), d.batch_size * world, seed=tc.seed, drop_last=True)
     models = _models(cfg, accelerator, fsdp, compute)

@@ -20,9 +20,8 @@ import torch
 from accelerate import Accelerator
 
 from ..config import render_toml
-from ..data.folders import DatasetFolder
 from ..data.loader import BucketBatchSampler, batches_forever, collate
-from ..data.prepare import FolderOptions, load_training_data
+from ..data.prepare import load_training_data
 from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES
 from ..lora import adapter as adaptermod
@@ -32,7 +31,7 @@ from ..noise import quiet_libraries
 from ..objectives import draw, flow_objective
 from ..outputs import write_json, write_text
 from ..plan import report as report_plan
-from ..schemas import TrainConfig, plan_inputs
+from ..schemas import TrainConfig, data_source, plan_inputs
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
 from ..train.model import add_lora, load_base, place_base
@@ -100,15 +99,10 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
     """Data (cached latents + text; the encoders are freed), then the base with its LoRA (and training adapter),
     placed on the device. Returns (data, transformer, checkpoint, trainable params, block swap)."""
     d, m, lc = cfg.data, cfg.model, cfg.lora
-    data = load_training_data(
-        Path(m.path), device, folders=[DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive)
-                                       for f in d.folders],
-        shards=d.shards, options=FolderOptions(d.default_caption, d.trigger, d.min_size, d.strict, d.resolution,
-                                               d.bucket_step),
-        cache_dir=Path(d.cache_dir) if d.cache_dir else out / "cache", t5_max_length=m.t5_max_length,
-        prompts=cfg.sample.prompts, negative=cfg.sample.negative,
-        text_device=torch.device("cpu") if m.text_encoder == "cpu" else device,
-        text_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[m.text_encoder_dtype])
+    data = load_training_data(Path(m.path), device, **data_source(d, out), t5_max_length=m.t5_max_length,
+                              prompts=cfg.sample.prompts, negative=cfg.sample.negative,
+                              text_device=torch.device("cpu") if m.text_encoder == "cpu" else device,
+                              text_dtype=DTYPE_CHOICES[m.text_encoder_dtype])
     transformer, ckpt = load_base(m.transformer or m.path, dtype, device, fp8_storage=m.fp8_storage,
                                   fp8_keep=m.fp8_keep, gradient_checkpointing=m.gradient_checkpointing,
                                   blocks_to_swap=m.blocks_to_swap, allow_pickle=m.allow_pickle)
