@@ -135,8 +135,9 @@ def _fake_run(tmp: Path, world, guidances, per_class, seeds) -> tuple[list[dict]
         results.append({"arm": "ref", "seed": s,
                         "samples": {"none": _samples(tmp / f"ref{s}" / "none.npz", arrays(base, 0.2))}})
         for arm, rgb in (("A", base), ("C", concept), ("D", base)):
-            results.append({"arm": arm, "seed": s, "samples": {
-                length: _samples(tmp / f"{arm}{s}" / f"{length}.npz", arrays(rgb, 0.1)) for length in ("short", "long")}})
+            files = {length: _samples(tmp / f"{arm}{s}" / f"{length}.npz", arrays(rgb, 0.1))
+                     for length in ("short", "long")}
+            results.append({"arm": arm, "seed": s, "samples": files})
     expected["pix_C"] = float(np.abs(concept - base).mean())
     return results, expected
 
