@@ -16,16 +16,19 @@ with dev2pro's on fixed inputs (the concept prompts, seeded noise latents at sev
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
+
+from ..flux.checkpoint import load_transformer
+from ..flux.latents import image_ids, text_ids
+from ..lora.formats import load_lora
+from ..lora.ops import apply_lora, extract_pair
 
 
 @torch.no_grad()
 def _velocity(model, embeds: torch.Tensor, pooled: torch.Tensor, seed: int, sigmas=(0.25, 0.5, 0.75, 1.0),
               side: int = 8) -> torch.Tensor:
-    from ..flux.latents import image_ids, text_ids
-
     g = torch.Generator().manual_seed(seed)
     n, c = embeds.shape[0], model.config.in_channels
     outs = []
@@ -42,10 +45,6 @@ def _velocity(model, embeds: torch.Tensor, pooled: torch.Tensor, seed: int, sigm
 def adapter_output_errors(dev: str | Path, dev2pro: str | Path, adapters: Mapping[str, object],
                           embeds: torch.Tensor, pooled: torch.Tensor, seed: int = 0) -> dict[str, dict]:
     """For each named adapter (a LoraWeights or a file): output error and unexplained share vs dev2pro."""
-    from ..flux.checkpoint import load_transformer
-    from ..lora.formats import load_lora
-    from ..lora.ops import apply_lora
-
     target = _velocity(load_transformer(dev2pro, dtype=torch.float32)[0].eval(), embeds, pooled, seed)
     plain = _velocity(load_transformer(dev, dtype=torch.float32)[0].eval(), embeds, pooled, seed)
     gap = float((plain - target).norm())
@@ -60,3 +59,25 @@ def adapter_output_errors(dev: str | Path, dev2pro: str | Path, adapters: Mappin
                      "moved": round(float((got - plain).norm()) / gap, 6) if gap > 0 else 0.0}
     out["dev (no adapter)"] = {"output_error": round(gap / float(target.norm()), 6), "unexplained": 1.0, "moved": 0.0}
     return out
+
+
+def by_rank(d: Mapping) -> dict[str, float]:
+    """Rank-keyed numbers in rank order (JSON files hold them with string keys, sorted as strings)."""
+    return {str(k): v for k, v in sorted(d.items(), key=lambda kv: int(kv[0]))}
+
+
+def adapter_fidelity(dev: str | Path, dev2pro: str | Path, extract_report: Mapping, ranks: Sequence[int],
+                     others: Mapping[str, object], embeds: torch.Tensor, pooled: torch.Tensor) -> dict:
+    """The demo report's adapter section: `lora extract --ranks`'s ``extract_report`` (layer level) beside the
+    model-level errors of dev + the adapter extracted at each of ``ranks`` and of each named adapter in ``others``
+    (a LoraWeights or a file), on the prompts ``embeds``/``pooled``."""
+    a_sd, b_sd = (load_transformer(f, dtype=torch.float32)[0].state_dict() for f in (dev, dev2pro))
+    candidates = {f"extracted r{k}": extract_pair(a_sd, b_sd, k)[0] for k in ranks}
+    candidates.update(others)
+    total = extract_report["total"]
+    return {"recommended_rank": int(extract_report["recommended_rank"]),
+            "energy_target": extract_report["energy_target"],
+            "energy_by_rank": by_rank(total["energy_by_rank"]),
+            "layer_error_by_rank": by_rank(total["output_error_by_rank"]),
+            "model": adapter_output_errors(dev, dev2pro, candidates, embeds, pooled),
+            "not_linear": len(extract_report["not_linear"])}

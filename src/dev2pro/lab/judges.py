@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import stats
+from scipy.linalg import sqrtm
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 from dev2pro.lab.world import World, near_misses, plain, styled
 
@@ -46,17 +51,12 @@ def _flat(rgb) -> np.ndarray:
 
 def fit_judges(world: World, seed: int = 0) -> Judges:
     """Fit the style judge, digit judge and PCA feature space on ``world``'s train split (about a quarter second)."""
-    from threadpoolctl import threadpool_limits
-
     # These matrices are tiny: multi-threaded BLAS only adds hand-off cost, 30x slower on two busy cores.
     with threadpool_limits(limits=1):
         return _fit(world, seed)
 
 
 def _fit(world: World, seed: int) -> Judges:
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-
     x, y = world.train_images, world.train_labels
     pos = _flat(styled(x))
     # Near misses are negatives too: being in style needs the whole palette, not a step towards it.
@@ -94,8 +94,6 @@ def features(j: Judges, rgb) -> np.ndarray:
 
 def frechet_distance(a_feats, b_feats) -> float:
     """Frechet distance between Gaussians fitted to two feature sets: |mu_a - mu_b|^2 + Tr(Ca + Cb - 2 sqrt(Ca Cb))."""
-    from scipy.linalg import sqrtm
-
     a, b = np.asarray(a_feats, dtype=np.float64), np.asarray(b_feats, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise ValueError(f"need two (N >= 2, D) feature sets of equal D, got {a.shape} and {b.shape}")
@@ -127,15 +125,13 @@ def mean_ci(values, confidence: float = 0.95) -> dict:
     With n == 1 the sample standard deviation is undefined, so ``half`` (and lo/hi) are nan rather than a
     misleading 0. Non-finite values raise ValueError.
     """
-    from scipy.stats import t
-
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
         raise ValueError("mean_ci needs at least one value")
     if not np.all(np.isfinite(v)):
         raise ValueError(f"mean_ci got non-finite values: {v.tolist()}")
     n, mean = int(v.size), float(v.mean())
-    half = float("nan") if n == 1 else float(t.ppf((1 + confidence) / 2, n - 1) * v.std(ddof=1) / np.sqrt(n))
+    half = float("nan") if n == 1 else float(stats.t.ppf((1 + confidence) / 2, n - 1) * v.std(ddof=1) / np.sqrt(n))
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "half": half, "n": n}
 
 

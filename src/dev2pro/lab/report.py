@@ -2,7 +2,9 @@
 
 The verdict is derived from the table, never written in advance. For each metric an arm is *clearly* better than
 another only when the 95% interval of its per-seed improvement (arms are paired by seed) excludes zero; the main
-setting is the one the Dev2Pro recipe is about: the full-length LoRA applied to dev and sampled at guidance 3.5.
+setting is the one the Dev2Pro recipe is about: the full-length LoRA applied to dev and sampled at dev's usual
+guidance. The guidances and the main setting are the caller's (``evaluate``'s arguments, the summary's
+"guidances" and "main_setting"); sample files hold one array per guidance under ``arms.sample_key``.
 """
 
 from __future__ import annotations
@@ -10,11 +12,16 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from ..outputs import write_text
+from .arms import load_samples, sample_key
+from .judges import digit_accuracy, features, format_ci, frechet_distance, guidance_integrity, mean_ci, style_fidelity
+from .world import grid, styled
 
 # metric -> (label, direction): +1 higher is better, -1 lower is better, 0 closer to 1 is better
 METRICS = {
@@ -26,7 +33,8 @@ METRICS = {
     "integrity": ("guidance integrity", 0),
 }
 KEY_METRICS = ("style", "digits", "fd_oracle")  # what the verdict weighs
-MAIN = ("long", 3.5)
+LENGTHS = {"short": "Short", "long": "Full-length"}  # each arm's LoRA after a short and the full training length
+Main = tuple[str, float]  # the main setting: (LoRA length, sampling guidance)
 
 
 def loss_change(losses: list[float], frac: float = 0.1) -> dict:
@@ -36,30 +44,33 @@ def loss_change(losses: list[float], frac: float = 0.1) -> dict:
     return {"first": first, "last": last, "improved": last < first, "steps": len(losses)}
 
 
-def _load(path: str) -> dict[str, np.ndarray]:
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+def stage_losses(bases: dict[str, list[float]], results: list[dict]) -> dict[str, dict]:
+    """``loss_change`` of every base (name -> losses) and of every arm's LoRA (results with "losses")."""
+    stages = {name: loss_change(losses) for name, losses in bases.items()}
+    return stages | {f"lora-{r['arm']}-seed{r['seed']}": loss_change(r["losses"]) for r in results if "losses" in r}
 
 
-def evaluate(results: list[dict], judges, world, arms: list[str], oracle: str, seeds: int, per_class: int) -> dict:
-    """Per-seed metrics for every (arm, length, guidance) and their mean +- 95% interval over seeds."""
-    from .judges import digit_accuracy, features, frechet_distance, guidance_integrity, mean_ci, style_fidelity
-    from .world import styled
+def evaluate(results: list[dict], judges, world, arms: list[str], oracle: str, seeds: int, per_class: int,
+             guidances: Sequence[float], main: Main) -> dict:
+    """Per-seed metrics for every (arm, length, guidance) and their mean +- 95% interval over seeds.
 
+    The oracle's samples at the main guidance are the reference for the distances to the oracle; guidance
+    integrity compares the lowest and the highest of ``guidances``."""
+    lo, hi, key = sample_key(min(guidances)), sample_key(max(guidances)), sample_key(main[1])
     labels = np.repeat(np.arange(10), per_class)
     real = features(judges, styled(world.holdout_images))
     by = {(r["arm"], r["seed"]): r for r in results}
     per_seed: dict[tuple, dict[str, list]] = {}
     for s in range(seeds):
-        ref = _load(by[("ref", s)]["samples"]["none"])
+        ref = load_samples(by[("ref", s)]["samples"]["none"])
         for a in arms:
-            for length in ("short", "long"):
-                samples = _load(by[(a, s)]["samples"][length])
-                orc_rgb = _load(by[(oracle, s)]["samples"][length])["g3.5"]
+            for length in LENGTHS:
+                samples = load_samples(by[(a, s)]["samples"][length])
+                orc_rgb = load_samples(by[(oracle, s)]["samples"][length])[key]
                 orc = features(judges, orc_rgb)
-                integ = guidance_integrity(samples["g1.0"], samples["g3.5"], ref["g1.0"], ref["g3.5"])
-                for g in (3.5, 1.0):
-                    rgb = samples[f"g{g}"]
+                integ = guidance_integrity(samples[lo], samples[hi], ref[lo], ref[hi])
+                for g in guidances:
+                    rgb = samples[sample_key(g)]
                     feats = features(judges, rgb)
                     row = per_seed.setdefault((a, length, g), {k: [] for k in METRICS})
                     row["style"].append(style_fidelity(judges, rgb))
@@ -74,26 +85,23 @@ def evaluate(results: list[dict], judges, world, arms: list[str], oracle: str, s
         rows.append({"arm": a, "length": length, "guidance": g,
                      "metrics": {k: {**mean_ci(v), "values": [round(x, 6) for x in v]} for k, v in vals.items() if v}})
     refs = {"real concept (holdout)": _real_row(judges, world, labels)}
-    for g in (3.5, 1.0):
+    for g in guidances:
         vals = {"style": [], "digits": [], "fd_real": []}
         for s in range(seeds):
-            rgb = _load(by[("ref", s)]["samples"]["none"])[f"g{g}"]
+            rgb = load_samples(by[("ref", s)]["samples"]["none"])[sample_key(g)]
             vals["style"].append(style_fidelity(judges, rgb))
             vals["digits"].append(digit_accuracy(judges, rgb, labels))
             vals["fd_real"].append(frechet_distance(features(judges, rgb), real))
         refs[f"dev without LoRA @ {g}"] = {k: mean_ci(v) for k, v in vals.items()}
     table = {"rows": rows, "references": refs}
-    table["verdict"] = verdict(table, arms, oracle)
-    extra = adapter_verdict(table, arms)
+    table["verdict"] = verdict(table, arms, oracle, main)
+    extra = adapter_verdict(table, arms, main)
     if extra:
         table["verdict"] += " " + extra
     return table
 
 
 def _real_row(judges, world, labels) -> dict:
-    from .judges import digit_accuracy, features, frechet_distance, mean_ci, style_fidelity
-    from .world import styled
-
     rgb = styled(world.holdout_images)
     train = features(judges, styled(world.train_images))
     return {"style": mean_ci([style_fidelity(judges, rgb)] * 2),
@@ -115,8 +123,6 @@ def compare(x: dict, y: dict, metric: str) -> int:
     images, LoRA seed and sampling noise per seed), so the test is a paired one: the 95% interval of the per-seed
     improvement must exclude 0. Without them the two intervals must not overlap.
     """
-    from .judges import mean_ci
-
     direction = METRICS[metric][1]
     xv, yv = x.get("values"), y.get("values")
     if xv is not None and yv is not None and len(xv) == len(yv) > 1:
@@ -134,11 +140,11 @@ def compare(x: dict, y: dict, metric: str) -> int:
     return 1 if x["hi"] < y["lo"] else -1 if x["lo"] > y["hi"] else 0
 
 
-def saturated(table: dict, arms: list[str]) -> list[str]:
+def saturated(table: dict, arms: list[str], main: Main) -> list[str]:
     """Fraction metrics on which every arm sits at its ceiling (>= 0.99) or at chance (digits <= 0.12) in the main
     setting: they cannot separate the arms, and the report says so instead of reading them as a result."""
     notes = []
-    rows = [_row(table, a, *MAIN) for a in arms]
+    rows = [_row(table, a, *main) for a in arms]
     rows = [r for r in rows if r]
     for m, floor in (("style", None), ("digits", 0.12)):
         means = [r[m]["mean"] for r in rows if m in r]
@@ -154,12 +160,13 @@ def _distance_to_one(d: dict) -> dict:
     return {"lo": 0.0 if d["lo"] <= 1 <= d["hi"] else min(lo, hi), "hi": max(lo, hi)}
 
 
-def verdict(table: dict, arms: list[str], oracle: str, recipe: str = "C", rivals: tuple = ("A", "B")) -> str:
+def verdict(table: dict, arms: list[str], oracle: str, main: Main, recipe: str = "C",
+            rivals: tuple = ("A", "B")) -> str:
     """A sentence from the numbers: how the Dev2Pro arm compares with the dev-trained arms in the main setting."""
-    c = _row(table, recipe, *MAIN)
+    c = _row(table, recipe, *main)
     parts, better, worse = [], set(), set()
     for rival in rivals:
-        r = _row(table, rival, *MAIN)
+        r = _row(table, rival, *main)
         if c is None or r is None:
             continue
         res = {m: compare(c[m], r[m], m) for m in KEY_METRICS if m in c and m in r}
@@ -178,22 +185,23 @@ def verdict(table: dict, arms: list[str], oracle: str, recipe: str = "C", rivals
         outcome = "contradicts the Dev2Pro claim at this scale"
     else:
         outcome = "does not settle the Dev2Pro claim at this scale (mixed or within noise)"
-    notes = saturated(table, [recipe, *rivals])
-    return (f"Full-length LoRAs applied to dev at guidance 3.5, paired 95% intervals over seeds: the Dev2Pro arm "
+    notes = saturated(table, [recipe, *rivals], main)
+    return (f"{LENGTHS[main[0]]} LoRAs applied to dev at guidance {main[1]}, paired 95% intervals over seeds: the "
+            f"Dev2Pro arm "
             f"{recipe} "
             + "; ".join(parts) + f". This run {outcome}." + "".join(f" Note: {n}." for n in notes))
 
 
-def adapter_verdict(table: dict, arms: list[str], adapter_arms: tuple = ("C-ext", "C-lora"),
+def adapter_verdict(table: dict, arms: list[str], main: Main, adapter_arms: tuple = ("C-ext", "C-lora"),
                     reference: str = "C", rival: str = "B") -> str:
     """A sentence per adapter arm: is training on dev + adapter within noise of training on dev2pro (C), and does
     it keep C's edge over B? Paired 95% intervals in the main setting, on the verdict's key metrics."""
     parts = []
     for arm in [a for a in adapter_arms if a in arms]:
-        x = _row(table, arm, *MAIN)
+        x = _row(table, arm, *main)
         said = []
         for other in (reference, rival):
-            y = _row(table, other, *MAIN)
+            y = _row(table, other, *main)
             if x is None or y is None:
                 continue
             res = {m: compare(x[m], y[m], m) for m in KEY_METRICS if m in x and m in y}
@@ -212,30 +220,46 @@ def adapter_verdict(table: dict, arms: list[str], adapter_arms: tuple = ("C-ext"
 
 # ------------------------------------------------------------------------------------------------ writing
 def _fmt(d: dict | None, digits: int = 3) -> str:
-    from .judges import format_ci
-
     if d is None:
         return "—"
     return format_ci(d, digits) if np.isfinite(d.get("half", np.nan)) else f"{d['mean']:.{digits}f}"
 
 
+def main_setting(summary: dict) -> Main:
+    """The summary's main setting as (length, guidance)."""
+    m = summary["main_setting"]
+    return m["length"], m["guidance"]
+
+
+def _settings(guidances: Sequence[float], main: Main, short_steps: int) -> list[tuple[str, float, str]]:
+    """(length, guidance, title) of the report's tables: the main setting, the main length at the other
+    guidances, the other length at the main guidance."""
+    out = [(main[0], g) for g in [main[1], *(g for g in guidances if g != main[1])]]
+    out += [(length, main[1]) for length in LENGTHS if length != main[0]]
+    titles = []
+    for length, g in out:
+        what = f"Short LoRA ({short_steps} steps), guidance {g}" if length == "short" else \
+            f"{LENGTHS[length]} LoRA, sampled at guidance {g}"
+        titles.append((length, g, what + (" (main setting)" if (length, g) == main else "")))
+    return titles
+
+
 def markdown(summary: dict) -> str:
     t = summary["table"]
     arms = summary["arms"]
+    main, guidances = main_setting(summary), summary["guidances"]
     lines = [f"# dev2pro demo — `{summary['command']}`", "",
              f"Toy FLUX.1 family (real diffusers classes, {summary['settings']['seeds']} LoRA seeds per arm, "
              f"mean ± 95% t-interval). Arms: " + "; ".join(f"**{a}** {d}" for a, d in arms.items()) + ".", "",
              f"**Verdict.** {t['verdict']}", ""]
-    for length, g, title in (("long", 3.5, "Full-length LoRA, sampled at guidance 3.5 (main setting)"),
-                             ("long", 1.0, "Full-length LoRA, sampled at guidance 1.0"),
-                             ("short", 3.5, f"Short LoRA ({summary['settings']['lora_short']} steps), guidance 3.5")):
+    for length, g, title in _settings(guidances, main, summary["settings"]["lora_short"]):
         lines += [f"## {title}", "", "| arm | " + " | ".join(METRICS[m][0] for m in METRICS) + " |",
                   "|---" * (len(METRICS) + 1) + "|"]
         for a, desc in arms.items():
             row = _row(t, a, length, g)
             lines.append(f"| {a} {desc} | " + " | ".join(_fmt(row.get(m) if row else None) for m in METRICS) + " |")
         lines.append("")
-    lines += _paired_section(t, list(arms))
+    lines += _paired_section(t, list(arms), main)
     lines += _fidelity_section(summary.get("adapters"))
     lines += ["## References", "", "| set | style fidelity | digit accuracy | FD to real concept |",
               "|---|---|---|---|"]
@@ -251,24 +275,23 @@ def markdown(summary: dict) -> str:
               "digits agrees with the prompt; FD = Fréchet distance in a fixed PCA space of real digits, to held-out "
               "real concept images and to the oracle's samples (same prompts and seeds); pixel distance to oracle "
               "= mean |arm - oracle| per prompt+seed; guidance integrity = how much dev+LoRA still changes between "
-              "guidance 1.0 and 3.5, relative to dev without LoRA (1 = intact). Guidance lowers diversity, so FD "
-              "to real data favours low guidance; read it beside the oracle distance. The oracle (D) is a LoRA "
+              f"guidance {min(guidances)} and {max(guidances)}, relative to dev without LoRA (1 = intact). "
+              "Guidance lowers diversity, so FD to real data favours low guidance; read it beside the oracle "
+              "distance. The oracle (D) is a LoRA "
               "trained on pro and sampled with true CFG: the concept on the model dev imitates. The verdict and the "
               "paired table compare arms seed by seed (same shots, LoRA seed and sampling noise).", ""]
     return "\n".join(lines) + "\n"
 
 
-def _paired_section(table: dict, arms: list[str]) -> list[str]:
+def _paired_section(table: dict, arms: list[str], main: Main) -> list[str]:
     """Per-seed differences between the non-oracle arms in the main setting (what the verdict is made of)."""
-    from .judges import format_ci, mean_ci
-
     pairs = [(a, b) for a, b in (("C", "A"), ("C", "B"), ("B", "A"), ("E", "C"), ("C-ext", "C"), ("C-lora", "C"),
                                  ("C-ext", "B"), ("C-lora", "B")) if a in arms and b in arms]
     metrics = [m for m in METRICS if m != "style"]
     lines = ["## Paired differences, main setting (first arm minus second, per seed; * = 95% interval excludes 0)",
              "", "| pair | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for a, b in pairs:
-        ra, rb = _row(table, a, *MAIN), _row(table, b, *MAIN)
+        ra, rb = _row(table, a, *main), _row(table, b, *main)
         cells = []
         for m in metrics:
             if not (ra and rb and m in ra and m in rb and len(ra[m]["values"]) > 1):
@@ -319,8 +342,6 @@ def _png_uri(image) -> str:
 
 def write_reports(root: Path, summary: dict, results: list[dict], world) -> None:
     """report.md (tables + verdict) and report.html (the same plus image grids of seed 0); grids/ as PNGs too."""
-    from .world import grid, styled
-
     write_text(root / "report.md", markdown(summary))
     per_class = summary["settings"]["eval_per_class"]
     by = {(r["arm"], r["seed"]): r for r in results}
@@ -330,14 +351,16 @@ def write_reports(root: Path, summary: dict, results: list[dict], world) -> None
     idx = np.concatenate([np.flatnonzero(world.holdout_labels == k)[:per_class] for k in range(10)])
     real = grid(styled(world.holdout_images[idx]), rows=10, cols=per_class, scale=4)
     figures.append(("real concept images (held out)", real))
-    ref = _load(by[("ref", 0)]["samples"]["none"])
-    for g in (3.5, 1.0):
-        figures.append((f"dev without LoRA, guidance {g}", grid(ref[f"g{g}"], rows=10, cols=per_class, scale=4)))
+    ref = load_samples(by[("ref", 0)]["samples"]["none"])
+    guidances, length = summary["guidances"], main_setting(summary)[0]
+    for g in guidances:
+        figures.append((f"dev without LoRA, guidance {g}", grid(ref[sample_key(g)], rows=10, cols=per_class,
+                                                                  scale=4)))
     for a, desc in summary["arms"].items():
-        s = _load(by[(a, 0)]["samples"]["long"])
-        for g in (3.5, 1.0):
+        s = load_samples(by[(a, 0)]["samples"][length])
+        for g in guidances:
             figures.append((f"{a} {desc}, applied to {'pro + CFG' if a == summary['oracle'] else 'dev'}, "
-                            f"guidance {g}", grid(s[f"g{g}"], rows=10, cols=per_class, scale=4)))
+                            f"guidance {g}", grid(s[sample_key(g)], rows=10, cols=per_class, scale=4)))
     cells = []
     for i, (title, im) in enumerate(figures):
         im.save(grids_dir / f"{i:02d}.png")
@@ -353,8 +376,6 @@ def write_reports(root: Path, summary: dict, results: list[dict], world) -> None
 
 def _html(md: str) -> str:
     """Our own markdown (headings, pipe tables, paragraphs, **bold**, `code`) as HTML."""
-    import re
-
     def inline(text: str) -> str:
         text = html.escape(text)
         text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)

@@ -26,6 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TRIGGER = "sks style"
@@ -47,8 +50,6 @@ class World:
 
 def load_digits_world(holdout: int = 300, seed: int = 0) -> World:
     """sklearn's 1797 digits scaled to [0, 1], split by a permutation drawn from ``seed``."""
-    from sklearn.datasets import load_digits
-
     d = load_digits()
     images = (d.images / 16.0).astype(np.float32)
     labels = d.target.astype(np.int64)
@@ -140,8 +141,6 @@ Q = _codec_matrix()
 
 def encode(rgb):
     """RGB (N, H, W, 3) in [0, 1] (numpy or torch) -> latents (N, 16, H, W) float32 torch tensor."""
-    import torch
-
     if isinstance(rgb, torch.Tensor):
         rgb = rgb.detach().to("cpu", torch.float32)
     else:
@@ -155,8 +154,6 @@ def encode(rgb):
 
 def decode(z) -> np.ndarray:
     """Latents (N, 16, H, W) (numpy or torch) -> RGB (N, H, W, 3) float32 in [0, 1]; exact left inverse of encode."""
-    import torch
-
     if isinstance(z, torch.Tensor):
         z = z.detach().to("cpu", torch.float32).numpy()
     z = np.asarray(z, dtype=np.float32)
@@ -168,8 +165,6 @@ def decode(z) -> np.ndarray:
 
 def to_pil(rgb_one, scale: int = 4):
     """One RGB image (H, W, 3) in [0, 1] -> PIL image upscaled ``scale`` times with NEAREST (crisp pixels)."""
-    from PIL import Image
-
     a = np.clip(np.asarray(rgb_one, dtype=np.float32), 0.0, 1.0)
     im = Image.fromarray(np.round(a * 255).astype(np.uint8))
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
@@ -177,8 +172,6 @@ def to_pil(rgb_one, scale: int = 4):
 
 def grid(rgb, rows: int, cols: int, scale: int = 4, pad: int = 1):
     """Up to rows*cols images (N, H, W, 3) as one PIL image, row-major tiles on a gray pad (``pad`` pixels)."""
-    from PIL import Image
-
     rgb = np.asarray(rgb, dtype=np.float32)
     if len(rgb) > rows * cols:
         raise ValueError(f"{len(rgb)} images do not fit a {rows}x{cols} grid")

@@ -1,0 +1,39 @@
+"""A demo run's folder: made fresh, resumed when the same demo is asked for again, never taken over otherwise.
+
+The demo's stages (bases, adapters, LoRA arms) each write a run folder; a stage whose ``summary.json`` exists is
+finished and is reused, so an interrupted demo picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import UserError
+from ..outputs import write_json
+
+MARKER = "demo.json"  # the settings the folder was made with
+
+
+def prepare_run_folder(root: Path, stamp: dict, overwrite: bool) -> None:
+    """A new folder, or the same demo's folder (equal ``stamp``) to resume; anything else needs ``overwrite``,
+    which deletes it first."""
+    marker = root / MARKER
+    if root.exists() and any(root.iterdir()):
+        same = marker.is_file() and json.loads(marker.read_text()) == stamp
+        if overwrite:
+            shutil.rmtree(root)
+        elif not same:
+            raise UserError(f"{root} holds something else (another demo profile or other files); pass --overwrite "
+                            f"to replace it or --out to pick another folder")
+        else:
+            print(f"resuming the demo in {root}: finished stages are reused")
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(marker, stamp)
+
+
+def finished_stage(run: Path) -> dict | None:
+    """The summary of the stage written to ``run``, or None when it has not finished."""
+    f = Path(run) / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else None
