@@ -22,7 +22,7 @@ from ..flux.checkpoint import load_transformer
 from ..lora.formats import load_lora
 from ..lora.ops import apply_lora
 from ..outputs import atomic_path
-from ..sampling import build_pipeline, render_latents
+from ..sampling import build_pipeline, render_latents, resolve_guidance
 from .dataset import load_prompts
 from .world import decode
 
@@ -62,9 +62,10 @@ def sample_arm(run: Path, target: str | Path, loras: Mapping[str, str | Path | N
                 apply_lora(model, load_lora(lora), 1.0, adapter_name="arm")
             pipe = build_pipeline({"scheduler": scheduler}, model)
             arrays = {}
-            for g in guidances:
-                lat = render_latents(pipe, embeds, seeds, guidance=g, negative=negative, steps=steps,
-                                     width=size, height=size)
+            for g in guidances:  # embedded guidance on dev, the CFG scale on pro (the oracle)
+                guidance = resolve_guidance(model.config.guidance_embeds, "auto", g)
+                lat = render_latents(pipe, embeds, seeds, guidance, negative=negative, steps=steps, width=size,
+                                     height=size)
                 arrays[sample_key(g)] = decode(lat)
             with atomic_path(out, overwrite=True, folder=False) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **arrays)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ..data.buckets import make_buckets
 from ..data.shards import collect_sources, write_shards
 from ..outputs import save_safetensors
-from ..recipes.train_steps import load_encoders, text_encoder
+from ..text import load_text_encoders, text_encoder
 from .world import encode, to_pil
 
 T5_LEN = 16  # the longest caption is 10 T5 tokens
@@ -45,7 +45,7 @@ def encode_pixels(pixels: torch.Tensor) -> torch.Tensor:
 
 def load_text_encoder(model_dir: Path) -> TextEncoder:
     """Captions -> {"prompt_embeds", "pooled"} with the model folder's CLIP/T5 on the CPU (``T5_LEN`` tokens)."""
-    return text_encoder(load_encoders(model_dir, "cpu")["pipe"], "cpu", T5_LEN)
+    return text_encoder(load_text_encoders(model_dir, "cpu"), "cpu", T5_LEN)
 
 
 def write_demo_shards(folder: Path, out: Path, encode_text: TextEncoder) -> Path:

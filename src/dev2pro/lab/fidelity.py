@@ -21,9 +21,9 @@ from typing import Mapping, Sequence
 import torch
 
 from ..flux.checkpoint import load_transformer
-from ..flux.latents import image_ids, text_ids
 from ..lora.formats import load_lora
 from ..lora.ops import apply_lora, extract_pair
+from ..objectives import ModelInputs, predict
 
 
 @torch.no_grad()
@@ -34,11 +34,8 @@ def _velocity(model, embeds: torch.Tensor, pooled: torch.Tensor, seed: int, sigm
     outs = []
     for s in sigmas:
         x = torch.randn(n, (side // 2) ** 2, c, generator=g)
-        guidance = torch.ones(n) if model.config.guidance_embeds else None
-        outs.append(model(hidden_states=x, timestep=torch.full((n,), s), guidance=guidance,
-                          pooled_projections=pooled, encoder_hidden_states=embeds,
-                          txt_ids=text_ids(embeds.shape[1]), img_ids=image_ids(side, side),
-                          return_dict=False)[0])
+        inputs = ModelInputs(x, torch.full((n,), s), embeds, pooled, side, side)
+        outs.append(predict(model, inputs, 1.0, "cpu", torch.float32))
     return torch.cat(outs)
 
 

@@ -47,10 +47,12 @@ from ..lab.fidelity import adapter_fidelity
 from ..lab.judges import fit_judges
 from ..lab.resume import finished_stage, prepare_run_folder
 from ..lab.world import DIGIT_WORDS, base_caption, concept_caption, few_shot, load_digits_world, plain, styled
+from ..noise import quiet_libraries
 from ..outputs import write_json
-from .dedistill import dedistill, load_dedistill_config
+from ..schemas import load_dedistill_config, load_train_config
+from .dedistill import dedistill
 from .lora_tools import extract_lora
-from .train_lora import load_train_config, quiet_libraries, train
+from .train_lora import train
 
 
 @dataclass(frozen=True)
