@@ -64,7 +64,7 @@ from ..train.model import load_student, load_teacher
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.progress import Progress
 from ..train.run import NonFiniteGuard, RunLock, clean_stale_temps, stop_on_interrupt
-from ..train.samples import GridSpec, dedistill_grids
+from ..train.samples import GridSpec, dedistill_grids, dedistill_guidances
 from ..train.state import restore_training_state, save_training_state
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -170,11 +170,12 @@ def _dedistill(cfg: DedistillConfig, accelerator, out: Path, resume, progress: b
     sc = cfg.sample
     spec = GridSpec(sc.prompts, [int(s) for s in sc.seeds], data.sample_embeds, data.negative, sc.steps, sc.width,
                     sc.height)
+    guidances = dedistill_guidances(models.inner.config.guidance_embeds, sc.cfg)
 
     def grids(done: int):
         with ema.applied() if ema is not None else contextlib.nullcontext():  # what an export now would hold
-            return dedistill_grids(models.inner, spec, data.components, sc.cfg, done, out / "samples", bar, main,
-                                   accelerator.autocast, device)
+            return dedistill_grids(models.inner, spec, data.components, guidances, done, out / "samples", bar,
+                                   main, accelerator.autocast, device)
 
     try:
         losses, skipped, t0 = _loop(cfg, accelerator, models, data, sampler, gen, optimizer, scheduler, ema, fsdp,

@@ -121,18 +121,24 @@ class LoraSampler:
         return write_grid(images, spec, title, folder / f"step{step:06d}{suffix}.png", info, bar, "samples" + suffix)
 
 
-def dedistill_grids(model, spec: GridSpec, components: dict, cfg_scale: float, step: int, folder: Path, bar,
-                    main: bool, autocast, device) -> list[Path]:
-    """Grids at guidance 1.0 without CFG (``-g1``) and with true CFG at ``cfg_scale`` (``-cfg``).
+def dedistill_guidances(guidance_embeds: bool, cfg_scale: float) -> dict[str, Guidance]:
+    """The two grids of a de-distillation run, resolved once: ``g1`` at guidance 1.0 without CFG, ``cfg`` with
+    true CFG at ``cfg_scale`` (a guidance embedding, if the student has one, gets 1.0 in both)."""
+    return {"g1": resolve_guidance(guidance_embeds, "auto", 1.0, 1.0),
+            "cfg": resolve_guidance(guidance_embeds, "auto", 1.0, float(cfg_scale))}
+
+
+def dedistill_grids(model, spec: GridSpec, components: dict, guidances: dict[str, Guidance], step: int,
+                    folder: Path, bar, main: bool, autocast, device) -> list[Path]:
+    """One grid per ``dedistill_guidances`` entry, ``stepNNNNNN-<tag>.png``.
 
     Every rank renders (under FSDP each forward needs all ranks' shards; under DDP it costs no extra wall time);
-    the main process writes ``stepNNNNNN-g1.png`` / ``-cfg.png`` and logs them to TensorBoard.
+    the main process writes the grids and logs them to TensorBoard.
     """
     vae = components["vae"].to(device)
     pipe = build_pipeline({**components, "vae": vae}, model)
-    embeds, paths = model.config.guidance_embeds, []
-    for tag, scale in (("g1", 1.0), ("cfg", float(cfg_scale))):
-        guidance = resolve_guidance(embeds, "auto", 1.0, scale)
+    paths = []
+    for tag, guidance in guidances.items():
         with autocast():  # the training forward's precision (FSDP's bf16 shards need it)
             images = render(pipe, spec.embeds, [int(s) for s in spec.seeds], guidance, negative=spec.negative,
                             steps=spec.steps, width=spec.width, height=spec.height)
