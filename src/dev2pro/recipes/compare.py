@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import sampling as S
+from ..cli_commands import add_compare
 from ..config import load_config, opt, parse_size, require, to_dict
 from ..errors import ConfigError, UserError
 from ..flux.checkpoint import open_checkpoint
@@ -263,6 +264,4 @@ def compare(config_path: str, out: str | None = None, overwrite: bool = False,
 
 def add_compare_parser(sub):
     """The `compare` subcommand (built in cli_commands, which imports nothing heavy)."""
-    from ..cli_commands import add_compare
-
     add_compare(sub)
