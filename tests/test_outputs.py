@@ -175,7 +175,7 @@ def test_simulated_full_disk_every_writer_one_line_exit_2(tmp_path, files, full_
 
 def test_simulated_full_disk_cache_and_train_writers(tmp_path, tiny_dev_dir, sk_images, full_disk, capsys):
     from dev2pro.data.cache import _write_atomic
-    from dev2pro.train.state import save_state
+    from dev2pro.train.state import save_sharded_state
 
     assert main(["cache", str(sk_images), "--model", str(tiny_dev_dir), "--out", str(tmp_path / "shards"),
                  "--resolution", "64", "--default-caption", "a photo"]) == 2
@@ -187,7 +187,7 @@ def test_simulated_full_disk_cache_and_train_writers(tmp_path, tiny_dev_dir, sk_
     with pytest.raises(UserError, match=r"cannot write LoRA .*lora.safetensors: no space left"):
         save_lora(lw, run / "lora.safetensors", "kohya")
     with pytest.raises(UserError, match="cannot write training state .*no space left"):
-        save_state(run / "state", 4, {"model": {"w": torch.ones(3)}})
+        save_sharded_state(run / "state", 4, {"w": torch.ones(3)}, {}, rank=0, world=1, barrier=lambda: None)
     assert _no_temps(tmp_path) and not (run / "lora.safetensors").exists()
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from .errors import UserError
 
@@ -84,8 +85,6 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def load_captioner(model_dir: str | Path, device: str = "auto", dtype: torch.dtype | None = None) -> Captioner:
     """Load a captioner from a local folder (offline, safetensors only); bf16 on CUDA, fp32 on CPU by default."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
     family = detect_family(model_dir)
     root = Path(model_dir).expanduser()
     dev = resolve_device(device)

@@ -16,11 +16,19 @@ WordPiece gets each word, each letter and each ``##letter``.
 from __future__ import annotations
 
 import functools
+import string
 from pathlib import Path
 
 import torch
+import transformers
+from tokenizers import pre_tokenizers
+from transformers import (BartTokenizer, BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor,
+                          Florence2Config, Florence2ForConditionalGeneration, Florence2Processor, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration)
 
 from .errors import UserError
+from .flux.tiny import tiny_corpus
 from .outputs import atomic_path
 
 TINY_FAMILIES = ("florence2", "qwen2_5_vl", "qwen3_vl", "blip")
@@ -52,16 +60,12 @@ QWEN3_VL_CHAT_TEMPLATE = (
 
 @functools.lru_cache(maxsize=1)
 def _corpus_words() -> tuple[str, ...]:
-    from .flux.tiny import tiny_corpus
-
     return tuple(sorted({w for line in tiny_corpus() for w in line.lower().replace(",", " , ").replace(".", " . ")
                          .split()}))
 
 
 def _byte_level_bpe(specials: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges) of a byte-level BPE: specials first, every byte, then each corpus word as a merge chain."""
-    from tokenizers import pre_tokenizers
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     space = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(" ")[0][0]  # "Ġ"
     tokens = list(dict.fromkeys(specials + alphabet))
@@ -79,8 +83,6 @@ def _byte_level_bpe(specials: list[str]) -> tuple[dict[str, int], list[tuple[str
 def _image_processor(name: str):
     """The PIL-backed image processor class: ``NamePil`` where transformers has both backends (torchvision is
     optional and must match the torch build), else ``Name``. The saved config names ``Name`` either way."""
-    import transformers
-
     return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
 
 
@@ -89,9 +91,6 @@ def _padded_vocab(n: int, multiple: int = 16) -> int:
 
 
 def _florence2(seed: int):
-    from transformers import BartTokenizer, Florence2Config, Florence2ForConditionalGeneration
-    from transformers import Florence2Processor
-
     vocab, merges = _byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>"])
     vocab["<mask>"] = len(vocab)
     vocab["<image>"] = len(vocab)
@@ -122,8 +121,6 @@ _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 
 def _qwen_tokenizer(chat_template: str):
     """A Qwen2 byte-level BPE tokenizer with the Qwen-VL special tokens after the vocabulary, as in the real one."""
-    from transformers import Qwen2Tokenizer
-
     vocab, merges = _byte_level_bpe([])
     for special in _QWEN_SPECIALS:
         vocab[special] = len(vocab)
@@ -145,8 +142,6 @@ def _qwen_text(vocab_size: int, text_ids: dict, **extra) -> dict:
 
 
 def _qwen2_5_vl(seed: int):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     tok, token_ids, text_ids = _qwen_tokenizer(QWEN_VL_CHAT_TEMPLATE)
     # Patch 14 merged 2x2, as the real model; images are resized to about 56x56 px (aspect kept, sides multiples
     # of 28), i.e. 4-6 image tokens, so images of different shapes give prompts of different lengths.
@@ -164,8 +159,6 @@ def _qwen2_5_vl(seed: int):
 
 
 def _qwen3_vl(seed: int):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
     tok, token_ids, text_ids = _qwen_tokenizer(QWEN3_VL_CHAT_TEMPLATE)
     # Patch 16 merged 2x2 (Qwen3-VL's), interleaved M-RoPE, and DeepStack features injected from vision block 1.
     image_proc = _image_processor("Qwen2VLImageProcessor")(
@@ -183,17 +176,12 @@ def _qwen3_vl(seed: int):
 
 def _wordpiece_vocab(specials: list[str]) -> dict[str, int]:
     """BERT-style vocab: specials, then each corpus word, each character and each ``##character``."""
-    import string
-
     chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
     tokens = list(dict.fromkeys(specials + list(_corpus_words()) + chars + [f"##{c}" for c in chars]))
     return {t: i for i, t in enumerate(tokens)}
 
 
 def _blip(seed: int):
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
-    from transformers import BlipProcessor
-
     # BLIP's tokenizer is bert-base-uncased plus a [DEC] token that starts every caption.
     vocab = _wordpiece_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"])
     tok = BertTokenizer(vocab=vocab, bos_token="[DEC]", do_lower_case=True, model_max_length=512)

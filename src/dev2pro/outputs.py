@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import UserError
 
@@ -152,24 +153,33 @@ def temp_path(path: Path, suffix: str = "") -> Path:
 _cleaned: set[tuple[int, str]] = set()
 
 
-def clean_stale_temps(folder: str | os.PathLike, force: bool = False) -> list[Path]:
-    """Remove the temp entries that dead processes of this host left in ``folder``; returns what was removed.
+# what killed writers of a run folder leave without a PID in the name: state temps (``.step-N.<random>.tmp``),
+# replaced folders (``.NAME.old``) and dedistill's export source (``.NAME.export.safetensors``)
+_LOCKED_TEMP_ENDINGS = (".tmp", ".old", ".export.safetensors")
+
+
+def clean_stale_temps(folder: str | os.PathLike, force: bool = False, *, locked: bool = False,
+                      subfolders: Sequence[str] = ()) -> list[Path]:
+    """Remove the temp entries that dead processes of this host left in ``folder`` (and its ``subfolders``);
+    returns what was removed.
 
     Runs once per folder and process unless ``force``. Entries of live processes and of other hosts (a shared
-    file system) are kept: they may still be written.
+    file system) are kept: they may still be written. ``locked``: the caller holds the folder's ``RunLock``, so
+    nobody else writes there and the PID-less hidden temps (``_LOCKED_TEMP_ENDINGS``) go too; it always scans.
     """
-    folder = Path(folder)
-    key = (os.getpid(), str(folder.resolve()) if folder.exists() else str(folder))
-    if (key in _cleaned and not force) or not folder.is_dir():
-        return []
-    _cleaned.add(key)
-    removed, host = [], socket.gethostname()
-    for entry in folder.iterdir():
-        m = _TMP_RE.match(entry.name)
-        if not m or m["host"] != host or pid_alive(int(m["pid"])):
+    removed = []
+    for d in [Path(folder)] + [Path(folder) / s for s in subfolders]:
+        key = (os.getpid(), str(d.resolve()) if d.exists() else str(d))
+        if (key in _cleaned and not (force or locked)) or not d.is_dir():
             continue
-        _remove(entry)
-        removed.append(entry)
+        _cleaned.add(key)
+        host = socket.gethostname()
+        for entry in d.iterdir():
+            m = _TMP_RE.match(entry.name)
+            if m and m["host"] == host and not pid_alive(int(m["pid"])) or \
+                    locked and not m and entry.name.startswith(".") and entry.name.endswith(_LOCKED_TEMP_ENDINGS):
+                _remove(entry)
+                removed.append(entry)
     return removed
 
 
@@ -237,9 +247,12 @@ def free_bytes(folder: str | os.PathLike) -> int | None:
         return None
 
 
-def disk_error(code: int, what: str, path: Path, needed: int | None = None, written: int | None = None) -> UserError:
-    """The one-line error for a write that failed with ``code`` (an errno in DISK_ERRNOS)."""
-    msg = f"cannot write {what} {path}: {DISK_ERRNOS[code]}"
+def write_failure(doing: str, path: str | os.PathLike, code: int | None, reason: str = "",
+                  needed: int | None = None, written: int | None = None) -> str:
+    """The one wording of a failed write, for every writer: ``cannot DOING PATH: WHY`` and, for a disk error
+    (``code`` in DISK_ERRNOS), the free and needed space or what to do; other errors keep their ``reason``."""
+    path = Path(path)
+    msg = f"cannot {doing} {path}: {DISK_ERRNOS.get(code) or reason or 'unknown error'}"
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = free_bytes(path.parent)
         need = f"about {human_bytes(needed)}" if needed else \
@@ -248,9 +261,32 @@ def disk_error(code: int, what: str, path: Path, needed: int | None = None, writ
         msg += f" ({have} on its file system, {need} needed); free some space or choose another destination"
     elif code == errno.EROFS:
         msg += "; choose a destination on a writable disk"
-    else:
+    elif code in (errno.EACCES, errno.EPERM):
         msg += "; choose a folder you can write to or fix its permissions"
-    return UserError(msg + ". Existing files were left as they were")
+    return msg
+
+
+def disk_error(code: int, what: str, path: Path, needed: int | None = None, written: int | None = None) -> UserError:
+    """The one-line error for an output write that failed with ``code`` (an errno in DISK_ERRNOS)."""
+    return UserError(write_failure(f"write {what}", path, code, needed=needed, written=written)
+                     + ". Existing files were left as they were")
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError from Python writes, SafetensorError from the Rust writer (which reports
+    a full disk as "... (os error 28)"), UserError where an output guard already explained it."""
+    return OSError, UserError, SafetensorError
+
+
+def write_error_message(e: BaseException, path: str | os.PathLike, doing: str) -> str:
+    """One line (``write_failure``'s wording) for any of ``write_errors()``; an OSError's own file name wins."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError):
+        return write_failure(doing, e.filename or path, e.errno, e.strerror or str(e))
+    m = _RUST_OS_ERROR.search(str(e))
+    code = int(m.group(1)) if m else None
+    return write_failure(doing, path, code, os.strerror(code) if code else str(e))
 
 
 def make_parent(path: str | os.PathLike, what: str = "output") -> Path:

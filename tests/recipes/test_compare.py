@@ -136,7 +136,7 @@ def test_example_config_parses():
     from pathlib import Path
 
     from dev2pro.config import load_config
-    from dev2pro.recipes.compare import CompareConfig
+    from dev2pro.schemas import CompareConfig
 
     path = Path(__file__).parents[2] / "configs" / "compare.toml"
     assert "dev2pro compare configs/compare.toml" in path.read_text()

@@ -1,8 +1,10 @@
 """The run folder's life: its status, the lock that keeps one trainer per folder, Ctrl-C, the non-finite guard."""
 
+import errno
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -10,8 +12,10 @@ import time
 
 import pytest
 
+from dev2pro import outputs
 from dev2pro.errors import UserError
-from dev2pro.train.run import (LOCK_NAME, NonFiniteGuard, RunLock, folder_status, stop_on_interrupt)
+from dev2pro.train.run import (LOCK_NAME, RUN_SUBFOLDERS, NonFiniteGuard, RunLock, clean_stale_temps, folder_status,
+                               os_error_message, stop_on_interrupt, write_error_message)
 
 
 def test_folder_status_tells_a_failed_start_from_a_saved_run(tmp_path):
@@ -122,18 +126,44 @@ def test_guard_skip_mode_counts_and_stops_after_k_in_a_row():
 
 
 def test_stale_temps_of_killed_writers_are_cleaned(tmp_path):
-    from dev2pro.train.run import clean_stale_temps
-
+    """One cleanup (outputs.clean_stale_temps): under the run lock it also takes the PID-less hidden temps."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
     run = tmp_path / "run"
     (run / "state" / ".step-000004.abc.tmp").mkdir(parents=True)
     (run / "state" / ".step-000004.abc.tmp" / "lora.safetensors").write_bytes(b"half")
     (run / "state" / ".step-000002.old").mkdir()
     (run / ".lora.safetensors.x1.tmp").write_bytes(b"half")
     (run / ".dev2pro.export.safetensors").write_bytes(b"half")
+    (run / "samples").mkdir()
+    (run / "samples" / f".dev2pro-tmp-s.png-{dead.pid}@{host}-0a1b2c3d").write_bytes(b"half")
     (run / "state" / "step-000002").mkdir()
-    keep = [run / "lora.safetensors", run / ".dev2pro.lock", run / "config.toml"]
+    live = run / f".dev2pro-tmp-lora.safetensors-{os.getpid()}@{host}-0a1b2c3d"
+    keep = [run / "lora.safetensors", run / ".dev2pro.lock", run / "config.toml", live]
     for k in keep:
         k.write_bytes(b"x")
-    assert len(clean_stale_temps(run)) == 4
-    assert sorted(p.name for p in run.rglob("*")) == sorted([".dev2pro.lock", "config.toml", "lora.safetensors",
-                                                             "state", "step-000002"])
+    # without the lock only dead writers' PID-tagged temps may go; the PID-less ones could be a live writer's
+    assert [p.name for p in outputs.clean_stale_temps(run, force=True, subfolders=RUN_SUBFOLDERS)] == \
+        [f".dev2pro-tmp-s.png-{dead.pid}@{host}-0a1b2c3d"]
+    assert len(clean_stale_temps(run)) == 4  # the run's thin wrapper: locked, state/ and samples/
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == sorted(
+        [".dev2pro.lock", "config.toml", "lora.safetensors", live.name, "samples", "state", "state/step-000002"])
+
+
+def test_write_errors_have_one_wording(tmp_path):
+    """A training write (OSError, or the Rust writer's "os error 28") reads like an output write's disk error."""
+    from safetensors import SafetensorError
+
+    path = tmp_path / "run" / "lora.safetensors"
+    full = outputs.disk_error(errno.ENOSPC, "LoRA", path).args[0]
+    assert full.startswith(f"cannot write LoRA {path}: no space left on the device (")
+    for e in (OSError(errno.ENOSPC, "No space left on device"), SafetensorError("I/O error (os error 28)")):
+        line = write_error_message(e, path, "write LoRA")
+        assert line == full.removesuffix(". Existing files were left as they were"), line
+    ro = os_error_message(OSError(errno.EROFS, "Read-only file system"), tmp_path, "create the run folder")
+    assert ro == f"cannot create the run folder {tmp_path}: the file system is read-only; choose a destination on " \
+                 f"a writable disk"
+    other = write_error_message(OSError(errno.ENOENT, "No such file or directory", str(path)), tmp_path, "save")
+    assert other == f"cannot save {path}: No such file or directory"  # the OSError's own file, its own reason
+    assert write_error_message(UserError("already explained"), path, "save") == "already explained"

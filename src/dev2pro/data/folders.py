@@ -104,7 +104,7 @@ def add_trigger(caption: str, trigger: str | None) -> str:
 
 def crop_kept(size: tuple[int, int], buckets) -> tuple[float, tuple[int, int]]:
     """(fraction of the image the bucket crop keeps, that bucket) for an image of ``size`` = (width, height)."""
-    from .buckets import assign_bucket
+    from .buckets import assign_bucket  # lazy: buckets loads torch; caption's and the ui's --help import this module
 
     w, h = size
     bw, bh = assign_bucket(w, h, list(buckets))

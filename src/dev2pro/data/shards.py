@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load
 
 from ..errors import UserError
 from ..outputs import save_safetensors, write_json
@@ -252,6 +253,4 @@ class ShardDataset(torch.utils.data.Dataset):
         return [it[3] for it in self.items]
 
     def empty_text(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load
-
         return load((self.root / self.index["empty"]).read_bytes())

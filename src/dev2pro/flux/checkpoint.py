@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+from safetensors import safe_open
 
 from ..errors import CheckpointError, UserError
 from ..outputs import NonFiniteError, atomic_path, count_nonfinite, stream_safetensors, tensor_nbytes
@@ -92,8 +93,6 @@ class Checkpoint:
     def raw(self, full_key: str) -> torch.Tensor:
         if self._state is not None:
             return self._state[full_key]
-        from safetensors import safe_open
-
         try:
             with safe_open(str(self.files[full_key]), framework="pt") as f:
                 return f.get_tensor(full_key)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # type only: checkpoint imports this module
     from .checkpoint import Checkpoint
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Mapping, Sequence
 
+import torch
+
 
 @dataclass(frozen=True)
 class FluxSpec:
@@ -173,7 +175,7 @@ def spec_from_diffusers_shapes(shapes: Mapping[str, Sequence[int]], axes_dim: Se
 
 def build_transformer(spec: FluxSpec, device: str = "cpu", dtype=None, seed: int | None = None):
     """A diffusers FluxTransformer2DModel with this spec (``device='meta'`` allocates nothing)."""
-    import torch
+    # lazy: diffusers takes seconds to import and flux.checkpoint (inspect, convert, plan) needs only the tables
     from diffusers import FluxTransformer2DModel
 
     if device == "meta":

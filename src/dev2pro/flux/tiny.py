@@ -25,7 +25,11 @@ import string
 from collections import Counter
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from tokenizers import pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from dev2pro.errors import UserError
 from dev2pro.flux.spec import T5_MAX_LENGTH_DEV, TINY, FluxSpec, build_transformer
@@ -127,9 +131,6 @@ def _learn_bpe(word_counts: dict[str, int], max_merges: int) -> list[tuple[str, 
 @functools.lru_cache(maxsize=1)
 def _vocabularies() -> tuple[dict, list, list]:
     """(CLIP BPE vocab, CLIP merges, T5 Unigram pieces with log-prob scores), learnt once per process."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
     corpus = tiny_corpus()
     reference = CLIPTokenizer().backend_tokenizer  # CLIP's own normaliser and byte-level pre-tokeniser
     clip_words = Counter(word for line in corpus for word, _ in
@@ -153,8 +154,6 @@ def _vocabularies() -> tuple[dict, list, list]:
 
 def tiny_tokenizers():
     """Fresh (CLIPTokenizer with max length 77, T5TokenizerFast with max length 512), built offline."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
     vocab, merges, scores = _vocabularies()
     clip = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_MAX_LENGTH)
     t5 = T5TokenizerFast(vocab=list(scores), extra_ids=0, model_max_length=T5_MAX_LENGTH_DEV)
@@ -162,10 +161,6 @@ def tiny_tokenizers():
 
 
 def _write_components(root: Path, spec: FluxSpec, seed: int) -> None:
-    import diffusers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
     clip_tok, t5_tok = tiny_tokenizers()
     clip_config = CLIPTextConfig(
         vocab_size=len(clip_tok), hidden_size=spec.pooled_dim, intermediate_size=2 * spec.pooled_dim,

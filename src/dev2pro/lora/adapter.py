@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
+from peft.tuners.lora import LoraLayer
 
+from ..flux.spec import build_transformer
 from .formats import LoraModule, load_lora
+from .ops import apply_lora
 
 ADAPTER = "training_adapter"  # peft adapter name: unique, no '.'
 
 
 def _lora_layers(model: torch.nn.Module):
-    from peft.tuners.lora import LoraLayer
-
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
@@ -43,8 +44,6 @@ def freeze(model: torch.nn.Module, name: str = ADAPTER) -> None:
 def attach(model: torch.nn.Module, lw: Mapping[str, LoraModule], scale: float = 1.0, name: str = ADAPTER,
            dtype: torch.dtype = torch.float32) -> str:
     """Add ``lw`` as a frozen side-branch adapter (weights in ``dtype``), active beside the adapters already on."""
-    from .ops import apply_lora
-
     apply_lora(model, lw, scale, adapter_name=name)
     for layer in _lora_layers(model):
         if name in layer.lora_A:
@@ -110,8 +109,6 @@ def lora_bytes(shapes: Mapping[str, tuple[int, int]], rank: int, dtype: torch.dt
 
 def linear_shapes(spec) -> dict[str, tuple[int, int]]:
     """(out, in) of every Linear of a Flux transformer of ``spec`` (built on the meta device: no memory)."""
-    from ..flux.spec import build_transformer
-
     model = build_transformer(spec, device="meta")
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
@@ -125,8 +122,6 @@ def training_bytes(spec, lora_targets: list[str], lora_rank: int, adapter_rank: 
     ``lora_targets``; adapter: rank ``adapter_rank`` on every Linear (an extracted adapter covers each one that
     changed) in ``adapter_dtype``; inference_base: a second base plus its copy of the LoRA for samples.
     """
-    from ..flux.spec import build_transformer
-
     model = build_transformer(spec, device="meta")
     size = torch.empty((), dtype=compute).element_size()
     base = sum(t.numel() * (1 if fp8_policy is not None and fp8_policy.should_quantize(n, tuple(t.shape)) else size)

@@ -7,7 +7,8 @@ moment its batch is done -- atomically (temp + rename), so a run killed at any p
 complete or absent, and a rerun picks up where it stopped. ``--json`` prints one line per image on stdout
 (``{"image", "caption", "status": "written"|"skipped"|"error", "error"}``) for the web app and scripts.
 
-Heavy imports (torch, transformers) happen inside the run functions so ``dev2pro --help`` stays fast.
+Heavy imports (torch, transformers: the captioner and ``outputs``) happen inside the functions that use them, so
+``dev2pro --help`` (which imports this module to build the parser) stays fast.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from PIL import Image
+from tqdm import tqdm
+
+from ..data.folders import IMAGE_EXTENSIONS, add_trigger
 from ..errors import UserError
 
 _LIST_LIMIT = 20  # how many bad images the warning spells out
@@ -36,8 +41,6 @@ class CaptionResult:
 
 def list_images(folder: Path, files: list[str] | None = None) -> list[Path]:
     """The folder's images (non-recursive, sorted by name), or the named subset, each checked to lie inside it."""
-    from ..data.folders import IMAGE_EXTENSIONS
-
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise UserError(f"image folder {folder} {what}; pass the folder that holds the images to caption")
@@ -74,8 +77,6 @@ def existing_caption(image: Path) -> str | None:
 
 def image_problem(path: Path) -> str | None:
     """Why an image cannot be captioned (empty, not decodable), or None when it can."""
-    from PIL import Image
-
     if path.stat().st_size == 0:
         return "empty file"
     try:
@@ -97,7 +98,7 @@ def remove_stale_temps(images: list[Path]) -> None:
 
 def write_caption(image: Path, text: str) -> Path:
     """Atomically write ``text`` (UTF-8, one trailing newline) as the image's caption file."""
-    from ..outputs import atomic_path
+    from ..outputs import atomic_path  # lazy: outputs loads torch, and the CLI imports this module for --help
 
     with atomic_path(caption_path(image), overwrite=True, what="caption file") as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
@@ -109,9 +110,7 @@ def run_caption(folder: str | Path, model: str | Path, *, prompt: str | None = N
                 files: list[str] | None = None, device: str = "auto", emit=None,
                 progress: bool = True) -> list[CaptionResult]:
     """Caption a folder's images; ``emit(result)`` is called for each image as soon as its outcome is final."""
-    from tqdm import tqdm
-
-    from .. import caption as C
+    from .. import caption as C  # lazy: torch + transformers; the CLI imports this module for --help
 
     if max_length < 1 or batch_size < 1:
         raise UserError(f"--max-length and --batch-size must be >= 1, got {max_length} and {batch_size}")
@@ -163,10 +162,7 @@ def _caption_batch(captioner, batch: list[Path], folder: Path, prompt, trigger, 
     Without ``overwrite``, a caption that appeared while the batch was generated (typed in the web app, say) is
     kept: the file is checked again right before writing.
     """
-    from PIL import Image
-
-    from .. import caption as C
-    from ..data.folders import add_trigger
+    from .. import caption as C  # lazy: torch + transformers; the CLI imports this module for --help
 
     loaded, out = [], {}
     for path in batch:
@@ -244,7 +240,8 @@ def add_init_tiny_captioner_parser(sub):
     p.add_argument("--overwrite", action="store_true", help="replace an earlier tiny captioner folder")
 
     def run(a):
-        from ..caption_tiny import write_tiny_captioner
+        from ..caption_tiny import write_tiny_captioner  # lazy: torch + transformers, see run_caption
+
         out = write_tiny_captioner(a.dir, a.family, a.seed, a.overwrite)
         print(f"wrote a tiny {a.family} captioner to {out}")
     p.set_defaults(run=run)

@@ -12,7 +12,7 @@ from ..flux.fp8 import Fp8Policy
 
 
 def init_tiny(out_dir: str, variant: str = "dev", seed: int = 0, overwrite: bool = False) -> Path:
-    from ..flux.tiny import write_tiny_model
+    from ..flux.tiny import write_tiny_model  # lazy: loads diffusers + transformers (~3 s); inspect/convert don't
 
     path = write_tiny_model(Path(out_dir), variant=variant, seed=seed, overwrite=overwrite)
     print(f"wrote tiny {variant} model folder to {path} (loadable with diffusers FluxPipeline.from_pretrained)")

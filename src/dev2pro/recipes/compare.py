@@ -22,68 +22,20 @@ import importlib.util
 import io
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import sampling as S
-from ..config import load_config, opt, parse_size, require, to_dict
-from ..errors import ConfigError, UserError
+from ..cli_commands import add_compare
+from ..config import parse_size, to_dict
+from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
 from ..lab import metrics as M
 from ..outputs import atomic_path, check_output_dir, write_json, write_text
+from ..schemas import CompareConfig, load_compare_config
 
 BLOCK_PAD = 8  # pixels between arm blocks in compare.png
-
-
-@dataclass
-class Arm:
-    name: str = opt("", "label in the grid, report and file names (unique)")
-    transformer: str | None = opt(None, "transformer checkpoint (file or folder, any layout/dtype); "
-                                        "default: the model folder's")
-    loras: list[str] = opt([], 'LoRA files with optional strength, e.g. ["style.safetensors:0.8"]')
-    guidance: float = opt(3.5, "guidance strength (embedded value, or CFG scale on bases without embedding)")
-    cfg: float = opt(1.0, "true CFG scale (> 1 adds a negative-prompt pass)")
-    mode: str = opt("auto", "how guidance is applied", choices=S.MODES)
-    fp8: bool = opt(False, "keep fp8 checkpoints in fp8 storage")
-
-    def validate(self):
-        require(bool(self.name.strip()), "name: every arm needs a name")
-        require(self.cfg >= 1.0, f"cfg: must be >= 1 (1 = off), got {self.cfg}")
-        for item in self.loras:
-            try:
-                S.parse_lora_arg(item)
-            except UserError as e:
-                raise ConfigError(f"loras: {e}") from None
-
-
-@dataclass
-class CompareConfig:
-    model: str = opt("", "FLUX.1-dev-layout folder: VAE, text encoders, scheduler, default transformer")
-    prompts: list[str] = opt([], "prompts rendered by every arm")
-    negative: str = opt("", "negative prompt for true CFG")
-    seeds: list[int] = opt([0, 1], "seeds rendered by every arm")
-    steps: int = opt(20, "sampling steps")
-    size: str = opt("1024x1024", "image size WIDTHxHEIGHT")
-    out: str = opt("compare-out", "output folder (must not exist unless --overwrite)")
-    metric_hook: str | None = opt(None, 'optional extra metrics: "module:function" or "file.py:function", '
-                                        "called as fn(images, prompts) -> {name: float}")
-    arms: list[Arm] = opt([], "[[arms]] tables: what to compare")
-
-    def validate(self):
-        require(bool(self.model), "model: set the shared model folder")
-        require(bool(self.prompts), "prompts: give at least one prompt")
-        require(bool(self.seeds), "seeds: give at least one seed")
-        require(self.steps >= 1, f"steps: must be >= 1, got {self.steps}")
-        require(len(self.arms) >= 1, "arms: add at least one [[arms]] table")
-        try:
-            parse_size(self.size)
-        except UserError as e:
-            raise ConfigError(f"size: {e}") from None
-        slugs = [S.slug(a.name) for a in self.arms]
-        dup = sorted({a.name for a, s in zip(self.arms, slugs) if slugs.count(s) > 1})
-        require(not dup, f"arms: names must be unique (also as file names), repeated: {dup}")
 
 
 def load_metric_hook(spec: str):
@@ -258,11 +210,9 @@ squared Laplacian (detail/noise), diversity = mean distance between seeds of one
 # ------------------------------------------------------------------------------------------------ CLI
 def compare(config_path: str, out: str | None = None, overwrite: bool = False,
             overrides: list[str] | None = None) -> dict:
-    return run_compare(load_config(CompareConfig, config_path, overrides), out, overwrite)
+    return run_compare(load_compare_config(config_path, overrides), out, overwrite)
 
 
 def add_compare_parser(sub):
     """The `compare` subcommand (built in cli_commands, which imports nothing heavy)."""
-    from ..cli_commands import add_compare
-
     add_compare(sub)

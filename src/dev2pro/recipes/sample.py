@@ -17,6 +17,7 @@ import torch
 from .. import sampling as S
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
+from ..cli_commands import add_sample
 from ..config import parse_size
 from ..lora import adapter as adaptermod
 from ..outputs import atomic_path, check_output_dir
@@ -107,6 +108,4 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
 
 def add_sample_parser(sub):
     """The `sample` subcommand (built in cli_commands, which imports nothing heavy)."""
-    from ..cli_commands import add_sample
-
     add_sample(sub)

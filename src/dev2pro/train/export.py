@@ -15,9 +15,8 @@ from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES, convert
 from ..lora.formats import save_lora
 from ..lora.ops import lora_from_peft_model
-from ..outputs import clean_stale_temps, save_safetensors, temp_path
+from ..outputs import clean_stale_temps, save_safetensors, temp_path, write_error_message, write_errors
 from .fsdp import gather_state
-from .run import write_error_message, write_errors
 from .state import latest_state
 
 LORA_SUFFIXES = {"kohya": "", "diffusers": ".diffusers", "comfy": ".comfy"}

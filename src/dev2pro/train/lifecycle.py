@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from ..outputs import write_error_message, write_errors
 from .lossplot import save_loss_plot
-from .run import folder_status, os_error_message, write_error_message, write_errors
+from .run import folder_status, os_error_message
 from .state import latest_state
 
 log = logging.getLogger(__name__)

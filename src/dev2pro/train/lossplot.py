@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from PIL import Image, ImageDraw
+
 from ..outputs import atomic_path
 
 
@@ -40,7 +42,7 @@ def save_loss_plot(losses: Sequence[float | None], path: Path, first_step: int =
 
 
 def _matplotlib(steps, values, smooth, path, title):
-    import matplotlib
+    import matplotlib  # optional (not a dependency): the PIL plot below is the fallback
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -59,8 +61,6 @@ def _matplotlib(steps, values, smooth, path, title):
 
 
 def _pil(steps, values, smooth, path, title, size=(800, 450)):
-    from PIL import Image, ImageDraw
-
     w, h = size
     left, right, top, bottom = 70, 20, 30, 40
     img = Image.new("RGB", size, "white")

@@ -25,14 +25,14 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     if name == "adamw8bit":
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # optional, CUDA only
         except ImportError:
             raise ConfigError("train.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
                               "(CUDA only), or use 'adamw'") from None
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     if name == "prodigy":
         try:
-            from prodigyopt import Prodigy
+            from prodigyopt import Prodigy  # optional
         except ImportError:
             raise ConfigError("train.optimizer = 'prodigy' needs prodigyopt: pip install prodigyopt "
                               "(and set train.lr = 1.0 as Prodigy expects), or use 'adamw'") from None

@@ -46,7 +46,7 @@ class Progress:
         self.writer = None
         if log_dir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # lazy: a broken tensorboard must not stop training
                 self.writer = SummaryWriter(str(log_dir))
             except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
                 log.warning("tensorboard is not importable; logging to the progress bar only")

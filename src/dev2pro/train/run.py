@@ -15,22 +15,28 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
-import re
 import signal
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .. import outputs
 from ..errors import UserError
 from ..outputs import pid_alive
+from .state import list_states
+
+try:
+    import fcntl
+except ImportError:  # Windows: RunLock falls back to O_EXCL + a PID check
+    fcntl = None
 
 LOCK_NAME = ".dev2pro.lock"
 # What a start leaves before its first save: the resolved config, caches, logs, baseline samples, the lock.
 STARTED_ENTRIES = {"config.toml", "cache", "logs", "samples", "loss.png", LOCK_NAME}
 STATE_DIR = "state"
+RUN_SUBFOLDERS = (STATE_DIR, "samples")  # where a run's atomic writes happen, besides the folder itself
 
 
 def folder_status(folder: Path) -> str:
@@ -41,8 +47,6 @@ def folder_status(folder: Path) -> str:
     names = [p.name for p in folder.iterdir()]
     if all(n.startswith(".") for n in names):  # nothing, or only our lock / atomic-write temps
         return "empty"
-    from .state import list_states
-
     shown = [n for n in names if not n.startswith(".")]
     if list_states(folder / STATE_DIR) or any(n.endswith(".safetensors") or n == "summary.json" for n in shown):
         return "saved"
@@ -53,48 +57,15 @@ def folder_status(folder: Path) -> str:
     return "foreign"
 
 
-def clean_stale_temps(folder: Path, subfolders=("state", "samples")) -> list[Path]:
-    """Remove what killed writers left: hidden ``.NAME.*.tmp`` temps and ``.NAME.old`` folders of atomic writes,
-    and dedistill's hidden ``.NAME.export.safetensors`` export source.
-
-    Call it holding the folder's ``RunLock``: then no other process can be writing them."""
-    import shutil
-
-    removed = []
-    for d in [Path(folder)] + [Path(folder) / s for s in subfolders]:
-        for p in d.iterdir() if d.is_dir() else []:
-            if p.name.startswith(".") and p.name.endswith((".tmp", ".old", ".export.safetensors")):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-                removed.append(p)
-    return removed
+def clean_stale_temps(folder: Path, subfolders=RUN_SUBFOLDERS) -> list[Path]:
+    """``outputs.clean_stale_temps`` for a run folder and its subfolders; call it holding the folder's
+    ``RunLock`` (then the PID-less hidden temps of killed writers go too)."""
+    return outputs.clean_stale_temps(folder, locked=True, subfolders=subfolders)
 
 
 def os_error_message(e: OSError, path: Path, doing: str) -> str:
-    """One line for a failed write: what, where, why (full disk and read-only named as such)."""
-    why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-           errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno,
-                                                                                             e.strerror or str(e))
-    return f"cannot {doing} {path}: {why} ({e.strerror or e})"
-
-
-def write_errors() -> tuple[type[BaseException], ...]:
-    """What a failed write raises: OSError from Python writes, SafetensorError from the Rust writer (which reports
-    a full disk as "... (os error 28)"), UserError where an output guard already explained it."""
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - safetensors is a dependency
-        return OSError, UserError
-    return OSError, UserError, SafetensorError
-
-
-def write_error_message(e: BaseException, path: Path, doing: str) -> str:
-    """One line for any of ``write_errors()``."""
-    if isinstance(e, UserError):
-        return str(e)
-    if not isinstance(e, OSError):
-        m = re.search(r"os error (\d+)", str(e))
-        e = OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else OSError(None, str(e))
-    return os_error_message(e, Path(e.filename or path), doing)
+    """One line for a failed write at ``path`` (``outputs.write_failure``'s wording)."""
+    return outputs.write_failure(doing, path, e.errno, e.strerror or str(e))
 
 
 class RunLock:
@@ -111,9 +82,7 @@ class RunLock:
         except OSError as e:
             raise UserError(os_error_message(e, folder, "create the run folder")) from None
         path = folder / LOCK_NAME
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock
+        if fcntl is None:  # Windows: no flock
             return cls._acquire_exclusive(path, what)
         for _ in range(5):  # retry if the file we locked was replaced (released and unlinked) meanwhile
             try:

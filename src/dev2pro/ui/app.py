@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import base64
 import hmac
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image, ImageOps
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -27,6 +30,8 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from ..errors import UserError
+from ..outputs import write_json
+from . import routes_data, routes_train
 from .jobs import JobManager
 from .workspace import Workspace
 
@@ -55,8 +60,6 @@ class UIContext:
             return {}
 
     def save_settings(self, values: dict) -> dict:
-        from ..outputs import write_json
-
         merged = {**self.settings(), **values}
         write_json(self.settings_path, merged)
         return merged
@@ -129,12 +132,6 @@ async def files(request: Request, ui: UIContext):
 @handler
 async def thumb(request: Request, ui: UIContext):
     """A small JPEG of a workspace image (the dataset grid loads dozens)."""
-    import io
-
-    from PIL import Image, ImageOps
-
-    from starlette.concurrency import run_in_threadpool
-
     path = ui.ws.resolve(request.query_params["path"], must_exist=True)
     size = min(512, max(32, int(request.query_params.get("size", 192))))
 
@@ -190,8 +187,6 @@ async def job_stop(request: Request, ui: UIContext):
 
 def build_app(ui: UIContext, auth: str | None = None, hosts: set[str] | None = None) -> Starlette:
     """The ASGI app; ``hosts`` = accepted Host names (None: any, for non-loopback binds behind auth)."""
-    from . import routes_data, routes_train
-
     routes = [
         Route("/", index),
         Route("/static/{name}", static),

@@ -34,14 +34,16 @@ def check_bind(host: str, auth: str | None) -> str | None:
 def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
           max_upload_mb: int = 50):
     warning = check_bind(host, auth)
+    # lazy: the server needs the optional `ui` extra (starlette, uvicorn) and loads torch (via outputs), and
+    # `dev2pro ui --help` imports this module
     try:
         import uvicorn
 
         from .app import UIContext, build_app
+        from .jobs import JobManager
+        from .workspace import Workspace
     except ImportError as e:
         raise UserError(f"the web app needs its extra: pip install 'dev2pro[ui]' ({e.name} is missing)") from None
-    from .jobs import JobManager
-    from .workspace import Workspace
 
     ws_dir = Path(workspace)
     ws_dir.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,12 @@ started from the browser, and a restarted web app sees everything a run has writ
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,8 +42,6 @@ def read_scalars(logs: Path) -> dict[str, list[list[float]]]:
     their latest value."""
     if not logs.is_dir() or not any(logs.glob("events.out.tfevents.*")):
         return {k: [] for k in SCALARS}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     ea = EventAccumulator(str(logs), size_guidance={"scalars": 0, "images": 1, "tensors": 1})
     ea.Reload()
     tags = set(ea.Tags().get("scalars", []))
@@ -78,8 +79,6 @@ def run_info(run: Path, root: Path, log_tail: str = "") -> dict:
     speed = _speed(scalars["loss"])
     summary = None
     if (run / "summary.json").exists():
-        import json
-
         summary = json.loads((run / "summary.json").read_text())
     mem = _MEM.findall(log_tail)
     return {

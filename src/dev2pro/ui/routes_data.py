@@ -10,11 +10,15 @@ import asyncio
 import json
 import sys
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..data.buckets import assign_bucket, make_buckets
+from ..data.folders import Scanner
 from ..errors import UserError
+from .workspace import check_image
 
 
 def _candidates(ui) -> dict:
@@ -80,13 +84,7 @@ async def convert(request: Request, ui):
 # ------------------------------------------------------------------------------------------------ dataset
 def _image_checker(min_size: int, buckets):
     """``check(path) -> (size or None, reason or None)`` with the dataset reader's own rules (unreadable, too
-    small, and where the reader knows buckets, an aspect ratio no bucket can hold)."""
-    try:
-        from ..data.folders import Scanner
-    except ImportError:  # the reader before its Scanner: one function, no bucket-range rule
-        from ..data.folders import _image_size
-        return lambda path: _image_size(path, min_size)
-
+    small, an aspect ratio no bucket can hold)."""
     def check(path):
         scanner = Scanner(min_size=min_size, buckets=buckets)
         size = scanner.image_size(path, path.name)
@@ -96,8 +94,6 @@ def _image_checker(min_size: int, buckets):
 
 def _bucket_preview(sizes: list[tuple[int, int]], buckets) -> list[dict]:
     """How many images land in each bucket, with the same functions training uses."""
-    from ..data.buckets import assign_bucket
-
     counts: dict[tuple[int, int], int] = {}
     for w, h in sizes:
         b = assign_bucket(w, h, buckets)
@@ -106,8 +102,6 @@ def _bucket_preview(sizes: list[tuple[int, int]], buckets) -> list[dict]:
 
 
 async def dataset(request: Request, ui):
-    from starlette.concurrency import run_in_threadpool
-
     return JSONResponse(await run_in_threadpool(_dataset, ui, request.query_params))  # reads every image header
 
 
@@ -115,8 +109,6 @@ def _dataset(ui, q) -> dict:
     folder = ui.ws.resolve(q.get("folder", ""), must_exist=True)
     if not folder.is_dir():
         raise UserError(f"{q.get('folder')} is not a folder")
-    from ..data.buckets import make_buckets
-
     buckets = make_buckets(int(q.get("resolution", 512)) ** 2, step=int(q.get("bucket_step", 64)))
     check = _image_checker(int(q.get("min_size", 16)), buckets)
     items, sizes = [], []
@@ -153,8 +145,6 @@ async def upload(request: Request, ui):
         blobs.append((f.filename or "image", data))
     if not blobs:
         raise UserError("no files in the upload")
-    from .workspace import check_image
-
     for name, data in blobs:  # check every file before writing any
         check_image(data, name)
     folder.mkdir(parents=True, exist_ok=True)

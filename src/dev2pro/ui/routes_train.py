@@ -12,11 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..config import load_config, render_toml
 from ..errors import UserError
+from ..outputs import write_text
 from . import forms
 from .monitor import find_runs, run_info
 
@@ -28,6 +31,7 @@ else:  # pragma: no cover
 
 @functools.lru_cache(maxsize=1)
 def _schema():
+    # lazy: the schemas load diffusers + transformers (~3 s); the server starts without them
     from ..config import path_fields
     from ..schemas import TrainConfig, load_train_config
 
@@ -45,16 +49,11 @@ async def schema(request: Request, ui):
 
 
 async def preview(request: Request, ui):
-    from ..config import render_toml
-
     cfg = _config(ui, (await request.json())["values"])
     return JSONResponse({"toml": render_toml(cfg)})
 
 
 async def start(request: Request, ui):
-    from ..config import render_toml
-    from ..outputs import write_text
-
     cfg = _config(ui, (await request.json())["values"])
     out = Path(cfg.save.output_dir)
     run_rel = out.relative_to(ui.ws.root).as_posix()
@@ -106,8 +105,6 @@ async def run(request: Request, ui):
     if job is None and not d.is_dir():
         raise UserError(f"{rel} is not a run folder")
     tail = ui.jobs.log_tail(job["id"]) if job else ""
-    from starlette.concurrency import run_in_threadpool
-
     info = await run_in_threadpool(run_info, d, ui.ws.root, tail)  # reads event files
     return JSONResponse({**info, "job": job, "log": tail})
 
@@ -143,9 +140,7 @@ async def sample(request: Request, ui):
 async def compare(request: Request, ui):
     """`dev2pro compare`: this LoRA vs another LoRA (or none) on the inference base, same prompts and seeds; the
     config goes through CompareConfig's own validation and is saved in configs/ like any other."""
-    from ..config import load_config, render_toml
-    from ..outputs import write_text
-    from ..recipes.compare import CompareConfig
+    from ..schemas import CompareConfig  # lazy: loads diffusers + transformers (~3 s), see _schema
 
     b = await request.json()
     lora = ui.ws.resolve(b["lora"], must_exist=True)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..data.folders import IMAGE_EXTENSIONS  # what training reads
 from ..errors import UserError
+from ..outputs import atomic_path, write_text
 
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # what training reads (data.folders)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -87,8 +88,6 @@ class Workspace:
         dest = folder / (stem[:100] + IMAGE_FORMATS[fmt])
         if dest.exists() and not overwrite:
             raise UserError(f"{self.rel(dest)} already exists; rename the file or tick 'overwrite'")
-        from ..outputs import atomic_path
-
         with atomic_path(dest, overwrite=overwrite, what="image") as tmp:
             tmp.write_bytes(data)
         return dest
@@ -97,8 +96,6 @@ class Workspace:
         """Atomically write ``image``'s same-stem .txt caption (what `dev2pro train` and `caption` read)."""
         if image.suffix.lower() not in IMAGE_EXTENSIONS or not image.is_file():
             raise UserError(f"{self.rel(image)} is not an image in the workspace")
-        from ..outputs import write_text
-
         return write_text(image.with_suffix(".txt"), text.strip() + "\n")
 
 
