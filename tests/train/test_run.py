@@ -14,8 +14,9 @@ import pytest
 
 from dev2pro import outputs
 from dev2pro.errors import UserError
+from dev2pro.outputs import write_error_message
 from dev2pro.train.run import (LOCK_NAME, RUN_SUBFOLDERS, NonFiniteGuard, RunLock, clean_stale_temps, folder_status,
-                               os_error_message, stop_on_interrupt, write_error_message)
+                               os_error_message, stop_on_interrupt)
 
 
 def test_folder_status_tells_a_failed_start_from_a_saved_run(tmp_path):
