@@ -31,7 +31,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from safetensors import safe_open
+
+from .errors import UserError
+from .flux.checkpoint import open_checkpoint, tensor_group
+from .flux.fp8 import Fp8Policy
+from .flux.spec import build_transformer
+from .lora.targets import target_modules
+from .train.blockswap import swap_positions
 
 GB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -122,8 +130,6 @@ class Plan:
 
 # ------------------------------------------------------------------------------------------------ pieces
 def _meta_model(spec):
-    from .flux.spec import build_transformer
-
     return build_transformer(spec, device="meta")
 
 
@@ -140,9 +146,6 @@ def _block_of(key: str, num_double: int) -> int | None:
 def base_weights(model, inp: PlanInputs) -> tuple[dict, dict]:
     """({"group dtype": bytes}, {block position: [bytes, fp8 values]}) of the base as ``load_transformer``
     stores it."""
-    from .flux.checkpoint import tensor_group
-    from .flux.fp8 import Fp8Policy
-
     policy = Fp8Policy.from_names(inp.fp8_keep)
     b = DTYPE_BYTES[inp.dtype]
     groups: dict[str, int] = {}
@@ -162,8 +165,6 @@ def base_weights(model, inp: PlanInputs) -> tuple[dict, dict]:
 
 def lora_layers(model, inp: PlanInputs) -> list[tuple[str, int, int]]:
     """(name, in_features, out_features) of every Linear the LoRA wraps."""
-    from .lora.targets import target_modules
-
     s = inp.spec
     names = target_modules(inp.targets, s.num_double, s.num_single, inp.extra_targets, guidance=s.guidance_embeds)
     return [(n, m.in_features, m.out_features) for n in names for m in [model.get_submodule(n)]]
@@ -257,7 +258,6 @@ def estimate(inp: PlanInputs) -> Plan:
     model = _meta_model(inp.spec)
     groups, per_block = base_weights(model, inp)
     plan = Plan(inp, base_groups=groups, base_bytes=sum(groups.values()))
-    from .train.blockswap import swap_positions
 
     swapped = swap_positions(inp.spec.num_double, inp.spec.num_single, inp.blocks_to_swap)
     plan.swapped_bytes = sum(per_block[p][0] for p in swapped)
@@ -386,8 +386,6 @@ def vram_preset_for(vram_bytes: int) -> int:
 def vram_preset(gb: int, explicit: set[str]) -> tuple[dict[str, object], list[str]]:
     """(chosen, kept): the ``gb`` preset's ``"section.key" -> value`` settings not named in ``explicit`` (what the
     user wrote), and the preset keys left alone because the user wrote them."""
-    from .errors import UserError
-
     if gb not in VRAM_PRESETS:
         raise UserError(f"model.vram = {gb}: choose one of {', '.join(map(str, sorted(VRAM_PRESETS)))} (GB), "
                         "or 0 for no preset")
@@ -408,8 +406,6 @@ def clamp_blocks_to_swap(blocks: int, transformer: str, allow_pickle: bool = Fal
     """A preset's swap count is for FLUX.1's 57 blocks: at most the blocks of the checkpoint at ``transformer``
     (its header only); unchanged when it cannot be read (loading the base later reports a bad path clearly)."""
     try:
-        from .flux.checkpoint import open_checkpoint
-
         spec = open_checkpoint(transformer, allow_pickle=allow_pickle).spec()
     except Exception:  # noqa: BLE001
         return blocks
@@ -417,7 +413,7 @@ def clamp_blocks_to_swap(blocks: int, transformer: str, allow_pickle: bool = Fal
 
 
 def has_bitsandbytes() -> bool:
-    try:
+    try:  # optional (CUDA only): imported only to see whether it is there
         import bitsandbytes  # noqa: F401
     except Exception:
         return False
@@ -437,8 +433,6 @@ def card_bytes(vram_gb: float | None) -> tuple[int | None, str]:
     """(bytes, description) of the card to check against: ``--vram`` if given, else the CUDA device seen."""
     if vram_gb:
         return int(vram_gb * GB), f"--vram {vram_gb:g}"
-    import torch  # noqa: PLC0415 - only here: `dev2pro plan --help` imports this module and must stay fast
-
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return props.total_memory, props.name

@@ -14,7 +14,6 @@ Heavy imports (torch, transformers: the captioner and ``outputs``) happen inside
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,15 +86,6 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
-def remove_stale_temps(images: list[Path]) -> None:
-    """Drop the hidden temp folders a killed run left beside these images' captions (see outputs.atomic_path)."""
-    for image in images:
-        txt = caption_path(image)
-        for tmp in txt.parent.glob(f".{txt.name}.*.tmp"):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_caption(image: Path, text: str) -> Path:
     """Atomically write ``text`` (UTF-8, one trailing newline) as the image's caption file."""
     from ..outputs import atomic_path  # lazy: outputs loads torch, and the CLI imports this module for --help
@@ -143,7 +133,6 @@ def run_caption(folder: str | Path, model: str | Path, *, prompt: str | None = N
         print(f"{len(bad)} image(s) cannot be read and are skipped:\n{listing}{more}", file=sys.stderr)
     if not todo:
         return results
-    remove_stale_temps(todo)
     captioner = C.load_captioner(model, device)
     with tqdm(total=len(todo), desc="caption", unit="img", file=sys.stderr, disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
