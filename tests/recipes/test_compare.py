@@ -11,7 +11,8 @@ from PIL import Image
 
 from dev2pro.errors import ConfigError, UserError
 from dev2pro.lab import metrics as M
-from dev2pro.recipes.compare import BLOCK_PAD, add_compare_parser
+from dev2pro.cli_commands import add_compare
+from dev2pro.recipes.compare import BLOCK_PAD
 
 HOOK = '''
 def count(images, prompts):
@@ -22,7 +23,7 @@ def count(images, prompts):
 
 def cli(*argv):
     parser = argparse.ArgumentParser(prog="dev2pro")
-    add_compare_parser(parser.add_subparsers(dest="command", required=True))
+    add_compare(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["compare", *map(str, argv)])
     return args.run(args)
 

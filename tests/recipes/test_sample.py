@@ -8,15 +8,16 @@ import torch
 from PIL import Image
 
 from dev2pro.errors import UserError
-from dev2pro.recipes.sample import add_sample_parser, run_sample
+from dev2pro.cli_commands import add_sample
+from dev2pro.recipes.sample import run_sample
 
 FAST = ["--steps", "2", "--size", "64x64"]
 
 
 def cli(*argv):
-    """Parse and run like `dev2pro sample ...` (the lead wires add_sample_parser into cli.py)."""
+    """Parse and run like `dev2pro sample ...`."""
     parser = argparse.ArgumentParser(prog="dev2pro")
-    add_sample_parser(parser.add_subparsers(dest="command", required=True))
+    add_sample(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["sample", *map(str, argv)])
     return args.run(args)
 

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from .. import sampling as S
-from ..cli_commands import add_compare
 from ..config import parse_size, to_dict
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
@@ -211,8 +210,3 @@ squared Laplacian (detail/noise), diversity = mean distance between seeds of one
 def compare(config_path: str, out: str | None = None, overwrite: bool = False,
             overrides: list[str] | None = None) -> dict:
     return run_compare(load_compare_config(config_path, overrides), out, overwrite)
-
-
-def add_compare_parser(sub):
-    """The `compare` subcommand (built in cli_commands, which imports nothing heavy)."""
-    add_compare(sub)

@@ -17,7 +17,6 @@ import torch
 from .. import sampling as S
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
-from ..cli_commands import add_sample
 from ..config import parse_size
 from ..lora import adapter as adaptermod
 from ..outputs import atomic_path, check_output_dir
@@ -104,8 +103,3 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     print(f"wrote {len(images)} image(s) ({len(prompts)} prompt(s) x {len(seeds)} seed(s), {seconds:.1f}s)"
           + (" and grid.png" if len(images) > 1 else "") + f" to {out}/")
     return [out / n for n in names]
-
-
-def add_sample_parser(sub):
-    """The `sample` subcommand (built in cli_commands, which imports nothing heavy)."""
-    add_sample(sub)

@@ -274,10 +274,6 @@ class BlockSwap:
         if self.record:
             self.trace.append(("backward" if backward else "forward", p, frozenset(self.resident)))
 
-    def resident_blocks(self) -> set[int]:
-        """Positions of every block whose weights are on the device now (unswapped blocks always are)."""
-        return (set(range(len(self.blocks))) - set(self.swapped)) | self.resident
-
     def swapped_bytes(self) -> int:
         return sum(e.host.numel() * e.host.element_size() for s in self.slots.values() for e in s.entries)
 
