@@ -187,10 +187,10 @@ def _train(cfg: TrainConfig, accelerator, out: Path, resume, progress: bool, say
         if main and cfg.sample.prompts and cfg.sample.baseline and start == 0:
             say("rendering step-0 samples (the base before training)...")
             say(f"samples: {run.sample(0)}")
-        losses, skipped, t0 = _loop(cfg, accelerator, transformer, params, optimizer, scheduler, data, sampler, gen,
+        losses, skipped, seconds = _loop(cfg, accelerator, transformer, params, optimizer, scheduler, data, sampler, gen,
                                     start, history, bar, run, out)
         bar.end_bar()
-        return _finish(cfg, out, tc.steps, history, losses, skipped, run, run.save_state, say, t0, start)
+        return _finish(cfg, out, tc.steps, history, losses, skipped, run, run.save_state, say, seconds, start)
     finally:
         bar.close()
 
@@ -198,7 +198,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path, resume, progress: bool, say
 def _loop(cfg, accelerator, transformer, params, optimizer, scheduler, data, sampler, gen, start: int,
           history: list, bar, run, out: Path) -> tuple[list, list, float]:
     """Steps ``start..train.steps``: accumulate, clip, step (unless non-finite), samples and saves on schedule,
-    Ctrl-C saves and stops. Returns (this run's losses, skipped steps, start time)."""
+    Ctrl-C saves and stops. Returns (this run's losses, skipped steps, the loop's seconds)."""
     tc, main, device = cfg.train, accelerator.is_main_process, accelerator.device
     dtype = DTYPE_CHOICES[cfg.model.dtype]
     note = bar.write  # console lines that do not break the bar
@@ -231,7 +231,7 @@ def _loop(cfg, accelerator, transformer, params, optimizer, scheduler, data, sam
             if stop_after and done == stop_after:
                 bar.close()
                 os._exit(17)  # test hook: die like a killed process right after step k's state
-    return losses, guard.skipped, t0
+    return losses, guard.skipped, time.perf_counter() - t0
 
 
 def _accumulate(cfg, accelerator, transformer, data, batches, gen, device, dtype) -> float:
@@ -248,17 +248,17 @@ def _accumulate(cfg, accelerator, transformer, data, batches, gen, device, dtype
     return total
 
 
-def _finish(cfg, out, done, history, losses, skipped, run, save_state, say, t0=None, start=None) -> dict:
+def _finish(cfg, out, done, history, losses, skipped, run, save_state, say, seconds=0.0, start=None) -> dict:
     """Final state, final LoRA files, then the final samples (a crash there loses nothing), then the summary."""
     files = life.finish(run.save_lora, save_state, done, life.finite_or_none(history), out, out / "state",
                         out / f"{cfg.save.name}.safetensors", say)
     if cfg.sample.prompts:
         life.final_samples(lambda: run.sample(done), len(cfg.sample.prompts) * len(cfg.sample.seeds),
                            cfg.sample.steps, files, say)
-    elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
     trained = 0 if start is None else done - start  # steps this process ran (a finished run rerun: none)
-    summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "seconds": elapsed,
-               "steps_per_second": trained / max(elapsed, 1e-9), "skipped_steps": list(skipped)}
+    # seconds: the loop's wall time (its periodic saves and samples included; the final save and samples not)
+    summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "seconds": seconds,
+               "steps_per_second": trained / max(seconds, 1e-9), "skipped_steps": list(skipped)}
     write_json(out / "summary.json", {**summary, "losses": life.finite_or_none(losses)})
     return summary
 
