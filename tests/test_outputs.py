@@ -21,6 +21,7 @@ from dev2pro.errors import UserError
 from dev2pro.flux.keys import diffusers_to_bfl
 from dev2pro.flux.spec import TINY, build_transformer
 from dev2pro.lora.formats import LoraModule, LoraWeights, save_lora
+from tiny_run import model_and_data
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -260,18 +261,7 @@ def test_real_read_only_tmpfs(tmpfs, files, capsys):
 def test_real_full_tmpfs_train_final_save(tmpfs, tmp_path, tiny_dev_dir, sk_images, capsys):
     """`train` into a new run folder on a nearly full disk: the final LoRA save is one line, exit 2."""
     cfg = tmp_path / "train.toml"
-    cfg.write_text(f"""
-[model]
-path = "{tiny_dev_dir}"
-dtype = "fp32"
-gradient_checkpointing = false
-[[data.folders]]
-path = "{sk_images}"
-[data]
-default_caption = "a photo"
-resolution = 64
-bucket_step = 64
-cache_dir = "{tmp_path / 'cache'}"
+    cfg.write_text(model_and_data(tiny_dev_dir, sk_images, tmp_path / "cache", model='dtype = "fp32"') + f"""
 [lora]
 rank = 8
 [train]

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tiny_run import model_and_data
 
 pytestmark = pytest.mark.slow
 KILLS = 5
@@ -165,18 +166,7 @@ def test_kill_train(tmp_path, tiny_dev_dir, sk_images):
 
     def toml(out):
         path = tmp_path / f"{out}.toml"
-        path.write_text(f"""
-[model]
-path = "{tiny_dev_dir}"
-dtype = "fp32"
-gradient_checkpointing = false
-[[data.folders]]
-path = "{sk_images}"
-[data]
-default_caption = "a photo"
-resolution = 64
-bucket_step = 64
-cache_dir = "{tmp_path / 'cache'}"
+        path.write_text(model_and_data(tiny_dev_dir, sk_images, tmp_path / "cache", model='dtype = "fp32"') + f"""
 [lora]
 rank = 4
 [train]

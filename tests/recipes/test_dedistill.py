@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from dev2pro.recipes.dedistill import dedistill
 from dev2pro.schemas import load_dedistill_config
+from tiny_run import model_and_data
 
 
 @pytest.fixture
@@ -21,20 +22,7 @@ def images(sk_images):
 def _toml(tmp_path, model_dir, images, out="run", steps=16, objective="flow", batch=1, extra="", checkpointing=False):
     text = f"""
 objective = "{objective}"
-
-[model]
-path = "{model_dir}"
-gradient_checkpointing = {str(checkpointing).lower()}
-
-[[data.folders]]
-path = "{images}"
-
-[data]
-default_caption = "a photo"
-resolution = 64
-bucket_step = 64
-batch_size = {batch}
-cache_dir = "{tmp_path.parent / 'dedistill-cache'}"
+{model_and_data(model_dir, images, tmp_path.parent / "dedistill-cache", checkpointing, data=f"batch_size = {batch}")}
 
 [teacher]
 w_min = 1.0

@@ -16,22 +16,11 @@ from dev2pro.recipes import dedistill as ds
 from dev2pro.train import export
 from dev2pro.recipes.dedistill import dedistill
 from dev2pro.schemas import load_dedistill_config
+from tiny_run import model_and_data
 
 
 def _toml(root, model_dir, images, out="run", steps=8, every=4, extra=""):
-    text = f"""
-[model]
-path = "{model_dir}"
-gradient_checkpointing = false
-
-[[data.folders]]
-path = "{images}"
-
-[data]
-default_caption = "a photo"
-resolution = 64
-bucket_step = 64
-cache_dir = "{root / 'cache'}"
+    text = model_and_data(model_dir, images, root / "cache") + f"""
 
 [train]
 steps = {steps}

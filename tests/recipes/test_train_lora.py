@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from dev2pro.errors import UserError
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
+from tiny_run import model_and_data
 
 @pytest.fixture
 def images(sk_images):
@@ -21,21 +22,7 @@ def images(sk_images):
 
 
 def _toml(tmp_path, model_dir, images, out="run", steps=24, extra=""):
-    text = f"""
-[model]
-path = "{model_dir}"
-dtype = "fp32"
-gradient_checkpointing = false
-
-[[data.folders]]
-path = "{images}"
-
-[data]
-default_caption = "a photo"
-resolution = 64
-bucket_step = 64
-batch_size = 1
-cache_dir = "{tmp_path / 'cache'}"
+    text = model_and_data(model_dir, images, tmp_path / "cache", model='dtype = "fp32"', data="batch_size = 1") + f"""
 
 [lora]
 rank = 8

@@ -6,6 +6,7 @@ import torch
 from dev2pro.flux.latents import image_ids
 from dev2pro.flux.spec import FLUX_DEV, TINY, build_transformer
 from dev2pro.train.blockswap import BlockSwap, enable_block_swap, flux_blocks, swap_positions
+from tiny_run import model_and_data
 
 
 def _inputs(spec, img=16, txt=8, seed=1):
@@ -150,21 +151,7 @@ def test_swap_training_equals_plain_full_width_fp8():
 # ------------------------------------------------------------------------------------------------ recipes
 def _train_toml(tmp_path, model_dir, images, name, extra=""):
     path = tmp_path / f"{name}.toml"
-    path.write_text(f"""
-[model]
-path = "{model_dir}"
-dtype = "fp32"
-gradient_checkpointing = true
-{extra}
-
-[[data.folders]]
-path = "{images}"
-
-[data]
-default_caption = "a photo"
-resolution = 64
-bucket_step = 64
-cache_dir = "{tmp_path / 'cache'}"
+    path.write_text(model_and_data(model_dir, images, tmp_path / "cache", True, 'dtype = "fp32"\n' + extra) + f"""
 
 [lora]
 rank = 4
