@@ -60,9 +60,7 @@ class Checkpoint:
     @property
     def fp8_format(self) -> str:
         """'none', 'fp8' (plain casts) or 'fp8-scaled' (ComfyUI per-tensor scales)."""
-        if any(fp8mod.is_scale_key(k) for k in self.aux) or "scaled_fp8" in self.aux:
-            return "fp8-scaled"
-        return "fp8" if any(d in FP8_DTYPES for d in self.dtypes.values()) else "none"
+        return fp8mod.detect_fp8_format([*self.aux, *self.dtypes], self.dtypes)
 
     def spec(self) -> FluxSpec:
         axes = None

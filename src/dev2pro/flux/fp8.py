@@ -200,7 +200,7 @@ def detect_fp8_format(keys: Iterable[str], dtypes: Mapping[str, object]) -> str:
     ``dtypes`` maps keys to torch dtypes or safetensors header names ('F8_E4M3', 'BF16', ...).
     """
     keys = list(keys)
-    if any(is_marker_key(k) or k.endswith((SCALE_WEIGHT, ".weight_scale", ".comfy_quant")) for k in keys):
+    if any(is_scale_key(k) for k in keys):
         return "fp8-scaled"
     if any(_is_fp8(dtypes.get(k)) for k in keys):
         return "fp8"
