@@ -109,6 +109,14 @@ name = "dev again"
     assert "hf_energy" in report and "hook.n_images" in report and "Mean absolute pixel distance" in report
 
 
+def test_output_folder_from_the_config_gets_its_parents(tiny_dev_dir, tmp_path):
+    config = tmp_path / "one.toml"
+    config.write_text(f'model = "{tiny_dev_dir}"\nprompts = ["a cat"]\nseeds = [0]\nsteps = 1\nsize = "32x32"\n'
+                      f'out = "{tmp_path / "compares" / "2026" / "one"}"\n[[arms]]\nname = "dev"\n')
+    cli(config)
+    assert (tmp_path / "compares" / "2026" / "one" / "results.json").is_file()
+
+
 def test_compare_errors(tiny_dev_dir, tmp_path):
     one_arm = '[[arms]]\nname = "dev"\n'
     ok = write_config(tmp_path / "ok.toml", tiny_dev_dir, one_arm)

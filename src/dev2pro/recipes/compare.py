@@ -31,7 +31,7 @@ from ..config import parse_size, to_dict
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
 from ..lab import metrics as M
-from ..outputs import atomic_path, check_output_dir, write_json, write_text
+from ..outputs import atomic_path, check_output_dir, make_parent, write_json, write_text
 from ..schemas import CompareConfig, load_compare_config
 
 BLOCK_PAD = 8  # pixels between arm blocks in compare.png
@@ -78,6 +78,7 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     for arm in cfg.arms:
         S.check_inputs_exist(cfg.model, arm.transformer, arm_loras[arm.name])
     hook = load_metric_hook(cfg.metric_hook) if cfg.metric_hook else None
+    make_parent(out, "output folder")  # out may come from the config (the CLI creates only --out's parents)
     overwrite = check_output_dir(out, overwrite)
     guidance = {a.name: S.resolve_guidance(open_checkpoint(a.transformer or cfg.model).spec().guidance_embeds,
                                            a.mode, a.guidance, a.cfg) for a in cfg.arms}
