@@ -48,8 +48,11 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def make_parent(path: str | Path) -> None:
-    """Create the missing parent folders of an output path (like kohya and ai-toolkit do)."""
-    Path(path).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+    """Create the missing parent folders of an output path (like kohya and ai-toolkit do); a full or read-only
+    disk is a one-line error."""
+    from .outputs import make_parent as make  # when a command runs: outputs loads torch, --help must not
+
+    make(Path(path).expanduser().absolute())
 
 
 def hidden_alias(p: argparse.ArgumentParser, flag: str, dest: str, **kw) -> None:
