@@ -8,8 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from dev2pro.errors import UserError
 from dev2pro.recipes import dedistill as ds
@@ -17,6 +15,7 @@ from dev2pro.train import export
 from dev2pro.recipes.dedistill import dedistill
 from dev2pro.schemas import load_dedistill_config
 from tiny_run import model_and_data
+from tiny_run import same_tensors as _same
 
 
 def _toml(root, model_dir, images, out="run", steps=8, every=4, extra=""):
@@ -41,11 +40,6 @@ dtype = "fp32"
     path = root / f"{out}.toml"
     path.write_text(text)
     return path
-
-
-def _same(a, b):
-    a, b = load_file(str(a)), load_file(str(b))
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")

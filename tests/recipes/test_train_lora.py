@@ -15,6 +15,7 @@ from dev2pro.errors import UserError
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
 from tiny_run import model_and_data
+from tiny_run import same_tensors as _same_lora
 
 @pytest.fixture
 def images(sk_images):
@@ -202,11 +203,6 @@ def test_shards_from_dev2pro_cache_train_like_the_folder(tmp_path, tiny_dev_dir,
 
 
 # ------------------------------------------------------------------------------------------------ run lifecycle
-def _same_lora(a_path, b_path):
-    a, b = load_file(str(a_path)), load_file(str(b_path))
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_dev_dir, sk_images):
     """Uninterrupted runs of 8 and 12 steps (no periodic saves) for the bit-identity checks below."""
