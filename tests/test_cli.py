@@ -77,13 +77,21 @@ def test_every_argument_of_every_subcommand_has_help():
 
 
 def test_light_choices_match_the_library():
-    """The parsers hard-code choices so they need no torch; they must equal the library's."""
+    """The parsers take their choices from the torch-free ``choices`` module, as the libraries do; importing the
+    CLI (parsers and config schemas) loads no torch."""
+    import subprocess
+    import sys
+
     from dev2pro import sampling
     from dev2pro.cli_commands import LORA_LAYOUTS, SAMPLE_MODES
+    from dev2pro.flux import checkpoint
     from dev2pro.lora import formats
 
     assert SAMPLE_MODES == tuple(sampling.MODES)
     assert LORA_LAYOUTS == tuple(formats.WRITABLE)
+    assert checkpoint.LAYOUTS == ("bfl", "comfy", "diffusers")
+    code = "import sys, dev2pro.cli, dev2pro.schemas; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--print-config"], ["inspect", "--json", "TINY"]])
@@ -173,8 +181,9 @@ def test_sample_prints_no_third_party_noise(tiny_dev_dir, tmp_path):
 
 def test_train_output_dir_parents_are_created(tmp_path):
     from dev2pro.train.lifecycle import prepare_output_dir
+    from dev2pro.train.run import RunFolder
 
-    state = prepare_output_dir(tmp_path / "runs" / "2026" / "my-lora", resume=None, overwrite=False)
+    state = prepare_output_dir(RunFolder(tmp_path / "runs" / "2026" / "my-lora"), resume=None, overwrite=False)
     assert (tmp_path / "runs" / "2026" / "my-lora").is_dir() and state.name == "state"
 
 

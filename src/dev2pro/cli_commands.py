@@ -2,8 +2,8 @@
 
 Each ``add_*`` function adds one subcommand to an ``argparse`` subparsers object and sets ``run`` to a function
 that imports its recipe only when called, so ``dev2pro --help`` and ``dev2pro CMD --help`` stay fast (importing
-torch + diffusers takes seconds). Choices that the libraries define (sampling modes, LoRA layouts) are repeated
-here as constants; a test checks they equal the library's.
+torch + diffusers takes seconds). Choices (sampling modes, layouts) come from the torch-free ``choices`` module the
+libraries use too, and the config schemas are torch-free, so both are imported here eagerly.
 
 Conventions shared by all subcommands: every argument has help text; image sizes are ``--size WxH``; output
 paths get their missing parent folders created; counts are bounded (``bounded_int``).
@@ -15,11 +15,11 @@ import argparse
 from pathlib import Path
 
 from .config import INT_LIMIT, SIZE_HELP, add_config_command, parse_size
+from .choices import CHECKPOINT_LAYOUTS, GUIDANCE_MODES, LORA_LAYOUTS
 from .errors import ConfigError
+from .schemas import DedistillConfig, TrainConfig, load_dedistill_config, load_train_config  # torch-free
 
-SAMPLE_MODES = ("auto", "embedded", "true_cfg")  # == dev2pro.sampling.MODES
-LORA_LAYOUTS = ("kohya", "comfy", "diffusers")  # == dev2pro.lora.formats.WRITABLE
-CHECKPOINT_LAYOUTS = ("bfl", "comfy", "diffusers")
+SAMPLE_MODES = GUIDANCE_MODES
 OVERWRITE_HELP = "replace an existing output (without it, existing outputs are never touched)"
 PICKLE_HELP = "allow .ckpt/.pt files (unpickling can run code: only for files you trust)"
 
@@ -145,14 +145,12 @@ def add_cache(sub):
 
 
 def _train_target():
-    from .recipes.train_lora import train
-    from .schemas import TrainConfig, load_train_config
+    from .recipes.train_lora import train  # the recipe (torch) only when the command runs
     return TrainConfig, load_train_config, train
 
 
 def _dedistill_target():
     from .recipes.dedistill import dedistill
-    from .schemas import DedistillConfig, load_dedistill_config
     return DedistillConfig, load_dedistill_config, dedistill
 
 

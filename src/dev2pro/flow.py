@@ -22,7 +22,7 @@ import torch
 
 from dev2pro.errors import ConfigError
 
-TIMESTEP_MODES = ("uniform", "sigmoid", "shift", "flux_shift")
+from .choices import TIMESTEP_MODES  # noqa: E402 -- re-exported: the list lives with the other choices
 
 
 def _per_sample(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:

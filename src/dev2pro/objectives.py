@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .flow import flow_loss, flow_target, noisy_input, sample_sigmas
 from .flux.latents import image_ids, pack, text_ids
 
-OBJECTIVES = ("flow", "cfg_teacher", "guidance_distill")
+from .choices import OBJECTIVES  # noqa: E402 -- re-exported
 
 
 @dataclass

@@ -33,6 +33,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from .arguments import parse_lora_arg, parse_seeds, read_prompts, slug  # noqa: F401 -- re-exported
+from .choices import GUIDANCE_MODES
 from .errors import UserError
 from .flux.checkpoint import load_transformer
 from .flux.latents import load_vae, unpack
@@ -41,7 +43,7 @@ from .lora.ops import apply_lora
 from .outputs import atomic_path
 from .text import TEXT_COMPONENTS, Embeds, encode_each, free_memory, load_text_encoders
 
-MODES = ("auto", "embedded", "true_cfg")
+MODES = GUIDANCE_MODES
 SCHEDULER = "scheduler"
 
 
@@ -377,54 +379,3 @@ def save_png(image, path: str | os.PathLike, info: dict, overwrite: bool = False
     with atomic_path(path, overwrite=overwrite, what="image") as tmp:
         image.save(tmp, format="PNG", pnginfo=meta)
     return Path(path)
-
-
-# ------------------------------------------------------------------------------------------------ arguments
-def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """``"file.safetensors:0.8"`` -> (path, 0.8); no scale -> 1.0. Windows paths (``C:\\x.safetensors``) work.
-
-    The last ':' starts a scale unless the whole argument is an existing file or the suffix holds a path
-    separator (a drive letter); a suffix that is not a finite number is an error, never silently part of the path.
-    """
-    if ":" not in arg or Path(arg).is_file():
-        return arg, 1.0
-    path, suffix = arg.rsplit(":", 1)
-    if "/" in suffix or "\\" in suffix:  # "C:\loras\x.safetensors": the colon belongs to the drive
-        return arg, 1.0
-    try:
-        scale = float(suffix)
-    except ValueError:
-        scale = None
-    if scale is None or not math.isfinite(scale) or not path:
-        raise UserError(f"LoRA argument {arg!r}: the scale after the last ':' must be a finite number "
-                        f"(e.g. {path or 'lora.safetensors'}:0.8), got {suffix!r}")
-    return path, scale
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"1,2,3"`` -> [1, 2, 3]."""
-    try:
-        seeds = [int(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"seeds {text!r} must be comma-separated integers, e.g. 0,1,2") from None
-    if not seeds:
-        raise UserError("give at least one seed")
-    return seeds
-
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a text file: one per line; blank lines and lines starting with '#' are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise UserError(f"prompts file {path} holds no prompts (one per line; '#' lines are comments)")
-    return prompts
-
-
-def slug(text: str, max_len: int = 40) -> str:
-    """A file-name-safe short form of a prompt or arm name."""
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s[:max_len].rstrip("-") or "x"

@@ -16,18 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from .choices import (COMPUTE_DTYPES, EXPORT_FORMATS, GUIDANCE_MODES, LORA_TARGETS, MIXED_PRECISION, OBJECTIVES,
+                      OPTIMIZERS, SCHEDULES, TIMESTEP_MODES)
 from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, parse_size, require, resolve_size,
                      section)
 from .errors import ConfigError, UserError
-from .data.folders import DatasetFolder
-from .data.prepare import FolderOptions
-from .flow import TIMESTEP_MODES
-from .flux.checkpoint import open_checkpoint
-from .objectives import OBJECTIVES
-from .sampling import MODES, parse_lora_arg, slug
-from .plan import PlanInputs, adapter_params_in_file, clamp_blocks_to_swap, encoder_params, vram_preset
-
-EXPORT_FORMATS = ("bfl", "diffusers", "fp8")
+from .arguments import parse_lora_arg, slug
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -58,7 +52,7 @@ class ModelSection(ModelBase):
                            "train.adapter_rank) applied as a frozen side branch while training, off for samples; "
                            "the training base is then dev and inference_base stays empty", path=True)
     adapter_scale: float = opt(1.0, "strength of the training adapter")
-    dtype: str = opt("bf16", "compute dtype", ("bf16", "fp16", "fp32"))
+    dtype: str = opt("bf16", "compute dtype", COMPUTE_DTYPES)
     fp8_keep: list = opt(["norms", "biases", "embedders", "modulation", "final"],
                          "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
     blocks_to_swap: int = opt(0, "blocks (of FLUX.1's 57, double blocks first) whose frozen weights stay in pinned "
@@ -138,14 +132,14 @@ class OptimBase:
     lr: float = opt(1e-4, "learning rate")
     weight_decay: float = opt(0.0, "weight decay")
     warmup_steps: int = opt(0, "linear LR warmup steps")
-    schedule: str = opt("constant", "LR schedule after warmup", ("constant", "cosine", "linear"))
+    schedule: str = opt("constant", "LR schedule after warmup", SCHEDULES)
     grad_accum: int = opt(1, "gradient accumulation steps")
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
     seed: int = opt(42, "seed for LoRA init, noise, timesteps and data order")
     timestep_sampling: str = opt("sigmoid", "how sigmas are drawn", TIMESTEP_MODES)
     sigmoid_scale: float = opt(1.0, "logit-normal scale for sigmoid/shift/flux_shift")
     shift: float = opt(3.0, "shift value for timestep_sampling = 'shift'")
-    mixed_precision: str = opt("no", "accelerate mixed precision", ("no", "bf16", "fp16"))
+    mixed_precision: str = opt("no", "accelerate mixed precision", MIXED_PRECISION)
     nan_policy: str = opt("stop", "on a non-finite loss or gradient: stop (keep the last good state) or skip the "
                                   "update", ("stop", "skip"))
     nan_max_skips: int = opt(10, "skip policy: stop after this many non-finite steps in a row")
@@ -163,7 +157,7 @@ class OptimBase:
          "nan_policy", "nan_max_skips")
 @dataclass
 class TrainSection(OptimBase):
-    optimizer: str = opt("adamw", "optimizer", ("adamw", "adamw8bit", "prodigy", "adafactor"))
+    optimizer: str = opt("adamw", "optimizer", OPTIMIZERS)
     guidance: float = opt(1.0, "guidance input during training: 1.0 is the Dev2Pro recipe")
     compile: bool = opt(False, "regional torch.compile of the repeated blocks (diffusers compile_repeated_blocks); "
                                "the first steps are slow; not with blocks_to_swap")
@@ -180,9 +174,9 @@ class DedistillTrain(OptimBase):
         "attention_backend": "dedistill uses PyTorch SDPA (the setting was never read); delete the line",
     }
     lr: float = opt(1e-5, "learning rate (full fine-tune: much lower than LoRA)")
-    schedule: str = opt("cosine", "LR schedule after warmup", ("constant", "cosine", "linear"))
+    schedule: str = opt("cosine", "LR schedule after warmup", SCHEDULES)
     warmup_steps: int = opt(100, "linear LR warmup steps")
-    mixed_precision: str = opt("bf16", "autocast compute dtype over fp32 master weights", ("no", "bf16", "fp16"))
+    mixed_precision: str = opt("bf16", "autocast compute dtype over fp32 master weights", MIXED_PRECISION)
     ema_decay: float = opt(0.999, "EMA of the weights (0 = off); exported instead of the raw weights")
     distributed: str = opt("auto", "auto: FSDP under an accelerate FSDP config, else DDP; fsdp: shard each Flux "
                                    "block (e.g. under torchrun); ddp: replicate", ("auto", "ddp", "fsdp"))
@@ -204,7 +198,7 @@ class LoraSection:
     rank: int = opt(16, "LoRA rank")
     alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)")
     dropout: float = opt(0.0, "LoRA dropout")
-    targets: str = opt("all_linear", "target preset", ("attention", "all_linear"))
+    targets: str = opt("all_linear", "target preset", LORA_TARGETS)
     extra_targets: list = opt([], "extra targets: modulation, embedders")
     double_blocks: list = opt([], "train only these double-block indices (empty = all)")
     single_blocks: list = opt([], "train only these single-block indices (empty = all)")
@@ -301,7 +295,7 @@ class DedistillSave(SaveSection):
     name: str = opt("dev2pro", "file name stem of the exported model")
     every: int = opt(0, "save resumable state every N steps (0 = off)")
     formats: list = opt(["bfl"], "exports: bfl (single file), diffusers (transformer folder), fp8 (BFL fp8-scaled)")
-    dtype: str = opt("bf16", "dtype of the bfl/diffusers exports", ("bf16", "fp16", "fp32"))
+    dtype: str = opt("bf16", "dtype of the bfl/diffusers exports", COMPUTE_DTYPES)
     keep_guidance: bool = opt(True, "keep the guidance embedding; false = pro-like model sampled with true CFG")
 
 
@@ -357,6 +351,8 @@ def apply_vram_preset(cfg: TrainConfig, explicit: set[str]) -> dict[str, object]
     gb = cfg.model.vram
     if not gb:
         return {}
+    from .plan import clamp_blocks_to_swap, vram_preset  # torch: only when a recipe runs (the CLI imports us)
+
     chosen, kept = vram_preset(gb, explicit)
     for name, value in chosen.items():
         sec, key = name.split(".")
@@ -372,6 +368,9 @@ def apply_vram_preset(cfg: TrainConfig, explicit: set[str]) -> dict[str, object]
 
 def plan_inputs(cfg):
     """PlanInputs for a train (or dedistill) config; the spec comes from the checkpoint header only."""
+    from .flux.checkpoint import open_checkpoint  # torch: only when a recipe runs (the CLI imports us)
+    from .plan import PlanInputs, adapter_params_in_file, encoder_params
+
     m = cfg.model
     spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle).spec()
     res = cfg.data.resolution
@@ -390,6 +389,9 @@ def plan_inputs(cfg):
 def data_source(data: DataSection, out: Path) -> dict:
     """``data.prepare.load_training_data``'s source arguments (folders or shards, folder rules, cache folder) from
     a ``[data]`` section; the cache defaults to ``<output_dir>/cache``."""
+    from .data.folders import DatasetFolder  # torch: only when a recipe runs (the CLI imports us)
+    from .data.prepare import FolderOptions
+
     return {"folders": [DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive) for f in data.folders],
             "shards": data.shards, "cache_dir": Path(data.cache_dir) if data.cache_dir else out / "cache",
             "options": FolderOptions(data.default_caption, data.trigger, data.min_size, data.strict, data.resolution,
@@ -405,7 +407,7 @@ class Arm:
     loras: list[str] = opt([], 'LoRA files with optional strength, e.g. ["style.safetensors:0.8"]')
     guidance: float = opt(3.5, "guidance strength (embedded value, or CFG scale on bases without embedding)")
     cfg: float = opt(1.0, "true CFG scale (> 1 adds a negative-prompt pass)")
-    mode: str = opt("auto", "how guidance is applied", choices=MODES)
+    mode: str = opt("auto", "how guidance is applied", choices=GUIDANCE_MODES)
     fp8: bool = opt(False, "keep fp8 checkpoints in fp8 storage")
 
     def validate(self):

@@ -118,9 +118,15 @@ def test_guidance_distill_needs_a_teacher(tmp_path, tiny_pro_dir, images):
         dedistill(cfg, progress=False)
 
 
-def _run_cli(args, env_extra=None, launcher=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = (launcher or [sys.executable]) + ["-m", "dev2pro.recipes.dedistill", *args, "--no-progress"]
+KILL = Path(__file__).resolve().parents[1] / "kill_after_step.py"
+
+
+def _run_cli(args, kill_after: int = 0, launcher=None):
+    """``dev2pro dedistill ARGS`` in a subprocess (under ``launcher``: torchrun / accelerate launch), killed right
+    after step ``kill_after`` when set (``tests/kill_after_step.py``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    entry = [str(KILL), str(kill_after)] if kill_after else ["-m", "dev2pro.cli"]
+    cmd = (launcher or [sys.executable]) + entry + ["dedistill", *args, "--no-progress"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -128,7 +134,7 @@ def test_resume_after_kill_gives_same_weights(tmp_path, tiny_dev_dir, images):
     full = dedistill(load_dedistill_config(_toml(tmp_path, tiny_dev_dir, images, out="full", steps=8)),
                      progress=False)
     cfg_path = _toml(tmp_path, tiny_dev_dir, images, out="killed", steps=8)
-    proc = _run_cli([str(cfg_path)], {"DEV2PRO_STOP_AFTER_STEP": "5"})
+    proc = _run_cli([str(cfg_path)], kill_after=5)
     assert proc.returncode == 17, proc.stderr[-3000:]
     killed = tmp_path / "killed"
     assert (killed / "state" / "step-000004").is_dir() and not (killed / "dev2pro.safetensors").exists()
@@ -247,7 +253,7 @@ def test_fsdp_kill_and_resume_gives_the_same_weights(multi_root, one_process, fs
     launch = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu-fsdp.yaml"),
               "--main_process_port", "0"]
     args = [str(two), *MULTI, "--set", 'save.output_dir="killed"']
-    p = _run_cli(args, {"DEV2PRO_STOP_AFTER_STEP": "5"}, launcher=launch)
+    p = _run_cli(args, kill_after=5, launcher=launch)
     killed = root / "killed"
     assert p.returncode != 0 and (killed / "state" / "step-000004").is_dir(), p.stderr[-3000:]
     assert not (killed / "dev2pro.safetensors").exists()

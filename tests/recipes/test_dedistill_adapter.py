@@ -48,7 +48,7 @@ def test_adapter_dedistill_trains_only_a_lora_exports_it_and_resumes(tmp_path, t
     assert keys and all("lora_" in k for k in keys if k.startswith("model/"))
     # killed after step 5 and resumed: the same adapter, bit for bit
     killed_path, _ = _cfg(tmp_path, tiny_dev_dir, sk_images, "killed")
-    proc = _run_cli([str(killed_path), "--set", over[0]], {"DEV2PRO_STOP_AFTER_STEP": "5"})
+    proc = _run_cli([str(killed_path), "--set", over[0]], kill_after=5)
     assert proc.returncode == 17, proc.stderr[-3000:]
     resumed = dedistill(_load(killed_path, over), resume="latest", progress=False)
     assert resumed["losses"] == run["losses"][4:]

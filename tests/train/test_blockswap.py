@@ -237,3 +237,15 @@ def test_samples_on_a_swapped_inference_base_equal_unswapped(tmp_path, tiny_dev_
         train(load_train_config(toml, ["train.steps=2"]), progress=False)
         grids[name] = (tmp_path / name / "samples" / "step000002.png").read_bytes()
     assert grids["plain"] == grids["swap"]
+
+
+def test_too_many_swapped_blocks_is_refused_before_data_caching(tmp_path, tiny_dev_dir, sk_images):
+    """blocks_to_swap above the checkpoint's blocks: one error naming the range, and no latent was cached."""
+    from dev2pro.recipes.train_lora import train
+    from dev2pro.schemas import load_train_config
+
+    cfg = load_train_config(_train_toml(tmp_path, tiny_dev_dir, sk_images, "too-many", "blocks_to_swap = 999"))
+    with pytest.raises(UserError, match=r"blocks_to_swap = 999: this model has \d+ blocks; use 0\.\.\d+"):
+        train(cfg, progress=False)
+    cache = tmp_path / "cache"  # this test's own cache folder
+    assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*"))

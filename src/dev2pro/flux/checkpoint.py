@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 
+from ..choices import CHECKPOINT_LAYOUTS
 from ..errors import CheckpointError, UserError
 from ..outputs import NonFiniteError, atomic_path, count_nonfinite, stream_safetensors, tensor_nbytes
 from . import fp8 as fp8mod
@@ -32,7 +33,7 @@ from .spec import FluxSpec, build_transformer, spec_from_bfl_shapes, spec_from_d
     spec_from_diffusers_shapes
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-LAYOUTS = ("bfl", "comfy", "diffusers")
+LAYOUTS = CHECKPOINT_LAYOUTS
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,

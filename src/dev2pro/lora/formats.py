@@ -40,12 +40,13 @@ from typing import Iterable, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..choices import LORA_LAYOUTS
 from ..errors import UserError
 from ..flux.keys import Piece, module_pieces
 from ..outputs import make_parent, save_safetensors
 from .checks import check_lora
 
-WRITABLE = ("kohya", "comfy", "diffusers")
+WRITABLE = LORA_LAYOUTS
 LAYOUTS = WRITABLE + ("xlabs",)
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 

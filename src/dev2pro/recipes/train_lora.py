@@ -9,8 +9,6 @@ progress, samples on the inference base, LoRA files and resumable state every N 
 from __future__ import annotations
 
 import logging
-import os
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from ..config import render_toml
-from ..data.loader import BucketBatchSampler, batches_forever, collate
+from ..data.loader import BucketBatchSampler, batches_forever
 from ..data.prepare import load_training_data
 from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES
@@ -28,16 +26,16 @@ from ..lora import adapter as adaptermod
 from ..lora.formats import kohya_metadata
 from ..lora.targets import target_modules
 from ..noise import quiet_libraries
-from ..objectives import draw, flow_objective
 from ..outputs import write_json, write_text
 from ..plan import report as report_plan
 from ..schemas import TrainConfig, data_source, plan_inputs
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
-from ..train.model import add_lora, load_base, place_base
+from ..train.model import add_lora, check_blocks_to_swap, load_base, place_base
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.progress import Progress
-from ..train.run import NonFiniteGuard, RunLock, clean_stale_temps, stop_on_interrupt
+from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
+from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
 from ..train.samples import GridSpec, LoraSampler
 from ..train.state import restore_training_state, save_training_state
 
@@ -66,7 +64,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
         raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
                         "training base is dev and samples are rendered on it with the adapter off)")
     quiet_libraries()
-    out = Path(cfg.save.output_dir)
+    run = RunFolder(Path(cfg.save.output_dir), "train")
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=1,
                               cpu=not torch.cuda.is_available())
     quiet = quiet or not accelerator.is_main_process
@@ -74,14 +72,14 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
     lock = None
     try:
         if accelerator.is_main_process:  # one process checks, locks and writes the folder; the others wait
-            lock = RunLock.acquire(out)
-            clean_stale_temps(out)  # a killed run's half-written files (we hold the lock: nobody writes them)
-            life.prepare_output_dir(out, resume, cfg.save.overwrite, say)
-            write_text(out / "config.toml", render_toml(cfg))
+            lock = RunLock.acquire(run.root)
+            clean_stale_temps(run.root)  # a killed run's half-written files (we hold the lock: nobody writes them)
+            life.prepare_output_dir(run, resume, cfg.save.overwrite, say)
+            write_text(run.config, render_toml(cfg))
             if not quiet:
                 _print_plan(cfg)
         accelerator.wait_for_everyone()
-        return _train(cfg, accelerator, out, resume, progress, say, quiet)
+        return _train(cfg, accelerator, run, resume, progress, say, quiet)
     finally:
         if lock is not None:
             lock.release()
@@ -99,6 +97,7 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
     """Data (cached latents + text; the encoders are freed), then the base with its LoRA (and training adapter),
     placed on the device. Returns (data, transformer, checkpoint, trainable params, block swap)."""
     d, m, lc = cfg.data, cfg.model, cfg.lora
+    check_blocks_to_swap(m.transformer or m.path, m.blocks_to_swap, m.allow_pickle)  # before caching the data
     data = load_training_data(Path(m.path), device, **data_source(d, out), t5_max_length=m.t5_max_length,
                               prompts=cfg.sample.prompts, negative=cfg.sample.negative,
                               text_device=torch.device("cpu") if m.text_encoder == "cpu" else device,
@@ -145,11 +144,11 @@ def _lora_metadata(cfg: TrainConfig, ckpt) -> dict:
                                  "dev2pro.training_adapter": Path(m.adapter).name if m.adapter else ""})
 
 
-def _train(cfg: TrainConfig, accelerator, out: Path, resume, progress: bool, say, quiet) -> dict:
+def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool, say, quiet) -> dict:
     torch.manual_seed(cfg.train.seed)
-    device, tc, state_dir = accelerator.device, cfg.train, out / "state"
+    device, tc = accelerator.device, cfg.train
     dtype = DTYPE_CHOICES[cfg.model.dtype]
-    data, transformer, ckpt, params, swap = _load(cfg, device, dtype, out)
+    data, transformer, ckpt, params, swap = _load(cfg, device, dtype, run.root)
     optimizer = build_optimizer(params, tc.optimizer, tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[swap is None, True])
@@ -158,112 +157,74 @@ def _train(cfg: TrainConfig, accelerator, out: Path, resume, progress: bool, say
     model = lambda: accelerator.unwrap_model(transformer)  # noqa: E731
     start, smoothed, history = 0, None, []  # history: the loss of every step so far (loss.png)
     if resume is not None:
-        r = restore_training_state(resume, state_dir, model(), optimizer, scheduler, gen, sampler)
+        r = restore_training_state(resume, run.state, model(), optimizer, scheduler, gen, sampler)
         start, smoothed, history = r.step, r.smoothed, r.losses
         say(f"resumed from step {start} ({r.folder})")
     if start > tc.steps:
-        raise UserError(f"{out} is at step {start}, past train.steps = {tc.steps}: set train.steps above {start} "
-                        f"to train further")
+        raise UserError(f"{run.root} is at step {start}, past train.steps = {tc.steps}: set train.steps above "
+                        f"{start} to train further")
     main = accelerator.is_main_process
     samples = _sampler(cfg, data, ckpt, dtype, device)
     if main and start < tc.steps:
         for line in _startup_lines(cfg, data.dataset, len(sampler), sum(p.numel() for p in params),
-                                   ckpt.spec().variant, start, out, samples.guidance):
+                                   ckpt.spec().variant, start, run, samples.guidance):
             say(line)
-    bar = Progress(tc.steps, start, "train", out / "logs" if main else None, enabled=progress and main,
+    bar = Progress(tc.steps, start, "train", run.logs if main else None, enabled=progress and main,
                    smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main and not quiet)
     meta = _lora_metadata(cfg, ckpt)
-    run = _Run(
-        save_lora=lambda suffix: save_lora_files(model(), out, cfg.save.name, cfg.save.formats, meta, suffix),
+    acts = _Run(
+        save_lora=lambda suffix: save_lora_files(model(), run.root, cfg.save.name, cfg.save.formats, meta, suffix),
         save_state=lambda done: save_training_state(
-            state_dir, done, model(), optimizer, scheduler, gen, sampler, smoothed=bar.smoothed,
+            run.state, done, model(), optimizer, scheduler, gen, sampler, smoothed=bar.smoothed,
             grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last, losses=life.finite_or_none(history)),
-        sample=lambda step: samples.sample(model(), step, out / "samples", bar, progress and main))
+        sample=lambda step: samples.sample(model(), step, run.samples, bar, progress and main))
     try:
         if start == tc.steps:  # a finished run: only the final files, if a full disk kept them from being written
-            files = lora_paths(out, cfg.save.name, cfg.save.formats)
-            return life.already_finished(files, start, say) or _finish(cfg, out, start, history, [], [], run, None,
+            files = lora_paths(run.root, cfg.save.name, cfg.save.formats)
+            return life.already_finished(files, start, say) or _finish(cfg, run, start, history, [], [], acts, None,
                                                                        say)
         if main and cfg.sample.prompts and cfg.sample.baseline and start == 0:
             say("rendering step-0 samples (the base before training)...")
-            say(f"samples: {run.sample(0)}")
-        losses, skipped, seconds = _loop(cfg, accelerator, transformer, params, optimizer, scheduler, data, sampler, gen,
-                                    start, history, bar, run, out)
+            say(f"samples: {acts.sample(0)}")
+        opt = Optimization(transformer, params, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm)
+        objective = Objective("flow", guidance=tc.guidance)
+        draws = Draws(cfg.data.caption_dropout, tc.timestep_sampling, tc.sigmoid_scale, tc.shift)
+        batches = batches_forever(sampler)
+        note = bar.write  # console lines that do not break the bar
+        events = Events(
+            save=(lambda done: life.save_periodic(acts.save_lora, acts.save_state, done, history, run, note))
+            if main else None, save_every=cfg.save.every,
+            sample=acts.sample if main and cfg.sample.prompts else None, sample_every=cfg.sample.every,
+            interrupted=lambda done: life.save_on_interrupt(acts.save_state, done, run, note) if main else None)
+        transformer.train()
+        result = run_steps(start, tc.steps,
+                           lambda: step_loss(opt, objective, draws, data, batches, gen, accelerator, dtype),
+                           opt, NonFiniteGuard(tc.nan_policy, tc.nan_max_skips, lambda: life.stop_hint(run)), bar,
+                           events, history)
         bar.end_bar()
-        return _finish(cfg, out, tc.steps, history, losses, skipped, run, run.save_state, say, seconds, start)
+        return _finish(cfg, run, tc.steps, history, result.losses, result.skipped, acts, acts.save_state, say,
+                       result.seconds, start)
     finally:
         bar.close()
 
 
-def _loop(cfg, accelerator, transformer, params, optimizer, scheduler, data, sampler, gen, start: int,
-          history: list, bar, run, out: Path) -> tuple[list, list, float]:
-    """Steps ``start..train.steps``: accumulate, clip, step (unless non-finite), samples and saves on schedule,
-    Ctrl-C saves and stops. Returns (this run's losses, skipped steps, the loop's seconds)."""
-    tc, main, device = cfg.train, accelerator.is_main_process, accelerator.device
-    dtype = DTYPE_CHOICES[cfg.model.dtype]
-    note = bar.write  # console lines that do not break the bar
-    batches = batches_forever(sampler)
-    losses: list[float] = []
-    guard = NonFiniteGuard(tc.nan_policy, tc.nan_max_skips, lambda: life.stop_hint(out / "state", out))
-    transformer.train()
-    bar.start_clock()
-    t0, stop_after = time.perf_counter(), int(os.environ.get("DEV2PRO_STOP_AFTER_STEP", "0"))
-    with stop_on_interrupt() as stop:
-        for step in range(start, tc.steps):
-            total = _accumulate(cfg, accelerator, transformer, data, batches, gen, device, dtype)
-            done = step + 1
-            if guard.check(done, total, life.grad_norm(accelerator, params, tc.max_grad_norm)):
-                optimizer.step()  # a skipped step (nan_policy = "skip") leaves the weights as they were
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(total)
-            history.append(total)
-            bar.update(done, total, scheduler.get_last_lr()[0])
-            if main:
-                if cfg.sample.prompts and cfg.sample.every and done % cfg.sample.every == 0 and done < tc.steps:
-                    run.sample(done)
-                if cfg.save.every and done % cfg.save.every == 0 and done < tc.steps:
-                    life.save_periodic(run.save_lora, run.save_state, done, history, out, note)
-            if stop.requested and done < tc.steps:
-                if main:
-                    life.save_on_interrupt(run.save_state, done, out, note)
-                raise KeyboardInterrupt
-            if stop_after and done == stop_after:
-                bar.close()
-                os._exit(17)  # test hook: die like a killed process right after step k's state
-    return losses, guard.skipped, time.perf_counter() - t0
-
-
-def _accumulate(cfg, accelerator, transformer, data, batches, gen, device, dtype) -> float:
-    """Forward + backward over ``grad_accum`` micro-batches; returns the step's loss."""
-    tc, total = cfg.train, 0.0
-    for _ in range(tc.grad_accum):
-        batch = draw(collate([data.dataset[i] for i in next(batches)]), gen, dropout_p=cfg.data.caption_dropout,
-                     empty=data.empty, timestep_sampling=tc.timestep_sampling, sigmoid_scale=tc.sigmoid_scale,
-                     shift=tc.shift)
-        with accelerator.autocast():
-            loss, _ = flow_objective(transformer, batch, tc.guidance, device, dtype)
-        accelerator.backward(loss / tc.grad_accum)
-        total += loss.item() / tc.grad_accum
-    return total
-
-
-def _finish(cfg, out, done, history, losses, skipped, run, save_state, say, seconds=0.0, start=None) -> dict:
+def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, save_state, say, seconds=0.0,
+            start=None) -> dict:
     """Final state, final LoRA files, then the final samples (a crash there loses nothing), then the summary."""
-    files = life.finish(run.save_lora, save_state, done, life.finite_or_none(history), out, out / "state",
-                        out / f"{cfg.save.name}.safetensors", say)
+    files = life.finish(acts.save_lora, save_state, done, life.finite_or_none(history), run,
+                        run.root / f"{cfg.save.name}.safetensors", say)
     if cfg.sample.prompts:
-        life.final_samples(lambda: run.sample(done), len(cfg.sample.prompts) * len(cfg.sample.seeds),
+        life.final_samples(lambda: acts.sample(done), len(cfg.sample.prompts) * len(cfg.sample.seeds),
                            cfg.sample.steps, files, say)
     trained = 0 if start is None else done - start  # steps this process ran (a finished run rerun: none)
     # seconds: the loop's wall time (its periodic saves and samples included; the final save and samples not)
     summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "seconds": seconds,
                "steps_per_second": trained / max(seconds, 1e-9), "skipped_steps": list(skipped)}
-    write_json(out / "summary.json", {**summary, "losses": life.finite_or_none(losses)})
+    write_json(run.summary, {**summary, "losses": life.finite_or_none(losses)})
     return summary
 
 
-def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: int, out: Path,
+def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: int, run: RunFolder,
                    guidance) -> list[str]:
     """The run at a glance: data and buckets, steps and epochs, LoRA size, guidance, bases, outputs."""
     tc, sc = cfg.train, cfg.sample
@@ -274,7 +235,7 @@ def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: 
     source = cfg.data.shards or ", ".join(f.path for f in cfg.data.folders)
     base = cfg.model.transformer or cfg.model.path
     lines = [
-        f"dev2pro train -> {out}",
+        f"dev2pro train -> {run.root}",
         f"  data: {n_images} images ({len(ds)} samples per epoch with repeats) from {source}",
         f"  buckets: {len(buckets)} bucket(s): " + ", ".join(f"{w * 8}x{h * 8} ({n})" for (h, w), n in
                                                          sorted(buckets.items(), key=lambda kv: -kv[1])),
@@ -287,9 +248,9 @@ def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: 
     if sc.prompts:
         lines.append(f"  samples: {len(sc.prompts)} prompt(s) x {len(sc.seeds)} seed(s) at {guidance.describe()} "
                      f"on {cfg.model.inference_base or 'the training base'}, "
-                     + (f"every {sc.every} steps and " if sc.every else "") + f"at the end -> {out / 'samples'}")
+                     + (f"every {sc.every} steps and " if sc.every else "") + f"at the end -> {run.samples}")
     lines += ["  saves: " + (f"every {cfg.save.every} steps and " if cfg.save.every else "") +
-              f"at the end -> {out / cfg.save.name}.safetensors ({', '.join(cfg.save.formats)}), resumable state "
-              f"in {out / 'state'}",
-              f"  TensorBoard: tensorboard --logdir {out / 'logs'}"]
+              f"at the end -> {run.root / cfg.save.name}.safetensors ({', '.join(cfg.save.formats)}), resumable "
+              f"state in {run.state}",
+              f"  TensorBoard: tensorboard --logdir {run.logs}"]
     return lines

@@ -1,7 +1,8 @@
 """How a training run tells the user where it is and how it ends: save messages, the final save (state first,
 then the LoRA files, then samples), Ctrl-C, loss.png, and the hints printed when a run stops.
 
-The loops stay in the recipes (`train`, `dedistill`); these are their lifecycle steps.
+The loop is `train/loop.py`, shared by `train` and `dedistill`; these are the steps around it. Every function names
+the run's files through its ``RunFolder``.
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ import torch
 from ..errors import UserError
 from ..outputs import write_error_message, write_errors
 from .lossplot import save_loss_plot
-from .run import folder_status, os_error_message
+from .run import RunFolder, os_error_message
 from .state import latest_state
 
 log = logging.getLogger(__name__)
 
 
-def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, say: Callable[[str], None] = print) -> Path:
+def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say: Callable[[str], None] = print) -> Path:
     """Check the (locked) run folder for this start; returns its state folder.
 
     A folder a failed start left behind (config, caches, logs: no state, no LoRA) is reused by a plain rerun; a run
     that saved needs ``--resume`` (or ``save.overwrite``); a folder holding anything else is never reused silently.
     """
-    status = folder_status(out)
+    out, status = run.root, run.status()
     if resume == "latest" and status in ("absent", "empty", "started"):
         raise UserError(f"nothing to resume: {out} " + (
             "was started but never saved a training state (a failed start, or a run stopped before its first save)"
@@ -41,15 +42,15 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, say: Call
                         "another save.output_dir")
     if resume is None and status == "started":
         say(f"reusing {out}: an earlier start never saved anything (cached latents and text are reused when valid)")
-    if resume is None and status == "saved" and (out / "state").is_dir():
+    if resume is None and status == "saved" and run.state.is_dir():
         # starting over (save.overwrite): the old run's states must not be what a later --resume picks up
-        shutil.rmtree(out / "state")
+        shutil.rmtree(run.state)
         say(f"save.overwrite: starting over in {out} (the previous run's training states were removed)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(os_error_message(e, out, "create the run folder")) from None
-    return out / "state"
+    return run.state
 
 
 def any_rank(flag: bool, accelerator) -> bool:
@@ -60,60 +61,47 @@ def any_rank(flag: bool, accelerator) -> bool:
     return bool(accelerator.reduce(t, "max").item() > 0)
 
 
-def resume_hint(out: Path, command: str = "train") -> str:
-    """The command that continues the run in ``out`` (its saved config.toml)."""
-    return f"dev2pro {command} {out / 'config.toml'} --resume"
-
-
-def stop_hint(state_dir: Path, out: Path, command: str = "train") -> str:
+def stop_hint(run: RunFolder) -> str:
     """Appended to a non-finite stop: where the last good state is and what to change."""
     fix = ("lower train.lr, check the base model and the data for NaN/inf values, or set train.nan_policy = "
            "\"skip\"")
-    last = latest_state(state_dir)
+    last = latest_state(run.state)
     if last is None:
         return f"No state was saved before it; fix the cause ({fix}) and start again."
-    return f"The last good state is {last}: fix the cause ({fix}) and continue with `{resume_hint(out, command)}`."
+    return f"The last good state is {last}: fix the cause ({fix}) and continue with `{run.resume_hint()}`."
 
 
-def grad_norm(accelerator, params, max_norm: float) -> float:
-    """The total gradient norm (clipped to ``max_norm`` when > 0); non-finite when any gradient is."""
-    if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
-    grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
-def plot_losses(history: list, out: Path) -> None:
+def plot_losses(history: list, run: RunFolder) -> None:
     """Redraw ``loss.png``; a failure (full disk) is a warning, never the end of a run."""
     try:
-        save_loss_plot(history, out / "loss.png", title=out.name)
+        save_loss_plot(history, run.loss_plot, title=run.root.name)
     except write_errors() as e:
-        log.warning("loss.png not updated: %s", write_error_message(e, out / "loss.png", "write"))
+        log.warning("loss.png not updated: %s", write_error_message(e, run.loss_plot, "write"))
 
 
 def save_periodic(save_lora: Callable[[str], list], save_state: Callable[[int], Path], done: int, history: list,
-                  out: Path, say) -> None:
+                  run: RunFolder, say) -> None:
     """LoRA files and state of step ``done``; a failed write stops the run with one line naming the last state."""
-    state_dir = out / "state"
-    last = latest_state(state_dir)
+    last = latest_state(run.state)
     try:
         files = save_lora(f"-step{done:06d}")
         state = save_state(done)
     except write_errors() as e:
-        where = (f"the last saved state is {last}: free space and run `{resume_hint(out)}`" if last else
+        where = (f"the last saved state is {last}: free space and run `{run.resume_hint()}`" if last else
                  "no state was saved yet: free space and start again")
-        raise UserError(f"{write_error_message(e, out, f'save step {done} in')}; {where}") from None
-    plot_losses(history, out)
+        raise UserError(f"{write_error_message(e, run.root, f'save step {done} in')}; {where}") from None
+    plot_losses(history, run)
     say(f"saved step {done}: {', '.join(str(f) for f in files)} (state {state})")
 
 
-def save_on_interrupt(save_state: Callable[[int], Path], done: int, out: Path, say) -> None:
+def save_on_interrupt(save_state: Callable[[int], Path], done: int, run: RunFolder, say) -> None:
+    """Ctrl-C: the state of the step just finished, and the command that continues from it."""
     state = save_state(done)
-    say(f"interrupted at step {done}: state saved in {state}; resume with: {resume_hint(out)}")
+    say(f"interrupted at step {done}: state saved in {state}; resume with: {run.resume_hint()}")
 
 
 def finish(save_lora: Callable[[str], list], save_state: Callable[[int], Path] | None, done: int, history: list,
-           out: Path, state_dir: Path, first_file: Path, say) -> list[Path]:
+           run: RunFolder, first_file: Path, say) -> list[Path]:
     """The final resumable state (unless ``save_state`` is None: it exists), then the final LoRA files.
 
     The state goes first: if the disk fills up while the LoRA is written, the run can still be finished with
@@ -124,24 +112,24 @@ def finish(save_lora: Callable[[str], list], save_state: Callable[[int], Path] |
         try:
             state = save_state(done)
         except write_errors() as e:
-            state_error = write_error_message(e, state_dir, "save the final training state in")
+            state_error = write_error_message(e, run.state, "save the final training state in")
     else:
-        state = latest_state(state_dir)
+        state = latest_state(run.state)
     try:
         files = save_lora("")
     except write_errors() as e:
         why = write_error_message(e, first_file, "write the final LoRA")
-        kept = state if state is not None and state_error is None else latest_state(state_dir)
+        kept = state if state is not None and state_error is None else latest_state(run.state)
         if kept is None:
             raise UserError(f"{why}; no training state could be kept either ({state_error}): free space and "
                             f"train again") from None
-        raise UserError(f"{why}; the training state {kept} is kept: free space and run `{resume_hint(out)}` to "
+        raise UserError(f"{why}; the training state {kept} is kept: free space and run `{run.resume_hint()}` to "
                         f"write the LoRA" + ("" if kept == state else " (that state is older: the steps after it "
                                              "will be trained again)")) from None
-    plot_losses(history, out)
+    plot_losses(history, run)
     say(f"saved the final LoRA at step {done}: {', '.join(str(f) for f in files)}"
         + (f" (state {state})" if state is not None and state_error is None else "")
-        + (f"; loss curve: {out / 'loss.png'}" if (out / "loss.png").exists() else ""))
+        + (f"; loss curve: {run.loss_plot}" if run.loss_plot.exists() else ""))
     if state_error is not None:
         say(f"warning: the final training state could not be saved ({state_error}); the LoRA files are complete, "
             f"but extending this run with --resume would restart from an earlier state")

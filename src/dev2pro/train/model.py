@@ -16,13 +16,21 @@ from ..flux.checkpoint import load_transformer, open_checkpoint
 from ..flux.fp8 import Fp8Policy, enable_fp8_storage
 from ..flux.spec import build_transformer, spec_from_diffusers_config
 from . import fsdp as fsdpmod
-from .blockswap import BlockSwap
+from .blockswap import BlockSwap, swap_positions
 from .cuda import avoid_cudnn_attention
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ LoRA training
+def check_blocks_to_swap(path: str, blocks_to_swap: int, allow_pickle: bool = False) -> None:
+    """Refuse a ``blocks_to_swap`` above the checkpoint's block count from its header alone -- before minutes of
+    data caching, not after."""
+    if blocks_to_swap:
+        spec = open_checkpoint(path, allow_pickle=allow_pickle).spec()
+        swap_positions(spec.num_double, spec.num_single, blocks_to_swap)  # raises with the valid range
+
+
 def load_base(path: str, dtype: torch.dtype, device, *, fp8_storage: bool = False, fp8_keep: Sequence[str] = (),
               gradient_checkpointing: bool = True, blocks_to_swap: int = 0, allow_pickle: bool = False):
     """The frozen training base (any layout), optionally with fp8 storage; -> (model, Checkpoint).

@@ -13,8 +13,7 @@ import torch
 
 from ..errors import ConfigError
 
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
-SCHEDULES = ("constant", "cosine", "linear")
+from ..choices import OPTIMIZERS, SCHEDULES  # noqa: E402,F401 -- re-exported
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,

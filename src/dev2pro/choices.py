@@ -1,0 +1,18 @@
+"""The names a config or command line may choose from, in one torch-free module.
+
+The schemas (and so the CLI's parsers and ``--help``) need these lists; the modules that implement them (flow
+maths, objectives, samplers, optimizers) import torch. Keeping the lists here lets ``schemas`` be imported
+eagerly, and each implementing module imports its list from here, so the two can never disagree.
+"""
+
+TIMESTEP_MODES = ("uniform", "sigmoid", "shift", "flux_shift")  # flow.sample_sigmas
+OBJECTIVES = ("flow", "cfg_teacher", "guidance_distill")  # objectives.objective_loss
+GUIDANCE_MODES = ("auto", "embedded", "true_cfg")  # sampling: embedded guidance input or true CFG
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")  # train.optim.build_optimizer
+SCHEDULES = ("constant", "cosine", "linear")  # train.optim.build_scheduler
+EXPORT_FORMATS = ("bfl", "diffusers", "fp8")  # dedistill exports
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+LORA_TARGETS = ("attention", "all_linear")  # lora.targets.target_modules presets
+LORA_LAYOUTS = ("kohya", "comfy", "diffusers")  # lora.formats: the layouts it writes
+CHECKPOINT_LAYOUTS = ("bfl", "comfy", "diffusers")  # flux.checkpoint: the layouts it writes
