@@ -11,6 +11,7 @@ GUIDANCE_MODES = ("auto", "embedded", "true_cfg")  # sampling: embedded guidance
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")  # train.optim.build_optimizer
 SCHEDULES = ("constant", "cosine", "linear")  # train.optim.build_scheduler
 EXPORT_FORMATS = ("bfl", "diffusers", "fp8")  # dedistill exports
+FAMILIES = ("flux1",)  # families.families(): the model families dev2pro reads and trains
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LORA_TARGETS = ("attention", "all_linear")  # lora.targets.target_modules presets

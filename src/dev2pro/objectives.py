@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .flow import flow_loss, flow_target, noisy_input, sample_sigmas
-from .flux.latents import image_ids, pack, text_ids
+from . import families
+from .flux.latents import pack
 
 from .choices import OBJECTIVES  # noqa: E402 -- re-exported
 
@@ -34,7 +35,7 @@ class Noised:
     noise: torch.Tensor
     sigmas: torch.Tensor
     prompt_embeds: torch.Tensor  # (B, seq, D)
-    pooled: torch.Tensor  # (B, P)
+    pooled: torch.Tensor | None  # (B, P); None for families without a pooled text vector (FLUX.2)
     w: torch.Tensor  # (B,) CFG scales for the teacher objectives (ones when not drawn)
 
     @property
@@ -55,7 +56,7 @@ class ModelInputs:
     x_t: torch.Tensor
     sigmas: torch.Tensor
     prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     h: int
     w: int
 
@@ -63,10 +64,15 @@ class ModelInputs:
     def of(cls, batch: Noised) -> "ModelInputs":
         return cls(batch.x_t, batch.sigmas, batch.prompt_embeds, batch.pooled, *batch.x0.shape[2:])
 
+    @property
+    def text(self) -> dict:
+        """The text tensors the family's ``model_inputs`` reads."""
+        return {k: v for k, v in (("prompt_embeds", self.prompt_embeds), ("pooled", self.pooled)) if v is not None}
+
     def with_empty(self, empty: dict) -> "ModelInputs":
         """A 2B batch: these rows with their captions, then the same rows with the empty prompt (one forward)."""
         pe = torch.cat([self.prompt_embeds, empty["prompt_embeds"].expand_as(self.prompt_embeds)])
-        pooled = torch.cat([self.pooled, empty["pooled"].expand_as(self.pooled)])
+        pooled = None if self.pooled is None else torch.cat([self.pooled, empty["pooled"].expand_as(self.pooled)])
         return ModelInputs(torch.cat([self.x_t, self.x_t]), torch.cat([self.sigmas, self.sigmas]), pe, pooled,
                            self.h, self.w)
 
@@ -85,12 +91,12 @@ def draw(batch: dict, gen: torch.Generator, *, dropout_p: float, empty: dict, ti
                            image_seq_len=(h // 2) * (w // 2))
     scales = torch.rand(n, generator=gen) * (w_range[1] - w_range[0]) + w_range[0] if w_range else torch.ones(n)
     mine = slice(rank * per, (rank + 1) * per)
-    text = {k: batch[k].clone() for k in ("prompt_embeds", "pooled")}
+    text = {k: batch[k].clone() for k in ("prompt_embeds", "pooled") if k in batch}  # no pooled in FLUX.2
     for j, dropped in enumerate(drop[mine].tolist()):
         if dropped:
             for k in text:
                 text[k][j] = empty[k]
-    return Noised(x0, noise[mine], sigmas[mine], text["prompt_embeds"], text["pooled"], scales[mine])
+    return Noised(x0, noise[mine], sigmas[mine], text["prompt_embeds"], text.get("pooled"), scales[mine])
 
 
 def predict(model, inputs: ModelInputs, guidance: float | torch.Tensor, device, dtype) -> torch.Tensor:
@@ -101,12 +107,9 @@ def predict(model, inputs: ModelInputs, guidance: float | torch.Tensor, device, 
     g = None
     if inner.config.guidance_embeds:
         g = (guidance if torch.is_tensor(guidance) else torch.full((b,), float(guidance))).to(device, dtype)
-    out = model(hidden_states=inputs.x_t.to(device, dtype), timestep=inputs.sigmas.to(device, dtype), guidance=g,
-                pooled_projections=inputs.pooled.to(device, dtype),
-                encoder_hidden_states=inputs.prompt_embeds.to(device, dtype),
-                txt_ids=text_ids(inputs.prompt_embeds.shape[1], device=device),
-                img_ids=image_ids(inputs.h, inputs.w, device=device), return_dict=False)[0]
-    return out.float()
+    kwargs = families.of_model(inner).model_inputs(inputs.x_t, inputs.sigmas, inputs.text, inputs.h, inputs.w, g,
+                                                   device, dtype)
+    return model(**kwargs, return_dict=False)[0].float()
 
 
 def flow_objective(student, batch: Noised, guidance: float, device, dtype) -> tuple[torch.Tensor, dict]:

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from .errors import UserError
 from .flux.checkpoint import open_checkpoint, tensor_group
 from .flux.fp8 import Fp8Policy
-from .flux.spec import build_transformer
+from .families import build_transformer
 from .lora.targets import target_modules
 from .train.blockswap import swap_positions
 

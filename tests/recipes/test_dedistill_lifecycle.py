@@ -11,6 +11,7 @@ import pytest
 
 from dev2pro.errors import UserError
 from dev2pro.recipes import dedistill as ds
+from dev2pro.train import loop  # the one loss call site of both recipes
 from dev2pro.train import export
 from dev2pro.recipes.dedistill import dedistill
 from dev2pro.schemas import load_dedistill_config
@@ -80,7 +81,7 @@ def test_lock_refuses_a_second_process(tmp_path, tiny_dev_dir, sk_images):
 
 def test_ctrl_c_saves_a_state_then_resume_and_extend_match_uninterrupted_runs(tmp_path, tiny_dev_dir, sk_images,
                                                                               reference, monkeypatch, capsys):
-    real, calls = ds.objective_loss, []
+    real, calls = loop.objective_loss, []
 
     def ctrl_c_in_step_3(*a, **k):
         calls.append(1)
@@ -88,7 +89,7 @@ def test_ctrl_c_saves_a_state_then_resume_and_extend_match_uninterrupted_runs(tm
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step finishes, then the state is saved
         return real(*a, **k)
 
-    monkeypatch.setattr(ds, "objective_loss", ctrl_c_in_step_3)
+    monkeypatch.setattr(loop, "objective_loss", ctrl_c_in_step_3)
     cfg_path = _toml(tmp_path, tiny_dev_dir, sk_images, steps=6)
     with pytest.raises(KeyboardInterrupt):
         dedistill(load_dedistill_config(cfg_path), progress=False)
@@ -134,14 +135,14 @@ def test_export_comes_before_final_samples_and_a_full_disk_keeps_the_state(tmp_p
 
 
 def test_non_finite_loss_stops_with_the_step_and_the_last_state(tmp_path, tiny_dev_dir, sk_images, monkeypatch):
-    real, calls = ds.objective_loss, []
+    real, calls = loop.objective_loss, []
 
     def nan_at_6(*a, **k):
         calls.append(1)
         loss, parts = real(*a, **k)
         return (loss * float("nan"), parts) if len(calls) == 6 else (loss, parts)
 
-    monkeypatch.setattr(ds, "objective_loss", nan_at_6)
+    monkeypatch.setattr(loop, "objective_loss", nan_at_6)
     with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 6.*state/step-000004"):
         dedistill(load_dedistill_config(_toml(tmp_path, tiny_dev_dir, sk_images, steps=8)), progress=False)
     assert not (tmp_path / "run" / "dev2pro.safetensors").exists()

@@ -315,16 +315,17 @@ def test_disk_full_at_the_final_save_keeps_a_state(tmp_path, tiny_dev_dir, image
 
 
 def _nan_at(monkeypatch, bad_steps):
-    from dev2pro.recipes import train_lora
+    """The loss of the given (1-based) steps becomes NaN, at the loop's one loss call site."""
+    from dev2pro.train import loop
 
-    real, calls = train_lora.flow_objective, []
+    real, calls = loop.objective_loss, []
 
     def loss(*a, **k):
         calls.append(1)
         value, parts = real(*a, **k)
         return (value * float("nan") if len(calls) in bad_steps else value), parts
 
-    monkeypatch.setattr(train_lora, "flow_objective", loss)
+    monkeypatch.setattr(loop, "objective_loss", loss)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, tiny_dev_dir, images, monkeypatch):

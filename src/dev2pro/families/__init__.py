@@ -1,3 +1,118 @@
-"""Model families: what differs between FLUX.1 and FLUX.2 (transformer class and sizes, key maps per file layout,
-LoRA layouts, text stack and cached text format, VAE and latent packing, pipeline and guidance semantics, block
-lists, plan constants). One sub-package per family plus the registry here."""
+"""Model families: what differs between FLUX.1 and FLUX.2, said in one place per family.
+
+A ``Family`` (the idea of BFL's ``ModelSpec`` and torchtune's per-family builders) answers, for one family:
+
+- **keys**: which keys mark a checkpoint as this family, the key that names each layout (BFL/ComfyUI single file,
+  diffusers), and the tensor ``Piece`` table between the layouts (``flux.keys``: rows of a BFL tensor are rows of
+  a diffusers tensor), sized from a checkpoint's own shapes;
+- **sizes**: the spec read off shapes or a diffusers ``config.json``, and the diffusers transformer built from it;
+- **blocks**: the repeated blocks in execution order (block swap, FSDP wrap, checkpointing);
+- **inputs**: what the transformer reads besides latents and guidance (text, ids), so ``objectives.predict``
+  stays one call site for every family.
+
+Everything family-agnostic (reading safetensors headers, fp8, streaming writes, the training loop) stays where it
+is and asks the family. A new family is a sub-package here plus one line in ``FAMILIES``. Detection is by keys,
+never file names; ``model.family`` (or ``family=`` in code) forces one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+from ..choices import FAMILIES
+from ..errors import CheckpointError, UserError
+
+Shapes = Mapping[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (see the module docstring). Callables take unprefixed keys / shapes."""
+
+    name: str  # config value, e.g. "flux1"
+    title: str  # for messages, e.g. "FLUX.1"
+    probes: Mapping[str, str]  # layout (bfl | diffusers) -> a key every checkpoint of that layout holds
+    claims: Callable[[Iterable[str]], bool]  # these keys carry this family's own markers
+    tensor_pieces: Callable[[Shapes, str], list]  # (shapes, layout) -> every tensor as flux.keys.Piece
+    spec_from_shapes: Callable[[Shapes, str, Sequence[int] | None], object]  # (shapes, layout, axes_dim) -> spec
+    spec_from_config: Callable[[Mapping], object]  # diffusers transformer config.json -> spec
+    build_transformer: Callable[..., object]  # (spec, device="cpu", dtype=None, seed=None) -> diffusers model
+    transformer_class: str  # the diffusers class name (config.json "_class_name")
+    blocks: Callable[[object], list]  # model -> repeated blocks in execution order (double, then single)
+    model_inputs: Callable[..., dict]  # see flux1.model_inputs: the transformer's keyword arguments
+
+    def __str__(self) -> str:
+        return self.title
+
+
+def _registry() -> dict[str, Family]:
+    # imported here: the family modules import flux.keys/spec, which import this package's errors only
+    from .flux1 import FAMILY as FLUX1
+    return {f.name: f for f in (FLUX1,)}
+
+
+FAMILY_NAMES = FAMILIES  # == tuple(families()) (a test checks); torch-free for the config schemas
+
+
+def families() -> dict[str, Family]:
+    """Every known family by name, in detection order."""
+    return _registry()
+
+
+def get(name: str) -> Family:
+    """The family called ``name``; a UserError naming the choices otherwise."""
+    fams = families()
+    if name not in fams:
+        raise UserError(f"unknown model family {name!r}: use one of {', '.join(fams)} (or \"auto\")")
+    return fams[name]
+
+
+def detect(keys: Iterable[str], layout: str, forced: str | None = None, source: str = "checkpoint") -> Family:
+    """The family of a checkpoint from its (unprefixed) keys in ``layout``; ``forced`` (a family name, or None /
+    "auto") overrides detection but must still fit the keys."""
+    keys = list(keys)
+    fams = families()
+    if forced and forced != "auto":
+        fam = get(forced)
+        others = [f for f in fams.values() if f is not fam and f.claims(keys)]
+        if others and not fam.claims(keys):
+            raise CheckpointError(f"{source}: model.family = {forced!r}, but its keys are {others[0].title}'s; "
+                                  f"remove model.family (detection is by keys) or pass a {fam.title} checkpoint")
+        return fam
+    claimed = [f for f in fams.values() if f.claims(keys)]
+    if len(claimed) > 1:
+        raise CheckpointError(f"{source} mixes keys of {' and '.join(f.title for f in claimed)}: a merged or "
+                              f"corrupt file; convert it again from one source")
+    if claimed:
+        return claimed[0]
+    return fams["flux1"]  # no family's own markers (a partial file): the original FLUX.1 rules decide
+
+
+def of_spec(spec) -> Family:
+    """The family a spec belongs to (every spec class names it)."""
+    return get(spec.family)
+
+
+def of_model(model) -> Family:
+    """The family of a diffusers transformer (DDP/compile wrappers and peft models unwrapped), by its class."""
+    inner = model
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(inner, attr, inner)
+    names = {type(m).__name__ for m in (inner, getattr(inner, "base_model", None)) if m is not None}
+    for fam in families().values():
+        if fam.transformer_class in names:
+            return fam
+    return get("flux1")
+
+
+def build_transformer(spec, device: str = "cpu", dtype=None, seed: int | None = None):
+    """The diffusers transformer for ``spec``, of its family's class (``device='meta'`` allocates nothing)."""
+    return of_spec(spec).build_transformer(spec, device=device, dtype=dtype, seed=seed)
+
+
+def require_same(a: Family, b: Family, what_a: str, what_b: str) -> None:
+    """A one-line error when two things that must share a family do not (a LoRA and its base, ...)."""
+    if a.name != b.name:
+        raise UserError(f"{what_a} is {a.title} but {what_b} is {b.title}: they cannot be used together; use a "
+                        f"{b.title} {what_a.split()[0]} or a {a.title} {what_b.split()[0]}")

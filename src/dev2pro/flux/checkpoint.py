@@ -24,13 +24,13 @@ import torch
 from safetensors import safe_open
 
 from ..choices import CHECKPOINT_LAYOUTS
+from .. import families
 from ..errors import CheckpointError, UserError
+from ..families import Family
 from ..outputs import NonFiniteError, atomic_path, count_nonfinite, stream_safetensors, tensor_nbytes
 from . import fp8 as fp8mod
 from . import keys as keymod
 from .inspection import DTYPE_NAMES, GROUPS, describe, missing_summary, tensor_group  # noqa: F401 (API)
-from .spec import FluxSpec, build_transformer, spec_from_bfl_shapes, spec_from_diffusers_config, \
-    spec_from_diffusers_shapes
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 LAYOUTS = CHECKPOINT_LAYOUTS
@@ -57,22 +57,22 @@ class Checkpoint:
     config: dict | None = None  # diffusers config.json when present
     ignored: int = 0  # keys of other components (VAE, text encoders) in an all-in-one file
     _state: dict | None = None  # in-memory tensors (pickle files)
+    family: Family = field(default_factory=lambda: families.get("flux1"))  # detected from the keys (or forced)
 
     @property
     def fp8_format(self) -> str:
         """'none', 'fp8' (plain casts) or 'fp8-scaled' (ComfyUI per-tensor scales)."""
         return fp8mod.detect_fp8_format([*self.aux, *self.dtypes], self.dtypes)
 
-    def spec(self) -> FluxSpec:
+    def spec(self):
+        """The transformer's sizes (its family's spec class), from config.json or the tensor shapes."""
         axes = None
         if "dev2pro.axes_dim" in self.metadata:
             axes = json.loads(self.metadata["dev2pro.axes_dim"])
         if self.config:
-            return spec_from_diffusers_config(self.config)
+            return self.family.spec_from_config(self.config)
         try:
-            if self.key_layout == "bfl":
-                return spec_from_bfl_shapes(self.shapes, axes)
-            return spec_from_diffusers_shapes(self.shapes, axes)
+            return self.family.spec_from_shapes(self.shapes, self.key_layout, axes)
         except KeyError as e:
             raise CheckpointError(f"{self.path} lacks {e.args[0]}, which sizes the model: the checkpoint is "
                                   f"incomplete") from None
@@ -83,11 +83,18 @@ class Checkpoint:
         """Transformer tensors (in the file's own naming) that a complete model of this size has and the file
         lacks -- e.g. ``final_layer.*`` of a truncated export."""
         try:
-            pieces = keymod.pieces_for_shapes(self.shapes, self.key_layout)
+            pieces = self.family.tensor_pieces(self.shapes, self.key_layout)
         except KeyError as e:
             return [str(e.args[0])]
         expected = {p.bfl if self.key_layout == "bfl" else p.diffusers for p in pieces}
         return sorted(expected - set(self.shapes))
+
+    def plan(self, dst_layout: str) -> dict:
+        """``flux.keys.plan`` from this file's layout to ``dst_layout`` with its family's piece table."""
+        if dst_layout == self.key_layout:
+            return keymod.plan(self.shapes, self.key_layout, dst_layout)
+        return keymod.plan(self.shapes, self.key_layout, dst_layout,
+                           self.family.tensor_pieces(self.shapes, self.key_layout))
 
     def raw(self, full_key: str) -> torch.Tensor:
         if self._state is not None:
@@ -128,19 +135,21 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
-    """Open any supported Flux transformer checkpoint; CheckpointError with a fix for anything else."""
+def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, family: str | None = None) -> Checkpoint:
+    """Open any supported Flux transformer checkpoint; CheckpointError with a fix for anything else.
+
+    ``family``: force a model family (``families``) instead of detecting it from the keys."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if path.is_dir():
-        return _open_folder(path)
+        return _open_folder(path, family)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise CheckpointError(f"{path} is a pickle file, which can run arbitrary code when loaded. Convert it "
                                   f"to safetensors, or pass --allow-pickle if you trust its source")
-        return _open_pickle(path)
-    return _from_headers(path, {path: _read_header(path)})
+        return _open_pickle(path, family)
+    return _from_headers(path, {path: _read_header(path)}, family=family)
 
 
 def _read_header(path: Path) -> dict:
@@ -165,7 +174,7 @@ def _read_header(path: Path) -> dict:
     return header
 
 
-def _open_folder(path: Path) -> Checkpoint:
+def _open_folder(path: Path, family: str | None = None) -> Checkpoint:
     if (path / "model_index.json").exists():
         path = path / "transformer"
     index = path / "diffusion_pytorch_model.safetensors.index.json"
@@ -183,14 +192,14 @@ def _open_folder(path: Path) -> Checkpoint:
     missing = [f for f in files if not f.exists()]
     if missing:
         raise CheckpointError(f"{path}: shard {missing[0].name} named in the index is missing")
-    ckpt = _from_headers(path, {f: _read_header(f) for f in files})
+    ckpt = _from_headers(path, {f: _read_header(f) for f in files}, family=family)
     ckpt.layout = "diffusers-folder"
     if (path / "config.json").exists():
         ckpt.config = json.loads((path / "config.json").read_text())
     return ckpt
 
 
-def _open_pickle(path: Path) -> Checkpoint:
+def _open_pickle(path: Path, family: str | None = None) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -200,11 +209,12 @@ def _open_pickle(path: Path) -> Checkpoint:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
     header = {k: {"dtype": None, "shape": list(v.shape)} for k, v in obj.items()}
-    ckpt = _from_headers(path, {path: header}, state=obj)
+    ckpt = _from_headers(path, {path: header}, state=obj, family=family)
     return ckpt
 
 
-def _from_headers(path: Path, headers: Mapping[Path, dict], state: dict | None = None) -> Checkpoint:
+def _from_headers(path: Path, headers: Mapping[Path, dict], state: dict | None = None,
+                  family: str | None = None) -> Checkpoint:
     metadata: dict[str, str] = {}
     entries: dict[str, tuple[tuple[int, ...], torch.dtype | None, Path]] = {}
     for file, header in headers.items():
@@ -230,9 +240,10 @@ def _from_headers(path: Path, headers: Mapping[Path, dict], state: dict | None =
         else:
             shapes[name], dtypes[name] = shape, dtype
     layout = ("comfy" if prefix in keymod.BFL_PREFIXES else "bfl") if key_layout == "bfl" else "diffusers"
+    fam = families.detect(shapes, key_layout, family, source=str(path))
     ckpt = Checkpoint(path=path, layout=layout, key_layout=key_layout, prefix=prefix, shapes=shapes, dtypes=dtypes,
-                      aux=aux, files=files, metadata=metadata, ignored=ignored, _state=state)
-    keymod.plan(shapes, key_layout, "diffusers")  # raises on keys that are not part of a Flux transformer
+                      aux=aux, files=files, metadata=metadata, ignored=ignored, _state=state, family=fam)
+    ckpt.plan("diffusers")  # raises on keys that are not part of a transformer of its family
     return ckpt
 
 
@@ -254,8 +265,8 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
             raise UserError(f"{path} has no guidance embedding; it cannot be loaded as a guidance-distilled model")
         spec = spec.with_(guidance_embeds=False)
     policy = policy or fp8mod.Fp8Policy()
-    model = build_transformer(spec, device="meta")
-    steps = keymod.plan(ckpt.shapes, ckpt.key_layout, "diffusers")
+    model = families.build_transformer(spec, device="meta")
+    steps = ckpt.plan("diffusers")
     wanted = dict(model.state_dict())
     state, scales = {}, {}
     for key, parts in steps.items():
@@ -356,7 +367,7 @@ def conversion_entries(ckpt: Checkpoint, layout: str, dtype: str | None, policy:
     policy = policy or fp8mod.Fp8Policy()
     key_layout = "diffusers" if layout == "diffusers" else "bfl"
     prefix = "model.diffusion_model." if layout == "comfy" else ""
-    steps = keymod.plan(ckpt.shapes, ckpt.key_layout, key_layout)
+    steps = ckpt.plan(key_layout)
     if drop_guidance:
         steps = {k: v for k, v in steps.items() if "guidance" not in k}
     quant = dtype in ("fp8", "fp8-scaled")

@@ -199,14 +199,16 @@ def pieces_for_shapes(shapes: Mapping[str, Sequence[int]], layout: str) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ conversion
-def plan(shapes: Mapping[str, Sequence[int]], src: str, dst: str) -> dict[str, list[tuple[str, Rows, Rows]]]:
+def plan(shapes: Mapping[str, Sequence[int]], src: str, dst: str,
+         pieces: Sequence[Piece] | None = None) -> dict[str, list[tuple[str, Rows, Rows]]]:
     """For each output key: the (input key, input rows, output rows) that build it. ``src``/``dst`` in bfl|diffusers.
 
-    Keys must be unprefixed. Unknown input keys raise CheckpointError (nothing is silently dropped).
+    Keys must be unprefixed. Unknown input keys raise CheckpointError (nothing is silently dropped). ``pieces``:
+    the family's table for these shapes (``families.Family.tensor_pieces``); FLUX.1's when not given.
     """
     if src == dst:
         return {k: [(k, None, None)] for k in shapes}
-    pieces = pieces_for_shapes(shapes, src)
+    pieces = pieces_for_shapes(shapes, src) if pieces is None else pieces
     out: dict[str, list[tuple[str, Rows, Rows]]] = {}
     used = set()
     for p in pieces:

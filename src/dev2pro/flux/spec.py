@@ -11,7 +11,7 @@ smaller heads use the same proportions.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 
@@ -20,6 +20,7 @@ import torch
 class FluxSpec:
     """Sizes of a Flux transformer (BFL naming in comments)."""
 
+    family: ClassVar[str] = "flux1"  # the ``families`` entry that builds and maps it
     hidden: int = 3072  # img_in out / inner dim
     num_heads: int = 24
     num_double: int = 19  # double_blocks / transformer_blocks

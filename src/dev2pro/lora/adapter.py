@@ -23,7 +23,7 @@ from typing import Iterator, Mapping
 import torch
 from peft.tuners.lora import LoraLayer
 
-from ..flux.spec import build_transformer
+from ..families import build_transformer
 from .formats import LoraModule, load_lora
 from .ops import apply_lora
 

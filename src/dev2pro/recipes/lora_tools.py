@@ -17,6 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..flux import checkpoint as C
+from .. import families
 from ..flux import keys as keymod
 from ..lora import formats as F
 from ..lora.merge import merge_loras
@@ -84,8 +85,8 @@ def _layer_pairs(a: str, b: str, report: dict):
     tensor pair at a time in fp32; differing 1-D tensors (biases, norm scales), which a LoRA cannot carry, go into
     ``report["not_linear"]`` with their relative difference."""
     ca, cb = C.open_checkpoint(a), C.open_checkpoint(b)
-    pa = keymod.plan(ca.shapes, ca.key_layout, "diffusers")
-    pb = keymod.plan(cb.shapes, cb.key_layout, "diffusers")
+    families.require_same(ca.family, cb.family, f"model {a}", f"model {b}")
+    pa, pb = ca.plan("diffusers"), cb.plan("diffusers")
     for key in sorted(set(pa) & set(pb)):
         wa = keymod.assemble(pa[key], lambda k: ca.get_dequantized(k, torch.float32))
         wb = keymod.assemble(pb[key], lambda k: cb.get_dequantized(k, torch.float32))

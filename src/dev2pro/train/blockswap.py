@@ -43,15 +43,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import families
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 def flux_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a diffusers Flux transformer in execution order (double blocks, then single)."""
-    model = getattr(model, "module", model)
-    return list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    """The repeated blocks of a diffusers Flux transformer in execution order (double blocks, then single): its
+    family's ``blocks``."""
+    return families.of_model(model).blocks(model)
 
 
 def swap_positions(num_double: int, num_single: int, n: int) -> list[int]:

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from peft import LoraConfig
 
+from .. import families
 from ..errors import UserError
 from ..flux import keys as keymod
 from ..flux.checkpoint import load_transformer, open_checkpoint
@@ -120,7 +121,7 @@ def load_student(path: str, device, compute: torch.dtype, *, grow_guidance: bool
     if not grow and not ckpt.spec().guidance_embeds:
         log.warning("%s has no guidance embedding: it is already de-distilled or pro-like", path)
     if fsdp and fsdp.ram_efficient_loading and not grow:
-        student = build_transformer(ckpt.spec(), device="meta")
+        student = families.build_transformer(ckpt.spec(), device="meta")
     else:
         student, _ = load_transformer(path, dtype=torch.float32, allow_pickle=allow_pickle)
         student = with_guidance_embedding(student) if grow else student
@@ -133,7 +134,7 @@ def load_student(path: str, device, compute: torch.dtype, *, grow_guidance: bool
     student = fsdpmod.shard_transformer(student, device, fsdp, compute)  # DTensor shards (host RAM with offload)
     if student.x_embedder.weight.is_meta:
         student.to_empty(device="cpu" if fsdp.offload else device)
-        plan = keymod.plan(ckpt.shapes, ckpt.key_layout, "diffusers")
+        plan = ckpt.plan("diffusers")
         fsdpmod.fill_shards(student, lambda name: keymod.assemble(
             plan[name], lambda k: ckpt.get_dequantized(k, torch.float32)))
     return student.requires_grad_(True).train()
