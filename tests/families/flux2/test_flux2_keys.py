@@ -1,0 +1,105 @@
+"""FLUX.2 BFL <-> diffusers key maps against diffusers' own converter and Flux2Transformer2DModel."""
+
+import pytest
+import torch
+from families.flux2.bfl_reference import random_bfl_state_dict
+from diffusers import Flux2Transformer2DModel
+from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+from dev2pro.errors import CheckpointError
+from dev2pro.families.flux2 import keys
+from dev2pro.families.flux2.spec import TINY_DEV, TINY_KLEIN, build_transformer, detect_state_dict
+
+SPECS = pytest.mark.parametrize("spec", [TINY_KLEIN, TINY_DEV], ids=["klein", "dev"])
+
+
+def _forward(model, spec, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(7))
+    with torch.no_grad():
+        return model(
+            hidden_states=torch.randn(2, 16, spec.in_channels, generator=g),
+            encoder_hidden_states=torch.randn(2, 7, spec.context_dim, generator=g),
+            timestep=torch.tensor([0.3, 0.8]), img_ids=img_ids, txt_ids=txt_ids,
+            guidance=torch.tensor([4.0, 2.5]) if spec.guidance_embeds else None, return_dict=False)[0]
+
+
+def _load(spec, sd):
+    model = build_transformer(spec)
+    result = model.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return model.eval()
+
+
+@SPECS
+def test_bfl_to_diffusers_equals_diffusers_converter_and_loads_strict(spec):
+    bfl = random_bfl_state_dict(spec)
+    ours = keys.bfl_to_diffusers(bfl)
+    theirs = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert set(ours) == set(theirs) == set(build_transformer(spec, device="meta").state_dict())
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]), k
+    torch.testing.assert_close(_forward(_load(spec, ours), spec), _forward(_load(spec, theirs), spec),
+                               rtol=0, atol=0)
+
+
+@SPECS
+def test_round_trip_is_bit_exact(spec):
+    bfl = random_bfl_state_dict(spec, seed=3)
+    back = keys.diffusers_to_bfl(keys.bfl_to_diffusers(bfl))
+    assert set(back) == set(bfl)
+    assert all(torch.equal(back[k], bfl[k]) for k in bfl)
+    model_sd = build_transformer(spec, seed=5).state_dict()  # and from the diffusers side
+    again = keys.bfl_to_diffusers(keys.diffusers_to_bfl(model_sd))
+    assert set(again) == set(model_sd) and all(torch.equal(again[k], model_sd[k]) for k in model_sd)
+
+
+def test_final_adaln_halves_are_swapped():
+    bfl = random_bfl_state_dict(TINY_KLEIN)
+    h = TINY_KLEIN.hidden
+    w = bfl["final_layer.adaLN_modulation.1.weight"]
+    out = keys.bfl_to_diffusers(bfl)["norm_out.linear.weight"]
+    assert torch.equal(out[:h], w[h:]) and torch.equal(out[h:], w[:h])
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model."])
+def test_comfy_prefixes_are_taken_off(prefix):
+    bfl = random_bfl_state_dict(TINY_KLEIN)
+    prefixed = {prefix + k: v for k, v in bfl.items()}
+    ours = keys.bfl_to_diffusers(prefixed)
+    assert all(torch.equal(ours[k], v) for k, v in keys.bfl_to_diffusers(bfl).items())
+    # diffusers' converter reads the block index from the 2nd dotted field: the ComfyUI prefix breaks it
+    if prefix == "model.diffusion_model.":
+        with pytest.raises(Exception):
+            convert_flux2_transformer_checkpoint_to_diffusers(dict(prefixed))
+    back = keys.diffusers_to_bfl(ours, prefix=prefix)
+    assert set(back) == set(prefixed)
+
+
+def test_plan_streams_one_output_at_a_time():
+    bfl = random_bfl_state_dict(TINY_KLEIN)
+    steps = keys.plan({k: tuple(v.shape) for k, v in bfl.items()}, "bfl", "diffusers")
+    q = steps["transformer_blocks.1.attn.to_q.weight"]
+    assert q == [("double_blocks.1.img_attn.qkv.weight", (0, 64), None)]
+    reads = []
+    t = keys.assemble(steps["norm_out.linear.weight"], lambda k: reads.append(k) or bfl[k])
+    assert reads == ["final_layer.adaLN_modulation.1.weight"] * 2 and t.shape == (128, 64)
+
+
+def test_foreign_or_incomplete_keys_are_refused():
+    bfl = random_bfl_state_dict(TINY_KLEIN)
+    with pytest.raises(CheckpointError, match="not part of a FLUX.2"):
+        keys.bfl_to_diffusers({**bfl, "img_in.bias": torch.zeros(64)})
+    d = keys.bfl_to_diffusers(bfl)
+    del d["transformer_blocks.0.attn.to_k.weight"]
+    with pytest.raises(CheckpointError, match="lack some of their parts"):
+        keys.diffusers_to_bfl(d)
+
+
+def test_converted_file_detects_as_the_same_spec():
+    bfl = random_bfl_state_dict(TINY_DEV)
+    assert detect_state_dict(bfl) == TINY_DEV
+    assert detect_state_dict(keys.bfl_to_diffusers(bfl)) == TINY_DEV
+    model = Flux2Transformer2DModel(**TINY_DEV.diffusers_config())
+    assert detect_state_dict(model.state_dict()) == TINY_DEV
