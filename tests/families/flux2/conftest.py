@@ -15,3 +15,10 @@ def klein_distilled_dir(tmp_path_factory):
     from dev2pro.families.flux2.tiny import write_tiny
 
     return write_tiny(tmp_path_factory.mktemp("flux2") / "klein-distilled", variant="klein-distilled", seed=1)
+
+
+@pytest.fixture(scope="session")
+def flux2_dev_dir(tmp_path_factory):
+    from dev2pro.families.flux2.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("flux2") / "dev", variant="dev", seed=2)

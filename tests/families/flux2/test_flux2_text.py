@@ -6,6 +6,7 @@ from diffusers import Flux2KleinPipeline
 
 from dev2pro.errors import UserError
 from dev2pro.families.flux2 import text
+from dev2pro.families.flux2.spec import TINY_DEV, TINY_KLEIN
 
 PROMPTS = ["a red cat", "Photo of a dog and a tree at night; blue light, soft shadows!"]
 
@@ -62,7 +63,7 @@ def test_cache_record_and_empty_prompt(full_pipe, text_pipe):
     full_pipe(prompt=PROMPTS[0], height=64, width=64, num_inference_steps=1, guidance_scale=4.0,
               generator=torch.Generator().manual_seed(0), output_type="latent")
     assert len(seen) == 2 and torch.equal(seen[0], embeds[:1]) and torch.equal(seen[1], empty)
-    assert text.cache_settings()["layers"] == [9, 18, 27]
+    assert text.cache_settings(text_pipe)["layers"] == [9, 18, 27]
 
 
 def test_refuses_a_folder_without_text_encoder(tmp_path):
@@ -71,3 +72,20 @@ def test_refuses_a_folder_without_text_encoder(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(UserError, match="text_encoder"):
         text.load_text_encoder(tmp_path)
+
+
+def test_dev_text_stack_equals_flux2pipeline(flux2_dev_dir, text_pipe):
+    from diffusers import Flux2Pipeline
+
+    full = Flux2Pipeline.from_pretrained(flux2_dev_dir, local_files_only=True)
+    dev = text.load_text_encoder(flux2_dev_dir)
+    assert type(dev).__name__ == "Flux2Pipeline" and text.default_layers(dev) == (10, 20, 30)
+    ref, ref_ids = full.encode_prompt(prompt=PROMPTS)
+    embeds, ids = text.encode(dev, PROMPTS)
+    assert torch.equal(embeds, ref) and torch.equal(ids, ref_ids) and embeds.shape == (2, 512, 96)
+    text.check_pairing(dev, TINY_DEV)
+    text.check_pairing(text_pipe, TINY_KLEIN)
+    with pytest.raises(UserError, match="klein \\(Qwen3\\) text encoder .* cannot feed a FLUX.2 dev transformer"):
+        text.check_pairing(text_pipe, TINY_DEV)
+    with pytest.raises(UserError, match="dev \\(Mistral3\\) text encoder .* cannot feed a FLUX.2 klein"):
+        text.check_pairing(dev, TINY_KLEIN)

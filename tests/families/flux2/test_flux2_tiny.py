@@ -60,7 +60,7 @@ def test_same_seed_same_bytes(tmp_path, klein_base_dir):
     with pytest.raises(UserError, match="not empty"):
         tiny.write_tiny(again)
     with pytest.raises(UserError, match="variant"):
-        tiny.write_tiny(tmp_path / "x", variant="dev")
+        tiny.write_tiny(tmp_path / "x", variant="schnell")
 
 
 @pytest.mark.parametrize("variant, calls", [("klein-base", 4), ("klein-distilled", 2)])
@@ -98,3 +98,26 @@ def test_bfl_single_file(tmp_path, klein_distilled_dir):
                                        prefix="model.diffusion_model.")
     with safe_open(str(comfy), framework="pt") as f:
         assert all(k.startswith("model.diffusion_model.") for k in f.keys())
+
+
+def test_dev_folder_renders_with_embedded_guidance(tmp_path, flux2_dev_dir):
+    from diffusers import Flux2Pipeline
+
+    index = json.loads((flux2_dev_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "Flux2Pipeline" and "is_distilled" not in index
+    assert s.variant_from_folder(flux2_dev_dir) == "dev"
+    pipe = Flux2Pipeline.from_pretrained(flux2_dev_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder.config.text_config.num_hidden_layers > 30
+    seen = []
+    pipe.transformer.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["guidance"]),
+                                           with_kwargs=True)
+    image = pipe(prompt="a red cat", height=64, width=64, num_inference_steps=2, guidance_scale=3.5,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    assert len(seen) == 2 and all(float(g) == 3.5 for g in seen)  # one forward per step, guidance embedded
+    path = tiny.write_bfl_transformer(flux2_dev_dir, tmp_path / "flux2-dev-tiny.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        assert s.variant_from_metadata(f.metadata()) == "dev"
+    assert "guidance_in.in_layer.weight" in shapes and s.detect(shapes) == s.TINY_DEV

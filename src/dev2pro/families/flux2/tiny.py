@@ -37,9 +37,9 @@ from ...errors import UserError
 from ...flux.tiny import tiny_corpus
 from ...outputs import atomic_path, make_parent
 from . import keys
-from .spec import TINY_KLEIN, VARIANT_METADATA_KEY, Flux2Spec, build_transformer
+from .spec import TINY_DEV, TINY_KLEIN, VARIANT_METADATA_KEY, Flux2Spec, build_transformer
 
-VARIANTS = ("klein-base", "klein-distilled")
+VARIANTS = ("klein-base", "klein-distilled", "dev")
 TEXT_MAX_LENGTH = 512  # Flux2KleinPipeline pads every prompt to this many tokens
 MAX_MERGES = 2000
 
@@ -133,28 +133,35 @@ def tiny_vae() -> AutoencoderKLFlux2:
 
 
 def _write_components(root: Path, spec: Flux2Spec, seed: int) -> None:
-    tok = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):  # one seeded stream for every component; the caller's RNG is untouched
         build_transformer(spec, seed=seed).save_pretrained(root / "transformer")
         tiny_vae().save_pretrained(root / "vae")
-        tiny_text_encoder(tok, spec.text_hidden).save_pretrained(root / "text_encoder")
-    tok.save_pretrained(root / "tokenizer")
+        if spec.variant == "dev":
+            from .tiny_dev import write_dev_text_stack
+
+            index = write_dev_text_stack(root, spec.text_hidden)
+        else:
+            tok = tiny_tokenizer()
+            tiny_text_encoder(tok, spec.text_hidden).save_pretrained(root / "text_encoder")
+            tok.save_pretrained(root / "tokenizer")
+            index = {**MODEL_INDEX, "_diffusers_version": diffusers.__version__,
+                     "is_distilled": spec.variant == "klein-distilled"}
     FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
-    index = {**MODEL_INDEX, "_diffusers_version": diffusers.__version__,
-             "is_distilled": spec.variant == "klein-distilled"}
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def write_tiny(folder, variant: str = "klein-base", seed: int = 0, spec: Flux2Spec = TINY_KLEIN,
+def write_tiny(folder, variant: str = "klein-base", seed: int = 0, spec: Flux2Spec | None = None,
                overwrite: bool = False) -> Path:
-    """Write a complete FLUX.2 [klein]-layout diffusers folder with tiny random weights; returns its path.
+    """Write a complete FLUX.2 diffusers folder with tiny random weights; returns its path.
 
-    ``variant`` ('klein-base' | 'klein-distilled') only sets ``is_distilled`` in ``model_index.json``: the weights
-    of both have the same architecture. Built in a hidden sibling and renamed into place (no half-written folder).
+    ``variant`` 'klein-base' | 'klein-distilled' writes a ``Flux2KleinPipeline`` folder (the two differ only in
+    ``is_distilled``: same architecture), 'dev' a ``Flux2Pipeline`` folder (guidance embedding, Mistral3 text
+    encoder; see ``tiny_dev``). Built in a hidden sibling and renamed into place (no half-written folder).
     """
     out = Path(os.path.abspath(folder))
     if variant not in VARIANTS:
-        raise UserError(f"unknown tiny FLUX.2 klein variant {variant!r}: use one of {', '.join(VARIANTS)}")
+        raise UserError(f"unknown tiny FLUX.2 variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    spec = spec or (TINY_DEV if variant == "dev" else TINY_KLEIN)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder: choose another output folder")
     empty = out.is_dir() and not any(out.iterdir())
