@@ -69,10 +69,8 @@ def test_comfy_prefixes_are_taken_off(prefix):
     prefixed = {prefix + k: v for k, v in bfl.items()}
     ours = keys.bfl_to_diffusers(prefixed)
     assert all(torch.equal(ours[k], v) for k, v in keys.bfl_to_diffusers(bfl).items())
-    # diffusers' converter reads the block index from the 2nd dotted field: the ComfyUI prefix breaks it
-    if prefix == "model.diffusion_model.":
-        with pytest.raises(Exception):
-            convert_flux2_transformer_checkpoint_to_diffusers(dict(prefixed))
+    with pytest.raises(KeyError):  # diffusers' converter looks the prefixed name up in its bare-key tables
+        convert_flux2_transformer_checkpoint_to_diffusers(dict(prefixed))
     back = keys.diffusers_to_bfl(ours, prefix=prefix)
     assert set(back) == set(prefixed)
 
@@ -103,3 +101,14 @@ def test_converted_file_detects_as_the_same_spec():
     assert detect_state_dict(keys.bfl_to_diffusers(bfl)) == TINY_DEV
     model = Flux2Transformer2DModel(**TINY_DEV.diffusers_config())
     assert detect_state_dict(model.state_dict()) == TINY_DEV
+
+
+def test_streaming_and_fp8_are_exact():
+    bfl = random_bfl_state_dict(TINY_KLEIN, prefix="model.diffusion_model.")
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in bfl.items()}
+    reads = []
+    get = lambda k: reads.append(k) or fp8[k]  # noqa: E731
+    out = dict(keys.iter_converted({k: tuple(v.shape) for k, v in fp8.items()}, get, "bfl", "diffusers"))
+    assert set(reads) == set(fp8) and all(v.dtype == torch.float8_e4m3fn for v in out.values())
+    back = keys.diffusers_to_bfl(out, prefix="model.diffusion_model.")
+    assert all(torch.equal(back[k].view(torch.uint8), fp8[k].view(torch.uint8)) for k in fp8)

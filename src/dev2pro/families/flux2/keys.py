@@ -16,14 +16,14 @@ tensor X are rows [c:d] of diffusers tensor Y", so ``plan`` gives, per output ke
 ``assemble`` builds one output tensor at a time from a lazy ``get(key)``: a converter streams, holding one tensor.
 Sizes come from the shapes handed in, so tiny models convert like full ones.
 
-diffusers' own converter (``convert_flux2_transformer_checkpoint_to_diffusers``) is BFL -> diffusers only, and it
-crashes on ``model.diffusion_model.``-prefixed keys (it reads the block index from the second dotted field);
-``strip_prefix`` here takes ComfyUI's prefixes off first.
+diffusers' own converter (``convert_flux2_transformer_checkpoint_to_diffusers``) is BFL -> diffusers only and
+raises KeyError on ``model.diffusion_model.``- or ``diffusion_model.``-prefixed keys (its handlers look the prefixed
+names up in bare-key tables); ``strip_prefix`` takes ComfyUI's prefixes off first, and ``iter_converted`` streams.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -150,6 +150,19 @@ def _rows_needed(out_key: str, parts, shapes, src: str) -> int:
     """Rows of a fused output: 3 x hidden for qkv (diffusers -> BFL), 2 x hidden for the final adaLN."""
     hidden = int(shapes["img_in.weight" if src == "bfl" else "x_embedder.weight"][0])
     return 2 * hidden if out_key.startswith(FINAL_ADALN[0]) or out_key.startswith(FINAL_ADALN[1]) else 3 * hidden
+
+
+def iter_converted(shapes: Mapping[str, Sequence[int]], get: Callable[[str], torch.Tensor], src: str, dst: str,
+                   prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream a conversion: yield (output key, tensor) one at a time, reading inputs through ``get(input key)``.
+
+    ``shapes`` may carry any known prefix (``get`` receives the full input key); ``prefix`` is put on the output
+    keys. Peak memory is one output tensor plus its inputs, whatever the checkpoint size.
+    """
+    _, in_prefix = strip_prefix(shapes)
+    bare = {k[len(in_prefix):]: v for k, v in shapes.items() if k.startswith(in_prefix)}
+    for key, parts in plan(bare, src, dst).items():
+        yield prefix + key, assemble(parts, lambda k: get(in_prefix + k))
 
 
 def convert_state_dict(sd: Mapping[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
