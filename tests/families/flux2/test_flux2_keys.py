@@ -91,7 +91,7 @@ def test_foreign_or_incomplete_keys_are_refused():
         keys.bfl_to_diffusers({**bfl, "img_in.bias": torch.zeros(64)})
     d = keys.bfl_to_diffusers(bfl)
     del d["transformer_blocks.0.attn.to_k.weight"]
-    with pytest.raises(CheckpointError, match="lack some of their parts"):
+    with pytest.raises(CheckpointError, match="lacks some of its parts"):
         keys.diffusers_to_bfl(d)
 
 

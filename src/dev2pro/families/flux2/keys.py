@@ -137,19 +137,15 @@ def plan(shapes: Mapping[str, Sequence[int]], src: str, dst: str) -> dict[str, l
     if unknown:
         raise CheckpointError(f"{len(unknown)} keys are not part of a FLUX.2 transformer in the {src} layout, e.g. "
                               f"{unknown[:5]}. Is this another model family or a partial/merged file?")
-    incomplete = [k for k, parts in out.items() if any(r is not None for _, _, r in parts)
-                  and sum((r[1] - r[0]) for _, _, r in parts) != _rows_needed(k, parts, shapes, src)]
-    if incomplete:
-        raise CheckpointError(f"fused tensors {incomplete[:3]} lack some of their parts (e.g. to_k without to_q)")
-    for parts in out.values():  # fused outputs are assembled in output-row order
-        parts.sort(key=lambda t: (t[2] or (0, 0))[0])
-    return out
-
-
-def _rows_needed(out_key: str, parts, shapes, src: str) -> int:
-    """Rows of a fused output: 3 x hidden for qkv (diffusers -> BFL), 2 x hidden for the final adaLN."""
     hidden = int(shapes["img_in.weight" if src == "bfl" else "x_embedder.weight"][0])
-    return 2 * hidden if out_key.startswith(FINAL_ADALN[0]) or out_key.startswith(FINAL_ADALN[1]) else 3 * hidden
+    for key, parts in out.items():
+        parts.sort(key=lambda t: (t[2] or (0, 0))[0])  # fused outputs are assembled in output-row order
+        if parts[0][2] is not None:  # a fused output (qkv, final adaLN): its parts must cover all of its rows
+            need = 2 * hidden if key.startswith(FINAL_ADALN) else 3 * hidden
+            if sum(r[1] - r[0] for _, _, r in parts) != need:
+                raise CheckpointError(f"fused tensor {key} lacks some of its parts (e.g. to_k without to_q): the "
+                                      "checkpoint is incomplete")
+    return out
 
 
 def iter_converted(shapes: Mapping[str, Sequence[int]], get: Callable[[str], torch.Tensor], src: str, dst: str,

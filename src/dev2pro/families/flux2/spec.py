@@ -273,10 +273,15 @@ def detect(shapes: Mapping[str, Sequence[int]], variant: str | None = None,
         in_channels=in_channels, context_dim=context_dim,
         axes_dim=tuple(axes_dim) if axes_dim else default_axes_dim(head_dim), mlp_ratio=mlp_hidden / hidden,
         timestep_channels=s[names["time"]][1], guidance_embeds=guidance,
-        variant="dev" if guidance else KLEIN_UNKNOWN,
-        text_layers=TEXT_ENCODERS.get(context_dim, (None, (9, 18, 27) if not guidance else (10, 20, 30)))[1],
+        variant="dev" if guidance else KLEIN_UNKNOWN, text_layers=_text_layers(context_dim, guidance),
     )
     return spec.with_variant(variant) if variant else spec
+
+
+def _text_layers(context_dim: int, guidance: bool) -> tuple[int, ...]:
+    """Stacked layers of a known text encoder, else the family default (klein: Qwen3's, dev: Mistral's)."""
+    known = TEXT_ENCODERS.get(context_dim)
+    return known[1] if known else DEV.text_layers if guidance else KLEIN_4B.text_layers
 
 
 def detect_state_dict(sd: Mapping[str, torch.Tensor], variant: str | None = None) -> Flux2Spec:
@@ -294,8 +299,7 @@ def spec_from_diffusers_config(config: Mapping, variant: str | None = None) -> F
         context_dim=context_dim, axes_dim=tuple(config.get("axes_dims_rope", default_axes_dim(head_dim))),
         theta=int(config.get("rope_theta", 2000)), mlp_ratio=float(config.get("mlp_ratio", 3.0)),
         timestep_channels=int(config.get("timestep_guidance_channels", 256)), guidance_embeds=guidance,
-        variant="dev" if guidance else KLEIN_UNKNOWN,
-        text_layers=TEXT_ENCODERS.get(context_dim, (None, (9, 18, 27) if not guidance else (10, 20, 30)))[1],
+        variant="dev" if guidance else KLEIN_UNKNOWN, text_layers=_text_layers(context_dim, guidance),
     )
     return spec.with_variant(variant) if variant else spec
 
