@@ -31,6 +31,8 @@ def test_layout_and_variant_record(variant, klein_base_dir, klein_distilled_dir)
     assert index["_class_name"] == "Flux2KleinPipeline" and index["is_distilled"] == (variant == "klein-distilled")
     assert all((folder / c).is_dir() for c in COMPONENTS)
     assert s.variant_from_folder(folder) == variant
+    assert s.spec_from_folder(folder) == s.spec_from_folder(folder / "transformer", variant) == \
+        s.TINY_KLEIN.with_variant(variant)
     config = json.loads((folder / "transformer" / "config.json").read_text())
     assert s.spec_from_diffusers_config(config, variant=variant) == s.TINY_KLEIN.with_variant(variant)
     with safe_open(str(folder / TRANSFORMER_FILE), framework="pt") as f:

@@ -312,9 +312,21 @@ def variant_from_folder(folder: str | Path) -> str | None:
     data = json.loads(index.read_text())
     if data.get("_class_name") == "Flux2Pipeline":
         return "dev"
-    if "is_distilled" not in data:  # Flux2KleinPipeline's default is False: a folder without it loads as Base
-        return None
+    if "is_distilled" not in data:  # Flux2KleinPipeline then defaults to False: Base semantics (true CFG at 4.0),
+        return None  # even for a distilled model, so a folder without the flag is reported unknown, not guessed
     return "klein-distilled" if data["is_distilled"] else "klein-base"
+
+
+def spec_from_folder(folder: str | Path, variant: str | None = None) -> Flux2Spec:
+    """Flux2Spec of a diffusers model folder (or a bare ``transformer/`` folder): sizes from ``config.json``, the
+    variant from ``variant``, else ``model_index.json`` (klein stays 'klein' when the folder does not say)."""
+    folder = Path(folder)
+    config = folder / "transformer" / "config.json"
+    if not config.is_file():
+        config = folder / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{folder} has no transformer/config.json: not a diffusers model folder")
+    return spec_from_diffusers_config(json.loads(config.read_text()), variant=variant or variant_from_folder(folder))
 
 
 def variant_from_metadata(metadata: Mapping[str, str] | None) -> str | None:
