@@ -73,7 +73,7 @@ class Flux2Spec:
     axes_dim: tuple[int, ...] = (32, 32, 32, 32)  # RoPE over (t, h, w, l)
     theta: int = 2000
     mlp_ratio: float = 3.0  # SwiGLU: the in-projection emits 2 x mlp_hidden
-    timestep_channels: int = 256
+    timestep_channels: int = 256  # sinusoidal timestep width (BFL hard-codes 256)
     guidance_embeds: bool = True
     variant: str = "dev"  # klein-base | klein-distilled | dev | klein (unknown)
     text_layers: tuple[int, ...] = (10, 20, 30)  # hidden_states indices stacked into the context
@@ -163,12 +163,10 @@ KLEIN_4B_BASE = KLEIN_4B.with_variant("klein-base")
 KLEIN_9B = KLEIN_4B.with_(hidden=4096, num_heads=32, num_double=8, num_single=24, context_dim=12288)
 KLEIN_9B_BASE = KLEIN_9B.with_variant("klein-base")
 # Tiny: the real structure (2 double + 4 single blocks, 4-axis RoPE, SwiGLU, 3 stacked text layers, 128 input
-# channels for the real VAE's 32 latent channels), small widths.
-TINY_KLEIN = KLEIN_4B.with_(hidden=64, num_heads=4, num_double=2, num_single=4, context_dim=96,
-                            axes_dim=(4, 4, 4, 4), timestep_channels=32)
+# channels for the real VAE's 32 latent channels, BFL's hard-coded 256 timestep channels), small widths.
+TINY_KLEIN = KLEIN_4B.with_(hidden=64, num_heads=4, num_double=2, num_single=4, context_dim=96, axes_dim=(4, 4, 4, 4))
 TINY_KLEIN_BASE = TINY_KLEIN.with_variant("klein-base")
-TINY_DEV = DEV.with_(hidden=64, num_heads=4, num_double=2, num_single=4, context_dim=96, axes_dim=(4, 4, 4, 4),
-                     timestep_channels=32)
+TINY_DEV = DEV.with_(hidden=64, num_heads=4, num_double=2, num_single=4, context_dim=96, axes_dim=(4, 4, 4, 4))
 
 PRESETS: dict[str, Flux2Spec] = {
     "flux2-dev": DEV, "flux2-klein-4b": KLEIN_4B, "flux2-klein-4b-base": KLEIN_4B_BASE, "flux2-klein-9b": KLEIN_9B,
