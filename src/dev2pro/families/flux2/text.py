@@ -12,8 +12,10 @@ We never reimplement that: a text-only pipeline (``transformer=None, vae=None``)
 ``dev2pro.text`` does for FLUX.1. The negative / caption-dropout embedding is the empty prompt "" through the same
 path, exactly what the pipeline's true CFG uses for Base. FLUX.2 dev (``Flux2Pipeline``) works the same way with
 BFL's system message before the prompt, Mistral-Small-3.x and layers 10/20/30; which pipeline a folder needs is read
-from its ``model_index.json``. Cached records are bf16 (7.7-15k wide x 512 tokens would be
-15-31 MB per caption in fp32); embeddings handed to a caller in memory are fp32 on the CPU.
+from its ``model_index.json``.
+
+Cached records are bf16 (7.7-15k wide x 512 tokens: 8-16 MB per caption, twice that in fp32); embeddings handed to
+a caller in memory are fp32 on the CPU.
 """
 
 from __future__ import annotations
