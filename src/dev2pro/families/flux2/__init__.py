@@ -6,5 +6,5 @@
           Mistral3 text stack);
 ``text``  the text stacks (klein: Qwen3, dev: Mistral3; three stacked hidden layers) through the pipelines' own
           ``encode_prompt``: embeddings, text ids, the cached bf16 record and the empty-prompt embedding.
-LoRA layouts live in ``lora_keys`` (built on ``keys.module_pieces``).
+LoRA layouts (``lora_keys``) are a separate module; ``keys.module_pieces`` is the module-level map they can use.
 """
