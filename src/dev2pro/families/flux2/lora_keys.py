@@ -116,10 +116,12 @@ def detect_layout(keys: Iterable[str]) -> str:
     if any(k.startswith("lora_unet_") for k in keys):
         return "kohya"
     bare = [k.removeprefix("transformer.").removeprefix("base_model.model.") for k in keys]
-    bfl_top = tuple(_TOP) + tuple(_GUIDANCE) + ("double_blocks.", "single_blocks.")
+    bfl_top = tuple(f"{b}." for b in (*_TOP, *_GUIDANCE)) + ("double_blocks.", "single_blocks.")  # '.lin.'
+    # not '.lin': diffusers' 'double_stream_modulation_img.linear' starts with BFL's '...img.lin'
     if any(k.startswith("diffusion_model.") for k in keys) or any(k.startswith(bfl_top) for k in bare):
         return "bfl"
-    diff_top = ("transformer_blocks.", "single_transformer_blocks.") + tuple(_TOP.values()) + tuple(_GUIDANCE.values())
+    diff_top = ("transformer_blocks.", "single_transformer_blocks.") + tuple(
+        f"{d}." for d in (*_TOP.values(), *_GUIDANCE.values()))
     if any(k.startswith(diff_top) for k in bare):
         return "peft"
     raise UserError(f"not a FLUX.2 LoRA layout we know (peft transformer.*.lora_A/B, BFL diffusion_model.*, kohya "
@@ -410,12 +412,15 @@ def _write_raw(lw: Mapping[str, LoraModule], layout: str, meta: dict[str, str], 
     """(state dict, metadata, exact-notes candidates) in ``layout`` without the ``dev2pro.lora_exact`` key."""
     sd: dict[str, torch.Tensor] = {}
     notes: dict[str, dict] = {}
+    generated = json.dumps({f"transformer.{k}": v for k, v in peft_config_kwargs(lw).items()}, indent=2,
+                           sort_keys=True)  # as diffusers' save_lora_weights writes it
+    raw = meta.pop(CONFIG_KEY, None)
+    cfg = _peft_config(raw)
+    if cfg is None or not _config_fits(cfg, lw):
+        raw = generated
+    if layout != "peft" and raw != generated:
+        meta[CONFIG_KEY] = raw  # another tool's config (its key order, extra fields): kept for the way back
     if layout == "peft":
-        raw = meta.pop(CONFIG_KEY, None)
-        cfg = _peft_config(raw)
-        if cfg is None or not _config_fits(cfg, lw):
-            raw = json.dumps({f"transformer.{k}": v for k, v in peft_config_kwargs(lw).items()}, indent=2,
-                             sort_keys=True)  # as diffusers' save_lora_weights writes it
         meta[ADAPTER_METADATA_KEY] = raw
         for name, m in lw.items():
             sd[f"transformer.{name}.lora_A.weight"], sd[f"transformer.{name}.lora_B.weight"] = m.down, m.up
