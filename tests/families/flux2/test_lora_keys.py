@@ -257,6 +257,29 @@ def test_comfy_rules_give_the_lora_model(world, layout):
     assert close(run(m, world["guidance"]), world["outs"]["full"])
 
 
+@pytest.mark.parametrize("layout", ["peft", "bfl", "kohya"])
+def test_diffusers_loads_odd_alphas_ranks_and_missing_parts(world, layout, tmp_path):
+    """Scale 1.5 (bfl stores B one dtype wider), per-module rank/alpha, a fused qkv with its k part missing
+    (a zero block in bfl/kohya): diffusers reads all of it."""
+    guidance = world["guidance"]
+    names = [t for t in targets(guidance, KOHYA_DROPPED) if not t.endswith("attn.to_k")]
+    m = peft_model(world["base"], guidance, names, alpha=6, rank_pattern={"^transformer_blocks.1.attn.to_q": 2},
+                   alpha_pattern={"^transformer_blocks.0.attn.to_v": 3})
+    sd, meta = read_file(diffusers_file(tmp_path, m))
+    path = save(tmp_path / f"odd-{layout}.safetensors", *K.convert(sd, meta, layout, ND, NS))
+    loaded, log, injected = diffusers_load(world["base"], path)
+    # from a fused qkv diffusers also injects the missing k part: a zero block, which changes nothing
+    assert log == [] and injected == len(names) + (ND if layout != "peft" else 0)
+    assert len(K.read_lora(*read_file(path), ND, NS)) == len(names)  # we drop it again
+    assert close(run(loaded, guidance), run(m, guidance))
+    lora_sd, _ = read_file(path)
+    if layout != "peft":  # and ComfyUI's rules
+        ref = copy.deepcopy(world["base"])
+        ref.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(
+            comfy_apply(to_bfl_base(world["base"].state_dict()), lora_sd)))
+        assert close(run(ref, guidance), run(m, guidance))
+
+
 # ------------------------------------------------------------------------------------------ (c) deltas
 @pytest.mark.parametrize("layout", ["peft", "bfl", "kohya"])
 def test_delta_weights_merge_to_the_lora_model(world, layout):
@@ -270,10 +293,10 @@ def test_delta_weights_merge_to_the_lora_model(world, layout):
 
 
 # --------------------------------------------------------------------------------- (b) exact round trips
-def lora_sd(dtype, alpha=8, r=4, **cfg):
+def lora_sd(dtype, alpha=8, r=4, skip=(), **cfg):
     """A peft file's (state dict, metadata), written as diffusers writes it, in ``dtype``."""
     base = base_model(True)
-    m = peft_model(base, True, targets(True), r=r, alpha=alpha, **cfg)
+    m = peft_model(base, True, targets(True, skip), r=r, alpha=alpha, **cfg)
     sd = {f"transformer.{k}": v.to(dtype) for k, v in get_peft_model_state_dict(m).items()}
     cfg_json = {f"transformer.{k}": (list(v) if isinstance(v, set) else v)
                 for k, v in m.peft_config["default"].to_dict().items()}
@@ -295,6 +318,7 @@ CASES = {
     "bf16": dict(dtype=torch.bfloat16),
     "bf16-scale-1.5": dict(dtype=torch.bfloat16, alpha=6),  # not a power of two: B folds one dtype wider in bfl
     "fp32-scale-0.3": dict(dtype=torch.float32, alpha=1.2),
+    "no-k-no-txt-v": dict(dtype=torch.bfloat16, skip=("attn.to_k", "add_v_proj")),  # zero blocks in the fused qkv
     "per-module": dict(dtype=torch.float32, alpha=8, rank_pattern={"^transformer_blocks.0.attn.to_k": 2},
                        alpha_pattern={"^transformer_blocks.0.attn.to_q": 3, "^proj_out": 5}),
 }

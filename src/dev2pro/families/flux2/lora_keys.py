@@ -37,6 +37,7 @@ import json
 import math
 import re
 import warnings
+from functools import reduce
 from typing import Iterable, Mapping
 
 import torch
@@ -135,6 +136,11 @@ _FLUX2_ONLY = re.compile(r"(stream_modulation|to_qkv_mlp_proj|linear_in|linear_o
                          r"single_transformer_blocks\.\d+\.attn\.to_out\.)")
 
 
+_RATIOS = {"mlp.0": (True, {4: "flux1", 6: "flux2"}), "mlp.2": (False, {4: "flux1", 3: "flux2"}),
+           "linear1": (True, {7: "flux1", 9: "flux2"}), "linear2": (False, {5: "flux1", 4: "flux2"})}
+_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_down.weight", ".lora_up.weight"))
+
+
 def lora_family(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[str | None, str]:
     """('flux1' | 'flux2' | None, why) for a LoRA file of any layout, from its names and, if given, tensor shapes.
 
@@ -147,30 +153,19 @@ def lora_family(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]] | Non
     hidden 3072, which FLUX.1 and klein 4B share) -- check the shapes against the base model instead."""
     keys = list(keys)
     for k in keys:
-        if _FLUX1_ONLY.search(k):
-            return "flux1", f"{k!r} is a FLUX.1-only module"
-        if _FLUX2_ONLY.search(k):
-            return "flux2", f"{k!r} is a FLUX.2-only module"
-    ratios = {"img_mlp.0": ("up", {4: "flux1", 6: "flux2"}), "txt_mlp.0": ("up", {4: "flux1", 6: "flux2"}),
-              "img_mlp.2": ("down", {4: "flux1", 3: "flux2"}), "txt_mlp.2": ("down", {4: "flux1", 3: "flux2"}),
-              "linear1": ("up", {7: "flux1", 9: "flux2"}), "linear2": ("down", {5: "flux1", 4: "flux2"})}
-    for k, shape in (shapes or {}).items():
-        m = re.search(r"[._](img_mlp[._][02]|txt_mlp[._][02]|linear[12])\.(lora_[AB]|lora_down|lora_up)\.weight$", k)
-        if not m or len(shape) != 2:
-            continue
-        mod, part = m.group(1).replace("_0", ".0").replace("_2", ".2"), m.group(2)
-        side, table = ratios[mod]
-        is_down = part in ("lora_A", "lora_down")
-        # the down's in-features are h (mlp.0, linear1) or the wide side (mlp.2, linear2); the up's out the reverse
-        other = k[: -len(f"{part}.weight")] + {"lora_A": "lora_B", "lora_B": "lora_A", "lora_down": "lora_up",
-                                                "lora_up": "lora_down"}[part] + ".weight"
-        if other not in shapes:
-            continue
-        down, up = (shape, shapes[other]) if is_down else (shapes[other], shape)
-        wide, narrow = (up[0], down[1]) if side == "up" else (down[1], up[0])
-        if narrow and wide % narrow == 0 and wide // narrow in table:
-            fam = table[wide // narrow]
-            return fam, f"{k!r}: width ratio {wide // narrow} of {mod} is {fam}'s"
+        for family, pattern in (("flux1", _FLUX1_ONLY), ("flux2", _FLUX2_ONLY)):
+            if pattern.search(k):
+                return family, f"{k!r} is a {family.upper().replace('FLUX', 'FLUX.')}-only module"
+    for k, down in (shapes or {}).items():
+        for ds, us in _PAIRS:
+            up = shapes.get(k[: -len(ds)] + us) if k.endswith(ds) else None
+            m = re.search(r"_(mlp[._][02])$|[._](linear[12])$", k[: -len(ds)]) if up else None
+            if m and len(down) == len(up) == 2:
+                kind = (m.group(1) or m.group(2)).replace("_", ".")
+                out_wide, table = _RATIOS[kind]
+                wide, narrow = (up[0], down[1]) if out_wide else (down[1], up[0])
+                if narrow and wide % narrow == 0 and wide // narrow in table:
+                    return table[wide // narrow], f"{k!r}: the width ratio {wide // narrow} of {kind}"
     nd, ns = _counts(keys, None, None)
     if nd > 8:
         return "flux1", f"double block {nd - 1} exists only in FLUX.1 (FLUX.2 has at most 8)"
@@ -333,13 +328,12 @@ def _read_bfl_side(sd, metadata, layout, nd, ns) -> tuple[dict[str, LoraModule],
                 mods[name] = LoraModule(d[:r].clone(), _unfold(u[:, :r], e["fold"], getattr(torch, e["up_dtype"]))
                                         .contiguous(), float(e["alpha"]))
                 continue
-            alpha = float(g["alpha"].item()) if "alpha" in g else float(rank)
+            alpha = float(g["alpha"].item()) if "alpha" in g else float(rank)  # not scale x rank: no rounding
             if n > 1 and blocks:
                 keep = d.any(1) | u.any(0)  # drop zero padding; an all-zero part was absent
                 if not keep.any():
                     continue
-                d, u = (d, u) if keep.all() else (d[keep], u[:, keep])
-                alpha = scale * d.shape[0]
+                d, u, alpha = (d, u, scale * w) if keep.all() else (d[keep], u[:, keep], scale * int(keep.sum()))
             # parts get their own storage (safetensors refuses tensors that share memory)
             mods[name] = LoraModule(d.clone() if n > 1 else d, u.contiguous(), alpha)
     return mods, meta
@@ -366,46 +360,35 @@ def read_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str
 
 # --------------------------------------------------------------------------------------------------- writing
 def _fuse(parts: list[LoraModule | None], file_scale: float | None):
-    """Modules of one BFL linear -> (down, up, alpha or None, {part index: (fold, rank)}).
+    """Modules of one BFL linear -> (down, up, alpha or None, {part index: fold}).
 
     ``file_scale`` None (kohya): alpha carries the first part's scale, other parts fold theirs relative to it;
     1.0 (bfl): every part folds its whole scale."""
     present = [m for m in parts if m is not None]
     ref = present[0]
     s_file = ref.scale if file_scale is None else file_scale
-    folds = [None if m is None else m.scale / s_file for m in parts]
-    if len(parts) == 1:
-        m = parts[0]
-        return m.down, _fold(m.up, folds[0]), (m.alpha if file_scale is None else None), {0: (folds[0], m.rank)}
-    shared = len(present) == len(parts) and all(
-        m.down.shape == ref.down.shape and m.down.dtype == ref.down.dtype and torch.equal(m.down, ref.down) and
-        m.scale == ref.scale for m in present)
-    if shared:  # dense fused (musubi, or read from one): one down, stacked ups
-        ups = [_fold(m.up, f) for m, f in zip(parts, folds)]
-        dtype = _widest(ups)
-        return (ref.down, torch.cat([u.to(dtype) for u in ups]), (ref.alpha if file_scale is None else None),
-                {j: (f, m.rank) for j, (m, f) in enumerate(zip(parts, folds))})
-    r = max(m.rank for m in present)
-    h = present[0].up.shape[0]
-    downs, ups, info = [], [], {}
-    for j, (m, f) in enumerate(zip(parts, folds)):
-        down, up = ref.down.new_zeros(r, ref.down.shape[1]), ref.up.new_zeros(h, r)
-        if m is not None:
-            if m.down.dtype != ref.down.dtype:
-                raise UserError("the parts of one fused qkv LoRA have different down dtypes.")
-            down = torch.cat([m.down, m.down.new_zeros(r - m.rank, m.down.shape[1])])
-            u = _fold(m.up, f)
-            up = torch.cat([u, u.new_zeros(h, r - m.rank)], 1)
-            info[j] = (f, m.rank)
-        downs.append(down)
-        ups.append(up)
-    dtype = _widest(ups)
+    folds = {j: m.scale / s_file for j, m in enumerate(parts) if m is not None}
+    if len(present) == len(parts) and all(m.down.shape == ref.down.shape and m.down.dtype == ref.down.dtype and
+                                          torch.equal(m.down, ref.down) and m.scale == ref.scale for m in present):
+        # one linear, or a dense fused one (musubi, or read from one): one down, stacked ups
+        ups = [_fold(m.up, folds[j]) for j, m in enumerate(parts)]
+        dtype = reduce(torch.promote_types, [u.dtype for u in ups])
+        return ref.down, torch.cat([u.to(dtype) for u in ups]), (ref.alpha if file_scale is None else None), folds
+    if any(m.down.dtype != ref.down.dtype for m in present):
+        raise UserError("the parts of one fused qkv LoRA have different down dtypes.")
+    r, h = max(m.rank for m in present), ref.up.shape[0]
+    downs, ups = [], []
+    for j, m in enumerate(parts):  # equal blocks, zero padded: what diffusers' kohya converter un-fuses
+        if m is None:
+            downs.append(ref.down.new_zeros(r, ref.down.shape[1]))
+            ups.append(ref.up.new_zeros(h, r))
+            continue
+        u = _fold(m.up, folds[j])
+        downs.append(torch.cat([m.down, m.down.new_zeros(r - m.rank, m.down.shape[1])]))
+        ups.append(torch.cat([u, u.new_zeros(h, r - m.rank)], 1))
+    dtype = reduce(torch.promote_types, [u.dtype for u in ups])
     return (torch.cat(downs), torch.block_diag(*[u.to(dtype) for u in ups]),
-            (s_file * r * len(parts) if file_scale is None else None), info)
-
-
-def _widest(ts: list[torch.Tensor]) -> torch.dtype:
-    return max((t.dtype for t in ts), key=lambda d: (torch.finfo(d).bits, d == torch.bfloat16))
+            (s_file * r * len(parts) if file_scale is None else None), folds)
 
 
 def _write_raw(lw: Mapping[str, LoraModule], layout: str, meta: dict[str, str], nd: int, ns: int):
@@ -434,7 +417,7 @@ def _write_raw(lw: Mapping[str, LoraModule], layout: str, meta: dict[str, str], 
         down, up, alpha, info = _fuse(parts, None if layout == "kohya" else 1.0)
         if bfl == ADALN:  # diffusers scale|shift -> BFL shift|scale
             up = torch.cat(up.chunk(2, 0)[::-1])
-        notes.update({names[j]: {"fold": f} for j, (f, _) in info.items()})
+        notes.update({names[j]: {"fold": f} for j, f in info.items()})
         if layout == "bfl":
             sd[f"diffusion_model.{bfl}.lora_A.weight"], sd[f"diffusion_model.{bfl}.lora_B.weight"] = down, up
         else:
@@ -481,9 +464,7 @@ def write_lora(lw: LoraWeights | Mapping[str, LoraModule], layout: str, num_doub
 def convert(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, to_layout: str,
             num_double: int | None = None, num_single: int | None = None):
     """A FLUX.2 LoRA state dict in any layout -> (state dict, metadata) in ``to_layout``; round trips are exact."""
-    nd, ns = _counts((k.removeprefix("diffusion_model.").removeprefix("transformer.") for k in state_dict),
-                     num_double, num_single)
-    return write_lora(read_lora(state_dict, metadata, nd, ns), to_layout, nd, ns)
+    return write_lora(read_lora(state_dict, metadata, num_double, num_single), to_layout, num_double, num_single)
 
 
 def delta_weights(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
