@@ -257,16 +257,26 @@ def test_comfy_rules_give_the_lora_model(world, layout):
     assert close(run(m, world["guidance"]), world["outs"]["full"])
 
 
-@pytest.mark.parametrize("layout", ["peft", "bfl", "kohya"])
+@pytest.mark.parametrize("layout", ["peft", "peft-generated", "bfl", "kohya"])
 def test_diffusers_loads_odd_alphas_ranks_and_missing_parts(world, layout, tmp_path):
     """Scale 1.5 (bfl stores B one dtype wider), per-module rank/alpha, a fused qkv with its k part missing
-    (a zero block in bfl/kohya): diffusers reads all of it."""
+    (a zero block in bfl/kohya): diffusers reads all of it. peft-generated: our own adapter config (rank_pattern,
+    alpha_pattern), not diffusers' kept verbatim."""
     guidance = world["guidance"]
     names = [t for t in targets(guidance, KOHYA_DROPPED) if not t.endswith("attn.to_k")]
     m = peft_model(world["base"], guidance, names, alpha=6, rank_pattern={"^transformer_blocks.1.attn.to_q": 2},
                    alpha_pattern={"^transformer_blocks.0.attn.to_v": 3})
     sd, meta = read_file(diffusers_file(tmp_path, m))
-    path = save(tmp_path / f"odd-{layout}.safetensors", *K.convert(sd, meta, layout, ND, NS))
+    if layout == "peft-generated":
+        lw = K.read_lora(sd, meta, ND, NS)
+        lw.metadata.pop(K.CONFIG_KEY)
+        out = K.write_lora(lw, "peft", ND, NS)
+        assert "rank_pattern" in out[1]["lora_adapter_metadata"] and out[1]["lora_adapter_metadata"] != meta[
+            "lora_adapter_metadata"]
+        layout = "peft"
+    else:
+        out = K.convert(sd, meta, layout, ND, NS)
+    path = save(tmp_path / f"odd-{layout}.safetensors", *out)
     loaded, log, injected = diffusers_load(world["base"], path)
     # from a fused qkv diffusers also injects the missing k part: a zero block, which changes nothing
     assert log == [] and injected == len(names) + (ND if layout != "peft" else 0)
@@ -362,24 +372,29 @@ def test_a_foreign_bfl_file_reads_at_scale_one():
                               rtol=1e-5, atol=1e-6)
 
 
-def test_musubi_dense_qkv_round_trips_and_loads(world, tmp_path):
-    """musubi trains the fused qkv as one linear: one down for q, k and v. Read, convert, write back: same bytes;
-    diffusers reads it as well."""
+@pytest.mark.parametrize("layout", ["kohya", "bfl"])
+def test_dense_qkv_round_trips_and_loads(world, tmp_path, layout):
+    """musubi (kohya keys, .alpha) and ai-toolkit (its BFL model's keys with diffusion_model., lora_A/B) train the
+    fused qkv as one linear: one down for q, k and v. Read, convert, write back: same bytes; diffusers reads it."""
     g = torch.Generator().manual_seed(5)
     sd = {}
     for i in range(ND):
         for side in ("img", "txt"):
-            key = f"lora_unet_double_blocks_{i}_{side}_attn_qkv"
-            sd[key + ".lora_down.weight"] = torch.randn(4, HID, generator=g)
-            sd[key + ".lora_up.weight"] = torch.randn(3 * HID, 4, generator=g)
-            sd[key + ".alpha"] = torch.tensor(2.0)
-    for dst in ("peft", "bfl"):
-        same_files(K.convert(*K.convert(sd, {}, dst, ND, NS), "kohya", ND, NS), (sd, {}))
+            if layout == "kohya":
+                key, dn, upn = f"lora_unet_double_blocks_{i}_{side}_attn_qkv", ".lora_down.weight", ".lora_up.weight"
+                sd[key + ".alpha"] = torch.tensor(2.0)
+            else:
+                key, dn, upn = f"diffusion_model.double_blocks.{i}.{side}_attn.qkv", ".lora_A.weight", ".lora_B.weight"
+            sd[key + dn] = torch.randn(4, HID, generator=g)
+            sd[key + upn] = torch.randn(3 * HID, 4, generator=g)
+    for dst in K.LAYOUTS:
+        same_files(K.convert(*K.convert(sd, {}, dst, ND, NS), layout, ND, NS), (sd, {}))
     deltas = K.delta_weights(sd, {}, ND, NS)
-    full = sd["lora_unet_double_blocks_1_txt_attn_qkv.lora_up.weight"] @ \
-        sd["lora_unet_double_blocks_1_txt_attn_qkv.lora_down.weight"] * 0.5
+    key = "double_blocks_1_txt_attn_qkv" if layout == "kohya" else "double_blocks.1.txt_attn.qkv"
+    full = sd[[k for k in sd if key in k and ("lora_up" in k or "lora_B" in k)][0]] @ \
+        sd[[k for k in sd if key in k and ("lora_down" in k or "lora_A" in k)][0]] * (0.5 if layout == "kohya" else 1)
     assert torch.allclose(deltas["transformer_blocks.1.attn.add_v_proj"], full[2 * HID:])
-    m, log, injected = diffusers_load(world["base"], save(tmp_path / "musubi.safetensors", sd, {}))
+    m, log, injected = diffusers_load(world["base"], save(tmp_path / "dense.safetensors", sd, {}))
     assert log == [] and injected == 3 * 2 * ND
     ref = copy.deepcopy(world["base"])
     with torch.no_grad():
