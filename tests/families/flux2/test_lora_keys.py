@@ -21,8 +21,9 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 ND, NS, HID = 2, 2, 16
-CFG = dict(patch_size=1, in_channels=8, num_layers=ND, num_single_layers=NS, attention_head_dim=8, num_attention_heads=2,
-           joint_attention_dim=12, timestep_guidance_channels=16, mlp_ratio=3.0, axes_dims_rope=(2, 2, 2, 2))
+CFG = dict(patch_size=1, in_channels=8, num_layers=ND, num_single_layers=NS, attention_head_dim=8,
+           num_attention_heads=2, joint_attention_dim=12, timestep_guidance_channels=16, mlp_ratio=3.0,
+           axes_dims_rope=(2, 2, 2, 2))
 # the linears diffusers' kohya converter drops (it warns "Unsupported keys"); musubi never trains them
 KOHYA_DROPPED = ("stream_modulation", "guidance_embedder", "norm_out.linear")
 
@@ -38,9 +39,10 @@ def base_model(guidance: bool) -> Flux2Transformer2DModel:
 
 def inputs(guidance: bool) -> dict:
     g = torch.Generator().manual_seed(1)
-    return dict(hidden_states=torch.randn(1, 4, 8, generator=g), encoder_hidden_states=torch.randn(1, 3, 12, generator=g),
-                timestep=torch.tensor([0.6]), img_ids=torch.stack([torch.zeros(4), torch.zeros(4), torch.arange(4.0) // 2,
-                                                                  torch.arange(4.0) % 2], 1),
+    pos = torch.arange(4.0)
+    return dict(hidden_states=torch.randn(1, 4, 8, generator=g),
+                encoder_hidden_states=torch.randn(1, 3, 12, generator=g), timestep=torch.tensor([0.6]),
+                img_ids=torch.stack([torch.zeros(4), torch.zeros(4), pos // 2, pos % 2], 1),  # (t, h, w, l)
                 txt_ids=torch.stack([torch.zeros(3)] * 3 + [torch.arange(3.0)], 1),
                 guidance=torch.tensor([3.5]) if guidance else None, return_dict=False)
 
@@ -143,7 +145,8 @@ def to_bfl_base(sd: dict) -> dict:
     for i in range(ND):
         for side, names in (("img", ("norm_q", "norm_k")), ("txt", ("norm_added_q", "norm_added_k"))):
             for bfl_norm, d in zip(("query_norm", "key_norm"), names):
-                out[f"double_blocks.{i}.{side}_attn.norm.{bfl_norm}.scale"] = sd[f"transformer_blocks.{i}.attn.{d}.weight"]
+                out[f"double_blocks.{i}.{side}_attn.norm.{bfl_norm}.scale"] = \
+                    sd[f"transformer_blocks.{i}.attn.{d}.weight"]
     for i in range(NS):
         for bfl_norm, d in (("query_norm", "norm_q"), ("key_norm", "norm_k")):
             out[f"single_blocks.{i}.norm.{bfl_norm}.scale"] = sd[f"single_transformer_blocks.{i}.attn.{d}.weight"]
