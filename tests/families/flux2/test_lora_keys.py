@@ -305,6 +305,18 @@ def test_delta_weights_merge_to_the_lora_model(world, layout):
     assert close(run(m, world["guidance"]), world["outs"]["full"])
 
 
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def test_bfl_deltas_merge_into_a_bfl_checkpoint(world, layout):
+    """naming='bfl': merged into the BFL checkpoint, converted by diffusers' own checkpoint converter."""
+    sd, meta = read_file(written(world, "full", layout))
+    bfl = to_bfl_base(world["base"].state_dict())
+    for name, d in K.delta_weights(sd, meta, ND, NS, naming="bfl").items():
+        bfl[name + ".weight"] = bfl[name + ".weight"] + d
+    m = copy.deepcopy(world["base"])
+    m.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(bfl))
+    assert close(run(m, world["guidance"]), world["outs"]["full"])
+
+
 # --------------------------------------------------------------------------------- (b) exact round trips
 def lora_sd(dtype, alpha=8, r=4, skip=(), **cfg):
     """A peft file's (state dict, metadata), written as diffusers writes it, in ``dtype``."""
@@ -468,6 +480,15 @@ def test_block_indices_decide_at_real_sizes():
     dbl = {"lora_unet_double_blocks_12_img_attn_qkv.lora_down.weight": torch.zeros(1)}
     sgl = {"lora_unet_single_blocks_40_linear2.lora_down.weight": torch.zeros(1)}
     assert K.lora_family(dbl)[0] == "flux1" and K.lora_family(sgl)[0] == "flux2"
+
+
+def test_diffusers_names_under_other_prefixes_read_as_peft():
+    down, up = torch.randn(2, HID), torch.randn(HID, 2)
+    for prefix in ("diffusion_model.", "base_model.model.", ""):
+        sd = {f"{prefix}transformer_blocks.1.attn.to_q.lora_A.weight": down,
+              f"{prefix}transformer_blocks.1.attn.to_q.lora_B.weight": up}
+        assert K.detect_layout(sd) == "peft"
+        assert torch.equal(K.read_lora(sd, {}, ND, NS)["transformer_blocks.1.attn.to_q"].up, up)
 
 
 def test_bad_input_is_one_line():

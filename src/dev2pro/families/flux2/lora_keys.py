@@ -19,16 +19,20 @@ BFL and diffusers paths differ in three ways (``module_map``): renames (``double
 ``norm_out.linear`` emits scale|shift, so B's row halves swap (diffusers 0.42.1's BFL-LoRA converter forgets this).
 Single blocks' linear1 is fused on both sides, so it needs nothing. A fused qkv LoRA is written as kohya's
 ``split_qkv`` saves it -- downs stacked, ups block-diagonal, alpha = part scale x total rank -- and read back by
-slicing, exactly; a dense fused LoRA (musubi trains qkv as one linear) becomes one shared down and row slices of up.
+slicing, exactly; a dense fused LoRA (musubi and ai-toolkit train BFL's qkv as one linear) becomes one shared down
+and row slices of up.
 
 Exactness: every conversion is checked by reading its own output back. What a layout cannot say (alpha in ``bfl``;
 part scales that differ inside one fused kohya module; an alpha a fp32 ``.alpha`` tensor cannot hold; padding of
 unequal part ranks) goes into one metadata key, ``dev2pro.lora_exact`` (JSON per diffusers module: alpha, rank, the
 factor folded into B and B's dtype), which readers of other tools ignore and ours consumes. Folding a scale into B
-is exact when the scale is a power of two; otherwise B is stored one dtype wider (bf16 -> fp32, fp32 -> fp64) so the
-division on the way back restores every bit. A diffusers adapter config is kept verbatim
-(``dev2pro.lora_adapter_metadata`` in the other layouts) and a kohya ``.alpha`` dtype other than fp32
-(``dev2pro.lora_alpha_dtype``), so peft -> bfl -> peft and kohya -> peft -> kohya give back the same bytes.
+is exact in B's dtype when the scale is a power of two (alpha = rank, 2 x rank, ...); when it is not, B is stored
+one dtype wider (bf16 -> fp32, fp32 -> fp64: diffusers and ComfyUI cast it on load) so that the division on the way
+back restores every bit. A diffusers adapter config is kept verbatim (``dev2pro.lora_adapter_metadata`` in the
+other layouts), and so is a kohya ``.alpha`` dtype other than fp32 (``dev2pro.lora_alpha_dtype``): peft -> bfl ->
+peft and kohya -> peft -> kohya give back the same bytes. Read, never written: ``diffusion_model.`` /
+``base_model.model.`` + diffusers names (as peft); ``diffusion_model.*.lora_down/up`` and ``.alpha`` keys in the BFL
+layout (ComfyUI reads both, diffusers neither).
 """
 
 from __future__ import annotations
@@ -116,15 +120,15 @@ def detect_layout(keys: Iterable[str]) -> str:
                         f"{sorted(keys)[:3]}")
     if any(k.startswith("lora_unet_") for k in keys):
         return "kohya"
-    bare = [k.removeprefix("transformer.").removeprefix("base_model.model.") for k in keys]
-    bfl_top = tuple(f"{b}." for b in (*_TOP, *_GUIDANCE)) + ("double_blocks.", "single_blocks.")  # '.lin.'
-    # not '.lin': diffusers' 'double_stream_modulation_img.linear' starts with BFL's '...img.lin'
-    if any(k.startswith("diffusion_model.") for k in keys) or any(k.startswith(bfl_top) for k in bare):
-        return "bfl"
+    bare = [re.sub(r"^(transformer|base_model\.model|diffusion_model)\.", "", k) for k in keys]
     diff_top = ("transformer_blocks.", "single_transformer_blocks.") + tuple(
         f"{d}." for d in (*_TOP.values(), *_GUIDANCE.values()))
-    if any(k.startswith(diff_top) for k in bare):
+    if any(k.startswith(diff_top) for k in bare):  # diffusers names, whatever the prefix (diffusers reads all)
         return "peft"
+    bfl_top = tuple(f"{b}." for b in (*_TOP, *_GUIDANCE)) + ("double_blocks.", "single_blocks.")  # '.lin.'
+    # not '.lin': diffusers' 'double_stream_modulation_img.linear' starts with BFL's '...img.lin'
+    if any(k.startswith(bfl_top) for k in bare):
+        return "bfl"
     raise UserError(f"not a FLUX.2 LoRA layout we know (peft transformer.*.lora_A/B, BFL diffusion_model.*, kohya "
                     f"lora_unet_*). First keys: {sorted(keys)[:3]}")
 
@@ -206,9 +210,8 @@ def _same(a: LoraModule, b: LoraModule) -> bool:
 def _group(sd: Mapping[str, torch.Tensor], layout: str) -> dict[str, dict]:
     """module (prefix stripped) -> {'down', 'up', 'alpha'}; text-encoder keys are skipped with a warning."""
     groups, skipped = {}, []
-    prefixes = {"peft": ("transformer.", "base_model.model.", ""), "bfl": ("diffusion_model.", "base_model.model.",
-                                                                          "transformer.", ""),
-                "kohya": ("lora_unet_",)}[layout]
+    prefixes = {"peft": ("transformer.", "base_model.model.", "diffusion_model.", ""),
+                "bfl": ("diffusion_model.", "base_model.model.", "transformer.", ""), "kohya": ("lora_unet_",)}[layout]
     for key, t in sd.items():
         if key.startswith(_TEXT_ENCODER):
             skipped.append(key)
@@ -467,10 +470,22 @@ def convert(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] 
     return write_lora(read_lora(state_dict, metadata, num_double, num_single), to_layout, num_double, num_single)
 
 
-def delta_weights(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                  num_double: int | None = None, num_single: int | None = None,
+def delta_weights(state_dict: Mapping[str, torch.Tensor] | LoraWeights, metadata: Mapping[str, str] | None = None,
+                  num_double: int | None = None, num_single: int | None = None, naming: str = "diffusers",
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """diffusers module path -> dense weight delta up @ down * alpha / rank (computed in fp32), for any layout:
-    add ``delta_weights(...)[name]`` to ``<name>.weight`` of a diffusers FLUX.2 transformer to merge the LoRA."""
-    lw = read_lora(state_dict, metadata, num_double, num_single)
-    return {n: (m.up.float() @ m.down.float() * m.scale).to(dtype) for n, m in lw.items()}
+    """Module path -> dense weight delta up @ down * alpha / rank (computed in fp32), for a LoRA state dict of any
+    layout (or LoraWeights): add ``[name]`` to ``<name>.weight`` to merge it. ``naming='bfl'`` gives the deltas of
+    a BFL/ComfyUI checkpoint's weights: q|k|v stacked (a missing part is zeros), the final adaLN's halves swapped."""
+    lw = state_dict if isinstance(state_dict, LoraWeights) else read_lora(state_dict, metadata, num_double, num_single)
+    deltas = {n: (m.up.float() @ m.down.float() * m.scale).to(dtype) for n, m in lw.items()}
+    if naming == "diffusers":
+        return deltas
+    if naming != "bfl":
+        raise ValueError(f"naming must be 'diffusers' or 'bfl', not {naming!r}")
+    out = {}
+    for bfl, names in module_map(*_counts(lw, num_double, num_single)).items():
+        have = [deltas[n] for n in names if n in deltas]
+        if have:
+            d = torch.cat([deltas.get(n, torch.zeros_like(have[0])) for n in names])
+            out[bfl] = torch.cat(d.chunk(2)[::-1]) if bfl == ADALN else d
+    return out
