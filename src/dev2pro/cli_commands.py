@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .schemas import DedistillConfig, TrainConfig, load_dedistill_config, load_train_config  # torch-free
 
 SAMPLE_MODES = GUIDANCE_MODES
+TINY_FAMILIES = ("flux1", "flux2-klein", "flux2-dev")
 OVERWRITE_HELP = "replace an existing output (without it, existing outputs are never touched)"
 PICKLE_HELP = "allow .ckpt/.pt files (unpickling can run code: only for files you trust)"
 
@@ -62,17 +63,22 @@ def hidden_alias(p: argparse.ArgumentParser, flag: str, dest: str, **kw) -> None
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def add_init_tiny(sub):
-    p = sub.add_parser("init-tiny", help="write a tiny random-weight model folder in the FLUX.1-dev diffusers layout")
+    p = sub.add_parser("init-tiny", help="write a tiny random-weight model folder in a real diffusers layout "
+                                         "(FLUX.1-dev, FLUX.2 klein or FLUX.2 dev)")
     p.add_argument("dir", help="folder to create (missing parents are created)")
-    p.add_argument("--variant", choices=["dev", "pro"], default="dev",
-                   help="dev: with guidance embedding (guidance-distilled); pro: without (true CFG)")
+    p.add_argument("--family", choices=TINY_FAMILIES, default="flux1",
+                   help="flux1 (FluxPipeline), flux2-klein (Flux2KleinPipeline, Qwen3) or flux2-dev (Flux2Pipeline, "
+                        "Mistral3)")
+    p.add_argument("--variant", choices=["dev", "pro", "base", "distilled"], default=None,
+                   help="flux1: dev (guidance embedding, default) | pro (none, true CFG); flux2-klein: base "
+                        "(undistilled, true CFG, default) | distilled (4 steps, no CFG)")
     p.add_argument("--seed", type=bounded_int(), default=0, help="seed of the random weights (default 0)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     def run(a):
         from .recipes.checkpoint_tools import init_tiny
         make_parent(a.dir)
-        init_tiny(a.dir, a.variant, a.seed, a.overwrite)
+        init_tiny(a.dir, a.variant, a.seed, a.overwrite, family=a.family)
     p.set_defaults(run=run)
 
 

@@ -241,6 +241,7 @@ def test_samples_on_a_swapped_inference_base_equal_unswapped(tmp_path, tiny_dev_
 
 def test_too_many_swapped_blocks_is_refused_before_data_caching(tmp_path, tiny_dev_dir, sk_images):
     """blocks_to_swap above the checkpoint's blocks: one error naming the range, and no latent was cached."""
+    from dev2pro.errors import UserError
     from dev2pro.recipes.train_lora import train
     from dev2pro.schemas import load_train_config
 

@@ -41,6 +41,10 @@ class Family:
     transformer_class: str  # the diffusers class name (config.json "_class_name")
     blocks: Callable[[object], list]  # model -> repeated blocks in execution order (double, then single)
     model_inputs: Callable[..., dict]  # see flux1.model_inputs: the transformer's keyword arguments
+    # (spec, file path, header metadata) -> spec: what the keys cannot tell (FLUX.2 klein: Base or distilled)
+    refine_spec: Callable[[object, object, Mapping[str, str]], object] = lambda spec, path, metadata: spec
+    describe_variant: Callable[[object], str] = lambda spec: ""  # one line for `inspect`: what it is, how to sample
+    modelspec: Callable[[object], dict] = lambda spec: {}  # the ``modelspec.*`` header metadata of an export
 
     def __str__(self) -> str:
         return self.title
@@ -49,7 +53,8 @@ class Family:
 def _registry() -> dict[str, Family]:
     # imported here: the family modules import flux.keys/spec, which import this package's errors only
     from .flux1 import FAMILY as FLUX1
-    return {f.name: f for f in (FLUX1,)}
+    from .flux2.family import FAMILY as FLUX2
+    return {f.name: f for f in (FLUX1, FLUX2)}
 
 
 FAMILY_NAMES = FAMILIES  # == tuple(families()) (a test checks); torch-free for the config schemas

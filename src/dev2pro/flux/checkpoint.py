@@ -70,9 +70,10 @@ class Checkpoint:
         if "dev2pro.axes_dim" in self.metadata:
             axes = json.loads(self.metadata["dev2pro.axes_dim"])
         if self.config:
-            return self.family.spec_from_config(self.config)
+            return self.family.refine_spec(self.family.spec_from_config(self.config), self.path, self.metadata)
         try:
-            return self.family.spec_from_shapes(self.shapes, self.key_layout, axes)
+            return self.family.refine_spec(self.family.spec_from_shapes(self.shapes, self.key_layout, axes),
+                                           self.path, self.metadata)
         except KeyError as e:
             raise CheckpointError(f"{self.path} lacks {e.args[0]}, which sizes the model: the checkpoint is "
                                   f"incomplete") from None
@@ -411,11 +412,14 @@ def conversion_entries(ckpt: Checkpoint, layout: str, dtype: str | None, policy:
     if any_scale:
         marker = fp8mod.scaled_fp8_marker(torch.float8_e4m3fn)
         entries.insert(0, (prefix + "scaled_fp8", marker.dtype, tuple(marker.shape), lambda: marker))
-    spec = ckpt.spec().with_(guidance_embeds=ckpt.spec().guidance_embeds and not drop_guidance)
+    spec = ckpt.spec()
+    if drop_guidance and spec.guidance_embeds:
+        if ckpt.family.name != "flux1":
+            raise UserError(f"--drop-guidance is for FLUX.1 (a pro-like file without guidance embedding); "
+                            f"{ckpt.path} is {ckpt.family.title}")
+        spec = spec.with_(guidance_embeds=False)
     meta = {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "flux-1-dev" if spec.guidance_embeds else "flux-1-dev/de-distilled",
-        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        **ckpt.family.modelspec(spec),
         "dev2pro.layout": layout,
         "dev2pro.dtype": dtype or "keep",
         "dev2pro.dtype_policy": policy.describe() if quant else "none",
@@ -468,7 +472,9 @@ def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrit
     """A transformer folder diffusers' ``from_pretrained`` reads: config.json + (sharded) safetensors."""
     spec = ckpt.spec()
     has_guidance = any("guidance_embedder" in e[0] for e in entries)
-    config = {"_class_name": "FluxTransformer2DModel", **spec.with_(guidance_embeds=has_guidance).diffusers_config()}
+    if has_guidance != spec.guidance_embeds:  # --drop-guidance (FLUX.1 only)
+        spec = spec.with_(guidance_embeds=has_guidance)
+    config = {"_class_name": ckpt.family.transformer_class, **spec.diffusers_config()}
     shards, current, size = [], [], 0
     for e in entries:
         n = tensor_nbytes(e[1], e[2])
@@ -504,6 +510,6 @@ def _check_not_other_component(dst: Path) -> None:
         cls = json.loads((dst / "config.json").read_text()).get("_class_name") if dst.is_dir() else None
     except (OSError, ValueError, AttributeError):
         return
-    if cls and cls != "FluxTransformer2DModel":
+    if cls and cls not in {f.transformer_class for f in families.families().values()}:
         raise UserError(f"{dst} holds a {cls} (its config.json), not a Flux transformer: refusing to replace it "
                         f"(nothing was deleted). Choose a new folder")

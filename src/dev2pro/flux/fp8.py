@@ -112,11 +112,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "norms": (r"\.(query_norm|key_norm)(\.|$)", r"\.norm_(added_)?[qk](\.|$)"),
     "biases": (r"\.bias$",),
     "embedders": (r"^(img_in|txt_in|time_in|vector_in|guidance_in)(\.|$)",
-                  r"^(x_embedder|context_embedder|time_text_embed)(\.|$)"),
+                  r"^(x_embedder|context_embedder|time_text_embed|time_guidance_embed)(\.|$)"),  # FLUX.2: last
     "modulation": (r"^double_blocks\.\d+\.(img|txt)_mod\.lin(\.|$)", r"^single_blocks\.\d+\.modulation\.lin(\.|$)",
                    r"^final_layer\.adaLN_modulation\.1(\.|$)",
                    r"^transformer_blocks\.\d+\.norm1(_context)?\.linear(\.|$)",
-                   r"^single_transformer_blocks\.\d+\.norm\.linear(\.|$)", r"^norm_out\.linear(\.|$)"),
+                   r"^single_transformer_blocks\.\d+\.norm\.linear(\.|$)", r"^norm_out\.linear(\.|$)",
+                   r"^(double_stream_modulation_(img|txt)|single_stream_modulation)\.(lin|linear)(\.|$)"),  # FLUX.2
     # BFL final_layer.*, diffusers norm_out.* and the top-level proj_out (not single blocks' proj_out)
     "final": (r"^(final_layer|norm_out|proj_out)(\.|$)",),
 }

@@ -22,7 +22,7 @@ def tensor_group(key: str) -> str:
     if key.endswith(".scale") or "norm_q" in key or "norm_k" in key or "norm_added" in key:
         return "norms"
     if key.startswith(("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "x_embedder", "context_embedder",
-                       "time_text_embed")):
+                       "time_text_embed", "time_guidance_embed")):
         return "embedders"
     if key.startswith(("final_layer", "norm_out", "proj_out")):
         return "final"
@@ -54,10 +54,9 @@ def describe(ckpt: Checkpoint) -> dict:
         "path": str(ckpt.path),
         "layout": ckpt.layout,
         "key_prefix": ckpt.prefix,
+        "family": ckpt.family.name,
         "variant": spec.variant,
-        "variant_detail": ("guidance-distilled (guidance_in present): dev-like, sample with embedded guidance"
-                           if spec.guidance_embeds else
-                           "no guidance embedding: schnell or de-distilled without guidance, sample with true CFG"),
+        "variant_detail": ckpt.family.describe_variant(spec),
         "guidance_embeds": spec.guidance_embeds,
         "double_blocks": spec.num_double,
         "single_blocks": spec.num_single,

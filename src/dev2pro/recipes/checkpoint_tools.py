@@ -7,15 +7,36 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..flux import checkpoint as ckptmod
 from ..flux.fp8 import Fp8Policy
 
 
-def init_tiny(out_dir: str, variant: str = "dev", seed: int = 0, overwrite: bool = False) -> Path:
-    from ..flux.tiny import write_tiny_model  # lazy: loads diffusers + transformers (~3 s); inspect/convert don't
+_TINY_VARIANTS = {"flux1": ("dev", "pro"), "flux2-klein": ("base", "distilled"), "flux2-dev": ("dev",)}
 
-    path = write_tiny_model(Path(out_dir), variant=variant, seed=seed, overwrite=overwrite)
-    print(f"wrote tiny {variant} model folder to {path} (loadable with diffusers FluxPipeline.from_pretrained)")
+
+def init_tiny(out_dir: str, variant: str | None = None, seed: int = 0, overwrite: bool = False,
+              family: str = "flux1") -> Path:
+    """A tiny random-weight model folder of ``family`` (flux1 | flux2-klein | flux2-dev) and ``variant``."""
+    allowed = _TINY_VARIANTS.get(family)
+    if allowed is None:
+        raise UserError(f"--family {family}: choose one of {', '.join(_TINY_VARIANTS)}")
+    variant = variant or allowed[0]
+    if variant not in allowed:
+        raise UserError(f"--variant {variant} is not a {family} variant: choose {' or '.join(allowed)}")
+    # lazy: loads diffusers + transformers (~3 s); inspect/convert don't
+    if family == "flux1":
+        from ..flux.tiny import write_tiny_model
+
+        path = write_tiny_model(Path(out_dir), variant=variant, seed=seed, overwrite=overwrite)
+        print(f"wrote tiny {variant} model folder to {path} (loadable with diffusers FluxPipeline.from_pretrained)")
+        return path
+    from ..families.flux2.tiny import write_tiny
+
+    name = "dev" if family == "flux2-dev" else f"klein-{variant}"
+    path = write_tiny(Path(out_dir), variant=name, seed=seed, overwrite=overwrite)
+    pipeline = "Flux2Pipeline" if family == "flux2-dev" else "Flux2KleinPipeline"
+    print(f"wrote tiny FLUX.2 {name} model folder to {path} (loadable with diffusers {pipeline}.from_pretrained)")
     return path
 
 
@@ -25,6 +46,7 @@ def inspect(path: str, as_json: bool = False, allow_pickle: bool = False) -> dic
         print(json.dumps(info, indent=2))
         return info
     print(f"{info['path']}")
+    print(f"  family      {info['family']}")
     print(f"  layout      {info['layout']}" + (f" (key prefix '{info['key_prefix']}')" if info["key_prefix"] else ""))
     print(f"  variant     {info['variant']}: {info['variant_detail']}")
     print(f"  blocks      {info['double_blocks']} double + {info['single_blocks']} single, hidden {info['hidden']},"

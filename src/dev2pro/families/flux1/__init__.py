@@ -7,6 +7,7 @@ and per-block modulations (``img_mod`` / ``norm1.linear``), which FLUX.2 has nei
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -15,18 +16,15 @@ from ...flux import keys as keymod
 from ...flux import spec as specmod
 from .. import Family
 
-_MARKERS = ("vector_in.", "time_text_embed.text_embedder.", "time_text_embed.timestep_embedder.", "time_in.")
-_BLOCK_MARKERS = (".img_mod.lin.", ".norm1.linear.", ".modulation.lin.", ".norm.linear.")
+_MARKERS = ("vector_in.", "time_text_embed.")  # CLIP's pooled vector; FLUX.2 has time_guidance_embed
+_BLOCK_MARKERS = re.compile(r"^(double_blocks\.\d+\.(img|txt)_mod\.lin|transformer_blocks\.\d+\.norm1(_context)?\.linear|"
+                            r"single_blocks\.\d+\.modulation\.lin|single_transformer_blocks\.\d+\.norm\.linear)\.")
 
 
 def claims(keys: Iterable[str]) -> bool:
-    """FLUX.1's own keys: the pooled-text/time embedders or per-block modulations."""
-    for k in keys:
-        if k.startswith(_MARKERS) or k.startswith(("double_blocks.", "transformer_blocks.", "single_blocks.",
-                                                   "single_transformer_blocks.")) and any(m in k for m in
-                                                                                          _BLOCK_MARKERS):
-            return True
-    return False
+    """FLUX.1's own keys: the pooled-text embedder, per-block modulations, or biases (FLUX.2 has none)."""
+    return any(k.startswith(_MARKERS) or _BLOCK_MARKERS.match(k) or k in ("img_in.bias", "x_embedder.bias")
+               for k in keys)
 
 
 def spec_from_shapes(shapes: Mapping[str, Sequence[int]], layout: str, axes_dim: Sequence[int] | None = None):
@@ -51,6 +49,18 @@ def model_inputs(x_t: torch.Tensor, sigmas: torch.Tensor, text: Mapping[str, tor
                 txt_ids=text_ids(pe.shape[1], device=device), img_ids=image_ids(h, w, device=device))
 
 
+def describe_variant(spec) -> str:
+    return ("guidance-distilled (guidance_in present): dev-like, sample with embedded guidance"
+            if spec.guidance_embeds else
+            "no guidance embedding: schnell or de-distilled without guidance, sample with true CFG")
+
+
+def modelspec(spec) -> dict:
+    return {"modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": "flux-1-dev" if spec.guidance_embeds else "flux-1-dev/de-distilled",
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux"}
+
+
 FAMILY = Family(
     name="flux1", title="FLUX.1",
     probes={"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
@@ -62,4 +72,6 @@ FAMILY = Family(
     transformer_class="FluxTransformer2DModel",
     blocks=blocks,
     model_inputs=model_inputs,
+    describe_variant=describe_variant,
+    modelspec=modelspec,
 )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import ClassVar, Iterable, Mapping, Sequence
 
 import torch
 
@@ -63,6 +63,8 @@ TEXT_ENCODERS = {
 @dataclass(frozen=True)
 class Flux2Spec:
     """Sizes of a FLUX.2 transformer (BFL naming in comments) plus its variant and text stack."""
+
+    family: ClassVar[str] = "flux2"  # the ``families`` entry that builds and maps it
 
     hidden: int = 6144  # img_in out / inner dim
     num_heads: int = 48

@@ -1,0 +1,99 @@
+"""FLUX.2 as a ``families.Family``: its key tables, sizes and transformer inputs for the family-agnostic code.
+
+The transformer reads packed tokens (FLUX.1's ``pack`` of our stored latents, see ``latents``), the stacked text
+hidden states, sigmas, 4-axis position ids for both (t, h, w, layer) and -- FLUX.2 dev only -- a guidance value.
+There is no pooled text vector.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from .. import Family
+from . import keys as keymod
+from . import spec as specmod
+
+_MARKERS = ("single_stream_modulation.", "double_stream_modulation_img.", "double_stream_modulation_txt.")
+
+
+def claims(keys: Iterable[str]) -> bool:
+    """FLUX.2's own keys: the three modulations shared by all blocks."""
+    return any(k.startswith(_MARKERS) for k in keys)
+
+
+def spec_from_shapes(shapes: Mapping[str, Sequence[int]], layout: str, axes_dim: Sequence[int] | None = None):
+    return specmod.detect(shapes, axes_dim=axes_dim)
+
+
+def refine_spec(spec, path: Path, metadata: Mapping[str, str]):
+    """What the keys cannot tell -- klein Base or distilled -- from the file's metadata or its model folder."""
+    if not spec.is_klein or spec.variant != specmod.KLEIN_UNKNOWN:
+        return spec
+    variant = specmod.variant_from_metadata(metadata)
+    for folder in (path, path.parent):  # a model folder, or its transformer/ subfolder
+        if variant is None and (folder / "model_index.json").is_file():
+            variant = specmod.variant_from_folder(folder)
+    return spec.with_variant(variant) if variant else spec
+
+
+def blocks(model) -> list:
+    """Double blocks, then single blocks (diffusers' execution order)."""
+    model = getattr(model, "module", model)
+    return list(model.transformer_blocks) + list(model.single_transformer_blocks)
+
+
+def model_inputs(x_t: torch.Tensor, sigmas: torch.Tensor, text: Mapping[str, torch.Tensor], h: int, w: int,
+                 guidance: torch.Tensor | None, device, dtype) -> dict:
+    """Keyword arguments of ``Flux2Transformer2DModel.forward`` for packed tokens ``x_t`` (B, T, 128) of a stored
+    latent (h, w) (``latents``), sigmas (B,), stacked text ``prompt_embeds`` (B, L, D); ``guidance`` (B,) or None."""
+    from .latents import image_ids
+
+    pe = text["prompt_embeds"]
+    b, n = pe.shape[0], pe.shape[1]
+    txt_ids = torch.zeros(b, n, 4, dtype=torch.long)
+    txt_ids[..., 3] = torch.arange(n)  # (t, h, w, l) = (0, 0, 0, i): Flux2KleinPipeline._prepare_text_ids
+    return dict(hidden_states=x_t.to(device, dtype), encoder_hidden_states=pe.to(device, dtype),
+                timestep=sigmas.to(device, dtype), guidance=guidance, txt_ids=txt_ids.to(device),
+                img_ids=image_ids(h, w, x_t.shape[0], device=device))
+
+
+def describe_variant(spec) -> str:
+    size = spec.size_name
+    if spec.variant == "dev":
+        return f"FLUX.2 dev ({size}): guidance-distilled (guidance_in present), sample with embedded guidance ~4"
+    if spec.variant == "klein-base":
+        return f"FLUX.2 klein Base ({size}): undistilled, for LoRA training; sample with true CFG ~4, ~50 steps"
+    if spec.variant == "klein-distilled":
+        return f"FLUX.2 klein distilled ({size}): step-distilled, sample with 4 steps and no CFG"
+    return (f"FLUX.2 klein ({size}): Base and distilled share their keys; say which with model_index.json's "
+            f"is_distilled (a diffusers folder) or convert with dev2pro, which records it")
+
+
+def modelspec(spec) -> dict:
+    meta = {"modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": "flux-2-dev" if spec.variant == "dev" else f"flux-2-{spec.size_name}",
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux2"}
+    if spec.variant in specmod.VARIANTS:
+        meta[specmod.VARIANT_METADATA_KEY] = spec.variant
+    return meta
+
+
+FAMILY = Family(
+    name="flux2", title="FLUX.2",
+    probes={"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
+    claims=claims,
+    tensor_pieces=lambda shapes, layout: keymod.pieces_for_shapes(shapes, layout),
+    spec_from_shapes=spec_from_shapes,
+    spec_from_config=specmod.spec_from_diffusers_config,
+    build_transformer=specmod.build_transformer,
+    transformer_class="Flux2Transformer2DModel",
+    blocks=blocks,
+    model_inputs=model_inputs,
+    refine_spec=refine_spec,
+    describe_variant=describe_variant,
+    modelspec=modelspec,
+)
