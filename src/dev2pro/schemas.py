@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from .choices import (COMPUTE_DTYPES, EXPORT_FORMATS, GUIDANCE_MODES, LORA_TARGETS, MIXED_PRECISION, OBJECTIVES,
+from .choices import (COMPUTE_DTYPES, EXPORT_FORMATS, FAMILIES, GUIDANCE_MODES, LORA_TARGETS, MIXED_PRECISION, OBJECTIVES,
                       OPTIMIZERS, SCHEDULES, TIMESTEP_MODES)
 from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, parse_size, require, resolve_size,
                      section)
@@ -31,6 +31,7 @@ class ModelBase:
                     path=True)
     transformer: str = opt("", "optional transformer file overriding the folder's (e.g. a dev2pro fp8 file)",
                            path=True)
+    family: str = opt("auto", "model family: auto (from the checkpoint's keys), flux1 or flux2", ("auto", *FAMILIES))
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed for fp8 to pay off)")
     fp8_storage: bool = opt(False, "store base weights in fp8 (bf16 compute); lowers memory with checkpointing")
     t5_max_length: int = opt(512, "T5 tokens: 512 for dev and de-distilled bases (kohya's 256 is schnell's)")
@@ -41,7 +42,7 @@ class ModelBase:
         require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
 
 
-@ordered("path", "transformer", "inference_base", "adapter", "adapter_scale", "dtype", "fp8_storage", "fp8_keep",
+@ordered("path", "transformer", "family", "inference_base", "adapter", "adapter_scale", "dtype", "fp8_storage", "fp8_keep",
          "gradient_checkpointing", "blocks_to_swap", "vram", "text_encoder", "text_encoder_dtype", "vae_tiling",
          "t5_max_length", "allow_pickle")
 @dataclass
@@ -70,7 +71,7 @@ class ModelSection(ModelBase):
         require(self.vram in (0, 8, 12, 16, 24, 48), f"vram = {self.vram}: choose 8, 12, 16, 24 or 48 (GB), or 0")
 
 
-@ordered("path", "transformer", "teacher", "gradient_checkpointing", "fp8_storage", "t5_max_length", "allow_pickle")
+@ordered("path", "transformer", "family", "teacher", "gradient_checkpointing", "fp8_storage", "t5_max_length", "allow_pickle")
 @dataclass
 class DedistillModel(ModelBase):
     transformer: str = opt("", "start weights (any layout); empty = the folder's transformer", path=True)

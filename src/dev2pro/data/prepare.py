@@ -1,6 +1,6 @@
 """Training data ready for a loop: image folders encoded once into the latent/text cache, or `dev2pro cache` shards,
 plus the sample prompts' embeddings -- after which the VAE goes to the CPU and the text encoders are freed, before
-the transformer arrives on the device.
+the transformer arrives on the device. The model family (``families``) says which text stack and VAE encode them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ..flux.latents import encode_images, load_vae
-from ..text import Embeds, encode_texts, encoder_identity, free_memory, load_text_encoders, text_encoder
+from .. import families
+from ..families import Family
+from ..text import Embeds, encoder_identity, free_memory
 from .buckets import assign_bucket, make_buckets
 from .cache import cache_latents, cache_text, load_cached
 from .folders import DatasetFolder, scan_dataset
@@ -52,34 +53,38 @@ class FolderOptions:
 def load_training_data(model_dir: Path, device, *, folders: Sequence[DatasetFolder] = (), shards: str = "",
                        options: FolderOptions = FolderOptions(), cache_dir: Path | None = None,
                        t5_max_length: int = 512, prompts: Sequence[str] = (), negative: str = "",
-                       text_device=None, text_dtype: torch.dtype = torch.float32) -> TrainingData:
+                       text_device=None, text_dtype: torch.dtype = torch.float32,
+                       family: Family | None = None) -> TrainingData:
     """Folders (latents and text cached in ``cache_dir``) or shards (an ``index.json``), and sample embeddings.
 
     The text encoders run on ``text_device`` (default ``device``) in ``text_dtype``; the VAE on ``device``.
+    ``family``: whose text stack and VAE (FLUX.1's by default); ``t5_max_length``: its text length in tokens.
     """
     text_device = device if text_device is None else text_device
+    family = family or families.get("flux1")
     if shards:
-        return _from_shards(Path(model_dir), shards, device, text_device, text_dtype, prompts, negative, options)
+        return _from_shards(Path(model_dir), shards, device, text_device, text_dtype, prompts, negative, options,
+                            family)
     return _from_folders(Path(model_dir), list(folders), options, Path(cache_dir), device, text_device, text_dtype,
-                         t5_max_length, prompts, negative)
+                         t5_max_length, prompts, negative, family)
 
 
 def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOptions, cache_dir: Path, device,
-                  text_device, text_dtype, t5_len: int, prompts, negative: str) -> TrainingData:
+                  text_device, text_dtype, t5_len: int, prompts, negative: str, fam: Family) -> TrainingData:
     buckets = make_buckets(o.resolution * o.resolution, step=o.bucket_step)
     items = scan_dataset(folders, default_caption=o.default_caption or None, trigger=o.trigger or None,
                          min_size=o.min_size, strict=o.strict, buckets=buckets)
     sizes = [assign_bucket(*(it.size if it.size else _image_size(it.path)), buckets) for it in items]
-    pipe = load_text_encoders(model_dir, text_device, text_dtype)  # first: it names a folder that is no model
-    vae = load_vae(model_dir, device)
+    pipe = fam.load_text(model_dir, text_device, text_dtype)  # first: it names a folder that is no model
+    vae = fam.load_vae(model_dir, device)
     enc_id = encoder_identity(model_dir)
     latent_paths = cache_latents([(it.path, s) for it, s in zip(items, sizes)],
-                                 lambda px: encode_images(vae, px).cpu(), f"vae:{enc_id}", cache_dir)
-    settings = {"t5_max_length": t5_len}
+                                 lambda px: fam.encode_images(vae, px).cpu(), f"vae:{enc_id}", cache_dir)
+    settings = fam.text_settings(pipe, t5_len)
     if text_dtype != torch.float32:  # bf16 embeddings are other values: they get their own cache entries
         settings["text_encoder_dtype"] = str(text_dtype).removeprefix("torch.")
     extra = ["", *prompts] + ([negative] if negative else [])
-    text_paths = cache_text([it.caption for it in items] + extra, text_encoder(pipe, text_device, t5_len),
+    text_paths = cache_text([it.caption for it in items] + extra, fam.text_encoder(pipe, text_device, t5_len),
                             f"text:{enc_id}", settings, cache_dir)
     components = {"vae": vae.to("cpu"), "scheduler": pipe.scheduler}
     pipe = None  # the encoders are not needed again: free them before the transformer arrives
@@ -87,34 +92,32 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
     entries = [CacheEntry(lp, text_paths[it.caption], it.caption, it.repeats) for it, lp in zip(items, latent_paths)]
 
     def embeds_of(text):
-        t = load_cached(text_paths[text])
-        return t["prompt_embeds"][None], t["pooled"][None]
+        return fam.embeds_of(load_cached(text_paths[text]))
 
     return TrainingData(CachedDataset(entries), load_cached(text_paths[""]), [embeds_of(p) for p in prompts],
                         embeds_of(negative), components)
 
 
 def _from_shards(model_dir: Path, shards: str, device, text_device, text_dtype, prompts, negative: str,
-                 o: FolderOptions) -> TrainingData:
+                 o: FolderOptions, fam: Family) -> TrainingData:
     """Pre-encoded shards: no VAE pass; the encoders load only to embed the sample prompts."""
     dataset = ShardDataset(shards)
     empty = dataset.empty_text()
     if o.trigger or o.default_caption:
         log.warning("data.trigger/default_caption do not apply to shards: their captions were encoded by "
                     "`dev2pro cache`")
-    data = TrainingData(dataset, empty, [], (empty["prompt_embeds"][None], empty["pooled"][None]))
+    data = TrainingData(dataset, empty, [], fam.embeds_of(empty))
     if prompts:
-        pipe = load_text_encoders(model_dir, text_device, text_dtype)
-        t5_len = empty["prompt_embeds"].shape[0]  # the shards' T5 length
+        pipe = fam.load_text(model_dir, text_device, text_dtype)
+        encode = fam.text_encoder(pipe, text_device, empty["prompt_embeds"].shape[0])  # the shards' text length
 
         def embeds_of(text):
-            t = encode_texts(pipe, [text], t5_len, text_device)
-            return t["prompt_embeds"], t["pooled"]
+            return fam.embeds_of({k: v[0] for k, v in encode([text]).items()})
 
         data.sample_embeds = [embeds_of(p) for p in prompts]
         if negative:
             data.negative = embeds_of(negative)
-        data.components = {"vae": load_vae(model_dir), "scheduler": pipe.scheduler}
+        data.components = {"vae": fam.load_vae(model_dir), "scheduler": pipe.scheduler}
         pipe = None
         free_memory(device)
     return data

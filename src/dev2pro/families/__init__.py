@@ -8,7 +8,9 @@ A ``Family`` (the idea of BFL's ``ModelSpec`` and torchtune's per-family builder
 - **sizes**: the spec read off shapes or a diffusers ``config.json``, and the diffusers transformer built from it;
 - **blocks**: the repeated blocks in execution order (block swap, FSDP wrap, checkpointing);
 - **inputs**: what the transformer reads besides latents and guidance (text, ids), so ``objectives.predict``
-  stays one call site for every family.
+  stays one call site for every family;
+- **data**: the text stack (load, encode captions into the cached format, what keys that cache) and the VAE
+  (load, encode pixels into stored latents that FLUX.1's 2x2 ``pack`` turns into the family's tokens).
 
 Everything family-agnostic (reading safetensors headers, fp8, streaming writes, the training loop) stays where it
 is and asks the family. A new family is a sub-package here plus one line in ``FAMILIES``. Detection is by keys,
@@ -45,6 +47,18 @@ class Family:
     refine_spec: Callable[[object, object, Mapping[str, str]], object] = lambda spec, path, metadata: spec
     describe_variant: Callable[[object], str] = lambda spec: ""  # one line for `inspect`: what it is, how to sample
     modelspec: Callable[[object], dict] = lambda spec: {}  # the ``modelspec.*`` header metadata of an export
+    # data: text stack and VAE of a model folder (see flux1 for the reference implementations)
+    load_text: Callable[..., object] = None  # (model_dir, device, dtype) -> text-only pipeline (+ .scheduler)
+    text_encoder: Callable[..., Callable] = None  # (pipe, device, max_length) -> captions -> {name: (B, ...)}
+    text_settings: Callable[..., dict] = None  # (pipe, max_length) -> what besides the files keys the text cache
+    embeds_of: Callable[[Mapping], tuple] = None  # one cached record -> (prompt_embeds (1, L, D), pooled or None)
+    load_vae: Callable[..., object] = None  # (model_dir, device, dtype) -> VAE
+    encode_images: Callable[..., object] = None  # (vae, pixels in [-1, 1]) -> stored latents (B, C, H/8, W/8)
+    lora_targets: Callable[..., list] = None  # (preset, n_double, n_single, extras, double, single, guidance)
+    # sampling: (components {vae, scheduler}, transformer, distilled=False) -> diffusers pipeline; and
+    # render(pipe, embeds, seeds, guidance, *, negative, steps, width, height) -> PIL images (``sampling.render``)
+    build_pipeline: Callable[..., object] = None
+    render: Callable[..., list] = None
 
     def __str__(self) -> str:
         return self.title

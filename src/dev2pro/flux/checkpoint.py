@@ -251,15 +251,16 @@ def _from_headers(path: Path, headers: Mapping[Path, dict], state: dict | None =
 # ------------------------------------------------------------------------------------------------ loading
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, fp8_storage: bool = False,
                      policy: "fp8mod.Fp8Policy | None" = None, scaled: bool = True, allow_pickle: bool = False,
-                     guidance_embeds: bool | None = None):
+                     guidance_embeds: bool | None = None, family: str | None = None):
     """Load a checkpoint into diffusers' FluxTransformer2DModel. Returns (model, Checkpoint).
 
     ``fp8_storage``: weights the policy quantises are kept (or put) in fp8 with ``dtype`` compute, the rest in
     ``dtype``; the model is built on the meta device and tensors are assigned one by one, so the whole model is
     never materialised in high precision. Without it, fp8 weights are dequantised (scales applied) to ``dtype``.
-    ``guidance_embeds=False`` drops a guidance embedding that the file has (a pro-like model).
+    ``guidance_embeds=False`` drops a guidance embedding that the file has (a pro-like model). ``family``: forced
+    (``open_checkpoint``); the transformer class is the family's (FluxTransformer2DModel, Flux2Transformer2DModel).
     """
-    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+    ckpt = open_checkpoint(path, allow_pickle=allow_pickle, family=family)
     spec = ckpt.spec()
     if guidance_embeds is not None and guidance_embeds != spec.guidance_embeds:
         if guidance_embeds:

@@ -21,10 +21,9 @@ from ..config import render_toml
 from ..data.loader import BucketBatchSampler, batches_forever
 from ..data.prepare import load_training_data
 from ..errors import UserError
-from ..flux.checkpoint import DTYPE_CHOICES
+from ..flux.checkpoint import DTYPE_CHOICES, open_checkpoint
 from ..lora import adapter as adaptermod
 from ..lora.formats import kohya_metadata
-from ..lora.targets import target_modules
 from ..noise import quiet_libraries
 from ..outputs import write_json, write_text
 from ..plan import report as report_plan
@@ -97,22 +96,24 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
     """Data (cached latents + text; the encoders are freed), then the base with its LoRA (and training adapter),
     placed on the device. Returns (data, transformer, checkpoint, trainable params, block swap)."""
     d, m, lc = cfg.data, cfg.model, cfg.lora
-    check_blocks_to_swap(m.transformer or m.path, m.blocks_to_swap, m.allow_pickle)  # before caching the data
+    base = m.transformer or m.path
+    family = open_checkpoint(base, allow_pickle=m.allow_pickle, family=m.family).family  # header only
+    check_blocks_to_swap(base, m.blocks_to_swap, m.allow_pickle, m.family)  # before caching the data
     data = load_training_data(Path(m.path), device, **data_source(d, out), t5_max_length=m.t5_max_length,
                               prompts=cfg.sample.prompts, negative=cfg.sample.negative,
                               text_device=torch.device("cpu") if m.text_encoder == "cpu" else device,
-                              text_dtype=DTYPE_CHOICES[m.text_encoder_dtype])
-    transformer, ckpt = load_base(m.transformer or m.path, dtype, device, fp8_storage=m.fp8_storage,
-                                  fp8_keep=m.fp8_keep, gradient_checkpointing=m.gradient_checkpointing,
-                                  blocks_to_swap=m.blocks_to_swap, allow_pickle=m.allow_pickle)
+                              text_dtype=DTYPE_CHOICES[m.text_encoder_dtype], family=family)
+    transformer, ckpt = load_base(base, dtype, device, fp8_storage=m.fp8_storage, fp8_keep=m.fp8_keep,
+                                  gradient_checkpointing=m.gradient_checkpointing, blocks_to_swap=m.blocks_to_swap,
+                                  allow_pickle=m.allow_pickle, family=m.family)
     spec = ckpt.spec()
     if spec.guidance_embeds and cfg.train.guidance != 1.0:
         log.warning("training a guidance-distilled base at guidance %.2f: the Dev2Pro recipe trains at 1.0; other "
                     "values pull the guidance embedding off its distilled meaning and the LoRA tends to collapse "
                     "or blur when used on dev", cfg.train.guidance)
-    names = target_modules(lc.targets, spec.num_double, spec.num_single, lc.extra_targets,
-                           [int(i) for i in lc.double_blocks] or None, [int(i) for i in lc.single_blocks] or None,
-                           spec.guidance_embeds)
+    names = ckpt.family.lora_targets(lc.targets, spec.num_double, spec.num_single, lc.extra_targets,
+                                     [int(i) for i in lc.double_blocks] or None,
+                                     [int(i) for i in lc.single_blocks] or None, spec.guidance_embeds)
     params = add_lora(transformer, names, lc.rank, lc.alpha, lc.dropout)
     if m.adapter:  # frozen side branch on top of the base, beside the trained LoRA (lora/adapter.py)
         adaptermod.attach_file(transformer, m.adapter, m.adapter_scale,
@@ -131,7 +132,7 @@ def _sampler(cfg: TrainConfig, data, ckpt, dtype, device) -> LoraSampler:
                        inference_base=m.inference_base, training_guidance_embeds=ckpt.spec().guidance_embeds,
                        adapter=m.adapter, with_adapter=sc.with_adapter, fp8_storage=m.fp8_storage,
                        fp8_keep=m.fp8_keep, blocks_to_swap=m.blocks_to_swap, vae_tiling=m.vae_tiling,
-                       allow_pickle=m.allow_pickle)
+                       allow_pickle=m.allow_pickle, family=ckpt.family.name)
 
 
 def _lora_metadata(cfg: TrainConfig, ckpt) -> dict:

@@ -24,22 +24,23 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ LoRA training
-def check_blocks_to_swap(path: str, blocks_to_swap: int, allow_pickle: bool = False) -> None:
+def check_blocks_to_swap(path: str, blocks_to_swap: int, allow_pickle: bool = False, family: str | None = None) -> None:
     """Refuse a ``blocks_to_swap`` above the checkpoint's block count from its header alone -- before minutes of
     data caching, not after."""
     if blocks_to_swap:
-        spec = open_checkpoint(path, allow_pickle=allow_pickle).spec()
+        spec = open_checkpoint(path, allow_pickle=allow_pickle, family=family).spec()
         swap_positions(spec.num_double, spec.num_single, blocks_to_swap)  # raises with the valid range
 
 
 def load_base(path: str, dtype: torch.dtype, device, *, fp8_storage: bool = False, fp8_keep: Sequence[str] = (),
-              gradient_checkpointing: bool = True, blocks_to_swap: int = 0, allow_pickle: bool = False):
-    """The frozen training base (any layout), optionally with fp8 storage; -> (model, Checkpoint).
+              gradient_checkpointing: bool = True, blocks_to_swap: int = 0, allow_pickle: bool = False,
+              family: str | None = None):
+    """The frozen training base (any layout, any family), optionally with fp8 storage; -> (model, Checkpoint).
 
     Without block swap it goes to ``device`` now; with it, ``place_base`` moves the resident part later.
     """
     model, ckpt = load_transformer(path, dtype=dtype, fp8_storage=fp8_storage, policy=Fp8Policy.from_names(fp8_keep),
-                                   allow_pickle=allow_pickle)
+                                   allow_pickle=allow_pickle, family=family)
     if not blocks_to_swap:
         model.to(device)
     if gradient_checkpointing:

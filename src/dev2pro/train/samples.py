@@ -16,11 +16,12 @@ from typing import Sequence
 
 import torch
 
+from .. import families
 from ..flux.checkpoint import load_transformer
 from ..flux.fp8 import Fp8Policy
 from ..lora import adapter as adaptermod
 from ..lora.ops import apply_lora, lora_from_peft_model
-from ..sampling import Guidance, build_pipeline, make_labelled_grid, render, resolve_guidance, save_png
+from ..sampling import Guidance, make_labelled_grid, resolve_guidance, save_png
 from .blockswap import BlockSwap
 from .progress import render_each
 
@@ -55,27 +56,45 @@ class LoraSampler:
 
     The inference transformer lives on the CPU and visits the device only while sampling, so a 24 GB card does
     not hold two bases at once; the current LoRA weights are copied into it as a peft adapter each time.
+
+    A step-distilled inference base (FLUX.2 klein distilled) is sampled as it is used -- its own step count, no
+    CFG -- and the training base (klein Base) gets a ``-base`` grid beside it with the configured steps and CFG:
+    the LoRA where it will be used, next to where it was trained.
     """
 
     def __init__(self, spec: GridSpec, components: dict, device, dtype, *, guidance: float, cfg: float,
                  inference_base: str = "", training_guidance_embeds: bool = True, adapter: str = "",
                  with_adapter: bool = False, fp8_storage: bool = False, fp8_keep: Sequence[str] = (),
-                 blocks_to_swap: int = 0, vae_tiling: bool = False, allow_pickle: bool = False):
+                 blocks_to_swap: int = 0, vae_tiling: bool = False, allow_pickle: bool = False,
+                 family: str = "flux1"):
         self.spec, self.components, self.device, self.dtype = spec, components, device, dtype
         self.adapter, self.with_adapter, self.vae_tiling = adapter, with_adapter, vae_tiling
-        self.model, self.swap = None, None
+        self.model, self.swap, self.distilled = None, None, False
+        self.family = families.get(family)
         if inference_base and spec.prompts:
-            self.model, _ = load_transformer(inference_base, dtype=dtype, fp8_storage=fp8_storage,
-                                             policy=Fp8Policy.from_names(fp8_keep), allow_pickle=allow_pickle)
+            self.model, ckpt = load_transformer(inference_base, dtype=dtype, fp8_storage=fp8_storage,
+                                                policy=Fp8Policy.from_names(fp8_keep), allow_pickle=allow_pickle)
+            families.require_same(ckpt.family, self.family, f"model.inference_base {inference_base}",
+                                  "the training base")
+            inference_spec = ckpt.spec()
+            self.distilled = getattr(inference_spec, "variant", "") == "klein-distilled"
             if blocks_to_swap:
                 self.swap = BlockSwap(self.model, blocks_to_swap, device)  # placed while sampling only
         embeds = self.model.config.guidance_embeds if self.model is not None else training_guidance_embeds
         self.guidance: Guidance = resolve_guidance(embeds, "auto", guidance, cfg)
+        self.base_guidance = self.guidance
+        self.steps = spec.steps
+        if self.distilled:  # as it is used: its own steps, no CFG; the training base keeps the configured ones
+            self.base_guidance = resolve_guidance(training_guidance_embeds, "auto", guidance, cfg)
+            self.guidance = resolve_guidance(False, "auto", 1.0, 1.0)
+            self.steps = inference_spec.sampling.steps
         self.base = inference_base or "training base"
 
     def sample(self, train_model, step: int, folder: Path, bar, progress: bool = False) -> Path:
         """Render the grid; with a training adapter on the training model with the adapter off (= the LoRA on
         dev), and with ``with_adapter`` a second grid with it on. Returns the (first) grid's path."""
+        if self.distilled:  # the LoRA on the training base too, where it was trained
+            self._sample(train_model, step, folder, bar, progress, suffix="-base", on_training_base=True)
         if not self.adapter:
             return self._sample(train_model, step, folder, bar, progress)
         with adaptermod.disabled(train_model):
@@ -95,29 +114,36 @@ class LoraSampler:
             self.swap.place()  # after apply_lora, so the new LoRA weights go to the device too
         return target
 
-    def _sample(self, train_model, step: int, folder: Path, bar, progress: bool = False, suffix: str = "") -> Path:
-        target, spec = self._target(train_model), self.spec
+    def _sample(self, train_model, step: int, folder: Path, bar, progress: bool = False, suffix: str = "",
+                on_training_base: bool = False) -> Path:
+        target, spec = train_model if on_training_base else self._target(train_model), self.spec
+        guidance = self.base_guidance if on_training_base else self.guidance
+        steps = spec.steps if on_training_base else self.steps
         was_training = target.training
         target.eval()
         vae = self.components["vae"].to(self.device)
         if self.vae_tiling:
             vae.enable_tiling()
-        pipe = build_pipeline({**self.components, "vae": vae}, target)
+        pipe = self.family.build_pipeline({**self.components, "vae": vae}, target,
+                                          distilled=self.distilled and not on_training_base)
         with torch.no_grad():  # prompt-major: one grid row per prompt, one column per seed
-            images = render_each(render, pipe, spec.embeds, [int(s) for s in spec.seeds], f"samples {step}",
-                                 progress, guidance=self.guidance, negative=spec.negative, steps=spec.steps,
+            images = render_each(self.family.render, pipe, spec.embeds, [int(s) for s in spec.seeds],
+                                 f"samples {step}", progress, guidance=guidance, negative=spec.negative, steps=steps,
                                  width=spec.width, height=spec.height)
         target.train(was_training)
-        if self.swap:
+        if on_training_base:
+            pass
+        elif self.swap:
             self.swap.unplace()
         elif self.model is not None:
             self.model.to("cpu")
         self.components["vae"].to("cpu")
-        base = self.base
+        base = "training base" if on_training_base else self.base
         if self.adapter:
             base += f" + adapter {Path(self.adapter).name}" if suffix else " without the adapter"
-        title = f"step {step}  |  {self.guidance.describe()}  |  {Path(base).name}"
-        info = {"step": str(step), "guidance": json.dumps(self.guidance.to_dict()), "base": base}
+        title = f"step {step}  |  {guidance.describe()}, {steps} steps  |  {Path(base).name}" if self.distilled \
+            else f"step {step}  |  {guidance.describe()}  |  {Path(base).name}"
+        info = {"step": str(step), "guidance": json.dumps(guidance.to_dict()), "base": base}
         return write_grid(images, spec, title, folder / f"step{step:06d}{suffix}.png", info, bar, "samples" + suffix)
 
 
@@ -136,11 +162,12 @@ def dedistill_grids(model, spec: GridSpec, components: dict, guidances: dict[str
     the main process writes the grids and logs them to TensorBoard.
     """
     vae = components["vae"].to(device)
-    pipe = build_pipeline({**components, "vae": vae}, model)
+    family = families.of_model(model)
+    pipe = family.build_pipeline({**components, "vae": vae}, model)
     paths = []
     for tag, guidance in guidances.items():
         with autocast():  # the training forward's precision (FSDP's bf16 shards need it)
-            images = render(pipe, spec.embeds, [int(s) for s in spec.seeds], guidance, negative=spec.negative,
+            images = family.render(pipe, spec.embeds, [int(s) for s in spec.seeds], guidance, negative=spec.negative,
                             steps=spec.steps, width=spec.width, height=spec.height)
         if main:
             title = f"step {step}  |  {guidance.describe()}"

@@ -61,6 +61,49 @@ def modelspec(spec) -> dict:
             "modelspec.implementation": "https://github.com/black-forest-labs/flux"}
 
 
+def _load_text(model_dir, device="cpu", dtype=torch.float32):
+    from ...text import load_text_encoders  # diffusers: not at `inspect`'s import time
+    return load_text_encoders(model_dir, device, dtype)
+
+
+def _text_encoder(pipe, device, max_length: int):
+    from ...text import text_encoder
+    return text_encoder(pipe, device, max_length)
+
+
+def _text_settings(pipe, max_length: int) -> dict:
+    return {"t5_max_length": max_length}
+
+
+def _embeds_of(record: Mapping) -> tuple:
+    return record["prompt_embeds"][None], record["pooled"][None]
+
+
+def _load_vae(model_dir, device="cpu", dtype=torch.float32):
+    from ...flux.latents import load_vae
+    return load_vae(model_dir, device, dtype)
+
+
+def _encode_images(vae, pixels):
+    from ...flux.latents import encode_images
+    return encode_images(vae, pixels)
+
+
+def _lora_targets(*args, **kwargs):
+    from ...lora.targets import target_modules
+    return target_modules(*args, **kwargs)
+
+
+def _build_pipeline(components: dict, transformer, distilled: bool = False, progress: bool = False):
+    from ...sampling import build_pipeline
+    return build_pipeline(components, transformer, progress)
+
+
+def _render(*args, **kwargs):
+    from ...sampling import render
+    return render(*args, **kwargs)
+
+
 FAMILY = Family(
     name="flux1", title="FLUX.1",
     probes={"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
@@ -74,4 +117,7 @@ FAMILY = Family(
     model_inputs=model_inputs,
     describe_variant=describe_variant,
     modelspec=modelspec,
+    load_text=_load_text, text_encoder=_text_encoder, text_settings=_text_settings, embeds_of=_embeds_of,
+    load_vae=_load_vae, encode_images=_encode_images, lora_targets=_lora_targets,
+    build_pipeline=_build_pipeline, render=_render,
 )

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from ...lora.targets import TargetTables, target_modules
 from .. import Family
 from . import keys as keymod
 from . import spec as specmod
@@ -82,6 +83,69 @@ def modelspec(spec) -> dict:
     return meta
 
 
+# LoRA presets on FLUX.2's modules. Single blocks fuse q, k, v and the MLP input in one linear (to_qkv_mlp_proj, BFL
+# linear1) -- as musubi-tuner and ai-toolkit train it -- so "attention" takes it whole; to_out (linear2) mixes the
+# attention and MLP outputs and comes with all_linear. The modulations are shared by all blocks (top level).
+TABLES = TargetTables(
+    double_attn=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj", "attn.to_add_out"),
+    double_mlp=("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"),
+    single_attn=("attn.to_qkv_mlp_proj",),
+    single_mlp=("attn.to_out",),
+    double_modulation=(), single_modulation=(),
+    top_modulation=("double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+                    "single_stream_modulation.linear", "norm_out.linear"),
+    embedders=("x_embedder", "context_embedder", "time_guidance_embed.timestep_embedder.linear_1",
+               "time_guidance_embed.timestep_embedder.linear_2"),
+    guidance_embedders=("time_guidance_embed.guidance_embedder.linear_1",
+                        "time_guidance_embed.guidance_embedder.linear_2"),
+)
+
+
+def lora_targets(*args, **kwargs) -> list[str]:
+    return target_modules(*args, **kwargs, tables=TABLES)
+
+
+def _load_text(model_dir, device="cpu", dtype=torch.float32):
+    from .text import load_text_encoder
+    return load_text_encoder(model_dir, device, dtype)
+
+
+def _text_encoder(pipe, device, max_length: int):
+    from .text import text_encoder
+    return text_encoder(pipe, device, max_length)
+
+
+def _text_settings(pipe, max_length: int) -> dict:
+    from .text import cache_settings
+    return cache_settings(pipe, max_length)
+
+
+def _embeds_of(record: Mapping) -> tuple:
+    """A cached record (bf16 on disk) -> (prompt_embeds (1, L, D) fp32, None): FLUX.2 has no pooled vector."""
+    return record["prompt_embeds"][None].float(), None
+
+
+def _load_vae(model_dir, device="cpu", dtype=torch.float32):
+    from .latents import load_vae
+    return load_vae(model_dir, device, dtype)
+
+
+def _encode_images(vae, pixels):
+    from .latents import encode_images
+    return encode_images(vae, pixels)
+
+
+def _build_pipeline(components: dict, transformer, distilled: bool = False, progress: bool = False):
+    from .sampling import build_pipeline
+    return build_pipeline(components, transformer, distilled, progress)
+
+
+def _render(*args, **kwargs):
+    from .sampling import render
+    return render(*args, **kwargs)
+
+
 FAMILY = Family(
     name="flux2", title="FLUX.2",
     probes={"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
@@ -96,4 +160,7 @@ FAMILY = Family(
     refine_spec=refine_spec,
     describe_variant=describe_variant,
     modelspec=modelspec,
+    load_text=_load_text, text_encoder=_text_encoder, text_settings=_text_settings, embeds_of=_embeds_of,
+    load_vae=_load_vae, encode_images=_encode_images, lora_targets=lora_targets,
+    build_pipeline=_build_pipeline, render=_render,
 )

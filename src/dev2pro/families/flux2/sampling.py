@@ -1,0 +1,81 @@
+"""Rendering FLUX.2 with diffusers' own pipelines around any transformer and ready embeddings.
+
+Guidance semantics per variant (``spec.SAMPLING``): klein Base has no guidance embedding and samples with true CFG
+(``Flux2KleinPipeline(is_distilled=False)`` runs the empty-prompt branch itself when ``guidance_scale > 1``);
+klein distilled is step-distilled (4 steps, no CFG: ``is_distilled=True`` ignores the scale); FLUX.2 dev takes
+the scale as its embedded guidance (``Flux2Pipeline``). ``Guidance`` (``sampling.resolve_guidance``) is resolved
+once per run; here it becomes the pipeline's ``guidance_scale``.
+
+Each image has its own seeded CPU generator, as FLUX.1 sampling does, so an image depends on its seed only.
+Latents come back from the pipeline un-normalised (VAE space) and are decoded in the VAE's own dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def build_pipeline(components: dict, transformer, distilled: bool = False, progress: bool = False):
+    """``Flux2Pipeline`` for a transformer with a guidance embedding (dev), else ``Flux2KleinPipeline``; text
+    encoders are not needed (embeddings are passed in)."""
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    vae, scheduler = components["vae"], components["scheduler"]
+    if transformer is not None and transformer.config.guidance_embeds:
+        pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+    else:
+        pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                                  transformer=transformer, is_distilled=distilled)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe
+
+
+def guidance_scale(pipe, guidance) -> float:
+    """The pipeline's ``guidance_scale`` for a resolved ``sampling.Guidance``: the embedded value on dev, the
+    true-CFG scale on klein (1 = no CFG; a distilled pipeline ignores it anyway)."""
+    if guidance.embedded is not None and pipe.transformer.config.guidance_embeds:
+        return float(guidance.embedded)
+    return float(guidance.cfg)
+
+
+@torch.no_grad()
+def render(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance, *, negative: tuple | None = None,
+           steps: int = 4, width: int = 512, height: int = 512) -> list:
+    """Every (prompt embedding, seed) pair, prompt-major, as PIL images (``sampling.render``'s contract).
+    ``embeds``: (prompt_embeds (1, L, D), None) pairs; ``negative``: the true-CFG negative (default "")."""
+    from ...sampling import compute_dtype
+
+    transformer = pipe.transformer
+    device, dtype = pipe._execution_device, compute_dtype(transformer)
+    scale = guidance_scale(pipe, guidance)
+    cfg = scale > 1.0 and not transformer.config.guidance_embeds and not pipe.config.get("is_distilled", False)
+    extra = {}
+    if cfg:
+        if negative is None:
+            raise ValueError("true CFG needs the negative prompt embedding (the empty prompt): pass negative=")
+        extra["negative_prompt_embeds"] = negative[0].to(device, dtype)
+    was_training = transformer.training
+    transformer.eval()
+    images = []
+    try:
+        for pe, _ in embeds:
+            for seed in seeds:
+                generator = torch.Generator("cpu").manual_seed(int(seed))  # CPU noise: same image on any device
+                latents = pipe(prompt_embeds=pe.to(device, dtype), num_inference_steps=steps, width=width,
+                               height=height, generator=generator, guidance_scale=scale, output_type="latent",
+                               **extra).images
+                images.append(decode(pipe, latents)[0])
+    finally:
+        transformer.train(was_training)
+    return images
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor) -> list:
+    """VAE-space latents (B, 32, H/8, W/8) -> PIL images, decoded in the VAE's dtype (a bf16 transformer beside
+    the fp32 VAE kept for caching must not hand it bf16)."""
+    vae = pipe.vae
+    image = vae.decode(latents.to(next(vae.parameters()).device, vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")
