@@ -158,7 +158,7 @@ def _dedistill_target():
 
 def add_train(sub):
     p = add_config_command(sub, "train", "train a Flux LoRA (default: guidance 1.0 on a de-distilled base)",
-                           target=_train_target)
+                           target=_train_target, overwrite=True)
     p.add_argument("--vram", type=int, choices=(8, 12, 16, 24, 48), metavar="GB",
                    help="GPU-size preset (8|12|16|24|48 GB), same as --set model.vram=GB")
     run = p.get_default("run")
@@ -172,7 +172,8 @@ def add_train(sub):
 
 def add_dedistill(sub):
     add_config_command(sub, "dedistill", "full fine-tune of FLUX.1-dev away from guidance distillation (make a "
-                       "dev2pro); launch with accelerate/torchrun for several GPUs", target=_dedistill_target)
+                       "dev2pro); launch with accelerate/torchrun for several GPUs", target=_dedistill_target,
+                       overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------------ sampling

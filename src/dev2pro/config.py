@@ -404,11 +404,11 @@ def _toml_value(v) -> str:
 
 
 def add_config_command(sub, name: str, help: str, schema: type | None = None, load=None, run=None, *,
-                       target=None):
+                       target=None, overwrite: bool = False):
     """A subcommand for a config-driven recipe: CONFIG.toml, --set, --resume [DIR], --print-config, --no-progress.
 
     ``load(path, overrides)`` builds the config; ``run(cfg, resume, progress)`` returns a summary with ``steps``,
-    ``losses`` and ``files``, which is printed. Pass ``target``, a function returning ``(schema, load, run)``,
+    ``losses`` and ``files``, which is printed. ``overwrite``: add ``--overwrite`` (= ``--set save.overwrite=true``). Pass ``target``, a function returning ``(schema, load, run)``,
     instead of the three to import the recipe (torch, diffusers) only when the command runs, not to parse or
     print --help.
     """
@@ -423,9 +423,14 @@ def add_config_command(sub, name: str, help: str, schema: type | None = None, lo
                    help="continue from the latest state in output_dir, or from a given state folder")
     p.add_argument("--print-config", action="store_true", help="print every option with its default and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true",
+                       help="start over in an output folder holding an earlier run (= --set save.overwrite=true)")
 
     def main(a):
         schema_, load_, run_ = target()
+        if getattr(a, "overwrite", False):
+            a.set = [*a.set, "save.overwrite=true"]
         if a.print_config:
             print(render_toml(schema_()), end="")
             return

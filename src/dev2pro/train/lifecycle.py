@@ -18,7 +18,7 @@ import torch
 from ..errors import UserError
 from ..outputs import write_error_message, write_errors
 from .lossplot import save_loss_plot
-from .run import folder_status, os_error_message
+from .run import check_no_foreign, folder_status, os_error_message
 from .state import latest_state
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, say: Call
         raise UserError(f"output folder {out} already holds " + ("a run" if status == "saved" else "other files") +
                         "; pass --resume to continue it, set save.overwrite = true to start over in it, or choose "
                         "another save.output_dir")
+    if resume is None and overwrite:
+        check_no_foreign(out)  # save.overwrite replaces a run, never a folder's other files
     if resume is None and status == "started":
         say(f"reusing {out}: an earlier start never saved anything (cached latents and text are reused when valid)")
     if resume is None and status == "saved" and (out / "state").is_dir():

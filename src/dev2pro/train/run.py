@@ -57,6 +57,16 @@ def folder_status(folder: Path) -> str:
     return "foreign"
 
 
+# What a run may replace when started over (save.overwrite): the started entries, its state, summary and files
+RUN_OWNED = (*STARTED_ENTRIES, STATE_DIR, "summary.json", "*.safetensors", "*-diffusers", ".*")
+
+
+def check_no_foreign(folder: Path) -> None:
+    """Starting over in ``folder`` (save.overwrite) writes only a run's own entries: refuse one holding others."""
+    if Path(folder).is_dir():
+        outputs.check_output(folder, True, "training run", folder=True, owned=RUN_OWNED)
+
+
 def clean_stale_temps(folder: Path, subfolders=RUN_SUBFOLDERS) -> list[Path]:
     """``outputs.clean_stale_temps`` for a run folder and its subfolders; call it holding the folder's
     ``RunLock`` (then the PID-less hidden temps of killed writers go too)."""
