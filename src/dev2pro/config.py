@@ -408,9 +408,9 @@ def add_config_command(sub, name: str, help: str, schema: type | None = None, lo
     """A subcommand for a config-driven recipe: CONFIG.toml, --set, --resume [DIR], --print-config, --no-progress.
 
     ``load(path, overrides)`` builds the config; ``run(cfg, resume, progress)`` returns a summary with ``steps``,
-    ``losses`` and ``files``, which is printed. ``overwrite``: add ``--overwrite`` (= ``--set save.overwrite=true``). Pass ``target``, a function returning ``(schema, load, run)``,
+    ``losses`` and ``files``, which is printed. Pass ``target``, a function returning ``(schema, load, run)``,
     instead of the three to import the recipe (torch, diffusers) only when the command runs, not to parse or
-    print --help.
+    print --help. ``overwrite``: add ``--overwrite`` (the same as ``--set save.overwrite=true``).
     """
     if target is None:
         def target():

@@ -89,7 +89,7 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     make_parent(out, "output folder")  # out may come from the config (the CLI creates only --out's parents)
     names = [_image_file(a.name, pi, p, seed) for a in cfg.arms for pi, p in enumerate(cfg.prompts)
              for seed in cfg.seeds] + list(REPORT_FILES)
-    check_owned_folder(out, overwrite, "compare", names)  # before minutes of loading and rendering
+    check_owned_folder(out, overwrite, "compare", names, "compare folder")  # before minutes of loading and rendering
     guidance = {a.name: S.resolve_guidance(open_checkpoint(a.transformer or cfg.model).spec().guidance_embeds,
                                            a.mode, a.guidance, a.cfg) for a in cfg.arms}
 
@@ -143,7 +143,7 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
             files[info["name"], i] = (rel, {"prompt": cfg.prompts[pi], "seed": str(cfg.seeds[si]),
                                             "negative": cfg.negative, "arm": settings, "Software": "dev2pro"})
             info["images"].append(dict(prompt=cfg.prompts[pi], seed=cfg.seeds[si], file=rel))
-    with owned_folder(out, overwrite, "compare", names) as tmp:
+    with owned_folder(out, overwrite, "compare", names, "compare folder") as tmp:
         for (name, i), (rel, png_info) in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             S.save_png(images[name][i], tmp / rel, png_info)

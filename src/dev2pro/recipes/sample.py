@@ -65,7 +65,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     S.check_inputs_exist(model, transformer, loras + ([adapter] if adapter else []))
     names = [png_name(pi, prompt, seed) for pi, prompt in enumerate(prompts) for seed in seeds]
     names += ["grid.png"] if len(names) > 1 else []
-    check_owned_folder(out, overwrite, "sample", names)  # before minutes of loading and rendering
+    check_owned_folder(out, overwrite, "sample", names, "sample folder")  # before minutes of loading and rendering
     g = S.resolve_guidance(open_checkpoint(transformer or model).spec().guidance_embeds, mode, guidance, cfg)
 
     device = S.default_device()
@@ -90,7 +90,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     settings = dict(model=str(model), transformer=str(transformer or model), loras=[[p, s] for p, s in loras],
                     guidance=g.to_dict(), steps=steps, width=width, height=height, fp8=fp8,
                     adapter=list(adapter) if adapter else None)
-    with owned_folder(out, overwrite, "sample", names) as tmp:
+    with owned_folder(out, overwrite, "sample", names, "sample folder") as tmp:
         i = 0
         for pi, prompt in enumerate(prompts):
             for seed in seeds:
