@@ -391,13 +391,25 @@ def _is_table_list(v) -> bool:
     return isinstance(v, list) and v and all(dataclasses.is_dataclass(i) for i in v)
 
 
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and every control character escaped (a raw newline or BEL in a
+    trigger or prompt made a run's config.toml unreadable), other unicode kept as is."""
+    return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7f else c)
+                         for c in text) + '"'
+
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return ("-" if v < 0 else "") + ("nan" if math.isnan(v) else "inf")  # TOML's spelling, not Python's
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return toml_string(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(i) for i in v) + "]"
     return repr(v)
