@@ -12,6 +12,7 @@ paths get their missing parent folders created; counts are bounded (``bounded_in
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from .config import INT_LIMIT, SIZE_HELP, add_config_command, parse_size
@@ -36,6 +37,21 @@ def bounded_int(low: int = 0, high: int = INT_LIMIT):
             raise argparse.ArgumentTypeError(f"{value} is out of range: at least {low}, at most {high}")
         return value
     parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(low: float, *, above: bool = False):
+    """An argparse type: a finite number >= ``low`` (> ``low`` with ``above``); NaN and inf are refused."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: a finite number {'>' if above else '>='} "
+                                             f"{low:g}")
+        return value
+    parse.__name__ = "number"
     return parse
 
 
@@ -189,10 +205,10 @@ def add_sample(sub):
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
     src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line ('#' lines skipped)")
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt for true CFG (default: empty)")
-    p.add_argument("--guidance", type=float, default=3.5,
+    p.add_argument("--guidance", type=finite_float(0, above=True), default=3.5,
                    help="guidance strength: the embedded value on dev-like bases, the CFG scale on bases without a "
                         "guidance embedding (default 3.5)")
-    p.add_argument("--cfg", type=float, default=1.0,
+    p.add_argument("--cfg", type=finite_float(1), default=1.0,
                    help="true CFG scale (> 1 adds a negative-prompt pass; combines with embedded guidance)")
     p.add_argument("--mode", choices=SAMPLE_MODES, default="auto",
                    help="auto: embedded if the base has a guidance embedding, else true_cfg")
@@ -206,7 +222,7 @@ def add_sample(sub):
                    help="output folder (created with its parents; must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
-    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N",
+    p.add_argument("--blocks-to-swap", type=bounded_int(0, 1000), default=0, metavar="N",
                    help="keep N transformer blocks' weights in host RAM, copied in just before use (less VRAM)")
     p.add_argument("--adapter", default=None, metavar="FILE[:SCALE]",
                    help="training adapter (e.g. a dev -> dev2pro LoRA) as a side branch: dev + adapter + LoRA "
