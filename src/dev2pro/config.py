@@ -322,6 +322,18 @@ def require(ok: bool, message: str):
         raise ConfigError(message)
 
 
+def require_range(name: str, value, low, high=None, *, above: bool = False) -> None:
+    """``require`` for a number: ``low <= value <= high`` (``low < value`` with ``above``; no ``high``: no upper
+    bound), with the allowed range in the message."""
+    ok = (value > low if above else value >= low) and (high is None or value <= high)
+    if not ok:
+        if high is None:
+            allowed = f"{'>' if above else '>='} {low}"
+        else:
+            allowed = f"in {low}..{high}" if not above else f"> {low} and <= {high}"
+        raise ConfigError(f"{name} must be {allowed}, got {value}")
+
+
 SIZE_HELP = 'image size "WIDTHxHEIGHT" (e.g. "768x512"; one number for a square)'
 
 

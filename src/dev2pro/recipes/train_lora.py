@@ -88,9 +88,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
 
 
 def _print_plan(cfg: TrainConfig) -> None:
-    """The memory plan at the start: informative only, so a failure to estimate never stops training."""
+    """The memory plan at the start: a failure to estimate never stops training, a plan no card holds does."""
     try:
         report_plan(plan_inputs(cfg), cfg.model.vram or None)
+    except UserError:
+        raise  # settings no card can run (plan.check_fits_a_card / check_rank): refuse before the run starts
     except Exception as e:  # noqa: BLE001 -- an estimate must not cost the user their run
         log.warning("memory plan unavailable: %s", e)
 
