@@ -442,26 +442,30 @@ def card_bytes(vram_gb: float | None) -> tuple[int | None, str]:
 LARGEST_CARD = 200 * GB  # more than any single GPU holds (B200: 192 GB): a plan beyond it is a typo, not a run
 
 
+class ImpossiblePlan(ConfigError):
+    """Settings no card can train: a rank above the layers' width, a peak beyond ``LARGEST_CARD``."""
+
+
 def check_rank(inp: PlanInputs) -> None:
     """Refuse a LoRA rank above the narrowest layer it trains (min of in/out features): it cannot add capacity,
     only memory (rank 100000 on 3072-wide layers was accepted silently)."""
     name, fin, fout = min(lora_layers(_meta_model(inp.spec), inp), key=lambda x: min(x[1], x[2]))
     if inp.rank > min(fin, fout):
-        raise ConfigError(f"lora.rank = {inp.rank} is larger than the narrowest layer it trains ({name}: {fin} in, "
-                          f"{fout} out): use at most {min(fin, fout)} (4..128 is typical)")
+        raise ImpossiblePlan(f"lora.rank = {inp.rank} is larger than the narrowest layer it trains ({name}: {fin} "
+                             f"in, {fout} out): use at most {min(fin, fout)} (4..128 is typical)")
 
 
 def check_fits_a_card(plan: Plan) -> None:
     """Refuse a plan no single card can hold, before anything is loaded."""
     if plan.peak > LARGEST_CARD:
-        raise UserError(f"this run needs about {fmt_gb(plan.peak)} of GPU memory at its peak, more than any single "
-                        f"card holds ({fmt_gb(LARGEST_CARD)}): lower data.resolution, data.batch_size or lora.rank "
-                        f"(the plan above shows where the memory goes)")
+        raise ImpossiblePlan(f"this run needs about {fmt_gb(plan.peak)} of GPU memory at its peak, more than any "
+                             f"single card holds ({fmt_gb(LARGEST_CARD)}): lower data.resolution, data.batch_size or "
+                             f"lora.rank (the plan above shows where the memory goes)")
 
 
 def report(inputs: PlanInputs, vram_gb: float | None = None, out=None) -> dict:
-    """Print the plan and the fit verdict; returns the plan as a dict (plus 'fits' and 'message'). UserError for
-    a rank above the layers' width or a plan beyond any card (after printing it)."""
+    """Print the plan and the fit verdict; returns the plan as a dict (plus 'fits' and 'message'). ImpossiblePlan
+    for a rank above the layers' width or a plan beyond any card (after printing it)."""
     out = out or sys.stdout
     check_rank(inputs)
     plan = estimate(inputs)
