@@ -219,8 +219,9 @@ def add_sample(sub):
     seeds.add_argument("--seed", type=bounded_int(0, 2**64 - 1), help="one seed (default 0)")
     seeds.add_argument("--seeds", metavar="A,B,C", help="comma-separated seeds")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder (created with its parents; must be empty or absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+                   help="output folder (created with its parents; empty, absent, or an earlier sample's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this command (a folder holding other files is refused)")
     p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
     p.add_argument("--blocks-to-swap", type=bounded_int(0, 1000), default=0, metavar="N",
                    help="keep N transformer blocks' weights in host RAM, copied in just before use (less VRAM)")
@@ -245,7 +246,8 @@ def add_compare(sub):
                                        "guidance) and write a side-by-side grid, an HTML report and metrics")
     p.add_argument("config", metavar="CONFIG.toml", help="compare config: model, prompts, seeds, size, [[arms]]")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the config's 'out'; parents created)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this command (a folder holding other files is refused)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value, e.g. --set steps=4 (repeatable)")
 
@@ -364,7 +366,8 @@ def add_demo(sub):
     p.add_argument("--seeds", type=bounded_int(1, 1000), default=None,
                    help="LoRA seeds per arm (default 5; 3 with --quick)")
     p.add_argument("--workers", type=bounded_int(1, 1024), default=2, help="parallel LoRA jobs (one CPU core each)")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier demo's folder first (a folder holding other files is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
     def run(a):
