@@ -42,3 +42,24 @@ def test_multi_line_and_control_character_prompts_become_one_label_line(tmp_path
         assert json.loads(im.info["prompts"]) == prompts  # the metadata keeps the prompts exactly
     plain = make_grid(_tiles(2), rows=1, cols=2, labels=["two\nlines", "\x07"])
     assert plain.size == (80, 30 + LABEL_FONT_SIZE + 6)
+
+
+def test_a_run_with_newlines_in_its_trigger_and_prompts_finishes_and_resumes(tmp_path, tiny_dev_dir, sk_images,
+                                                                            capsys):
+    """Issue 18.6 end to end: the run's config.toml reloads (--resume) and the final grid is written."""
+    from dev2pro.cli import main
+    from dev2pro.config import toml_string
+    from tiny_run import model_and_data
+
+    nasty = 'ohwx\n"style"\t\x07'
+    config = tmp_path / "run.toml"
+    config.write_text(model_and_data(tiny_dev_dir, sk_images, tmp_path / "cache", model='dtype = "fp32"',
+                                     data=f"trigger = {toml_string(nasty)}")
+                      + f'[lora]\nrank = 4\n[train]\nsteps = 2\n[sample]\nprompts = [{toml_string(nasty)}]\n'
+                        f'steps = 1\nsize = "64x64"\nbaseline = false\n[save]\noutput_dir = "{tmp_path / "run"}"\n')
+    assert main(["train", str(config), "--no-progress"]) == 0, capsys.readouterr().err
+    run = tmp_path / "run"
+    with Image.open(run / "samples" / "step000002.png") as im:
+        assert json.loads(im.info["prompts"]) == [nasty]
+    assert main(["train", str(run / "config.toml"), "--resume", "--no-progress"]) == 0
+    assert "already finished" in capsys.readouterr().out
