@@ -149,3 +149,24 @@ def test_a_damaged_manifest_vouches_for_nothing(tmp_path):
     assert owned.recorded(tmp_path, "sample") == []
     with pytest.raises(UserError, match="would delete 000-a-s0.png"):
         owned.check_owned_folder(tmp_path, True, "sample", ["grid.png"])
+
+
+def test_reruns_with_overwrite_replace_the_commands_own_earlier_output(inputs, tmp_path, capsys):
+    """Each folder writer, run twice with other settings: the second run replaces what the first wrote (its
+    manifest vouches for it), and only that."""
+    out = tmp_path / "samples"
+    base = ["sample", "--model", str(inputs["model"]), "--steps", "1", "--size", "32x32", "--out", str(out)]
+    assert main(base + ["--prompt", "a cat", "--seeds", "1,2"]) == 0
+    assert main(base + ["--prompt", "a dog", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [owned.MANIFEST, "000-a-dog-s0.png"]
+    cmp = tmp_path / "compare"
+    assert main(["compare", str(inputs["compare"]), "--out", str(cmp)]) == 0
+    assert main(["compare", str(inputs["compare"]), "--out", str(cmp), "--set", 'prompts=["a dog"]',
+                 "--overwrite"]) == 0
+    assert sorted(owned.files_under(cmp)) == ["compare.png", "images/dev/000-a-dog-s0.png", "report.html",
+                                              "results.json"]
+    cap = tmp_path / "captioner"
+    assert main(["init-tiny-captioner", str(cap), "--family", "blip"]) == 0
+    assert main(["init-tiny-captioner", str(cap), "--family", "blip", "--seed", "1", "--overwrite"]) == 0
+    assert json.loads((cap / owned.MANIFEST).read_text())["command"] == "init-tiny-captioner"
+    capsys.readouterr()

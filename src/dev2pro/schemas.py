@@ -209,6 +209,7 @@ class DedistillTrain(OptimBase):
         super().validate()
         require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         require(self.adapter_rank >= 0, "adapter_rank must be >= 0 (0 = full fine-tune)")
+        require_range("adapter_rank", self.adapter_rank, 0, MAX_RANK)
         require(not (self.adapter_rank and self.distributed == "fsdp"),
                 "distributed: adapter de-distillation (adapter_rank > 0) runs on one device or DDP; FSDP shards "
                 "full fine-tunes")
