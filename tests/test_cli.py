@@ -125,6 +125,35 @@ def test_huge_integers_are_refused_on_the_command_line(capsys):
     assert "at most" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--guidance", "nan", "argument --guidance: nan is out of range: a finite number > 0"),
+    ("--guidance", "inf", "argument --guidance: inf is out of range: a finite number > 0"),
+    ("--guidance", "-1", "argument --guidance: -1 is out of range: a finite number > 0"),
+    ("--guidance", "0", "argument --guidance: 0 is out of range: a finite number > 0"),
+    ("--cfg", "nan", "argument --cfg: nan is out of range: a finite number >= 1"),
+    ("--cfg", "0.5", "argument --cfg: 0.5 is out of range: a finite number >= 1"),
+    ("--blocks-to-swap", "-2", "argument --blocks-to-swap: -2 is out of range: at least 0, at most 1000"),
+])
+def test_sample_guidance_nan_inf_and_negative_are_refused_at_parse_time(flag, value, message, capsys):
+    """Issue 18.7: `sample --guidance nan` wrote a black PNG with exit 0."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["sample", "--model", "m", "--prompt", "p", "--out", "o", flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert build_parser().parse_args(["sample", "--model", "m", "--prompt", "p", "--out", "o",
+                                      "--guidance", "1e-3"]).guidance == 1e-3
+
+
+def test_guidance_is_checked_where_it_is_resolved_too():
+    from dev2pro.errors import UserError
+    from dev2pro.sampling import resolve_guidance
+
+    for bad in (float("nan"), float("inf"), -3.5, 0.0):
+        with pytest.raises(UserError, match=f"guidance {bad} must be a finite number > 0"):
+            resolve_guidance(True, "auto", bad)
+    with pytest.raises(UserError, match="true CFG scale nan must be a finite number >= 1"):
+        resolve_guidance(True, "auto", 3.5, float("nan"))
+
+
 def test_lora_flags_are_consistent():
     p = build_parser()
     a = p.parse_args(["lora", "convert", "a", "b", "--layout", "diffusers"])

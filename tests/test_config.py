@@ -80,3 +80,31 @@ def test_train_sample_size_is_one_string_with_width_height_still_accepted(tmp_pa
         load_train_config(str(p), ["sample.size=big"])
     with pytest.raises(ConfigError, match=r"sample\.size.*not both"):
         load_train_config(str(p), ["sample.width=320"])
+
+
+NASTY = 'ohwx\n"style"\t\x07 back\\slash é 🐈 \x7f\r\x1b[0m'
+
+
+def test_toml_strings_escape_quotes_and_control_characters():
+    from dev2pro.config import toml_string
+
+    assert toml_string('a\n"b"\t\x07\\') == '"a\\n\\"b\\"\\t\\u0007\\\\"'
+    assert toml_string("é 🐈") == '"é 🐈"'  # unicode is kept as it is
+
+
+def test_a_run_config_with_newlines_and_control_characters_round_trips(tmp_path):
+    """Issue 18.6: a newline in data.trigger or a sample prompt wrote a config.toml --resume could not read."""
+    from dev2pro.config import render_toml, to_dict
+    from dev2pro.schemas import load_train_config
+
+    cfg = load_train_config(None, data={"model": {"path": str(tmp_path)},
+                                        "data": {"folders": [{"path": str(tmp_path), "caption": NASTY}],
+                                                 "trigger": NASTY, "default_caption": "a\tb"},
+                                        "sample": {"prompts": [NASTY, "plain"], "negative": '"'},
+                                        "save": {"output_dir": str(tmp_path / "run"), "name": "x\ny"}})
+    saved = tmp_path / "config.toml"
+    saved.write_text(render_toml(cfg), encoding="utf-8")
+    again = load_train_config(saved)
+    assert again.data.trigger == NASTY and again.sample.prompts == [NASTY, "plain"]
+    assert again.data.folders[0].caption == NASTY and again.sample.negative == '"'
+    assert to_dict(again) == to_dict(cfg)

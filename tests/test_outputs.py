@@ -302,3 +302,29 @@ output_dir = "{tmp_path / 'run'}"
     line = _one_line_error(capsys)
     assert "single_transformer_blocks.2.proj_out.weight holds 4 NaN/inf" in line, line
     assert not (tmp_path / "run" / "lora.safetensors").exists() and not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_cache_on_a_read_only_disk_is_one_line_naming_the_path(tmp_path, tiny_dev_dir, sk_images, capsys,
+                                                              monkeypatch):
+    """Issue 18.7: `dev2pro cache --out` on a read-only file system ended in a traceback from mkdir."""
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    out = tmp_path / "ro" / "shards"
+    assert main(["cache", str(sk_images), "--model", str(tiny_dev_dir), "--out", str(out), "--resolution", "64",
+                 "--default-caption", "a photo"]) == 2
+    assert _one_line_error(capsys) == (f"dev2pro cache: error: cannot create the cache folder {out}: the file system "
+                                       f"is read-only; choose a destination on a writable disk")
+
+
+def test_real_read_only_tmpfs_cache(tmpfs, tiny_dev_dir, sk_images, capsys):
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    for out in (tmpfs, tmpfs / "new"):
+        assert main(["cache", str(sk_images), "--model", str(tiny_dev_dir), "--out", str(out), "--resolution", "64",
+                     "--default-caption", "a photo"]) == 2
+        line = _one_line_error(capsys)
+        assert str(out) in line and "the file system is read-only" in line, line

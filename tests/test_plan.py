@@ -189,3 +189,34 @@ def test_train_vram_flag_runs_and_saves_the_chosen_settings(tmp_path, tiny_dev_d
     for line in ("vram = 16", "fp8_storage = true", "blocks_to_swap = 6", "vae_tiling = true",
                  'text_encoder_dtype = "bf16"', 'dtype = "fp32"'):
         assert line in saved, line
+
+
+def test_a_plan_no_card_can_hold_is_refused():
+    """Issue 18.8: data.resolution = 100000 planned 47,684 GB and the run started anyway."""
+    from dev2pro.errors import UserError
+    from dev2pro.plan import LARGEST_CARD, check_fits_a_card
+
+    fits = estimate(PlanInputs(FLUX_DEV, "bf16", fp8_storage=True))
+    assert fits.peak < LARGEST_CARD
+    check_fits_a_card(fits)
+    huge = estimate(PlanInputs(FLUX_DEV, "bf16", batch_size=64, image_tokens=((4096 // 16) ** 2,)))
+    with pytest.raises(UserError) as e:
+        check_fits_a_card(huge)
+    assert str(e.value) == (f"this run needs about {huge.peak / GB:.1f} GB of GPU memory at its peak, more than any "
+                            f"single card holds (200.0 GB): lower data.resolution, data.batch_size or lora.rank (the "
+                            f"plan above shows where the memory goes)")
+
+
+def test_plan_and_train_refuse_before_the_run_starts(tmp_path, tiny_dev_dir, sk_images, capsys, monkeypatch):
+    from dev2pro import plan
+    from dev2pro.cli import main
+
+    monkeypatch.setattr(plan, "LARGEST_CARD", 1024)  # the tiny model's plan is a few MB: pretend no card holds it
+    path = _cfg_toml(tmp_path, tiny_dev_dir, sk_images)
+    for argv in (["plan", str(path)], ["train", str(path), "--no-progress", "--set", "data.resolution=64",
+                                       "--set", "data.default_caption=a photo"]):
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert "more than any single card holds" in captured.err and "memory plan" in captured.out, captured.err
+        assert "Traceback" not in captured.err
+    assert not list((tmp_path / "run").glob("*.safetensors")) and not (tmp_path / "run" / "state").exists()

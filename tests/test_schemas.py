@@ -168,3 +168,52 @@ def test_the_example_configs_load():
     assert d.save.output_dir == str(root.parent / "runs/dev2pro")
     t = load_train_config(root / "train_lora.toml")
     assert t.data.folders[0].path == str(root.parent / "data/my-style")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.resolution=100000", "data.resolution must be a multiple of 16 in 64..4096 (512 or 1024 for FLUX.1), got "
+                               "100000"),
+    ("data.resolution=520", "data.resolution must be a multiple of 16 in 64..4096 (512 or 1024 for FLUX.1), got 520"),
+    ("data.batch_size=0", "data.batch_size must be in 1..1024, got 0"),
+    ("data.batch_size=100000", "data.batch_size must be in 1..1024, got 100000"),
+    ("lora.rank=100000", "lora.rank must be in 1..6144, got 100000"),
+    ("train.guidance=0", "train.guidance must be > 0 and <= 100, got 0.0"),
+    ("train.guidance=-3.5", "train.guidance must be > 0 and <= 100, got -3.5"),
+    ("train.weight_decay=-1", "train.weight_decay must be >= 0, got -1.0"),
+    ("train.shift=0", "train.shift must be > 0, got 0.0"),
+    ("train.lr=0", "train.lr must be a finite number > 0, got 0.0"),
+    ("train.steps=0", "train.steps must be > 0"),
+    ("sample.guidance=nan", "'sample.guidance' must be a finite number"),
+    ("sample.guidance=0", "sample.guidance must be > 0 and <= 100, got 0.0"),
+    ("sample.cfg=0.5", "sample.cfg must be in 1..100, got 0.5"),
+    ("sample.width=8192", "sample.width must be in 16..4096, got 8192"),
+    ("sample.steps=100000", "sample.steps must be in 1..1000, got 100000"),
+    ("sample.seeds=[-1]", "sample.seeds must be integers >= 0, got [-1]"),
+    ("save.every=-1", "save.every must be >= 0, got -1"),
+])
+def test_numeric_options_have_ranges_checked_at_load(tmp_path, override, message):
+    """Issue 18.8: absurd values (data.resolution = 100000, lora.rank = 100000) were accepted."""
+    with pytest.raises(ConfigError) as e:
+        load_train_config(_write(tmp_path, TRAIN), [override])
+    assert str(e.value).startswith(f"--set {override}: {message}"), str(e.value)
+
+
+def test_ranges_hold_for_dedistill_and_compare_too(tmp_path):
+    from dev2pro.schemas import load_compare_config
+
+    with pytest.raises(ConfigError, match=r"^--set data\.resolution=100000: data\.resolution must be a multiple"):
+        load_dedistill_config(_write(tmp_path, DEDISTILL), ["data.resolution=100000"])
+    arms = _write(tmp_path, 'model = "m"\nprompts = ["p"]\n[[arms]]\nname = "a"\nguidance = -1.0\n', "cmp.toml")
+    with pytest.raises(ConfigError, match=r"arms\[0\]\.guidance must be > 0 and <= 100, got -1.0"):
+        load_compare_config(arms)
+
+
+def test_a_rank_wider_than_the_layers_is_refused_once_the_checkpoint_is_known(tmp_path, tiny_dev_dir):
+    text = TRAIN.replace('path = "models/dev"', f'path = "{tiny_dev_dir}"')
+    assert load_train_config(_write(tmp_path, text), ["lora.rank=64"]).lora.rank == 64
+    with pytest.raises(ConfigError) as e:
+        load_train_config(_write(tmp_path, text), ["lora.rank=65"])
+    assert str(e.value) == ("lora.rank = 65 is larger than the narrowest layer it trains "
+                            "(transformer_blocks.0.attn.to_q: 64 in, 64 out): use at most 64 (4..128 is typical)")
+    # a model that is not there yet is checked when it is loaded, not here
+    assert load_train_config(_write(tmp_path, TRAIN), ["lora.rank=65"]).lora.rank == 65

@@ -29,7 +29,7 @@ from transformers import (BartTokenizer, BertTokenizer, BlipConfig, BlipForCondi
 
 from .errors import UserError
 from .flux.tiny import tiny_corpus
-from .outputs import atomic_path
+from .owned import owned_folder
 
 TINY_FAMILIES = ("florence2", "qwen2_5_vl", "qwen3_vl", "blip")
 
@@ -225,7 +225,7 @@ def write_tiny_captioner(out_dir: str | Path, family: str, seed: int = 0, overwr
     _rescale_weights(model, seed)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out, overwrite=overwrite, what="tiny captioner folder") as tmp:
+    with owned_folder(out, overwrite, "init-tiny-captioner", None, what="tiny captioner folder") as tmp:
         model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
         for part in parts if isinstance(parts, tuple) else (parts,):
             part.save_pretrained(tmp)

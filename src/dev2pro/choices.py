@@ -17,3 +17,4 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 LORA_TARGETS = ("attention", "all_linear")  # lora.targets.target_modules presets
 LORA_LAYOUTS = ("kohya", "comfy", "diffusers")  # lora.formats: the layouts it writes
 CHECKPOINT_LAYOUTS = ("bfl", "comfy", "diffusers")  # flux.checkpoint: the layouts it writes
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # model files that need allow_pickle

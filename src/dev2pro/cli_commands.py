@@ -12,6 +12,7 @@ paths get their missing parent folders created; counts are bounded (``bounded_in
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from .config import INT_LIMIT, SIZE_HELP, add_config_command, parse_size
@@ -37,6 +38,21 @@ def bounded_int(low: int = 0, high: int = INT_LIMIT):
             raise argparse.ArgumentTypeError(f"{value} is out of range: at least {low}, at most {high}")
         return value
     parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(low: float, *, above: bool = False):
+    """An argparse type: a finite number >= ``low`` (> ``low`` with ``above``); NaN and inf are refused."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: a finite number {'>' if above else '>='} "
+                                             f"{low:g}")
+        return value
+    parse.__name__ = "number"
     return parse
 
 
@@ -162,7 +178,7 @@ def _dedistill_target():
 
 def add_train(sub):
     p = add_config_command(sub, "train", "train a Flux LoRA (default: guidance 1.0 on a de-distilled base)",
-                           target=_train_target)
+                           target=_train_target, overwrite=True)
     p.add_argument("--vram", type=int, choices=(8, 12, 16, 24, 48), metavar="GB",
                    help="GPU-size preset (8|12|16|24|48 GB), same as --set model.vram=GB")
     run = p.get_default("run")
@@ -176,7 +192,8 @@ def add_train(sub):
 
 def add_dedistill(sub):
     add_config_command(sub, "dedistill", "full fine-tune of FLUX.1-dev away from guidance distillation (make a "
-                       "dev2pro); launch with accelerate/torchrun for several GPUs", target=_dedistill_target)
+                       "dev2pro); launch with accelerate/torchrun for several GPUs", target=_dedistill_target,
+                       overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -192,10 +209,10 @@ def add_sample(sub):
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
     src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line ('#' lines skipped)")
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt for true CFG (default: empty)")
-    p.add_argument("--guidance", type=float, default=3.5,
+    p.add_argument("--guidance", type=finite_float(0, above=True), default=3.5,
                    help="guidance strength: the embedded value on dev-like bases, the CFG scale on bases without a "
                         "guidance embedding (default 3.5)")
-    p.add_argument("--cfg", type=float, default=1.0,
+    p.add_argument("--cfg", type=finite_float(1), default=1.0,
                    help="true CFG scale (> 1 adds a negative-prompt pass; combines with embedded guidance)")
     p.add_argument("--mode", choices=SAMPLE_MODES, default="auto",
                    help="auto: embedded if the base has a guidance embedding, else true_cfg")
@@ -206,10 +223,11 @@ def add_sample(sub):
     seeds.add_argument("--seed", type=bounded_int(0, 2**64 - 1), help="one seed (default 0)")
     seeds.add_argument("--seeds", metavar="A,B,C", help="comma-separated seeds")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder (created with its parents; must be empty or absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+                   help="output folder (created with its parents; empty, absent, or an earlier sample's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this command (a folder holding other files is refused)")
     p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
-    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N",
+    p.add_argument("--blocks-to-swap", type=bounded_int(0, 1000), default=0, metavar="N",
                    help="keep N transformer blocks' weights in host RAM, copied in just before use (less VRAM)")
     p.add_argument("--adapter", default=None, metavar="FILE[:SCALE]",
                    help="training adapter (e.g. a dev -> dev2pro LoRA) as a side branch: dev + adapter + LoRA "
@@ -232,7 +250,8 @@ def add_compare(sub):
                                        "guidance) and write a side-by-side grid, an HTML report and metrics")
     p.add_argument("config", metavar="CONFIG.toml", help="compare config: model, prompts, seeds, size, [[arms]]")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the config's 'out'; parents created)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this command (a folder holding other files is refused)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value, e.g. --set steps=4 (repeatable)")
 
@@ -351,7 +370,8 @@ def add_demo(sub):
     p.add_argument("--seeds", type=bounded_int(1, 1000), default=None,
                    help="LoRA seeds per arm (default 5; 3 with --quick)")
     p.add_argument("--workers", type=bounded_int(1, 1024), default=2, help="parallel LoRA jobs (one CPU core each)")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier demo's folder first (a folder holding other files is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
     def run(a):

@@ -322,6 +322,18 @@ def require(ok: bool, message: str):
         raise ConfigError(message)
 
 
+def require_range(name: str, value, low, high=None, *, above: bool = False) -> None:
+    """``require`` for a number: ``low <= value <= high`` (``low < value`` with ``above``; no ``high``: no upper
+    bound), with the allowed range in the message."""
+    ok = (value > low if above else value >= low) and (high is None or value <= high)
+    if not ok:
+        if high is None:
+            allowed = f"{'>' if above else '>='} {low}"
+        else:
+            allowed = f"in {low}..{high}" if not above else f"> {low} and <= {high}"
+        raise ConfigError(f"{name} must be {allowed}, got {value}")
+
+
 SIZE_HELP = 'image size "WIDTHxHEIGHT" (e.g. "768x512"; one number for a square)'
 
 
@@ -391,26 +403,38 @@ def _is_table_list(v) -> bool:
     return isinstance(v, list) and v and all(dataclasses.is_dataclass(i) for i in v)
 
 
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and every control character escaped (a raw newline or BEL in a
+    trigger or prompt made a run's config.toml unreadable), other unicode kept as is."""
+    return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7f else c)
+                         for c in text) + '"'
+
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return ("-" if v < 0 else "") + ("nan" if math.isnan(v) else "inf")  # TOML's spelling, not Python's
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return toml_string(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(i) for i in v) + "]"
     return repr(v)
 
 
 def add_config_command(sub, name: str, help: str, schema: type | None = None, load=None, run=None, *,
-                       target=None):
+                       target=None, overwrite: bool = False):
     """A subcommand for a config-driven recipe: CONFIG.toml, --set, --resume [DIR], --print-config, --no-progress.
 
     ``load(path, overrides)`` builds the config; ``run(cfg, resume, progress)`` returns a summary with ``steps``,
     ``losses`` and ``files``, which is printed. Pass ``target``, a function returning ``(schema, load, run)``,
     instead of the three to import the recipe (torch, diffusers) only when the command runs, not to parse or
-    print --help.
+    print --help. ``overwrite``: add ``--overwrite`` (the same as ``--set save.overwrite=true``).
     """
     if target is None:
         def target():
@@ -423,9 +447,14 @@ def add_config_command(sub, name: str, help: str, schema: type | None = None, lo
                    help="continue from the latest state in output_dir, or from a given state folder")
     p.add_argument("--print-config", action="store_true", help="print every option with its default and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true",
+                       help="start over in an output folder holding an earlier run (= --set save.overwrite=true)")
 
     def main(a):
         schema_, load_, run_ = target()
+        if getattr(a, "overwrite", False):
+            a.set = [*a.set, "save.overwrite=true"]
         if a.print_config:
             print(render_toml(schema_()), end="")
             return

@@ -63,16 +63,6 @@ class NonFiniteError(UserError):
 
 
 # ------------------------------------------------------------------------------------------------ guard
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> bool:
-    """Check an output folder up front; an existing *empty* folder counts as free. Returns the overwrite to use."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} is a file, not a folder: choose another --out")
-    empty = out.is_dir() and not any(out.iterdir())
-    check_output(out, overwrite or empty, what="output folder")
-    return overwrite or empty
-
-
 def check_output(path: str | os.PathLike, overwrite: bool, what: str = "output", *, folder: bool | None = None,
                  owned: Sequence[str] | None = None, sources: Iterable[str | os.PathLike] = ()) -> Path:
     """Validate an output path before anything is computed; returns it as a Path.
@@ -114,18 +104,32 @@ def _check_replaceable_folder(path: Path, what: str, folder: bool | None, owned:
     if folder is False:
         raise UserError(f"{what} {path} is a folder, and a file cannot replace it (nothing was deleted); give a "
                         f"file path such as {path / 'model.safetensors'}")
-    entries = [e.name for e in path.iterdir() if not e.name.startswith(TMP_PREFIX)]
     if owned is None:
         if is_model_folder(path):
             raise UserError(f"{path} is a model folder (it has {_model_marker(path)}): replacing it with a {what} "
                             f"would delete its other components. Choose a new folder")
         return
-    foreign = sorted(e for e in entries if not any(fnmatch.fnmatch(e, p) for p in owned))
+    foreign = foreign_entries(path, owned)
     if foreign:
         kind = f"a model folder (it has {_model_marker(path)})" if is_model_folder(path) else "a folder"
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise UserError(f"{path} is {kind}: writing a {what} there would delete {shown}, which this command does "
                         f"not write. Nothing was deleted; choose a new or empty folder")
+
+
+def foreign_entries(folder: Path, owned: Sequence[str], prefix: str = "") -> list[str]:
+    """Entries below ``folder`` (relative POSIX paths) that no pattern of ``owned`` matches: an owned folder is
+    owned whole; an unowned folder is searched, and counts as foreign itself only when empty. Temps are skipped."""
+    foreign = []
+    for e in sorted(folder.iterdir(), key=lambda e: e.name):
+        rel = prefix + e.name
+        if (not prefix and e.name.startswith(TMP_PREFIX)) or any(fnmatch.fnmatchcase(rel, p) for p in owned):
+            continue
+        if e.is_dir() and not e.is_symlink() and any(e.iterdir()):
+            foreign += foreign_entries(e, owned, rel + "/")
+        else:
+            foreign.append(rel + ("/" if e.is_dir() and not e.is_symlink() else ""))
+    return foreign
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .flux.checkpoint import open_checkpoint, tensor_group
 from .flux.fp8 import Fp8Policy
 from .families import build_transformer
@@ -439,11 +439,38 @@ def card_bytes(vram_gb: float | None) -> tuple[int | None, str]:
     return None, "no CUDA device"
 
 
+LARGEST_CARD = 200 * GB  # more than any single GPU holds (B200: 192 GB): a plan beyond it is a typo, not a run
+
+
+class ImpossiblePlan(ConfigError):
+    """Settings no card can train: a rank above the layers' width, a peak beyond ``LARGEST_CARD``."""
+
+
+def check_rank(inp: PlanInputs) -> None:
+    """Refuse a LoRA rank above the narrowest layer it trains (min of in/out features): it cannot add capacity,
+    only memory (rank 100000 on 3072-wide layers was accepted silently)."""
+    name, fin, fout = min(lora_layers(_meta_model(inp.spec), inp), key=lambda x: min(x[1], x[2]))
+    if inp.rank > min(fin, fout):
+        raise ImpossiblePlan(f"lora.rank = {inp.rank} is larger than the narrowest layer it trains ({name}: {fin} "
+                             f"in, {fout} out): use at most {min(fin, fout)} (4..128 is typical)")
+
+
+def check_fits_a_card(plan: Plan) -> None:
+    """Refuse a plan no single card can hold, before anything is loaded."""
+    if plan.peak > LARGEST_CARD:
+        raise ImpossiblePlan(f"this run needs about {fmt_gb(plan.peak)} of GPU memory at its peak, more than any "
+                             f"single card holds ({fmt_gb(LARGEST_CARD)}): lower data.resolution, data.batch_size or "
+                             f"lora.rank (the plan above shows where the memory goes)")
+
+
 def report(inputs: PlanInputs, vram_gb: float | None = None, out=None) -> dict:
-    """Print the plan and the fit verdict; returns the plan as a dict (plus 'fits' and 'message')."""
+    """Print the plan and the fit verdict; returns the plan as a dict (plus 'fits' and 'message'). ImpossiblePlan
+    for a rank above the layers' width or a plan beyond any card (after printing it)."""
     out = out or sys.stdout
+    check_rank(inputs)
     plan = estimate(inputs)
     print(render(plan), file=out, flush=True)
+    check_fits_a_card(plan)
     card, what = card_bytes(vram_gb)
     result = plan.to_dict()
     if card is None:

@@ -177,8 +177,10 @@ def resolve_guidance(guidance_embeds: bool, mode: str = "auto", guidance: float 
     """Turn (mode, guidance, true_cfg) into what the pipeline gets for a base with/without a guidance embedding."""
     if mode not in MODES:
         raise UserError(f"guidance mode {mode!r} is not one of {', '.join(MODES)}")
-    if true_cfg < 1.0:
-        raise UserError(f"true CFG scale {true_cfg} must be >= 1 (1 turns true CFG off)")
+    if not (math.isfinite(guidance) and guidance > 0):  # NaN rendered a black image with exit 0
+        raise UserError(f"guidance {guidance} must be a finite number > 0 (3.5 is dev's default)")
+    if not math.isfinite(true_cfg) or true_cfg < 1.0:
+        raise UserError(f"true CFG scale {true_cfg} must be a finite number >= 1 (1 turns true CFG off)")
     has_embedding = bool(guidance_embeds)
     if mode == "auto":
         mode = "embedded" if has_embedding else "true_cfg"
@@ -308,8 +310,13 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _fit(draw, text: str, font, width: int) -> str:
-    """``text`` cut with an ellipsis so it fits ``width`` pixels."""
+    """``text`` on one line (newlines, tabs and other control characters become spaces: Pillow cannot measure
+    multi-line text, and a label band holds one line) and cut with an ellipsis so it fits ``width`` pixels."""
+    text = " ".join(_CONTROL.sub(" ", text).split())
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "…", font=font) > width:

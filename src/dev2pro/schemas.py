@@ -16,12 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from .choices import (COMPUTE_DTYPES, EXPORT_FORMATS, FAMILIES, GUIDANCE_MODES, LORA_TARGETS, MIXED_PRECISION, OBJECTIVES,
-                      OPTIMIZERS, SCHEDULES, TIMESTEP_MODES)
-from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, parse_size, require, resolve_size,
-                     section)
-from .errors import ConfigError, UserError
 from .arguments import parse_lora_arg, slug
+from .choices import (COMPUTE_DTYPES, EXPORT_FORMATS, FAMILIES, GUIDANCE_MODES, LORA_TARGETS, MIXED_PRECISION,
+                      OBJECTIVES, OPTIMIZERS, PICKLE_SUFFIXES, SCHEDULES, TIMESTEP_MODES)
+from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, parse_size, require, require_range,
+                     resolve_size, section)
+from .errors import ConfigError, UserError
+
+MAX_RESOLUTION = 4096  # 16.7 MP buckets; FLUX.1 is trained up to ~2 MP -- 100000 is a typo the plan priced at 47 TB
+MAX_RANK = 6144  # the widest Flux layer (FLUX.2 dev's hidden width); the checkpoint's own widths are checked later
+MAX_BATCH = 1024
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -93,7 +97,7 @@ class FolderSection:
 
     def validate(self):
         require(bool(self.path), "path: each [[data.folders]] needs a path")
-        require(self.repeats >= 1, "repeats must be >= 1")
+        require_range("repeats", self.repeats, 1, 100_000)
 
 
 @dataclass
@@ -118,7 +122,11 @@ class DataSection:
         require(0.0 <= self.caption_dropout < 1.0, "caption_dropout must be in [0, 1)")
         require(self.bucket_step >= 16 and self.bucket_step % 16 == 0, "bucket_step must be a multiple of 16")
         require(self.resolution >= self.bucket_step, "resolution must be >= bucket_step")
-        require(self.batch_size >= 1, "batch_size must be >= 1")
+        require(64 <= self.resolution <= MAX_RESOLUTION and self.resolution % 16 == 0,
+                f"resolution must be a multiple of 16 in 64..{MAX_RESOLUTION} (512 or 1024 for FLUX.1), got "
+                f"{self.resolution}")
+        require_range("batch_size", self.batch_size, 1, MAX_BATCH)
+        require_range("min_size", self.min_size, 1, MAX_RESOLUTION)
 
 
 @dataclass
@@ -149,6 +157,10 @@ class OptimBase:
         require(self.steps > 0, "steps must be > 0")
         require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
         require(self.nan_max_skips >= 1, "nan_max_skips must be >= 1")
+        require_range("weight_decay", self.weight_decay, 0)
+        require_range("max_grad_norm", self.max_grad_norm, 0)
+        require_range("sigmoid_scale", self.sigmoid_scale, 0, above=True)
+        require_range("shift", self.shift, 0, above=True)
         require(self.grad_accum >= 1, "grad_accum must be >= 1")
         require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
 
@@ -164,6 +176,10 @@ class TrainSection(OptimBase):
                                "the first steps are slow; not with blocks_to_swap")
     attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
                                      "PyTorch SDPA")
+
+    def validate(self):
+        super().validate()
+        require_range("guidance", self.guidance, 0, 100, above=True)
 
 
 @dataclass
@@ -188,6 +204,7 @@ class DedistillTrain(OptimBase):
         super().validate()
         require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         require(self.adapter_rank >= 0, "adapter_rank must be >= 0 (0 = full fine-tune)")
+        require_range("adapter_rank", self.adapter_rank, 0, MAX_RANK)
         require(not (self.adapter_rank and self.distributed == "fsdp"),
                 "distributed: adapter de-distillation (adapter_rank > 0) runs on one device or DDP; FSDP shards "
                 "full fine-tunes")
@@ -206,6 +223,7 @@ class LoraSection:
 
     def validate(self):
         require(self.rank > 0, f"rank must be > 0, got {self.rank}")
+        require_range("rank", self.rank, 1, MAX_RANK)
         require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
 
@@ -236,7 +254,14 @@ class SampleBase:
     def validate(self):
         resolve_size(self)
         require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
+        require_range("width", self.width, 16, MAX_RESOLUTION)
+        require_range("height", self.height, 16, MAX_RESOLUTION)
         require(self.steps > 0, "steps must be > 0")
+        require_range("steps", self.steps, 1, 1000)
+        require_range("every", self.every, 0)
+        require(self.cfg <= 100.0, f"cfg must be <= 100, got {self.cfg}")
+        require(all(isinstance(x, int) and x >= 0 for x in self.seeds), f"seeds must be integers >= 0, got "
+                                                                        f"{self.seeds}")
 
 
 @ordered("every", "prompts", "negative", "seeds", "guidance", "cfg", "steps", "width", "height", "with_adapter",
@@ -248,6 +273,11 @@ class SampleSection(SampleBase):
     with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
                                     "dev2pro), as step*-adapter.png")
     baseline: bool = opt(True, "render a step-0 grid (the base before training) to compare the others with")
+
+    def validate(self):
+        super().validate()
+        require_range("guidance", self.guidance, 0, 100, above=True)
+        require_range("cfg", self.cfg, 1, 100)
 
 
 @dataclass
@@ -283,6 +313,7 @@ class SaveSection:
 
     def validate(self):
         require(bool(self.output_dir), "output_dir: set save.output_dir")
+        require_range("every", self.every, 0)
         for f in self.formats:
             require(f in self.FORMATS, f"formats: unknown {self.FORMAT_KIND} {f!r} ({'|'.join(self.FORMATS)})")
 
@@ -339,7 +370,24 @@ def load_train_config(path, overrides: list[str] | None = None, data: dict | Non
     cfg = load_config(TrainConfig, path, overrides, data)
     if cfg.model.vram:
         apply_vram_preset(cfg, explicit_keys(path, overrides, data))
+    check_rank_fits(cfg)
     return cfg
+
+
+def check_rank_fits(cfg: TrainConfig) -> None:
+    """``lora.rank`` against the widths of the layers it trains, once the checkpoint's header is readable (a
+    missing or unreadable model is reported where it is loaded; pickles are not opened just for this)."""
+    m = cfg.model
+    src = m.transformer or m.path
+    if not src or not Path(src).exists() or Path(src).suffix.lower() in PICKLE_SUFFIXES:
+        return
+    from .plan import check_rank  # torch: only when a recipe runs (the CLI imports us)
+
+    try:
+        inputs = plan_inputs(cfg)
+    except (UserError, OSError, ValueError):
+        return
+    check_rank(inputs)
 
 
 def load_dedistill_config(path, overrides: list[str] | None = None, data: dict | None = None) -> DedistillConfig:
@@ -373,7 +421,7 @@ def plan_inputs(cfg):
     from .plan import PlanInputs, adapter_params_in_file, encoder_params
 
     m = cfg.model
-    spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle).spec()
+    spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family).spec()
     res = cfg.data.resolution
     sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
     return PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
@@ -414,6 +462,7 @@ class Arm:
     def validate(self):
         require(bool(self.name.strip()), "name: every arm needs a name")
         require(self.cfg >= 1.0, f"cfg: must be >= 1 (1 = off), got {self.cfg}")
+        require_range("guidance", self.guidance, 0, 100, above=True)
         for item in self.loras:
             try:
                 parse_lora_arg(item)

@@ -443,3 +443,56 @@ def test_stale_temps_of_a_killed_convert_are_removed_by_the_next_run(tmp_path, b
     C.convert(bfl_file, tmp_path / "out.safetensors")
     assert not stale_file.exists() and not stale_dir.exists() and not any(p.exists() for p in legacy)
     assert live.exists() and other_host.exists()
+
+
+def _with_header(src, dst, edit):
+    """A copy of ``src`` whose JSON header ``edit(header)`` changed (the data bytes are kept as they are)."""
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    return dst
+
+
+def test_a_lying_header_is_one_line_naming_the_file(tmp_path, bfl_file, capsys):
+    """Issue 18.7: a header claiming a 1e6 x 1e6 weight made inspect report a trillion parameters (exit 0),
+    convert ask for terabytes of free space and train die inside diffusers."""
+    from dev2pro.cli import main
+
+    key = "double_blocks.0.img_attn.qkv.weight"
+    size = C.open_checkpoint(bfl_file).shapes[key]
+    nbytes = size[0] * size[1] * 4
+
+    def huge(h):
+        h[key]["shape"] = [1_000_000, 1_000_000]
+    lying = _with_header(bfl_file, tmp_path / "huge.safetensors", huge)
+    expected = (f"{lying} has a damaged header: tensor '{key}' claims shape (1000000, 1000000) (F32, "
+                f"4000000000000 bytes) but holds {nbytes} bytes. The file is corrupt or not a real checkpoint -- "
+                f"download or convert it again")
+    for argv in (["inspect", str(lying)], ["convert", str(lying), str(tmp_path / "out.safetensors")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [f"dev2pro {argv[0]}: error: {expected}"], err
+    with pytest.raises(CheckpointError) as e:
+        C.load_transformer(lying)
+    assert str(e.value) == expected
+    assert not (tmp_path / "out.safetensors").exists()
+
+    def backwards(h):
+        b, e = h[key]["data_offsets"]
+        h[key]["data_offsets"] = [e, b]
+    with pytest.raises(CheckpointError, match=rf"tensor '{key}' has data_offsets \[\d+, \d+\] outside the file's"):
+        C.open_checkpoint(_with_header(bfl_file, tmp_path / "backwards.safetensors", backwards))
+
+    def twice(h):  # a second name for the same bytes: every entry is consistent, the sum is not
+        h["double_blocks.0.img_attn.qkv.bias"] = dict(h[key])
+        h["double_blocks.0.img_attn.qkv.bias"]["shape"] = list(size)
+    with pytest.raises(CheckpointError, match=r"its tensors claim \d+ bytes of data but the file holds \d+"):
+        C.open_checkpoint(_with_header(bfl_file, tmp_path / "twice.safetensors", twice))
+
+    def strange(h):
+        h[key]["shape"] = [-1, 4]
+    with pytest.raises(CheckpointError, match=r"has an invalid shape \[-1, 4\]"):
+        C.open_checkpoint(_with_header(bfl_file, tmp_path / "negative.safetensors", strange))

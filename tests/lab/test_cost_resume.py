@@ -34,14 +34,20 @@ def test_run_folder_new_resume_other_overwrite(tmp_path, capsys):
     root, stamp = tmp_path / "demo", {"version": 1, "profile": "quick"}
     prepare_run_folder(root, stamp, overwrite=False)
     assert json.loads((root / MARKER).read_text()) == stamp
-    (root / "kept.txt").write_text("stage output")
+    (root / "runs").mkdir()
+    (root / "runs" / "kept.txt").write_text("stage output")
     prepare_run_folder(root, stamp, overwrite=False)  # the same demo again: resumed, outputs kept
-    assert (root / "kept.txt").is_file() and "resuming" in capsys.readouterr().out
+    assert (root / "runs" / "kept.txt").is_file() and "resuming" in capsys.readouterr().out
     with pytest.raises(UserError, match="--overwrite"):
         prepare_run_folder(root, {**stamp, "profile": "full"}, overwrite=False)
-    assert (root / "kept.txt").is_file()
+    assert (root / "runs" / "kept.txt").is_file()
+    (root / "notes.txt").write_text("mine")  # a file the demo does not write: --overwrite refuses the folder
+    with pytest.raises(UserError, match="would delete notes.txt, which this command does not write"):
+        prepare_run_folder(root, {**stamp, "profile": "full"}, overwrite=True)
+    assert (root / "notes.txt").read_text() == "mine" and (root / "runs" / "kept.txt").is_file()
+    (root / "notes.txt").unlink()
     prepare_run_folder(root, {**stamp, "profile": "full"}, overwrite=True)
-    assert not (root / "kept.txt").exists() and json.loads((root / MARKER).read_text())["profile"] == "full"
+    assert not (root / "runs").exists() and json.loads((root / MARKER).read_text())["profile"] == "full"
 
 
 def test_finished_stage(tmp_path):

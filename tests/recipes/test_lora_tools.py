@@ -180,3 +180,27 @@ def test_merged_file_with_non_finite_values_is_not_written(tmp_path, base, capsy
     assert "NaN/inf" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_alpha_with_several_elements_is_one_line_for_info_merge_and_sample(tmp_path, base, capsys):
+    """Issue 18.7: ``.alpha`` holding a vector raised 'a Tensor with 4 elements cannot be converted to Scalar'."""
+    from safetensors.torch import load_file
+
+    from dev2pro.sampling import load_base
+
+    path, lora, _ = base
+    sd = load_file(str(lora))
+    key = next(k for k in sd if k.endswith(".alpha"))
+    sd[key] = torch.full((4,), 2.0)
+    bad = tmp_path / "vector-alpha.safetensors"
+    save_file(sd, str(bad))
+    for argv in (["lora", "info", str(bad)],
+                 ["lora", "merge", "--base", str(path), "--lora", str(bad), str(tmp_path / "m.safetensors")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert f"{bad}: LoRA module" in lines[0] and "alpha holds 4 values (shape (4,)), not one number" in lines[0]
+    with pytest.raises(UserError, match=r"alpha holds 4 values"):
+        load_base(path, [(str(bad), 1.0)])
+    assert not (tmp_path / "m.safetensors").exists()

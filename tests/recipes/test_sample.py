@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dev2pro.errors import UserError
 from dev2pro.cli_commands import add_sample
+from dev2pro.errors import UserError
+from dev2pro.owned import MANIFEST
 from dev2pro.recipes.sample import run_sample
 
 FAST = ["--steps", "2", "--size", "64x64"]
@@ -27,7 +28,7 @@ def test_prompt_file_3x2_grid_text_chunks_and_byte_determinism(tiny_dev_dir, tmp
     prompts.write_text("a red cat\n# skipped\na blue dog\nthe number 3 in green\n")
     out = tmp_path / "out"
     cli("--model", tiny_dev_dir, "--prompts", prompts, "--seeds", "5,6", "--out", out, *FAST)
-    pngs = sorted(p.name for p in out.iterdir())
+    pngs = sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
     assert len(pngs) == 7 and "grid.png" in pngs
     assert f"to {out}" in capsys.readouterr().out
     grid = Image.open(out / "grid.png")
@@ -39,12 +40,11 @@ def test_prompt_file_3x2_grid_text_chunks_and_byte_determinism(tiny_dev_dir, tmp
     # The grid cell (row 1, col 1) is that image.
     assert np.array_equal(np.asarray(grid.crop((64, 64, 128, 128))), np.asarray(one.convert("RGB")))
 
-    # Same prompt + seed alone, into an existing folder with --overwrite: the same bytes.
+    # Same prompt + seed alone, over an earlier sample folder (other prompts) with --overwrite: the same bytes.
     again = tmp_path / "again"
-    again.mkdir()
-    (again / "old.txt").write_text("x")
+    cli("--model", tiny_dev_dir, "--prompt", "x", "--seeds", "1,2", "--out", again, *FAST)
     cli("--model", tiny_dev_dir, "--prompt", "a blue dog", "--seed", "6", "--out", again, "--overwrite", *FAST)
-    assert sorted(p.name for p in again.iterdir()) == ["000-a-blue-dog-s6.png"]  # no grid for one image
+    assert sorted(p.name for p in again.iterdir()) == [MANIFEST, "000-a-blue-dog-s6.png"]  # no grid for one image
     a, b = Image.open(again / "000-a-blue-dog-s6.png"), Image.open(out / "001-a-blue-dog-s6.png")
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert (again / "000-a-blue-dog-s6.png").read_bytes() == (out / "001-a-blue-dog-s6.png").read_bytes()

@@ -29,7 +29,10 @@ def test_folder_status_tells_a_failed_start_from_a_saved_run(tmp_path):
     (run / "logs").mkdir()
     (run / ".config.toml.abc.tmp").mkdir()  # a temp left by an atomic write
     assert folder_status(run) == "started"
-    (run / "state" / "step-000004").mkdir(parents=True)
+    (run / "state" / "step-000004").mkdir(parents=True)  # an incomplete state: nothing a resume can read
+    assert folder_status(run) == "started"
+    (run / "state" / "step-000004" / "common.json").write_text("{}")
+    (run / "state" / "step-000004" / "common.safetensors").write_bytes(b"x")
     assert folder_status(run) == "saved"
     other = tmp_path / "photos"
     other.mkdir()
@@ -40,6 +43,70 @@ def test_folder_status_tells_a_failed_start_from_a_saved_run(tmp_path):
     (lora_only / "config.toml").write_text("")
     (lora_only / "lora.safetensors").write_bytes(b"x")
     assert folder_status(lora_only) == "saved"
+
+
+def _failed_first_save(run):
+    """What a full disk at the first state save leaves: the step LoRA, a partial state temp, no usable state."""
+    (run / "state" / ".step-000004.tmp").mkdir(parents=True)
+    (run / "state" / ".step-000004.tmp" / "rank-00000-of-00001.safetensors").write_bytes(b"x")
+    (run / "state" / "step-000002").mkdir()  # a state folder without its common files
+    for name in ("config.toml", "lora-step000004.safetensors", "lora-step000004.diffusers.safetensors"):
+        (run / name).write_bytes(b"x")
+    (run / "logs").mkdir()
+
+
+def test_a_failed_first_save_is_a_start_to_redo_and_resume_says_so(tmp_path):
+    """Issue 18.8: after a full disk at the first state save, --resume and the plain command each sent the user
+    to the other. Now: no usable state => not an existing run."""
+    from dev2pro.train.lifecycle import prepare_output_dir
+
+    run = tmp_path / "run"
+    _failed_first_save(run)
+    assert folder_status(run) == "started"
+    with pytest.raises(UserError) as e:
+        prepare_output_dir(run, "latest", False, say=lambda m: None)
+    assert str(e.value) == (f"nothing to resume: {run} was started but never saved a usable training state (a failed "
+                            f"start, a first save that failed, e.g. on a full disk, or a run stopped before its first "
+                            f"save); run the same command without --resume to start it")
+    said = []
+    assert prepare_output_dir(run, None, False, say=said.append) == run / "state"  # the plain command starts again
+    assert said == [f"reusing {run}: an earlier start never saved a usable state (cached latents and text are reused "
+                    f"when valid)"]
+    (run / "summary.json").write_text("{}")  # a finished run whose final state failed: --resume cannot help
+    with pytest.raises(UserError, match=r"holds a finished run but no usable training state; run the same command "
+                                        r"without --resume to start it again with --overwrite$"):
+        prepare_output_dir(run, "latest", False, say=lambda m: None)
+    with pytest.raises(UserError) as e:
+        prepare_output_dir(run, None, False, say=lambda m: None)
+    assert "--resume" not in str(e.value) and "set save.overwrite = true (--overwrite) to start over" in str(e.value)
+
+
+def test_a_real_full_disk_at_the_first_state_save_then_one_clear_path(tmp_path, tiny_dev_dir, sk_images,
+                                                                      monkeypatch, capsys):
+    from dev2pro.cli import main
+    from dev2pro.train import state
+    from tiny_run import model_and_data
+
+    config = tmp_path / "run.toml"
+    config.write_text(model_and_data(tiny_dev_dir, sk_images, tmp_path / "cache", model='dtype = "fp32"') +
+                      f'[lora]\nrank = 4\n[train]\nsteps = 4\n[save]\noutput_dir = "{tmp_path / "run"}"\n'
+                      f'every = 2\n')
+    real = state.save_safetensors
+
+    def full_disk(tensors, path, *a, **k):
+        if path.name == "common.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(state, "save_safetensors", full_disk)
+    argv = ["train", str(config), "--no-progress"]
+    assert main(argv) == 2
+    assert "no space left on the device" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "run the same command without --resume to start it" in err, err
+    monkeypatch.setattr(state, "save_safetensors", real)  # space freed: the plain command starts again
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "lora.safetensors").is_file() and state.latest_state(tmp_path / "run" / "state")
 
 
 HOLDER = textwrap.dedent("""

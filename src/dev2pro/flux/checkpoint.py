@@ -23,16 +23,16 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 
-from ..choices import CHECKPOINT_LAYOUTS
+from ..choices import CHECKPOINT_LAYOUTS, PICKLE_SUFFIXES  # noqa: F401 (re-exported)
 from .. import families
 from ..errors import CheckpointError, UserError
 from ..families import Family
 from ..outputs import NonFiniteError, atomic_path, count_nonfinite, stream_safetensors, tensor_nbytes
 from . import fp8 as fp8mod
 from . import keys as keymod
+from .header import read_header
 from .inspection import DTYPE_NAMES, GROUPS, describe, missing_summary, tensor_group  # noqa: F401 (API)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 LAYOUTS = CHECKPOINT_LAYOUTS
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
@@ -150,29 +150,7 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, family:
             raise CheckpointError(f"{path} is a pickle file, which can run arbitrary code when loaded. Convert it "
                                   f"to safetensors, or pass --allow-pickle if you trust its source")
         return _open_pickle(path, family)
-    return _from_headers(path, {path: _read_header(path)}, family=family)
-
-
-def _read_header(path: Path) -> dict:
-    """Parse a safetensors header ourselves, so bad files get a clear error before any data is read."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than a safetensors header")
-            n = int.from_bytes(raw, "little")
-            if n <= 1 or n > min(size - 8, 100 * 1024**2):
-                raise ValueError("header length is not plausible")
-            header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a safetensors file ({e}). dev2pro reads .safetensors checkpoints; "
-                              f"pickle files (.ckpt/.pt) need --allow-pickle") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path} is truncated: its header describes {8 + n + end} bytes but the file has "
-                              f"{size}. The download or copy was interrupted -- fetch the file again")
-    return header
+    return _from_headers(path, {path: read_header(path)}, family=family)
 
 
 def _open_folder(path: Path, family: str | None = None) -> Checkpoint:
@@ -193,7 +171,7 @@ def _open_folder(path: Path, family: str | None = None) -> Checkpoint:
     missing = [f for f in files if not f.exists()]
     if missing:
         raise CheckpointError(f"{path}: shard {missing[0].name} named in the index is missing")
-    ckpt = _from_headers(path, {f: _read_header(f) for f in files}, family=family)
+    ckpt = _from_headers(path, {f: read_header(f) for f in files}, family=family)
     ckpt.layout = "diffusers-folder"
     if (path / "config.json").exists():
         ckpt.config = json.loads((path / "config.json").read_text())

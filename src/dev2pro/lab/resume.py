@@ -11,9 +11,12 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..outputs import write_json
+from ..outputs import check_output, write_json
 
 MARKER = "demo.json"  # the settings the folder was made with
+# what `dev2pro demo` writes at the top of its folder (recipes/demo.py, lab/report.py)
+DEMO_ENTRIES = (MARKER, "models", "data", "shards", "prompts.safetensors", "runs", "adapters", "arms",
+                "grids", "results.json", "report.md", "report.html")
 
 
 def prepare_run_folder(root: Path, stamp: dict, overwrite: bool) -> None:
@@ -22,7 +25,8 @@ def prepare_run_folder(root: Path, stamp: dict, overwrite: bool) -> None:
     marker = root / MARKER
     if root.exists() and any(root.iterdir()):
         same = marker.is_file() and json.loads(marker.read_text()) == stamp
-        if overwrite:
+        if overwrite:  # only a demo's own entries are deleted: a folder holding anything else is refused
+            check_output(root, True, "demo folder", folder=True, owned=DEMO_ENTRIES)
             shutil.rmtree(root)
         elif not same:
             raise UserError(f"{root} holds something else (another demo profile or other files); pass --overwrite "

@@ -268,7 +268,11 @@ def _module(name: str, g: dict, alpha: float | None = None) -> LoraModule:
         raise UserError(f"LoRA module {name!r}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a "
                         f"linear LoRA pair (conv LoRAs are not supported).")
     if "alpha" in g:
-        alpha = float(g["alpha"].float().item())
+        a = g["alpha"]
+        if a.numel() != 1:  # kohya writes a 0-d tensor; one scale per module is all any reader applies
+            raise UserError(f"LoRA module {name!r}: alpha holds {a.numel()} values (shape {tuple(a.shape)}), not "
+                            f"one number; the file is damaged or not a LoRA -- re-export it")
+        alpha = float(a.float().reshape(()).item())
     return LoraModule(down, up, float(down.shape[0]) if alpha is None else alpha)
 
 

@@ -8,6 +8,8 @@ with ``data.shards = "OUT/index.json"`` in a train or dedistill config.
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from ..data.shards import collect_sources, write_shards
 from ..errors import UserError
 from ..flux.latents import encode_images, load_vae
 from ..noise import quiet_libraries
+from ..outputs import write_failure
 from ..text import encoder_identity, load_text_encoders, text_encoder
 
 
@@ -31,6 +34,7 @@ def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000
     """
     if per_shard < 1:
         raise UserError("--per-shard must be >= 1")
+    check_cache_folder(Path(out_dir))  # before minutes of loading encoders
     quiet_libraries()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     buckets = make_buckets(resolution * resolution, step=bucket_step)
@@ -45,3 +49,14 @@ def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000
                          lambda px: encode_images(vae, px.to(device)).cpu(), encode_text, settings,
                          skipped=skipped, batch_size=batch_size)
     return {"index": str(index), "samples": len(samples), "skipped": skipped}
+
+
+def check_cache_folder(out: Path) -> None:
+    """Create ``out`` (and its parents) and check it is writable: a read-only or full disk is one line naming it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(write_failure("create the cache folder", e.filename or out, e.errno, e.strerror)) from None
+    if not os.access(out, os.W_OK):
+        read_only = hasattr(os, "statvfs") and os.statvfs(out).f_flag & os.ST_RDONLY
+        raise UserError(write_failure("write the cache folder", out, errno.EROFS if read_only else errno.EACCES))

@@ -31,7 +31,8 @@ from ..config import parse_size, to_dict
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
 from ..lab import metrics as M
-from ..outputs import atomic_path, check_output_dir, make_parent, write_json, write_text
+from ..outputs import make_parent, write_json, write_text
+from ..owned import check_owned_folder, owned_folder
 from ..schemas import CompareConfig, load_compare_config
 
 BLOCK_PAD = 8  # pixels between arm blocks in compare.png
@@ -70,6 +71,13 @@ def _call_hook(fn, spec: str, images: list, prompts: list[str]) -> dict[str, flo
         raise UserError(f"metric_hook {spec!r} must return a dict of floats, got {result!r:.200}") from None
 
 
+REPORT_FILES = ("compare.png", "results.json", "report.html")
+
+
+def _image_file(arm: str, index: int, prompt: str, seed: int) -> str:
+    return f"images/{S.slug(arm)}/{index:03d}-{S.slug(prompt)}-s{seed}.png"
+
+
 def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = False) -> dict:
     """Render every arm, compute metrics, write compare.png / report.html / results.json. Returns the results."""
     out = Path(out or cfg.out)
@@ -79,7 +87,9 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
         S.check_inputs_exist(cfg.model, arm.transformer, arm_loras[arm.name])
     hook = load_metric_hook(cfg.metric_hook) if cfg.metric_hook else None
     make_parent(out, "output folder")  # out may come from the config (the CLI creates only --out's parents)
-    overwrite = check_output_dir(out, overwrite)
+    names = [_image_file(a.name, pi, p, seed) for a in cfg.arms for pi, p in enumerate(cfg.prompts)
+             for seed in cfg.seeds] + list(REPORT_FILES)
+    check_owned_folder(out, overwrite, "compare", names, "compare folder")  # before minutes of loading and rendering
     guidance = {a.name: S.resolve_guidance(open_checkpoint(a.transformer or cfg.model).spec().guidance_embeds,
                                            a.mode, a.guidance, a.cfg) for a in cfg.arms}
 
@@ -129,12 +139,11 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
         info["images"] = []
         for i in range(len(images[info["name"]])):
             pi, si = divmod(i, len(cfg.seeds))
-            rel = f"images/{S.slug(info['name'])}/{pi:03d}-{S.slug(cfg.prompts[pi])}-s{cfg.seeds[si]}.png"
+            rel = _image_file(info["name"], pi, cfg.prompts[pi], cfg.seeds[si])
             files[info["name"], i] = (rel, {"prompt": cfg.prompts[pi], "seed": str(cfg.seeds[si]),
                                             "negative": cfg.negative, "arm": settings, "Software": "dev2pro"})
             info["images"].append(dict(prompt=cfg.prompts[pi], seed=cfg.seeds[si], file=rel))
-    with atomic_path(out, overwrite=overwrite, what="output folder") as tmp:
-        tmp.mkdir()
+    with owned_folder(out, overwrite, "compare", names, "compare folder") as tmp:
         for (name, i), (rel, png_info) in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             S.save_png(images[name][i], tmp / rel, png_info)

@@ -132,7 +132,7 @@ def extract_lora(a: str, b: str, out: str, rank: int | None = None, energy: floa
         raise UserError(f"--energy must be in (0, 1], got {energy}")
     report_path = Path(out) if ranks else Path(str(out) + ".json")
     for path in {Path(out), report_path}:
-        check_output(path, overwrite)
+        check_output(path, overwrite, folder=False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device here; use --device cpu")

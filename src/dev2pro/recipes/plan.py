@@ -9,9 +9,12 @@ from __future__ import annotations
 
 
 def add_plan_parser(sub):
+    from ..cli_commands import finite_float  # light: argparse only
+
     p = sub.add_parser("plan", help="estimate GPU memory and host RAM of a `dev2pro train` config before running it")
     p.add_argument("config", help="a train config TOML")
-    p.add_argument("--vram", type=float, metavar="GB", help="check against a card of this size (default: the GPU seen)")
+    p.add_argument("--vram", type=finite_float(0, above=True), metavar="GB",
+                   help="check against a card of this size (default: the GPU seen)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
 
     def run(a):

@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
 from ..config import parse_size
 from ..lora import adapter as adaptermod
-from ..outputs import atomic_path, check_output_dir
+from ..owned import check_owned_folder, owned_folder
 from ..train.blockswap import enable_block_swap
 
 
@@ -36,6 +36,10 @@ def png_info(prompt: str, seed: int, negative: str, settings: dict) -> dict:
         params += f", Adapter: {Path(settings['adapter'][0]).name}:{settings['adapter'][1]:g}"
     return {"prompt": prompt, "seed": str(seed), "negative": negative, "dev2pro": settings, "parameters": params,
             "Software": "dev2pro"}
+
+
+def png_name(index: int, prompt: str, seed: int) -> str:
+    return f"{index:03d}-{S.slug(prompt)}-s{seed}.png"
 
 
 def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str | None = None,
@@ -59,7 +63,9 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     if isinstance(adapter, str):
         adapter = S.parse_lora_arg(adapter)
     S.check_inputs_exist(model, transformer, loras + ([adapter] if adapter else []))
-    overwrite = check_output_dir(out, overwrite)
+    names = [png_name(pi, prompt, seed) for pi, prompt in enumerate(prompts) for seed in seeds]
+    names += ["grid.png"] if len(names) > 1 else []
+    check_owned_folder(out, overwrite, "sample", names, "sample folder")  # before minutes of loading and rendering
     g = S.resolve_guidance(open_checkpoint(transformer or model).spec().guidance_embeds, mode, guidance, cfg)
 
     device = S.default_device()
@@ -84,21 +90,17 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     settings = dict(model=str(model), transformer=str(transformer or model), loras=[[p, s] for p, s in loras],
                     guidance=g.to_dict(), steps=steps, width=width, height=height, fp8=fp8,
                     adapter=list(adapter) if adapter else None)
-    names = []
-    with atomic_path(out, overwrite=overwrite, what="output folder") as tmp:
-        tmp.mkdir()
+    with owned_folder(out, overwrite, "sample", names, "sample folder") as tmp:
         i = 0
         for pi, prompt in enumerate(prompts):
             for seed in seeds:
-                name = f"{pi:03d}-{S.slug(prompt)}-s{seed}.png"
+                name = png_name(pi, prompt, seed)
                 S.save_png(images[i], tmp / name, png_info(prompt, seed, negative, settings))
-                names.append(name)
                 i += 1
         if len(images) > 1:
             grid = S.make_grid(images, rows=len(prompts), cols=len(seeds))
             S.save_png(grid, tmp / "grid.png", {"prompts": prompts, "seeds": seeds, "dev2pro": settings,
                                                 "Software": "dev2pro"})
-            names.append("grid.png")
     out = Path(out)
     print(f"wrote {len(images)} image(s) ({len(prompts)} prompt(s) x {len(seeds)} seed(s), {seconds:.1f}s)"
           + (" and grid.png" if len(images) > 1 else "") + f" to {out}/")

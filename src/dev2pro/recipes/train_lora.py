@@ -26,7 +26,7 @@ from ..lora import adapter as adaptermod
 from ..lora.formats import kohya_metadata
 from ..noise import quiet_libraries
 from ..outputs import write_json, write_text
-from ..plan import report as report_plan
+from ..plan import ImpossiblePlan, report as report_plan
 from ..schemas import TrainConfig, data_source, plan_inputs
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
@@ -85,9 +85,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
 
 
 def _print_plan(cfg: TrainConfig) -> None:
-    """The memory plan at the start: informative only, so a failure to estimate never stops training."""
+    """The memory plan at the start: a failure to estimate never stops training, a plan no card holds does."""
     try:
         report_plan(plan_inputs(cfg), cfg.model.vram or None)
+    except ImpossiblePlan:
+        raise  # settings no card can run: refuse before the run starts
     except Exception as e:  # noqa: BLE001 -- an estimate must not cost the user their run
         log.warning("memory plan unavailable: %s", e)
 

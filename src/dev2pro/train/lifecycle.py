@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..outputs import write_error_message, write_errors
 from .lossplot import save_loss_plot
-from .run import RunFolder, os_error_message
+from .run import RunFolder, check_no_foreign, os_error_message
 from .state import latest_state
 
 log = logging.getLogger(__name__)
@@ -31,17 +31,23 @@ def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say:
     A folder a failed start left behind (config, caches, logs: no state, no LoRA) is reused by a plain rerun; a run
     that saved needs ``--resume`` (or ``save.overwrite``); a folder holding anything else is never reused silently.
     """
-    out, status = run.root, run.status()
-    if resume == "latest" and status in ("absent", "empty", "started"):
-        raise UserError(f"nothing to resume: {out} " + (
-            "was started but never saved a training state (a failed start, or a run stopped before its first save)"
-            if status == "started" else "holds no run") + "; run the same command without --resume to start it")
+    out, status, resumable = run.root, run.status(), latest_state(run.state) is not None
+    if resume == "latest" and not resumable:  # one path: no usable state is never "a run to resume"
+        raise UserError(f"nothing to resume: {out} " + {
+            "started": "was started but never saved a usable training state (a failed start, a first save that "
+                       "failed, e.g. on a full disk, or a run stopped before its first save)",
+            "saved": "holds a finished run but no usable training state"}.get(status, "holds no run")
+            + "; run the same command without --resume to start it" + (" again with --overwrite" if status ==
+                                                                          "saved" else ""))
     if resume is None and status in ("saved", "foreign") and not overwrite:
         raise UserError(f"output folder {out} already holds " + ("a run" if status == "saved" else "other files") +
-                        "; pass --resume to continue it, set save.overwrite = true to start over in it, or choose "
-                        "another save.output_dir")
+                        ("; pass --resume to continue it," if resumable else ";") + " set save.overwrite = true "
+                        "(--overwrite) to start over in it, or choose another save.output_dir")
+    if resume is None and overwrite:
+        check_no_foreign(out)  # save.overwrite replaces a run, never a folder's other files
     if resume is None and status == "started":
-        say(f"reusing {out}: an earlier start never saved anything (cached latents and text are reused when valid)")
+        say(f"reusing {out}: an earlier start never saved a usable state (cached latents and text are reused when "
+            f"valid)")
     if resume is None and status == "saved" and run.state.is_dir():
         # starting over (save.overwrite): the old run's states must not be what a later --resume picks up
         shutil.rmtree(run.state)

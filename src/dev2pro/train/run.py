@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import threading
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Callable, Iterator
 from .. import outputs
 from ..errors import UserError
 from ..outputs import pid_alive
-from .state import list_states
+from .state import latest_state
 
 try:
     import fcntl
@@ -39,6 +40,7 @@ LOCK_NAME = ".dev2pro.lock"
 # What a start leaves before its first save: the resolved config, caches, logs, baseline samples, the lock.
 STARTED_ENTRIES = {"config.toml", "cache", "logs", "samples", "loss.png", LOCK_NAME}
 STATE_DIR = "state"
+_STEP_FILE = re.compile(r"-step\d{6}(?:\.[a-z]+)?\.safetensors$")  # export.lora_paths' step files
 RUN_SUBFOLDERS = (STATE_DIR, "samples")  # where a run's atomic writes happen, besides the folder itself
 
 
@@ -102,13 +104,25 @@ def folder_status(folder: Path) -> str:
     if all(n.startswith(".") for n in names):  # nothing, or only our lock / atomic-write temps
         return "empty"
     shown = [n for n in names if not n.startswith(".")]
-    if list_states(folder / STATE_DIR) or any(n.endswith(".safetensors") or n == "summary.json" for n in shown):
+    # a run "saved" when it can be resumed (a usable state) or has finished (summary, a final LoRA or export); a
+    # save that failed (a full disk at the first save) leaves step files or a partial state: a start to redo
+    if latest_state(folder / STATE_DIR) or any(n == "summary.json" or n.endswith(".safetensors")
+                                                and not _STEP_FILE.search(n) for n in shown):
         return "saved"
-    # hidden names are atomic-write temps and the lock; an empty state/ is what an interrupted first save leaves
-    if all(n in STARTED_ENTRIES or n.startswith(".") or n == STATE_DIR and not any((folder / n).iterdir())
-           for n in names):
+    # hidden names are atomic-write temps and the lock
+    if all(n in STARTED_ENTRIES or n.startswith(".") or n == STATE_DIR or _STEP_FILE.search(n) for n in names):
         return "started"
     return "foreign"
+
+
+# What a run may replace when started over (save.overwrite): the started entries, its state, summary and files
+RUN_OWNED = (*STARTED_ENTRIES, STATE_DIR, "summary.json", "*.safetensors", "*-diffusers", ".*")
+
+
+def check_no_foreign(folder: Path) -> None:
+    """Starting over in ``folder`` (save.overwrite) writes only a run's own entries: refuse one holding others."""
+    if Path(folder).is_dir():
+        outputs.check_output(folder, True, "training run", folder=True, owned=RUN_OWNED)
 
 
 def clean_stale_temps(folder: Path, subfolders=RUN_SUBFOLDERS) -> list[Path]:

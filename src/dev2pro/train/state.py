@@ -84,8 +84,14 @@ def list_states(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def usable_state(folder: Path) -> bool:
+    """A state a resume can read: the folder a save completes (``common.json`` + ``common.safetensors``)."""
+    return (folder / "common.json").is_file() and (folder / "common.safetensors").is_file()
+
+
 def latest_state(root: Path) -> Path | None:
-    states = list_states(root)
+    """The newest usable state under ``root`` (an incomplete one -- a save that failed -- is skipped)."""
+    states = [s for s in list_states(root) if usable_state(s)]
     return states[-1] if states else None
 
 
@@ -274,7 +280,8 @@ def state_folder(resume: str, state_dir: Path) -> Path:
     """The folder ``--resume`` names: ``latest`` (the newest in ``state_dir``) or a given ``.../step-NNNNNN``."""
     folder = latest_state(state_dir) if resume == "latest" else Path(resume)
     if folder is None or not folder.is_dir():
-        raise UserError(f"nothing to resume: no training state in {state_dir}" if resume == "latest" else
+        raise UserError(f"nothing to resume: no usable training state in {state_dir}; run the same command without "
+                        f"--resume to start again" if resume == "latest" else
                         f"--resume {resume}: not a state folder (expected .../state/step-NNNNNN)")
     return folder
 
