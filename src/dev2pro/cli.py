@@ -32,6 +32,7 @@ COMMANDS = [
     "dev2pro.cli_commands:add_dedistill",
     "dev2pro.cli_commands:add_sample",
     "dev2pro.cli_commands:add_compare",
+    "dev2pro.cli_commands:add_calibrate",
     "dev2pro.cli_commands:add_lora",
     "dev2pro.cli_commands:add_demo",
     "dev2pro.recipes.plan:add_plan_parser",

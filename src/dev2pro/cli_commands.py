@@ -245,6 +245,50 @@ def add_sample(sub):
     p.set_defaults(run=run)
 
 
+def add_calibrate(sub):
+    p = sub.add_parser("calibrate", help="the strength at which a LoRA does on a target model (e.g. FLUX.2 klein "
+                                         "distilled) what it does at 1.0 on the model it was trained on (Base)")
+    p.add_argument("lora", metavar="LORA", help="the LoRA file (any layout dev2pro reads)")
+    p.add_argument("--model", required=True, metavar="DIR", help="model folder: text encoder, VAE, scheduler and "
+                                                                "the default reference transformer")
+    p.add_argument("--target", required=True, metavar="FILE|DIR", help="the model the LoRA will be used on")
+    p.add_argument("--reference", metavar="FILE|DIR", help="the model it was trained on (default: the folder's)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
+    src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line ('#' lines skipped)")
+    p.add_argument("--seeds", default="0,1", metavar="A,B,C", help="comma-separated seeds (default 0,1)")
+    p.add_argument("--size", type=size_arg, default=(512, 512), metavar="WxH", help=SIZE_HELP + "; default 512x512")
+    p.add_argument("--reference-steps", type=bounded_int(1, 10000), default=None, metavar="N",
+                   help="sampling steps on the reference (default: its variant's, e.g. 50 for klein Base)")
+    p.add_argument("--reference-cfg", type=finite_float(0, above=True), default=None, metavar="X",
+                   help="guidance / CFG on the reference (default: its variant's, e.g. true CFG 4 for klein Base)")
+    p.add_argument("--steps", type=bounded_int(1, 10000), default=None, metavar="N",
+                   help="sampling steps on the target (default: its variant's, e.g. 4 for klein distilled)")
+    p.add_argument("--cfg", type=finite_float(0, above=True), default=None, metavar="X",
+                   help="guidance / CFG on the target (default: its variant's, e.g. 1 for klein distilled)")
+    p.add_argument("--strengths", default=",".join(str(s) for s in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)),
+                   metavar="A,B,C", help="the grid searched before bisection (default 0.5..3.0)")
+    p.add_argument("--report", metavar="FILE.json", help="write the measurements and recommendation as JSON")
+    p.add_argument("--write", action="store_true",
+                   help="record the recommendation in the LoRA file's metadata (dev2pro.recommended_strength; the "
+                        "tensors are rewritten unchanged)")
+
+    def run(a):
+        from . import sampling as S
+        from .recipes.calibrate import run_calibrate
+        prompts = S.read_prompts(a.prompts) if a.prompts else a.prompt
+        try:
+            strengths = [float(s) for s in a.strengths.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--strengths {a.strengths!r}: comma-separated numbers, e.g. 1,1.5,2") from None
+        if a.report:
+            make_parent(a.report)
+        run_calibrate(a.model, a.lora, a.target, prompts, reference=a.reference, seeds=S.parse_seeds(a.seeds),
+                      size=a.size, reference_steps=a.reference_steps, reference_cfg=a.reference_cfg, steps=a.steps,
+                      cfg=a.cfg, strengths=strengths, report=a.report, write=a.write)
+    p.set_defaults(run=run)
+
+
 def add_compare(sub):
     p = sub.add_parser("compare", help="render the same prompts and seeds through several arms (bases, LoRAs, "
                                        "guidance) and write a side-by-side grid, an HTML report and metrics")

@@ -386,3 +386,23 @@ def save_png(image, path: str | os.PathLike, info: dict, overwrite: bool = False
     with atomic_path(path, overwrite=overwrite, what="image") as tmp:
         image.save(tmp, format="PNG", pnginfo=meta)
     return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------ any family
+def prepare_family(model_dir: str | os.PathLike, family, prompts: Sequence[str], negative: str = "",
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   max_sequence_length: int = 512) -> tuple[dict, list, object]:
+    """(components {vae, scheduler}, prompt embeddings, negative embedding) for ``family``'s model folder, the
+    text encoders loaded on ``device``, used once and freed (FLUX.1: ``load_components`` + ``encode_and_free``)."""
+    if family.name == "flux1":
+        components = load_components(model_dir, dtype)
+        embeds, negative_embeds = encode_and_free(components, prompts, negative, device, max_sequence_length)
+        return components, embeds, negative_embeds
+    pipe = family.load_text(model_dir, device, dtype)
+    encode = family.text_encoder(pipe, device, max_sequence_length)
+    out = [family.embeds_of({k: v[0] for k, v in encode([text]).items()}) for text in [*prompts, negative]]
+    components = {"vae": family.load_vae(model_dir, "cpu", dtype), SCHEDULER: pipe.scheduler}
+    del pipe
+    free_memory(device)
+    return components, out[:-1], out[-1]
+

@@ -59,25 +59,26 @@ def test_a_failed_first_save_is_a_start_to_redo_and_resume_says_so(tmp_path):
     """Issue 18.8: after a full disk at the first state save, --resume and the plain command each sent the user
     to the other. Now: no usable state => not an existing run."""
     from dev2pro.train.lifecycle import prepare_output_dir
+    from dev2pro.train.run import RunFolder
 
     run = tmp_path / "run"
     _failed_first_save(run)
     assert folder_status(run) == "started"
     with pytest.raises(UserError) as e:
-        prepare_output_dir(run, "latest", False, say=lambda m: None)
+        prepare_output_dir(RunFolder(run), "latest", False, say=lambda m: None)
     assert str(e.value) == (f"nothing to resume: {run} was started but never saved a usable training state (a failed "
                             f"start, a first save that failed, e.g. on a full disk, or a run stopped before its first "
                             f"save); run the same command without --resume to start it")
     said = []
-    assert prepare_output_dir(run, None, False, say=said.append) == run / "state"  # the plain command starts again
+    assert prepare_output_dir(RunFolder(run), None, False, say=said.append) == run / "state"  # the plain command starts again
     assert said == [f"reusing {run}: an earlier start never saved a usable state (cached latents and text are reused "
                     f"when valid)"]
     (run / "summary.json").write_text("{}")  # a finished run whose final state failed: --resume cannot help
     with pytest.raises(UserError, match=r"holds a finished run but no usable training state; run the same command "
                                         r"without --resume to start it again with --overwrite$"):
-        prepare_output_dir(run, "latest", False, say=lambda m: None)
+        prepare_output_dir(RunFolder(run), "latest", False, say=lambda m: None)
     with pytest.raises(UserError) as e:
-        prepare_output_dir(run, None, False, say=lambda m: None)
+        prepare_output_dir(RunFolder(run), None, False, say=lambda m: None)
     assert "--resume" not in str(e.value) and "set save.overwrite = true (--overwrite) to start over" in str(e.value)
 
 

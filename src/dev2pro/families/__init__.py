@@ -59,6 +59,7 @@ class Family:
     # render(pipe, embeds, seeds, guidance, *, negative, steps, width, height) -> PIL images (``sampling.render``)
     build_pipeline: Callable[..., object] = None
     render: Callable[..., list] = None
+    render_latents: Callable[..., object] = None  # aligned (embeds[i], seeds[i]) -> final latents (N, C, H/8, W/8)
 
     def __str__(self) -> str:
         return self.title

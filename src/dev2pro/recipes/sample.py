@@ -66,25 +66,27 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     names = [png_name(pi, prompt, seed) for pi, prompt in enumerate(prompts) for seed in seeds]
     names += ["grid.png"] if len(names) > 1 else []
     check_owned_folder(out, overwrite, "sample", names, "sample folder")  # before minutes of loading and rendering
-    g = S.resolve_guidance(open_checkpoint(transformer or model).spec().guidance_embeds, mode, guidance, cfg)
+    header = open_checkpoint(transformer or model)
+    family, spec = header.family, header.spec()
+    g = S.resolve_guidance(spec.guidance_embeds, mode, guidance, cfg)
 
     device = S.default_device()
     dtype = S.default_dtype(device)
     t0 = time.time()
-    components = S.load_components(model, dtype)
-    embeds, negative_embeds = S.encode_and_free(components, prompts, negative, device, max_sequence_length)
+    components, embeds, negative_embeds = S.prepare_family(model, family, prompts, negative, device, dtype,
+                                                           max_sequence_length)
     base, ckpt = S.load_base(transformer or model, loras, dtype, fp8_storage=fp8)
     if adapter:  # before the block swap: its weights, like the LoRAs', stay on the device
         adaptermod.attach_file(base, adapter[0], adapter[1], torch.float32 if dtype == torch.float32 else dtype)
     enable_block_swap(base, blocks_to_swap, device)  # .to(device) when 0; keeps fp8 storage dtypes
-    pipe = S.build_pipeline(components, base)
+    pipe = family.build_pipeline(components, base, distilled=getattr(spec, "variant", "") == "klein-distilled")
     pipe.vae.to(device)
     print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); {g.describe()} ({g.mode}); "
           f"{len(loras)} LoRA(s)" + (f" + adapter {adapter[0]}" if adapter else "")
           + f"; loaded in {time.time() - t0:.1f}s")
 
     t0 = time.time()
-    images = S.render(pipe, embeds, seeds, g, negative=negative_embeds, steps=steps, width=width, height=height)
+    images = family.render(pipe, embeds, seeds, g, negative=negative_embeds, steps=steps, width=width, height=height)
     seconds = time.time() - t0
 
     settings = dict(model=str(model), transformer=str(transformer or model), loras=[[p, s] for p, s in loras],

@@ -146,6 +146,11 @@ def _render(*args, **kwargs):
     return render(*args, **kwargs)
 
 
+def _render_latents(*args, **kwargs):
+    from .sampling import render_latents
+    return render_latents(*args, **kwargs)
+
+
 FAMILY = Family(
     name="flux2", title="FLUX.2",
     probes={"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
@@ -162,5 +167,5 @@ FAMILY = Family(
     modelspec=modelspec,
     load_text=_load_text, text_encoder=_text_encoder, text_settings=_text_settings, embeds_of=_embeds_of,
     load_vae=_load_vae, encode_images=_encode_images, lora_targets=lora_targets,
-    build_pipeline=_build_pipeline, render=_render,
+    build_pipeline=_build_pipeline, render=_render, render_latents=_render_latents,
 )

@@ -79,3 +79,34 @@ def decode(pipe, latents: torch.Tensor) -> list:
     vae = pipe.vae
     image = vae.decode(latents.to(next(vae.parameters()).device, vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+@torch.no_grad()
+def render_latents(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance, *, negative: tuple | None = None,
+                   steps: int = 4, width: int = 512, height: int = 512, batch_size: int = 1) -> torch.Tensor:
+    """``sampling.render_latents``' contract for FLUX.2: aligned lists (image i = ``embeds[i]`` with ``seeds[i]``),
+    returning the denoised VAE-space latents (N, 32, height/8, width/8) on the CPU in fp32. One image per call
+    (``batch_size`` is accepted for the shared signature): each is its seed's alone."""
+    from ...sampling import compute_dtype
+
+    if len(embeds) != len(seeds):
+        raise ValueError(f"{len(embeds)} prompt embeddings but {len(seeds)} seeds: pass aligned lists")
+    transformer = pipe.transformer
+    device, dtype = pipe._execution_device, compute_dtype(transformer)
+    scale = guidance_scale(pipe, guidance)
+    cfg = scale > 1.0 and not transformer.config.guidance_embeds and not pipe.config.get("is_distilled", False)
+    if cfg and negative is None:
+        raise ValueError("true CFG needs the negative prompt embedding (the empty prompt): pass negative=")
+    extra = {"negative_prompt_embeds": negative[0].to(device, dtype)} if cfg else {}
+    was_training = transformer.training
+    transformer.eval()
+    out = []
+    try:
+        for (pe, _), seed in zip(embeds, seeds):
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+            out.append(pipe(prompt_embeds=pe.to(device, dtype), num_inference_steps=steps, width=width,
+                            height=height, generator=generator, guidance_scale=scale, output_type="latent",
+                            **extra).images.float().cpu())
+    finally:
+        transformer.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,64 @@
+"""`dev2pro calibrate` recovers a planted strength difference between two FLUX.2 models (issue 19 acceptance:
+within 5%).
+
+The plant: model B is model A reparametrised so that it computes exactly the same function, but a LoRA on the
+double blocks' MLP output projections acts c times as strongly on B. SwiGLU's output is linear in its value half,
+so scaling the value rows of ``ff.linear_in`` by c and dividing ``ff.linear_out`` by c leaves B = A, while a LoRA
+on ``linear_out`` now reads an input c times larger: B + s * LoRA == A + (c * s) * LoRA. The strength on B that
+matches strength 1.0 on A is therefore 1 / c.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dev2pro.cli import main
+
+C = 1 / 1.5  # B needs strength 1.5, as klein 9B users report for Base-trained LoRAs on the distilled model
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, klein_base_dir):
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig
+
+    from dev2pro.train.export import save_lora_files
+
+    root = tmp_path_factory.mktemp("planted")
+    a = Flux2Transformer2DModel.from_pretrained(str(klein_base_dir / "transformer"))
+    b = Flux2Transformer2DModel.from_pretrained(str(klein_base_dir / "transformer"))
+    with torch.no_grad():
+        for block in b.transformer_blocks:
+            for ff in (block.ff, block.ff_context):
+                half = ff.linear_in.weight.shape[0] // 2
+                ff.linear_in.weight[half:] *= C  # the value half of SwiGLU's input projection
+                ff.linear_out.weight /= C
+    b.save_pretrained(str(root / "b"))
+    targets = [f"transformer_blocks.{i}.{m}" for i in range(len(a.transformer_blocks))
+               for m in ("ff.linear_out", "ff_context.linear_out")]
+    a.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():  # a clearly visible LoRA: larger B than peft's random init
+        g = torch.Generator().manual_seed(0)
+        for name, p in a.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    files = save_lora_files(a, root, "planted", ["diffusers"], {"dev2pro.note": "planted"})
+    return {"b": root / "b", "lora": files[0], "root": root}
+
+
+def test_calibrate_recovers_the_planted_strength(planted, klein_base_dir, capsys):
+    report = planted["root"] / "calibration.json"
+    args = ["calibrate", str(planted["lora"]), "--model", str(klein_base_dir), "--target", str(planted["b"]),
+            "--prompt", "a red cat", "--prompt", "a house", "--seeds", "0,1", "--size", "64x64",
+            "--reference-steps", "3", "--reference-cfg", "2", "--steps", "3", "--cfg", "2", "--report", str(report),
+            "--write"]
+    assert main(args) == 0, capsys.readouterr().err
+    result = json.loads(report.read_text())
+    assert result["recommended_strength"] == pytest.approx(1 / C, rel=0.05)
+    with safe_open(str(planted["lora"]), "pt") as f:
+        meta = json.loads(f.metadata()["dev2pro.recommended_strength"])
+    assert meta["strength"] == pytest.approx(1 / C, rel=0.05) and meta["target"] == "b"
+    out = capsys.readouterr().out
+    assert "recommended strength on the target: 1.5" in out
