@@ -298,12 +298,21 @@ def add_compare(sub):
                    help="replace an earlier output of this command (a folder holding other files is refused)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value, e.g. --set steps=4 (repeatable)")
+    p.add_argument("--strengths", metavar="A,B,C", default=None,
+                   help="render every arm that has LoRAs once per strength (e.g. 1,1.25,1.5,2: a Base-trained LoRA "
+                        "on the distilled model at several strengths)")
 
     def run(a):
         from .recipes.compare import compare
         if a.out:
             make_parent(a.out)
-        compare(a.config, a.out, a.overwrite, a.overrides)
+        strengths = None
+        if a.strengths:
+            try:
+                strengths = [float(s) for s in a.strengths.split(",") if s.strip()]
+            except ValueError:
+                raise ConfigError(f"--strengths {a.strengths!r}: comma-separated numbers, e.g. 1,1.5,2") from None
+        compare(a.config, a.out, a.overwrite, a.overrides, strengths)
     p.set_defaults(run=run)
 
 

@@ -37,8 +37,7 @@ from safetensors import safe_open
 from .errors import ConfigError, UserError
 from .flux.checkpoint import open_checkpoint, tensor_group
 from .flux.fp8 import Fp8Policy
-from .families import build_transformer
-from .lora.targets import target_modules
+from .families import build_transformer, of_spec
 from .train.blockswap import swap_positions
 
 GB = 1024**3
@@ -49,6 +48,11 @@ VAE_DECODE_BYTES_PER_PIXEL = 2560  # ~10 live 128-channel bf16 maps at full reso
 VAE_TILE_PIXELS = 512 * 512
 VAE_PARAMS, CLIP_L_PARAMS = 83_653_863, 123_060_480
 T5_XXL_PARAMS = 4_762_310_656
+# FLUX.2 text encoders by the transformer's context width (3 stacked layers): Qwen3-4B, Qwen3-8B, Mistral-Small-3.2
+# 24B (the language model; dev's vision tower is not loaded for text): the published configs' counts, computed with
+# transformers' classes on the meta device.
+FLUX2_TEXT_PARAMS = {7680: 4_022_468_096, 12288: 8_190_735_360, 15360: 23_572_403_200}
+FLUX2_VAE_PARAMS = 84_046_115  # AutoencoderKLFlux2 (32 latent channels)
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,8 @@ def base_weights(model, inp: PlanInputs) -> tuple[dict, dict]:
 def lora_layers(model, inp: PlanInputs) -> list[tuple[str, int, int]]:
     """(name, in_features, out_features) of every Linear the LoRA wraps."""
     s = inp.spec
-    names = target_modules(inp.targets, s.num_double, s.num_single, inp.extra_targets, guidance=s.guidance_embeds)
+    names = of_spec(s).lora_targets(inp.targets, s.num_double, s.num_single, inp.extra_targets,
+                                    guidance=s.guidance_embeds)
     return [(n, m.in_features, m.out_features) for n in names for m in [model.get_submodule(n)]]
 
 
@@ -198,7 +203,8 @@ def stream_tokens(name: str, img: int, txt: int) -> int:
     if name.startswith("single_transformer_blocks."):
         return img + txt
     if not name.startswith("transformer_blocks."):
-        return 1 if "time_text_embed" in name or "norm" in name else (txt if "context" in name else img)
+        one = ("time_text_embed", "time_guidance_embed", "stream_modulation", "norm")  # per-sample vectors
+        return 1 if any(k in name for k in one) else (txt if "context" in name else img)
     if any(k in name for k in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "norm1_context")):
         return txt
     return 1 if ".norm1." in name else img
@@ -246,8 +252,13 @@ def component_params(model_dir: str | None, subfolder: str, default: int) -> int
     return n
 
 
-def encoder_params(model_dir: str | None) -> dict[str, int]:
-    """{"t5", "clip", "vae"} parameter counts of a FLUX.1-dev-layout folder (FLUX.1's when absent)."""
+def encoder_params(model_dir: str | None, spec=None) -> dict[str, int]:
+    """{"t5", "clip", "vae"} parameter counts of a model folder (the published models' when absent). For FLUX.2
+    ``t5`` is its one text encoder (Qwen3 / Mistral) and ``clip`` is 0."""
+    if spec is not None and of_spec(spec).name == "flux2":
+        default = FLUX2_TEXT_PARAMS.get(spec.context_dim, FLUX2_TEXT_PARAMS[7680])
+        return {"t5": component_params(model_dir, "text_encoder", default), "clip": 0,
+                "vae": component_params(model_dir, "vae", FLUX2_VAE_PARAMS)}
     return {"t5": component_params(model_dir, "text_encoder_2", T5_XXL_PARAMS),
             "clip": component_params(model_dir, "text_encoder", CLIP_L_PARAMS),
             "vae": component_params(model_dir, "vae", VAE_PARAMS)}
@@ -313,7 +324,7 @@ def render(plan: Plan) -> str:
         lines.append(f"  sampling: +{fmt_gb(plan.sampling_extra)} (inference base "
                      f"{'on GPU' if i.inference_base else 'is the training base'}, VAE decode"
                      f"{' tiled' if i.vae_tiling else ''}) -> {fmt_gb(plan.sampling_peak)}")
-    lines.append(f"  caching: {fmt_gb(plan.caching_peak)} (T5 {i.text_encoder}, {i.text_encoder_dtype}); "
+    lines.append(f"  caching: {fmt_gb(plan.caching_peak)} (text encoders {i.text_encoder}, {i.text_encoder_dtype}); "
                  f"host RAM peak ~{fmt_gb(plan.host_ram)}")
     lines.append(f"  peak GPU: {fmt_gb(plan.peak)} (+{fmt_gb(CUDA_OVERHEAD)} context)")
     return "\n".join(lines)

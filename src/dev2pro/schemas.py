@@ -432,7 +432,7 @@ def plan_inputs(cfg):
                       inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,
                       adapter_params=adapter_params_in_file(getattr(m, "adapter", "")),
                       text_encoder=m.text_encoder, text_encoder_dtype=m.text_encoder_dtype,
-                      **{f"{k}_params": v for k, v in encoder_params(m.path).items()})
+                      **{f"{k}_params": v for k, v in encoder_params(m.path, spec).items()})
 
 
 def data_source(data: DataSection, out: Path) -> dict:
@@ -458,6 +458,7 @@ class Arm:
     cfg: float = opt(1.0, "true CFG scale (> 1 adds a negative-prompt pass)")
     mode: str = opt("auto", "how guidance is applied", choices=GUIDANCE_MODES)
     fp8: bool = opt(False, "keep fp8 checkpoints in fp8 storage")
+    steps: int = opt(0, "sampling steps of this arm (0 = the config's steps; e.g. 4 for FLUX.2 klein distilled)")
 
     def validate(self):
         require(bool(self.name.strip()), "name: every arm needs a name")

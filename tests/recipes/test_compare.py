@@ -165,3 +165,17 @@ def test_metrics_on_known_images():
     assert M.diversity([black, white], ["p", "q"]) is None
     d = M.pairwise_distances({"a": [black, red], "b": [white, red]})
     assert d["a"]["b"] == pytest.approx(0.5) and d["a"]["a"] == 0.0
+
+
+def test_strengths_expand_each_lora_arm_and_keep_the_bases(tmp_path, tiny_dev_dir):
+    """`compare --strengths 1,1.5`: one arm per strength for arms with LoRAs (each LoRA's own scale times the
+    strength), bases once -- the strength-transfer grid."""
+    from dev2pro.recipes.compare import with_strengths
+    from dev2pro.schemas import load_compare_config
+
+    (tmp_path / "s.safetensors").write_bytes(b"")
+    arms = ('[[arms]]\nname = "base"\n\n[[arms]]\nname = "style"\nloras = ["' + str(tmp_path / "s.safetensors")
+            + ':0.8"]\nsteps = 4\n')
+    cfg = with_strengths(load_compare_config(write_config(tmp_path / "c.toml", tiny_dev_dir, arms)), [1.0, 1.5])
+    assert [a.name for a in cfg.arms] == ["base", "style @1", "style @1.5"]
+    assert cfg.arms[2].loras == [f"{tmp_path / 's.safetensors'}:1.2"] and cfg.arms[2].steps == 4

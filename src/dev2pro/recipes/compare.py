@@ -22,10 +22,12 @@ import importlib.util
 import io
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from .. import families
 from .. import sampling as S
 from ..config import parse_size, to_dict
 from ..errors import UserError
@@ -78,8 +80,26 @@ def _image_file(arm: str, index: int, prompt: str, seed: int) -> str:
     return f"images/{S.slug(arm)}/{index:03d}-{S.slug(prompt)}-s{seed}.png"
 
 
-def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = False) -> dict:
-    """Render every arm, compute metrics, write compare.png / report.html / results.json. Returns the results."""
+def with_strengths(cfg: CompareConfig, strengths: list[float]) -> CompareConfig:
+    """Every arm with LoRAs becomes one arm per strength ("NAME @1.5": each LoRA's scale times 1.5); arms
+    without LoRAs (the bases) stay once -- the strength-transfer table users ask for, in one grid."""
+    arms = []
+    for arm in cfg.arms:
+        if not arm.loras:
+            arms.append(arm)
+            continue
+        for s in strengths:
+            scaled = [f"{p}:{scale * s:g}" for p, scale in (S.parse_lora_arg(x) for x in arm.loras)]
+            arms.append(replace(arm, name=f"{arm.name} @{s:g}", loras=scaled))
+    return replace(cfg, arms=arms)
+
+
+def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = False,
+                strengths: list[float] | None = None) -> dict:
+    """Render every arm, compute metrics, write compare.png / report.html / results.json. Returns the results.
+    ``strengths``: expand each LoRA arm over these strengths (``with_strengths``)."""
+    if strengths:
+        cfg = with_strengths(cfg, strengths)
     out = Path(out or cfg.out)
     width, height = parse_size(cfg.size)
     arm_loras = {a.name: [S.parse_lora_arg(x) for x in a.loras] for a in cfg.arms}
@@ -90,13 +110,17 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     names = [_image_file(a.name, pi, p, seed) for a in cfg.arms for pi, p in enumerate(cfg.prompts)
              for seed in cfg.seeds] + list(REPORT_FILES)
     check_owned_folder(out, overwrite, "compare", names, "compare folder")  # before minutes of loading and rendering
-    guidance = {a.name: S.resolve_guidance(open_checkpoint(a.transformer or cfg.model).spec().guidance_embeds,
-                                           a.mode, a.guidance, a.cfg) for a in cfg.arms}
+    headers = {a.name: open_checkpoint(a.transformer or cfg.model) for a in cfg.arms}
+    family = open_checkpoint(cfg.model).family
+    for a in cfg.arms:
+        families.require_same(headers[a.name].family, family, f"arm {a.name!r}'s transformer",
+                              f"the model folder {cfg.model}")
+    guidance = {a.name: S.resolve_guidance(headers[a.name].spec().guidance_embeds, a.mode, a.guidance, a.cfg)
+                for a in cfg.arms}
 
     device = S.default_device()
     dtype = S.default_dtype(device)
-    components = S.load_components(cfg.model, dtype)
-    embeds, negative = S.encode_and_free(components, cfg.prompts, cfg.negative, device)
+    components, embeds, negative = S.prepare_family(cfg.model, family, cfg.prompts, cfg.negative, device, dtype)
     components["vae"].to(device)
 
     images: dict[str, list] = {}
@@ -104,12 +128,14 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     for arm in cfg.arms:
         t0 = time.time()
         base, ckpt = S.load_base(arm.transformer or cfg.model, arm_loras[arm.name], dtype, fp8_storage=arm.fp8)
-        pipe = S.build_pipeline(components, base.to(device))
-        images[arm.name] = S.render(pipe, embeds, cfg.seeds, guidance[arm.name], negative=negative, steps=cfg.steps,
-                                    width=width, height=height)
+        variant = getattr(ckpt.spec(), "variant", "")
+        pipe = family.build_pipeline(components, base.to(device), distilled=variant == "klein-distilled")
+        images[arm.name] = family.render(pipe, embeds, cfg.seeds, guidance[arm.name], negative=negative,
+                                         steps=arm.steps or cfg.steps, width=width, height=height)
         seconds = time.time() - t0
         arm_info.append(dict(name=arm.name, transformer=str(arm.transformer or cfg.model), layout=ckpt.layout,
-                             variant=ckpt.spec().variant, loras=[[p, s] for p, s in arm_loras[arm.name]],
+                             variant=variant, steps=arm.steps or cfg.steps,
+                             loras=[[p, s] for p, s in arm_loras[arm.name]],
                              guidance=guidance[arm.name].to_dict(), fp8=arm.fp8, seconds=round(seconds, 2)))
         print(f"arm {arm.name!r}: {len(images[arm.name])} images in {seconds:.1f}s ({guidance[arm.name].describe()}, "
               f"{guidance[arm.name].mode})")
@@ -218,5 +244,5 @@ squared Laplacian (detail/noise), diversity = mean distance between seeds of one
 
 # ------------------------------------------------------------------------------------------------ CLI
 def compare(config_path: str, out: str | None = None, overwrite: bool = False,
-            overrides: list[str] | None = None) -> dict:
-    return run_compare(load_compare_config(config_path, overrides), out, overwrite)
+            overrides: list[str] | None = None, strengths: list[float] | None = None) -> dict:
+    return run_compare(load_compare_config(config_path, overrides), out, overwrite, strengths)
