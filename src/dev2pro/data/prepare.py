@@ -54,28 +54,32 @@ def load_training_data(model_dir: Path, device, *, folders: Sequence[DatasetFold
                        options: FolderOptions = FolderOptions(), cache_dir: Path | None = None,
                        t5_max_length: int = 512, prompts: Sequence[str] = (), negative: str = "",
                        text_device=None, text_dtype: torch.dtype = torch.float32,
-                       family: Family | None = None) -> TrainingData:
+                       family: Family | None = None, spec=None) -> TrainingData:
     """Folders (latents and text cached in ``cache_dir``) or shards (an ``index.json``), and sample embeddings.
 
     The text encoders run on ``text_device`` (default ``device``) in ``text_dtype``; the VAE on ``device``.
-    ``family``: whose text stack and VAE (FLUX.1's by default); ``t5_max_length``: its text length in tokens.
+    ``family``: whose text stack and VAE (FLUX.1's by default); ``t5_max_length``: its text length in tokens;
+    ``spec``: the transformer's, to refuse a text stack that cannot feed it (a klein encoder with FLUX.2 dev).
     """
     text_device = device if text_device is None else text_device
     family = family or families.get("flux1")
     if shards:
         return _from_shards(Path(model_dir), shards, device, text_device, text_dtype, prompts, negative, options,
-                            family)
+                            family, spec)
     return _from_folders(Path(model_dir), list(folders), options, Path(cache_dir), device, text_device, text_dtype,
-                         t5_max_length, prompts, negative, family)
+                         t5_max_length, prompts, negative, family, spec)
 
 
 def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOptions, cache_dir: Path, device,
-                  text_device, text_dtype, t5_len: int, prompts, negative: str, fam: Family) -> TrainingData:
+                  text_device, text_dtype, t5_len: int, prompts, negative: str, fam: Family,
+                  spec=None) -> TrainingData:
     buckets = make_buckets(o.resolution * o.resolution, step=o.bucket_step)
     items = scan_dataset(folders, default_caption=o.default_caption or None, trigger=o.trigger or None,
                          min_size=o.min_size, strict=o.strict, buckets=buckets)
     sizes = [assign_bucket(*(it.size if it.size else _image_size(it.path)), buckets) for it in items]
     pipe = fam.load_text(model_dir, text_device, text_dtype)  # first: it names a folder that is no model
+    if spec is not None:
+        fam.check_text(pipe, spec)
     vae = fam.load_vae(model_dir, device)
     enc_id = encoder_identity(model_dir)
     latent_paths = cache_latents([(it.path, s) for it, s in zip(items, sizes)],
@@ -99,7 +103,7 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
 
 
 def _from_shards(model_dir: Path, shards: str, device, text_device, text_dtype, prompts, negative: str,
-                 o: FolderOptions, fam: Family) -> TrainingData:
+                 o: FolderOptions, fam: Family, spec=None) -> TrainingData:
     """Pre-encoded shards: no VAE pass; the encoders load only to embed the sample prompts."""
     dataset = ShardDataset(shards)
     empty = dataset.empty_text()
@@ -109,6 +113,8 @@ def _from_shards(model_dir: Path, shards: str, device, text_device, text_dtype, 
     data = TrainingData(dataset, empty, [], fam.embeds_of(empty))
     if prompts:
         pipe = fam.load_text(model_dir, text_device, text_dtype)
+        if spec is not None:
+            fam.check_text(pipe, spec)
         encode = fam.text_encoder(pipe, text_device, empty["prompt_embeds"].shape[0])  # the shards' text length
 
         def embeds_of(text):

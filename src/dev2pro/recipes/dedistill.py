@@ -44,7 +44,7 @@ from ..config import render_toml
 from ..data.loader import BucketBatchSampler, batches_forever
 from ..data.prepare import load_training_data
 from ..errors import UserError
-from ..flux.checkpoint import DTYPE_CHOICES
+from ..flux.checkpoint import DTYPE_CHOICES, open_checkpoint
 from ..lora.adapter import WithoutAdapters
 from ..noise import quiet_libraries
 from ..outputs import write_json, write_text
@@ -96,14 +96,20 @@ class _Models:
     start_from: str
 
 
-def _models(cfg: DedistillConfig, accelerator, fsdp, compute) -> _Models:
+def _models(cfg: DedistillConfig, accelerator, fsdp, compute, family) -> _Models:
     """Student (every weight trainable, fp32 master copy, FSDP2 shards when sharding; or a LoRA on a frozen base)
     and the frozen teacher (a replica on every rank; with an adapter and no teacher file: the base, LoRA off)."""
     m, tc, device = cfg.model, cfg.train, accelerator.device
     if cfg.objective == "guidance_distill" and not m.teacher:
         raise UserError("model.teacher: the guidance_distill objective needs a CFG teacher (a pro-like model)")
+    # FLUX.1's dev got a guidance embedding from pro; FLUX.2 klein's distilled model has none: it answers one fixed
+    # CFG scale (teacher.w_min == teacher.w_max), so its student is not grown
+    grow = cfg.objective == "guidance_distill" and family.name == "flux1"
+    if cfg.objective == "guidance_distill" and not grow and cfg.teacher.w_min != cfg.teacher.w_max:
+        raise UserError(f"teacher.w_min/w_max: a {family.title} student without guidance embedding learns one CFG "
+                        f"scale; set teacher.w_min = teacher.w_max (e.g. 4.0)")
     start_from = m.transformer or m.path
-    student = load_student(start_from, device, compute, grow_guidance=cfg.objective == "guidance_distill",
+    student = load_student(start_from, device, compute, grow_guidance=grow,
                            gradient_checkpointing=m.gradient_checkpointing, adapter_rank=tc.adapter_rank,
                            fp8_storage=m.fp8_storage, fsdp=fsdp, allow_pickle=m.allow_pickle)
     shared_teacher = bool(tc.adapter_rank) and cfg.objective == "cfg_teacher" and not m.teacher
@@ -125,12 +131,14 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
     compute = DTYPE_CHOICES["fp32" if tc.mixed_precision == "no" else tc.mixed_precision]
     prompts = list(cfg.sample.prompts) if cfg.sample.every else []
     d = cfg.data
+    header = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family)
+    family = header.family
     with accelerator.main_process_first():  # rank 0 fills the cache first, the others then read it
         data = load_training_data(Path(m.path), device, **data_source(d, run.root), t5_max_length=m.t5_max_length,
-                                  prompts=prompts)
+                                  prompts=prompts, family=family, spec=header.spec())
     # global batches, cut identically on every rank; drop_last: a partial batch cannot be split evenly
     sampler = BucketBatchSampler(data.dataset.buckets(), d.batch_size * world, seed=tc.seed, drop_last=True)
-    models = _models(cfg, accelerator, fsdp, compute)
+    models = _models(cfg, accelerator, fsdp, compute, family)
     optimizer = build_optimizer(models.trainable, "adamw", tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     if not fsdp:

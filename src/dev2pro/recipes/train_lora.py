@@ -99,12 +99,13 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
     placed on the device. Returns (data, transformer, checkpoint, trainable params, block swap)."""
     d, m, lc = cfg.data, cfg.model, cfg.lora
     base = m.transformer or m.path
-    family = open_checkpoint(base, allow_pickle=m.allow_pickle, family=m.family).family  # header only
+    header = open_checkpoint(base, allow_pickle=m.allow_pickle, family=m.family)  # the header only
+    family = header.family
     check_blocks_to_swap(base, m.blocks_to_swap, m.allow_pickle, m.family)  # before caching the data
     data = load_training_data(Path(m.path), device, **data_source(d, out), t5_max_length=m.t5_max_length,
                               prompts=cfg.sample.prompts, negative=cfg.sample.negative,
                               text_device=torch.device("cpu") if m.text_encoder == "cpu" else device,
-                              text_dtype=DTYPE_CHOICES[m.text_encoder_dtype], family=family)
+                              text_dtype=DTYPE_CHOICES[m.text_encoder_dtype], family=family, spec=header.spec())
     transformer, ckpt = load_base(base, dtype, device, fp8_storage=m.fp8_storage, fp8_keep=m.fp8_keep,
                                   gradient_checkpointing=m.gradient_checkpointing, blocks_to_swap=m.blocks_to_swap,
                                   allow_pickle=m.allow_pickle, family=m.family)

@@ -126,6 +126,11 @@ def _embeds_of(record: Mapping) -> tuple:
     return record["prompt_embeds"][None].float(), None
 
 
+def _check_pairing(pipe, spec) -> None:
+    from .text import check_pairing
+    check_pairing(pipe, spec)
+
+
 def _load_vae(model_dir, device="cpu", dtype=torch.float32):
     from .latents import load_vae
     return load_vae(model_dir, device, dtype)
@@ -165,6 +170,7 @@ FAMILY = Family(
     refine_spec=refine_spec,
     describe_variant=describe_variant,
     modelspec=modelspec,
+    check_text=lambda pipe, spec: _check_pairing(pipe, spec),
     load_text=_load_text, text_encoder=_text_encoder, text_settings=_text_settings, embeds_of=_embeds_of,
     load_vae=_load_vae, encode_images=_encode_images, lora_targets=lora_targets,
     build_pipeline=_build_pipeline, render=_render, render_latents=_render_latents,

@@ -1,0 +1,113 @@
+"""`dev2pro train` / `dedistill` on tiny FLUX.2 klein: Base-trained LoRA sampled on the distilled model next to
+Base, FLUX.2 LoRA layouts, a distilled student without guidance embedding, and the one-line pairing errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dev2pro.errors import UserError
+from dev2pro.recipes.dedistill import dedistill
+from dev2pro.recipes.train_lora import train
+from dev2pro.schemas import load_dedistill_config, load_train_config
+
+
+def _data(images, cache):
+    return f"""
+[[data.folders]]
+path = "{images}"
+
+[data]
+default_caption = "a photo"
+resolution = 64
+bucket_step = 64
+cache_dir = "{cache}"
+"""
+
+
+def test_klein_lora_trains_on_base_and_samples_on_distilled(tmp_path, klein_base_dir, klein_distilled_dir, sk_images):
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(f"""
+[model]
+path = "{klein_base_dir}"
+inference_base = "{klein_distilled_dir / 'transformer'}"
+dtype = "fp32"
+gradient_checkpointing = false
+{_data(sk_images, tmp_path / 'cache')}
+[lora]
+rank = 4
+[train]
+steps = 2
+[sample]
+prompts = ["a red cat"]
+steps = 2
+size = "64x64"
+cfg = 3.0
+baseline = false
+[save]
+output_dir = "{tmp_path / 'run'}"
+formats = ["kohya", "comfy", "diffusers"]
+""")
+    summary = train(load_train_config(cfg), progress=False)
+    run = tmp_path / "run"
+    assert len(summary["losses"]) == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
+    assert (run / "samples" / "step000002.png").exists() and (run / "samples" / "step000002-base.png").exists()
+    from PIL import Image
+    with Image.open(run / "samples" / "step000002.png") as im:
+        assert "4 steps" in im.text["title"] and "no CFG" in im.text["title"]  # the distilled model as it is used
+    with Image.open(run / "samples" / "step000002-base.png") as im:
+        assert "true CFG 3" in im.text["title"]
+    with safe_open(str(run / "lora.diffusers.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
+    assert any("to_qkv_mlp_proj" in k for k in keys)  # FLUX.2's fused single-block projection was trained
+    with safe_open(str(run / "lora.comfy.safetensors"), "pt") as f:
+        assert all(k.startswith("diffusion_model.") for k in f.keys())
+    with safe_open(str(run / "lora.safetensors"), "pt") as f:
+        assert all(k.startswith("lora_unet_") for k in f.keys())
+
+
+def test_klein_text_encoder_with_a_flux2_dev_transformer_is_one_line(tmp_path, klein_base_dir, flux2_dev_dir,
+                                                                      sk_images):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f"""
+[model]
+path = "{klein_base_dir}"
+transformer = "{flux2_dev_dir / 'transformer'}"
+dtype = "fp32"
+{_data(sk_images, tmp_path / 'cache')}
+[train]
+steps = 1
+[save]
+output_dir = "{tmp_path / 'run'}"
+""")
+    with pytest.raises(UserError, match=r"klein \(Qwen3\) text encoder .* cannot feed a FLUX\.2 dev transformer"):
+        train(load_train_config(cfg), progress=False)
+
+
+def test_klein_distilled_student_learns_one_cfg_scale_without_guidance_embedding(tmp_path, klein_base_dir,
+                                                                                 sk_images):
+    base = f"""objective = "guidance_distill"
+[model]
+path = "{klein_base_dir}"
+teacher = "{klein_base_dir}"
+gradient_checkpointing = false
+{_data(sk_images, tmp_path / 'cache')}
+[train]
+steps = 2
+mixed_precision = "no"
+[save]
+output_dir = "{tmp_path / 'run'}"
+"""
+    (tmp_path / "d.toml").write_text(base + "[teacher]\nw_min = 4.0\nw_max = 4.0\n")
+    summary = dedistill(load_dedistill_config(tmp_path / "d.toml"), progress=False)
+    assert len(summary["losses"]) == 2 and summary["losses"][0] > 0
+    with safe_open(str(tmp_path / "run" / "dev2pro.safetensors"), "pt") as f:
+        assert not any(k.startswith("guidance_in") for k in f.keys())  # klein-like: no guidance embedding
+        assert "single_stream_modulation.lin.weight" in f.keys()  # written as a FLUX.2 BFL file
+    (tmp_path / "e.toml").write_text(base.replace('"run"', '"run2"').replace(str(tmp_path / "run"),
+                                                                               str(tmp_path / "run2"))
+                                     + "[teacher]\nw_min = 1.0\nw_max = 4.0\n")
+    with pytest.raises(UserError, match="set teacher.w_min = teacher.w_max"):
+        dedistill(load_dedistill_config(tmp_path / "e.toml"), progress=False)
