@@ -82,6 +82,26 @@ def test_a_failed_first_save_is_a_start_to_redo_and_resume_says_so(tmp_path):
     assert "--resume" not in str(e.value) and "set save.overwrite = true (--overwrite) to start over" in str(e.value)
 
 
+def test_save_overwrite_starts_over_in_a_run_never_over_other_files(tmp_path):
+    from dev2pro.train.lifecycle import prepare_output_dir
+
+    run = tmp_path / "run"
+    (run / "state" / "step-000004").mkdir(parents=True)
+    for name in ("common.json", "common.safetensors"):
+        (run / "state" / "step-000004" / name).write_text("{}")
+    for name in ("config.toml", "lora.safetensors", "summary.json", "loss.png"):
+        (run / name).write_text("x")
+    (run / "samples").mkdir()
+    (run / "notes.md").write_text("mine")
+    with pytest.raises(UserError, match=r"would delete notes.md, which this command does not write. Nothing was "
+                                        r"deleted"):
+        prepare_output_dir(run, None, True, say=lambda m: None)
+    assert (run / "notes.md").read_text() == "mine" and (run / "state" / "step-000004").is_dir()
+    (run / "notes.md").unlink()
+    prepare_output_dir(run, None, True, say=lambda m: None)  # the run's own files: it starts over
+    assert not (run / "state").exists()
+
+
 def test_a_real_full_disk_at_the_first_state_save_then_one_clear_path(tmp_path, tiny_dev_dir, sk_images,
                                                                       monkeypatch, capsys):
     from dev2pro.cli import main
