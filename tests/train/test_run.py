@@ -84,6 +84,7 @@ def test_a_failed_first_save_is_a_start_to_redo_and_resume_says_so(tmp_path):
 
 def test_save_overwrite_starts_over_in_a_run_never_over_other_files(tmp_path):
     from dev2pro.train.lifecycle import prepare_output_dir
+    from dev2pro.train.run import RunFolder
 
     run = tmp_path / "run"
     (run / "state" / "step-000004").mkdir(parents=True)
@@ -95,10 +96,10 @@ def test_save_overwrite_starts_over_in_a_run_never_over_other_files(tmp_path):
     (run / "notes.md").write_text("mine")
     with pytest.raises(UserError, match=r"would delete notes.md, which this command does not write. Nothing was "
                                         r"deleted"):
-        prepare_output_dir(run, None, True, say=lambda m: None)
+        prepare_output_dir(RunFolder(run), None, True, say=lambda m: None)
     assert (run / "notes.md").read_text() == "mine" and (run / "state" / "step-000004").is_dir()
     (run / "notes.md").unlink()
-    prepare_output_dir(run, None, True, say=lambda m: None)  # the run's own files: it starts over
+    prepare_output_dir(RunFolder(run), None, True, say=lambda m: None)  # the run's own files: it starts over
     assert not (run / "state").exists()
 
 
