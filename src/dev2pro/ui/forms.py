@@ -11,10 +11,12 @@ file); those must resolve inside the workspace before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable
 
 if sys.version_info >= (3, 11):
@@ -105,6 +107,14 @@ def form_to_data(specs: list[dict], values: dict, drop_defaults: bool = False) -
     ``drop_defaults``: leave out values equal to the schema default, so the loader sees only what the user set
     (as in a hand-written TOML), and settings that fill unset keys (e.g. a VRAM preset) still apply.
     """
+    if not isinstance(values, dict):
+        raise ConfigError(f"form values must be an object of setting: value, not {type(values).__name__}")
+    known = [s["key"] for s in specs if s["kind"] != "section"]
+    unknown = sorted(set(values) - set(known))
+    if unknown:  # the CLI refuses an unknown key; so does the form (nothing is silently dropped)
+        near = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        raise ConfigError(f"unknown setting {unknown[0]!r}" + (f" (did you mean '{near[0]}'?)" if near else "")
+                          + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""))
     data: dict = {}
     for spec in specs:
         if spec["kind"] == "section" or spec["key"] not in values:
@@ -126,9 +136,15 @@ def form_to_data(specs: list[dict], values: dict, drop_defaults: bool = False) -
     return data
 
 
-def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[str], resolve: Callable):
+# string settings that become file names inside a path setting: {name field: folder field}
+NAME_FIELDS = {"save.name": "save.output_dir"}
+
+
+def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[str], resolve: Callable,
+                 name: Callable | None = None):
     """Browser values -> a validated config; every path field goes through ``resolve`` (workspace-confined)
-    first, and the result through the CLI's ``loader`` (same checks, same messages as the command line)."""
+    first, and the result through the CLI's ``loader`` (same checks, same messages as the command line); every
+    ``NAME_FIELDS`` value through ``name(folder, value, field)`` (a plain file name inside its folder)."""
     data = form_to_data(specs, values, drop_defaults=True)
 
     def fix(node: dict, parts: list[str], key: str):
@@ -152,6 +168,21 @@ def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[s
         fix(data, key.replace("[].", "[]\0").replace(".", "\0").split("\0"), key)
     cfg = loader(None, data=data)
     _check_other_paths(cfg, "", resolve)
+    for key, folder_key in NAME_FIELDS.items() if name else ():
+        value, folder = _get(cfg, key), _get(cfg, folder_key)
+        if isinstance(value, str) and folder:
+            try:
+                name(Path(folder), value, key)
+            except ConfigError:
+                raise
+            except Exception as e:  # PathRefused: name the field like the loader does
+                raise ConfigError(f"'{key}': {e}") from None
+    return cfg
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part, None)
     return cfg
 
 

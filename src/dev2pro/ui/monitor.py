@@ -65,29 +65,37 @@ def _speed(points: list[list[float]], window: int = 10) -> float | None:
     return (pts[-1][0] - pts[0][0]) / (pts[-1][2] - pts[0][2])
 
 
-def run_info(run: Path, root: Path, log_tail: str = "") -> dict:
-    """Everything the Monitor/Results pages show for one run folder (paths relative to ``root``)."""
+def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -> dict:
+    """Everything the Monitor/Results pages show for one run folder (paths relative to ``root``); ``inside(path)``
+    says whether a file may be read (the workspace's rule: no symlink out), others are left out."""
     rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+    ok = lambda p: inside(p) and p.is_file()  # noqa: E731
     total = None
-    if (run / "config.toml").exists():
+    if ok(run / "config.toml"):
         try:
-            total = tomllib.loads((run / "config.toml").read_text()).get("train", {}).get("steps")
-        except tomllib.TOMLDecodeError:
+            total = tomllib.loads((run / "config.toml").read_text(errors="replace")).get("train", {}).get("steps")
+        except (tomllib.TOMLDecodeError, AttributeError):
             pass
-    scalars = read_scalars(run / "logs")
+        total = total if isinstance(total, int) and not isinstance(total, bool) else None
+    scalars = read_scalars(run / "logs") if inside(run / "logs") else {k: [] for k in SCALARS}
     step = int(scalars["loss"][-1][0]) if scalars["loss"] else 0
     speed = _speed(scalars["loss"])
     summary = None
-    if (run / "summary.json").exists():
-        summary = json.loads((run / "summary.json").read_text())
+    if ok(run / "summary.json"):
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            summary = None
+        summary = summary if isinstance(summary, dict) else None
     mem = _MEM.findall(log_tail)
     return {
         "run": rel(run), "total_steps": total, "step": step, "steps_per_second": speed,
         "eta_seconds": (total - step) / speed if speed and total else None,
         "memory_gb": float(mem[-1]) if mem else None,
         "scalars": {k: [[p[0], p[1]] for p in v] for k, v in scalars.items()},
-        "samples": [rel(p) for p in sorted((run / "samples").glob("*.png"))] if (run / "samples").is_dir() else [],
-        "loras": [rel(p) for p in sorted(run.glob("*.safetensors"))] if run.is_dir() else [],
+        "samples": [rel(p) for p in sorted((run / "samples").glob("*.png"))[:1000] if ok(p)]
+        if (run / "samples").is_dir() and inside(run / "samples") else [],
+        "loras": [rel(p) for p in sorted(run.glob("*.safetensors"))[:1000] if ok(p)] if run.is_dir() else [],
         "states": sorted(p.name for p in (run / "state").iterdir()) if (run / "state").is_dir() else [],
         "summary": {k: v for k, v in summary.items() if k != "losses"} if summary else None,
         "finished": summary is not None,

@@ -9,6 +9,7 @@ error) and keep the format's own extension; captions are written atomically besi
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 import re
@@ -39,44 +40,130 @@ class Workspace:
         self.state = self.root / ".dev2pro-ui"  # job records and settings; hidden from listings
 
     # ------------------------------------------------------------------------------------------ paths
-    def resolve(self, rel: str, must_exist: bool = False) -> Path:
-        """The real path of workspace-relative ``rel``; raises PathRefused for anything outside the workspace."""
+    def resolve(self, rel: str, must_exist: bool = False, within: Path | None = None) -> Path:
+        """The real path of workspace-relative ``rel``; raises PathRefused for anything outside the workspace
+        (or outside ``within``, a folder inside it). The one gate for every browser string that becomes a path."""
         if not isinstance(rel, str) or "\x00" in rel or "\\" in rel:
             raise PathRefused(f"path {rel!r} is not a plain workspace-relative path")
         rel = rel.strip()
+        if len(rel) > 1000:
+            raise PathRefused(f"path {rel[:40]!r}... is {len(rel)} characters long; the limit is 1000")
         pure = PurePosixPath(rel)
         if pure.is_absolute() or re.match(r"^[A-Za-z]:", rel):
             raise PathRefused(f"path {rel!r} is absolute; give a path relative to the workspace")
         if ".." in pure.parts:
             raise PathRefused(f"path {rel!r} contains '..'; give a path inside the workspace")
-        real = Path(os.path.realpath(self.root / pure))
-        if real != self.root and self.root not in real.parents:
-            raise PathRefused(f"path {rel!r} leads outside the workspace (through a symlink)")
-        if real == self.state or self.state in real.parents:
-            raise PathRefused(f"path {rel!r} is the web app's own state folder")
-        if must_exist and not real.exists():
+        real = self.confine(self.root / pure, rel)
+        if within is not None and real != within and within not in real.parents:
+            raise PathRefused(f"path {rel!r} leads outside {self.rel(within)}")
+        try:
+            exists = real.exists()
+        except OSError as e:  # a name too long for the file system, ...
+            raise PathRefused(f"path {rel!r} cannot be used: {e.strerror}") from None
+        if must_exist and not exists:
             raise PathRefused(f"path {rel!r} does not exist in the workspace")
         return real
 
+    def confine(self, path: str | os.PathLike, label: str | None = None) -> Path:
+        """The real path (symlinks followed) of ``path`` if it is inside the workspace and not the app's state
+        folder; PathRefused otherwise. Listings call it on every entry so no read follows a symlink out."""
+        label = label if label is not None else str(path)
+        try:
+            real = Path(os.path.realpath(path))
+        except (OSError, ValueError) as e:
+            raise PathRefused(f"path {label!r} cannot be used: {e}") from None
+        if real != self.root and self.root not in real.parents:
+            raise PathRefused(f"path {label!r} leads outside the workspace (through a symlink); move or copy "
+                              f"the files into the workspace")
+        if real == self.state or self.state in real.parents:
+            raise PathRefused(f"path {label!r} is the web app's own state folder")
+        return real
+
+    def inside(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` (after symlinks) is a readable workspace location (see ``confine``)."""
+        try:
+            self.confine(path)
+            return True
+        except PathRefused:
+            return False
+
+    def name(self, folder: Path, name: str, field: str, suffixes: tuple[str, ...] = ("",)) -> Path:
+        """``folder/name`` for a browser-supplied file *name* (``save.name``, a config name): one plain path
+        component whose files (``name + suffix``) stay inside ``folder``; PathRefused naming ``field`` otherwise."""
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or name.startswith(".") \
+                or any(ord(c) < 32 for c in name) or len(name) > 200:
+            raise PathRefused(f"{field} {name!r} must be a plain file name (no '/', no leading '.', no control "
+                              f"characters, at most 200 characters), not a path")
+        for suffix in suffixes:
+            self.resolve(f"{self.rel(folder)}/{name}{suffix}".lstrip("/"), within=folder)
+        return folder / name
+
     def rel(self, path: str | os.PathLike) -> str:
         """The workspace-relative form of a path inside the workspace (for showing and sending back)."""
-        return Path(os.path.realpath(path)).relative_to(self.root).as_posix()
+        real = Path(os.path.realpath(path))
+        if real != self.root and self.root not in real.parents:
+            raise PathRefused(f"path {path} leads outside the workspace (through a symlink)")
+        return real.relative_to(self.root).as_posix()
 
-    def find(self, pattern: str, limit: int = 500, depth: int = 4) -> list[Path]:
-        """Files/folders matching a glob, at most ``depth`` levels down, skipping hidden folders."""
+    def find(self, pattern: str, limit: int = 500, depth: int = 4, skipped: list | None = None) -> list[Path]:
+        """Files/folders matching a glob, at most ``depth`` levels down, breadth first, skipping hidden folders
+        and symlinked folders (never descended). A match that leads out of the workspace is left out (and its
+        workspace-relative name appended to ``skipped``), so one such entry never breaks a whole listing."""
         out: list[Path] = []
-        for d in range(1, depth + 1):
-            for p in sorted(self.root.glob("/".join(["*"] * (d - 1) + [pattern]))):
-                if any(part.startswith(".") for part in p.relative_to(self.root).parts):
+        level, seen, reals = [self.root], 0, set()
+        for _ in range(depth):
+            nxt = []
+            for d in level:
+                try:
+                    entries = sorted(os.scandir(d), key=lambda e: e.name)
+                except OSError:
                     continue
-                out.append(p)
-                if len(out) >= limit:
-                    return out
+                for e in entries:
+                    seen += 1
+                    if e.name.startswith(".") or seen > 50_000:  # bounded work on any workspace
+                        continue
+                    p = Path(e.path)
+                    link = e.is_symlink()
+                    if link and not self.inside(p):
+                        if skipped is not None:
+                            skipped.append(p.relative_to(self.root).as_posix())
+                        continue
+                    real = Path(os.path.realpath(p)) if link else p
+                    if real in reals:  # a symlink to a place listed already
+                        continue
+                    reals.add(real)
+                    if fnmatch.fnmatch(e.name, pattern):
+                        out.append(p)
+                        if len(out) >= limit:
+                            return out
+                    if os.path.isdir(real):
+                        nxt.append(p)
+            level = nxt
         return out
 
     # ------------------------------------------------------------------------------------------ images
-    def images(self, folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    def images(self, folder: Path, limit: int = 2000, skipped: list | None = None) -> list[Path]:
+        """Up to ``limit`` image files in ``folder`` (sorted); an entry that is a symlink out of the workspace is
+        left out (its name appended to ``skipped``)."""
+        out = []
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if not self.inside(p):
+                if skipped is not None:
+                    skipped.append(p.name)
+            elif p.is_file():
+                out.append(p)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def read_text(self, path: Path, max_bytes: int = 64_000) -> str | None:
+        """The text of a workspace file (at most ``max_bytes``), or None if it is missing or leads outside."""
+        if not self.inside(path) or not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            return f.read(max_bytes).decode("utf-8-sig", errors="replace")
 
     def save_upload(self, folder: Path, filename: str, data: bytes, max_bytes: int, overwrite: bool = False) -> Path:
         """Check ``data`` is an image within ``max_bytes`` and write it atomically into ``folder``."""
@@ -86,6 +173,7 @@ class Workspace:
         fmt = check_image(data, filename)
         stem = _SAFE_NAME.sub("_", Path(PurePosixPath(filename.replace("\\", "/")).name).stem).strip("._") or "image"
         dest = folder / (stem[:100] + IMAGE_FORMATS[fmt])
+        self.confine(dest, f"{self.rel(folder)}/{dest.name}")  # an existing name may be a symlink out
         if dest.exists() and not overwrite:
             raise UserError(f"{self.rel(dest)} already exists; rename the file or tick 'overwrite'")
         with atomic_path(dest, overwrite=overwrite, what="image") as tmp:
@@ -96,7 +184,9 @@ class Workspace:
         """Atomically write ``image``'s same-stem .txt caption (what `dev2pro train` and `caption` read)."""
         if image.suffix.lower() not in IMAGE_EXTENSIONS or not image.is_file():
             raise UserError(f"{self.rel(image)} is not an image in the workspace")
-        return write_text(image.with_suffix(".txt"), text.strip() + "\n")
+        txt = image.with_suffix(".txt")
+        self.confine(txt, self.rel(image.parent) + "/" + txt.name)  # not a symlink out of the workspace
+        return write_text(txt, text.strip() + "\n")
 
 
 def check_image(data: bytes, name: str = "upload") -> str:
