@@ -78,3 +78,52 @@ def ui_server():
 @pytest.fixture
 def env():
     return child_env()
+
+
+# ------------------------------------------------------------------------------------------------ in-process client
+def asgi_request(app, method: str, url: str, body: bytes | str | list[bytes] = b"", headers: dict | None = None,
+                 ui_header: bool = True) -> tuple[int, bytes]:
+    """One request straight into the ASGI ``app`` (no socket, no thread): (status, body). ``body`` as a list is
+    sent in chunks without a Content-Length (a chunked upload)."""
+    import asyncio
+    from urllib.parse import unquote
+
+    path, _, query = url.partition("?")
+    body = body.encode() if isinstance(body, str) else body
+    chunks = body if isinstance(body, list) else [body]
+    hdrs = {"host": "127.0.0.1", **({"x-dev2pro-ui": "1"} if ui_header else {}),
+            **{k.lower(): v for k, v in (headers or {}).items()}}
+    if not isinstance(body, list):
+        hdrs.setdefault("content-length", str(len(body)))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": unquote(path), "raw_path": path.encode(), "query_string": query.encode(),
+             "root_path": "", "headers": [(k.encode(), str(v).encode("latin-1")) for k, v in hdrs.items()],
+             "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80)}
+    sent = {"status": None, "body": b""}
+    queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    async def run():
+        done = asyncio.Event()
+
+        async def receive():
+            if queue:
+                return queue.pop(0)
+            await done.wait()  # the client stays connected until the whole response has arrived
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                sent["body"] += message.get("body", b"")
+                if not message.get("more_body"):
+                    done.set()
+        await app(scope, receive, send)
+
+    asyncio.run(run())
+    return sent["status"], sent["body"]
+
+
+@pytest.fixture
+def asgi():
+    return asgi_request
