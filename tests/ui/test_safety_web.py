@@ -11,61 +11,17 @@ from PIL import Image
 
 pytest.importorskip("starlette")
 
-from dev2pro.ui.app import UIContext, build_app  # noqa: E402
-from dev2pro.ui.jobs import JobManager  # noqa: E402
 from dev2pro.ui.workspace import PathRefused, Workspace  # noqa: E402
 
-CANARY = "CANARY-3b1f-do-not-read"
+CANARY = "CANARY-3b1f-do-not-read"  # conftest.make_workspace's file outside the workspace
 J = {"Content-Type": "application/json"}
 RUN_TOML = """[model]\npath = "{ws}/models/flux"\n[sample]\nprompts = ["a cat"]\nseeds = [1]\nsteps = 2
 width = 64\nheight = 64\nguidance = 3.5\n[train]\nsteps = 10\n"""
 
 
-class QueueOnly(JobManager):
-    """Jobs are recorded and queued but never started (the tests look at what would run)."""
-
-    def _start(self, job):
-        pass
-
-
-def png(size=(32, 24)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (10, 120, 200)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def make_workspace(tmp_path):
-    """A workspace with a dataset, a model folder, a finished run, and symlinks to a canary outside it."""
-    ws, out = tmp_path / "ws", tmp_path / "outside"
-    for d in ("data", "models/flux/transformer", "runs/r1", "runs/a", "runs/b"):
-        (ws / d).mkdir(parents=True)
-    out.mkdir()
-    (out / "canary.txt").write_text(CANARY)
-    (out / "model").mkdir()
-    (out / "model" / "model_index.json").write_text("{}")
-    (out / "pic.png").write_bytes(png())
-    (ws / "data" / "a.png").write_bytes(png())
-    (ws / "data" / "a.txt").write_text("a blue square\n")
-    (ws / "data" / "b.png").write_bytes(png((40, 40)))
-    os.symlink(out / "canary.txt", ws / "data" / "b.txt")  # b's caption: a symlink out
-    os.symlink(out / "pic.png", ws / "data" / "c.png")  # an image: a symlink out
-    (ws / "models" / "flux" / "model_index.json").write_text("{}")
-    os.symlink(out / "model", ws / "models" / "linked")  # a model folder: a symlink out
-    os.symlink(ws / "models" / "flux", ws / "models" / "alias")  # a symlink that stays inside
-    os.symlink(out, ws / "escape")
-    (ws / "runs" / "r1" / "config.toml").write_text(RUN_TOML.format(ws=ws.resolve()))
-    (ws / "runs" / "r1" / "lora.safetensors").write_bytes(b"\0" * 16)
-    (ws / "runs" / "r1" / "logs").mkdir()
-    (ws / "loose.safetensors").write_bytes(b"\0" * 16)  # a LoRA outside any run folder
-    return ws.resolve(), out
-
-
 @pytest.fixture
-def app(tmp_path):
-    ws_dir, out = make_workspace(tmp_path)
-    ws = Workspace(ws_dir)
-    ui = UIContext(ws, QueueOnly(ws.state, ws.root), max_upload_bytes=20_000, max_files=4)
-    return build_app(ui, hosts={"127.0.0.1"}), ws_dir, out, ui
+def app(web_app):
+    return web_app
 
 
 def train_values(**extra):

@@ -197,7 +197,18 @@ def _check_other_paths(cfg, prefix: str, resolve: Callable):
         elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
             for item in v:
                 _check_other_paths(item, key + "[].", resolve)
-        elif isinstance(v, str) and os.path.isabs(v) and (os.path.exists(v) or os.path.isdir(os.path.dirname(v))):
-            real = os.path.realpath(v)
-            if real != str(root) and not real.startswith(str(root) + os.sep):
-                raise ConfigError(f"'{key}': {v} is outside the workspace; use a path inside it")
+        else:
+            for text in (v if isinstance(v, list) else [v]):  # a string, or each string of a list
+                if isinstance(text, str) and _names_outside(text, str(root)):
+                    raise ConfigError(f"'{key}': {text} is outside the workspace; use a path inside it")
+
+
+def _names_outside(v: str, root: str) -> bool:
+    """Whether ``v`` is an absolute location (existing, or in an existing folder) outside ``root``."""
+    try:
+        if not os.path.isabs(v) or not (os.path.exists(v) or os.path.isdir(os.path.dirname(v))):
+            return False
+        real = os.path.realpath(v)
+    except (OSError, ValueError):  # too long, NUL: not a usable path either way
+        return False
+    return real != root and not real.startswith(root + os.sep)

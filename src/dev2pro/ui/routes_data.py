@@ -121,7 +121,7 @@ def _dataset(ui, q) -> dict:
     folder = ui.ws.resolve(q.get("folder", ""), must_exist=True)
     if not folder.is_dir():
         raise UserError(f"{q.get('folder')} is not a folder")
-    resolution = number(q, "resolution", 512, 64, 4096)
+    resolution = number(q, "resolution", 512, 16, 4096)
     step = number(q, "bucket_step", 64, 16, 512)
     buckets = make_buckets(resolution ** 2, step=step)
     check = _image_checker(number(q, "min_size", 16, 1, 4096), buckets)
@@ -152,6 +152,8 @@ async def upload(request: Request, ui):
         raise TooLarge(f"upload too large (limit {limit // 2**20} MiB per file, {ui.max_files} files)")
     form = await read_upload(request, limit, total, ui.max_files)
     folder = ui.ws.resolve(str(form.get("folder", "")))
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"upload folder {ui.ws.rel(folder)} is a file; choose a folder")
     for key in form.keys():
         if key not in ("folder", "overwrite", "files"):
             raise UserError(f"unknown upload field {key!r}; send folder, overwrite and files")
