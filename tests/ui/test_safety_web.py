@@ -72,6 +72,7 @@ def test_no_read_follows_a_symlink_out_and_listings_survive_one(app, asgi):
     assert set(by_name) == {"a.png", "b.png"}  # c.png (a symlink out) is left out, the rest listed
     assert by_name["a.png"]["caption"] == "a blue square" and by_name["b.png"]["has_caption"] is False
     assert [s["name"] for s in d["skipped"]] == ["c.png"]
+    assert d["folders"] == ["data"]  # escape/ (a symlinked image folder out of the workspace) is not listed
     for url in ["/api/thumb?path=data/c.png", "/files/data/b.txt", "/files/data/c.png", "/api/dataset?folder=escape"]:
         status, body = asgi(app, "GET", url)
         assert status in (400, 404) and CANARY.encode() not in body, (url, status)
@@ -89,6 +90,11 @@ def test_run_pages_read_nothing_through_symlinks_out(app, asgi):
     app, ws_dir, out, ui = app
     os.symlink(out / "canary.txt", ws_dir / "runs" / "r1" / "summary.json")
     os.symlink(out / "pic.png", ws_dir / "runs" / "r1" / "leak.safetensors")
+    os.symlink(ws_dir, ws_dir / "runs" / "loop")  # a symlink loop: listings stay bounded
+    status, body = asgi(app, "GET", "/api/runs")
+    assert status == 200 and [r["run"] for r in json.loads(body)["runs"]] == ["runs/r1"]
+    status, body = asgi(app, "GET", "/api/models")
+    assert status == 200 and json.loads(body)["flux"] == ["models/flux"]
     status, body = asgi(app, "GET", "/api/run?run=runs/r1")
     assert status == 200, body
     info = json.loads(body)

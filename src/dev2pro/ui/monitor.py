@@ -9,6 +9,7 @@ started from the browser, and a restarted web app sees everything a run has writ
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -24,16 +25,22 @@ SCALARS = {"loss": "loss/step", "smoothed": "loss/smoothed", "lr": "lr"}
 _MEM = re.compile(r"mem=([0-9.]+)G")
 
 
-def find_runs(root: Path, limit: int = 200) -> list[Path]:
+def find_runs(root: Path, limit: int = 200, depth: int = 6, max_folders: int = 20_000) -> list[Path]:
     """Training run folders under ``root`` (a ``config.toml`` beside ``logs/``, ``state/`` or
-    ``summary.json``), newest first; hidden folders skipped."""
-    runs = []
-    for cfg in root.glob("**/config.toml"):
-        d = cfg.parent
-        if any(part.startswith(".") for part in d.relative_to(root).parts):
-            continue
-        if (d / "logs").is_dir() or (d / "state").is_dir() or (d / "summary.json").exists():
-            runs.append(d)
+    ``summary.json``), newest first; hidden and symlinked folders skipped, at most ``depth`` levels and
+    ``max_folders`` folders looked at (bounded work on any workspace)."""
+    runs, seen = [], 0
+    for d, dirs, files in os.walk(root):  # never follows symlinked folders
+        rel = Path(d).relative_to(root)
+        seen += 1
+        if seen > max_folders:
+            break
+        dirs[:] = [] if len(rel.parts) >= depth else sorted(x for x in dirs if not x.startswith("."))
+        if "config.toml" in files:
+            d = Path(d)
+            if (d / "logs").is_dir() or (d / "state").is_dir() or (d / "summary.json").exists():
+                runs.append(d)
+                dirs[:] = [x for x in dirs if x not in ("state", "logs", "samples", "cache")]
     return sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)[:limit]
 
 

@@ -110,10 +110,10 @@ class Workspace:
         and symlinked folders (never descended). A match that leads out of the workspace is left out (and its
         workspace-relative name appended to ``skipped``), so one such entry never breaks a whole listing."""
         out: list[Path] = []
-        level, seen, reals = [self.root], 0, set()
+        level, seen, reals = [(self.root, self.root)], 0, {self.root}  # (path as listed, its real path)
         for _ in range(depth):
             nxt = []
-            for d in level:
+            for d, real_d in level:
                 try:
                     entries = sorted(os.scandir(d), key=lambda e: e.name)
                 except OSError:
@@ -128,16 +128,16 @@ class Workspace:
                         if skipped is not None:
                             skipped.append(p.relative_to(self.root).as_posix())
                         continue
-                    real = Path(os.path.realpath(p)) if link else p
-                    if real in reals:  # a symlink to a place listed already
+                    real = Path(os.path.realpath(p)) if link else real_d / e.name
+                    if real in reals:  # a place listed already (through a symlink that stays inside)
                         continue
                     reals.add(real)
                     if fnmatch.fnmatch(e.name, pattern):
                         out.append(p)
                         if len(out) >= limit:
                             return out
-                    if os.path.isdir(real):
-                        nxt.append(p)
+                    if real.is_dir():
+                        nxt.append((p, real))
             level = nxt
         return out
 
