@@ -33,8 +33,9 @@ def _candidates(ui) -> dict:
     flux_set = set(flux)
     # transformers: each model folder's transformer/ plus standalone checkpoint files (not LoRAs or outputs)
     transformers = [f / "transformer" for f in flux if (f / "transformer").is_dir()]
-    transformers += [p for p in ui.ws.find("*.safetensors", skipped=skipped) if not any(f in p.parents for f in flux_set)
-                     and p.relative_to(root).parts[0] not in ("runs", "compares")
+    transformers += [p for p in ui.ws.find("*.safetensors", skipped=skipped)
+                     if not any(f in p.parents for f in flux_set) and p.relative_to(root).parts[0] not in ("runs",
+                                                                                                       "compares")
                      and "lora" not in p.name.lower() and not (p.parent / "adapter_config.json").exists()]
     captioners = [p.parent for p in ui.ws.find("config.json", skipped=skipped)
                   if not (p.parent / "model_index.json").exists() and p.parent.parent not in flux_set
@@ -149,7 +150,7 @@ async def upload(request: Request, ui):
     total = limit * ui.max_files + 2**20
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > total:  # refused before reading a byte
-        raise TooLarge(f"upload too large (limit {limit // 2**20} MiB per file, {ui.max_files} files)")
+        raise TooLarge(f"upload too large (limit {limit / 2**20:.3g} MiB per file, {ui.max_files} files)")
     form = await read_upload(request, limit, total, ui.max_files)
     folder = ui.ws.resolve(str(form.get("folder", "")))
     if folder.exists() and not folder.is_dir():
@@ -164,7 +165,7 @@ async def upload(request: Request, ui):
             raise UserError("'files' must be file parts")
         data = await f.read(limit + 1)  # never more than the limit in memory
         if len(data) > limit:
-            raise UserError(f"upload {f.filename!r} is over the limit of {limit // 2**20} MiB (--max-upload-mb)")
+            raise UserError(f"upload {f.filename!r} is over the limit of {limit / 2**20:.3g} MiB (--max-upload-mb)")
         blobs.append((f.filename or "image", data))
     if not blobs:
         raise UserError("no files in the upload")

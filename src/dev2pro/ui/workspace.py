@@ -124,8 +124,8 @@ class Workspace:
                         continue
                     p = Path(e.path)
                     link = e.is_symlink()
-                    if link and not self.inside(p):
-                        if skipped is not None:
+                    if link and not self.inside(p):  # a folder, or a match, that would lead out: say so
+                        if skipped is not None and (fnmatch.fnmatch(e.name, pattern) or os.path.isdir(p)):
                             skipped.append(p.relative_to(self.root).as_posix())
                         continue
                     real = Path(os.path.realpath(p)) if link else real_d / e.name
