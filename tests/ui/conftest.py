@@ -156,7 +156,8 @@ def png(size=(32, 24)) -> bytes:
 
 
 def make_workspace(tmp_path):
-    """A workspace with a dataset, a model folder, a finished run, and symlinks to a canary outside it."""
+    """A workspace with a dataset (data/), a model folder, a finished run, and symlinks to a canary outside it
+    (mixed/: a dataset folder with a caption and an image that lead out; models/linked, escape)."""
     ws, out = tmp_path / "ws", tmp_path / "outside"
     for d in ("data", "models/flux/transformer", "runs/r1", "runs/a", "runs/b"):
         (ws / d).mkdir(parents=True)
@@ -168,8 +169,12 @@ def make_workspace(tmp_path):
     (ws / "data" / "a.png").write_bytes(png())
     (ws / "data" / "a.txt").write_text("a blue square\n")
     (ws / "data" / "b.png").write_bytes(png((40, 40)))
-    os.symlink(out / "canary.txt", ws / "data" / "b.txt")  # b's caption: a symlink out
-    os.symlink(out / "pic.png", ws / "data" / "c.png")  # an image: a symlink out
+    (ws / "mixed").mkdir()  # a dataset folder with symlinks out
+    (ws / "mixed" / "a.png").write_bytes(png())
+    (ws / "mixed" / "a.txt").write_text("a blue square\n")
+    (ws / "mixed" / "b.png").write_bytes(png((40, 40)))
+    os.symlink(out / "canary.txt", ws / "mixed" / "b.txt")  # b's caption: a symlink out
+    os.symlink(out / "pic.png", ws / "mixed" / "c.png")  # an image: a symlink out
     (ws / "models" / "flux" / "model_index.json").write_text("{}")
     os.symlink(out / "model", ws / "models" / "linked")  # a model folder: a symlink out
     os.symlink(ws / "models" / "flux", ws / "models" / "alias")  # a symlink that stays inside

@@ -43,14 +43,16 @@ def test_save_name_and_other_names_cannot_leave_the_workspace(app, asgi, tmp_pat
     status, body = asgi(app, "POST", "/api/train/preview", json.dumps({"values": train_values(**{
         "save.name": "evil"})}), J)
     assert status == 400 and b"outside" in body
+    (ws_dir / "runs" / "new" / "evil.safetensors").unlink()
     status, body = asgi(app, "POST", "/api/train/preview", json.dumps({"values": train_values(**{
         "save.name": "my-lora_v2"})}), J)
     assert status == 200 and 'name = "my-lora_v2"' in json.loads(body)["toml"]
     ws = Workspace(ws_dir)
     with pytest.raises(PathRefused, match="plain file name"):
         ws.name(ws.root / "runs", "a/../../b", "save.name")
-    with pytest.raises(PathRefused, match="outside"):
-        ws.name(ws.root / "runs" / "new", "evil", "save.name", (".safetensors",))
+    os.symlink(out / "canary.txt", ws_dir / "runs" / "a" / "evil.safetensors")
+    with pytest.raises(PathRefused, match="outside"):  # the name's own check, before any folder scan
+        ws.name(ws.root / "runs" / "a", "evil", "save.name", (".safetensors",))
 
 
 def test_config_folder_symlinked_out_is_refused(app, asgi):
@@ -64,7 +66,7 @@ def test_config_folder_symlinked_out_is_refused(app, asgi):
 # ------------------------------------------------------------------------------------------------ items 3 + 7: reads
 def test_no_read_follows_a_symlink_out_and_listings_survive_one(app, asgi):
     app, ws_dir, out, ui = app
-    status, body = asgi(app, "GET", "/api/dataset?folder=data")
+    status, body = asgi(app, "GET", "/api/dataset?folder=mixed")
     assert status == 200, body
     d = json.loads(body)
     assert CANARY.encode() not in body
@@ -72,8 +74,8 @@ def test_no_read_follows_a_symlink_out_and_listings_survive_one(app, asgi):
     assert set(by_name) == {"a.png", "b.png"}  # c.png (a symlink out) is left out, the rest listed
     assert by_name["a.png"]["caption"] == "a blue square" and by_name["b.png"]["has_caption"] is False
     assert [s["name"] for s in d["skipped"]] == ["c.png"]
-    assert d["folders"] == ["data"]  # escape/ (a symlinked image folder out of the workspace) is not listed
-    for url in ["/api/thumb?path=data/c.png", "/files/data/b.txt", "/files/data/c.png", "/api/dataset?folder=escape"]:
+    assert d["folders"] == ["data", "mixed"]  # escape/ (a symlinked image folder out of the workspace) is not listed
+    for url in ["/api/thumb?path=mixed/c.png", "/files/mixed/b.txt", "/files/mixed/c.png", "/api/dataset?folder=escape"]:
         status, body = asgi(app, "GET", url)
         assert status in (400, 404) and CANARY.encode() not in body, (url, status)
     status, body = asgi(app, "GET", "/api/models")
@@ -82,8 +84,27 @@ def test_no_read_follows_a_symlink_out_and_listings_survive_one(app, asgi):
     assert m["flux"] == ["models/flux"]  # the inside alias resolves to the same folder: listed once
     assert {s["path"] for s in m["skipped"]} >= {"models/linked"}
     # writing a caption through a symlink out is refused; the canary is untouched
-    status, body = asgi(app, "POST", "/api/caption", json.dumps({"image": "data/b.png", "text": "x"}), J)
+    status, body = asgi(app, "POST", "/api/caption", json.dumps({"image": "mixed/b.png", "text": "x"}), J)
     assert status == 400 and (out / "canary.txt").read_text() == CANARY
+
+
+def test_jobs_never_read_through_a_symlink_out(app, asgi):
+    """A folder a job would read (dataset, model, captioner, convert source) holding a symlink out is refused
+    with the entries named; nothing is queued."""
+    app, ws_dir, out, ui = app
+    status, body = asgi(app, "POST", "/api/train/preview", json.dumps({"values": train_values(**{
+        "data.folders": [{"path": "mixed"}]})}), J)
+    assert status == 400 and b"mixed/b.txt" in body and b"mixed/c.png" in body, body
+    os.symlink(out / "canary.txt", ws_dir / "models" / "flux" / "transformer" / "weights.safetensors")
+    for route, payload in [("/api/train/start", {"values": train_values()}),
+                           ("/api/autocaption", {"folder": "mixed", "model": "models/alias"}),
+                           ("/api/autocaption", {"folder": "data", "model": "models/flux"}),
+                           ("/api/convert", {"src": "models/flux", "dst": "x.safetensors"}),
+                           ("/api/inspect", {"path": "models/alias"}),
+                           ("/api/sample", {"lora": "runs/r1/lora.safetensors"})]:
+        status, body = asgi(app, "POST", route, json.dumps(payload), J)
+        assert status == 400 and b"outside the workspace" in body, (route, status, body)
+    assert ui.jobs.list() == []
 
 
 def test_run_pages_read_nothing_through_symlinks_out(app, asgi):

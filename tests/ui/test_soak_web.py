@@ -30,10 +30,10 @@ SEED, REQUESTS = int(os.environ.get("DEV2PRO_SOAK_SEED", 18)), int(os.environ.ge
 
 def hostile_strings(ws, out) -> list[str]:
     canary = str(out / "canary.txt")
-    return ["../outside/canary.txt", "../../", "..", canary, "/etc/passwd", "escape/canary.txt", "data/b.txt",
+    return ["../outside/canary.txt", "../../", "..", canary, "/etc/passwd", "escape/canary.txt", "mixed/b.txt",
             "%2e%2e/outside/canary.txt", "data/%2e%2e/%2e%2e/outside", "data/../../outside/canary.txt",
             "..\\..\\outside", "data/a.png\x00.txt", "~/x", "C:/Windows", "file://" + canary, "/" + canary,
-            "data", "data/a.png", "data/c.png", "models/flux", "models/linked", "models/alias", "runs/r1",
+            "data", "mixed", "data/a.png", "mixed/c.png", "models/flux", "models/linked", "models/alias", "runs/r1",
             "runs/r1/lora.safetensors", "loose.safetensors", ".dev2pro-ui/jobs", ".dev2pro-ui/settings.json",
             "configs", "", ".", "./", "a" * 5000, "données/ñ/💥", "a\nb", "line\r\n../x", " ../x ", "\t", "-rf",
             "--out=/tmp/x", "runs/new", "runs/x/../../..", "data/bomb.png", "$(touch /tmp/p)", "`id`", "%00",

@@ -180,6 +180,27 @@ def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[s
     return cfg
 
 
+def path_values(cfg, keys) -> list[tuple[str, str]]:
+    """(key, value) of every non-empty path setting of ``cfg``; ``keys`` as ``config.path_fields`` gives them
+    (``data.folders[].path``: one pair per table item)."""
+    out = []
+
+    def walk(node, parts, key):
+        if node is None:
+            return
+        head, rest = parts[0], parts[1:]
+        if head.endswith("[]"):
+            for item in getattr(node, head[:-2], None) or []:
+                walk(item, rest, key)
+        elif rest:
+            walk(getattr(node, head, None), rest, key)
+        elif isinstance(getattr(node, head, None), str) and getattr(node, head):
+            out.append((key, getattr(node, head)))
+    for key in sorted(keys):
+        walk(cfg, key.replace("[].", "[]\0").replace(".", "\0").split("\0"), key)
+    return out
+
+
 def _get(cfg, key: str):
     for part in key.split("."):
         cfg = getattr(cfg, part, None)

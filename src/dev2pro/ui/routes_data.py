@@ -64,7 +64,7 @@ async def settings(request: Request, ui):
 
 
 async def inspect(request: Request, ui):
-    path = ui.ws.resolve(text(await json_body(request), "path"), must_exist=True)
+    path = ui.ws.check_tree(ui.ws.resolve(text(await json_body(request), "path"), must_exist=True), "'path'")
     # a subprocess awaited without blocking the server (it imports torch: seconds)
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "dev2pro.cli", "inspect", str(path), "--json",
                                                 cwd=ui.ws.root, stdout=asyncio.subprocess.PIPE,
@@ -78,7 +78,7 @@ async def inspect(request: Request, ui):
 
 async def convert(request: Request, ui):
     body = await json_body(request)
-    src = ui.ws.resolve(text(body, "src"), must_exist=True)
+    src = ui.ws.check_tree(ui.ws.resolve(text(body, "src"), must_exist=True), "'src'")
     dst = ui.ws.resolve(text(body, "dst"))
     if dst == ui.ws.root:
         raise UserError("'dst' is the workspace itself; name a new file or folder inside it")
@@ -187,8 +187,8 @@ async def caption(request: Request, ui):
 async def autocaption(request: Request, ui):
     """Queue `dev2pro caption FOLDER --model M --json ...` (all images, or the selected ``files``)."""
     b = await json_body(request)
-    folder = ui.ws.resolve(text(b, "folder"), must_exist=True)
-    model = ui.ws.resolve(text(b, "model"), must_exist=True)
+    folder = ui.ws.check_tree(ui.ws.resolve(text(b, "folder"), must_exist=True), "'folder'")
+    model = ui.ws.check_tree(ui.ws.resolve(text(b, "model"), must_exist=True), "'model'")
     if not folder.is_dir():
         raise UserError(f"{b['folder']} is not a folder")
     args = ["caption", str(folder), "--model", str(model), "--json",

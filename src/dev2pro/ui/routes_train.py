@@ -46,9 +46,15 @@ LORA_FILES = ("", ".safetensors", ".diffusers.safetensors", ".comfy.safetensors"
 
 
 def _config(ui, values: dict):
+    """Browser values -> a validated TrainConfig whose paths, names and the files under its paths are all in
+    the workspace (no symlink out: the job would read or write through it)."""
     specs, loader, paths = _schema()
-    return forms.build_config(specs, values, loader, paths, ui.ws.resolve,
-                              name=lambda folder, value, key: ui.ws.name(folder, value, key, LORA_FILES))
+    cfg = forms.build_config(specs, values, loader, paths, ui.ws.resolve,
+                             name=lambda folder, value, key: ui.ws.name(folder, value, key, LORA_FILES))
+    for key, value in forms.path_values(cfg, paths):
+        if Path(value).exists():
+            ui.ws.check_tree(Path(value), f"'{key}'")
+    return cfg
 
 
 def _write_config(ui, stem: str, text_: str) -> Path:
@@ -162,7 +168,7 @@ def _model_path(ui, cfg: dict, key: str) -> str:
     value = cfg["model"].get(key) or ""
     if not isinstance(value, str):
         raise UserError(f"model.{key} in the run's config is not a path")
-    return str(ui.ws.confine(ui.ws.root / value, f"model.{key} {value}")) if value else ""
+    return str(ui.ws.check_tree(ui.ws.root / value, f"model.{key} {value}")) if value else ""
 
 
 def _sample_settings(ui, cfg: dict) -> tuple[dict, str, str]:

@@ -98,6 +98,34 @@ class Workspace:
             self.resolve(f"{self.rel(folder)}/{name}{suffix}".lstrip("/"), within=folder)
         return folder / name
 
+    def check_tree(self, path: Path, label: str, max_entries: int = 200_000) -> Path:
+        """``path`` if nothing in it (a file, or a folder at any depth) is a symlink out of the workspace; a job
+        reading it could otherwise read outside. PathRefused naming the first few such entries."""
+        path = self.confine(path, label)
+        out, todo, seen, n = [], [path], {path}, 0
+        while todo and n < max_entries and len(out) < 5:
+            d = todo.pop()
+            try:
+                entries = list(os.scandir(d)) if d.is_dir() else []
+            except OSError:
+                continue
+            for e in entries:
+                n += 1
+                if e.is_symlink():
+                    if not self.inside(e.path):
+                        out.append(self.rel(d) + "/" + e.name if d != self.root else e.name)
+                        continue
+                    real = Path(os.path.realpath(e.path))
+                    if real.is_dir() and real not in seen:
+                        seen.add(real)
+                        todo.append(real)
+                elif e.is_dir(follow_symlinks=False):
+                    todo.append(Path(e.path))
+        if out:
+            raise PathRefused(f"{label}: {', '.join(out)} lead(s) outside the workspace (symlinks); the web app's "
+                              f"jobs read only workspace files: move or copy them in")
+        return path
+
     def rel(self, path: str | os.PathLike) -> str:
         """The workspace-relative form of a path inside the workspace (for showing and sending back)."""
         real = Path(os.path.realpath(path))
