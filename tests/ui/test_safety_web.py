@@ -206,6 +206,11 @@ def test_unknown_form_keys_are_refused_not_dropped(app, asgi):
     status, body = asgi(app, "POST", "/api/train/preview", json.dumps({"values": train_values(**{
         "data.folders": [{"path": "data", "bogus": 1}]})}), J)
     assert status == 400 and b"bogus" in body
+    for route, payload in [("/api/sample", {"lora": "runs/r1/lora.safetensors", "strenght": "2"}),
+                           ("/api/train/preview", {"values": train_values(), "overwrite": True}),
+                           ("/api/caption", {"image": "data/a.png", "text": "x", "path": "y"})]:
+        status, body = asgi(app, "POST", route, json.dumps(payload), J)
+        assert status == 400 and b"unknown field" in body, (route, body)
 
 
 def test_a_chunked_upload_is_refused_while_it_streams(app, asgi):

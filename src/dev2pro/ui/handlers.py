@@ -67,8 +67,9 @@ def _check_strings(value, where: str = "body", depth: int = 0):
             _check_strings(v, where, depth + 1)
 
 
-async def json_body(request: Request) -> dict:
-    """The request's JSON object, read while counting bytes (refused past ``MAX_JSON_BYTES``)."""
+async def json_body(request: Request, keys: tuple[str, ...] | None = None) -> dict:
+    """The request's JSON object, read while counting bytes (refused past ``MAX_JSON_BYTES``); with ``keys``,
+    a key not among them is refused (named), never silently ignored."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -82,6 +83,9 @@ async def json_body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise UserError(f"the request body must be a JSON object, not {type(body).__name__}")
     _check_strings(body)
+    unknown = sorted(set(body) - set(keys)) if keys is not None else []
+    if unknown:
+        raise UserError(f"unknown field {unknown[0]!r}; this request takes {', '.join(keys)}")
     return body
 
 

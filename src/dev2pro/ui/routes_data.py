@@ -64,7 +64,7 @@ async def settings(request: Request, ui):
 
 
 async def inspect(request: Request, ui):
-    path = ui.ws.check_tree(ui.ws.resolve(text(await json_body(request), "path"), must_exist=True), "'path'")
+    path = ui.ws.check_tree(ui.ws.resolve(text(await json_body(request, ("path",)), "path"), must_exist=True), "'path'")
     # a subprocess awaited without blocking the server (it imports torch: seconds)
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "dev2pro.cli", "inspect", str(path), "--json",
                                                 cwd=ui.ws.root, stdout=asyncio.subprocess.PIPE,
@@ -77,7 +77,7 @@ async def inspect(request: Request, ui):
 
 
 async def convert(request: Request, ui):
-    body = await json_body(request)
+    body = await json_body(request, ("src", "dst", "dtype"))
     src = ui.ws.check_tree(ui.ws.resolve(text(body, "src"), must_exist=True), "'src'")
     dst = ui.ws.resolve(text(body, "dst"))
     if dst == ui.ws.root:
@@ -177,7 +177,7 @@ async def upload(request: Request, ui):
 
 
 async def caption(request: Request, ui):
-    body = await json_body(request)
+    body = await json_body(request, ("image", "text"))
     image = ui.ws.resolve(text(body, "image"), must_exist=True)
     caption_text = text(body, "text", max_len=10_000)
     ui.ws.write_caption(image, caption_text)
@@ -186,7 +186,8 @@ async def caption(request: Request, ui):
 
 async def autocaption(request: Request, ui):
     """Queue `dev2pro caption FOLDER --model M --json ...` (all images, or the selected ``files``)."""
-    b = await json_body(request)
+    b = await json_body(request, ("folder", "model", "files", "trigger", "prompt", "overwrite", "max_length",
+                                  "batch_size"))
     folder = ui.ws.check_tree(ui.ws.resolve(text(b, "folder"), must_exist=True), "'folder'")
     model = ui.ws.check_tree(ui.ws.resolve(text(b, "model"), must_exist=True), "'model'")
     if not folder.is_dir():

@@ -70,12 +70,12 @@ async def schema(request: Request, ui):
 
 
 async def preview(request: Request, ui):
-    cfg = _config(ui, (await json_body(request))["values"])
+    cfg = _config(ui, (await json_body(request, ("values",)))["values"])
     return JSONResponse({"toml": render_toml(cfg)})
 
 
 async def start(request: Request, ui):
-    cfg = _config(ui, (await json_body(request))["values"])
+    cfg = _config(ui, (await json_body(request, ("values",)))["values"])
     out = ui.ws.resolve(ui.ws.rel(cfg.save.output_dir))  # checked by _config; once more, after symlinks
     run_rel = ui.ws.rel(out)
     if out == ui.ws.root:
@@ -103,7 +103,7 @@ def _slug(rel: str) -> str:
 
 async def resume(request: Request, ui):
     """Continue a run from its latest saved state (`dev2pro train RUN/config.toml --resume`)."""
-    run = ui.ws.resolve(text(await json_body(request), "run"), must_exist=True)
+    run = ui.ws.resolve(text(await json_body(request, ("run",)), "run"), must_exist=True)
     if not (run / "state").is_dir() or not any((run / "state").iterdir()):
         raise UserError(f"{ui.ws.rel(run)} has no saved training state to resume from (set save.every)")
     config = ui.ws.confine(run / "config.toml", f"{ui.ws.rel(run)}/config.toml")
@@ -191,7 +191,7 @@ def _prompts(b: dict, default: list) -> list[str]:
 
 async def sample(request: Request, ui):
     """Render the run's prompts with one of its LoRAs at a strength, on the inference base (dev)."""
-    b = await json_body(request)
+    b = await json_body(request, ("lora", "strength", "prompt"))
     lora, run, cfg = _lora_run(ui, b, "lora")
     s, model, base = _sample_settings(ui, cfg)
     strength = number(b, "strength", 1.0, -10, 10, kind=float)
@@ -215,7 +215,7 @@ async def compare(request: Request, ui):
     config goes through CompareConfig's own validation and is saved in configs/ under the job's id."""
     from ..schemas import CompareConfig  # lazy: loads diffusers + transformers (~3 s), see _schema
 
-    b = await json_body(request)
+    b = await json_body(request, ("lora", "other", "steps"))
     lora, run, cfg = _lora_run(ui, b, "lora")
     other = ui.ws.resolve(text(b, "other"), must_exist=True) if b.get("other") else None
     if other is not None and (not other.is_file() or other.suffix != ".safetensors"):

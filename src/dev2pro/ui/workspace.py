@@ -2,7 +2,10 @@
 
 Every path that comes from the browser is a workspace-relative string. ``Workspace.resolve`` refuses absolute
 paths, ``..`` components, backslashes, NUL bytes and anything whose real path (symlinks followed) lands outside the
-workspace's real path, so a request can never reach a file the user did not put in the workspace. Uploads are
+workspace's real path, so a request can never reach a file the user did not put in the workspace. It is the one
+gate: a *name* the browser sends (``save.name``, a file in a folder) goes through ``name`` (one plain component,
+then ``resolve``); every entry a listing returns or reads through ``confine`` (no symlink out: left out and
+reported, never a failure of the whole listing); every folder a job will read through ``check_tree``. Uploads are
 size-limited, must decode fully as an image (PIL ``verify`` then ``load``; PIL's decompression-bomb warning is an
 error) and keep the format's own extension; captions are written atomically beside their image.
 """
