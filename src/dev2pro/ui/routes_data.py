@@ -136,9 +136,8 @@ def _dataset(ui, q) -> dict:
         if size:
             sizes.append(size)
     preview = _bucket_preview(sizes, buckets)
-    folders = sorted({ui.ws.rel(p.parent) for ext in ("png", "jpg", "jpeg", "webp")
-                      for p in ui.ws.find(f"*.{ext}") if "samples" not in p.parts and "runs" not in
-                      p.relative_to(ui.ws.root).parts[:1]})
+    folders = sorted({ui.ws.rel(p.parent) for p in ui.ws.find(("*.png", "*.jpg", "*.jpeg", "*.webp"), limit=2000)
+                      if "samples" not in p.parts and "runs" not in p.relative_to(ui.ws.root).parts[:1]})
     return {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders,
             "truncated": len(images) > MAX_IMAGES,
             "skipped": [{"name": n, "reason": "a symlink out of the workspace (not read)"} for n in skipped]}

@@ -136,10 +136,13 @@ class Workspace:
             raise PathRefused(f"path {path} leads outside the workspace (through a symlink)")
         return real.relative_to(self.root).as_posix()
 
-    def find(self, pattern: str, limit: int = 500, depth: int = 4, skipped: list | None = None) -> list[Path]:
+    def find(self, pattern: str | tuple[str, ...], limit: int = 500, depth: int = 4,
+             skipped: list | None = None) -> list[Path]:
         """Files/folders matching a glob, at most ``depth`` levels down, breadth first, skipping hidden folders
         and symlinked folders (never descended). A match that leads out of the workspace is left out (and its
         workspace-relative name appended to ``skipped``), so one such entry never breaks a whole listing."""
+        patterns = (pattern,) if isinstance(pattern, str) else pattern
+        match = lambda name: any(fnmatch.fnmatch(name, p) for p in patterns)  # noqa: E731
         out: list[Path] = []
         level, seen, reals = [(self.root, self.root)], 0, {self.root}  # (path as listed, its real path)
         for _ in range(depth):
@@ -156,14 +159,14 @@ class Workspace:
                     p = Path(e.path)
                     link = e.is_symlink()
                     if link and not self.inside(p):  # a folder, or a match, that would lead out: say so
-                        if skipped is not None and (fnmatch.fnmatch(e.name, pattern) or os.path.isdir(p)):
+                        if skipped is not None and (match(e.name) or os.path.isdir(p)):
                             skipped.append(p.relative_to(self.root).as_posix())
                         continue
                     real = Path(os.path.realpath(p)) if link else real_d / e.name
                     if real in reals:  # a place listed already (through a symlink that stays inside)
                         continue
                     reals.add(real)
-                    if fnmatch.fnmatch(e.name, pattern):
+                    if match(e.name):
                         out.append(p)
                         if len(out) >= limit:
                             return out
@@ -177,7 +180,9 @@ class Workspace:
         """Up to ``limit`` image files in ``folder`` (sorted); an entry that is a symlink out of the workspace is
         left out (its name appended to ``skipped``)."""
         out = []
-        for p in sorted(folder.iterdir()):
+        with os.scandir(folder) as it:  # at most 100k entries looked at: bounded work on any folder
+            names = sorted(e.name for e, _ in zip(it, range(100_000)))
+        for p in (folder / n for n in names):
             if p.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             if not self.inside(p):
