@@ -248,3 +248,20 @@ def test_upload_stops_reading_past_the_limit(app):
             status.append(m["status"])
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))  # an endless body: must be refused, not read
     assert status == [413] and len(pulled) <= 4
+
+
+def test_a_config_that_would_not_read_back_is_never_queued(app, asgi):
+    """A newline in a text setting: the config is either written escaped (it reads back) or refused with the
+    reason; a job never gets a config its command cannot load (issue 18 item 6, escaping: config.render_toml)."""
+    import tomllib
+
+    app, ws_dir, _, ui = app
+    values = train_values(**{"data.trigger": "tok\nen", "sample.prompts": ["a\nb", 'quote " and \\ \x1b']})
+    for route in ("/api/train/preview", "/api/train/start"):
+        status, body = asgi(app, "POST", route, json.dumps({"values": values}), J)
+        if status == 200:
+            cfg = tomllib.loads(json.loads(body)["toml"] if route.endswith("preview") else
+                                (ws_dir / json.loads(body)["config"]).read_text())
+            assert cfg["data"]["trigger"] == "tok\nen"
+        else:
+            assert status == 400 and b"readable config" in body and ui.jobs.list() == [], body

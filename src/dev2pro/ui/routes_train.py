@@ -57,6 +57,17 @@ def _config(ui, values: dict):
     return cfg
 
 
+def _render(cfg) -> str:
+    """The config as TOML, checked to read back: a job never gets a config file its command cannot load."""
+    text_ = render_toml(cfg)
+    try:
+        tomllib.loads(text_)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"these settings do not make a readable config file ({e}); remove line breaks and "
+                        f"control characters from text settings") from None
+    return text_
+
+
 def _write_config(ui, stem: str, text_: str) -> Path:
     """``configs/STEM.toml``, written once (a new name per job: never overwritten while a job may read it)."""
     configs = ui.ws.resolve("configs")
@@ -71,7 +82,7 @@ async def schema(request: Request, ui):
 
 async def preview(request: Request, ui):
     cfg = _config(ui, (await json_body(request, ("values",)))["values"])
-    return JSONResponse({"toml": render_toml(cfg)})
+    return JSONResponse({"toml": _render(cfg)})
 
 
 async def start(request: Request, ui):
@@ -90,7 +101,7 @@ async def start(request: Request, ui):
                         f"start over, or choose another save.output_dir")
     out.parent.mkdir(parents=True, exist_ok=True)  # inside the workspace (checked by _config)
     job_id = ui.jobs.reserve_id("train")
-    path = _write_config(ui, f"{_slug(run_rel)}.{job_id}", render_toml(cfg))
+    path = _write_config(ui, f"{_slug(run_rel)}.{job_id}", _render(cfg))
     job = ui.jobs.submit("train", ["train", str(path)], title=f"train {run_rel}", run_dir=run_rel, job_id=job_id,
                          config=ui.ws.rel(path))
     return JSONResponse({"job": job, "config": ui.ws.rel(path)})
@@ -155,7 +166,8 @@ def _lora_run(ui, b: dict, key: str) -> tuple[Path, Path, dict]:
         raise UserError(f"'{key}': {ui.ws.rel(lora)} is not in a run folder (no config.toml beside it); pick a "
                         f"LoRA from a run's page")
     try:
-        cfg = tomllib.loads(config.read_text(errors="replace")[:1_000_000])
+        with open(config, "rb") as f:  # a run's resolved config is a few kB; never more than 1 MB read
+            cfg = tomllib.loads(f.read(1_000_000).decode("utf-8", "replace"))
         if not isinstance(cfg.get("sample"), dict) or not isinstance(cfg.get("model"), dict):
             raise KeyError("sample or model")
     except (tomllib.TOMLDecodeError, KeyError) as e:
@@ -232,7 +244,7 @@ async def compare(request: Request, ui):
             "out": str(out),
             "arms": [{"name": name, "guidance": float(s.get("guidance", 3.5)), "transformer": base or None,
                       "loras": [f"{path}:1.0"] if path else []} for name, path in arms]}
-    path = _write_config(ui, f"compare-{job_id}", render_toml(load_config(CompareConfig, data=data)))
+    path = _write_config(ui, f"compare-{job_id}", _render(load_config(CompareConfig, data=data)))
     job = ui.jobs.submit("compare", ["compare", str(path)], title=f"compare {lora.name}"
                          + (f" vs {other.name}" if other else ""), run_dir=ui.ws.rel(run), job_id=job_id,
                          out=ui.ws.rel(compares_dir) + "/" + out.name, config=ui.ws.rel(path))
