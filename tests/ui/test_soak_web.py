@@ -3,7 +3,8 @@
 every field; uploads with hostile names and contents), in-process through the ASGI app. With a canary file outside
 the workspace: no response ever contains it, its bytes and mtime never change, nothing appears outside the
 workspace, no response is a 500, every queued job and written config names only workspace paths, and the
-process RSS stays under 1 GB."""
+process RSS stays under 1 GB. Reproducible: DEV2PRO_SOAK_SEED / DEV2PRO_SOAK_N pick the seed and the count
+(default 18, 200); DEV2PRO_SOAK_SHOW=1 prints every answer that is not 200/400/404/413."""
 
 import io
 import json
