@@ -138,6 +138,14 @@ def test_thumbnail_of_a_decompression_bomb_is_a_4xx(app, asgi):
     (ws_dir / "data" / "bomb.png").write_bytes(buf.getvalue())
     status, body = asgi(app, "GET", "/api/thumb?path=data/bomb.png")
     assert status == 413 and (b"megapixels" in body or b"decompression" in body), (status, body)
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, "PNG")  # 64 MP: under PIL's own bomb limit, over the page's
+    (ws_dir / "data" / "big.png").write_bytes(buf.getvalue())
+    status, body = asgi(app, "GET", "/api/dataset?folder=data")  # both listed, flagged from their headers
+    items = {i["name"]: i for i in json.loads(body)["images"]}
+    assert status == 200 and items["big.png"]["size"] is None and "megapixels" in items["big.png"]["bad"]
+    assert "DecompressionBomb" in items["bomb.png"]["bad"]
+    assert asgi(app, "GET", "/api/thumb?path=data/big.png")[0] == 413
     assert asgi(app, "GET", "/api/thumb?path=data/a.png&size=99999")[0] == 400
     assert asgi(app, "GET", "/api/thumb?path=data/a.png")[0] == 200
 

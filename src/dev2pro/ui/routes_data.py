@@ -10,6 +10,7 @@ import asyncio
 import json
 import sys
 
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -23,6 +24,7 @@ from .upload import read_upload
 from .workspace import check_image
 
 MAX_IMAGES = 2000  # listed per dataset request (each one's header is read)
+MAX_CHECK_PIXELS = 40_000_000  # larger images are flagged from their header, never decoded by a page request
 
 
 def _candidates(ui) -> dict:
@@ -97,6 +99,14 @@ def _image_checker(min_size: int, buckets):
     """``check(path) -> (size or None, reason or None)`` with the dataset reader's own rules (unreadable, too
     small, an aspect ratio no bucket can hold)."""
     def check(path):
+        try:  # the header only: an image too large to decode per request is not decoded here
+            with Image.open(path) as im:
+                w, h = im.size
+            if w * h > MAX_CHECK_PIXELS:
+                return None, (f"{w}x{h} px is over {MAX_CHECK_PIXELS // 10**6} megapixels (not decoded here; "
+                              f"downscale it)")
+        except Exception:  # noqa: BLE001 -- unreadable: the scanner below says why
+            pass
         scanner = Scanner(min_size=min_size, buckets=buckets)
         size = scanner.image_size(path, path.name)
         return size, (scanner.skipped[0][len(path.name) + 2:-1] if scanner.skipped else None)
