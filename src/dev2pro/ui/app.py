@@ -130,7 +130,8 @@ async def thumb(request: Request, ui: UIContext):
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as im:
                     w, h = im.size
-                    if w * h > MAX_THUMB_PIXELS and im.format != "JPEG" or w * h > 64 * MAX_THUMB_PIXELS:
+                    # JPEGs decode at up to 1/8 scale (draft); PIL refuses any image over ~89 MP (warning -> error)
+                    if w * h > MAX_THUMB_PIXELS and im.format != "JPEG":
                         return error(f"{ui.ws.rel(path)} is {w}x{h} px; thumbnails are made for images up to "
                                      f"{MAX_THUMB_PIXELS // 10**6} megapixels", 413)
                     im.draft("RGB", (size, size))  # JPEG: decode at 1/2..1/8 scale
