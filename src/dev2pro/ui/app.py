@@ -17,6 +17,7 @@ import base64
 import hmac
 import io
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..errors import UserError
 from ..outputs import write_json
 from . import routes_data, routes_train
+from .handlers import error, handler, number
 from .jobs import JobManager
 from .workspace import Workspace
 
@@ -63,22 +64,6 @@ class UIContext:
         merged = {**self.settings(), **values}
         write_json(self.settings_path, merged)
         return merged
-
-
-def error(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def handler(fn):
-    """Wrap an API handler: UserError (bad paths, bad values) -> 400 with its one-line message."""
-    async def wrapped(request: Request):
-        try:
-            return await fn(request, request.app.state.ui)
-        except UserError as e:
-            return error(str(e))
-        except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
-            return error(f"bad request: {type(e).__name__}: {e}")
-    return wrapped
 
 
 class Guard(BaseHTTPMiddleware):
@@ -129,23 +114,39 @@ async def files(request: Request, ui: UIContext):
     return FileResponse(path, headers=headers)
 
 
+MAX_THUMB_PIXELS = 40_000_000  # decoded at most once per thumbnail (JPEGs at a reduced scale)
+
+
 @handler
 async def thumb(request: Request, ui: UIContext):
-    """A small JPEG of a workspace image (the dataset grid loads dozens)."""
+    """A small JPEG of a workspace image (the dataset grid loads dozens); images over ``MAX_THUMB_PIXELS`` are
+    refused from their header, before any pixel is decoded (decompression bombs)."""
     path = ui.ws.resolve(request.query_params["path"], must_exist=True)
-    size = min(512, max(32, int(request.query_params.get("size", 192))))
+    size = number(request.query_params, "size", 192, 32, 512)
 
-    def render() -> bytes:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=85)
-        return buf.getvalue()
-    try:
-        return Response(await run_in_threadpool(render), media_type="image/jpeg")
-    except OSError:  # unreadable images are flagged on the page; no thumbnail
-        return error("not a readable image", 415)
+    def render() -> Response:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    w, h = im.size
+                    # JPEGs decode at up to 1/8 scale (draft); PIL refuses any image over ~89 MP (warning -> error)
+                    if w * h > MAX_THUMB_PIXELS and im.format != "JPEG":
+                        return error(f"{ui.ws.rel(path)} is {w}x{h} px; thumbnails are made for images up to "
+                                     f"{MAX_THUMB_PIXELS // 10**6} megapixels", 413)
+                    im.draft("RGB", (size, size))  # JPEG: decode at 1/2..1/8 scale
+                    im = ImageOps.exif_transpose(im).convert("RGB")
+                    im.thumbnail((size, size))
+                    buf = io.BytesIO()
+                    im.save(buf, "JPEG", quality=85)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return error(f"{ui.ws.rel(path)} is too large to decode (a decompression bomb?)", 413)
+        except Exception:  # noqa: BLE001 -- PIL raises many types for bad files; unreadable ones are flagged
+            return error("not a readable image", 415)
+        return Response(buf.getvalue(), media_type="image/jpeg")
+    if not path.is_file():
+        return error("not a file", 404)
+    return await run_in_threadpool(render)
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -160,10 +161,10 @@ async def job_detail(request: Request, ui: UIContext):
     job = ui.jobs.get(request.path_params["id"])
     if job is None:
         return error("no such job", 404)
-    tail = ui.jobs.log_tail(job["id"], lines=int(request.query_params.get("lines", 40)))
+    tail = ui.jobs.log_tail(job["id"], lines=number(request.query_params, "lines", 40, 1, 2000))
     lines = []
     if job["kind"] == "caption":  # `dev2pro caption --json`: one JSON object per image
-        text = ui.jobs.log_path(job["id"]).read_text(errors="replace") if ui.jobs.log_path(job["id"]).exists() else ""
+        text = ui.jobs.log_tail(job["id"], lines=10_000, max_bytes=4_000_000)
         for line in text.replace("\r", "\n").splitlines():
             start = line.find('{"')  # stdout's JSON can follow stderr's progress bar on one line
             if start >= 0:
@@ -174,7 +175,8 @@ async def job_detail(request: Request, ui: UIContext):
     outputs = []
     if job.get("out") and job["status"] == "done":
         out = ui.ws.resolve(job["out"])
-        outputs = [ui.ws.rel(p) for p in sorted(out.glob("*")) if p.is_file()] if out.is_dir() else []
+        outputs = [ui.ws.rel(p) for p in sorted(out.glob("*"))[:500] if ui.ws.inside(p) and p.is_file()] \
+            if out.is_dir() else []
     return JSONResponse({**job, "log": tail, "results": lines, "outputs": outputs})
 
 

@@ -11,10 +11,12 @@ file); those must resolve inside the workspace before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable
 
 if sys.version_info >= (3, 11):
@@ -105,6 +107,14 @@ def form_to_data(specs: list[dict], values: dict, drop_defaults: bool = False) -
     ``drop_defaults``: leave out values equal to the schema default, so the loader sees only what the user set
     (as in a hand-written TOML), and settings that fill unset keys (e.g. a VRAM preset) still apply.
     """
+    if not isinstance(values, dict):
+        raise ConfigError(f"form values must be an object of setting: value, not {type(values).__name__}")
+    known = [s["key"] for s in specs if s["kind"] != "section"]
+    unknown = sorted(set(values) - set(known))
+    if unknown:  # the CLI refuses an unknown key; so does the form (nothing is silently dropped)
+        near = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        raise ConfigError(f"unknown setting {unknown[0]!r}" + (f" (did you mean '{near[0]}'?)" if near else "")
+                          + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""))
     data: dict = {}
     for spec in specs:
         if spec["kind"] == "section" or spec["key"] not in values:
@@ -126,9 +136,15 @@ def form_to_data(specs: list[dict], values: dict, drop_defaults: bool = False) -
     return data
 
 
-def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[str], resolve: Callable):
+# string settings that become file names inside a path setting: {name field: folder field}
+NAME_FIELDS = {"save.name": "save.output_dir"}
+
+
+def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[str], resolve: Callable,
+                 name: Callable | None = None):
     """Browser values -> a validated config; every path field goes through ``resolve`` (workspace-confined)
-    first, and the result through the CLI's ``loader`` (same checks, same messages as the command line)."""
+    first, and the result through the CLI's ``loader`` (same checks, same messages as the command line); every
+    ``NAME_FIELDS`` value through ``name(folder, value, field)`` (a plain file name inside its folder)."""
     data = form_to_data(specs, values, drop_defaults=True)
 
     def fix(node: dict, parts: list[str], key: str):
@@ -152,6 +168,42 @@ def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[s
         fix(data, key.replace("[].", "[]\0").replace(".", "\0").split("\0"), key)
     cfg = loader(None, data=data)
     _check_other_paths(cfg, "", resolve)
+    for key, folder_key in NAME_FIELDS.items() if name else ():
+        value, folder = _get(cfg, key), _get(cfg, folder_key)
+        if isinstance(value, str) and folder:
+            try:
+                name(Path(folder), value, key)
+            except ConfigError:
+                raise
+            except Exception as e:  # PathRefused: name the field like the loader does
+                raise ConfigError(f"'{key}': {e}") from None
+    return cfg
+
+
+def path_values(cfg, keys) -> list[tuple[str, str]]:
+    """(key, value) of every non-empty path setting of ``cfg``; ``keys`` as ``config.path_fields`` gives them
+    (``data.folders[].path``: one pair per table item)."""
+    out = []
+
+    def walk(node, parts, key):
+        if node is None:
+            return
+        head, rest = parts[0], parts[1:]
+        if head.endswith("[]"):
+            for item in getattr(node, head[:-2], None) or []:
+                walk(item, rest, key)
+        elif rest:
+            walk(getattr(node, head, None), rest, key)
+        elif isinstance(getattr(node, head, None), str) and getattr(node, head):
+            out.append((key, getattr(node, head)))
+    for key in sorted(keys):
+        walk(cfg, key.replace("[].", "[]\0").replace(".", "\0").split("\0"), key)
+    return out
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part, None)
     return cfg
 
 
@@ -166,7 +218,18 @@ def _check_other_paths(cfg, prefix: str, resolve: Callable):
         elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
             for item in v:
                 _check_other_paths(item, key + "[].", resolve)
-        elif isinstance(v, str) and os.path.isabs(v) and (os.path.exists(v) or os.path.isdir(os.path.dirname(v))):
-            real = os.path.realpath(v)
-            if real != str(root) and not real.startswith(str(root) + os.sep):
-                raise ConfigError(f"'{key}': {v} is outside the workspace; use a path inside it")
+        else:
+            for text in (v if isinstance(v, list) else [v]):  # a string, or each string of a list
+                if isinstance(text, str) and _names_outside(text, str(root)):
+                    raise ConfigError(f"'{key}': {text} is outside the workspace; use a path inside it")
+
+
+def _names_outside(v: str, root: str) -> bool:
+    """Whether ``v`` is an absolute location (existing, or in an existing folder) outside ``root``."""
+    try:
+        if not os.path.isabs(v) or not (os.path.exists(v) or os.path.isdir(os.path.dirname(v))):
+            return False
+        real = os.path.realpath(v)
+    except (OSError, ValueError):  # too long, NUL: not a usable path either way
+        return False
+    return real != root and not real.startswith(root + os.sep)

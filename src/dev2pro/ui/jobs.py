@@ -53,12 +53,26 @@ class JobManager:
         tmp.write_text(json.dumps(job, indent=1))
         os.replace(tmp, d / "job.json")
 
-    def submit(self, kind: str, args: list[str], title: str = "", run_dir: str = "", out: str = "") -> dict:
-        """Queue ``dev2pro ARGS``; returns the job record (``out``: the folder it writes, workspace-relative)."""
+    def reserve_id(self, kind: str) -> str:
+        """A new job id, unique for good (its record folder is created now): name a job's own files (its config,
+        its output folder) after it before ``submit``, so two jobs never share one."""
         with self.lock:
             n = len(self.jobs) + 1
-            job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{n:03d}-{kind}"
-            job = {"id": job_id, "kind": kind, "title": title or kind, "args": [str(a) for a in args],
+            while True:
+                job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{n:03d}-{kind}"
+                try:
+                    (self.dir / job_id).mkdir()
+                    return job_id
+                except FileExistsError:
+                    n += 1
+
+    def submit(self, kind: str, args: list[str], title: str = "", run_dir: str = "", out: str = "",
+               job_id: str | None = None, **extra) -> dict:
+        """Queue ``dev2pro ARGS``; returns the job record (``out``: the folder it writes, workspace-relative;
+        ``job_id``: one from ``reserve_id``; ``extra``: more fields for the record, e.g. its config)."""
+        with self.lock:
+            job_id = job_id or self.reserve_id(kind)
+            job = {**extra, "id": job_id, "kind": kind, "title": title or kind, "args": [str(a) for a in args],
                    "run_dir": run_dir, "out": out, "status": "queued", "created": time.time(), "started": None,
                    "ended": None, "pid": None, "pid_started": None, "returncode": None, "stop_requested": False,
                    "error": ""}

@@ -9,6 +9,7 @@ started from the browser, and a restarted web app sees everything a run has writ
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -24,16 +25,22 @@ SCALARS = {"loss": "loss/step", "smoothed": "loss/smoothed", "lr": "lr"}
 _MEM = re.compile(r"mem=([0-9.]+)G")
 
 
-def find_runs(root: Path, limit: int = 200) -> list[Path]:
+def find_runs(root: Path, limit: int = 200, depth: int = 6, max_folders: int = 20_000) -> list[Path]:
     """Training run folders under ``root`` (a ``config.toml`` beside ``logs/``, ``state/`` or
-    ``summary.json``), newest first; hidden folders skipped."""
-    runs = []
-    for cfg in root.glob("**/config.toml"):
-        d = cfg.parent
-        if any(part.startswith(".") for part in d.relative_to(root).parts):
-            continue
-        if (d / "logs").is_dir() or (d / "state").is_dir() or (d / "summary.json").exists():
-            runs.append(d)
+    ``summary.json``), newest first; hidden and symlinked folders skipped, at most ``depth`` levels and
+    ``max_folders`` folders looked at (bounded work on any workspace)."""
+    runs, seen = [], 0
+    for d, dirs, files in os.walk(root):  # never follows symlinked folders
+        rel = Path(d).relative_to(root)
+        seen += 1
+        if seen > max_folders:
+            break
+        dirs[:] = [] if len(rel.parts) >= depth else sorted(x for x in dirs if not x.startswith("."))
+        if "config.toml" in files:
+            d = Path(d)
+            if (d / "logs").is_dir() or (d / "state").is_dir() or (d / "summary.json").exists():
+                runs.append(d)
+                dirs[:] = [x for x in dirs if x not in ("state", "logs", "samples", "cache")]
     return sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)[:limit]
 
 
@@ -65,29 +72,37 @@ def _speed(points: list[list[float]], window: int = 10) -> float | None:
     return (pts[-1][0] - pts[0][0]) / (pts[-1][2] - pts[0][2])
 
 
-def run_info(run: Path, root: Path, log_tail: str = "") -> dict:
-    """Everything the Monitor/Results pages show for one run folder (paths relative to ``root``)."""
+def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -> dict:
+    """Everything the Monitor/Results pages show for one run folder (paths relative to ``root``); ``inside(path)``
+    says whether a file may be read (the workspace's rule: no symlink out), others are left out."""
     rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+    ok = lambda p: inside(p) and p.is_file()  # noqa: E731
     total = None
-    if (run / "config.toml").exists():
+    if ok(run / "config.toml"):
         try:
-            total = tomllib.loads((run / "config.toml").read_text()).get("train", {}).get("steps")
-        except tomllib.TOMLDecodeError:
+            total = tomllib.loads((run / "config.toml").read_text(errors="replace")).get("train", {}).get("steps")
+        except (tomllib.TOMLDecodeError, AttributeError):
             pass
-    scalars = read_scalars(run / "logs")
+        total = total if isinstance(total, int) and not isinstance(total, bool) else None
+    scalars = read_scalars(run / "logs") if inside(run / "logs") else {k: [] for k in SCALARS}
     step = int(scalars["loss"][-1][0]) if scalars["loss"] else 0
     speed = _speed(scalars["loss"])
     summary = None
-    if (run / "summary.json").exists():
-        summary = json.loads((run / "summary.json").read_text())
+    if ok(run / "summary.json"):
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            summary = None
+        summary = summary if isinstance(summary, dict) else None
     mem = _MEM.findall(log_tail)
     return {
         "run": rel(run), "total_steps": total, "step": step, "steps_per_second": speed,
         "eta_seconds": (total - step) / speed if speed and total else None,
         "memory_gb": float(mem[-1]) if mem else None,
         "scalars": {k: [[p[0], p[1]] for p in v] for k, v in scalars.items()},
-        "samples": [rel(p) for p in sorted((run / "samples").glob("*.png"))] if (run / "samples").is_dir() else [],
-        "loras": [rel(p) for p in sorted(run.glob("*.safetensors"))] if run.is_dir() else [],
+        "samples": [rel(p) for p in sorted((run / "samples").glob("*.png"))[:1000] if ok(p)]
+        if (run / "samples").is_dir() and inside(run / "samples") else [],
+        "loras": [rel(p) for p in sorted(run.glob("*.safetensors"))[:1000] if ok(p)] if run.is_dir() else [],
         "states": sorted(p.name for p in (run / "state").iterdir()) if (run / "state").is_dir() else [],
         "summary": {k: v for k, v in summary.items() if k != "losses"} if summary else None,
         "finished": summary is not None,

@@ -10,6 +10,7 @@ import asyncio
 import json
 import sys
 
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -18,25 +19,34 @@ from starlette.routing import Route
 from ..data.buckets import assign_bucket, make_buckets
 from ..data.folders import Scanner
 from ..errors import UserError
+from .handlers import TooLarge, json_body, number, text
+from .upload import read_upload
 from .workspace import check_image
+
+MAX_IMAGES = 2000  # listed per dataset request (each one's header is read)
+MAX_CHECK_PIXELS = 40_000_000  # larger images are flagged from their header, never decoded by a page request
 
 
 def _candidates(ui) -> dict:
-    """Flux model folders, transformer files and captioner folders found in the workspace."""
-    root = ui.ws.root
-    flux = [p.parent for p in ui.ws.find("model_index.json")]
+    """Flux model folders, transformer files and captioner folders found in the workspace; ``skipped``: entries
+    that are symlinks out of the workspace (never read, listed so the page can say why they are missing)."""
+    root, skipped = ui.ws.root, []
+    flux = [p.parent for p in ui.ws.find("model_index.json", skipped=skipped)]
     flux_set = set(flux)
     # transformers: each model folder's transformer/ plus standalone checkpoint files (not LoRAs or outputs)
     transformers = [f / "transformer" for f in flux if (f / "transformer").is_dir()]
-    transformers += [p for p in ui.ws.find("*.safetensors") if not any(f in p.parents for f in flux_set)
-                     and p.relative_to(root).parts[0] not in ("runs", "compares")
+    transformers += [p for p in ui.ws.find("*.safetensors", skipped=skipped)
+                     if not any(f in p.parents for f in flux_set) and p.relative_to(root).parts[0] not in ("runs",
+                                                                                                       "compares")
                      and "lora" not in p.name.lower() and not (p.parent / "adapter_config.json").exists()]
-    captioners = [p.parent for p in ui.ws.find("config.json")
+    captioners = [p.parent for p in ui.ws.find("config.json", skipped=skipped)
                   if not (p.parent / "model_index.json").exists() and p.parent.parent not in flux_set
                   and p.parent not in flux_set]
     rel = ui.ws.rel
     return {"flux": [rel(p) for p in flux], "transformers": sorted({rel(p) for p in transformers}),
-            "captioners": [rel(p) for p in captioners]}
+            "captioners": [rel(p) for p in captioners],
+            "skipped": [{"path": p, "reason": "a symlink out of the workspace; move or copy it in"}
+                        for p in sorted(set(skipped))]}
 
 
 async def models(request: Request, ui):
@@ -44,18 +54,19 @@ async def models(request: Request, ui):
 
 
 async def settings(request: Request, ui):
-    values = await request.json()
+    values = await json_body(request)
     allowed = {"train_base", "train_transformer", "inference_base", "captioner", "dataset", "trigger"}
-    for key, value in values.items():
+    for key in values:
         if key not in allowed:
-            raise UserError(f"unknown setting {key!r}")
+            raise UserError(f"unknown setting {key!r}; known: {', '.join(sorted(allowed))}")
+        value = text(values, key, "", max_len=1000)
         if key != "trigger" and value:
             ui.ws.resolve(value, must_exist=True)  # only workspace paths are remembered
     return JSONResponse(ui.save_settings({k: v for k, v in values.items() if k in allowed}))
 
 
 async def inspect(request: Request, ui):
-    path = ui.ws.resolve((await request.json())["path"], must_exist=True)
+    path = ui.ws.check_tree(ui.ws.resolve(text(await json_body(request, ("path",)), "path"), must_exist=True), "'path'")
     # a subprocess awaited without blocking the server (it imports torch: seconds)
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "dev2pro.cli", "inspect", str(path), "--json",
                                                 cwd=ui.ws.root, stdout=asyncio.subprocess.PIPE,
@@ -68,16 +79,18 @@ async def inspect(request: Request, ui):
 
 
 async def convert(request: Request, ui):
-    body = await request.json()
-    src = ui.ws.resolve(body["src"], must_exist=True)
-    dst = ui.ws.resolve(body["dst"])
-    dtype = body.get("dtype", "fp8")
+    body = await json_body(request, ("src", "dst", "dtype"))
+    src = ui.ws.check_tree(ui.ws.resolve(text(body, "src"), must_exist=True), "'src'")
+    dst = ui.ws.resolve(text(body, "dst"))
+    if dst == ui.ws.root:
+        raise UserError("'dst' is the workspace itself; name a new file or folder inside it")
+    dtype = text(body, "dtype", "fp8")
     if dtype not in ("fp8", "fp8-scaled", "bf16", "fp16", "fp32"):
         raise UserError(f"dtype {dtype!r} is not one of fp8, fp8-scaled, bf16, fp16, fp32")
     args = ["convert", str(src), str(dst), "--dtype", dtype]
     if src.is_dir() and dst.suffix == ".safetensors":  # a diffusers folder -> one file: the layout ComfyUI loads
         args += ["--layout", "comfy"]
-    job = ui.jobs.submit("convert", args, title=f"convert {ui.ws.rel(src)} -> {body['dst']} ({dtype})")
+    job = ui.jobs.submit("convert", args, title=f"convert {ui.ws.rel(src)} -> {ui.ws.rel(dst)} ({dtype})")
     return JSONResponse(job)
 
 
@@ -86,6 +99,14 @@ def _image_checker(min_size: int, buckets):
     """``check(path) -> (size or None, reason or None)`` with the dataset reader's own rules (unreadable, too
     small, an aspect ratio no bucket can hold)."""
     def check(path):
+        try:  # the header only: an image too large to decode per request is not decoded here
+            with Image.open(path) as im:
+                w, h = im.size
+            if w * h > MAX_CHECK_PIXELS:
+                return None, (f"{w}x{h} px is over {MAX_CHECK_PIXELS // 10**6} megapixels (not decoded here; "
+                              f"downscale it)")
+        except Exception:  # noqa: BLE001 -- unreadable: the scanner below says why
+            pass
         scanner = Scanner(min_size=min_size, buckets=buckets)
         size = scanner.image_size(path, path.name)
         return size, (scanner.skipped[0][len(path.name) + 2:-1] if scanner.skipped else None)
@@ -106,34 +127,46 @@ async def dataset(request: Request, ui):
 
 
 def _dataset(ui, q) -> dict:
+    """The folder's images (at most ``MAX_IMAGES``) with sizes, captions and bucket preview; bounded work for
+    any query (resolution, step and min_size are range-checked before anything is read)."""
     folder = ui.ws.resolve(q.get("folder", ""), must_exist=True)
     if not folder.is_dir():
         raise UserError(f"{q.get('folder')} is not a folder")
-    buckets = make_buckets(int(q.get("resolution", 512)) ** 2, step=int(q.get("bucket_step", 64)))
-    check = _image_checker(int(q.get("min_size", 16)), buckets)
-    items, sizes = [], []
-    for img in ui.ws.images(folder):
+    resolution = number(q, "resolution", 512, 16, 4096)
+    step = number(q, "bucket_step", 64, 16, 512)
+    buckets = make_buckets(resolution ** 2, step=step)
+    check = _image_checker(number(q, "min_size", 16, 1, 4096), buckets)
+    items, sizes, skipped = [], [], []
+    images = ui.ws.images(folder, limit=MAX_IMAGES + 1, skipped=skipped)
+    for img in images[:MAX_IMAGES]:
         size, reason = check(img)
-        txt = img.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8-sig", errors="replace").strip() if txt.is_file() else ""
-        items.append({"path": ui.ws.rel(img), "name": img.name, "caption": caption, "has_caption": txt.is_file(),
-                      "size": list(size) if size else None, "bad": reason})
+        caption = ui.ws.read_text(img.with_suffix(".txt"))  # None: none, or a symlink out (never read)
+        items.append({"path": ui.ws.rel(img), "name": img.name, "caption": (caption or "").strip(),
+                      "has_caption": caption is not None, "size": list(size) if size else None, "bad": reason})
         if size:
             sizes.append(size)
     preview = _bucket_preview(sizes, buckets)
-    folders = sorted({ui.ws.rel(p.parent) for ext in ("png", "jpg", "jpeg", "webp")
-                      for p in ui.ws.find(f"*.{ext}") if "samples" not in p.parts and "runs" not in
-                      p.relative_to(ui.ws.root).parts[:1]})
-    return {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders}
+    folders = sorted({ui.ws.rel(p.parent) for p in ui.ws.find(("*.png", "*.jpg", "*.jpeg", "*.webp"), limit=2000)
+                      if "samples" not in p.parts and "runs" not in p.relative_to(ui.ws.root).parts[:1]})
+    return {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders,
+            "truncated": len(images) > MAX_IMAGES,
+            "skipped": [{"name": n, "reason": "a symlink out of the workspace (not read)"} for n in skipped]}
 
 
 async def upload(request: Request, ui):
     """Multipart upload of images into a workspace folder; all-or-nothing, each file checked as an image."""
     limit = ui.max_upload_bytes
-    if int(request.headers.get("content-length", 0)) > limit * ui.max_files:
-        raise UserError(f"upload too large (limit {limit // 2**20} MiB per file, {ui.max_files} files)")
-    form = await request.form(max_files=ui.max_files, max_fields=20)
+    total = limit * ui.max_files + 2**20
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > total:  # refused before reading a byte
+        raise TooLarge(f"upload too large (limit {limit / 2**20:.3g} MiB per file, {ui.max_files} files)")
+    form = await read_upload(request, limit, total, ui.max_files)
     folder = ui.ws.resolve(str(form.get("folder", "")))
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"upload folder {ui.ws.rel(folder)} is a file; choose a folder")
+    for key in form.keys():
+        if key not in ("folder", "overwrite", "files"):
+            raise UserError(f"unknown upload field {key!r}; send folder, overwrite and files")
     overwrite = form.get("overwrite") in ("1", "true", "on")
     blobs = []
     for f in form.getlist("files"):
@@ -141,7 +174,7 @@ async def upload(request: Request, ui):
             raise UserError("'files' must be file parts")
         data = await f.read(limit + 1)  # never more than the limit in memory
         if len(data) > limit:
-            raise UserError(f"upload {f.filename!r} is over the limit of {limit // 2**20} MiB (--max-upload-mb)")
+            raise UserError(f"upload {f.filename!r} is over the limit of {limit / 2**20:.3g} MiB (--max-upload-mb)")
         blobs.append((f.filename or "image", data))
     if not blobs:
         raise UserError("no files in the upload")
@@ -153,30 +186,34 @@ async def upload(request: Request, ui):
 
 
 async def caption(request: Request, ui):
-    body = await request.json()
-    image = ui.ws.resolve(body["image"], must_exist=True)
-    text = str(body["text"])
-    if len(text) > 10_000:
-        raise UserError("caption longer than 10000 characters")
-    ui.ws.write_caption(image, text)
-    return JSONResponse({"image": ui.ws.rel(image), "caption": text.strip()})
+    body = await json_body(request, ("image", "text"))
+    image = ui.ws.resolve(text(body, "image"), must_exist=True)
+    caption_text = text(body, "text", max_len=10_000)
+    ui.ws.write_caption(image, caption_text)
+    return JSONResponse({"image": ui.ws.rel(image), "caption": caption_text.strip()})
 
 
 async def autocaption(request: Request, ui):
     """Queue `dev2pro caption FOLDER --model M --json ...` (all images, or the selected ``files``)."""
-    b = await request.json()
-    folder = ui.ws.resolve(b["folder"], must_exist=True)
-    model = ui.ws.resolve(b["model"], must_exist=True)
+    b = await json_body(request, ("folder", "model", "files", "trigger", "prompt", "overwrite", "max_length",
+                                  "batch_size"))
+    folder = ui.ws.check_tree(ui.ws.resolve(text(b, "folder"), must_exist=True), "'folder'")
+    model = ui.ws.check_tree(ui.ws.resolve(text(b, "model"), must_exist=True), "'model'")
+    if not folder.is_dir():
+        raise UserError(f"{b['folder']} is not a folder")
     args = ["caption", str(folder), "--model", str(model), "--json",
             "--overwrite" if b.get("overwrite") else "--skip-existing"]
     for flag in ("prompt", "trigger"):
-        if str(b.get(flag) or "").strip():
-            args += [f"--{flag}", str(b[flag]).strip()]
-    for flag in ("max_length", "batch_size"):
+        if text(b, flag, "", max_len=2000).strip():
+            args.append(f"--{flag}={b[flag].strip()}")  # one argument: a value starting with '-' stays a value
+    for flag, hi in (("max_length", 1024), ("batch_size", 256)):
         if b.get(flag) not in (None, ""):
-            args += [f"--{flag.replace('_', '-')}", str(int(b[flag]))]
+            args.append(f"--{flag.replace('_', '-')}={number(b, flag, None, 1, hi)}")
     names = []
-    for f in b.get("files") or []:
+    files = b.get("files") or []
+    if not isinstance(files, list) or len(files) > 10_000:
+        raise UserError("'files' must be a list of at most 10000 image paths")
+    for f in files:
         image = ui.ws.resolve(f, must_exist=True)
         if image.parent != folder:
             raise UserError(f"{f} is not in {b['folder']}")

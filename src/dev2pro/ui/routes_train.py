@@ -2,14 +2,17 @@
 resume, run folders, sampling on dev with a LoRA strength, and `dev2pro compare` against another LoRA.
 
 Configs the browser builds are written to ``configs/`` in the workspace (absolute, workspace-confined paths) and
-run as ``dev2pro train configs/NAME.toml``, the same command a terminal user would type.
+run as ``dev2pro train configs/RUN.JOB.toml``, the same command a terminal user would type. Each job's config is
+written when it is queued, under a name of its own (the run folder's path + the job id), and never rewritten: a
+queued job trains exactly what was submitted, into its own folder. Paths read from a run's ``config.toml`` (for
+sampling and comparing) must be inside the workspace too.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import sys
-import time
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
@@ -21,6 +24,7 @@ from ..config import load_config, render_toml
 from ..errors import UserError
 from ..outputs import write_text
 from . import forms
+from .handlers import json_body, number, text
 from .monitor import find_runs, run_info
 
 if sys.version_info >= (3, 11):
@@ -38,9 +42,37 @@ def _schema():
     return forms.field_specs(TrainConfig), load_train_config, path_fields(TrainConfig)
 
 
+LORA_FILES = ("", ".safetensors", ".diffusers.safetensors", ".comfy.safetensors")  # train/export.LORA_SUFFIXES
+
+
 def _config(ui, values: dict):
+    """Browser values -> a validated TrainConfig whose paths, names and the files under its paths are all in
+    the workspace (no symlink out: the job would read or write through it)."""
     specs, loader, paths = _schema()
-    return forms.build_config(specs, values, loader, paths, ui.ws.resolve)
+    cfg = forms.build_config(specs, values, loader, paths, ui.ws.resolve,
+                             name=lambda folder, value, key: ui.ws.name(folder, value, key, LORA_FILES))
+    for key, value in forms.path_values(cfg, paths):
+        if Path(value).exists():
+            ui.ws.check_tree(Path(value), f"'{key}'")
+    return cfg
+
+
+def _render(cfg) -> str:
+    """The config as TOML, checked to read back: a job never gets a config file its command cannot load."""
+    text_ = render_toml(cfg)
+    try:
+        tomllib.loads(text_)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"these settings do not make a readable config file ({e}); remove line breaks and "
+                        f"control characters from text settings") from None
+    return text_
+
+
+def _write_config(ui, stem: str, text_: str) -> Path:
+    """``configs/STEM.toml``, written once (a new name per job: never overwritten while a job may read it)."""
+    configs = ui.ws.resolve("configs")
+    configs.mkdir(exist_ok=True)
+    return write_text(ui.ws.name(configs, stem + ".toml", "config name"), text_, overwrite=False, what="config")
 
 
 async def schema(request: Request, ui):
@@ -49,14 +81,18 @@ async def schema(request: Request, ui):
 
 
 async def preview(request: Request, ui):
-    cfg = _config(ui, (await request.json())["values"])
-    return JSONResponse({"toml": render_toml(cfg)})
+    cfg = _config(ui, (await json_body(request, ("values",)))["values"])
+    return JSONResponse({"toml": _render(cfg)})
 
 
 async def start(request: Request, ui):
-    cfg = _config(ui, (await request.json())["values"])
-    out = Path(cfg.save.output_dir)
-    run_rel = out.relative_to(ui.ws.root).as_posix()
+    cfg = _config(ui, (await json_body(request, ("values",)))["values"])
+    out = ui.ws.resolve(ui.ws.rel(cfg.save.output_dir))  # checked by _config; once more, after symlinks
+    run_rel = ui.ws.rel(out)
+    if out == ui.ws.root:
+        raise UserError("save.output_dir is the workspace itself; name a run folder inside it (e.g. runs/NAME)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"save.output_dir {run_rel} is a file; choose a folder name")
     job = _job_for(ui, run_rel)
     if job and job["status"] in ("queued", "running"):
         raise UserError(f"{run_rel} is already {job['status']} (job {job['id']})")
@@ -64,18 +100,27 @@ async def start(request: Request, ui):
         raise UserError(f"{run_rel} already holds a run; resume it on the Monitor page, tick save.overwrite to "
                         f"start over, or choose another save.output_dir")
     out.parent.mkdir(parents=True, exist_ok=True)  # inside the workspace (checked by _config)
-    (ui.ws.root / "configs").mkdir(exist_ok=True)
-    path = write_text(ui.ws.root / "configs" / f"{out.name}.toml", render_toml(cfg))
-    job = ui.jobs.submit("train", ["train", str(path)], title=f"train {run_rel}", run_dir=run_rel)
+    job_id = ui.jobs.reserve_id("train")
+    path = _write_config(ui, f"{_slug(run_rel)}.{job_id}", _render(cfg))
+    job = ui.jobs.submit("train", ["train", str(path)], title=f"train {run_rel}", run_dir=run_rel, job_id=job_id,
+                         config=ui.ws.rel(path))
     return JSONResponse({"job": job, "config": ui.ws.rel(path)})
+
+
+def _slug(rel: str) -> str:
+    """A run folder's workspace path as one file-name part: runs/a/same -> runs-a-same."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", rel.replace("/", "-")).strip("-.")[:120] or "run"
 
 
 async def resume(request: Request, ui):
     """Continue a run from its latest saved state (`dev2pro train RUN/config.toml --resume`)."""
-    run = ui.ws.resolve((await request.json())["run"], must_exist=True)
+    run = ui.ws.resolve(text(await json_body(request, ("run",)), "run"), must_exist=True)
     if not (run / "state").is_dir() or not any((run / "state").iterdir()):
         raise UserError(f"{ui.ws.rel(run)} has no saved training state to resume from (set save.every)")
-    job = ui.jobs.submit("train", ["train", str(run / "config.toml"), "--resume"],
+    config = ui.ws.confine(run / "config.toml", f"{ui.ws.rel(run)}/config.toml")
+    if not config.is_file():
+        raise UserError(f"{ui.ws.rel(run)} has no config.toml to resume with")
+    job = ui.jobs.submit("train", ["train", str(config), "--resume"],
                          title=f"resume {ui.ws.rel(run)}", run_dir=ui.ws.rel(run))
     return JSONResponse({"job": job})
 
@@ -100,69 +145,109 @@ async def runs(request: Request, ui):
 
 async def run(request: Request, ui):
     d = ui.ws.resolve(request.query_params["run"])
-    rel = d.relative_to(ui.ws.root).as_posix()
+    rel = ui.ws.rel(d)
     job = _job_for(ui, rel)
     if job is None and not d.is_dir():
         raise UserError(f"{rel} is not a run folder")
     tail = ui.jobs.log_tail(job["id"]) if job else ""
-    info = await run_in_threadpool(run_info, d, ui.ws.root, tail)  # reads event files
+    info = await run_in_threadpool(run_info, d, ui.ws.root, tail, ui.ws.inside)  # reads event files
     return JSONResponse({**info, "job": job, "log": tail})
 
 
-def _run_config(run: Path) -> dict:
-    return tomllib.loads((run / "config.toml").read_text())
+def _lora_run(ui, b: dict, key: str) -> tuple[Path, Path, dict]:
+    """(LoRA file, its run folder, the run's config) for a LoRA path from the browser; 4xx unless it is a
+    .safetensors file inside a run folder (one with a config.toml) in the workspace."""
+    lora = ui.ws.resolve(text(b, key), must_exist=True)
+    if not lora.is_file() or lora.suffix != ".safetensors":
+        raise UserError(f"'{key}': {ui.ws.rel(lora)} is not a .safetensors LoRA file")
+    run = lora.parent
+    config = ui.ws.confine(run / "config.toml", f"{ui.ws.rel(run)}/config.toml")
+    if not config.is_file():
+        raise UserError(f"'{key}': {ui.ws.rel(lora)} is not in a run folder (no config.toml beside it); pick a "
+                        f"LoRA from a run's page")
+    try:
+        with open(config, "rb") as f:  # a run's resolved config is a few kB; never more than 1 MB read
+            cfg = tomllib.loads(f.read(1_000_000).decode("utf-8", "replace"))
+        if not isinstance(cfg.get("sample"), dict) or not isinstance(cfg.get("model"), dict):
+            raise KeyError("sample or model")
+    except (tomllib.TOMLDecodeError, KeyError) as e:
+        raise UserError(f"{ui.ws.rel(config)} is not a training config ({e}); resume or rerun the run") from None
+    return lora, run, cfg
+
+
+def _model_path(ui, cfg: dict, key: str) -> str:
+    """A model path from a run's config (absolute, or relative to the workspace where jobs run), confined."""
+    value = cfg["model"].get(key) or ""
+    if not isinstance(value, str):
+        raise UserError(f"model.{key} in the run's config is not a path")
+    return str(ui.ws.check_tree(ui.ws.root / value, f"model.{key} {value}")) if value else ""
+
+
+def _sample_settings(ui, cfg: dict) -> tuple[dict, str, str]:
+    s = cfg["sample"]
+    for key in ("steps", "width", "height"):
+        if not isinstance(s.get(key), int) or isinstance(s.get(key), bool):
+            raise UserError(f"sample.{key} in the run's config is not an integer")
+    if not isinstance(s.get("prompts", []), list) or not isinstance(s.get("seeds"), list):
+        raise UserError("sample.prompts / sample.seeds in the run's config are not lists")
+    base = _model_path(ui, cfg, "inference_base") or _model_path(ui, cfg, "transformer")
+    return s, _model_path(ui, cfg, "path"), base
+
+
+def _prompts(b: dict, default: list) -> list[str]:
+    prompts = [p for p in text(b, "prompt", "", max_len=20_000).splitlines() if p.strip()] or default or ["a photo"]
+    if len(prompts) > 20:
+        raise UserError(f"{len(prompts)} prompts; sample at most 20 at a time")
+    return [str(p) for p in prompts]
 
 
 async def sample(request: Request, ui):
     """Render the run's prompts with one of its LoRAs at a strength, on the inference base (dev)."""
-    b = await request.json()
-    lora = ui.ws.resolve(b["lora"], must_exist=True)
-    run = lora.parent
-    cfg = _run_config(run)
-    strength = float(b.get("strength", 1.0))
-    prompts = [p for p in str(b.get("prompt") or "").splitlines() if p.strip()] or cfg["sample"]["prompts"] or \
-        ["a photo"]
-    s = cfg["sample"]
-    out = run / "ui-samples" / f"{lora.stem}-x{strength:g}-{time.strftime('%H%M%S')}"
-    out.parent.mkdir(exist_ok=True)
-    args = ["sample", "--model", cfg["model"]["path"], "--lora", f"{lora}:{strength}", "--steps", str(s["steps"]),
-            "--size", f"{s['width']}x{s['height']}", "--guidance", str(s["guidance"]),
-            "--seeds", ",".join(str(x) for x in s["seeds"]), "--out", str(out)]
-    base = cfg["model"].get("inference_base") or cfg["model"].get("transformer")
+    b = await json_body(request, ("lora", "strength", "prompt"))
+    lora, run, cfg = _lora_run(ui, b, "lora")
+    s, model, base = _sample_settings(ui, cfg)
+    strength = number(b, "strength", 1.0, -10, 10, kind=float)
+    prompts = _prompts(b, s.get("prompts"))
+    job_id = ui.jobs.reserve_id("sample")
+    samples = ui.ws.resolve(f"{ui.ws.rel(run)}/ui-samples")
+    samples.mkdir(exist_ok=True)
+    out = ui.ws.name(samples, f"{lora.stem}-x{strength:g}-{job_id}", "sample folder")
+    args = ["sample", "--model", model, "--lora", f"{lora}:{strength}", "--steps", str(s["steps"]),
+            "--size", f"{s['width']}x{s['height']}", "--guidance", str(s.get("guidance", 3.5)),
+            "--seeds", ",".join(str(int(x)) for x in s["seeds"]), "--out", str(out)]
     if base:
         args += ["--transformer", base]
-    for p in prompts:
-        args += ["--prompt", p]
-    return JSONResponse(ui.jobs.submit("sample", args, title=f"sample {lora.name} x{strength:g}",
-                                       run_dir=ui.ws.rel(run), out=out.relative_to(ui.ws.root).as_posix()))
+    args += [f"--prompt={p}" for p in prompts]  # one argument each: a prompt starting with '-' stays a prompt
+    return JSONResponse(ui.jobs.submit("sample", args, title=f"sample {lora.name} x{strength:g}", job_id=job_id,
+                                       run_dir=ui.ws.rel(run), out=ui.ws.rel(samples) + "/" + out.name))
 
 
 async def compare(request: Request, ui):
     """`dev2pro compare`: this LoRA vs another LoRA (or none) on the inference base, same prompts and seeds; the
-    config goes through CompareConfig's own validation and is saved in configs/ like any other."""
+    config goes through CompareConfig's own validation and is saved in configs/ under the job's id."""
     from ..schemas import CompareConfig  # lazy: loads diffusers + transformers (~3 s), see _schema
 
-    b = await request.json()
-    lora = ui.ws.resolve(b["lora"], must_exist=True)
-    other = ui.ws.resolve(b["other"], must_exist=True) if b.get("other") else None
-    cfg = _run_config(lora.parent)
-    s, m = cfg["sample"], cfg["model"]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = ui.ws.root / "compares" / f"{lora.parent.name}-{stamp}"
-    base = m.get("inference_base") or m.get("transformer") or None
-    arms = [(f"{lora.parent.name}/{lora.name}", lora)] + ([(f"{other.parent.name}/{other.name}", other)]
-                                                         if other else []) + [("no LoRA", None)]
-    data = {"model": m["path"], "prompts": s["prompts"] or ["a photo"], "seeds": s["seeds"],
-            "steps": int(b.get("steps") or s["steps"]), "size": f"{s['width']}x{s['height']}", "out": str(out),
-            "arms": [{"name": name, "guidance": float(s["guidance"]), "transformer": base,
+    b = await json_body(request, ("lora", "other", "steps"))
+    lora, run, cfg = _lora_run(ui, b, "lora")
+    other = ui.ws.resolve(text(b, "other"), must_exist=True) if b.get("other") else None
+    if other is not None and (not other.is_file() or other.suffix != ".safetensors"):
+        raise UserError(f"'other': {ui.ws.rel(other)} is not a .safetensors LoRA file")
+    s, model, base = _sample_settings(ui, cfg)
+    job_id = ui.jobs.reserve_id("compare")
+    compares_dir = ui.ws.resolve("compares")
+    compares_dir.mkdir(exist_ok=True)
+    out = ui.ws.name(compares_dir, f"{_slug(run.name)}-{job_id}", "compare folder")
+    arms = [(f"{run.name}/{lora.name}", lora)] + ([(f"{other.parent.name}/{other.name}", other)]
+                                                  if other else []) + [("no LoRA", None)]
+    data = {"model": model, "prompts": s.get("prompts") or ["a photo"], "seeds": s["seeds"],
+            "steps": number(b, "steps", s["steps"], 1, 1000), "size": f"{s['width']}x{s['height']}",
+            "out": str(out),
+            "arms": [{"name": name, "guidance": float(s.get("guidance", 3.5)), "transformer": base or None,
                       "loras": [f"{path}:1.0"] if path else []} for name, path in arms]}
-    (ui.ws.root / "configs").mkdir(exist_ok=True)
-    out.parent.mkdir(exist_ok=True)
-    path = write_text(ui.ws.root / "configs" / f"compare-{stamp}.toml",
-                      render_toml(load_config(CompareConfig, data=data)))
+    path = _write_config(ui, f"compare-{job_id}", _render(load_config(CompareConfig, data=data)))
     job = ui.jobs.submit("compare", ["compare", str(path)], title=f"compare {lora.name}"
-                         + (f" vs {other.name}" if other else ""), run_dir=ui.ws.rel(lora.parent),
-                         out=out.relative_to(ui.ws.root).as_posix())
+                         + (f" vs {other.name}" if other else ""), run_dir=ui.ws.rel(run), job_id=job_id,
+                         out=ui.ws.rel(compares_dir) + "/" + out.name, config=ui.ws.rel(path))
     return JSONResponse({**job, "config": ui.ws.rel(path)})
 
 

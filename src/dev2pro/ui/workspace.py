@@ -2,13 +2,17 @@
 
 Every path that comes from the browser is a workspace-relative string. ``Workspace.resolve`` refuses absolute
 paths, ``..`` components, backslashes, NUL bytes and anything whose real path (symlinks followed) lands outside the
-workspace's real path, so a request can never reach a file the user did not put in the workspace. Uploads are
+workspace's real path, so a request can never reach a file the user did not put in the workspace. It is the one
+gate: a *name* the browser sends (``save.name``, a file in a folder) goes through ``name`` (one plain component,
+then ``resolve``); every entry a listing returns or reads through ``confine`` (no symlink out: left out and
+reported, never a failure of the whole listing); every folder a job will read through ``check_tree``. Uploads are
 size-limited, must decode fully as an image (PIL ``verify`` then ``load``; PIL's decompression-bomb warning is an
 error) and keep the format's own extension; captions are written atomically beside their image.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 import re
@@ -39,44 +43,163 @@ class Workspace:
         self.state = self.root / ".dev2pro-ui"  # job records and settings; hidden from listings
 
     # ------------------------------------------------------------------------------------------ paths
-    def resolve(self, rel: str, must_exist: bool = False) -> Path:
-        """The real path of workspace-relative ``rel``; raises PathRefused for anything outside the workspace."""
+    def resolve(self, rel: str, must_exist: bool = False, within: Path | None = None) -> Path:
+        """The real path of workspace-relative ``rel``; raises PathRefused for anything outside the workspace
+        (or outside ``within``, a folder inside it). The one gate for every browser string that becomes a path."""
         if not isinstance(rel, str) or "\x00" in rel or "\\" in rel:
             raise PathRefused(f"path {rel!r} is not a plain workspace-relative path")
         rel = rel.strip()
+        if len(rel) > 1000:
+            raise PathRefused(f"path {rel[:40]!r}... is {len(rel)} characters long; the limit is 1000")
         pure = PurePosixPath(rel)
         if pure.is_absolute() or re.match(r"^[A-Za-z]:", rel):
             raise PathRefused(f"path {rel!r} is absolute; give a path relative to the workspace")
         if ".." in pure.parts:
             raise PathRefused(f"path {rel!r} contains '..'; give a path inside the workspace")
-        real = Path(os.path.realpath(self.root / pure))
-        if real != self.root and self.root not in real.parents:
-            raise PathRefused(f"path {rel!r} leads outside the workspace (through a symlink)")
-        if real == self.state or self.state in real.parents:
-            raise PathRefused(f"path {rel!r} is the web app's own state folder")
-        if must_exist and not real.exists():
+        real = self.confine(self.root / pure, rel)
+        if within is not None and real != within and within not in real.parents:
+            raise PathRefused(f"path {rel!r} leads outside {self.rel(within)}")
+        try:
+            exists = real.exists()
+        except OSError as e:  # a name too long for the file system, ...
+            raise PathRefused(f"path {rel!r} cannot be used: {e.strerror}") from None
+        if must_exist and not exists:
             raise PathRefused(f"path {rel!r} does not exist in the workspace")
         return real
 
+    def confine(self, path: str | os.PathLike, label: str | None = None) -> Path:
+        """The real path (symlinks followed) of ``path`` if it is inside the workspace and not the app's state
+        folder; PathRefused otherwise. Listings call it on every entry so no read follows a symlink out."""
+        label = label if label is not None else str(path)
+        try:
+            real = Path(os.path.realpath(path))
+        except (OSError, ValueError) as e:
+            raise PathRefused(f"path {label!r} cannot be used: {e}") from None
+        if real != self.root and self.root not in real.parents:
+            raise PathRefused(f"path {label!r} leads outside the workspace (through a symlink); move or copy "
+                              f"the files into the workspace")
+        if real == self.state or self.state in real.parents:
+            raise PathRefused(f"path {label!r} is the web app's own state folder")
+        return real
+
+    def inside(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` (after symlinks) is a readable workspace location (see ``confine``)."""
+        try:
+            self.confine(path)
+            return True
+        except PathRefused:
+            return False
+
+    def name(self, folder: Path, name: str, field: str, suffixes: tuple[str, ...] = ("",)) -> Path:
+        """``folder/name`` for a browser-supplied file *name* (``save.name``, a config name): one plain path
+        component whose files (``name + suffix``) stay inside ``folder``; PathRefused naming ``field`` otherwise."""
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or name.startswith(".") \
+                or any(ord(c) < 32 for c in name) or len(name) > 200:
+            raise PathRefused(f"{field} {name!r} must be a plain file name (no '/', no leading '.', no control "
+                              f"characters, at most 200 characters), not a path")
+        for suffix in suffixes:
+            self.resolve(f"{self.rel(folder)}/{name}{suffix}".lstrip("/"), within=folder)
+        return folder / name
+
+    def check_tree(self, path: Path, label: str, max_entries: int = 200_000) -> Path:
+        """``path`` if nothing in it (a file, or a folder at any depth) is a symlink out of the workspace; a job
+        reading it could otherwise read outside. PathRefused naming the first few such entries."""
+        path = self.confine(path, label)
+        out, todo, seen, n = [], [path], {path}, 0
+        while todo and n < max_entries and len(out) < 5:
+            d = todo.pop()
+            try:
+                entries = list(os.scandir(d)) if d.is_dir() else []
+            except OSError:
+                continue
+            for e in entries:
+                n += 1
+                if e.is_symlink():
+                    if not self.inside(e.path):
+                        out.append(self.rel(d) + "/" + e.name if d != self.root else e.name)
+                        continue
+                    real = Path(os.path.realpath(e.path))
+                    if real.is_dir() and real not in seen:
+                        seen.add(real)
+                        todo.append(real)
+                elif e.is_dir(follow_symlinks=False):
+                    todo.append(Path(e.path))
+        if out:
+            raise PathRefused(f"{label}: {', '.join(out)} lead(s) outside the workspace (symlinks); the web app's "
+                              f"jobs read only workspace files: move or copy them in")
+        return path
+
     def rel(self, path: str | os.PathLike) -> str:
         """The workspace-relative form of a path inside the workspace (for showing and sending back)."""
-        return Path(os.path.realpath(path)).relative_to(self.root).as_posix()
+        real = Path(os.path.realpath(path))
+        if real != self.root and self.root not in real.parents:
+            raise PathRefused(f"path {path} leads outside the workspace (through a symlink)")
+        return real.relative_to(self.root).as_posix()
 
-    def find(self, pattern: str, limit: int = 500, depth: int = 4) -> list[Path]:
-        """Files/folders matching a glob, at most ``depth`` levels down, skipping hidden folders."""
+    def find(self, pattern: str | tuple[str, ...], limit: int = 500, depth: int = 4,
+             skipped: list | None = None) -> list[Path]:
+        """Files/folders matching a glob, at most ``depth`` levels down, breadth first, skipping hidden folders
+        and symlinked folders (never descended). A match that leads out of the workspace is left out (and its
+        workspace-relative name appended to ``skipped``), so one such entry never breaks a whole listing."""
+        patterns = (pattern,) if isinstance(pattern, str) else pattern
+        match = lambda name: any(fnmatch.fnmatch(name, p) for p in patterns)  # noqa: E731
         out: list[Path] = []
-        for d in range(1, depth + 1):
-            for p in sorted(self.root.glob("/".join(["*"] * (d - 1) + [pattern]))):
-                if any(part.startswith(".") for part in p.relative_to(self.root).parts):
+        level, seen, reals = [(self.root, self.root)], 0, {self.root}  # (path as listed, its real path)
+        for _ in range(depth):
+            nxt = []
+            for d, real_d in level:
+                try:
+                    entries = sorted(os.scandir(d), key=lambda e: e.name)
+                except OSError:
                     continue
-                out.append(p)
-                if len(out) >= limit:
-                    return out
+                for e in entries:
+                    seen += 1
+                    if e.name.startswith(".") or seen > 50_000:  # bounded work on any workspace
+                        continue
+                    p = Path(e.path)
+                    link = e.is_symlink()
+                    if link and not self.inside(p):  # a folder, or a match, that would lead out: say so
+                        if skipped is not None and (match(e.name) or os.path.isdir(p)):
+                            skipped.append(p.relative_to(self.root).as_posix())
+                        continue
+                    real = Path(os.path.realpath(p)) if link else real_d / e.name
+                    if real in reals:  # a place listed already (through a symlink that stays inside)
+                        continue
+                    reals.add(real)
+                    if match(e.name):
+                        out.append(p)
+                        if len(out) >= limit:
+                            return out
+                    if real.is_dir():
+                        nxt.append((p, real))
+            level = nxt
         return out
 
     # ------------------------------------------------------------------------------------------ images
-    def images(self, folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    def images(self, folder: Path, limit: int = 2000, skipped: list | None = None) -> list[Path]:
+        """Up to ``limit`` image files in ``folder`` (sorted); an entry that is a symlink out of the workspace is
+        left out (its name appended to ``skipped``)."""
+        out = []
+        with os.scandir(folder) as it:  # at most 100k entries looked at: bounded work on any folder
+            names = sorted(e.name for e, _ in zip(it, range(100_000)))
+        for p in (folder / n for n in names):
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if not self.inside(p):
+                if skipped is not None:
+                    skipped.append(p.name)
+            elif p.is_file():
+                out.append(p)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def read_text(self, path: Path, max_bytes: int = 64_000) -> str | None:
+        """The text of a workspace file (at most ``max_bytes``), or None if it is missing or leads outside."""
+        if not self.inside(path) or not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            return f.read(max_bytes).decode("utf-8-sig", errors="replace")
 
     def save_upload(self, folder: Path, filename: str, data: bytes, max_bytes: int, overwrite: bool = False) -> Path:
         """Check ``data`` is an image within ``max_bytes`` and write it atomically into ``folder``."""
@@ -86,6 +209,7 @@ class Workspace:
         fmt = check_image(data, filename)
         stem = _SAFE_NAME.sub("_", Path(PurePosixPath(filename.replace("\\", "/")).name).stem).strip("._") or "image"
         dest = folder / (stem[:100] + IMAGE_FORMATS[fmt])
+        self.confine(dest, f"{self.rel(folder)}/{dest.name}")  # an existing name may be a symlink out
         if dest.exists() and not overwrite:
             raise UserError(f"{self.rel(dest)} already exists; rename the file or tick 'overwrite'")
         with atomic_path(dest, overwrite=overwrite, what="image") as tmp:
@@ -96,7 +220,9 @@ class Workspace:
         """Atomically write ``image``'s same-stem .txt caption (what `dev2pro train` and `caption` read)."""
         if image.suffix.lower() not in IMAGE_EXTENSIONS or not image.is_file():
             raise UserError(f"{self.rel(image)} is not an image in the workspace")
-        return write_text(image.with_suffix(".txt"), text.strip() + "\n")
+        txt = image.with_suffix(".txt")
+        self.confine(txt, self.rel(image.parent) + "/" + txt.name)  # not a symlink out of the workspace
+        return write_text(txt, text.strip() + "\n")
 
 
 def check_image(data: bytes, name: str = "upload") -> str:

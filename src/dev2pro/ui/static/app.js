@@ -54,6 +54,8 @@ async function loadModels() {
   if (m.settings.train_base) $("train-base").value = m.settings.train_base;
   if (m.settings.inference_base) $("inference-base").value = m.settings.inference_base;
   if (m.settings.captioner) $("captioner").value = m.settings.captioner;
+  if (m.skipped.length) toast("not listed (symlinks out of the workspace; move or copy them in): " +
+    m.skipped.map((s) => s.path).join(", "));
 }
 
 async function inspect(path) {
@@ -75,11 +77,17 @@ async function loadDataset() {
   const q = `folder=${encodeURIComponent(folder)}&resolution=${$("bucket-resolution").value}` +
     `&bucket_step=${$("bucket-step").value}`;
   try { d = await api("/api/dataset?" + q, undefined, { quiet: true }); }
-  catch (e) { $("thumbs").innerHTML = ""; $("bucket-preview").textContent = "(empty: upload images)"; return; }
+  catch (e) {
+    $("thumbs").innerHTML = "";
+    $("bucket-preview").textContent = e.message.includes("out of range") ? e.message : "(empty: upload images)";
+    return;
+  }
   state.folder = d.folder;
   $("folder-list").innerHTML = ""; for (const f of d.folders) $("folder-list").append(el("option", { value: f }));
   $("bucket-preview").textContent = d.images.length + " images; buckets: " +
-    (d.buckets.map((b) => `${b.bucket} × ${b.images}`).join(", ") || "none");
+    (d.buckets.map((b) => `${b.bucket} × ${b.images}`).join(", ") || "none") +
+    (d.truncated ? ` (the first ${d.images.length} shown)` : "") +
+    (d.skipped.length ? `; not read (symlinks out of the workspace): ${d.skipped.map((s) => s.name).join(", ")}` : "");
   const grid = $("thumbs"); grid.innerHTML = "";
   for (const im of d.images) {
     const ta = el("textarea", { class: "caption", rows: 3, "data-path": im.path, placeholder: "(no caption)" });
