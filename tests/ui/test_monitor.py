@@ -45,3 +45,16 @@ def test_run_info_from_a_resumed_run_folder(tmp_path):
     assert info["states"] == ["step-000004"] and not info["finished"]
     (run / "summary.json").write_text(json.dumps({"steps": 10, "losses": [1.0] * 10, "seconds": 5.0}))
     assert run_info(run, tmp_path)["summary"] == {"steps": 10, "seconds": 5.0}
+
+
+def test_latest_grids_of_a_klein_run_come_side_by_side(tmp_path):
+    """A LoRA trained on klein Base: the latest step's grid on the distilled model (as used) first, then Base."""
+    from dev2pro.ui.monitor import latest_grids
+
+    names = ["step000000-base.png", "step000000.png", "step000004-base.png", "step000004.png", "loss.png"]
+    got = latest_grids([tmp_path / n for n in names])
+    assert [(label, p.name) for label, p in got] == [("inference base (as used)", "step000004.png"),
+                                                      ("training base (Base)", "step000004-base.png")]
+    assert latest_grids([tmp_path / "step000002-g1.png", tmp_path / "step000002-cfg.png"])[0][0] == \
+        "guidance 1, no CFG"
+    assert latest_grids([]) == []

@@ -1,7 +1,8 @@
 """The life of a run folder: what is in it, what state it is in, one trainer at a time, Ctrl-C, non-finite steps.
 
-- ``RunFolder``: the named places of a run (state/, samples/, logs/, config.toml, summary.json, loss.png, the lock)
-  and the command that continues it; `train`, `dedistill`, their lifecycle and the web app all name them through it.
+- ``RunFolder`` (``train/folder.py``, torch-free): the named places of a run (state/, samples/, logs/, config.toml,
+  summary.json, loss.png, the lock) and the command that continues it; `train`, `dedistill`, their lifecycle and the
+  web app all name them through it.
 - ``folder_status``: a folder that a failed start left behind (resolved config, caches, logs; no state, no LoRA) is
   "started" and a plain rerun reuses it; "saved" runs need ``--resume`` (or ``save.overwrite``); anything else in
   the folder makes it "foreign" and it is never reused without the flag.
@@ -22,7 +23,6 @@ import os
 import re
 import signal
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,63 +36,11 @@ try:
 except ImportError:  # Windows: RunLock falls back to O_EXCL + a PID check
     fcntl = None
 
-LOCK_NAME = ".dev2pro.lock"
+from .folder import LOCK_NAME, STATE_DIR, RunFolder  # noqa: E402,F401 -- the run folder's names live there
 # What a start leaves before its first save: the resolved config, caches, logs, baseline samples, the lock.
 STARTED_ENTRIES = {"config.toml", "cache", "logs", "samples", "loss.png", LOCK_NAME}
-STATE_DIR = "state"
 _STEP_FILE = re.compile(r"-step\d{6}(?:\.[a-z]+)?\.safetensors$")  # export.lora_paths' step files
 RUN_SUBFOLDERS = (STATE_DIR, "samples")  # where a run's atomic writes happen, besides the folder itself
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    """A training run's folder; ``command`` (``train`` | ``dedistill``) is what continues it."""
-
-    root: Path
-    command: str = "train"
-
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def state(self) -> Path:
-        """Resumable training states, one ``step-NNNNNN`` folder each."""
-        return self.root / STATE_DIR
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples"
-
-    @property
-    def logs(self) -> Path:
-        """TensorBoard event files."""
-        return self.root / "logs"
-
-    @property
-    def config(self) -> Path:
-        """The resolved config the run was started with (what ``--resume`` reads)."""
-        return self.root / "config.toml"
-
-    @property
-    def summary(self) -> Path:
-        """Written at the end: losses, files, speed (its presence means the run finished)."""
-        return self.root / "summary.json"
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.root / "loss.png"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK_NAME
-
-    def status(self) -> str:
-        """``folder_status`` of this folder."""
-        return folder_status(self.root)
-
-    def resume_hint(self) -> str:
-        """The command that continues this run (its saved config.toml)."""
-        return f"dev2pro {self.command} {self.config} --resume"
 
 
 def folder_status(folder: Path) -> str:

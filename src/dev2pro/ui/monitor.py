@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ..train.folder import RunFolder
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -36,11 +38,11 @@ def find_runs(root: Path, limit: int = 200, depth: int = 6, max_folders: int = 2
         if seen > max_folders:
             break
         dirs[:] = [] if len(rel.parts) >= depth else sorted(x for x in dirs if not x.startswith("."))
-        if "config.toml" in files:
-            d = Path(d)
-            if (d / "logs").is_dir() or (d / "state").is_dir() or (d / "summary.json").exists():
-                runs.append(d)
-                dirs[:] = [x for x in dirs if x not in ("state", "logs", "samples", "cache")]
+        if RunFolder(d).config.name in files:
+            f = RunFolder(d)
+            if f.logs.is_dir() or f.state.is_dir() or f.summary.exists():
+                runs.append(f.root)
+                dirs[:] = [x for x in dirs if x not in (f.state.name, f.logs.name, f.samples.name, "cache")]
     return sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)[:limit]
 
 
@@ -72,38 +74,63 @@ def _speed(points: list[list[float]], window: int = 10) -> float | None:
     return (pts[-1][0] - pts[0][0]) / (pts[-1][2] - pts[0][2])
 
 
+_GRID = re.compile(r"^step(\d{6})(-[a-z0-9-]+)?\.png$")
+# what each grid of a step shows (train/samples.py's names): the LoRA where it is used, and where it was trained
+GRID_LABELS = {"": "inference base (as used)", "-base": "training base (Base)", "-adapter": "with the adapter",
+               "-g1": "guidance 1, no CFG", "-cfg": "true CFG"}
+
+
+def latest_grids(samples: list[Path]) -> list[tuple[str, Path]]:
+    """(label, path) of every grid of the latest step -- e.g. a klein LoRA on the distilled model next to Base --
+    inference base first."""
+    by_step: dict[int, dict[str, Path]] = {}
+    for p in samples:
+        m = _GRID.match(p.name)
+        if m:
+            by_step.setdefault(int(m.group(1)), {})[m.group(2) or ""] = p
+    if not by_step:
+        return []
+    grids = by_step[max(by_step)]
+    order = sorted(grids, key=lambda tag: (tag not in GRID_LABELS, list(GRID_LABELS).index(tag)
+                                           if tag in GRID_LABELS else 0, tag))
+    return [(GRID_LABELS.get(tag, tag.lstrip("-")), grids[tag]) for tag in order]
+
+
 def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -> dict:
     """Everything the Monitor/Results pages show for one run folder (paths relative to ``root``); ``inside(path)``
     says whether a file may be read (the workspace's rule: no symlink out), others are left out."""
     rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
     ok = lambda p: inside(p) and p.is_file()  # noqa: E731
+    f = RunFolder(run)
     total = None
-    if ok(run / "config.toml"):
+    if ok(f.config):
         try:
-            total = tomllib.loads((run / "config.toml").read_text(errors="replace")).get("train", {}).get("steps")
+            total = tomllib.loads(f.config.read_text(errors="replace")).get("train", {}).get("steps")
         except (tomllib.TOMLDecodeError, AttributeError):
             pass
         total = total if isinstance(total, int) and not isinstance(total, bool) else None
-    scalars = read_scalars(run / "logs") if inside(run / "logs") else {k: [] for k in SCALARS}
+    scalars = read_scalars(f.logs) if inside(f.logs) else {k: [] for k in SCALARS}
     step = int(scalars["loss"][-1][0]) if scalars["loss"] else 0
     speed = _speed(scalars["loss"])
     summary = None
-    if ok(run / "summary.json"):
+    if ok(f.summary):
         try:
-            summary = json.loads((run / "summary.json").read_text())
+            summary = json.loads(f.summary.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             summary = None
         summary = summary if isinstance(summary, dict) else None
     mem = _MEM.findall(log_tail)
+    samples = [p for p in sorted(f.samples.glob("*.png"))[:1000] if ok(p)] \
+        if f.samples.is_dir() and inside(f.samples) else []
     return {
         "run": rel(run), "total_steps": total, "step": step, "steps_per_second": speed,
         "eta_seconds": (total - step) / speed if speed and total else None,
         "memory_gb": float(mem[-1]) if mem else None,
         "scalars": {k: [[p[0], p[1]] for p in v] for k, v in scalars.items()},
-        "samples": [rel(p) for p in sorted((run / "samples").glob("*.png"))[:1000] if ok(p)]
-        if (run / "samples").is_dir() and inside(run / "samples") else [],
+        "samples": [rel(p) for p in samples],
+        "latest_samples": [{"label": label, "file": rel(p)} for label, p in latest_grids(samples)],
         "loras": [rel(p) for p in sorted(run.glob("*.safetensors"))[:1000] if ok(p)] if run.is_dir() else [],
-        "states": sorted(p.name for p in (run / "state").iterdir()) if (run / "state").is_dir() else [],
+        "states": sorted(p.name for p in f.state.iterdir()) if f.state.is_dir() else [],
         "summary": {k: v for k, v in summary.items() if k != "losses"} if summary else None,
         "finished": summary is not None,
     }

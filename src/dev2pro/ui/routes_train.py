@@ -23,6 +23,7 @@ from starlette.routing import Route
 from ..config import load_config, render_toml
 from ..errors import UserError
 from ..outputs import write_text
+from ..train.folder import RunFolder
 from . import forms
 from .handlers import json_body, number, text
 from .monitor import find_runs, run_info
@@ -115,9 +116,9 @@ def _slug(rel: str) -> str:
 async def resume(request: Request, ui):
     """Continue a run from its latest saved state (`dev2pro train RUN/config.toml --resume`)."""
     run = ui.ws.resolve(text(await json_body(request, ("run",)), "run"), must_exist=True)
-    if not (run / "state").is_dir() or not any((run / "state").iterdir()):
+    if not RunFolder(run).state.is_dir() or not any(RunFolder(run).state.iterdir()):
         raise UserError(f"{ui.ws.rel(run)} has no saved training state to resume from (set save.every)")
-    config = ui.ws.confine(run / "config.toml", f"{ui.ws.rel(run)}/config.toml")
+    config = ui.ws.confine(RunFolder(run).config, f"{ui.ws.rel(run)}/config.toml")
     if not config.is_file():
         raise UserError(f"{ui.ws.rel(run)} has no config.toml to resume with")
     job = ui.jobs.submit("train", ["train", str(config), "--resume"],
@@ -137,7 +138,7 @@ async def runs(request: Request, ui):
     out = []
     for rel in list(dict.fromkeys(pending)) + found:
         job = _job_for(ui, rel)
-        finished = (ui.ws.root / rel / "summary.json").exists()
+        finished = RunFolder(ui.ws.root / rel).summary.exists()
         out.append({"run": rel, "status": job["status"] if job else "finished" if finished else "no UI job",
                     "job": job["id"] if job else None})
     return JSONResponse({"runs": out})
@@ -161,7 +162,7 @@ def _lora_run(ui, b: dict, key: str) -> tuple[Path, Path, dict]:
     if not lora.is_file() or lora.suffix != ".safetensors":
         raise UserError(f"'{key}': {ui.ws.rel(lora)} is not a .safetensors LoRA file")
     run = lora.parent
-    config = ui.ws.confine(run / "config.toml", f"{ui.ws.rel(run)}/config.toml")
+    config = ui.ws.confine(RunFolder(run).config, f"{ui.ws.rel(run)}/config.toml")
     if not config.is_file():
         raise UserError(f"'{key}': {ui.ws.rel(lora)} is not in a run folder (no config.toml beside it); pick a "
                         f"LoRA from a run's page")

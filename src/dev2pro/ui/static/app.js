@@ -290,6 +290,19 @@ async function pollRun() {
     if (grid.dataset.path !== last) { grid.src = fileUrl(last) + "?t=" + Date.now(); grid.dataset.path = last; }
     grid.hidden = false; $("sample-caption").textContent = "samples: " + last.split("/").pop();
   } else { grid.hidden = true; grid.dataset.path = ""; }
+  // the latest step's grids side by side when there are several (a klein LoRA on distilled next to Base)
+  const pair = $("sample-pair"), latest = r.latest_samples || [];
+  const key = latest.map((g) => g.file).join("|");
+  if (latest.length > 1 && pair.dataset.key !== key) {
+    pair.innerHTML = "";
+    for (const g of latest) {
+      pair.append(el("figure", {}, el("figcaption", {}, g.label + ": " + g.file.split("/").pop()),
+                     el("img", { src: fileUrl(g.file) + "?t=" + Date.now(), alt: g.label })));
+    }
+    pair.dataset.key = key;
+  }
+  pair.hidden = latest.length < 2;
+  grid.hidden = grid.hidden || latest.length > 1;
   const list = $("sample-list");
   if (list.childElementCount !== r.samples.length) {
     list.innerHTML = "";

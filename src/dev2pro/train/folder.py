@@ -1,0 +1,67 @@
+"""A training run's folder as a named value (torch-free: the web app reads run folders through it too).
+
+``RunFolder`` names the places `train` and `dedistill` write -- state/, samples/, logs/, config.toml, summary.json,
+loss.png, the lock -- and the command that continues the run; the recipes, their lifecycle and the web app's
+monitor all go through it instead of spelling paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCK_NAME = ".dev2pro.lock"
+STATE_DIR = "state"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A training run's folder; ``command`` (``train`` | ``dedistill``) is what continues it."""
+
+    root: Path
+    command: str = "train"
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def state(self) -> Path:
+        """Resumable training states, one ``step-NNNNNN`` folder each."""
+        return self.root / STATE_DIR
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def logs(self) -> Path:
+        """TensorBoard event files."""
+        return self.root / "logs"
+
+    @property
+    def config(self) -> Path:
+        """The resolved config the run was started with (what ``--resume`` reads)."""
+        return self.root / "config.toml"
+
+    @property
+    def summary(self) -> Path:
+        """Written at the end: losses, files, speed (its presence means the run finished)."""
+        return self.root / "summary.json"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_NAME
+
+    def status(self) -> str:
+        """``train.run.folder_status`` of this folder."""
+        from .run import folder_status  # torch (via the state reader): not for the web app's listings
+
+        return folder_status(self.root)
+
+    def resume_hint(self) -> str:
+        """The command that continues this run (its saved config.toml)."""
+        return f"dev2pro {self.command} {self.config} --resume"
