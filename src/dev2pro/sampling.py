@@ -316,7 +316,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 def _fit(draw, text: str, font, width: int) -> str:
     """``text`` on one line (newlines, tabs and other control characters become spaces: Pillow cannot measure
     multi-line text, and a label band holds one line) and cut with an ellipsis so it fits ``width`` pixels."""
-    text = " ".join(_CONTROL.sub(" ", text).split())
+    if _CONTROL.search(text):  # only then: an ordinary label keeps its spacing (titles use "  |  ")
+        text = " ".join(_CONTROL.sub(" ", text).split())
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "…", font=font) > width:
