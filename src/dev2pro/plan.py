@@ -37,8 +37,7 @@ from safetensors import safe_open
 from .errors import ConfigError, UserError
 from .flux.checkpoint import open_checkpoint, tensor_group
 from .flux.fp8 import Fp8Policy
-from .families import build_transformer
-from .lora.targets import target_modules
+from .families import build_transformer, of_spec
 from .train.blockswap import swap_positions
 
 GB = 1024**3
@@ -166,7 +165,8 @@ def base_weights(model, inp: PlanInputs) -> tuple[dict, dict]:
 def lora_layers(model, inp: PlanInputs) -> list[tuple[str, int, int]]:
     """(name, in_features, out_features) of every Linear the LoRA wraps."""
     s = inp.spec
-    names = target_modules(inp.targets, s.num_double, s.num_single, inp.extra_targets, guidance=s.guidance_embeds)
+    names = of_spec(s).lora_targets(inp.targets, s.num_double, s.num_single, inp.extra_targets,
+                                    guidance=s.guidance_embeds)  # the family's names (FLUX.2 has no ff.net)
     return [(n, m.in_features, m.out_features) for n in names for m in [model.get_submodule(n)]]
 
 

@@ -78,7 +78,8 @@ def merge(base: str, loras: list[tuple[str, float]], out: str, overwrite: bool =
     """Bake LoRAs into a single-file checkpoint, keeping its layout and dtype scheme (fp8 requantised)."""
     path = merge_loras(base, loras, out, overwrite=overwrite)
     ckpt = C.open_checkpoint(base)
-    print(f"wrote {path} ({len(loras)} LoRA(s) merged into {ckpt.layout} {ckpt.fp8_format} base)")
+    fp8 = "" if ckpt.fp8_format == "none" else f" {ckpt.fp8_format}"
+    print(f"wrote {path} ({len(loras)} LoRA(s) merged into {ckpt.family.title} {ckpt.layout}{fp8} base)")
     return path
 
 
