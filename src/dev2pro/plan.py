@@ -166,7 +166,7 @@ def lora_layers(model, inp: PlanInputs) -> list[tuple[str, int, int]]:
     """(name, in_features, out_features) of every Linear the LoRA wraps."""
     s = inp.spec
     names = of_spec(s).lora_targets(inp.targets, s.num_double, s.num_single, inp.extra_targets,
-                                    guidance=s.guidance_embeds)  # the family's names (FLUX.2 has no ff.net)
+                                    guidance=s.guidance_embeds)
     return [(n, m.in_features, m.out_features) for n in names for m in [model.get_submodule(n)]]
 
 
