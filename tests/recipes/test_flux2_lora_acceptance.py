@@ -108,7 +108,8 @@ def test_trained_klein_lora_loads_in_diffusers_and_equals_our_merge(trained, kle
 
 
 def test_trained_files_convert_into_each_other_bit_identically(trained, tmp_path):
-    """kohya <-> comfy <-> diffusers: each of the 6 directions gives the file training wrote in that layout, and back."""
+    """kohya <-> comfy <-> diffusers: each of the 6 directions gives the file training wrote in that layout (byte
+    for byte), and converting back gives the source file."""
     for src, name in LAYOUTS.items():
         for dst, dst_name in LAYOUTS.items():
             if dst == src:

@@ -3,11 +3,11 @@
 Each LoRA's delta is added in the base's own naming: BFL-fused deltas (``formats.to_bfl``: img/txt qkv, single
 linear1) for BFL and ComfyUI files, diffusers names for diffusers files and folders (a folder in, a folder out).
 FLUX.2 bases take FLUX.2 LoRAs, through that family's key map (``lora_keys.delta_weights``: q|k|v stacked, the
-final adaLN's shift|scale halves swapped); a LoRA of the other family is a one-line error naming both. fp8 weights are dequantised first and
-requantised after with the same scheme (plain casts, or ComfyUI scaled fp8 with a fresh per-tensor scale; its
-``scaled_fp8`` marker is kept): adding a delta to fp8 storage directly, or dropping the scale, gives silently wrong
-weights. Every other tensor is copied through unchanged. Written with ``outputs.stream_safetensors`` because
-safetensors' own writer needs the whole state dict in memory.
+final adaLN's shift|scale halves swapped); a LoRA of the other family is a one-line error naming both. fp8
+weights are dequantised first and requantised after with the same scheme (plain casts, or ComfyUI scaled fp8 with
+a fresh per-tensor scale; its ``scaled_fp8`` marker is kept): adding a delta to fp8 storage directly, or dropping
+the scale, gives silently wrong weights. Every other tensor is copied through unchanged. Written with
+``outputs.stream_safetensors`` because safetensors' own writer needs the whole state dict in memory.
 """
 
 from __future__ import annotations
