@@ -310,3 +310,14 @@ def test_undecidable_file_reads_as_the_base_family(klein, tmp_path):
     ours, _ = load_base(klein[0], [(str(path), 1.0)])
     ref = diffusers_load(copy.deepcopy(klein[1]), save_lora(lw, tmp_path / "p.safetensors", "diffusers"))
     assert rel(run(ours), run(ref)) < 1e-5
+
+
+def test_compare_arm_refuses_the_other_family(tiny_dev_dir, lora_files, tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text(f'model = "{tiny_dev_dir}"\nprompts = ["a red cat"]\nseeds = [0]\nsteps = 1\nsize = "64x64"\n'
+                      f'out = "{tmp_path / "cmp"}"\n[[arms]]\nname = "dev + klein LoRA"\n'
+                      f'loras = ["{lora_files[1]["kohya"]}:0.8"]\n')
+    rc = main(["compare", str(config)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the text encoders' progress bars
+    assert rc != 0 and err.startswith("dev2pro compare: error: LoRA") and "is FLUX.2 but base model" in err, err
+    assert "is FLUX.1" in err
