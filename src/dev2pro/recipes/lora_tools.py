@@ -3,7 +3,8 @@ dev -> dev2pro difference itself as a LoRA.
 
 merge and extract stream through checkpoints one tensor at a time (a 24 GB base needs about one tensor of RAM):
 merge is ``lora.merge.merge_loras`` (each LoRA's delta added in the base's own naming, fp8 requantised with the
-same scheme); extract takes the SVD of B - A per linear layer.
+same scheme); extract takes the SVD of B - A per linear layer. FLUX.1 and FLUX.2 alike: a LoRA's family is read
+from the file (``lora.flux2``), and a LoRA and a base (or two checkpoints) of different families is a one-line error.
 """
 
 from __future__ import annotations
