@@ -36,6 +36,28 @@ def tiny_pro_dir(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-pro", variant="pro", seed=1)
 
 
+# Tiny FLUX.2 [klein] / dev folders (random weights, real diffusers layout, offline), built once per session.
+@pytest.fixture(scope="session")
+def klein_base_dir(tmp_path_factory):
+    from dev2pro.families.flux2.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("flux2") / "klein-base", variant="klein-base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def klein_distilled_dir(tmp_path_factory):
+    from dev2pro.families.flux2.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("flux2") / "klein-distilled", variant="klein-distilled", seed=1)
+
+
+@pytest.fixture(scope="session")
+def flux2_dev_dir(tmp_path_factory):
+    from dev2pro.families.flux2.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("flux2") / "dev", variant="dev", seed=2)
+
+
 @pytest.fixture(scope="session")
 def sk_images(tmp_path_factory):
     """Real photos shipped with scikit-image (no downloads), one with a caption file."""

@@ -36,7 +36,7 @@ from PIL.PngImagePlugin import PngInfo
 from .arguments import parse_lora_arg, parse_seeds, read_prompts, slug  # noqa: F401 -- re-exported
 from .choices import GUIDANCE_MODES
 from .errors import UserError
-from .flux.checkpoint import load_transformer
+from .flux.checkpoint import load_transformer, open_checkpoint
 from .flux.latents import load_vae, unpack
 from .lora.formats import load_lora
 from .lora.ops import apply_lora
@@ -122,10 +122,12 @@ def load_base(path: str | os.PathLike, loras: Sequence[tuple[str, float]] = (), 
     """Transformer from any checkpoint ``load_transformer`` reads, with LoRAs (path, scale) applied as adapters.
 
     Returns (transformer, Checkpoint). With ``fp8_storage`` fp8 files stay fp8 in memory (compute in ``dtype``).
+    A LoRA of the other model family (a FLUX.2 LoRA on a FLUX.1 base, or back) is a one-line UserError naming both.
     """
+    family = open_checkpoint(path).family if loras else None  # headers only: a wrong LoRA fails before the load
+    lws = [load_lora(lora_path, family=family, base=path) for lora_path, _ in loras]
     transformer, ckpt = load_transformer(path, dtype=dtype, fp8_storage=fp8_storage)
-    for i, (lora_path, scale) in enumerate(loras):
-        lw = load_lora(lora_path)
+    for i, (lw, (_, scale)) in enumerate(zip(lws, loras)):
         # peft keeps adapters in ModuleDicts: names must be unique and free of '.'
         apply_lora(transformer, lw, scale=scale, adapter_name=f"lora{i}")
     # Adapter weights keep peft's dtype (fp32 for bf16 bases): peft casts activations to it and back per layer.

@@ -23,7 +23,7 @@ from typing import Iterator, Mapping
 import torch
 from peft.tuners.lora import LoraLayer
 
-from ..families import build_transformer
+from ..families import build_transformer, of_model
 from .formats import LoraModule, load_lora
 from .ops import apply_lora
 
@@ -55,8 +55,9 @@ def attach(model: torch.nn.Module, lw: Mapping[str, LoraModule], scale: float = 
 
 def attach_file(model: torch.nn.Module, path: str | Path, scale: float = 1.0, dtype: torch.dtype = torch.float32,
                 name: str = ADAPTER) -> str:
-    """``attach`` for a LoRA file in any layout ``formats.load_lora`` reads (kohya, comfy, diffusers, xlabs)."""
-    return attach(model, load_lora(path), scale, name, dtype)
+    """``attach`` for a LoRA file in any layout ``formats.load_lora`` reads (kohya, comfy, diffusers, xlabs; FLUX.2's
+    three); a LoRA of another family than the model's is a one-line UserError naming both."""
+    return attach(model, load_lora(path, family=of_model(model)), scale, name, dtype)
 
 
 def set_enabled(model: torch.nn.Module, enabled: bool, name: str = ADAPTER) -> None:

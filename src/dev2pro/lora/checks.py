@@ -38,16 +38,21 @@ def _dim(sym, h: int, m: int) -> int | None:
     return None if sym is None else {"h": h, "m": m, "6h": 6 * h, "3h": 3 * h, "2h": 2 * h, "h+m": h + m}[sym]
 
 
-def check_lora(mods: Mapping[str, LoraModule], hidden: int | None = None, mlp_hidden: int | None = None) -> None:
-    """Refuse a LoRA with NaN/inf values or a module whose delta cannot fit a Flux transformer.
-
-    The widths are the ones most modules agree on (or the given ones), so the odd module out is the one named."""
+def check_finite(mods: Mapping[str, LoraModule]) -> None:
+    """NonFiniteError naming the first module with a NaN/inf value or alpha (any family)."""
     for name, m in mods.items():
         bad = count_nonfinite(m.down) + count_nonfinite(m.up)
         if bad or not math.isfinite(m.alpha):
             what = f"{bad} NaN/inf value(s)" if bad else f"alpha {m.alpha}"
             raise NonFiniteError(f"LoRA module {name!r} holds {what}: the LoRA is broken (saved from a diverged "
                                  f"run?) and would turn every image black; retrain it or use an earlier save.")
+
+
+def check_lora(mods: Mapping[str, LoraModule], hidden: int | None = None, mlp_hidden: int | None = None) -> None:
+    """Refuse a LoRA with NaN/inf values or a module whose delta cannot fit a Flux transformer.
+
+    The widths are the ones most modules agree on (or the given ones), so the odd module out is the one named."""
+    check_finite(mods)
     shaped = [(name, dims) for name in mods for pat, dims in _SHAPES if re.fullmatch(pat, name)]
     votes_h = Counter(mods[n].down.shape[1] for n, d in shaped if d[1] == _H)
     votes_h.update(mods[n].up.shape[0] for n, d in shaped if d[0] == _H)

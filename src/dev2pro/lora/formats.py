@@ -21,7 +21,7 @@ down (kohya without split_qkv, XLabs) are read and written dense: one down, stac
 diffusers' kohya converter ignores ``.alpha`` for ``final_layer.*``, so there we bake the scale into ``up`` and store
 alpha = rank. It also hard-codes 19/38 blocks and 3072 widths, which is why ``ops.apply_lora`` loads our PEFT form
 into a model of any size instead. Sizes (hidden, mlp width, block counts) are read off the LoRA's own shapes or
-passed in, never taken from FLUX.1's constants.
+passed in, never taken from FLUX.1's constants. FLUX.2 LoRAs (``.family == "flux2"``) go through ``lora.flux2``.
 """
 
 from __future__ import annotations
@@ -71,13 +71,15 @@ class LoraModule:
 
 
 class LoraWeights(dict):
-    """diffusers module path -> LoraModule, plus string metadata and the layout it was read from (if any)."""
+    """diffusers module path -> LoraModule, plus string metadata, the layout it was read from (if any) and the model
+    family it is for ('flux1', 'flux2'; None: not known, which reads and writes as FLUX.1)."""
 
     def __init__(self, modules: Mapping[str, LoraModule] | None = None, metadata: Mapping[str, str] | None = None,
-                 layout: str | None = None):
+                 layout: str | None = None, family: str | None = None):
         super().__init__(modules or {})
         self.metadata = dict(metadata or {})
         self.layout = layout
+        self.family = family
 
 
 # ------------------------------------------------------------------------------------------------------- sizes
@@ -418,8 +420,12 @@ def lora_to_state_dict(lw: LoraWeights | Mapping[str, LoraModule], layout: str, 
 
 # ------------------------------------------------------------------------------------------------------- files
 def load_lora(path: str | os.PathLike, allow_pickle: bool = False, hidden: int | None = None,
-              mlp_hidden: int | None = None) -> LoraWeights:
-    """Read a LoRA file (safetensors; a pickled .pt/.bin/.ckpt only with ``allow_pickle``)."""
+              mlp_hidden: int | None = None, family=None, base: str | os.PathLike | None = None) -> LoraWeights:
+    """Read a LoRA file (safetensors; a pickled .pt/.bin/.ckpt only with ``allow_pickle``) of FLUX.1 or FLUX.2.
+
+    ``family`` (a ``families.Family`` or its name): the model the LoRA is for -- ``base`` names it in messages. A
+    file of the other family is a one-line UserError naming both; a file whose names and shapes fit both families
+    is read as ``family`` (default FLUX.1). ``.family`` of the result says what the file is for."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such LoRA file.")
@@ -437,19 +443,38 @@ def load_lora(path: str | os.PathLike, allow_pickle: bool = False, hidden: int |
         sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise UserError(f"{path}: holds no tensors.")
+    from . import flux2
+
+    want = getattr(family, "name", family)
+    found, _ = flux2.file_family(sd)
+    if found and want and found != want:
+        from .. import families
+
+        families.require_same(families.get(found), families.get(want), f"LoRA {path}",
+                              f"base model {base}" if base else "base model it is applied to")
     try:
-        return lora_from_state_dict(sd, metadata, None, hidden, mlp_hidden)
+        if (found or want) == "flux2":
+            return flux2.read(sd, metadata)
+        lw = lora_from_state_dict(sd, metadata, None, hidden, mlp_hidden)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+    lw.family = found or want
+    return lw
 
 
 def save_lora(lw: LoraWeights | Mapping[str, LoraModule], path: str | os.PathLike, layout: str,
               metadata: Mapping[str, str] | None = None, overwrite: bool = False, hidden: int | None = None,
               mlp_hidden: int | None = None, sources: Iterable[str | os.PathLike] = ()) -> Path:
     """Write ``lw`` as a safetensors file in ``layout``, atomically, through ``outputs`` (guarded destination,
-    NaN/inf refused, disk-full and read-only errors as one line). ``sources``: inputs it must not replace."""
+    NaN/inf refused, disk-full and read-only errors as one line). ``sources``: inputs it must not replace.
+    A FLUX.2 ``lw`` (``.family``) is written in FLUX.2's layouts of the same names (``lora.flux2``)."""
     path = Path(path)
-    sd, meta = lora_to_state_dict(lw, layout, metadata, hidden, mlp_hidden)
+    if getattr(lw, "family", None) == "flux2":
+        from . import flux2
+
+        sd, meta = flux2.to_state_dict(lw, layout, metadata)
+    else:
+        sd, meta = lora_to_state_dict(lw, layout, metadata, hidden, mlp_hidden)
     # sorted keys: a stable byte layout whatever the module order
     sd = {k: sd[k].detach().to("cpu").contiguous() for k in sorted(sd)}
     make_parent(path, "LoRA")
@@ -457,8 +482,9 @@ def save_lora(lw: LoraWeights | Mapping[str, LoraModule], path: str | os.PathLik
 
 
 def kohya_metadata(rank: int, alpha: float, guidance_scale: float, timestep_sampling: str, base_model_name: str,
-                   extra: Mapping[str, object] | None = None) -> dict[str, str]:
-    """kohya ``ss_*`` + modelspec metadata, so kohya tools, ComfyUI and Civitai recognise a Flux.1 LoRA."""
+                   extra: Mapping[str, object] | None = None, spec=None) -> dict[str, str]:
+    """kohya ``ss_*`` + modelspec metadata, so kohya tools, ComfyUI and Civitai recognise a Flux.1 LoRA -- or,
+    given a FLUX.2 ``spec`` of the base, a FLUX.2 one (musubi-tuner's values, ``lora.flux2.kohya_fields``)."""
     meta = {
         "ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux",
         "ss_network_dim": str(rank), "ss_network_alpha": str(_number(alpha)),
@@ -470,5 +496,9 @@ def kohya_metadata(rank: int, alpha: float, guidance_scale: float, timestep_samp
         "modelspec.title": Path(base_model_name).stem + "-lora",
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if getattr(spec, "family", "flux1") == "flux2":
+        from .flux2 import kohya_fields
+
+        meta.update(kohya_fields(spec))
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     return meta

@@ -1,11 +1,13 @@
 """Bake LoRAs into a base checkpoint file, streamed one tensor at a time (a 24 GB base needs about one tensor of RAM).
 
 Each LoRA's delta is added in the base's own naming: BFL-fused deltas (``formats.to_bfl``: img/txt qkv, single
-linear1) for BFL and ComfyUI files, diffusers names for diffusers files. fp8 weights are dequantised first and
-requantised after with the same scheme (plain casts, or ComfyUI scaled fp8 with a fresh per-tensor scale; its
-``scaled_fp8`` marker is kept): adding a delta to fp8 storage directly, or dropping the scale, gives silently wrong
-weights. Every other tensor is copied through unchanged. Written with ``outputs.stream_safetensors`` because
-safetensors' own writer needs the whole state dict in memory.
+linear1) for BFL and ComfyUI files, diffusers names for diffusers files and folders (a folder in, a folder out).
+FLUX.2 bases take FLUX.2 LoRAs, through that family's key map (``lora_keys.delta_weights``: q|k|v stacked, the
+final adaLN's shift|scale halves swapped); a LoRA of the other family is a one-line error naming both. fp8
+weights are dequantised first and requantised after with the same scheme (plain casts, or ComfyUI scaled fp8 with
+a fresh per-tensor scale; its ``scaled_fp8`` marker is kept): adding a delta to fp8 storage directly, or dropping
+the scale, gives silently wrong weights. Every other tensor is copied through unchanged. Written with
+``outputs.stream_safetensors`` because safetensors' own writer needs the whole state dict in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..errors import UserError
 from ..flux import checkpoint as C
 from ..flux import fp8 as fp8mod
 from ..outputs import check_output, stream_safetensors
-from .formats import load_lora, to_bfl
+from .formats import LoraWeights, load_lora, to_bfl
 from .ops import lora_delta
 
 Entry = tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]  # outputs.stream_safetensors' entries
@@ -32,19 +34,28 @@ def deltas_for(ckpt: C.Checkpoint, loras: list[tuple[str, float]]) -> dict[str, 
     for a module the base lacks or whose delta has another shape (a LoRA for another model family or size)."""
     total: dict[str, torch.Tensor] = {}
     for path, scale in loras:
-        lw = load_lora(path)
-        mods = to_bfl(lw) if ckpt.key_layout == "bfl" else dict(lw)
-        for name, m in mods.items():
+        lw = load_lora(path, family=ckpt.family, base=ckpt.path)
+        for name, delta in _deltas(lw, ckpt.key_layout):
             key = name + ".weight"
             if key not in ckpt.shapes:
                 raise UserError(f"{path}: module {name!r} has no weight in base {ckpt.path}; the LoRA is for "
                                 f"another model (family or size)")
-            d = lora_delta(m) * scale
+            d = delta() * scale
             if tuple(d.shape) != tuple(ckpt.shapes[key]):
                 raise UserError(f"{path}: module {name!r} gives a {tuple(d.shape)} delta but the base weight is "
                                 f"{tuple(ckpt.shapes[key])}; the LoRA is for another model size")
             total[key] = total[key] + d if key in total else d
     return total
+
+
+def _deltas(lw: LoraWeights, naming: str):
+    """(module name in ``naming``, delta in fp32 when called) for each module of ``lw``."""
+    if lw.family == "flux2":
+        from ..families.flux2.lora_keys import delta_weights
+
+        return [(n, lambda d=d: d) for n, d in delta_weights(lw, naming=naming).items()]
+    mods = to_bfl(lw) if naming == "bfl" else dict(lw)
+    return [(n, lambda m=m: lora_delta(m)) for n, m in mods.items()]
 
 
 def add_delta(weight: torch.Tensor, delta: torch.Tensor,
@@ -96,17 +107,18 @@ def merge_loras(base: str | os.PathLike, loras: list[tuple[str, float]], out: st
     """Write ``base`` with each (LoRA file, scale) of ``loras`` added to ``out``: the base's layout, key order,
     dtypes and metadata, plus ``dev2pro.merged_loras`` (JSON [[file name, scale], ...]).
 
-    UserError for a diffusers folder (merge writes single files), an existing ``out`` without ``overwrite``, an
-    ``out`` that is one of the inputs, a LoRA that does not fit the base; nothing is written then, nor when a merged
-    tensor overflows its dtype (NaN/inf).
+    A diffusers folder gives a transformer folder (config.json + safetensors, as ``convert`` writes it). UserError
+    for an existing ``out`` without ``overwrite``, an ``out`` that is one of the inputs, a LoRA that does not fit
+    the base; nothing is written then, nor when a merged tensor overflows its dtype (NaN/inf).
     """
     ckpt = C.open_checkpoint(base)
-    if ckpt.layout == "diffusers-folder":
-        raise UserError(f"{base}: merge writes single files; convert the folder first "
-                        f"(dev2pro convert {base} base.safetensors --layout bfl)")
+    folder = ckpt.layout == "diffusers-folder"
     sources = [base, *set(ckpt.files.values()), *(p for p, _ in loras)]
-    check_output(out, overwrite, "merged checkpoint", folder=False, sources=sources)
+    check_output(out, overwrite, "merged checkpoint", folder=folder, sources=sources,
+                 owned=C.DIFFUSERS_FOLDER_FILES if folder else None)
     entries = merged_entries(ckpt, deltas_for(ckpt, loras))
     meta = dict(ckpt.metadata)
     meta["dev2pro.merged_loras"] = json.dumps([[Path(p).name, s] for p, s in loras])
+    if folder:
+        return C._write_diffusers_folder(ckpt, entries, Path(out), meta, overwrite, None, sources=sources)
     return stream_safetensors(entries, out, meta, overwrite=overwrite, what="merged checkpoint", sources=sources)

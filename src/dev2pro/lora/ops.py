@@ -236,10 +236,13 @@ def apply_lora(transformer: torch.nn.Module, lw: Mapping[str, LoraModule], scale
 def lora_from_peft_model(transformer: torch.nn.Module, adapter_name: str = "default") -> LoraWeights:
     """LoraWeights of a peft-injected model's adapter; rank and alpha per layer as peft resolved them (config +
     rank/alpha patterns), rsLoRA expressed as an alpha over r. Wrapper prefixes (compile, FSDP, checkpointing,
-    PeftModel) are dropped from names; DTensor shards are gathered."""
+    PeftModel) are dropped from names; DTensor shards are gathered. ``.family`` is the model's (FLUX.2 LoRAs are
+    written in FLUX.2's layouts)."""
     from peft.tuners.lora import LoraLayer  # heavy (~2 s), as in apply_lora
 
-    lw = LoraWeights(layout="diffusers")
+    from ..families import of_model
+
+    lw = LoraWeights(layout="diffusers", family=of_model(transformer).name)
     for name, module in transformer.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
             continue

@@ -3,7 +3,8 @@ dev -> dev2pro difference itself as a LoRA.
 
 merge and extract stream through checkpoints one tensor at a time (a 24 GB base needs about one tensor of RAM):
 merge is ``lora.merge.merge_loras`` (each LoRA's delta added in the base's own naming, fp8 requantised with the
-same scheme); extract takes the SVD of B - A per linear layer.
+same scheme); extract takes the SVD of B - A per linear layer. FLUX.1 and FLUX.2 alike: a LoRA's family is read
+from the file (``lora.flux2``), and a LoRA and a base (or two checkpoints) of different families is a one-line error.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def info(path: str, as_json: bool = False) -> dict:
         g = name.split(".")[0] if not name[0:1].isdigit() else name
         key = f"{g} r={m.rank} alpha={m.alpha:g}"
         groups[key] = groups.get(key, 0) + 1
-    out = {"path": str(path), "layout": lw.layout, "modules": len(lw), "groups": groups,
+    family = families.get(lw.family).title if lw.family else "FLUX.1 or FLUX.2 (its names and shapes fit both)"
+    out = {"path": str(path), "family": family, "layout": lw.layout, "modules": len(lw), "groups": groups,
            "params": sum(m.down.numel() + m.up.numel() for m in lw.values()),
            "size_bytes": Path(path).stat().st_size, "metadata": lw.metadata}
     print(json.dumps(out, indent=2, default=str) if as_json else format_info(out))
@@ -43,11 +45,12 @@ def info(path: str, as_json: bool = False) -> dict:
 
 def format_info(info: dict) -> str:
     """The human form of ``info()``'s dict: known fields first, any other field as ``name: value``."""
-    lines = [f"{info['path']}", f"  layout:   {info['layout']}", f"  modules:  {info['modules']}",
+    lines = [f"{info['path']}", *([f"  family:   {info['family']}"] if "family" in info else []),
+             f"  layout:   {info['layout']}", f"  modules:  {info['modules']}",
              f"  params:   {info['params']:,}", f"  size:     {_bytes(info['size_bytes'])}", "  groups:"]
     lines += [f"    {n:>5} x {g}" for g, n in sorted(info["groups"].items())]
     for k, v in info.items():
-        if k not in ("path", "layout", "modules", "params", "size_bytes", "groups", "metadata"):
+        if k not in ("path", "family", "layout", "modules", "params", "size_bytes", "groups", "metadata"):
             lines.append(f"  {k + ':':<9} {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
     meta = info.get("metadata") or {}
     if meta:
@@ -68,7 +71,7 @@ def _bytes(n: int) -> str:
 def convert(src: str, dst: str, to: str, overwrite: bool = False) -> Path:
     lw = F.load_lora(src)
     out = F.save_lora(lw, dst, to, metadata=lw.metadata, overwrite=overwrite, sources=[src])
-    print(f"wrote {out} ({to} layout, {len(lw)} modules)")
+    print(f"wrote {out} ({families.get(lw.family or 'flux1').title} LoRA, {to} layout, {len(lw)} modules)")
     return out
 
 
@@ -76,7 +79,8 @@ def merge(base: str, loras: list[tuple[str, float]], out: str, overwrite: bool =
     """Bake LoRAs into a single-file checkpoint, keeping its layout and dtype scheme (fp8 requantised)."""
     path = merge_loras(base, loras, out, overwrite=overwrite)
     ckpt = C.open_checkpoint(base)
-    print(f"wrote {path} ({len(loras)} LoRA(s) merged into {ckpt.layout} {ckpt.fp8_format} base)")
+    fp8 = "" if ckpt.fp8_format == "none" else f" {ckpt.fp8_format}"
+    print(f"wrote {path} ({len(loras)} LoRA(s) merged into {ckpt.family.title} {ckpt.layout}{fp8} base)")
     return path
 
 
@@ -139,7 +143,8 @@ def extract_lora(a: str, b: str, out: str, rank: int | None = None, energy: floa
     target = energy if energy is not None else 0.9
     report = {"from": str(a), "to": str(b), "rank": rank, "energy_target": target, "device": device,
               "layers": {}, "not_linear": {}, "warnings": []}
-    lw, inputs, t0 = F.LoraWeights(layout="kohya"), {}, time.perf_counter()
+    fam_spec = C.open_checkpoint(b).spec()  # the target's family and size: the LoRA is for it
+    lw, inputs, t0 = F.LoraWeights(layout="kohya", family=fam_spec.family), {}, time.perf_counter()
     for name, wa, delta in _layer_pairs(a, b, report):
         if float(delta.norm()) <= min_delta * max(float(wa.norm()), 1e-12) or not delta.any():
             continue
@@ -181,7 +186,7 @@ def extract_lora(a: str, b: str, out: str, rank: int | None = None, energy: floa
     report["seconds"] = round(time.perf_counter() - t0, 2)
     _warn_and_print(report, energy, ranks)
     if not ranks:
-        meta = F.kohya_metadata(rank, float(rank), 1.0, "n/a", Path(b).name, extra={
+        meta = F.kohya_metadata(rank, float(rank), 1.0, "n/a", Path(b).name, spec=fam_spec, extra={
             "dev2pro.extracted_from": Path(a).name, "dev2pro.extracted_to": Path(b).name,
             "dev2pro.retained_energy": str(report["total"]["retained_energy"])})
         F.save_lora(lw, out, "kohya", metadata=meta, overwrite=overwrite)

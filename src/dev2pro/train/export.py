@@ -14,6 +14,7 @@ import torch
 from .. import families
 from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES, convert
+from ..lora.flux2 import kohya_fields
 from ..lora.formats import save_lora
 from ..lora.ops import lora_from_peft_model
 from ..outputs import clean_stale_temps, save_safetensors, temp_path, write_error_message, write_errors
@@ -28,26 +29,17 @@ def lora_paths(out: Path, name: str, layouts: Sequence[str], suffix: str = "") -
     return [out / f"{name}{suffix}{LORA_SUFFIXES[layout]}.safetensors" for layout in layouts]
 
 
-FLUX2_LAYOUTS = {"kohya": "kohya", "comfy": "bfl", "diffusers": "peft"}  # our layout names -> lora_keys
-
-
 def save_lora_files(model, out: Path, name: str, layouts: Sequence[str], metadata: dict, suffix: str = "",
                     adapter_name: str = "default") -> list[Path]:
     """The peft adapter ``adapter_name`` of ``model`` as LoRA files, one per layout, with ``metadata``; a FLUX.2
-    model's in FLUX.2's layouts (kohya/musubi ``lora_unet_*``, the BFL-key layout ComfyUI reads, diffusers/PEFT)."""
-    lw = lora_from_peft_model(model, adapter_name)
-    paths = lora_paths(out, name, layouts, suffix)
-    if families.of_model(model).name == "flux2":
-        from ..families.flux2 import lora_keys
-
+    model's in FLUX.2's layouts of the same names (``lora.flux2``: musubi ``lora_unet_*``, the BFL-key layout
+    ComfyUI reads, diffusers/PEFT) and with musubi's FLUX.2 ``ss_*`` / modelspec fields."""
+    lw = lora_from_peft_model(model, adapter_name)  # .family: the model's
+    if lw.family == "flux2":
+        fam = families.get("flux2")
         inner = getattr(model, "module", model)
-        n_double, n_single = len(inner.transformer_blocks), len(inner.single_transformer_blocks)
-        files = []
-        for layout, path in zip(layouts, paths):
-            sd, meta = lora_keys.write_lora(lw, FLUX2_LAYOUTS[layout], n_double, n_single, metadata)
-            sd = {k: sd[k].detach().to("cpu").contiguous() for k in sorted(sd)}
-            files.append(save_safetensors(sd, path, meta, overwrite=True, what="LoRA"))
-        return files
+        metadata = {**metadata, **kohya_fields(fam.spec_from_config(dict(inner.config)))}
+    paths = lora_paths(out, name, layouts, suffix)
     return [save_lora(lw, path, layout, metadata, overwrite=True) for layout, path in zip(layouts, paths)]
 
 

@@ -1,0 +1,63 @@
+"""FLUX.2 LoRA files behind ``formats.load_lora`` / ``save_lora``: which family a file is for, and the way through
+the family's key map (``families.flux2.lora_keys``).
+
+A file says its family by its names and shapes (``lora_keys.lora_family``); when it cannot (attention-only double
+block LoRAs fit FLUX.1 and klein 4B alike) the model it is loaded for decides, and FLUX.1 stays the default, so
+FLUX.1 files read exactly as before. Users name FLUX.2 layouts as they name FLUX.1's: ``kohya`` (musubi's
+``lora_unet_*``), ``comfy`` (the BFL-key layout ai-toolkit writes and ComfyUI reads), ``diffusers`` (PEFT).
+In memory both families are ``LoraWeights`` with diffusers module names; ``.family`` tells them apart.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..errors import UserError
+from .checks import check_finite
+from .formats import LoraWeights
+
+LAYOUTS = {"kohya": "kohya", "comfy": "bfl", "diffusers": "peft"}  # our layout names -> lora_keys'
+_OURS = {v: k for k, v in LAYOUTS.items()}
+NETWORK_MODULE = "networks.lora_flux_2"  # musubi-tuner's FLUX.2 LoRA module (its ss_network_module)
+_BASE_VERSION = {"klein-4b": "flux_2_klein_4b", "klein-9b": "flux_2_klein_9b", "dev": "flux_2_dev"}  # musubi's
+
+
+def file_family(sd: Mapping[str, torch.Tensor]) -> tuple[str | None, str]:
+    """('flux1' | 'flux2' | None, why) for a LoRA state dict, from its names and shapes."""
+    from ..families.flux2.lora_keys import lora_family
+
+    return lora_family(list(sd), {k: tuple(v.shape) for k, v in sd.items()})
+
+
+def read(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> LoraWeights:
+    """A FLUX.2 LoRA state dict of any layout -> LoraWeights (family 'flux2', layout in our names)."""
+    from ..families.flux2.lora_keys import read_lora
+
+    lw = read_lora(sd, metadata)
+    return LoraWeights(lw, lw.metadata, _OURS[lw.layout], family="flux2")
+
+
+def to_state_dict(lw: Mapping, layout: str, metadata: Mapping[str, str] | None = None):
+    """(state dict, metadata) of a FLUX.2 LoRA in one of our layout names; ``read`` gives ``lw`` back bit for bit.
+    Metadata keys are sorted: the same LoRA always gives the same bytes."""
+    from ..families.flux2.lora_keys import write_lora
+
+    if layout not in LAYOUTS:
+        raise UserError(f"cannot write a FLUX.2 LoRA in the {layout!r} layout; choose one of {', '.join(LAYOUTS)}.")
+    check_finite(lw)  # before the writer's read-back, which would call the values "damaged"
+    sd, meta = write_lora(lw, LAYOUTS[layout], metadata={"format": "pt", **(metadata or {})})
+    return sd, dict(sorted(meta.items()))
+
+
+def kohya_fields(spec) -> dict[str, str]:
+    """What musubi-tuner, ComfyUI and Civitai read to know a LoRA is for FLUX.2 (and which size): musubi's
+    ``ss_base_model_version`` (``flux_2_klein_4b`` ...; ``flux_2`` for other sizes) and network module, and the
+    ``modelspec.architecture`` of the base with ``/lora``."""
+    from ..families import get
+
+    arch = get("flux2").modelspec(spec)["modelspec.architecture"]
+    return {"ss_base_model_version": _BASE_VERSION.get(spec.size_name, "flux_2"),
+            "ss_network_module": NETWORK_MODULE, "modelspec.architecture": f"{arch}/lora",
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux2"}
