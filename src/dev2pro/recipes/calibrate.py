@@ -64,7 +64,8 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
         raise UserError("give a prompt (--prompt TEXT) or a prompts file (--prompts FILE)")
     width, height = parse_size(size) if isinstance(size, str) else size
     reference = reference or model
-    S.check_inputs_exist(model, reference, [(lora, 1.0), (target, 1.0)])
+    S.check_inputs_exist(model, reference, [(lora, 1.0)])
+    S.check_inputs_exist(model, target, [])
     ref_ckpt, tgt_ckpt = open_checkpoint(reference), open_checkpoint(target)
     families.require_same(tgt_ckpt.family, ref_ckpt.family, f"target {target}", f"reference {reference}")
     family = ref_ckpt.family
