@@ -243,3 +243,22 @@ def test_torchvision_fallback_warning_is_filtered_and_others_are_not():
     assert not logger.filter(noise)
     assert logger.filter(record("something that matters"))
     assert sum(type(f).__name__ == "_DropNoise" for f in logger.filters) == 1
+
+
+def test_no_recipe_or_library_module_imports_the_cli():
+    """The CLI imports recipes, never the reverse (a recipe is callable from code, torchrun -m dev2pro.cli, tests)."""
+    import ast
+    from pathlib import Path
+
+    import dev2pro
+
+    root = Path(dev2pro.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name in ("cli.py", "cli_commands.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[-1] in ("cli",
+                                                                                                  "cli_commands"):
+                offenders.append(f"{path.relative_to(root)}: from {'.' * node.level}{node.module}")
+    assert not offenders, offenders

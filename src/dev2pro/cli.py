@@ -35,7 +35,7 @@ COMMANDS = [
     "dev2pro.cli_commands:add_calibrate",
     "dev2pro.cli_commands:add_lora",
     "dev2pro.cli_commands:add_demo",
-    "dev2pro.recipes.plan:add_plan_parser",
+    "dev2pro.cli_commands:add_plan",
     "dev2pro.recipes.caption:add_caption_parser",
     "dev2pro.recipes.caption:add_init_tiny_captioner_parser",
     "dev2pro.ui.command:add_ui_parser",

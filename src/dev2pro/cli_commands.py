@@ -245,6 +245,19 @@ def add_sample(sub):
     p.set_defaults(run=run)
 
 
+def add_plan(sub):
+    p = sub.add_parser("plan", help="estimate GPU memory and host RAM of a `dev2pro train` config before running it")
+    p.add_argument("config", help="a train config TOML")
+    p.add_argument("--vram", type=finite_float(0, above=True), metavar="GB",
+                   help="check against a card of this size (default: the GPU seen)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
+
+    def run(a):
+        from .recipes.plan import run_plan  # torch: only when the command runs
+        run_plan(a.config, a.vram, a.set)
+    p.set_defaults(run=run)
+
+
 def add_calibrate(sub):
     p = sub.add_parser("calibrate", help="the strength at which a LoRA does on a target model (e.g. FLUX.2 klein "
                                          "distilled) what it does at 1.0 on the model it was trained on (Base)")
