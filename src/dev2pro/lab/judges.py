@@ -16,6 +16,10 @@ on the world's TRAIN split only (evaluation uses the holdout split and generated
 - guidance integrity: how much of dev's response to its guidance input survives the LoRA (1 = intact,
   0 = the guidance input no longer does anything).
 - ``mean_ci``: Student-t confidence intervals over seeds, so arm differences come with their noise.
+
+Scores depend on the images only: each image is scored on its own in float64 with fixed-order sums (``_affine``),
+never by a BLAS matrix product, whose blocking and threading change the round-off with the batch, the thread
+count and the CPU; fits and Frechet distances run on one thread (``threads.one_thread``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from scipy import stats
 from scipy.linalg import sqrtm
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
 
+from dev2pro.lab.threads import one_thread
 from dev2pro.lab.world import World, near_misses, plain, styled
 
 
@@ -51,8 +55,9 @@ def _flat(rgb) -> np.ndarray:
 
 def fit_judges(world: World, seed: int = 0) -> Judges:
     """Fit the style judge, digit judge and PCA feature space on ``world``'s train split (about a quarter second)."""
-    # These matrices are tiny: multi-threaded BLAS only adds hand-off cost, 30x slower on two busy cores.
-    with threadpool_limits(limits=1):
+    # One thread: the same fit on any machine; these matrices are tiny, so more threads only add hand-off cost
+    # (30x slower on two busy cores).
+    with one_thread():
         return _fit(world, seed)
 
 
@@ -73,23 +78,41 @@ def _fit(world: World, seed: int) -> Judges:
     return Judges(style=style, digit=digit, pca=pca)
 
 
+def _affine(x: np.ndarray, weight, bias) -> np.ndarray:
+    """``x @ weight.T + bias`` in float64, each row of ``x`` on its own: a product then numpy's pairwise sum over
+    the 192 pixels, whose order depends on the row length only, so a score is the same in any batch, at any
+    thread count. (A BLAS product picks kernels and splits by batch size and threads, moving the round-off.)"""
+    w = np.asarray(weight, dtype=np.float64)
+    out = np.empty((len(x), len(w)))
+    for lo in range(0, len(x), 256):  # bounded temporaries: 256 x classes x 192 doubles
+        out[lo:lo + 256] = (x[lo:lo + 256, None, :].astype(np.float64) * w[None]).sum(axis=-1)
+    return out + np.asarray(bias, dtype=np.float64)
+
+
+def _predict(clf, rgb) -> np.ndarray:
+    """``clf.predict`` of a fitted linear classifier, per image and in float64 (``_affine``)."""
+    scores = _affine(_flat(rgb), clf.coef_, clf.intercept_)
+    picks = (scores[:, 0] > 0).astype(np.int64) if scores.shape[1] == 1 else scores.argmax(axis=1)
+    return clf.classes_[picks]
+
+
 def style_fidelity(j: Judges, rgb) -> float:
     """Fraction of images (N, 8, 8, 3) the style judge calls in style."""
-    return float(np.mean(j.style.predict(_flat(rgb)) == 1))
+    return float(np.mean(_predict(j.style, rgb) == 1))
 
 
 def digit_accuracy(j: Judges, rgb, labels) -> float:
     """Fraction of images whose digit-judge prediction equals the prompted ``labels``."""
     labels = np.asarray(labels)
-    x = _flat(rgb)
-    if labels.shape != (len(x),):
-        raise ValueError(f"labels shape {labels.shape} does not match {len(x)} images")
-    return float(np.mean(j.digit.predict(x) == labels))
+    if labels.shape != (len(rgb),):
+        raise ValueError(f"labels shape {labels.shape} does not match {len(rgb)} images")
+    return float(np.mean(_predict(j.digit, rgb) == labels))
 
 
 def features(j: Judges, rgb) -> np.ndarray:
-    """Images (N, 8, 8, 3) -> (N, 16) coordinates in the judges' fixed PCA space."""
-    return j.pca.transform(_flat(rgb)).astype(np.float64)
+    """Images (N, 8, 8, 3) -> (N, 16) coordinates in the judges' fixed PCA space (per image, float64)."""
+    x = _flat(rgb).astype(np.float64) - np.asarray(j.pca.mean_, dtype=np.float64)
+    return _affine(x, j.pca.components_, 0.0)
 
 
 def frechet_distance(a_feats, b_feats) -> float:
@@ -98,8 +121,9 @@ def frechet_distance(a_feats, b_feats) -> float:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise ValueError(f"need two (N >= 2, D) feature sets of equal D, got {a.shape} and {b.shape}")
     eye = 1e-6 * np.eye(a.shape[1])  # keeps sqrtm stable when a covariance is (near) singular
-    ca, cb = np.cov(a, rowvar=False) + eye, np.cov(b, rowvar=False) + eye
-    covmean = np.real(sqrtm(ca @ cb))
+    with one_thread():  # np.cov and sqrtm call BLAS/LAPACK
+        ca, cb = np.cov(a, rowvar=False) + eye, np.cov(b, rowvar=False) + eye
+        covmean = np.real(sqrtm(ca @ cb))
     d = float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb - 2 * covmean))
     return max(d, 0.0)  # round-off can leave a tiny negative for identical sets
 
