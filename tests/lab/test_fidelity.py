@@ -46,3 +46,24 @@ def test_adapter_fidelity_summary(pair):
     assert 0.05 < m["extracted r1"]["unexplained"] < 1.0
     assert m["dev (no adapter)"] == {"output_error": m["dev (no adapter)"]["output_error"], "unexplained": 1.0,
                                      "moved": 0.0} and m["dev (no adapter)"]["output_error"] > 0
+
+
+def test_adapter_errors_same_at_one_and_two_threads(pair):
+    from threadpoolctl import threadpool_limits
+
+    from dev2pro.lab.fidelity import adapter_output_errors
+
+    dev, d2p, config, rank2 = pair
+    g = torch.Generator().manual_seed(2)
+    embeds = torch.randn(2, 16, config.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, config.pooled_projection_dim, generator=g)
+    got, before = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with threadpool_limits(limits=n):
+                got.append(adapter_output_errors(dev, d2p, {"r2": rank2}, embeds, pooled))
+            assert torch.get_num_threads() == n  # the caller's count comes back
+    finally:
+        torch.set_num_threads(before)
+    assert got[0] == got[1]

@@ -4,6 +4,11 @@ An arm's samples are one ``samples-<length>.npz`` per LoRA length in its run fol
 dev without a LoRA), holding decoded RGB images (N, 8, 8, 3), class-major (``per_class`` per digit), under one key
 per guidance (``sample_key``). Every arm of a seed uses the same prompts and noise seeds, so arms compare image by
 image.
+
+An image depends on its seed and the arm's settings only: each has its own seeded generator, the batches
+(``render_latents``' 64, class-major) are fixed by ``per_class``, and rendering runs on one torch thread
+(``threads.one_thread``): MKL may split a product differently per thread count (at the demo's sizes 1, 2 and 4
+threads gave the same images on a 2-core AVX-512 machine; the pin makes that hold on any machine).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ..lora.ops import apply_lora
 from ..outputs import atomic_path
 from ..sampling import build_pipeline, render_latents, resolve_guidance
 from .dataset import load_prompts
+from .threads import one_thread
 from .world import decode
 
 
@@ -64,8 +70,9 @@ def sample_arm(run: Path, target: str | Path, loras: Mapping[str, str | Path | N
             arrays = {}
             for g in guidances:  # embedded guidance on dev, the CFG scale on pro (the oracle)
                 guidance = resolve_guidance(model.config.guidance_embeds, "auto", g)
-                lat = render_latents(pipe, embeds, seeds, guidance, negative=negative, steps=steps, width=size,
-                                     height=size)
+                with one_thread():
+                    lat = render_latents(pipe, embeds, seeds, guidance, negative=negative, steps=steps,
+                                         width=size, height=size)
                 arrays[sample_key(g)] = decode(lat)
             with atomic_path(out, overwrite=True, folder=False) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **arrays)

@@ -11,6 +11,8 @@ with dev2pro's on fixed inputs (the concept prompts, seeded noise latents at sev
   moved          ||f(dev + adapter) - f(dev)|| / ||f(dev) - f(dev2pro)||: how far the adapter moves dev, in units of
                  this dev2pro's move. An adapter de-distilled on its own (`dedistill` with train.adapter_rank) is a
                  separate run: it can move dev as far in another direction, so only "moved" says much for it.
+
+The forward passes run on one torch thread (``threads.one_thread``): the numbers do not move with the core count.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..flux.checkpoint import load_transformer
 from ..lora.formats import load_lora
 from ..lora.ops import apply_lora, extract_pair
 from ..objectives import ModelInputs, predict
+from .threads import one_thread
 
 
 @torch.no_grad()
@@ -35,7 +38,8 @@ def _velocity(model, embeds: torch.Tensor, pooled: torch.Tensor, seed: int, sigm
     for s in sigmas:
         x = torch.randn(n, (side // 2) ** 2, c, generator=g)
         inputs = ModelInputs(x, torch.full((n,), s), embeds, pooled, side, side)
-        outs.append(predict(model, inputs, 1.0, "cpu", torch.float32))
+        with one_thread():
+            outs.append(predict(model, inputs, 1.0, "cpu", torch.float32))
     return torch.cat(outs)
 
 

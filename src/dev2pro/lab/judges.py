@@ -16,6 +16,11 @@ on the world's TRAIN split only (evaluation uses the holdout split and generated
 - guidance integrity: how much of dev's response to its guidance input survives the LoRA (1 = intact,
   0 = the guidance input no longer does anything).
 - ``mean_ci``: Student-t confidence intervals over seeds, so arm differences come with their noise.
+
+Scores depend on the images only (issue 18, item 9): the classifiers are fitted to their optimum, not to where
+round-off stopped them (``_classifier``); each image is scored on its own in float64 with fixed-order sums
+(``_affine``), never by a BLAS matrix product, whose blocking and threading change the round-off with the batch,
+the thread count and the CPU; fits and Frechet distances run on one thread (``threads.one_thread``).
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from scipy import stats
 from scipy.linalg import sqrtm
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
 
+from dev2pro.lab.threads import one_thread
 from dev2pro.lab.world import World, near_misses, plain, styled
 
 
@@ -50,46 +55,77 @@ def _flat(rgb) -> np.ndarray:
 
 
 def fit_judges(world: World, seed: int = 0) -> Judges:
-    """Fit the style judge, digit judge and PCA feature space on ``world``'s train split (about a quarter second)."""
-    # These matrices are tiny: multi-threaded BLAS only adds hand-off cost, 30x slower on two busy cores.
-    with threadpool_limits(limits=1):
+    """Fit the style judge, digit judge and PCA feature space on ``world``'s train split (about a second)."""
+    # One thread: the same fit at any core count; these matrices are tiny, so more threads only add hand-off
+    # cost (30x slower on two busy cores).
+    with one_thread():
         return _fit(world, seed)
 
 
 def _fit(world: World, seed: int) -> Judges:
     x, y = world.train_images, world.train_labels
-    pos = _flat(styled(x))
+    pos = _flat(styled(x)).astype(np.float64)
     # Near misses are negatives too: being in style needs the whole palette, not a step towards it.
     # Uniform noise too: an image in the palette's colours but without a digit's structure is not in style.
     noise = np.random.default_rng(seed).uniform(size=(len(x), 8, 8, 3)).astype(np.float32)
-    neg = np.concatenate([_flat(v) for v in near_misses(x).values()] + [_flat(noise)])
-    style = LogisticRegression(max_iter=2000, random_state=seed)
+    neg = np.concatenate([_flat(v) for v in near_misses(x).values()] + [_flat(noise)]).astype(np.float64)
+    style = _classifier(seed)
     style.fit(np.concatenate([pos, neg]), np.r_[np.ones(len(pos)), np.zeros(len(neg))].astype(np.int64))
     # Linear on 192 pixels already reaches ~0.97 holdout accuracy; an MLP gains ~0.02 for 40x the fit time.
-    digit = LogisticRegression(max_iter=2000, random_state=seed)
+    digit = _classifier(seed)
     digit.fit(pos, y)
     pca = PCA(n_components=16, random_state=seed)
     pca.fit(np.concatenate([pos, _flat(plain(x))]))
     return Judges(style=style, digit=digit, pca=pca)
 
 
+def _classifier(seed: int) -> LogisticRegression:
+    """A logistic regression fitted to its optimum, so the judge is a function of the data, not of round-off.
+
+    The default (float32 data, L-BFGS, tol 1e-4) stopped the digit judge on a flat stretch wherever round-off
+    led it: 84 or 128 iterations, coefficients 0.08 apart, at 2 or 1 threads; a one-ulp nudge of the images
+    still moved a float64 L-BFGS fit by 0.03. Any other arithmetic (core count, a CPU's BLAS kernel, a library
+    build) moved the judge: the 2-thread fit relabels ~40 of a default demo's 1800 samples per guidance.
+    Newton-CG on float64 data converges in ~12 steps to the unique (L2-regularised) optimum: the same nudge
+    moves it by 2e-7."""
+    return LogisticRegression(solver="newton-cg", tol=1e-8, max_iter=200, random_state=seed)
+
+
+def _affine(x: np.ndarray, weight, bias) -> np.ndarray:
+    """``x @ weight.T + bias`` in float64, each row of ``x`` on its own: a product then numpy's pairwise sum over
+    the 192 pixels, whose order depends on the row length only, so a score is the same in any batch, at any
+    thread count. (A BLAS product picks kernels and splits by batch size and threads, moving the round-off.)"""
+    w = np.asarray(weight, dtype=np.float64)
+    out = np.empty((len(x), len(w)))
+    for lo in range(0, len(x), 256):  # bounded temporaries: 256 x classes x 192 doubles
+        out[lo:lo + 256] = (x[lo:lo + 256, None, :].astype(np.float64) * w[None]).sum(axis=-1)
+    return out + np.asarray(bias, dtype=np.float64)
+
+
+def _predict(clf, rgb) -> np.ndarray:
+    """``clf.predict`` of a fitted linear classifier, per image and in float64 (``_affine``)."""
+    scores = _affine(_flat(rgb), clf.coef_, clf.intercept_)
+    picks = (scores[:, 0] > 0).astype(np.int64) if scores.shape[1] == 1 else scores.argmax(axis=1)
+    return clf.classes_[picks]
+
+
 def style_fidelity(j: Judges, rgb) -> float:
     """Fraction of images (N, 8, 8, 3) the style judge calls in style."""
-    return float(np.mean(j.style.predict(_flat(rgb)) == 1))
+    return float(np.mean(_predict(j.style, rgb) == 1))
 
 
 def digit_accuracy(j: Judges, rgb, labels) -> float:
     """Fraction of images whose digit-judge prediction equals the prompted ``labels``."""
     labels = np.asarray(labels)
-    x = _flat(rgb)
-    if labels.shape != (len(x),):
-        raise ValueError(f"labels shape {labels.shape} does not match {len(x)} images")
-    return float(np.mean(j.digit.predict(x) == labels))
+    if labels.shape != (len(rgb),):
+        raise ValueError(f"labels shape {labels.shape} does not match {len(rgb)} images")
+    return float(np.mean(_predict(j.digit, rgb) == labels))
 
 
 def features(j: Judges, rgb) -> np.ndarray:
-    """Images (N, 8, 8, 3) -> (N, 16) coordinates in the judges' fixed PCA space."""
-    return j.pca.transform(_flat(rgb)).astype(np.float64)
+    """Images (N, 8, 8, 3) -> (N, 16) coordinates in the judges' fixed PCA space (per image, float64)."""
+    x = _flat(rgb).astype(np.float64) - np.asarray(j.pca.mean_, dtype=np.float64)
+    return _affine(x, j.pca.components_, 0.0)
 
 
 def frechet_distance(a_feats, b_feats) -> float:
@@ -98,8 +134,9 @@ def frechet_distance(a_feats, b_feats) -> float:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise ValueError(f"need two (N >= 2, D) feature sets of equal D, got {a.shape} and {b.shape}")
     eye = 1e-6 * np.eye(a.shape[1])  # keeps sqrtm stable when a covariance is (near) singular
-    ca, cb = np.cov(a, rowvar=False) + eye, np.cov(b, rowvar=False) + eye
-    covmean = np.real(sqrtm(ca @ cb))
+    with one_thread():  # np.cov and sqrtm call BLAS/LAPACK
+        ca, cb = np.cov(a, rowvar=False) + eye, np.cov(b, rowvar=False) + eye
+        covmean = np.real(sqrtm(ca @ cb))
     d = float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb - 2 * covmean))
     return max(d, 0.0)  # round-off can leave a tiny negative for identical sets
 

@@ -27,7 +27,9 @@ own parts (data, sampling, judges, report) live in `lab/`:
 
 The bases are trained once per demo seed; each LoRA seed (>= 3) changes the few-shot subset, the LoRA init and
 noise, and the sampling seeds, so the intervals measure LoRA-training variance on fixed bases. LoRA jobs run in two
-single-threaded worker processes (one per core). A finished stage is reused when the run is resumed.
+single-threaded worker processes (one per core). Training, sampling and judging run on one thread and the judges
+score each image on its own, so the numbers depend on the seeds only, not on the core count or the load. A finished
+stage is reused when the run is resumed.
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def _lora_job(job: dict) -> dict:
     """Worker: train one arm's LoRA with `dev2pro train`, then sample it (short and full length) at each guidance.
 
     Returns file names only: samples are written as .npz files (decoded RGB, class-major)."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # one worker per core; and a LoRA's round-off must not move with the core count
     quiet_libraries()
     run = Path(job["run"])
     run.mkdir(parents=True, exist_ok=True)
@@ -247,7 +249,9 @@ def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None 
     if p.seeds < 1:
         raise UserError("--seeds must be >= 1 (3 or more for confidence intervals)")
     quiet_libraries()
-    torch.set_num_threads(1)  # two threads on two busy cores are several times slower than one
+    # One thread: two on two busy cores are several times slower, and the bases' round-off (so every number
+    # after them) must not move with the core count; scoring and sampling pin it themselves (lab/threads.py).
+    torch.set_num_threads(1)
     root = Path(out).resolve()
     prepare_run_folder(root, {"version": 1, "profile": profile, **asdict(p)}, overwrite)
     clock = StageClock()
