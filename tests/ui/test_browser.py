@@ -41,21 +41,6 @@ def workspace(tmp_path, env):
     return ws
 
 
-@pytest.fixture
-def browser_page(tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, accept_downloads=True,
-            viewport={"width": 1280, "height": 900},
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        page = browser.pages[0] if browser.pages else browser.new_page()
-        page.set_default_timeout(T)
-        yield page
-        browser.close()
-
-
 def shot(page, tmp_path, name):
     out = tmp_path / "screenshots"
     out.mkdir(exist_ok=True)
