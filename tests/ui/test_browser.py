@@ -58,9 +58,14 @@ def wait_status(page, selector, want):
 
 
 def fill_train_form(page):
+    """Basics, then every Advanced group opened and filled (the ids are the config keys)."""
+    page.select_option("#f-model-vram", "0")  # no GPU preset: the memory settings below are the schema's
+    page.fill("#b-output-name", "ui-lora")
+    page.click("#advanced > summary")
+    page.evaluate("document.querySelectorAll('#advanced details').forEach(d => d.open = true)")
     values = {"model-dtype": "fp32", "data-resolution": "128", "data-bucket_step": "64", "lora-rank": "4",
               "lora-alpha": "4", "train-steps": "20", "train-lr": "0.01", "sample-every": "4", "sample-steps": "8",
-              "sample-width": "128", "sample-height": "128", "save-output_dir": "runs/ui-lora", "save-every": "2",
+              "sample-width": "128", "sample-height": "128", "save-every": "2",
               "log_every": "1"}
     for key, value in values.items():
         node = page.locator(f"#f-{key}")

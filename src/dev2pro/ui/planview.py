@@ -27,6 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ..errors import UserError
 from ..train.folder import RunFolder
 from .monitor import find_runs
 
@@ -168,7 +169,13 @@ def page_plan(cfg, data: dict, card: str | int | None, ws) -> dict:
         card_bytes, card_label = None, ""
     need = plan.peak + CUDA_OVERHEAD
     if card_bytes:
-        fits, message = advise(inputs, card_bytes)
+        try:
+            fits, message = advise(inputs, card_bytes)
+        except UserError:  # a remedy the model cannot take (e.g. swapping 8 blocks of a 6-block model)
+            fits = need <= card_bytes
+            message = (f"fits: ~{need / GB:.1f} GB of {card_bytes / GB:.1f} GB" if fits else
+                       f"the plan needs ~{need / GB:.1f} GB but the card has {card_bytes / GB:.1f} GB: lower "
+                       f"data.resolution or lora.rank, or pick a smaller GPU preset")
     else:
         fits, message = None, "no card to check against: pick a GPU memory size"
     speed = measured_speed(cfg, ws) or bench_speed(cfg, inputs.spec)

@@ -75,7 +75,7 @@ def choices(ui) -> dict:
 
 async def models(request: Request, ui):
     ws = str(ui.ws.root)
-    return JSONResponse({**_candidates(ui), "settings": ui.settings(), "workspace": ws,
+    return JSONResponse({**_candidates(ui), "settings": ui.settings(), "workspace": ws, "datasets": dataset_folders(ui),
                          "captioner_help": {**CAPTIONER_HELP, "command": CAPTIONER_HELP["command"].format(ws=ws)},
                          "model_help": MODEL_HELP.format(ws=ws)})
 

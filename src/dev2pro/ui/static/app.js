@@ -53,7 +53,7 @@ function show(page) {
 
 async function loadModels() {
   const m = await api("/api/models");
-  state.modelsLoaded = true;
+  state.modelsLoaded = true; state.datasets = m.datasets;
   state.settings = m.settings; $("ws-root").textContent = m.workspace;
   fill($("train-base"), m.flux, false); fill($("inference-base"), m.transformers, false, "(the training base)");
   fill($("train-transformer"), m.transformers, false, "(the folder's transformer)");
@@ -85,6 +85,9 @@ async function inspect(path) {
 async function loadDataset() {
   if (!state.modelsLoaded) await loadModels();
   if (state.settings.dataset && !state.folder) $("dataset-folder").value = state.settings.dataset;
+  else if (!state.folder && !state.settings.dataset && state.datasets && state.datasets.length) {
+    $("dataset-folder").value = state.datasets[0];  // a newcomer's photos: the workspace's first image folder
+  }
   const folder = $("dataset-folder").value.trim();
   let d;
   const q = `folder=${encodeURIComponent(folder)}&resolution=${$("bucket-resolution").value}` +
