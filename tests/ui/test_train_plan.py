@@ -133,3 +133,19 @@ def test_error_field_finds_the_setting():
     assert trainform.error_field("config: 'train.steps' must be an integer", keys) == "train.steps"
     assert trainform.error_field("'data.folders[].path': path '../x' contains '..'", keys) == "data.folders"
     assert trainform.error_field("something else entirely", keys) is None
+
+
+def test_this_gpu_comes_from_nvidia_smi(tmp_path, monkeypatch):
+    """"this GPU": name and memory from `nvidia-smi` (no CUDA context in the web app), the preset not above it."""
+    from dev2pro.ui import planview
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA GeForce RTX 4090, 24564'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(planview, "_gpu", None)
+    monkeypatch.setattr(planview, "_gpu_done", planview.threading.Event())
+    gpu = planview.detect_gpu()
+    assert gpu["name"] == "NVIDIA GeForce RTX 4090" and gpu["preset"] == 24 and abs(gpu["gb"] - 24.0) < 0.1
+    fake.write_text("#!/bin/sh\nexit 9\n")  # read once: later calls keep the first answer
+    assert planview.detect_gpu() == gpu

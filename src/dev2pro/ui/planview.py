@@ -66,13 +66,26 @@ def detect_gpu(timeout: float = 10) -> dict | None:
     return _gpu
 
 
+# The config loader (presets, rank checks) and the plan import torch and diffusers lazily, and diffusers' lazy
+# modules fail when two threads import the same name at once ("cannot import name 'FluxTransformer2DModel'"): the
+# warm-up and every request that validates or plans a form hold this lock (after the warm-up, each takes ~0.1 s).
+LOCK = threading.RLock()
+
+
+def heavy_imports():
+    """Import what the loader and the plan load lazily (torch, diffusers' transformer classes), once."""
+    with LOCK:
+        import dev2pro.plan  # noqa: F401 -- torch + diffusers: seconds, paid once
+        from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel  # noqa: F401 -- built by the plan
+
+
 def warm_up(load_schema) -> threading.Thread:
     """Load the form schema, then the GPU facts and the plan's imports (torch), in a background thread."""
     def run():
         load_schema()
         detect_gpu()
         try:
-            import dev2pro.plan  # noqa: F401 -- torch + diffusers: seconds, paid here and not on the first plan
+            heavy_imports()
         except Exception:  # noqa: BLE001 -- the plan request reports it
             pass
     t = threading.Thread(target=run, name="dev2pro-ui-warm-up", daemon=True)

@@ -51,8 +51,9 @@ def _config(ui, values: dict):
     """Browser values -> a validated TrainConfig whose paths, names and the files under its paths are all in
     the workspace (no symlink out: the job would read or write through it)."""
     specs, loader, paths, _ = _schema()
-    cfg = forms.build_config(specs, values, loader, paths, ui.ws.resolve,
-                             name=lambda folder, value, key: ui.ws.name(folder, value, key, LORA_FILES))
+    with planview.LOCK:  # the loader imports torch for presets and rank checks: one thread at a time
+        cfg = forms.build_config(specs, values, loader, paths, ui.ws.resolve,
+                                 name=lambda folder, value, key: ui.ws.name(folder, value, key, LORA_FILES))
     for key, value in forms.path_values(cfg, paths):
         if Path(value).exists():
             ui.ws.check_tree(Path(value), f"'{key}'")
@@ -98,7 +99,8 @@ async def plan(request: Request, ui):
         try:
             cfg = _config(ui, b["values"])
             data = forms.form_to_data(_schema()[0], b["values"], drop_defaults=True)
-            return {"ok": True, "plan": planview.page_plan(cfg, data, card or None, ui.ws)}
+            with planview.LOCK:
+                return {"ok": True, "plan": planview.page_plan(cfg, data, card or None, ui.ws)}
         except UserError as e:  # ConfigError, PathRefused, ImpossiblePlan: the CLI's own message
             keys = [f["key"] for f in _schema()[3]]
             return {"ok": False, "error": str(e), "field": trainform.error_field(str(e), keys)}
@@ -110,12 +112,14 @@ async def plan(request: Request, ui):
 
 
 async def preview(request: Request, ui):
-    cfg = _config(ui, (await json_body(request, ("values",)))["values"])
+    values = (await json_body(request, ("values",)))["values"]
+    cfg = await run_in_threadpool(_config, ui, values)  # may wait for the start-up imports: not in the event loop
     return JSONResponse({"toml": _render(cfg)})
 
 
 async def start(request: Request, ui):
-    cfg = _config(ui, (await json_body(request, ("values",)))["values"])
+    values = (await json_body(request, ("values",)))["values"]
+    cfg = await run_in_threadpool(_config, ui, values)
     out = ui.ws.resolve(ui.ws.rel(cfg.save.output_dir))  # checked by _config; once more, after symlinks
     run_rel = ui.ws.rel(out)
     if out == ui.ws.root:

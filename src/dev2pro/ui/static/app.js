@@ -305,7 +305,7 @@ async function tick() {
   try {
     await pollJobs();
     await pollCaption();
-    if (state.page === "monitor") await pollRun();
+    if (state.page === "monitor") await ($("monitor-empty").hidden ? pollRun() : loadRuns());  // a run may start
     if (state.page === "results") await pollResults();
   } catch (e) { /* the server may be restarting: try again next tick */ }
   setTimeout(tick, 1000);
