@@ -165,7 +165,9 @@ function gpuOption() {  // "this GPU (name, N GB)" once nvidia-smi has answered;
   opt.textContent = g === undefined ? "this GPU (detecting…)" : g ? `this GPU: ${g.name}, ${g.gb} GB` +
     ` (the ${g.preset} GB preset)` : "this GPU (none seen here)";
   opt.disabled = !g;
-  if (!sel.dataset.touched) sel.value = g ? "gpu" : "24";
+  const want = g ? "gpu" : "24";
+  if (!sel.dataset.touched && sel.value !== want) { sel.value = want; return true; }
+  return false;
 }
 
 // ------------------------------------------------------------------------------------------------ values
@@ -241,7 +243,10 @@ async function refreshPlan() {
     return;
   }
   const p = r.plan;
-  if (p.gpu !== undefined && state.gpu !== p.gpu) { state.gpu = p.gpu; gpuOption(); }
+  if (p.gpu !== undefined && JSON.stringify(state.gpu) !== JSON.stringify(p.gpu)) {
+    state.gpu = p.gpu;
+    if (gpuOption()) return schedulePlan();  // "this GPU" became the default: plan for it
+  }
   verdict.dataset.fits = p.fits === true ? "yes" : p.fits === false ? "no" : "unknown";
   verdict.textContent = p.fits === true ? `Fits ${p.card}: ~${gb(p.need_gb)} of ${gb(p.card_gb)} at the peak` :
     p.fits === false ? `Does not fit ${p.card}: ${p.message.replace("WARNING: ", "")}` : p.message;
