@@ -166,7 +166,11 @@ def test_newcomer_reaches_a_running_job_from_basics(tmp_path, workspace, browser
     wait_status(page, "#run-status", "done")
     page.wait_for_selector("#sample-grid:not([hidden])")
     all_pages(page, tmp_path, "finished", {"monitor": "#sample-grid:not([hidden])",
-                                           "results": "a.download-lora"})
+                                           "results": "a.download-lora", "train": "#plan[data-state='ready']"})
+    # the finished run is now a measurement: the plan gives a time per step for the same settings
+    page.click("#tab-train")
+    page.wait_for_function("document.getElementById('plan-details').textContent.includes('measured in')")
+    assert "measured in runs/first-lora" in page.inner_text("#plan-details")
 
     # the job ran with exactly those settings: the run's config.toml is what the CLI's loader makes of them
     from dev2pro.config import render_toml
