@@ -237,6 +237,13 @@ async function loadResults() {
   if (!run) return;
   const r = await api("/api/run?run=" + encodeURIComponent(run));
   $("results-pending").hidden = r.loras.length > 0;
+  // the run's last sample grids, side by side (a FLUX.2 klein LoRA on the distilled model next to Base)
+  const grids = $("results-grids"); grids.innerHTML = "";
+  for (const g of r.latest_samples || []) {
+    grids.append(el("figure", {}, el("figcaption", {}, "last samples, " + g.label + ": " + g.file.split("/").pop()),
+                    el("img", { src: fileUrl(g.file), alt: g.label })));
+  }
+  grids.hidden = !(r.latest_samples || []).length;
   const ul = $("lora-files"); ul.innerHTML = "";
   const isStep = (p) => /-step\d+/.test(p);
   const layout = (p) => (p.includes(".diffusers.") ? "diffusers / PEFT" : p.includes(".comfy.") ? "ComfyUI" :
