@@ -10,7 +10,9 @@ sampling and comparing) must be inside the workspace too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import re
 import sys
 from pathlib import Path
@@ -51,7 +53,9 @@ def _config(ui, values: dict):
     """Browser values -> a validated TrainConfig whose paths, names and the files under its paths are all in
     the workspace (no symlink out: the job would read or write through it)."""
     specs, loader, paths, _ = _schema()
-    with planview.LOCK:  # the loader imports torch for presets and rank checks: one thread at a time
+    # the loader imports torch for presets and rank checks: one thread at a time; the preset's console line
+    # ("--vram 24 preset: ...") is for `dev2pro train`, not for the web app's terminal on every keystroke
+    with planview.LOCK, contextlib.redirect_stdout(io.StringIO()):
         cfg = forms.build_config(specs, values, loader, paths, ui.ws.resolve,
                                  name=lambda folder, value, key: ui.ws.name(folder, value, key, LORA_FILES))
     for key, value in forms.path_values(cfg, paths):
