@@ -149,3 +149,26 @@ def test_this_gpu_comes_from_nvidia_smi(tmp_path, monkeypatch):
     assert gpu["name"] == "NVIDIA GeForce RTX 4090" and gpu["preset"] == 24 and abs(gpu["gb"] - 24.0) < 0.1
     fake.write_text("#!/bin/sh\nexit 9\n")  # read once: later calls keep the first answer
     assert planview.detect_gpu() == gpu
+
+
+def test_time_per_step_from_the_bench_for_full_size_flux1():
+    """Without a finished run to measure, full-size FLUX.1 at 512/1024 with a preset gets the H200 bench's s/step."""
+    from types import SimpleNamespace as NS
+
+    from dev2pro.ui import planview
+
+    cfg = NS(model=NS(vram=24), data=NS(batch_size=1, resolution=1024))
+    flux1 = NS(hidden=3072, num_double=19, num_single=38)
+    assert planview.bench_speed(cfg, flux1)["s_per_step"] == planview.BENCH_H200[24][1024]
+    assert "H200" in planview.bench_speed(cfg, flux1)["source"]
+    assert planview.bench_speed(cfg, NS(hidden=64, num_double=2, num_single=4)) is None  # a tiny model: none
+    assert planview.bench_speed(NS(model=NS(vram=0), data=cfg.data), flux1) is None  # no preset: none
+
+
+def test_models_page_says_where_models_and_captioners_come_from(app, asgi):
+    status, body = asgi(app, "GET", "/api/models")
+    r = json.loads(body)
+    assert r["captioners"] == [] and "hf download" in r["captioner_help"]["command"]
+    assert f"--local-dir {r['workspace']}/models/" in r["captioner_help"]["command"]
+    assert any("Florence-2" in f for f in r["captioner_help"]["families"]) and "hf download" in r["model_help"]
+    assert "data" in r["datasets"]

@@ -196,6 +196,7 @@ function cardValue() {
 function schedulePlan() {
   clearTimeout(train.timer);
   $("plan").dataset.state = "pending";
+  setStart(false, "checking the settings…");  // never Start on a verdict for other settings
   train.timer = setTimeout(refreshPlan, 350);
 }
 
