@@ -185,6 +185,8 @@ function formValues() {
   return v;
 }
 
+const planKey = () => JSON.stringify({ values: formValues(), card: cardValue() });
+
 function cardValue() {
   const v = $("f-model-vram").value;
   if (v === "gpu") return "gpu";
@@ -194,6 +196,9 @@ function cardValue() {
 
 // ------------------------------------------------------------------------------------------------ the plan
 function schedulePlan() {
+  // a 'change' that repeats the last 'input' (fired on blur, e.g. by the click on Start) changes nothing: keep the
+  // verdict and the button, or that very click would land on a disabled button
+  if (train.planned === planKey() && $("plan").dataset.state !== "pending") return;
   clearTimeout(train.timer);
   $("plan").dataset.state = "pending";
   setStart(false, "checking the settings…");  // never Start on a verdict for other settings
@@ -229,7 +234,9 @@ async function refreshPlan() {
   const seq = ++train.seq, box = $("plan");
   box.dataset.state = "pending";
   let r;
-  try { r = await api("/api/train/plan", { values: formValues(), card: cardValue() }, { quiet: true }); }
+  const body = { values: formValues(), card: cardValue() };
+  train.planned = JSON.stringify(body);
+  try { r = await api("/api/train/plan", body, { quiet: true }); }
   catch (e) { if (seq === train.seq) { box.dataset.state = "error"; setStart(false, e.message); } return; }
   if (seq !== train.seq) return;  // a newer request is on its way
   clearFieldErrors();
