@@ -172,3 +172,11 @@ def test_models_page_says_where_models_and_captioners_come_from(app, asgi):
     assert f"--local-dir {r['workspace']}/models/" in r["captioner_help"]["command"]
     assert any("Florence-2" in f for f in r["captioner_help"]["families"]) and "hf download" in r["model_help"]
     assert "data" in r["datasets"]
+
+
+def test_plan_says_when_the_output_name_is_taken(app, asgi, tiny_ws):
+    (tiny_ws / "runs" / "taken").mkdir(parents=True)
+    (tiny_ws / "runs" / "taken" / "config.toml").write_text("")
+    p = plan(app, asgi, {**BASICS, "save.output_dir": "runs/taken"})["plan"]
+    assert not p["can_start"] and "runs/taken already holds a run" in p["reasons"][0]
+    assert plan(app, asgi, {**BASICS, "save.output_dir": "runs/taken", "save.overwrite": True})["plan"]["can_start"]

@@ -205,6 +205,10 @@ def page_plan(cfg, data: dict, card: str | int | None, ws) -> dict:
         reasons.append(f"{missing} of {captions['images']} images have no caption (training stops on them): "
                        f"caption them on the Dataset page, or set a caption for images without one (Advanced › "
                        f"Dataset)")
+    out = Path(cfg.save.output_dir)
+    if out.is_dir() and ws.inside(out) and any(out.iterdir()) and not cfg.save.overwrite:
+        reasons.append(f"{ws.rel(out)} already holds a run: choose another output name (resume that run on the "
+                       f"Monitor page, or tick 'Overwrite an existing run' under Advanced › Saving)")
     return {"fits": fits, "message": message, "peak_gb": plan.peak / GB, "need_gb": need / GB,
             "card_gb": card_bytes / GB if card_bytes else None, "card": card_label,
             "host_ram_gb": plan.host_ram / GB, "train_peak_gb": plan.train_peak() / GB,
