@@ -75,6 +75,25 @@ def ui_server():
             stop_server(p)
 
 
+CHROMIUM = "/usr/bin/chromium"
+T = 120_000  # ms: generous waits for a loaded 2-core machine; each normally takes a few seconds
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, accept_downloads=True,
+            viewport={"width": 1280, "height": 900},
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.pages[0] if browser.pages else browser.new_page()
+        page.set_default_timeout(T)
+        yield page
+        browser.close()
+
+
 @pytest.fixture
 def env():
     return child_env()

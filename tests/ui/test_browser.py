@@ -41,21 +41,6 @@ def workspace(tmp_path, env):
     return ws
 
 
-@pytest.fixture
-def browser_page(tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, accept_downloads=True,
-            viewport={"width": 1280, "height": 900},
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        page = browser.pages[0] if browser.pages else browser.new_page()
-        page.set_default_timeout(T)
-        yield page
-        browser.close()
-
-
 def shot(page, tmp_path, name):
     out = tmp_path / "screenshots"
     out.mkdir(exist_ok=True)
@@ -73,9 +58,14 @@ def wait_status(page, selector, want):
 
 
 def fill_train_form(page):
+    """Basics, then every Advanced group opened and filled (the ids are the config keys)."""
+    page.select_option("#f-model-vram", "0")  # no GPU preset: the memory settings below are the schema's
+    page.fill("#b-output-name", "ui-lora")
+    page.click("#advanced > summary")
+    page.evaluate("document.querySelectorAll('#advanced details').forEach(d => d.open = true)")
     values = {"model-dtype": "fp32", "data-resolution": "128", "data-bucket_step": "64", "lora-rank": "4",
               "lora-alpha": "4", "train-steps": "20", "train-lr": "0.01", "sample-every": "4", "sample-steps": "8",
-              "sample-width": "128", "sample-height": "128", "save-output_dir": "runs/ui-lora", "save-every": "2",
+              "sample-width": "128", "sample-height": "128", "save-every": "2",
               "log_every": "1"}
     for key, value in values.items():
         node = page.locator(f"#f-{key}")

@@ -121,7 +121,7 @@ def request_for(rng, strings, values, keys, job_ids):
         return "GET", f"/api/dataset?folder=data&resolution={q(v())}", b"", {}
     if pick == 4:
         return "GET", rng.choice(["/api/models", "/api/jobs", "/api/runs", "/api/compares", "/api/schema", "/",
-                                  "/static/app.js", "/static/" + raw(s())]), b"", {}
+                                  "/static/app.js", "/static/train.js", "/static/" + raw(s())]), b"", {}
     if pick == 5:
         return "GET", f"/api/run?run={q(s())}", b"", {}
     if pick == 6:
@@ -146,8 +146,11 @@ def request_for(rng, strings, values, keys, job_ids):
                                        "prompt": v(), "trigger": v(), "max_length": v(), "batch_size": v(),
                                        "files": rng.choice([[s()], v(), ["data/a.png"]]), "overwrite": v()}))
     if pick in (15, 16, 17):
-        route = rng.choice(["/api/train/preview", "/api/train/start"])
-        return j((route, {"values": fuzz_train_values(rng, keys, values) if rng.random() < 0.9 else v()}))
+        route = rng.choice(["/api/train/preview", "/api/train/start", "/api/train/plan"])
+        body = {"values": fuzz_train_values(rng, keys, values) if rng.random() < 0.9 else v()}
+        if route == "/api/train/plan" and rng.random() < 0.7:
+            body["card"] = rng.choice(["gpu", 24, v()])
+        return j((route, body))
     if pick == 18:
         return j(("/api/train/resume", {"run": v()}))
     if pick in (19, 20):

@@ -37,7 +37,7 @@ from .jobs import JobManager
 from .workspace import Workspace
 
 STATIC = Path(__file__).parent / "static"
-STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
+STATIC_FILES = {"app.js": "text/javascript", "train.js": "text/javascript", "app.css": "text/css"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 

@@ -58,6 +58,9 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str |
     print(f"dev2pro ui: workspace {ws.root}" + (f", re-attached to {len(running)} running job(s)" if running else ""))
     print(f"dev2pro ui: open http://{host if ':' not in host else f'[{host}]'}:{port}/", flush=True)
     jobs.start_scheduler()
+    from . import planview, routes_train
+
+    planview.warm_up(routes_train._schema)  # the form schema, GPU facts and the plan's imports, off the first click
     try:
         uvicorn.run(app, host=host.strip("[]"), port=port, log_level="warning")
     finally:

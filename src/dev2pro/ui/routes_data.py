@@ -49,8 +49,35 @@ def _candidates(ui) -> dict:
                         for p in sorted(set(skipped))]}
 
 
+# where a captioner comes from, for an empty captioner list (caption.py reads these families)
+CAPTIONER_HELP = {
+    "families": ["Florence-2 (florence-community/Florence-2-base, -large)",
+                 "Qwen2.5-VL (Qwen/Qwen2.5-VL-3B-Instruct, -7B-Instruct)",
+                 "Qwen3-VL (Qwen/Qwen3-VL-4B-Instruct, -8B-Instruct)",
+                 "BLIP (Salesforce/blip-image-captioning-base, -large)"],
+    "command": "hf download florence-community/Florence-2-base --local-dir {ws}/models/florence-2-base",
+}
+MODEL_HELP = "hf download black-forest-labs/FLUX.1-dev --local-dir {ws}/models/flux1-dev"
+
+
+def dataset_folders(ui, limit: int = 2000) -> list[str]:
+    """Workspace folders holding images, run outputs and samples left out."""
+    return sorted({ui.ws.rel(p.parent) for p in ui.ws.find(("*.png", "*.jpg", "*.jpeg", "*.webp"), limit=limit)
+                   if "samples" not in p.parts and "runs" not in p.relative_to(ui.ws.root).parts[:1]
+                   and "compares" not in p.relative_to(ui.ws.root).parts[:1]})
+
+
+def choices(ui) -> dict:
+    """What the Train page offers: model folders, transformer files and dataset folders of the workspace."""
+    found = _candidates(ui)
+    return {"models": found["flux"], "transformers": found["transformers"], "datasets": dataset_folders(ui)}
+
+
 async def models(request: Request, ui):
-    return JSONResponse({**_candidates(ui), "settings": ui.settings(), "workspace": str(ui.ws.root)})
+    ws = str(ui.ws.root)
+    return JSONResponse({**_candidates(ui), "settings": ui.settings(), "workspace": ws, "datasets": dataset_folders(ui),
+                         "captioner_help": {**CAPTIONER_HELP, "command": CAPTIONER_HELP["command"].format(ws=ws)},
+                         "model_help": MODEL_HELP.format(ws=ws)})
 
 
 async def settings(request: Request, ui):
@@ -146,8 +173,7 @@ def _dataset(ui, q) -> dict:
         if size:
             sizes.append(size)
     preview = _bucket_preview(sizes, buckets)
-    folders = sorted({ui.ws.rel(p.parent) for p in ui.ws.find(("*.png", "*.jpg", "*.jpeg", "*.webp"), limit=2000)
-                      if "samples" not in p.parts and "runs" not in p.relative_to(ui.ws.root).parts[:1]})
+    folders = dataset_folders(ui)
     return {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders,
             "truncated": len(images) > MAX_IMAGES,
             "skipped": [{"name": n, "reason": "a symlink out of the workspace (not read)"} for n in skipped]}

@@ -10,7 +10,9 @@ sampling and comparing) must be inside the workspace too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import re
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ from ..config import load_config, render_toml
 from ..errors import UserError
 from ..outputs import write_text
 from ..train.folder import RunFolder
-from . import forms
+from . import forms, planview, routes_data, trainform
 from .handlers import json_body, number, text
 from .monitor import find_runs, run_info
 
@@ -36,11 +38,12 @@ else:  # pragma: no cover
 
 @functools.lru_cache(maxsize=1)
 def _schema():
-    # lazy: the schemas load diffusers + transformers (~3 s); the server starts without them
+    # torch-free; loaded in the background at start-up (planview.warm_up), so a tab click never waits for it
     from ..config import path_fields
     from ..schemas import TrainConfig, load_train_config
 
-    return forms.field_specs(TrainConfig), load_train_config, path_fields(TrainConfig)
+    specs = forms.field_specs(TrainConfig)
+    return specs, load_train_config, path_fields(TrainConfig), trainform.annotate(specs)
 
 
 LORA_FILES = ("", ".safetensors", ".diffusers.safetensors", ".comfy.safetensors")  # train/export.LORA_SUFFIXES
@@ -49,9 +52,12 @@ LORA_FILES = ("", ".safetensors", ".diffusers.safetensors", ".comfy.safetensors"
 def _config(ui, values: dict):
     """Browser values -> a validated TrainConfig whose paths, names and the files under its paths are all in
     the workspace (no symlink out: the job would read or write through it)."""
-    specs, loader, paths = _schema()
-    cfg = forms.build_config(specs, values, loader, paths, ui.ws.resolve,
-                             name=lambda folder, value, key: ui.ws.name(folder, value, key, LORA_FILES))
+    specs, loader, paths, _ = _schema()
+    # the loader imports torch for presets and rank checks: one thread at a time; the preset's console line
+    # ("--vram 24 preset: ...") is for `dev2pro train`, not for the web app's terminal on every keystroke
+    with planview.LOCK, contextlib.redirect_stdout(io.StringIO()):
+        cfg = forms.build_config(specs, values, loader, paths, ui.ws.resolve,
+                                 name=lambda folder, value, key: ui.ws.name(folder, value, key, LORA_FILES))
     for key, value in forms.path_values(cfg, paths):
         if Path(value).exists():
             ui.ws.check_tree(Path(value), f"'{key}'")
@@ -77,17 +83,47 @@ def _write_config(ui, stem: str, text_: str) -> Path:
 
 
 async def schema(request: Request, ui):
-    specs, _, paths = _schema()
-    return JSONResponse({"fields": specs, "paths": sorted(paths), "settings": ui.settings()})
+    """The Train form: every field with a label in words, its help, whether it is in Basics and its Advanced
+    group; plus what the page carries over (settings), and the workspace's models and dataset folders."""
+    _, _, paths, fields = _schema()
+    return JSONResponse({"fields": fields, "basics": list(trainform.BASICS), "paths": sorted(paths),
+                         "settings": ui.settings(), "gpu": planview.detect_gpu() if planview._gpu_done.is_set()
+                         else "pending", **routes_data.choices(ui)})
+
+
+async def plan(request: Request, ui):
+    """Validate the form with the CLI's loader and plan it (`dev2pro plan`): ``{"ok": false, "error", "field"}``
+    for settings the loader refuses (the field it names, for the page to mark), else the plan and verdict."""
+    b = await json_body(request, ("values", "card"))
+    card = b.get("card")
+    if card not in (None, "", "gpu"):
+        card = number(b, "card", None, 1, 1024)
+
+    def work():
+        try:
+            cfg = _config(ui, b["values"])
+            data = forms.form_to_data(_schema()[0], b["values"], drop_defaults=True)
+            with planview.LOCK:
+                return {"ok": True, "plan": planview.page_plan(cfg, data, card or None, ui.ws)}
+        except UserError as e:  # ConfigError, PathRefused, ImpossiblePlan: the CLI's own message
+            keys = [f["key"] for f in _schema()[3]]
+            return {"ok": False, "error": str(e), "field": trainform.error_field(str(e), keys)}
+        except Exception as e:  # noqa: BLE001 -- a model the plan cannot read: training could not either
+            return {"ok": False, "error": f"the plan could not read the model ({type(e).__name__}: "
+                                          f"{str(e)[:300]}); check the base model on the Models page",
+                    "field": "model.path"}
+    return JSONResponse(await run_in_threadpool(work))  # imports torch the first time; plans in a thread
 
 
 async def preview(request: Request, ui):
-    cfg = _config(ui, (await json_body(request, ("values",)))["values"])
+    values = (await json_body(request, ("values",)))["values"]
+    cfg = await run_in_threadpool(_config, ui, values)  # may wait for the start-up imports: not in the event loop
     return JSONResponse({"toml": _render(cfg)})
 
 
 async def start(request: Request, ui):
-    cfg = _config(ui, (await json_body(request, ("values",)))["values"])
+    values = (await json_body(request, ("values",)))["values"]
+    cfg = await run_in_threadpool(_config, ui, values)
     out = ui.ws.resolve(ui.ws.rel(cfg.save.output_dir))  # checked by _config; once more, after symlinks
     run_rel = ui.ws.rel(out)
     if out == ui.ws.root:
@@ -261,6 +297,7 @@ def routes(handler) -> list[Route]:
     return [
         Route("/api/schema", handler(schema)),
         Route("/api/train/preview", handler(preview), methods=["POST"]),
+        Route("/api/train/plan", handler(plan), methods=["POST"]),
         Route("/api/train/start", handler(start), methods=["POST"]),
         Route("/api/train/resume", handler(resume), methods=["POST"]),
         Route("/api/runs", handler(runs)),

@@ -34,6 +34,12 @@ const fill = (select, values, keep = true, blank = null) => {
   for (const v of values) select.append(el("option", { value: v, text: v }));
   if (keep && values.includes(old)) select.value = old;
 };
+// a page's loading bar while its data is fetched (every page that fetches shows one)
+async function loading(page, fn) {
+  const bar = $("loading-" + page), sec = $("page-" + page);
+  sec.dataset.loading = "1"; bar.hidden = false;
+  try { return await fn(); } finally { delete sec.dataset.loading; bar.hidden = true; }
+}
 const fileUrl = (p) => "/files/" + p.split("/").map(encodeURIComponent).join("/");
 
 // ------------------------------------------------------------------------------------------------ pages
@@ -41,11 +47,13 @@ function show(page) {
   state.page = page;
   for (const s of document.querySelectorAll(".page")) s.hidden = s.id !== "page-" + page;
   for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t.dataset.page === page);
-  ({ models: loadModels, dataset: loadDataset, train: loadTrain, monitor: loadRuns, results: loadResults })[page]();
+  const load = { models: loadModels, dataset: loadDataset, monitor: loadRuns, results: loadResults };
+  Promise.resolve(page === "train" ? loadTrain() : loading(page, load[page])).catch(() => {});  // train.js
 }
 
 async function loadModels() {
   const m = await api("/api/models");
+  state.modelsLoaded = true; state.datasets = m.datasets;
   state.settings = m.settings; $("ws-root").textContent = m.workspace;
   fill($("train-base"), m.flux, false); fill($("inference-base"), m.transformers, false, "(the training base)");
   fill($("train-transformer"), m.transformers, false, "(the folder's transformer)");
@@ -54,6 +62,11 @@ async function loadModels() {
   if (m.settings.train_base) $("train-base").value = m.settings.train_base;
   if (m.settings.inference_base) $("inference-base").value = m.settings.inference_base;
   if (m.settings.captioner) $("captioner").value = m.settings.captioner;
+  if (m.settings.trigger && !$("trigger").value) $("trigger").value = m.settings.trigger;
+  $("models-empty").hidden = m.flux.length > 0; $("model-help").textContent = m.model_help;
+  $("captioner-empty").hidden = m.captioners.length > 0;
+  $("captioner-help").textContent = m.captioner_help.command;
+  $("captioner-families").textContent = m.captioner_help.families.join("; ");
   if (m.skipped.length) toast("not listed (symlinks out of the workspace; move or copy them in): " +
     m.skipped.map((s) => s.path).join(", "));
 }
@@ -70,8 +83,11 @@ async function inspect(path) {
 
 // ------------------------------------------------------------------------------------------------ dataset
 async function loadDataset() {
-  if (!$("captioner").options.length) await loadModels();
+  if (!state.modelsLoaded) await loadModels();
   if (state.settings.dataset && !state.folder) $("dataset-folder").value = state.settings.dataset;
+  else if (!state.folder && !state.settings.dataset && state.datasets && state.datasets.length) {
+    $("dataset-folder").value = state.datasets[0];  // a newcomer's photos: the workspace's first image folder
+  }
   const folder = $("dataset-folder").value.trim();
   let d;
   const q = `folder=${encodeURIComponent(folder)}&resolution=${$("bucket-resolution").value}` +
@@ -142,107 +158,6 @@ async function pollCaption() {
   if (!["queued", "running"].includes(j.status)) { state.captionJob = null; if (state.page === "dataset") loadDataset(); }
 }
 
-// ------------------------------------------------------------------------------------------------ train form
-function input(spec, value, attrs = {}) {
-  const a = { "data-key": spec.key, title: spec.help, ...attrs };
-  if (spec.kind === "bool") { const i = el("input", { type: "checkbox", ...a }); i.checked = !!value; return i; }
-  if (spec.kind === "choice") {
-    const s = el("select", a); fill(s, spec.choices.map(String), false); s.value = String(value); return s;
-  }
-  if (spec.kind === "list") {
-    const t = el("textarea", { rows: 2, placeholder: "one per line", ...a });
-    t.value = (value || []).join("\n"); return t;
-  }
-  const i = el("input", { type: "text", ...a }); i.value = value === null || value === undefined ? "" : value; return i;
-}
-
-function field(spec, value, idPrefix) {
-  const lab = el("label", { class: spec.kind === "list" || spec.kind === "tables" ? "wide" : "" },
-    spec.key.split(".").pop() + (spec.help ? "" : ""));
-  lab.title = spec.help;
-  const i = input(spec, value, { id: idPrefix + spec.key.replaceAll(".", "-") });
-  if (spec.kind === "bool") { lab.className = "check"; lab.prepend(i); } else lab.append(i);
-  return lab;
-}
-
-function tableRow(spec, item, holder) {
-  const row = el("div", { class: "row table-row" });
-  for (const f of spec.fields) {
-    if (f.kind === "section") continue;
-    const l = field(f, item[f.key] ?? f.default, "f-" + spec.key.replaceAll(".", "-") + "-");
-    l.querySelector("[data-key]").dataset.key = f.key; row.append(l);
-  }
-  row.append(el("button", { class: "secondary", type: "button", text: "remove", onclick: () => row.remove() }));
-  holder.append(row);
-}
-
-function prefill() {
-  const s = state.settings, v = {};
-  if (s.train_base) v["model.path"] = s.train_base;
-  if (s.inference_base) v["model.inference_base"] = s.inference_base;
-  if (s.train_transformer) v["model.transformer"] = s.train_transformer;
-  if (s.dataset) v["data.folders"] = [{ path: s.dataset }];
-  if (s.trigger) v["data.trigger"] = s.trigger;
-  v["save.output_dir"] = "runs/lora-" + new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "");
-  return v;
-}
-
-async function loadTrain() {
-  if (state.schema) return;
-  const r = await api("/api/schema");
-  state.schema = r.fields; state.settings = r.settings;
-  const form = $("train-form"), pre = prefill();
-  const general = el("fieldset", {}, el("legend", { text: "general" }));
-  let fs = general;
-  form.append(general);
-  for (const spec of r.fields) {
-    if (spec.kind === "section") {
-      fs = el("fieldset", { title: spec.help }, el("legend", { text: spec.key + " — " + spec.help })); form.append(fs);
-      continue;
-    }
-    const value = spec.key in pre ? pre[spec.key] : spec.default;
-    if (spec.kind === "tables") {
-      const holder = el("div", { class: "table-list", "data-table": spec.key, title: spec.help },
-        el("div", { text: spec.key + ": " + spec.help }));
-      for (const item of value) tableRow(spec, item, holder);
-      holder.append(el("button", { class: "secondary", type: "button", text: "add",
-        onclick: (e) => { e.target.remove(); tableRow(spec, {}, holder); holder.append(e.target); } }));
-      fs.append(holder);
-    } else (spec.key.includes(".") ? fs : general).append(field(spec, value, "f-"));  // top-level keys: general
-  }
-  if (!general.querySelector("[data-key]")) general.remove();
-}
-
-function formValues() {
-  const v = {};
-  const read = (i) => (i.type === "checkbox" ? i.checked : i.value);
-  for (const i of document.querySelectorAll("#train-form [data-key]")) {
-    if (i.closest(".table-row")) continue;
-    v[i.dataset.key] = read(i);
-  }
-  for (const holder of document.querySelectorAll("#train-form [data-table]")) {
-    v[holder.dataset.table] = [...holder.querySelectorAll(".table-row")].map((row) => {
-      const item = {}; for (const i of row.querySelectorAll("[data-key]")) item[i.dataset.key] = read(i); return item;
-    });
-  }
-  return v;
-}
-
-async function previewToml() {
-  $("train-error").textContent = "";
-  try { $("toml-preview").textContent = (await api("/api/train/preview", { values: formValues() }, { quiet: true })).toml; }
-  catch (e) { $("train-error").textContent = e.message; }
-}
-
-async function startTrain() {
-  $("train-error").textContent = "";
-  try {
-    const r = await api("/api/train/start", { values: formValues() }, { quiet: true });
-    toast("training queued: " + r.job.run_dir, true);
-    state.run = r.job.run_dir; show("monitor");
-  } catch (e) { $("train-error").textContent = e.message; }
-}
-
 // ------------------------------------------------------------------------------------------------ monitor
 function plot(svg, series, classes) {
   const W = 400, H = 180, P = 28;
@@ -266,6 +181,8 @@ function plot(svg, series, classes) {
 async function loadRuns() {
   const r = await api("/api/runs");
   const names = r.runs.map((x) => x.run);
+  $("monitor-empty").hidden = names.length > 0; $("monitor-body").hidden = !names.length;
+  $("results-empty").hidden = names.length > 0; $("results-body").hidden = !names.length;
   fill($("run-select"), names, true); fill($("results-run"), names, true);
   if (state.run && names.includes(state.run)) { $("run-select").value = state.run; $("results-run").value = state.run; }
   await pollRun();
@@ -315,10 +232,18 @@ async function pollRun() {
 
 // ------------------------------------------------------------------------------------------------ results
 async function loadResults() {
-  if (!$("results-run").options.length) await loadRuns();
+  await loadRuns();
   const run = $("results-run").value;
   if (!run) return;
   const r = await api("/api/run?run=" + encodeURIComponent(run));
+  $("results-pending").hidden = r.loras.length > 0;
+  // the run's last sample grids, side by side (a FLUX.2 klein LoRA on the distilled model next to Base)
+  const grids = $("results-grids"); grids.innerHTML = "";
+  for (const g of r.latest_samples || []) {
+    grids.append(el("figure", {}, el("figcaption", {}, "last samples, " + g.label + ": " + g.file.split("/").pop()),
+                    el("img", { src: fileUrl(g.file), alt: g.label })));
+  }
+  grids.hidden = !(r.latest_samples || []).length;
   const ul = $("lora-files"); ul.innerHTML = "";
   const isStep = (p) => /-step\d+/.test(p);
   const layout = (p) => (p.includes(".diffusers.") ? "diffusers / PEFT" : p.includes(".comfy.") ? "ComfyUI" :
@@ -387,7 +312,7 @@ async function tick() {
   try {
     await pollJobs();
     await pollCaption();
-    if (state.page === "monitor") await pollRun();
+    if (state.page === "monitor") await ($("monitor-empty").hidden ? pollRun() : loadRuns());  // a run may start
     if (state.page === "results") await pollResults();
   } catch (e) { /* the server may be restarting: try again next tick */ }
   setTimeout(tick, 1000);
@@ -395,10 +320,10 @@ async function tick() {
 
 // ------------------------------------------------------------------------------------------------ wiring
 for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => show(t.dataset.page));
-$("save-models").onclick = async () => {
+$("save-models").onclick = async () => {  // carried over to the Train page on its next visit
   state.settings = await api("/api/settings", { train_base: $("train-base").value, inference_base:
     $("inference-base").value, train_transformer: $("train-transformer").value });
-  state.schema = null; $("train-form").innerHTML = ""; toast("models saved", true);
+  toast("models saved: the Train page uses them", true);
 };
 $("inspect-train").onclick = () => inspect($("train-transformer").value || $("train-base").value);
 $("inspect-inference").onclick = () => inspect($("inference-base").value || $("train-base").value);
@@ -406,15 +331,21 @@ $("convert-fp8").onclick = async () => {
   const j = await api("/api/convert", { src: $("convert-src").value, dst: $("convert-dst").value, dtype: "fp8" });
   toast("queued: " + j.title, true);
 };
-$("load-folder").onclick = () => { state.folder = null; state.settings.dataset = $("dataset-folder").value; loadDataset(); };
+$("load-folder").onclick = async () => {
+  state.folder = null; state.settings.dataset = $("dataset-folder").value;
+  await loading("dataset", loadDataset);
+  if (state.folder) api("/api/settings", { dataset: state.folder }, { quiet: true }).catch(() => {});  // for Train
+};
+$("trigger").onchange = () => api("/api/settings", { trigger: $("trigger").value }, { quiet: true }).catch(() => {});
 $("upload").onclick = upload;
 $("bucket-resolution").onchange = $("bucket-step").onchange = () => loadDataset();
 $("caption-all").onclick = () => autocaption(false);
 $("caption-selected").onclick = () => autocaption(true);
-$("preview-toml").onclick = previewToml;
-$("start-train").onclick = startTrain;
+for (const [id, page] of [["monitor-go-train", "train"], ["results-go-train", "train"], ["results-go-monitor", "monitor"]]) {
+  $(id).onclick = () => show(page);
+}
 $("run-select").onchange = () => { state.run = $("run-select").value; pollRun(); };
-$("results-run").onchange = () => { state.run = $("results-run").value; loadResults(); };
+$("results-run").onchange = () => { state.run = $("results-run").value; loading("results", loadResults); };
 $("stop-run").onclick = async () => { const r = state.runInfo; if (r && r.job) await api(`/api/jobs/${r.job.id}/stop`, {}); pollRun(); };
 $("resume-run").onclick = async () => { await api("/api/train/resume", { run: $("run-select").value }); pollRun(); };
 $("strength").oninput = () => ($("strength-value").textContent = Number($("strength").value).toFixed(1));
