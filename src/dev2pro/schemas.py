@@ -46,7 +46,8 @@ class ModelBase:
         require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
 
 
-@ordered("path", "transformer", "family", "inference_base", "adapter", "adapter_scale", "dtype", "fp8_storage", "fp8_keep",
+@ordered("path", "transformer", "family", "inference_base", "adapter", "adapter_scale", "dtype", "fp8_storage",
+         "fp8_keep",
          "gradient_checkpointing", "blocks_to_swap", "vram", "text_encoder", "text_encoder_dtype", "vae_tiling",
          "t5_max_length", "allow_pickle")
 @dataclass
@@ -75,7 +76,8 @@ class ModelSection(ModelBase):
         require(self.vram in (0, 8, 12, 16, 24, 48), f"vram = {self.vram}: choose 8, 12, 16, 24 or 48 (GB), or 0")
 
 
-@ordered("path", "transformer", "family", "teacher", "gradient_checkpointing", "fp8_storage", "t5_max_length", "allow_pickle")
+@ordered("path", "transformer", "family", "teacher", "gradient_checkpointing", "fp8_storage", "t5_max_length",
+         "allow_pickle")
 @dataclass
 class DedistillModel(ModelBase):
     transformer: str = opt("", "start weights (any layout); empty = the folder's transformer", path=True)

@@ -37,6 +37,7 @@ class Family:
     probes: Mapping[str, str]  # layout (bfl | diffusers) -> a key every checkpoint of that layout holds
     claims: Callable[[Iterable[str]], bool]  # these keys carry this family's own markers
     tensor_pieces: Callable[[Shapes, str], list]  # (shapes, layout) -> every tensor as flux.keys.Piece
+    plan: Callable[[Shapes, str, str], dict]  # (shapes, src, dst) -> flux.keys.plan of these pieces (+ checks)
     spec_from_shapes: Callable[[Shapes, str, Sequence[int] | None], object]  # (shapes, layout, axes_dim) -> spec
     spec_from_config: Callable[[Mapping], object]  # diffusers transformer config.json -> spec
     build_transformer: Callable[..., object]  # (spec, device="cpu", dtype=None, seed=None) -> diffusers model
@@ -64,6 +65,17 @@ class Family:
 
     def __str__(self) -> str:
         return self.title
+
+
+def lazy(module: str, name: str) -> Callable:
+    """``module.name``, imported at the first call: family entries point at diffusers-heavy code (pipelines, text
+    encoders, VAEs) that ``inspect`` / ``convert`` / the CLI's ``--help`` must not pay for at import time."""
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    call.__qualname__ = call.__name__ = f"{module}.{name}"
+    return call
 
 
 def _registry() -> dict[str, Family]:

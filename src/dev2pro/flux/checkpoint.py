@@ -91,11 +91,9 @@ class Checkpoint:
         return sorted(expected - set(self.shapes))
 
     def plan(self, dst_layout: str) -> dict:
-        """``flux.keys.plan`` from this file's layout to ``dst_layout`` with its family's piece table."""
-        if dst_layout == self.key_layout:
-            return keymod.plan(self.shapes, self.key_layout, dst_layout)
-        return keymod.plan(self.shapes, self.key_layout, dst_layout,
-                           self.family.tensor_pieces(self.shapes, self.key_layout))
+        """Its family's ``plan`` (``flux.keys.plan`` over the family's pieces) from this file's layout to
+        ``dst_layout``: for each output key, the input rows that build it."""
+        return self.family.plan(self.shapes, self.key_layout, dst_layout)
 
     def raw(self, full_key: str) -> torch.Tensor:
         if self._state is not None:

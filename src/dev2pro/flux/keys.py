@@ -199,8 +199,8 @@ def pieces_for_shapes(shapes: Mapping[str, Sequence[int]], layout: str) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ conversion
-def plan(shapes: Mapping[str, Sequence[int]], src: str, dst: str,
-         pieces: Sequence[Piece] | None = None) -> dict[str, list[tuple[str, Rows, Rows]]]:
+def plan(shapes: Mapping[str, Sequence[int]], src: str, dst: str, pieces: Sequence[Piece] | None = None,
+         title: str = "Flux") -> dict[str, list[tuple[str, Rows, Rows]]]:
     """For each output key: the (input key, input rows, output rows) that build it. ``src``/``dst`` in bfl|diffusers.
 
     Keys must be unprefixed. Unknown input keys raise CheckpointError (nothing is silently dropped). ``pieces``:
@@ -220,7 +220,7 @@ def plan(shapes: Mapping[str, Sequence[int]], src: str, dst: str,
         out.setdefault(d_key, []).append((s_key, s_rows, d_rows))
     unknown = sorted(set(shapes) - used)
     if unknown:
-        raise CheckpointError(f"{len(unknown)} keys are not part of a Flux transformer in the {src} layout, e.g. "
+        raise CheckpointError(f"{len(unknown)} keys are not part of a {title} transformer in the {src} layout, e.g. "
                               f"{unknown[:5]}. Is this a different model family or a partial/merged file?")
     # Output tensors built from several pieces are assembled in output-row order.
     for k, parts in out.items():

@@ -14,11 +14,12 @@ import torch
 
 from ...flux import keys as keymod
 from ...flux import spec as specmod
-from .. import Family
+from .. import Family, lazy
 
 _MARKERS = ("vector_in.", "time_text_embed.")  # CLIP's pooled vector; FLUX.2 has time_guidance_embed
-_BLOCK_MARKERS = re.compile(r"^(double_blocks\.\d+\.(img|txt)_mod\.lin|transformer_blocks\.\d+\.norm1(_context)?\.linear|"
-                            r"single_blocks\.\d+\.modulation\.lin|single_transformer_blocks\.\d+\.norm\.linear)\.")
+_BLOCK_MARKERS = re.compile(r"^(double_blocks\.\d+\.(img|txt)_mod\.lin|"
+                            r"transformer_blocks\.\d+\.norm1(_context)?\.linear|single_blocks\.\d+\.modulation\.lin|"
+                            r"single_transformer_blocks\.\d+\.norm\.linear)\.")
 
 
 def claims(keys: Iterable[str]) -> bool:
@@ -61,16 +62,6 @@ def modelspec(spec) -> dict:
             "modelspec.implementation": "https://github.com/black-forest-labs/flux"}
 
 
-def _load_text(model_dir, device="cpu", dtype=torch.float32):
-    from ...text import load_text_encoders  # diffusers: not at `inspect`'s import time
-    return load_text_encoders(model_dir, device, dtype)
-
-
-def _text_encoder(pipe, device, max_length: int):
-    from ...text import text_encoder
-    return text_encoder(pipe, device, max_length)
-
-
 def _text_settings(pipe, max_length: int) -> dict:
     return {"t5_max_length": max_length}
 
@@ -79,34 +70,9 @@ def _embeds_of(record: Mapping) -> tuple:
     return record["prompt_embeds"][None], record["pooled"][None]
 
 
-def _load_vae(model_dir, device="cpu", dtype=torch.float32):
-    from ...flux.latents import load_vae
-    return load_vae(model_dir, device, dtype)
-
-
-def _encode_images(vae, pixels):
-    from ...flux.latents import encode_images
-    return encode_images(vae, pixels)
-
-
-def _lora_targets(*args, **kwargs):
-    from ...lora.targets import target_modules
-    return target_modules(*args, **kwargs)
-
-
 def _build_pipeline(components: dict, transformer, distilled: bool = False, progress: bool = False):
-    from ...sampling import build_pipeline
+    from ...sampling import build_pipeline  # diffusers: not at `inspect`'s import time
     return build_pipeline(components, transformer, progress)
-
-
-def _render(*args, **kwargs):
-    from ...sampling import render
-    return render(*args, **kwargs)
-
-
-def _render_latents(*args, **kwargs):
-    from ...sampling import render_latents
-    return render_latents(*args, **kwargs)
 
 
 FAMILY = Family(
@@ -114,6 +80,7 @@ FAMILY = Family(
     probes={"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
     claims=claims,
     tensor_pieces=lambda shapes, layout: keymod.pieces_for_shapes(shapes, layout),
+    plan=keymod.plan,
     spec_from_shapes=spec_from_shapes,
     spec_from_config=specmod.spec_from_diffusers_config,
     build_transformer=specmod.build_transformer,
@@ -122,7 +89,10 @@ FAMILY = Family(
     model_inputs=model_inputs,
     describe_variant=describe_variant,
     modelspec=modelspec,
-    load_text=_load_text, text_encoder=_text_encoder, text_settings=_text_settings, embeds_of=_embeds_of,
-    load_vae=_load_vae, encode_images=_encode_images, lora_targets=_lora_targets,
-    build_pipeline=_build_pipeline, render=_render, render_latents=_render_latents,
+    load_text=lazy("dev2pro.text", "load_text_encoders"), text_encoder=lazy("dev2pro.text", "text_encoder"),
+    text_settings=_text_settings, embeds_of=_embeds_of,
+    load_vae=lazy("dev2pro.flux.latents", "load_vae"), encode_images=lazy("dev2pro.flux.latents", "encode_images"),
+    lora_targets=lazy("dev2pro.lora.targets", "target_modules"),
+    build_pipeline=_build_pipeline, render=lazy("dev2pro.sampling", "render"),
+    render_latents=lazy("dev2pro.sampling", "render_latents"),
 )

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from ...lora.targets import TargetTables, target_modules
-from .. import Family
+from .. import Family, lazy
 from . import keys as keymod
 from . import spec as specmod
 
@@ -106,61 +106,19 @@ def lora_targets(*args, **kwargs) -> list[str]:
     return target_modules(*args, **kwargs, tables=TABLES)
 
 
-def _load_text(model_dir, device="cpu", dtype=torch.float32):
-    from .text import load_text_encoder
-    return load_text_encoder(model_dir, device, dtype)
-
-
-def _text_encoder(pipe, device, max_length: int):
-    from .text import text_encoder
-    return text_encoder(pipe, device, max_length)
-
-
-def _text_settings(pipe, max_length: int) -> dict:
-    from .text import cache_settings
-    return cache_settings(pipe, max_length)
-
-
 def _embeds_of(record: Mapping) -> tuple:
     """A cached record (bf16 on disk) -> (prompt_embeds (1, L, D) fp32, None): FLUX.2 has no pooled vector."""
     return record["prompt_embeds"][None].float(), None
 
 
-def _check_pairing(pipe, spec) -> None:
-    from .text import check_pairing
-    check_pairing(pipe, spec)
-
-
-def _load_vae(model_dir, device="cpu", dtype=torch.float32):
-    from .latents import load_vae
-    return load_vae(model_dir, device, dtype)
-
-
-def _encode_images(vae, pixels):
-    from .latents import encode_images
-    return encode_images(vae, pixels)
-
-
-def _build_pipeline(components: dict, transformer, distilled: bool = False, progress: bool = False):
-    from .sampling import build_pipeline
-    return build_pipeline(components, transformer, distilled, progress)
-
-
-def _render(*args, **kwargs):
-    from .sampling import render
-    return render(*args, **kwargs)
-
-
-def _render_latents(*args, **kwargs):
-    from .sampling import render_latents
-    return render_latents(*args, **kwargs)
-
+_TEXT, _LATENTS, _SAMPLING = (f"{__package__}.{m}" for m in ("text", "latents", "sampling"))  # imported on use
 
 FAMILY = Family(
     name="flux2", title="FLUX.2",
     probes={"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
     claims=claims,
     tensor_pieces=lambda shapes, layout: keymod.pieces_for_shapes(shapes, layout),
+    plan=keymod.plan,
     spec_from_shapes=spec_from_shapes,
     spec_from_config=specmod.spec_from_diffusers_config,
     build_transformer=specmod.build_transformer,
@@ -170,8 +128,9 @@ FAMILY = Family(
     refine_spec=refine_spec,
     describe_variant=describe_variant,
     modelspec=modelspec,
-    check_text=lambda pipe, spec: _check_pairing(pipe, spec),
-    load_text=_load_text, text_encoder=_text_encoder, text_settings=_text_settings, embeds_of=_embeds_of,
-    load_vae=_load_vae, encode_images=_encode_images, lora_targets=lora_targets,
-    build_pipeline=_build_pipeline, render=_render, render_latents=_render_latents,
+    check_text=lazy(_TEXT, "check_pairing"), load_text=lazy(_TEXT, "load_text_encoder"),
+    text_encoder=lazy(_TEXT, "text_encoder"), text_settings=lazy(_TEXT, "cache_settings"), embeds_of=_embeds_of,
+    load_vae=lazy(_LATENTS, "load_vae"), encode_images=lazy(_LATENTS, "encode_images"), lora_targets=lora_targets,
+    build_pipeline=lazy(_SAMPLING, "build_pipeline"), render=lazy(_SAMPLING, "render"),
+    render_latents=lazy(_SAMPLING, "render_latents"),
 )

@@ -29,6 +29,7 @@ import torch
 
 from ...errors import CheckpointError
 from ...flux.keys import Piece, Rows, assemble, block_counts  # noqa: F401 (assemble is part of this API)
+from ...flux.keys import plan as flux_plan
 from .spec import BFL_PREFIXES, DIFFUSERS_PREFIXES, strip_prefix  # noqa: F401 (re-exported)
 
 FINAL_ADALN = ("final_layer.adaLN_modulation.1", "norm_out.linear")
@@ -125,21 +126,9 @@ def plan(shapes: Mapping[str, Sequence[int]], src: str, dst: str) -> dict[str, l
         raise ValueError(f"layouts are 'bfl' and 'diffusers', got {src!r} -> {dst!r}")
     if src == dst:
         return {k: [(k, None, None)] for k in shapes}
-    out: dict[str, list[tuple[str, Rows, Rows]]] = {}
-    used = set()
-    for p in pieces_for_shapes(shapes, src):
-        s_key, s_rows, d_key, d_rows = (p.bfl, p.bfl_rows, p.diffusers, p.diffusers_rows) if src == "bfl" else \
-            (p.diffusers, p.diffusers_rows, p.bfl, p.bfl_rows)
-        if s_key in shapes:
-            used.add(s_key)
-            out.setdefault(d_key, []).append((s_key, s_rows, d_rows))
-    unknown = sorted(set(shapes) - used)
-    if unknown:
-        raise CheckpointError(f"{len(unknown)} keys are not part of a FLUX.2 transformer in the {src} layout, e.g. "
-                              f"{unknown[:5]}. Is this another model family or a partial/merged file?")
+    out = flux_plan(shapes, src, dst, pieces_for_shapes(shapes, src), title="FLUX.2")
     hidden = int(shapes["img_in.weight" if src == "bfl" else "x_embedder.weight"][0])
-    for key, parts in out.items():
-        parts.sort(key=lambda t: (t[2] or (0, 0))[0])  # fused outputs are assembled in output-row order
+    for key, parts in out.items():  # flux_plan sorted fused outputs' parts in output-row order
         if parts[0][2] is not None:  # a fused output (qkv, final adaLN): its parts must cover all of its rows
             need = 2 * hidden if key.startswith(FINAL_ADALN) else 3 * hidden
             if sum(r[1] - r[0] for _, _, r in parts) != need:

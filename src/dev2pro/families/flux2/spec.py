@@ -254,7 +254,8 @@ def detect(shapes: Mapping[str, Sequence[int]], variant: str | None = None,
         names = dict(x="x_embedder.weight", ctx="context_embedder.weight",
                      time="time_guidance_embed.timestep_embedder.linear_1.weight",
                      guidance="time_guidance_embed.guidance_embedder.linear_1.weight",
-                     qnorm=("transformer_blocks.0.attn.norm_q.weight", "single_transformer_blocks.0.attn.norm_q.weight"),
+                     qnorm=("transformer_blocks.0.attn.norm_q.weight",
+                            "single_transformer_blocks.0.attn.norm_q.weight"),
                      mlp_in="transformer_blocks.0.ff.linear_in.weight",
                      single_in="single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight")
     hidden, in_channels = s[names["x"]]
