@@ -125,12 +125,34 @@ def load_base(path: str | os.PathLike, loras: Sequence[tuple[str, float]] = (), 
     """
     transformer, ckpt = load_transformer(path, dtype=dtype, fp8_storage=fp8_storage)
     for i, (lora_path, scale) in enumerate(loras):
-        lw = load_lora(lora_path)
+        lw = _load_lora_for(transformer, lora_path)
         # peft keeps adapters in ModuleDicts: names must be unique and free of '.'
         apply_lora(transformer, lw, scale=scale, adapter_name=f"lora{i}")
     # Adapter weights keep peft's dtype (fp32 for bf16 bases): peft casts activations to it and back per layer.
     transformer.eval().requires_grad_(False)
     return transformer, ckpt
+
+
+def _load_lora_for(transformer, path) -> object:
+    """A LoRA file read with the key maps of ``transformer``'s family: FLUX.1's reader refuses FLUX.2 modules
+    (``attn.to_qkv_mlp_proj``, single blocks' plain ``attn.to_out``) that every trained klein LoRA has."""
+    from . import families
+
+    if families.of_model(transformer).name != "flux2":
+        return load_lora(path)
+    from safetensors import SafetensorError, safe_open
+
+    from .families.flux2 import lora_keys
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors LoRA file ({e})") from None
+    try:
+        return lora_keys.read_lora(sd, metadata, len(transformer.transformer_blocks),
+                                   len(transformer.single_transformer_blocks))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def check_inputs_exist(model_dir: str | os.PathLike, transformer: str | os.PathLike | None,

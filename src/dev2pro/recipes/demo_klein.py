@@ -161,12 +161,12 @@ def _job(job: dict) -> dict:
                 "data": {"shards": job["shards"], "batch_size": job["lora_batch"]},
                 "lora": {"rank": 8, "alpha": 8},
                 "train": {"steps": job["steps"], "lr": 2e-3, "seed": job["seed"], "warmup_steps": 5},
-                "save": {"output_dir": str(run), "formats": ["kohya"], "overwrite": True},
+                "save": {"output_dir": str(run), "formats": ["diffusers"], "overwrite": True},
                 "log_every": 50,
             })
             summary = train(cfg, progress=False, quiet=True)
         result["losses"] = summary["losses"]
-        lora = run / "lora.safetensors"
+        lora = run / "lora.diffusers.safetensors"  # diffusers/PEFT names: what load_base reads for FLUX.2
 
     def sample(name: str, target: str, strengths, base: bool) -> None:
         f = run / f"samples-{name}.npz"
