@@ -30,6 +30,7 @@ SCALE = float(np.sqrt(LATENT_CHANNELS / 3))
 SIZE = 64  # pixels seen by the pipeline: 8x8 digit pixels as 8x8 blocks -> an 8x8 latent -> 16 tokens
 TEXT_LEN = 24  # Qwen3 chat-template tokens: the longest caption takes 22 (the pipeline pads to this length)
 CODEC = "dev2pro-demo-pixel32-v1"  # recorded in the shards' settings: latents made by encode_pixels
+EMBED_GAIN = 50.0  # the stand-in Qwen3's token embeddings x this (``write_model``)
 
 TextEncoder = Callable[[Sequence[str]], dict]
 
@@ -85,6 +86,28 @@ def to_stored(vae_latents: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------ data
+def write_model(folder: Path, seed: int = 0) -> Path:
+    """The tiny klein folder (``families.flux2.tiny.write_tiny``, variant klein-base) with its stand-in Qwen3's token
+    embeddings scaled by ``EMBED_GAIN``.
+
+    Why: a random 36-layer Qwen3 of width 32 hands out hidden states (layers 9/18/27) of std ~0.04 in which the
+    prompt's own words are ~14% of the signal -- the template and 9 random layers wash them out, where a trained
+    Qwen3 keeps them. The FLUX.1 demo's tiny T5 gives std ~1.0 with the words at ~23%; with klein's as it is, the
+    toy Base ignored its prompt after 1000 steps (every digit prompt drew the same image). Qwen3 is pre-norm, so
+    scaling the token embeddings (std 0.02 -> 1) raises the residual stream's token content against what the
+    layers add: std ~0.9, words ~20%. Everything else (tokenizer, template, layers, stacking) is untouched."""
+    from transformers import Qwen3ForCausalLM
+
+    from ..families.flux2.tiny import write_tiny
+
+    write_tiny(folder, "klein-base", seed=seed, overwrite=True)
+    te = Qwen3ForCausalLM.from_pretrained(str(folder / "text_encoder"))
+    with torch.no_grad():
+        te.get_input_embeddings().weight.mul_(EMBED_GAIN)
+    te.save_pretrained(str(folder / "text_encoder"))
+    return folder
+
+
 def load_text_encoder(model_dir: Path) -> TextEncoder:
     """Captions -> {"prompt_embeds" (B, TEXT_LEN, D) bf16} with the folder's Qwen3 (klein's cached text format)."""
     from ..families import get
@@ -126,37 +149,90 @@ def strength_key(strength: float | None) -> str:
     return "none" if strength is None else f"s{float(strength):g}"
 
 
-def sample_model(target: str | Path, lora: str | Path | None, strengths: Sequence[float | None], prompts_file,
-                 model_dir, *, seed: int, per_class: int, steps: int, cfg: float, distilled: bool) -> dict:
-    """Sample ``target`` (+ ``lora`` at each of ``strengths``; None = adapter off) with diffusers'
-    ``Flux2KleinPipeline``: ``per_class`` images per prompt, noise seeds ``seed * 100_000 + i`` shared by every
-    class, ``steps`` steps, true CFG ``cfg`` against the empty prompt (1 = none). Returns {strength_key: RGB}."""
+def load_klein(target: str | Path, lora: str | Path | None, model_dir, distilled: bool):
+    """(pipeline, VAE batch-norm stats) for ``target`` with ``lora`` attached as the peft adapter "lora0" (strength
+    set per render with ``strength.set_strength``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from .. import sampling as S
-    from .. import strength as ST
     from ..families import get
 
     fam = get("flux2")
-    prompts = load_prompts(prompts_file)
-    classes = prompts["prompt_embeds"].shape[0]
-    embeds = [(prompts["prompt_embeds"][k:k + 1], None) for k in range(classes) for _ in range(per_class)]
-    seeds = [seed * 100_000 + i for _ in range(classes) for i in range(per_class)]
-    negative = (prompts["empty_embeds"][None], None)
     model, _ = S.load_base(str(target), [(str(lora), 1.0)] if lora else [], torch.float32)
     vae = fam.load_vae(model_dir)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
-    pipe = fam.build_pipeline({"vae": vae, "scheduler": scheduler}, model, distilled=distilled)
-    guidance = S.resolve_guidance(False, "auto", cfg)
-    stats = bn_stats(vae)
+    return fam.build_pipeline({"vae": vae, "scheduler": scheduler}, model, distilled=distilled), bn_stats(vae)
+
+
+@torch.no_grad()
+def render(pipe, embeds: torch.Tensor, seeds: Sequence[int], *, steps: int, cfg: float,
+           negative: torch.Tensor | None = None) -> torch.Tensor:
+    """One batched ``Flux2KleinPipeline`` call: prompt embeddings (N, L, D), one seeded CPU generator per image (so
+    image i starts from its seed's noise, as one call per image would), true CFG ``cfg`` against ``negative``
+    (L, D) when > 1. Returns VAE-space latents (N, 32, 8, 8) fp32. Batched because the tiny model's cost is per
+    call, not per image (one image per call was ~30x slower here)."""
+    extra = {}
+    if cfg > 1.0 and not pipe.config.get("is_distilled", False):
+        extra["negative_prompt_embeds"] = negative[None].expand(len(embeds), -1, -1)
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    pipe.transformer.eval()
+    return pipe(prompt_embeds=embeds, num_inference_steps=steps, width=SIZE, height=SIZE, generator=generators,
+                guidance_scale=cfg, output_type="latent", **extra).images.float().cpu()
+
+
+def eval_batch(prompts_file, seed: int, per_class: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """(embeddings (10 * per_class, L, D) class-major, noise seeds ``seed * 100_000 + i`` shared by every class,
+    the empty prompt (L, D))."""
+    prompts = load_prompts(prompts_file)
+    pe = prompts["prompt_embeds"].repeat_interleave(per_class, dim=0)
+    seeds = [seed * 100_000 + i for _ in range(prompts["prompt_embeds"].shape[0]) for i in range(per_class)]
+    return pe, seeds, prompts["empty_embeds"]
+
+
+def sample_model(target: str | Path, lora: str | Path | None, strengths: Sequence[float | None], prompts_file,
+                 model_dir, *, seed: int, per_class: int, steps: int, cfg: float, distilled: bool) -> dict:
+    """Sample ``target`` (+ ``lora`` at each of ``strengths``; None = adapter off): ``per_class`` images per prompt
+    (``eval_batch``), ``steps`` steps, true CFG ``cfg`` (1 = none). Returns {strength_key: RGB (N, 8, 8, 3)}."""
+    from .. import strength as ST
+
+    pipe, stats = load_klein(target, lora, model_dir, distilled)
+    embeds, seeds, empty = eval_batch(prompts_file, seed, per_class)
     out = {}
     for s in strengths:
         if lora:
-            ST.set_strength(model, "lora0", 0.0 if s is None else float(s))
-        lat = fam.render_latents(pipe, embeds, seeds, guidance, negative=negative, steps=steps, width=SIZE,
-                                 height=SIZE)
-        out[strength_key(s)] = decode(to_stored(lat, stats))
+            ST.set_strength(pipe.transformer, "lora0", 0.0 if s is None else float(s))
+        out[strength_key(s)] = decode(to_stored(render(pipe, embeds, seeds, steps=steps, cfg=cfg, negative=empty),
+                                                stats))
     return out
+
+
+def calibrate(base: str | Path, distilled: str | Path, lora: str | Path, prompts_file, model_dir, *,
+              seeds: Sequence[int], base_steps: int, cfg: float, distilled_steps: int,
+              strengths: Sequence[float]) -> dict:
+    """`dev2pro calibrate`'s measurement through its library (``strength.effect``, ``strength.calibrate``) with
+    batched renders: the LoRA's effect at 1.0 on Base (true CFG ``cfg``, ``base_steps``) -- the RMS change of the
+    fixed-seed final latents -- and the strength on the distilled model (``distilled_steps``, no CFG) whose effect
+    equals it. Every prompt of ``prompts_file`` x ``seeds``. Returns ``Calibration.to_dict()``."""
+    from .. import strength as ST
+
+    prompts = load_prompts(prompts_file)
+    n = prompts["prompt_embeds"].shape[0]
+    embeds = prompts["prompt_embeds"].repeat_interleave(len(seeds), dim=0)
+    flat_seeds = [int(s) for _ in range(n) for s in seeds]
+
+    def runner(target, steps, scale, is_distilled):
+        pipe, _ = load_klein(target, lora, model_dir, is_distilled)
+
+        def latents_at(strength: float) -> torch.Tensor:
+            ST.set_strength(pipe.transformer, "lora0", strength)
+            return render(pipe, embeds, flat_seeds, steps=steps, cfg=scale, negative=prompts["empty_embeds"])
+        return latents_at
+
+    ref_at = runner(base, base_steps, cfg, False)
+    reference = ST.effect(ref_at(1.0), ref_at(0.0))
+    tgt_at = runner(distilled, distilled_steps, 1.0, True)
+    tgt_base = tgt_at(0.0)
+    return ST.calibrate(reference, lambda s: ST.effect(tgt_at(s), tgt_base), strengths).to_dict()
 
 
 def save_samples(path: Path, arrays: Mapping[str, np.ndarray]) -> str:

@@ -26,8 +26,6 @@ sampling seeds. LoRA jobs run in single-threaded worker processes; finished stag
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -43,7 +41,7 @@ from ..lab.judges import fit_judges
 from ..lab.resume import finished_stage, prepare_run_folder
 from ..lab.world import base_caption, concept_caption, few_shot, load_digits_world, plain, styled
 from ..noise import quiet_libraries
-from ..outputs import write_json, write_text
+from ..outputs import write_json
 from ..schemas import load_dedistill_config, load_train_config
 from .dedistill import dedistill
 from .train_lora import train
@@ -80,11 +78,9 @@ CALIBRATE_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 # ------------------------------------------------------------------------------------------------ stages
 def _data(root: Path, world, p: Profile) -> tuple[Path, Path, dict, Path]:
     """The tiny klein folder, image folders -> shards (base world, one concept set per seed), eval prompts."""
-    from ..families.flux2.tiny import write_tiny
-
     model_dir = root / "models" / "klein"
     if not (model_dir / "model_index.json").is_file():
-        write_tiny(model_dir, "klein-base", seed=0, overwrite=True)
+        klein.write_model(model_dir, seed=0)
     encode_text = klein.load_text_encoder(model_dir)
     base_dir = root / "data" / "base"
     if not base_dir.is_dir():
@@ -124,22 +120,16 @@ def _base(root: Path, name: str, objective: str, model_dir: Path, shards: Path, 
 
 
 def _calibrate(job: dict, lora: Path) -> dict:
-    """`dev2pro calibrate` (its library call) on this seed's B LoRA: Base at true CFG -> the distilled model."""
-    from .calibrate import run_calibrate
-
+    """`calibrate`'s measurement (``lab.klein.calibrate``: its library calls, batched renders) on this seed's B
+    LoRA: its effect at 1.0 on Base with true CFG -> the strength with the same effect on the distilled model."""
     out = Path(job["run"]) / "calibration.json"
-    if out.is_file():
-        return json.loads(out.read_text())
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # parallel workers: no interleaved console
-        r = run_calibrate(job["model_dir"], str(lora), job["distilled"],
-                          [concept_caption(k) for k in range(10)], reference=job["base"],
-                          seeds=[job["seed"] * 100_000 + 50_000 + i for i in range(job["calibrate_seeds"])],
-                          size=(klein.SIZE, klein.SIZE), reference_steps=job["base_sample_steps"],
-                          reference_cfg=CFG, steps=DISTILLED_STEPS, cfg=1.0, strengths=CALIBRATE_GRID,
-                          report=str(out), max_sequence_length=klein.TEXT_LEN)
-    write_text(Path(job["run"]) / "calibration.log", log.getvalue())
-    return r
+    if not out.is_file():
+        r = klein.calibrate(job["base"], job["distilled"], lora, job["prompts"], job["model_dir"],
+                            seeds=[job["seed"] * 100_000 + 50_000 + i for i in range(job["calibrate_seeds"])],
+                            base_steps=job["base_sample_steps"], cfg=CFG, distilled_steps=DISTILLED_STEPS,
+                            strengths=CALIBRATE_GRID)
+        write_json(out, r)
+    return json.loads(out.read_text())
 
 
 def _job(job: dict) -> dict:
