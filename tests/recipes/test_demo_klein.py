@@ -133,3 +133,27 @@ def test_cli_family_picks_the_demo(monkeypatch, tmp_path, family, module, out):
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--family", family, "--quick", "--seeds", "3", "--no-progress"]) == 0
     assert calls == [(out, "quick", 3, False, False, 2)]
+
+
+@pytest.mark.slow
+def test_demo_calibration_agrees_with_the_calibrate_recipe(quick, tmp_path):
+    """The demo's batched measurement and `dev2pro calibrate`'s recipe (one image per call, its own text encoding)
+    recommend the same strength for the same LoRA, prompts and seeds."""
+    from dev2pro.lab.world import concept_caption
+    from dev2pro.recipes.calibrate import run_calibrate
+    from dev2pro.recipes.demo_klein import CALIBRATE_GRID, CFG, DISTILLED_STEPS, PROFILES
+
+    root, _ = quick
+    model, lora = root / "models" / "klein", root / "arms" / "B-seed0" / "lora.diffusers.safetensors"
+    base, distilled = root / "runs" / "base" / "base.safetensors", root / "runs" / "distilled" / "distilled.safetensors"
+    captions, seeds, steps = [concept_caption(k) for k in (3, 8)], [7, 8], PROFILES["quick"].base_sample_steps
+    prompts = klein.write_prompts(klein.load_text_encoder(model), captions, tmp_path / "p.safetensors")
+    ours = klein.calibrate(base, distilled, lora, prompts, model, seeds=seeds, base_steps=steps, cfg=CFG,
+                           distilled_steps=DISTILLED_STEPS, strengths=CALIBRATE_GRID)
+    theirs = run_calibrate(str(model), str(lora), str(distilled), captions, reference=str(base), seeds=seeds,
+                           size=(klein.SIZE, klein.SIZE), reference_steps=steps, reference_cfg=CFG,
+                           steps=DISTILLED_STEPS, cfg=1.0, strengths=CALIBRATE_GRID,
+                           max_sequence_length=klein.TEXT_LEN)
+    assert ours["recommended_strength"] is not None
+    assert ours["reference_effect"] == pytest.approx(theirs["reference_effect"], rel=0.02)
+    assert ours["recommended_strength"] == pytest.approx(theirs["recommended_strength"], rel=0.05)

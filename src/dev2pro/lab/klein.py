@@ -86,7 +86,7 @@ def to_stored(vae_latents: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------ data
-def write_model(folder: Path, seed: int = 0) -> Path:
+def write_model(folder: Path, seed: int = 0, spec=None) -> Path:
     """The tiny klein folder (``families.flux2.tiny.write_tiny``, variant klein-base) with its stand-in Qwen3's token
     embeddings scaled by ``EMBED_GAIN``.
 
@@ -100,7 +100,7 @@ def write_model(folder: Path, seed: int = 0) -> Path:
 
     from ..families.flux2.tiny import write_tiny
 
-    write_tiny(folder, "klein-base", seed=seed, overwrite=True)
+    write_tiny(folder, "klein-base", seed=seed, spec=spec, overwrite=True)
     te = Qwen3ForCausalLM.from_pretrained(str(folder / "text_encoder"))
     with torch.no_grad():
         te.get_input_embeddings().weight.mul_(EMBED_GAIN)

@@ -165,8 +165,9 @@ def markdown(summary: dict) -> str:
     rows, cal = t["rows"], t["calibration"]
     strengths = summary["strengths"]
     lines = [f"# dev2pro demo — `{summary['command']}`", "",
-             f"Toy FLUX.2 [klein] family (diffusers' Flux2Transformer2DModel / Flux2KleinPipeline, tiny Qwen3 text "
-             f"encoder; {st['seeds']} LoRA seeds, mean ± 95% t-interval). **Base**: flow matching from scratch, "
+             f"Toy FLUX.2 [klein] family (diffusers' Flux2Transformer2DModel, 128 wide, in Flux2KleinPipeline; tiny "
+             f"random Qwen3 text encoder with scaled token embeddings; a fixed 32-channel pixel codec in FLUX.2's "
+             f"latent layout; {st['seeds']} LoRA seeds, mean ± 95% t-interval). **Base**: flow matching from scratch, "
              f"10% caption dropout, sampled with true CFG {summary['cfg']:g} and {st['base_sample_steps']} steps. "
              f"**Distilled**: guidance-distilled from Base at CFG {summary['cfg']:g} (one scale, no guidance "
              f"embedding) -- NOT step-distilled -- sampled as klein distilled is used: "

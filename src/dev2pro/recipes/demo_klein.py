@@ -6,9 +6,10 @@ for use (4 steps, no CFG, no guidance embedding). Users ask whether a Base-train
 and at what strength (reports say 1.5-2.0). The demo rebuilds the question small, with the recipes users run:
 
   world      the FLUX.1 demo's world (``lab/world.py``: 8x8 digits, the orange-on-blue "sks style" concept, 5 shots
-             per digit), captions through the tiny klein folder's Qwen3 text stack, images through a fixed 32-channel
+             per digit), captions through the tiny klein folder's Qwen3 text stack (its token embeddings scaled so
+             the prompt survives 9 random layers: ``lab.klein.write_model``), images through a fixed 32-channel
              pixel codec in FLUX.2's stored latent layout (``lab/klein.py``).
-  Base       ``Flux2Transformer2DModel`` (tiny klein: 2 double + 4 single blocks, no guidance embedding) trained from
+  Base       ``Flux2Transformer2DModel`` (tiny klein, 128 wide: 2 double + 4 single blocks, no guidance embedding) from
              scratch by `dedistill` (objective flow, 10% caption dropout): a real CFG model.
   distilled  `dedistill` objective ``guidance_distill`` with ``w_min == w_max == CFG``: the student answers Base's CFG
              output at that one scale in a single forward, with no guidance embedding (klein's distilled form). It is
@@ -16,8 +17,9 @@ and at what strength (reports say 1.5-2.0). The demo rebuilds the question small
              steps, no CFG) but its few-step quality is whatever flow matching on this toy world gives.
   arms       `dev2pro train` LoRAs, same shots, steps and seed per arm: **B** on Base, applied to the distilled model
              at ``STRENGTHS`` (B->D) and sampled on Base with true CFG (B->B, the oracle); **D** on the distilled
-             model, sampled on it (D->D). `calibrate`'s library call recommends, per seed, the strength at which B's
-             effect on the distilled model equals its effect at 1.0 on Base; B->D is sampled at it too.
+             model, sampled on it (D->D). `calibrate`'s measurement (``strength.effect`` / ``strength.calibrate``)
+             recommends, per seed, the strength at which B's effect on the distilled model equals its effect at 1.0
+             on Base; B->D is sampled at it too.
   judges     ``lab/judges`` (style fidelity, digit accuracy, Frechet distances) and ``lab/report``'s paired tests.
 
 Bases are trained once per run; each LoRA seed changes the few-shot subset, the LoRA init and noise, and the
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..families.flux2.spec import TINY_KLEIN
 from ..lab import arms as lab_arms
 from ..lab import dataset, klein, report
 from ..lab import klein_report as kr
@@ -64,11 +67,17 @@ class Profile:
 PROFILES = {
     "quick": Profile(base_steps=150, distill_steps=60, lora_steps=40, seeds=3, eval_per_class=3,
                      base_sample_steps=8, calibrate_seeds=1),  # every path, little learning
-    "default": Profile(base_steps=1000, distill_steps=400, lora_steps=150, seeds=5, eval_per_class=6,
+    "default": Profile(base_steps=1000, distill_steps=300, lora_steps=150, seeds=5, eval_per_class=6,
                        base_sample_steps=12),
     "full": Profile(base_steps=4000, distill_steps=2000, lora_steps=400, seeds=8, eval_per_class=20,
                     base_sample_steps=24),
 }
+# The tiny klein transformer, 128 wide (TINY_KLEIN is 64). A token is a 2x2 patch of 32 channels = 128 numbers, of
+# which the codec's 3-dimensional colour space fills 12; in the other 116 the flow target is the noise itself
+# (x_t / sigma), which the model must pass through. At width 64 it cannot (128 -> 64 -> 128): the Base's loss stalled
+# at ~0.6 and its samples came out speckled (every LoRA arm, the oracle included, judged out of style); at 128 the
+# same 400 steps reach ~0.13 with a quarter of the speckle. (FLUX.1's toy is 64 wide for 64-number tokens.)
+KLEIN_SPEC = TINY_KLEIN.with_(hidden=128, num_heads=8)
 CFG = 3.5  # Base's true-CFG scale, and the one scale the distilled model answers
 DISTILLED_STEPS = 4  # klein distilled's own step count, no CFG
 STRENGTHS = (1.0, 1.25, 1.5, 2.0)  # B's LoRA on the distilled model
@@ -80,7 +89,7 @@ def _data(root: Path, world, p: Profile) -> tuple[Path, Path, dict, Path]:
     """The tiny klein folder, image folders -> shards (base world, one concept set per seed), eval prompts."""
     model_dir = root / "models" / "klein"
     if not (model_dir / "model_index.json").is_file():
-        klein.write_model(model_dir, seed=0)
+        klein.write_model(model_dir, seed=0, spec=KLEIN_SPEC)
     encode_text = klein.load_text_encoder(model_dir)
     base_dir = root / "data" / "base"
     if not base_dir.is_dir():
