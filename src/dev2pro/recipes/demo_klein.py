@@ -67,7 +67,7 @@ class Profile:
 PROFILES = {
     "quick": Profile(base_steps=150, distill_steps=60, lora_steps=40, seeds=3, eval_per_class=3,
                      base_sample_steps=8, calibrate_seeds=1),  # every path, little learning
-    "default": Profile(base_steps=1000, distill_steps=300, lora_steps=150, seeds=5, eval_per_class=6,
+    "default": Profile(base_steps=600, distill_steps=200, lora_steps=120, seeds=5, eval_per_class=6,
                        base_sample_steps=12),
     "full": Profile(base_steps=4000, distill_steps=2000, lora_steps=400, seeds=8, eval_per_class=20,
                     base_sample_steps=24),
