@@ -93,8 +93,7 @@ def test_quick_klein_demo_end_to_end(quick):
     saved = json.loads((root / "results.json").read_text())
     assert saved["table"] == json.loads(json.dumps(summary["table"]))
     rows = saved["table"]["rows"]
-    assert list(rows)[:len(STRENGTHS)] == [kr.fixed(s) for s in STRENGTHS]
-    assert {"D->D", kr.ORACLE} <= set(rows)
+    assert {kr.fixed(s) for s in STRENGTHS} | {"D->D", kr.ORACLE} <= set(rows)  # results.json sorts its keys
     for name, metrics in rows.items():
         assert set(metrics) == ({"style", "digits", "fd_real"} if name == kr.ORACLE else set(kr.ROW_METRICS))
         for m in metrics.values():
