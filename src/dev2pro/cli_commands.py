@@ -428,7 +428,10 @@ def _add_lora_extract(lsub):
 # ------------------------------------------------------------------------------------------------ demo
 def add_demo(sub):
     p = sub.add_parser("demo", help="measure the Dev2Pro claim end to end on toy Flux models (CPU, ~10 min)")
-    p.add_argument("--out", default="demo-out", help="output folder (a finished stage is reused on rerun)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default demo-out, demo-klein-out; a finished stage is reused on rerun)")
+    p.add_argument("--family", choices=("flux1", "flux2-klein"), default="flux1",
+                   help="flux2-klein: train on klein Base, use on the distilled model, with calibrated strengths")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="profile", const="quick", help="smoke test, ~2 min")
     size.add_argument("--full", action="store_const", dest="profile", const="full",
@@ -441,7 +444,11 @@ def add_demo(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
     def run(a):
-        from .recipes.demo import run_demo
-        make_parent(a.out)
-        run_demo(a.out, a.profile, a.seeds, a.overwrite, not a.no_progress, a.workers)
+        if a.family == "flux2-klein":
+            from .recipes.demo_klein import run_demo_klein as run_demo
+        else:
+            from .recipes.demo import run_demo
+        out = a.out or ("demo-klein-out" if a.family == "flux2-klein" else "demo-out")
+        make_parent(out)
+        run_demo(out, a.profile, a.seeds, a.overwrite, not a.no_progress, a.workers)
     p.set_defaults(profile="default", run=run)
