@@ -402,8 +402,25 @@ def apply_vram_preset(cfg: TrainConfig, explicit: set[str]) -> dict[str, object]
     gb = cfg.model.vram
     if not gb:
         return {}
-    from .plan import clamp_blocks_to_swap, vram_preset  # torch: only when a recipe runs (the CLI imports us)
+    from .families import of_spec  # torch: only when a recipe runs (the CLI imports us)
+    from .plan import VRAM_PRESETS, clamp_blocks_to_swap, fitted_preset, vram_preset
 
+    try:
+        inputs = plan_inputs(cfg)
+    except (UserError, OSError, ValueError):
+        inputs = None  # an unreadable model is reported where it is loaded; FLUX.1's table needs no header
+    if inputs is not None and of_spec(inputs.spec).name != "flux1" and gb in VRAM_PRESETS:
+        # computed from the plan for this model: the table below was measured for FLUX.1's 12B
+        every = fitted_preset(inputs, gb, fixed=explicit)
+        chosen = {k: v for k, v in every.items() if k not in explicit}
+        kept = [k for k in every if k in explicit]
+        for name, value in chosen.items():
+            sec, key = name.split(".")
+            setattr(getattr(cfg, sec), key, value)
+        print(f"--vram {gb} preset (computed from the plan for this {of_spec(inputs.spec).title} model): "
+              + ", ".join(f"{k} = {v}" for k, v in chosen.items())
+              + (f" (kept your {', '.join(kept)})" if kept else ""), flush=True)
+        return chosen
     chosen, kept = vram_preset(gb, explicit)
     for name, value in chosen.items():
         sec, key = name.split(".")

@@ -28,3 +28,28 @@ def test_klein_4b_lora_fits_16_gb_with_fp8_and_checkpointing():
     plan = estimate(PlanInputs(KLEIN_4B_BASE, "bf16", fp8_storage=True, gradient_checkpointing=True,
                                image_tokens=(4096,), text_encoder="cpu", **{f"{k}_params": v for k, v in enc.items()}))
     assert plan.train_peak() < 16 * GB - 1 * GB
+
+
+@pytest.mark.parametrize("spec", [KLEIN_4B_BASE, KLEIN_9B_BASE])
+def test_vram_presets_for_klein_are_computed_to_fit_each_card(spec):
+    """`--vram 8|12|16|24|48` on klein: settings from the plan that fit the card, more frugal on smaller cards."""
+    from dataclasses import replace
+
+    from dev2pro.plan import CUDA_OVERHEAD, fitted_preset
+
+    enc = encoder_params(None, spec)
+    inp = PlanInputs(spec, "bf16", image_tokens=(4096,), **{f"{k}_params": v for k, v in enc.items()})
+    field = {"model.gradient_checkpointing": "gradient_checkpointing", "model.fp8_storage": "fp8_storage",
+             "model.fp8_keep": "fp8_keep", "model.blocks_to_swap": "blocks_to_swap",
+             "model.text_encoder": "text_encoder", "model.text_encoder_dtype": "text_encoder_dtype",
+             "model.vae_tiling": "vae_tiling", "train.optimizer": "optimizer"}
+    swaps = []
+    for gb in (48, 24, 16, 12):
+        chosen = fitted_preset(inp, gb)
+        s = replace(inp, **{field[k]: tuple(v) if isinstance(v, list) else v for k, v in chosen.items()})
+        assert estimate(s).peak + CUDA_OVERHEAD <= gb * GB, (gb, chosen)
+        swaps.append((chosen["model.fp8_storage"], chosen["model.blocks_to_swap"]))
+    assert swaps[0] == (False, 0)  # a 48 GB card keeps bf16 weights and no swap
+    assert swaps == sorted(swaps)  # smaller cards: never less frugal
+    fixed = fitted_preset(inp, 12, fixed={"model.fp8_storage"})
+    assert fixed["model.fp8_storage"] is False  # what the user wrote is never changed
