@@ -145,7 +145,7 @@ output_dir = "{tmp_path / 'run'}"
 
 def test_vram_preset_fills_what_the_user_left_unset(tmp_path, tiny_dev_dir, sk_images, capsys):
     from dev2pro.config import render_toml
-    from dev2pro.plan import has_bitsandbytes
+    from dev2pro.presets import has_bitsandbytes
     from dev2pro.schemas import load_train_config
 
     path = _cfg_toml(tmp_path, tiny_dev_dir, sk_images, "vram = 12\nfp8_storage = false")

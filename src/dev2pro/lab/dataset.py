@@ -18,7 +18,7 @@ from ..data.buckets import make_buckets
 from ..data.shards import collect_sources, write_shards
 from ..outputs import save_safetensors
 from ..text import load_text_encoders, text_encoder
-from .world import encode, to_pil
+from .world import base_caption, concept_caption, encode, few_shot, plain, styled, to_pil
 
 T5_LEN = 16  # the longest caption is 10 T5 tokens
 SIZE = 64  # pixel side seen by the pipeline: 8x8 digit pixels as 8x8 blocks
@@ -67,3 +67,24 @@ def write_prompts(encode_text: TextEncoder, captions: Sequence[str], out: Path) 
 def load_prompts(path: str | Path) -> dict[str, torch.Tensor]:
     """``write_prompts``'s file: prompt_embeds (N, L, D), pooled (N, D), empty_embeds (L, D), empty_pooled (D,)."""
     return load_file(str(path))
+
+
+def write_world(root: Path, world, seeds: int, per_class: int, encode_text: TextEncoder,
+                shards=write_demo_shards, prompts=write_prompts) -> tuple[Path, dict[int, Path], Path]:
+    """The demo's data under ``root``: the base world and one few-shot concept set per seed as image folders, then
+    shards (``shards(folder, out, encode_text)``: a family's codec and text stack), and the eval prompts (``prompts``)
+    -> (base shards, {seed: concept shards}, prompts file). Folders already written are reused."""
+    base_dir = root / "data" / "base"
+    if not base_dir.is_dir():
+        write_folder(base_dir, world.train_images, world.train_labels, base_caption, plain)
+    base_shards = shards(base_dir, root / "shards" / "base", encode_text)
+    concept_shards = {}
+    for s in range(seeds):
+        d = root / "data" / f"concept-seed{s}"
+        if not d.is_dir():
+            images, labels = few_shot(world, per_class, seed=s)
+            write_folder(d, images, labels, concept_caption, styled)
+        concept_shards[s] = shards(d, root / "shards" / f"concept-seed{s}", encode_text)
+    return base_shards, concept_shards, prompts(encode_text, [concept_caption(k) for k in range(10)],
+                                                root / "prompts.safetensors")
+

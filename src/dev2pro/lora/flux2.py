@@ -31,6 +31,18 @@ def file_family(sd: Mapping[str, torch.Tensor]) -> tuple[str | None, str]:
     return lora_family(list(sd), {k: tuple(v.shape) for k, v in sd.items()})
 
 
+def family_for(sd: Mapping[str, torch.Tensor], want: str | None, path, base=None) -> str | None:
+    """The family a LoRA state dict is for (``file_family``); a one-line UserError naming both when it is not
+    ``want`` (the base model's family; None: any)."""
+    found, _ = file_family(sd)
+    if found and want and found != want:
+        from .. import families  # on use: loading the registry loads every family
+
+        families.require_same(families.get(found), families.get(want), f"LoRA {path}",
+                              f"base model {base}" if base else "base model it is applied to")
+    return found
+
+
 def read(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> LoraWeights:
     """A FLUX.2 LoRA state dict of any layout -> LoraWeights (family 'flux2', layout in our names)."""
     from ..families.flux2.lora_keys import read_lora

@@ -446,12 +446,7 @@ def load_lora(path: str | os.PathLike, allow_pickle: bool = False, hidden: int |
     from . import flux2
 
     want = getattr(family, "name", family)
-    found, _ = flux2.file_family(sd)
-    if found and want and found != want:
-        from .. import families
-
-        families.require_same(families.get(found), families.get(want), f"LoRA {path}",
-                              f"base model {base}" if base else "base model it is applied to")
+    found = flux2.family_for(sd, want, path, base)
     try:
         if (found or want) == "flux2":
             return flux2.read(sd, metadata)

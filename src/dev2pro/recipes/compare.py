@@ -123,26 +123,8 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     components, embeds, negative = S.prepare_family(cfg.model, family, cfg.prompts, cfg.negative, device, dtype)
     components["vae"].to(device)
 
-    images: dict[str, list] = {}
-    arm_info = []
-    for arm in cfg.arms:
-        t0 = time.time()
-        base, ckpt = S.load_base(arm.transformer or cfg.model, arm_loras[arm.name], dtype, fp8_storage=arm.fp8)
-        variant = getattr(ckpt.spec(), "variant", "")
-        pipe = family.build_pipeline(components, base.to(device), distilled=variant == "klein-distilled")
-        images[arm.name] = family.render(pipe, embeds, cfg.seeds, guidance[arm.name], negative=negative,
-                                         steps=arm.steps or cfg.steps, width=width, height=height)
-        seconds = time.time() - t0
-        arm_info.append(dict(name=arm.name, transformer=str(arm.transformer or cfg.model), layout=ckpt.layout,
-                             variant=variant, steps=arm.steps or cfg.steps,
-                             loras=[[p, s] for p, s in arm_loras[arm.name]],
-                             guidance=guidance[arm.name].to_dict(), fp8=arm.fp8, seconds=round(seconds, 2)))
-        print(f"arm {arm.name!r}: {len(images[arm.name])} images in {seconds:.1f}s ({guidance[arm.name].describe()}, "
-              f"{guidance[arm.name].mode})")
-        del pipe, base
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    images, arm_info = _render_arms(cfg, family, arm_loras, guidance, components, embeds, negative, device, dtype,
+                                    width, height)
 
     # Metrics. Images are prompt-major: index = prompt * len(seeds) + seed index.
     flat_prompts = [p for p in cfg.prompts for _ in cfg.seeds]
@@ -179,6 +161,32 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
         write_text(tmp / "report.html", render_report(results, grid, images))
     print(f"wrote compare.png, report.html, results.json and images/ for {len(cfg.arms)} arm(s) to {out}/")
     return results
+
+
+def _render_arms(cfg: CompareConfig, family, arm_loras: dict, guidance: dict, components: dict, embeds, negative,
+                 device, dtype, width: int, height: int) -> tuple[dict[str, list], list[dict]]:
+    """Each arm loaded, rendered and released in turn (one transformer in memory); -> (images by arm, arm info)."""
+    images: dict[str, list] = {}
+    arm_info = []
+    for arm in cfg.arms:
+        t0 = time.time()
+        base, ckpt = S.load_base(arm.transformer or cfg.model, arm_loras[arm.name], dtype, fp8_storage=arm.fp8)
+        variant = getattr(ckpt.spec(), "variant", "")
+        pipe = family.build_pipeline(components, base.to(device), distilled=variant == "klein-distilled")
+        images[arm.name] = family.render(pipe, embeds, cfg.seeds, guidance[arm.name], negative=negative,
+                                         steps=arm.steps or cfg.steps, width=width, height=height)
+        seconds = time.time() - t0
+        arm_info.append(dict(name=arm.name, transformer=str(arm.transformer or cfg.model), layout=ckpt.layout,
+                             variant=variant, steps=arm.steps or cfg.steps,
+                             loras=[[p, s] for p, s in arm_loras[arm.name]],
+                             guidance=guidance[arm.name].to_dict(), fp8=arm.fp8, seconds=round(seconds, 2)))
+        print(f"arm {arm.name!r}: {len(images[arm.name])} images in {seconds:.1f}s ({guidance[arm.name].describe()}, "
+              f"{guidance[arm.name].mode})")
+        del pipe, base
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return images, arm_info
 
 
 # ------------------------------------------------------------------------------------------------ report

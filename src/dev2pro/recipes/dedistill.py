@@ -120,7 +120,7 @@ def _models(cfg: DedistillConfig, accelerator, fsdp, compute, family) -> _Models
 
 
 def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progress: bool, say) -> dict:
-    tc, m = cfg.train, cfg.model
+    tc = cfg.train
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
     fsdp = fsdpmod.settings_for(tc.distributed, tc.mixed_precision)  # None: DDP (or one process)
@@ -129,13 +129,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
     fsdpmod.warn_if_single_cpu_launch(world)
     torch.manual_seed(tc.seed)
     compute = DTYPE_CHOICES["fp32" if tc.mixed_precision == "no" else tc.mixed_precision]
-    prompts = list(cfg.sample.prompts) if cfg.sample.every else []
     d = cfg.data
-    header = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family)
-    family = header.family
-    with accelerator.main_process_first():  # rank 0 fills the cache first, the others then read it
-        data = load_training_data(Path(m.path), device, **data_source(d, run.root), t5_max_length=m.t5_max_length,
-                                  prompts=prompts, family=family, spec=header.spec())
+    data, family = _data(cfg, accelerator, run)
     # global batches, cut identically on every rank; drop_last: a partial batch cannot be split evenly
     sampler = BucketBatchSampler(data.dataset.buckets(), d.batch_size * world, seed=tc.seed, drop_last=True)
     models = _models(cfg, accelerator, fsdp, compute, family)
@@ -181,21 +176,9 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
             return dedistill_grids(models.inner, spec, data.components, guidances, done, run.samples, bar,
                                    main, accelerator.autocast, device)
 
-    teacher = models.teacher if cfg.objective != "flow" else None
-    objective = Objective(cfg.objective, teacher=teacher, teacher_dtype=compute,
-                          flow_weight=cfg.teacher.flow_weight,
-                          w_range=(cfg.teacher.w_min, cfg.teacher.w_max) if teacher is not None else None)
-    opt = Optimization(models.student, models.trainable, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm,
-                       ema=ema, fsdp=bool(fsdp))
-    draws = Draws(d.caption_dropout, tc.timestep_sampling, tc.sigmoid_scale, tc.shift)
+    objective, opt, draws = _step_parts(cfg, models, optimizer, scheduler, ema, fsdp, compute)
+    events = _events(cfg, note, save_state, grids, run, accelerator)
     batches = batches_forever(sampler)
-    events = Events(
-        save=lambda done: note(f"saved state at step {done}: {save_state(done)}"), save_every=cfg.save.every,
-        save_last=True,  # the last state: extend the run, or export again after a failed export
-        sample=grids, sample_every=sc.every,
-        interrupted=lambda done: note(f"interrupted at step {done}: state saved in {save_state(done)}; resume "
-                                      f"with: {run.resume_hint()}"),
-        any_rank=lambda flag: life.any_rank(flag, accelerator))
     try:
         # the student computes in fp32 under autocast
         result = run_steps(start, tc.steps, lambda: step_loss(opt, objective, draws, data, batches, gen,
@@ -216,6 +199,41 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
         return summary
     finally:
         bar.close()
+
+
+def _data(cfg: DedistillConfig, accelerator, run: RunFolder):
+    """(training data, model family): the family read off the start weights' header, the data cached by rank 0
+    first (the others then read the cache)."""
+    m = cfg.model
+    header = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family)
+    with accelerator.main_process_first():
+        data = load_training_data(Path(m.path), accelerator.device, **data_source(cfg.data, run.root),
+                                  t5_max_length=m.t5_max_length, family=header.family, spec=header.spec(),
+                                  prompts=list(cfg.sample.prompts) if cfg.sample.every else [])
+    return data, header.family
+
+
+def _step_parts(cfg: DedistillConfig, models: _Models, optimizer, scheduler, ema, fsdp, compute):
+    """(Objective, Optimization, Draws) of a de-distillation step: the objective's teacher and CFG-scale range, the
+    trainable side (EMA, FSDP), how batches are drawn."""
+    tc = cfg.train
+    teacher = models.teacher if cfg.objective != "flow" else None
+    objective = Objective(cfg.objective, teacher=teacher, teacher_dtype=compute, flow_weight=cfg.teacher.flow_weight,
+                          w_range=(cfg.teacher.w_min, cfg.teacher.w_max) if teacher is not None else None)
+    opt = Optimization(models.student, models.trainable, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm,
+                       ema=ema, fsdp=bool(fsdp))
+    return objective, opt, Draws(cfg.data.caption_dropout, tc.timestep_sampling, tc.sigmoid_scale, tc.shift)
+
+
+def _events(cfg: DedistillConfig, note, save_state, grids, run: RunFolder, accelerator) -> Events:
+    """States every ``save.every`` steps and after the last one, grids every ``sample.every``, Ctrl-C on any rank."""
+    return Events(
+        save=lambda done: note(f"saved state at step {done}: {save_state(done)}"), save_every=cfg.save.every,
+        save_last=True,  # the last state: extend the run, or export again after a failed export
+        sample=grids, sample_every=cfg.sample.every,
+        interrupted=lambda done: note(f"interrupted at step {done}: state saved in {save_state(done)}; resume "
+                                      f"with: {run.resume_hint()}"),
+        any_rank=lambda flag: life.any_rank(flag, accelerator))
 
 
 def _export(cfg, models: _Models, ema, rank: int, main: bool, run: RunFolder, summary: dict, history, start,

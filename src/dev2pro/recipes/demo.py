@@ -27,9 +27,8 @@ own parts (data, sampling, judges, report) live in `lab/`:
 
 The bases are trained once per demo seed; each LoRA seed (>= 3) changes the few-shot subset, the LoRA init and
 noise, and the sampling seeds, so the intervals measure LoRA-training variance on fixed bases. LoRA jobs run in two
-single-threaded worker processes (one per core). Training, sampling and judging run on one thread and the judges
-score each image on its own, so the numbers depend on the seeds only, not on the core count or the load. A finished
-stage is reused when the run is resumed.
+single-threaded worker processes (one per core); training, sampling and judging run on one thread and judges score
+each image alone, so the numbers depend on the seeds only. A finished stage is reused when the run is resumed.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ from ..lab.cost import StageClock
 from ..lab.fidelity import adapter_fidelity
 from ..lab.judges import fit_judges
 from ..lab.resume import finished_stage, prepare_run_folder
-from ..lab.world import DIGIT_WORDS, base_caption, concept_caption, few_shot, load_digits_world, plain, styled
+from ..lab.world import DIGIT_WORDS, load_digits_world
 from ..noise import quiet_libraries
 from ..outputs import write_json
 from ..schemas import load_dedistill_config, load_train_config
@@ -106,20 +105,8 @@ def _data(root: Path, world, p: Profile) -> tuple[Path, Path, dict, Path]:
     model_dir = root / "models" / "tiny"
     if not (model_dir / "model_index.json").is_file():
         write_tiny_model(model_dir, variant="pro", seed=0, overwrite=True)
-    encode_text = dataset.load_text_encoder(model_dir)
-    base_dir = root / "data" / "base"
-    if not base_dir.is_dir():
-        dataset.write_folder(base_dir, world.train_images, world.train_labels, base_caption, plain)
-    base_shards = dataset.write_demo_shards(base_dir, root / "shards" / "base", encode_text)
-    concept_shards = {}
-    for s in range(p.seeds):
-        d = root / "data" / f"concept-seed{s}"
-        if not d.is_dir():
-            images, labels = few_shot(world, p.per_class, seed=s)
-            dataset.write_folder(d, images, labels, concept_caption, styled)
-        concept_shards[s] = dataset.write_demo_shards(d, root / "shards" / f"concept-seed{s}", encode_text)
-    prompts = dataset.write_prompts(encode_text, [concept_caption(k) for k in range(10)],
-                                    root / "prompts.safetensors")
+    base_shards, concept_shards, prompts = dataset.write_world(root, world, p.seeds, p.per_class,
+                                                               dataset.load_text_encoder(model_dir))
     return model_dir, base_shards, concept_shards, prompts
 
 
@@ -249,9 +236,7 @@ def run_demo(out: str = "demo-out", profile: str = "default", seeds: int | None 
     if p.seeds < 1:
         raise UserError("--seeds must be >= 1 (3 or more for confidence intervals)")
     quiet_libraries()
-    # One thread: two on two busy cores are several times slower, and the bases' round-off (so every number
-    # after them) must not move with the core count; scoring and sampling pin it themselves (lab/threads.py).
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # faster on busy cores; round-off must not move with the core count (lab/threads.py)
     root = Path(out).resolve()
     prepare_run_folder(root, {"version": 1, "profile": profile, **asdict(p)}, overwrite)
     clock = StageClock()

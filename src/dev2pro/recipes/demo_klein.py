@@ -42,7 +42,7 @@ from ..lab import klein_report as kr
 from ..lab.cost import StageClock
 from ..lab.judges import fit_judges
 from ..lab.resume import finished_stage, prepare_run_folder
-from ..lab.world import base_caption, concept_caption, few_shot, load_digits_world, plain, styled
+from ..lab.world import load_digits_world
 from ..noise import quiet_libraries
 from ..outputs import write_json
 from ..schemas import load_dedistill_config, load_train_config
@@ -90,19 +90,9 @@ def _data(root: Path, world, p: Profile) -> tuple[Path, Path, dict, Path]:
     model_dir = root / "models" / "klein"
     if not (model_dir / "model_index.json").is_file():
         klein.write_model(model_dir, seed=0, spec=KLEIN_SPEC)
-    encode_text = klein.load_text_encoder(model_dir)
-    base_dir = root / "data" / "base"
-    if not base_dir.is_dir():
-        dataset.write_folder(base_dir, world.train_images, world.train_labels, base_caption, plain)
-    base_shards = klein.write_shards(base_dir, root / "shards" / "base", encode_text)
-    concept_shards = {}
-    for s in range(p.seeds):
-        d = root / "data" / f"concept-seed{s}"
-        if not d.is_dir():
-            images, labels = few_shot(world, p.per_class, seed=s)
-            dataset.write_folder(d, images, labels, concept_caption, styled)
-        concept_shards[s] = klein.write_shards(d, root / "shards" / f"concept-seed{s}", encode_text)
-    prompts = klein.write_prompts(encode_text, [concept_caption(k) for k in range(10)], root / "prompts.safetensors")
+    base_shards, concept_shards, prompts = dataset.write_world(root, world, p.seeds, p.per_class,
+                                                               klein.load_text_encoder(model_dir),
+                                                               klein.write_shards, klein.write_prompts)
     return model_dir, base_shards, concept_shards, prompts
 
 

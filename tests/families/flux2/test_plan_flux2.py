@@ -35,7 +35,8 @@ def test_vram_presets_for_klein_are_computed_to_fit_each_card(spec):
     """`--vram 8|12|16|24|48` on klein: settings from the plan that fit the card, more frugal on smaller cards."""
     from dataclasses import replace
 
-    from dev2pro.plan import CUDA_OVERHEAD, fitted_preset
+    from dev2pro.plan import CUDA_OVERHEAD
+    from dev2pro.presets import fitted_preset
 
     enc = encoder_params(None, spec)
     inp = PlanInputs(spec, "bf16", image_tokens=(4096,), **{f"{k}_params": v for k, v in enc.items()})

@@ -1,0 +1,80 @@
+"""The ``--vram`` presets applied to a train config: FLUX.1's measured table (``plan.VRAM_PRESETS``), the same
+settings computed from the plan for other families (``fitted_preset``), and the clamps both need (a swap count
+within the model's blocks, 8-bit AdamW only where bitsandbytes exists)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .errors import UserError
+from .flux.checkpoint import open_checkpoint
+from .plan import _REMEDIES, CUDA_OVERHEAD, GB, VRAM_PRESETS, PlanInputs, estimate
+
+
+# PlanInputs field -> config key, for presets computed from the plan
+_CONFIG_KEYS = {"gradient_checkpointing": "model.gradient_checkpointing", "fp8_storage": "model.fp8_storage",
+                "fp8_keep": "model.fp8_keep", "blocks_to_swap": "model.blocks_to_swap",
+                "text_encoder": "model.text_encoder", "text_encoder_dtype": "model.text_encoder_dtype",
+                "vae_tiling": "model.vae_tiling", "optimizer": "train.optimizer"}
+
+
+def fitted_preset(inp: PlanInputs, gb: int, fixed: set[str] = frozenset()) -> dict[str, object]:
+    """The ``--vram gb`` preset computed for this model from the plan (FLUX.2's sizes are not FLUX.1's table):
+    start from the roomiest settings (the 48 GB preset's) and apply the remedies in order -- the cheapest change in
+    speed first; the text encoder to bf16, then the CPU, when caching does not fit; VAE tiling last -- until the
+    peak fits ``gb`` GB. ``fixed``: config keys the user wrote (never changed). Returns "section.key" -> value."""
+    roomy = {**VRAM_PRESETS[48]["model"], **VRAM_PRESETS[48]["train"]}
+    field_of = {v: k for k, v in _CONFIG_KEYS.items()}
+    frozen = {field_of[k] for k in fixed if k in field_of}
+    s = replace(inp, **{k: v for k, v in roomy.items() if k in _CONFIG_KEYS and k not in frozen})
+    budget, blocks = gb * GB, inp.spec.num_double + inp.spec.num_single
+    changes = [c for _, c in _REMEDIES if c.get("blocks_to_swap", 0) < blocks - 1] + [dict(vae_tiling=True)]
+    for change in [{}] + changes:
+        change = {k: v for k, v in change.items() if k not in frozen}
+        if change.get("optimizer") == "adamw8bit" and not has_bitsandbytes():
+            continue  # 8-bit states need bitsandbytes (CUDA)
+        s = replace(s, **change)
+        for te in (dict(text_encoder_dtype="bf16"), dict(text_encoder="cpu")):
+            if estimate(s).caching_peak + CUDA_OVERHEAD > budget and not set(te) & frozen:
+                s = replace(s, **te)
+        if estimate(s).peak + CUDA_OVERHEAD <= budget:
+            break
+    return {key: list(getattr(s, f)) if isinstance(getattr(s, f), tuple) else getattr(s, f)
+            for f, key in _CONFIG_KEYS.items()}
+
+
+def vram_preset(gb: int, explicit: set[str]) -> tuple[dict[str, object], list[str]]:
+    """(chosen, kept): the ``gb`` preset's ``"section.key" -> value`` settings not named in ``explicit`` (what the
+    user wrote), and the preset keys left alone because the user wrote them."""
+    if gb not in VRAM_PRESETS:
+        raise UserError(f"model.vram = {gb}: choose one of {', '.join(map(str, sorted(VRAM_PRESETS)))} (GB), "
+                        "or 0 for no preset")
+    chosen, kept = {}, []
+    for sec, values in VRAM_PRESETS[gb].items():
+        for key, value in values.items():
+            name = f"{sec}.{key}"
+            if name in explicit:
+                kept.append(name)
+                continue
+            if name == "train.optimizer" and value == "adamw8bit" and not has_bitsandbytes():
+                value = "adamw"  # 8-bit states need bitsandbytes (CUDA); the plan shows the difference
+            chosen[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return chosen, kept
+
+
+def clamp_blocks_to_swap(blocks: int, transformer: str, allow_pickle: bool = False) -> int:
+    """A preset's swap count is for FLUX.1's 57 blocks: at most the blocks of the checkpoint at ``transformer``
+    (its header only); unchanged when it cannot be read (loading the base later reports a bad path clearly)."""
+    try:
+        spec = open_checkpoint(transformer, allow_pickle=allow_pickle).spec()
+    except Exception:  # noqa: BLE001
+        return blocks
+    return min(blocks, spec.num_double + spec.num_single)
+
+
+def has_bitsandbytes() -> bool:
+    try:  # optional (CUDA only): imported only to see whether it is there
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True

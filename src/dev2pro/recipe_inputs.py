@@ -1,0 +1,104 @@
+"""The config -> library translations the recipes need (kept out of ``schemas``, which only describes configs):
+a ``--vram`` preset applied to a loaded train config, the memory plan's inputs, the data source of a ``[data]``
+section, and the LoRA rank checked against the layers it trains. Torch-free at import: what needs torch or a
+checkpoint header is imported when a recipe calls it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .choices import PICKLE_SUFFIXES
+from .errors import UserError
+
+if TYPE_CHECKING:  # annotations only: schemas imports this module
+    from .schemas import DataSection, TrainConfig
+
+
+def check_rank_fits(cfg: "TrainConfig") -> None:
+    """``lora.rank`` against the widths of the layers it trains, once the checkpoint's header is readable (a
+    missing or unreadable model is reported where it is loaded; pickles are not opened just for this)."""
+    m = cfg.model
+    src = m.transformer or m.path
+    if not src or not Path(src).exists() or Path(src).suffix.lower() in PICKLE_SUFFIXES:
+        return
+    from .plan import check_rank  # torch: only when a recipe runs (the CLI imports us)
+
+    try:
+        inputs = plan_inputs(cfg)
+    except Exception:  # noqa: BLE001 -- only the rank is judged here; the model's own errors come when it loads
+        return
+    check_rank(inputs)
+
+
+def apply_vram_preset(cfg: "TrainConfig", explicit: set[str]) -> dict[str, object]:
+    """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose."""
+    gb = cfg.model.vram
+    if not gb:
+        return {}
+    from .families import of_spec  # torch: only when a recipe runs (the CLI imports us)
+    from .plan import VRAM_PRESETS
+    from .presets import clamp_blocks_to_swap, fitted_preset, vram_preset  # torch: when a recipe runs
+
+    try:
+        inputs = plan_inputs(cfg)
+    except (UserError, OSError, ValueError):
+        inputs = None  # an unreadable model is reported where it is loaded; FLUX.1's table needs no header
+    if inputs is not None and of_spec(inputs.spec).name != "flux1" and gb in VRAM_PRESETS:
+        # computed from the plan for this model: the table below was measured for FLUX.1's 12B
+        every = fitted_preset(inputs, gb, fixed=explicit)
+        chosen = {k: v for k, v in every.items() if k not in explicit}
+        kept = [k for k in every if k in explicit]
+        for name, value in chosen.items():
+            sec, key = name.split(".")
+            setattr(getattr(cfg, sec), key, value)
+        print(f"--vram {gb} preset (computed from the plan for this {of_spec(inputs.spec).title} model): "
+              + ", ".join(f"{k} = {v}" for k, v in chosen.items())
+              + (f" (kept your {', '.join(kept)})" if kept else ""), flush=True)
+        return chosen
+    chosen, kept = vram_preset(gb, explicit)
+    for name, value in chosen.items():
+        sec, key = name.split(".")
+        setattr(getattr(cfg, sec), key, value)
+    if "model.blocks_to_swap" in chosen:  # a preset's count is for FLUX.1's 57 blocks: clamp for smaller models
+        n = clamp_blocks_to_swap(cfg.model.blocks_to_swap, cfg.model.transformer or cfg.model.path,
+                                 cfg.model.allow_pickle)
+        cfg.model.blocks_to_swap = chosen["model.blocks_to_swap"] = n
+    print(f"--vram {gb} preset: " + ", ".join(f"{k} = {v}" for k, v in chosen.items())
+          + (f" (kept your {', '.join(kept)})" if kept else ""), flush=True)
+    return chosen
+
+
+def plan_inputs(cfg):
+    """PlanInputs for a train (or dedistill) config; the spec comes from the checkpoint header only."""
+    from .flux.checkpoint import open_checkpoint  # torch: only when a recipe runs (the CLI imports us)
+    from .plan import PlanInputs, adapter_params_in_file, encoder_params
+
+    m = cfg.model
+    spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family).spec()
+    res = cfg.data.resolution
+    sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
+    return PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
+                      gradient_checkpointing=m.gradient_checkpointing, blocks_to_swap=m.blocks_to_swap,
+                      rank=cfg.lora.rank, targets=cfg.lora.targets, extra_targets=tuple(cfg.lora.extra_targets),
+                      optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
+                      image_tokens=((res // 16) ** 2,), text_tokens=m.t5_max_length, sample_pixels=sample,
+                      inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,
+                      adapter_params=adapter_params_in_file(getattr(m, "adapter", "")),
+                      text_encoder=m.text_encoder, text_encoder_dtype=m.text_encoder_dtype,
+                      **{f"{k}_params": v for k, v in encoder_params(m.path, spec).items()})
+
+
+def data_source(data: "DataSection", out: Path) -> dict:
+    """``data.prepare.load_training_data``'s source arguments (folders or shards, folder rules, cache folder) from
+    a ``[data]`` section; the cache defaults to ``<output_dir>/cache``."""
+    from .data.folders import DatasetFolder  # torch: only when a recipe runs (the CLI imports us)
+    from .data.prepare import FolderOptions
+
+    return {"folders": [DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive) for f in data.folders],
+            "shards": data.shards, "cache_dir": Path(data.cache_dir) if data.cache_dir else out / "cache",
+            "options": FolderOptions(data.default_caption, data.trigger, data.min_size, data.strict, data.resolution,
+                                     data.bucket_step)}
+
+
+# ------------------------------------------------------------------------------------------------ compare
