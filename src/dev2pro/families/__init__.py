@@ -13,7 +13,8 @@ A ``Family`` (the idea of BFL's ``ModelSpec`` and torchtune's per-family builder
   (load, encode pixels into stored latents that FLUX.1's 2x2 ``pack`` turns into the family's tokens).
 
 Everything family-agnostic (reading safetensors headers, fp8, streaming writes, the training loop) stays where it
-is and asks the family. A new family is a sub-package here plus one line in ``FAMILIES``. Detection is by keys,
+is and asks the family. A new family is a sub-package here plus one line in ``_registry`` (and its name in
+``choices.FAMILIES``, the torch-free list the config schemas offer; a test keeps the two equal). Detection is by keys,
 never file names; ``model.family`` (or ``family=`` in code) forces one.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from ..choices import FAMILIES
 from ..errors import CheckpointError, UserError
 
 Shapes = Mapping[str, Sequence[int]]
@@ -34,7 +34,6 @@ class Family:
 
     name: str  # config value, e.g. "flux1"
     title: str  # for messages, e.g. "FLUX.1"
-    probes: Mapping[str, str]  # layout (bfl | diffusers) -> a key every checkpoint of that layout holds
     claims: Callable[[Iterable[str]], bool]  # these keys carry this family's own markers
     tensor_pieces: Callable[[Shapes, str], list]  # (shapes, layout) -> every tensor as flux.keys.Piece
     plan: Callable[[Shapes, str, str], dict]  # (shapes, src, dst) -> flux.keys.plan of these pieces (+ checks)
@@ -85,7 +84,6 @@ def _registry() -> dict[str, Family]:
     return {f.name: f for f in (FLUX1, FLUX2)}
 
 
-FAMILY_NAMES = FAMILIES  # == tuple(families()) (a test checks); torch-free for the config schemas
 
 
 def families() -> dict[str, Family]:

@@ -89,7 +89,7 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
     tgt_model, tgt_at, tgt_g = _model_runner(family, components, target, lora, tgt_spec, tgt_steps, tgt_scale,
                                              **common)
     tgt_base = tgt_at(0.0)
-    cal = ST.calibrate(ref_effect, lambda s: ST.effect(tgt_at(s), tgt_base), strengths)
+    cal = ST.calibrate(ref_effect, lambda s, at=tgt_at: ST.effect(at(s), tgt_base), strengths)
     del tgt_model, tgt_at
     gc.collect()
 

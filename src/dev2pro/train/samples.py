@@ -131,12 +131,11 @@ class LoraSampler:
                                  f"samples {step}", progress, guidance=guidance, negative=spec.negative, steps=steps,
                                  width=spec.width, height=spec.height)
         target.train(was_training)
-        if on_training_base:
-            pass
-        elif self.swap:
-            self.swap.unplace()
-        elif self.model is not None:
-            self.model.to("cpu")
+        if not on_training_base:  # the inference base goes back to host RAM (the training model stays)
+            if self.swap:
+                self.swap.unplace()
+            elif self.model is not None:
+                self.model.to("cpu")
         self.components["vae"].to("cpu")
         base = "training base" if on_training_base else self.base
         if self.adapter:

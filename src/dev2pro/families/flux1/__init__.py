@@ -77,7 +77,6 @@ def _build_pipeline(components: dict, transformer, distilled: bool = False, prog
 
 FAMILY = Family(
     name="flux1", title="FLUX.1",
-    probes={"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
     claims=claims,
     tensor_pieces=lambda shapes, layout: keymod.pieces_for_shapes(shapes, layout),
     plan=keymod.plan,

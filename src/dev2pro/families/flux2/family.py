@@ -7,7 +7,6 @@ There is no pooled text vector.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -115,7 +114,6 @@ _TEXT, _LATENTS, _SAMPLING = (f"{__package__}.{m}" for m in ("text", "latents", 
 
 FAMILY = Family(
     name="flux2", title="FLUX.2",
-    probes={"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
     claims=claims,
     tensor_pieces=lambda shapes, layout: keymod.pieces_for_shapes(shapes, layout),
     plan=keymod.plan,
