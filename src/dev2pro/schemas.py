@@ -24,9 +24,16 @@ from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, parse_
 from .errors import ConfigError, UserError
 from .recipe_inputs import apply_vram_preset, check_rank_fits, data_source, plan_inputs  # noqa: F401 (API)
 
+COMPILE_CHOICES = ("off", "blocks", False, True)  # true/false: the older boolean spelling
+LORA_DTYPES = ("compute", "fp32")
 MAX_RESOLUTION = 4096  # 16.7 MP buckets; FLUX.1 is trained up to ~2 MP -- 100000 is a typo the plan priced at 47 TB
 MAX_RANK = 6144  # the widest Flux layer (FLUX.2 dev's hidden width); the checkpoint's own widths are checked later
 MAX_BATCH = 1024
+
+
+def compile_mode(value) -> str:
+    """``train.compile`` as "off" | "blocks" (``true`` is "blocks", ``false`` "off")."""
+    return {True: "blocks", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -169,20 +176,24 @@ class OptimBase:
 
 
 @ordered("steps", "lr", "optimizer", "weight_decay", "warmup_steps", "schedule", "grad_accum", "max_grad_norm", "seed",
-         "guidance", "timestep_sampling", "sigmoid_scale", "shift", "mixed_precision", "compile", "attention_backend",
-         "nan_policy", "nan_max_skips")
+         "guidance", "timestep_sampling", "sigmoid_scale", "shift", "mixed_precision", "lora_dtype", "compile",
+         "attention_backend", "nan_policy", "nan_max_skips")
 @dataclass
 class TrainSection(OptimBase):
     optimizer: str = opt("adamw", "optimizer", OPTIMIZERS)
     guidance: float = opt(1.0, "guidance input during training: 1.0 is the Dev2Pro recipe")
-    compile: bool = opt(False, "regional torch.compile of the repeated blocks (diffusers compile_repeated_blocks); "
-                               "the first steps are slow; not with blocks_to_swap")
+    lora_dtype: str = opt("compute", "LoRA compute dtype: compute (model.dtype, e.g. bf16, over fp32 master weights "
+                                     "and fp32 optimizer state) or fp32 (fp32 LoRA GEMMs, slower)", LORA_DTYPES)
+    compile: bool | str = opt("off", "regional torch.compile: blocks (each transformer block compiled once, diffusers "
+                                     "compile_repeated_blocks; true = blocks) or off; the first steps are slow; not "
+                                     "with blocks_to_swap", COMPILE_CHOICES)
     attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
                                      "PyTorch SDPA")
 
     def validate(self):
         super().validate()
         require_range("guidance", self.guidance, 0, 100, above=True)
+        self.compile = compile_mode(self.compile)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
 from ..train.model import add_lora, check_blocks_to_swap, load_base, place_base
 from ..train.optim import build_optimizer, build_scheduler
+from ..train.precision import lora_in_compute_dtype
 from ..train.progress import Progress
 from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
@@ -118,6 +119,7 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
                                      [int(i) for i in lc.double_blocks] or None,
                                      [int(i) for i in lc.single_blocks] or None, spec.guidance_embeds)
     params = add_lora(transformer, names, lc.rank, lc.alpha, lc.dropout)
+    lora_in_compute_dtype(transformer, params, cfg.train.lora_dtype, dtype)  # fp32 masters, bf16 LoRA GEMMs
     if m.adapter:  # frozen side branch on top of the base, beside the trained LoRA (lora/adapter.py)
         adaptermod.attach_file(transformer, m.adapter, m.adapter_scale,
                                torch.float32 if dtype == torch.float32 else torch.bfloat16)

@@ -18,6 +18,7 @@ from ..flux.fp8 import Fp8Policy, enable_fp8_storage
 from ..flux.spec import build_transformer, spec_from_diffusers_config
 from . import fsdp as fsdpmod
 from .blockswap import BlockSwap, swap_positions
+from .compiled import compile_blocks
 from .cuda import avoid_cudnn_attention
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def load_base(path: str, dtype: torch.dtype, device, *, fp8_storage: bool = Fals
 
 
 def place_base(model, device, *, blocks_to_swap: int = 0, gradient_checkpointing: bool = True,
-               attention_backend: str = "", compile: bool = False) -> BlockSwap | None:
+               attention_backend: str = "", compile: bool | str = "off") -> BlockSwap | None:
     """Block swap, attention backend and regional compilation on the LoRA'd base; returns the ``BlockSwap`` (None
     without swap). Call after ``add_lora`` so the LoRA weights are told apart from the swapped base weights."""
     avoid_cudnn_attention()
@@ -66,11 +67,11 @@ def place_base(model, device, *, blocks_to_swap: int = 0, gradient_checkpointing
             model.set_attention_backend(attention_backend)
         except Exception as e:  # unknown name, or a kernel package that is not installed
             raise UserError(f"train.attention_backend = {attention_backend!r}: {e}") from None
-    if compile:
+    if compile not in ("off", False):  # "blocks" (true: its older spelling)
         if swap is not None:
             log.warning("train.compile is skipped with block swap (its per-block hooks would break the graphs)")
         else:
-            model.compile_repeated_blocks(dynamic=True)
+            compile_blocks(model)
     return swap
 
 
