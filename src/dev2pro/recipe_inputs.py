@@ -71,22 +71,40 @@ def apply_vram_preset(cfg: "TrainConfig", explicit: set[str]) -> dict[str, objec
 
 def plan_inputs(cfg):
     """PlanInputs for a train (or dedistill) config; the spec comes from the checkpoint header only."""
+    from dataclasses import replace
+
     from .flux.checkpoint import open_checkpoint  # torch: only when a recipe runs (the CLI imports us)
-    from .plan import PlanInputs, adapter_params_in_file, encoder_params
+    from .plan import PlanInputs, adapter_params_in_file, card_bytes, checkpointing_choice, encoder_params
 
     m = cfg.model
     spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family).spec()
     res = cfg.data.resolution
     sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
-    return PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
-                      gradient_checkpointing=m.gradient_checkpointing, blocks_to_swap=m.blocks_to_swap,
-                      rank=cfg.lora.rank, targets=cfg.lora.targets, extra_targets=tuple(cfg.lora.extra_targets),
-                      optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
-                      image_tokens=((res // 16) ** 2,), text_tokens=m.t5_max_length, sample_pixels=sample,
-                      inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,
-                      adapter_params=adapter_params_in_file(getattr(m, "adapter", "")),
-                      text_encoder=m.text_encoder, text_encoder_dtype=m.text_encoder_dtype,
-                      **{f"{k}_params": v for k, v in encoder_params(m.path, spec).items()})
+    inp = PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
+                     blocks_to_swap=m.blocks_to_swap,
+                     rank=cfg.lora.rank, targets=cfg.lora.targets, extra_targets=tuple(cfg.lora.extra_targets),
+                     optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
+                     image_tokens=((res // 16) ** 2,), text_tokens=m.t5_max_length, sample_pixels=sample,
+                     inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,
+                     adapter_params=adapter_params_in_file(getattr(m, "adapter", "")),
+                     text_encoder=m.text_encoder, text_encoder_dtype=m.text_encoder_dtype,
+                     **{f"{k}_params": v for k, v in encoder_params(m.path, spec).items()},
+                     gradient_checkpointing=m.gradient_checkpointing is not False,  # "auto": decided below
+                     lora_dtype=getattr(cfg.train, "lora_dtype", "fp32"))  # dedistill's adapter LoRA: fp32
+    if m.gradient_checkpointing == "auto":
+        inp = replace(inp, gradient_checkpointing=checkpointing_choice(inp, card_bytes(m.vram or None)[0]))
+    return inp
+
+
+def gradient_checkpointing(cfg) -> bool:
+    """``model.gradient_checkpointing`` as the run applies it: "auto" is the plan's choice for this card (on when
+    the plan cannot be made: an estimate must not cost a run its memory)."""
+    if cfg.model.gradient_checkpointing != "auto":
+        return bool(cfg.model.gradient_checkpointing)
+    try:
+        return plan_inputs(cfg).gradient_checkpointing
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def data_source(data: "DataSection", out: Path) -> dict:

@@ -44,7 +44,9 @@ class ModelBase:
     transformer: str = opt("", "optional transformer file overriding the folder's (e.g. a dev2pro fp8 file)",
                            path=True)
     family: str = opt("auto", "model family: auto (from the checkpoint's keys), flux1 or flux2", ("auto", *FAMILIES))
-    gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed for fp8 to pay off)")
+    gradient_checkpointing: bool | str = opt("auto", "recompute activations in backward: auto (off when the memory "
+                                                     "plan says the step fits the GPU without it: faster; on on CPU "
+                                                     "and with blocks_to_swap), true or false", (True, False, "auto"))
     fp8_storage: bool = opt(False, "store base weights in fp8 (bf16 compute); lowers memory with checkpointing")
     t5_max_length: int = opt(512, "T5 tokens: 512 for dev and de-distilled bases (kohya's 256 is schnell's)")
     allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")

@@ -28,10 +28,12 @@ from ..noise import quiet_libraries
 from ..outputs import write_json, write_text
 from ..plan import ImpossiblePlan, report as report_plan
 from ..schemas import TrainConfig, data_source, plan_inputs
+from ..recipe_inputs import gradient_checkpointing
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
 from ..train.model import add_lora, check_blocks_to_swap, load_base, place_base
 from ..train.optim import build_optimizer, build_scheduler
+from ..train.compiled import CompileStats
 from ..train.precision import lora_in_compute_dtype
 from ..train.progress import Progress
 from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
@@ -107,8 +109,9 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
                               prompts=cfg.sample.prompts, negative=cfg.sample.negative,
                               text_device=torch.device("cpu") if m.text_encoder == "cpu" else device,
                               text_dtype=DTYPE_CHOICES[m.text_encoder_dtype], family=family, spec=header.spec())
+    checkpointing = gradient_checkpointing(cfg)  # "auto": off when the plan says the step fits the card
     transformer, ckpt = load_base(base, dtype, device, fp8_storage=m.fp8_storage, fp8_keep=m.fp8_keep,
-                                  gradient_checkpointing=m.gradient_checkpointing, blocks_to_swap=m.blocks_to_swap,
+                                  gradient_checkpointing=checkpointing, blocks_to_swap=m.blocks_to_swap,
                                   allow_pickle=m.allow_pickle, family=m.family)
     spec = ckpt.spec()
     if spec.guidance_embeds and cfg.train.guidance != 1.0:
@@ -124,7 +127,7 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
         adaptermod.attach_file(transformer, m.adapter, m.adapter_scale,
                                torch.float32 if dtype == torch.float32 else torch.bfloat16)
     swap = place_base(transformer, device, blocks_to_swap=m.blocks_to_swap,  # part of the base stays in host RAM
-                      gradient_checkpointing=m.gradient_checkpointing,
+                      gradient_checkpointing=checkpointing,
                       attention_backend=cfg.train.attention_backend, compile=cfg.train.compile)
     return data, transformer, ckpt, params, swap
 
@@ -226,6 +229,9 @@ def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, sav
     # seconds: the loop's wall time (its periodic saves and samples included; the final save and samples not)
     summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "seconds": seconds,
                "steps_per_second": trained / max(seconds, 1e-9), "skipped_steps": list(skipped)}
+    if cfg.train.compile == "blocks":  # compile time is part of `seconds`: said apart (torch._dynamo's counters)
+        summary["compile"] = CompileStats.now().as_dict()
+        say(CompileStats.now().line())
     write_json(run.summary, {**summary, "losses": life.finite_or_none(losses)})
     return summary
 
