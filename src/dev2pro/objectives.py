@@ -38,6 +38,15 @@ class Noised:
     pooled: torch.Tensor | None  # (B, P); None for families without a pooled text vector (FLUX.2)
     w: torch.Tensor  # (B,) CFG scales for the teacher objectives (ones when not drawn)
 
+    def to(self, device) -> "Noised":
+        """This batch on ``device``, so x_t and the target are built there (no host copy queued behind the forward).
+        To CUDA through pinned memory: a copy from pageable memory waits for the stream (the previous step)."""
+        cuda = torch.device(device).type == "cuda"
+        move = (lambda t: t if t is None else (t.pin_memory() if cuda and not t.is_cuda else t).to(
+            device, non_blocking=True))
+        return Noised(move(self.x0), move(self.noise), move(self.sigmas), move(self.prompt_embeds),
+                      move(self.pooled), move(self.w))
+
     @property
     def x_t(self) -> torch.Tensor:
         """The noisy input as tokens (B, T, C*4)."""
@@ -71,8 +80,10 @@ class ModelInputs:
 
     def with_empty(self, empty: dict) -> "ModelInputs":
         """A 2B batch: these rows with their captions, then the same rows with the empty prompt (one forward)."""
-        pe = torch.cat([self.prompt_embeds, empty["prompt_embeds"].expand_as(self.prompt_embeds)])
-        pooled = None if self.pooled is None else torch.cat([self.pooled, empty["pooled"].expand_as(self.pooled)])
+        dev = self.prompt_embeds.device  # the batch may already be on the device, the empty prompt not
+        pe = torch.cat([self.prompt_embeds, empty["prompt_embeds"].to(dev).expand_as(self.prompt_embeds)])
+        pooled = None if self.pooled is None else torch.cat([self.pooled,
+                                                             empty["pooled"].to(dev).expand_as(self.pooled)])
         return ModelInputs(torch.cat([self.x_t, self.x_t]), torch.cat([self.sigmas, self.sigmas]), pe, pooled,
                            self.h, self.w)
 

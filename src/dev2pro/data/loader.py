@@ -8,12 +8,15 @@ would have seen. With DataLoader workers the sampler runs ahead of training (pre
 ``state_dict(batches_done=...)`` with the count the loop actually consumed.
 
 Caption dropout (training on the empty caption some of the time) is drawn with the step's other random draws in
-``objectives.draw``; ``collate`` only stacks.
+``objectives.draw``; ``collate`` only stacks. ``prefetch_batches`` reads the cache files of the next batches in a
+thread while the current step runs (the random draws stay in the training thread, so results do not change).
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Iterator, Sequence
@@ -158,3 +161,57 @@ def batches_forever(sampler):
     """The sampler's batches, epoch after epoch (it reshuffles per epoch and resumes mid-epoch)."""
     while True:
         yield from sampler
+
+
+@dataclass
+class LoadedBatch:
+    """This rank's dataset items of one batch, read ahead by ``prefetch_batches``."""
+
+    items: list
+
+
+class prefetch_batches:
+    """``LoadedBatch``es of ``batches`` (index lists; this rank keeps its ``1/world`` slice) read ``depth`` ahead by a
+    daemon thread, in order. Errors are raised where the batch is taken; ``close`` (or garbage collection) stops
+    the thread. The sampler runs ahead too: save its state with ``batches_done``, as with DataLoader workers."""
+
+    def __init__(self, batches: Iterator[list[int]], dataset, rank: int = 0, world: int = 1, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        threading.Thread(target=_read_ahead, args=(batches, dataset, rank, world, self.queue, self.stop),
+                         name="dev2pro-prefetch", daemon=True).start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> LoadedBatch:
+        got = self.queue.get()
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def close(self) -> None:
+        self.stop.set()
+
+    def __del__(self):
+        self.stop.set()
+
+
+def _read_ahead(batches, dataset, rank, world, out: queue.Queue, stop: threading.Event) -> None:
+    # a function, not a method: the thread must not keep the prefetcher alive (its __del__ stops the thread)
+    try:
+        for indices in batches:
+            per = len(indices) // world
+            item: object = LoadedBatch([dataset[i] for i in indices[rank * per:(rank + 1) * per]])
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+    except BaseException as e:  # noqa: BLE001 -- handed to the training thread, raised there
+        out.put(e)
+    else:
+        out.put(StopIteration())

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from ..config import render_toml
-from ..data.loader import BucketBatchSampler, batches_forever
+from ..data.loader import BucketBatchSampler, batches_forever, prefetch_batches
 from ..data.prepare import load_training_data
 from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES, open_checkpoint
@@ -198,7 +198,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
         opt = Optimization(transformer, params, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm)
         objective = Objective("flow", guidance=tc.guidance)
         draws = Draws(cfg.data.caption_dropout, tc.timestep_sampling, tc.sigmoid_scale, tc.shift)
-        batches = batches_forever(sampler)
+        batches = prefetch_batches(batches_forever(sampler), data.dataset)  # cache reads in a loader thread
         note = bar.write  # console lines that do not break the bar
         events = Events(
             save=(lambda done: life.save_periodic(acts.save_lora, acts.save_state, done, history, run, note))
