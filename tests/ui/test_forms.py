@@ -127,12 +127,16 @@ def test_only_values_that_differ_from_the_defaults_reach_the_loader(tmp_path):
     specs = forms.field_specs(TrainConfig)
     values = {s["key"]: s["default"] for s in specs if s["kind"] not in ("section", "tables")}
     values.update({"model.path": "m", "data.folders": [{"path": "d"}], "save.output_dir": "o", "train.steps": "20",
-                   "lora.alpha": "16", "lora.rank": 16, "model.gradient_checkpointing": True})  # as the page sends
+                   "lora.alpha": "16", "lora.rank": 16, "model.gradient_checkpointing": "auto"})  # as the page sends
     forms.build_config(specs, values, loader, {"model.path", "save.output_dir", "data.folders[].path"},
                        Workspace(tmp_path).resolve)
     assert seen["data"] == {"model": {"path": str(tmp_path.resolve() / "m")},
                             "data": {"folders": [{"path": str(tmp_path.resolve() / "d")}]},
                             "train": {"steps": 20}, "save": {"output_dir": str(tmp_path.resolve() / "o")}}
+    # a switch with named modes: the page's "true" / "false" strings are the booleans
+    spec = next(s for s in specs if s["key"] == "model.gradient_checkpointing")
+    assert spec["kind"] == "choice" and [forms._value(spec, v) for v in ("true", "False", "auto")] == [True, False,
+                                                                                                     "auto"]
 
 
 def test_absolute_paths_outside_the_workspace_are_refused_in_any_field(tmp_path):

@@ -90,6 +90,8 @@ def _value(spec: dict, raw):
                 for s in lines if str(s).strip()]
     if isinstance(raw, str) and kind in ("int", "float", "choice"):
         text = raw.strip()
+        if kind == "choice" and text.lower() in ("true", "false") and True in spec["choices"]:
+            return text.lower() == "true"  # a switch with named modes (model.gradient_checkpointing: auto)
         if spec["optional"] and text == "":
             return None
         try:  # numbers typed into a text box; anything unparsable goes to the loader, which names the field
