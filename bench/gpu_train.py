@@ -345,7 +345,10 @@ def attention(row: Row, device):
 
 # ------------------------------------------------------------------------------------------------ output
 def table(meta: dict, results: list) -> str:
-    base = {r["size"]: r["s_per_step"] for r in results if r.get("style") == "diffusers" and "s_per_step" in r}
+    base: dict = {}  # the first baseline; "baseline again" only checks drift
+    for r in results:
+        if r.get("style") == "diffusers" and "s_per_step" in r:
+            base.setdefault(r["size"], r["s_per_step"])
     peak = " -> ".join(f"{v:.0f}" for v in meta["matmul_tflops"])
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}; {meta['date']}; bf16 matmul {peak} TFLOP/s (start -> "
              f"end); FLUX.1 {meta['spec']}, LoRA rank {meta['rank']}, batch 1, {meta['txt']} text tokens; warm-up + "
