@@ -40,6 +40,7 @@ class CacheEntry:
     resolution: int = 0
     role: str = "train"
     bucket: tuple[int, ...] = ()  # (width, height) in pixels
+    image: Path | None = None  # the source image (one image has an entry per resolution)
 
 
 class CachedDataset(torch.utils.data.Dataset):

@@ -51,8 +51,8 @@ def bucketed(items: Sequence[Item], resolution: int | Sequence[int], step: int,
 
 
 def bucket_counts(entries) -> dict[int, Counter]:
-    """resolution -> Counter of latent-free (width, height) buckets over one epoch (repeats included), for
-    ``CacheEntry``-like entries with ``resolution``, ``repeats`` and a ``bucket``."""
+    """resolution -> Counter of (width, height) pixel buckets over one epoch (repeats included), for
+    ``loader.CacheEntry``-like entries (``resolution``, ``repeats``, ``bucket``)."""
     counts: dict[int, Counter] = {}
     for e in entries:
         counts.setdefault(e.resolution, Counter())[e.bucket] += e.repeats
@@ -65,3 +65,19 @@ def role_counts(entries) -> Counter:
     for e in entries:
         counts[e.role] += e.repeats
     return counts
+
+
+def epoch_lines(entries) -> list[str]:
+    """Start-up lines: the images, the bucket counts per resolution, and the reg samples' share of an epoch."""
+    images = len({e.image for e in entries})
+    lines = [f"  buckets at {res}px: {len(counts)} bucket(s): " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in
+                                                                         counts.most_common())
+             for res, counts in bucket_counts(entries).items()]
+    if len(lines) > 1:
+        lines.insert(0, f"  multi-resolution: each of {images} images once per resolution per epoch (x repeats)")
+    roles = role_counts(entries)
+    if roles["reg"]:
+        weight = next(e.weight for e in entries if e.role == "reg")
+        lines.append(f"  reg: {roles['reg']} reg samples per epoch of {sum(roles.values())} "
+                     f"({roles['reg'] / sum(roles.values()):.0%}), loss weight {weight:g} (data.reg_weight)")
+    return lines

@@ -97,7 +97,7 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
     pipe = None  # the encoders are not needed again: free them before the transformer arrives
     free_memory(device)
     entries = [CacheEntry(lp, text_paths[it.caption], it.caption, it.repeats,
-                          o.reg_weight if it.role == "reg" else 1.0, res, it.role, bucket)
+                          o.reg_weight if it.role == "reg" else 1.0, res, it.role, bucket, it.path)
                for (it, res, bucket), lp in zip(plan, latent_paths)]
 
     def embeds_of(text):

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 
 from ..config import render_toml
 from ..data.loader import BucketBatchSampler, batches_forever
+from ..data.mixing import epoch_lines
 from ..data.prepare import load_training_data
 from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES, open_checkpoint
@@ -233,7 +234,8 @@ def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: 
     """The run at a glance: data and buckets, steps and epochs, LoRA size, guidance, bases, outputs."""
     tc, sc = cfg.train, cfg.sample
     buckets = Counter(ds.buckets())  # latent (h, w) per sample, repeats included
-    n_images = len(getattr(ds, "entries", None) or ds)
+    entries = getattr(ds, "entries", None)
+    n_images = len({e.image for e in entries} if entries and entries[0].image else entries or ds)
     per_epoch = max(1, per_epoch)  # batches per epoch
     epochs = tc.steps * tc.grad_accum / per_epoch
     source = cfg.data.shards or ", ".join(f.path for f in cfg.data.folders)
@@ -241,8 +243,9 @@ def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: 
     lines = [
         f"dev2pro train -> {run.root}",
         f"  data: {n_images} images ({len(ds)} samples per epoch with repeats) from {source}",
-        f"  buckets: {len(buckets)} bucket(s): " + ", ".join(f"{w * 8}x{h * 8} ({n})" for (h, w), n in
-                                                         sorted(buckets.items(), key=lambda kv: -kv[1])),
+        *(epoch_lines(entries) if entries and entries[0].resolution else  # per resolution, reg samples
+          [f"  buckets: {len(buckets)} bucket(s): " + ", ".join(f"{w * 8}x{h * 8} ({n})" for (h, w), n in
+                                                            sorted(buckets.items(), key=lambda kv: -kv[1]))]),
         f"  steps {tc.steps}" + (f" (resuming at {start})" if start else "") + f", batch {cfg.data.batch_size} x "
         f"grad_accum {tc.grad_accum}, {per_epoch} batches per epoch = {epochs:.1f} epochs",
         f"  LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {cfg.lora.targets}, {n_params:,} trainable "
