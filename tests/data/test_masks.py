@@ -188,7 +188,6 @@ output_dir = "{tmp_path / out}"
     return load_train_config(tmp_path / f"{out}.toml")
 
 
-@pytest.mark.slow
 def test_all_white_masks_train_bitwise_as_no_masks_and_a_half_mask_does_not(tmp_path, tiny_dev_dir, sk_images):
     from dev2pro.recipes.train_lora import train
     from tiny_run import same_tensors
