@@ -76,9 +76,10 @@ def plan_inputs(cfg):
 
     m = cfg.model
     spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family).spec()
-    from .data.mixing import largest_resolution
+    from .data.mixing import active_folders, largest_resolution
 
-    res = largest_resolution(cfg.data.resolution, [_folder(f) for f in cfg.data.folders])  # the largest is priced
+    folders = active_folders([_folder(f) for f in cfg.data.folders], cfg.data.reg_weight)
+    res = largest_resolution(cfg.data.resolution, folders)  # the largest is what the memory peak sees
     sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
     return PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
                       gradient_checkpointing=m.gradient_checkpointing, blocks_to_swap=m.blocks_to_swap,

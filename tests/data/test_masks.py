@@ -209,3 +209,16 @@ def test_all_white_masks_train_bitwise_as_no_masks_and_a_half_mask_does_not(tmp_
     assert halved["losses"][0] != plain["losses"][0]
     cached = [load_file(str(f)) for f in (tmp_path / "cache-halved" / "latents").glob("*.safetensors")]
     assert len(cached) == 5 and all(c["mask"].shape == (1, 8, 8) for c in cached)
+
+
+def test_dev2pro_cache_shards_say_that_masks_are_not_stored(tmp_path, caplog):
+    from dev2pro.data.shards import collect_sources
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    _img(d / "a.png"), _img(d / "b.png", seed=1)
+    _mask(d / "a.mask.png", (96, 64), left_white=True)
+    with caplog.at_level(logging.WARNING):
+        good, _ = collect_sources([d], default_caption="x")
+    assert [s.path for s, _ in good] == [str(d / "a.png"), str(d / "b.png")]  # the mask is no sample
+    assert "1 loss mask(s) are not stored in shards" in caplog.text and "a.mask.png" in caplog.text

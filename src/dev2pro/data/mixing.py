@@ -31,9 +31,10 @@ def active_folders(folders: Sequence[DatasetFolder], reg_weight: float) -> list[
 
 
 def largest_resolution(resolution: int | Sequence[int], folders: Sequence[DatasetFolder] = ()) -> int:
-    """The largest resolution any image is trained at (what the memory plan prices)."""
-    return max(r for f in [None, *folders] for r in resolution_list(f.resolutions if f and f.resolutions
-                                                                     else resolution))
+    """The largest resolution any image of ``folders`` (none: the dataset's) is trained at: what the memory plan
+    prices."""
+    each = [f.resolutions or resolution_list(resolution) for f in folders] or [resolution_list(resolution)]
+    return max(max(r) for r in each)
 
 
 def bucketed(items: Sequence[Item], resolution: int | Sequence[int], step: int,
