@@ -61,7 +61,7 @@ class DatasetFolder:
     repeats: int = 1
     caption: str | None = None
     recursive: bool = False
-    masks: Path | str | None = None  # a folder of same-stem mask images (``data.masks``: white = learn)
+    masks: Path | str | None = None  # a folder of same-stem loss masks (white = learn; ``data/masks.py``)
     role: str = "train"  # "reg": regularization (class) images, weighted by ``data.reg_weight``
     resolutions: tuple[int, ...] = ()  # bucket each image at each of these; () = the dataset's
 
