@@ -36,6 +36,7 @@ class TrainingData:
     sample_embeds: list[Embeds]
     negative: Embeds
     components: dict = field(default_factory=dict)
+    validation: object = None  # the held-out images (a CachedDataset) when ``holdout`` was given
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,13 @@ def load_training_data(model_dir: Path, device, *, folders: Sequence[DatasetFold
                        options: FolderOptions = FolderOptions(), cache_dir: Path | None = None,
                        t5_max_length: int = 512, prompts: Sequence[str] = (), negative: str = "",
                        text_device=None, text_dtype: torch.dtype = torch.float32,
-                       family: Family | None = None, spec=None) -> TrainingData:
+                       family: Family | None = None, spec=None, holdout=None) -> TrainingData:
     """Folders (latents and text cached in ``cache_dir``) or shards (an ``index.json``), and sample embeddings.
 
     The text encoders run on ``text_device`` (default ``device``) in ``text_dtype``; the VAE on ``device``.
     ``family``: whose text stack and VAE (FLUX.1's by default); ``t5_max_length``: its text length in tokens;
-    ``spec``: the transformer's, to refuse a text stack that cannot feed it (a klein encoder with FLUX.2 dev).
+    ``spec``: the transformer's, to refuse a text stack that cannot feed it (a klein encoder with FLUX.2 dev);
+    ``holdout``: held-out images cached in the same pass (``train.validation.Holdout``; folders only).
     """
     text_device = device if text_device is None else text_device
     family = family or families.get("flux1")
@@ -67,15 +69,19 @@ def load_training_data(model_dir: Path, device, *, folders: Sequence[DatasetFold
         return _from_shards(Path(model_dir), shards, device, text_device, text_dtype, prompts, negative, options,
                             family, spec)
     return _from_folders(Path(model_dir), list(folders), options, Path(cache_dir), device, text_device, text_dtype,
-                         t5_max_length, prompts, negative, family, spec)
+                         t5_max_length, prompts, negative, family, spec, holdout)
 
 
 def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOptions, cache_dir: Path, device,
                   text_device, text_dtype, t5_len: int, prompts, negative: str, fam: Family,
-                  spec=None) -> TrainingData:
+                  spec=None, holdout=None) -> TrainingData:
     buckets = make_buckets(o.resolution * o.resolution, step=o.bucket_step)
     items = scan_dataset(folders, default_caption=o.default_caption or None, trigger=o.trigger or None,
                          min_size=o.min_size, strict=o.strict, buckets=buckets)
+    items, held = holdout.split(items, lambda fs: scan_dataset(  # held-out images: the same rules
+        fs, default_caption=o.default_caption or None, trigger=o.trigger or None, min_size=o.min_size,
+        strict=o.strict, buckets=buckets)) if holdout is not None else (items, [])
+    n_train, items = len(items), items + held  # cached in one pass; split again at the end
     sizes = [assign_bucket(*(it.size if it.size else _image_size(it.path)), buckets) for it in items]
     pipe = fam.load_text(model_dir, text_device, text_dtype)  # first: it names a folder that is no model
     if spec is not None:
@@ -98,8 +104,9 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
     def embeds_of(text):
         return fam.embeds_of(load_cached(text_paths[text]))
 
-    return TrainingData(CachedDataset(entries), load_cached(text_paths[""]), [embeds_of(p) for p in prompts],
-                        embeds_of(negative), components)
+    return TrainingData(CachedDataset(entries[:n_train]), load_cached(text_paths[""]),
+                        [embeds_of(p) for p in prompts], embeds_of(negative), components,
+                        CachedDataset(entries[n_train:]) if holdout is not None else None)
 
 
 def _from_shards(model_dir: Path, shards: str, device, text_device, text_dtype, prompts, negative: str,
