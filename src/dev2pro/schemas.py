@@ -180,7 +180,8 @@ class TrainSection(OptimBase):
                                "the first steps are slow; not with blocks_to_swap")
     attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
                                      "PyTorch SDPA")
-    ema_decay: float = opt(0.0, "EMA of the LoRA weights (e.g. 0.999; 0 = off): the EMA is what is saved and sampled")
+    ema_decay: float = opt(0.0, "EMA of the LoRA weights (e.g. 0.999; 0 = off): the EMA is what is saved and "
+                                "sampled")
 
     def validate(self):
         super().validate()

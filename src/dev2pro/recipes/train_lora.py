@@ -38,8 +38,8 @@ from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
 from ..train.samples import GridSpec, LoraSampler
 from ..train.state import restore_training_state, save_training_state
-from ..train.validation import Holdout, check_holdout
-from ..train.watch import check_optional_packages, make_watch, open_sinks, startup_lines
+from ..train.validation import Holdout
+from ..train.watch import check_inputs, make_watch, open_sinks, startup_lines
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
         # here, not in validate(): the config editor probes every path field with a value at once.)
         raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
                         "training base is dev and samples are rendered on it with the adapter off)")
-    check_holdout(cfg.validation.folder)  # before anything is written
-    check_optional_packages(cfg.logging.wandb, cfg.train.optimizer)
+    check_inputs(cfg.validation.folder, cfg.logging.wandb, cfg.train.optimizer)  # before anything is written
     quiet_libraries()
     run = RunFolder(Path(cfg.save.output_dir), "train")
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=1,
@@ -173,8 +172,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     if resume is not None:
         r = restore_training_state(resume, run.state, model(), optimizer, scheduler, gen, sampler, watch.ema)
         start, smoothed, history = r.step, r.smoothed, r.losses
-        if watch.validator:
-            watch.validator.restore(r.validation, start)
+        watch.restore(r.validation, start)
         say(f"resumed from step {start} ({r.folder})")
     if start > tc.steps:
         raise UserError(f"{run.root} is at step {start}, past train.steps = {tc.steps}: set train.steps above "
@@ -194,14 +192,13 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     watch.bar = bar
     meta = _lora_metadata(cfg, ckpt)
     acts = _Run(
-        save_lora=lambda suffix: watch.publishing(lambda: save_lora_files(model(), run.root, cfg.save.name,
-                                                                          cfg.save.formats, meta, suffix)),
+        save_lora=lambda suffix: save_lora_files(model(), run.root, cfg.save.name, cfg.save.formats, meta, suffix),
         save_state=lambda done: save_training_state(
             run.state, done, model(), optimizer, scheduler, gen, sampler, smoothed=bar.smoothed,
             grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last, losses=life.finite_or_none(history),
             ema=watch.ema, validation=watch.validator.history if watch.validator else None),
-        sample=lambda step: watch.publishing(lambda: samples.sample(model(), step, run.samples, bar,
-                                                                    progress and main)))
+        sample=lambda step: samples.sample(model(), step, run.samples, bar, progress and main))
+    acts.save_lora, acts.sample = watch.published(acts.save_lora), watch.published(acts.sample)
     try:
         if start == tc.steps:  # a finished run: only the final files, if a full disk kept them from being written
             files = lora_paths(run.root, cfg.save.name, cfg.save.formats)

@@ -70,7 +70,8 @@ class Progress:
             rate = (step - self.first) / max(time.perf_counter() - self.t0, 1e-9)
             eta = (self.total - step) / rate if rate > 0 else 0.0
             print(f"{self.desc} step {step}/{self.total} ({100 * step // self.total}%)  loss {loss:.4f}  avg {avg}"
-                  + (f"  val {self.val:.4f}" if self.val is not None else "") + f"  lr {lr:.2e}  {rate:.2f} step/s  ETA {_hms(eta)}  mem {self.mem:.1f}G", flush=True)
+                  + (f"  val {self.val:.4f}" if self.val is not None else "")
+                  + f"  lr {lr:.2e}  {rate:.2f} step/s  ETA {_hms(eta)}  mem {self.mem:.1f}G", flush=True)
         if self.writer and step % self.log_every == 0:
             self.writer.add_scalar("loss/step", loss, step)
             self.writer.add_scalar("loss/smoothed", self.smoothed, step)

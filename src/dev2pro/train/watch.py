@@ -17,11 +17,17 @@ import torch
 from ..errors import UserError
 from .ema import EMA
 from .optim import is_schedule_free, published_weights
-from .validation import Validator, advice, describe
+from .validation import Validator, advice, check_holdout, describe
+
+
+def check_inputs(validation_folder: str, wandb: bool, optimizer: str) -> None:
+    """Refuse, before anything is written, an empty validation folder or an optional package that is missing."""
+    check_holdout(validation_folder)
+    check_optional_packages(wandb, optimizer)
 
 
 def check_optional_packages(wandb: bool, optimizer: str) -> None:
-    """Refuse, before anything is written, a run that asks for an optional package that is not installed."""
+    """Refuse a run that asks for an optional package that is not installed."""
     if wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("logging.wandb = true needs the wandb package: pip install 'dev2pro[wandb]', or set "
                         "logging.wandb = false")
@@ -50,25 +56,32 @@ class Watch:
     total: int = 0
     bar: object = None
 
-    def published(self) -> AbstractContextManager:
-        """``with watch.published():`` the model holds the weights that are saved and sampled."""
+    def weights(self) -> AbstractContextManager:
+        """``with watch.weights():`` the model holds the weights that are saved and sampled."""
         return published_weights(self.params, self.optimizer, self.ema)
+
+    def published(self, act: Callable):
+        """``act`` (a save, a sample grid) run with the published weights in the model."""
+        def run(*args):
+            with self.weights():
+                return act(*args)
+        return run
+
+    def restore(self, history: dict | None, step: int) -> None:
+        """A resumed run's validation history, up to its state's ``step``."""
+        if self.validator is not None:
+            self.validator.restore(history, step)
 
     def validate(self, model, step: int) -> dict | None:
         """The validation loss at ``step`` when it is due (on the published weights), reported on ``bar``."""
         v = self.validator
         if v is None or not v.due(step, self.total):
             return None
-        with self.published():
+        with self.weights():
             result = v.evaluate(model, step)
         if self.bar is not None:
             self.bar.validation(step, result, f"validation at step {step}: loss {describe(result)}")
         return result
-
-    def publishing(self, act: Callable[[], object]):
-        """``act()`` (a save, a sample grid) with the published weights in the model."""
-        with self.published():
-            return act()
 
     def finish(self, lora_file: Callable[[int], Path], every: int, say: Callable[[str], None]) -> dict:
         """The early-stopping advice on the console, and ``summary.json``'s additions: ``validation`` (step ->
