@@ -46,6 +46,8 @@ def test_published_weights_are_the_eval_average_and_training_weights_come_back_b
     with published_weights(list(plain.param_groups[0]["params"]), plain):  # other optimisers: untouched
         pass
     assert not is_schedule_free(plain) and is_schedule_free(opt)
+    from dev2pro.plan import optimizer_state_bytes  # the plan prices its state: z + exp_avg_sq in fp32
+    assert optimizer_state_bytes("schedulefree_adamw", [(4, 3)]) == 4 * 3 * 8
 
 
 def test_schedule_is_constant_and_other_schedules_are_refused():

@@ -3,6 +3,7 @@ Advanced groups, the Monitor's run info carries the validation curve and the bes
 Chromium the Monitor page draws the validation curve beside the loss curve."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -83,5 +84,9 @@ def test_monitor_page_draws_the_validation_curve(tmp_path, ui_server, browser_pa
     assert ys.index(max(ys)) == 3  # step 6 (lowest loss) is drawn lowest: the largest y in SVG coordinates
     assert "best 0.5000 at step 6" in page.inner_text("#val-caption")
     assert int(page.get_attribute("#loss-plot", "data-points")) == 10
+    if os.environ.get("DEV2PRO_UI_SCREENSHOTS"):  # for a look at the page
+        Path(os.environ["DEV2PRO_UI_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(os.environ["DEV2PRO_UI_SCREENSHOTS"]) / "monitor-validation.png"),
+                        full_page=True)
     page.select_option("#run-select", "runs/b")
     page.wait_for_function("document.getElementById('val-plot').textContent.includes('no validation')")

@@ -8,7 +8,6 @@ progress, samples on the inference base, LoRA files and resumable state every N 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
 from ..train.samples import GridSpec, LoraSampler
 from ..train.state import restore_training_state, save_training_state
 from ..train.validation import Holdout
-from ..train.watch import check_inputs, make_watch, open_sinks, startup_lines
+from ..train.watch import check_inputs, make_watch, open_sinks
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +109,7 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
                               prompts=cfg.sample.prompts, negative=cfg.sample.negative,
                               text_device=torch.device("cpu") if m.text_encoder == "cpu" else device,
                               text_dtype=DTYPE_CHOICES[m.text_encoder_dtype], family=family, spec=header.spec(),
-                              holdout=Holdout(cfg.validation.folder, cfg.validation.fraction)
-                              if cfg.validation.enabled else None)
+                              holdout=Holdout.of(cfg.validation.folder, cfg.validation.fraction))
     transformer, ckpt = load_base(base, dtype, device, fp8_storage=m.fp8_storage, fp8_keep=m.fp8_keep,
                                   gradient_checkpointing=m.gradient_checkpointing, blocks_to_swap=m.blocks_to_swap,
                                   allow_pickle=m.allow_pickle, family=m.family)
@@ -164,7 +162,8 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[swap is None, True])
     v = cfg.validation
     watch = make_watch(params, optimizer, tc.ema_decay, tc.steps, data.validation, v.sigmas, v.seeds, v.every,
-                       tc.guidance, device, dtype, cfg.data.batch_size, accelerator.autocast)
+                       tc.guidance, device, dtype, cfg.data.batch_size, accelerator.autocast, tc.warmup_steps,
+                       v.folder or f"validation.fraction {v.fraction:g}", cfg.logging.wandb and run.root / "wandb")
     gen = torch.Generator().manual_seed(tc.seed)  # caption dropout, noise, timesteps
     sampler = BucketBatchSampler(data.dataset.buckets(), cfg.data.batch_size, seed=tc.seed)
     model = lambda: accelerator.unwrap_model(transformer)  # noqa: E731
@@ -181,15 +180,13 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     samples = _sampler(cfg, data, ckpt, dtype, device)
     if main and start < tc.steps:
         for line in _startup_lines(cfg, data.dataset, len(sampler), sum(p.numel() for p in params),
-                                   ckpt.spec().variant, start, run, samples.guidance) + startup_lines(
-                watch, tc.warmup_steps, v.every, v.folder or f"validation.fraction {v.fraction:g}",
-                run.root / "wandb" if cfg.logging.wandb else None):
+                                   ckpt.spec().variant, start, run, samples.guidance) + watch.notes:
             say(line)
     sinks = open_sinks(cfg.logging.wandb and main and start < tc.steps, cfg.logging.project, cfg.logging.mode,
-                       run.root, dataclasses.asdict(cfg))
-    bar = Progress(tc.steps, start, "train", run.logs if main else None, enabled=progress and main,
-                   smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main and not quiet, sinks=sinks)
-    watch.bar = bar
+                       run.root, run.config)
+    bar = watch.bar = Progress(tc.steps, start, "train", run.logs if main else None, enabled=progress and main,
+                               smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main and not quiet,
+                               sinks=sinks)
     meta = _lora_metadata(cfg, ckpt)
     acts = _Run(
         save_lora=lambda suffix: save_lora_files(model(), run.root, cfg.save.name, cfg.save.formats, meta, suffix),

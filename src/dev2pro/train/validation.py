@@ -45,7 +45,7 @@ def check_holdout(folder: str) -> None:
         raise UserError(f"validation.folder: {p} is not a folder; give a folder of held-out images with .txt "
                         f"captions, or use validation.fraction instead")
     if not any(f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() and not f.name.startswith(".")
-               for f in p.iterdir()):
+               for f in p.rglob("*")):  # subfolders too: a kohya parent of N_name folders is read as one
         raise UserError(f"validation.folder: {p} has no images ({', '.join(IMAGE_EXTENSIONS)}); put held-out "
                         f"images (with .txt captions) there, or use validation.fraction instead")
 
@@ -61,6 +61,11 @@ class Holdout:
 
     folder: str = ""
     fraction: float = 0.0
+
+    @classmethod
+    def of(cls, folder: str, fraction: float) -> "Holdout | None":
+        """The holdout of ``validation.folder`` / ``validation.fraction``; None when both are off."""
+        return cls(folder, fraction) if folder or fraction > 0 else None
 
     def split(self, items: list[Item], scan: Callable[[list[DatasetFolder]], list[Item]]
               ) -> tuple[list[Item], list[Item]]:

@@ -7,8 +7,9 @@ and calls it; the loop only sees ``Events.validate``.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,6 +19,11 @@ from ..errors import UserError
 from .ema import EMA
 from .optim import is_schedule_free, published_weights
 from .validation import Validator, advice, check_holdout, describe
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 def check_inputs(validation_folder: str, wandb: bool, optimizer: str) -> None:
@@ -36,12 +42,14 @@ def check_optional_packages(wandb: bool, optimizer: str) -> None:
                         "'dev2pro[schedulefree]', or use 'adamw'")
 
 
-def open_sinks(wandb: bool, project: str, mode: str, root: Path, config: dict) -> list:
-    """The extra loggers of ``Progress``: a W&B run under ``root/wandb`` when asked for, else none."""
+def open_sinks(wandb: bool, project: str, mode: str, root: Path, config_file: Path) -> list:
+    """The extra loggers of ``Progress``: a W&B run under ``root/wandb`` when asked for (its config: the run's
+    resolved ``config_file``), else none."""
     if not wandb:
         return []
     from .wandb_log import open_wandb  # the optional package is imported only here
 
+    config = tomllib.loads(config_file.read_text()) if config_file.is_file() else {}
     return [open_wandb(project, mode, root, root.name, config)]
 
 
@@ -55,6 +63,7 @@ class Watch:
     validator: Validator | None = None
     total: int = 0
     bar: object = None
+    notes: list = field(default_factory=list)  # start-up lines (``startup_lines``)
 
     def weights(self) -> AbstractContextManager:
         """``with watch.weights():`` the model holds the weights that are saved and sampled."""
@@ -98,15 +107,18 @@ class Watch:
 
 def make_watch(params: list, optimizer, ema_decay: float, total: int, held_out=None, sigmas: Sequence[float] = (),
                seeds: Sequence[int] = (), every: int = 0, guidance: float = 1.0, device=None,
-               dtype: torch.dtype = torch.float32, rows: int = 1, autocast: Callable | None = None) -> Watch:
+               dtype: torch.dtype = torch.float32, rows: int = 1, autocast: Callable | None = None,
+               warmup_steps: int = 0, source: str = "", wandb_dir: Path | None = None) -> Watch:
     """A ``Watch``: an EMA of ``params`` when ``ema_decay`` > 0, a validator when ``held_out`` (a cached dataset of
-    held-out images) is given."""
+    held-out images, from ``source``) is given; its ``notes`` say so (and where W&B writes, ``wandb_dir``)."""
     ema = EMA(params, ema_decay) if ema_decay > 0 else None
     validator = None
     if held_out is not None:
         validator = Validator(held_out, [float(s) for s in sigmas], [int(s) for s in seeds], every, guidance, device,
                               dtype, max(1, rows), autocast)
-    return Watch(params, optimizer, ema, validator, total)
+    watch = Watch(params, optimizer, ema, validator, total)
+    watch.notes = startup_lines(watch, warmup_steps, every, source, wandb_dir or None)
+    return watch
 
 
 def startup_lines(watch: Watch, warmup_steps: int, every: int, source: str, wandb_dir: Path | None) -> list[str]:
