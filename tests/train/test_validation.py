@@ -150,6 +150,10 @@ def test_fraction_holds_out_by_file_name_hash_whatever_the_order(tmp_path):
     assert len(Holdout(fraction=0.01).split(items, scan=None)[1]) == 1  # at least one image
     with pytest.raises(UserError, match="validation.fraction"):
         Holdout(fraction=0.5).split(items[:1], scan=None)
+    from types import SimpleNamespace  # regularization images (data.folders role = "reg") are never held out
+    mixed = [SimpleNamespace(path=it.path, role="reg" if i % 2 else "train") for i, it in enumerate(items)]
+    kept, held = Holdout(fraction=0.2).split(mixed, scan=None)
+    assert len(held) == 2 and all(h.role == "train" for h in held) and len(kept) == 18
 
 
 def test_evaluation_restores_rng_and_modes(tiny_dev_dir, tmp_path):

@@ -81,7 +81,7 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
     items, held = holdout.split(items, lambda fs: scan_dataset(  # held-out images: the same rules
         fs, default_caption=o.default_caption or None, trigger=o.trigger or None, min_size=o.min_size,
         strict=o.strict, buckets=buckets)) if holdout is not None else (items, [])
-    n_train, items = len(items), items + held  # cached in one pass; split again at the end
+    items = items + held  # cached in one pass; split again at the end (``held_out``: by item identity)
     sizes = [assign_bucket(*(it.size if it.size else _image_size(it.path)), buckets) for it in items]
     pipe = fam.load_text(model_dir, text_device, text_dtype)  # first: it names a folder that is no model
     if spec is not None:
@@ -104,9 +104,12 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
     def embeds_of(text):
         return fam.embeds_of(load_cached(text_paths[text]))
 
-    return TrainingData(CachedDataset(entries[:n_train]), load_cached(text_paths[""]),
+    held_out = {id(it) for it in held}
+    kept = [e for e, it in zip(entries, items) if id(it) not in held_out]
+    return TrainingData(CachedDataset(kept), load_cached(text_paths[""]),
                         [embeds_of(p) for p in prompts], embeds_of(negative), components,
-                        CachedDataset(entries[n_train:]) if holdout is not None else None)
+                        CachedDataset([e for e, it in zip(entries, items) if id(it) in held_out])
+                        if holdout is not None else None)
 
 
 def _from_shards(model_dir: Path, shards: str, device, text_device, text_dtype, prompts, negative: str,

@@ -71,16 +71,18 @@ class Holdout:
               ) -> tuple[list[Item], list[Item]]:
         """(training items, held-out items); ``scan`` reads folders with the dataset's rules (captions, trigger).
 
-        ``fraction``: the ``max(1, round(fraction * n))`` images with the lowest file-name hash (ties by path)."""
+        ``fraction``: the ``max(1, round(fraction * n))`` training images (regularization images never) with the
+        lowest file-name hash (ties by path)."""
         if self.folder:
             try:
                 return items, scan([DatasetFolder(Path(self.folder))])
             except UserError as e:
                 raise UserError(f"validation.folder: {e}") from None
-        order = sorted(range(len(items)), key=lambda i: (name_hash(items[i].path), str(items[i].path)))
-        k = max(1, round(self.fraction * len(items)))
-        if k >= len(items):
-            raise UserError(f"validation.fraction = {self.fraction:g} would hold out all {len(items)} training "
+        own = [i for i, it in enumerate(items) if getattr(it, "role", "train") != "reg"]
+        order = sorted(own, key=lambda i: (name_hash(items[i].path), str(items[i].path)))
+        k = max(1, round(self.fraction * len(own)))
+        if k >= len(own):
+            raise UserError(f"validation.fraction = {self.fraction:g} would hold out all {len(own)} training "
                             f"image(s); lower it, or give held-out images in validation.folder")
         held = set(order[:k])
         return [it for i, it in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
