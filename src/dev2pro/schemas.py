@@ -23,6 +23,7 @@ from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, parse_
                      resolve_size, section)
 from .errors import ConfigError, UserError
 from .recipe_inputs import apply_vram_preset, check_rank_fits, data_source, plan_inputs  # noqa: F401 (API)
+from .schemas_eval import LoggingSection, ValidationSection
 
 MAX_RESOLUTION = 4096  # 16.7 MP buckets; FLUX.1 is trained up to ~2 MP -- 100000 is a typo the plan priced at 47 TB
 MAX_RANK = 6144  # the widest Flux layer (FLUX.2 dev's hidden width); the checkpoint's own widths are checked later
@@ -194,7 +195,7 @@ class OptimBase:
 
 
 @ordered("steps", "lr", "optimizer", "weight_decay", "warmup_steps", "schedule", "grad_accum", "max_grad_norm", "seed",
-         "guidance", "timestep_sampling", "sigmoid_scale", "shift", "mixed_precision", "compile", "attention_backend",
+         "ema_decay", "guidance", "timestep_sampling", "sigmoid_scale", "shift", "mixed_precision", "compile", "attention_backend",
          "nan_policy", "nan_max_skips")
 @dataclass
 class TrainSection(OptimBase):
@@ -204,10 +205,18 @@ class TrainSection(OptimBase):
                                "the first steps are slow; not with blocks_to_swap")
     attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
                                      "PyTorch SDPA")
+    ema_decay: float = opt(0.0, "EMA of the LoRA weights (e.g. 0.999; 0 = off): the EMA is what is saved and "
+                                "sampled")
 
     def validate(self):
         super().validate()
         require_range("guidance", self.guidance, 0, 100, above=True)
+        require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.optimizer == "schedulefree_adamw":  # it averages its weights itself and replaces the LR schedule
+            require(self.schedule == "constant", "schedule: schedule-free AdamW needs no LR schedule; set "
+                                                 "train.schedule = \"constant\" (train.warmup_steps still applies)")
+            require(not self.ema_decay, "ema_decay: schedule-free AdamW already averages its weights; set "
+                                        "train.ema_decay = 0")
 
 
 @dataclass
@@ -368,7 +377,14 @@ class TrainConfig:
     train: TrainSection = section(TrainSection, "optimisation")
     sample: SampleSection = section(SampleSection, "samples during training")
     save: SaveSection = section(SaveSection, "outputs")
+    validation: ValidationSection = section(ValidationSection, "validation loss on held-out images")
+    logging: LoggingSection = section(LoggingSection, "loggers beside TensorBoard")
     log_every: int = opt(10, "progress-bar postfix and TensorBoard scalar interval (steps)")
+
+    def validate(self):
+        require(not (self.validation.enabled and self.data.shards), "validation: held-out images are cached from "
+                "image folders, not data.shards: leave validation.folder and validation.fraction unset, or train "
+                "from [[data.folders]]")
 
 
 @dataclass

@@ -54,12 +54,17 @@ LABELS = {
     "save.output_dir": "Output name", "save.name": "LoRA file name", "save.every": "Save every N steps",
     "save.keep_last": "Training states kept", "save.formats": "LoRA file layouts",
     "save.overwrite": "Overwrite an existing run", "log_every": "Log every N steps",
+    "train.ema_decay": "Average the weights (EMA decay, 0 = off)",
+    "validation.folder": "Held-out images (validation folder)", "validation.fraction": "Hold out a fraction of "
+    "the images", "validation.every": "Validation every N steps", "validation.sigmas": "Noise levels measured",
+    "validation.seeds": "Noise seeds", "logging.wandb": "Also log to Weights & Biases",
+    "logging.project": "W&B project", "logging.mode": "W&B mode",
 }
 
 # Advanced groups: (section prefix, title); keys with no section go to the last group
 GROUPS = (("model.", "Model and memory"), ("data.", "Dataset"), ("lora.", "LoRA shape"),
           ("train.", "Optimisation"), ("sample.", "Samples during training"), ("save.", "Saving"),
-          ("", "Logging"))
+          ("validation.", "Validation loss"), ("logging.", "Logging"), ("", "Logging"))
 
 
 def label(key: str) -> str:
