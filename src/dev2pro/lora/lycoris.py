@@ -104,6 +104,21 @@ class AdapterWeights(LoraWeights):
         return "+".join(sorted(kinds)) or "lora"
 
 
+def describe(m) -> str:
+    """One module's shape of adaptation, for `lora info` groups."""
+    if isinstance(m, LycoModule):
+        dim = m.dim if m.dim is not None else "full"
+        return f"{m.kind} dim={dim} alpha={'-' if m.alpha is None else format(m.alpha, 'g')}"
+    dora = f" dora({m.axis})" if isinstance(m, D.DoraModule) else ""
+    return f"r={m.rank} alpha={m.alpha:g}{dora}"
+
+
+def param_count(m) -> int:
+    if isinstance(m, LycoModule):
+        return m.params
+    return m.down.numel() + m.up.numel() + (m.magnitude.numel() if isinstance(m, D.DoraModule) else 0)
+
+
 def is_adapter_file(keys) -> bool:
     """True for a LyCORIS (LoKr/LoHa) or DoRA state dict: ``formats`` hands those to ``read``."""
     return any(re.search(r"\.(lokr_|hada_|dora_scale$|lora_magnitude_vector)", k) for k in keys)
@@ -133,7 +148,7 @@ def read(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, wan
                             f".lora_down.weight / .dora_scale / .alpha ...)")
         suffix = m.group(2)
         groups.setdefault(m.group(1), {})[_PAIR.get(suffix, suffix.removesuffix(".weight"))] = t
-    family, names = P.decode(groups, want)
+    family, names = P.decode(groups, _family_by_shapes(groups) or want)
     if want and family != want:
         from .. import families
 
@@ -150,6 +165,28 @@ def read(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, wan
         if any(count_nonfinite(t) for t in tensors):
             raise UserError(f"module {name!r} holds NaN/inf values: the file is damaged -- re-export it")
     return lw
+
+
+def _family_by_shapes(groups: dict[str, dict]) -> str | None:
+    """'flux1' / 'flux2' when the modules' widths tell (``lora_keys.lora_family``'s ratios), else None."""
+    from ..families.flux2.lora_keys import lora_family
+
+    shapes = {}
+    for raw, g in groups.items():
+        if "hada_w1_a" in g and "hada_w1_b" in g:
+            out, inp = g["hada_w1_a"].shape[0], g["hada_w1_b"].shape[1]
+        elif "up" in g and "down" in g:
+            out, inp = g["up"].shape[0], g["down"].shape[1]
+        else:
+            f = [g.get(f"lokr_w{i}") if f"lokr_w{i}" in g else (g.get(f"lokr_w{i}_a"), g.get(f"lokr_w{i}_b"))
+                 for i in (1, 2)]
+            if any(x is None or isinstance(x, tuple) and None in x for x in f):
+                continue
+            dims = [(x.shape[0], x.shape[1]) if not isinstance(x, tuple) else (x[0].shape[0], x[1].shape[1])
+                    for x in f]
+            out, inp = dims[0][0] * dims[1][0], dims[0][1] * dims[1][1]
+        shapes[f"{raw}.lora_down.weight"], shapes[f"{raw}.lora_up.weight"] = (1, inp), (out, 1)
+    return lora_family(list(shapes), shapes)[0]
 
 
 def _layout(groups) -> str:
@@ -197,6 +234,7 @@ def to_state_dict(lw: AdapterWeights, layout: str, metadata: Mapping[str, str] |
     """(state dict, string metadata) of LoKr / LoHa / DoRA modules in ``layout`` (see the module docstring)."""
     meta = {str(k): str(v) for k, v in {**lw.metadata, **(metadata or {})}.items() if k != ADAPTER_METADATA_KEY}
     meta.update({"format": "pt", TYPE_KEY: lw.adapter})
+    meta.pop(D.AXIS_KEY, None)  # said afresh below, from the modules written
     axes = {m.axis for m in lw.values() if isinstance(m, D.DoraModule)}
     if layout == "diffusers":
         return _diffusers(lw, meta), meta
