@@ -178,3 +178,33 @@ def test_sampling_applies_each_type_like_peft(tmp_path):
         apply_lora(fresh, load_lora(path), 1.0, adapter_name="s")
         with torch.no_grad():
             torch.testing.assert_close(fresh(**x)[0], model(**x)[0], rtol=1e-4, atol=1e-5, msg=kind)
+
+
+def test_sampler_swaps_a_lokr_adapter_and_keeps_fp8_storage(tmp_path):
+    """The training sampler deletes and re-applies its 'sample' adapter each time; on fp8 storage the adapter is a
+    side branch: the fp8 weights stay bit for bit, the output moves as in fp32."""
+    from dev2pro.flux.fp8 import Fp8Policy, enable_fp8_storage
+
+    model = trained("lokr")
+    lw = lora_from_peft_model(model)
+    x = _inputs(2)
+    fresh = families.build_transformer(TINY, seed=0, dtype=torch.float32).eval()
+    for _ in range(2):
+        apply_lora(fresh, lw, 1.0, adapter_name="sample")
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(**x)[0], model(**x)[0], rtol=1e-4, atol=1e-5)
+        fresh.delete_adapters("sample")
+    fp8 = families.build_transformer(TINY, seed=0, dtype=torch.float32).eval()
+    enable_fp8_storage(fp8, Fp8Policy(), compute_dtype=torch.float32)
+    before = {k: v.clone() for k, v in fp8.state_dict().items()}
+    with torch.no_grad():
+        plain = fp8(**x)[0]
+    apply_lora(fp8, lw, 1.0, adapter_name="sample")
+    after = {k.replace(".base_layer.", "."): v for k, v in fp8.state_dict().items()}
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert fp8.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        out = fp8(**x)[0]
+        effect = model(**x)[0] - families.build_transformer(TINY, seed=0, dtype=torch.float32).eval()(**x)[0]
+    # the adapter's effect survives fp8 storage (a merge into e4m3 weights would round much of it away)
+    assert float((out - plain - effect).norm() / effect.norm()) < 0.25
