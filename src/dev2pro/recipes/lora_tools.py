@@ -73,7 +73,8 @@ def _bytes(n: int) -> str:
 def convert(src: str, dst: str, to: str, overwrite: bool = False) -> Path:
     lw = F.load_lora(src)
     out = F.save_lora(lw, dst, to, metadata=lw.metadata, overwrite=overwrite, sources=[src])
-    kind = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}.get(getattr(lw, "adapter", "lora"), "adapter")
+    kind = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}.get(getattr(lw, "adapter", "lora"),
+                                                                              "adapter")
     print(f"wrote {out} ({families.get(lw.family or 'flux1').title} {kind}, {to} layout, {len(lw)} modules)")
     return out
 
