@@ -208,3 +208,28 @@ def test_sampler_swaps_a_lokr_adapter_and_keeps_fp8_storage(tmp_path):
         effect = model(**x)[0] - families.build_transformer(TINY, seed=0, dtype=torch.float32).eval()(**x)[0]
     # the adapter's effect survives fp8 storage (a merge into e4m3 weights would round much of it away)
     assert float((out - plain - effect).norm() / effect.norm()) < 0.25
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_block_swap_keeps_lycoris_weights_trainable(kind):
+    """Block swap streams frozen base weights only: a LoKr/LoHa run with 4 swapped blocks equals the plain run."""
+    from dev2pro.train.blockswap import BlockSwap
+
+    def run(n):
+        model = trained(kind, seed=1).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        swap = BlockSwap(model, n, "cpu").place() if n else None
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        x, losses = _inputs(3), []
+        target = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(4))
+        for _ in range(3):
+            loss = (model(**x)[0] - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        del swap
+        return losses, [p.detach().clone() for p in params]
+
+    (la, pa), (lb, pb) = run(0), run(4)
+    assert la == lb and la[0] != la[-1] and all(torch.equal(a, b) for a, b in zip(pa, pb))
