@@ -233,3 +233,20 @@ def test_block_swap_keeps_lycoris_weights_trainable(kind):
 
     (la, pa), (lb, pb) = run(0), run(4)
     assert la == lb and la[0] != la[-1] and all(torch.equal(a, b) for a, b in zip(pa, pb))
+
+
+def test_peft_dora_on_scaled_fp8_is_merged_not_read_unscaled():
+    """peft's DoRA layer would norm the fp8 weights without their scales: on scaled fp8 storage it is merged (with
+    a warning that fp8 rounds), and the merged weights stay scaled fp8."""
+    from dev2pro.flux.fp8 import SCALE_BUFFER, Fp8Policy, enable_fp8_storage
+
+    model = trained("dora")
+    lw = lora_from_peft_model(model)
+    fp8 = families.build_transformer(TINY, seed=0, dtype=torch.float32).eval()
+    enable_fp8_storage(fp8, Fp8Policy(), compute_dtype=torch.float32)
+    q = fp8.transformer_blocks[0].attn.to_q
+    before = q.weight.clone()
+    with pytest.warns(UserWarning, match="fp8 storage"):
+        apply_lora(fp8, lw, 1.0, adapter_name="d")
+    assert q.weight.dtype == torch.float8_e4m3fn and SCALE_BUFFER in q._buffers and not torch.equal(q.weight, before)
+    assert not any("lora_" in n for n, _ in fp8.named_parameters())

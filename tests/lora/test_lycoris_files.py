@@ -136,3 +136,18 @@ def test_a_base_of_the_other_family_is_refused(tmp_path, files, klein_base_dir):
     _, _, lyco, _ = files
     with pytest.raises(UserError, match="FLUX.1 but"):
         load_lora(lyco, family="flux2", base=klein_base_dir)
+
+
+def test_a_merged_adapter_applied_again_replaces_itself(files):
+    """The training sampler re-applies its adapter under one name; merged (non-peft) modules must not stack."""
+    from dev2pro.lora.ops import apply_lora
+
+    base, _, lyco, _ = files
+    model, _ = load_base(base)
+    lw = load_lora(lyco)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, lw, 1.0, adapter_name="sample")
+    once = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, lw, 1.0, adapter_name="sample")
+    assert any(not torch.equal(once[k], before[k]) for k in before)
+    assert all(torch.equal(v, once[k]) for k, v in model.state_dict().items())

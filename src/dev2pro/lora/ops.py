@@ -211,9 +211,11 @@ def apply_lora(transformer: torch.nn.Module, lw: Mapping[str, LoraModule], scale
 
     from .dora import is_peft_dora
     from .lycoris import AdapterWeights
+    from .peft_adapters import scaled_fp8
 
-    if isinstance(lw, AdapterWeights) and not is_peft_dora(lw):
-        from .peft_adapters import apply  # LoKr / LoHa / ComfyUI-convention DoRA / fused BFL modules
+    if isinstance(lw, AdapterWeights) and (not is_peft_dora(lw) or scaled_fp8(transformer)):
+        # LoKr / LoHa / ComfyUI-convention DoRA / fused BFL modules; peft's DoRA would read scaled fp8 unscaled
+        from .peft_adapters import apply
 
         return apply(transformer, lw, scale, adapter_name)
     check_fits(transformer, lw)

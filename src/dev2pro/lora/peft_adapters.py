@@ -64,11 +64,16 @@ def check_layouts(kind: str, family: str, layouts) -> None:
                         f"dev2pro read it)")
 
 
-def check_storage(transformer, kind: str) -> None:
-    """peft's DoRA reads the base weight without an fp8 scale: refuse DoRA on scaled fp8 storage."""
+def scaled_fp8(transformer) -> bool:
+    """Does the model hold scaled fp8 weights (whose scale peft's DoRA does not apply)?"""
     from ..flux.fp8 import SCALE_BUFFER
 
-    if kind == "dora" and any(SCALE_BUFFER in getattr(m, "_buffers", {}) for m in transformer.modules()):
+    return any(SCALE_BUFFER in getattr(m, "_buffers", {}) for m in transformer.modules())
+
+
+def check_storage(transformer, kind: str) -> None:
+    """peft's DoRA reads the base weight without an fp8 scale: refuse DoRA on scaled fp8 storage."""
+    if kind == "dora" and scaled_fp8(transformer):
         raise UserError("lora.type = 'dora' with model.fp8_storage: peft's DoRA reads the fp8 weights without their "
                         "scales (wrong norms); set model.fp8_storage = false, or train lora/lokr/loha")
 
@@ -132,7 +137,7 @@ def apply(transformer, lw: AdapterWeights, scale: float, adapter_name: str) -> s
     kinds = {m.kind if isinstance(m, LycoModule) else None for m in lw.values()}
     if len(kinds) == 1 and None not in kinds and not any(P.is_bfl(n, ps) for n in lw):
         return _inject(transformer, lw, scale, adapter_name)
-    _merge_into(transformer, lw, scale)
+    _merge_into(transformer, lw, scale, adapter_name)
     return adapter_name
 
 
@@ -171,7 +176,9 @@ def _inject(transformer, lw: AdapterWeights, scale: float, adapter_name: str) ->
     return adapter_name
 
 
-def _merge_into(transformer, lw: AdapterWeights, scale: float) -> None:
+def _merge_into(transformer, lw: AdapterWeights, scale: float, adapter_name: str) -> None:
+    """Add ``lw``'s deltas to the weights in fp32 (fp8 requantised); a second call with the same ``adapter_name``
+    first restores what the first one changed."""
     from .. import families
     from ..flux.fp8 import FP8_DTYPES, SCALE_BUFFER, quantize
 
@@ -179,11 +186,20 @@ def _merge_into(transformer, lw: AdapterWeights, scale: float) -> None:
     mods = {_clean(n).removesuffix(".base_layer"): m for n, m in transformer.named_modules()
             if isinstance(m, torch.nn.Linear)}
     sizes = (spec.num_double, spec.num_single, spec.hidden, spec.mlp_hidden, spec.guidance_embeds)
+    for lin in mods.values():  # the same adapter merged before (the training sampler's "sample"): undo it first
+        kept = getattr(lin, "_dev2pro_unmerged", {}).pop(adapter_name, None)
+        if kept is not None:
+            lin.weight.data = kept[0].to(lin.weight.device)
+            if kept[1] is not None:
+                lin._buffers[SCALE_BUFFER] = kept[1].to(lin.weight.device)
     total = deltas(lw, "diffusers", sizes, lambda n: base_weight(mods[n]),
                    lambda n: tuple(mods[n].weight.shape) if n in mods else None, scale)
     for name, d in total.items():
         lin = mods[name]
         w = lin.weight
+        scale_buf = lin._buffers.get(SCALE_BUFFER)
+        lin.__dict__.setdefault("_dev2pro_unmerged", {})[adapter_name] = (  # host copies, to undo the merge
+            w.detach().cpu().clone(), None if scale_buf is None else scale_buf.detach().cpu().clone())
         if w.dtype in FP8_DTYPES:
             warnings.warn(f"{name}: merging an adapter into fp8 storage rounds small changes away; load the base "
                           f"without fp8 storage for exact samples")
