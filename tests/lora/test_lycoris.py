@@ -71,10 +71,11 @@ def comfy_map(bfl, family):
                    spec.mlp_hidden if family == "flux1" else None)
 
 
-@pytest.mark.parametrize("kind,family", [("dora", "flux1"), ("lokr", "flux1"), ("loha", "flux1"),
-                                         ("lokr", "flux2"), ("dora", "flux2")])
-def test_trained_file_comfyui_dev2pro_merge_and_peft_agree(tmp_path, kind, family):
-    model = trained(kind, family)
+@pytest.mark.parametrize("kind,family,kw", [("dora", "flux1", {}), ("lokr", "flux1", {}), ("loha", "flux1", {}),
+                                            ("lokr", "flux1", {"lokr_factor": 16, "lokr_decompose_both": True}),
+                                            ("lokr", "flux2", {}), ("dora", "flux2", {})])
+def test_trained_file_comfyui_dev2pro_merge_and_peft_agree(tmp_path, kind, family, kw):
+    model = trained(kind, family, **kw)
     lw = lora_from_peft_model(model)
     assert lw.adapter == kind and lw.family == family
     path = save_lora(rebased(lw, model) if is_peft_dora(lw) else lw, tmp_path / "a.safetensors", "kohya")
@@ -94,6 +95,9 @@ def test_trained_file_comfyui_dev2pro_merge_and_peft_agree(tmp_path, kind, famil
         assert any(k.startswith("lora_transformer_transformer_blocks_0_attn_to_q.") for k in sd)
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["dev2pro.adapter_type"] == kind
+    if kw:  # factor 16, both decomposed where the rank allows: w1 (16 x 16) a product, w2 (4 x 4) whole
+        assert sd["lora_unet_double_blocks_0_img_attn_proj.lokr_w1_a"].shape == (16, 4)
+        assert "lora_unet_double_blocks_0_img_attn_proj.lokr_w2" in sd
 
 
 def test_merge_into_fp8_and_bf16_bases(tmp_path):
@@ -103,14 +107,23 @@ def test_merge_into_fp8_and_bf16_bases(tmp_path):
     path = save_lora(lora_from_peft_model(model), tmp_path / "a.safetensors", "kohya")
     truth = peft_merged(model, "flux1")
     base, _ = base_file(tmp_path, model, "flux1")
-    for dtype, tol in (("bf16", 1e-2), ("fp8-scaled", 8e-2)):
+    from dev2pro.flux.fp8 import dequantize, quantize
+
+    def stored(t, dtype):  # the exact merged weight stored once in ``dtype``: the best a merge can do
+        if dtype == "bf16":
+            return t.bfloat16().float()
+        return dequantize(*quantize(t, scaled=dtype == "fp8-scaled"), torch.float32)
+
+    for dtype in ("bf16", "fp8", "fp8-scaled"):
         src = C.convert(base, tmp_path / f"{dtype}.safetensors", layout="comfy", dtype=dtype)
         merged = C.open_checkpoint(merge_loras(src, [(str(path), 1.0)], tmp_path / f"m-{dtype}.safetensors"))
         assert merged.fp8_format == C.open_checkpoint(src).fp8_format
         for k in ("double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight"):
             w = merged.get_dequantized(k, torch.float32)
-            err = (w - truth[k]).norm() / truth[k].norm()
-            assert err < tol, (dtype, k, float(err))
+            err = float((w - truth[k]).norm() / truth[k].norm())
+            best = float((stored(truth[k], dtype) - truth[k]).norm() / truth[k].norm())
+            print(f"{dtype} {k}: relative error {err:.2e} (storing the exact result once: {best:.2e})")
+            assert err < 1.6 * best, (dtype, k, err, best)  # two roundings (base, result): ~sqrt(2)
 
 
 def test_dora_diffusers_layout_loads_in_diffusers_like_peft(tmp_path):
