@@ -1,7 +1,7 @@
 """A second client for LoKr / LoHa / DoRA files: ComfyUI's loader semantics, written from its published code
 (``comfy/lora.py`` key maps, ``comfy/weight_adapter/{lora,lokr,loha,base}.py``), independent of dev2pro's readers.
 
-Keys: ``lora_unet_<BFL weight path, _>`` patches a whole BFL weight (the generic map built from the model's own
+Keys: ``lora_unet_<BFL weight path, _>`` or ``diffusion_model.<BFL path>`` patches a whole BFL weight (the generic map built from the model's own
 state-dict keys); ``lora_transformer_<diffusers path, _>`` patches a row slice of a fused BFL weight (the
 ``flux_to_diffusers`` map: q/k/v thirds of ``img_attn.qkv`` / ``txt_attn.qkv``, FLUX.1's single-block q/k/v/mlp rows
 of ``linear1``) or, for ``norm_out.linear``, the final adaLN with its scale/shift halves swapped.
@@ -18,6 +18,7 @@ def key_map(bfl_keys, n_double, n_single, hidden, mlp_hidden=None):
     """ComfyUI's Flux key map: lora key prefix -> (BFL weight key, (start, length) or None, swap halves)."""
     km = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): (k, None, False)
           for k in bfl_keys if k.endswith(".weight")}
+    km.update({"diffusion_model." + k[: -len(".weight")]: (k, None, False) for k in bfl_keys if k.endswith(".weight")})
     h = hidden
     for i in range(n_double):
         for j, (q, kk, v) in enumerate([("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")]):

@@ -151,3 +151,45 @@ def test_a_merged_adapter_applied_again_replaces_itself(files):
     apply_lora(model, lw, 1.0, adapter_name="sample")
     assert any(not torch.equal(once[k], before[k]) for k in before)
     assert all(torch.equal(v, once[k]) for k, v in model.state_dict().items())
+
+
+def test_flux2_bfl_lokr_from_ai_toolkit_agrees_with_comfyui_and_diffusers(tmp_path, klein_base_dir):
+    """A FLUX.2 LoKr as ai-toolkit writes it (``diffusion_model.<BFL path>``, a fused ``img_attn.qkv``): our merge
+    equals ComfyUI's formula and diffusers' own loader (which fuses the model's qkv to hold it)."""
+    from diffusers import Flux2KleinPipeline
+
+    from dev2pro.families.flux2.keys import diffusers_to_bfl as flux2_to_bfl
+    from dev2pro.families.flux2.spec import TINY_KLEIN as K
+
+    g = torch.Generator().manual_seed(3)
+    h = K.hidden
+    sd = {"diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1": _r(g, 12, 8),  # 3h x h = kron((12, 8), (16, 8))
+          "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2_a": _r(g, 16, 2),
+          "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2_b": _r(g, 2, 8),
+          "diffusion_model.double_blocks.0.img_attn.qkv.alpha": torch.tensor(1.0),
+          "diffusion_model.single_blocks.1.linear2.lokr_w1": _r(g, 8, 16),  # h x 4h: kron((8, 16), (8, 16))
+          "diffusion_model.single_blocks.1.linear2.lokr_w2": _r(g, 8, 16)}  # (LyCORIS' near-square factors)
+    lyco = tmp_path / "ai-toolkit-lokr.safetensors"
+    save_file(sd, str(lyco))
+    assert load_lora(lyco).family == "flux2"
+    pipe = Flux2KleinPipeline.from_pretrained(klein_base_dir, torch_dtype=torch.float32)
+    base = flux2_to_bfl(pipe.transformer.state_dict())
+    ref = comfy_merge(base, sd, key_map(base, K.num_double, K.num_single, h))
+    assert T.merge(str(klein_base_dir), [(str(lyco), 1.0)], str(tmp_path / "merged"))
+    ours, _ = C.load_transformer(tmp_path / "merged", dtype=torch.float32)
+    got = flux2_to_bfl(ours.state_dict())
+    assert sum(not torch.equal(ref[k], base[k]) for k in ref) == 2
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    pipe.load_lora_weights(str(lyco), adapter_name="k")
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    theirs = pipe.transformer.state_dict()
+    fused = {k: v for k, v in theirs.items() if "to_qkv" in k or "to_added_qkv" in k}
+    assert fused  # diffusers fused q/k/v to hold the fused LoKr
+    q, k_, v = (ours.state_dict()[f"transformer_blocks.0.attn.{p}.weight"] for p in ("to_q", "to_k", "to_v"))
+    torch.testing.assert_close(theirs["transformer_blocks.0.attn.to_qkv.weight"], torch.cat([q, k_, v]),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(theirs["single_transformer_blocks.1.attn.to_out.weight"],
+                               ours.state_dict()["single_transformer_blocks.1.attn.to_out.weight"], rtol=1e-5,
+                               atol=1e-6)

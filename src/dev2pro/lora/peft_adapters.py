@@ -158,7 +158,11 @@ def _inject(transformer, lw: AdapterWeights, scale: float, adapter_name: str) ->
             continue
         m = lw.get(_clean(name))
         if m is not None and adapter_name in layer._available_adapters:
-            device = layer.get_base_layer().weight.device
+            base = layer.get_base_layer()
+            if tuple(m.shape) != (base.out_features, base.in_features):
+                raise UserError(f"{_clean(name)}: the {m.kind} module is {m.shape[0]}x{m.shape[1]} but the layer is "
+                                f"{base.out_features}x{base.in_features}: the adapter is for another model size")
+            device = base.weight.device
             for k in layer.adapter_layer_names:
                 params = getattr(layer, k)
                 if adapter_name in params:
