@@ -21,7 +21,8 @@ down (kohya without split_qkv, XLabs) are read and written dense: one down, stac
 diffusers' kohya converter ignores ``.alpha`` for ``final_layer.*``, so there we bake the scale into ``up`` and store
 alpha = rank. It also hard-codes 19/38 blocks and 3072 widths, which is why ``ops.apply_lora`` loads our PEFT form
 into a model of any size instead. Sizes (hidden, mlp width, block counts) are read off the LoRA's own shapes or
-passed in, never taken from FLUX.1's constants. FLUX.2 LoRAs (``.family == "flux2"``) go through ``lora.flux2``.
+passed in, never taken from FLUX.1's constants. FLUX.2 LoRAs (``.family == "flux2"``) go through ``lora.flux2``;
+LoKr / LoHa / DoRA files (``lycoris.is_adapter_file``) through ``lora.lycoris``.
 """
 
 from __future__ import annotations

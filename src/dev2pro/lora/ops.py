@@ -206,6 +206,8 @@ def apply_lora(transformer: torch.nn.Module, lw: Mapping[str, LoraModule], scale
     """Load ``lw`` into a diffusers FluxTransformer2DModel (any size) as a peft adapter, alphas intact.
 
     The adapter is added to the active ones (earlier adapters stay on) with strength ``scale``; returns its name.
+    LoKr / LoHa / DoRA weights go in as peft adapters of their type where peft holds them, else are merged
+    (``peft_adapters.apply``).
     """
     from peft.tuners.lora import LoraLayer  # heavy (~2 s): lora info/merge/extract skip it
 
@@ -249,9 +251,9 @@ def lora_from_peft_model(transformer: torch.nn.Module, adapter_name: str = "defa
     """LoraWeights of a peft-injected model's adapter; rank and alpha per layer as peft resolved them (config +
     rank/alpha patterns), rsLoRA expressed as an alpha over r. Wrapper prefixes (compile, FSDP, checkpointing,
     PeftModel) are dropped from names; DTensor shards are gathered. ``.family`` is the model's (FLUX.2 LoRAs are
-    written in FLUX.2's layouts)."""
+    written in FLUX.2's layouts). LoKr / LoHa / DoRA adapters come back as ``lycoris.AdapterWeights``
+    (``peft_adapters.module_from_peft``)."""
     from peft.tuners.lora import LoraLayer  # heavy (~2 s), as in apply_lora
-
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from ..families import of_model

@@ -14,9 +14,9 @@ import torch
 from .. import families
 from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES, convert
+from ..lora.dora import is_peft_dora
 from ..lora.flux2 import kohya_fields
 from ..lora.formats import save_lora
-from ..lora.dora import is_peft_dora
 from ..lora.ops import lora_from_peft_model
 from ..lora.peft_adapters import rebased
 from ..outputs import clean_stale_temps, save_safetensors, temp_path, write_error_message, write_errors
