@@ -18,6 +18,7 @@ from tiny_run import model_and_data
 
 
 def train(folder, images, tmp, kind, formats, steps=3):
+    tmp.mkdir(parents=True, exist_ok=True)
     toml = tmp / f"{kind}.toml"
     toml.write_text(model_and_data(folder, images, tmp / "cache", model='dtype = "fp32"', data="batch_size = 1") + f"""
 [lora]
@@ -115,3 +116,18 @@ def test_a_layout_nobody_reads_is_refused_before_training(tiny_dev_dir, sk_image
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "save.formats" in err[0] and "diffusers 0.42 loads no loha" in err[0]
     assert not (tmp_path / "cache").exists() and not (tmp_path / "loha" / "lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["lokr", "dora"])
+def test_extending_steps_resumes_the_adapter_bit_identically(kind, tiny_dev_dir, sk_images, tmp_path):
+    """The training state holds LoKr / DoRA weights (all trainable parameters): 2 steps + 2 resumed = 4 straight."""
+    from dev2pro.recipes.train_lora import train as train_recipe
+    from dev2pro.schemas import load_train_config
+
+    straight = train(tiny_dev_dir, sk_images, tmp_path / "a", kind, ["kohya"], steps=4)
+    short = train(tiny_dev_dir, sk_images, tmp_path / "b", kind, ["kohya"], steps=2)
+    more = train_recipe(load_train_config(tmp_path / "b" / f"{kind}.toml", [f"lora.type={kind}", "train.steps=4"]),
+                        resume="latest", progress=False)
+    assert len(more["losses"]) == 2
+    a, b = load_file(str(straight / "lora.safetensors")), load_file(str(short / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
