@@ -257,12 +257,18 @@ class LoraSection:
     extra_targets: list = opt([], "extra targets: modulation, embedders")
     double_blocks: list = opt([], "train only these double-block indices (empty = all)")
     single_blocks: list = opt([], "train only these single-block indices (empty = all)")
+    type: str = opt("lora", "adapter type: lora, dora (peft's), lokr or loha (LyCORIS keys ComfyUI reads)",
+                    ("lora", "dora", "lokr", "loha"))
+    lokr_factor: int = opt(-1, "LoKr Kronecker factor (-1: near the square root of each width, as LyCORIS)")
+    lokr_decompose_both: bool = opt(False, "LoKr: also factor the small Kronecker factor into a low-rank product")
 
     def validate(self):
         require(self.rank > 0, f"rank must be > 0, got {self.rank}")
         require_range("rank", self.rank, 1, MAX_RANK)
         require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        require(self.lokr_factor == -1 or self.lokr_factor > 0, f"lokr_factor must be -1 or > 0, got "
+                f"{self.lokr_factor}")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES, open_checkpoint
 from ..lora import adapter as adaptermod
 from ..lora.formats import kohya_metadata
+from ..lora.peft_adapters import check_layouts, kohya_fields as adapter_fields
 from ..noise import quiet_libraries
 from ..outputs import write_json, write_text
 from ..plan import ImpossiblePlan, report as report_plan
@@ -105,6 +106,7 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
     base = m.transformer or m.path
     header = open_checkpoint(base, allow_pickle=m.allow_pickle, family=m.family)  # the header only
     family = header.family
+    check_layouts(lc.type, family.name, cfg.save.formats)  # before minutes of caching, not at the first save
     check_blocks_to_swap(base, m.blocks_to_swap, m.allow_pickle, m.family)  # before caching the data
     data = load_training_data(Path(m.path), device, **data_source(d, out), t5_max_length=m.t5_max_length,
                               prompts=cfg.sample.prompts, negative=cfg.sample.negative,
@@ -122,7 +124,8 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
     names = ckpt.family.lora_targets(lc.targets, spec.num_double, spec.num_single, lc.extra_targets,
                                      [int(i) for i in lc.double_blocks] or None,
                                      [int(i) for i in lc.single_blocks] or None, spec.guidance_embeds)
-    params = add_lora(transformer, names, lc.rank, lc.alpha, lc.dropout)
+    params = add_lora(transformer, names, lc.rank, lc.alpha, lc.dropout, kind=lc.type, lokr_factor=lc.lokr_factor,
+                      lokr_decompose_both=lc.lokr_decompose_both)
     if m.adapter:  # frozen side branch on top of the base, beside the trained LoRA (lora/adapter.py)
         adaptermod.attach_file(transformer, m.adapter, m.adapter_scale,
                                torch.float32 if dtype == torch.float32 else torch.bfloat16)
@@ -150,7 +153,9 @@ def _lora_metadata(cfg: TrainConfig, ckpt) -> dict:
                           extra={"ss_steps": tc.steps, "ss_learning_rate": tc.lr,
                                  "dev2pro.train_base_variant": ckpt.spec().variant,
                                  "dev2pro.inference_base": Path(m.inference_base).name if m.inference_base else "",
-                                 "dev2pro.training_adapter": Path(m.adapter).name if m.adapter else ""})
+                                 "dev2pro.training_adapter": Path(m.adapter).name if m.adapter else "",
+                                 **adapter_fields(cfg.lora.type, cfg.lora.rank, cfg.lora.alpha, cfg.lora.lokr_factor,
+                                                  cfg.lora.lokr_decompose_both)})
 
 
 def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool, say, quiet) -> dict:
