@@ -1,6 +1,7 @@
 """Host-side hygiene of the real step (train/loop.step_loss): one device read per step, the batch moved before the
 forward, cache reads in a loader thread -- and the same numbers as reading everything in the training thread."""
 
+import dataclasses
 import threading
 import time
 from types import SimpleNamespace
@@ -79,9 +80,10 @@ def test_noised_to_moves_every_tensor_and_builds_the_target_there():
     batch = {k: torch.stack([it[k] for it in _items(2)]) for k in ("latents", "prompt_embeds", "pooled")}
     g = torch.Generator().manual_seed(0)
     noised = draw(batch, g, dropout_p=0.0, empty={}, timestep_sampling="sigmoid", sigmoid_scale=1.0, shift=3.0)
+    noised.weights, noised.mask = torch.ones(2), torch.ones(2, 1, 8, 8)
     moved = noised.to(torch.device("meta"))  # a device that is not the CPU, without a GPU
-    for name in ("x0", "noise", "sigmas", "prompt_embeds", "pooled", "w"):
-        assert getattr(moved, name).device.type == "meta", name
+    for f in dataclasses.fields(noised):  # every field, those added later included
+        assert getattr(moved, f.name).device.type == "meta", f.name
     assert moved.target.device.type == "meta" and moved.x_t.shape == noised.x_t.shape
 
 
