@@ -67,8 +67,8 @@ class ModelSection(ModelBase):
     vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48): picks fp8 storage, checkpointing, blocks_to_swap, "
                        "optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no preset")
     text_encoder: str = opt("gpu", "where CLIP + T5 run while caching captions", ("gpu", "cpu"))
-    text_encoder_dtype: str = opt("fp32", "CLIP + T5 dtype while caching (bf16 halves T5-XXL's 19 GB)",
-                                  ("fp32", "bf16"))
+    text_encoder_dtype: str = opt("fp32", "CLIP + T5 dtype while caching (bf16 halves T5-XXL's 19 GB; fp8: FLUX.2's "
+                                          "text encoder only, Mistral 24B in ~25 GB)", ("fp32", "bf16", "fp8"))
     vae_tiling: bool = opt(False, "decode samples in tiles (less memory for large samples)")
 
     def validate(self):

@@ -55,6 +55,7 @@ from ..train.ema import EMA
 from ..train.export import export_adapter, export_or_keep_state, final_weights
 from ..train.model import load_student, load_teacher
 from ..train.optim import build_optimizer, build_scheduler
+from ..train.preflight import check_inputs
 from ..train.progress import Progress
 from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
@@ -69,6 +70,9 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     ``save.every`` set the last step saves one too, so an export that fails (full disk) or a larger ``train.steps``
     continues with ``--resume``.
     """
+    m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
+    check_inputs(m.transformer or m.path, m.path, shards=cfg.data.shards,
+                 needs_text=not cfg.data.shards or bool(cfg.sample.every), allow_pickle=m.allow_pickle, family=m.family)
     quiet_libraries()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     run, main = RunFolder(Path(cfg.save.output_dir), "dedistill"), accelerator.is_main_process
@@ -244,7 +248,8 @@ def _export(cfg, models: _Models, ema, rank: int, main: bool, run: RunFolder, su
     if not main:
         return
     meta = {"dev2pro.recipe": "dedistill", "dev2pro.objective": cfg.objective, "dev2pro.steps": str(cfg.train.steps),
-            "dev2pro.ema_decay": str(cfg.train.ema_decay), "dev2pro.start": Path(models.start_from).name}
+            "dev2pro.ema_decay": str(cfg.train.ema_decay), "dev2pro.start": Path(models.start_from).name,
+            "dev2pro.base_guidance_embeds": str(bool(models.inner.config.guidance_embeds)).lower()}  # preflight
     if adapter:
         files = export_adapter(models.inner, ema, run.root, sv.name,
                                {**meta, "dev2pro.adapter_rank": str(adapter)})

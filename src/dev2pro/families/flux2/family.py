@@ -126,7 +126,7 @@ FAMILY = Family(
     refine_spec=refine_spec,
     describe_variant=describe_variant,
     modelspec=modelspec,
-    check_text=lazy(_TEXT, "check_pairing"), load_text=lazy(_TEXT, "load_text_encoder"),
+    check_text=lazy(_TEXT, "check_pairing"), check_folder=lazy(_TEXT, "check_folder"), load_text=lazy(_TEXT, "load_text_encoder"),
     text_encoder=lazy(_TEXT, "text_encoder"), text_settings=lazy(_TEXT, "cache_settings"), embeds_of=_embeds_of,
     load_vae=lazy(_LATENTS, "load_vae"), encode_images=lazy(_LATENTS, "encode_images"), lora_targets=lora_targets,
     build_pipeline=lazy(_SAMPLING, "build_pipeline"), render=lazy(_SAMPLING, "render"),
