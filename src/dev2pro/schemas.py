@@ -77,8 +77,8 @@ class ModelSection(ModelBase):
         require(self.vram in (0, 8, 12, 16, 24, 48), f"vram = {self.vram}: choose 8, 12, 16, 24 or 48 (GB), or 0")
 
 
-@ordered("path", "transformer", "family", "teacher", "gradient_checkpointing", "fp8_storage", "t5_max_length",
-         "allow_pickle")
+@ordered("path", "transformer", "family", "teacher", "gradient_checkpointing", "fp8_storage", "blocks_to_swap",
+         "t5_max_length", "allow_pickle")
 @dataclass
 class DedistillModel(ModelBase):
     transformer: str = opt("", "start weights (any layout); empty = the folder's transformer", path=True)
@@ -86,6 +86,8 @@ class DedistillModel(ModelBase):
                            "guidance_distill: the CFG teacher (required)", path=True)
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed at full size)")
     fp8_storage: bool = opt(False, "with train.adapter_rank: keep the frozen base in fp8 (bf16 compute)")
+    blocks_to_swap: int = opt(0, "with train.adapter_rank: blocks whose frozen weights stay in host RAM (as in "
+                                 "train; FLUX.2 dev on a 24-48 GB card)")
     t5_max_length: int = opt(512, "T5 tokens (512 for dev)")
 
 
@@ -364,6 +366,9 @@ class DedistillConfig:
                 "objective: adapter de-distillation (train.adapter_rank > 0) supports flow and cfg_teacher")
         require(not (self.model.fp8_storage and not self.train.adapter_rank),
                 "fp8_storage: only a frozen base can be stored in fp8; set train.adapter_rank > 0")
+        require(not (self.model.blocks_to_swap and not self.train.adapter_rank),
+                "blocks_to_swap: only a frozen base can be swapped to host RAM; set train.adapter_rank > 0")
+        require(self.model.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------------ loaders

@@ -115,7 +115,8 @@ def _models(cfg: DedistillConfig, accelerator, fsdp, compute, family) -> _Models
     start_from = m.transformer or m.path
     student = load_student(start_from, device, compute, grow_guidance=grow,
                            gradient_checkpointing=m.gradient_checkpointing, adapter_rank=tc.adapter_rank,
-                           fp8_storage=m.fp8_storage, fsdp=fsdp, allow_pickle=m.allow_pickle)
+                           fp8_storage=m.fp8_storage, fsdp=fsdp, allow_pickle=m.allow_pickle,
+                           blocks_to_swap=m.blocks_to_swap)
     shared_teacher = bool(tc.adapter_rank) and cfg.objective == "cfg_teacher" and not m.teacher
     teacher = None if shared_teacher else load_teacher(cfg.objective, m.teacher or start_from, compute, device,
                                                        m.allow_pickle)
@@ -141,7 +142,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
     optimizer = build_optimizer(models.trainable, "adamw", tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     if not fsdp:
-        models.student, optimizer = accelerator.prepare(models.student, optimizer)
+        swapped = getattr(models.student, "block_swap", None) is not None  # placed by load_student already
+        models.student, optimizer = accelerator.prepare(models.student, optimizer, device_placement=[not swapped, True])
         models.inner = accelerator.unwrap_model(models.student)
     if models.teacher is None and cfg.objective != "flow":
         models.teacher = WithoutAdapters(models.inner)

@@ -24,11 +24,13 @@ from ..lora.formats import load_lora
 def check_inputs(base: str, model_dir: str, *, adapter: str = "", shards: str = "", needs_text: bool = True,
                  allow_pickle: bool = False, family: str | None = None, text_dtype: str = "fp32") -> None:
     """UserError (one line, naming the field and the fix) unless the run's inputs fit each other."""
+    if not base or not Path(base).exists():
+        return  # a missing model is reported where it is loaded (after the run folder exists: rerun explains it)
     ckpt = open_checkpoint(base, allow_pickle=allow_pickle, family=family)
     if text_dtype == "fp8" and ckpt.family.name != "flux2":
         raise UserError(f"model.text_encoder_dtype = \"fp8\" is for FLUX.2's text encoders; {ckpt.family.title}'s "
                         "T5 + CLIP take \"bf16\" (or \"fp32\")")
-    if needs_text:
+    if needs_text and Path(model_dir).is_dir():
         ckpt.family.check_folder(Path(model_dir), ckpt.spec())
     if adapter:
         check_adapter(adapter, ckpt, base)
