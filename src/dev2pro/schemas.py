@@ -64,8 +64,9 @@ class ModelSection(ModelBase):
                          "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
     blocks_to_swap: int = opt(0, "blocks (of FLUX.1's 57, double blocks first) whose frozen weights stay in pinned "
                                  "host RAM and are copied to the GPU just before use; needs gradient_checkpointing")
-    vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48): picks fp8 storage, checkpointing, blocks_to_swap, "
-                       "optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no preset")
+    vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48; FLUX.2 also 32|80): picks fp8 storage, checkpointing, "
+                       "blocks_to_swap, optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no "
+                       "preset")
     text_encoder: str = opt("gpu", "where CLIP + T5 run while caching captions", ("gpu", "cpu"))
     text_encoder_dtype: str = opt("fp32", "CLIP + T5 dtype while caching (bf16 halves T5-XXL's 19 GB; fp8: FLUX.2's "
                                           "text encoder only, Mistral 24B in ~25 GB)", ("fp32", "bf16", "fp8"))
@@ -74,11 +75,12 @@ class ModelSection(ModelBase):
     def validate(self):
         super().validate()
         require(self.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
-        require(self.vram in (0, 8, 12, 16, 24, 48), f"vram = {self.vram}: choose 8, 12, 16, 24 or 48 (GB), or 0")
+        require(self.vram in (0, 8, 12, 16, 24, 32, 48, 80),
+                f"vram = {self.vram}: choose 8, 12, 16, 24, 32, 48 or 80 (GB; 32 and 80: FLUX.2), or 0")
 
 
 @ordered("path", "transformer", "family", "teacher", "gradient_checkpointing", "fp8_storage", "blocks_to_swap",
-         "t5_max_length", "allow_pickle")
+         "text_encoder", "text_encoder_dtype", "t5_max_length", "allow_pickle")
 @dataclass
 class DedistillModel(ModelBase):
     transformer: str = opt("", "start weights (any layout); empty = the folder's transformer", path=True)
@@ -88,6 +90,8 @@ class DedistillModel(ModelBase):
     fp8_storage: bool = opt(False, "with train.adapter_rank: keep the frozen base in fp8 (bf16 compute)")
     blocks_to_swap: int = opt(0, "with train.adapter_rank: blocks whose frozen weights stay in host RAM (as in "
                                  "train; FLUX.2 dev on a 24-48 GB card)")
+    text_encoder: str = opt("gpu", "where the text encoder(s) run while caching captions", ("gpu", "cpu"))
+    text_encoder_dtype: str = opt("fp32", "text encoder dtype while caching (fp8: FLUX.2 only)", ("fp32", "bf16", "fp8"))
     t5_max_length: int = opt(512, "T5 tokens (512 for dev)")
 
 

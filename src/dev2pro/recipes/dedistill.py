@@ -72,7 +72,8 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     """
     m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
     check_inputs(m.transformer or m.path, m.path, shards=cfg.data.shards,
-                 needs_text=not cfg.data.shards or bool(cfg.sample.every), allow_pickle=m.allow_pickle, family=m.family)
+                 needs_text=not cfg.data.shards or bool(cfg.sample.every), allow_pickle=m.allow_pickle, family=m.family,
+                 text_dtype=m.text_encoder_dtype)
     quiet_libraries()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     run, main = RunFolder(Path(cfg.save.output_dir), "dedistill"), accelerator.is_main_process
@@ -215,6 +216,8 @@ def _data(cfg: DedistillConfig, accelerator, run: RunFolder):
     with accelerator.main_process_first():
         data = load_training_data(Path(m.path), accelerator.device, **data_source(cfg.data, run.root),
                                   t5_max_length=m.t5_max_length, family=header.family, spec=header.spec(),
+                                  text_device=torch.device("cpu") if m.text_encoder == "cpu" else accelerator.device,
+                                  text_dtype=DTYPE_CHOICES[m.text_encoder_dtype],
                                   prompts=list(cfg.sample.prompts) if cfg.sample.every else [])
     return data, header.family
 
