@@ -131,7 +131,8 @@ def of_model(model) -> Family:
     inner = model
     for attr in ("module", "_orig_mod"):
         inner = getattr(inner, attr, inner)
-    names = {type(m).__name__ for m in (inner, getattr(inner, "base_model", None)) if m is not None}
+    # the class and its bases: FSDP2's fully_shard swaps in a subclass (FSDPFlux2Transformer2DModel)
+    names = {c.__name__ for m in (inner, getattr(inner, "base_model", None)) if m is not None for c in type(m).__mro__}
     for fam in families().values():
         if fam.transformer_class in names:
             return fam
