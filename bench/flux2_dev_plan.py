@@ -84,6 +84,51 @@ def dedistill_rows(model: Path, data: Path, objective: str) -> list[str]:
     return rows
 
 
+ACHIEVED_TFLOPS = 600  # bf16 on one H100, the low end of FLUX.1's 600-790 figure ("Measured", "Will it fit")
+IMG, TXT = 4096, 512  # 1024^2 image tokens, Mistral tokens
+
+
+def forward_tflop() -> float:
+    """Matmul + attention FLOPs of one FLUX.2 dev forward at 1024^2, batch 1, from the module shapes: each Linear
+    costs 2 x in x out per token it sees (image stream, text stream, both in single blocks, one per sample for the
+    modulations and embedders of the timestep and guidance); attention 4 x tokens^2 x hidden per block."""
+    import torch
+
+    from dev2pro.families.flux2.spec import DEV, build_transformer
+
+    model, flops = build_transformer(DEV, device="meta"), 0
+    txt_parts = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "context_embedder")
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        if name.startswith("single_transformer_blocks."):
+            tokens = IMG + TXT
+        elif any(k in name for k in txt_parts):
+            tokens = TXT
+        elif "modulation" in name or "time_guidance_embed" in name or name.startswith("norm_out"):
+            tokens = 1
+        else:
+            tokens = IMG
+        flops += 2 * m.in_features * m.out_features * tokens
+    flops += (DEV.num_double + DEV.num_single) * 4 * (IMG + TXT) ** 2 * DEV.hidden
+    return flops / 1e12
+
+
+def cost_rows() -> list[str]:
+    """Hours per 100k images (batch 1, 1024^2) at the planned step time. Forwards per image: a frozen base needs
+    no weight gradients, so a checkpointed LoRA/adapter step is forward + recompute + input-gradient backward ~ 3
+    forwards; a full fine-tune adds the weight gradients ~ 4. cfg_teacher: the teacher's forward + the student's
+    step at a double batch (caption + empty prompt)."""
+    f = forward_tflop()
+    rows = []
+    for what, forwards, gpus in (("adapter r32, flow", 3, 1), ("adapter r32, cfg_teacher", 1 + 2 * 3, 1),
+                                 ("full fine-tune, flow", 4, 16), ("full fine-tune, cfg_teacher", 1 + 2 * 4, 32)):
+        seconds = forwards * f / ACHIEVED_TFLOPS / gpus  # wall seconds per image on `gpus` GPUs
+        rows.append(f"| {what} | {gpus} | {forwards * f / 1000:.2f} PFLOP | {seconds:.2f} s | "
+                    f"{1e5 * seconds / 3600:.0f} h | {1e5 * seconds * gpus / 3600:.0f} |")
+    return rows
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, data = Path(tmp) / "FLUX.2-dev", Path(tmp) / "data"
@@ -95,6 +140,11 @@ def main() -> int:
         for line in lora_rows(model, data) + dedistill_rows(model, data, "flow") + \
                 dedistill_rows(model, data, "cfg_teacher"):
             print(line)
+    print(f"\none forward at 1024^2: {forward_tflop():.0f} TFLOP; planned at {ACHIEVED_TFLOPS} TFLOP/s per GPU")
+    print("| run | GPUs | per image | wall per image | hours per 100k images | GPU-hours |")
+    print("|---|---|---|---|---|---|")
+    for line in cost_rows():
+        print(line)
     return 0
 
 
