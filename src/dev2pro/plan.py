@@ -358,8 +358,8 @@ def render(plan: Plan) -> str:
                      f"{' tiled' if i.vae_tiling else ''}) -> {fmt_gb(plan.sampling_peak)}")
     if plan.ema_bytes:
         lines.append(f"  EMA of the trained weights (fp32): {fmt_gb(plan.ema_bytes)}")
-    lines.append(f"  caching (its own phase, before the transformer loads): {fmt_gb(plan.caching_peak)} (text "
-                 f"encoders {i.text_encoder}, {i.text_encoder_dtype})")
+    lines.append(f"  caching: {fmt_gb(plan.caching_peak)} (text encoders {i.text_encoder}, {i.text_encoder_dtype}; "
+                 "its own phase, freed before the transformer loads)")
     lines.append(f"  host RAM peak ~{fmt_gb(plan.host_ram)}: " + ", ".join(
         f"{k} {fmt_gb(v)}" for k, v in plan.host_parts.items() if v))
     lines.append(f"  peak GPU: {fmt_gb(plan.peak)} (+{fmt_gb(CUDA_OVERHEAD)} context)")

@@ -209,3 +209,33 @@ def test_adapter_loads_as_model_adapter_of_train(lora_run):
     off = np.asarray(Image.open(run / "samples" / "step000003.png")).astype(int)
     on = np.asarray(Image.open(run / "samples" / "step000003-adapter.png")).astype(int)
     assert off.shape == on.shape and np.abs(off - on).max() > 0
+
+
+def test_adapter_dedistill_on_an_fp8_dev(tmp_path, flux2_dev_dir, sk_images, monkeypatch):
+    """`dedistill` with train.adapter_rank on one fp8-stored FLUX.2 dev, cfg_teacher with the
+    teacher = the same fp8 weights with the LoRA off: the block Linears are fp8, only the LoRA trains."""
+    from dev2pro.flux.fp8 import Fp8Linear
+    from dev2pro.train import model as modelmod
+
+    seen = {}
+    real = modelmod.with_adapter_lora
+
+    def spy(model, rank, compute, fp8):
+        out = real(model, rank, compute, fp8)
+        seen["fp8"] = sum(isinstance(m, Fp8Linear) for m in out.modules())
+        seen["trainable"] = {n.split(".")[-2] for n, p in out.named_parameters() if p.requires_grad}
+        return out
+    monkeypatch.setattr(modelmod, "with_adapter_lora", spy)
+    from dev2pro.recipes import dedistill as recipe
+
+    monkeypatch.setattr(recipe, "load_student", lambda *a, **k: modelmod.load_student(*a, **k))
+    path = _toml(tmp_path, flux2_dev_dir, sk_images, out="fp8", steps=2, objective="cfg_teacher")
+    # fp32 compute here: accelerate fixes one mixed precision per process and the other tests run without
+    summary = dedistill(load_dedistill_config(path, ADAPTER + ["model.fp8_storage=true"]), progress=False)
+    assert len(summary["losses"]) == 2 and all(0 < x < float("inf") for x in summary["losses"])
+    # every block Linear stored in fp8 (the LoRA's own A/B Linears stay fp32 and are the only trainable weights)
+    plain, _ = C.load_transformer(flux2_dev_dir, dtype=torch.float32)
+    blocks = list(plain.transformer_blocks) + list(plain.single_transformer_blocks)
+    assert seen["fp8"] == sum(isinstance(m, torch.nn.Linear) for b in blocks for m in b.modules()) > 0
+    assert seen["trainable"] == {"default"}
+    assert (tmp_path / "fp8" / "dev2pro-adapter.diffusers.safetensors").exists()
