@@ -91,7 +91,8 @@ class DedistillModel(ModelBase):
     blocks_to_swap: int = opt(0, "with train.adapter_rank: blocks whose frozen weights stay in host RAM (as in "
                                  "train; FLUX.2 dev on a 24-48 GB card)")
     text_encoder: str = opt("gpu", "where the text encoder(s) run while caching captions", ("gpu", "cpu"))
-    text_encoder_dtype: str = opt("fp32", "text encoder dtype while caching (fp8: FLUX.2 only)", ("fp32", "bf16", "fp8"))
+    text_encoder_dtype: str = opt("fp32", "text encoder dtype while caching (fp8: FLUX.2 only)",
+                                  ("fp32", "bf16", "fp8"))
     t5_max_length: int = opt(512, "T5 tokens (512 for dev)")
 
 

@@ -115,8 +115,9 @@ def load_student(path: str, device, compute: torch.dtype, *, grow_guidance: bool
 
     ``grow_guidance`` adds a guidance embedding to a file without one. ``adapter_rank`` > 0: a frozen base with a
     trainable LoRA instead, ``blocks_to_swap`` of its blocks kept in host RAM (``BlockSwap``, kept as
-    ``student.block_swap``; pass ``device_placement=False`` for it to ``accelerator.prepare``). Under FSDP with ``ram_efficient_loading`` the model is built on the meta device and
-    sharded first; each rank then reads only its rows of each tensor (one full tensor in memory at a time).
+    ``student.block_swap``; pass ``device_placement=False`` for it to ``accelerator.prepare``). Under FSDP with
+    ``ram_efficient_loading`` the model is built on the meta device and sharded first; each rank then reads only its
+    rows of each tensor (one full tensor in memory at a time).
     """
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     if blocks_to_swap:

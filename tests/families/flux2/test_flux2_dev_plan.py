@@ -2,8 +2,6 @@
 dev with one block of each kind scaled to 8 + 48 blocks), the 24/32/48/80 GB presets, the text encoder as its own
 phase, host RAM, adapter de-distillation, and the shipped FLUX.2 dev configs."""
 
-import json
-import struct
 from dataclasses import replace
 from pathlib import Path
 
