@@ -31,6 +31,24 @@ def check_rank_fits(cfg: "TrainConfig") -> None:
     check_rank(inputs)
 
 
+def apply_sample_guidance_default(cfg: "TrainConfig") -> None:
+    """``sample.guidance`` left unset: the embedded guidance the training base's own pipeline samples at -- 4.0 for
+    FLUX.2 dev (``Flux2Pipeline``), FLUX.1 dev's 3.5 (the schema default) otherwise. Only the header is read; an
+    unreadable model keeps the default (it is reported where it is loaded)."""
+    m = cfg.model
+    src = m.transformer or m.path
+    if not src or not Path(src).exists() or Path(src).suffix.lower() in PICKLE_SUFFIXES:
+        return
+    from .flux.checkpoint import open_checkpoint  # torch: only when a recipe runs (the CLI imports us)
+
+    try:
+        sampling = getattr(open_checkpoint(src, family=m.family).spec(), "sampling", None)
+    except (UserError, OSError, ValueError):
+        return
+    if sampling is not None and sampling.guidance == "embedded":
+        cfg.sample.guidance = float(sampling.scale)
+
+
 def apply_vram_preset(cfg: "TrainConfig", explicit: set[str]) -> dict[str, object]:
     """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose."""
     gb = cfg.model.vram

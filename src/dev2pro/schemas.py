@@ -23,6 +23,7 @@ from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, parse_
                      resolve_size, section)
 from .errors import ConfigError, UserError
 from .recipe_inputs import apply_vram_preset, check_rank_fits, data_source, plan_inputs  # noqa: F401 (API)
+from .recipe_inputs import apply_sample_guidance_default
 
 MAX_RESOLUTION = 4096  # 16.7 MP buckets; FLUX.1 is trained up to ~2 MP -- 100000 is a typo the plan priced at 47 TB
 MAX_RANK = 6144  # the widest Flux layer (FLUX.2 dev's hidden width); the checkpoint's own widths are checked later
@@ -383,6 +384,8 @@ def load_train_config(path, overrides: list[str] | None = None, data: dict | Non
     cfg = load_config(TrainConfig, path, overrides, data)
     if cfg.model.vram:
         apply_vram_preset(cfg, explicit_keys(path, overrides, data))
+    if "sample.guidance" not in explicit_keys(path, overrides, data):
+        apply_sample_guidance_default(cfg)
     check_rank_fits(cfg)
     return cfg
 

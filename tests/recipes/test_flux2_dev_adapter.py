@@ -125,7 +125,8 @@ def _watch_text_encoder(monkeypatch):
 @pytest.fixture(scope="module")
 def lora_run(adapter_run, flux2_dev_dir, sk_images):
     """`dev2pro train` on tiny FLUX.2 dev with the exported adapter on (guidance 1.0), samples at guidance 4 with
-    it off; a hook after the first step records whether any text-encoder module is still alive."""
+    it off (sample.guidance unset: FLUX.2 dev's default); a hook after the first step records whether any
+    text-encoder module is still alive."""
     root, _, _ = adapter_run
     mp = pytest.MonkeyPatch()
     from dev2pro.train import loop
@@ -154,7 +155,6 @@ seed = 3
 prompts = ["a red cat"]
 steps = 2
 size = "64x64"
-guidance = 4.0
 with_adapter = true
 baseline = false
 [save]
@@ -239,3 +239,22 @@ def test_adapter_dedistill_on_an_fp8_dev(tmp_path, flux2_dev_dir, sk_images, mon
     assert seen["fp8"] == sum(isinstance(m, torch.nn.Linear) for b in blocks for m in b.modules()) > 0
     assert seen["trainable"] == {"default"}
     assert (tmp_path / "fp8" / "dev2pro-adapter.diffusers.safetensors").exists()
+
+
+def test_samples_default_to_flux2_devs_own_guidance(tmp_path, flux2_dev_dir, tiny_dev_dir, sk_images):
+    """sample.guidance left unset: 4.0 on FLUX.2 dev (Flux2Pipeline's default), 3.5 on FLUX.1 dev; a written value
+    is kept."""
+    import inspect
+
+    from diffusers import Flux2Pipeline as P
+
+    assert inspect.signature(P.__call__).parameters["guidance_scale"].default == 4.0
+
+    def guidance(model_dir, extra=""):
+        toml = tmp_path / "g.toml"
+        toml.write_text(model_and_data(model_dir, sk_images, tmp_path / "c") + f"\n[sample]\n{extra}\n"
+                        f"[save]\noutput_dir = \"{tmp_path / 'r'}\"\n")
+        return load_train_config(toml).sample.guidance
+
+    assert guidance(flux2_dev_dir) == 4.0 and guidance(tiny_dev_dir) == 3.5
+    assert guidance(flux2_dev_dir, "guidance = 3.0") == 3.0
