@@ -131,7 +131,8 @@ def test_full_width_bytes_scale_to_the_24gb_plan_with_swap():
     plan = estimate(inp)
     act = max(plan.activations.values())
     print(f"\nFLUX.2 dev at 24 GB ({chosen}): plan static {plan.static_bytes / GB:.2f} GB vs scaled real bytes "
-          f"{scaled / GB:.2f} GB; train peak {plan.train_peak() / GB:.2f} vs {(scaled + act) / GB:.2f} GB")
+          f"{scaled / GB:.2f} GB (ratio {plan.static_bytes / scaled:.4f}); train peak {plan.train_peak() / GB:.2f} vs "
+          f"{(scaled + act) / GB:.2f} GB")
     assert inp.blocks_to_swap > 0 and inp.fp8_storage
     assert plan.static_bytes == pytest.approx(scaled, rel=0.10)
     assert plan.train_peak() == pytest.approx(scaled + act, rel=0.10)
