@@ -82,5 +82,3 @@ def check_shards(index: str, family, spec) -> None:
         raise UserError(f"data.shards {index} was encoded with {made}, but the training base is "
                         f"{_describe(spec, family)} (text context {spec.context_dim}): encode the dataset again "
                         f"with this model's text encoder, or train with data.folders (cached per family)")
-
-

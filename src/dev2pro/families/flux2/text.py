@@ -62,19 +62,17 @@ def check_folder(model_dir: str | Path, spec=None) -> str:
     """The pipeline class of a FLUX.2 model folder that holds its text stack; a one-line UserError naming what is
     missing and where to get it otherwise (before a run writes anything). ``spec``: the transformer it must feed."""
     root = Path(model_dir)
-    dev = spec is not None and not spec.is_klein
-    encoder = "FLUX.2 dev's Mistral-Small-3.x" if dev else "the FLUX.2 (klein: Qwen3; dev: Mistral3)"
-    repo = "black-forest-labs/FLUX.2-dev" if dev else "FLUX.2 model"
     if not (root / "model_index.json").is_file():
         raise UserError(f"model.path {root} is not a FLUX.2 diffusers folder (no model_index.json): point it at the "
-                        f"downloaded {repo} folder, which holds {encoder} text encoder in text_encoder/ and "
-                        "tokenizer/")
+                        "whole downloaded model folder (text_encoder/, tokenizer/, vae/, transformer/)")
     name = json.loads((root / "model_index.json").read_text()).get("_class_name", "Flux2KleinPipeline")
     if name not in PIPELINES:
         raise UserError(f"model folder {root} is a {name} folder, not FLUX.2 ({' or '.join(PIPELINES)})")
+    dev = name == "Flux2Pipeline" if spec is None else not spec.is_klein
+    repo = "black-forest-labs/FLUX.2-dev" if dev else "FLUX.2 klein"
     missing = [n for n in TEXT_COMPONENTS if not (root / n).is_dir() or not any((root / n).iterdir())]
     if missing:
-        what = "Mistral3 (Mistral-Small-3.x 24B)" if name == "Flux2Pipeline" else "Qwen3"
+        what = "Mistral3 (Mistral-Small-3.x 24B)" if dev else "Qwen3"
         raise UserError(f"model folder {root} lacks {' and '.join(m + '/' for m in missing)} (the {what} text "
                         f"encoder captions are encoded with): download the whole {repo} repo, not only the "
                         "transformer")
