@@ -258,3 +258,17 @@ def test_samples_default_to_flux2_devs_own_guidance(tmp_path, flux2_dev_dir, tin
 
     assert guidance(flux2_dev_dir) == 4.0 and guidance(tiny_dev_dir) == 3.5
     assert guidance(flux2_dev_dir, "guidance = 3.0") == 3.0
+
+
+def test_trained_dev_lora_files_convert_into_each_other_bit_identically(lora_run, tmp_path):
+    """`lora convert` between the three FLUX.2 layouts `train` wrote on dev: each direction gives the file training
+    wrote in that layout, byte for byte."""
+    run = lora_run[0]
+    files = {"kohya": "lora.safetensors", "diffusers": "lora.diffusers.safetensors", "comfy": "lora.comfy.safetensors"}
+    assert any("to_qkv_mlp_proj" in k for k in load_file(str(run / files["diffusers"])))  # FLUX.2's fused linear
+    for src, name in files.items():
+        for dst, dst_name in files.items():
+            if dst != src:
+                out = tmp_path / f"{src}-to-{dst}.safetensors"
+                assert main(["lora", "convert", str(run / name), str(out), "--layout", dst]) == 0
+                assert out.read_bytes() == (run / dst_name).read_bytes(), (src, dst)
