@@ -55,7 +55,7 @@ from ..train.ema import EMA
 from ..train.export import export_adapter, export_or_keep_state, final_weights
 from ..train.model import load_student, load_teacher
 from ..train.optim import build_optimizer, build_scheduler
-from ..train.preflight import check_inputs
+from ..train.preflight import check_training_inputs
 from ..train.progress import Progress
 from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
@@ -71,9 +71,9 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     continues with ``--resume``.
     """
     m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
-    check_inputs(m.transformer or m.path, m.path, shards=cfg.data.shards,
-                 needs_text=not cfg.data.shards or bool(cfg.sample.every), allow_pickle=m.allow_pickle, family=m.family,
-                 text_dtype=m.text_encoder_dtype)
+    check_training_inputs(m.transformer or m.path, m.path, shards=cfg.data.shards,
+                          needs_text=not cfg.data.shards or bool(cfg.sample.every), allow_pickle=m.allow_pickle,
+                          family=m.family, text_dtype=m.text_encoder_dtype)
     quiet_libraries()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     run, main = RunFolder(Path(cfg.save.output_dir), "dedistill"), accelerator.is_main_process

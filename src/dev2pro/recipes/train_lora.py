@@ -30,9 +30,9 @@ from ..plan import ImpossiblePlan, report as report_plan
 from ..schemas import TrainConfig, data_source, plan_inputs
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
+from ..train.preflight import check_training_inputs
 from ..train.model import add_lora, check_blocks_to_swap, load_base, place_base
 from ..train.optim import build_optimizer, build_scheduler
-from ..train.preflight import check_inputs
 from ..train.progress import Progress
 from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
@@ -63,11 +63,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
         # here, not in validate(): the config editor probes every path field with a value at once.)
         raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
                         "training base is dev and samples are rendered on it with the adapter off)")
-    m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
-    check_inputs(m.transformer or m.path, m.path, adapter=m.adapter, shards=cfg.data.shards,
-                 needs_text=not cfg.data.shards or bool(cfg.sample.prompts), allow_pickle=m.allow_pickle,
-                 family=m.family, text_dtype=m.text_encoder_dtype)
     quiet_libraries()
+    m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
+    check_training_inputs(m.transformer or m.path, m.path, adapter=m.adapter, shards=cfg.data.shards,
+                          needs_text=not cfg.data.shards or bool(cfg.sample.prompts), allow_pickle=m.allow_pickle,
+                          family=m.family, text_dtype=m.text_encoder_dtype)
     run = RunFolder(Path(cfg.save.output_dir), "train")
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=1,
                               cpu=not torch.cuda.is_available())

@@ -21,7 +21,7 @@ from ..lora.adapter import linear_shapes
 from ..lora.formats import load_lora
 
 
-def check_inputs(base: str, model_dir: str, *, adapter: str = "", shards: str = "", needs_text: bool = True,
+def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", shards: str = "", needs_text: bool = True,
                  allow_pickle: bool = False, family: str | None = None, text_dtype: str = "fp32") -> None:
     """UserError (one line, naming the field and the fix) unless the run's inputs fit each other."""
     if not base or not Path(base).exists():

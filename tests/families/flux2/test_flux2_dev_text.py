@@ -7,7 +7,7 @@ import torch
 from dev2pro.errors import UserError
 from dev2pro.families.flux2 import text
 from dev2pro.flux.fp8 import Fp8Linear
-from dev2pro.train.preflight import check_inputs
+from dev2pro.train.preflight import check_training_inputs
 
 
 def test_fp8_mistral_encodes_close_to_bf16(flux2_dev_dir):
@@ -24,5 +24,5 @@ def test_fp8_mistral_encodes_close_to_bf16(flux2_dev_dir):
 
 def test_fp8_text_encoder_is_for_flux2_only(tiny_dev_dir, flux2_dev_dir):
     with pytest.raises(UserError, match=r"text_encoder_dtype = \"fp8\" is for FLUX\.2's text encoders"):
-        check_inputs(str(tiny_dev_dir), str(tiny_dev_dir), text_dtype="fp8")
-    check_inputs(str(flux2_dev_dir), str(flux2_dev_dir), text_dtype="fp8")  # FLUX.2 dev: accepted
+        check_training_inputs(str(tiny_dev_dir), str(tiny_dev_dir), text_dtype="fp8")
+    check_training_inputs(str(flux2_dev_dir), str(flux2_dev_dir), text_dtype="fp8")  # FLUX.2 dev: accepted
