@@ -38,7 +38,7 @@ from .errors import ConfigError
 from .flux.checkpoint import tensor_group
 from .flux.fp8 import Fp8Policy
 from .families import build_transformer, of_spec
-from .host_memory import host_parts, pinned_bytes  # noqa: F401 (pinned_bytes: API)
+from .host_memory import host_parts
 from .train.blockswap import swap_positions
 
 GB = 1024**3

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dev2pro.families.flux2.spec import DEV
-from dev2pro.plan import CUDA_OVERHEAD, GB, PlanInputs, encoder_params, estimate, pinned_bytes
+from dev2pro.host_memory import pinned_bytes
+from dev2pro.plan import CUDA_OVERHEAD, GB, PlanInputs, encoder_params, estimate
 from dev2pro.presets import fitted_preset
 from dev2pro.schemas import load_dedistill_config, load_train_config
 
