@@ -8,7 +8,7 @@ eagerly, and each implementing module imports its list from here, so the two can
 TIMESTEP_MODES = ("uniform", "sigmoid", "shift", "flux_shift")  # flow.sample_sigmas
 OBJECTIVES = ("flow", "cfg_teacher", "guidance_distill")  # objectives.objective_loss
 GUIDANCE_MODES = ("auto", "embedded", "true_cfg")  # sampling: embedded guidance input or true CFG
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")  # train.optim.build_optimizer
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree_adamw")  # train.optim.build_optimizer
 SCHEDULES = ("constant", "cosine", "linear")  # train.optim.build_scheduler
 EXPORT_FORMATS = ("bfl", "diffusers", "fp8")  # dedistill exports
 FAMILIES = ("flux1", "flux2")  # families.families(): the model families dev2pro reads and trains

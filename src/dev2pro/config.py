@@ -260,7 +260,8 @@ def _coerce(value: Any, tp, choices, source: str, name: str):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "")) and type(None) in \
                 typing.get_args(tp):
             return None
-        tp = args[0]
+        lists = [a for a in args if typing.get_origin(a) is list]  # int | list[int]: a list takes the list arm
+        tp = lists[0] if isinstance(value, list) and lists else args[0]
         origin = typing.get_origin(tp)
     if choices is not None and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)

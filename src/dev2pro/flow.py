@@ -44,15 +44,26 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error; with ``weights`` (B,), each sample's mean error is weighted before the batch mean.
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+              token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; with ``weights`` (B,), each sample's mean error is weighted before the batch mean;
+    with ``token_weights`` (broadcastable to ``pred``, e.g. a loss mask as (B, T, 1) or (B, T, D)), each sample's
+    error is their weighted mean ``sum(w * err) / sum(w)`` (a sample weighted 0 everywhere contributes 0).
 
-    Computed in float32: bf16 predictions squared and summed over ~1M latent values lose most of their bits.
+    Without either, exactly the plain mean (no multiplication by ones). Computed in float32: bf16 predictions
+    squared and summed over ~1M latent values lose most of their bits.
     """
     err = (pred.float() - target.float()).pow(2)
-    if weights is None:
+    if weights is None and token_weights is None:
         return err.mean()
-    per_sample = err.reshape(err.shape[0], -1).mean(dim=1)  # (B,)
+    flat = err.reshape(err.shape[0], -1)
+    if token_weights is None:
+        per_sample = flat.mean(dim=1)  # (B,)
+    else:
+        tw = token_weights.to(err).expand_as(err).reshape(err.shape[0], -1)
+        per_sample = (flat * tw).sum(dim=1) / tw.sum(dim=1).clamp_min(1e-12)  # (B,)
+    if weights is None:
+        return per_sample.mean()
     return (per_sample * weights.to(per_sample)).mean()
 
 

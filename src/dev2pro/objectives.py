@@ -37,6 +37,8 @@ class Noised:
     prompt_embeds: torch.Tensor  # (B, seq, D)
     pooled: torch.Tensor | None  # (B, P); None for families without a pooled text vector (FLUX.2)
     w: torch.Tensor  # (B,) CFG scales for the teacher objectives (ones when not drawn)
+    weights: torch.Tensor | None = None  # (B,) loss weight per sample (reg images); None: all 1
+    mask: torch.Tensor | None = None  # (B, 1, h, w) loss mask on the latent grid; None: no image has one
 
     @property
     def x_t(self) -> torch.Tensor:
@@ -47,6 +49,12 @@ class Noised:
     def target(self) -> torch.Tensor:
         """The flow-matching velocity target as tokens (B, T, C*4)."""
         return pack(flow_target(self.x0, self.noise))
+
+    @property
+    def token_weights(self) -> torch.Tensor | None:
+        """The loss mask as the loss sees the target: each latent pixel's weight on its channels, packed
+        (B, T, C*4); None without a mask."""
+        return None if self.mask is None else pack(self.mask.expand(-1, self.x0.shape[1], -1, -1))
 
 
 @dataclass
@@ -96,7 +104,8 @@ def draw(batch: dict, gen: torch.Generator, *, dropout_p: float, empty: dict, ti
         if dropped:
             for k in text:
                 text[k][j] = empty[k]
-    return Noised(x0, noise[mine], sigmas[mine], text["prompt_embeds"], text.get("pooled"), scales[mine])
+    return Noised(x0, noise[mine], sigmas[mine], text["prompt_embeds"], text.get("pooled"), scales[mine],
+                  batch.get("weights"), batch.get("mask"))
 
 
 def predict(model, inputs: ModelInputs, guidance: float | torch.Tensor, device, dtype) -> torch.Tensor:
@@ -115,7 +124,8 @@ def predict(model, inputs: ModelInputs, guidance: float | torch.Tensor, device, 
 def flow_objective(student, batch: Noised, guidance: float, device, dtype) -> tuple[torch.Tensor, dict]:
     """Flow matching at a fixed ``guidance`` input."""
     pred = predict(student, ModelInputs.of(batch), guidance, device, dtype)
-    loss = flow_loss(pred, batch.target.to(device))
+    weights, tokens = (None if t is None else t.to(device) for t in (batch.weights, batch.token_weights))
+    loss = flow_loss(pred, batch.target.to(device), weights, tokens)
     return loss, {"loss/flow": loss.detach()}
 
 

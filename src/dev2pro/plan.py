@@ -192,7 +192,8 @@ def optimizer_state_bytes(name: str, shapes: Sequence[tuple[int, int]]) -> int:
 
     adamw: exp_avg + exp_avg_sq (fp32) + a 0-d fp32 step per tensor. adamw8bit (bitsandbytes): two uint8 moments
     with an fp32 absmax per 256 values; tensors under 4096 values keep fp32 moments. prodigy: four fp32 moments.
-    adafactor (torch): a row and a column second-moment vector per matrix + step.
+    adafactor (torch): a row and a column second-moment vector per matrix + step. schedulefree_adamw: z and
+    exp_avg_sq (fp32).
     """
     total = 0
     for r, c in shapes:
@@ -205,6 +206,8 @@ def optimizer_state_bytes(name: str, shapes: Sequence[tuple[int, int]]) -> int:
             total += 16 * n + 4
         elif name == "adafactor":
             total += 4 * (r + c) + 4
+        elif name == "schedulefree_adamw":  # z + exp_avg_sq (fp32); its step count is per group
+            total += 8 * n
         else:
             raise ValueError(f"unknown optimizer {name!r}")
     return total

@@ -93,7 +93,10 @@ def plan_inputs(cfg):
 
     m = cfg.model
     spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family).spec()
-    res = cfg.data.resolution
+    from .data.mixing import active_folders, largest_resolution
+
+    folders = active_folders([_folder(f) for f in cfg.data.folders], cfg.data.reg_weight)
+    res = largest_resolution(cfg.data.resolution, folders)  # the largest is what the memory peak sees
     sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
     return PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
                       gradient_checkpointing=m.gradient_checkpointing, blocks_to_swap=m.blocks_to_swap,
@@ -134,13 +137,24 @@ def dedistill_plan_inputs(cfg):
 def data_source(data: "DataSection", out: Path) -> dict:
     """``data.prepare.load_training_data``'s source arguments (folders or shards, folder rules, cache folder) from
     a ``[data]`` section; the cache defaults to ``<output_dir>/cache``."""
-    from .data.folders import DatasetFolder  # torch: only when a recipe runs (the CLI imports us)
-    from .data.prepare import FolderOptions
+    from .data.prepare import FolderOptions  # torch: only when a recipe runs (the CLI imports us)
 
-    return {"folders": [DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive) for f in data.folders],
+    return {"folders": [_folder(f) for f in data.folders],
             "shards": data.shards, "cache_dir": Path(data.cache_dir) if data.cache_dir else out / "cache",
-            "options": FolderOptions(data.default_caption, data.trigger, data.min_size, data.strict, data.resolution,
-                                     data.bucket_step)}
+            "options": FolderOptions(data.default_caption, data.trigger, data.min_size, data.strict,
+                                     _resolutions(data.resolution), data.bucket_step, data.reg_weight)}
+
+
+def _resolutions(value) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, list) else () if value == 0 else (value,)
+
+
+def _folder(f):
+    """A ``[[data.folders]]`` table -> ``data.folders.DatasetFolder``."""
+    from .data.folders import DatasetFolder  # torch-free, but only recipes need it
+
+    return DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive, Path(f.masks) if f.masks else None,
+                         f.role, _resolutions(f.resolution))
 
 
 # ------------------------------------------------------------------------------------------------ compare

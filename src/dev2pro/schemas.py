@@ -24,6 +24,7 @@ from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, parse_
 from .errors import ConfigError, UserError
 from .recipe_inputs import apply_vram_preset, check_rank_fits, data_source, plan_inputs  # noqa: F401 (API)
 from .recipe_inputs import apply_sample_guidance_default
+from .schemas_eval import LoggingSection, ValidationSection
 
 MAX_RESOLUTION = 4096  # 16.7 MP buckets; FLUX.1 is trained up to ~2 MP -- 100000 is a typo the plan priced at 47 TB
 MAX_RANK = 6144  # the widest Flux layer (FLUX.2 dev's hidden width); the checkpoint's own widths are checked later
@@ -105,10 +106,28 @@ class FolderSection:
     caption: str = opt("", "caption for images without a .txt file in this folder")
     recursive: bool = opt(False, "also read images in subfolders (a kohya parent of N_name folders is "
                                  "recognised without it)")
+    masks: str = opt("", "folder of loss masks named like the images (white = learn, black = ignore); a "
+                         "NAME.mask.png beside an image is read without it", path=True)
+    role: str = opt("train", "reg: regularization (class) images for prior preservation, loss-weighted by "
+                             "data.reg_weight (a kohya reg_data_dir of N_class folders works as is)", ("train", "reg"))
+    resolution: int | list[int] = opt(0, "this folder's resolution(s) instead of data.resolution (0: data's)")
 
     def validate(self):
         require(bool(self.path), "path: each [[data.folders]] needs a path")
         require_range("repeats", self.repeats, 1, 100_000)
+        if self.resolution != 0:
+            check_resolutions(self.resolution, 16)
+
+
+def check_resolutions(value, bucket_step: int) -> None:
+    """``resolution``: one side, or a non-empty list of distinct sides, each a multiple of 16 in range."""
+    values = value if isinstance(value, list) else [value]
+    require(len(values) > 0 and len(set(values)) == len(values),
+            f"resolution must be a number or a list of distinct numbers (e.g. [512, 768, 1024]), got {value}")
+    for r in values:
+        require(isinstance(r, int) and r >= bucket_step, f"resolution must be >= bucket_step, got {r}")
+        require(64 <= r <= MAX_RESOLUTION and r % 16 == 0,
+                f"resolution must be a multiple of 16 in 64..{MAX_RESOLUTION} (512 or 1024 for FLUX.1), got {r}")
 
 
 @dataclass
@@ -120,22 +139,29 @@ class DataSection:
     default_caption: str = opt("", "caption for images without a .txt file")
     trigger: str = opt("", "trigger word prepended to every caption")
     caption_dropout: float = opt(0.0, "probability of training on the empty caption")
-    resolution: int = opt(512, "bucket target side: buckets have about resolution^2 pixels")
+    resolution: int | list[int] = opt(512, "bucket target side: buckets have about resolution^2 pixels; a list "
+                                           "(e.g. [512, 768, 1024]) buckets every image at each")
     bucket_step: int = opt(64, "bucket sides are multiples of this (>= 16)")
     min_size: int = opt(16, "images smaller than this on a side are skipped (listed in a warning)")
     strict: bool = opt(False, "stop on unreadable/tiny images instead of skipping them")
     cache_dir: str = opt("", "latent/text cache folder (default: <output_dir>/cache)", path=True)
     batch_size: int = opt(1, "images per step (per device)")
+    reg_weight: float = opt(1.0, "loss weight of role = \"reg\" folders' images (kohya's prior_loss_weight); 0 "
+                                 "leaves the reg folders out")
 
     def validate(self):
         require(len(self.folders) > 0 or bool(self.shards),
                 "folders: add at least one [[data.folders]] table with a path (or set data.shards)")
         require(0.0 <= self.caption_dropout < 1.0, "caption_dropout must be in [0, 1)")
         require(self.bucket_step >= 16 and self.bucket_step % 16 == 0, "bucket_step must be a multiple of 16")
-        require(self.resolution >= self.bucket_step, "resolution must be >= bucket_step")
-        require(64 <= self.resolution <= MAX_RESOLUTION and self.resolution % 16 == 0,
-                f"resolution must be a multiple of 16 in 64..{MAX_RESOLUTION} (512 or 1024 for FLUX.1), got "
-                f"{self.resolution}")
+        check_resolutions(self.resolution, self.bucket_step)
+        for i, f in enumerate(self.folders):
+            if f.resolution != 0:
+                try:
+                    check_resolutions(f.resolution, self.bucket_step)
+                except ConfigError as e:
+                    raise ConfigError(f"folders[{i}].{e}") from None
+        require(self.reg_weight >= 0 and math.isfinite(self.reg_weight), "reg_weight must be >= 0")
         require_range("batch_size", self.batch_size, 1, MAX_BATCH)
         require_range("min_size", self.min_size, 1, MAX_RESOLUTION)
 
@@ -177,7 +203,7 @@ class OptimBase:
 
 
 @ordered("steps", "lr", "optimizer", "weight_decay", "warmup_steps", "schedule", "grad_accum", "max_grad_norm", "seed",
-         "guidance", "timestep_sampling", "sigmoid_scale", "shift", "mixed_precision", "compile", "attention_backend",
+         "ema_decay", "guidance", "timestep_sampling", "sigmoid_scale", "shift", "mixed_precision", "compile", "attention_backend",
          "nan_policy", "nan_max_skips")
 @dataclass
 class TrainSection(OptimBase):
@@ -187,10 +213,18 @@ class TrainSection(OptimBase):
                                "the first steps are slow; not with blocks_to_swap")
     attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
                                      "PyTorch SDPA")
+    ema_decay: float = opt(0.0, "EMA of the LoRA weights (e.g. 0.999; 0 = off): the EMA is what is saved and "
+                                "sampled")
 
     def validate(self):
         super().validate()
         require_range("guidance", self.guidance, 0, 100, above=True)
+        require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.optimizer == "schedulefree_adamw":  # it averages its weights itself and replaces the LR schedule
+            require(self.schedule == "constant", "schedule: schedule-free AdamW needs no LR schedule; set "
+                                                 "train.schedule = \"constant\" (train.warmup_steps still applies)")
+            require(not self.ema_decay, "ema_decay: schedule-free AdamW already averages its weights; set "
+                                        "train.ema_decay = 0")
 
 
 @dataclass
@@ -231,12 +265,18 @@ class LoraSection:
     extra_targets: list = opt([], "extra targets: modulation, embedders")
     double_blocks: list = opt([], "train only these double-block indices (empty = all)")
     single_blocks: list = opt([], "train only these single-block indices (empty = all)")
+    type: str = opt("lora", "adapter type: lora, dora (peft's), lokr or loha (LyCORIS keys ComfyUI reads)",
+                    ("lora", "dora", "lokr", "loha"))
+    lokr_factor: int = opt(-1, "LoKr Kronecker factor (-1: near the square root of each width, as LyCORIS)")
+    lokr_decompose_both: bool = opt(False, "LoKr: also factor the small Kronecker factor into a low-rank product")
 
     def validate(self):
         require(self.rank > 0, f"rank must be > 0, got {self.rank}")
         require_range("rank", self.rank, 1, MAX_RANK)
         require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        require(self.lokr_factor == -1 or self.lokr_factor > 0, f"lokr_factor must be -1 or > 0, got "
+                f"{self.lokr_factor}")
 
 
 @dataclass
@@ -351,7 +391,14 @@ class TrainConfig:
     train: TrainSection = section(TrainSection, "optimisation")
     sample: SampleSection = section(SampleSection, "samples during training")
     save: SaveSection = section(SaveSection, "outputs")
+    validation: ValidationSection = section(ValidationSection, "validation loss on held-out images")
+    logging: LoggingSection = section(LoggingSection, "loggers beside TensorBoard")
     log_every: int = opt(10, "progress-bar postfix and TensorBoard scalar interval (steps)")
+
+    def validate(self):
+        require(not (self.validation.enabled and self.data.shards), "validation: held-out images are cached from "
+                "image folders, not data.shards: leave validation.folder and validation.fraction unset, or train "
+                "from [[data.folders]]")
 
 
 @dataclass

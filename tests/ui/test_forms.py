@@ -82,7 +82,8 @@ def test_browser_values_get_the_cli_messages(tmp_path, key, value, override):
     ws = Workspace(tmp_path)
     paths = path_fields(TrainConfig)
     assert paths == {"model.path", "model.transformer", "model.inference_base", "model.adapter", "data.shards",
-                     "data.cache_dir", "data.folders[].path", "save.output_dir"}
+                     "data.cache_dir", "data.folders[].path", "data.folders[].masks", "save.output_dir",
+                     "validation.folder"}
     if override is None:  # a valid list: parsed per line like TOML
         cfg = forms.build_config(specs, {**base, key: value}, load_train_config, paths, ws.resolve)
         assert cfg.model.fp8_keep == ["norms", 7]

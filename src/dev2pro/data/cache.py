@@ -3,7 +3,9 @@
 Each cached tensor set is one safetensors file named by a sha256 over *everything that determines its content*:
 
 - latents: the image file's bytes, the bucket size, the encoder identity, the caller's settings and our
-  preprocessing version (``PREPROCESS_VERSION``: bump it when ``load_and_fit`` changes its output);
+  preprocessing version (``PREPROCESS_VERSION``: bump it when ``load_and_fit`` changes its output); with a loss
+  mask, also the mask file's bytes and ``masks.PREPROCESS_VERSION`` (the latent-grid mask is stored beside the
+  latents as ``mask`` (1, h, w); an all-white mask is not stored);
 - text: the caption, the encoder identity and settings such as the T5 max length.
 
 So a renamed image still hits, and an edited image, another bucket, another VAE or another max length misses:
@@ -29,12 +31,14 @@ from safetensors import safe_open
 from safetensors.torch import load
 
 from dev2pro.data.buckets import load_and_fit
+from dev2pro.data import masks as masksmod
 from dev2pro.outputs import save_safetensors
 
 log = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = "fit-v1"  # cover + centre crop, RGB over white, float in [-1, 1]
 LATENT_NAME = "latents"
+MASK_NAME = "mask"
 
 
 def _sha256_file(path: Path) -> str:
@@ -50,10 +54,15 @@ def _key(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def latent_key(image_sha256: str, size: tuple[int, int], encoder_id: str, settings: dict | None = None) -> str:
-    """Cache key of one image's latents at bucket ``size`` = (width, height)."""
-    return _key(dict(kind="latents", image=image_sha256, size=list(size), encoder=encoder_id,
-                     settings=settings or {}, preprocess=PREPROCESS_VERSION))
+def latent_key(image_sha256: str, size: tuple[int, int], encoder_id: str, settings: dict | None = None,
+               mask_sha256: str | None = None) -> str:
+    """Cache key of one image's latents at bucket ``size`` = (width, height), with its mask's hash if it has one
+    (without one the key is what it always was: existing caches stay valid)."""
+    record = dict(kind="latents", image=image_sha256, size=list(size), encoder=encoder_id, settings=settings or {},
+                  preprocess=PREPROCESS_VERSION)
+    if mask_sha256 is not None:
+        record["mask"] = [mask_sha256, masksmod.PREPROCESS_VERSION]
+    return _key(record)
 
 
 def text_key(caption: str, encoder_id: str, settings: dict | None = None) -> str:
@@ -89,14 +98,15 @@ def _batches(keys: list[str], batch_size: int) -> Iterable[list[str]]:
 
 
 def cache_latents(
-    items_with_buckets: Sequence[tuple[Path | str, tuple[int, int]]],
+    items_with_buckets: Sequence[tuple],
     encode_fn: Callable[[torch.Tensor], torch.Tensor],
     encoder_id: str,
     cache_dir: Path | str,
     batch_size: int = 4,
     settings: dict | None = None,
 ) -> list[Path]:
-    """Latent cache files for (image path, (width, height) bucket) pairs, computing only the missing ones.
+    """Latent cache files for (image path, (width, height) bucket[, mask path or None]), computing only the
+    missing ones.
 
     ``encode_fn`` maps (B, 3, H, W) pixels in [-1, 1] to (B, C, H/8, W/8) latents (e.g. ``encode_images`` bound
     to a VAE); batches never mix buckets. Returns one path per input, in input order. Each file holds
@@ -104,15 +114,17 @@ def cache_latents(
     """
     out_dir = Path(cache_dir) / "latents"
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, todo = [], {}  # todo: key -> (image, size); duplicates of one image+bucket are encoded once
-    for image, size in items_with_buckets:
-        key = latent_key(_sha256_file(Path(image)), size, encoder_id, settings)
+    paths, todo = [], {}  # todo: key -> (image, size, mask); duplicates of one image+bucket are encoded once
+    for image, size, *mask in items_with_buckets:
+        mask = mask[0] if mask else None
+        key = latent_key(_sha256_file(Path(image)), size, encoder_id, settings,
+                         _sha256_file(Path(mask)) if mask else None)
         path = out_dir / f"{key}.safetensors"
         paths.append(path)
         if key not in todo and not _is_valid(path, key, [LATENT_NAME]):
-            todo[key] = (Path(image), tuple(size))
+            todo[key] = (Path(image), tuple(size), mask)
     by_bucket = defaultdict(list)
-    for key, (_, size) in todo.items():
+    for key, (_, size, _) in todo.items():
         by_bucket[size].append(key)
     for (w, h), keys in sorted(by_bucket.items()):
         for batch in _batches(keys, batch_size):
@@ -123,9 +135,18 @@ def cache_latents(
                 raise ValueError(f"encode_fn returned {latents.shape[0]} latents for {len(batch)} images")
             for k, z in zip(batch, latents):
                 meta = dict(key=k, source=str(todo[k][0]), bucket=f"{w}x{h}", encoder=encoder_id)
-                _write_atomic({LATENT_NAME: z}, out_dir / f"{k}.safetensors", meta)
+                tensors = {LATENT_NAME: z, **_latent_mask(todo[k][0], todo[k][2], (w, h), z.shape[-2:])}
+                _write_atomic(tensors, out_dir / f"{k}.safetensors", meta)
     log.info("latent cache %s: %d reused, %d computed", out_dir, len(set(paths)) - len(todo), len(todo))
     return paths
+
+
+def _latent_mask(image: Path, mask: Path | None, bucket: tuple[int, int], latent_hw) -> dict:
+    """``{"mask": (1, h, w)}`` for an image with a mask that is not white everywhere, else {}."""
+    if mask is None:
+        return {}
+    m = masksmod.latent_mask(masksmod.load_mask(mask, masksmod.oriented_size(image), bucket), tuple(latent_hw))
+    return {} if bool((m == 1).all()) else {MASK_NAME: m}
 
 
 def cache_text(

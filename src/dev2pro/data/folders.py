@@ -36,6 +36,8 @@ from PIL import Image
 
 from dev2pro.errors import UserError
 
+from .masks import find_mask, is_mask_file
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -59,16 +61,23 @@ class DatasetFolder:
     repeats: int = 1
     caption: str | None = None
     recursive: bool = False
+    masks: Path | str | None = None  # a folder of same-stem loss masks (white = learn; ``data/masks.py``)
+    role: str = "train"  # "reg": regularization (class) images, weighted by ``data.reg_weight``
+    resolutions: tuple[int, ...] = ()  # bucket each image at each of these; () = the dataset's
 
 
 @dataclass(frozen=True)
 class Item:
-    """One training image. ``size`` is (width, height) in pixels after EXIF rotation."""
+    """One training image. ``size`` is (width, height) in pixels after EXIF rotation; ``mask``: its loss mask
+    (None: every pixel counts); ``role`` and ``resolutions`` come from its folder."""
 
     path: Path
     caption: str
     repeats: int
     size: tuple[int, int] | None = None
+    mask: Path | None = None
+    role: str = "train"
+    resolutions: tuple[int, ...] = ()
 
 
 @dataclass
@@ -124,6 +133,7 @@ class Scanner:
         self.ignored: list[str] = []  # subfolders of a kohya parent that are not N_name
         self.uncaptioned: list[str] = []
         self.empty_captions: list[str] = []
+        self.unmasked: list[str] = []  # images of a folder with a masks folder that have no mask there
 
     # ---------------------------------------------------------------- one image
     def image_size(self, src: Path | bytes, label: str) -> tuple[int, int] | None:
@@ -194,7 +204,11 @@ class Scanner:
                     caption = self.caption(text, label, str(txt), (folder.caption, token))
                     if caption is not None:
                         key = path.relative_to(Path(folder.path).expanduser()).with_suffix("").as_posix()
-                        out.append((Item(path, caption, repeats, size), key))
+                        mask = find_mask(path, path.relative_to(root).with_suffix("").as_posix(), folder.masks)
+                        if mask is None and folder.masks:
+                            self.unmasked.append(label)
+                        out.append((Item(path, caption, repeats, size, mask, folder.role,
+                                         tuple(folder.resolutions)), key))
         return out
 
     def _expand(self, folder: DatasetFolder) -> list[tuple[Path, int, str | None, bool]]:
@@ -240,6 +254,9 @@ class Scanner:
             if self.strict:
                 raise UserError(f"{message}\nfix or delete them, or turn strict checking off to skip them")
             log.warning("%s\nskipping them", message)
+        if self.unmasked:
+            log.warning("%d image(s) have no mask in their folder's masks folder and are trained on whole (a "
+                        "mask of 1):\n%s", len(self.unmasked), _listing(self.unmasked))
         if self.cropped:
             log.warning("%d image(s) are wider or taller than every bucket and are cropped to the nearest one:\n%s",
                         len(self.cropped), _listing(self.cropped))
@@ -266,7 +283,7 @@ def _folder_files(folder: Path, recursive: bool, supported_only: bool = False) -
     hidden files (macOS ``._x.png`` and the like) left out."""
     exts = IMAGE_EXTENSIONS if supported_only else IMAGE_EXTENSIONS + UNSUPPORTED_EXTENSIONS
     files = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in files if p.suffix.lower() in exts and p.is_file()
+    return sorted(p for p in files if p.suffix.lower() in exts and p.is_file() and not is_mask_file(p)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 

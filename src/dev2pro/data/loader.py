@@ -22,23 +22,31 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from dev2pro.data.cache import LATENT_NAME, load_cached
+from dev2pro.data.cache import LATENT_NAME, MASK_NAME, load_cached
 from dev2pro.errors import UserError
 
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One training image as cache files: its latents, its caption's text embeddings, and its repeats."""
+    """One training image at one bucket as cache files: its latents (and loss mask, if it has one), its caption's
+    text embeddings, its repeats, its loss weight (``data.reg_weight`` for reg images), the resolution it was
+    bucketed at and its role (train / reg)."""
 
     latents: Path
     text: Path
     caption: str = ""
     repeats: int = 1
+    weight: float = 1.0
+    resolution: int = 0
+    role: str = "train"
+    bucket: tuple[int, ...] = ()  # (width, height) in pixels
+    image: Path | None = None  # the source image (one image has an entry per resolution)
 
 
 class CachedDataset(torch.utils.data.Dataset):
     """Cached entries with repeats expanded; item ``i`` is a dict of ``latents`` (C, h, w), the text tensors
-    (``prompt_embeds`` (seq, D), ``pooled`` (D,), ...) and ``caption``."""
+    (``prompt_embeds`` (seq, D), ``pooled`` (D,), ...) and ``caption``, plus ``mask`` (1, h, w) for an image
+    with a loss mask and ``weight`` for an entry whose loss weight is not 1 (absent otherwise: see ``collate``)."""
 
     def __init__(self, entries: Sequence[CacheEntry | tuple]):
         self.entries = [e if isinstance(e, CacheEntry) else CacheEntry(*e) for e in entries]
@@ -49,8 +57,13 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         entry = self.entries[self.index[i]]
-        latents = load_cached(entry.latents)[LATENT_NAME]
-        return {"latents": latents, **load_cached(entry.text), "caption": entry.caption}
+        cached = load_cached(entry.latents)
+        item = {"latents": cached[LATENT_NAME], **load_cached(entry.text), "caption": entry.caption}
+        if MASK_NAME in cached:
+            item["mask"] = cached[MASK_NAME]
+        if entry.weight != 1:
+            item["weight"] = float(entry.weight)
+        return item
 
     def buckets(self) -> list[tuple[int, ...]]:
         """Latent (h, w) of every index, read from file headers only (for ``BucketBatchSampler``)."""
@@ -147,11 +160,19 @@ class BucketBatchSampler:
 
 def collate(batch: list[dict]) -> dict:
     """Stack dataset items into ``latents`` (B, C, h, w), the text tensors (``prompt_embeds`` (B, seq, D),
-    ``pooled`` (B, D), ...) and ``captions``."""
-    names = [k for k in batch[0] if k not in ("latents", "caption")]
-    return {"latents": torch.stack([item["latents"] for item in batch]),  # (B, C, h, w)
-            **{name: torch.stack([item[name] for item in batch]) for name in names},
-            "captions": [item["caption"] for item in batch]}
+    ``pooled`` (B, D), ...) and ``captions``; ``mask`` (B, 1, h, w) only when an item has one (ones for the
+    others) and ``weights`` (B,) only when an item's weight is not 1: a batch without either is the unweighted
+    loss exactly, not a loss multiplied by ones."""
+    names = [k for k in batch[0] if k not in ("latents", "caption", "mask", "weight")]
+    out = {"latents": torch.stack([item["latents"] for item in batch]),  # (B, C, h, w)
+           **{name: torch.stack([item[name] for item in batch]) for name in names},
+           "captions": [item["caption"] for item in batch]}
+    if any("mask" in item for item in batch):
+        ones = torch.ones((1, *out["latents"].shape[-2:]))
+        out["mask"] = torch.stack([item.get("mask", ones) for item in batch])  # (B, 1, h, w)
+    if any("weight" in item for item in batch):
+        out["weights"] = torch.tensor([item.get("weight", 1.0) for item in batch])  # (B,)
+    return out
 
 
 def batches_forever(sampler):

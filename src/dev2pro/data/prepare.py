@@ -16,10 +16,11 @@ from PIL import Image
 from .. import families
 from ..families import Family
 from ..text import Embeds, encoder_identity, free_memory
-from .buckets import assign_bucket, make_buckets
+from .buckets import make_buckets
 from .cache import cache_latents, cache_text, load_cached
 from .folders import DatasetFolder, scan_dataset
 from .loader import CacheEntry, CachedDataset
+from .mixing import active_folders, bucketed, largest_resolution
 from .shards import ShardDataset
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class TrainingData:
     sample_embeds: list[Embeds]
     negative: Embeds
     components: dict = field(default_factory=dict)
+    validation: object = None  # the held-out images (a CachedDataset) when ``holdout`` was given
 
 
 @dataclass(frozen=True)
@@ -46,20 +48,22 @@ class FolderOptions:
     trigger: str = ""
     min_size: int = 16
     strict: bool = False
-    resolution: int = 512
+    resolution: int | tuple[int, ...] = 512  # several: each image is bucketed at each (``mixing``)
     bucket_step: int = 64
+    reg_weight: float = 1.0  # loss weight of reg folders' images; 0 drops those folders
 
 
 def load_training_data(model_dir: Path, device, *, folders: Sequence[DatasetFolder] = (), shards: str = "",
                        options: FolderOptions = FolderOptions(), cache_dir: Path | None = None,
                        t5_max_length: int = 512, prompts: Sequence[str] = (), negative: str = "",
                        text_device=None, text_dtype: torch.dtype = torch.float32,
-                       family: Family | None = None, spec=None) -> TrainingData:
+                       family: Family | None = None, spec=None, holdout=None) -> TrainingData:
     """Folders (latents and text cached in ``cache_dir``) or shards (an ``index.json``), and sample embeddings.
 
     The text encoders run on ``text_device`` (default ``device``) in ``text_dtype``; the VAE on ``device``.
     ``family``: whose text stack and VAE (FLUX.1's by default); ``t5_max_length``: its text length in tokens;
-    ``spec``: the transformer's, to refuse a text stack that cannot feed it (a klein encoder with FLUX.2 dev).
+    ``spec``: the transformer's, to refuse a text stack that cannot feed it (a klein encoder with FLUX.2 dev);
+    ``holdout``: held-out images cached in the same pass (``train.validation.Holdout``; folders only).
     """
     text_device = device if text_device is None else text_device
     family = family or families.get("flux1")
@@ -67,22 +71,29 @@ def load_training_data(model_dir: Path, device, *, folders: Sequence[DatasetFold
         return _from_shards(Path(model_dir), shards, device, text_device, text_dtype, prompts, negative, options,
                             family, spec)
     return _from_folders(Path(model_dir), list(folders), options, Path(cache_dir), device, text_device, text_dtype,
-                         t5_max_length, prompts, negative, family, spec)
+                         t5_max_length, prompts, negative, family, spec, holdout)
 
 
 def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOptions, cache_dir: Path, device,
                   text_device, text_dtype, t5_len: int, prompts, negative: str, fam: Family,
-                  spec=None) -> TrainingData:
-    buckets = make_buckets(o.resolution * o.resolution, step=o.bucket_step)
-    items = scan_dataset(folders, default_caption=o.default_caption or None, trigger=o.trigger or None,
-                         min_size=o.min_size, strict=o.strict, buckets=buckets)
-    sizes = [assign_bucket(*(it.size if it.size else _image_size(it.path)), buckets) for it in items]
+                  spec=None, holdout=None) -> TrainingData:
+    folders = active_folders(folders, o.reg_weight)
+    top = largest_resolution(o.resolution, folders)  # its buckets judge aspect ratios (the range barely varies)
+
+    def scan(fs):  # the training images, and held-out ones, by the same rules
+        return scan_dataset(fs, default_caption=o.default_caption or None, trigger=o.trigger or None,
+                            min_size=o.min_size, strict=o.strict, buckets=make_buckets(top * top, step=o.bucket_step))
+
+    items = scan(folders)
+    items, held = holdout.split(items, scan) if holdout is not None else (items, [])
+    items = items + held  # cached in one pass; split again at the end (``held_out``: by item identity)
+    plan = bucketed(items, o.resolution, o.bucket_step, lambda it: it.size or _image_size(it.path))
     pipe = fam.load_text(model_dir, text_device, text_dtype)  # first: it names a folder that is no model
     if spec is not None:
         fam.check_text(pipe, spec)
     vae = fam.load_vae(model_dir, device)
     enc_id = encoder_identity(model_dir)
-    latent_paths = cache_latents([(it.path, s) for it, s in zip(items, sizes)],
+    latent_paths = cache_latents([(it.path, bucket, it.mask) for it, _, bucket in plan],
                                  lambda px: fam.encode_images(vae, px).cpu(), f"vae:{enc_id}", cache_dir)
     settings = fam.text_settings(pipe, t5_len)
     if text_dtype != torch.float32:  # bf16 embeddings are other values: they get their own cache entries
@@ -93,13 +104,19 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
     components = {"vae": vae.to("cpu"), "scheduler": pipe.scheduler}
     pipe = None  # the encoders are not needed again: free them before the transformer arrives
     free_memory(device)
-    entries = [CacheEntry(lp, text_paths[it.caption], it.caption, it.repeats) for it, lp in zip(items, latent_paths)]
+    entries = [CacheEntry(lp, text_paths[it.caption], it.caption, it.repeats,
+                          o.reg_weight if it.role == "reg" else 1.0, res, it.role, bucket, it.path)
+               for (it, res, bucket), lp in zip(plan, latent_paths)]
 
     def embeds_of(text):
         return fam.embeds_of(load_cached(text_paths[text]))
 
-    return TrainingData(CachedDataset(entries), load_cached(text_paths[""]), [embeds_of(p) for p in prompts],
-                        embeds_of(negative), components)
+    held_out = {id(it) for it in held}  # a held-out image is validated at each of its resolutions
+    kept = [e for e, (it, _, _) in zip(entries, plan) if id(it) not in held_out]
+    return TrainingData(CachedDataset(kept), load_cached(text_paths[""]),
+                        [embeds_of(p) for p in prompts], embeds_of(negative), components,
+                        CachedDataset([e for e, (it, _, _) in zip(entries, plan) if id(it) in held_out])
+                        if holdout is not None else None)
 
 
 def _from_shards(model_dir: Path, shards: str, device, text_device, text_dtype, prompts, negative: str,

@@ -113,11 +113,12 @@ def collect_sources(inputs: Sequence[Path], default_caption: str = "", min_size:
     """Every usable sample of folders and .tar files with its image size, and the skipped ones as
     ``"path (reason)"`` lines: the rules of ``data.folders`` (the ones `train` applies), tar members included."""
     scanner = Scanner(min_size, buckets, default_caption or None, strict=strict)
-    good = []
+    good, masked = [], []
     for inp in map(Path, inputs):
         if inp.is_dir():
             for item, key in scanner.folders([DatasetFolder(inp, recursive=recursive)]):
                 good.append((Source(key, item.caption, str(item.path), repeats=item.repeats), item.size))
+                masked += [str(item.mask)] if item.mask else []
         elif inp.suffix == ".tar" and inp.is_file():
             for source, text, label, txt_label in tar_sources(inp, scanner):
                 size = scanner.image_size(source.read(), label)
@@ -127,6 +128,9 @@ def collect_sources(inputs: Sequence[Path], default_caption: str = "", min_size:
         else:
             raise UserError(f"{inp}: expected an image folder or a .tar shard")
     scanner.finish(good)
+    if masked:  # shards hold latents and text only
+        log.warning("%d loss mask(s) are not stored in shards (the images are cached whole); train from the "
+                    "folders to use them: %s", len(masked), ", ".join(masked[:3]) + (" ..." if len(masked) > 3 else ""))
     return good, scanner.skipped
 
 

@@ -21,7 +21,8 @@ down (kohya without split_qkv, XLabs) are read and written dense: one down, stac
 diffusers' kohya converter ignores ``.alpha`` for ``final_layer.*``, so there we bake the scale into ``up`` and store
 alpha = rank. It also hard-codes 19/38 blocks and 3072 widths, which is why ``ops.apply_lora`` loads our PEFT form
 into a model of any size instead. Sizes (hidden, mlp width, block counts) are read off the LoRA's own shapes or
-passed in, never taken from FLUX.1's constants. FLUX.2 LoRAs (``.family == "flux2"``) go through ``lora.flux2``.
+passed in, never taken from FLUX.1's constants. FLUX.2 LoRAs (``.family == "flux2"``) go through ``lora.flux2``;
+LoKr / LoHa / DoRA files (``lycoris.is_adapter_file``) through ``lora.lycoris``.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def detect_layout(keys: Iterable[str]) -> str:
     keys = list(keys)
     odd = next((k for k in keys if re.search(r"(dora_scale|lokr_|hada_|\.oft_|lora_mid)", k)), None)
     if odd:
-        raise UserError(f"key {odd!r}: LyCORIS/DoRA/LoCon adapters are not plain LoRAs and are not supported.")
+        raise UserError(f"key {odd!r}: a LyCORIS/DoRA key; read such files with load_lora (lora.lycoris).")
     if not any("lora" in k for k in keys):
         raise UserError(f"holds no LoRA tensors (no lora_down/lora_up/lora_A/lora_B keys); is it a base model? "
                         f"First keys: {sorted(keys)[:3]}")
@@ -307,7 +308,9 @@ def lora_from_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     """Read a LoRA state dict of any known layout into LoraWeights (diffusers names)."""
     layout = layout or detect_layout(sd)
     if layout == "xlabs":
-        mods = _read_xlabs(sd, mlp_hidden)
+        from .xlabs import read_xlabs
+
+        mods = read_xlabs(sd, mlp_hidden)
     elif layout == "diffusers":
         cfg = _adapter_config(metadata)
         groups = _group(sd, ("transformer.", "base_model.model.", ""), layout)
@@ -336,36 +339,6 @@ def _bfl_names_from_kohya(groups: dict[str, dict]) -> dict[str, dict]:
         raise UserError(f"LoRA module 'lora_unet_{unknown[0]}' ({len(unknown)} in all) is not a linear layer of a "
                         f"Flux transformer: the LoRA is for another model family.")
     return {dotted[k]: g for k, g in groups.items()}
-
-
-def _read_xlabs(sd: Mapping[str, torch.Tensor], mlp_hidden: int | None) -> dict[str, LoraModule]:
-    """XLabs processor LoRAs (no alpha: scale 1). A qkv LoRA shares one down across q, k and v."""
-    targets = {("double", "qkv_lora1"): ["attn.to_q", "attn.to_k", "attn.to_v"],
-               ("double", "qkv_lora2"): ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-               ("double", "proj_lora1"): ["attn.to_out.0"], ("double", "proj_lora2"): ["attn.to_add_out"],
-               ("single", "qkv_lora"): ["attn.to_q", "attn.to_k", "attn.to_v"], ("single", "proj_lora"): ["proj_out"]}
-    groups: dict[tuple, dict] = {}
-    for key, t in sd.items():
-        m = re.fullmatch(r"(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(\w+)\.(down|up)\.weight",
-                         key)
-        if not m or (m.group(1), m.group(3)) not in targets:
-            raise UserError(f"unexpected key {key!r} in an XLabs-layout LoRA.")
-        groups.setdefault(m.groups()[:3], {})[m.group(4)] = t
-    out = {}
-    for (kind, idx, proc), g in groups.items():
-        block = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{idx}."
-        m = _module(block + proc, g)
-        names = targets[(kind, proc)]
-        if kind == "single" and proc == "proj_lora":
-            # XLabs feeds only the attention output (first `hidden` inputs of linear2) to this LoRA: pad the down
-            # with zero columns for the mlp inputs, as diffusers' state-dict expansion does.
-            hidden = m.down.shape[1]
-            extra = mlp_hidden if mlp_hidden is not None else 4 * hidden
-            m = LoraModule(torch.cat([m.down, m.down.new_zeros(m.rank, extra)], 1), m.up, m.alpha)
-        for j, name in enumerate(names):
-            size = m.up.shape[0] // len(names)
-            out[block + name] = LoraModule(m.down, m.up[j * size:(j + 1) * size], m.alpha)
-    return out
 
 
 def lora_to_peft_state_dict(lw: Mapping[str, LoraModule]) -> dict[str, torch.Tensor]:
@@ -443,11 +416,14 @@ def load_lora(path: str | os.PathLike, allow_pickle: bool = False, hidden: int |
         sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise UserError(f"{path}: holds no tensors.")
-    from . import flux2
+    from . import flux2, lycoris
 
     want = getattr(family, "name", family)
-    found = flux2.family_for(sd, want, path, base)
+    adapter = lycoris.is_adapter_file(sd)  # LoKr / LoHa / DoRA: their own keys and maths (lora.lycoris)
+    found = None if adapter else flux2.family_for(sd, want, path, base)
     try:
+        if adapter:
+            return lycoris.read(sd, metadata, want, path, base)
         if (found or want) == "flux2":
             return flux2.read(sd, metadata)
         lw = lora_from_state_dict(sd, metadata, None, hidden, mlp_hidden)
@@ -464,7 +440,11 @@ def save_lora(lw: LoraWeights | Mapping[str, LoraModule], path: str | os.PathLik
     NaN/inf refused, disk-full and read-only errors as one line). ``sources``: inputs it must not replace.
     A FLUX.2 ``lw`` (``.family``) is written in FLUX.2's layouts of the same names (``lora.flux2``)."""
     path = Path(path)
-    if getattr(lw, "family", None) == "flux2":
+    if getattr(lw, "adapter", "lora") != "lora":
+        from .lycoris import to_state_dict
+
+        sd, meta = to_state_dict(lw, layout, metadata)
+    elif getattr(lw, "family", None) == "flux2":
         from . import flux2
 
         sd, meta = flux2.to_state_dict(lw, layout, metadata)

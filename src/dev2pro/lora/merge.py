@@ -35,6 +35,10 @@ def deltas_for(ckpt: C.Checkpoint, loras: list[tuple[str, float]]) -> dict[str, 
     total: dict[str, torch.Tensor] = {}
     for path, scale in loras:
         lw = load_lora(path, family=ckpt.family, base=ckpt.path)
+        if getattr(lw, "adapter", "lora") != "lora":  # LoKr / LoHa / DoRA: placed by lora.lycoris
+            for key, d in _adapter_deltas(ckpt, lw, path, scale).items():
+                total[key] = total[key] + d if key in total else d
+            continue
         for name, delta in _deltas(lw, ckpt.key_layout):
             key = name + ".weight"
             if key not in ckpt.shapes:
@@ -46,6 +50,21 @@ def deltas_for(ckpt: C.Checkpoint, loras: list[tuple[str, float]]) -> dict[str, 
                                 f"{tuple(ckpt.shapes[key])}; the LoRA is for another model size")
             total[key] = total[key] + d if key in total else d
     return total
+
+
+def _adapter_deltas(ckpt: C.Checkpoint, lw, path, scale: float) -> dict[str, torch.Tensor]:
+    """weight key -> ``scale`` x delta of a LoKr / LoHa / DoRA file (DoRA reads the base weights it renormalises)."""
+    from .lycoris import deltas
+
+    spec = ckpt.spec()
+    sizes = (spec.num_double, spec.num_single, spec.hidden, spec.mlp_hidden, spec.guidance_embeds)
+    shape = lambda n: tuple(ckpt.shapes[n + ".weight"]) if n + ".weight" in ckpt.shapes else None  # noqa: E731
+    try:
+        out = deltas(lw, ckpt.key_layout, sizes, lambda n: ckpt.get_dequantized(n + ".weight", torch.float32), shape,
+                     scale)
+    except UserError as e:
+        raise UserError(f"{path}: {e} (base {ckpt.path})") from None
+    return {n + ".weight": d for n, d in out.items()}
 
 
 def _deltas(lw: LoraWeights, naming: str):

@@ -206,17 +206,31 @@ def apply_lora(transformer: torch.nn.Module, lw: Mapping[str, LoraModule], scale
     """Load ``lw`` into a diffusers FluxTransformer2DModel (any size) as a peft adapter, alphas intact.
 
     The adapter is added to the active ones (earlier adapters stay on) with strength ``scale``; returns its name.
+    LoKr / LoHa / DoRA weights go in as peft adapters of their type where peft holds them, else are merged
+    (``peft_adapters.apply``).
     """
     from peft.tuners.lora import LoraLayer  # heavy (~2 s): lora info/merge/extract skip it
 
+    from .dora import is_peft_dora
+    from .lycoris import AdapterWeights
+    from .peft_adapters import scaled_fp8
+
+    if isinstance(lw, AdapterWeights) and (not is_peft_dora(lw) or scaled_fp8(transformer)):
+        # LoKr / LoHa / ComfyUI-convention DoRA / fused BFL modules; peft's DoRA would read scaled fp8 unscaled
+        from .peft_adapters import apply
+
+        return apply(transformer, lw, scale, adapter_name)
     check_fits(transformer, lw)
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise UserError(f"the model already has an adapter named {adapter_name!r}; pick another name.")
     before = {n: list(m.active_adapters) for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
+    sd, cfg = lora_to_peft_state_dict(lw), peft_config_kwargs(lw)
+    if is_peft_dora(lw):  # peft's own DoRA (per output row): its magnitudes go in as they are
+        sd.update({f"{n}.lora_magnitude_vector": m.magnitude for n, m in lw.items()})
+        cfg["use_dora"] = True
     with warnings.catch_warnings():  # peft warns whenever a second adapter arrives; several are intended here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        transformer.load_lora_adapter(lora_to_peft_state_dict(lw), prefix=None, adapter_name=adapter_name,
-                                      metadata=peft_config_kwargs(lw))
+        transformer.load_lora_adapter(sd, prefix=None, adapter_name=adapter_name, metadata=cfg)
     injected = 0
     for name, module in transformer.named_modules():
         if not isinstance(module, LoraLayer):
@@ -237,26 +251,37 @@ def lora_from_peft_model(transformer: torch.nn.Module, adapter_name: str = "defa
     """LoraWeights of a peft-injected model's adapter; rank and alpha per layer as peft resolved them (config +
     rank/alpha patterns), rsLoRA expressed as an alpha over r. Wrapper prefixes (compile, FSDP, checkpointing,
     PeftModel) are dropped from names; DTensor shards are gathered. ``.family`` is the model's (FLUX.2 LoRAs are
-    written in FLUX.2's layouts)."""
+    written in FLUX.2's layouts). LoKr / LoHa / DoRA adapters come back as ``lycoris.AdapterWeights``
+    (``peft_adapters.module_from_peft``)."""
     from peft.tuners.lora import LoraLayer  # heavy (~2 s), as in apply_lora
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     from ..families import of_model
+    from .lycoris import AdapterWeights
+    from .peft_adapters import module_from_peft
 
-    lw = LoraWeights(layout="diffusers", family=of_model(transformer).name)
+    lw = AdapterWeights(layout="diffusers", family=of_model(transformer).name)
     for name, module in transformer.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+        if not isinstance(module, BaseTunerLayer) or adapter_name not in (
+                module.lora_A if isinstance(module, LoraLayer) else getattr(module, "_available_adapters", ())):
             continue
-        if module.use_dora.get(adapter_name):
-            raise UserError(f"{name}: adapter {adapter_name!r} is DoRA; only plain LoRAs can be exported.")
-        r, alpha = module.r[adapter_name], module.lora_alpha[adapter_name]
-        if module.use_rslora.get(adapter_name):
-            alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r)
+        other = module_from_peft(module, adapter_name, lambda m: _alpha(m, adapter_name))
+        if other is not None:  # LoKr / LoHa / DoRA
+            lw[_clean(name)] = other
+            continue
+        alpha = _alpha(module, adapter_name)
         down, up = (_full(p.weight) for p in (module.lora_A[adapter_name], module.lora_B[adapter_name]))
         lw[_clean(name)] = LoraModule(down, up, float(alpha))
     if not lw:
         names = sorted(getattr(transformer, "peft_config", {}))
         raise UserError(f"the model has no LoRA adapter {adapter_name!r} (adapters: {names or 'none'}).")
-    return lw
+    return lw if lw.adapter != "lora" else LoraWeights(lw, layout="diffusers", family=lw.family)
+
+
+def _alpha(module, adapter_name: str) -> float:
+    """peft's alpha of a LoRA layer in our alpha / r convention (rsLoRA scales by alpha / sqrt(r))."""
+    r, alpha = module.r[adapter_name], module.lora_alpha[adapter_name]
+    return float(alpha * math.sqrt(r) if module.use_rslora.get(adapter_name) else alpha)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from ..flux import checkpoint as C
 from .. import families
 from ..flux import keys as keymod
 from ..lora import formats as F
+from ..lora.lycoris import describe, param_count
 from ..lora.merge import merge_loras
 from ..lora.ops import decompose, rank_errors
 from ..outputs import check_output, write_json
@@ -33,11 +34,11 @@ def info(path: str, as_json: bool = False) -> dict:
     groups: dict[str, dict] = {}
     for name, m in lw.items():
         g = name.split(".")[0] if not name[0:1].isdigit() else name
-        key = f"{g} r={m.rank} alpha={m.alpha:g}"
+        key = f"{g} {describe(m)}"
         groups[key] = groups.get(key, 0) + 1
     family = families.get(lw.family).title if lw.family else "FLUX.1 or FLUX.2 (its names and shapes fit both)"
-    out = {"path": str(path), "family": family, "layout": lw.layout, "modules": len(lw), "groups": groups,
-           "params": sum(m.down.numel() + m.up.numel() for m in lw.values()),
+    out = {"path": str(path), "family": family, "layout": lw.layout, "type": getattr(lw, "adapter", "lora"),
+           "modules": len(lw), "groups": groups, "params": sum(param_count(m) for m in lw.values()),
            "size_bytes": Path(path).stat().st_size, "metadata": lw.metadata}
     print(json.dumps(out, indent=2, default=str) if as_json else format_info(out))
     return out
@@ -46,11 +47,12 @@ def info(path: str, as_json: bool = False) -> dict:
 def format_info(info: dict) -> str:
     """The human form of ``info()``'s dict: known fields first, any other field as ``name: value``."""
     lines = [f"{info['path']}", *([f"  family:   {info['family']}"] if "family" in info else []),
-             f"  layout:   {info['layout']}", f"  modules:  {info['modules']}",
+             f"  layout:   {info['layout']}", *([f"  type:     {info['type']}"] if "type" in info else []),
+             f"  modules:  {info['modules']}",
              f"  params:   {info['params']:,}", f"  size:     {_bytes(info['size_bytes'])}", "  groups:"]
     lines += [f"    {n:>5} x {g}" for g, n in sorted(info["groups"].items())]
     for k, v in info.items():
-        if k not in ("path", "family", "layout", "modules", "params", "size_bytes", "groups", "metadata"):
+        if k not in ("path", "family", "layout", "type", "modules", "params", "size_bytes", "groups", "metadata"):
             lines.append(f"  {k + ':':<9} {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
     meta = info.get("metadata") or {}
     if meta:
@@ -71,7 +73,9 @@ def _bytes(n: int) -> str:
 def convert(src: str, dst: str, to: str, overwrite: bool = False) -> Path:
     lw = F.load_lora(src)
     out = F.save_lora(lw, dst, to, metadata=lw.metadata, overwrite=overwrite, sources=[src])
-    print(f"wrote {out} ({families.get(lw.family or 'flux1').title} LoRA, {to} layout, {len(lw)} modules)")
+    kind = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}.get(getattr(lw, "adapter", "lora"),
+                                                                              "adapter")
+    print(f"wrote {out} ({families.get(lw.family or 'flux1').title} {kind}, {to} layout, {len(lw)} modules)")
     return out
 
 

@@ -19,11 +19,13 @@ from accelerate import Accelerator
 
 from ..config import render_toml
 from ..data.loader import BucketBatchSampler, batches_forever
+from ..data.mixing import epoch_lines
 from ..data.prepare import load_training_data
 from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES, open_checkpoint
 from ..lora import adapter as adaptermod
 from ..lora.formats import kohya_metadata
+from ..lora.peft_adapters import check_layouts, kohya_fields as adapter_fields
 from ..noise import quiet_libraries
 from ..outputs import write_json, write_text
 from ..plan import ImpossiblePlan, report as report_plan
@@ -38,6 +40,8 @@ from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
 from ..train.samples import GridSpec, LoraSampler
 from ..train.state import restore_training_state, save_training_state
+from ..train.validation import Holdout
+from ..train.watch import check_inputs, make_watch, open_sinks
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
         # here, not in validate(): the config editor probes every path field with a value at once.)
         raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
                         "training base is dev and samples are rendered on it with the adapter off)")
+    check_inputs(cfg.validation.folder, cfg.logging.wandb, cfg.train.optimizer)  # before anything is written
     quiet_libraries()
     m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
     check_training_inputs(m.transformer or m.path, m.path, adapter=m.adapter, shards=cfg.data.shards,
@@ -106,11 +111,13 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
     base = m.transformer or m.path
     header = open_checkpoint(base, allow_pickle=m.allow_pickle, family=m.family)  # the header only
     family = header.family
+    check_layouts(lc.type, family.name, cfg.save.formats)  # before minutes of caching, not at the first save
     check_blocks_to_swap(base, m.blocks_to_swap, m.allow_pickle, m.family)  # before caching the data
     data = load_training_data(Path(m.path), device, **data_source(d, out), t5_max_length=m.t5_max_length,
                               prompts=cfg.sample.prompts, negative=cfg.sample.negative,
                               text_device=torch.device("cpu") if m.text_encoder == "cpu" else device,
-                              text_dtype=DTYPE_CHOICES[m.text_encoder_dtype], family=family, spec=header.spec())
+                              text_dtype=DTYPE_CHOICES[m.text_encoder_dtype], family=family, spec=header.spec(),
+                              holdout=Holdout.of(cfg.validation.folder, cfg.validation.fraction))
     transformer, ckpt = load_base(base, dtype, device, fp8_storage=m.fp8_storage, fp8_keep=m.fp8_keep,
                                   gradient_checkpointing=m.gradient_checkpointing, blocks_to_swap=m.blocks_to_swap,
                                   allow_pickle=m.allow_pickle, family=m.family)
@@ -122,7 +129,8 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
     names = ckpt.family.lora_targets(lc.targets, spec.num_double, spec.num_single, lc.extra_targets,
                                      [int(i) for i in lc.double_blocks] or None,
                                      [int(i) for i in lc.single_blocks] or None, spec.guidance_embeds)
-    params = add_lora(transformer, names, lc.rank, lc.alpha, lc.dropout)
+    params = add_lora(transformer, names, lc.rank, lc.alpha, lc.dropout, kind=lc.type, lokr_factor=lc.lokr_factor,
+                      lokr_decompose_both=lc.lokr_decompose_both)
     if m.adapter:  # frozen side branch on top of the base, beside the trained LoRA (lora/adapter.py)
         adaptermod.attach_file(transformer, m.adapter, m.adapter_scale,
                                torch.float32 if dtype == torch.float32 else torch.bfloat16)
@@ -150,7 +158,9 @@ def _lora_metadata(cfg: TrainConfig, ckpt) -> dict:
                           extra={"ss_steps": tc.steps, "ss_learning_rate": tc.lr,
                                  "dev2pro.train_base_variant": ckpt.spec().variant,
                                  "dev2pro.inference_base": Path(m.inference_base).name if m.inference_base else "",
-                                 "dev2pro.training_adapter": Path(m.adapter).name if m.adapter else ""})
+                                 "dev2pro.training_adapter": Path(m.adapter).name if m.adapter else "",
+                                 **adapter_fields(cfg.lora.type, cfg.lora.rank, cfg.lora.alpha, cfg.lora.lokr_factor,
+                                                  cfg.lora.lokr_decompose_both)})
 
 
 def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool, say, quiet) -> dict:
@@ -158,16 +168,21 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     device, tc = accelerator.device, cfg.train
     dtype = DTYPE_CHOICES[cfg.model.dtype]
     data, transformer, ckpt, params, swap = _load(cfg, device, dtype, run.root)
-    optimizer = build_optimizer(params, tc.optimizer, tc.lr, tc.weight_decay)
+    optimizer = build_optimizer(params, tc.optimizer, tc.lr, tc.weight_decay, warmup_steps=tc.warmup_steps)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[swap is None, True])
+    v = cfg.validation
+    watch = make_watch(params, optimizer, tc.ema_decay, tc.steps, data.validation, v.sigmas, v.seeds, v.every,
+                       tc.guidance, device, dtype, cfg.data.batch_size, accelerator.autocast, tc.warmup_steps,
+                       v.folder or f"validation.fraction {v.fraction:g}", cfg.logging.wandb and run.root / "wandb")
     gen = torch.Generator().manual_seed(tc.seed)  # caption dropout, noise, timesteps
     sampler = BucketBatchSampler(data.dataset.buckets(), cfg.data.batch_size, seed=tc.seed)
     model = lambda: accelerator.unwrap_model(transformer)  # noqa: E731
     start, smoothed, history = 0, None, []  # history: the loss of every step so far (loss.png)
     if resume is not None:
-        r = restore_training_state(resume, run.state, model(), optimizer, scheduler, gen, sampler)
+        r = restore_training_state(resume, run.state, model(), optimizer, scheduler, gen, sampler, watch.ema)
         start, smoothed, history = r.step, r.smoothed, r.losses
+        watch.restore(r.validation, start)
         say(f"resumed from step {start} ({r.folder})")
     if start > tc.steps:
         raise UserError(f"{run.root} is at step {start}, past train.steps = {tc.steps}: set train.steps above "
@@ -176,26 +191,33 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     samples = _sampler(cfg, data, ckpt, dtype, device)
     if main and start < tc.steps:
         for line in _startup_lines(cfg, data.dataset, len(sampler), sum(p.numel() for p in params),
-                                   ckpt.spec().variant, start, run, samples.guidance):
+                                   ckpt.spec().variant, start, run, samples.guidance) + watch.notes:
             say(line)
-    bar = Progress(tc.steps, start, "train", run.logs if main else None, enabled=progress and main,
-                   smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main and not quiet)
+    sinks = open_sinks(cfg.logging.wandb and main and start < tc.steps, cfg.logging.project, cfg.logging.mode,
+                       run.root, run.config)
+    bar = watch.bar = Progress(tc.steps, start, "train", run.logs if main else None, enabled=progress and main,
+                               smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main and not quiet,
+                               sinks=sinks)
     meta = _lora_metadata(cfg, ckpt)
     acts = _Run(
         save_lora=lambda suffix: save_lora_files(model(), run.root, cfg.save.name, cfg.save.formats, meta, suffix),
         save_state=lambda done: save_training_state(
             run.state, done, model(), optimizer, scheduler, gen, sampler, smoothed=bar.smoothed,
-            grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last, losses=life.finite_or_none(history)),
+            grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last, losses=life.finite_or_none(history),
+            ema=watch.ema, validation=watch.validator.history if watch.validator else None),
         sample=lambda step: samples.sample(model(), step, run.samples, bar, progress and main))
+    acts.save_lora, acts.sample = watch.published(acts.save_lora), watch.published(acts.sample)
     try:
         if start == tc.steps:  # a finished run: only the final files, if a full disk kept them from being written
             files = lora_paths(run.root, cfg.save.name, cfg.save.formats)
             return life.already_finished(files, start, say) or _finish(cfg, run, start, history, [], [], acts, None,
-                                                                       say)
+                                                                       say, watch=watch)
         if main and cfg.sample.prompts and cfg.sample.baseline and start == 0:
             say("rendering step-0 samples (the base before training)...")
             say(f"samples: {acts.sample(0)}")
-        opt = Optimization(transformer, params, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm)
+        if main and start == 0:
+            watch.validate(model(), 0)  # the base before training: the curve's first point
+        opt = Optimization(transformer, params, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm, watch.ema)
         objective = Objective("flow", guidance=tc.guidance)
         draws = Draws(cfg.data.caption_dropout, tc.timestep_sampling, tc.sigmoid_scale, tc.shift)
         batches = batches_forever(sampler)
@@ -204,6 +226,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
             save=(lambda done: life.save_periodic(acts.save_lora, acts.save_state, done, history, run, note))
             if main else None, save_every=cfg.save.every,
             sample=acts.sample if main and cfg.sample.prompts else None, sample_every=cfg.sample.every,
+            validate=(lambda done: watch.validate(model(), done)) if main and watch.validator else None,
             interrupted=lambda done: life.save_on_interrupt(acts.save_state, done, run, note) if main else None)
         transformer.train()
         result = run_steps(start, tc.steps,
@@ -212,13 +235,13 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
                            events, history)
         bar.end_bar()
         return _finish(cfg, run, tc.steps, history, result.losses, result.skipped, acts, acts.save_state, say,
-                       result.seconds, start)
+                       result.seconds, start, watch)
     finally:
         bar.close()
 
 
 def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, save_state, say, seconds=0.0,
-            start=None) -> dict:
+            start=None, watch=None) -> dict:
     """Final state, final LoRA files, then the final samples (a crash there loses nothing), then the summary."""
     files = life.finish(acts.save_lora, save_state, done, life.finite_or_none(history), run,
                         run.root / f"{cfg.save.name}.safetensors", say)
@@ -229,6 +252,9 @@ def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, sav
     # seconds: the loop's wall time (its periodic saves and samples included; the final save and samples not)
     summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "seconds": seconds,
                "steps_per_second": trained / max(seconds, 1e-9), "skipped_steps": list(skipped)}
+    if watch is not None:  # validation history and early-stopping advice
+        summary.update(watch.finish(lambda s: lora_paths(run.root, cfg.save.name, cfg.save.formats, "" if s == done
+                                                         else f"-step{s:06d}")[0], cfg.validation.every, say))
     write_json(run.summary, {**summary, "losses": life.finite_or_none(losses)})
     return summary
 
@@ -238,7 +264,8 @@ def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: 
     """The run at a glance: data and buckets, steps and epochs, LoRA size, guidance, bases, outputs."""
     tc, sc = cfg.train, cfg.sample
     buckets = Counter(ds.buckets())  # latent (h, w) per sample, repeats included
-    n_images = len(getattr(ds, "entries", None) or ds)
+    entries = getattr(ds, "entries", None)
+    n_images = len({e.image for e in entries} if entries and entries[0].image else entries or ds)
     per_epoch = max(1, per_epoch)  # batches per epoch
     epochs = tc.steps * tc.grad_accum / per_epoch
     source = cfg.data.shards or ", ".join(f.path for f in cfg.data.folders)
@@ -246,8 +273,9 @@ def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: 
     lines = [
         f"dev2pro train -> {run.root}",
         f"  data: {n_images} images ({len(ds)} samples per epoch with repeats) from {source}",
-        f"  buckets: {len(buckets)} bucket(s): " + ", ".join(f"{w * 8}x{h * 8} ({n})" for (h, w), n in
-                                                         sorted(buckets.items(), key=lambda kv: -kv[1])),
+        *(epoch_lines(entries) if entries and entries[0].resolution else  # per resolution, reg samples
+          [f"  buckets: {len(buckets)} bucket(s): " + ", ".join(f"{w * 8}x{h * 8} ({n})" for (h, w), n in
+                                                            sorted(buckets.items(), key=lambda kv: -kv[1]))]),
         f"  steps {tc.steps}" + (f" (resuming at {start})" if start else "") + f", batch {cfg.data.batch_size} x "
         f"grad_accum {tc.grad_accum}, {per_epoch} batches per epoch = {epochs:.1f} epochs",
         f"  LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {cfg.lora.targets}, {n_params:,} trainable "

@@ -67,7 +67,7 @@ def swap_positions(num_double: int, num_single: int, n: int) -> list[int]:
 
 
 def _is_trainable_name(name: str) -> bool:
-    return any(part.startswith("lora_") for part in name.split("."))
+    return any(part.startswith(("lora_", "lokr_", "hada_")) for part in name.split("."))  # LoRA/DoRA, LoKr, LoHa
 
 
 @dataclass

@@ -14,9 +14,11 @@ import torch
 from .. import families
 from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES, convert
+from ..lora.dora import is_peft_dora
 from ..lora.flux2 import kohya_fields
 from ..lora.formats import save_lora
 from ..lora.ops import lora_from_peft_model
+from ..lora.peft_adapters import rebased
 from ..outputs import clean_stale_temps, save_safetensors, temp_path, write_error_message, write_errors
 from .fsdp import gather_state
 from .state import latest_state
@@ -35,12 +37,18 @@ def save_lora_files(model, out: Path, name: str, layouts: Sequence[str], metadat
     model's in FLUX.2's layouts of the same names (``lora.flux2``: musubi ``lora_unet_*``, the BFL-key layout
     ComfyUI reads, diffusers/PEFT) and with musubi's FLUX.2 ``ss_*`` / modelspec fields."""
     lw = lora_from_peft_model(model, adapter_name)  # .family: the model's
+    inner = getattr(model, "module", model)
     if lw.family == "flux2":
         fam = families.get("flux2")
-        inner = getattr(model, "module", model)
-        metadata = {**metadata, **kohya_fields(fam.spec_from_config(dict(inner.config)))}
+        fields = kohya_fields(fam.spec_from_config(dict(inner.config)))
+        if getattr(lw, "adapter", "lora") != "lora":  # LyCORIS's network module names the adapter type
+            fields.pop("ss_network_module")
+        metadata = {**metadata, **fields}
+    # peft's DoRA goes into the ComfyUI layouts converted on the training base's own weights (lora.dora)
+    comfy = rebased(lw, inner) if is_peft_dora(lw) and set(layouts) - {"diffusers"} else lw
     paths = lora_paths(out, name, layouts, suffix)
-    return [save_lora(lw, path, layout, metadata, overwrite=True) for layout, path in zip(layouts, paths)]
+    return [save_lora(lw if layout == "diffusers" else comfy, path, layout, metadata, overwrite=True)
+            for layout, path in zip(layouts, paths)]
 
 
 def export_adapter(model, ema, out: Path, name: str, metadata: dict) -> list[Path]:

@@ -77,6 +77,7 @@ class Events:
     save_last: bool = False
     sample: Callable[[int], object] | None = None
     sample_every: int = 0
+    validate: Callable[[int], object] | None = None  # after every step; it decides itself when it is due
     interrupted: Callable[[int], None] = lambda done: None  # Ctrl-C: save a resumable state and say how to resume
     any_rank: Callable[[bool], bool] = lambda flag: flag  # a Ctrl-C seen by any process stops them all
 
@@ -146,6 +147,8 @@ def run_steps(start: int, steps: int, compute: Callable[[], tuple[float, dict]],
             result.losses.append(total)
             history.append(total)
             bar.update(done, total, opt.scheduler.get_last_lr()[0], logged)
+            if events.validate:
+                events.validate(done)
             if events.save and events.save_every and (done % events.save_every == 0 and not last or
                                                       last and events.save_last):
                 events.save(done)

@@ -16,6 +16,7 @@ from ..flux import keys as keymod
 from ..flux.checkpoint import load_transformer, open_checkpoint
 from ..flux.fp8 import Fp8Policy, enable_fp8_storage
 from ..flux.spec import build_transformer, spec_from_diffusers_config
+from ..lora.peft_adapters import check_storage, is_adapter_param, peft_config
 from . import fsdp as fsdpmod
 from .blockswap import BlockSwap, swap_positions
 from .cuda import avoid_cudnn_attention
@@ -75,16 +76,19 @@ def place_base(model, device, *, blocks_to_swap: int = 0, gradient_checkpointing
 
 
 def add_lora(transformer, target_names: list[str], rank: int, alpha: float, dropout: float = 0.0,
-             adapter_name: str = "default") -> list[torch.nn.Parameter]:
-    """Inject a peft LoRA (after fp8 storage is in place, as peft needs); only its weights train, in fp32.
+             adapter_name: str = "default", kind: str = "lora", lokr_factor: int = -1,
+             lokr_decompose_both: bool = False) -> list[torch.nn.Parameter]:
+    """Inject a peft adapter of ``kind`` (lora, dora, lokr, loha; ``lora.peft_adapters``) after fp8 storage is in
+    place, as peft needs; only its weights train, in fp32.
 
     Every other parameter is frozen, a training adapter's LoRA included. Returns the trainable parameters.
     """
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_names,
-                                       init_lora_weights=True), adapter_name=adapter_name)
+    check_storage(transformer, kind)
+    transformer.add_adapter(peft_config(kind, rank, alpha, dropout, target_names, lokr_factor, lokr_decompose_both),
+                            adapter_name=adapter_name)
     params = []
     for n, p in transformer.named_parameters():
-        if "lora_" in n and f".{adapter_name}." in n:
+        if is_adapter_param(n, adapter_name):
             p.data = p.data.float()
             p.requires_grad_(True)
             params.append(p)

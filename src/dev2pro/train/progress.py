@@ -1,6 +1,7 @@
-"""What a user watches during training: a progress bar (smoothed loss, lr, it/s, ETA, peak memory) and
-TensorBoard scalars/images. Both are optional and cheap: nothing here synchronises the GPU except the loss value
-the loop already fetched."""
+"""What a user watches during training: a progress bar (smoothed loss, lr, it/s, ETA, peak memory, the last
+validation loss) and TensorBoard scalars/images, plus optional extra sinks (W&B, ``train.wandb_log``) that get
+the same values. All optional and cheap: nothing here synchronises the GPU except the loss value the loop already
+fetched."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class Progress:
     """
 
     def __init__(self, total: int, start: int, desc: str, log_dir: Path | None, enabled: bool = True,
-                 smoothing: float = 0.9, smoothed: float | None = None, log_every: int = 10, lines: bool = False):
+                 smoothing: float = 0.9, smoothed: float | None = None, log_every: int = 10, lines: bool = False,
+                 sinks: list | None = None):
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
                         unit="step")
         self.total, self.desc, self.enabled, self.lines = total, desc, enabled, lines and not enabled
@@ -43,7 +45,7 @@ class Progress:
         self.smoothed = smoothed
         self.mem = 0.0
         self.t0, self.first = time.perf_counter(), start
-        self.writer = None
+        self.writer, self.sinks, self.val = None, list(sinks or []), None  # val: the last validation loss
         if log_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # lazy: a broken tensorboard must not stop training
@@ -59,21 +61,43 @@ class Progress:
         if periodic or step == self.first + 1:
             self.mem = peak_memory_gb()
         avg = f"{self.smoothed:.4f}" if self.smoothed is not None else "-"
+        val = {} if self.val is None else {"val": f"{self.val:.4f}"}
         if self.enabled:  # cheap (no refresh): tqdm redraws at its own pace
-            self.bar.set_postfix({"loss": f"{loss:.4f}", "avg": avg, "lr": f"{lr:.2e}", "mem": f"{self.mem:.1f}G"},
-                                 refresh=False)
+            self.bar.set_postfix({"loss": f"{loss:.4f}", "avg": avg, **val, "lr": f"{lr:.2e}",
+                                  "mem": f"{self.mem:.1f}G"}, refresh=False)
         self.bar.update(1)
         if self.lines and periodic:
             rate = (step - self.first) / max(time.perf_counter() - self.t0, 1e-9)
             eta = (self.total - step) / rate if rate > 0 else 0.0
             print(f"{self.desc} step {step}/{self.total} ({100 * step // self.total}%)  loss {loss:.4f}  avg {avg}"
-                  f"  lr {lr:.2e}  {rate:.2f} step/s  ETA {_hms(eta)}  mem {self.mem:.1f}G", flush=True)
+                  + (f"  val {self.val:.4f}" if self.val is not None else "")
+                  + f"  lr {lr:.2e}  {rate:.2f} step/s  ETA {_hms(eta)}  mem {self.mem:.1f}G", flush=True)
         if self.writer and step % self.log_every == 0:
             self.writer.add_scalar("loss/step", loss, step)
             self.writer.add_scalar("loss/smoothed", self.smoothed, step)
             self.writer.add_scalar("lr", lr, step)
             for k, v in (extra or {}).items():
                 self.writer.add_scalar(k, v, step)
+        if self.sinks and step % self.log_every == 0:
+            values = {"loss/step": loss, "lr": lr, **(extra or {})}
+            if self.smoothed is not None:
+                values["loss/smoothed"] = self.smoothed
+            for sink in self.sinks:
+                sink.log(values, step)
+
+    def validation(self, step: int, result: dict, line: str | None = None):
+        """A validation result (``train.validation``): ``val/loss`` and ``val/sigma_<s>`` scalars, the bar's
+        ``val``, and ``line`` on the console (when anything is shown there)."""
+        self.val = result["overall"]
+        values = {"val/loss": result["overall"], **{f"val/sigma_{k}": v for k, v in result["per_sigma"].items()}}
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()  # a validation point is rare and worth showing on the Monitor page at once
+        for sink in self.sinks:
+            sink.log(values, step)
+        if line and (self.enabled or self.lines):
+            self.write(line)
 
     def start_clock(self):
         """Rates and ETAs count from here (not from set-up work such as a step-0 sample grid)."""
@@ -89,6 +113,8 @@ class Progress:
     def image(self, tag: str, image, step: int):
         if self.writer:
             self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        for sink in self.sinks:
+            sink.image(tag, image, step)
 
     def write(self, message: str):
         """A console line that does not break the bar (stdout)."""
@@ -99,6 +125,9 @@ class Progress:
         self.bar.close()
         if self.writer:
             self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def _hms(seconds: float) -> str:

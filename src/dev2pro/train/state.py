@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -239,10 +239,11 @@ def _noop() -> None:
 
 def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler, gen: torch.Generator, sampler, *,
                         smoothed: float | None, grad_accum: int, keep_last: int, losses: list | None = None, ema=None,
-                        rank: int = 0, world: int = 1, barrier: Callable[[], None] = _noop,
-                        full: bool = False) -> Path:
+                        validation: dict | None = None, rank: int = 0, world: int = 1,
+                        barrier: Callable[[], None] = _noop, full: bool = False) -> Path:
     """The resumable state after ``step`` (every rank calls this): the trainable weights, the optimizer's per-weight
-    tensors and the EMA as pieces, the rest common; ``losses`` (steps 1..step, None = skipped) feeds ``loss.png``."""
+    tensors and the EMA as pieces, the rest common; ``losses`` (steps 1..step, None = skipped) feeds ``loss.png``;
+    ``validation``: the validation history (step -> numbers) a resumed run keeps reporting."""
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {p: n for n, p in trained.items()}
     tensors = {f"model/{n}": p for n, p in trained.items()}
@@ -264,7 +265,7 @@ def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler,
               "ema": {"decay": ema.decay, "updates": ema.updates} if ema is not None else {},
               "progress": {"step": step, "smoothed": smoothed,
                            "sampler": sampler.state_dict(batches_done=step * grad_accum),
-                           "losses": list(losses or [])}}
+                           "losses": list(losses or []), "validation": dict(validation or {})}}
     return save_sharded_state(state_dir, step, tensors, common, rank, world, barrier, keep_last, full)
 
 
@@ -274,6 +275,7 @@ class Resumed:
     smoothed: float | None
     folder: Path
     losses: list  # per step 1..step (None = skipped or not recorded)
+    validation: dict = field(default_factory=dict)  # step -> validation numbers (train.validation)
 
 
 def state_folder(resume: str, state_dir: Path) -> Path:
@@ -315,4 +317,5 @@ def restore_training_state(resume: str, state_dir: Path, model, optimizer, sched
     set_rng_state(common["rng"], {"train": gen})
     step = int(common["progress"]["step"])
     losses = list(common["progress"].get("losses", []))[:step]
-    return Resumed(step, common["progress"].get("smoothed"), folder, [None] * (step - len(losses)) + losses)
+    return Resumed(step, common["progress"].get("smoothed"), folder, [None] * (step - len(losses)) + losses,
+                   common["progress"].get("validation") or {})

@@ -28,17 +28,17 @@ from ..errors import ConfigError
 
 
 def _unwrap(tp) -> tuple[Any, bool]:
-    """(type without None, whether None is allowed)."""
+    """(type without None, whether None is allowed); ``int | list[int]`` stays a union (kind ``int_or_list``)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
+        return (args[0] if len(args) == 1 else tp), type(None) in typing.get_args(tp)
     return tp, False
 
 
 def field_specs(schema: type, prefix: str = "") -> list[dict]:
     """One dict per leaf field, in schema order: key (dotted), kind, default, help, choices, optional.
 
-    kind is bool | int | float | str | choice | list | tables; ``tables`` (a list of sub-tables such as
+    kind is bool | int | float | str | choice | list | int_or_list | tables; ``tables`` (a list of sub-tables such as
     ``[[data.folders]]``) carries ``fields``, the specs of one item with keys relative to the item.
     """
     hints = typing.get_type_hints(schema)
@@ -59,6 +59,8 @@ def field_specs(schema: type, prefix: str = "") -> list[dict]:
             spec.update(kind="tables", fields=field_specs(item), default=[dataclasses.asdict(v) for v in value])
         elif spec["choices"]:
             spec.update(kind="choice", default=value)
+        elif typing.get_origin(tp) in (typing.Union, types.UnionType):  # int | list[int]: "512" or "512, 768"
+            spec.update(kind="int_or_list", default=value)
         elif tp in (bool, int, float, str):
             spec.update(kind=tp.__name__, default=value)
         elif tp is list or typing.get_origin(tp) is list:
@@ -88,7 +90,9 @@ def _value(spec: dict, raw):
         lines = raw if isinstance(raw, list) else str(raw).splitlines()
         return [_parse_item(s.strip(), spec.get("item")) if isinstance(s, str) else s
                 for s in lines if str(s).strip()]
-    if isinstance(raw, str) and kind in ("int", "float", "choice"):
+    if isinstance(raw, str) and kind == "int_or_list" and "," in raw and "[" not in raw:
+        raw = f"[{raw}]"  # "512, 768" as typed into the text box
+    if isinstance(raw, str) and kind in ("int", "float", "choice", "int_or_list"):
         text = raw.strip()
         if spec["optional"] and text == "":
             return None

@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SCALARS = {"loss": "loss/step", "smoothed": "loss/smoothed", "lr": "lr"}
+SCALARS = {"loss": "loss/step", "smoothed": "loss/smoothed", "lr": "lr", "val": "val/loss"}  # val: held-out loss
 _MEM = re.compile(r"mem=([0-9.]+)G")
 
 
@@ -42,7 +42,7 @@ def find_runs(root: Path, limit: int = 200, depth: int = 6, max_folders: int = 2
             f = RunFolder(d)
             if f.logs.is_dir() or f.state.is_dir() or f.summary.exists():
                 runs.append(f.root)
-                dirs[:] = [x for x in dirs if x not in (f.state.name, f.logs.name, f.samples.name, "cache")]
+                dirs[:] = [x for x in dirs if x not in (f.state.name, f.logs.name, f.samples.name, "cache", "wandb")]
     return sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)[:limit]
 
 
@@ -131,6 +131,7 @@ def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -
         "latest_samples": [{"label": label, "file": rel(p)} for label, p in latest_grids(samples)],
         "loras": [rel(p) for p in sorted(run.glob("*.safetensors"))[:1000] if ok(p)] if run.is_dir() else [],
         "states": sorted(p.name for p in f.state.iterdir()) if f.state.is_dir() else [],
-        "summary": {k: v for k, v in summary.items() if k != "losses"} if summary else None,
+        # per-step numbers stay out (the curves come from the event files); validation_best is kept
+        "summary": {k: v for k, v in summary.items() if k not in ("losses", "validation")} if summary else None,
         "finished": summary is not None,
     }

@@ -159,7 +159,7 @@ def bench_speed(cfg, spec) -> dict | None:
     """The H200 bench's s/step for full-size FLUX.1 with the same preset at 512 or 1024 (batch 1)."""
     full_flux1 = (spec.hidden, spec.num_double, spec.num_single) == (3072, 19, 38)
     row = BENCH_H200.get(cfg.model.vram, {})
-    if full_flux1 and cfg.data.batch_size == 1 and cfg.data.resolution in row:
+    if full_flux1 and cfg.data.batch_size == 1 and isinstance(cfg.data.resolution, int) and cfg.data.resolution in row:
         return {"s_per_step": row[cfg.data.resolution], "source": f"the --vram {cfg.model.vram} preset at "
                                                                   f"{cfg.data.resolution}px on {BENCH_SOURCE}"}
     return None

@@ -31,7 +31,9 @@ LABELS = {
     "data.caption_dropout": "Caption dropout", "data.resolution": "Training resolution",
     "data.bucket_step": "Bucket step", "data.min_size": "Skip images smaller than",
     "data.strict": "Stop on unreadable images", "data.cache_dir": "Cache folder",
-    "data.batch_size": "Images per step (batch size)",
+    "data.batch_size": "Images per step (batch size)", "data.reg_weight": "Loss weight of reg images",
+    "data.folders.masks": "Loss masks folder", "data.folders.role": "Role (train / reg images)",
+    "data.folders.resolution": "Resolution(s) (0: the dataset's)",
     "lora.rank": "LoRA rank", "lora.alpha": "LoRA alpha", "lora.dropout": "LoRA dropout",
     "lora.targets": "Layers trained", "lora.extra_targets": "Extra layers trained",
     "lora.double_blocks": "Only these double blocks", "lora.single_blocks": "Only these single blocks",
@@ -52,12 +54,17 @@ LABELS = {
     "save.output_dir": "Output name", "save.name": "LoRA file name", "save.every": "Save every N steps",
     "save.keep_last": "Training states kept", "save.formats": "LoRA file layouts",
     "save.overwrite": "Overwrite an existing run", "log_every": "Log every N steps",
+    "train.ema_decay": "Average the weights (EMA decay, 0 = off)",
+    "validation.folder": "Held-out images (validation folder)", "validation.fraction": "Hold out a fraction of "
+    "the images", "validation.every": "Validation every N steps", "validation.sigmas": "Noise levels measured",
+    "validation.seeds": "Noise seeds", "logging.wandb": "Also log to Weights & Biases",
+    "logging.project": "W&B project", "logging.mode": "W&B mode",
 }
 
 # Advanced groups: (section prefix, title); keys with no section go to the last group
 GROUPS = (("model.", "Model and memory"), ("data.", "Dataset"), ("lora.", "LoRA shape"),
           ("train.", "Optimisation"), ("sample.", "Samples during training"), ("save.", "Saving"),
-          ("", "Logging"))
+          ("validation.", "Validation loss"), ("logging.", "Logging"), ("", "Logging"))
 
 
 def label(key: str) -> str:

@@ -200,6 +200,11 @@ async function pollRun() {
     (r.states.length ? ` · saved states: ${r.states.join(", ")}` : "");
   $("run-status").dataset.status = st; $("run-status").dataset.step = r.step;
   plot($("loss-plot"), [r.scalars.loss, r.scalars.smoothed], ["raw", "smooth"]);
+  const val = r.scalars.val || [], best = r.summary && r.summary.validation_best;
+  plot($("val-plot"), [val], ["val"]);
+  if (!val.length) $("val-plot").innerHTML = `<text x="20" y="90">no validation: set [validation] folder or fraction</text>`;
+  $("val-caption").textContent = "validation loss (held-out)" +
+    (best ? ` · best ${Number(best.overall).toFixed(4)} at step ${best.step}` : "");
   plot($("lr-plot"), [r.scalars.lr], ["lr"]);
   const grid = $("sample-grid");
   if (r.samples.length) {
