@@ -247,7 +247,7 @@ def add_sample(sub):
 
 def add_plan(sub):
     p = sub.add_parser("plan", help="estimate GPU memory and host RAM of a `dev2pro train` config before running it")
-    p.add_argument("config", help="a train config TOML")
+    p.add_argument("config", help="a train config TOML, or a dedistill config with train.adapter_rank")
     p.add_argument("--vram", type=finite_float(0, above=True), metavar="GB",
                    help="check against a card of this size (default: the GPU seen)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")

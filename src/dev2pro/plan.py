@@ -39,10 +39,12 @@ from .errors import ConfigError
 from .flux.checkpoint import tensor_group
 from .flux.fp8 import Fp8Policy
 from .families import build_transformer, of_spec
+from .host_memory import host_parts
 from .train.blockswap import swap_positions
 
 GB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+TEXT_DTYPE_BYTES = {**DTYPE_BYTES, "fp8": 1}  # FLUX.2's text encoder may be stored in fp8 (its embedding stays bf16)
 DOUBLE_UNITS, SINGLE_UNITS, BACKWARD_UNITS = 27, 23, 6
 CUDA_OVERHEAD = int(0.8 * GB)  # CUDA context, cuBLAS workspaces and allocator slack beyond allocated bytes
 VAE_DECODE_BYTES_PER_PIXEL = 2560  # ~10 live 128-channel bf16 maps at full resolution in the VAE decoder
@@ -80,6 +82,8 @@ class PlanInputs:
     vae_tiling: bool = False
     text_encoder: str = "gpu"  # gpu | cpu: where T5/CLIP run while caching
     text_encoder_dtype: str = "fp32"
+    sample_prompts: int = 0  # prompts whose embeddings stay in host RAM for samples
+    ema: bool = False  # de-distillation keeps an fp32 EMA copy of the trained weights (on the GPU)
     t5_params: int = T5_XXL_PARAMS
     clip_params: int = CLIP_L_PARAMS
     vae_params: int = VAE_PARAMS
@@ -101,12 +105,15 @@ class Plan:
     sampling_extra: int = 0
     caching_peak: int = 0
     host_ram: int = 0
+    host_parts: dict = field(default_factory=dict)  # phase -> host bytes (loading, text encoding, training)
+
+    ema_bytes: int = 0
 
     @property
     def static_bytes(self) -> int:
-        """Weights on the GPU + LoRA + grads + optimizer state (what stays between steps)."""
+        """Weights on the GPU + LoRA + grads + optimizer state (+ EMA) (what stays between steps)."""
         return self.base_bytes - self.swapped_bytes + self.swap_window_bytes + self.lora_bytes + self.grad_bytes \
-            + self.optimizer_bytes + self.adapter_bytes
+            + self.optimizer_bytes + self.adapter_bytes + self.ema_bytes
 
     def train_peak(self, image_tokens: int | None = None) -> int:
         """Estimated peak allocated bytes of a training step (the largest bucket by default)."""
@@ -131,7 +138,8 @@ class Plan:
                 "activations_gb": {str(k): v / GB for k, v in self.activations.items()},
                 "train_peak_gb": {str(k): self.train_peak(k) / GB for k in self.activations},
                 "sampling_peak_gb": self.sampling_peak / GB, "caching_peak_gb": self.caching_peak / GB,
-                "host_ram_gb": self.host_ram / GB, "peak_gb": self.peak / GB}
+                "host_ram_gb": self.host_ram / GB, "host_parts_gb": {k: v / GB for k, v in self.host_parts.items()},
+                "ema_gb": self.ema_bytes / GB, "peak_gb": self.peak / GB}
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -170,8 +178,12 @@ def base_weights(model, inp: PlanInputs) -> tuple[dict, dict]:
 
 
 def lora_layers(model, inp: PlanInputs) -> list[tuple[str, int, int]]:
-    """(name, in_features, out_features) of every Linear the LoRA wraps."""
+    """(name, in_features, out_features) of every Linear the LoRA wraps (``every_linear``: all of them, as adapter
+    de-distillation's LoRA)."""
     s = inp.spec
+    if inp.targets == "every_linear":
+        return [(n, m.in_features, m.out_features) for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)]
     names = of_spec(s).lora_targets(inp.targets, s.num_double, s.num_single, inp.extra_targets,
                                     guidance=s.guidance_embeds)
     return [(n, m.in_features, m.out_features) for n in names for m in [model.get_submodule(n)]]
@@ -293,6 +305,7 @@ def estimate(inp: PlanInputs) -> Plan:
     shapes = [s for _, fin, fout in layers for s in ((inp.rank, fin), (fout, inp.rank))]
     plan.optimizer_bytes = optimizer_state_bytes(inp.optimizer, shapes)
     plan.adapter_bytes = inp.adapter_params * (4 if inp.dtype == "fp32" else 2)  # lora/adapter.py's dtype rule
+    plan.ema_bytes = plan.lora_bytes if inp.ema else 0
     plan.activations = {img: activation_bytes(inp, layers, per_block, img) for img in sorted(set(inp.image_tokens))}
     b, s = DTYPE_BYTES[inp.dtype], inp.spec
     if inp.sample_pixels:
@@ -300,14 +313,13 @@ def estimate(inp: PlanInputs) -> Plan:
         pixels = min(inp.sample_pixels, VAE_TILE_PIXELS) if inp.vae_tiling else inp.sample_pixels
         plan.sampling_extra = (plan.base_bytes - plan.swapped_bytes if inp.inference_base else 0) \
             + 12 * tokens * s.hidden * b + inp.vae_params * 4 + pixels * VAE_DECODE_BYTES_PER_PIXEL * 2
-    # caching: the VAE (fp32) encodes on the GPU; CLIP + T5 in their dtype on the GPU or the CPU
-    enc_bytes = DTYPE_BYTES[inp.text_encoder_dtype]
-    text = (inp.t5_params + inp.clip_params) * enc_bytes
+    # caching, its own phase (the encoders are freed before the transformer loads): the VAE (fp32) encodes on the
+    # GPU; the text encoder(s) in their dtype on the GPU or the CPU
+    text = (inp.t5_params + inp.clip_params) * TEXT_DTYPE_BYTES[inp.text_encoder_dtype]
     vae = inp.vae_params * 4 + max(inp.image_tokens) * 256 * VAE_DECODE_BYTES_PER_PIXEL * 2
     plan.caching_peak = vae + (0 if inp.text_encoder == "cpu" else text)
-    on_host = plan.base_bytes + (plan.base_bytes if inp.inference_base else 0) \
-        + plan.adapter_bytes  # loaded on the CPU first
-    plan.host_ram = max(on_host, text if inp.text_encoder == "cpu" else 0)
+    plan.host_parts = host_parts(inp, plan, text)
+    plan.host_ram = max(plan.host_parts.values())
     return plan
 
 
@@ -349,8 +361,12 @@ def render(plan: Plan) -> str:
         lines.append(f"  sampling: +{fmt_gb(plan.sampling_extra)} (inference base "
                      f"{'on GPU' if i.inference_base else 'is the training base'}, VAE decode"
                      f"{' tiled' if i.vae_tiling else ''}) -> {fmt_gb(plan.sampling_peak)}")
-    lines.append(f"  caching: {fmt_gb(plan.caching_peak)} (text encoders {i.text_encoder}, {i.text_encoder_dtype}); "
-                 f"host RAM peak ~{fmt_gb(plan.host_ram)}")
+    if plan.ema_bytes:
+        lines.append(f"  EMA of the trained weights (fp32): {fmt_gb(plan.ema_bytes)}")
+    lines.append(f"  caching: {fmt_gb(plan.caching_peak)} (text encoders {i.text_encoder}, {i.text_encoder_dtype}; "
+                 "its own phase, freed before the transformer loads)")
+    lines.append(f"  host RAM peak ~{fmt_gb(plan.host_ram)}: " + ", ".join(
+        f"{k} {fmt_gb(v)}" for k, v in plan.host_parts.items() if v))
     lines.append(f"  peak GPU: {fmt_gb(plan.peak)} (+{fmt_gb(CUDA_OVERHEAD)} context)")
     return "\n".join(lines)
 

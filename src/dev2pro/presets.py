@@ -18,10 +18,14 @@ _CONFIG_KEYS = {"gradient_checkpointing": "model.gradient_checkpointing", "fp8_s
                 "vae_tiling": "model.vae_tiling", "optimizer": "train.optimizer"}
 
 
+# the text encoder while caching, when it does not fit: bf16, then fp8 (FLUX.2: Mistral 24B in ~23 GB), then the CPU
+_TEXT_REMEDIES = (dict(text_encoder_dtype="bf16"), dict(text_encoder_dtype="fp8"), dict(text_encoder="cpu"))
+
+
 def fitted_preset(inp: PlanInputs, gb: int, fixed: set[str] = frozenset()) -> dict[str, object]:
     """The ``--vram gb`` preset computed for this model from the plan (FLUX.2's sizes are not FLUX.1's table):
     start from the roomiest settings (the 48 GB preset's) and apply the remedies in order -- the cheapest change in
-    speed first; the text encoder to bf16, then the CPU, when caching does not fit; VAE tiling last -- until the
+    speed first; the text encoder to bf16, fp8, then the CPU, when caching does not fit; VAE tiling last -- until the
     peak fits ``gb`` GB. ``fixed``: config keys the user wrote (never changed). Returns "section.key" -> value."""
     roomy = {**VRAM_PRESETS[48]["model"], **VRAM_PRESETS[48]["train"]}
     field_of = {v: k for k, v in _CONFIG_KEYS.items()}
@@ -34,7 +38,7 @@ def fitted_preset(inp: PlanInputs, gb: int, fixed: set[str] = frozenset()) -> di
         if change.get("optimizer") == "adamw8bit" and not has_bitsandbytes():
             continue  # 8-bit states need bitsandbytes (CUDA)
         s = replace(s, **change)
-        for te in (dict(text_encoder_dtype="bf16"), dict(text_encoder="cpu")):
+        for te in _TEXT_REMEDIES:
             if estimate(s).caching_peak + CUDA_OVERHEAD > budget and not set(te) & frozen:
                 s = replace(s, **te)
         if estimate(s).peak + CUDA_OVERHEAD <= budget:

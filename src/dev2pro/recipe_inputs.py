@@ -31,20 +31,37 @@ def check_rank_fits(cfg: "TrainConfig") -> None:
     check_rank(inputs)
 
 
+def apply_sample_guidance_default(cfg: "TrainConfig") -> None:
+    """``sample.guidance`` left unset: the embedded guidance the training base's own pipeline samples at -- 4.0 for
+    FLUX.2 dev (``Flux2Pipeline``), FLUX.1 dev's 3.5 (the schema default) otherwise. Only the header is read; an
+    unreadable model keeps the default (it is reported where it is loaded)."""
+    m = cfg.model
+    src = m.transformer or m.path
+    if not src or not Path(src).exists() or Path(src).suffix.lower() in PICKLE_SUFFIXES:
+        return
+    from .flux.checkpoint import open_checkpoint  # torch: only when a recipe runs (the CLI imports us)
+
+    try:
+        sampling = getattr(open_checkpoint(src, family=m.family).spec(), "sampling", None)
+    except (UserError, OSError, ValueError):
+        return
+    if sampling is not None and sampling.guidance == "embedded":
+        cfg.sample.guidance = float(sampling.scale)
+
+
 def apply_vram_preset(cfg: "TrainConfig", explicit: set[str]) -> dict[str, object]:
     """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose."""
     gb = cfg.model.vram
     if not gb:
         return {}
     from .families import of_spec  # torch: only when a recipe runs (the CLI imports us)
-    from .plan import VRAM_PRESETS
     from .presets import clamp_blocks_to_swap, fitted_preset, vram_preset  # torch: when a recipe runs
 
     try:
         inputs = plan_inputs(cfg)
     except (UserError, OSError, ValueError):
         inputs = None  # an unreadable model is reported where it is loaded; FLUX.1's table needs no header
-    if inputs is not None and of_spec(inputs.spec).name != "flux1" and gb in VRAM_PRESETS:
+    if inputs is not None and of_spec(inputs.spec).name != "flux1":
         # computed from the plan for this model: the table below was measured for FLUX.1's 12B
         every = fitted_preset(inputs, gb, fixed=explicit)
         chosen = {k: v for k, v in every.items() if k not in explicit}
@@ -89,6 +106,7 @@ def plan_inputs(cfg):
                      optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
                      image_tokens=((res // 16) ** 2,), text_tokens=m.t5_max_length, sample_pixels=sample,
                      inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,
+                     sample_prompts=len(cfg.sample.prompts),
                      adapter_params=adapter_params_in_file(getattr(m, "adapter", "")),
                      text_encoder=m.text_encoder, text_encoder_dtype=m.text_encoder_dtype,
                      **{f"{k}_params": v for k, v in encoder_params(m.path, spec).items()},
@@ -108,6 +126,31 @@ def gradient_checkpointing(cfg) -> bool:
         return plan_inputs(cfg).gradient_checkpointing
     except Exception:  # noqa: BLE001
         return True
+
+
+def dedistill_plan_inputs(cfg):
+    """PlanInputs for an adapter de-distillation config (``train.adapter_rank`` > 0): the frozen base (fp8, swap) with
+    a LoRA on every Linear, AdamW, an EMA copy; ``cfg_teacher`` runs the student on caption + empty prompt in one
+    batch (2x), the teacher is the same weights with the LoRA off (no second base)."""
+    from .flux.checkpoint import open_checkpoint  # torch: only when a recipe runs (the CLI imports us)
+    from .plan import PlanInputs, encoder_params
+
+    m, tc = cfg.model, cfg.train
+    if not tc.adapter_rank:
+        raise UserError("dev2pro plan covers adapter de-distillation (train.adapter_rank > 0); a full fine-tune's "
+                        "state (~20 bytes per parameter, sharded by FSDP) is in the README's cost table")
+    spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family).spec()
+    res, sc = cfg.data.resolution, cfg.sample
+    res = max(res) if isinstance(res, list) else res  # the largest is what the memory peak sees
+    return PlanInputs(spec, "fp32" if tc.mixed_precision == "no" else tc.mixed_precision, fp8_storage=m.fp8_storage,
+                      gradient_checkpointing=m.gradient_checkpointing is not False, blocks_to_swap=m.blocks_to_swap,
+                      rank=tc.adapter_rank, targets="every_linear", optimizer="adamw",
+                      batch_size=cfg.data.batch_size * (2 if cfg.objective == "cfg_teacher" else 1),
+                      image_tokens=((res // 16) ** 2,), text_tokens=m.t5_max_length,
+                      sample_pixels=sc.width * sc.height if sc.every and sc.prompts else 0,
+                      sample_prompts=len(sc.prompts) if sc.every else 0, ema=tc.ema_decay > 0,
+                      text_encoder=m.text_encoder, text_encoder_dtype=m.text_encoder_dtype,
+                      **{f"{k}_params": v for k, v in encoder_params(m.path, spec).items()})
 
 
 def data_source(data: "DataSection", out: Path) -> dict:

@@ -23,6 +23,7 @@ from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, parse_
                      resolve_size, section)
 from .errors import ConfigError, UserError
 from .recipe_inputs import apply_vram_preset, check_rank_fits, data_source, plan_inputs  # noqa: F401 (API)
+from .recipe_inputs import apply_sample_guidance_default
 from .schemas_eval import LoggingSection, ValidationSection
 
 COMPILE_CHOICES = ("off", "blocks", False, True)  # true/false: the older boolean spelling
@@ -74,21 +75,23 @@ class ModelSection(ModelBase):
                          "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
     blocks_to_swap: int = opt(0, "blocks (of FLUX.1's 57, double blocks first) whose frozen weights stay in pinned "
                                  "host RAM and are copied to the GPU just before use; needs gradient_checkpointing")
-    vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48): picks fp8 storage, checkpointing, blocks_to_swap, "
-                       "optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no preset")
+    vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48; FLUX.2 also 32|80): picks fp8 storage, checkpointing, "
+                       "blocks_to_swap, optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no "
+                       "preset")
     text_encoder: str = opt("gpu", "where CLIP + T5 run while caching captions", ("gpu", "cpu"))
-    text_encoder_dtype: str = opt("fp32", "CLIP + T5 dtype while caching (bf16 halves T5-XXL's 19 GB)",
-                                  ("fp32", "bf16"))
+    text_encoder_dtype: str = opt("fp32", "CLIP + T5 dtype while caching (bf16 halves T5-XXL's 19 GB; fp8: FLUX.2's "
+                                          "text encoder only, Mistral 24B in ~25 GB)", ("fp32", "bf16", "fp8"))
     vae_tiling: bool = opt(False, "decode samples in tiles (less memory for large samples)")
 
     def validate(self):
         super().validate()
         require(self.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
-        require(self.vram in (0, 8, 12, 16, 24, 48), f"vram = {self.vram}: choose 8, 12, 16, 24 or 48 (GB), or 0")
+        require(self.vram in (0, 8, 12, 16, 24, 32, 48, 80),
+                f"vram = {self.vram}: choose 8, 12, 16, 24, 32, 48 or 80 (GB; 32 and 80: FLUX.2), or 0")
 
 
-@ordered("path", "transformer", "family", "teacher", "gradient_checkpointing", "fp8_storage", "t5_max_length",
-         "allow_pickle")
+@ordered("path", "transformer", "family", "teacher", "gradient_checkpointing", "fp8_storage", "blocks_to_swap",
+         "text_encoder", "text_encoder_dtype", "t5_max_length", "allow_pickle")
 @dataclass
 class DedistillModel(ModelBase):
     transformer: str = opt("", "start weights (any layout); empty = the folder's transformer", path=True)
@@ -96,6 +99,11 @@ class DedistillModel(ModelBase):
                            "guidance_distill: the CFG teacher (required)", path=True)
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (needed at full size)")
     fp8_storage: bool = opt(False, "with train.adapter_rank: keep the frozen base in fp8 (bf16 compute)")
+    blocks_to_swap: int = opt(0, "with train.adapter_rank: blocks whose frozen weights stay in host RAM (as in "
+                                 "train; FLUX.2 dev on a 24-48 GB card)")
+    text_encoder: str = opt("gpu", "where the text encoder(s) run while caching captions", ("gpu", "cpu"))
+    text_encoder_dtype: str = opt("fp32", "text encoder dtype while caching (fp8: FLUX.2 only)",
+                                  ("fp32", "bf16", "fp8"))
     t5_max_length: int = opt(512, "T5 tokens (512 for dev)")
 
 
@@ -424,6 +432,9 @@ class DedistillConfig:
                 "objective: adapter de-distillation (train.adapter_rank > 0) supports flow and cfg_teacher")
         require(not (self.model.fp8_storage and not self.train.adapter_rank),
                 "fp8_storage: only a frozen base can be stored in fp8; set train.adapter_rank > 0")
+        require(not (self.model.blocks_to_swap and not self.train.adapter_rank),
+                "blocks_to_swap: only a frozen base can be swapped to host RAM; set train.adapter_rank > 0")
+        require(self.model.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------------ loaders
@@ -433,6 +444,8 @@ def load_train_config(path, overrides: list[str] | None = None, data: dict | Non
     cfg = load_config(TrainConfig, path, overrides, data)
     if cfg.model.vram:
         apply_vram_preset(cfg, explicit_keys(path, overrides, data))
+    if "sample.guidance" not in explicit_keys(path, overrides, data):
+        apply_sample_guidance_default(cfg)
     check_rank_fits(cfg)
     return cfg
 

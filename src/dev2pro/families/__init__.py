@@ -53,6 +53,7 @@ class Family:
     text_settings: Callable[..., dict] = None  # (pipe, max_length) -> what besides the files keys the text cache
     embeds_of: Callable[[Mapping], tuple] = None  # one cached record -> (prompt_embeds (1, L, D), pooled or None)
     check_text: Callable[[object, object], None] = lambda pipe, spec: None  # UserError: text stack != transformer
+    check_folder: Callable[[object, object], None] = lambda folder, spec: None  # UserError: no text stack for spec
     load_vae: Callable[..., object] = None  # (model_dir, device, dtype) -> VAE
     encode_images: Callable[..., object] = None  # (vae, pixels in [-1, 1]) -> stored latents (B, C, H/8, W/8)
     lora_targets: Callable[..., list] = None  # (preset, n_double, n_single, extras, double, single, guidance)
@@ -130,7 +131,8 @@ def of_model(model) -> Family:
     inner = model
     for attr in ("module", "_orig_mod"):
         inner = getattr(inner, attr, inner)
-    names = {type(m).__name__ for m in (inner, getattr(inner, "base_model", None)) if m is not None}
+    # the class and its bases: FSDP2's fully_shard swaps in a subclass (FSDPFlux2Transformer2DModel)
+    names = {c.__name__ for m in (inner, getattr(inner, "base_model", None)) if m is not None for c in type(m).__mro__}
     for fam in families().values():
         if fam.transformer_class in names:
             return fam

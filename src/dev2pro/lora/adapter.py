@@ -144,6 +144,7 @@ class WithoutAdapters:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.module = model  # what predict() and families.of_model() unwrap (as DDP's): the family is the model's
         self.config = model.config
 
     def __call__(self, *args, **kwargs):

@@ -55,6 +55,7 @@ from ..train.ema import EMA
 from ..train.export import export_adapter, export_or_keep_state, final_weights
 from ..train.model import load_student, load_teacher
 from ..train.optim import build_optimizer, build_scheduler
+from ..train.preflight import check_training_inputs
 from ..train.progress import Progress
 from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
@@ -69,6 +70,10 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     ``save.every`` set the last step saves one too, so an export that fails (full disk) or a larger ``train.steps``
     continues with ``--resume``.
     """
+    m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
+    check_training_inputs(m.transformer or m.path, m.path, shards=cfg.data.shards,
+                          needs_text=not cfg.data.shards or bool(cfg.sample.every), allow_pickle=m.allow_pickle,
+                          family=m.family, text_dtype=m.text_encoder_dtype)
     quiet_libraries()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     run, main = RunFolder(Path(cfg.save.output_dir), "dedistill"), accelerator.is_main_process
@@ -111,7 +116,8 @@ def _models(cfg: DedistillConfig, accelerator, fsdp, compute, family) -> _Models
     start_from = m.transformer or m.path
     student = load_student(start_from, device, compute, grow_guidance=grow,
                            gradient_checkpointing=m.gradient_checkpointing, adapter_rank=tc.adapter_rank,
-                           fp8_storage=m.fp8_storage, fsdp=fsdp, allow_pickle=m.allow_pickle)
+                           fp8_storage=m.fp8_storage, fsdp=fsdp, allow_pickle=m.allow_pickle,
+                           blocks_to_swap=m.blocks_to_swap)
     shared_teacher = bool(tc.adapter_rank) and cfg.objective == "cfg_teacher" and not m.teacher
     teacher = None if shared_teacher else load_teacher(cfg.objective, m.teacher or start_from, compute, device,
                                                        m.allow_pickle)
@@ -137,7 +143,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
     optimizer = build_optimizer(models.trainable, "adamw", tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     if not fsdp:
-        models.student, optimizer = accelerator.prepare(models.student, optimizer)
+        swapped = getattr(models.student, "block_swap", None) is not None  # placed by load_student already
+        models.student, optimizer = accelerator.prepare(models.student, optimizer, device_placement=[not swapped, True])
         models.inner = accelerator.unwrap_model(models.student)
     if models.teacher is None and cfg.objective != "flow":
         models.teacher = WithoutAdapters(models.inner)
@@ -209,6 +216,8 @@ def _data(cfg: DedistillConfig, accelerator, run: RunFolder):
     with accelerator.main_process_first():
         data = load_training_data(Path(m.path), accelerator.device, **data_source(cfg.data, run.root),
                                   t5_max_length=m.t5_max_length, family=header.family, spec=header.spec(),
+                                  text_device=torch.device("cpu") if m.text_encoder == "cpu" else accelerator.device,
+                                  text_dtype=DTYPE_CHOICES[m.text_encoder_dtype],
                                   prompts=list(cfg.sample.prompts) if cfg.sample.every else [])
     return data, header.family
 
@@ -244,7 +253,8 @@ def _export(cfg, models: _Models, ema, rank: int, main: bool, run: RunFolder, su
     if not main:
         return
     meta = {"dev2pro.recipe": "dedistill", "dev2pro.objective": cfg.objective, "dev2pro.steps": str(cfg.train.steps),
-            "dev2pro.ema_decay": str(cfg.train.ema_decay), "dev2pro.start": Path(models.start_from).name}
+            "dev2pro.ema_decay": str(cfg.train.ema_decay), "dev2pro.start": Path(models.start_from).name,
+            "dev2pro.base_guidance_embeds": str(bool(models.inner.config.guidance_embeds)).lower()}  # preflight
     if adapter:
         files = export_adapter(models.inner, ema, run.root, sv.name,
                                {**meta, "dev2pro.adapter_rank": str(adapter)})

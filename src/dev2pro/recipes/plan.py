@@ -1,16 +1,34 @@
-"""`dev2pro plan CONFIG.toml [--vram GB]`: GPU memory and host RAM of a `dev2pro train` config before running it.
+"""`dev2pro plan CONFIG.toml [--vram GB]`: GPU memory and host RAM of a `dev2pro train` config -- or of an adapter
+`dev2pro dedistill` config (``train.adapter_rank``) -- before running it.
 
-The plan itself is ``dev2pro.plan`` (``report``); ``schemas.plan_inputs`` reads a config into its inputs (the
-transformer's spec comes from the checkpoint header, nothing is loaded). The ``--vram`` presets are applied by the
-config loader (``schemas.load_train_config``). The parser lives with the others in ``cli_commands``.
+The plan itself is ``dev2pro.plan`` (``report``); ``recipe_inputs.plan_inputs`` / ``dedistill_plan_inputs`` read a
+config into its inputs (the transformer's spec comes from the checkpoint header, nothing is loaded). The ``--vram``
+presets are applied by the config loader (``schemas.load_train_config``). The parser lives with the others in
+``cli_commands``.
 """
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 from ..plan import report
-from ..schemas import load_train_config, plan_inputs
+from ..recipe_inputs import dedistill_plan_inputs
+from ..schemas import load_dedistill_config, load_train_config, plan_inputs
+
+
+def is_dedistill_config(config: str) -> bool:
+    """A dedistill config names an ``objective`` or has a ``[teacher]`` table; train configs have neither."""
+    try:
+        data = tomllib.loads(Path(config).read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False  # the train loader reports it
+    return "objective" in data or "teacher" in data
 
 
 def run_plan(config: str, vram: float | None = None, overrides: list[str] | None = None) -> dict:
-    """Print the plan of a train config (against a ``vram`` GB card, or the GPU seen); returns it as a dict."""
+    """Print the plan of a train or adapter-dedistill config (against a ``vram`` GB card, or the GPU seen); returns
+    it as a dict."""
+    if is_dedistill_config(config):
+        return report(dedistill_plan_inputs(load_dedistill_config(config, overrides)), vram)
     return report(plan_inputs(load_train_config(config, overrides)), vram)

@@ -33,6 +33,7 @@ from ..schemas import TrainConfig, data_source, plan_inputs
 from ..recipe_inputs import gradient_checkpointing
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
+from ..train.preflight import check_training_inputs
 from ..train.model import add_lora, check_blocks_to_swap, load_base, place_base
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.compiled import CompileStats
@@ -71,6 +72,10 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
                         "training base is dev and samples are rendered on it with the adapter off)")
     check_inputs(cfg.validation.folder, cfg.logging.wandb, cfg.train.optimizer)  # before anything is written
     quiet_libraries()
+    m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
+    check_training_inputs(m.transformer or m.path, m.path, adapter=m.adapter, shards=cfg.data.shards,
+                          needs_text=not cfg.data.shards or bool(cfg.sample.prompts), allow_pickle=m.allow_pickle,
+                          family=m.family, text_dtype=m.text_encoder_dtype)
     run = RunFolder(Path(cfg.save.output_dir), "train")
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=1,
                               cpu=not torch.cuda.is_available())

@@ -115,14 +115,18 @@ def with_guidance_embedding(model):
 
 def load_student(path: str, device, compute: torch.dtype, *, grow_guidance: bool = False,
                  gradient_checkpointing: bool = True, adapter_rank: int = 0, fp8_storage: bool = False,
-                 fsdp: "fsdpmod.FsdpSettings | None" = None, allow_pickle: bool = False):
+                 fsdp: "fsdpmod.FsdpSettings | None" = None, allow_pickle: bool = False, blocks_to_swap: int = 0):
     """The start weights in fp32, every weight trainable, on ``device``; sharded per block under FSDP.
 
     ``grow_guidance`` adds a guidance embedding to a file without one. ``adapter_rank`` > 0: a frozen base with a
-    trainable LoRA instead. Under FSDP with ``ram_efficient_loading`` the model is built on the meta device and
-    sharded first; each rank then reads only its rows of each tensor (one full tensor in memory at a time).
+    trainable LoRA instead, ``blocks_to_swap`` of its blocks kept in host RAM (``BlockSwap``, kept as
+    ``student.block_swap``; pass ``device_placement=False`` for it to ``accelerator.prepare``). Under FSDP with
+    ``ram_efficient_loading`` the model is built on the meta device and sharded first; each rank then reads only its
+    rows of each tensor (one full tensor in memory at a time).
     """
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+    if blocks_to_swap:
+        swap_positions(ckpt.spec().num_double, ckpt.spec().num_single, blocks_to_swap)  # the valid range, early
     grow = grow_guidance and not ckpt.spec().guidance_embeds
     if not grow and not ckpt.spec().guidance_embeds:
         log.warning("%s has no guidance embedding: it is already de-distilled or pro-like", path)
@@ -134,7 +138,12 @@ def load_student(path: str, device, compute: torch.dtype, *, grow_guidance: bool
     if gradient_checkpointing or (fsdp and fsdp.activation_checkpointing):
         student.enable_gradient_checkpointing()
     if adapter_rank:
-        return with_adapter_lora(student, adapter_rank, compute, fp8_storage).to(device)
+        student = with_adapter_lora(student, adapter_rank, compute, fp8_storage)
+        if not blocks_to_swap:
+            return student.to(device)
+        student.block_swap = place_base(student, device, blocks_to_swap=blocks_to_swap,
+                                        gradient_checkpointing=gradient_checkpointing)
+        return student
     if not fsdp:
         return student.to(device).requires_grad_(True).train()
     student = fsdpmod.shard_transformer(student, device, fsdp, compute)  # DTensor shards (host RAM with offload)

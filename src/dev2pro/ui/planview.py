@@ -100,7 +100,8 @@ def preset_choices(cfg, data: dict) -> dict:
     from ..plan import VRAM_PRESETS
 
     out = {}
-    for sec, values in VRAM_PRESETS[cfg.model.vram].items():
+    # FLUX.2's 32/80 GB presets are computed (presets.fitted_preset) over the same keys as the table's
+    for sec, values in VRAM_PRESETS.get(cfg.model.vram, VRAM_PRESETS[48]).items():
         for key in values:
             if key not in (data.get(sec) or {}):
                 value = getattr(getattr(cfg, sec), key)

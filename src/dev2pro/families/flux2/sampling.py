@@ -66,10 +66,24 @@ def render(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance, *, neg
                 latents = pipe(prompt_embeds=pe.to(device, dtype), num_inference_steps=steps, width=width,
                                height=height, generator=generator, guidance_scale=scale, output_type="latent",
                                **extra).images
-                images.append(decode(pipe, latents)[0])
+                images.append(decode(pipe, vae_space(pipe, latents, height, width))[0])
     finally:
         transformer.train(was_training)
     return images
+
+
+def vae_space(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A pipeline's ``output_type="latent"`` result as VAE-space latents (B, 32, H/8, W/8). Klein's pipelines
+    return those; ``Flux2Pipeline`` (dev) returns its packed, batch-normalised tokens (B, T, 128) instead, so its
+    own tail is replayed here: scatter by the position ids, undo the VAE's batch norm, unpatchify 2x2."""
+    if latents.ndim == 4:
+        return latents
+    grid = torch.empty(latents.shape[0], 1, height // (pipe.vae_scale_factor * 2), width // (pipe.vae_scale_factor * 2))
+    x = pipe._unpack_latents_with_ids(latents, pipe._prepare_latent_ids(grid).to(latents.device))
+    bn, eps = pipe.vae.bn, pipe.vae.config.batch_norm_eps
+    mean = bn.running_mean.view(1, -1, 1, 1).to(x.device, x.dtype)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(x.device, x.dtype)
+    return pipe._unpatchify_latents(x * std + mean)
 
 
 @torch.no_grad()
@@ -104,9 +118,10 @@ def render_latents(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance
     try:
         for (pe, _), seed in zip(embeds, seeds):
             generator = torch.Generator("cpu").manual_seed(int(seed))
-            out.append(pipe(prompt_embeds=pe.to(device, dtype), num_inference_steps=steps, width=width,
-                            height=height, generator=generator, guidance_scale=scale, output_type="latent",
-                            **extra).images.float().cpu())
+            latents = pipe(prompt_embeds=pe.to(device, dtype), num_inference_steps=steps, width=width,
+                           height=height, generator=generator, guidance_scale=scale, output_type="latent",
+                           **extra).images
+            out.append(vae_space(pipe, latents, height, width).float().cpu())
     finally:
         transformer.train(was_training)
     return torch.cat(out)

@@ -43,23 +43,45 @@ def load_text_encoder(model_dir: str | Path, device="cpu", dtype: torch.dtype = 
     import diffusers  # lazy: seconds to import
 
     root = Path(model_dir)
-    if not (root / "model_index.json").is_file():
-        raise UserError(f"model folder {root} is not a FLUX.2 diffusers folder (no model_index.json); it must "
-                        "hold text_encoder/ and tokenizer/")
-    name = json.loads((root / "model_index.json").read_text()).get("_class_name", "Flux2KleinPipeline")
-    if name not in PIPELINES:
-        raise UserError(f"model folder {root} is a {name} folder, not FLUX.2 ({' or '.join(PIPELINES)})")
-    missing = [n for n in TEXT_COMPONENTS if not (root / n).is_dir()]
-    if missing:
-        raise UserError(f"model folder {root} lacks {', '.join(missing)}/: it must have the FLUX.2 klein diffusers "
-                        "layout (download the whole repo, not only the transformer)")
+    name = check_folder(root)
+    fp8 = dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     try:
         pipe = getattr(diffusers, name).from_pretrained(root, transformer=None, vae=None, local_files_only=True,
-                                                  dtype=dtype)
+                                                        dtype=torch.bfloat16 if fp8 else dtype)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the FLUX.2 text encoder from {root}: {e}") from None
     pipe.text_encoder.eval().requires_grad_(False)
+    if fp8:  # Linear weights stored in fp8 (per-tensor scaled), computed in bf16: Mistral 24B in ~25 GB, not 47
+        from ...flux.fp8 import Fp8Policy, enable_fp8_storage
+
+        enable_fp8_storage(pipe.text_encoder, Fp8Policy.from_names(["norms", "biases"]), compute_dtype=torch.bfloat16)
     return pipe.to(device)
+
+
+def check_folder(model_dir: str | Path, spec=None) -> str:
+    """The pipeline class of a FLUX.2 model folder that holds its text stack; a one-line UserError naming what is
+    missing and where to get it otherwise (before a run writes anything). ``spec``: the transformer it must feed."""
+    root = Path(model_dir)
+    if not (root / "model_index.json").is_file():
+        raise UserError(f"model.path {root} is not a FLUX.2 diffusers folder (no model_index.json): point it at the "
+                        "whole downloaded model folder (text_encoder/, tokenizer/, vae/, transformer/)")
+    name = json.loads((root / "model_index.json").read_text()).get("_class_name", "Flux2KleinPipeline")
+    if name not in PIPELINES:
+        raise UserError(f"model folder {root} is a {name} folder, not FLUX.2 ({' or '.join(PIPELINES)})")
+    dev = name == "Flux2Pipeline" if spec is None else not spec.is_klein
+    repo = "black-forest-labs/FLUX.2-dev" if dev else "FLUX.2 klein"
+    missing = [n for n in TEXT_COMPONENTS if not (root / n).is_dir() or not any((root / n).iterdir())]
+    if missing:
+        what = "Mistral3 (Mistral-Small-3.x 24B)" if dev else "Qwen3"
+        raise UserError(f"model folder {root} lacks {' and '.join(m + '/' for m in missing)} (the {what} text "
+                        f"encoder captions are encoded with): download the whole {repo} repo, not only the "
+                        "transformer")
+    if spec is not None and (name == "Flux2Pipeline") == spec.is_klein:
+        encoder = "a FLUX.2 dev (Mistral3)" if name == "Flux2Pipeline" else "a FLUX.2 klein (Qwen3)"
+        model = f"a FLUX.2 {'klein' if spec.is_klein else 'dev'} transformer (context {spec.context_dim})"
+        raise UserError(f"{encoder} text encoder in {root} cannot feed {model}: use the text encoder of the same "
+                        "model folder")
+    return name
 
 
 def default_layers(pipe) -> tuple[int, ...]:

@@ -1,0 +1,84 @@
+"""Checks a run makes from headers and small files before it writes anything: a mismatch found after minutes of
+caching (or after the run folder exists) is a worse answer than one line at the start.
+
+- the training adapter fits the training base: every module it names is a Linear of the base with its shape (a
+  FLUX.2 dev adapter on klein, or the reverse, reads as a LoRA of the same family but cannot attach);
+- the text stack the run will load is in the model folder (``Family.check_folder``: FLUX.2 dev's Mistral3);
+- `dev2pro cache` shards were encoded by this family's text stack (FLUX.1's T5 + CLIP records carry a pooled
+  vector; FLUX.2 records are one stacked ``prompt_embeds`` as wide as the transformer's context).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from ..errors import UserError
+from ..flux.checkpoint import open_checkpoint
+from ..lora.adapter import linear_shapes
+from ..lora.formats import load_lora
+
+
+def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", shards: str = "", needs_text: bool = True,
+                 allow_pickle: bool = False, family: str | None = None, text_dtype: str = "fp32") -> None:
+    """UserError (one line, naming the field and the fix) unless the run's inputs fit each other."""
+    if not base or not Path(base).exists():
+        return  # a missing model is reported where it is loaded (after the run folder exists: rerun explains it)
+    ckpt = open_checkpoint(base, allow_pickle=allow_pickle, family=family)
+    if text_dtype == "fp8" and ckpt.family.name != "flux2":
+        raise UserError(f"model.text_encoder_dtype = \"fp8\" is for FLUX.2's text encoders; {ckpt.family.title}'s "
+                        "T5 + CLIP take \"bf16\" (or \"fp32\")")
+    if needs_text and Path(model_dir).is_dir():
+        ckpt.family.check_folder(Path(model_dir), ckpt.spec())
+    if adapter:
+        check_adapter(adapter, ckpt, base)
+    if shards:
+        check_shards(shards, ckpt.family, ckpt.spec())
+
+
+def _describe(spec, family) -> str:
+    if family.name != "flux2":
+        return family.title
+    kind = "klein" if spec.is_klein else "dev"
+    size = spec.size_name.removeprefix("klein-")
+    return f"FLUX.2 {kind} {size} {spec.hidden} wide" if spec.size_name != kind else f"FLUX.2 {kind}"
+
+
+def check_adapter(path: str, ckpt, base: str) -> None:
+    """The adapter's modules are Linears of the base with their (out, in) shapes."""
+    lw = load_lora(path, family=ckpt.family, base=base)  # another family's LoRA: its own one-line error
+    shapes = linear_shapes(ckpt.spec())
+    bad = [n for n, m in lw.items() if shapes.get(n) != (m.up.shape[0], m.down.shape[1])]
+    # at real sizes the shapes decide (klein 3072/4096 wide, dev 6144); a dev2pro export also records its base
+    recorded = lw.metadata.get("dev2pro.base_guidance_embeds")
+    guided = any("guidance" in n for n in lw) if recorded is None else recorded == "true"
+    if not bad and (recorded is None or guided == bool(ckpt.spec().guidance_embeds)):
+        return
+    width = next((m.up.shape[0] for n, m in lw.items() if n == "x_embedder"), None)
+    made_for = (f"{ckpt.family.title} {'dev' if guided else 'klein'}" if ckpt.family.name == "flux2"
+                else ckpt.family.title) + (f" model {width} wide" if width else " model")
+    misfit = f"; {len(bad)} of its {len(lw)} modules do not fit, e.g. {bad[0]}" if bad else ""
+    raise UserError(f"model.adapter {path} was made for a {made_for}, not for the training base {base}, a "
+                    f"{_describe(ckpt.spec(), ckpt.family)}{misfit}: use an adapter de-distilled from this base "
+                    "(`dev2pro dedistill` with train.adapter_rank), or train on the base the adapter was made from")
+
+
+def check_shards(index: str, family, spec) -> None:
+    """The shards' empty-prompt record has this family's text tensors at the transformer's context width."""
+    path = Path(index)
+    if not path.is_file():
+        return  # ShardDataset says what is missing, with the fix
+    empty = path.parent / json.loads(path.read_text()).get("empty", "empty.safetensors")
+    if not empty.is_file():
+        return
+    with safe_open(str(empty), framework="pt") as f:
+        keys = set(f.keys())
+        width = f.get_slice("prompt_embeds").get_shape()[-1] if "prompt_embeds" in keys else None
+    pooled_expected = family.name == "flux1"
+    if ("pooled" in keys) != pooled_expected or width != spec.context_dim:
+        made = "FLUX.1 text encoders (T5 + CLIP)" if "pooled" in keys else f"a text encoder {width} wide"
+        raise UserError(f"data.shards {index} was encoded with {made}, but the training base is "
+                        f"{_describe(spec, family)} (text context {spec.context_dim}): encode the dataset again "
+                        f"with this model's text encoder, or train with data.folders (cached per family)")
