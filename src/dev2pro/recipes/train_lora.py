@@ -65,15 +65,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
     One process trains in a run folder at a time (a lock file). Ctrl-C saves a resumable state at the end of the
     step; the last step saves one too, so ``--resume`` with a larger ``train.steps`` continues from the end.
     """
-    if cfg.model.adapter and cfg.model.inference_base:
-        # one base in memory is the point of an adapter: samples with it off already are "the LoRA on dev". (Checked
-        # here, not in validate(): the config editor probes every path field with a value at once.)
-        raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
-                        "training base is dev and samples are rendered on it with the adapter off)")
     check_inputs(cfg.validation.folder, cfg.logging.wandb, cfg.train.optimizer)  # before anything is written
     quiet_libraries()
     m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
-    check_training_inputs(m.transformer or m.path, m.path, adapter=m.adapter, shards=cfg.data.shards,
+    check_training_inputs(m.transformer or m.path, m.path, adapter=m.adapter, inference_base=m.inference_base,
+                          shards=cfg.data.shards,
                           needs_text=not cfg.data.shards or bool(cfg.sample.prompts), allow_pickle=m.allow_pickle,
                           family=m.family, text_dtype=m.text_encoder_dtype)
     run = RunFolder(Path(cfg.save.output_dir), "train")

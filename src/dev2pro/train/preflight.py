@@ -21,9 +21,15 @@ from ..lora.adapter import linear_shapes
 from ..lora.formats import load_lora
 
 
-def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", shards: str = "", needs_text: bool = True,
-                 allow_pickle: bool = False, family: str | None = None, text_dtype: str = "fp32") -> None:
+def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", inference_base: str = "", shards: str = "",
+                          needs_text: bool = True, allow_pickle: bool = False, family: str | None = None,
+                          text_dtype: str = "fp32") -> None:
     """UserError (one line, naming the field and the fix) unless the run's inputs fit each other."""
+    if adapter and inference_base:
+        # one base in memory is the point of an adapter: samples with it off already are "the LoRA on dev". (Checked
+        # here, not in validate(): the config editor probes every path field with a value at once.)
+        raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
+                        "training base is dev and samples are rendered on it with the adapter off)")
     if not base or not Path(base).exists():
         return  # a missing model is reported where it is loaded (after the run folder exists: rerun explains it)
     ckpt = open_checkpoint(base, allow_pickle=allow_pickle, family=family)
