@@ -73,7 +73,7 @@ def fill_train_form(page):
             node.select_option(value)
         else:
             node.fill(value)
-    page.locator("#f-model-gradient_checkpointing").uncheck()
+    page.locator("#f-model-gradient_checkpointing").select_option("false")  # a choice: auto | true | false
     page.locator("#f-sample-prompts").fill("sks, a photo")
     page.locator("#f-save-formats").fill("kohya\ndiffusers")
 
