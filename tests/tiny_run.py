@@ -1,10 +1,16 @@
 """What the tiny end-to-end runs share (tests only): their config tables, and comparing their output files."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from safetensors.torch import load_file
 
 
-def model_and_data(model_dir, images, cache_dir, checkpointing: bool = False, model: str = "", data: str = "") -> str:
+def model_and_data(model_dir, images, cache_dir, checkpointing: bool = False, model: str = "", data: str = "",
+                   resolution="64", bucket_step: int = 64) -> str:
     """``[model]`` + ``[[data.folders]]`` + ``[data]`` TOML for a tiny model folder and an image folder at 64 px;
     ``model`` / ``data`` are extra lines for those tables (e.g. ``dtype = "fp32"``, ``batch_size = 2``)."""
     return f"""
@@ -18,8 +24,8 @@ path = "{images}"
 
 [data]
 default_caption = "a photo"
-resolution = 64
-bucket_step = 64
+resolution = {resolution}
+bucket_step = {bucket_step}
 cache_dir = "{cache_dir}"
 {data}
 """
@@ -29,3 +35,40 @@ def same_tensors(a_path, b_path) -> bool:
     """Two safetensors files hold the same keys with bitwise-equal tensors (resumed vs uninterrupted runs)."""
     a, b = load_file(str(a_path)), load_file(str(b_path))
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def lora_run_toml(tmp, model_dir, images, out, *, steps, seed, lr="1e-2", rank=4, model='dtype = "fp32"', data="",
+                  lora="", train="", save="", extra="", cache="cache", **data_table) -> Path:
+    """A tiny `dev2pro train` config (LoRA rank = alpha = ``rank``, cache ``tmp/cache``, output ``tmp/out``)
+    written to ``tmp/out.toml``; ``model`` .. ``save`` are extra lines for those tables, ``extra`` whole tables, ``data_table`` the
+    resolution / bucket_step of `model_and_data`."""
+    text = model_and_data(model_dir, images, tmp / cache, model=model, data=data, **data_table) + f"""
+[lora]
+rank = {rank}
+alpha = {rank}
+{lora}
+
+[train]
+steps = {steps}
+lr = {lr}
+seed = {seed}
+{train}
+
+[save]
+output_dir = "{tmp / out}"
+{save}
+
+{extra}
+"""
+    path = tmp / f"{out}.toml"
+    path.write_text(text)
+    return path
+
+
+def run_killed(cfg_path, after_step: int, command: str = "train") -> None:
+    """`dev2pro COMMAND CFG --no-progress` in a subprocess that dies like kill -9 right after step ``after_step``
+    (tests/kill_after_step.py); the resume tests then finish it in-process."""
+    kill = Path(__file__).resolve().parent / "kill_after_step.py"
+    proc = subprocess.run([sys.executable, str(kill), str(after_step), command, str(cfg_path), "--no-progress"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-2000:]

@@ -169,23 +169,10 @@ def test_half_mask_zeroes_the_gradient_on_the_masked_tokens(tiny_dev_dir):
 
 def _train_cfg(tmp_path, model_dir, images, out, steps=4, data="batch_size = 2"):
     from dev2pro.schemas import load_train_config
-    from tiny_run import model_and_data
+    from tiny_run import lora_run_toml
 
-    text = model_and_data(model_dir, images, tmp_path / f"cache-{out}", model='dtype = "fp32"', data=data) + f"""
-[lora]
-rank = 4
-alpha = 4
-
-[train]
-steps = {steps}
-lr = 1e-2
-seed = 5
-
-[save]
-output_dir = "{tmp_path / out}"
-"""
-    (tmp_path / f"{out}.toml").write_text(text)
-    return load_train_config(tmp_path / f"{out}.toml")
+    return load_train_config(lora_run_toml(tmp_path, model_dir, images, out, steps=steps, seed=5, data=data,
+                                           cache=f"cache-{out}"))
 
 
 def test_all_white_masks_train_bitwise_as_no_masks_and_a_half_mask_does_not(tmp_path, tiny_dev_dir, sk_images):

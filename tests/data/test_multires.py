@@ -1,9 +1,6 @@
 """Multi-resolution training: every image bucketed at every listed resolution, the counts printed at start-up,
 the config (an int or a list, per folder too), the plan at the largest, the Train form, and resume."""
 
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -78,25 +75,10 @@ def test_the_train_form_takes_one_resolution_or_several():
 
 
 def _toml(tmp_path, model_dir, images, out, steps=10):
-    from tiny_run import model_and_data
+    from tiny_run import lora_run_toml
 
-    text = model_and_data(model_dir, images, tmp_path / "cache", model='dtype = "fp32"',
-                          data="batch_size = 1").replace("resolution = 64", "resolution = [64, 128]") + f"""
-[lora]
-rank = 4
-
-[train]
-steps = {steps}
-lr = 1e-2
-seed = 11
-
-[save]
-output_dir = "{tmp_path / out}"
-every = 4
-"""
-    path = tmp_path / f"{out}.toml"
-    path.write_text(text)
-    return path
+    return lora_run_toml(tmp_path, model_dir, images, out, steps=steps, seed=11, data="batch_size = 1",
+                         save="every = 4", resolution="[64, 128]")
 
 
 def test_bucket_counts_per_resolution_are_printed_at_start(tmp_path, tiny_dev_dir, sk_images, capsys):
@@ -127,14 +109,11 @@ def test_bucket_counts_per_resolution_are_printed_at_start(tmp_path, tiny_dev_di
 @pytest.mark.slow
 def test_resumed_multi_resolution_run_is_bit_identical(tmp_path, tiny_dev_dir, sk_images):
     from dev2pro.recipes.train_lora import train
-    from tiny_run import same_tensors
+    from tiny_run import run_killed, same_tensors
 
     full = train(load_train_config(_toml(tmp_path, tiny_dev_dir, sk_images, "full")), progress=False)
     cfg_path = _toml(tmp_path, tiny_dev_dir, sk_images, "killed")
-    kill = Path(__file__).resolve().parents[1] / "kill_after_step.py"  # dies right after step 6
-    proc = subprocess.run([sys.executable, str(kill), "6", "train", str(cfg_path), "--no-progress"],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 17, proc.stderr[-2000:]  # state saved at step 4
+    run_killed(cfg_path, 6)  # state saved at step 4
     with pytest.raises(UserError, match="--resume"):
         train(load_train_config(cfg_path), progress=False)
     resumed = train(load_train_config(cfg_path), resume="latest", progress=False)

@@ -64,26 +64,11 @@ def test_reg_share_of_an_epoch_and_its_loss_weight(tmp_path, tiny_dev_dir, sk_im
 
 def _cfg(tmp_path, model_dir, images, out, reg=None, reg_weight=1.0):
     from dev2pro.schemas import load_train_config
-    from tiny_run import model_and_data
+    from tiny_run import lora_run_toml
 
-    text = model_and_data(model_dir, images, tmp_path / "cache", model='dtype = "fp32"',
-                          data=f"batch_size = 2\nreg_weight = {reg_weight}")
-    if reg:
-        text += f'\n[[data.folders]]\npath = "{reg}"\nrole = "reg"\n'
-    text += f"""
-[lora]
-rank = 4
-
-[train]
-steps = 3
-lr = 1e-2
-seed = 7
-
-[save]
-output_dir = "{tmp_path / out}"
-"""
-    (tmp_path / f"{out}.toml").write_text(text)
-    return load_train_config(tmp_path / f"{out}.toml")
+    extra = f'[[data.folders]]\npath = "{reg}"\nrole = "reg"\n' if reg else ""
+    return load_train_config(lora_run_toml(tmp_path, model_dir, images, out, steps=3, seed=7, extra=extra,
+                                           data=f"batch_size = 2\nreg_weight = {reg_weight}"))
 
 
 def test_reg_weight_zero_is_the_run_without_reg_folders(tmp_path, tiny_dev_dir, sk_images, reg_dir, capsys):

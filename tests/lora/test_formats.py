@@ -2,7 +2,6 @@
 
 import json
 import resource
-import warnings
 
 import pytest
 import torch

@@ -14,26 +14,13 @@ from dev2pro.cli import main
 from dev2pro.families.flux2.keys import diffusers_to_bfl as flux2_to_bfl
 from dev2pro.flux import checkpoint as C
 from dev2pro.flux.keys import diffusers_to_bfl
-from tiny_run import model_and_data
+from tiny_run import lora_run_toml
 
 
 def train(folder, images, tmp, kind, formats, steps=3):
     tmp.mkdir(parents=True, exist_ok=True)
-    toml = tmp / f"{kind}.toml"
-    toml.write_text(model_and_data(folder, images, tmp / "cache", model='dtype = "fp32"', data="batch_size = 1") + f"""
-[lora]
-rank = 4
-alpha = 4
-
-[train]
-steps = {steps}
-lr = 1e-2
-seed = 3
-
-[save]
-output_dir = "{tmp / kind}"
-formats = {json.dumps(formats)}
-""")
+    toml = lora_run_toml(tmp, folder, images, kind, steps=steps, seed=3, data="batch_size = 1",
+                         save=f"formats = {json.dumps(formats)}")
     assert main(["train", str(toml), "--no-progress", "--set", f"lora.type={kind}"]) == 0
     return tmp / kind
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dev2pro.errors import UserError
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
-from tiny_run import model_and_data
+from tiny_run import model_and_data, run_killed
 from tiny_run import same_tensors as _same_lora
 
 @pytest.fixture
@@ -80,11 +80,7 @@ def test_tiny_run_pins_losses_and_learns(tmp_path, tiny_dev_dir, images):
 def test_resume_after_kill_is_bit_identical(tmp_path, tiny_dev_dir, images):
     full = train(load_train_config(_toml(tmp_path, tiny_dev_dir, images, out="full", steps=10)), progress=False)
     cfg_path = _toml(tmp_path, tiny_dev_dir, images, out="killed", steps=10)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    kill = Path(__file__).resolve().parents[1] / "kill_after_step.py"  # dies right after step 6
-    proc = subprocess.run([sys.executable, str(kill), "6", "train", str(cfg_path), "--no-progress"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 17, proc.stderr[-2000:]  # died right after step 6 (state saved at step 4)
+    run_killed(cfg_path, 6)  # died right after step 6 (state saved at step 4)
     killed = Path(tmp_path / "killed")
     assert (killed / "state" / "step-000004").is_dir() and not (killed / "lora.safetensors").exists()
     with pytest.raises(UserError, match="--resume"):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from dev2pro.data.cache import LATENT_NAME
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
-from tiny_run import model_and_data, same_tensors
+from tiny_run import lora_run_toml, same_tensors
 
 # FLUX.1 has two repeated block classes (double, single); forward and backward of each, plus what dynamic shapes
 # may add once (a first specialised frame, then the dynamic one): the bound the run must stay within
@@ -19,24 +19,8 @@ MAX_FRAMES = 8
 
 
 def _toml(tmp_path, model_dir, images, out, compile_, steps):
-    text = model_and_data(model_dir, images, tmp_path / "cache", model='dtype = "fp32"').replace(
-        "bucket_step = 64", "bucket_step = 16") + f"""
-[lora]
-rank = 4
-alpha = 4
-
-[train]
-steps = {steps}
-lr = 5e-3
-seed = 3
-compile = {compile_}
-
-[save]
-output_dir = "{tmp_path / out}"
-"""
-    path = tmp_path / f"{out}.toml"
-    path.write_text(text)
-    return path
+    return lora_run_toml(tmp_path, model_dir, images, out, steps=steps, seed=3, lr="5e-3", bucket_step=16,
+                         train=f"compile = {compile_}")
 
 
 @pytest.mark.slow

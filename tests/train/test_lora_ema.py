@@ -2,9 +2,6 @@
 computed by hand from the raw weights in the resumable states -- training itself is unchanged, and a run killed
 and resumed is bit-identical (raw weights and EMA both in the state)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,30 +10,12 @@ from safetensors.torch import load_file
 
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
-from tiny_run import model_and_data, same_tensors
+from tiny_run import lora_run_toml, run_killed, same_tensors
 
 
 def _toml(tmp_path, model_dir, images, out, steps=3, ema=0.9, every=1):
-    text = model_and_data(model_dir, images, tmp_path / "cache", model='dtype = "fp32"') + f"""
-[lora]
-rank = 4
-alpha = 4
-
-[train]
-steps = {steps}
-lr = 1e-2
-seed = 11
-ema_decay = {ema}
-
-[save]
-output_dir = "{tmp_path / out}"
-every = {every}
-keep_last = 10
-formats = ["diffusers", "kohya"]
-"""
-    path = tmp_path / f"{out}.toml"
-    path.write_text(text)
-    return path
+    return lora_run_toml(tmp_path, model_dir, images, out, steps=steps, seed=11, train=f"ema_decay = {ema}",
+                         save=f'every = {every}\nkeep_last = 10\nformats = ["diffusers", "kohya"]')
 
 
 def _state(run: Path, step: int) -> dict:
@@ -87,10 +66,7 @@ def test_ema_run_resumes_bit_identical_after_kill(tmp_path, tiny_dev_dir, sk_ima
     full = train(load_train_config(_toml(tmp_path, tiny_dev_dir, sk_images, "full", steps=6, every=2)),
                  progress=False)
     cfg_path = _toml(tmp_path, tiny_dev_dir, sk_images, "killed", steps=6, every=2)
-    kill = Path(__file__).resolve().parents[1] / "kill_after_step.py"  # dies right after step 5 (state at 4)
-    proc = subprocess.run([sys.executable, str(kill), "5", "train", str(cfg_path), "--no-progress"],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 17, proc.stderr[-2000:]
+    run_killed(cfg_path, 5)  # dies right after step 5 (state at 4)
     resumed = train(load_train_config(cfg_path), resume="latest", progress=False)
     assert resumed["losses"] == full["losses"][4:]
     for name in ("lora.safetensors", "lora.diffusers.safetensors"):

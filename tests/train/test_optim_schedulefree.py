@@ -2,10 +2,7 @@
 sampled and validated, the training weights come back bitwise after each of those, the LR schedule is constant,
 and a killed run resumes bit-identical."""
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
 from dev2pro.train.optim import build_optimizer, build_scheduler, is_schedule_free, published_weights
 from dev2pro.train.watch import check_optional_packages
-from tiny_run import model_and_data, same_tensors
+from tiny_run import lora_run_toml, run_killed, same_tensors
 
 schedulefree = pytest.importorskip("schedulefree")
 
@@ -65,27 +62,8 @@ def test_schedule_is_constant_and_other_schedules_are_refused():
 
 
 def _toml(tmp_path, model_dir, images, out, steps=4, extra=""):
-    text = model_and_data(model_dir, images, tmp_path / "cache", model='dtype = "fp32"') + f"""
-[lora]
-rank = 4
-alpha = 4
-
-[train]
-steps = {steps}
-lr = 1e-2
-seed = 2
-optimizer = "schedulefree_adamw"
-warmup_steps = 1
-{extra}
-
-[save]
-output_dir = "{tmp_path / out}"
-every = 2
-formats = ["diffusers"]
-"""
-    path = tmp_path / f"{out}.toml"
-    path.write_text(text)
-    return path
+    return lora_run_toml(tmp_path, model_dir, images, out, steps=steps, seed=2, save='every = 2\nformats = ["diffusers"]',
+                         train=f'optimizer = "schedulefree_adamw"\nwarmup_steps = 1\n{extra}')
 
 
 def test_config_refuses_a_schedule_or_an_ema_with_schedulefree(tmp_path, tiny_dev_dir, sk_images):
@@ -119,10 +97,7 @@ def test_trains_and_saves_the_eval_weights(tmp_path, tiny_dev_dir, sk_images, ca
 def test_schedulefree_run_resumes_bit_identical_after_kill(tmp_path, tiny_dev_dir, sk_images):
     full = train(load_train_config(_toml(tmp_path, tiny_dev_dir, sk_images, "full", steps=6)), progress=False)
     cfg_path = _toml(tmp_path, tiny_dev_dir, sk_images, "killed", steps=6)
-    kill = Path(__file__).resolve().parents[1] / "kill_after_step.py"  # dies right after step 5 (state at 4)
-    proc = subprocess.run([sys.executable, str(kill), "5", "train", str(cfg_path), "--no-progress"],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 17, proc.stderr[-2000:]
+    run_killed(cfg_path, 5)  # dies right after step 5 (state at 4)
     resumed = train(load_train_config(cfg_path), resume="latest", progress=False)
     assert resumed["losses"] == full["losses"][4:]
     assert same_tensors(tmp_path / "full" / "lora.diffusers.safetensors",

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
 from dev2pro.train.precision import MasterWeights
-from tiny_run import model_and_data, same_tensors
+from tiny_run import lora_run_toml, same_tensors
 
 
 def _lora_model(dtype):
@@ -66,24 +66,8 @@ def test_views_grad_accumulation_and_no_grad_forward():
 
 
 def _toml(tmp_path, model_dir, images, out, lora_dtype, steps, extra=""):
-    text = model_and_data(model_dir, images, tmp_path / "cache", model='dtype = "bf16"') + f"""
-[lora]
-rank = 4
-alpha = 4
-
-[train]
-steps = {steps}
-lr = 5e-3
-seed = 3
-lora_dtype = "{lora_dtype}"
-{extra}
-
-[save]
-output_dir = "{tmp_path / out}"
-"""
-    path = tmp_path / f"{out}.toml"
-    path.write_text(text)
-    return path
+    return lora_run_toml(tmp_path, model_dir, images, out, steps=steps, seed=3, lr="5e-3", model='dtype = "bf16"',
+                         train=f'lora_dtype = "{lora_dtype}"\n{extra}')
 
 
 @pytest.mark.slow

@@ -2,12 +2,8 @@
 runs and a resume after kill -9; switching it on leaves the training losses and the LoRA bitwise unchanged."""
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +14,7 @@ from dev2pro.errors import UserError
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
 from dev2pro.train.validation import Holdout, Validator, advice, validation_loss
-from tiny_run import model_and_data, same_tensors
+from tiny_run import lora_run_toml, run_killed, same_tensors
 
 
 @pytest.fixture
@@ -34,26 +30,8 @@ def split_images(sk_images, tmp_path):
 
 
 def _toml(tmp_path, model_dir, images, out, steps=6, validation="", extra=""):
-    text = model_and_data(model_dir, images, tmp_path / "cache", model='dtype = "fp32"') + f"""
-[lora]
-rank = 4
-alpha = 4
-dropout = 0.2
-
-[train]
-steps = {steps}
-lr = 1e-2
-seed = 5
-
-[save]
-output_dir = "{tmp_path / out}"
-every = 2
-{extra}
-{validation}
-"""
-    path = tmp_path / f"{out}.toml"
-    path.write_text(text)
-    return path
+    return lora_run_toml(tmp_path, model_dir, images, out, steps=steps, seed=5, lora="dropout = 0.2",
+                         save=f"every = 2\n{extra}", extra=validation)
 
 
 def _val(folder, every=2):
@@ -103,10 +81,7 @@ def test_validation_numbers_survive_a_kill_and_resume(tmp_path, tiny_dev_dir, sp
     full = train(load_train_config(_toml(tmp_path, tiny_dev_dir, train_dir, "full", validation=_val(held_dir))),
                  progress=False)
     cfg_path = _toml(tmp_path, tiny_dev_dir, train_dir, "killed", validation=_val(held_dir))
-    kill = Path(__file__).resolve().parents[1] / "kill_after_step.py"  # dies right after step 5 (state at 4)
-    proc = subprocess.run([sys.executable, str(kill), "5", "train", str(cfg_path), "--no-progress"],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 17, proc.stderr[-2000:]
+    run_killed(cfg_path, 5)  # dies right after step 5 (state at 4)
     resumed = train(load_train_config(cfg_path), resume="latest", progress=False)
     assert resumed["losses"] == full["losses"][4:]
     assert resumed["validation"] == full["validation"]  # steps 0-4 from the state, 6 measured again: identical

@@ -3,7 +3,6 @@ as TensorBoard through a fake module, and a real offline run (no account, no net
 
 import sys
 import types
-from pathlib import Path
 
 import pytest
 

@@ -128,8 +128,8 @@ def startup_lines(watch: Watch, warmup_steps: int, every: int, source: str, wand
         lines.append(f"  EMA: the LoRA files and samples hold the EMA of the trained weights (decay "
                      f"{watch.ema.decay:g}); the resumable state keeps both")
     if is_schedule_free(watch.optimizer):
-        lines.append(f"  schedule-free AdamW: the LoRA files and samples hold its averaged (eval) weights; constant "
-                     f"LR" + (f" after {warmup_steps} warmup steps" if warmup_steps else ""))
+        lines.append("  schedule-free AdamW: the LoRA files and samples hold its averaged (eval) weights; constant "
+                     "LR" + (f" after {warmup_steps} warmup steps" if warmup_steps else ""))
     v = watch.validator
     if v is not None:
         lines.append(f"  validation: {len(v.dataset.entries)} held-out image(s) ({source}) x {len(v.seeds)} seed(s) "

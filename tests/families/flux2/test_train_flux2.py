@@ -1,7 +1,6 @@
 """`dev2pro train` / `dedistill` on tiny FLUX.2 klein: Base-trained LoRA sampled on the distilled model next to
 Base, FLUX.2 LoRA layouts, a distilled student without guidance embedding, and the one-line pairing errors."""
 
-import json
 
 import pytest
 import torch
