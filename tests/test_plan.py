@@ -5,18 +5,9 @@ import torch
 
 from dev2pro.flux.spec import FLUX_DEV, build_transformer
 from dev2pro.plan import GB, VRAM_PRESETS, PlanInputs, advise, estimate, optimizer_state_bytes, render
+from tiny_run import storage_bytes
 
 ALL_FP8 = ("norms", "biases", "embedders", "final")
-
-
-def _bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        s = t.untyped_storage()
-        if s.data_ptr() not in seen:
-            seen.add(s.data_ptr())
-            total += s.nbytes()
-    return total
 
 
 def _lora(model, spec, rank, optimizer):
@@ -37,8 +28,8 @@ def _measured(model, params, opt) -> dict:
     ids = {id(p) for p in params}
     base = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in ids]
     state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    return {"base": _bytes(base), "lora": _bytes(params), "grads": _bytes([p.grad for p in params]),
-            "optimizer": _bytes(state)}
+    return {"base": storage_bytes(base), "lora": storage_bytes(params),
+            "grads": storage_bytes([p.grad for p in params]), "optimizer": storage_bytes(state)}
 
 
 def _check(plan, got):

@@ -72,3 +72,30 @@ def run_killed(cfg_path, after_step: int, command: str = "train") -> None:
     proc = subprocess.run([sys.executable, str(kill), str(after_step), command, str(cfg_path), "--no-progress"],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 17, proc.stderr[-2000:]
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (what the allocator holds; views counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def assert_fused_equals_merged(pipe, lora_out, ours, forward, what: str, capsys) -> None:
+    """diffusers' pipeline with a LoRA loaded (its output ``lora_out``) vs ``ours``, dev2pro's merge of the same
+    file: outputs to fp32 round-off, then diffusers' own fuse against our merged weights (same keys, < 1e-6)."""
+    out_diff = float((forward(ours) - lora_out).abs().max())
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    ref, got = pipe.transformer.state_dict(), ours.state_dict()
+    assert set(ref) == set(got)
+    weight_diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+    with capsys.disabled():
+        print(f"\n{what}: diffusers-loaded vs dev2pro-merged output max |diff| {out_diff:.3g} (scale "
+              f"{float(lora_out.abs().max()):.3g}); fused vs merged weights max |diff| {weight_diff:.3g}")
+    assert out_diff < 1e-5 * float(lora_out.abs().max())
+    assert weight_diff < 1e-6

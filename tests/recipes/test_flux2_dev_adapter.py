@@ -18,7 +18,7 @@ from dev2pro.flux import checkpoint as C
 from dev2pro.recipes.dedistill import dedistill
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_dedistill_config, load_train_config
-from tiny_run import model_and_data, same_tensors
+from tiny_run import assert_fused_equals_merged, model_and_data, same_tensors
 
 from .test_dedistill import _run_cli, _toml
 from .test_flux2_lora_acceptance import DiffusersLog
@@ -64,17 +64,7 @@ def _equals_our_merge(pipe, dev_dir, lora_file, out, capsys, what):
     lora_out = forward(pipe.transformer)
     assert main(["lora", "merge", "--base", str(dev_dir), "--lora", str(lora_file), str(out)]) == 0
     ours, _ = C.load_transformer(out, dtype=torch.float32)
-    out_diff = float((forward(ours) - lora_out).abs().max())
-    pipe.fuse_lora(lora_scale=1.0)
-    pipe.unload_lora_weights()
-    ref, got = pipe.transformer.state_dict(), ours.state_dict()
-    assert set(ref) == set(got)
-    weight_diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
-    with capsys.disabled():
-        print(f"\n{what}: diffusers-loaded vs dev2pro-merged output max |diff| {out_diff:.3g} (scale "
-              f"{float(lora_out.abs().max()):.3g}); fused vs merged weights max |diff| {weight_diff:.3g}")
-    assert out_diff < 1e-5 * float(lora_out.abs().max())
-    assert weight_diff < 1e-6
+    assert_fused_equals_merged(pipe, lora_out, ours, forward, what, capsys)
 
 
 def test_adapter_exports_and_loads_in_diffusers_as_our_merge(adapter_run, flux2_dev_dir, tmp_path, capsys):

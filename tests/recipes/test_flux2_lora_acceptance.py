@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from dev2pro.cli import main
 from dev2pro.flux import checkpoint as C
-from tiny_run import model_and_data, same_tensors
+from tiny_run import assert_fused_equals_merged, model_and_data, same_tensors
 
 pytest.importorskip("peft")
 from diffusers import Flux2KleinPipeline  # noqa: E402
@@ -94,17 +94,7 @@ def test_trained_klein_lora_loads_in_diffusers_and_equals_our_merge(trained, kle
     assert same_tensors(files["kohya"], files["diffusers"]) and same_tensors(files["kohya"], files["comfy"])
 
     ours, _ = C.load_transformer(merged["kohya"], dtype=torch.float32)
-    out_diff = float((forward(ours) - lora_out).abs().max())
-    pipe.fuse_lora(lora_scale=1.0)
-    pipe.unload_lora_weights()
-    ref, got = pipe.transformer.state_dict(), ours.state_dict()
-    assert set(ref) == set(got)
-    weight_diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
-    with capsys.disabled():
-        print(f"\nklein LoRA: diffusers-loaded vs dev2pro-merged output max |diff| {out_diff:.3g} "
-              f"(output scale {float(lora_out.abs().max()):.3g}); fused vs merged weights max |diff| {weight_diff:.3g}")
-    assert out_diff < 1e-5 * float(lora_out.abs().max())
-    assert weight_diff < 1e-6
+    assert_fused_equals_merged(pipe, lora_out, ours, forward, "klein LoRA", capsys)
 
 
 def test_trained_files_convert_into_each_other_bit_identically(trained, tmp_path):

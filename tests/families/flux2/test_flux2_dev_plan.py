@@ -13,6 +13,7 @@ from dev2pro.host_memory import pinned_bytes
 from dev2pro.plan import CUDA_OVERHEAD, GB, PlanInputs, encoder_params, estimate
 from dev2pro.presets import fitted_preset
 from dev2pro.schemas import load_dedistill_config, load_train_config
+from tiny_run import storage_bytes
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 ENC = {f"{k}_params": v for k, v in encoder_params(None, DEV).items()}
@@ -20,16 +21,6 @@ FIELD = {"model.gradient_checkpointing": "gradient_checkpointing", "model.fp8_st
          "model.fp8_keep": "fp8_keep", "model.blocks_to_swap": "blocks_to_swap",
          "model.text_encoder": "text_encoder", "model.text_encoder_dtype": "text_encoder_dtype",
          "model.vae_tiling": "vae_tiling", "train.optimizer": "optimizer"}
-
-
-def _bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        s = t.untyped_storage()
-        if s.data_ptr() not in seen:
-            seen.add(s.data_ptr())
-            total += s.nbytes()
-    return total
 
 
 def _with_lora(model, spec, rank, every_linear=False):
@@ -55,8 +46,8 @@ def _measured(model, params, opt, prefix="") -> dict:
     mine = {id(p) for n, p in model.named_parameters() if n.startswith(prefix) and id(p) in ids}
     state = [v for p, s in opt.state.items() if id(p) in mine for v in s.values() if torch.is_tensor(v)]
     lora = [p for p in params if id(p) in mine]
-    return {"base": _bytes([t for _, t in named if id(t) not in ids]), "lora": _bytes(lora),
-            "grads": _bytes([p.grad for p in lora]), "optimizer": _bytes(state)}
+    return {"base": storage_bytes([t for _, t in named if id(t) not in ids]), "lora": storage_bytes(lora),
+            "grads": storage_bytes([p.grad for p in lora]), "optimizer": storage_bytes(state)}
 
 
 def test_plan_matches_allocated_bytes_on_tiny_flux2_dev(flux2_dev_dir):
