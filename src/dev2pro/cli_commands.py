@@ -191,8 +191,9 @@ def add_train(sub):
 
 
 def add_dedistill(sub):
-    add_config_command(sub, "dedistill", "full fine-tune of FLUX.1-dev away from guidance distillation (make a "
-                       "dev2pro); launch with accelerate/torchrun for several GPUs", target=_dedistill_target,
+    add_config_command(sub, "dedistill", "de-distill FLUX.1 / FLUX.2 dev (make a dev2pro): a full "
+                       "fine-tune (accelerate/torchrun, FSDP2 for several GPUs) or, with train.adapter_rank, a LoRA "
+                       "adapter on one frozen (fp8) base", target=_dedistill_target,
                        overwrite=True)
 
 

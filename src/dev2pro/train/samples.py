@@ -81,11 +81,14 @@ class LoraSampler:
             if blocks_to_swap:
                 self.swap = BlockSwap(self.model, blocks_to_swap, device)  # placed while sampling only
         embeds = self.model.config.guidance_embeds if self.model is not None else training_guidance_embeds
-        self.guidance: Guidance = resolve_guidance(embeds, "auto", guidance, cfg)
+        # sample.cfg is the true-CFG scale of bases WITHOUT a guidance embedding: a guidance-distilled base (dev)
+        # renders with its embedded guidance alone, as users run it (CFG on top doubled the guidance, 2x the cost)
+        self.guidance: Guidance = resolve_guidance(embeds, "auto", guidance, 1.0 if embeds else cfg)
         self.base_guidance = self.guidance
         self.steps = spec.steps
         if self.distilled:  # as it is used: its own steps, no CFG; the training base keeps the configured ones
-            self.base_guidance = resolve_guidance(training_guidance_embeds, "auto", guidance, cfg)
+            self.base_guidance = resolve_guidance(training_guidance_embeds, "auto", guidance,
+                                                  1.0 if training_guidance_embeds else cfg)
             self.guidance = resolve_guidance(False, "auto", 1.0, 1.0)
             self.steps = inference_spec.sampling.steps
         self.base = inference_base or "training base"
