@@ -243,6 +243,12 @@ def test_torchvision_fallback_warning_is_filtered_and_others_are_not():
     assert not logger.filter(noise)
     assert logger.filter(record("something that matters"))
     assert sum(type(f).__name__ == "_DropNoise" for f in logger.filters) == 1
+    # diffusers' keep-in-fp32 warning naming no module (FLUX.2's empty list) is noise; one naming modules is not
+    dl = logging.getLogger("diffusers.models.modeling_utils")
+    empty = dl.makeRecord(dl.name, logging.WARNING, __file__, 1, "There are modules in Flux2Transformer2DModel that "
+                          "should be kept in float32: []. Casting directly with `to()` ...", (), None)
+    named = dl.makeRecord(dl.name, logging.WARNING, __file__, 1, "... should be kept in float32: ['x']. ...", (), None)
+    assert not dl.filter(empty) and dl.filter(named)
 
 
 def test_no_recipe_or_library_module_imports_the_cli():

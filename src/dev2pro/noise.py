@@ -3,6 +3,9 @@
 - transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..." (and the same
   for Siglip): diffusers' Flux pipeline module imports those image processors for IP-adapters, which dev2pro
   never uses, and transformers' lazy module warns on that access (``transformers/utils/import_utils.py``).
+- diffusers' "There are modules in Flux2Transformer2DModel that should be kept in float32: []" on every
+  ``model.to(dtype)``: FLUX.2's class declares an empty keep-in-fp32 list, so the warning names nothing (a non-empty
+  list still shows).
 - transformers' per-file "Loading weights" bars (huggingface_hub's ``HF_HUB_DISABLE_PROGRESS_BARS``, read when
   transformers is imported): our own progress output is the one to watch.
 """
@@ -15,6 +18,7 @@ import os
 # logger name -> substrings of the messages to drop
 NOISE = {
     "transformers.utils.import_utils": ("requires torchvision (not installed)",),
+    "diffusers.models.modeling_utils": ("should be kept in float32: []",),
 }
 
 
