@@ -82,13 +82,14 @@ PROFILES = {
                     seeds=8, eval_per_class=20, sample_steps=24, cfg_teacher_arm=True),
 }
 # FLUX.2 dev: a 128-wide transformer (4x FLUX.1's toy per step) and 56 tokens, sized to the same time limits
+# FLUX.2 dev: a 128-wide transformer (4x FLUX.1's toy) and 56 tokens, compute-bound: bases at batch 16
 PROFILES_BY_FAMILY = {"flux1": PROFILES, "flux2-dev": {
-    "quick": Profile(pro_steps=100, dev_steps=30, dedistill_steps=20, lora_steps=20, lora_short=10, seeds=3,
-                     eval_per_class=2, sample_steps=6),
-    "default": Profile(pro_steps=600, dev_steps=200, dedistill_steps=120, lora_steps=100, lora_short=40,
-                       seeds=5, eval_per_class=4, sample_steps=10),
+    "quick": Profile(pro_steps=60, dev_steps=20, dedistill_steps=12, lora_steps=16, lora_short=8, seeds=3,
+                     eval_per_class=2, sample_steps=4, batch=16),
+    "default": Profile(pro_steps=600, dev_steps=200, dedistill_steps=120, lora_steps=80, lora_short=30,
+                       seeds=5, eval_per_class=4, sample_steps=10, batch=16),
     "full": Profile(pro_steps=3000, dev_steps=1000, dedistill_steps=600, lora_steps=300, lora_short=100,
-                    seeds=8, eval_per_class=12, sample_steps=20, cfg_teacher_arm=True)}}
+                    seeds=8, eval_per_class=12, sample_steps=20, batch=16, cfg_teacher_arm=True)}}
 
 
 def arms_for(dev_guidance: float) -> dict[str, tuple[str, float, str]]:
