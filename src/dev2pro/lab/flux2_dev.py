@@ -36,22 +36,29 @@ PRO_INIT = "pro-init.safetensors"  # pro's random start: the folder's transforme
 
 def write_model(models: Path, seed: int = 0) -> tuple[Path, str]:
     """``models/flux2-dev`` (a tiny ``Flux2Pipeline`` folder, Mistral3 embeddings scaled) and ``models/pro-init``
-    (its transformer without guidance embedding, BFL layout, recorded as undistilled): (folder, pro start file)."""
+    (``write_pro_start``): (folder, pro start file). Reused when already written."""
+    folder, pro = models / "flux2-dev", models / PRO_INIT
+    if not (folder / "model_index.json").is_file():
+        klein.write_model(folder, seed=seed, spec=DEV_SPEC, variant="dev")
+    if not pro.is_file():
+        write_pro_start(folder, pro)
+    return folder, str(pro)
+
+
+def write_pro_start(folder: Path, out: Path) -> Path:
+    """The folder's transformer without its guidance embedding as a BFL-layout file recorded as undistilled
+    (FLUX.2's "Base" variant: true CFG): the random start of pro, which has no guidance input to learn."""
     from safetensors.torch import save_file
 
     from ..families.flux2 import keys
     from ..flux.checkpoint import load_transformer
     from ..outputs import atomic_path
 
-    folder, pro = models / "flux2-dev", models / PRO_INIT
-    if not (folder / "model_index.json").is_file():
-        klein.write_model(folder, seed=seed, spec=DEV_SPEC, variant="dev")
-    if not pro.is_file():
-        model, _ = load_transformer(folder, dtype=torch.float32, guidance_embeds=False)
-        bfl = keys.diffusers_to_bfl({k: v.contiguous() for k, v in model.state_dict().items()})
-        with atomic_path(pro, overwrite=True, what="pro start file") as tmp:
-            save_file(bfl, str(tmp), metadata={VARIANT_METADATA_KEY: "klein-base"})
-    return folder, str(pro)
+    model, _ = load_transformer(folder, dtype=torch.float32, guidance_embeds=False)
+    bfl = keys.diffusers_to_bfl({k: v.contiguous() for k, v in model.state_dict().items()})
+    with atomic_path(Path(out), overwrite=True, what="pro start file") as tmp:
+        save_file(bfl, str(tmp), metadata={VARIANT_METADATA_KEY: "klein-base"})
+    return Path(out)
 
 
 def load_text_encoder(model_dir: Path) -> klein.TextEncoder:
