@@ -454,5 +454,5 @@ def add_demo(sub):
         from .recipes.demo import run_demo
         out = a.out or {"flux1": "demo-out", "flux2-dev": "demo-flux2-dev-out"}[a.family]
         make_parent(out)
-        run_demo(out, a.profile, a.seeds, a.overwrite, not a.no_progress, a.workers, family=a.family)
+        run_demo(out, a.profile, a.seeds, a.overwrite, not a.no_progress, a.workers, a.family)
     p.set_defaults(profile="default", run=run)
