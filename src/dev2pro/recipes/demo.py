@@ -1,9 +1,8 @@
 """`dev2pro demo [--family flux2-dev]`: the Dev2Pro claim, measured end to end on a CPU with the real Flux classes
 at toy scale -- on FLUX.1 or on FLUX.2 [dev] architecture models (what differs: ``lab/demo_families.py``).
 
-The claim (Flux-Dev2Pro): a LoRA trained on a de-distilled base at guidance 1.0 and applied to FLUX.1-dev beats a
-LoRA trained on dev directly. Every piece of the story is rebuilt small, with the recipes users run; the demo's
-own parts (data, sampling, judges, report) live in `lab/`:
+The claim (Flux-Dev2Pro): a LoRA trained on a de-distilled base at guidance 1.0 and applied to dev beats a LoRA
+trained on dev directly. Every piece is rebuilt small, with the recipes users run; the demo's parts live in `lab/`:
 
   world    scikit-learn's 8x8 digits (1,797 real images) as the base world, white on black, captioned
            "a photo of the digit three"; the new concept, never seen by any base, is a style: the digit drawn
@@ -12,24 +11,24 @@ own parts (data, sampling, judges, report) live in `lab/`:
            codec stands in for the VAE; data goes through `dev2pro cache`'s shard writer (`lab/world.py`).
   pro      a tiny transformer without guidance embedding, trained from scratch by `dedistill` (objective
            flow, 10% caption dropout): a real CFG model.
-  dev      `dedistill` objective `guidance_distill` (Meng et al., Algorithm 1): pro's weights plus a guidance
+  dev      `dedistill` objective `guidance_distill` (Meng et al., Algorithm 1): pro's weights plus a grown guidance
            embedding, regressed onto pro's CFG output at w ~ U[1, 5].
   dev2pro  `dedistill` objective `flow` at guidance 1.0 from dev (the Dev2Pro recipe); `--full` adds a
            `cfg_teacher` de-distillation as a fifth arm.
   adapters dev -> dev2pro as a LoRA (`lora/adapter.py`): extracted from the two bases by `lora extract` at the rank
            its `--ranks` report recommends (0.9 of the energy), and de-distilled directly as a LoRA of that rank
            (`dedistill` with ``train.adapter_rank``); their fidelity by rank goes into the report.
-  arms     `dev2pro train` LoRAs, same data/steps/seed per arm: A dev @ 3.5, B dev @ 1.0, C dev2pro @ 1.0, D pro
-           (oracle, sampled on pro with true CFG); C-ext and C-lora train on dev with the extracted / the
-           de-distilled adapter on (`model.adapter`: one base, Dev2Pro as a training adapter). Every arm but D is
-           applied to dev and sampled at each of ``GUIDANCES``, after a short and the full training length.
+  arms     `dev2pro train` LoRAs, same data/steps/seed per arm: A dev @ its usual guidance (3.5; FLUX.2: 4.0), B
+           dev @ 1.0, C dev2pro @ 1.0, D pro (oracle, sampled on pro with true CFG); C-ext and C-lora train on dev
+           with the extracted / the de-distilled adapter on (`model.adapter`: Dev2Pro as a training adapter). All
+           but D are applied to dev, sampled at (dev guidance, 1.0) after a short and the full training length.
   judges   classifiers fitted here on real data (`lab/judges.py`): style fidelity, digit accuracy, Frechet
            distances (to real concept images and to the oracle's samples), guidance integrity.
 
-The bases are trained once per demo seed; each LoRA seed (>= 3) changes the few-shot subset, the LoRA init and
-noise, and the sampling seeds, so the intervals measure LoRA-training variance on fixed bases. LoRA jobs run in two
-single-threaded worker processes (one per core); training, sampling and judging run on one thread and judges score
-each image alone, so the numbers depend on the seeds only. A finished stage is reused when the run is resumed.
+Bases are trained once per run; each LoRA seed (>= 3) changes the few-shot subset, the LoRA init and noise, and
+the sampling seeds, so the intervals measure LoRA-training variance on fixed bases. LoRA jobs run in two
+single-threaded workers; everything runs on one thread and judges score each image alone, so the numbers depend on
+the seeds only. A finished stage is reused when the run is resumed.
 """
 
 from __future__ import annotations
@@ -81,7 +80,6 @@ PROFILES = {
     "full": Profile(pro_steps=4000, dev_steps=2000, dedistill_steps=1000, lora_steps=400, lora_short=100,
                     seeds=8, eval_per_class=20, sample_steps=24, cfg_teacher_arm=True),
 }
-# FLUX.2 dev: a 128-wide transformer (4x FLUX.1's toy per step) and 56 tokens, sized to the same time limits
 # FLUX.2 dev: a 128-wide transformer (4x FLUX.1's toy) and 56 tokens, compute-bound: bases at batch 16
 PROFILES_BY_FAMILY = {"flux1": PROFILES, "flux2-dev": {
     "quick": Profile(pro_steps=60, dev_steps=20, dedistill_steps=12, lora_steps=16, lora_short=8, seeds=3,
@@ -105,14 +103,13 @@ GUIDANCES = (DEV_GUIDANCE, 1.0)  # every arm is sampled at each (a family's: (it
 MAIN = ("long", DEV_GUIDANCE)  # the setting the verdict is about: the full-length LoRA applied to dev as it is used
 ARMS = arms_for(DEV_GUIDANCE)
 ADAPTER_ARMS = {"C-ext": "extracted", "C-lora": "dedistilled"}  # arm -> which adapter is on while it trains
-ADAPTER_RANKS = (2, 4, 8, 16, 32)  # fidelity by rank; the tiny family is 64 wide
+ADAPTER_RANKS = (2, 4, 8, 16, 32)  # fidelity by rank; the tiny FLUX.1 is 64 wide, FLUX.2 dev 128
 ORACLE = "D"
 
 
 # ------------------------------------------------------------------------------------------------ stages
 def _data(root: Path, world, p: Profile, fam) -> tuple[Path, str, Path, dict, Path]:
-    """The tiny model folder and pro's start, image folders -> shards (base world, one concept set per seed), eval
-    prompts -- each through the family's own text stack and codec."""
+    """Model folder, pro's start, shards (base world, a concept set per seed), eval prompts: the family's pieces."""
     model_dir, pro_start = fam.write_model(root / "models")
     base_shards, concept_shards, prompts = dataset.write_world(root, world, p.seeds, p.per_class,
                                                                fam.load_text_encoder(model_dir), fam.write_shards,
@@ -222,12 +219,11 @@ def _lora_job(job: dict) -> dict:
                 "model": {"path": job["model_dir"], "transformer": job["base"], "adapter": job.get("adapter", ""),
                           "dtype": "fp32", "gradient_checkpointing": False, "t5_max_length": job["text_len"]},
                 "data": {"shards": job["shards"], "batch_size": job["lora_batch"]},
-                "lora": {"rank": 8, "alpha": 8},
+                "lora": {"rank": 8, "alpha": 8}, "log_every": 50,
                 "train": {"steps": job["steps"], "lr": 2e-3, "seed": job["seed"], "guidance": job["guidance"],
                           "warmup_steps": 5},
-                "save": {"output_dir": str(run), "every": job["short"], "formats": [fam.lora_format], "overwrite": True},
-                "log_every": 50,
-            })
+                "save": {"output_dir": str(run), "every": job["short"], "formats": [fam.lora_format],
+                         "overwrite": True}})
             summary = train(cfg, progress=False, quiet=True)  # parallel workers: no interleaved console
         result["losses"] = summary["losses"]
         x = fam.lora_suffix
@@ -253,7 +249,7 @@ def run_demo(out: str | None = None, profile: str = "default", seeds: int | None
     torch.set_num_threads(1)  # faster on busy cores; round-off must not move with the core count (lab/threads.py)
     root = Path(out or fam.out).resolve()
     stamp = {"version": 1, **({} if fam.name == "flux1" else {"family": fam.name}), "profile": profile, **asdict(p)}
-    prepare_run_folder(root, stamp, overwrite)  # (FLUX.1's stamp as before: its earlier folders still resume)
+    prepare_run_folder(root, stamp, overwrite)  # FLUX.1's stamp as before: its earlier folders still resume
     clock = StageClock()
     guidances, main = (fam.dev_guidance, 1.0), ("long", fam.dev_guidance)
 
