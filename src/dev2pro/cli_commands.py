@@ -430,9 +430,11 @@ def _add_lora_extract(lsub):
 def add_demo(sub):
     p = sub.add_parser("demo", help="measure the Dev2Pro claim end to end on toy Flux models (CPU, ~10 min)")
     p.add_argument("--out", default=None,
-                   help="output folder (default demo-out, demo-klein-out; a finished stage is reused on rerun)")
-    p.add_argument("--family", choices=("flux1", "flux2-klein"), default="flux1",
-                   help="flux2-klein: train on klein Base, use on the distilled model, with calibrated strengths")
+                   help="output folder (default demo-out, demo-flux2-dev-out, demo-klein-out; a finished stage is "
+                        "reused on rerun)")
+    p.add_argument("--family", choices=("flux1", "flux2-dev", "flux2-klein"), default="flux1",
+                   help="flux2-dev: the same Dev2Pro story on FLUX.2 [dev] architecture models; flux2-klein: train "
+                        "on klein Base, use on the distilled model, with calibrated strengths")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="profile", const="quick", help="smoke test, ~2 min")
     size.add_argument("--full", action="store_const", dest="profile", const="full",
@@ -446,10 +448,12 @@ def add_demo(sub):
 
     def run(a):
         if a.family == "flux2-klein":
-            from .recipes.demo_klein import run_demo_klein as run_demo
-        else:
-            from .recipes.demo import run_demo
-        out = a.out or ("demo-klein-out" if a.family == "flux2-klein" else "demo-out")
+            from .recipes.demo_klein import run_demo_klein
+            out = a.out or "demo-klein-out"
+            make_parent(out)
+            return run_demo_klein(out, a.profile, a.seeds, a.overwrite, not a.no_progress, a.workers)
+        from .recipes.demo import run_demo
+        out = a.out or {"flux1": "demo-out", "flux2-dev": "demo-flux2-dev-out"}[a.family]
         make_parent(out)
-        run_demo(out, a.profile, a.seeds, a.overwrite, not a.no_progress, a.workers)
+        run_demo(out, a.profile, a.seeds, a.overwrite, not a.no_progress, a.workers, a.family)
     p.set_defaults(profile="default", run=run)

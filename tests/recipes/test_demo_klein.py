@@ -119,7 +119,8 @@ def test_quick_klein_demo_end_to_end(quick):
 
 
 @pytest.mark.parametrize("family, module, out", [("flux2-klein", "demo_klein", "demo-klein-out"),
-                                                 ("flux1", "demo", "demo-out")])
+                                                 ("flux1", "demo", "demo-out"),
+                                                 ("flux2-dev", "demo", "demo-flux2-dev-out")])
 def test_cli_family_picks_the_demo(monkeypatch, tmp_path, family, module, out):
     import importlib
 
@@ -131,7 +132,7 @@ def test_cli_family_picks_the_demo(monkeypatch, tmp_path, family, module, out):
     monkeypatch.setattr(mod, name, lambda *a: calls.append(a))
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--family", family, "--quick", "--seeds", "3", "--no-progress"]) == 0
-    assert calls == [(out, "quick", 3, False, False, 2)]
+    assert calls == [(out, "quick", 3, False, False, 2) + (() if module == "demo_klein" else (family,))]
 
 
 @pytest.mark.slow

@@ -241,7 +241,7 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
     if guidance_embeds is not None and guidance_embeds != spec.guidance_embeds:
         if guidance_embeds:
             raise UserError(f"{path} has no guidance embedding; it cannot be loaded as a guidance-distilled model")
-        spec = spec.with_(guidance_embeds=False)
+        spec = spec.without_guidance()  # FLUX.2 ties the variant to the embedding: the spec knows how
     policy = policy or fp8mod.Fp8Policy()
     model = families.build_transformer(spec, device="meta")
     steps = ckpt.plan("diffusers")

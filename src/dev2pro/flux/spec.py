@@ -73,6 +73,14 @@ class FluxSpec:
     def with_(self, **changes) -> "FluxSpec":
         return replace(self, **changes)
 
+    def without_guidance(self) -> "FluxSpec":
+        """The same model without its guidance embedding (pro-like: sampled with true CFG)."""
+        return replace(self, guidance_embeds=False)
+
+    def with_guidance(self) -> "FluxSpec":
+        """The same model with a guidance embedding (dev-like)."""
+        return replace(self, guidance_embeds=True)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["axes_dim"] = list(self.axes_dim)

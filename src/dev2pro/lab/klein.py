@@ -86,9 +86,9 @@ def to_stored(vae_latents: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------ data
-def write_model(folder: Path, seed: int = 0, spec=None) -> Path:
-    """The tiny klein folder (``families.flux2.tiny.write_tiny``, variant klein-base) with its stand-in Qwen3's token
-    embeddings scaled by ``EMBED_GAIN``.
+def write_model(folder: Path, seed: int = 0, spec=None, variant: str = "klein-base") -> Path:
+    """The tiny FLUX.2 folder (``families.flux2.tiny.write_tiny``, ``variant`` klein-base, or dev with its Mistral3)
+    with its stand-in text encoder's token embeddings scaled by ``EMBED_GAIN``.
 
     Why: a random 36-layer Qwen3 of width 32 hands out hidden states (layers 9/18/27) of std ~0.04 in which the
     prompt's own words are ~14% of the signal -- the template and 9 random layers wash them out, where a trained
@@ -96,27 +96,31 @@ def write_model(folder: Path, seed: int = 0, spec=None) -> Path:
     toy Base ignored its prompt after 1000 steps (every digit prompt drew the same image). Qwen3 is pre-norm, so
     scaling the token embeddings (std 0.02 -> 1) raises the residual stream's token content against what the
     layers add: std ~0.9, words ~20%. Everything else (tokenizer, template, layers, stacking) is untouched."""
-    from transformers import Qwen3ForCausalLM
+    import json
+
+    import transformers
 
     from ..families.flux2.tiny import write_tiny
 
-    write_tiny(folder, "klein-base", seed=seed, spec=spec, overwrite=True)
-    te = Qwen3ForCausalLM.from_pretrained(str(folder / "text_encoder"))
+    write_tiny(folder, variant, seed=seed, spec=spec, overwrite=True)
+    encoder_class = json.loads((folder / "model_index.json").read_text())["text_encoder"][1]  # Qwen3 or Mistral3
+    te = getattr(transformers, encoder_class).from_pretrained(str(folder / "text_encoder"))
     with torch.no_grad():
         te.get_input_embeddings().weight.mul_(EMBED_GAIN)
     te.save_pretrained(str(folder / "text_encoder"))
     return folder
 
 
-def load_text_encoder(model_dir: Path) -> TextEncoder:
-    """Captions -> {"prompt_embeds" (B, TEXT_LEN, D) bf16} with the folder's Qwen3 (klein's cached text format)."""
+def load_text_encoder(model_dir: Path, text_len: int = TEXT_LEN) -> TextEncoder:
+    """Captions -> {"prompt_embeds" (B, text_len, D) bf16} with the folder's text stack (Qwen3 for klein, Mistral3
+    for dev: FLUX.2's cached text format)."""
     from ..families import get
 
     fam = get("flux2")
-    return fam.text_encoder(fam.load_text(model_dir, "cpu"), "cpu", TEXT_LEN)
+    return fam.text_encoder(fam.load_text(model_dir, "cpu"), "cpu", text_len)
 
 
-def write_shards(folder: Path, out: Path, encode_text: TextEncoder) -> Path:
+def write_shards(folder: Path, out: Path, encode_text: TextEncoder, text_len: int = TEXT_LEN) -> Path:
     """An image folder -> shards at ``out`` (one SIZE x SIZE bucket), latents by ``encode_pixels``."""
     from ..data.buckets import make_buckets
     from ..data.shards import collect_sources, write_shards as write
@@ -124,7 +128,7 @@ def write_shards(folder: Path, out: Path, encode_text: TextEncoder) -> Path:
     samples, bad = collect_sources([folder])
     return write(samples, out, per_shard=512, buckets=make_buckets(SIZE * SIZE, step=SIZE),
                  encode_latents=encode_pixels, encode_text=encode_text,
-                 settings={"codec": CODEC, "family": "flux2", "max_length": TEXT_LEN}, skipped=bad, batch_size=64)
+                 settings={"codec": CODEC, "family": "flux2", "max_length": text_len}, skipped=bad, batch_size=64)
 
 
 def write_prompts(encode_text: TextEncoder, captions: Sequence[str], out: Path) -> Path:
@@ -169,15 +173,20 @@ def render(pipe, embeds: torch.Tensor, seeds: Sequence[int], *, steps: int, cfg:
            negative: torch.Tensor | None = None) -> torch.Tensor:
     """One batched ``Flux2KleinPipeline`` call: prompt embeddings (N, L, D), one seeded CPU generator per image (so
     image i starts from its seed's noise, as one call per image would), true CFG ``cfg`` against ``negative``
-    (L, D) when > 1. Returns VAE-space latents (N, 32, 8, 8) fp32. Batched because the tiny model's cost is per
-    call, not per image (one image per call was ~30x slower here)."""
+    (L, D) when > 1 -- or, for a transformer with a guidance embedding (``Flux2Pipeline``: FLUX.2 dev), ``cfg`` as
+    its embedded guidance. Returns VAE-space latents (N, 32, 8, 8) fp32. Batched because the tiny model's cost is
+    per call, not per image (one image per call was ~30x slower here)."""
+    from ..families.flux2.sampling import vae_space
+
     extra = {}
-    if cfg > 1.0 and not pipe.config.get("is_distilled", False):
+    embedded = pipe.transformer.config.guidance_embeds
+    if cfg > 1.0 and not embedded and not pipe.config.get("is_distilled", False):
         extra["negative_prompt_embeds"] = negative[None].expand(len(embeds), -1, -1)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     pipe.transformer.eval()
-    return pipe(prompt_embeds=embeds, num_inference_steps=steps, width=SIZE, height=SIZE, generator=generators,
-                guidance_scale=cfg, output_type="latent", **extra).images.float().cpu()
+    latents = pipe(prompt_embeds=embeds, num_inference_steps=steps, width=SIZE, height=SIZE, generator=generators,
+                   guidance_scale=cfg, output_type="latent", **extra).images
+    return vae_space(pipe, latents, SIZE, SIZE).float().cpu()  # dev's pipeline hands back packed tokens
 
 
 def eval_batch(prompts_file, seed: int, per_class: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:

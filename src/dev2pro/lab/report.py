@@ -249,7 +249,8 @@ def markdown(summary: dict) -> str:
     arms = summary["arms"]
     main, guidances = main_setting(summary), summary["guidances"]
     lines = [f"# dev2pro demo — `{summary['command']}`", "",
-             f"Toy FLUX.1 family (real diffusers classes, {summary['settings']['seeds']} LoRA seeds per arm, "
+             f"Toy {summary.get('family_title', 'FLUX.1')} family (real diffusers classes, "
+             f"{summary['settings']['seeds']} LoRA seeds per arm, "
              f"mean ± 95% t-interval). Arms: " + "; ".join(f"**{a}** {d}" for a, d in arms.items()) + ".", "",
              f"**Verdict.** {t['verdict']}", ""]
     for length, g, title in _settings(guidances, main, summary["settings"]["lora_short"]):

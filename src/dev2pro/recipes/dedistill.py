@@ -14,8 +14,9 @@ two for. Two objectives undo that, a third does it:
 - ``guidance_distill``: the opposite direction, how dev was made from pro (Meng et al., "On Distillation of Guided
   Diffusion Models", Algorithm 1): the teacher is a model sampled with true CFG (pro), the student has a guidance
   embedding and must answer at guidance ``w`` what the teacher's ``u + w (c - u)`` gives. A student started from
-  a file without guidance embedding gets one, initialised to add nothing (it starts as the teacher). `dev2pro
-  demo` makes its toy dev this way. Cost: 3 forwards per step (teacher at 2B, no grad; student at B, with grad).
+  a file without guidance embedding gets one, initialised to add nothing (it starts as the teacher); a FLUX.2
+  student gets one only for a CFG range (``teacher.w_min < w_max``), one scale keeps klein's form. `dev2pro demo`
+  makes its toy devs this way. Cost: 3 forwards per step (teacher at 2B, no grad; student at B, with grad).
 
 Distributed (accelerate / torchrun): DDP, or FSDP2 per transformer block (``train.distributed``, or an accelerate
 FSDP config; see ``train.fsdp`` for why the recipe shards itself). Every rank walks the same *global* batch list
@@ -107,12 +108,16 @@ def _models(cfg: DedistillConfig, accelerator, fsdp, compute, family) -> _Models
     m, tc, device = cfg.model, cfg.train, accelerator.device
     if cfg.objective == "guidance_distill" and not m.teacher:
         raise UserError("model.teacher: the guidance_distill objective needs a CFG teacher (a pro-like model)")
-    # FLUX.1's dev got a guidance embedding from pro; FLUX.2 klein's distilled model has none: it answers one fixed
-    # CFG scale (teacher.w_min == teacher.w_max), so its student is not grown
-    grow = cfg.objective == "guidance_distill" and family.name == "flux1"
-    if cfg.objective == "guidance_distill" and not grow and cfg.teacher.w_min != cfg.teacher.w_max:
-        raise UserError(f"teacher.w_min/w_max: a {family.title} student without guidance embedding learns one CFG "
-                        f"scale; set teacher.w_min = teacher.w_max (e.g. 4.0)")
+    # FLUX.1's dev got a guidance embedding from pro, and so does a FLUX.2 student asked for a CFG range (FLUX.2
+    # dev's form); with one fixed scale (teacher.w_min == teacher.w_max) a FLUX.2 student keeps none: klein's
+    # distilled form. A student that has an embedding already keeps it (``load_student`` grows only when missing).
+    grow = cfg.objective == "guidance_distill" and (family.name == "flux1" or cfg.teacher.w_min != cfg.teacher.w_max)
+    if grow and family.name != "flux1" and (Path(m.path) / "model_index.json").is_file():
+        try:  # the grown model is a FLUX.2 dev: its folder must hold dev's text stack (not klein's Qwen3)
+            family.check_folder(Path(m.path), open_checkpoint(m.transformer or m.path).spec().with_guidance())
+        except UserError as e:
+            raise UserError(f"teacher.w_min/w_max: a CFG range grows a guidance embedding (FLUX.2 dev's form), but "
+                            f"{e}; set teacher.w_min = teacher.w_max for klein's one-scale form") from None
     start_from = m.transformer or m.path
     student = load_student(start_from, device, compute, grow_guidance=grow,
                            gradient_checkpointing=m.gradient_checkpointing, adapter_rank=tc.adapter_rank,

@@ -15,7 +15,6 @@ from ..errors import UserError
 from ..flux import keys as keymod
 from ..flux.checkpoint import load_transformer, open_checkpoint
 from ..flux.fp8 import Fp8Policy, enable_fp8_storage
-from ..flux.spec import build_transformer, spec_from_diffusers_config
 from ..lora.peft_adapters import check_storage, is_adapter_param, peft_config
 from . import fsdp as fsdpmod
 from .blockswap import BlockSwap, swap_positions
@@ -100,16 +99,20 @@ def add_lora(transformer, target_names: list[str], rank: int, alpha: float, drop
 
 # ------------------------------------------------------------------------------------------------ de-distillation
 def with_guidance_embedding(model):
-    """A copy of a model without guidance embedding that has one, initialised to add nothing (output unchanged)."""
-    spec = spec_from_diffusers_config(dict(model.config)).with_(guidance_embeds=True,
-                                                                axes_dim=tuple(model.config.axes_dims_rope))
-    grown = build_transformer(spec, dtype=next(model.parameters()).dtype)
+    """A copy of a model without guidance embedding that has one, initialised to add nothing (output unchanged).
+    Any family: FLUX.1's ``time_text_embed.guidance_embedder``, FLUX.2's ``time_guidance_embed.guidance_embedder``
+    (no biases), both added to the timestep embedding, so a zero last layer adds nothing."""
+    fam = families.of_model(model)
+    spec = fam.spec_from_config(dict(model.config)).with_guidance()
+    grown = families.build_transformer(spec.with_(axes_dim=tuple(model.config.axes_dims_rope)),
+                                       dtype=next(model.parameters()).dtype)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any("guidance_embedder" not in k for k in missing):
         raise ValueError(f"cannot add a guidance embedding: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    last = grown.time_text_embed.guidance_embedder.linear_2
+    last = next(m for n, m in grown.named_modules() if n.endswith("guidance_embedder.linear_2"))
     torch.nn.init.zeros_(last.weight)  # guidance adds zero to the conditioning vector until it learns otherwise
-    torch.nn.init.zeros_(last.bias)
+    if last.bias is not None:
+        torch.nn.init.zeros_(last.bias)
     return grown
 
 

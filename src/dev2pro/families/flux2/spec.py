@@ -142,6 +142,15 @@ class Flux2Spec:
     def with_(self, **changes) -> "Flux2Spec":
         return replace(self, **changes)
 
+    def without_guidance(self) -> "Flux2Spec":
+        """The same model without its guidance embedding. FLUX.2's name for an undistilled model sampled with true
+        CFG is Base, so the variant becomes "klein-base" (the guidance embedding is the dev/klein marker)."""
+        return replace(self, guidance_embeds=False, variant="klein-base")
+
+    def with_guidance(self) -> "Flux2Spec":
+        """The same model with a guidance embedding: FLUX.2 dev's form (guidance-distilled)."""
+        return replace(self, guidance_embeds=True, variant="dev")
+
     def diffusers_config(self) -> dict:
         """kwargs for diffusers ``Flux2Transformer2DModel``."""
         return dict(
