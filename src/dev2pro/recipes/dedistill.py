@@ -140,10 +140,9 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
     fsdpmod.warn_if_single_cpu_launch(world)
     torch.manual_seed(tc.seed)
     compute = DTYPE_CHOICES["fp32" if tc.mixed_precision == "no" else tc.mixed_precision]
-    d = cfg.data
     data, family = _data(cfg, accelerator, run)
     # global batches, cut identically on every rank; drop_last: a partial batch cannot be split evenly
-    sampler = BucketBatchSampler(data.dataset.buckets(), d.batch_size * world, seed=tc.seed, drop_last=True)
+    sampler = BucketBatchSampler(data.dataset.buckets(), cfg.data.batch_size * world, seed=tc.seed, drop_last=True)
     models = _models(cfg, accelerator, fsdp, compute, family)
     optimizer = build_optimizer(models.trainable, "adamw", tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
@@ -163,7 +162,7 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
     if start > tc.steps:
         raise UserError(f"{run.root} is at step {start}, past train.steps = {tc.steps}: set train.steps above "
                         f"{start}")
-    say(f"dedistill ({cfg.objective}) -> {run.root}: steps {tc.steps}, batch {d.batch_size} x {world} "
+    say(f"dedistill ({cfg.objective}) -> {run.root}: steps {tc.steps}, batch {cfg.data.batch_size} x {world} "
         f"process(es), lr {tc.lr:g}; TensorBoard: tensorboard --logdir {run.logs}")
     bar = Progress(tc.steps, start, "dedistill", run.logs if main else None, enabled=progress and main,
                    smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main)
