@@ -94,7 +94,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, tiny_dev_dir, images):
 
 def test_lora_trained_on_one_base_samples_on_another(tmp_path, tiny_dev_dir, tiny_pro_dir, images):
     """Train on tiny 'dev2pro' (here: the pro folder's transformer), sample on tiny dev via inference_base."""
-    extra = f"""
+    extra = """
 [sample]
 every = 2
 prompts = ["an astronaut", "a photo"]

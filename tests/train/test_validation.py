@@ -62,7 +62,7 @@ def test_validation_is_deterministic_and_leaves_training_bitwise_unchanged(tmp_p
     best = min(v, key=lambda s: v[s]["overall"])
     assert summary["validation_best"]["step"] == int(best)
     out = capsys.readouterr().out
-    assert "validation at step 2: loss" in out and f"best validation loss" in out
+    assert "validation at step 2: loss" in out and "best validation loss" in out
     assert "validation: 1 held-out image(s)" in out
     # TensorBoard has val/loss and val/sigma_<s> at the validated steps
     from dev2pro.ui.monitor import read_scalars
