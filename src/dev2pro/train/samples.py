@@ -51,6 +51,13 @@ def write_grid(images: list, spec: GridSpec, title: str, path: Path, info: dict,
     return path
 
 
+def _grid_guidance(guidance_embeds: bool, guidance: float, cfg: float) -> Guidance:
+    """`train`'s grids: ``sample.cfg`` is the true-CFG scale of bases WITHOUT a guidance embedding; a
+    guidance-distilled base (dev) renders with its embedded guidance alone, as users run it (CFG on top doubled the
+    guidance and the cost)."""
+    return resolve_guidance(guidance_embeds, "auto", guidance, 1.0 if guidance_embeds else cfg)
+
+
 class LoraSampler:
     """Grids of the current LoRA on the inference base (``inference_base``) or the training model.
 
@@ -81,14 +88,11 @@ class LoraSampler:
             if blocks_to_swap:
                 self.swap = BlockSwap(self.model, blocks_to_swap, device)  # placed while sampling only
         embeds = self.model.config.guidance_embeds if self.model is not None else training_guidance_embeds
-        # sample.cfg is the true-CFG scale of bases WITHOUT a guidance embedding: a guidance-distilled base (dev)
-        # renders with its embedded guidance alone, as users run it (CFG on top doubled the guidance, 2x the cost)
-        self.guidance: Guidance = resolve_guidance(embeds, "auto", guidance, 1.0 if embeds else cfg)
+        self.guidance: Guidance = _grid_guidance(embeds, guidance, cfg)
         self.base_guidance = self.guidance
         self.steps = spec.steps
         if self.distilled:  # as it is used: its own steps, no CFG; the training base keeps the configured ones
-            self.base_guidance = resolve_guidance(training_guidance_embeds, "auto", guidance,
-                                                  1.0 if training_guidance_embeds else cfg)
+            self.base_guidance = _grid_guidance(training_guidance_embeds, guidance, cfg)
             self.guidance = resolve_guidance(False, "auto", 1.0, 1.0)
             self.steps = inference_spec.sampling.steps
         self.base = inference_base or "training base"
