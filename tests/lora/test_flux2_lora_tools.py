@@ -321,3 +321,17 @@ def test_compare_arm_refuses_the_other_family(tiny_dev_dir, lora_files, tmp_path
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the text encoders' progress bars
     assert rc != 0 and err.startswith("dev2pro compare: error: LoRA") and "is FLUX.2 but base model" in err, err
     assert "is FLUX.1" in err
+
+
+def test_info_names_the_base_variant_from_the_metadata(klein, tmp_path, capsys):
+    """`lora info` says which FLUX.2 base a LoRA is for (dev vs a klein size), read from what trainers write."""
+    from dev2pro.families.flux2.spec import PRESETS
+    from dev2pro.lora.flux2 import kohya_fields
+
+    lw = random_lora(klein[1])
+    for preset, base in (("flux2-dev", "flux-2-dev"), ("flux2-klein-4b-base", "flux-2-klein-4b")):
+        path = save_lora(lw, tmp_path / f"{preset}.safetensors", "kohya", metadata=kohya_fields(PRESETS[preset]))
+        out = T.info(str(path))
+        assert out["base"] == base and f"base:     {base}\n" in capsys.readouterr().out
+    plain = T.info(str(save_lora(lw, tmp_path / "plain.safetensors", "kohya")))
+    assert "base" not in plain  # nothing recorded: nothing claimed

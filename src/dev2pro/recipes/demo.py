@@ -98,7 +98,7 @@ def arms_for(dev_guidance: float) -> dict[str, tuple[str, float, str]]:
             "E": ("dev2pro_cfg", 1.0, "dev2pro(cfg_teacher) @ 1.0")}
 
 
-DEV_GUIDANCE = 3.5  # FLUX.1: the guidance dev is used at (and arm A trains at); FLUX.2 dev's is 4.0
+DEV_GUIDANCE = demo_families.get("flux1").dev_guidance  # FLUX.1's dev is used (and arm A trains) at 3.5
 GUIDANCES = (DEV_GUIDANCE, 1.0)  # every arm is sampled at each (a family's: (its dev guidance, 1.0))
 MAIN = ("long", DEV_GUIDANCE)  # the setting the verdict is about: the full-length LoRA applied to dev as it is used
 ARMS = arms_for(DEV_GUIDANCE)

@@ -37,7 +37,9 @@ def info(path: str, as_json: bool = False) -> dict:
         key = f"{g} {describe(m)}"
         groups[key] = groups.get(key, 0) + 1
     family = families.get(lw.family).title if lw.family else "FLUX.1 or FLUX.2 (its names and shapes fit both)"
-    out = {"path": str(path), "family": family, "layout": lw.layout, "type": getattr(lw, "adapter", "lora"),
+    arch = str((lw.metadata or {}).get("modelspec.architecture", ""))  # which base: flux-2-dev, flux-2-klein-4b...
+    out = {"path": str(path), "family": family, **({"base": arch.removesuffix("/lora")} if arch else {}),
+           "layout": lw.layout, "type": getattr(lw, "adapter", "lora"),
            "modules": len(lw), "groups": groups, "params": sum(param_count(m) for m in lw.values()),
            "size_bytes": Path(path).stat().st_size, "metadata": lw.metadata}
     print(json.dumps(out, indent=2, default=str) if as_json else format_info(out))
@@ -47,12 +49,13 @@ def info(path: str, as_json: bool = False) -> dict:
 def format_info(info: dict) -> str:
     """The human form of ``info()``'s dict: known fields first, any other field as ``name: value``."""
     lines = [f"{info['path']}", *([f"  family:   {info['family']}"] if "family" in info else []),
+             *([f"  base:     {info['base']}"] if "base" in info else []),
              f"  layout:   {info['layout']}", *([f"  type:     {info['type']}"] if "type" in info else []),
              f"  modules:  {info['modules']}",
              f"  params:   {info['params']:,}", f"  size:     {_bytes(info['size_bytes'])}", "  groups:"]
     lines += [f"    {n:>5} x {g}" for g, n in sorted(info["groups"].items())]
     for k, v in info.items():
-        if k not in ("path", "family", "layout", "type", "modules", "params", "size_bytes", "groups", "metadata"):
+        if k not in ("path", "family", "base", "layout", "type", "modules", "params", "size_bytes", "groups", "metadata"):
             lines.append(f"  {k + ':':<9} {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
     meta = info.get("metadata") or {}
     if meta:
