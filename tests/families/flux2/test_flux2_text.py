@@ -1,5 +1,7 @@
 """FLUX.2 klein text encoding equals the pipeline's own encode_prompt, and what __call__ feeds the transformer."""
 
+import json
+
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline
@@ -89,3 +91,24 @@ def test_dev_text_stack_equals_flux2pipeline(flux2_dev_dir, text_pipe):
         text.check_pairing(text_pipe, TINY_DEV)
     with pytest.raises(UserError, match="dev \\(Mistral3\\) text encoder .* cannot feed a FLUX.2 klein"):
         text.check_pairing(dev, TINY_KLEIN)
+
+
+def test_pairing_by_published_context_width_not_the_guidance_embedding(tmp_path):
+    """A full-size FLUX.2 dev de-distilled *without* its guidance embedding still reads Mistral3 (context 15360):
+    its folder is accepted, and a klein-width transformer is refused with a Mistral folder whatever it embeds."""
+    from dev2pro.families.flux2.spec import PRESETS
+
+    for name in ("text_encoder", "tokenizer"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
+    undistilled_dev = PRESETS["flux2-dev"].with_(guidance_embeds=False, variant="klein")
+    assert undistilled_dev.is_klein and text.wants_mistral(undistilled_dev)
+    assert text.check_folder(tmp_path, undistilled_dev) == "Flux2Pipeline"
+    assert text.check_folder(tmp_path, PRESETS["flux2-dev"]) == "Flux2Pipeline"
+    with pytest.raises(UserError, match=r"dev \(Mistral3\) text encoder .* cannot feed a FLUX.2 klein transformer "
+                                        r"\(context 7680\)"):
+        text.check_folder(tmp_path, PRESETS["flux2-klein-4b-base"])
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline"}))
+    with pytest.raises(UserError, match=r"klein \(Qwen3\) text encoder .* cannot feed a FLUX.2 dev transformer"):
+        text.check_folder(tmp_path, undistilled_dev)

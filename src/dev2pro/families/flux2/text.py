@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from ...errors import UserError
+from .spec import TEXT_ENCODERS
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer")
 MAX_LENGTH = 512  # Flux2KleinPipeline's default max_sequence_length (tokenizer_max_length)
@@ -58,6 +59,14 @@ def load_text_encoder(model_dir: str | Path, device="cpu", dtype: torch.dtype = 
     return pipe.to(device)
 
 
+def wants_mistral(spec) -> bool:
+    """Whether a transformer reads dev's Mistral3 layers rather than klein's Qwen3: a published context width says
+    so (a FLUX.2 dev de-distilled without its guidance embedding still reads Mistral3); other widths (tiny models)
+    follow the guidance embedding, as only dev has one."""
+    known = TEXT_ENCODERS.get(spec.context_dim)
+    return known[0].startswith("Mistral") if known else not spec.is_klein
+
+
 def check_folder(model_dir: str | Path, spec=None) -> str:
     """The pipeline class of a FLUX.2 model folder that holds its text stack; a one-line UserError naming what is
     missing and where to get it otherwise (before a run writes anything). ``spec``: the transformer it must feed."""
@@ -68,7 +77,7 @@ def check_folder(model_dir: str | Path, spec=None) -> str:
     name = json.loads((root / "model_index.json").read_text()).get("_class_name", "Flux2KleinPipeline")
     if name not in PIPELINES:
         raise UserError(f"model folder {root} is a {name} folder, not FLUX.2 ({' or '.join(PIPELINES)})")
-    dev = name == "Flux2Pipeline" if spec is None else not spec.is_klein
+    dev = name == "Flux2Pipeline" if spec is None else wants_mistral(spec)
     repo = "black-forest-labs/FLUX.2-dev" if dev else "FLUX.2 klein"
     missing = [n for n in TEXT_COMPONENTS if not (root / n).is_dir() or not any((root / n).iterdir())]
     if missing:
@@ -76,9 +85,9 @@ def check_folder(model_dir: str | Path, spec=None) -> str:
         raise UserError(f"model folder {root} lacks {' and '.join(m + '/' for m in missing)} (the {what} text "
                         f"encoder captions are encoded with): download the whole {repo} repo, not only the "
                         "transformer")
-    if spec is not None and (name == "Flux2Pipeline") == spec.is_klein:
+    if spec is not None and (name == "Flux2Pipeline") != wants_mistral(spec):
         encoder = "a FLUX.2 dev (Mistral3)" if name == "Flux2Pipeline" else "a FLUX.2 klein (Qwen3)"
-        model = f"a FLUX.2 {'klein' if spec.is_klein else 'dev'} transformer (context {spec.context_dim})"
+        model = f"a FLUX.2 {'dev' if wants_mistral(spec) else 'klein'} transformer (context {spec.context_dim})"
         raise UserError(f"{encoder} text encoder in {root} cannot feed {model}: use the text encoder of the same "
                         "model folder")
     return name
@@ -138,7 +147,7 @@ def check_pairing(pipe, spec) -> None:
     dev_pipe = type(pipe).__name__ == "Flux2Pipeline"
     te = pipe.text_encoder.config
     width = 3 * getattr(te, "text_config", te).hidden_size
-    if dev_pipe == spec.is_klein or width != spec.context_dim:
+    if dev_pipe != wants_mistral(spec) or width != spec.context_dim:
         encoder = f"{'a FLUX.2 dev (Mistral3)' if dev_pipe else 'a FLUX.2 klein (Qwen3)'} text encoder ({width} wide)"
-        model = f"a FLUX.2 {'klein' if spec.is_klein else 'dev'} transformer (context {spec.context_dim})"
+        model = f"a FLUX.2 {'dev' if wants_mistral(spec) else 'klein'} transformer (context {spec.context_dim})"
         raise UserError(f"{encoder} cannot feed {model}: use the text encoder of the same model folder")
