@@ -5,8 +5,8 @@ steps) and 512^2 (2 + 8). One run, whichever card is lent; compare rows only wit
 Rows, in order: the baseline (plain diffusers + peft step, bf16 LoRA, checkpointing, as
 ``train_dreambooth_lora_flux.py``) | dev2pro as landed before issue 20 (fp32 LoRA) | bf16 LoRA over fp32 masters
 (``train.precision``) | + no checkpointing where the plan says it fits (``model.gradient_checkpointing = "auto"``) |
-+ fused kernels (none built yet: recorded as such) | + attention backend (the SDPA backend the session's preflight
-found first) | fp8 storage before (fp32 LoRA) / after (bf16 LoRA) | the baseline again (drift check) | + compile
++ fused RoPE (``train.fused_rope``; FLUX's RMSNorm is torch's fused kernel already) | + attention backend (the SDPA
+backend the session's preflight found first) | fp8 storage before (fp32 LoRA) / after (bf16 LoRA) | the baseline again (drift check) | + compile
 (``train.compile = "blocks"``; compile time and frames reported; run last, after the end-of-run matmul peak, since
 its compile time is the least predictable part of the budget). The matmul peak is measured at the start and the
 end; one
@@ -61,6 +61,7 @@ class Row:
     lora: str = "bf16"  # bf16 (fp32 masters, train/precision.py) | fp32 (dev2pro before issue 20)
     style: str = "dev2pro"  # dev2pro | diffusers
     attention: bool = False  # the preflighted SDPA backend (DEV2PRO_BENCH_SDP) for this row
+    fused: bool = False  # train.fused_rope: the rotary embedding as one complex product
     compile: bool = False
     profile: bool = False  # profile one 1024^2 (largest size) step
     skip: str = ""  # recorded, not run
@@ -71,13 +72,13 @@ def rows() -> list[Row]:
             Row("dev2pro as landed (fp32 LoRA, ckpt)", lora="fp32"),
             Row("bf16 LoRA (ckpt)"),
             Row("+ no ckpt where the plan fits (auto)", checkpointing="auto", profile=True),
-            Row("+ fused kernels", checkpointing="auto", skip="not built: no fused RMSNorm/RoPE kernels in this change"),
-            Row("+ attention backend", checkpointing="auto", attention=True),
+            Row("+ fused RoPE", checkpointing="auto", fused=True),
+            Row("+ attention backend", checkpointing="auto", fused=True, attention=True),
             Row("fp8 storage before (fp32 LoRA, ckpt)", "fp8", lora="fp32"),
             Row("fp8 storage after (bf16 LoRA, ckpt)", "fp8", profile=True),
             Row("baseline again (drift check)", style="diffusers"),
             # last: its compile time is the least predictable, and a kill at the time limit then costs only it
-            Row("+ compile (blocks)", checkpointing="auto", attention=True, compile=True)]
+            Row("+ compile (blocks)", checkpointing="auto", fused=True, attention=True, compile=True)]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -282,7 +283,10 @@ def profile_step(row, fn, model, batch, gen, device, dtype, params, opt, out: Pa
 
 
 def run_row(model, spec, row: Row, a, device, dtype, results: list, started: float, write) -> None:
+    from dev2pro.train.rope import use_fused_rope
+
     params = opt = masters = None
+    use_fused_rope(row.fused)
     try:
         params, masters = add_lora(model, row, spec, a.rank)
         from dev2pro.train.optim import build_optimizer
@@ -323,6 +327,7 @@ def run_row(model, spec, row: Row, a, device, dtype, results: list, started: flo
         traceback.print_exc(limit=3)
         write()
     finally:
+        use_fused_rope(False)
         if masters is not None:
             masters.remove()
         if "default" in getattr(model, "peft_config", {}):

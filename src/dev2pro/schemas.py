@@ -213,7 +213,7 @@ class OptimBase:
 
 @ordered("steps", "lr", "optimizer", "weight_decay", "warmup_steps", "schedule", "grad_accum", "max_grad_norm", "seed",
          "ema_decay", "guidance", "timestep_sampling", "sigmoid_scale", "shift", "mixed_precision", "lora_dtype",
-         "compile", "attention_backend", "nan_policy", "nan_max_skips")
+         "compile", "fused_rope", "attention_backend", "nan_policy", "nan_max_skips")
 @dataclass
 class TrainSection(OptimBase):
     optimizer: str = opt("adamw", "optimizer", OPTIMIZERS)
@@ -223,6 +223,8 @@ class TrainSection(OptimBase):
     compile: bool | str = opt("off", "regional torch.compile: blocks (each transformer block compiled once, diffusers "
                                      "compile_repeated_blocks; true = blocks) or off; the first steps are slow; not "
                                      "with blocks_to_swap", COMPILE_CHOICES)
+    fused_rope: bool = opt(False, "rotary embedding as one complex product (~12% fewer kernel launches per eager "
+                                  "step, same result to fp32 round-off); off until measured faster on a GPU")
     attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
                                      "PyTorch SDPA")
     ema_decay: float = opt(0.0, "EMA of the LoRA weights (e.g. 0.999; 0 = off): the EMA is what is saved and "

@@ -138,7 +138,8 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
                                torch.float32 if dtype == torch.float32 else torch.bfloat16)
     swap = place_base(transformer, device, blocks_to_swap=m.blocks_to_swap,  # part of the base stays in host RAM
                       gradient_checkpointing=checkpointing,
-                      attention_backend=cfg.train.attention_backend, compile=cfg.train.compile)
+                      attention_backend=cfg.train.attention_backend, compile=cfg.train.compile,
+                      fused_rope=cfg.train.fused_rope)
     return data, transformer, ckpt, params, swap
 
 

@@ -20,6 +20,7 @@ from . import fsdp as fsdpmod
 from .blockswap import BlockSwap, swap_positions
 from .compiled import compile_blocks
 from .cuda import avoid_cudnn_attention
+from .rope import use_fused_rope
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,13 @@ def load_base(path: str, dtype: torch.dtype, device, *, fp8_storage: bool = Fals
 
 
 def place_base(model, device, *, blocks_to_swap: int = 0, gradient_checkpointing: bool = True,
-               attention_backend: str = "", compile: bool | str = "off") -> BlockSwap | None:
-    """Block swap, attention backend and regional compilation on the LoRA'd base; returns the ``BlockSwap`` (None
-    without swap). Call after ``add_lora`` so the LoRA weights are told apart from the swapped base weights."""
+               attention_backend: str = "", compile: bool | str = "off",
+               fused_rope: bool = False) -> BlockSwap | None:
+    """Block swap, attention backend, fused RoPE (``train/rope.py``: for the process) and regional compilation on the
+    LoRA'd base; returns the ``BlockSwap`` (None without swap). Call after ``add_lora`` so the LoRA weights are told
+    apart from the swapped base weights."""
     avoid_cudnn_attention()
+    use_fused_rope(fused_rope)
     swap = None
     if blocks_to_swap:
         if not gradient_checkpointing:

@@ -44,6 +44,7 @@ LABELS = {
     "train.guidance": "Training guidance", "train.timestep_sampling": "Timestep sampling",
     "train.sigmoid_scale": "Sigmoid scale", "train.shift": "Timestep shift",
     "train.mixed_precision": "Mixed precision", "train.compile": "Compile blocks (torch.compile)",
+    "train.fused_rope": "Fused rotary embedding",
     "train.attention_backend": "Attention backend", "train.nan_policy": "On a NaN loss",
     "train.nan_max_skips": "Stop after this many NaN steps",
     "sample.every": "Sample every N steps", "sample.prompts": "Sample prompts",
