@@ -208,7 +208,7 @@ def test_disk_errors_are_recognised_from_every_writer():
 def test_read_error_on_an_input_is_not_reported_as_a_write_error(tmp_path):
     src = tmp_path / "secret.bin"
     with pytest.raises(PermissionError):
-        with outputs.atomic_path(tmp_path / "out.bin") as tmp:
+        with outputs.atomic_path(tmp_path / "out.bin"):
             raise PermissionError(errno.EACCES, "Permission denied", str(src))
     assert _no_temps(tmp_path)
 
