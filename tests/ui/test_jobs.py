@@ -28,10 +28,9 @@ def test_queue_reattach_after_restart_and_stop(tmp_path):
     a = m1.submit("sleep", ["60"])["id"]
     b = m1.submit("sleep", ["0.1"])["id"]
     assert m1.get(a)["status"] == "running" and m1.get(b)["status"] == "queued"  # one job at a time
-    tail = m1.log_tail
-    wait_for(lambda: "started" in tail(a))
+    wait_for(lambda m=m1: "started" in m.log_tail(a))
     runner_pid = m1.get(a)["pid"]
-    del m1, tail  # the web app "crashes": nothing stops the job, it lives in its own session
+    del m1  # the web app "crashes": nothing stops the job, it lives in its own session
 
     m2 = JobManager(tmp_path / "state", tmp_path, command=SLEEPER)
     assert m2.get(a)["status"] == "running" and m2.get(a)["pid"] == runner_pid  # re-attached by pid + start time
