@@ -6,10 +6,10 @@ Rows, in order: the baseline (plain diffusers + peft step, bf16 LoRA, checkpoint
 ``train_dreambooth_lora_flux.py``) | dev2pro as landed before issue 20 (fp32 LoRA) | bf16 LoRA over fp32 masters
 (``train.precision``) | + no checkpointing where the plan says it fits (``model.gradient_checkpointing = "auto"``) |
 + fused RoPE (``train.fused_rope``; FLUX's RMSNorm is torch's fused kernel already) | + attention backend (the SDPA
-backend the session's preflight found first) | fp8 storage before (fp32 LoRA) / after (bf16 LoRA) | the baseline again (drift check) | + compile
-(``train.compile = "blocks"``; compile time and frames reported; run last, after the end-of-run matmul peak, since
-its compile time is the least predictable part of the budget). The matmul peak is measured at the start and the
-end; one
+backend the session's preflight found first) | fp8 storage before (fp32 LoRA) / after (bf16 LoRA) | the baseline
+again (drift check) | + compile (``train.compile = "blocks"``; compile time and frames reported; run last, after the
+end-of-run matmul peak, since its compile time is the least predictable part of the budget). The matmul peak is
+measured at the start and the end; one
 step of dev2pro's default and of fp8 at 1024^2 is profiled (top 30 kernels by GPU time, profile-*.txt).
 
 Columns: median / min s per step, spread ((max - min) / median of the timed steps), host s per step (until the

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from dev2pro.recipes.demo import ADAPTER_RANKS, GUIDANCES, MAIN, PROFILES, run_demo
+from tiny_run import same_tensors
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +86,24 @@ def test_quick_demo_adapter_arms(quick):
 
 
 @pytest.mark.slow
-def test_same_seed_same_table_and_resume_reuses_stages(quick, tmp_path):
+def test_redone_stages_are_bit_identical_and_resume_reuses_the_rest(quick, tmp_path):
+    """A copy of the finished folder with one base and two arms deleted: the same command redoes them -- the base
+    through `dedistill`, the arms in this process with one worker instead of the spawned pair -- to the same bytes
+    and the same table; a finished folder reuses every stage. (A from-scratch rerun proves no more and costs 2 min.)"""
+    import shutil
+
     root, summary = quick
-    again = run_demo(str(tmp_path / "again"), profile="quick", progress=False, workers=1)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    redo = ["runs/dev2pro", "arms/C-seed1", "arms/A-seed0"]
+    for d in redo:
+        shutil.rmtree(copy / d)
+    again = run_demo(str(copy), profile="quick", progress=False, workers=1)
     assert json.dumps(again["table"], sort_keys=True) == json.dumps(summary["table"], sort_keys=True)
-    # the same command on a finished folder reuses every stage and gives the same table again
+    base = "dev2pro.safetensors"
+    assert (copy / redo[0] / base).read_bytes() == (root / redo[0] / base).read_bytes()
+    for arm in redo[1:]:  # the same tensors (the metadata names the run's folder and time)
+        assert same_tensors(copy / arm / "lora.safetensors", root / arm / "lora.safetensors"), arm
     resumed = run_demo(str(root), profile="quick", progress=False)
     assert resumed["table"] == summary["table"]
     assert resumed["timings_seconds"]["bases"] < 5

@@ -143,8 +143,9 @@ def test_swap_inference_equals_plain_with_fp8_storage():
 @pytest.mark.slow
 def test_swap_training_equals_plain_full_width_fp8():
     spec = FLUX_DEV.with_(num_double=1, num_single=1)
-    plain = _train(spec, 0, fp8=True, img=4)
-    swapped = _train(spec, 2, fp8=True, img=4)
+    # two steps: the second forward already runs on LoRA weights the optimizer changed (full width costs ~8 s/step)
+    plain = _train(spec, 0, steps=2, fp8=True, img=4)
+    swapped = _train(spec, 2, steps=2, fp8=True, img=4)
     _assert_equal_runs(plain, swapped)
 
 

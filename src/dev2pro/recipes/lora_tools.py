@@ -55,7 +55,8 @@ def format_info(info: dict) -> str:
              f"  params:   {info['params']:,}", f"  size:     {_bytes(info['size_bytes'])}", "  groups:"]
     lines += [f"    {n:>5} x {g}" for g, n in sorted(info["groups"].items())]
     for k, v in info.items():
-        if k not in ("path", "family", "base", "layout", "type", "modules", "params", "size_bytes", "groups", "metadata"):
+        if k not in ("path", "family", "base", "layout", "type", "modules", "params", "size_bytes", "groups",
+                     "metadata"):
             lines.append(f"  {k + ':':<9} {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
     meta = info.get("metadata") or {}
     if meta:
