@@ -112,3 +112,9 @@ def test_pairing_by_published_context_width_not_the_guidance_embedding(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline"}))
     with pytest.raises(UserError, match=r"klein \(Qwen3\) text encoder .* cannot feed a FLUX.2 dev transformer"):
         text.check_folder(tmp_path, undistilled_dev)
+    # `inspect` names it for what it is, not a klein of unknown size
+    from dev2pro.families.flux2.family import describe_variant
+
+    assert describe_variant(PRESETS["flux2-dev"].without_guidance()).startswith("FLUX.2 dev architecture without "
+                                                                                 "guidance embedding")
+    assert describe_variant(PRESETS["flux2-klein-4b-base"]).startswith("FLUX.2 klein Base (klein-4b)")

@@ -65,6 +65,9 @@ def describe_variant(spec) -> str:
     size = spec.size_name
     if spec.variant == "dev":
         return f"FLUX.2 dev ({size}): guidance-distilled (guidance_in present), sample with embedded guidance ~4"
+    if spec.variant == "klein-base" and specmod.TEXT_ENCODERS.get(spec.context_dim, ("",))[0].startswith("Mistral"):
+        return ("FLUX.2 dev architecture without guidance embedding (undistilled or de-distilled; Mistral3 text): "
+                "sample with true CFG ~4, ~50 steps")
     if spec.variant == "klein-base":
         return f"FLUX.2 klein Base ({size}): undistilled, for LoRA training; sample with true CFG ~4, ~50 steps"
     if spec.variant == "klein-distilled":
