@@ -199,8 +199,9 @@ class prefetch_batches:
     def __init__(self, batches: Iterator[list[int]], dataset, rank: int = 0, world: int = 1, depth: int = 2):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
-        threading.Thread(target=_read_ahead, args=(batches, dataset, rank, world, self.queue, self.stop),
-                         name="dev2pro-prefetch", daemon=True).start()
+        self.thread = threading.Thread(target=_read_ahead, args=(batches, dataset, rank, world, self.queue, self.stop),
+                                       name="dev2pro-prefetch", daemon=True)
+        self.thread.start()
 
     def __iter__(self):
         return self
@@ -211,8 +212,12 @@ class prefetch_batches:
             raise got
         return got
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread and wait for it: a process that exits while the thread is inside a read can die in
+        C++ (``terminate called without an active exception``, seen after Ctrl-C) instead of exiting cleanly."""
         self.stop.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout)
 
     def __del__(self):
         self.stop.set()

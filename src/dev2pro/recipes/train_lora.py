@@ -210,6 +210,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
             ema=watch.ema, validation=watch.validator.history if watch.validator else None),
         sample=lambda step: samples.sample(model(), step, run.samples, bar, progress and main))
     acts.save_lora, acts.sample = watch.published(acts.save_lora), watch.published(acts.sample)
+    batches = None  # the loader thread: stopped and joined on every way out (Ctrl-C included)
     try:
         if start == tc.steps:  # a finished run: only the final files, if a full disk kept them from being written
             files = lora_paths(run.root, cfg.save.name, cfg.save.formats)
@@ -241,6 +242,8 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
                        result.seconds, start, watch)
     finally:
         bar.close()
+        if batches is not None:
+            batches.close()
 
 
 def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, save_state, say, seconds=0.0,
