@@ -257,6 +257,8 @@ class DedistillTrain(OptimBase):
     ema_decay: float = opt(0.999, "EMA of the weights (0 = off); exported instead of the raw weights")
     distributed: str = opt("auto", "auto: FSDP under an accelerate FSDP config, else DDP; fsdp: shard each Flux "
                                    "block (e.g. under torchrun); ddp: replicate", ("auto", "ddp", "fsdp"))
+    fused_rope: bool = opt(False, "rotary embedding as one complex product (fewer kernel launches per step, same "
+                                  "result to fp32 round-off); off until measured faster on a GPU")
     adapter_rank: int = opt(0, "> 0: de-distill as a LoRA of this rank on every linear of the frozen start model "
                                "(one base, fp8 possible) and export it as a training adapter (kohya + diffusers)")
 

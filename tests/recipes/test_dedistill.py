@@ -73,6 +73,26 @@ def test_flow_run_learns_and_exports_loadable_model(tmp_path, tiny_dev_dir, imag
     assert (out / "logs").is_dir() and (out / "summary.json").exists()
 
 
+def test_fused_rope_dedistills_the_same_weights(tmp_path, tiny_dev_dir, images, monkeypatch):
+    """`train.fused_rope = true`: the same losses and exported weights as diffusers' rotation (fp32 round-off)."""
+    from dev2pro.train import rope
+
+    calls, rotate = [], rope.rotate
+    monkeypatch.setattr(rope, "rotate", lambda *a: calls.append(1) or rotate(*a))
+    runs = {}
+    try:
+        for out, fused in (("plain", "false"), ("fused", "true")):
+            cfg = load_dedistill_config(_toml(tmp_path, tiny_dev_dir, images, out=out, steps=4),
+                                        [f"train.fused_rope={fused}"])
+            runs[out] = dedistill(cfg, progress=False)["losses"], load_file(str(tmp_path / out / "dev2pro.safetensors"))
+            assert bool(calls) == (fused == "true")
+    finally:
+        rope.use_fused_rope(False)
+    (l0, w0), (l1, w1) = runs["plain"], runs["fused"]
+    assert torch.allclose(torch.tensor(l1), torch.tensor(l0), rtol=1e-5) and w0.keys() == w1.keys()
+    assert all(torch.allclose(w1[k], w0[k], rtol=1e-5, atol=1e-7) for k in w0)
+
+
 @pytest.fixture(scope="module")
 def other_dev_dir(tmp_path_factory):
     """Another tiny dev (other seed) as teacher: the student starts far from it, so learning shows in the loss."""

@@ -55,6 +55,7 @@ from ..train import lifecycle as life
 from ..train.ema import EMA
 from ..train.export import export_adapter, export_or_keep_state, final_weights
 from ..train.model import load_student, load_teacher
+from ..train.rope import use_fused_rope
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.preflight import check_training_inputs
 from ..train.progress import Progress
@@ -119,6 +120,7 @@ def _models(cfg: DedistillConfig, accelerator, fsdp, compute, family) -> _Models
             raise UserError(f"teacher.w_min/w_max: a CFG range grows a guidance embedding (FLUX.2 dev's form), but "
                             f"{e}; set teacher.w_min = teacher.w_max for klein's one-scale form") from None
     start_from = m.transformer or m.path
+    use_fused_rope(tc.fused_rope)  # student and teacher alike: one process-wide switch (train/rope.py)
     student = load_student(start_from, device, compute, grow_guidance=grow,
                            gradient_checkpointing=m.gradient_checkpointing, adapter_rank=tc.adapter_rank,
                            fp8_storage=m.fp8_storage, fsdp=fsdp, allow_pickle=m.allow_pickle,
