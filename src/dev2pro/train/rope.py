@@ -65,4 +65,6 @@ def use_fused_rope(enabled: bool = True) -> bool:
             module.apply_rotary_emb = _make(_ORIGINAL[name])
         elif not enabled and name in _ORIGINAL:
             module.apply_rotary_emb = _ORIGINAL.pop(name)
+    if not enabled:
+        _LAST[:] = None, None, None  # let the last forward's angles go
     return was
