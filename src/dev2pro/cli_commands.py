@@ -438,7 +438,8 @@ def add_demo(sub):
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="profile", const="quick", help="smoke test, ~2 min")
     size.add_argument("--full", action="store_const", dest="profile", const="full",
-                      help="longer training, 8 seeds, a cfg_teacher arm (about 30 minutes on 2 cores)")
+                      help="longer training, 8 seeds, a cfg_teacher arm (on 2 cores about 30 minutes; "
+                           "flux2-dev about 70, where it is the profile whose toy learns the prompt)")
     p.add_argument("--seeds", type=bounded_int(1, 1000), default=None,
                    help="LoRA seeds per arm (default 5; 3 with --quick)")
     p.add_argument("--workers", type=bounded_int(1, 1024), default=2, help="parallel LoRA jobs (one CPU core each)")
