@@ -106,7 +106,7 @@ def _print_plan(cfg: TrainConfig) -> None:
 def _load(cfg: TrainConfig, device, dtype, out: Path):
     """Data (cached latents + text; the encoders are freed), then the base with its LoRA (and training adapter),
     placed on the device. Returns (data, transformer, checkpoint, trainable params, block swap)."""
-    d, m, lc = cfg.data, cfg.model, cfg.lora
+    d, m, lc, tc = cfg.data, cfg.model, cfg.lora, cfg.train
     base = m.transformer or m.path
     header = open_checkpoint(base, allow_pickle=m.allow_pickle, family=m.family)  # the header only
     family = header.family
@@ -122,24 +122,22 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
                                   gradient_checkpointing=checkpointing, blocks_to_swap=m.blocks_to_swap,
                                   allow_pickle=m.allow_pickle, family=m.family)
     spec = ckpt.spec()
-    if spec.guidance_embeds and cfg.train.guidance != 1.0:
+    if spec.guidance_embeds and tc.guidance != 1.0:
         log.warning("training a guidance-distilled base at guidance %.2f: the Dev2Pro recipe trains at 1.0; other "
                     "values pull the guidance embedding off its distilled meaning and the LoRA tends to collapse "
-                    "or blur when used on dev", cfg.train.guidance)
+                    "or blur when used on dev", tc.guidance)
     names = ckpt.family.lora_targets(lc.targets, spec.num_double, spec.num_single, lc.extra_targets,
                                      [int(i) for i in lc.double_blocks] or None,
                                      [int(i) for i in lc.single_blocks] or None, spec.guidance_embeds)
     params = add_lora(transformer, names, lc.rank, lc.alpha, lc.dropout, kind=lc.type, lokr_factor=lc.lokr_factor,
                       lokr_decompose_both=lc.lokr_decompose_both)
     # bf16 GEMMs over fp32 masters: plain LoRA (DoRA / LoKr / LoHa keep fp32 compute, not measured in bf16 yet)
-    lora_in_compute_dtype(transformer, params, cfg.train.lora_dtype if lc.type == "lora" else "fp32", dtype)
+    lora_in_compute_dtype(transformer, params, tc.lora_dtype if lc.type == "lora" else "fp32", dtype)
     if m.adapter:  # frozen side branch on top of the base, beside the trained LoRA (lora/adapter.py)
         adaptermod.attach_file(transformer, m.adapter, m.adapter_scale,
                                torch.float32 if dtype == torch.float32 else torch.bfloat16)
-    swap = place_base(transformer, device, blocks_to_swap=m.blocks_to_swap,  # part of the base stays in host RAM
-                      gradient_checkpointing=checkpointing,
-                      attention_backend=cfg.train.attention_backend, compile=cfg.train.compile,
-                      fused_rope=cfg.train.fused_rope)
+    swap = place_base(transformer, device, blocks_to_swap=m.blocks_to_swap, gradient_checkpointing=checkpointing,
+                      attention_backend=tc.attention_backend, compile=tc.compile, fused_rope=tc.fused_rope)
     return data, transformer, ckpt, params, swap
 
 
