@@ -198,6 +198,8 @@ class OptimBase:
     nan_policy: str = opt("stop", "on a non-finite loss or gradient: stop (keep the last good state) or skip the "
                                   "update", ("stop", "skip"))
     nan_max_skips: int = opt(10, "skip policy: stop after this many non-finite steps in a row")
+    fused_rope: bool = opt(False, "rotary embedding as one complex product (~12% fewer kernel launches per eager "
+                                  "step, same result to fp32 round-off); off until measured faster on a GPU")
 
     def validate(self):
         require(self.steps > 0, "steps must be > 0")
@@ -223,8 +225,6 @@ class TrainSection(OptimBase):
     compile: bool | str = opt("off", "regional torch.compile: blocks (each transformer block compiled once, diffusers "
                                      "compile_repeated_blocks; true = blocks) or off; the first steps are slow; not "
                                      "with blocks_to_swap", COMPILE_CHOICES)
-    fused_rope: bool = opt(False, "rotary embedding as one complex product (~12% fewer kernel launches per eager "
-                                  "step, same result to fp32 round-off); off until measured faster on a GPU")
     attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
                                      "PyTorch SDPA")
     ema_decay: float = opt(0.0, "EMA of the LoRA weights (e.g. 0.999; 0 = off): the EMA is what is saved and "
@@ -257,8 +257,6 @@ class DedistillTrain(OptimBase):
     ema_decay: float = opt(0.999, "EMA of the weights (0 = off); exported instead of the raw weights")
     distributed: str = opt("auto", "auto: FSDP under an accelerate FSDP config, else DDP; fsdp: shard each Flux "
                                    "block (e.g. under torchrun); ddp: replicate", ("auto", "ddp", "fsdp"))
-    fused_rope: bool = opt(False, "rotary embedding as one complex product (fewer kernel launches per step, same "
-                                  "result to fp32 round-off); off until measured faster on a GPU")
     adapter_rank: int = opt(0, "> 0: de-distill as a LoRA of this rank on every linear of the frozen start model "
                                "(one base, fp8 possible) and export it as a training adapter (kohya + diffusers)")
 

@@ -16,6 +16,7 @@ from ...lora.targets import TargetTables, target_modules
 from .. import Family, lazy
 from . import keys as keymod
 from . import spec as specmod
+from .text import wants_mistral
 
 _MARKERS = ("single_stream_modulation.", "double_stream_modulation_img.", "double_stream_modulation_txt.")
 
@@ -65,7 +66,7 @@ def describe_variant(spec) -> str:
     size = spec.size_name
     if spec.variant == "dev":
         return f"FLUX.2 dev ({size}): guidance-distilled (guidance_in present), sample with embedded guidance ~4"
-    if spec.variant == "klein-base" and specmod.TEXT_ENCODERS.get(spec.context_dim, ("",))[0].startswith("Mistral"):
+    if spec.variant == "klein-base" and wants_mistral(spec):
         return ("FLUX.2 dev architecture without guidance embedding (undistilled or de-distilled; Mistral3 text): "
                 "sample with true CFG ~4, ~50 steps")
     if spec.variant == "klein-base":

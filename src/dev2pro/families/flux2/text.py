@@ -77,7 +77,8 @@ def check_folder(model_dir: str | Path, spec=None) -> str:
     name = json.loads((root / "model_index.json").read_text()).get("_class_name", "Flux2KleinPipeline")
     if name not in PIPELINES:
         raise UserError(f"model folder {root} is a {name} folder, not FLUX.2 ({' or '.join(PIPELINES)})")
-    dev = name == "Flux2Pipeline" if spec is None else wants_mistral(spec)
+    wants = None if spec is None else wants_mistral(spec)
+    dev = name == "Flux2Pipeline" if wants is None else wants
     repo = "black-forest-labs/FLUX.2-dev" if dev else "FLUX.2 klein"
     missing = [n for n in TEXT_COMPONENTS if not (root / n).is_dir() or not any((root / n).iterdir())]
     if missing:
@@ -85,9 +86,9 @@ def check_folder(model_dir: str | Path, spec=None) -> str:
         raise UserError(f"model folder {root} lacks {' and '.join(m + '/' for m in missing)} (the {what} text "
                         f"encoder captions are encoded with): download the whole {repo} repo, not only the "
                         "transformer")
-    if spec is not None and (name == "Flux2Pipeline") != wants_mistral(spec):
+    if spec is not None and (name == "Flux2Pipeline") != wants:
         encoder = "a FLUX.2 dev (Mistral3)" if name == "Flux2Pipeline" else "a FLUX.2 klein (Qwen3)"
-        model = f"a FLUX.2 {'dev' if wants_mistral(spec) else 'klein'} transformer (context {spec.context_dim})"
+        model = f"a FLUX.2 {'dev' if wants else 'klein'} transformer (context {spec.context_dim})"
         raise UserError(f"{encoder} text encoder in {root} cannot feed {model}: use the text encoder of the same "
                         "model folder")
     return name
@@ -147,7 +148,8 @@ def check_pairing(pipe, spec) -> None:
     dev_pipe = type(pipe).__name__ == "Flux2Pipeline"
     te = pipe.text_encoder.config
     width = 3 * getattr(te, "text_config", te).hidden_size
-    if dev_pipe != wants_mistral(spec) or width != spec.context_dim:
+    wants = wants_mistral(spec)
+    if dev_pipe != wants or width != spec.context_dim:
         encoder = f"{'a FLUX.2 dev (Mistral3)' if dev_pipe else 'a FLUX.2 klein (Qwen3)'} text encoder ({width} wide)"
-        model = f"a FLUX.2 {'dev' if wants_mistral(spec) else 'klein'} transformer (context {spec.context_dim})"
+        model = f"a FLUX.2 {'dev' if wants else 'klein'} transformer (context {spec.context_dim})"
         raise UserError(f"{encoder} cannot feed {model}: use the text encoder of the same model folder")
