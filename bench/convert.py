@@ -56,7 +56,7 @@ def _numel(shape):
 # Peak RSS is read from /proc/self/status VmHWM: ru_maxrss would include the forking parent's pages.
 CHILD = """
 import sys, time, json, shutil
-from dev2pro.flux.checkpoint import convert
+from dev2pro.flux.convert import convert
 t = time.perf_counter()
 if sys.argv[1] == "copy":
     shutil.copyfile(sys.argv[2], sys.argv[3])

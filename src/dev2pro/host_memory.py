@@ -1,20 +1,17 @@
 """Host RAM of a training run, per phase, for the memory plan (``plan.estimate``): what the CPU side holds while
 the base loads, while a text encoder runs on the CPU, and during the steps (block swap's pinned buffer, the data in
-memory). Pure arithmetic over ``plan.PlanInputs`` / ``plan.Plan`` values."""
+memory). Pure arithmetic over a ``plan.PlanInputs`` (``inp``) and the ``plan.Plan`` being filled in (``plan``), which
+``plan.estimate`` passes: this module does not import ``plan`` back."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # annotations only: plan imports this module
-    from .plan import Plan, PlanInputs
 
 def pinned_bytes(nbytes: int) -> int:
     """Host bytes of one pinned buffer: PyTorch's CUDA host allocator rounds a request up to a power of two."""
     return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
-def host_parts(inp: PlanInputs, plan: Plan, text_bytes: int) -> dict[str, int]:
+def host_parts(inp, plan, text_bytes: int) -> dict[str, int]:
     """Host RAM per phase. Loading: the base is read on the CPU first (+ the inference base, the adapter).
     Text encoding: the encoder when it runs on the CPU. Training: the swapped blocks' pinned master buffer (one
     buffer, rounded up to a power of two), the inference base parked on the CPU between samples, and the data in

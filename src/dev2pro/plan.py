@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import ConfigError
-from .flux.checkpoint import tensor_group
+from .flux.inspection import tensor_group
 from .flux.fp8 import Fp8Policy
 from .families import build_transformer, of_spec
 from .host_memory import host_parts

@@ -1,21 +1,18 @@
 """The config -> library translations the recipes need (kept out of ``schemas``, which only describes configs):
 a ``--vram`` preset applied to a loaded train config, the memory plan's inputs, the data source of a ``[data]``
 section, and the LoRA rank checked against the layers it trains. Torch-free at import: what needs torch or a
-checkpoint header is imported when a recipe calls it."""
+checkpoint header is imported when a recipe calls it. ``cfg`` is a ``schemas.TrainConfig`` (``data`` its
+``DataSection``): ``schemas``' loader calls in here, so this module does not import it back."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .choices import PICKLE_SUFFIXES
 from .errors import UserError
 
-if TYPE_CHECKING:  # annotations only: schemas imports this module
-    from .schemas import DataSection, TrainConfig
 
-
-def check_rank_fits(cfg: "TrainConfig") -> None:
+def check_rank_fits(cfg) -> None:
     """``lora.rank`` against the widths of the layers it trains, once the checkpoint's header is readable (a
     missing or unreadable model is reported where it is loaded; pickles are not opened just for this)."""
     m = cfg.model
@@ -31,7 +28,7 @@ def check_rank_fits(cfg: "TrainConfig") -> None:
     check_rank(inputs)
 
 
-def apply_sample_guidance_default(cfg: "TrainConfig") -> None:
+def apply_sample_guidance_default(cfg) -> None:
     """``sample.guidance`` left unset: the embedded guidance the training base's own pipeline samples at -- 4.0 for
     FLUX.2 dev (``Flux2Pipeline``), FLUX.1 dev's 3.5 (the schema default) otherwise. Only the header is read; an
     unreadable model keeps the default (it is reported where it is loaded)."""
@@ -49,7 +46,7 @@ def apply_sample_guidance_default(cfg: "TrainConfig") -> None:
         cfg.sample.guidance = float(sampling.scale)
 
 
-def apply_vram_preset(cfg: "TrainConfig", explicit: set[str]) -> dict[str, object]:
+def apply_vram_preset(cfg, explicit: set[str]) -> dict[str, object]:
     """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose."""
     gb = cfg.model.vram
     if not gb:
@@ -153,7 +150,7 @@ def dedistill_plan_inputs(cfg):
                       **{f"{k}_params": v for k, v in encoder_params(m.path, spec).items()})
 
 
-def data_source(data: "DataSection", out: Path) -> dict:
+def data_source(data, out: Path) -> dict:
     """``data.prepare.load_training_data``'s source arguments (folders or shards, folder rules, cache folder) from
     a ``[data]`` section; the cache defaults to ``<output_dir>/cache``."""
     from .data.prepare import FolderOptions  # torch: only when a recipe runs (the CLI imports us)

@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from dev2pro.errors import CheckpointError, UserError
 from dev2pro.flux import checkpoint as C
+from dev2pro.flux import convert as flux_convert
+from dev2pro.flux import inspection
 from dev2pro.flux import fp8
 from dev2pro.flux.keys import diffusers_to_bfl
 from dev2pro.flux.spec import FLUX_DEV, TINY, build_transformer
@@ -44,7 +46,7 @@ def bfl_file(tmp_path):
 
 
 def _write(layout, src, dst, **kw):
-    return C.convert(src, dst, layout=layout, **kw)
+    return flux_convert.convert(src, dst, layout=layout, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ detection
@@ -57,7 +59,7 @@ def test_detects_every_layout(tmp_path, bfl_file, tiny_dev_dir):
     single = tmp_path / "d.safetensors"
     save_file(_tiny_sd(), str(single))
     assert C.open_checkpoint(single).layout == "diffusers"
-    info = C.describe(ck)
+    info = inspection.describe(ck)
     assert (info["double_blocks"], info["single_blocks"], info["hidden"], info["heads"]) == (2, 4, 64, 4)
     assert info["params"] == sum(v.numel() for v in _tiny_sd().values())
     assert info["variant"] == "dev" and info["fp8"] == "none"
@@ -68,7 +70,7 @@ def test_sharded_diffusers_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "SHARD_BYTES", 200_000)  # force several shards on a tiny model
     src = tmp_path / "src.safetensors"
     save_file(_tiny_sd(), str(src))
-    out = C.convert(src, tmp_path / "sharded", layout="diffusers")
+    out = flux_convert.convert(src, tmp_path / "sharded", layout="diffusers")
     index = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     ck = C.open_checkpoint(out)
@@ -85,12 +87,12 @@ def test_round_trips_between_every_layout_are_bit_exact(tmp_path, dtype):
     sd = _tiny_sd(dtype)
     start = tmp_path / "start.safetensors"
     save_file(sd, str(start))
-    paths = {lay: C.convert(start, tmp_path / f"from-{lay}", layout=lay) for lay in ("bfl", "comfy", "diffusers")}
+    paths = {lay: flux_convert.convert(start, tmp_path / f"from-{lay}", layout=lay) for lay in ("bfl", "comfy", "diffusers")}
     paths["diffusers-file"] = start
     for a, src in paths.items():
         for b in ("bfl", "comfy", "diffusers"):
-            mid = C.convert(src, tmp_path / f"{a}-{b}", layout=b)
-            got = _load_any(C.convert(mid, tmp_path / f"{a}-{b}-back", layout="diffusers"))
+            mid = flux_convert.convert(src, tmp_path / f"{a}-{b}", layout=b)
+            got = _load_any(flux_convert.convert(mid, tmp_path / f"{a}-{b}-back", layout="diffusers"))
             assert set(got) == set(sd)
             assert all(torch.equal(got[k], sd[k]) and got[k].dtype == dtype for k in sd), (a, b)
 
@@ -103,7 +105,7 @@ def _load_any(path):
 def test_fp8_conversion_error_within_e4m3_bound_and_policy(tmp_path, bfl_file):
     src = C.open_checkpoint(bfl_file)
     for dtype in ("fp8", "fp8-scaled"):
-        out = C.convert(bfl_file, tmp_path / f"{dtype}.safetensors", dtype=dtype)
+        out = flux_convert.convert(bfl_file, tmp_path / f"{dtype}.safetensors", dtype=dtype)
         ck = C.open_checkpoint(out)
         assert ck.fp8_format == ("fp8-scaled" if dtype == "fp8-scaled" else "fp8")
         meta = ck.metadata
@@ -129,7 +131,7 @@ def test_scaled_fp8_is_more_accurate_on_small_weights(tmp_path):
     save_file(sd, str(src))
     errs = {}
     for dtype in ("fp8", "fp8-scaled"):
-        ck = C.open_checkpoint(C.convert(src, tmp_path / f"{dtype}.safetensors", dtype=dtype))
+        ck = C.open_checkpoint(flux_convert.convert(src, tmp_path / f"{dtype}.safetensors", dtype=dtype))
         k = "double_blocks.0.img_attn.qkv.weight"
         errs[dtype] = ((ck.get_dequantized(k, torch.float32) - sd[k]).norm() / sd[k].norm()).item()
     assert errs["fp8-scaled"] < errs["fp8"] / 4, errs
@@ -137,7 +139,7 @@ def test_scaled_fp8_is_more_accurate_on_small_weights(tmp_path):
 
 def test_keep_policy_can_quantise_modulation(tmp_path, bfl_file):
     policy = fp8.Fp8Policy.from_names(["norms", "biases", "embedders", "final"])
-    out = C.convert(bfl_file, tmp_path / "all.safetensors", dtype="fp8", policy=policy)
+    out = flux_convert.convert(bfl_file, tmp_path / "all.safetensors", dtype="fp8", policy=policy)
     ck = C.open_checkpoint(out)
     assert ck.dtypes["double_blocks.0.img_mod.lin.weight"] == torch.float8_e4m3fn
     assert ck.dtypes["img_in.weight"] == torch.bfloat16
@@ -147,7 +149,7 @@ def test_keep_policy_can_quantise_modulation(tmp_path, bfl_file):
 def test_diffusers_folder_written_by_convert_matches_own_loader(tmp_path, bfl_file):
     from diffusers import FluxTransformer2DModel
 
-    out = C.convert(bfl_file, tmp_path / "folder", layout="diffusers")
+    out = flux_convert.convert(bfl_file, tmp_path / "folder", layout="diffusers")
     theirs = FluxTransformer2DModel.from_pretrained(out).eval()
     ours, _ = C.load_transformer(bfl_file, dtype=torch.float32)
     x = _inputs()
@@ -196,7 +198,7 @@ def _diff(bfl_sd):
 
 
 def test_fp8_storage_load_matches_dequantized(tmp_path, bfl_file):
-    path = C.convert(bfl_file, tmp_path / "s.safetensors", dtype="fp8-scaled")
+    path = flux_convert.convert(bfl_file, tmp_path / "s.safetensors", dtype="fp8-scaled")
     stored, _ = C.load_transformer(path, dtype=torch.float32, fp8_storage=True)
     plain, _ = C.load_transformer(path, dtype=torch.float32)
     assert stored.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
@@ -211,7 +213,7 @@ def test_dedistilled_without_guidance_reported_and_loaded(tmp_path):
     assert not any(k.startswith("guidance_in") for k in sd)
     path = tmp_path / "dedistilled.safetensors"
     save_file(sd, str(path))
-    info = C.describe(C.open_checkpoint(path))
+    info = inspection.describe(C.open_checkpoint(path))
     assert info["variant"] == "pro" and not info["guidance_embeds"] and "true CFG" in info["variant_detail"]
     model, _ = C.load_transformer(path, dtype=torch.float32)
     assert model.config.guidance_embeds is False
@@ -222,7 +224,7 @@ def test_dedistilled_without_guidance_reported_and_loaded(tmp_path):
 def test_drop_guidance_writes_a_pro_like_model(tmp_path, bfl_file):
     from diffusers import FluxTransformer2DModel
 
-    out = C.convert(bfl_file, tmp_path / "pro", layout="diffusers", drop_guidance=True)
+    out = flux_convert.convert(bfl_file, tmp_path / "pro", layout="diffusers", drop_guidance=True)
     model = FluxTransformer2DModel.from_pretrained(out)
     assert model.config.guidance_embeds is False
 
@@ -270,17 +272,17 @@ def test_errors_are_clear(tmp_path, bfl_file):
     assert C.open_checkpoint(pt, allow_pickle=True).layout == "bfl"
 
     with pytest.raises(UserError, match="does not exist"):
-        C.convert(bfl_file, tmp_path / "nope" / "out.safetensors")
+        flux_convert.convert(bfl_file, tmp_path / "nope" / "out.safetensors")
     ro = tmp_path / "ro"
     ro.mkdir()
     os.chmod(ro, 0o500)
     if not os.access(ro, os.W_OK):  # root ignores permissions
         with pytest.raises(UserError, match="not writable"):
-            C.convert(bfl_file, ro / "out.safetensors")
-    out = C.convert(bfl_file, tmp_path / "once.safetensors")
+            flux_convert.convert(bfl_file, ro / "out.safetensors")
+    out = flux_convert.convert(bfl_file, tmp_path / "once.safetensors")
     with pytest.raises(UserError, match="--overwrite"):
-        C.convert(bfl_file, out)
-    C.convert(bfl_file, out, overwrite=True)
+        flux_convert.convert(bfl_file, out)
+    flux_convert.convert(bfl_file, out, overwrite=True)
 
 
 def test_cli_inspect_and_convert(tmp_path, bfl_file, capsys):
@@ -322,7 +324,7 @@ def test_bfl_output_matches_diffusers_converter_full_width(tmp_path):
     src = tmp_path / "d.safetensors"
     save_file(sd, str(src))
     del sd
-    out = C.convert(src, tmp_path / "bfl.safetensors", layout="bfl")
+    out = flux_convert.convert(src, tmp_path / "bfl.safetensors", layout="bfl")
     theirs = convert_flux_transformer_checkpoint_to_diffusers(load_file(str(out)))
     ref = load_file(str(src))
     assert set(theirs) == set(ref)
@@ -364,16 +366,16 @@ def test_convert_never_deletes_a_model_folder(tmp_path, model_copy, bfl_file, ca
 
 
 def test_convert_replaces_only_its_own_earlier_output(tmp_path, bfl_file):
-    out = C.convert(bfl_file, tmp_path / "t", layout="diffusers")
+    out = flux_convert.convert(bfl_file, tmp_path / "t", layout="diffusers")
     (out / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="notes.txt.*does not write"):
-        C.convert(bfl_file, out, layout="diffusers", overwrite=True)
+        flux_convert.convert(bfl_file, out, layout="diffusers", overwrite=True)
     (out / "notes.txt").unlink()
-    C.convert(bfl_file, out, layout="diffusers", dtype="bf16", overwrite=True)  # its own files: replaced
+    flux_convert.convert(bfl_file, out, layout="diffusers", dtype="bf16", overwrite=True)  # its own files: replaced
     assert C.open_checkpoint(out).dtypes["x_embedder.weight"] == torch.bfloat16
-    same = C.convert(bfl_file, tmp_path / "same.safetensors")
+    same = flux_convert.convert(bfl_file, tmp_path / "same.safetensors")
     with pytest.raises(UserError, match="is the input"):
-        C.convert(same, same, dtype="bf16", overwrite=True)
+        flux_convert.convert(same, same, dtype="bf16", overwrite=True)
 
 
 def test_missing_components_are_reported_and_not_converted(tmp_path, bfl_file, capsys):
@@ -382,11 +384,11 @@ def test_missing_components_are_reported_and_not_converted(tmp_path, bfl_file, c
     sd = load_file(str(bfl_file))
     part = tmp_path / "no-final.safetensors"
     save_file({k: v for k, v in sd.items() if not k.startswith("final_layer")}, str(part))
-    info = C.describe(C.open_checkpoint(part))
+    info = inspection.describe(C.open_checkpoint(part))
     assert info["complete"] is False and info["missing"] == [
         "final_layer.adaLN_modulation.1.bias", "final_layer.adaLN_modulation.1.weight", "final_layer.linear.bias",
         "final_layer.linear.weight"]
-    assert C.describe(C.open_checkpoint(bfl_file))["missing"] == []
+    assert inspection.describe(C.open_checkpoint(bfl_file))["missing"] == []
     assert main(["inspect", str(part)]) == 0
     assert "missing     final_layer.adaLN_modulation.1, final_layer.linear (4 tensors)" in capsys.readouterr().out
     out = tmp_path / "out.safetensors"
@@ -407,7 +409,7 @@ def test_non_finite_base_is_caught_at_load_and_never_converted(tmp_path, bfl_fil
     with pytest.raises(UserError, match=r"single_blocks.1.linear2.weight holds 1 NaN/inf"):
         C.load_transformer(bad)
     q = tmp_path / "fp8.safetensors"
-    C.convert(bfl_file, q, dtype="fp8")
+    flux_convert.convert(bfl_file, q, dtype="fp8")
     raw = load_file(str(q))
     raw["double_blocks.0.img_mlp.0.weight"].view(torch.uint8)[0, 0] = 0x7F  # an e4m3fn NaN
     save_file(raw, str(q))
@@ -440,7 +442,7 @@ def test_stale_temps_of_a_killed_convert_are_removed_by_the_next_run(tmp_path, b
     for p in legacy:
         (p / "out.safetensors").mkdir(parents=True)
     outputs._cleaned.clear()
-    C.convert(bfl_file, tmp_path / "out.safetensors")
+    flux_convert.convert(bfl_file, tmp_path / "out.safetensors")
     assert not stale_file.exists() and not stale_dir.exists() and not any(p.exists() for p in legacy)
     assert live.exists() and other_host.exists()
 

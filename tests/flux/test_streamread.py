@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dev2pro.flux import checkpoint as C
+from dev2pro.flux import convert as flux_convert
 from dev2pro.flux import fp8
 from dev2pro.flux import streamread as S
 from dev2pro.outputs import NonFiniteError, count_nonfinite
@@ -93,7 +93,7 @@ def test_convert_keeps_results_and_refuses_nan_without_writing(tmp_path, weights
                                                                            .state_dict()).items()}
     src = tmp_path / "bfl.safetensors"
     save_file(sd, str(src))
-    out = C.convert(src, tmp_path / "q.safetensors", dtype="fp8-scaled")
+    out = flux_convert.convert(src, tmp_path / "q.safetensors", dtype="fp8-scaled")
     q = load_file(str(out))
     policy = fp8.Fp8Policy()
     for k, v in sd.items():
@@ -107,6 +107,6 @@ def test_convert_keeps_results_and_refuses_nan_without_writing(tmp_path, weights
     sd[kept][0] = float("nan")
     save_file(sd, str(src))
     with pytest.raises(NonFiniteError, match=f"{kept}.*NaN/inf.*nothing was written"):
-        C.convert(src, tmp_path / "bad.safetensors", dtype="fp8-scaled")
+        flux_convert.convert(src, tmp_path / "bad.safetensors", dtype="fp8-scaled")
     assert not (tmp_path / "bad.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -12,6 +12,7 @@ from dev2pro.errors import UserError
 from dev2pro.families.flux2 import lora_keys as K
 from dev2pro.families.flux2.tiny import write_bfl_transformer
 from dev2pro.flux import checkpoint as C
+from dev2pro.flux import convert as flux_convert
 from dev2pro.lora import adapter as adaptermod
 from dev2pro.lora.formats import LoraModule, LoraWeights, load_lora, save_lora
 from dev2pro.recipes import lora_tools as T
@@ -213,7 +214,7 @@ def fused_as_model(folder, sd):
 @pytest.mark.parametrize("dtype", ["fp8", "fp8-scaled"])
 def test_merge_into_fp8_keeps_scheme_and_equals_diffusers_within_fp8(klein, lora_files, tmp_path, dtype):
     folder = klein[0]
-    src = C.convert(folder, tmp_path / f"{dtype}.safetensors", layout="comfy", dtype=dtype)
+    src = flux_convert.convert(folder, tmp_path / f"{dtype}.safetensors", layout="comfy", dtype=dtype)
     out = T.merge(str(src), [(str(lora_files[1]["comfy"]), 1.0)], str(tmp_path / "merged.safetensors"))
     ck_in, ck_out = C.open_checkpoint(src), C.open_checkpoint(out)
     assert ck_out.fp8_format == ck_in.fp8_format == dtype and ck_out.dtypes == ck_in.dtypes

@@ -103,6 +103,7 @@ def test_trained_file_comfyui_dev2pro_merge_and_peft_agree(tmp_path, kind, famil
 def test_merge_into_fp8_and_bf16_bases(tmp_path):
     from dev2pro.flux import checkpoint as C
 
+    from dev2pro.flux import convert as flux_convert
     model = trained("lokr")
     path = save_lora(lora_from_peft_model(model), tmp_path / "a.safetensors", "kohya")
     truth = peft_merged(model, "flux1")
@@ -115,7 +116,7 @@ def test_merge_into_fp8_and_bf16_bases(tmp_path):
         return dequantize(*quantize(t, scaled=dtype == "fp8-scaled"), torch.float32)
 
     for dtype in ("bf16", "fp8", "fp8-scaled"):
-        src = C.convert(base, tmp_path / f"{dtype}.safetensors", layout="comfy", dtype=dtype)
+        src = flux_convert.convert(base, tmp_path / f"{dtype}.safetensors", layout="comfy", dtype=dtype)
         merged = C.open_checkpoint(merge_loras(src, [(str(path), 1.0)], tmp_path / f"m-{dtype}.safetensors"))
         assert merged.fp8_format == C.open_checkpoint(src).fp8_format
         for k in ("double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight"):

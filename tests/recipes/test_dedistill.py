@@ -59,7 +59,8 @@ def test_flow_run_learns_and_exports_loadable_model(tmp_path, tiny_dev_dir, imag
     print([round(x, 4) for x in summary["losses"]])
     _learns(summary["losses"])
     out = Path(cfg.save.output_dir)
-    from dev2pro.flux.checkpoint import describe, load_transformer, open_checkpoint
+    from dev2pro.flux.checkpoint import load_transformer, open_checkpoint
+    from dev2pro.flux.inspection import describe
     ckpt = open_checkpoint(out / "dev2pro.safetensors")
     info = describe(ckpt)
     assert ckpt.layout == "bfl" and info["spec"]["guidance_embeds"] is True
@@ -110,7 +111,8 @@ def test_cfg_teacher_learns_and_drops_guidance(tmp_path, tiny_dev_dir, other_dev
     out = Path(cfg.save.output_dir)
     from diffusers import FluxTransformer2DModel
 
-    from dev2pro.flux.checkpoint import describe, open_checkpoint
+    from dev2pro.flux.checkpoint import open_checkpoint
+    from dev2pro.flux.inspection import describe
     assert describe(open_checkpoint(out / "dev2pro.safetensors"))["spec"]["guidance_embeds"] is False
     model = FluxTransformer2DModel.from_pretrained(out / "dev2pro-diffusers")
     assert model.config.guidance_embeds is False
@@ -123,7 +125,8 @@ def test_guidance_distill_grows_a_guidance_embedding_that_trains(tmp_path, tiny_
                                 [f'model.teacher="{tiny_pro_dir}"', "train.lr=1e-3"])
     summary = dedistill(cfg, progress=False)
     assert len(summary["losses"]) == 6 and all(x > 0 for x in summary["losses"])
-    from dev2pro.flux.checkpoint import describe, open_checkpoint
+    from dev2pro.flux.checkpoint import open_checkpoint
+    from dev2pro.flux.inspection import describe
     path = Path(cfg.save.output_dir) / "dev2pro.safetensors"
     assert describe(open_checkpoint(path))["variant"] == "dev"
     sd = load_file(path)

@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 from dev2pro.cli import main
 from dev2pro.errors import UserError
 from dev2pro.flux import checkpoint as C
+from dev2pro.flux import convert as flux_convert
 from dev2pro.flux.keys import diffusers_to_bfl
 from dev2pro.flux.spec import TINY, build_transformer
 from dev2pro.lora.formats import LoraModule, LoraWeights, load_lora, save_lora
@@ -50,7 +51,7 @@ def base(tmp_path):
 @pytest.mark.parametrize("dtype", [None, "bf16", "fp8-scaled"])
 def test_merge_then_forward_equals_lora_applied_forward(tmp_path, base, dtype):
     path, lora, _ = base
-    src = path if dtype is None else C.convert(path, tmp_path / f"{dtype}.safetensors", layout="comfy", dtype=dtype)
+    src = path if dtype is None else flux_convert.convert(path, tmp_path / f"{dtype}.safetensors", layout="comfy", dtype=dtype)
     merged = T.merge(str(src), [(str(lora), 0.7)], str(tmp_path / "merged.safetensors"))
     ck = C.open_checkpoint(merged)
     assert ck.layout == C.open_checkpoint(src).layout and ck.fp8_format == C.open_checkpoint(src).fp8_format

@@ -75,7 +75,7 @@ def test_loras_with_scales_and_true_cfg_base(tiny_dev_dir, tiny_pro_dir, tmp_pat
 
 
 def test_fp8_checkpoint_kept_in_fp8(tiny_dev_dir, tmp_path):
-    from dev2pro.flux.checkpoint import convert
+    from dev2pro.flux.convert import convert
 
     fp8 = convert(tiny_dev_dir, tmp_path / "dev-fp8.safetensors", layout="comfy", dtype="fp8-scaled")
     common = dict(prompts=["a red cat"], steps=2, size="64x64", seeds=[0])

@@ -20,66 +20,14 @@ never file names; ``model.family`` (or ``family=`` in code) forces one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable
 
 from ..errors import CheckpointError, UserError
-
-Shapes = Mapping[str, Sequence[int]]
-
-
-@dataclass(frozen=True)
-class Family:
-    """One model family (see the module docstring). Callables take unprefixed keys / shapes."""
-
-    name: str  # config value, e.g. "flux1"
-    title: str  # for messages, e.g. "FLUX.1"
-    claims: Callable[[Iterable[str]], bool]  # these keys carry this family's own markers
-    tensor_pieces: Callable[[Shapes, str], list]  # (shapes, layout) -> every tensor as flux.keys.Piece
-    plan: Callable[[Shapes, str, str], dict]  # (shapes, src, dst) -> flux.keys.plan of these pieces (+ checks)
-    spec_from_shapes: Callable[[Shapes, str, Sequence[int] | None], object]  # (shapes, layout, axes_dim) -> spec
-    spec_from_config: Callable[[Mapping], object]  # diffusers transformer config.json -> spec
-    build_transformer: Callable[..., object]  # (spec, device="cpu", dtype=None, seed=None) -> diffusers model
-    transformer_class: str  # the diffusers class name (config.json "_class_name")
-    blocks: Callable[[object], list]  # model -> repeated blocks in execution order (double, then single)
-    model_inputs: Callable[..., dict]  # see flux1.model_inputs: the transformer's keyword arguments
-    # (spec, file path, header metadata) -> spec: what the keys cannot tell (FLUX.2 klein: Base or distilled)
-    refine_spec: Callable[[object, object, Mapping[str, str]], object] = lambda spec, path, metadata: spec
-    describe_variant: Callable[[object], str] = lambda spec: ""  # one line for `inspect`: what it is, how to sample
-    modelspec: Callable[[object], dict] = lambda spec: {}  # the ``modelspec.*`` header metadata of an export
-    # data: text stack and VAE of a model folder (see flux1 for the reference implementations)
-    load_text: Callable[..., object] = None  # (model_dir, device, dtype) -> text-only pipeline (+ .scheduler)
-    text_encoder: Callable[..., Callable] = None  # (pipe, device, max_length) -> captions -> {name: (B, ...)}
-    text_settings: Callable[..., dict] = None  # (pipe, max_length) -> what besides the files keys the text cache
-    embeds_of: Callable[[Mapping], tuple] = None  # one cached record -> (prompt_embeds (1, L, D), pooled or None)
-    check_text: Callable[[object, object], None] = lambda pipe, spec: None  # UserError: text stack != transformer
-    check_folder: Callable[[object, object], None] = lambda folder, spec: None  # UserError: no text stack for spec
-    load_vae: Callable[..., object] = None  # (model_dir, device, dtype) -> VAE
-    encode_images: Callable[..., object] = None  # (vae, pixels in [-1, 1]) -> stored latents (B, C, H/8, W/8)
-    lora_targets: Callable[..., list] = None  # (preset, n_double, n_single, extras, double, single, guidance)
-    # sampling: (components {vae, scheduler}, transformer, distilled=False) -> diffusers pipeline; and
-    # render(pipe, embeds, seeds, guidance, *, negative, steps, width, height) -> PIL images (``sampling.render``)
-    build_pipeline: Callable[..., object] = None
-    render: Callable[..., list] = None
-    render_latents: Callable[..., object] = None  # aligned (embeds[i], seeds[i]) -> final latents (N, C, H/8, W/8)
-
-    def __str__(self) -> str:
-        return self.title
-
-
-def lazy(module: str, name: str) -> Callable:
-    """``module.name``, imported at the first call: family entries point at diffusers-heavy code (pipelines, text
-    encoders, VAEs) that ``inspect`` / ``convert`` / the CLI's ``--help`` must not pay for at import time."""
-    def call(*args, **kwargs):
-        import importlib
-
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-    call.__qualname__ = call.__name__ = f"{module}.{name}"
-    return call
+from .family import Family, Shapes, lazy  # noqa: F401 (the package's API)
 
 
 def _registry() -> dict[str, Family]:
-    # imported here: the family modules import flux.keys/spec, which import this package's errors only
+    # on first use: the family modules import torch, which the CLI and the schemas must not pay for at import
     from .flux1 import FAMILY as FLUX1
     from .flux2.family import FAMILY as FLUX2
     return {f.name: f for f in (FLUX1, FLUX2)}

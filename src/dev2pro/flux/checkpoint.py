@@ -31,13 +31,14 @@ from ..outputs import NonFiniteError, count_nonfinite
 from . import fp8 as fp8mod
 from . import keys as keymod
 from .header import read_header
-from .inspection import DTYPE_NAMES, GROUPS, describe, missing_summary, tensor_group  # noqa: F401 (API)
 
 LAYOUTS = CHECKPOINT_LAYOUTS
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
               "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_CHOICES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
+                 "fp8-scaled": torch.float8_e4m3fn}  # config/CLI dtype names
 SHARD_BYTES = 10 * 1024**3  # diffusers' save_pretrained default shard size
 
 
@@ -299,11 +300,3 @@ def _same_scale(ckpt: Checkpoint, parts) -> bool:
     if all(s is None for s in scales):
         return True
     return all(s is not None and torch.equal(s, scales[0]) for s in scales)
-
-
-# ------------------------------------------------------------------------------------------------ writing
-
-
-# conversion lives in flux/convert.py; these names stay importable from here
-from .convert import (DIFFUSERS_FOLDER_FILES, DTYPE_CHOICES, _write_diffusers_folder,  # noqa: E402,F401
-                      conversion_entries, convert)

@@ -20,8 +20,8 @@ from ..outputs import NonFiniteError, atomic_path, stream_safetensors, tensor_nb
 from . import fp8 as fp8mod
 from . import keys as keymod
 from . import checkpoint as ckmod
-from .checkpoint import (FP8_DTYPES, LAYOUTS, Checkpoint, _same_scale, missing_summary,
-                         open_checkpoint)
+from .checkpoint import DTYPE_CHOICES, FP8_DTYPES, LAYOUTS, Checkpoint, _same_scale, open_checkpoint
+from .inspection import missing_summary
 from .streamread import TensorFile, check_finite, prefetched, stream_quantize
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, layout: str | None = None, dtype: str | None = None,
@@ -48,7 +48,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, layout: str | None =
     sources = [ckpt.path, *set(ckpt.files.values())]
     try:
         if layout == "diffusers":
-            return _write_diffusers_folder(ckpt, entries, Path(dst), meta, overwrite, progress, sources)
+            return write_diffusers_folder(ckpt, entries, Path(dst), meta, overwrite, progress, sources)
         return stream_safetensors(entries, dst, meta, overwrite=overwrite, progress=progress,  # checked: entries
                                   what="converted checkpoint", sources=sources, finite=False)
     except NonFiniteError as e:
@@ -56,8 +56,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, layout: str | None =
         raise NonFiniteError(f"refusing to write {dst}: {e}; nothing was written ({why}; source {src})") from None
 
 
-DTYPE_CHOICES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
-                 "fp8-scaled": torch.float8_e4m3fn}
 
 
 def conversion_entries(ckpt: Checkpoint, layout: str, dtype: str | None, policy: "fp8mod.Fp8Policy | None",
@@ -188,7 +186,7 @@ DIFFUSERS_FOLDER_FILES = ("config.json", "diffusion_pytorch_model*.safetensors",
                           "diffusion_pytorch_model.safetensors.index.json")
 
 
-def _write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrite: bool, progress,
+def write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrite: bool, progress,
                             sources=()) -> Path:
     """A transformer folder diffusers' ``from_pretrained`` reads: config.json + (sharded) safetensors."""
     spec = ckpt.spec()

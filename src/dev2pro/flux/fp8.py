@@ -357,3 +357,11 @@ def param_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (fp8 = 1 byte per element)."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def compute_dtype(transformer) -> torch.dtype:
+    """The dtype a transformer computes in: fp8-stored layers declare their ``compute_dtype``, others compute in their
+    weights' dtype (read off ``x_embedder``, which every Flux family has; peft's wrapper is looked through)."""
+    layer = transformer.x_embedder
+    layer = getattr(layer, "base_layer", layer)
+    return getattr(layer, "compute_dtype", layer.weight.dtype)

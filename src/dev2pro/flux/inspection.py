@@ -3,12 +3,9 @@ the transformer tensors a complete model would have that the file lacks."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:  # type only: checkpoint imports this module
-    from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}

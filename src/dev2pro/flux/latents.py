@@ -29,6 +29,15 @@ def load_vae(model_dir: str | Path, device="cpu", dtype: torch.dtype = torch.flo
     return vae.to(device).eval().requires_grad_(False)
 
 
+def check_image_size(pipe, width: int, height: int) -> int:
+    """Image sides must be positive multiples of the pipeline's VAE factor x 2 (2x2 latent packing); returns that
+    multiple."""
+    multiple = pipe.vae_scale_factor * 2
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise UserError(f"image size {width}x{height} must be positive multiples of {multiple}")
+    return multiple
+
+
 def _check_even(h: int, w: int) -> None:
     if h % 2 or w % 2:
         raise ValueError(f"latent size {h}x{w} must be even to pack 2x2 (image sides must be multiples of 16 px)")

@@ -106,9 +106,10 @@ def tiny_corpus() -> list[str]:
     return lines + [f"{w}, {w}. {w}s" for w in words]
 
 
-def _learn_bpe(word_counts: dict[str, int], max_merges: int) -> list[tuple[str, str]]:
-    """Plain BPE with CLIP's ``</w>`` word ends; ties break on the pair itself, so the result is deterministic."""
-    words = [(list(w[:-1]) + [w[-1] + "</w>"], n) for w, n in sorted(word_counts.items())]
+def learn_bpe(word_counts: dict[str, int], max_merges: int, word_end: str = "") -> list[tuple[str, str]]:
+    """BPE merges learnt from word counts, for the tiny tokenizers: ``word_end="</w>"`` marks word ends as CLIP
+    does; without it, plain byte-level BPE (Qwen's, Mistral's). Ties break on the pair itself: deterministic."""
+    words = [(list(w[:-1]) + [w[-1] + word_end], n) for w, n in sorted(word_counts.items())]
     merges = []
     while len(merges) < max_merges:
         pairs = Counter()
@@ -135,7 +136,7 @@ def _vocabularies() -> tuple[dict, list, list]:
     reference = CLIPTokenizer().backend_tokenizer  # CLIP's own normaliser and byte-level pre-tokeniser
     clip_words = Counter(word for line in corpus for word, _ in
                          reference.pre_tokenizer.pre_tokenize_str(reference.normalizer.normalize_str(line)))
-    merges = _learn_bpe(clip_words, CLIP_MAX_MERGES)
+    merges = learn_bpe(clip_words, CLIP_MAX_MERGES, word_end="</w>")
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # like CLIP: every byte, bare and as a word end
     tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + ["<|startoftext|>", "<|endoftext|>"]))}

@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..outputs import NonFiniteError, count_nonfinite
 
 if TYPE_CHECKING:  # formats imports this module to check what it loads
-    from .formats import LoraModule
+    from .weights import LoraModule
 
 _H, _M = "h", "m"  # symbolic dims: model width, mlp width
 _SHAPES = [  # (pattern over diffusers module names, (out, in)); None = any (embedder inputs, final projection out)

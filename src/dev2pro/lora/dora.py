@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .formats import LoraModule
+from .weights import LoraModule
 
 AXIS_KEY = "dev2pro.dora_axis"
 AXES = ("in", "out", "out_base")

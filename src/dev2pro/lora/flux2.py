@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from .checks import check_finite
-from .formats import LoraWeights
+from .weights import LoraWeights
 
 LAYOUTS = {"kohya": "kohya", "comfy": "bfl", "diffusers": "peft"}  # our layout names -> lora_keys'
 _OURS = {v: k for k, v in LAYOUTS.items()}

@@ -32,8 +32,6 @@ import math
 import os
 import re
 import warnings
-from collections import Counter
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -46,41 +44,17 @@ from ..errors import UserError
 from ..flux.keys import Piece, module_pieces
 from ..outputs import make_parent, save_safetensors
 from .checks import check_lora
+from .weights import (ADAPTER_METADATA_KEY, LoraModule, LoraWeights, adapter_config, config_alpha,  # noqa: F401
+                      lora_to_peft_state_dict, pair, peft_config_kwargs, plain_number)  # (LoRA types re-exported)
 
 WRITABLE = LORA_LAYOUTS
 LAYOUTS = WRITABLE + ("xlabs",)
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-
 _PREFIX = {"kohya": "lora_unet_", "comfy": "diffusion_model.", "diffusers": "transformer."}
 _SUFFIX = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
            ".alpha": "alpha"}
 _TEXT_ENCODER = ("lora_te", "text_encoder", "text_encoders.")
 _DIFFUSERS_TOP = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
                   "time_text_embed.", "norm_out.", "proj_out.")
-
-
-@dataclass
-class LoraModule:
-    """One low-rank update of a linear layer: delta W = up @ down * alpha / rank."""
-
-    down: torch.Tensor  # [rank, in_features]
-    up: torch.Tensor  # [out_features, rank]
-    alpha: float
-
-    rank = property(lambda self: self.down.shape[0])
-    scale = property(lambda self: self.alpha / self.rank)  # what up @ down is multiplied by
-
-
-class LoraWeights(dict):
-    """diffusers module path -> LoraModule, plus string metadata, the layout it was read from (if any) and the model
-    family it is for ('flux1', 'flux2'; None: not known, which reads and writes as FLUX.1)."""
-
-    def __init__(self, modules: Mapping[str, LoraModule] | None = None, metadata: Mapping[str, str] | None = None,
-                 layout: str | None = None, family: str | None = None):
-        super().__init__(modules or {})
-        self.metadata = dict(metadata or {})
-        self.layout = layout
-        self.family = family
 
 
 # ------------------------------------------------------------------------------------------------------- sizes
@@ -262,46 +236,6 @@ def _group(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], layout: st
     return groups
 
 
-def _module(name: str, g: dict, alpha: float | None = None) -> LoraModule:
-    if "down" not in g or "up" not in g:
-        raise UserError(f"LoRA module {name!r} has {sorted(g)} but needs both down (lora_down/lora_A) and up "
-                        f"(lora_up/lora_B): the file is incomplete.")
-    down, up = g["down"], g["up"]
-    if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
-        raise UserError(f"LoRA module {name!r}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a "
-                        f"linear LoRA pair (conv LoRAs are not supported).")
-    if "alpha" in g:
-        a = g["alpha"]
-        if a.numel() != 1:  # kohya writes a 0-d tensor; one scale per module is all any reader applies
-            raise UserError(f"LoRA module {name!r}: alpha holds {a.numel()} values (shape {tuple(a.shape)}), not "
-                            f"one number; the file is damaged or not a LoRA -- re-export it")
-        alpha = float(a.float().reshape(()).item())
-    return LoraModule(down, up, float(down.shape[0]) if alpha is None else alpha)
-
-
-def _adapter_config(metadata: Mapping[str, str] | None) -> dict | None:
-    """LoraConfig kwargs diffusers would use from a file's metadata (None: no metadata, alpha = rank)."""
-    raw = (metadata or {}).get(ADAPTER_METADATA_KEY)
-    if not raw:
-        return None
-    cfg = json.loads(raw)
-    pre = {k[len("transformer."):]: v for k, v in cfg.items() if k.startswith("transformer.")}
-    return pre or cfg
-
-
-def _config_alpha(cfg: dict, name: str, rank: int) -> float:
-    """A module's effective alpha (our alpha/rank convention) under a LoraConfig, patterns matched as peft does."""
-    if cfg.get("use_dora"):
-        raise UserError("this is a DoRA adapter (use_dora in its metadata); only plain LoRAs are supported.")
-    alpha = cfg.get("lora_alpha", 8)  # LoraConfig's default, which diffusers would use too
-    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            alpha = value
-            break
-    # rsLoRA scales by alpha / sqrt(r); express it as an alpha over r.
-    return float(alpha) * (math.sqrt(rank) if cfg.get("use_rslora") else 1.0)
-
-
 def lora_from_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
                          layout: str | None = None, hidden: int | None = None,
                          mlp_hidden: int | None = None) -> LoraWeights:
@@ -312,16 +246,16 @@ def lora_from_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, 
 
         mods = read_xlabs(sd, mlp_hidden)
     elif layout == "diffusers":
-        cfg = _adapter_config(metadata)
+        cfg = adapter_config(metadata)
         groups = _group(sd, ("transformer.", "base_model.model.", ""), layout)
-        mods = {n: _module(n, g, None if cfg is None or "alpha" in g else _config_alpha(cfg, n, g["down"].shape[0]))
+        mods = {n: pair(n, g, None if cfg is None or "alpha" in g else config_alpha(cfg, n, g["down"].shape[0]))
                 for n, g in groups.items()}
         _groups(mods, "diffusers", hidden, mlp_hidden)  # names check
     elif layout in ("kohya", "comfy"):
         groups = _group(sd, (_PREFIX[layout], ""), layout)
         if layout == "kohya":
             groups = _bfl_names_from_kohya(groups)
-        mods = _from_bfl({n: _module(n, g) for n, g in groups.items()}, hidden, mlp_hidden)
+        mods = _from_bfl({n: pair(n, g) for n, g in groups.items()}, hidden, mlp_hidden)
     else:
         raise UserError(f"unknown LoRA layout {layout!r}; known: {', '.join(LAYOUTS)}")
     check_lora(mods, hidden, mlp_hidden)  # finite values, every shape fits a Flux transformer
@@ -339,35 +273,6 @@ def _bfl_names_from_kohya(groups: dict[str, dict]) -> dict[str, dict]:
         raise UserError(f"LoRA module 'lora_unet_{unknown[0]}' ({len(unknown)} in all) is not a linear layer of a "
                         f"Flux transformer: the LoRA is for another model family.")
     return {dotted[k]: g for k, g in groups.items()}
-
-
-def lora_to_peft_state_dict(lw: Mapping[str, LoraModule]) -> dict[str, torch.Tensor]:
-    """Unprefixed PEFT keys ``<module>.lora_A.weight`` / ``.lora_B.weight`` (pair with ``peft_config_kwargs``)."""
-    return {f"{n}.lora_{ab}.weight": t for n, m in lw.items() for ab, t in (("A", m.down), ("B", m.up))}
-
-
-def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def peft_config_kwargs(lw: Mapping[str, LoraModule]) -> dict:
-    """``peft.LoraConfig`` kwargs that give every module its own rank and alpha.
-
-    The commonest rank/alpha are the defaults; the rest go to ``rank_pattern``/``alpha_pattern`` keyed ``^<module>``
-    (diffusers' anchored form). ``target_modules`` is an exact-name regex: a plain list would also hit every
-    ``single_transformer_blocks.N.proj_out`` when the LoRA targets the top-level ``proj_out``.
-    """
-    if not lw:
-        raise UserError("the LoRA has no modules.")
-    r = Counter(m.rank for m in lw.values()).most_common(1)[0][0]
-    alpha = Counter(m.alpha for m in lw.values()).most_common(1)[0][0]
-    return dict(
-        r=r, lora_alpha=_number(alpha),
-        target_modules="^(?:" + "|".join(re.escape(n) for n in sorted(lw)) + ")$",
-        rank_pattern={f"^{re.escape(n)}": m.rank for n, m in sorted(lw.items()) if m.rank != r},
-        alpha_pattern={f"^{re.escape(n)}": _number(m.alpha) for n, m in sorted(lw.items()) if m.alpha != alpha},
-        lora_dropout=0.0, bias="none", use_dora=False, use_rslora=False,
-    )
 
 
 def lora_to_state_dict(lw: LoraWeights | Mapping[str, LoraModule], layout: str, metadata: Mapping[str, str] | None = None,
@@ -462,7 +367,7 @@ def kohya_metadata(rank: int, alpha: float, guidance_scale: float, timestep_samp
     given a FLUX.2 ``spec`` of the base, a FLUX.2 one (musubi-tuner's values, ``lora.flux2.kohya_fields``)."""
     meta = {
         "ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux",
-        "ss_network_dim": str(rank), "ss_network_alpha": str(_number(alpha)),
+        "ss_network_dim": str(rank), "ss_network_alpha": str(plain_number(alpha)),
         "ss_guidance_scale": str(guidance_scale), "ss_timestep_sampling": timestep_sampling,
         "ss_sd_model_name": base_model_name,
         "modelspec.sai_model_spec": "1.0.0",

@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..outputs import count_nonfinite
 from . import dora as D
 from . import pieces as P
-from .formats import ADAPTER_METADATA_KEY, LoraModule, LoraWeights, _adapter_config, _config_alpha, peft_config_kwargs
+from .weights import ADAPTER_METADATA_KEY, LoraModule, LoraWeights, adapter_config, config_alpha, peft_config_kwargs
 
 TYPE_KEY = "dev2pro.adapter_type"
 _SUFFIX = r"lokr_w[12](?:_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12]|lora_(?:down|up|A|B)\.weight|alpha|dora_scale|" \
@@ -154,7 +154,7 @@ def read(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, wan
 
         families.require_same(families.get(family), families.get(want), "the adapter",
                               f"base model {base}" if base else "base model it is applied to")
-    cfg = _adapter_config(metadata)
+    cfg = adapter_config(metadata)
     declared = (metadata or {}).get(D.AXIS_KEY)
     lw = AdapterWeights(metadata=metadata, layout=_layout(groups), family=family)
     for raw, g in groups.items():
@@ -219,7 +219,7 @@ def _module(name: str, g: dict, cfg: dict | None, declared: str | None):
                         f"file is incomplete -- re-export it")
     down, up = g["down"], g["up"]
     if alpha is None:
-        alpha = float(down.shape[0]) if cfg is None else _config_alpha({**cfg, "use_dora": False}, name,
+        alpha = float(down.shape[0]) if cfg is None else config_alpha({**cfg, "use_dora": False}, name,
                                                                         down.shape[0])
     if "dora_scale" in g:
         axis = D.axis_from_file(name, g["dora_scale"], up.shape[0], down.shape[1], declared)

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import UserError
 from ..flux import checkpoint as C
+from ..flux import convert as flux_convert
 from ..flux import fp8 as fp8mod
 from ..outputs import check_output, stream_safetensors
 from .formats import LoraWeights, load_lora, to_bfl
@@ -134,10 +135,10 @@ def merge_loras(base: str | os.PathLike, loras: list[tuple[str, float]], out: st
     folder = ckpt.layout == "diffusers-folder"
     sources = [base, *set(ckpt.files.values()), *(p for p, _ in loras)]
     check_output(out, overwrite, "merged checkpoint", folder=folder, sources=sources,
-                 owned=C.DIFFUSERS_FOLDER_FILES if folder else None)
+                 owned=flux_convert.DIFFUSERS_FOLDER_FILES if folder else None)
     entries = merged_entries(ckpt, deltas_for(ckpt, loras))
     meta = dict(ckpt.metadata)
     meta["dev2pro.merged_loras"] = json.dumps([[Path(p).name, s] for p, s in loras])
     if folder:
-        return C._write_diffusers_folder(ckpt, entries, Path(out), meta, overwrite, None, sources=sources)
+        return flux_convert.write_diffusers_folder(ckpt, entries, Path(out), meta, overwrite, None, sources=sources)
     return stream_safetensors(entries, out, meta, overwrite=overwrite, what="merged checkpoint", sources=sources)

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import UserError
 from ..flux.fp8 import FP8_DTYPES
-from .formats import LoraModule, LoraWeights, lora_to_peft_state_dict, peft_config_kwargs
+from .weights import LoraModule, LoraWeights, lora_to_peft_state_dict, peft_config_kwargs
 
 
 def _no_fp8(name: str, t: torch.Tensor) -> None:

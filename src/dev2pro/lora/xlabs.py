@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 
 from ..errors import UserError
-from .formats import LoraModule, _module
+from .weights import LoraModule, pair
 
 
 def read_xlabs(sd: Mapping[str, torch.Tensor], mlp_hidden: int | None) -> dict[str, LoraModule]:
@@ -28,7 +28,7 @@ def read_xlabs(sd: Mapping[str, torch.Tensor], mlp_hidden: int | None) -> dict[s
     out = {}
     for (kind, idx, proc), g in groups.items():
         block = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{idx}."
-        m = _module(block + proc, g)
+        m = pair(block + proc, g)
         names = targets[(kind, proc)]
         if kind == "single" and proc == "proj_lora":
             # XLabs feeds only the attention output (first `hidden` inputs of linear2) to this LoRA: pad the down

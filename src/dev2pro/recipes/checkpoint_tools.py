@@ -9,6 +9,8 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..flux import checkpoint as ckptmod
+from ..flux import convert as flux_convert
+from ..flux import inspection
 from ..flux.fp8 import Fp8Policy
 
 
@@ -41,7 +43,7 @@ def init_tiny(out_dir: str, variant: str | None = None, seed: int = 0, overwrite
 
 
 def inspect(path: str, as_json: bool = False, allow_pickle: bool = False) -> dict:
-    info = ckptmod.describe(ckptmod.open_checkpoint(path, allow_pickle=allow_pickle))
+    info = inspection.describe(ckptmod.open_checkpoint(path, allow_pickle=allow_pickle))
     if as_json:
         print(json.dumps(info, indent=2))
         return info
@@ -59,7 +61,7 @@ def inspect(path: str, as_json: bool = False, allow_pickle: bool = False) -> dic
     print("  dtypes      " + "; ".join(f"{g}: " + ", ".join(f"{d} x{n}" for d, n in sorted(c.items()))
                                        for g, c in sorted(info["dtypes"].items())))
     if info["missing"]:
-        print(f"  missing     {ckptmod.missing_summary(info['missing'], limit=8)}: the file is incomplete "
+        print(f"  missing     {inspection.missing_summary(info['missing'], limit=8)}: the file is incomplete "
               f"(it will not load; convert refuses it without --allow-incomplete)")
     if info["other_component_keys_ignored"]:
         print(f"  ignored     {info['other_component_keys_ignored']} keys of other components (VAE/text encoders)")
@@ -78,7 +80,7 @@ def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = N
             bar.append(tqdm(total=ckpt.size_bytes(), unit="B", unit_scale=True, desc="convert", leave=False))
         bar[0].update(n)
     try:
-        out = ckptmod.convert(src, dst, layout=layout, dtype=dtype, policy=policy, overwrite=overwrite,
+        out = flux_convert.convert(src, dst, layout=layout, dtype=dtype, policy=policy, overwrite=overwrite,
                               allow_pickle=allow_pickle, drop_guidance=drop_guidance, progress=progress,
                               allow_incomplete=allow_incomplete)
     finally:

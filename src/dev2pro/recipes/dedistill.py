@@ -29,7 +29,7 @@ number of processes.
 The story: config -> data (folders cached on the fly, or shards from `dev2pro cache`: ``data.prepare``) -> student
 (+ teacher: ``train.model``) -> loop (``objectives``, clip, AdamW, warmup/cosine, EMA, TensorBoard, sample grids at
 guidance 1 and true CFG: ``train.samples``, resumable state: ``train.state``) -> export through
-``flux.checkpoint.convert`` (``train.export``): a BFL file (default), a diffusers folder and/or fp8.
+``flux.convert.convert`` (``train.export``): a BFL file (default), a diffusers folder and/or fp8.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What a training run leaves for users: LoRA files in the layouts they load (kohya/ComfyUI, diffusers), and a
-de-distilled model exported through ``flux.checkpoint.convert`` (BFL file, diffusers folder, fp8) or as a training
+de-distilled model exported through ``flux.convert.convert`` (BFL file, diffusers folder, fp8) or as a training
 adapter. A full disk at the export keeps the last training state and says how to finish with ``--resume``.
 """
 
@@ -13,7 +13,8 @@ import torch
 
 from .. import families
 from ..errors import UserError
-from ..flux.checkpoint import DTYPE_CHOICES, convert
+from ..flux.checkpoint import DTYPE_CHOICES
+from ..flux.convert import convert
 from ..lora.dora import is_peft_dora
 from ..lora.flux2 import kohya_fields
 from ..lora.formats import save_lora

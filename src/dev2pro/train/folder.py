@@ -56,12 +56,6 @@ class RunFolder:
     def lock(self) -> Path:
         return self.root / LOCK_NAME
 
-    def status(self) -> str:
-        """``train.run.folder_status`` of this folder."""
-        from .run import folder_status  # torch (via the state reader): not for the web app's listings
-
-        return folder_status(self.root)
-
     def resume_hint(self) -> str:
         """The command that continues this run (its saved config.toml)."""
         return f"dev2pro {self.command} {self.config} --resume"

@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..outputs import write_error_message, write_errors
 from .lossplot import save_loss_plot
-from .run import RunFolder, check_no_foreign, os_error_message
+from .run import RunFolder, check_no_foreign, folder_status, os_error_message
 from .state import latest_state
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say:
     A folder a failed start left behind (config, caches, logs: no state, no LoRA) is reused by a plain rerun; a run
     that saved needs ``--resume`` (or ``save.overwrite``); a folder holding anything else is never reused silently.
     """
-    out, status, resumable = run.root, run.status(), latest_state(run.state) is not None
+    out, status, resumable = run.root, folder_status(run.root), latest_state(run.state) is not None
     if resume == "latest" and not resumable:  # one path: no usable state is never "a run to resume"
         raise UserError(f"nothing to resume: {out} " + {
             "started": "was started but never saved a usable training state (a failed start, a first save that "

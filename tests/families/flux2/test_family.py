@@ -12,7 +12,8 @@ from dev2pro.choices import FAMILIES
 from dev2pro.errors import CheckpointError
 from dev2pro.families.flux2 import latents as L
 from dev2pro.families.flux2.tiny import write_bfl_transformer
-from dev2pro.flux.checkpoint import convert, load_transformer, open_checkpoint
+from dev2pro.flux.checkpoint import load_transformer, open_checkpoint
+from dev2pro.flux.convert import convert
 from dev2pro.objectives import ModelInputs, predict
 
 

@@ -10,7 +10,9 @@ from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkp
 from safetensors.torch import load_file
 
 from dev2pro.families.flux2.tiny import write_bfl_transformer
-from dev2pro.flux.checkpoint import convert, describe, load_transformer, open_checkpoint
+from dev2pro.flux.checkpoint import load_transformer, open_checkpoint
+from dev2pro.flux.convert import convert
+from dev2pro.flux.inspection import describe
 
 
 @pytest.fixture(scope="module")

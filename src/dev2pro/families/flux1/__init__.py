@@ -14,7 +14,7 @@ import torch
 
 from ...flux import keys as keymod
 from ...flux import spec as specmod
-from .. import Family, lazy
+from ..family import Family, lazy
 
 _MARKERS = ("vector_in.", "time_text_embed.")  # CLIP's pooled vector; FLUX.2 has time_guidance_embed
 _BLOCK_MARKERS = re.compile(r"^(double_blocks\.\d+\.(img|txt)_mod\.lin|"
@@ -71,7 +71,7 @@ def _embeds_of(record: Mapping) -> tuple:
 
 
 def _build_pipeline(components: dict, transformer, distilled: bool = False, progress: bool = False):
-    from ...sampling import build_pipeline  # diffusers: not at `inspect`'s import time
+    from .sampling import build_pipeline  # diffusers: not at `inspect`'s import time
     return build_pipeline(components, transformer, progress)
 
 
@@ -92,6 +92,6 @@ FAMILY = Family(
     text_settings=_text_settings, embeds_of=_embeds_of,
     load_vae=lazy("dev2pro.flux.latents", "load_vae"), encode_images=lazy("dev2pro.flux.latents", "encode_images"),
     lora_targets=lazy("dev2pro.lora.targets", "target_modules"),
-    build_pipeline=_build_pipeline, render=lazy("dev2pro.sampling", "render"),
-    render_latents=lazy("dev2pro.sampling", "render_latents"),
+    build_pipeline=_build_pipeline, render=lazy("dev2pro.families.flux1.sampling", "render"),
+    render_latents=lazy("dev2pro.families.flux1.sampling", "render_latents"),
 )

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from ...lora.targets import TargetTables, target_modules
-from .. import Family, lazy
+from ..family import Family, lazy
 from . import keys as keymod
 from . import spec as specmod
 from .text import wants_mistral

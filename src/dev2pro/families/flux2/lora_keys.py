@@ -38,7 +38,6 @@ layout (ComfyUI reads both, diffusers neither).
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from functools import reduce
@@ -47,7 +46,7 @@ from typing import Iterable, Mapping
 import torch
 
 from ...errors import UserError
-from ...lora.formats import ADAPTER_METADATA_KEY, LoraModule, LoraWeights, peft_config_kwargs
+from ...lora.weights import ADAPTER_METADATA_KEY, LoraModule, LoraWeights, config_alpha, peft_config_kwargs
 
 LAYOUTS = ("peft", "bfl", "kohya")
 EXACT_KEY = "dev2pro.lora_exact"
@@ -255,13 +254,6 @@ def _pattern(patterns: Mapping | None, name: str, default):
     return default
 
 
-def _config_alpha(cfg: dict, name: str, rank: int) -> float:
-    if cfg.get("use_dora"):
-        raise UserError("this is a DoRA adapter (use_dora in its metadata); only plain LoRAs are supported.")
-    alpha = float(_pattern(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8)))
-    return alpha * math.sqrt(rank) if cfg.get("use_rslora") else alpha  # rsLoRA: alpha / sqrt(r) = (a sqrt r) / r
-
-
 def _config_fits(cfg: dict, lw: Mapping[str, LoraModule]) -> bool:
     """Does a peft adapter config give every module its rank and alpha and target exactly these modules?"""
     targets = cfg.get("target_modules") or []
@@ -269,7 +261,7 @@ def _config_fits(cfg: dict, lw: Mapping[str, LoraModule]) -> bool:
         hit = re.fullmatch(targets, name) if isinstance(targets, str) else any(
             name == t or name.endswith("." + t) for t in targets)
         if not hit or cfg.get("exclude_modules") or int(_pattern(cfg.get("rank_pattern"), name, cfg.get("r", 8))) \
-                != m.rank or _config_alpha(cfg, name, m.rank) != m.alpha:
+                != m.rank or config_alpha(cfg, name, m.rank) != m.alpha:
             return False
     return True
 
@@ -284,7 +276,7 @@ def _read_peft(sd, metadata, nd, ns) -> tuple[dict[str, LoraModule], dict[str, s
     mods = {}
     for name, g in groups.items():
         r = g["down"].shape[0]
-        alpha = float(g["alpha"].item()) if "alpha" in g else float(r) if cfg is None else _config_alpha(cfg, name, r)
+        alpha = float(g["alpha"].item()) if "alpha" in g else float(r) if cfg is None else config_alpha(cfg, name, r)
         mods[name] = LoraModule(g["down"], g["up"], alpha)
     if raw:
         meta[CONFIG_KEY] = raw

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from ...flux.fp8 import compute_dtype
+
 
 def build_pipeline(components: dict, transformer, distilled: bool = False, progress: bool = False):
     """``Flux2Pipeline`` for a transformer with a guidance embedding (dev), else ``Flux2KleinPipeline``; text
@@ -45,8 +47,6 @@ def render(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance, *, neg
            steps: int = 4, width: int = 512, height: int = 512) -> list:
     """Every (prompt embedding, seed) pair, prompt-major, as PIL images (``sampling.render``'s contract).
     ``embeds``: (prompt_embeds (1, L, D), None) pairs; ``negative``: the true-CFG negative (default "")."""
-    from ...sampling import compute_dtype
-
     transformer = pipe.transformer
     device, dtype = pipe._execution_device, compute_dtype(transformer)
     scale = guidance_scale(pipe, guidance)
@@ -101,8 +101,6 @@ def render_latents(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance
     """``sampling.render_latents``' contract for FLUX.2: aligned lists (image i = ``embeds[i]`` with ``seeds[i]``),
     returning the denoised VAE-space latents (N, 32, height/8, width/8) on the CPU in fp32. One image per call
     (``batch_size`` is accepted for the shared signature): each is its seed's alone."""
-    from ...sampling import compute_dtype
-
     if len(embeds) != len(seeds):
         raise ValueError(f"{len(embeds)} prompt embeddings but {len(seeds)} seeds: pass aligned lists")
     transformer = pipe.transformer

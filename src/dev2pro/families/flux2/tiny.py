@@ -34,14 +34,14 @@ from tokenizers import AddedToken, pre_tokenizers
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from ...errors import UserError
-from ...flux.tiny import tiny_corpus
+from ...flux.tiny import learn_bpe, tiny_corpus
 from ...outputs import atomic_path, make_parent
 from . import keys
 from .spec import TINY_DEV, TINY_KLEIN, VARIANT_METADATA_KEY, Flux2Spec, build_transformer
 
 VARIANTS = ("klein-base", "klein-distilled", "dev")
 TEXT_MAX_LENGTH = 512  # Flux2KleinPipeline pads every prompt to this many tokens
-MAX_MERGES = 2000
+MAX_MERGES = 2000  # the tiny Qwen3 tokenizer's merges
 
 MODEL_INDEX = {
     "_class_name": "Flux2KleinPipeline",
@@ -73,35 +73,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def _learn_bpe(word_counts: dict[str, int], max_merges: int) -> list[tuple[str, str]]:
-    """Plain byte-level BPE (no word-end marks, as Qwen's); ties break on the pair itself: deterministic."""
-    words = [(list(w), n) for w, n in sorted(word_counts.items())]
-    merges = []
-    while len(merges) < max_merges:
-        pairs = Counter()
-        for symbols, n in words:
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += n
-        if not pairs:
-            break
-        a, b = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append((a, b))
-        for symbols, _ in words:
-            i = 0
-            while i < len(symbols) - 1:
-                if symbols[i] == a and symbols[i + 1] == b:
-                    symbols[i:i + 2] = [a + b]
-                i += 1
-    return merges
-
-
 @functools.lru_cache(maxsize=1)
 def _vocabulary() -> tuple[dict, list]:
     reference = Qwen2TokenizerFast().backend_tokenizer  # Qwen's NFC normaliser and regex + byte-level pre-tokeniser
     corpus = tiny_corpus() + ["user assistant system"] * 20  # chat-template words become whole tokens, as in Qwen
     counts = Counter(word for line in corpus for word, _ in
                      reference.pre_tokenizer.pre_tokenize_str(reference.normalizer.normalize_str(line)))
-    merges = _learn_bpe(counts, MAX_MERGES)
+    merges = learn_bpe(counts, MAX_MERGES)
     tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges]
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges
 

@@ -24,9 +24,9 @@ from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PreTrainedTokenizerFast, Qwen2TokenizerFast
 
-from ...flux.tiny import tiny_corpus
-from .tiny import MAX_MERGES, _learn_bpe
+from ...flux.tiny import learn_bpe, tiny_corpus
 
+MAX_MERGES = 2000  # the tiny Mistral tokenizer's merges (as many as klein's tiny Qwen3)
 MODEL_INDEX = {
     "_class_name": "Flux2Pipeline",
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -62,7 +62,7 @@ def _vocabulary() -> tuple[dict, list]:
     reference = Qwen2TokenizerFast().backend_tokenizer  # a tiktoken-style regex + byte-level split, like tekken's
     corpus = tiny_corpus() + [SYSTEM_MESSAGE] * 5  # every dev prompt carries BFL's system message
     counts = Counter(word for line in corpus for word, _ in reference.pre_tokenizer.pre_tokenize_str(line))
-    merges = _learn_bpe(counts, MAX_MERGES)
+    merges = learn_bpe(counts, MAX_MERGES)
     tokens = list(CONTROL) + sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges]
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges
 
