@@ -41,10 +41,9 @@ def test_bf16_lora_drops_the_fp32_input_copies_only_where_they_exist():
     no_fp32 = P.estimate(_inp(gradient_checkpointing=False, lora_dtype="fp32"))
     no_bf16 = P.estimate(_inp(gradient_checkpointing=False, lora_dtype="compute"))
     saved = no_fp32.activations[4096] - no_bf16.activations[4096]
-    # every LoRA'd Linear's fp32 input copy: 4 bytes x in_features x the tokens it sees
-    layers = P.lora_layers(P._meta_model(FLUX_DEV), _inp())
-    assert saved == sum(4 * fin * P.stream_tokens(n, 4096, 512) for n, fin, _ in layers)
-    assert 20 * P.GB < saved < 35 * P.GB  # the issue's "~29 GB of extra activation memory"
+    # FLUX.1's measured units (tests/test_plan_activations.py): 29 -> 17 per block, + the rank-wide hidden in bf16
+    assert 18 * P.GB < saved < 21 * P.GB  # the issue guessed ~29 GB from reading the code; autograd keeps ~19.5
+    assert ck_fp32.activations[4096] > ck_bf16.activations[4096]  # one recomputed block's copies, with ckpt
     assert ck_bf16.lora_bytes == ck_fp32.lora_bytes * 3 // 2  # + the bf16 compute copies
     fp32_base = P.estimate(replace(_inp(lora_dtype="compute"), dtype="fp32"))
     assert fp32_base.activations == P.estimate(replace(_inp(lora_dtype="fp32"), dtype="fp32")).activations

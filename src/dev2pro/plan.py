@@ -5,21 +5,20 @@ Every figure is computed from shapes, never by loading tensors: the base weights
 ``load_transformer`` stores them; the LoRA from the target module list and the Linear shapes; the optimizer
 state from how each optimizer stores its moments.
 
-Activations follow a stated formula. In units of one hidden-wide vector per token in the compute dtype (``b``
-bytes; FLUX.1: hidden 3072), diffusers' blocks save for backward, per token:
-  double block  27 units: norm1 (LayerNorm input, its output, the modulated output) 3, q and k RMSNorms (an fp32
-                copy + the input each) 6, attention (q, k, v, out) 4, out-proj input 1, gate 1, norm2 3,
-                MLP (GELU input 4 + output 4) 8, gate 1
-  single block  23 units: norm 3, MLP in 4 + cat(attn, GELU) 5, q/k RMSNorms 6, attention 4, gate 1
-plus, per LoRA-wrapped Linear, peft's fp32 copy of the Linear's input (it casts ``x`` to the LoRA weights'
-dtype: ``in_features * 4`` bytes per token, when the compute dtype is not fp32) and the rank-wide LoRA hidden.
-With per-block gradient checkpointing only each block's inputs are kept (one unit per token per block) and
-one block is recomputed at a time in backward: peak = all block inputs + the largest block's saved set +
-``BACKWARD_UNITS`` of gradient work space. fp8 storage adds bf16 copies of dequantised weights that autograd
-keeps: one block's worth with checkpointing, every fp8 block weight without (so fp8 without checkpointing
-saves nothing). Attention assumes a flash/efficient kernel (no seq x seq matrix). The unit counts were
-counted from diffusers' FluxTransformerBlock / FluxSingleTransformerBlock code; ``bench/gpu_train.py`` prints
-this estimate beside the measured peak so the constants can be recalibrated on real GPUs.
+Activations are measured, not guessed. Each family states (``Family.activation_units``) how many hidden-wide
+vectors per token, in the compute dtype, one double and one single block keep for backward without
+checkpointing, with the LoRA on every Linear, per LoRA compute dtype: ``compute`` (bf16 LoRA: peft saves the
+bf16 inputs it shares with nothing else) or ``fp32`` (an fp32 copy of the input for each LoRA'd Linear).
+``tests/test_plan_activations.py`` counts the bytes autograd saves (unique storages, weights excluded) in a real
+forward of both families and holds these constants to within 5% of them; it runs the q/k RMSNorms as CUDA does
+(the fused kernel keeps the bf16 input, where the CPU's composite one keeps an fp32 copy). On top: each LoRA'd
+Linear's rank-wide hidden, per token it sees. Other target presets save less than ``all_linear``: the plan is
+then an upper bound. With per-block gradient checkpointing only each block's input is kept (one unit per token
+per block) and one block is recomputed at a time in backward: peak = all block inputs + the largest block's saved
+set + ``BACKWARD_UNITS`` of gradient work space. fp8 storage adds bf16 copies of dequantised weights that autograd
+keeps: one block's worth with checkpointing, every fp8 block weight without (so fp8 without checkpointing saves
+nothing). Attention assumes a flash/efficient kernel (no seq x seq matrix), as the CPU's SDPA is too.
+``bench/gpu_train.py`` prints this estimate beside the measured peak of a real step.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from .train.blockswap import swap_positions
 GB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TEXT_DTYPE_BYTES = {**DTYPE_BYTES, "fp8": 1}  # FLUX.2's text encoder may be stored in fp8 (its embedding stays bf16)
-DOUBLE_UNITS, SINGLE_UNITS, BACKWARD_UNITS = 27, 23, 6
+BACKWARD_UNITS = 6
 CUDA_OVERHEAD = int(0.8 * GB)  # CUDA context, cuBLAS workspaces and allocator slack beyond allocated bytes
 VAE_DECODE_BYTES_PER_PIXEL = 2560  # ~10 live 128-channel bf16 maps at full resolution in the VAE decoder
 VAE_TILE_PIXELS = 512 * 512
@@ -234,19 +233,33 @@ def stream_tokens(name: str, img: int, txt: int) -> int:
 _MODULATION = re.compile(r"blocks\.\d+\.(norm1|norm1_context|norm)\.linear$")
 
 
+def lora_mode(inp: PlanInputs) -> str:
+    """Which of a family's ``activation_units`` apply: "fp32" when the LoRA computes in fp32 beside a lower compute
+    dtype (peft then copies each LoRA'd Linear's input to fp32), else "compute"."""
+    return "fp32" if inp.lora_dtype == "fp32" and inp.dtype != "fp32" else "compute"
+
+
+def block_saved_bytes(inp: PlanInputs, layers, img: int) -> dict[int, int]:
+    """Bytes each block (by execution position) keeps for backward at ``img`` image tokens, batch 1, without
+    checkpointing: the family's measured units + every LoRA'd Linear's rank-wide hidden."""
+    s, b, txt = inp.spec, DTYPE_BYTES[inp.dtype], inp.text_tokens
+    mode = lora_mode(inp)
+    double, single = of_spec(s).activation_units[mode]
+    hidden_bytes = 4 if mode == "fp32" else b
+    out = {p: int((img + txt) * s.hidden * b * (double if p < s.num_double else single))
+           for p in range(s.num_double + s.num_single)}
+    for name, _, _ in layers:
+        pos = _block_of(name, s.num_double)
+        if pos is not None:
+            out[pos] += stream_tokens(name, img, txt) * inp.rank * hidden_bytes
+    return out
+
+
 def activation_bytes(inp: PlanInputs, layers, per_block: dict, img: int) -> int:
     """Peak activation bytes of one training step at ``img`` image tokens (formula in the module docstring)."""
     s, b, txt = inp.spec, DTYPE_BYTES[inp.dtype], inp.text_tokens
     tokens = img + txt
-    lora_copy = 4 if inp.dtype != "fp32" and inp.lora_dtype == "fp32" else 0  # bf16 LoRA: no fp32 input copy
-    lora_block: dict[int, int] = {}
-    for name, fin, _ in layers:
-        pos = _block_of(name, s.num_double)
-        if pos is not None:
-            lora_block[pos] = lora_block.get(pos, 0) + stream_tokens(name, img, txt) * (fin * lora_copy
-                                                                                        + inp.rank * 4)
-    saved = {p: tokens * s.hidden * b * (DOUBLE_UNITS if p < s.num_double else SINGLE_UNITS)
-             + lora_block.get(p, 0) for p in range(s.num_double + s.num_single)}
+    saved = block_saved_bytes(inp, layers, img)
     fp8_block = {p: n_fp8 * b for p, (_, n_fp8) in per_block.items()}  # dequantised copies autograd keeps
     outside = txt * s.context_dim * b + img * s.in_channels * 4 * 4 + tokens * s.head_dim * 4 * 2
     if inp.gradient_checkpointing:

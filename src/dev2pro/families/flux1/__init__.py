@@ -92,6 +92,7 @@ FAMILY = Family(
     text_settings=_text_settings, embeds_of=_embeds_of,
     load_vae=lazy("dev2pro.flux.latents", "load_vae"), encode_images=lazy("dev2pro.flux.latents", "encode_images"),
     lora_targets=lazy("dev2pro.lora.targets", "target_modules"),
+    activation_units={"compute": (17.0, 17.0), "fp32": (29.0, 29.0)},
     build_pipeline=_build_pipeline, render=lazy("dev2pro.families.flux1.sampling", "render"),
     render_latents=lazy("dev2pro.families.flux1.sampling", "render_latents"),
 )

@@ -134,6 +134,7 @@ FAMILY = Family(
     load_text=lazy(_TEXT, "load_text_encoder"),
     text_encoder=lazy(_TEXT, "text_encoder"), text_settings=lazy(_TEXT, "cache_settings"), embeds_of=_embeds_of,
     load_vae=lazy(_LATENTS, "load_vae"), encode_images=lazy(_LATENTS, "encode_images"), lora_targets=lora_targets,
+    activation_units={"compute": (21.0, 21.0), "fp32": (32.0, 26.0)},
     build_pipeline=lazy(_SAMPLING, "build_pipeline"), render=lazy(_SAMPLING, "render"),
     render_latents=lazy(_SAMPLING, "render_latents"),
 )
