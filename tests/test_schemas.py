@@ -218,3 +218,18 @@ def test_a_rank_wider_than_the_layers_is_refused_once_the_checkpoint_is_known(tm
                             "(transformer_blocks.0.attn.to_q: 64 in, 64 out): use at most 64 (4..128 is typical)")
     # a model that is not there yet is checked when it is loaded, not here
     assert load_train_config(_write(tmp_path, TRAIN), ["lora.rank=65"]).lora.rank == 65
+
+
+def test_attention_backends_are_diffusers_local_ones_and_hub_downloads_are_refused(tmp_path):
+    """train.attention_backend offers diffusers' dispatcher backends that run from installed packages; a "*_hub"
+    backend (it downloads a kernel at run time) is a config error naming the local spelling."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from dev2pro.choices import ATTENTION_BACKENDS
+    local = {b.value for b in AttentionBackendName if not b.value.endswith("_hub")}
+    assert set(ATTENTION_BACKENDS) - {""} == local
+    path = _write(tmp_path, TRAIN)
+    assert load_train_config(path, ["train.attention_backend=_native_flash"]).train.attention_backend == "_native_flash"
+    with pytest.raises(ConfigError, match=r"'train\.attention_backend' = 'flash_hub' is not one of .*did you mean "
+                                          r"'flash"):
+        load_train_config(path, ["train.attention_backend=flash_hub"])

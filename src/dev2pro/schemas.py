@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .choices import (COMPUTE_DTYPES, EXPORT_FORMATS, FAMILIES, LORA_TARGETS, MIXED_PRECISION,
+from .choices import (ATTENTION_BACKENDS, COMPUTE_DTYPES, EXPORT_FORMATS, FAMILIES, LORA_TARGETS, MIXED_PRECISION,
                       OBJECTIVES, OPTIMIZERS, SCHEDULES, TIMESTEP_MODES)
 from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, require, require_range,
                      resolve_size, section)
@@ -225,8 +225,9 @@ class TrainSection(OptimBase):
     compile: bool | str = opt("off", "regional torch.compile: blocks (each transformer block compiled once, diffusers "
                                      "compile_repeated_blocks; true = blocks) or off; the first steps are slow; not "
                                      "with blocks_to_swap", COMPILE_CHOICES)
-    attention_backend: str = opt("", "diffusers attention backend (e.g. flash, _native_cudnn, sage); empty = "
-                                     "PyTorch SDPA")
+    attention_backend: str = opt("", "diffusers attention backend from an installed kernel package (e.g. flash "
+                                     "needs flash-attn); empty = PyTorch SDPA; the *_hub backends are not offered "
+                                     "(they download kernels at run time)", ATTENTION_BACKENDS)
     ema_decay: float = opt(0.0, "EMA of the LoRA weights (e.g. 0.999; 0 = off): the EMA is what is saved and "
                                 "sampled")
 
