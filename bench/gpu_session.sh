@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (H100/H200 class), issue 20's bench protocol in ~8 minutes (worst case ~10 with every
-# limit hit): SDPA preflight, tests/gpu, then bench/gpu_train.py (rows skipped after 330 s, killed at 420 s).
+# One command for a lent GPU (H100/H200 class), issue 20's bench protocol in ~8-9 minutes (worst case ~10 with every
+# limit hit): SDPA preflight, the model-layout attention probe, tests/gpu, then bench/gpu_train.py (rows skipped
+# after 300 s, killed at 390 s).
 # Results (JSON + markdown + profiles + logs) go to $OUT (default ./gpu-out), plus copies named
 # gpu_train-<card>-<date>.{md,json} ready for bench/results/. Each phase has its own time limit and a failure in
 # one does not stop the next. Run from the repository root:
@@ -55,6 +56,28 @@ PYEOF
   done
   say "SDPA preflight: first working backend ${SDP_OK:-none}"
   export DEV2PRO_BENCH_SDP="${SDP_OK:-MATH}"
+  # The same question with the model's own q/k/v layouts (train.attention_backend = "auto", train/attention.py):
+  # a full-width 1+1-block FLUX.1 at 1024^2 tokens, forward + backward, each backend in its own process, cuDNN
+  # included here to answer whether the layouts are what broke it. The bench's attention row uses the choice.
+  say "model-layout attention probe (limit 150s)"
+  timeout 150 "$PY" - "$OUT/attention_probe.json" <<'PYEOF' 2>&1 | tee "$OUT/attention_probe.log"
+import json, sys
+from pathlib import Path
+from dev2pro import families
+from dev2pro.flux.spec import FLUX_DEV
+from dev2pro.train import attention as A
+config = A.model_config(families.build_transformer(FLUX_DEV, device="meta"))
+names = A.candidates("cuda") + ["_native_cudnn"]
+cache = Path(sys.argv[1])
+best = A.choose(config, (4096, 512), "cuda", names=names, cache=cache)
+record = next(iter(json.loads(cache.read_text()).values()))
+for name, r in record["probes"].items():
+    print(f"attention probe {name}: " + (f"ok, {r['ms']:.1f} ms" if r["ok"] else f"FAILED: {r['error']}"))
+print(f"attention probe choice: {best or 'PyTorch SDPA'}")
+PYEOF
+  ATTN=$(sed -n 's/^attention probe choice: //p' "$OUT/attention_probe.log" | tail -n 1)
+  [ -n "$ATTN" ] && [ "$ATTN" != "PyTorch SDPA" ] && export DEV2PRO_BENCH_ATTN="$ATTN"
+  say "attention probe: ${ATTN:-no answer}"
   say "GPU tests in tests/gpu (limit 75s)"
   timeout 75 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
   say "GPU tests exit ${PIPESTATUS[0]}"
@@ -63,7 +86,7 @@ PYEOF
   timeout 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --ignore=tests/gpu tests \
     2>&1 | tail -n 40 | tee "$OUT/gpu_tests_other.log"
   }
-  BUDGET=330; LIMIT=420
+  BUDGET=300; LIMIT=390
 else
   say "smoke: GPU tests collected only (they need CUDA)"
   timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"

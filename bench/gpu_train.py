@@ -337,12 +337,17 @@ def run_row(model, spec, row: Row, a, device, dtype, results: list, started: flo
 
 
 def attention(row: Row, device):
-    """The preflighted SDPA backend (gpu_session.sh sets DEV2PRO_BENCH_SDP) for rows that ask for it."""
+    """For rows that ask for it: the backend the model-layout probe chose (gpu_session.sh sets DEV2PRO_BENCH_ATTN;
+    diffusers' dispatcher), else the preflighted SDPA backend (DEV2PRO_BENCH_SDP)."""
     import contextlib
 
-    sdp = os.environ.get("DEV2PRO_BENCH_SDP", "")
-    if not (row.attention and sdp and torch.device(device).type == "cuda"):
+    chosen, sdp = os.environ.get("DEV2PRO_BENCH_ATTN", ""), os.environ.get("DEV2PRO_BENCH_SDP", "")
+    if not (row.attention and (chosen or sdp) and torch.device(device).type == "cuda"):
         return contextlib.nullcontext()
+    if chosen:
+        from diffusers.models.attention_dispatch import attention_backend
+
+        return attention_backend(chosen)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(getattr(SDPBackend, sdp))
@@ -357,7 +362,8 @@ def table(meta: dict, results: list) -> str:
     peak = " -> ".join(f"{v:.0f}" for v in meta["matmul_tflops"])
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}; {meta['date']}; bf16 matmul {peak} TFLOP/s (start -> "
              f"end); FLUX.1 {meta['spec']}, LoRA rank {meta['rank']}, batch 1, {meta['txt']} text tokens; warm-up + "
-             f"timed steps per size {meta['schedule']}; SDPA preflight: {meta['sdp'] or 'not run'}",
+             f"timed steps per size {meta['schedule']}; SDPA preflight: {meta['sdp'] or 'not run'}; model-layout "
+             f"attention probe: {meta.get('attention') or 'not run'}",
              "", "| row | size | median s | min s | spread | host s | ckpt | peak alloc GB | plan GB | vs baseline | "
                  "TFLOP/s | of matmul peak | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -416,7 +422,7 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "matmul_flops": peak, "matmul_tflops": [peak / 1e12], "spec": "tiny" if a.tiny else "full-size",
             "rank": a.rank, "txt": a.txt, "schedule": {f"{k}²": v for k, v in a.schedule.items()}, "tiny": a.tiny,
-            "sdp": os.environ.get("DEV2PRO_BENCH_SDP", "")}
+            "sdp": os.environ.get("DEV2PRO_BENCH_SDP", ""), "attention": os.environ.get("DEV2PRO_BENCH_ATTN", "")}
     log(f"bench: {meta['gpu']}, bf16 matmul {peak / 1e12:.1f} TFLOP/s")
     results: list[dict] = []
 

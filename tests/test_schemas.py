@@ -227,7 +227,7 @@ def test_attention_backends_are_diffusers_local_ones_and_hub_downloads_are_refus
 
     from dev2pro.choices import ATTENTION_BACKENDS
     local = {b.value for b in AttentionBackendName if not b.value.endswith("_hub")}
-    assert set(ATTENTION_BACKENDS) - {""} == local
+    assert set(ATTENTION_BACKENDS) - {"", "auto"} == local  # "auto": dev2pro's probe (train/attention.py)
     path = _write(tmp_path, TRAIN)
     assert load_train_config(path, ["train.attention_backend=_native_flash"]).train.attention_backend == "_native_flash"
     with pytest.raises(ConfigError, match=r"'train\.attention_backend' = 'flash_hub' is not one of .*did you mean "

@@ -18,10 +18,11 @@ LORA_TARGETS = ("attention", "all_linear")  # lora.targets.target_modules preset
 LORA_LAYOUTS = ("kohya", "comfy", "diffusers")  # lora.formats: the layouts it writes
 CHECKPOINT_LAYOUTS = ("bfl", "comfy", "diffusers")  # flux.checkpoint: the layouts it writes
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # model files that need allow_pickle
-# diffusers' attention dispatcher backends that run from installed packages ("" = PyTorch SDPA as diffusers calls it).
+# diffusers' attention dispatcher backends that run from installed packages ("" = PyTorch SDPA as diffusers calls it;
+# "auto": the fastest that passes a probe with the model on this card, train/attention.py).
 # Its "*_hub" backends download kernels from the Hugging Face Hub at run time: dev2pro never fetches, so they are not
 # offered (a test keeps this list equal to diffusers' AttentionBackendName minus those).
-ATTENTION_BACKENDS = ("", "native", "_native_flash", "_native_efficient", "_native_cudnn", "_native_math", "flash",
+ATTENTION_BACKENDS = ("", "auto", "native", "_native_flash", "_native_efficient", "_native_cudnn", "_native_math", "flash",
                       "flash_varlen", "_flash_3", "_flash_varlen_3", "flex", "sage", "sage_varlen",
                       "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp16_cuda",
                       "_sage_qk_int8_pv_fp16_triton", "xformers", "_native_npu", "_native_xla")

@@ -83,6 +83,19 @@ def apply_vram_preset(cfg, explicit: set[str]) -> dict[str, object]:
     return chosen
 
 
+def attention_backend(cfg, model, device) -> str:
+    """``train.attention_backend`` for this run: "auto" is probed on the card (``train/attention.py``) at the
+    largest bucket's token count, once per card and model shape; any other value as written."""
+    if cfg.train.attention_backend != "auto":
+        return cfg.train.attention_backend
+    from .train.attention import candidates, choose, model_config  # torch: only when a recipe runs (the CLI imports us)
+
+    if not candidates(device):
+        return ""  # no CUDA: PyTorch SDPA, nothing to probe
+    inp = plan_inputs(cfg)
+    return choose(model_config(model), (max(inp.image_tokens), inp.text_tokens), device)
+
+
 def plan_inputs(cfg):
     """PlanInputs for a train (or dedistill) config; the spec comes from the checkpoint header only."""
     from dataclasses import replace

@@ -226,8 +226,10 @@ class TrainSection(OptimBase):
                                      "compile_repeated_blocks; true = blocks) or off; the first steps are slow; not "
                                      "with blocks_to_swap", COMPILE_CHOICES)
     attention_backend: str = opt("", "diffusers attention backend from an installed kernel package (e.g. flash "
-                                     "needs flash-attn); empty = PyTorch SDPA; the *_hub backends are not offered "
-                                     "(they download kernels at run time)", ATTENTION_BACKENDS)
+                                     "needs flash-attn); empty = PyTorch SDPA; auto = the fastest that passes a "
+                                     "forward+backward probe of this model on this card (remembered per card); the "
+                                     "*_hub backends are not offered (they download kernels at run time)",
+                                 ATTENTION_BACKENDS)
     ema_decay: float = opt(0.0, "EMA of the LoRA weights (e.g. 0.999; 0 = off): the EMA is what is saved and "
                                 "sampled")
 

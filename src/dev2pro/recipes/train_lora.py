@@ -30,7 +30,7 @@ from ..noise import quiet_libraries
 from ..outputs import write_json, write_text
 from ..plan import ImpossiblePlan, report as report_plan
 from ..schemas import TrainConfig, data_source, plan_inputs
-from ..recipe_inputs import gradient_checkpointing
+from ..recipe_inputs import attention_backend, gradient_checkpointing
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
 from ..train.preflight import check_training_inputs
@@ -108,8 +108,7 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
     placed on the device. Returns (data, transformer, checkpoint, trainable params, block swap)."""
     d, m, lc, tc = cfg.data, cfg.model, cfg.lora, cfg.train
     base = m.transformer or m.path
-    header = open_checkpoint(base, allow_pickle=m.allow_pickle, family=m.family)  # the header only
-    family = header.family
+    family = (header := open_checkpoint(base, allow_pickle=m.allow_pickle, family=m.family)).family  # header only
     check_layouts(lc.type, family.name, cfg.save.formats)  # before minutes of caching, not at the first save
     check_blocks_to_swap(base, m.blocks_to_swap, m.allow_pickle, m.family)  # before caching the data
     data = load_training_data(Path(m.path), device, **data_source(d, out), t5_max_length=m.t5_max_length,
@@ -137,7 +136,8 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
         adaptermod.attach_file(transformer, m.adapter, m.adapter_scale,
                                torch.float32 if dtype == torch.float32 else torch.bfloat16)
     swap = place_base(transformer, device, blocks_to_swap=m.blocks_to_swap, gradient_checkpointing=checkpointing,
-                      attention_backend=tc.attention_backend, compile=tc.compile, fused_rope=tc.fused_rope)
+                      attention_backend=attention_backend(cfg, transformer, device), compile=tc.compile,
+                      fused_rope=tc.fused_rope)
     return data, transformer, ckpt, params, swap
 
 

@@ -1,0 +1,190 @@
+"""``train.attention_backend = "auto"``: the fastest attention kernel that survives this model's own forward and
+backward on this card, found by a probe and remembered.
+
+Why a probe with the model, not a lone kernel call: on the lent H200 a standalone SDPA backward on contiguous
+tensors passed on every backend while the model's step crashed with cuDNN (``train/cuda.py``); a kernel's failure
+can depend on the layouts diffusers' attention processor hands it. So each candidate runs a one-double-block,
+one-single-block model of the run's family at its real width and head count and the run's token count, forward and
+backward to the input's gradient, in bf16 -- in a child process of its own, because an illegal
+memory access poisons the CUDA context for good. A candidate passes when it finishes, its output and input
+gradient are finite and match PyTorch's math kernel within bf16 tolerance; the fastest passing one (median of
+timed steps) is chosen. The answer is kept per card, driver, library versions, family and shape in
+``$XDG_CACHE_HOME/dev2pro/attention.json`` (``~/.cache``), so a run pays the probe (~10-20 s per candidate) once.
+
+Candidates are diffusers' dispatcher backends that run from installed packages (never the ``*_hub`` ones, which
+download kernels): the flash-attn 3 and 2 packages where importable, then PyTorch's flash and memory-efficient
+SDPA. cuDNN SDPA is left out: it crashed in the model's backward on Hopper, and a two-block probe is no proof that a
+57-block step would not. Without CUDA there is nothing to choose: PyTorch SDPA ("").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import outputs
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "_native_math"
+TIMEOUT_S = 180.0
+
+
+def candidates(device) -> list[str]:
+    """The backends "auto" tries on ``device``, in order of expected speed (the probe's timing decides)."""
+    if torch.device(device).type != "cuda":
+        return []
+    names = []
+    if importlib.util.find_spec("flash_attn_interface"):
+        names.append("_flash_3")
+    if importlib.util.find_spec("flash_attn"):
+        names.append("flash")
+    return names + ["_native_flash", "_native_efficient"]
+
+
+def cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "dev2pro" / "attention.json"
+
+
+def model_config(model) -> dict:
+    """The transformer's diffusers config with its class name (what a probe rebuilds it from)."""
+    from .. import families
+
+    return {**dict(model.config), "_class_name": families.of_model(model).transformer_class}
+
+
+def cache_key(config: dict, tokens: tuple[int, int], device) -> str:
+    """What a probe's answer depends on: card, versions, the model's attention shape and the token count."""
+    import diffusers
+
+    card = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    shape = {k: config.get(k) for k in ("_class_name", "num_attention_heads", "attention_head_dim")}
+    return json.dumps({"card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
+                       "diffusers": diffusers.__version__, "model": shape, "tokens": list(tokens)}, sort_keys=True)
+
+
+def probe_model(config: dict, device, seed: int = 0):
+    """The run's family at its real width and heads, one double and one single block, in bf16, frozen (the
+    backward still runs through every attention kernel to the input's gradient)."""
+    from .. import families
+
+    config = {**config, "num_layers": 1, "num_single_layers": 1}
+    fam = next(f for f in families.families().values() if f.transformer_class == config.get("_class_name"))
+    spec = fam.spec_from_config(config)
+    model = fam.build_transformer(spec, device=device, dtype=torch.bfloat16, seed=seed)
+    return fam, spec, model.requires_grad_(False)
+
+
+def _step(fam, spec, model, tokens: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    img, txt = tokens
+    g = torch.Generator().manual_seed(1)
+    text = {"prompt_embeds": torch.randn(1, txt, spec.context_dim, generator=g)}
+    if fam.name == "flux1":
+        text["pooled"] = torch.randn(1, spec.pooled_dim, generator=g)
+    side = int(img ** 0.5)
+    x = torch.randn(1, side * side, spec.in_channels, generator=g).to(device, torch.bfloat16).requires_grad_(True)
+    kw = fam.model_inputs(x, torch.tensor([0.5]), text, 2 * side, 2 * side,
+                          torch.ones(1) if spec.guidance_embeds else None, device, torch.bfloat16)
+    kw["hidden_states"] = x
+    out = model(**kw, return_dict=False)[0]
+    out.float().square().mean().backward()
+    grad, x.grad = x.grad.detach().float(), None
+    return out.detach().float(), grad
+
+
+def probe(backend: str, config: dict, tokens: tuple[int, int], device: str, steps: int = 3) -> dict:
+    """Run ``backend`` on the probe model: {"ok", "ms" (median per step), "error"}; in the caller's process."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    fam, spec, model = probe_model(config, device)
+    try:
+        with attention_backend(REFERENCE):
+            ref_out, ref_grad = _step(fam, spec, model, tokens, device)
+        times = []
+        with attention_backend(backend):
+            for i in range(steps + 1):
+                t0 = time.perf_counter()
+                out, grad = _step(fam, spec, model, tokens, device)
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+    except Exception as e:  # a kernel that refuses this shape/dtype, or a package that is not installed
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+    finite = bool(torch.isfinite(out).all() and torch.isfinite(grad).all())
+    err = max(float((out - ref_out).abs().max() / ref_out.abs().max().clamp_min(1e-6)),
+              float((grad - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1e-12)))
+    ok = finite and err < 0.05  # bf16 kernels differ by ~1e-2 at most from the math kernel
+    return {"ok": ok, "ms": 1000 * statistics.median(times[1:]), "error": "" if ok else
+            f"output differs from PyTorch's math kernel by {err:.3g} (relative)" if finite else "non-finite output"}
+
+
+def probe_in_child(backend: str, config: dict, tokens: tuple[int, int], device: str,
+                   probe_fn: str = "dev2pro.train.attention:probe", timeout: float = TIMEOUT_S) -> dict:
+    """``probe`` in a fresh Python process (``python -m dev2pro.train.attention``; this process's import path): a
+    crash (illegal memory access, abort) or a hang is a failed candidate, never this process's problem."""
+    job = json.dumps({"probe": probe_fn, "backend": backend, "config": config, "tokens": list(tokens),
+                      "device": str(device)})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "dev2pro.train.attention"], input=job, env=env, text=True,
+                              capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"no answer within {timeout:.0f}s"}
+    answer = next((line[len(_ANSWER):] for line in done.stdout.splitlines() if line.startswith(_ANSWER)), None)
+    if done.returncode != 0 or answer is None:
+        last = (done.stderr.strip().splitlines() or [""])[-1][:200]
+        return {"ok": False, "error": f"the probe process died (exit code {done.returncode})" + (f": {last}" if last
+                                                                                                 else "")}
+    return json.loads(answer)
+
+
+_ANSWER = "dev2pro-attention-probe: "
+
+
+def choose(config: dict, tokens: tuple[int, int], device, names: list[str] | None = None,
+           probe_fn: str = "dev2pro.train.attention:probe", cache: Path | None = None) -> str:
+    """The backend "auto" uses for this model and token count on ``device`` ("" = PyTorch SDPA when none passes or
+    there is nothing to choose from); probes once per cache key, in child processes."""
+    names = candidates(device) if names is None else list(names)
+    if not names:
+        return ""
+    cache = cache_path() if cache is None else cache
+    key = cache_key(config, tokens, device)
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key in known:
+        log.info("attention backend (auto, remembered in %s): %s", cache, known[key]["backend"] or "PyTorch SDPA")
+        return known[key]["backend"]
+    results = {}
+    for name in names:
+        log.info("attention backend probe: %s ...", name)
+        results[name] = probe_in_child(name, config, tokens, str(device), probe_fn)
+        log.info("  %s: %s", name, f"ok, {results[name]['ms']:.1f} ms" if results[name]["ok"]
+                 else results[name]["error"])
+    passed = sorted((r["ms"], n) for n, r in results.items() if r["ok"])
+    best = passed[0][1] if passed else ""
+    known = json.loads(cache.read_text()) if cache.is_file() else {}  # another run may have written meanwhile
+    known[key] = {"backend": best, "probes": results, "date": time.strftime("%Y-%m-%d")}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with outputs.atomic_path(cache, overwrite=True, what="attention backend cache") as tmp:
+        Path(tmp).write_text(json.dumps(known, indent=1))
+    log.info("attention backend (auto): %s", best or "PyTorch SDPA (no candidate passed)")
+    return best
+
+
+if __name__ == "__main__":  # a probe process (probe_in_child): one job as JSON on stdin, the answer on stdout
+    job = json.loads(sys.stdin.read())
+    module, name = job["probe"].split(":")
+    result = getattr(importlib.import_module(module), name)(job["backend"], job["config"], tuple(job["tokens"]),
+                                                            job["device"])
+    print(_ANSWER + json.dumps(result), flush=True)
