@@ -137,7 +137,7 @@ def test_newcomer_reaches_a_running_job_from_basics(tmp_path, workspace, browser
     page.wait_for_selector("#plan-verdict[data-fits='invalid']")
     assert "must be an integer" in page.inner_text("[data-field='train.steps'] .field-error")
     assert page.is_disabled("#start-train") and page.inner_text("#start-reason")
-    touch("#f-train-steps", "30")
+    touch("#f-train-steps", "15")
     touch("#f-data-trigger", "sks")
     touch("#f-lora-rank", "4")
     touch("#f-model-vram", "24")
@@ -179,11 +179,11 @@ def test_newcomer_reaches_a_running_job_from_basics(tmp_path, workspace, browser
     ws = workspace.resolve()
     by_hand = {"model": {"path": str(ws / "models" / "tiny-dev"), "vram": 24},
                "data": {"folders": [{"path": str(ws / "datasets" / "photos")}], "trigger": "sks"},
-               "lora": {"rank": 4}, "train": {"steps": 30}, "sample": {"prompts": ["sks, a photo of a cat"]},
+               "lora": {"rank": 4}, "train": {"steps": 15}, "sample": {"prompts": ["sks, a photo of a cat"]},
                "save": {"output_dir": str(ws / "runs" / "first-lora")}}
     want = tomllib.loads(render_toml(load_train_config(None, data=by_hand)))
     got = tomllib.loads((run / "config.toml").read_text())
     assert got == want, {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
-    assert json.loads((run / "summary.json").read_text())["steps"] == 30
+    assert json.loads((run / "summary.json").read_text())["steps"] == 15
     (tmp_path / "screenshots" / "numbers.json").write_text(json.dumps(numbers, indent=1))
     print("newcomer numbers:", json.dumps(numbers))
