@@ -113,7 +113,7 @@ def probe(backend: str, config: dict, tokens: tuple[int, int], device: str, step
             ref_out, ref_grad = _step(fam, spec, model, tokens, device)
         times = []
         with attention_backend(backend):
-            for i in range(steps + 1):
+            for _ in range(steps + 1):
                 t0 = time.perf_counter()
                 out, grad = _step(fam, spec, model, tokens, device)
                 if torch.device(device).type == "cuda":
