@@ -1,7 +1,7 @@
 """Flux LoRA files: one in-memory form and every layout people exchange (kohya, ComfyUI, diffusers/PEFT, XLabs).
 
-In memory a LoRA is ``LoraWeights`` (``lora.weights``): diffusers module path -> ``LoraModule(down [r, in], up [out, r], alpha)``,
-delta W = up @ down * alpha / r. On disk it is one of:
+In memory a LoRA is ``LoraWeights`` (``lora.weights``): diffusers module path -> ``LoraModule(down [r, in],
+up [out, r], alpha)``, delta W = up @ down * alpha / r. On disk it is one of:
 
     kohya      lora_unet_<BFL path, '.' -> '_'>.lora_down.weight / .lora_up.weight / .alpha   (kohya, ComfyUI, Forge)
     comfy      diffusion_model.<BFL path>.lora_down.weight / .lora_up.weight / .alpha       (ComfyUI's generic key)
