@@ -150,17 +150,16 @@ def test_dev_render_at_guidance_and_pro_with_true_cfg(dev_models, tmp_path):
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     root = tmp_path / "demo"
-    summary = demo.run_demo(str(root), profile="quick", progress=False, family="flux2-dev")
-    p = demo.PROFILES_BY_FAMILY["flux2-dev"]["quick"]
+    summary = demo.run_demo(str(root), profile="quick", seeds=2, progress=False, family="flux2-dev")
     saved = json.loads((root / "results.json").read_text())
-    assert saved["family"] == "flux2-dev" and saved["command"] == "dev2pro demo --family flux2-dev --quick"
+    assert saved["family"] == "flux2-dev" and saved["command"] == "dev2pro demo --family flux2-dev --quick --seeds 2"
     assert saved["guidances"] == [4.0, 1.0] and saved["main_setting"] == {"length": "long", "guidance": 4.0}
     arms = list(summary["arms"])
     assert arms == ["A", "B", "C", "C-ext", "C-lora", "D"]
     rows = {(r["arm"], r["length"], r["guidance"]): r["metrics"] for r in summary["table"]["rows"]}
     assert set(rows) == {(a, length, g) for a in arms for length in ("short", "long") for g in (4.0, 1.0)}
     for (arm, _, _), m in rows.items():
-        assert len(m["digits"]["values"]) == p.seeds
+        assert len(m["digits"]["values"]) == 2  # seeds=2: one fewer than --quick's (CI time)
         for k in ("style", "digits"):
             assert 0.0 <= m[k]["mean"] <= 1.0
         assert math.isfinite(m["fd_real"]["mean"]) and m["fd_real"]["mean"] >= 0

@@ -11,6 +11,8 @@ import torch
 from dev2pro.lab import klein
 from dev2pro.lab import klein_report as kr
 
+SEEDS = 2  # the quick profile's every path with one seed fewer than --quick's 3 (CI time); >1 keeps the paired stats
+
 
 def test_codec_is_lossless_through_flux2s_latent_normalisation_and_packing():
     from dev2pro.families.flux2.latents import patchify, to_vae_latents
@@ -81,15 +83,14 @@ def quick(tmp_path_factory):
     from dev2pro.recipes.demo_klein import run_demo_klein
 
     root = tmp_path_factory.mktemp("demo-klein") / "quick"
-    return root, run_demo_klein(str(root), profile="quick", progress=False)
+    return root, run_demo_klein(str(root), profile="quick", seeds=SEEDS, progress=False)
 
 
 @pytest.mark.slow
 def test_quick_klein_demo_end_to_end(quick):
-    from dev2pro.recipes.demo_klein import CFG, DISTILLED_STEPS, PROFILES, STRENGTHS
+    from dev2pro.recipes.demo_klein import CFG, DISTILLED_STEPS, STRENGTHS
 
     root, summary = quick
-    p = PROFILES["quick"]
     saved = json.loads((root / "results.json").read_text())
     assert saved["table"] == json.loads(json.dumps(summary["table"]))
     rows = saved["table"]["rows"]
@@ -97,13 +98,13 @@ def test_quick_klein_demo_end_to_end(quick):
     for name, metrics in rows.items():
         assert set(metrics) == ({"style", "digits", "fd_real"} if name == kr.ORACLE else set(kr.ROW_METRICS))
         for m in metrics.values():
-            assert m["n"] == p.seeds and m["lo"] <= m["mean"] <= m["hi"] and math.isfinite(m["half"])
+            assert m["n"] == SEEDS and m["lo"] <= m["mean"] <= m["hi"] and math.isfinite(m["half"])
     cal = saved["table"]["calibration"]
-    assert len(cal["per_seed"]) == p.seeds and cal["best_fixed"] in STRENGTHS
+    assert len(cal["per_seed"]) == SEEDS and cal["best_fixed"] in STRENGTHS
     assert cal["calibrated"] is not None and cal["calibrated"]["mean"] > 0  # a calibrated strength was found
     assert kr.CALIBRATED in rows
     assert all(st["improved"] for st in saved["stages"].values()), saved["stages"]
-    assert set(saved["stages"]) == {"base", "distilled"} | {f"lora-{a}-seed{s}" for a in "BD" for s in range(p.seeds)}
+    assert set(saved["stages"]) == {"base", "distilled"} | {f"lora-{a}-seed{s}" for a in "BD" for s in range(SEEDS)}
     md = (root / "report.md").read_text()
     assert "**Verdict.**" in md and saved["table"]["verdict"] in md
     for title in ("## Arms", "## Paired differences", "## Strength: calibrated vs measured best", "## References",
