@@ -51,16 +51,22 @@ def test_auto_drops_a_crashing_kernel_and_remembers_the_choice(tmp_path, monkeyp
         A.choose(config, (256, 16), "cpu", names=["native"], probe_fn=probe_fn, cache=cache)
 
 
-def test_nothing_passes_means_pytorch_sdpa_and_cpu_has_no_candidates(tmp_path, monkeypatch):
+def test_nothing_passes_means_pytorch_sdpa_and_nothing_is_remembered(tmp_path, monkeypatch):
     config = _config(FLUX1)
     assert A.candidates("cpu") == []
     assert A.choose(config, (64, 16), "cpu", cache=tmp_path / "a.json") == ""  # nothing to choose on a CPU
     assert not (tmp_path / "a.json").exists()
     wrong = {"ok": False, "error": "output differs from PyTorch's math kernel by 0.5 (relative)"}
-    monkeypatch.setattr(A, "probe_in_child", lambda *a, **k: wrong)  # every candidate answers wrongly
+    calls = []
+    monkeypatch.setattr(A, "probe_in_child", lambda name, *a, **k: calls.append(name) or wrong)
     assert A.choose(config, (64, 16), "cpu", names=["native", "flash"], cache=tmp_path / "b.json") == ""
-    record = json.loads((tmp_path / "b.json").read_text())[A.cache_key(config, (64, 16), "cpu")]
-    assert record["backend"] == "" and record["probes"] == {"native": wrong, "flash": wrong}
+    assert calls == ["native", "flash"] and not (tmp_path / "b.json").exists()  # the next run probes again
+    # a damaged cache file costs a probe, not the run
+    (tmp_path / "c.json").write_text("{not json")
+    ok = {"ok": True, "ms": 1.0, "error": ""}
+    monkeypatch.setattr(A, "probe_in_child", lambda name, *a, **k: ok)
+    assert A.choose(config, (64, 16), "cpu", names=["native"], cache=tmp_path / "c.json") == "native"
+    assert json.loads((tmp_path / "c.json").read_text())[A.cache_key(config, (64, 16), "cpu")]["backend"] == "native"
 
 
 def test_auto_in_a_train_config_resolves_to_sdpa_on_cpu(tmp_path):

@@ -8,8 +8,9 @@ one-single-block model of the run's family at its real width and head count and 
 backward to the input's gradient, in bf16 -- in a child process of its own, because an illegal
 memory access poisons the CUDA context for good. A candidate passes when it finishes, its output and input
 gradient are finite and match PyTorch's math kernel within bf16 tolerance; the fastest passing one (median of
-timed steps) is chosen. The answer is kept per card, driver, library versions, family and shape in
-``$XDG_CACHE_HOME/dev2pro/attention.json`` (``~/.cache``), so a run pays the probe (~10-20 s per candidate) once.
+timed steps) is chosen. A passing answer is kept per card, driver, library versions, family and shape in
+``$XDG_CACHE_HOME/dev2pro/attention.json`` (``~/.cache``), so a run pays the probe (~10-20 s per candidate) once;
+when nothing passes (possibly out of memory beside the loaded model) PyTorch SDPA is used and nothing is kept.
 
 Candidates are diffusers' dispatcher backends that run from installed packages (never the ``*_hub`` ones, which
 download kernels): the flash-attn 3 and 2 packages where importable, then PyTorch's flash and memory-efficient
@@ -152,33 +153,59 @@ def probe_in_child(backend: str, config: dict, tokens: tuple[int, int], device: 
 _ANSWER = "dev2pro-attention-probe: "
 
 
-def choose(config: dict, tokens: tuple[int, int], device, names: list[str] | None = None,
-           probe_fn: str = "dev2pro.train.attention:probe", cache: Path | None = None) -> str:
-    """The backend "auto" uses for this model and token count on ``device`` ("" = PyTorch SDPA when none passes or
-    there is nothing to choose from); probes once per cache key, in child processes."""
-    names = candidates(device) if names is None else list(names)
-    if not names:
-        return ""
-    cache = cache_path() if cache is None else cache
-    key = cache_key(config, tokens, device)
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key in known:
-        log.info("attention backend (auto, remembered in %s): %s", cache, known[key]["backend"] or "PyTorch SDPA")
-        return known[key]["backend"]
+def probe_all(config: dict, tokens: tuple[int, int], device, names: list[str],
+              probe_fn: str = "dev2pro.train.attention:probe") -> dict[str, dict]:
+    """``probe_in_child`` for each of ``names``: name -> {"ok", "ms", "error"}."""
     results = {}
     for name in names:
         log.info("attention backend probe: %s ...", name)
         results[name] = probe_in_child(name, config, tokens, str(device), probe_fn)
         log.info("  %s: %s", name, f"ok, {results[name]['ms']:.1f} ms" if results[name]["ok"]
                  else results[name]["error"])
+    return results
+
+
+def fastest(results: dict[str, dict]) -> str:
+    """The passing backend with the lowest time; "" (PyTorch SDPA) when none passed."""
     passed = sorted((r["ms"], n) for n, r in results.items() if r["ok"])
-    best = passed[0][1] if passed else ""
-    known = json.loads(cache.read_text()) if cache.is_file() else {}  # another run may have written meanwhile
+    return passed[0][1] if passed else ""
+
+
+def _remembered(cache: Path) -> dict:
+    try:
+        return json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError) as e:  # a damaged cache costs a probe, never the run
+        log.warning("ignoring the attention backend cache %s (%s); probing again", cache, e)
+        return {}
+
+
+def choose(config: dict, tokens: tuple[int, int], device, names: list[str] | None = None,
+           probe_fn: str = "dev2pro.train.attention:probe", cache: Path | None = None) -> str:
+    """The backend "auto" uses for this model and token count on ``device`` ("" = PyTorch SDPA when none passes or
+    there is nothing to choose from). A passing answer is remembered per cache key; when none passes nothing is
+    remembered (the cause may be passing: memory held by the loaded model, a busy card) and the next run probes
+    again."""
+    names = candidates(device) if names is None else list(names)
+    if not names:
+        return ""
+    cache = cache_path() if cache is None else cache
+    key = cache_key(config, tokens, device)
+    known = _remembered(cache).get(key)
+    if known:
+        log.info("attention backend (auto, remembered in %s): %s", cache, known["backend"])
+        return known["backend"]
+    results = probe_all(config, tokens, device, names, probe_fn)
+    best = fastest(results)
+    if not best:
+        log.warning("attention backend (auto): no candidate passed its probe, using PyTorch SDPA: %s",
+                    "; ".join(f"{n}: {r['error']}" for n, r in results.items()))
+        return ""
+    known = _remembered(cache)  # another run may have written meanwhile
     known[key] = {"backend": best, "probes": results, "date": time.strftime("%Y-%m-%d")}
     cache.parent.mkdir(parents=True, exist_ok=True)
     with outputs.atomic_path(cache, overwrite=True, what="attention backend cache") as tmp:
         Path(tmp).write_text(json.dumps(known, indent=1))
-    log.info("attention backend (auto): %s", best or "PyTorch SDPA (no candidate passed)")
+    log.info("attention backend (auto): %s", best)
     return best
 
 
