@@ -15,8 +15,8 @@ step of dev2pro's default and of fp8 at 1024^2 is profiled (top 30 kernels by GP
 Columns: median / min s per step, spread ((max - min) / median of the timed steps), host s per step (until the
 step's work is queued, before the synchronize), peak allocated GB and the plan's estimate, ratio to the baseline,
 TFLOP/s and its fraction of the measured matmul peak. FLOPs: forward + input-gradient backward of the frozen
-network's linears at the tokens each sees (``plan.stream_tokens``: modulation linears once per sample) + attention;
-LoRA and checkpoint recompute are not counted.
+network's linears at the tokens each sees (``activations.stream_tokens``: modulation linears once per sample) +
+attention; LoRA and checkpoint recompute are not counted.
 
 Every (row, size) runs in its own try block; the JSON and markdown are rewritten after every row, so a killed run
 leaves its finished rows. ``--tiny`` (alias ``--smoke``): a tiny model (hidden 64, 2 + 4 blocks), 64^2/128^2 px,
@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from dev2pro import activations as A
 from dev2pro import plan as P  # noqa: E402
 from dev2pro.flux.spec import FLUX_DEV, FluxSpec, build_transformer  # noqa: E402
 
@@ -175,7 +176,7 @@ def step_flops(model, spec: FluxSpec, img: int, txt: int) -> float:
     fwd = 0.0
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and "lora_" not in name:  # peft's wrappers are not nn.Linear
-            fwd += 2.0 * m.in_features * m.out_features * P.stream_tokens(name.replace(".base_layer", ""), img, txt)
+            fwd += 2.0 * m.in_features * m.out_features * A.stream_tokens(name.replace(".base_layer", ""), img, txt)
     attn = 4.0 * (img + txt) ** 2 * spec.hidden * (spec.num_double + spec.num_single)
     return 2 * fwd + 3 * attn
 

@@ -2,7 +2,7 @@
 
 A one-double-block, one-single-block model of each family (real head dim 128, every Linear LoRA'd as training does
 it: ``add_lora`` + ``lora_in_compute_dtype``) runs one bf16 forward under ``saved_tensors_hooks``; the bytes of the
-distinct storages saved inside each block must match ``plan.block_saved_bytes`` within 5%. Left out: weights and
+distinct storages saved inside each block must match ``activations.block_saved_bytes`` within 5%. Left out: weights and
 buffers (the LoRA's bf16 compute copies included: the plan counts them as LoRA memory) and storages both blocks save
 (the rotary tables and FLUX.2's shared modulation, made once per step outside the blocks). A view keeps its whole
 storage alive, so it counts whole. The q/k RMSNorms run as on CUDA: there
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dev2pro import families
+from dev2pro import activations as A
 from dev2pro import plan as P
 from dev2pro.families.flux2.spec import KLEIN_4B
 from dev2pro.flux.spec import FLUX_DEV, FluxSpec
@@ -91,7 +92,7 @@ def test_block_activation_units_match_what_autograd_saves(family, lora_dtype, mo
     spec, img, txt = _spec(family, 512), 256, 64
     got = measured_block_bytes(spec, lora_dtype, img, txt)
     inp = P.PlanInputs(spec, "bf16", lora_dtype=lora_dtype, rank=16, image_tokens=(img,), text_tokens=txt)
-    planned = P.block_saved_bytes(inp, P.lora_layers(P._meta_model(spec), inp), img)
+    planned = A.block_saved_bytes(inp, P.lora_layers(P._meta_model(spec), inp), img)
     for kind, pos in (("double", 0), ("single", 1)):
         assert planned[pos] == pytest.approx(got[kind], rel=0.05), (kind, planned[pos] / got[kind])
 
@@ -102,7 +103,7 @@ def test_units_hold_at_another_width_rank_and_token_split(monkeypatch):
     spec, img, txt = _spec("flux1", 1024), 64, 128
     got = measured_block_bytes(spec, "compute", img, txt, rank=64)
     inp = P.PlanInputs(spec, "bf16", lora_dtype="compute", rank=64, image_tokens=(img,), text_tokens=txt)
-    planned = P.block_saved_bytes(inp, P.lora_layers(P._meta_model(spec), inp), img)
+    planned = A.block_saved_bytes(inp, P.lora_layers(P._meta_model(spec), inp), img)
     assert planned[0] == pytest.approx(got["double"], rel=0.05)
     assert planned[1] == pytest.approx(got["single"], rel=0.05)
 
@@ -129,7 +130,7 @@ if __name__ == "__main__":  # the measured units, to set Family.activation_units
             got = measured_block_bytes(spec, mode, img, txt)
             inp = P.PlanInputs(spec, "bf16", lora_dtype=mode, rank=16, image_tokens=(img,), text_tokens=txt)
             lora = {k: v - int((img + txt) * spec.hidden * 2 * u) for (k, v), u in zip(
-                P.block_saved_bytes(inp, P.lora_layers(P._meta_model(spec), inp), img).items(),
-                families.of_spec(spec).activation_units[P.lora_mode(inp)])}
+                A.block_saved_bytes(inp, P.lora_layers(P._meta_model(spec), inp), img).items(),
+                families.of_spec(spec).activation_units[A.lora_mode(inp)])}
             unit = (img + txt) * spec.hidden * 2
             print(fam, mode, {k: round((got[k] - lora[i]) / unit, 3) for i, k in enumerate(("double", "single"))})

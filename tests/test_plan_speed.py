@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dev2pro import activations as A
 from dev2pro import plan as P
 from dev2pro.flux.spec import FLUX_DEV, TINY, build_transformer
 from dev2pro.objectives import ModelInputs, predict
@@ -27,9 +28,9 @@ def test_stream_tokens_equal_the_rows_each_linear_sees_in_a_forward():
     for hk in hooks:
         hk.remove()
     assert len(seen) > 20
-    wrong = {n: (rows, P.stream_tokens(n, 24, txt)) for n, rows in seen.items() if P.stream_tokens(n, 24, txt) != rows}
+    wrong = {n: (rows, A.stream_tokens(n, 24, txt)) for n, rows in seen.items() if A.stream_tokens(n, 24, txt) != rows}
     assert not wrong, wrong
-    assert P.stream_tokens("single_transformer_blocks.3.norm.linear", 4096, 512) == 1
+    assert A.stream_tokens("single_transformer_blocks.3.norm.linear", 4096, 512) == 1
 
 
 def _inp(**kw):

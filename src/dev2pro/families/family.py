@@ -40,7 +40,7 @@ class Family:
     encode_images: Callable[..., object] = None  # (vae, pixels in [-1, 1]) -> stored latents (B, C, H/8, W/8)
     lora_targets: Callable[..., list] = None  # (preset, n_double, n_single, extras, double, single, guidance)
     # memory plan: hidden-wide vectors per token a (double, single) block keeps for backward without checkpointing,
-    # LoRA on every Linear, by LoRA compute mode ("compute": bf16 LoRA, "fp32"); measured, see plan's docstring
+    # LoRA on every Linear, by LoRA compute mode ("compute": bf16 LoRA, "fp32"); measured: see ``activations``
     activation_units: Mapping[str, tuple[float, float]] = None
     # sampling: (components {vae, scheduler}, transformer, distilled=False) -> diffusers pipeline; and
     # render(pipe, embeds, seeds, guidance, *, negative, steps, width, height) -> PIL images (``sampling.render``)
