@@ -1,5 +1,5 @@
-"""Probe functions for tests/train/test_attention_auto.py, importable by name in the spawned probe process (tests/
-is on the path: pyproject's pythonpath)."""
+"""Probe functions for tests/train/test_attention_auto.py, imported by name in the probe process
+(``python -m dev2pro.train.attention`` gets the test run's import path, which holds tests/: pyproject's pythonpath)."""
 
 import os
 
