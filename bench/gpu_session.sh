@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (H100/H200 class), issue 20's bench protocol in ~8-9 minutes (worst case ~10 with every
-# limit hit): SDPA preflight, the model-layout attention probe, tests/gpu, then bench/gpu_train.py (rows skipped
-# after 300 s, killed at 390 s).
+# limit hit): SDPA preflight, the model-layout attention probe, the activation units with CUDA's kernels, tests/gpu,
+# then bench/gpu_train.py (rows skipped after 285 s, killed at 375 s).
 # Results (JSON + markdown + profiles + logs) go to $OUT (default ./gpu-out), plus copies named
 # gpu_train-<card>-<date>.{md,json} ready for bench/results/. Each phase has its own time limit and a failure in
 # one does not stop the next. Run from the repository root:
@@ -79,6 +79,8 @@ PYEOF
   ATTN=$(sed -n 's/^attention probe choice: //p' "$OUT/attention_probe.log" | tail -n 1)
   [ -n "$ATTN" ] && [ "$ATTN" != "PyTorch SDPA" ] && export DEV2PRO_BENCH_ATTN="$ATTN"
   say "attention probe: ${ATTN:-no answer}"
+  say "activation units with CUDA's kernels (bench/activations.py, limit 60s)"
+  timeout 60 "$PY" bench/activations.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/activations.log"
   say "GPU tests in tests/gpu (limit 75s)"
   timeout 75 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
   say "GPU tests exit ${PIPESTATUS[0]}"
@@ -87,8 +89,10 @@ PYEOF
   timeout 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --ignore=tests/gpu tests \
     2>&1 | tail -n 40 | tee "$OUT/gpu_tests_other.log"
   }
-  BUDGET=300; LIMIT=390
+  BUDGET=285; LIMIT=375
 else
+  say "smoke: activation units on CPU (bench/activations.py --tiny)"
+  timeout 120 "$PY" bench/activations.py --tiny --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/activations.log"
   say "smoke: GPU tests collected only (they need CUDA)"
   timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
   BUDGET=100000; LIMIT=1500

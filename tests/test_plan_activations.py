@@ -14,13 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dev2pro import families
 from dev2pro import activations as A
 from dev2pro import plan as P
 from dev2pro.families.flux2.spec import KLEIN_4B
 from dev2pro.flux.spec import FLUX_DEV, FluxSpec
-from dev2pro.train.model import add_lora
-from dev2pro.train.precision import lora_in_compute_dtype
 
 
 class _FusedRmsNorm(torch.autograd.Function):
@@ -50,47 +47,12 @@ def _spec(family: str, hidden: int):
     return KLEIN_4B.with_(hidden=hidden, num_heads=hidden // 128, num_double=1, num_single=1, context_dim=768)
 
 
-def measured_block_bytes(spec, lora_dtype: str, img: int, txt: int, rank: int = 16) -> dict[str, int]:
-    """Saved-for-backward bytes inside the double and the single block of one bf16 training forward."""
-    fam = families.of_spec(spec)
-    model = fam.build_transformer(spec, dtype=torch.bfloat16, seed=0)
-    inp = P.PlanInputs(spec, "bf16", lora_dtype=lora_dtype, rank=rank, image_tokens=(img,), text_tokens=txt)
-    params = add_lora(model, [n for n, _, _ in P.lora_layers(model, inp)], rank, float(rank))
-    lora_in_compute_dtype(model, params, lora_dtype, torch.bfloat16)
-    weights = set()  # read when the forward starts: the compute view swaps the LoRA's storages in
-    model.register_forward_pre_hook(lambda m, a: weights.update(
-        t.untyped_storage().data_ptr() for t in [*m.parameters(), *m.buffers()]))
-    where, saved = ["outside"], {}
-    for i, block in enumerate(fam.blocks(model)):
-        kind = "double" if i < spec.num_double else "single"
-        block.register_forward_pre_hook(lambda m, a, kind=kind: where.__setitem__(0, kind))
-        block.register_forward_hook(lambda m, a, o: where.__setitem__(0, "outside"))
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved.setdefault(where[0], {})[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    g = torch.Generator().manual_seed(0)
-    side = int(img ** 0.5)
-    text = {"prompt_embeds": torch.randn(1, txt, spec.context_dim, generator=g)}
-    if fam.name == "flux1":
-        text["pooled"] = torch.randn(1, spec.pooled_dim, generator=g)
-    kw = fam.model_inputs(torch.randn(1, img, spec.in_channels, generator=g), torch.tensor([0.5]), text,
-                          2 * side, 2 * side, torch.ones(1) if spec.guidance_embeds else None, "cpu", torch.bfloat16)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**kw, return_dict=False)
-    shared = saved["double"].keys() & saved["single"].keys()
-    return {kind: sum(n for ptr, n in saved[kind].items() if ptr not in shared) for kind in ("double", "single")}
-
-
 @pytest.mark.parametrize("family", ["flux1", "flux2"])
 @pytest.mark.parametrize("lora_dtype", ["compute", "fp32"])
 def test_block_activation_units_match_what_autograd_saves(family, lora_dtype, monkeypatch):
     monkeypatch.setattr(F, "rms_norm", _cuda_rms_norm)
     spec, img, txt = _spec(family, 512), 256, 64
-    got = measured_block_bytes(spec, lora_dtype, img, txt)
+    got = A.measure_saved_bytes(spec, lora_dtype, img, txt)
     inp = P.PlanInputs(spec, "bf16", lora_dtype=lora_dtype, rank=16, image_tokens=(img,), text_tokens=txt)
     planned = A.block_saved_bytes(inp, P.lora_layers(P._meta_model(spec), inp), img)
     for kind, pos in (("double", 0), ("single", 1)):
@@ -101,7 +63,7 @@ def test_units_hold_at_another_width_rank_and_token_split(monkeypatch):
     """Scale-free: a wider model, another rank and a text-heavier split keep the FLUX.1 estimate within 5%."""
     monkeypatch.setattr(F, "rms_norm", _cuda_rms_norm)
     spec, img, txt = _spec("flux1", 1024), 64, 128
-    got = measured_block_bytes(spec, "compute", img, txt, rank=64)
+    got = A.measure_saved_bytes(spec, "compute", img, txt, rank=64)
     inp = P.PlanInputs(spec, "bf16", lora_dtype="compute", rank=64, image_tokens=(img,), text_tokens=txt)
     planned = A.block_saved_bytes(inp, P.lora_layers(P._meta_model(spec), inp), img)
     assert planned[0] == pytest.approx(got["double"], rel=0.05)
@@ -120,17 +82,3 @@ def test_the_h200_peaks_are_within_3_percent(settings, measured_gb):
         inp = P.PlanInputs(FLUX_DEV, "bf16", lora_dtype="fp32", rank=16, image_tokens=(img,), text_tokens=512,
                            fp8_keep=keep, **settings)
         assert P.estimate(inp).train_peak() / P.GB == pytest.approx(gb, rel=0.03), img
-
-
-if __name__ == "__main__":  # the measured units, to set Family.activation_units from
-    F.rms_norm = _cuda_rms_norm
-    for fam in ("flux1", "flux2"):
-        for mode in ("compute", "fp32"):
-            spec, img, txt = _spec(fam, 1024), 1024, 256
-            got = measured_block_bytes(spec, mode, img, txt)
-            inp = P.PlanInputs(spec, "bf16", lora_dtype=mode, rank=16, image_tokens=(img,), text_tokens=txt)
-            lora = {k: v - int((img + txt) * spec.hidden * 2 * u) for (k, v), u in zip(
-                A.block_saved_bytes(inp, P.lora_layers(P._meta_model(spec), inp), img).items(),
-                families.of_spec(spec).activation_units[A.lora_mode(inp)])}
-            unit = (img + txt) * spec.hidden * 2
-            print(fam, mode, {k: round((got[k] - lora[i]) / unit, 3) for i, k in enumerate(("double", "single"))})

@@ -5,9 +5,10 @@ Activations are measured, not guessed. Each family states (``Family.activation_u
 vectors per token, in the compute dtype, one double and one single block keep for backward without
 checkpointing, with the LoRA on every Linear, per LoRA compute dtype: ``compute`` (bf16 LoRA: peft saves the
 bf16 inputs it shares with nothing else) or ``fp32`` (an fp32 copy of the input for each LoRA'd Linear).
-``tests/test_plan_activations.py`` counts the bytes autograd saves (unique storages, weights excluded) in a real
-forward of both families and holds these constants to within 5% of them; it runs the q/k RMSNorms as CUDA does
-(the fused kernel keeps the bf16 input, where the CPU's composite one keeps an fp32 copy). On top: each LoRA'd
+``measure_saved_bytes`` counts the bytes autograd saves (unique storages, weights excluded) in a real forward;
+``tests/test_plan_activations.py`` runs it on both families on CPU and holds these constants to within 5% of it,
+with the q/k RMSNorms run as CUDA runs them (the fused kernel keeps the bf16 input, where the CPU's composite one
+keeps an fp32 copy); ``bench/activations.py`` runs it on a GPU with the real kernels. On top: each LoRA'd
 Linear's rank-wide hidden, per token it sees. Other target presets save less than ``all_linear``: the plan is
 then an upper bound. With per-block gradient checkpointing only each block's input is kept (one unit per token
 per block) and one block is recomputed at a time in backward: peak = all block inputs + the largest block's saved
@@ -90,3 +91,46 @@ def activation_bytes(inp, layers, per_block: dict, img: int) -> int:
     else:
         act = sum(saved.values()) + sum(fp8_block.values()) + BACKWARD_UNITS * tokens * s.hidden * b
     return inp.batch_size * (act + outside)
+
+
+def measure_saved_bytes(spec, lora_dtype: str, img: int, txt: int, rank: int = 16, device="cpu") -> dict[str, int]:
+    """What autograd keeps for backward inside the double and the single block of one bf16 training forward of a
+    1+1-block ``spec`` on ``device``, every Linear LoRA'd as training does it (``add_lora`` + the LoRA compute
+    dtype): {"double": bytes, "single": bytes}. Distinct storages (a view keeps its whole storage alive); left out:
+    weights and buffers (the LoRA's bf16 compute copies included: the plan counts them as LoRA memory) and storages
+    both blocks save (the rotary tables, FLUX.2's shared modulation: made once per step outside the blocks)."""
+    import torch
+
+    from .train.model import add_lora
+    from .train.precision import lora_in_compute_dtype
+
+    fam = of_spec(spec)
+    model = fam.build_transformer(spec, device=device, dtype=torch.bfloat16, seed=0)
+    names = fam.lora_targets("all_linear", spec.num_double, spec.num_single, (), guidance=spec.guidance_embeds)
+    lora_in_compute_dtype(model, add_lora(model, names, rank, float(rank)), lora_dtype, torch.bfloat16)
+    weights = set()  # read when the forward starts: the compute view swaps the LoRA's storages in
+    model.register_forward_pre_hook(lambda m, a: weights.update(
+        t.untyped_storage().data_ptr() for t in [*m.parameters(), *m.buffers()]))
+    where, saved = ["outside"], {}
+    for i, block in enumerate(fam.blocks(model)):
+        kind = "double" if i < spec.num_double else "single"
+        block.register_forward_pre_hook(lambda m, a, kind=kind: where.__setitem__(0, kind))
+        block.register_forward_hook(lambda m, a, o: where.__setitem__(0, "outside"))
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved.setdefault(where[0], {})[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    side = int(img ** 0.5)
+    text = {"prompt_embeds": torch.randn(1, txt, spec.context_dim, generator=g)}
+    if fam.name == "flux1":
+        text["pooled"] = torch.randn(1, spec.pooled_dim, generator=g)
+    kw = fam.model_inputs(torch.randn(1, img, spec.in_channels, generator=g), torch.tensor([0.5]), text,
+                          2 * side, 2 * side, torch.ones(1) if spec.guidance_embeds else None, device, torch.bfloat16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**kw, return_dict=False)
+    shared = saved["double"].keys() & saved["single"].keys()
+    return {kind: sum(n for ptr, n in saved[kind].items() if ptr not in shared) for kind in ("double", "single")}
