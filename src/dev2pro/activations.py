@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from .families import of_spec
+from .families import of_spec, random_inputs
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BACKWARD_UNITS = 6  # gradient work space in backward, hidden-wide vectors per token
@@ -123,13 +123,7 @@ def measure_saved_bytes(spec, lora_dtype: str, img: int, txt: int, rank: int = 1
             saved.setdefault(where[0], {})[storage.data_ptr()] = storage.nbytes()
         return t
 
-    g = torch.Generator().manual_seed(0)
-    side = int(img ** 0.5)
-    text = {"prompt_embeds": torch.randn(1, txt, spec.context_dim, generator=g)}
-    if fam.name == "flux1":
-        text["pooled"] = torch.randn(1, spec.pooled_dim, generator=g)
-    kw = fam.model_inputs(torch.randn(1, img, spec.in_channels, generator=g), torch.tensor([0.5]), text,
-                          2 * side, 2 * side, torch.ones(1) if spec.guidance_embeds else None, device, torch.bfloat16)
+    kw = random_inputs(spec, img, txt, device, torch.bfloat16)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(**kw, return_dict=False)
     shared = saved["double"].keys() & saved["single"].keys()

@@ -92,6 +92,22 @@ def build_transformer(spec, device: str = "cpu", dtype=None, seed: int | None = 
     return of_spec(spec).build_transformer(spec, device=device, dtype=dtype, seed=seed)
 
 
+def random_inputs(spec, img: int, txt: int, device, dtype, seed: int = 0) -> dict:
+    """Keyword arguments of one forward of ``spec``'s transformer on random data, batch 1: ``img`` packed image
+    tokens (rounded to a square latent), ``txt`` text tokens, guidance 1 where the model takes it -- for probes and
+    measurements that need the model's own layouts, not meaningful inputs."""
+    import torch
+
+    fam = of_spec(spec)
+    g = torch.Generator().manual_seed(seed)
+    text = {"prompt_embeds": torch.randn(1, txt, spec.context_dim, generator=g)}
+    if fam.name == "flux1":
+        text["pooled"] = torch.randn(1, spec.pooled_dim, generator=g)
+    side = int(img ** 0.5)
+    return fam.model_inputs(torch.randn(1, side * side, spec.in_channels, generator=g), torch.tensor([0.5]), text,
+                            2 * side, 2 * side, torch.ones(1) if spec.guidance_embeds else None, device, dtype)
+
+
 def require_same(a: Family, b: Family, what_a: str, what_b: str) -> None:
     """A one-line error when two things that must share a family do not (a LoRA and its base, ...)."""
     if a.name != b.name:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .. import outputs
+from .. import families, outputs
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,6 @@ def cache_path() -> Path:
 
 def model_config(model) -> dict:
     """The transformer's diffusers config with its class name (what a probe rebuilds it from)."""
-    from .. import families
-
     return {**dict(model.config), "_class_name": families.of_model(model).transformer_class}
 
 
@@ -78,8 +76,6 @@ def cache_key(config: dict, tokens: tuple[int, int], device) -> str:
 def probe_model(config: dict, device, seed: int = 0):
     """The run's family at its real width and heads, one double and one single block, in bf16, frozen (the
     backward still runs through every attention kernel to the input's gradient)."""
-    from .. import families
-
     config = {**config, "num_layers": 1, "num_single_layers": 1}
     fam = next(f for f in families.families().values() if f.transformer_class == config.get("_class_name"))
     spec = fam.spec_from_config(config)
@@ -87,17 +83,9 @@ def probe_model(config: dict, device, seed: int = 0):
     return fam, spec, model.requires_grad_(False)
 
 
-def _step(fam, spec, model, tokens: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    img, txt = tokens
-    g = torch.Generator().manual_seed(1)
-    text = {"prompt_embeds": torch.randn(1, txt, spec.context_dim, generator=g)}
-    if fam.name == "flux1":
-        text["pooled"] = torch.randn(1, spec.pooled_dim, generator=g)
-    side = int(img ** 0.5)
-    x = torch.randn(1, side * side, spec.in_channels, generator=g).to(device, torch.bfloat16).requires_grad_(True)
-    kw = fam.model_inputs(x, torch.tensor([0.5]), text, 2 * side, 2 * side,
-                          torch.ones(1) if spec.guidance_embeds else None, device, torch.bfloat16)
-    kw["hidden_states"] = x
+def _step(spec, model, tokens: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    kw = families.random_inputs(spec, *tokens, device, torch.bfloat16, seed=1)
+    x = kw["hidden_states"].requires_grad_(True)  # the backward runs through attention to the input's gradient
     out = model(**kw, return_dict=False)[0]
     out.float().square().mean().backward()
     grad, x.grad = x.grad.detach().float(), None
@@ -108,15 +96,15 @@ def probe(backend: str, config: dict, tokens: tuple[int, int], device: str, step
     """Run ``backend`` on the probe model: {"ok", "ms" (median per step), "error"}; in the caller's process."""
     from diffusers.models.attention_dispatch import attention_backend
 
-    fam, spec, model = probe_model(config, device)
+    _, spec, model = probe_model(config, device)
     try:
         with attention_backend(REFERENCE):
-            ref_out, ref_grad = _step(fam, spec, model, tokens, device)
+            ref_out, ref_grad = _step(spec, model, tokens, device)
         times = []
         with attention_backend(backend):
             for _ in range(steps + 1):
                 t0 = time.perf_counter()
-                out, grad = _step(fam, spec, model, tokens, device)
+                out, grad = _step(spec, model, tokens, device)
                 if torch.device(device).type == "cuda":
                     torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - t0)
