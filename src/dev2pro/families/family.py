@@ -61,3 +61,17 @@ def lazy(module: str, name: str) -> Callable:
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
     call.__qualname__ = call.__name__ = f"{module}.{name}"
     return call
+
+
+def render_each(transformer, embeds: Sequence, seeds: Sequence[int], draw: Callable) -> list:
+    """The loop of every family's ``render``: ``draw(embed_pair, generator)`` -> one PIL image for each (prompt
+    embedding, seed), prompt-major, with the transformer in eval mode (its mode restored after) and the noise drawn
+    from a seeded CPU generator, so a seed gives the same image on any device."""
+    import torch
+
+    was_training = transformer.training
+    transformer.eval()
+    try:
+        return [draw(pair, torch.Generator("cpu").manual_seed(int(seed))) for pair in embeds for seed in seeds]
+    finally:
+        transformer.train(was_training)

@@ -77,8 +77,8 @@ def _renames(n_double: int, n_single: int, guidance: bool) -> list[tuple[str, st
     return r
 
 
-def _norm_renames(n_double: int, n_single: int) -> list[tuple[str, str]]:
-    """RMSNorm scales: BFL ``.scale`` <-> diffusers ``.weight`` (full tensor names)."""
+def qk_norm_renames(n_double: int, n_single: int) -> list[tuple[str, str]]:
+    """QK RMSNorm scales: BFL ``.scale`` <-> diffusers ``.weight`` (full tensor names; FLUX.1 and FLUX.2 alike)."""
     r = []
     for i in range(n_double):
         b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}.attn."
@@ -126,7 +126,7 @@ def tensor_pieces(n_double: int, n_single: int, hidden: int, mlp_hidden: int, gu
     for p in module_pieces(n_double, n_single, hidden, mlp_hidden, guidance):
         for suffix in (".weight", ".bias"):
             out.append(Piece(p.bfl + suffix, p.diffusers + suffix, p.bfl_rows, p.diffusers_rows))
-    out += [Piece(b, d) for b, d in _norm_renames(n_double, n_single)]
+    out += [Piece(b, d) for b, d in qk_norm_renames(n_double, n_single)]
     return out
 
 

@@ -193,6 +193,14 @@ def write_tiny_model(out_dir, variant: str = "dev", seed: int = 0, spec: FluxSpe
     out = Path(os.path.abspath(out_dir))  # "." and "x/" have a usable name
     if variant not in VARIANTS:
         raise UserError(f"unknown tiny model variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    return write_model_folder(out, overwrite, [*MODEL_INDEX, "model_index.json"],
+                              lambda tmp: _write_components(tmp, spec.with_(guidance_embeds=variant == "dev"), seed))
+
+
+def write_model_folder(out: Path, overwrite: bool, owned: list[str], write) -> Path:
+    """Build a model folder with ``write(tmp)`` in a hidden sibling and rename it to ``out``: a crash never leaves a
+    half-written model. ``out`` may be missing or empty; a non-empty one is replaced only with ``overwrite`` and only
+    when it holds no more than an earlier model folder (the ``owned`` top-level names), never emptied otherwise."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder: choose another output folder")
     empty = out.is_dir() and not any(out.iterdir())
@@ -200,9 +208,8 @@ def write_tiny_model(out_dir, variant: str = "dev", seed: int = 0, spec: FluxSpe
         raise UserError(f"{out} already exists and is not empty: pass overwrite=True (--overwrite) to replace it "
                         "or choose a new output folder")
     make_parent(out, "tiny model folder")
-    # only an earlier model folder is replaced: a folder holding anything else is refused, not emptied
     with atomic_path(out, overwrite=True, what="tiny model folder", folder=True,
-                     owned=[*MODEL_INDEX, "model_index.json"] if not empty else None) as tmp:
+                     owned=owned if not empty else None) as tmp:
         tmp.mkdir()
-        _write_components(tmp, spec.with_(guidance_embeds=variant == "dev"), seed)
+        write(tmp)
     return out

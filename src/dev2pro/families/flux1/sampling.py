@@ -17,6 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from ...errors import UserError
 from ...flux.fp8 import compute_dtype
+from ..family import render_each
 from ...flux.latents import check_image_size, load_vae, unpack
 from ...text import TEXT_COMPONENTS, Embeds, encode_each, free_memory, load_text_encoders
 
@@ -102,20 +103,14 @@ def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], guidance, *,
     if use_cfg:
         extra = dict(negative_prompt_embeds=negative[0].to(device, dtype),
                      negative_pooled_prompt_embeds=negative[1].to(device, dtype), true_cfg_scale=g.cfg)
-    was_training = transformer.training
-    transformer.eval()
-    images = []
-    try:
-        for prompt_embeds, pooled in embeds:
-            for seed in seeds:
-                generator = torch.Generator("cpu").manual_seed(int(seed))  # CPU noise: same image on any device
-                out = pipe(prompt_embeds=prompt_embeds.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype),
-                           num_inference_steps=steps, width=width, height=height, generator=generator,
-                           output_type="latent", **g.pipeline_kwargs(transformer), **extra)
-                images.append(decode(pipe, out.images, width, height)[0])
-    finally:
-        transformer.train(was_training)
-    return images
+    def draw(pair, generator):
+        prompt_embeds, pooled = pair
+        out = pipe(prompt_embeds=prompt_embeds.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype),
+                   num_inference_steps=steps, width=width, height=height, generator=generator,
+                   output_type="latent", **g.pipeline_kwargs(transformer), **extra)
+        return decode(pipe, out.images, width, height)[0]
+
+    return render_each(transformer, embeds, seeds, draw)
 
 
 @torch.no_grad()

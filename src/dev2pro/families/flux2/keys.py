@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 
 from ...errors import CheckpointError
-from ...flux.keys import Piece, Rows, assemble, block_counts  # noqa: F401 (assemble is part of this API)
+from ...flux.keys import Piece, Rows, assemble, block_counts, qk_norm_renames  # noqa: F401 (assemble: this API)
 from ...flux.keys import plan as flux_plan
 from .spec import BFL_PREFIXES, DIFFUSERS_PREFIXES, strip_prefix  # noqa: F401 (re-exported)
 
@@ -66,23 +66,6 @@ def _renames(n_double: int, n_single: int, guidance: bool) -> list[tuple[str, st
     return r
 
 
-def _norm_renames(n_double: int, n_single: int) -> list[tuple[str, str]]:
-    """QK RMSNorm scales: BFL ``.scale`` <-> diffusers ``.weight`` (full tensor names)."""
-    r = []
-    for i in range(n_double):
-        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}.attn."
-        r += [
-            (b + "img_attn.norm.query_norm.scale", d + "norm_q.weight"),
-            (b + "img_attn.norm.key_norm.scale", d + "norm_k.weight"),
-            (b + "txt_attn.norm.query_norm.scale", d + "norm_added_q.weight"),
-            (b + "txt_attn.norm.key_norm.scale", d + "norm_added_k.weight"),
-        ]
-    for i in range(n_single):
-        b, d = f"single_blocks.{i}.norm.", f"single_transformer_blocks.{i}.attn."
-        r += [(b + "query_norm.scale", d + "norm_q.weight"), (b + "key_norm.scale", d + "norm_k.weight")]
-    return r
-
-
 def module_pieces(n_double: int, n_single: int, hidden: int, guidance: bool) -> list[Piece]:
     """Linear-module pieces (names without ``.weight``): the map LoRA layouts are built on."""
     pieces = [Piece(b, d) for b, d in _renames(n_double, n_single, guidance)]
@@ -102,7 +85,7 @@ def tensor_pieces(n_double: int, n_single: int, hidden: int, guidance: bool) -> 
     """Every tensor of a FLUX.2 transformer as pieces (weights and norm scales; FLUX.2 has no biases)."""
     out = [Piece(p.bfl + ".weight", p.diffusers + ".weight", p.bfl_rows, p.diffusers_rows)
            for p in module_pieces(n_double, n_single, hidden, guidance)]
-    return out + [Piece(b, d) for b, d in _norm_renames(n_double, n_single)]
+    return out + [Piece(b, d) for b, d in qk_norm_renames(n_double, n_single)]
 
 
 def pieces_for_shapes(shapes: Mapping[str, Sequence[int]], layout: str) -> list[Piece]:

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from ...flux.fp8 import compute_dtype
+from ..family import render_each
 
 
 def build_pipeline(components: dict, transformer, distilled: bool = False, progress: bool = False):
@@ -56,20 +57,13 @@ def render(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance, *, neg
         if negative is None:
             raise ValueError("true CFG needs the negative prompt embedding (the empty prompt): pass negative=")
         extra["negative_prompt_embeds"] = negative[0].to(device, dtype)
-    was_training = transformer.training
-    transformer.eval()
-    images = []
-    try:
-        for pe, _ in embeds:
-            for seed in seeds:
-                generator = torch.Generator("cpu").manual_seed(int(seed))  # CPU noise: same image on any device
-                latents = pipe(prompt_embeds=pe.to(device, dtype), num_inference_steps=steps, width=width,
-                               height=height, generator=generator, guidance_scale=scale, output_type="latent",
-                               **extra).images
-                images.append(decode(pipe, vae_space(pipe, latents, height, width))[0])
-    finally:
-        transformer.train(was_training)
-    return images
+    def draw(pair, generator):
+        latents = pipe(prompt_embeds=pair[0].to(device, dtype), num_inference_steps=steps, width=width,
+                       height=height, generator=generator, guidance_scale=scale, output_type="latent",
+                       **extra).images
+        return decode(pipe, vae_space(pipe, latents, height, width))[0]
+
+    return render_each(transformer, embeds, seeds, draw)
 
 
 def vae_space(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:

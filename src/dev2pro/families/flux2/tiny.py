@@ -34,7 +34,7 @@ from tokenizers import AddedToken, pre_tokenizers
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from ...errors import UserError
-from ...flux.tiny import learn_bpe, tiny_corpus
+from ...flux.tiny import learn_bpe, tiny_corpus, write_model_folder
 from ...outputs import atomic_path, make_parent
 from . import keys
 from .spec import TINY_DEV, TINY_KLEIN, VARIANT_METADATA_KEY, Flux2Spec, build_transformer
@@ -140,18 +140,8 @@ def write_tiny(folder, variant: str = "klein-base", seed: int = 0, spec: Flux2Sp
     if variant not in VARIANTS:
         raise UserError(f"unknown tiny FLUX.2 variant {variant!r}: use one of {', '.join(VARIANTS)}")
     spec = spec or (TINY_DEV if variant == "dev" else TINY_KLEIN)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file, not a folder: choose another output folder")
-    empty = out.is_dir() and not any(out.iterdir())
-    if out.is_dir() and not empty and not overwrite:
-        raise UserError(f"{out} already exists and is not empty: pass overwrite=True (--overwrite) to replace it "
-                        "or choose a new output folder")
-    make_parent(out, "tiny model folder")
-    with atomic_path(out, overwrite=True, what="tiny model folder", folder=True,
-                     owned=[*MODEL_INDEX, "model_index.json"] if not empty else None) as tmp:
-        tmp.mkdir()
-        _write_components(tmp, spec.with_variant(variant), seed)
-    return out
+    return write_model_folder(out, overwrite, [*MODEL_INDEX, "model_index.json"],
+                              lambda tmp: _write_components(tmp, spec.with_variant(variant), seed))
 
 
 def write_bfl_transformer(folder, path, prefix: str = "", variant: str | None = None) -> Path:
