@@ -13,6 +13,7 @@ SCHEDULES = ("constant", "cosine", "linear")  # train.optim.build_scheduler
 EXPORT_FORMATS = ("bfl", "diffusers", "fp8")  # dedistill exports
 FAMILIES = ("flux1", "flux2")  # families.families(): the model families dev2pro reads and trains
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+TEXT_DTYPES = ("fp32", "bf16", "fp8")  # text encoders while caching (fp8: FLUX.2's only, train.preflight)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LORA_TARGETS = ("attention", "all_linear")  # lora.targets.target_modules presets
 LORA_LAYOUTS = ("kohya", "comfy", "diffusers")  # lora.formats: the layouts it writes

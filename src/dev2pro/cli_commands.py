@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from .config import INT_LIMIT, SIZE_HELP, add_config_command, parse_size
-from .choices import CHECKPOINT_LAYOUTS, GUIDANCE_MODES, LORA_LAYOUTS
+from .choices import CHECKPOINT_LAYOUTS, FAMILIES, GUIDANCE_MODES, LORA_LAYOUTS, TEXT_DTYPES
 from .errors import ConfigError
 from .schemas import DedistillConfig, TrainConfig, load_dedistill_config, load_train_config  # torch-free
 
@@ -140,15 +140,24 @@ def add_cache(sub):
     p = sub.add_parser("cache", help="encode image folders / webdataset tars into sharded latent+text caches")
     p.add_argument("inputs", nargs="+", help="image folders (name.png + name.txt, or a kohya parent of N_name/ "
                                              "folders) and/or webdataset .tar shards")
-    p.add_argument("--model", required=True, help="FLUX.1-dev-layout model folder (VAE, text encoders)")
+    p.add_argument("--model", required=True, help="diffusers model folder whose VAE and text encoder encode the "
+                                                  "data: FLUX.1 dev, FLUX.2 klein or dev (the one you train on)")
     p.add_argument("--out", required=True, help="output folder for shards and index.json (created)")
+    p.add_argument("--family", choices=("auto", *FAMILIES), default="auto",
+                   help="model family (default: from the folder's model_index.json)")
     p.add_argument("--per-shard", type=bounded_int(1), default=1000, help="samples per shard file (default 1000)")
     p.add_argument("--resolution", type=bounded_int(16, 16384), default=512,
                    help="bucket target side: buckets hold about resolution^2 pixels (default 512)")
     p.add_argument("--bucket-step", type=bounded_int(16, 16384), default=64,
                    help="bucket sides are multiples of this, a multiple of 16 (default 64)")
     p.add_argument("--t5-max-length", type=bounded_int(1, 512), default=512,
-                   help="T5 tokens per caption: 512 for dev and de-distilled bases (default 512)")
+                   help="caption tokens of the text encoder (FLUX.1's T5, FLUX.2's Qwen3/Mistral): 512 for dev, "
+                        "de-distilled bases and FLUX.2 (default 512)")
+    p.add_argument("--text-encoder", choices=("gpu", "cpu"), default="gpu",
+                   help="where the text encoder runs (default gpu when there is one)")
+    p.add_argument("--text-encoder-dtype", choices=TEXT_DTYPES, default="fp32",
+                   help="text encoder dtype: bf16 halves T5-XXL's 19 GB; fp8: FLUX.2 only, Mistral 24B in ~25 GB "
+                        "(default fp32)")
     p.add_argument("--default-caption", default="", help="caption for images without a .txt file")
     p.add_argument("--min-size", type=bounded_int(1), default=16,
                    help="images smaller than this on a side are skipped and listed (default 16, as in train)")
@@ -160,9 +169,11 @@ def add_cache(sub):
     def run(a):
         from .recipes.cache import cache
         r = cache(a.inputs, a.model, a.out, a.per_shard, a.resolution, a.bucket_step, a.t5_max_length,
-                  a.default_caption, a.batch_size, min_size=a.min_size, recursive=a.recursive, strict=a.strict)
+                  a.default_caption, a.batch_size, min_size=a.min_size, recursive=a.recursive, strict=a.strict,
+                  family=a.family, text_device="cpu" if a.text_encoder == "cpu" else None,
+                  text_dtype=a.text_encoder_dtype)
         skipped = f" ({len(r['skipped'])} skipped, listed above and in index.json)" if r["skipped"] else ""
-        print(f"{r['samples']} samples -> {r['index']}{skipped}")
+        print(f"{r['samples']} samples ({r['family']}) -> {r['index']}{skipped}")
     p.set_defaults(run=run)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .choices import (ATTENTION_BACKENDS, COMPUTE_DTYPES, EXPORT_FORMATS, FAMILIES, LORA_TARGETS, MIXED_PRECISION,
-                      OBJECTIVES, OPTIMIZERS, SCHEDULES, TIMESTEP_MODES)
+                      OBJECTIVES, OPTIMIZERS, SCHEDULES, TEXT_DTYPES, TIMESTEP_MODES)
 from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, require, require_range,
                      resolve_size, section)
 from .errors import ConfigError
@@ -41,7 +41,8 @@ def compile_mode(value) -> str:
 # ------------------------------------------------------------------------------------------------ model
 @dataclass
 class ModelBase:
-    path: str = opt("", "model folder in the FLUX.1-dev diffusers layout (text encoders, tokenizers, VAE)",
+    path: str = opt("", "model folder in the diffusers layout (FLUX.1-dev, FLUX.2 klein or dev): text encoder(s), "
+                              "tokenizer(s), VAE and, unless model.transformer is set, the transformer",
                     path=True)
     transformer: str = opt("", "optional transformer file overriding the folder's (e.g. a dev2pro fp8 file)",
                            path=True)
@@ -50,11 +51,12 @@ class ModelBase:
                                                      "plan says the step fits the GPU without it: faster; on on CPU "
                                                      "and with blocks_to_swap), true or false", (True, False, "auto"))
     fp8_storage: bool = opt(False, "store base weights in fp8 (bf16 compute); lowers memory with checkpointing")
-    t5_max_length: int = opt(512, "T5 tokens: 512 for dev and de-distilled bases (kohya's 256 is schnell's)")
+    t5_max_length: int = opt(512, "caption tokens the text encoder reads: FLUX.1's T5 (512 for dev and de-distilled "
+                                             "bases; kohya's 256 is schnell's), FLUX.2's Qwen3/Mistral (512, as its pipelines)")
     allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")
 
     def validate(self):
-        require(bool(self.path), "path: set model.path to a FLUX.1-dev-layout model folder")
+        require(bool(self.path), "path: set model.path to a diffusers model folder (FLUX.1-dev, FLUX.2 klein or dev)")
         require(0 < self.t5_max_length <= 512, "t5_max_length must be in 1..512")
 
 
@@ -73,14 +75,16 @@ class ModelSection(ModelBase):
     dtype: str = opt("bf16", "compute dtype", COMPUTE_DTYPES)
     fp8_keep: list = opt(["norms", "biases", "embedders", "modulation", "final"],
                          "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
-    blocks_to_swap: int = opt(0, "blocks (of FLUX.1's 57, double blocks first) whose frozen weights stay in pinned "
-                                 "host RAM and are copied to the GPU just before use; needs gradient_checkpointing")
+    blocks_to_swap: int = opt(0, "blocks (double blocks first; FLUX.1 has 57, FLUX.2 klein 4B 25, 9B 32, dev 56) "
+                                 "whose frozen weights stay in pinned host RAM and are copied to the GPU just before "
+                                 "use; needs gradient_checkpointing")
     vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48; FLUX.2 also 32|80): picks fp8 storage, checkpointing, "
                        "blocks_to_swap, optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no "
                        "preset")
-    text_encoder: str = opt("gpu", "where CLIP + T5 run while caching captions", ("gpu", "cpu"))
-    text_encoder_dtype: str = opt("fp32", "CLIP + T5 dtype while caching (bf16 halves T5-XXL's 19 GB; fp8: FLUX.2's "
-                                          "text encoder only, Mistral 24B in ~25 GB)", ("fp32", "bf16", "fp8"))
+    text_encoder: str = opt("gpu", "where the text encoder(s) run while caching captions (FLUX.1: CLIP + T5; FLUX.2: "
+                                      "Qwen3 or Mistral)", ("gpu", "cpu"))
+    text_encoder_dtype: str = opt("fp32", "text encoder dtype while caching (bf16 halves T5-XXL's 19 GB; fp8: FLUX.2's "
+                                          "text encoder only, Mistral 24B in ~25 GB)", TEXT_DTYPES)
     vae_tiling: bool = opt(False, "decode samples in tiles (less memory for large samples)")
 
     def validate(self):
@@ -103,8 +107,8 @@ class DedistillModel(ModelBase):
                                  "train; FLUX.2 dev on a 24-48 GB card)")
     text_encoder: str = opt("gpu", "where the text encoder(s) run while caching captions", ("gpu", "cpu"))
     text_encoder_dtype: str = opt("fp32", "text encoder dtype while caching (fp8: FLUX.2 only)",
-                                  ("fp32", "bf16", "fp8"))
-    t5_max_length: int = opt(512, "T5 tokens (512 for dev)")
+                                  TEXT_DTYPES)
+    t5_max_length: int = opt(512, "caption tokens the text encoder reads (512 for dev)")
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -82,7 +82,8 @@ def test_flux1_shards_for_a_flux2_dev_run(tmp_path, tiny_dev_dir, flux2_dev_dir,
     cfg = _train_cfg(tmp_path, flux2_dev_dir, sk_images, data=f'shards = "{shards / "index.json"}"')
     cfg.data.folders = []
     _refused(lambda: train(cfg, progress=False), r"data\.shards .* was encoded with FLUX\.1 text encoders \(T5 \+ "
-             r"CLIP\), but the training base is FLUX\.2 dev .*encode the dataset again", tmp_path)
+             r"CLIP\), but the training base is FLUX\.2 dev .*encode the dataset again with `dev2pro cache --model` "
+             r"this model.s folder", tmp_path)
 
 
 def test_the_runs_cache_never_serves_another_familys_embeddings(tmp_path, klein_base_dir, flux2_dev_dir, sk_images):

@@ -69,6 +69,30 @@ def detect(keys: Iterable[str], layout: str, forced: str | None = None, source: 
     return fams["flux1"]  # no family's own markers (a partial file): the original FLUX.1 rules decide
 
 
+def of_folder(model_dir, forced: str | None = None) -> Family:
+    """The family of a diffusers model folder, from the pipeline class its ``model_index.json`` names; ``forced`` (a
+    family name; None / "auto" detect) is taken as it is (the family's own loaders then check the folder)."""
+    import json
+    from pathlib import Path
+
+    if forced and forced != "auto":
+        return get(forced)
+    index = Path(model_dir) / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{model_dir} is not a diffusers model folder (no model_index.json): point it at the whole "
+                        "downloaded model folder (vae/, text encoder and tokenizer folders, model_index.json)")
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{index}: cannot read it ({e}); download the model folder again") from None
+    for fam in families().values():
+        if name in fam.pipelines:
+            return fam
+    known = "; ".join(f"{f.title}: {', '.join(f.pipelines)}" for f in families().values())
+    raise UserError(f"{index} names the pipeline {name!r}, which dev2pro does not train ({known}); pass the family "
+                    "explicitly if this folder holds one of them")
+
+
 def of_spec(spec) -> Family:
     """The family a spec belongs to (every spec class names it)."""
     return get(spec.family)

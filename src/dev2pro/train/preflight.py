@@ -33,15 +33,20 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
     if not base or not Path(base).exists():
         return  # a missing model is reported where it is loaded (after the run folder exists: rerun explains it)
     ckpt = open_checkpoint(base, allow_pickle=allow_pickle, family=family)
-    if text_dtype == "fp8" and ckpt.family.name != "flux2":
-        raise UserError(f"model.text_encoder_dtype = \"fp8\" is for FLUX.2's text encoders; {ckpt.family.title}'s "
-                        "T5 + CLIP take \"bf16\" (or \"fp32\")")
+    check_text_dtype(text_dtype, ckpt.family, "model.text_encoder_dtype = ")
     if needs_text and Path(model_dir).is_dir():
         ckpt.family.check_folder(Path(model_dir), ckpt.spec())
     if adapter:
         check_adapter(adapter, ckpt, base)
     if shards:
         check_shards(shards, ckpt.family, ckpt.spec())
+
+
+def check_text_dtype(text_dtype: str, family, field: str) -> None:
+    """fp8 text encoders are FLUX.2's (Mistral 24B in ~25 GB); ``field`` names the setting in the message."""
+    if text_dtype == "fp8" and family.name != "flux2":
+        raise UserError(f"{field}\"fp8\" is for FLUX.2's text encoders; {family.title}'s T5 + CLIP take \"bf16\" "
+                        "(or \"fp32\")")
 
 
 def _describe(spec, family) -> str:
@@ -87,4 +92,5 @@ def check_shards(index: str, family, spec) -> None:
         made = "FLUX.1 text encoders (T5 + CLIP)" if "pooled" in keys else f"a text encoder {width} wide"
         raise UserError(f"data.shards {index} was encoded with {made}, but the training base is "
                         f"{_describe(spec, family)} (text context {spec.context_dim}): encode the dataset again "
-                        f"with this model's text encoder, or train with data.folders (cached per family)")
+                        f"with `dev2pro cache --model` this model's folder, or train with data.folders (cached per "
+                        "family)")

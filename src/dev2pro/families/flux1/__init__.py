@@ -83,7 +83,7 @@ FAMILY = Family(
     spec_from_shapes=spec_from_shapes,
     spec_from_config=specmod.spec_from_diffusers_config,
     build_transformer=specmod.build_transformer,
-    transformer_class="FluxTransformer2DModel",
+    transformer_class="FluxTransformer2DModel", pipelines=("FluxPipeline",),
     blocks=blocks,
     model_inputs=model_inputs,
     describe_variant=describe_variant,

@@ -124,7 +124,7 @@ FAMILY = Family(
     spec_from_shapes=spec_from_shapes,
     spec_from_config=specmod.spec_from_diffusers_config,
     build_transformer=specmod.build_transformer,
-    transformer_class="Flux2Transformer2DModel",
+    transformer_class="Flux2Transformer2DModel", pipelines=("Flux2KleinPipeline", "Flux2Pipeline"),
     blocks=blocks,
     model_inputs=model_inputs,
     refine_spec=refine_spec,
