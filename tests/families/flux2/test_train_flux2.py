@@ -110,3 +110,31 @@ output_dir = "{tmp_path / 'run'}"
                                      + "[teacher]\nw_min = 1.0\nw_max = 4.0\n")
     with pytest.raises(UserError, match="set teacher.w_min = teacher.w_max"):
         dedistill(load_dedistill_config(tmp_path / "e.toml"), progress=False)
+
+
+def test_the_shipped_klein_config_trains_base_and_samples_distilled(tmp_path, klein_base_dir, klein_distilled_dir,
+                                                                     sk_images):
+    """configs/train-klein.toml as a user runs it, on the tiny folders: only paths and sizes overridden."""
+    from pathlib import Path
+
+    from dev2pro.cli import main
+
+    shipped = Path(__file__).parents[3] / "configs" / "train-klein.toml"
+    cfg = load_train_config(shipped)
+    assert cfg.model.vram == 16 and cfg.sample.cfg == 4.0 and cfg.save.formats == ["kohya", "comfy", "diffusers"]
+    assert cfg.model.inference_base == str(shipped.parents[1] / "models/FLUX.2-klein-4B/transformer")
+    sets = [f'model.path="{klein_base_dir}"', f'model.inference_base="{klein_distilled_dir / "transformer"}"',
+            f'data.folders=[{{path="{sk_images}"}}]', "data.resolution=64", "data.bucket_step=64",
+            f'data.cache_dir="{tmp_path / "cache"}"', "train.steps=2", "sample.every=2", "sample.steps=2",
+            'sample.size="64x64"', "sample.baseline=false", "save.every=0", f'save.output_dir="{tmp_path / "run"}"']
+    assert main(["plan", str(shipped), *[a for s in sets for a in ("--set", s)]]) == 0
+    summary = train(load_train_config(shipped, sets), progress=False)
+    run = tmp_path / "run"
+    assert len(summary["losses"]) == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
+    from PIL import Image
+    with Image.open(run / "samples" / "step000002.png") as im:
+        assert "4 steps" in im.text["title"] and "no CFG" in im.text["title"]  # distilled, as it is used
+    with Image.open(run / "samples" / "step000002-base.png") as im:
+        assert "true CFG 4" in im.text["title"]  # Base, at the config's cfg
+    assert all((run / name).is_file() for name in ("lora.safetensors", "lora.comfy.safetensors",
+                                                   "lora.diffusers.safetensors"))
