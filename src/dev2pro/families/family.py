@@ -64,7 +64,7 @@ def lazy(module: str, name: str) -> Callable:
     return call
 
 
-def render_each(transformer, embeds: Sequence, seeds: Sequence[int], draw: Callable) -> list:
+def each_prompt_and_seed(transformer, embeds: Sequence, seeds: Sequence[int], draw: Callable) -> list:
     """The loop of every family's ``render``: ``draw(embed_pair, generator)`` -> one PIL image for each (prompt
     embedding, seed), prompt-major, with the transformer in eval mode (its mode restored after) and the noise drawn
     from a seeded CPU generator, so a seed gives the same image on any device."""

@@ -57,6 +57,7 @@ class _Run:
     save_lora: Callable[[str], list]
     save_state: Callable[[int], Path]
     sample: Callable[[int], Path]
+    describe: Callable[[], str]  # what one round of samples renders
 
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, quiet: bool = False) -> dict:
@@ -143,8 +144,7 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
 
 def _sampler(cfg: TrainConfig, data, ckpt, dtype, device) -> LoraSampler:
     m, sc = cfg.model, cfg.sample
-    spec = GridSpec(sc.prompts, [int(s) for s in sc.seeds], data.sample_embeds, data.negative, sc.steps, sc.width,
-                    sc.height)
+    spec = GridSpec(sc.prompts, list(sc.seeds), data.sample_embeds, data.negative, sc.steps, sc.width, sc.height)
     return LoraSampler(spec, data.components, device, dtype, guidance=sc.guidance, cfg=sc.cfg,
                        inference_base=m.inference_base, training_guidance_embeds=ckpt.spec().guidance_embeds,
                        adapter=m.adapter, with_adapter=sc.with_adapter, fp8_storage=m.fp8_storage,
@@ -206,7 +206,8 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
             run.state, done, model(), optimizer, scheduler, gen, sampler, smoothed=bar.smoothed,
             grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last, losses=life.finite_or_none(history),
             ema=watch.ema, validation=watch.validator.history if watch.validator else None),
-        sample=lambda step: samples.sample(model(), step, run.samples, bar, progress and main))
+        sample=lambda step: samples.sample(model(), step, run.samples, bar, progress and main),
+        describe=samples.describe)
     acts.save_lora, acts.sample = watch.published(acts.save_lora), watch.published(acts.sample)
     batches = None  # the loader thread: stopped and joined on every way out (Ctrl-C included)
     try:
@@ -215,7 +216,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
             return life.already_finished(files, start, say) or _finish(cfg, run, start, history, [], [], acts, None,
                                                                        say, watch=watch)
         if main and cfg.sample.prompts and cfg.sample.baseline and start == 0:
-            say("rendering step-0 samples (the base before training)...")
+            say(f"rendering step-0 samples (the base before training; {acts.describe()})...")
             say(f"samples: {acts.sample(0)}")
         if main and start == 0:
             watch.validate(model(), 0)  # the base before training: the curve's first point
@@ -250,8 +251,7 @@ def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, sav
     files = life.finish(acts.save_lora, save_state, done, life.finite_or_none(history), run,
                         run.root / f"{cfg.save.name}.safetensors", say)
     if cfg.sample.prompts:
-        life.final_samples(lambda: acts.sample(done), len(cfg.sample.prompts) * len(cfg.sample.seeds),
-                           cfg.sample.steps, files, say)
+        life.final_samples(lambda: acts.sample(done), acts.describe(), files, say)
     trained = 0 if start is None else done - start  # steps this process ran (a finished run rerun: none)
     # seconds: the loop's wall time (its periodic saves and samples included; the final save and samples not)
     summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "seconds": seconds,

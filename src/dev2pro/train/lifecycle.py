@@ -142,9 +142,10 @@ def finish(save_lora: Callable[[str], list], save_state: Callable[[int], Path] |
     return files
 
 
-def final_samples(sample: Callable[[], Path], n_images: int, steps: int, files: list[Path], say) -> Path:
-    """Render the final grid with a message before and after (it can take a while at full size)."""
-    say(f"rendering final samples ({n_images} image(s), {steps} sampling steps each)...")
+def final_samples(sample: Callable[[], Path], what: str, files: list[Path], say) -> Path:
+    """Render the final grid with a message before and after (it can take a while at full size); ``what``: the
+    images it renders (``LoraSampler.describe``)."""
+    say(f"rendering final samples ({what})...")
     t0 = time.perf_counter()
     try:
         path = sample()

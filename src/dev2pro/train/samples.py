@@ -97,6 +97,16 @@ class LoraSampler:
             self.steps = inference_spec.sampling.steps
         self.base = inference_base or "training base"
 
+    def describe(self) -> str:
+        """What one round of samples renders, for the console (a step-distilled base at its own step count)."""
+        n = len(self.spec.embeds) * len(self.spec.seeds)
+        grids = [f"{n} image(s) at {self.steps} steps"]
+        if self.distilled:
+            grids.append(f"{n} on the training base at {self.spec.steps} steps")
+        if self.adapter and self.with_adapter:
+            grids.append(f"{n} with the adapter on")
+        return ", ".join(grids)
+
     def sample(self, train_model, step: int, folder: Path, bar, progress: bool = False) -> Path:
         """Render the grid; with a training adapter on the training model with the adapter off (= the LoRA on
         dev), and with ``with_adapter`` a second grid with it on. Returns the (first) grid's path."""

@@ -113,7 +113,7 @@ output_dir = "{tmp_path / 'run'}"
 
 
 def test_the_shipped_klein_config_trains_base_and_samples_distilled(tmp_path, klein_base_dir, klein_distilled_dir,
-                                                                     sk_images):
+                                                                     sk_images, capsys):
     """configs/train-klein.toml as a user runs it, on the tiny folders: only paths and sizes overridden."""
     from pathlib import Path
 
@@ -128,7 +128,10 @@ def test_the_shipped_klein_config_trains_base_and_samples_distilled(tmp_path, kl
             f'data.cache_dir="{tmp_path / "cache"}"', "train.steps=2", "sample.every=2", "sample.steps=2",
             'sample.size="64x64"', "sample.baseline=false", "save.every=0", f'save.output_dir="{tmp_path / "run"}"']
     assert main(["plan", str(shipped), *[a for s in sets for a in ("--set", s)]]) == 0
+    capsys.readouterr()
     summary = train(load_train_config(shipped, sets), progress=False)
+    # the console says what is rendered: the distilled model at its own 4 steps, Base at the configured ones
+    assert "rendering final samples (2 image(s) at 4 steps, 2 on the training base at 2 steps)" in capsys.readouterr().out
     run = tmp_path / "run"
     assert len(summary["losses"]) == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
     from PIL import Image

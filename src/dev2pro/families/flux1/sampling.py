@@ -17,7 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from ...errors import UserError
 from ...flux.fp8 import compute_dtype
-from ..family import render_each
+from ..family import each_prompt_and_seed
 from ...flux.latents import check_image_size, load_vae, unpack
 from ...text import TEXT_COMPONENTS, Embeds, encode_each, free_memory, load_text_encoders
 
@@ -110,7 +110,7 @@ def render(pipe, embeds: Sequence[Embeds], seeds: Sequence[int], guidance, *,
                    output_type="latent", **g.pipeline_kwargs(transformer), **extra)
         return decode(pipe, out.images, width, height)[0]
 
-    return render_each(transformer, embeds, seeds, draw)
+    return each_prompt_and_seed(transformer, embeds, seeds, draw)
 
 
 @torch.no_grad()

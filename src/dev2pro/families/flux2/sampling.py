@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ...flux.fp8 import compute_dtype
-from ..family import render_each
+from ..family import each_prompt_and_seed
 
 
 def build_pipeline(components: dict, transformer, distilled: bool = False, progress: bool = False):
@@ -63,7 +63,7 @@ def render(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance, *, neg
                        **extra).images
         return decode(pipe, vae_space(pipe, latents, height, width))[0]
 
-    return render_each(transformer, embeds, seeds, draw)
+    return each_prompt_and_seed(transformer, embeds, seeds, draw)
 
 
 def vae_space(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
