@@ -221,14 +221,17 @@ def add_sample(sub):
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
     src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line ('#' lines skipped)")
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt for true CFG (default: empty)")
-    p.add_argument("--guidance", type=finite_float(0, above=True), default=3.5,
+    p.add_argument("--guidance", type=finite_float(0, above=True), default=None,
                    help="guidance strength: the embedded value on dev-like bases, the CFG scale on bases without a "
-                        "guidance embedding (default 3.5)")
+                        "guidance embedding (default: the base's own: 3.5 FLUX.1, 4 FLUX.2 dev and klein Base; klein "
+                        "distilled runs without CFG)")
     p.add_argument("--cfg", type=finite_float(1), default=1.0,
                    help="true CFG scale (> 1 adds a negative-prompt pass; combines with embedded guidance)")
     p.add_argument("--mode", choices=SAMPLE_MODES, default="auto",
                    help="auto: embedded if the base has a guidance embedding, else true_cfg")
-    p.add_argument("--steps", type=bounded_int(1, 10000), default=20, help="sampling steps (default 20)")
+    p.add_argument("--steps", type=bounded_int(1, 10000), default=None,
+                   help="sampling steps (default: the base's own: 20 FLUX.1, 50 FLUX.2 dev and klein Base, 4 klein "
+                        "distilled)")
     p.add_argument("--size", type=size_arg, default=(1024, 1024), metavar="WxH",
                    help=SIZE_HELP + "; default 1024x1024")
     seeds = p.add_mutually_exclusive_group()

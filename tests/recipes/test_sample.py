@@ -105,3 +105,30 @@ def test_clear_errors_before_any_loading(argv, message, tiny_dev_dir, tiny_pro_d
     with pytest.raises(UserError, match=message):
         cli(*argv, *FAST)
     assert not (tmp_path / "o").exists()
+
+
+def _settings(png):
+    import json
+
+    with Image.open(png) as im:
+        return json.loads(im.text["dev2pro"])
+
+
+def test_each_flux2_variant_samples_as_it_is_used_unless_told(klein_base_dir, klein_distilled_dir, flux2_dev_dir,
+                                                              tmp_path, capsys):
+    """Without --steps/--guidance the base's own: klein distilled 4 steps without CFG (a CFG scale there was
+    recorded while diffusers ignored it), klein Base true CFG 4 at 50 steps, FLUX.2 dev embedded 4 at 50."""
+    size = ["--size", "32x32", "--prompt", "a red cat"]
+    cli("--model", klein_distilled_dir, "--out", tmp_path / "d", *size)
+    s = _settings(tmp_path / "d" / "000-a-red-cat-s0.png")
+    assert s["steps"] == 4 and s["guidance"]["cfg"] == 1.0 and s["guidance"]["embedded"] is None
+    cli("--model", klein_distilled_dir, "--out", tmp_path / "d5", "--guidance", "5", "--steps", "2", *size)
+    s = _settings(tmp_path / "d5" / "000-a-red-cat-s0.png")
+    assert s["steps"] == 2 and s["guidance"]["cfg"] == 1.0  # steps are the user's; CFG is not the model's
+    assert "klein-distilled is sampled without CFG" in capsys.readouterr().out
+    cli("--model", klein_base_dir, "--out", tmp_path / "b", *size)
+    s = _settings(tmp_path / "b" / "000-a-red-cat-s0.png")
+    assert s["steps"] == 50 and s["guidance"] == {"mode": "true_cfg", "embedded": None, "cfg": 4.0}
+    cli("--model", flux2_dev_dir, "--out", tmp_path / "dev", "--steps", "3", *size)
+    s = _settings(tmp_path / "dev" / "000-a-red-cat-s0.png")
+    assert s["steps"] == 3 and s["guidance"]["mode"] == "embedded" and s["guidance"]["embedded"] == 4.0

@@ -43,15 +43,18 @@ def png_name(index: int, prompt: str, seed: int) -> str:
 
 
 def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str | None = None,
-               loras: Sequence[str | tuple[str, float]] = (), negative: str = "", guidance: float = 3.5,
-               cfg: float = 1.0, mode: str = "auto", steps: int = 20, size: str | tuple[int, int] = (1024, 1024),
+               loras: Sequence[str | tuple[str, float]] = (), negative: str = "", guidance: float | None = None,
+               cfg: float = 1.0, mode: str = "auto", steps: int | None = None,
+               size: str | tuple[int, int] = (1024, 1024),
                seeds: Sequence[int] = (0,), overwrite: bool = False, fp8: bool = False,
                max_sequence_length: int = 512, blocks_to_swap: int = 0,
                adapter: str | tuple[str, float] | None = None) -> list[Path]:
     """Render every prompt x seed; returns the written PNG paths (the grid last, when there is one).
 
     ``adapter`` (path[:scale]): a training adapter (e.g. dev -> dev2pro) added as a side branch after the LoRAs,
-    so dev + adapter + LoRA renders what the LoRA does on dev2pro without a second base file."""
+    so dev + adapter + LoRA renders what the LoRA does on dev2pro without a second base file. ``guidance`` and
+    ``steps`` default to the base's own (FLUX.1: 3.5 and 20; FLUX.2 dev: embedded 4, 50; klein Base: true CFG 4, 50);
+    FLUX.2 klein distilled is sampled as it is used, without CFG (4 steps unless ``steps`` says otherwise)."""
     prompts = list(prompts)
     seeds = [int(s) for s in seeds]
     if not prompts:
@@ -68,7 +71,15 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     check_owned_folder(out, overwrite, "sample", names, "sample folder")  # before minutes of loading and rendering
     header = open_checkpoint(transformer or model)
     family, spec = header.family, header.spec()
-    g = S.resolve_guidance(spec.guidance_embeds, mode, guidance, cfg)
+    own = getattr(spec, "sampling", None)  # a FLUX.2 variant's own steps and guidance scale
+    steps = steps or (own.steps if own else 20)
+    if own is not None and own.guidance == "none":  # step-distilled: the pipeline runs no CFG whatever we pass
+        if (guidance or 1.0) > 1.0 or cfg > 1.0 or mode == "true_cfg":
+            print(f"note: {spec.variant} is sampled without CFG (it is guidance-distilled); --guidance/--cfg/--mode "
+                  "ignored")
+        g = S.resolve_guidance(False, "auto", 1.0, 1.0)
+    else:
+        g = S.resolve_guidance(spec.guidance_embeds, mode, guidance or (own.scale if own else 3.5), cfg)
 
     device = S.default_device()
     dtype = S.default_dtype(device)
