@@ -238,6 +238,23 @@ def _prompts(b: dict, default: list) -> list[str]:
     return [str(p) for p in prompts]
 
 
+def _grid_args(base: str, s: dict) -> list[str]:
+    """`dev2pro sample` steps and guidance that render ``base`` as the run's own samples did (``train.samples``): a
+    step-distilled base (FLUX.2 klein distilled) at its own steps without CFG, a base with a guidance embedding at
+    ``sample.guidance``, one without at the true-CFG scale ``sample.cfg``."""
+    steps, guidance = ["--steps", str(s["steps"])], s.get("guidance", 3.5)
+    try:
+        from ..flux.checkpoint import open_checkpoint
+
+        spec = open_checkpoint(base).spec()
+    except Exception:  # noqa: BLE001 -- an unreadable base: the sample job itself reports it, with its fix
+        return steps + ["--guidance", str(guidance)]
+    own = getattr(spec, "sampling", None)
+    if own is not None and own.guidance == "none":
+        return []
+    return steps + ["--guidance", str(guidance if spec.guidance_embeds else s.get("cfg", 3.5))]
+
+
 async def sample(request: Request, ui):
     """Render the run's prompts with one of its LoRAs at a strength, on the inference base (dev)."""
     b = await json_body(request, ("lora", "strength", "prompt"))
@@ -249,9 +266,9 @@ async def sample(request: Request, ui):
     samples = ui.ws.resolve(f"{ui.ws.rel(run)}/ui-samples")
     samples.mkdir(exist_ok=True)
     out = ui.ws.name(samples, f"{lora.stem}-x{strength:g}-{job_id}", "sample folder")
-    args = ["sample", "--model", model, "--lora", f"{lora}:{strength}", "--steps", str(s["steps"]),
-            "--size", f"{s['width']}x{s['height']}", "--guidance", str(s.get("guidance", 3.5)),
-            "--seeds", ",".join(str(int(x)) for x in s["seeds"]), "--out", str(out)]
+    grid = await run_in_threadpool(_grid_args, base or model, s)  # reads a header (and model_index.json)
+    args = ["sample", "--model", model, "--lora", f"{lora}:{strength}", "--size", f"{s['width']}x{s['height']}",
+            *grid, "--seeds", ",".join(str(int(x)) for x in s["seeds"]), "--out", str(out)]
     if base:
         args += ["--transformer", base]
     args += [f"--prompt={p}" for p in prompts]  # one argument each: a prompt starting with '-' stays a prompt

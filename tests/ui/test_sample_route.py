@@ -1,0 +1,60 @@
+"""The web app's "sample this LoRA" job renders the base as the run's own samples did: klein distilled at its own
+steps without CFG, klein Base at the run's true-CFG scale, a dev-like base at its embedded guidance."""
+
+import json
+import shutil
+
+import pytest
+
+from .conftest import queue_only_jobs
+
+RUN = """[model]
+path = "{path}"
+inference_base = "{inference}"
+[sample]
+prompts = ["a cat"]
+seeds = [1, 2]
+steps = 7
+width = 64
+height = 64
+guidance = 3.5
+cfg = 4.5
+[train]
+steps = 10
+"""
+
+
+@pytest.fixture
+def klein_ws(tmp_path, klein_base_dir, klein_distilled_dir, tiny_dev_dir):
+    from dev2pro.ui.app import UIContext, build_app
+    from dev2pro.ui.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    for name, src in (("klein-base", klein_base_dir), ("klein", klein_distilled_dir), ("flux1", tiny_dev_dir)):
+        shutil.copytree(src, ws / "models" / name)
+    for run, (path, inference) in {"on-distilled": ("klein-base", "klein/transformer"),
+                                   "on-base": ("klein-base", ""), "flux1": ("flux1", "")}.items():
+        (ws / "runs" / run).mkdir(parents=True)
+        (ws / "runs" / run / "config.toml").write_text(RUN.format(
+            path=ws / "models" / path, inference=ws / "models" / inference if inference else ""))
+        (ws / "runs" / run / "lora.safetensors").write_bytes(b"\0" * 16)
+    w = Workspace(ws)
+    ui = UIContext(w, queue_only_jobs(w.state, w.root))
+    return build_app(ui, hosts={"127.0.0.1"}), ui
+
+
+@pytest.mark.parametrize("run,expected", [
+    ("on-distilled", []),  # klein distilled: its own 4 steps, no CFG (`dev2pro sample`'s defaults for it)
+    ("on-base", ["--steps", "7", "--guidance", "4.5"]),  # klein Base: true CFG at sample.cfg
+    ("flux1", ["--steps", "7", "--guidance", "3.5"]),  # FLUX.1 dev: embedded guidance sample.guidance
+])
+def test_sample_job_renders_the_base_as_the_runs_samples(klein_ws, asgi, run, expected):
+    app, ui = klein_ws
+    status, body = asgi(app, "POST", "/api/sample", json.dumps({"lora": f"runs/{run}/lora.safetensors",
+                                                                "strength": 1.5}))
+    assert status == 200, body
+    args = ui.jobs.get(json.loads(body)["id"])["args"]
+    grid = [a for i, a in enumerate(args) if a in ("--steps", "--guidance") or
+            (i and args[i - 1] in ("--steps", "--guidance"))]
+    assert grid == expected, args
+    assert "--lora" in args and args[args.index("--lora") + 1].endswith("lora.safetensors:1.5")
