@@ -109,10 +109,16 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
     return result
 
 
+def _name(path: str) -> str:
+    """A model's short name: a diffusers folder's ``transformer`` subfolder is named with its model folder."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name == "transformer" else p.name
+
+
 def _print(r: dict) -> None:
-    print(f"reference: {Path(r['reference']).name} ({r['reference_sampling']['variant'] or '?'}, "
+    print(f"reference: {_name(r['reference'])} ({r['reference_sampling']['variant'] or '?'}, "
           f"{r['reference_sampling']['steps']} steps) -- effect of the LoRA at 1.0: {r['reference_effect']:.5g}")
-    print(f"target:    {Path(r['target']).name} ({r['target_sampling']['variant'] or '?'}, "
+    print(f"target:    {_name(r['target'])} ({r['target_sampling']['variant'] or '?'}, "
           f"{r['target_sampling']['steps']} steps)")
     print("  strength  effect   (x reference)")
     for s, e in r["points"]:
