@@ -144,6 +144,18 @@ def resolve_guidance(guidance_embeds: bool, mode: str = "auto", guidance: float 
     return Guidance("true_cfg", 1.0 if has_embedding else None, float(cfg))
 
 
+def step_distilled(spec) -> bool:
+    """A step- and guidance-distilled base (FLUX.2 klein distilled): rendered at its own steps and never with CFG,
+    which its pipeline ignores (``spec.sampling``)."""
+    own = getattr(spec, "sampling", None)
+    return own is not None and own.guidance == "none"
+
+
+def no_cfg() -> Guidance:
+    """What a step-distilled base is rendered with: no CFG (and no guidance embedding to feed)."""
+    return resolve_guidance(False, "auto", 1.0, 1.0)
+
+
 # ------------------------------------------------------------------------------------------------ rendering
 # ------------------------------------------------------------------------------------------------ grids and files
 def _font(size: int):

@@ -22,7 +22,8 @@ class Arm:
     cfg: float = opt(1.0, "true CFG scale (> 1 adds a negative-prompt pass)")
     mode: str = opt("auto", "how guidance is applied", choices=GUIDANCE_MODES)
     fp8: bool = opt(False, "keep fp8 checkpoints in fp8 storage")
-    steps: int = opt(0, "sampling steps of this arm (0 = the config's steps; e.g. 4 for FLUX.2 klein distilled)")
+    steps: int = opt(0, "sampling steps of this arm (0 = the config's steps; a step-distilled base such as FLUX.2 "
+                        "klein distilled: its own 4, and never CFG)")
 
     def validate(self):
         require(bool(self.name.strip()), "name: every arm needs a name")
@@ -37,7 +38,8 @@ class Arm:
 
 @dataclass
 class CompareConfig:
-    model: str = opt("", "FLUX.1-dev-layout folder: VAE, text encoders, scheduler, default transformer")
+    model: str = opt("", "diffusers model folder (FLUX.1 or FLUX.2): VAE, text encoders, scheduler, default "
+                         "transformer")
     prompts: list[str] = opt([], "prompts rendered by every arm")
     negative: str = opt("", "negative prompt for true CFG")
     seeds: list[int] = opt([0, 1], "seeds rendered by every arm")

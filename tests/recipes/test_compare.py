@@ -179,3 +179,21 @@ def test_strengths_expand_each_lora_arm_and_keep_the_bases(tmp_path, tiny_dev_di
     cfg = with_strengths(load_compare_config(write_config(tmp_path / "c.toml", tiny_dev_dir, arms)), [1.0, 1.5])
     assert [a.name for a in cfg.arms] == ["base", "style @1", "style @1.5"]
     assert cfg.arms[2].loras == [f"{tmp_path / 's.safetensors'}:1.2"] and cfg.arms[2].steps == 4
+
+
+def test_klein_arms_render_distilled_as_it_is_used(tmp_path, klein_base_dir, klein_distilled_dir):
+    """A klein distilled arm without its own steps renders at its 4 steps without CFG (the compare's steps and an
+    arm's guidance 3.5 were applied and recorded, while diffusers ignored the CFG); Base keeps them."""
+    config = write_config(tmp_path / "k.toml", klein_base_dir, f'''
+[[arms]]
+name = "distilled"
+transformer = "{klein_distilled_dir / 'transformer'}"
+[[arms]]
+name = "base"
+cfg = 4.0
+''')
+    cli(config, "--out", tmp_path / "out")
+    arms = {a["name"]: a for a in json.loads((tmp_path / "out" / "results.json").read_text())["arms"]}
+    assert arms["distilled"]["steps"] == 4 and arms["distilled"]["guidance"]["cfg"] == 1.0
+    assert arms["base"]["steps"] == 2 and arms["base"]["guidance"] == {"mode": "true_cfg", "embedded": None,
+                                                                         "cfg": 4.0}

@@ -39,7 +39,7 @@ def _model_runner(family, components, path: str, lora: str, spec, steps: int, sc
     """latents_at(strength) for one model with the LoRA attached once (strength changes only the adapter scale)."""
     model, _ = S.load_base(path, [(lora, 1.0)], dtype)
     model.to(device)
-    distilled = getattr(spec, "variant", "") == "klein-distilled"
+    distilled = S.step_distilled(spec)
     pipe = family.build_pipeline(components, model, distilled=distilled)
     guidance = S.resolve_guidance(spec.guidance_embeds, "auto", scale, 1.0)
     flat_embeds = [e for e in embeds for _ in seeds]

@@ -115,8 +115,8 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     for a in cfg.arms:
         families.require_same(headers[a.name].family, family, f"arm {a.name!r}'s transformer",
                               f"the model folder {cfg.model}")
-    guidance = {a.name: S.resolve_guidance(headers[a.name].spec().guidance_embeds, a.mode, a.guidance, a.cfg)
-                for a in cfg.arms}
+    guidance = {a.name: S.no_cfg() if S.step_distilled(headers[a.name].spec()) else  # as its pipeline renders
+                S.resolve_guidance(headers[a.name].spec().guidance_embeds, a.mode, a.guidance, a.cfg) for a in cfg.arms}
 
     device = S.default_device()
     dtype = S.default_dtype(device)
@@ -171,13 +171,14 @@ def _render_arms(cfg: CompareConfig, family, arm_loras: dict, guidance: dict, co
     for arm in cfg.arms:
         t0 = time.time()
         base, ckpt = S.load_base(arm.transformer or cfg.model, arm_loras[arm.name], dtype, fp8_storage=arm.fp8)
-        variant = getattr(ckpt.spec(), "variant", "")
-        pipe = family.build_pipeline(components, base.to(device), distilled=variant == "klein-distilled")
+        variant, distilled = getattr(ckpt.spec(), "variant", ""), S.step_distilled(ckpt.spec())
+        steps = arm.steps or (ckpt.spec().sampling.steps if distilled else cfg.steps)  # distilled: its own
+        pipe = family.build_pipeline(components, base.to(device), distilled=distilled)
         images[arm.name] = family.render(pipe, embeds, cfg.seeds, guidance[arm.name], negative=negative,
-                                         steps=arm.steps or cfg.steps, width=width, height=height)
+                                         steps=steps, width=width, height=height)
         seconds = time.time() - t0
         arm_info.append(dict(name=arm.name, transformer=str(arm.transformer or cfg.model), layout=ckpt.layout,
-                             variant=variant, steps=arm.steps or cfg.steps,
+                             variant=variant, steps=steps,
                              loras=[[p, s] for p, s in arm_loras[arm.name]],
                              guidance=guidance[arm.name].to_dict(), fp8=arm.fp8, seconds=round(seconds, 2)))
         print(f"arm {arm.name!r}: {len(images[arm.name])} images in {seconds:.1f}s ({guidance[arm.name].describe()}, "

@@ -73,11 +73,11 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     family, spec = header.family, header.spec()
     own = getattr(spec, "sampling", None)  # a FLUX.2 variant's own steps and guidance scale
     steps = steps or (own.steps if own else 20)
-    if own is not None and own.guidance == "none":  # step-distilled: the pipeline runs no CFG whatever we pass
+    if S.step_distilled(spec):  # its pipeline runs no CFG whatever we pass: say so, record what it does
         if (guidance or 1.0) > 1.0 or cfg > 1.0 or mode == "true_cfg":
             print(f"note: {spec.variant} is sampled without CFG (it is guidance-distilled); --guidance/--cfg/--mode "
                   "ignored")
-        g = S.resolve_guidance(False, "auto", 1.0, 1.0)
+        g = S.no_cfg()
     else:
         g = S.resolve_guidance(spec.guidance_embeds, mode, guidance or (own.scale if own else 3.5), cfg)
 
@@ -90,7 +90,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     if adapter:  # before the block swap: its weights, like the LoRAs', stay on the device
         adaptermod.attach_file(base, adapter[0], adapter[1], torch.float32 if dtype == torch.float32 else dtype)
     enable_block_swap(base, blocks_to_swap, device)  # .to(device) when 0; keeps fp8 storage dtypes
-    pipe = family.build_pipeline(components, base, distilled=getattr(spec, "variant", "") == "klein-distilled")
+    pipe = family.build_pipeline(components, base, distilled=S.step_distilled(spec))
     pipe.vae.to(device)
     print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); {g.describe()} ({g.mode}); "
           f"{len(loras)} LoRA(s)" + (f" + adapter {adapter[0]}" if adapter else "")

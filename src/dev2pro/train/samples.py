@@ -21,7 +21,7 @@ from ..flux.checkpoint import load_transformer
 from ..flux.fp8 import Fp8Policy
 from ..lora import adapter as adaptermod
 from ..lora.ops import apply_lora, lora_from_peft_model
-from ..sampling import Guidance, make_labelled_grid, resolve_guidance, save_png
+from ..sampling import Guidance, make_labelled_grid, no_cfg, resolve_guidance, save_png, step_distilled
 from .blockswap import BlockSwap
 from .progress import render_each
 
@@ -84,7 +84,7 @@ class LoraSampler:
             families.require_same(ckpt.family, self.family, f"model.inference_base {inference_base}",
                                   "the training base")
             inference_spec = ckpt.spec()
-            self.distilled = getattr(inference_spec, "variant", "") == "klein-distilled"
+            self.distilled = step_distilled(inference_spec)
             if blocks_to_swap:
                 self.swap = BlockSwap(self.model, blocks_to_swap, device)  # placed while sampling only
         embeds = self.model.config.guidance_embeds if self.model is not None else training_guidance_embeds
@@ -93,7 +93,7 @@ class LoraSampler:
         self.steps = spec.steps
         if self.distilled:  # as it is used: its own steps, no CFG; the training base keeps the configured ones
             self.base_guidance = _grid_guidance(training_guidance_embeds, guidance, cfg)
-            self.guidance = resolve_guidance(False, "auto", 1.0, 1.0)
+            self.guidance = no_cfg()
             self.steps = inference_spec.sampling.steps
         self.base = inference_base or "training base"
 

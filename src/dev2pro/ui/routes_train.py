@@ -245,12 +245,12 @@ def _grid_args(base: str, s: dict) -> list[str]:
     steps, guidance = ["--steps", str(s["steps"])], s.get("guidance", 3.5)
     try:
         from ..flux.checkpoint import open_checkpoint
+        from ..sampling import step_distilled
 
         spec = open_checkpoint(base).spec()
     except Exception:  # noqa: BLE001 -- an unreadable base: the sample job itself reports it, with its fix
         return steps + ["--guidance", str(guidance)]
-    own = getattr(spec, "sampling", None)
-    if own is not None and own.guidance == "none":
+    if step_distilled(spec):
         return []
     return steps + ["--guidance", str(guidance if spec.guidance_embeds else s.get("cfg", 3.5))]
 
