@@ -212,7 +212,7 @@ def add_dedistill(sub):
 def add_sample(sub):
     p = sub.add_parser("sample", help="render prompts x seeds from a Flux base (+ LoRAs) to PNGs and a grid")
     p.add_argument("--model", required=True, metavar="DIR",
-                   help="FLUX.1-dev-layout diffusers folder (VAE, text encoders, scheduler, default transformer)")
+                   help="diffusers model folder, FLUX.1 or FLUX.2 (VAE, text encoders, scheduler, default transformer)")
     p.add_argument("--transformer", metavar="FILE",
                    help="transformer checkpoint to use instead of the folder's (any layout/dtype, incl. fp8)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",

@@ -86,7 +86,7 @@ def check_inputs_exist(model_dir: str | os.PathLike, transformer: str | os.PathL
                        loras: Sequence[tuple[str, float]]) -> None:
     """Fail fast (before minutes of loading) on a missing model folder, transformer file or LoRA file."""
     if not Path(model_dir).is_dir():
-        raise UserError(f"model folder {model_dir} does not exist: pass a FLUX.1-dev-layout diffusers folder")
+        raise UserError(f"model folder {model_dir} does not exist: pass a diffusers model folder (FLUX.1 or FLUX.2)")
     if transformer is not None and not Path(transformer).exists():
         raise UserError(f"transformer checkpoint {transformer} does not exist")
     for lora_path, _ in loras:

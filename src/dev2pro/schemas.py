@@ -66,8 +66,9 @@ class ModelBase:
          "t5_max_length", "allow_pickle")
 @dataclass
 class ModelSection(ModelBase):
-    inference_base: str = opt("", "transformer used for samples (e.g. the original FLUX.1-dev); empty = the "
-                                  "training base", path=True)
+    inference_base: str = opt("", "transformer used for samples, where the LoRA will be used (the original "
+                                  "FLUX.1-dev; FLUX.2 klein distilled beside its Base); empty = the training base",
+                              path=True)
     adapter: str = opt("", "training adapter: a LoRA (e.g. dev -> dev2pro from `lora extract` or `dedistill` with "
                            "train.adapter_rank) applied as a frozen side branch while training, off for samples; "
                            "the training base is then dev and inference_base stays empty", path=True)
