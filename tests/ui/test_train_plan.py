@@ -171,6 +171,7 @@ def test_models_page_says_where_models_and_captioners_come_from(app, asgi):
     assert r["captioners"] == [] and "hf download" in r["captioner_help"]["command"]
     assert f"--local-dir {r['workspace']}/models/" in r["captioner_help"]["command"]
     assert any("Florence-2" in f for f in r["captioner_help"]["families"]) and "hf download" in r["model_help"]
+    assert "black-forest-labs/FLUX.1-dev" in r["model_help"] and "FLUX.2-klein-base-4B" in r["model_help"]
     assert "data" in r["datasets"]
 
 

@@ -57,7 +57,9 @@ CAPTIONER_HELP = {
                  "BLIP (Salesforce/blip-image-captioning-base, -large)"],
     "command": "hf download florence-community/Florence-2-base --local-dir {ws}/models/florence-2-base",
 }
-MODEL_HELP = "hf download black-forest-labs/FLUX.1-dev --local-dir {ws}/models/flux1-dev"
+MODEL_HELP = ("hf download black-forest-labs/FLUX.1-dev --local-dir {ws}/models/flux1-dev  |  FLUX.2 klein: "
+              "hf download black-forest-labs/FLUX.2-klein-base-4B --local-dir {ws}/models/flux2-klein-base-4b (train "
+              "on it) and black-forest-labs/FLUX.2-klein-4B to {ws}/models/flux2-klein-4b (samples: its transformer/)")
 
 
 def dataset_folders(ui, limit: int = 2000) -> list[str]:
