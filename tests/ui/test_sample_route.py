@@ -58,3 +58,15 @@ def test_sample_job_renders_the_base_as_the_runs_samples(klein_ws, asgi, run, ex
             (i and args[i - 1] in ("--steps", "--guidance"))]
     assert grid == expected, args
     assert "--lora" in args and args[args.index("--lora") + 1].endswith("lora.safetensors:1.5")
+
+
+def test_models_page_pairs_klein_base_with_its_distilled_model(klein_ws, asgi, tmp_path):
+    """A klein Base folder is offered the distilled folder of the same architecture as inference base."""
+    app, ui = klein_ws
+    other = ui.ws.root / "models" / "klein-9b-ish"  # distilled, but another architecture: not a partner
+    shutil.copytree(ui.ws.root / "models" / "klein", other)
+    config = json.loads((other / "transformer" / "config.json").read_text())
+    (other / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    status, body = asgi(app, "GET", "/api/models")
+    assert status == 200
+    assert json.loads(body)["distilled_partner"] == {"models/klein-base": "models/klein/transformer"}

@@ -43,10 +43,38 @@ def _candidates(ui) -> dict:
                   if not (p.parent / "model_index.json").exists() and p.parent.parent not in flux_set
                   and p.parent not in flux_set]
     rel = ui.ws.rel
+    partners = {rel(b): rel(d / "transformer") for b, d in _distilled_partners(flux).items()}
     return {"flux": [rel(p) for p in flux], "transformers": sorted({rel(p) for p in transformers}),
+            "distilled_partner": partners,
             "captioners": [rel(p) for p in captioners],
             "skipped": [{"path": p, "reason": "a symlink out of the workspace; move or copy it in"}
                         for p in sorted(set(skipped))]}
+
+
+def _small_json(path) -> dict:
+    """A model folder's small JSON file (model_index.json, transformer/config.json), {} when absent or damaged."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(1_000_000))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _distilled_partners(folders) -> dict:
+    """FLUX.2 klein Base folder -> a distilled klein folder of the same architecture (its transformer config): where
+    a LoRA trained on Base is used, so the Train page's inference base (the Dev2Pro loop: train on the undistilled
+    model, look at the samples on the distilled one)."""
+    arch = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim")
+    klein = {}
+    for f in folders:
+        index = _small_json(f / "model_index.json")
+        if index.get("_class_name") == "Flux2KleinPipeline" and (f / "transformer").is_dir():
+            config = _small_json(f / "transformer" / "config.json")
+            klein[f] = (bool(index.get("is_distilled")), tuple(config.get(k) for k in arch))
+    return {b: next(d for d, (dist, a) in klein.items() if dist and a == shape)
+            for b, (distilled, shape) in klein.items()
+            if not distilled and any(dist and a == shape for dist, a in klein.values())}
 
 
 # where a captioner comes from, for an empty captioner list (caption.py reads these families)

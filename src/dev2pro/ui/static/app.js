@@ -61,6 +61,8 @@ async function loadModels() {
   fill($("convert-src"), m.transformers, true); fill($("captioner"), m.captioners, true);
   if (m.settings.train_base) $("train-base").value = m.settings.train_base;
   if (m.settings.inference_base) $("inference-base").value = m.settings.inference_base;
+  state.partners = m.distilled_partner;
+  if (m.settings.inference_base === undefined) suggestInference();  // never chosen: offer the distilled klein
   if (m.settings.captioner) $("captioner").value = m.settings.captioner;
   if (m.settings.trigger && !$("trigger").value) $("trigger").value = m.settings.trigger;
   $("models-empty").hidden = m.flux.length > 0; $("model-help").textContent = m.model_help;
@@ -69,6 +71,14 @@ async function loadModels() {
   $("captioner-families").textContent = m.captioner_help.families.join("; ");
   if (m.skipped.length) toast("not listed (symlinks out of the workspace; move or copy them in): " +
     m.skipped.map((s) => s.path).join(", "));
+}
+
+function suggestInference() {  // klein Base chosen, no inference base yet: samples on its distilled model
+  const partner = (state.partners || {})[$("train-base").value];
+  if (partner && !$("inference-base").value) {
+    $("inference-base").value = partner;
+    toast("inference base: " + partner + " (the distilled klein: samples show the LoRA where it is used)", true);
+  }
 }
 
 async function inspect(path) {
@@ -330,6 +340,7 @@ $("save-models").onclick = async () => {  // carried over to the Train page on i
     $("inference-base").value, train_transformer: $("train-transformer").value });
   toast("models saved: the Train page uses them", true);
 };
+$("train-base").addEventListener("change", suggestInference);
 $("inspect-train").onclick = () => inspect($("train-transformer").value || $("train-base").value);
 $("inspect-inference").onclick = () => inspect($("inference-base").value || $("train-base").value);
 $("convert-fp8").onclick = async () => {
