@@ -248,7 +248,7 @@ def _grid_args(base: str, s: dict) -> list[str]:
         from ..sampling import step_distilled
 
         spec = open_checkpoint(base).spec()
-    except Exception:  # noqa: BLE001 -- an unreadable base: the sample job itself reports it, with its fix
+    except (UserError, OSError, ValueError):  # an unreadable base: the sample job itself reports it, with its fix
         return steps + ["--guidance", str(guidance)]
     if step_distilled(spec):
         return []
