@@ -20,6 +20,8 @@ never file names; ``model.family`` (or ``family=`` in code) forces one.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable
 
 from ..errors import CheckpointError, UserError
@@ -72,9 +74,6 @@ def detect(keys: Iterable[str], layout: str, forced: str | None = None, source: 
 def of_folder(model_dir, forced: str | None = None) -> Family:
     """The family of a diffusers model folder, from the pipeline class its ``model_index.json`` names; ``forced`` (a
     family name; None / "auto" detect) is taken as it is (the family's own loaders then check the folder)."""
-    import json
-    from pathlib import Path
-
     if forced and forced != "auto":
         return get(forced)
     index = Path(model_dir) / "model_index.json"

@@ -115,8 +115,9 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     for a in cfg.arms:
         families.require_same(headers[a.name].family, family, f"arm {a.name!r}'s transformer",
                               f"the model folder {cfg.model}")
-    guidance = {a.name: S.no_cfg() if S.step_distilled(headers[a.name].spec()) else  # as its pipeline renders
-                S.resolve_guidance(headers[a.name].spec().guidance_embeds, a.mode, a.guidance, a.cfg) for a in cfg.arms}
+    specs = {name: h.spec() for name, h in headers.items()}  # each reads config.json / model_index.json: once
+    guidance = {a.name: S.no_cfg() if S.step_distilled(specs[a.name]) else  # as its pipeline renders
+                S.resolve_guidance(specs[a.name].guidance_embeds, a.mode, a.guidance, a.cfg) for a in cfg.arms}
 
     device = S.default_device()
     dtype = S.default_dtype(device)
@@ -171,8 +172,9 @@ def _render_arms(cfg: CompareConfig, family, arm_loras: dict, guidance: dict, co
     for arm in cfg.arms:
         t0 = time.time()
         base, ckpt = S.load_base(arm.transformer or cfg.model, arm_loras[arm.name], dtype, fp8_storage=arm.fp8)
-        variant, distilled = getattr(ckpt.spec(), "variant", ""), S.step_distilled(ckpt.spec())
-        steps = arm.steps or (ckpt.spec().sampling.steps if distilled else cfg.steps)  # distilled: its own
+        spec = ckpt.spec()
+        variant, distilled = getattr(spec, "variant", ""), S.step_distilled(spec)
+        steps = arm.steps or (spec.sampling.steps if distilled else cfg.steps)  # distilled: its own
         pipe = family.build_pipeline(components, base.to(device), distilled=distilled)
         images[arm.name] = family.render(pipe, embeds, cfg.seeds, guidance[arm.name], negative=negative,
                                          steps=steps, width=width, height=height)

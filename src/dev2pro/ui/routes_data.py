@@ -72,9 +72,12 @@ def _distilled_partners(folders) -> dict:
         if index.get("_class_name") == "Flux2KleinPipeline" and (f / "transformer").is_dir():
             config = _small_json(f / "transformer" / "config.json")
             klein[f] = (bool(index.get("is_distilled")), tuple(config.get(k) for k in arch))
-    return {b: next(d for d, (dist, a) in klein.items() if dist and a == shape)
-            for b, (distilled, shape) in klein.items()
-            if not distilled and any(dist and a == shape for dist, a in klein.values())}
+    distilled = {}
+    for folder, (is_distilled, shape) in klein.items():
+        if is_distilled:
+            distilled.setdefault(shape, folder)  # the first one found of each architecture
+    return {f: distilled[shape] for f, (is_distilled, shape) in klein.items()
+            if not is_distilled and shape in distilled}
 
 
 # where a captioner comes from, for an empty captioner list (caption.py reads these families)
