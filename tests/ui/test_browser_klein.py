@@ -28,7 +28,8 @@ def test_klein_base_gets_its_distilled_model_as_inference_base(tmp_path, klein_b
     assert page.input_value("#inference-base") == "models/klein/transformer"
     assert "the distilled klein" in page.text_content("#toast")
     page.click("#save-models")
-    page.wait_for_selector("#toast.ok")
+    # the suggestion's toast is already "ok": wait for the save's own message, not any green toast
+    page.wait_for_selector("#toast.ok:has-text('models saved')")
     with urllib.request.urlopen(urllib.request.Request(f"{url}/api/models", headers={"x-dev2pro-ui": "1"})) as r:
         settings = json.loads(r.read())["settings"]
     assert settings["train_base"] == "models/klein-base" and settings["inference_base"] == "models/klein/transformer"
