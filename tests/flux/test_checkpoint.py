@@ -294,6 +294,11 @@ def test_cli_inspect_and_convert(tmp_path, bfl_file, capsys):
     out = tmp_path / "fp8.safetensors"
     assert main(["convert", str(bfl_file), str(out), "--layout", "comfy", "--dtype", "fp8-scaled"]) == 0
     assert C.open_checkpoint(out).fp8_format == "fp8-scaled"
+    assert "convert:" in capsys.readouterr().err  # the byte bar (tqdm writes to stderr)
+    quiet = tmp_path / "quiet.safetensors"
+    assert main(["convert", str(bfl_file), str(quiet), "--layout", "comfy", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == "" and printed.out.startswith(f"wrote {quiet}")  # a log gets the result line only
     assert main(["convert", str(bfl_file), str(out)]) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and "Traceback" not in err

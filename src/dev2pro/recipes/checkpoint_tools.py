@@ -70,12 +70,14 @@ def inspect(path: str, as_json: bool = False, allow_pickle: bool = False) -> dic
 
 def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = None, keep: str | None = None,
             overwrite: bool = False, allow_pickle: bool = False, drop_guidance: bool = False,
-            allow_incomplete: bool = False) -> Path:
+            allow_incomplete: bool = False, show_progress: bool = True) -> Path:
     policy = Fp8Policy.from_names(keep.split(",")) if keep is not None else Fp8Policy()
     ckpt = ckptmod.open_checkpoint(src, allow_pickle=allow_pickle)
     bar: list = []
 
     def progress(n: int) -> None:  # the bar starts with the first byte: refusals print only their error
+        if not show_progress:
+            return
         if not bar:
             bar.append(tqdm(total=ckpt.size_bytes(), unit="B", unit_scale=True, desc="convert", leave=False))
         bar[0].update(n)
