@@ -151,6 +151,16 @@ def step_distilled(spec) -> bool:
     return own is not None and own.guidance == "none"
 
 
+FLUX1_STEPS, FLUX1_GUIDANCE = 20, 3.5  # FLUX.1 has no per-variant table: dev's embedded 3.5, 20 steps as ComfyUI
+
+
+def own_settings(spec) -> tuple[int, float]:
+    """(steps, guidance value) a base is rendered with when none are given: a FLUX.2 variant's own (``spec.sampling``:
+    klein distilled 4 steps, klein Base and FLUX.2 dev 50 at 4), else FLUX.1's 20 at 3.5."""
+    own = getattr(spec, "sampling", None)  # FLUX.1 specs have none; an unknown klein variant has None
+    return (own.steps, own.scale) if own is not None else (FLUX1_STEPS, FLUX1_GUIDANCE)
+
+
 def no_cfg() -> Guidance:
     """What a step-distilled base is rendered with: no CFG (and no guidance embedding to feed)."""
     return resolve_guidance(False, "auto", 1.0, 1.0)

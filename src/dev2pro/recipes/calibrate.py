@@ -28,10 +28,9 @@ from ..outputs import save_safetensors, write_json
 
 
 def _settings(spec, steps: int | None, cfg: float | None) -> tuple[int, float]:
-    """(steps, guidance value) for a model: given ones win, else its variant's defaults (FLUX.2), else 28 / 3.5."""
-    default = getattr(spec, "sampling", None)
-    return (int(steps) if steps else default.steps if default else 28,
-            float(cfg) if cfg else default.scale if default else 3.5)
+    """(steps, guidance value) for a model: given ones win, else its own (``sampling.own_settings``)."""
+    own_steps, own_scale = S.own_settings(spec)
+    return int(steps) if steps else own_steps, float(cfg) if cfg else own_scale
 
 
 def _model_runner(family, components, path: str, lora: str, spec, steps: int, scale: float, embeds, seeds, negative,

@@ -71,15 +71,15 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     check_owned_folder(out, overwrite, "sample", names, "sample folder")  # before minutes of loading and rendering
     header = open_checkpoint(transformer or model)
     family, spec = header.family, header.spec()
-    own = getattr(spec, "sampling", None)  # a FLUX.2 variant's own steps and guidance scale
-    steps = steps if steps is not None else own.steps if own else 20
+    own_steps, own_scale = S.own_settings(spec)
+    steps = steps if steps is not None else own_steps
     if S.step_distilled(spec):  # its pipeline runs no CFG whatever we pass: say so, record what it does
         if (guidance or 1.0) > 1.0 or cfg > 1.0 or mode == "true_cfg":  # asked for CFG
             print(f"note: {spec.variant} is sampled without CFG (it is guidance-distilled); --guidance/--cfg/--mode "
                   "ignored")
         g = S.no_cfg()
     else:
-        guidance = guidance if guidance is not None else own.scale if own else 3.5
+        guidance = guidance if guidance is not None else own_scale
         g = S.resolve_guidance(spec.guidance_embeds, mode, guidance, cfg)
 
     device = S.default_device()
