@@ -45,8 +45,8 @@ from ..lab.resume import finished_stage, prepare_run_folder
 from ..lab.world import load_digits_world
 from ..noise import quiet_libraries
 from ..outputs import write_json
-from ..schemas import load_dedistill_config, load_train_config
-from .dedistill import dedistill
+from ..schemas import load_train_config
+from .demo import dedistill_stage
 from .train_lora import train
 
 
@@ -94,28 +94,6 @@ def _data(root: Path, world, p: Profile) -> tuple[Path, Path, dict, Path]:
                                                                klein.load_text_encoder(model_dir),
                                                                klein.write_shards, klein.write_prompts)
     return model_dir, base_shards, concept_shards, prompts
-
-
-def _base(root: Path, name: str, objective: str, model_dir: Path, shards: Path, steps: int, lr: float, p: Profile,
-          seed: int, progress: bool, start: str = "", teacher: str = "", dropout: float = 0.0) -> dict:
-    """One toy model through `dev2pro dedistill`; its summary is reused when already finished."""
-    run = root / "runs" / name
-    run.parent.mkdir(parents=True, exist_ok=True)
-    done = finished_stage(run)
-    if done is None:
-        cfg = load_dedistill_config(None, data={
-            "objective": objective,
-            "model": {"path": str(model_dir), "transformer": start, "teacher": teacher,
-                      "gradient_checkpointing": False, "t5_max_length": klein.TEXT_LEN},
-            "data": {"shards": str(shards), "batch_size": p.batch, "caption_dropout": dropout},
-            "teacher": {"w_min": CFG, "w_max": CFG},  # guidance_distill: one scale, no guidance embedding
-            "train": {"steps": steps, "lr": lr, "warmup_steps": max(1, steps // 20), "schedule": "cosine",
-                      "seed": seed, "mixed_precision": "no", "ema_decay": 0.99, "max_grad_norm": 1.0},
-            "save": {"output_dir": str(run), "name": name, "formats": ["bfl"], "dtype": "fp32", "overwrite": True},
-        })
-        print(f"[{name}] dedistill objective={objective}, {steps} steps")
-        done = dedistill(cfg, progress=progress)
-    return {"file": str(run / f"{name}.safetensors"), "losses": done["losses"], "objective": objective}
 
 
 def _calibrate(job: dict, lora: Path) -> dict:
@@ -217,11 +195,13 @@ def run_demo_klein(out: str = "demo-klein-out", profile: str = "default", seeds:
     clock.mark("data")
 
     print("[2/5] Base: flow matching from scratch, 10% caption dropout (a true-CFG model)")
-    bases = {"base": _base(root, "base", "flow", model_dir, base_shards, p.base_steps, 2e-3, p, 0, progress,
-                           dropout=0.1)}
+    kw = dict(text_len=klein.TEXT_LEN, teacher_w=(CFG, CFG))  # guidance_distill: one scale, no guidance embedding
+    bases = {"base": dedistill_stage(root, "base", "flow", model_dir, base_shards, p.base_steps, 2e-3, p.batch, 0,
+                                     progress, dropout=0.1, **kw)}
     print(f"[3/5] distilled: guidance-distilled from Base at CFG {CFG} (no guidance embedding; not step-distilled)")
-    bases["distilled"] = _base(root, "distilled", "guidance_distill", model_dir, base_shards, p.distill_steps, 1e-3,
-                               p, 1, progress, start=bases["base"]["file"], teacher=bases["base"]["file"])
+    bases["distilled"] = dedistill_stage(root, "distilled", "guidance_distill", model_dir, base_shards,
+                                         p.distill_steps, 1e-3, p.batch, 1, progress, start=bases["base"]["file"],
+                                         teacher=bases["base"]["file"], **kw)
     clock.mark("bases")
 
     jobs = _jobs(root, p, bases, model_dir, prompts, concept_shards)
