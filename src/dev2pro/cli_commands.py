@@ -370,6 +370,9 @@ def _add_lora_convert(lsub):
     c.add_argument("dst", help="output LoRA file (missing parent folders are created)")
     c.add_argument("--layout", choices=LORA_LAYOUTS, help="output layout (the same flag as `dev2pro convert`)")
     hidden_alias(c, "--to", "layout", choices=LORA_LAYOUTS)
+    c.add_argument("--family", choices=FAMILIES, default=None,
+                   help="the model the LoRA is for, when neither its keys nor its header tell (an attention-only "
+                        "LoRA fits FLUX.1 and FLUX.2 klein 4B alike; default: read as FLUX.1, with a note)")
     c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     def convert(a):
@@ -377,7 +380,7 @@ def _add_lora_convert(lsub):
         if not a.layout:
             c.error("the following arguments are required: --layout")
         make_parent(a.dst)
-        convert(a.src, a.dst, a.layout, a.overwrite)
+        convert(a.src, a.dst, a.layout, a.overwrite, a.family)
     c.set_defaults(run=convert)
 
 

@@ -2,10 +2,12 @@
 the one-line family errors. References are diffusers' own: ``Flux2LoraLoaderMixin`` loading, peft ``fuse_lora``."""
 
 import copy
+import json
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from dev2pro.cli import main
 from dev2pro.errors import UserError
@@ -126,6 +128,64 @@ def test_convert_round_trips_are_bit_identical(lora_files, tmp_path, src):
         assert there.layout == dst and same_lora(there, lw)
         back = T.convert(str(tmp_path / f"{dst}.safetensors"), str(tmp_path / f"back-{dst}.safetensors"), src)
         assert back.read_bytes() == files[src].read_bytes(), (src, dst)
+
+
+def test_attention_preset_in_diffusers_names_is_flux2(klein, tmp_path):
+    """``single_transformer_blocks.N.attn.to_qkv_mlp_proj`` sorts before every other key of an attention-only
+    diffusers file and starts like FLUX.1's ``attn.to_q``: it must not make the file FLUX.1."""
+    names = [n for n in TARGETS if ".attn." in n]  # double q/k/out/add_v + single to_qkv_mlp_proj (+ to_out)
+    names.remove("single_transformer_blocks.3.attn.to_out")  # FLUX.2-only by itself: would hide the case
+    lw = random_lora(klein[1], names)
+    path = save_lora(lw, tmp_path / "attn.safetensors", "diffusers")
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys())[0].startswith("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj")
+    back = load_lora(path)
+    assert back.family == "flux2" and same_lora(back, lw)
+    assert K.lora_family(["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight"])[0] == "flux2"
+    assert K.lora_family(["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"])[0] == "flux1"
+
+
+def test_convert_of_a_lora_that_fits_both_families(klein, tmp_path, capsys):
+    """Double-block attention only: names and shapes fit FLUX.1 and klein 4B alike. Its header decides (what
+    musubi, kohya and dev2pro write); without one it is read as FLUX.1 with a note, and --family flux2 writes
+    FLUX.2's comfy layout, which diffusers' FLUX.2 loader reads (FLUX.1's comfy form it drops whole)."""
+    names = [n for n in TARGETS if n.startswith("transformer_blocks.") and ".attn." in n]
+    lw = random_lora(klein[1], names)
+    bare = save_lora(lw, tmp_path / "bare.safetensors", "kohya")
+    assert load_lora(bare).family is None
+    main(["lora", "convert", str(bare), str(tmp_path / "as1.safetensors"), "--layout", "comfy"])
+    assert "--family flux2" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "as1.safetensors"), framework="pt") as f:
+        assert any(k.endswith(".alpha") for k in f.keys())  # FLUX.1's comfy form
+    assert main(["lora", "convert", str(bare), str(tmp_path / "as2.safetensors"), "--layout", "comfy",
+                 "--family", "flux2"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    y0 = run(klein[1])
+    ref = run(diffusers_load(copy.deepcopy(klein[1]), bare))
+    got = run(diffusers_load(copy.deepcopy(klein[1]), tmp_path / "as2.safetensors"))
+    assert rel(got - y0, ref - y0) < 1e-4 and rel(ref, y0) > 1e-3  # the same effect, and there is one
+    tagged = save_lora(lw, tmp_path / "tagged.safetensors", "kohya", metadata={"ss_base_model_version":
+                                                                               "flux_2_klein_4b"})
+    assert load_lora(tagged).family == "flux2"
+    with pytest.raises(UserError, match="FLUX.2"):
+        load_lora(tagged, family="flux1")
+
+
+def test_stale_exact_header_is_ignored(klein, tmp_path):
+    """A comfy file keeps alpha in ``dev2pro.lora_exact``; a tool that resizes the tensors but copies the header
+    (kohya's resize_lora does) must be read from its tensors, as ComfyUI reads it, not with the old rank/alpha."""
+    name = "transformer_blocks.0.attn.to_out.0"
+    path = save_lora(random_lora(klein[1], [name], rank=4, alpha=3.0), tmp_path / "r4.safetensors", "comfy")
+    with safe_open(str(path), framework="pt") as f:
+        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    assert name in json.loads(meta["dev2pro.lora_exact"])
+    key = "diffusion_model.double_blocks.0.img_attn.proj.lora_"
+    u, sv, vh = torch.linalg.svd(sd[key + "B.weight"].double() @ sd[key + "A.weight"].double(), full_matrices=False)
+    sd[key + "B.weight"], sd[key + "A.weight"] = (u[:, :2] * sv[:2]).float().contiguous(), vh[:2].float().contiguous()
+    save_file(sd, str(tmp_path / "r2.safetensors"), meta)
+    m = load_lora(tmp_path / "r2.safetensors", family="flux2")[name]
+    assert (m.rank, m.alpha) == (2, 2.0)  # comfy layout: no alpha, so what ComfyUI applies is up @ down
+    assert torch.allclose(m.up @ m.down * m.scale, sd[key + "B.weight"] @ sd[key + "A.weight"])
 
 
 def test_bf16_lora_round_trips_bit_identical(klein, tmp_path):

@@ -2,8 +2,9 @@
 the family's key map (``families.flux2.lora_keys``).
 
 A file says its family by its names and shapes (``lora_keys.lora_family``); when it cannot (attention-only double
-block LoRAs fit FLUX.1 and klein 4B alike) the model it is loaded for decides, and FLUX.1 stays the default, so
-FLUX.1 files read exactly as before. Users name FLUX.2 layouts as they name FLUX.1's: ``kohya`` (musubi's
+block LoRAs fit FLUX.1 and klein 4B alike) its header may (kohya/musubi ``ss_base_model_version``, modelspec
+``modelspec.architecture``: what dev2pro, musubi and kohya write), else the model it is loaded for decides, and
+FLUX.1 stays the default, so FLUX.1 files read exactly as before. Users name FLUX.2 layouts as they name FLUX.1's: ``kohya`` (musubi's
 ``lora_unet_*``), ``comfy`` (the BFL-key layout ai-toolkit writes and ComfyUI reads), ``diffusers`` (PEFT).
 In memory both families are ``LoraWeights`` with diffusers module names; ``.family`` tells them apart.
 """
@@ -24,17 +25,34 @@ NETWORK_MODULE = "networks.lora_flux_2"  # musubi-tuner's FLUX.2 LoRA module (it
 _BASE_VERSION = {"klein-4b": "flux_2_klein_4b", "klein-9b": "flux_2_klein_9b", "dev": "flux_2_dev"}  # musubi's
 
 
-def file_family(sd: Mapping[str, torch.Tensor]) -> tuple[str | None, str]:
-    """('flux1' | 'flux2' | None, why) for a LoRA state dict, from its names and shapes."""
+def header_family(metadata: Mapping[str, str] | None) -> str | None:
+    """'flux1' | 'flux2' | None from a LoRA file's header: kohya's ``flux1`` / musubi's ``flux_2*``
+    ``ss_base_model_version``, or a ``flux-1-*`` / ``flux-2-*`` ``modelspec.architecture``."""
+    version = str((metadata or {}).get("ss_base_model_version", "")).lower()
+    arch = str((metadata or {}).get("modelspec.architecture", "")).lower()
+    if version.startswith("flux_2") or arch.startswith("flux-2"):
+        return "flux2"
+    if version.startswith("flux1") or arch.startswith("flux-1"):
+        return "flux1"
+    return None
+
+
+def file_family(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+    """('flux1' | 'flux2' | None, why) for a LoRA state dict, from its names and shapes; where they fit both
+    families, from its header (``header_family``)."""
     from ..families.flux2.lora_keys import lora_family
 
-    return lora_family(list(sd), {k: tuple(v.shape) for k, v in sd.items()})
+    found, why = lora_family(list(sd), {k: tuple(v.shape) for k, v in sd.items()})
+    if found is None and header_family(metadata):
+        return header_family(metadata), "its header (ss_base_model_version / modelspec.architecture)"
+    return found, why
 
 
-def family_for(sd: Mapping[str, torch.Tensor], want: str | None, path, base=None) -> str | None:
+def family_for(sd: Mapping[str, torch.Tensor], want: str | None, path, base=None,
+               metadata: Mapping[str, str] | None = None) -> str | None:
     """The family a LoRA state dict is for (``file_family``); a one-line UserError naming both when it is not
     ``want`` (the base model's family; None: any)."""
-    found, _ = file_family(sd)
+    found, _ = file_family(sd, metadata)
     if found and want and found != want:
         from .. import families  # on use: loading the registry loads every family
 

@@ -325,7 +325,7 @@ def load_lora(path: str | os.PathLike, allow_pickle: bool = False, hidden: int |
 
     want = getattr(family, "name", family)
     adapter = lycoris.is_adapter_file(sd)  # LoKr / LoHa / DoRA: their own keys and maths (lora.lycoris)
-    found = None if adapter else flux2.family_for(sd, want, path, base)
+    found = None if adapter else flux2.family_for(sd, want, path, base, metadata)
     try:
         if adapter:
             return lycoris.read(sd, metadata, want, path, base)

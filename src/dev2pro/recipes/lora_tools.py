@@ -74,12 +74,17 @@ def _bytes(n: int) -> str:
         n /= 1024
 
 
-def convert(src: str, dst: str, to: str, overwrite: bool = False) -> Path:
-    lw = F.load_lora(src)
+def convert(src: str, dst: str, to: str, overwrite: bool = False, family: str | None = None) -> Path:
+    """``src`` rewritten in layout ``to``. ``family`` ('flux1' / 'flux2'): the model the LoRA is for -- needed only
+    when neither its names and shapes nor its header tell (FLUX.2's comfy layout differs from FLUX.1's)."""
+    lw = F.load_lora(src, family=family)
     out = F.save_lora(lw, dst, to, metadata=lw.metadata, overwrite=overwrite, sources=[src])
     kind = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}.get(getattr(lw, "adapter", "lora"),
                                                                               "adapter")
     print(f"wrote {out} ({families.get(lw.family or 'flux1').title} {kind}, {to} layout, {len(lw)} modules)")
+    if lw.family is None and family is None:
+        print("note: its names, shapes and header fit FLUX.1 and FLUX.2 alike, so it was written as FLUX.1; for a "
+              "FLUX.2 LoRA run again with --family flux2")
     return out
 
 

@@ -133,7 +133,7 @@ def detect_layout(keys: Iterable[str]) -> str:
 
 
 _FLUX1_ONLY = re.compile(r"(img_mod|txt_mod|single_blocks[._]\d+[._]modulation|vector_in|norm1(_context)?\.linear|"
-                         r"single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_[qkv])|ff\.net|"
+                         r"single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_[qkv]\.)|ff\.net|"
                          r"ff_context\.net|time_text_embed)")
 _FLUX2_ONLY = re.compile(r"(stream_modulation|to_qkv_mlp_proj|linear_in|linear_out|time_guidance_embed|"
                          r"single_transformer_blocks\.\d+\.attn\.to_out\.)")
@@ -317,9 +317,11 @@ def _read_bfl_side(sd, metadata, layout, nd, ns) -> tuple[dict[str, LoraModule],
                 d, u = down[j * w:(j + 1) * w], up[j * h:(j + 1) * h, j * w:(j + 1) * w]
             else:  # dense fused (musubi): every part sees the whole down
                 d, u = down.clone(), up[j * h:(j + 1) * h]
-            if name in exact:
-                e = exact[name]
-                r = e["rank"]
+            e = exact.get(name)
+            r = e["rank"] if e else 0
+            if e and (d.shape[0] < r or d[r:].any() or u[:, r:].any()):
+                e = None  # resized by another tool that copied the header: read the tensors as ComfyUI does
+            if e:
                 mods[name] = LoraModule(d[:r].clone(), _unfold(u[:, :r], e["fold"], getattr(torch, e["up_dtype"]))
                                         .contiguous(), float(e["alpha"]))
                 continue
