@@ -40,6 +40,7 @@ class Noised:
     w: torch.Tensor  # (B,) CFG scales for the teacher objectives (ones when not drawn)
     weights: torch.Tensor | None = None  # (B,) loss weight per sample (reg images); None: all 1
     mask: torch.Tensor | None = None  # (B, 1, h, w) loss mask on the latent grid; None: no image has one
+    control: torch.Tensor | None = None  # (B, C, h, w) reference images' latents (edit pairs); None: none
 
     def to(self, device) -> "Noised":
         """This batch on ``device``, so x_t and the target are built there (no host copy queued behind the forward).
@@ -76,10 +77,12 @@ class ModelInputs:
     pooled: torch.Tensor | None
     h: int
     w: int
+    reference: torch.Tensor | None = None  # (B, T, C*4) clean reference-image tokens the model attends to
 
     @classmethod
     def of(cls, batch: Noised) -> "ModelInputs":
-        return cls(batch.x_t, batch.sigmas, batch.prompt_embeds, batch.pooled, *batch.x0.shape[2:])
+        ref = None if batch.control is None else pack(batch.control)
+        return cls(batch.x_t, batch.sigmas, batch.prompt_embeds, batch.pooled, *batch.x0.shape[2:], ref)
 
     @property
     def text(self) -> dict:
@@ -92,8 +95,9 @@ class ModelInputs:
         pe = torch.cat([self.prompt_embeds, empty["prompt_embeds"].to(dev).expand_as(self.prompt_embeds)])
         pooled = None if self.pooled is None else torch.cat([self.pooled,
                                                              empty["pooled"].to(dev).expand_as(self.pooled)])
+        ref = None if self.reference is None else torch.cat([self.reference, self.reference])
         return ModelInputs(torch.cat([self.x_t, self.x_t]), torch.cat([self.sigmas, self.sigmas]), pe, pooled,
-                           self.h, self.w)
+                           self.h, self.w, ref)
 
 
 def draw(batch: dict, gen: torch.Generator, *, dropout_p: float, empty: dict, timestep_sampling: str,
@@ -116,7 +120,7 @@ def draw(batch: dict, gen: torch.Generator, *, dropout_p: float, empty: dict, ti
             for k in text:
                 text[k][j] = empty[k]
     return Noised(x0, noise[mine], sigmas[mine], text["prompt_embeds"], text.get("pooled"), scales[mine],
-                  batch.get("weights"), batch.get("mask"))
+                  batch.get("weights"), batch.get("mask"), batch.get("control"))
 
 
 def predict(model, inputs: ModelInputs, guidance: float | torch.Tensor, device, dtype) -> torch.Tensor:
@@ -127,9 +131,13 @@ def predict(model, inputs: ModelInputs, guidance: float | torch.Tensor, device, 
     g = None
     if inner.config.guidance_embeds:
         g = (guidance if torch.is_tensor(guidance) else torch.full((b,), float(guidance))).to(device, dtype)
-    kwargs = families.of_model(inner).model_inputs(inputs.x_t, inputs.sigmas, inputs.text, inputs.h, inputs.w, g,
-                                                   device, dtype)
-    return model(**kwargs, return_dict=False)[0].float()
+    fam = families.of_model(inner)
+    if inputs.reference is None:
+        kwargs = fam.model_inputs(inputs.x_t, inputs.sigmas, inputs.text, inputs.h, inputs.w, g, device, dtype)
+        return model(**kwargs, return_dict=False)[0].float()
+    kwargs = fam.model_inputs(inputs.x_t, inputs.sigmas, inputs.text, inputs.h, inputs.w, g, device, dtype,
+                              reference=inputs.reference)
+    return model(**kwargs, return_dict=False)[0][:, :inputs.x_t.shape[1]].float()  # the reference's own: dropped
 
 
 def flow_objective(student, batch: Noised, guidance: float, device, dtype) -> tuple[torch.Tensor, dict]:

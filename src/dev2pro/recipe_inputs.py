@@ -183,7 +183,7 @@ def _folder(f):
     from .data.folders import DatasetFolder  # torch-free, but only recipes need it
 
     return DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive, Path(f.masks) if f.masks else None,
-                         f.role, _resolutions(f.resolution))
+                         f.role, _resolutions(f.resolution), Path(f.controls) if f.controls else None)
 
 
 # ------------------------------------------------------------------------------------------------ compare

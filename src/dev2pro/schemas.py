@@ -122,6 +122,8 @@ class FolderSection:
                                  "recognised without it)")
     masks: str = opt("", "folder of loss masks named like the images (white = learn, black = ignore); a "
                          "NAME.mask.png beside an image is read without it", path=True)
+    controls: str = opt("", "folder of reference images named like the images (edit pairs: the model sees the "
+                            "reference and learns to produce the image; FLUX.2 only)", path=True)
     role: str = opt("train", "reg: regularization (class) images for prior preservation, loss-weighted by "
                              "data.reg_weight (a kohya reg_data_dir of N_class folders works as is)", ("train", "reg"))
     resolution: int | list[int] = opt(0, "this folder's resolution(s) instead of data.resolution (0: data's)")

@@ -5,7 +5,9 @@ Each cached tensor set is one safetensors file named by a sha256 over *everythin
 - latents: the image file's bytes, the bucket size, the encoder identity, the caller's settings and our
   preprocessing version (``PREPROCESS_VERSION``: bump it when ``load_and_fit`` changes its output); with a loss
   mask, also the mask file's bytes and ``masks.PREPROCESS_VERSION`` (the latent-grid mask is stored beside the
-  latents as ``mask`` (1, h, w); an all-white mask is not stored);
+  latents as ``mask`` (1, h, w); an all-white mask is not stored); with a reference image (an edit pair's
+  "before", ``folders.find_control``), also its bytes: its latents, fitted to the same bucket, are stored as
+  ``control`` (C, h, w);
 - text: the caption, the encoder identity and settings such as the T5 max length.
 
 So a renamed image still hits, and an edited image, another bucket, another VAE or another max length misses:
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 PREPROCESS_VERSION = "fit-v1"  # cover + centre crop, RGB over white, float in [-1, 1]
 LATENT_NAME = "latents"
 MASK_NAME = "mask"
+CONTROL_NAME = "control"
 
 
 def _sha256_file(path: Path) -> str:
@@ -55,13 +58,15 @@ def _key(record: dict) -> str:
 
 
 def latent_key(image_sha256: str, size: tuple[int, int], encoder_id: str, settings: dict | None = None,
-               mask_sha256: str | None = None) -> str:
-    """Cache key of one image's latents at bucket ``size`` = (width, height), with its mask's hash if it has one
-    (without one the key is what it always was: existing caches stay valid)."""
+               mask_sha256: str | None = None, control_sha256: str | None = None) -> str:
+    """Cache key of one image's latents at bucket ``size`` = (width, height), with its mask's and its reference
+    image's hashes if it has them (without them the key is what it always was: existing caches stay valid)."""
     record = dict(kind="latents", image=image_sha256, size=list(size), encoder=encoder_id, settings=settings or {},
                   preprocess=PREPROCESS_VERSION)
     if mask_sha256 is not None:
         record["mask"] = [mask_sha256, masksmod.PREPROCESS_VERSION]
+    if control_sha256 is not None:
+        record["control"] = control_sha256
     return _key(record)
 
 
@@ -105,40 +110,51 @@ def cache_latents(
     batch_size: int = 4,
     settings: dict | None = None,
 ) -> list[Path]:
-    """Latent cache files for (image path, (width, height) bucket[, mask path or None]), computing only the
-    missing ones.
+    """Latent cache files for (image path, (width, height) bucket[, mask path or None[, reference image or
+    None]]), computing only the missing ones.
 
     ``encode_fn`` maps (B, 3, H, W) pixels in [-1, 1] to (B, C, H/8, W/8) latents (e.g. ``encode_images`` bound
     to a VAE); batches never mix buckets. Returns one path per input, in input order. Each file holds
-    ``latents`` (C, h, w) and metadata naming the source image and bucket.
+    ``latents`` (C, h, w) (+ ``mask``, + ``control``: the reference image's latents at the same bucket) and
+    metadata naming the source image and bucket.
     """
     out_dir = Path(cache_dir) / "latents"
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, todo = [], {}  # todo: key -> (image, size, mask); duplicates of one image+bucket are encoded once
-    for image, size, *mask in items_with_buckets:
-        mask = mask[0] if mask else None
+    paths, todo = [], {}  # todo: key -> (image, size, mask, control); one image+bucket is encoded once
+    for image, size, *extra in items_with_buckets:
+        mask, control = (list(extra) + [None, None])[:2]
         key = latent_key(_sha256_file(Path(image)), size, encoder_id, settings,
-                         _sha256_file(Path(mask)) if mask else None)
+                         _sha256_file(Path(mask)) if mask else None,
+                         _sha256_file(Path(control)) if control else None)
         path = out_dir / f"{key}.safetensors"
         paths.append(path)
-        if key not in todo and not _is_valid(path, key, [LATENT_NAME]):
-            todo[key] = (Path(image), tuple(size), mask)
+        if key not in todo and not _is_valid(path, key, [LATENT_NAME] + ([CONTROL_NAME] if control else [])):
+            todo[key] = (Path(image), tuple(size), mask, control)
     by_bucket = defaultdict(list)
-    for key, (_, size, _) in todo.items():
+    for key, (_, size, _, _) in todo.items():
         by_bucket[size].append(key)
     for (w, h), keys in sorted(by_bucket.items()):
         for batch in _batches(keys, batch_size):
-            pixels = torch.stack([load_and_fit(todo[k][0], (w, h)) for k in batch])  # (B, 3, h, w)
-            with torch.no_grad():
-                latents = encode_fn(pixels)  # (B, C, h/8, w/8)
-            if latents.shape[0] != len(batch):
-                raise ValueError(f"encode_fn returned {latents.shape[0]} latents for {len(batch)} images")
+            latents = _encode([todo[k][0] for k in batch], (w, h), encode_fn)  # (B, C, h/8, w/8)
+            refs = [k for k in batch if todo[k][3]]  # reference images: the same fit to the same bucket
+            controls = dict(zip(refs, _encode([todo[k][3] for k in refs], (w, h), encode_fn))) if refs else {}
             for k, z in zip(batch, latents):
                 meta = dict(key=k, source=str(todo[k][0]), bucket=f"{w}x{h}", encoder=encoder_id)
-                tensors = {LATENT_NAME: z, **_latent_mask(todo[k][0], todo[k][2], (w, h), z.shape[-2:])}
+                tensors = {LATENT_NAME: z, **_latent_mask(todo[k][0], todo[k][2], (w, h), z.shape[-2:]),
+                           **({CONTROL_NAME: controls[k]} if k in controls else {})}
                 _write_atomic(tensors, out_dir / f"{k}.safetensors", meta)
     log.info("latent cache %s: %d reused, %d computed", out_dir, len(set(paths)) - len(todo), len(todo))
     return paths
+
+
+def _encode(images: list, bucket: tuple[int, int], encode_fn) -> torch.Tensor:
+    """(B, C, h/8, w/8) latents of ``images`` fitted to ``bucket`` (cover + centre crop)."""
+    pixels = torch.stack([load_and_fit(image, bucket) for image in images])  # (B, 3, h, w)
+    with torch.no_grad():
+        latents = encode_fn(pixels)
+    if latents.shape[0] != len(images):
+        raise ValueError(f"encode_fn returned {latents.shape[0]} latents for {len(images)} images")
+    return latents
 
 
 def _latent_mask(image: Path, mask: Path | None, bucket: tuple[int, int], latent_hw) -> dict:

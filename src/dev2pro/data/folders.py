@@ -64,12 +64,13 @@ class DatasetFolder:
     masks: Path | str | None = None  # a folder of same-stem loss masks (white = learn; ``data/masks.py``)
     role: str = "train"  # "reg": regularization (class) images, weighted by ``data.reg_weight``
     resolutions: tuple[int, ...] = ()  # bucket each image at each of these; () = the dataset's
+    controls: Path | str | None = None  # a folder of same-stem reference images (edit pairs; FLUX.2)
 
 
 @dataclass(frozen=True)
 class Item:
     """One training image. ``size`` is (width, height) in pixels after EXIF rotation; ``mask``: its loss mask
-    (None: every pixel counts); ``role`` and ``resolutions`` come from its folder."""
+    (None: every pixel counts); ``role``, ``resolutions`` and ``control`` come from its folder."""
 
     path: Path
     caption: str
@@ -78,6 +79,7 @@ class Item:
     mask: Path | None = None
     role: str = "train"
     resolutions: tuple[int, ...] = ()
+    control: Path | None = None  # its reference image (the "before" of an edit pair), fitted to its bucket
 
 
 @dataclass
@@ -134,6 +136,7 @@ class Scanner:
         self.uncaptioned: list[str] = []
         self.empty_captions: list[str] = []
         self.unmasked: list[str] = []  # images of a folder with a masks folder that have no mask there
+        self.uncontrolled: list[str] = []  # images of a folder with a controls folder that have no reference there
 
     # ---------------------------------------------------------------- one image
     def image_size(self, src: Path | bytes, label: str) -> tuple[int, int] | None:
@@ -190,7 +193,10 @@ class Scanner:
         out = []
         for folder in folders:
             for root, repeats, token, recursive in self._expand(folder):
+                controls = Path(folder.controls).expanduser().resolve() if folder.controls else None
                 for path in _folder_files(root, recursive):
+                    if controls is not None and controls in path.resolve().parents:
+                        continue  # a controls folder inside a recursive dataset folder: references, not targets
                     label = str(path)
                     ext = path.suffix.lower()
                     if ext in UNSUPPORTED_EXTENSIONS:
@@ -207,8 +213,12 @@ class Scanner:
                         mask = find_mask(path, path.relative_to(root).with_suffix("").as_posix(), folder.masks)
                         if mask is None and folder.masks:
                             self.unmasked.append(label)
+                        stem = path.relative_to(root).with_suffix("").as_posix()
+                        control = find_control(stem, folder.controls)
+                        if control is None and folder.controls:
+                            self.uncontrolled.append(f"{label} (no {Path(folder.controls) / stem}.png/.jpg/...)")
                         out.append((Item(path, caption, repeats, size, mask, folder.role,
-                                         tuple(folder.resolutions)), key))
+                                         tuple(folder.resolutions), control), key))
         return out
 
     def _expand(self, folder: DatasetFolder) -> list[tuple[Path, int, str | None, bool]]:
@@ -260,6 +270,11 @@ class Scanner:
         if self.cropped:
             log.warning("%d image(s) are wider or taller than every bucket and are cropped to the nearest one:\n%s",
                         len(self.cropped), _listing(self.cropped))
+        if self.uncontrolled:
+            raise UserError(
+                f"{len(self.uncontrolled)} image(s) have no reference image in their folder's controls folder:\n"
+                f"{_listing(self.uncontrolled, 5)}\nan edit pair needs both: add the reference (same name, any "
+                "image format) or move the image out of the folder")
         if self.empty_captions:
             raise UserError(
                 f"{len(self.empty_captions)} empty caption file(s):\n{_listing(self.empty_captions, 5)}\n"
@@ -271,6 +286,21 @@ class Scanner:
                 "default caption (data.default_caption, or --default-caption for `dev2pro cache`)")
         if not items:
             raise UserError("the dataset is empty: no usable images; add images or fix the folder list")
+
+
+def find_control(key: str, controls_dir: Path | str | None) -> Path | None:
+    """The reference image of the image ``key`` (its path below its folder without suffix) in ``controls_dir``:
+    ``KEY.<any image suffix>`` (musubi's and ai-toolkit's same-name rule); None without a folder or a match."""
+    if not controls_dir:
+        return None
+    base = Path(controls_dir).expanduser()
+    if not base.is_dir():
+        raise UserError(f"controls folder {base} does not exist or is not a folder; fix the folder's controls path")
+    for ext in IMAGE_EXTENSIONS:
+        for candidate in (base / f"{key}{ext}", base / f"{key}{ext.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def _within_range(size: tuple[int, int], buckets) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from dev2pro.data.cache import LATENT_NAME, MASK_NAME, load_cached
+from dev2pro.data.cache import CONTROL_NAME, LATENT_NAME, MASK_NAME, load_cached
 from dev2pro.errors import UserError
 
 
@@ -64,6 +64,8 @@ class CachedDataset(torch.utils.data.Dataset):
         item = {"latents": cached[LATENT_NAME], **load_cached(entry.text), "caption": entry.caption}
         if MASK_NAME in cached:
             item["mask"] = cached[MASK_NAME]
+        if CONTROL_NAME in cached:
+            item["control"] = cached[CONTROL_NAME]
         if entry.weight != 1:
             item["weight"] = float(entry.weight)
         return item
@@ -165,7 +167,11 @@ def collate(batch: list[dict]) -> dict:
     """Stack dataset items into ``latents`` (B, C, h, w), the text tensors (``prompt_embeds`` (B, seq, D),
     ``pooled`` (B, D), ...) and ``captions``; ``mask`` (B, 1, h, w) only when an item has one (ones for the
     others) and ``weights`` (B,) only when an item's weight is not 1: a batch without either is the unweighted
-    loss exactly, not a loss multiplied by ones."""
+    loss exactly, not a loss multiplied by ones. ``control`` (B, C, h, w): the reference images' latents, when
+    the items have them (a dataset has them for every image or none: ``recipe_inputs``)."""
+    if len({"control" in item for item in batch}) > 1:
+        raise UserError("a batch mixes images with and without a reference image: give every [[data.folders]] "
+                        "entry a controls folder, or none")
     names = [k for k in batch[0] if k not in ("latents", "caption", "mask", "weight")]
     out = {"latents": torch.stack([item["latents"] for item in batch]),  # (B, C, h, w)
            **{name: torch.stack([item[name] for item in batch]) for name in names},

@@ -15,6 +15,7 @@ from PIL import Image
 
 from .. import families
 from ..families import Family
+from ..errors import UserError
 from ..text import Embeds, encoder_identity, free_memory
 from .buckets import make_buckets
 from .cache import cache_latents, cache_text, load_cached
@@ -87,13 +88,14 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
     items = scan(folders)
     items, held = holdout.split(items, scan) if holdout is not None else (items, [])
     items = items + held  # cached in one pass; split again at the end (``held_out``: by item identity)
+    _check_references(items, folders, fam)
     plan = bucketed(items, o.resolution, o.bucket_step, lambda it: it.size or _image_size(it.path))
     pipe = fam.load_text(model_dir, text_device, text_dtype)  # first: it names a folder that is no model
     if spec is not None:
         fam.check_text(pipe, spec)
     vae = fam.load_vae(model_dir, device)
     enc_id = encoder_identity(model_dir)
-    latent_paths = cache_latents([(it.path, bucket, it.mask) for it, _, bucket in plan],
+    latent_paths = cache_latents([(it.path, bucket, it.mask, it.control) for it, _, bucket in plan],
                                  lambda px: fam.encode_images(vae, px).cpu(), f"vae:{enc_id}", cache_dir)
     settings = fam.text_settings(pipe, t5_len)
     if text_dtype != torch.float32:  # bf16 embeddings are other values: they get their own cache entries
@@ -117,6 +119,21 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
                         [embeds_of(p) for p in prompts], embeds_of(negative), components,
                         CachedDataset([e for e, (it, _, _) in zip(entries, plan) if id(it) in held_out])
                         if holdout is not None else None)
+
+
+def _check_references(items, folders, fam: Family) -> None:
+    """Edit pairs (a ``controls`` folder) train with reference tokens on every image or on none: one batch has one
+    token count, and a model learns the edit only where it sees the reference."""
+    with_refs = [it for it in items if it.control is not None]
+    if with_refs and not fam.references:
+        raise UserError(f"controls: reference images (edit pairs) need a FLUX.2 model (klein or dev); {fam.title} "
+                        "has no reference-image input. Remove the controls folder(s) or train a FLUX.2 base")
+    if with_refs and len(with_refs) < len(items):
+        plain = [f"{f.path}" for f in folders if not f.controls]
+        where = (f"[[data.folders]] without a controls folder: {', '.join(plain)}" if plain else
+                 "the validation.folder images (use validation.fraction for an edit dataset)")
+        raise UserError(f"controls: some images have reference images and some do not ({where}); give every "
+                        "folder a controls folder, or none")
 
 
 def _from_shards(model_dir: Path, shards: str, device, text_device, text_dtype, prompts, negative: str,

@@ -25,6 +25,7 @@ class Family:
     transformer_class: str  # the diffusers class name (config.json "_class_name")
     blocks: Callable[[object], list]  # model -> repeated blocks in execution order (double, then single)
     model_inputs: Callable[..., dict]  # see flux1.model_inputs: the transformer's keyword arguments
+    references: bool = False  # model_inputs takes ``reference`` tokens (edit pairs: FLUX.2's reference images)
     pipelines: tuple = ()  # the diffusers pipeline classes of its model folders (model_index.json "_class_name")
     # (spec, file path, header metadata) -> spec: what the keys cannot tell (FLUX.2 klein: Base or distilled)
     refine_spec: Callable[[object, object, Mapping[str, str]], object] = lambda spec, path, metadata: spec

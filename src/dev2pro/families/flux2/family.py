@@ -48,18 +48,24 @@ def blocks(model) -> list:
 
 
 def model_inputs(x_t: torch.Tensor, sigmas: torch.Tensor, text: Mapping[str, torch.Tensor], h: int, w: int,
-                 guidance: torch.Tensor | None, device, dtype) -> dict:
+                 guidance: torch.Tensor | None, device, dtype, reference: torch.Tensor | None = None) -> dict:
     """Keyword arguments of ``Flux2Transformer2DModel.forward`` for packed tokens ``x_t`` (B, T, 128) of a stored
-    latent (h, w) (``latents``), sigmas (B,), stacked text ``prompt_embeds`` (B, L, D); ``guidance`` (B,) or None."""
-    from .latents import image_ids
+    latent (h, w) (``latents``), sigmas (B,), stacked text ``prompt_embeds`` (B, L, D); ``guidance`` (B,) or None.
+    ``reference`` (B, T, 128): clean tokens of a reference image of the same size, appended after ``x_t`` at time
+    coordinate 10 as ``Flux2Pipeline`` appends its first ``image`` (the output's first T tokens are the
+    prediction)."""
+    from .latents import REFERENCE_T, image_ids
 
     pe = text["prompt_embeds"]
     b, n = pe.shape[0], pe.shape[1]
     txt_ids = torch.zeros(b, n, 4, dtype=torch.long)
     txt_ids[..., 3] = torch.arange(n)  # (t, h, w, l) = (0, 0, 0, i): Flux2KleinPipeline._prepare_text_ids
-    return dict(hidden_states=x_t.to(device, dtype), encoder_hidden_states=pe.to(device, dtype),
-                timestep=sigmas.to(device, dtype), guidance=guidance, txt_ids=txt_ids.to(device),
-                img_ids=image_ids(h, w, x_t.shape[0], device=device))
+    tokens, ids = x_t, image_ids(h, w, x_t.shape[0], device=device)
+    if reference is not None:
+        tokens = torch.cat([x_t, reference.to(x_t.device, x_t.dtype)], dim=1)
+        ids = torch.cat([ids, image_ids(h, w, x_t.shape[0], device=device, t=REFERENCE_T)], dim=1)
+    return dict(hidden_states=tokens.to(device, dtype), encoder_hidden_states=pe.to(device, dtype),
+                timestep=sigmas.to(device, dtype), guidance=guidance, txt_ids=txt_ids.to(device), img_ids=ids)
 
 
 def describe_variant(spec) -> str:
@@ -126,7 +132,7 @@ FAMILY = Family(
     build_transformer=specmod.build_transformer,
     transformer_class="Flux2Transformer2DModel", pipelines=("Flux2KleinPipeline", "Flux2Pipeline"),
     blocks=blocks,
-    model_inputs=model_inputs,
+    model_inputs=model_inputs, references=True,
     refine_spec=refine_spec,
     describe_variant=describe_variant,
     modelspec=modelspec,

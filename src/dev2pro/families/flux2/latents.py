@@ -69,10 +69,13 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(z, return_dict=False)[0].clamp(-1, 1)
 
 
-def image_ids(h: int, w: int, batch: int, device=None) -> torch.Tensor:
-    """(B, h/2 * w/2, 4) position ids (t=0, row, column, layer=0) of the tokens of an (h, w) latent, as
-    ``Flux2Pipeline._prepare_latent_ids`` builds them."""
+REFERENCE_T = 10  # time coordinate of the first reference image (Flux2Pipeline._prepare_image_ids: 10 + 10 i)
+
+
+def image_ids(h: int, w: int, batch: int, device=None, t: int = 0) -> torch.Tensor:
+    """(B, h/2 * w/2, 4) position ids (t, row, column, layer=0) of the tokens of an (h, w) latent, as
+    ``Flux2Pipeline._prepare_latent_ids`` builds them (t=0) and ``_prepare_image_ids`` for reference images."""
     rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
     ids = torch.zeros(h // 2 * (w // 2), 4, dtype=torch.long)
-    ids[:, 1], ids[:, 2] = rows.reshape(-1), cols.reshape(-1)
+    ids[:, 0], ids[:, 1], ids[:, 2] = t, rows.reshape(-1), cols.reshape(-1)
     return ids.to(device).unsqueeze(0).expand(batch, -1, -1)

@@ -1,0 +1,153 @@
+"""Edit pairs on FLUX.2 (``[[data.folders]] controls``): each training image has a reference image the model sees
+as clean tokens after the noisy ones, at time coordinate 10 -- what ``Flux2KleinPipeline`` builds for ``image=`` --
+and learns to produce the training image from. Checked against diffusers' own pipeline, through the cache, the
+loop, and the one-line refusals."""
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from dev2pro import objectives
+from dev2pro.data.cache import CONTROL_NAME, LATENT_NAME, load_cached
+from dev2pro.errors import UserError
+from dev2pro.families import get
+from dev2pro.families.flux2.latents import encode_images, load_vae
+from dev2pro.flux.latents import pack
+from dev2pro.recipes.train_lora import train
+from dev2pro.schemas import load_train_config
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, sk_images):
+    """Three photos as targets, their mirrored greyscale versions as references (two of another suffix)."""
+    root = tmp_path_factory.mktemp("pairs")
+    (root / "after").mkdir()
+    (root / "before").mkdir()
+    for i, name in enumerate(("astronaut.png", "coffee.png", "chelsea.png")):
+        shutil.copy(sk_images / name, root / "after" / name)
+        with Image.open(sk_images / name) as im:
+            ref = ImageOps.mirror(ImageOps.grayscale(im).convert("RGB"))
+        ref.save(root / "before" / (name if i == 0 else name.replace(".png", ".jpg")))
+    return root
+
+
+def _config(tmp_path, model_dir, pairs, controls=True, steps=2, extra=""):
+    path = tmp_path / "edit.toml"
+    path.write_text(f"""
+[model]
+path = "{model_dir}"
+dtype = "fp32"
+gradient_checkpointing = false
+
+[[data.folders]]
+path = "{pairs / 'after'}"
+{f'controls = "{pairs / "before"}"' if controls else ''}
+{extra}
+[data]
+default_caption = "make it a colour photo"
+resolution = 64
+bucket_step = 64
+cache_dir = "{tmp_path / 'cache'}"
+
+[lora]
+rank = 4
+
+[train]
+steps = {steps}
+seed = 3
+
+[save]
+output_dir = "{tmp_path / 'run'}"
+formats = ["diffusers"]
+""")
+    return load_train_config(path)
+
+
+def test_reference_tokens_are_what_the_klein_pipeline_builds(klein_base_dir, sk_images):
+    """Our stored latents of the reference, packed, with ids at t = 10, after the noisy tokens: token for token and
+    id for id what Flux2KleinPipeline.prepare_image_latents + its denoising loop give the transformer."""
+    from diffusers import Flux2KleinPipeline
+
+    from dev2pro.data.buckets import load_and_fit
+
+    vae = load_vae(klein_base_dir)
+    pixels = load_and_fit(sk_images / "coffee.png", (64, 64))[None]  # (1, 3, 64, 64) in [-1, 1]
+    ours = pack(encode_images(vae, pixels))
+    pipe = Flux2KleinPipeline(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, transformer=None)
+    theirs, their_ids = pipe.prepare_image_latents([pixels], 1, None, "cpu", torch.float32)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    noisy = torch.randn(1, ours.shape[1], 128)
+    kw = get("flux2").model_inputs(noisy, torch.tensor([0.5]), {"prompt_embeds": torch.randn(1, 5, 96)}, 8, 8,
+                                   None, "cpu", torch.float32, reference=ours)
+    latent_ids = pipe._prepare_latent_ids(torch.zeros(1, 128, 4, 4))
+    assert torch.equal(kw["hidden_states"], torch.cat([noisy, theirs], 1))
+    assert torch.equal(kw["img_ids"], torch.cat([latent_ids, their_ids], 1))
+    assert set(kw["img_ids"][0, 16:, 0].tolist()) == {10}
+
+
+def test_klein_edit_lora_trains_with_the_reference_in_every_forward(tmp_path, klein_base_dir, pairs, monkeypatch):
+    seen = []
+    real = objectives.predict
+
+    def spy(model, inputs, guidance, device, dtype):
+        seen.append(None if inputs.reference is None else tuple(inputs.reference.shape))
+        out = real(model, inputs, guidance, device, dtype)
+        assert out.shape == inputs.x_t.shape  # the prediction is the noisy tokens' only
+        return out
+
+    monkeypatch.setattr(objectives, "predict", spy)
+    summary = train(_config(tmp_path, klein_base_dir, pairs), progress=False)
+    assert len(summary["losses"]) == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
+    assert seen and all(s == (1, 16, 128) for s in seen)  # 64 px -> 4x4 tokens of 128 channels, every step
+    cached = [load_cached(p) for p in (tmp_path / "cache" / "latents").glob("*.safetensors")]
+    assert len(cached) == 3 and all(c[CONTROL_NAME].shape == c[LATENT_NAME].shape for c in cached)
+    assert (tmp_path / "run" / "lora.diffusers.safetensors").is_file()
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    seen.clear()
+    without = train(_config(plain, klein_base_dir, pairs, controls=False), progress=False)
+    assert seen and all(s is None for s in seen)
+    assert without["losses"] != summary["losses"]  # same seed and targets: the reference changed the prediction
+
+
+def test_reference_latents_are_the_reference_fitted_to_the_bucket(tmp_path, klein_base_dir, pairs):
+    from dev2pro.data.buckets import load_and_fit
+
+    train(_config(tmp_path, klein_base_dir, pairs, steps=1), progress=False)
+    vae = load_vae(klein_base_dir)
+    want = encode_images(vae, load_and_fit(pairs / "before" / "coffee.jpg", (64, 64))[None])[0]
+    got = [c for c in map(load_cached, (tmp_path / "cache" / "latents").glob("*.safetensors"))
+           if torch.allclose(c[CONTROL_NAME], want, atol=1e-5)]
+    assert len(got) == 1
+
+
+def test_edit_pair_refusals_name_the_fix(tmp_path, klein_base_dir, tiny_dev_dir, pairs):
+    (pairs / "after" / "rocket.png").write_bytes((pairs / "after" / "coffee.png").read_bytes())
+    try:
+        with pytest.raises(UserError, match=r"(?s)1 image\(s\) have no reference image.*rocket.png"):
+            train(_config(tmp_path, klein_base_dir, pairs), progress=False)
+    finally:
+        (pairs / "after" / "rocket.png").unlink()
+    with pytest.raises(UserError, match="need a FLUX.2 model"):
+        train(_config(tmp_path, tiny_dev_dir, pairs), progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(pairs / "after" / "coffee.png", other / "c.png")
+    mixed = f'[[data.folders]]\npath = "{other}"\n'
+    with pytest.raises(UserError, match="some images have reference images and some do not.*other"):
+        train(_config(tmp_path, klein_base_dir, pairs, extra=mixed), progress=False)
+    with pytest.raises(UserError, match="controls folder .* does not exist"):
+        train(_config(tmp_path, klein_base_dir, _Paths(pairs / "after", tmp_path / "nope")), progress=False)
+
+
+class _Paths:
+    """``pairs / name`` for a given pair of folders (a missing controls folder)."""
+
+    def __init__(self, after, before):
+        self.map = {"after": after, "before": before}
+
+    def __truediv__(self, name):
+        return self.map[name]
