@@ -248,6 +248,8 @@ def add_sample(sub):
     p.add_argument("--adapter", default=None, metavar="FILE[:SCALE]",
                    help="training adapter (e.g. a dev -> dev2pro LoRA) as a side branch: dev + adapter + LoRA "
                         "renders the LoRA on dev2pro with one base")
+    p.add_argument("--image", default=None, metavar="FILE",
+                   help="reference image every prompt edits (FLUX.2: an edit-pair LoRA; fitted to --size)")
 
     def run(a):
         from . import sampling as S
@@ -257,7 +259,8 @@ def add_sample(sub):
         make_parent(a.out)
         run_sample(a.model, prompts, a.out, transformer=a.transformer, loras=a.lora, negative=a.negative,
                    guidance=a.guidance, cfg=a.cfg, mode=a.mode, steps=a.steps, size=a.size, seeds=seeds,
-                   overwrite=a.overwrite, fp8=a.fp8, blocks_to_swap=a.blocks_to_swap, adapter=a.adapter)
+                   overwrite=a.overwrite, fp8=a.fp8, blocks_to_swap=a.blocks_to_swap, adapter=a.adapter,
+                   image=a.image)
     p.set_defaults(run=run)
 
 

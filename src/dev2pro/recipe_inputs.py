@@ -110,11 +110,12 @@ def plan_inputs(cfg):
     folders = active_folders([_folder(f) for f in cfg.data.folders], cfg.data.reg_weight)
     res = largest_resolution(cfg.data.resolution, folders)  # the largest is what the memory peak sees
     sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
+    per_image = 2 if any(f.controls for f in folders) else 1  # edit pairs: the reference's tokens ride along
     inp = PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
                      blocks_to_swap=m.blocks_to_swap,
                      rank=cfg.lora.rank, targets=cfg.lora.targets, extra_targets=tuple(cfg.lora.extra_targets),
                      optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
-                     image_tokens=((res // 16) ** 2,), text_tokens=m.t5_max_length, sample_pixels=sample,
+                     image_tokens=((res // 16) ** 2 * per_image,), text_tokens=m.t5_max_length, sample_pixels=sample,
                      inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,
                      sample_prompts=len(cfg.sample.prompts),
                      adapter_params=adapter_params_in_file(getattr(m, "adapter", "")),

@@ -341,7 +341,7 @@ class SampleBase:
 
 
 @ordered("every", "prompts", "negative", "seeds", "guidance", "cfg", "steps", "width", "height", "with_adapter",
-         "size", "baseline")
+         "size", "baseline", "control")
 @dataclass
 class SampleSection(SampleBase):
     negative: str = opt("", "negative prompt for true CFG (bases without guidance embedding)")
@@ -349,9 +349,13 @@ class SampleSection(SampleBase):
     with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
                                     "dev2pro), as step*-adapter.png")
     baseline: bool = opt(True, "render a step-0 grid (the base before training) to compare the others with")
+    control: str = opt("", "reference image every sample prompt edits (edit-pair LoRAs, [[data.folders]] controls; "
+                           "FLUX.2), fitted to the sample size", path=True)
 
     def validate(self):
         super().validate()
+        require(not self.control or min(self.width, self.height) >= 64, "control: the reference image is fitted "
+                f"to the sample size, and FLUX.2's pipelines need >= 64 px a side; got {self.width}x{self.height}")
         require_range("guidance", self.guidance, 0, 100, above=True)
         require_range("cfg", self.cfg, 1, 100)
 

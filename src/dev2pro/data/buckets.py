@@ -79,9 +79,14 @@ def fit_image(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     return im.crop((left, top, left + w, top + h))
 
 
-def load_and_fit(path: Path | str, size: tuple[int, int]) -> torch.Tensor:
-    """Image file -> (3, height, width) float32 tensor in [-1, 1], EXIF-rotated, covered and centre-cropped."""
+def open_fitted(path: Path | str, size: tuple[int, int]) -> Image.Image:
+    """Image file -> RGB PIL image of ``size`` = (width, height), EXIF-rotated, covered and centre-cropped."""
     with Image.open(path) as im:
         im = _to_rgb(ImageOps.exif_transpose(im))
-    pixels = np.array(fit_image(im, size), dtype=np.float32)  # (H, W, 3) in [0, 255]
+    return fit_image(im, size)
+
+
+def load_and_fit(path: Path | str, size: tuple[int, int]) -> torch.Tensor:
+    """Image file -> (3, height, width) float32 tensor in [-1, 1], EXIF-rotated, covered and centre-cropped."""
+    pixels = np.array(open_fitted(path, size), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1  # (3, H, W)

@@ -70,7 +70,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
     quiet_libraries()
     m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
     check_training_inputs(m.transformer or m.path, m.path, adapter=m.adapter, inference_base=m.inference_base,
-                          shards=cfg.data.shards,
+                          shards=cfg.data.shards, reference=cfg.sample.control,
                           needs_text=not cfg.data.shards or bool(cfg.sample.prompts), allow_pickle=m.allow_pickle,
                           family=m.family, text_dtype=m.text_encoder_dtype)
     run = RunFolder(Path(cfg.save.output_dir), "train")
@@ -144,7 +144,7 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
 
 def _sampler(cfg: TrainConfig, data, ckpt, dtype, device) -> LoraSampler:
     m, sc = cfg.model, cfg.sample
-    spec = GridSpec(sc.prompts, list(sc.seeds), data.sample_embeds, data.negative, sc.steps, sc.width, sc.height)
+    spec = GridSpec(sc.prompts, sc.seeds, data.sample_embeds, data.negative, sc.steps, sc.width, sc.height, sc.control)
     return LoraSampler(spec, data.components, device, dtype, guidance=sc.guidance, cfg=sc.cfg,
                        inference_base=m.inference_base, training_guidance_embeds=ckpt.spec().guidance_embeds,
                        adapter=m.adapter, with_adapter=sc.with_adapter, fp8_storage=m.fp8_storage,

@@ -23,8 +23,9 @@ from ..lora.formats import load_lora
 
 def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", inference_base: str = "", shards: str = "",
                           needs_text: bool = True, allow_pickle: bool = False, family: str | None = None,
-                          text_dtype: str = "fp32") -> None:
-    """UserError (one line, naming the field and the fix) unless the run's inputs fit each other."""
+                          text_dtype: str = "fp32", reference: str = "") -> None:
+    """UserError (one line, naming the field and the fix) unless the run's inputs fit each other (``reference``:
+    ``sample.control``)."""
     if adapter and inference_base:
         # one base in memory is the point of an adapter: samples with it off already are "the LoRA on dev". (Checked
         # here, not in validate(): the config editor probes every path field with a value at once.)
@@ -40,6 +41,25 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
         check_adapter(adapter, ckpt, base)
     if shards:
         check_shards(shards, ckpt.family, ckpt.spec())
+    if reference:
+        check_reference(reference, ckpt.family, "sample.control")
+
+
+def check_reference(path: str, family, field: str) -> None:
+    """UserError unless ``path`` is a readable image and ``family`` takes reference images (FLUX.2)."""
+    from PIL import Image
+
+    if not family.references:
+        raise UserError(f"{field}: {family.title} has no reference-image input (edit pairs are FLUX.2's); remove "
+                        f"{field}")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        raise UserError(f"{field}: {path} does not exist; fix the path of the reference image") from None
+    except Exception as e:  # PIL raises many types
+        raise UserError(f"{field}: {path} is not a readable image ({type(e).__name__}); give a PNG/JPEG/WebP "
+                        "reference image") from None
 
 
 def check_text_dtype(text_dtype: str, family, field: str) -> None:

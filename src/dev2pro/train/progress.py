@@ -135,16 +135,18 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def render_each(render, pipe, embeds, seeds, desc: str, bar: bool, **kwargs) -> list:
+def render_each(render, pipe, embeds, seeds, desc: str, bar: bool, references=None, **kwargs) -> list:
     """``render`` (``sampling.render``) one image at a time so a bar can show how far a grid is.
 
     The same images as one call: every (prompt, seed) pair has its own seeded generator. Prompt-major order.
+    ``references``: one reference image per prompt (FLUX.2 edit LoRAs), or None.
     """
     total = len(embeds) * len(seeds)
     images = []
     with tqdm(total=total, desc=desc, disable=not bar, leave=False, unit="image") as pbar:
-        for e in embeds:
+        for i, e in enumerate(embeds):
+            ref = {} if references is None else {"references": [references[i]]}
             for s in seeds:
-                images += render(pipe, [e], [s], **kwargs)
+                images += render(pipe, [e], [s], **ref, **kwargs)
                 pbar.update(1)
     return images

@@ -37,6 +37,16 @@ class GridSpec:
     steps: int
     width: int
     height: int
+    control: str = ""  # a reference image every prompt is rendered from (FLUX.2 edit LoRAs)
+
+    def references(self) -> list | None:
+        """The reference image fitted to the render size, once per prompt (``render``'s ``references``); None
+        without one."""
+        if not self.control:
+            return None
+        from ..data.buckets import open_fitted
+
+        return [open_fitted(self.control, (self.width, self.height))] * len(self.prompts)
 
 
 def write_grid(images: list, spec: GridSpec, title: str, path: Path, info: dict, bar=None, tag: str = "") -> Path:
@@ -45,7 +55,8 @@ def write_grid(images: list, spec: GridSpec, title: str, path: Path, info: dict,
     grid = make_labelled_grid(images, rows, cols, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(grid, path, {**info, "prompts": json.dumps(list(spec.prompts)), "seeds": json.dumps(list(spec.seeds)),
-                          "title": title, "rows": json.dumps(rows), "cols": json.dumps(cols)}, overwrite=True)
+                          "title": title, "rows": json.dumps(rows), "cols": json.dumps(cols),
+                          **({"reference": spec.control} if spec.control else {})}, overwrite=True)
     if bar is not None:
         bar.image(tag, grid, int(info.get("step", 0)))
     return path
@@ -78,6 +89,7 @@ class LoraSampler:
         self.adapter, self.with_adapter, self.vae_tiling = adapter, with_adapter, vae_tiling
         self.model, self.swap, self.distilled = None, None, False
         self.family = families.get(family)
+        self.references = spec.references() if spec.prompts else None
         if inference_base and spec.prompts:
             self.model, ckpt = load_transformer(inference_base, dtype=dtype, fp8_storage=fp8_storage,
                                                 policy=Fp8Policy.from_names(fp8_keep), allow_pickle=allow_pickle)
@@ -146,7 +158,7 @@ class LoraSampler:
         with torch.no_grad():  # prompt-major: one grid row per prompt, one column per seed
             images = render_each(self.family.render, pipe, spec.embeds, [int(s) for s in spec.seeds],
                                  f"samples {step}", progress, guidance=guidance, negative=spec.negative, steps=steps,
-                                 width=spec.width, height=spec.height)
+                                 width=spec.width, height=spec.height, references=self.references)
         target.train(was_training)
         if not on_training_base:  # the inference base goes back to host RAM (the training model stays)
             if self.swap:

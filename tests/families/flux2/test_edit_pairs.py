@@ -151,3 +151,80 @@ class _Paths:
 
     def __truediv__(self, name):
         return self.map[name]
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def _token_counts(monkeypatch):
+    """The image-token count and the time coordinates of every transformer forward."""
+    from diffusers import Flux2Transformer2DModel
+
+    calls, real = [], Flux2Transformer2DModel.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs["hidden_states"].shape[1], sorted(set(kwargs["img_ids"][0, :, 0].tolist()))))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Flux2Transformer2DModel, "forward", spy)
+    return calls
+
+
+def test_train_samples_edit_the_sample_control_image(tmp_path, klein_base_dir, klein_distilled_dir, pairs,
+                                                     monkeypatch):
+    extra = f"""
+[sample]
+prompts = ["make it a colour photo"]
+steps = 2
+size = "96x64"
+baseline = false
+control = "{pairs / 'before' / 'astronaut.png'}"
+"""
+    cfg = _config(tmp_path, klein_base_dir, pairs, steps=1, extra=extra)
+    cfg.model.inference_base = str(klein_distilled_dir / "transformer")
+    calls = _token_counts(monkeypatch)
+    train(cfg, progress=False)
+    sampled = [c for c in calls if c[0] != 32]  # training forwards: 16 noisy + 16 reference tokens at 64x64
+    assert sampled and all(c == (48, [0, 10]) for c in sampled)  # 96x64 -> 24 tokens, and the reference's 24
+    for name in ("step000001.png", "step000001-base.png"):
+        with Image.open(tmp_path / "run" / "samples" / name) as im:
+            assert im.text["reference"] == str(pairs / "before" / "astronaut.png")
+
+
+def test_sample_cli_image_is_the_pipelines_reference(tmp_path, klein_distilled_dir, pairs, monkeypatch, capsys):
+    from dev2pro.cli import main
+
+    calls = _token_counts(monkeypatch)
+    args = ["sample", "--model", str(klein_distilled_dir), "--prompt", "colour", "--size", "64x64", "--seed", "1"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert calls and all(c == (16, [0]) for c in calls)
+    calls.clear()
+    ref = pairs / "before" / "coffee.jpg"
+    assert main([*args, "--image", str(ref), "--out", str(tmp_path / "edit")]) == 0
+    assert calls and all(c == (32, [0, 10]) for c in calls)
+    with Image.open(tmp_path / "edit" / next(p.name for p in (tmp_path / "edit").glob("*.png"))) as im:
+        edited = im.copy()
+        assert str(ref) in im.text["dev2pro"]
+    with Image.open(next((tmp_path / "plain").glob("*.png"))) as im:
+        assert list(im.getdata()) != list(edited.getdata())  # same seed: the reference changed the image
+    capsys.readouterr()
+    assert main([*args, "--image", str(tmp_path / "none.png"), "--out", str(tmp_path / "x")]) == 2
+    assert "--image" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_sample_control_on_flux1_is_refused(tmp_path, tiny_dev_dir, pairs, capsys):
+    from dev2pro.cli import main
+
+    assert main(["sample", "--model", str(tiny_dev_dir), "--prompt", "p", "--size", "64x64", "--image",
+                 str(pairs / "before" / "astronaut.png"), "--out", str(tmp_path / "x")]) == 2
+    assert "no reference-image input" in capsys.readouterr().err
+    extra = f'[sample]\nprompts = ["p"]\ncontrol = "{pairs / "before" / "astronaut.png"}"\n'
+    with pytest.raises(UserError, match="sample.control: FLUX.1 has no reference-image input"):
+        train(_config(tmp_path, tiny_dev_dir, pairs, controls=False, extra=extra), progress=False)
+
+
+def test_plan_counts_the_reference_tokens(tmp_path, klein_base_dir, pairs):
+    """The reference's tokens go through every block beside the noisy ones: the memory plan sees twice the
+    image tokens (64 px: 16 each)."""
+    from dev2pro.recipe_inputs import plan_inputs
+
+    assert plan_inputs(_config(tmp_path, klein_base_dir, pairs)).image_tokens == (32,)
+    assert plan_inputs(_config(tmp_path, klein_base_dir, pairs, controls=False)).image_tokens == (16,)

@@ -45,9 +45,12 @@ def guidance_scale(pipe, guidance) -> float:
 
 @torch.no_grad()
 def render(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance, *, negative: tuple | None = None,
-           steps: int = 4, width: int = 512, height: int = 512) -> list:
+           steps: int = 4, width: int = 512, height: int = 512, references: Sequence | None = None) -> list:
     """Every (prompt embedding, seed) pair, prompt-major, as PIL images (``sampling.render``'s contract).
-    ``embeds``: (prompt_embeds (1, L, D), None) pairs; ``negative``: the true-CFG negative (default "")."""
+    ``embeds``: (prompt_embeds (1, L, D), None) pairs; ``negative``: the true-CFG negative (default "");
+    ``references``: one PIL reference image per prompt (the pipeline's ``image``: an edit), or None."""
+    if references is not None and len(references) != len(embeds):
+        raise ValueError(f"{len(references)} reference images for {len(embeds)} prompts: give one per prompt")
     transformer = pipe.transformer
     device, dtype = pipe._execution_device, compute_dtype(transformer)
     scale = guidance_scale(pipe, guidance)
@@ -58,12 +61,14 @@ def render(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance, *, neg
             raise ValueError("true CFG needs the negative prompt embedding (the empty prompt): pass negative=")
         extra["negative_prompt_embeds"] = negative[0].to(device, dtype)
     def draw(pair, generator):
-        latents = pipe(prompt_embeds=pair[0].to(device, dtype), num_inference_steps=steps, width=width,
+        (pe, _), ref = pair
+        image = {} if ref is None else {"image": [ref]}
+        latents = pipe(prompt_embeds=pe.to(device, dtype), num_inference_steps=steps, width=width,
                        height=height, generator=generator, guidance_scale=scale, output_type="latent",
-                       **extra).images
+                       **image, **extra).images
         return decode(pipe, vae_space(pipe, latents, height, width))[0]
 
-    return each_prompt_and_seed(transformer, embeds, seeds, draw)
+    return each_prompt_and_seed(transformer, list(zip(embeds, references or [None] * len(embeds))), seeds, draw)
 
 
 def vae_space(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
