@@ -131,12 +131,9 @@ def predict(model, inputs: ModelInputs, guidance: float | torch.Tensor, device, 
     g = None
     if inner.config.guidance_embeds:
         g = (guidance if torch.is_tensor(guidance) else torch.full((b,), float(guidance))).to(device, dtype)
-    fam = families.of_model(inner)
-    if inputs.reference is None:
-        kwargs = fam.model_inputs(inputs.x_t, inputs.sigmas, inputs.text, inputs.h, inputs.w, g, device, dtype)
-        return model(**kwargs, return_dict=False)[0].float()
-    kwargs = fam.model_inputs(inputs.x_t, inputs.sigmas, inputs.text, inputs.h, inputs.w, g, device, dtype,
-                              reference=inputs.reference)
+    ref = {} if inputs.reference is None else {"reference": inputs.reference}  # FLUX.2 edit pairs only
+    kwargs = families.of_model(inner).model_inputs(inputs.x_t, inputs.sigmas, inputs.text, inputs.h, inputs.w, g,
+                                                   device, dtype, **ref)
     return model(**kwargs, return_dict=False)[0][:, :inputs.x_t.shape[1]].float()  # the reference's own: dropped
 
 

@@ -168,7 +168,7 @@ def collate(batch: list[dict]) -> dict:
     ``pooled`` (B, D), ...) and ``captions``; ``mask`` (B, 1, h, w) only when an item has one (ones for the
     others) and ``weights`` (B,) only when an item's weight is not 1: a batch without either is the unweighted
     loss exactly, not a loss multiplied by ones. ``control`` (B, C, h, w): the reference images' latents, when
-    the items have them (a dataset has them for every image or none: ``recipe_inputs``)."""
+    the items have them (a dataset has them for every image or none: ``data.prepare``)."""
     if len({"control" in item for item in batch}) > 1:
         raise UserError("a batch mixes images with and without a reference image: give every [[data.folders]] "
                         "entry a controls folder, or none")
