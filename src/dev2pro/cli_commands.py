@@ -126,13 +126,16 @@ def add_convert(sub):
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     p.add_argument("--allow-incomplete", action="store_true",
                    help="write the output even if the source lacks transformer tensors (it will not load)")
+    p.add_argument("--variant", choices=("klein-base", "klein-distilled"), default=None,
+                   help="record which FLUX.2 klein this is (Base and distilled share their keys; a BFL / ComfyUI "
+                        "single file does not say, and is sampled as Base until it does)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs: the result line only)")
 
     def run(a):
         from .recipes.checkpoint_tools import convert
         make_parent(a.dst)
         convert(a.src, a.dst, a.layout, a.dtype, a.keep, a.overwrite, a.allow_pickle, a.drop_guidance,
-                a.allow_incomplete, show_progress=not a.no_progress)
+                a.allow_incomplete, show_progress=not a.no_progress, variant=a.variant)
     p.set_defaults(run=run)
 
 

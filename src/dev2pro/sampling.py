@@ -154,10 +154,23 @@ def step_distilled(spec) -> bool:
 FLUX1_STEPS, FLUX1_GUIDANCE = 20, 3.5  # FLUX.1 has no per-variant table: dev's embedded 3.5, 20 steps as ComfyUI
 
 
+def unknown_variant_note(spec, path) -> str | None:
+    """A note for a FLUX.2 klein file that does not say whether it is Base or distilled (a BFL / ComfyUI single
+    file: no model_index.json beside it, no dev2pro metadata), which is then rendered as Base; None otherwise."""
+    from .families.flux2.spec import KLEIN_UNKNOWN  # on use: the registry imports this module's users
+
+    if getattr(spec, "variant", None) != KLEIN_UNKNOWN:
+        return None
+    return (f"note: {path} does not say whether it is FLUX.2 klein Base or distilled (no model_index.json beside "
+            f"it, no dev2pro metadata), so it is rendered as Base ({spec.sampling.steps} steps, true CFG "
+            f"{spec.sampling.scale:g}); if it is the distilled model, record that once: dev2pro convert {path} "
+            f"OUT.safetensors --variant klein-distilled")
+
+
 def own_settings(spec) -> tuple[int, float]:
     """(steps, guidance value) a base is rendered with when none are given: a FLUX.2 variant's own (``spec.sampling``:
     klein distilled 4 steps, klein Base and FLUX.2 dev 50 at 4), else FLUX.1's 20 at 3.5."""
-    own = getattr(spec, "sampling", None)  # FLUX.1 specs have none; an unknown klein variant has None
+    own = getattr(spec, "sampling", None)  # FLUX.1 specs have none
     return (own.steps, own.scale) if own is not None else (FLUX1_STEPS, FLUX1_GUIDANCE)
 
 

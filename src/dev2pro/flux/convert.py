@@ -27,13 +27,21 @@ from .streamread import TensorFile, check_finite, prefetched, stream_quantize
 def convert(src: str | os.PathLike, dst: str | os.PathLike, layout: str | None = None, dtype: str | None = None,
             policy: "fp8mod.Fp8Policy | None" = None, overwrite: bool = False, allow_pickle: bool = False,
             drop_guidance: bool = False, extra_metadata: Mapping[str, str] | None = None,
-            progress: Callable[[int], None] | None = None, allow_incomplete: bool = False) -> Path:
+            progress: Callable[[int], None] | None = None, allow_incomplete: bool = False,
+            variant: str | None = None) -> Path:
     """Convert any readable checkpoint to ``layout`` (bfl|comfy|diffusers; default: keep) and ``dtype``
     (bf16|fp16|fp32|fp8|fp8-scaled; default: keep), streaming one tensor at a time.
 
     Refused: a destination that is (or holds) the source, a model folder, a folder holding files this writer does
-    not write; an incomplete source (unless ``allow_incomplete``); NaN/inf in any written tensor."""
+    not write; an incomplete source (unless ``allow_incomplete``); NaN/inf in any written tensor. ``variant``
+    (klein-base | klein-distilled): record which FLUX.2 klein a file is, which its keys cannot tell."""
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+    if variant:
+        spec = ckpt.spec()
+        if not getattr(spec, "is_klein", False):
+            raise UserError(f"--variant names a FLUX.2 klein file's variant (Base and distilled share their keys); "
+                            f"{src} is {ckpt.family.title} {spec.variant}, which its keys already tell")
+        extra_metadata = {**ckpt.family.modelspec(spec.with_variant(variant)), **(extra_metadata or {})}
     layout = layout or ("diffusers" if ckpt.layout.startswith("diffusers") else ckpt.layout)
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")

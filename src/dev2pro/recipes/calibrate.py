@@ -69,6 +69,9 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
     families.require_same(tgt_ckpt.family, ref_ckpt.family, f"target {target}", f"reference {reference}")
     family = ref_ckpt.family
     ref_spec, tgt_spec = ref_ckpt.spec(), tgt_ckpt.spec()
+    for spec, path in ((ref_spec, reference), (tgt_spec, target)):
+        if note := S.unknown_variant_note(spec, path):
+            print(note)
     ref_steps, ref_scale = _settings(ref_spec, reference_steps, reference_cfg)
     tgt_steps, tgt_scale = _settings(tgt_spec, steps, cfg)
 

@@ -70,7 +70,7 @@ def inspect(path: str, as_json: bool = False, allow_pickle: bool = False) -> dic
 
 def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = None, keep: str | None = None,
             overwrite: bool = False, allow_pickle: bool = False, drop_guidance: bool = False,
-            allow_incomplete: bool = False, show_progress: bool = True) -> Path:
+            allow_incomplete: bool = False, show_progress: bool = True, variant: str | None = None) -> Path:
     policy = Fp8Policy.from_names(keep.split(",")) if keep is not None else Fp8Policy()
     ckpt = ckptmod.open_checkpoint(src, allow_pickle=allow_pickle)
     bar: list = []
@@ -84,7 +84,7 @@ def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = N
     try:
         out = flux_convert.convert(src, dst, layout=layout, dtype=dtype, policy=policy, overwrite=overwrite,
                               allow_pickle=allow_pickle, drop_guidance=drop_guidance, progress=progress,
-                              allow_incomplete=allow_incomplete)
+                              allow_incomplete=allow_incomplete, variant=variant)
     finally:
         if bar:
             bar[0].close()

@@ -74,6 +74,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     check_owned_folder(out, overwrite, "sample", names, "sample folder")  # before minutes of loading and rendering
     header = open_checkpoint(transformer or model)
     family, spec = header.family, header.spec()
+    if note := S.unknown_variant_note(spec, transformer or model):
+        print(note)
     if image:
         check_reference(image, family, "--image")
         if min(width, height) < 64:  # the image is fitted to the size; diffusers refuses smaller references

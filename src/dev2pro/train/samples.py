@@ -10,6 +10,7 @@ object drives the render, the title and the metadata.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,9 +22,12 @@ from ..flux.checkpoint import load_transformer
 from ..flux.fp8 import Fp8Policy
 from ..lora import adapter as adaptermod
 from ..lora.ops import apply_lora, lora_from_peft_model
-from ..sampling import Guidance, make_labelled_grid, no_cfg, resolve_guidance, save_png, step_distilled
+from ..sampling import (Guidance, make_labelled_grid, no_cfg, resolve_guidance, save_png, step_distilled,
+                        unknown_variant_note)
 from .blockswap import BlockSwap
 from .progress import render_each
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class LoraSampler:
             families.require_same(ckpt.family, self.family, f"model.inference_base {inference_base}",
                                   "the training base")
             inference_spec = ckpt.spec()
+            if note := unknown_variant_note(inference_spec, inference_base):
+                log.warning("model.inference_base: %s", note.removeprefix("note: "))
             self.distilled = step_distilled(inference_spec)
             if blocks_to_swap:
                 self.swap = BlockSwap(self.model, blocks_to_swap, device)  # placed while sampling only

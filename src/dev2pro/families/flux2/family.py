@@ -35,7 +35,8 @@ def refine_spec(spec, path: Path, metadata: Mapping[str, str]):
     if not spec.is_klein or spec.variant != specmod.KLEIN_UNKNOWN:
         return spec
     variant = specmod.variant_from_metadata(metadata)
-    for folder in (path, path.parent):  # a model folder, or its transformer/ subfolder
+    folders = [path, path.parent] + ([path.parent.parent] if path.parent.name == "transformer" else [])
+    for folder in folders:  # a model folder, its transformer/ subfolder, or a weights file inside that
         if variant is None and (folder / "model_index.json").is_file():
             variant = specmod.variant_from_folder(folder)
     return spec.with_variant(variant) if variant else spec
@@ -79,8 +80,9 @@ def describe_variant(spec) -> str:
         return f"FLUX.2 klein Base ({size}): undistilled, for LoRA training; sample with true CFG ~4, ~50 steps"
     if spec.variant == "klein-distilled":
         return f"FLUX.2 klein distilled ({size}): step-distilled, sample with 4 steps and no CFG"
-    return (f"FLUX.2 klein ({size}): Base and distilled share their keys; say which with model_index.json's "
-            f"is_distilled (a diffusers folder) or convert with dev2pro, which records it")
+    return (f"FLUX.2 klein ({size}): Base and distilled share their keys and this file does not say which it is; "
+            f"sampled as Base until it does: model_index.json's is_distilled (a diffusers folder), or record it "
+            f"once with `dev2pro convert FILE OUT --variant klein-base|klein-distilled`")
 
 
 def modelspec(spec) -> dict:

@@ -123,9 +123,11 @@ class Flux2Spec:
         return "custom"
 
     @property
-    def sampling(self) -> Sampling | None:
-        """Default steps and guidance of the variant; None while a klein variant is unknown."""
-        return SAMPLING.get(self.variant)
+    def sampling(self) -> Sampling:
+        """Default steps and guidance of the variant. A klein whose variant is unknown is sampled as Base (50 steps,
+        true CFG 4: it runs on either; the distilled model's 4 steps without CFG would ruin a Base's image), with a
+        note from ``sampling.unknown_variant_note``."""
+        return SAMPLING[self.variant if self.variant in SAMPLING else "klein-base"]
 
     def architecture(self) -> tuple:
         """Everything the weights fix (the variant and text layers excluded): equal for klein Base and distilled."""
