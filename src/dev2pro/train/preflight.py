@@ -39,6 +39,8 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
         ckpt.family.check_folder(Path(model_dir), ckpt.spec())
     if adapter:
         check_adapter(adapter, ckpt, base)
+    if inference_base and Path(inference_base).exists():
+        check_inference_base(inference_base, ckpt, base, allow_pickle)
     if shards:
         check_shards(shards, ckpt.family, ckpt.spec())
     if reference:
@@ -60,6 +62,21 @@ def check_reference(path: str, family, field: str) -> None:
     except Exception as e:  # PIL raises many types
         raise UserError(f"{field}: {path} is not a readable image ({type(e).__name__}); give a PNG/JPEG/WebP "
                         "reference image") from None
+
+
+def check_inference_base(path: str, ckpt, base: str, allow_pickle: bool = False) -> None:
+    """The LoRA trained on ``base`` must fit ``model.inference_base``: the same family, width and block counts
+    (FLUX.1 dev2pro -> dev, klein Base -> the distilled klein of the same size; its guidance embedding may differ)."""
+    from .. import families
+
+    other = open_checkpoint(path, allow_pickle=allow_pickle)
+    families.require_same(other.family, ckpt.family, f"model.inference_base {path}", f"the training base {base}")
+    a, b = ckpt.spec(), other.spec()
+    if (a.hidden, a.num_double, a.num_single) != (b.hidden, b.num_double, b.num_single):
+        raise UserError(f"model.inference_base {path} is a {_describe(b, other.family)} model ({b.num_double} double "
+                        f"+ {b.num_single} single blocks), the training base {base} a {_describe(a, ckpt.family)} "
+                        f"one ({a.num_double} + {a.num_single}): a LoRA fits only the size it was trained on; use "
+                        "the distilled model of the training base's size")
 
 
 def check_text_dtype(text_dtype: str, family, field: str) -> None:

@@ -141,3 +141,37 @@ def test_the_shipped_klein_config_trains_base_and_samples_distilled(tmp_path, kl
         assert "true CFG 4" in im.text["title"]  # Base, at the config's cfg
     assert all((run / name).is_file() for name in ("lora.safetensors", "lora.comfy.safetensors",
                                                    "lora.diffusers.safetensors"))
+
+
+def test_inference_base_of_another_size_is_refused_before_anything_runs(tmp_path, klein_base_dir, tiny_dev_dir,
+                                                                         sk_images):
+    """klein 4B Base with a 9B distilled (here: a wider tiny klein), or a FLUX.1 model: one line naming the field,
+    before caching and before the run folder exists (it used to fail at the first sample grid)."""
+    from dev2pro.families.flux2.spec import TINY_KLEIN
+    from dev2pro.families.flux2.tiny import write_tiny
+
+    wide = write_tiny(tmp_path / "wide", variant="klein-distilled", seed=5,
+                      spec=TINY_KLEIN.with_(hidden=96, num_heads=6, num_double=3, num_single=5))
+
+    def config(inference_base):
+        cfg = tmp_path / "k.toml"
+        cfg.write_text(f"""
+[model]
+path = "{klein_base_dir}"
+inference_base = "{inference_base}"
+{_data(sk_images, tmp_path / 'cache')}
+[train]
+steps = 1
+[sample]
+prompts = ["a cat"]
+[save]
+output_dir = "{tmp_path / 'run'}"
+""")
+        return load_train_config(cfg)
+
+    with pytest.raises(UserError, match=r"model.inference_base .* \(3 double \+ 5 single blocks\), the training "
+                                        r"base .* \(2 \+ 4\): a LoRA fits only the size it was trained on"):
+        train(config(wide / "transformer"), progress=False)
+    with pytest.raises(UserError, match=r"model.inference_base .*FLUX.1"):
+        train(config(tiny_dev_dir), progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
