@@ -71,15 +71,36 @@ def load_base(path: str | os.PathLike, loras: Sequence[tuple[str, float]] = (), 
     Returns (transformer, Checkpoint). With ``fp8_storage`` fp8 files stay fp8 in memory (compute in ``dtype``).
     A LoRA of the other model family (a FLUX.2 LoRA on a FLUX.1 base, or back) is a one-line UserError naming both.
     """
-    family = open_checkpoint(path).family if loras else None  # headers only: a wrong LoRA fails before the load
-    lws = [load_lora(lora_path, family=family, base=path) for lora_path, _ in loras]
+    header = open_checkpoint(path) if loras else None  # headers only: a wrong LoRA fails before the load
+    lws = [load_lora(lora_path, family=header.family, base=path) for lora_path, _ in loras]
+    if loras:
+        check_loras_fit(header, [p for p, _ in loras], lws, path)
     transformer, ckpt = load_transformer(path, dtype=dtype, fp8_storage=fp8_storage)
-    for i, (lw, (_, scale)) in enumerate(zip(lws, loras)):
-        # peft keeps adapters in ModuleDicts: names must be unique and free of '.'
-        apply_lora(transformer, lw, scale=scale, adapter_name=f"lora{i}")
+    for i, (lw, (lora_path, scale)) in enumerate(zip(lws, loras)):
+        try:  # peft keeps adapters in ModuleDicts: names must be unique and free of '.'
+            apply_lora(transformer, lw, scale=scale, adapter_name=f"lora{i}")
+        except UserError as e:
+            raise UserError(f"LoRA {lora_path} on {path}: {e}") from None
     # Adapter weights keep peft's dtype (fp32 for bf16 bases): peft casts activations to it and back per layer.
     transformer.eval().requires_grad_(False)
     return transformer, ckpt
+
+
+def check_loras_fit(header, paths: Sequence, lws: Sequence, base) -> None:
+    """Plain LoRAs against the shapes ``header`` (a Checkpoint) declares, on a meta-device model (no memory): a LoRA
+    of another size is one line naming its file before any weights load."""
+    from . import families
+    from .lora.ops import check_fits
+
+    model = None
+    for path, lw in zip(paths, lws):
+        if getattr(lw, "adapter", "lora") != "lora":
+            continue  # LyCORIS / DoRA: checked by apply_lora (their own module shapes)
+        model = model or families.build_transformer(header.spec(), device="meta")
+        try:
+            check_fits(model, lw)
+        except UserError as e:
+            raise UserError(f"LoRA {path} does not fit {base}: {e}") from None
 
 
 def check_inputs_exist(model_dir: str | os.PathLike, transformer: str | os.PathLike | None,

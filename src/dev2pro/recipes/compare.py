@@ -32,6 +32,7 @@ from .. import sampling as S
 from ..config import parse_size, to_dict
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
+from ..lora.formats import load_lora
 from ..lab import metrics as M
 from ..outputs import make_parent, write_json, write_text
 from ..owned import check_owned_folder, owned_folder
@@ -115,6 +116,12 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     for a in cfg.arms:
         families.require_same(headers[a.name].family, family, f"arm {a.name!r}'s transformer",
                               f"the model folder {cfg.model}")
+        try:  # every arm's LoRAs against its base's header, before the first arm renders
+            paths = [p for p, _ in arm_loras[a.name]]
+            S.check_loras_fit(headers[a.name], paths, [load_lora(p, family=family) for p in paths],
+                              a.transformer or cfg.model)
+        except UserError as e:
+            raise UserError(f"arm {a.name!r}: {e}") from None
     specs = {name: h.spec() for name, h in headers.items()}  # each reads config.json / model_index.json: once
     guidance = {a.name: S.no_cfg() if S.step_distilled(specs[a.name]) else  # as its pipeline renders
                 S.resolve_guidance(specs[a.name].guidance_embeds, a.mode, a.guidance, a.cfg) for a in cfg.arms}

@@ -36,3 +36,43 @@ def test_load_base_applies_a_full_klein_lora(tmp_path, klein_base_dir, layout):
         base = Flux2Transformer2DModel.from_pretrained(str(folder)).eval()(**kw)[0]
     assert (want - base).abs().max() > 1e-3  # the LoRA does something
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_lora_of_another_size_is_named_before_any_render(tmp_path, klein_base_dir, capsys):
+    """Two LoRAs, the second from a wider klein: `sample` names that file (from the headers, before the model
+    loads); `compare` names the arm and the file before its first arm renders, and writes nothing."""
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig
+
+    from dev2pro.cli import main
+    from dev2pro.families.flux2.spec import TINY_KLEIN
+    from dev2pro.families.flux2.tiny import write_tiny
+    from dev2pro.train.export import save_lora_files
+
+    wide = write_tiny(tmp_path / "wide", variant="klein-base", seed=5,
+                      spec=TINY_KLEIN.with_(hidden=96, num_heads=6, num_double=3, num_single=5))
+    files = {}
+    for name, folder in (("fits", klein_base_dir), ("wide", wide)):
+        m = Flux2Transformer2DModel.from_pretrained(str(folder / "transformer"))
+        m.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["attn.to_q"], init_lora_weights=False))
+        files[name] = save_lora_files(m, tmp_path / name, "l", ["diffusers"], {})[0]
+    assert main(["sample", "--model", str(klein_base_dir), "--lora", str(files["fits"]), "--lora",
+                 f"{files['wide']}:0.8", "--prompt", "p", "--size", "64x64", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"LoRA {files['wide']} does not fit" in err and "another model size" in err
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""model = "{klein_base_dir}"
+prompts = ["p"]
+size = "64x64"
+steps = 1
+out = "{tmp_path / 'cmp'}"
+[[arms]]
+name = "good"
+loras = ["{files['fits']}"]
+[[arms]]
+name = "bad"
+loras = ["{files['wide']}"]
+""")
+    assert main(["compare", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "arm 'bad': LoRA" in err and str(files["wide"]) in err and not (tmp_path / "cmp").exists()
