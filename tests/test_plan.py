@@ -165,6 +165,10 @@ def test_dev2pro_plan_command_prints_the_breakdown(tmp_path, tiny_dev_dir, sk_im
     for text in ("base weights", "block swap 2:", "LoRA rank 8", "adafactor state", "activations at 1024 image "
                  "tokens", "caching:", "--vram 8: fits"):
         assert text in out, text
+    # a config's own model.vram is the card checked when --vram is not given (as `train` checks it)
+    assert main(["plan", str(path), "--set", "model.vram=12"]) == 0
+    out = capsys.readouterr().out
+    assert "--vram 12: fits" in out and "no GPU seen" not in out
 
 
 def test_train_vram_flag_runs_and_saves_the_chosen_settings(tmp_path, tiny_dev_dir, sk_images, capsys):

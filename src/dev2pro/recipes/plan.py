@@ -27,8 +27,10 @@ def is_dedistill_config(config: str) -> bool:
 
 
 def run_plan(config: str, vram: float | None = None, overrides: list[str] | None = None) -> dict:
-    """Print the plan of a train or adapter-dedistill config (against a ``vram`` GB card, or the GPU seen); returns
-    it as a dict."""
+    """Print the plan of a train or adapter-dedistill config (against a ``vram`` GB card, else the config's
+    ``model.vram`` preset as train checks it, else the GPU seen); returns it as a dict."""
     if is_dedistill_config(config):
-        return report(dedistill_plan_inputs(load_dedistill_config(config, overrides)), vram)
-    return report(plan_inputs(load_train_config(config, overrides)), vram)
+        cfg = load_dedistill_config(config, overrides)
+        return report(dedistill_plan_inputs(cfg), vram or getattr(cfg.model, "vram", 0) or None)
+    cfg = load_train_config(config, overrides)
+    return report(plan_inputs(cfg), vram or cfg.model.vram or None)
