@@ -229,8 +229,9 @@ def add_sample(sub):
                    help="guidance strength: the embedded value on dev-like bases, the CFG scale on bases without a "
                         "guidance embedding (default: the base's own: 3.5 FLUX.1, 4 FLUX.2 dev and klein Base; klein "
                         "distilled runs without CFG)")
-    p.add_argument("--cfg", type=finite_float(1), default=1.0,
-                   help="true CFG scale (> 1 adds a negative-prompt pass; combines with embedded guidance)")
+    p.add_argument("--cfg", type=finite_float(1), default=None,
+                   help="true CFG scale (> 1 adds a negative-prompt pass; combines with embedded guidance; 1 turns "
+                        "it off on a base without guidance embedding, whose default is its own, e.g. klein Base 4)")
     p.add_argument("--mode", choices=SAMPLE_MODES, default="auto",
                    help="auto: embedded if the base has a guidance embedding, else true_cfg")
     p.add_argument("--steps", type=bounded_int(1, 10000), default=None,

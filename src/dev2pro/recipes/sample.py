@@ -46,7 +46,7 @@ def png_name(index: int, prompt: str, seed: int) -> str:
 
 def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str | None = None,
                loras: Sequence[str | tuple[str, float]] = (), negative: str = "", guidance: float | None = None,
-               cfg: float = 1.0, mode: str = "auto", steps: int | None = None,
+               cfg: float | None = None, mode: str = "auto", steps: int | None = None,
                size: str | tuple[int, int] = (1024, 1024),
                seeds: Sequence[int] = (0,), overwrite: bool = False, fp8: bool = False,
                max_sequence_length: int = 512, blocks_to_swap: int = 0,
@@ -84,13 +84,15 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     own_steps, own_scale = S.own_settings(spec)
     steps = steps if steps is not None else own_steps
     if S.step_distilled(spec):  # its pipeline runs no CFG whatever we pass: say so, record what it does
-        if (guidance or 1.0) > 1.0 or cfg > 1.0 or mode == "true_cfg":  # asked for CFG
-            print(f"note: {spec.variant} is sampled without CFG (it is guidance-distilled); --guidance/--cfg/--mode "
+        if (guidance or 1.0) > 1.0 or (cfg or 1.0) > 1.0 or mode == "true_cfg":  # asked for CFG
+            print(f"note: {spec.variant} is sampled without CFG (it is step-distilled); --guidance/--cfg/--mode "
                   "ignored")
         g = S.no_cfg()
     else:
         guidance = guidance if guidance is not None else own_scale
-        g = S.resolve_guidance(spec.guidance_embeds, mode, guidance, cfg)
+        if cfg is not None and cfg <= 1.0 and not spec.guidance_embeds:
+            guidance = 1.0  # an explicit --cfg 1 turns true CFG off (else --guidance is these bases' CFG scale)
+        g = S.resolve_guidance(spec.guidance_embeds, mode, guidance, 1.0 if cfg is None else cfg)
 
     device = S.default_device()
     dtype = S.default_dtype(device)

@@ -61,3 +61,14 @@ def test_weights_file_inside_a_folder_takes_its_variant(klein_distilled_dir, kle
     for folder, variant in ((klein_distilled_dir, "klein-distilled"), (klein_base_dir, "klein-base")):
         weights = next((folder / "transformer").glob("*.safetensors"))
         assert open_checkpoint(weights).spec().variant == variant
+
+
+def test_explicit_cfg_1_turns_true_cfg_off_on_klein_base(klein_base_dir, tmp_path):
+    """klein Base's default is true CFG 4; `--cfg 1` says no CFG (it used to be read as "not given")."""
+    common = ["sample", "--model", str(klein_base_dir), "--prompt", "a cat", "--size", "64x64", "--steps", "1"]
+    assert main([*common, "--out", str(tmp_path / "default")]) == 0
+    assert _guidance(tmp_path / "default")["guidance"]["cfg"] == 4.0
+    assert main([*common, "--cfg", "1", "--out", str(tmp_path / "off")]) == 0
+    assert _guidance(tmp_path / "off")["guidance"]["cfg"] == 1.0
+    assert main([*common, "--cfg", "2.5", "--out", str(tmp_path / "two")]) == 0
+    assert _guidance(tmp_path / "two")["guidance"]["cfg"] == 2.5
