@@ -101,12 +101,15 @@ output_dir = "runs/r"
 
 
 def test_the_marked_path_fields_are_exactly_the_old_hand_written_lists():
+    """Plus the edit pairs' reference images (data.folders[].controls, sample.control): the web app confines every
+    one of these to the workspace."""
     assert path_fields(TrainConfig) == {"model.path", "model.transformer", "model.inference_base", "model.adapter",
-                                        "data.folders[].path", "data.folders[].masks", "data.shards", "data.cache_dir",
-                                        "save.output_dir", "validation.folder"}
+                                        "data.folders[].path", "data.folders[].masks", "data.folders[].controls",
+                                        "data.shards", "data.cache_dir", "save.output_dir", "validation.folder",
+                                        "sample.control"}
     assert path_fields(DedistillConfig) == {"model.path", "model.transformer", "model.teacher",
-                                            "data.folders[].path", "data.folders[].masks", "data.shards",
-                                            "data.cache_dir", "save.output_dir"}
+                                            "data.folders[].path", "data.folders[].masks", "data.folders[].controls",
+                                            "data.shards", "data.cache_dir", "save.output_dir"}
 
 
 def test_without_a_file_paths_resolve_against_the_working_folder(tmp_path, monkeypatch):

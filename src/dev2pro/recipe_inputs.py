@@ -28,10 +28,11 @@ def check_rank_fits(cfg) -> None:
     check_rank(inputs)
 
 
-def apply_sample_guidance_default(cfg) -> None:
-    """``sample.guidance`` left unset: the embedded guidance the training base's own pipeline samples at -- 4.0 for
-    FLUX.2 dev (``Flux2Pipeline``), FLUX.1 dev's 3.5 (the schema default) otherwise. Only the header is read; an
-    unreadable model keeps the default (it is reported where it is loaded)."""
+def apply_sample_guidance_default(cfg, explicit: set[str] = frozenset()) -> None:
+    """``sample.guidance`` / ``sample.cfg`` not in ``explicit`` (the keys the user wrote): what the training base's
+    own pipeline samples at -- embedded 4.0 for FLUX.2 dev (``Flux2Pipeline``), true CFG 4.0 for klein Base
+    (``Flux2KleinPipeline``), FLUX.1's 3.5 (the schema defaults) otherwise. Only the header is read; an unreadable
+    model keeps the defaults (it is reported where it is loaded)."""
     m = cfg.model
     src = m.transformer or m.path
     if not src or not Path(src).exists() or Path(src).suffix.lower() in PICKLE_SUFFIXES:
@@ -42,8 +43,10 @@ def apply_sample_guidance_default(cfg) -> None:
         sampling = getattr(open_checkpoint(src, family=m.family).spec(), "sampling", None)
     except (UserError, OSError, ValueError):
         return
-    if sampling is not None and sampling.guidance == "embedded":
+    if sampling is not None and sampling.guidance == "embedded" and "sample.guidance" not in explicit:
         cfg.sample.guidance = float(sampling.scale)
+    if sampling is not None and sampling.guidance == "true-cfg" and "sample.cfg" not in explicit:
+        cfg.sample.cfg = float(sampling.scale)
 
 
 def apply_vram_preset(cfg, explicit: set[str]) -> dict[str, object]:

@@ -460,8 +460,7 @@ def load_train_config(path, overrides: list[str] | None = None, data: dict | Non
     cfg = load_config(TrainConfig, path, overrides, data)
     if cfg.model.vram:
         apply_vram_preset(cfg, explicit_keys(path, overrides, data))
-    if "sample.guidance" not in explicit_keys(path, overrides, data):
-        apply_sample_guidance_default(cfg)
+    apply_sample_guidance_default(cfg, explicit_keys(path, overrides, data))
     check_rank_fits(cfg)
     return cfg
 

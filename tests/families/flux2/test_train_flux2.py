@@ -175,3 +175,22 @@ output_dir = "{tmp_path / 'run'}"
     with pytest.raises(UserError, match=r"model.inference_base .*FLUX.1"):
         train(config(tiny_dev_dir), progress=False)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_klein_base_samples_default_to_its_own_true_cfg(tmp_path, klein_base_dir, tiny_pro_dir, sk_images):
+    """sample.cfg left unset: 4.0 on klein Base (Flux2KleinPipeline's default), the schema's 3.5 on a FLUX.1 model
+    without guidance embedding; a written value is kept."""
+    import inspect
+
+    from diffusers import Flux2KleinPipeline
+
+    assert inspect.signature(Flux2KleinPipeline.__call__).parameters["guidance_scale"].default == 4.0
+
+    def cfg(model_dir, extra=""):
+        toml = tmp_path / "g.toml"
+        toml.write_text(f'[model]\npath = "{model_dir}"\n{_data(sk_images, tmp_path / "c")}\n[sample]\n{extra}\n'
+                        f'[save]\noutput_dir = "{tmp_path / "r"}"\n')
+        return load_train_config(toml).sample.cfg
+
+    assert cfg(klein_base_dir) == 4.0 and cfg(tiny_pro_dir) == 3.5
+    assert cfg(klein_base_dir, "cfg = 2.5") == 2.5
