@@ -79,7 +79,7 @@ def test_noised_to_moves_every_tensor_and_builds_the_target_there():
     batch = {k: torch.stack([it[k] for it in _items(2)]) for k in ("latents", "prompt_embeds", "pooled")}
     g = torch.Generator().manual_seed(0)
     noised = draw(batch, g, dropout_p=0.0, empty={}, timestep_sampling="sigmoid", sigmoid_scale=1.0, shift=3.0)
-    noised.weights, noised.mask = torch.ones(2), torch.ones(2, 1, 8, 8)
+    noised.weights, noised.mask, noised.control = torch.ones(2), torch.ones(2, 1, 8, 8), torch.ones(2, 16, 8, 8)
     moved = noised.to(torch.device("meta"))  # a device that is not the CPU, without a GPU
     for f in dataclasses.fields(noised):  # every field, those added later included
         assert getattr(moved, f.name).device.type == "meta", f.name

@@ -82,8 +82,8 @@ def test_browser_values_get_the_cli_messages(tmp_path, key, value, override):
     ws = Workspace(tmp_path)
     paths = path_fields(TrainConfig)
     assert paths == {"model.path", "model.transformer", "model.inference_base", "model.adapter", "data.shards",
-                     "data.cache_dir", "data.folders[].path", "data.folders[].masks", "save.output_dir",
-                     "validation.folder"}
+                     "data.cache_dir", "data.folders[].path", "data.folders[].masks", "data.folders[].controls",
+                     "save.output_dir", "validation.folder", "sample.control"}
     if override is None:  # a valid list: parsed per line like TOML
         cfg = forms.build_config(specs, {**base, key: value}, load_train_config, paths, ws.resolve)
         assert cfg.model.fp8_keep == ["norms", 7]
@@ -159,3 +159,16 @@ def test_absolute_paths_outside_the_workspace_are_refused_in_any_field(tmp_path)
     for outside in ["/etc/passwd", "/tmp", str(tmp_path.parent / "new-output")]:
         with pytest.raises(ConfigError, match="outside the workspace"):
             forms.build_config(specs, {"where": outside}, loader, set(), ws.resolve)
+
+
+@pytest.mark.parametrize("values", [{"sample.control": "/etc/passwd"},
+                                    {"data.folders": [{"path": "d", "controls": "../outside"}]}])
+def test_edit_pair_paths_are_confined_to_the_workspace(tmp_path, values):
+    """The reference-image settings are path fields like the others: the web app resolves them in the workspace."""
+    (tmp_path / "ws" / "m").mkdir(parents=True)
+    (tmp_path / "ws" / "d").mkdir()
+    (tmp_path / "outside").mkdir()
+    base = {"model.path": "m", "data.folders": [{"path": "d"}], "save.output_dir": "out", "sample.prompts": "p"}
+    with pytest.raises(ConfigError, match=r"'(sample.control|data.folders\[\].controls)': path .* (absolute|contains)"):
+        forms.build_config(forms.field_specs(TrainConfig), {**base, **values}, load_train_config,
+                           path_fields(TrainConfig), Workspace(tmp_path / "ws").resolve)
