@@ -23,19 +23,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CARDS = (24, 32, 48, 80)
 
 
-def write_sparse_dev(folder: Path) -> Path:
-    """A FLUX.2 dev diffusers folder whose transformer file has the real header and a hole for its 64 GB."""
+def write_sparse_dev(folder: Path, spec=None, index: dict | None = None) -> Path:
+    """A FLUX.2 diffusers folder (dev unless ``spec`` / ``index`` say otherwise, e.g. a klein's
+    ``{"_class_name": "Flux2KleinPipeline", "is_distilled": false}``) whose transformer file has the real header
+    and a hole for its weights."""
     from dev2pro.families.flux2.spec import DEV, build_transformer
 
     header, offset = {}, 0
-    for key, t in build_transformer(DEV, device="meta").state_dict().items():
+    for key, t in build_transformer(spec or DEV, device="meta").state_dict().items():
         n = t.numel() * 2
         header[key] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     (folder / "transformer").mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
+    (folder / "model_index.json").write_text(json.dumps(index or {"_class_name": "Flux2Pipeline"}))
     path = folder / "transformer" / "diffusion_pytorch_model.safetensors"
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
