@@ -1,5 +1,6 @@
 """Parsers of strings users type (torch-free, so the config schemas and the CLI can use them eagerly): LoRA
-arguments with a scale (``file.safetensors:0.8``), seed lists, prompt files, and file-name slugs."""
+arguments with a scale (``file.safetensors:0.8``), seed lists, prompt files, file-name slugs, and the short names
+of models that records and messages carry."""
 
 from __future__ import annotations
 
@@ -59,3 +60,10 @@ def slug(text: str, max_len: int = 40) -> str:
     """A file-name-safe short form of a prompt or arm name."""
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return s[:max_len].rstrip("-") or "x"
+
+
+def model_name(path: str | os.PathLike) -> str:
+    """A model's short name for records: a diffusers folder's ``transformer`` subfolder is named with its model
+    folder (``FLUX.2-klein-4B/transformer``: a 4B and a 9B record must not both say ``transformer``)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name == "transformer" else p.name

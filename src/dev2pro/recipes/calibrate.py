@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from .. import families
 from .. import sampling as S
+from ..arguments import model_name
 from .. import strength as ST
 from ..config import parse_size
 from ..errors import UserError
@@ -111,16 +112,10 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
     return result
 
 
-def _name(path: str) -> str:
-    """A model's short name: a diffusers folder's ``transformer`` subfolder is named with its model folder."""
-    p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.name == "transformer" else p.name
-
-
 def _print(r: dict) -> None:
-    print(f"reference: {_name(r['reference'])} ({r['reference_sampling']['variant'] or '?'}, "
+    print(f"reference: {model_name(r['reference'])} ({r['reference_sampling']['variant'] or '?'}, "
           f"{r['reference_sampling']['steps']} steps) -- effect of the LoRA at 1.0: {r['reference_effect']:.5g}")
-    print(f"target:    {_name(r['target'])} ({r['target_sampling']['variant'] or '?'}, "
+    print(f"target:    {model_name(r['target'])} ({r['target_sampling']['variant'] or '?'}, "
           f"{r['target_sampling']['steps']} steps)")
     print("  strength  effect   (x reference)")
     for s, e in r["points"]:
@@ -137,7 +132,7 @@ def _write_metadata(path: Path, result: dict) -> None:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta[ST.METADATA_KEY] = json.dumps({"strength": round(result["recommended_strength"], 4),
-                                        "target": Path(result["target"]).name,
+                                        "target": model_name(result["target"]),
                                         "target_variant": result["target_sampling"]["variant"],
                                         "reference": Path(result["reference"]).name,
                                         "reference_effect": result["reference_effect"]})

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
+from ..arguments import model_name
 from ..config import render_toml
 from ..data.loader import BucketBatchSampler, batches_forever, prefetch_batches
 from ..data.mixing import epoch_lines
@@ -153,15 +154,13 @@ def _sampler(cfg: TrainConfig, data, ckpt, dtype, device) -> LoraSampler:
 
 
 def _lora_metadata(cfg: TrainConfig, ckpt) -> dict:
-    m, tc = cfg.model, cfg.train
-    return kohya_metadata(cfg.lora.rank, cfg.lora.alpha, tc.guidance, tc.timestep_sampling,
-                          Path(m.transformer or m.path).name,
+    m, tc, lc = cfg.model, cfg.train, cfg.lora
+    return kohya_metadata(lc.rank, lc.alpha, tc.guidance, tc.timestep_sampling, model_name(m.transformer or m.path),
                           extra={"ss_steps": tc.steps, "ss_learning_rate": tc.lr,
                                  "dev2pro.train_base_variant": ckpt.spec().variant,
-                                 "dev2pro.inference_base": Path(m.inference_base).name if m.inference_base else "",
+                                 "dev2pro.inference_base": model_name(m.inference_base) if m.inference_base else "",
                                  "dev2pro.training_adapter": Path(m.adapter).name if m.adapter else "",
-                                 **adapter_fields(cfg.lora.type, cfg.lora.rank, cfg.lora.alpha, cfg.lora.lokr_factor,
-                                                  cfg.lora.lokr_decompose_both)})
+                                 **adapter_fields(lc.type, lc.rank, lc.alpha, lc.lokr_factor, lc.lokr_decompose_both)})
 
 
 def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool, say, quiet) -> dict:

@@ -59,6 +59,7 @@ formats = ["kohya", "comfy", "diffusers"]
         assert "true CFG 3" in im.text["title"]
     with safe_open(str(run / "lora.diffusers.safetensors"), "pt") as f:
         keys = list(f.keys())
+        assert f.metadata()["dev2pro.inference_base"] == "klein-distilled/transformer"  # not just "transformer"
     assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
     assert any("to_qkv_mlp_proj" in k for k in keys)  # FLUX.2's fused single-block projection was trained
     with safe_open(str(run / "lora.comfy.safetensors"), "pt") as f:
