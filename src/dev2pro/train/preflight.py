@@ -118,7 +118,17 @@ def check_shards(index: str, family, spec) -> None:
     path = Path(index)
     if not path.is_file():
         return  # ShardDataset says what is missing, with the fix
-    empty = path.parent / json.loads(path.read_text()).get("empty", "empty.safetensors")
+    index_data = json.loads(path.read_text())
+    pipeline = index_data.get("settings", {}).get("pipeline")
+    if family.name == "flux2" and pipeline in ("Flux2Pipeline", "Flux2KleinPipeline"):
+        from ..families.flux2.text import wants_mistral
+
+        if (pipeline == "Flux2Pipeline") != wants_mistral(spec):  # equal widths (tiny, fine-tuned encoders)
+            made = "FLUX.2 dev's Mistral3" if pipeline == "Flux2Pipeline" else "a FLUX.2 klein's Qwen3"
+            raise UserError(f"data.shards {index} was encoded with {made} text encoder ({pipeline}), but the "
+                            f"training base is {_describe(spec, family)}: encode the dataset again with `dev2pro "
+                            "cache --model` this model's folder")
+    empty = path.parent / index_data.get("empty", "empty.safetensors")
     if not empty.is_file():
         return
     with safe_open(str(empty), framework="pt") as f:

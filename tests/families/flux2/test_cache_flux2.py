@@ -52,7 +52,7 @@ def test_shards_hold_what_train_caches_from_the_folder(tmp_path, klein_base_dir,
     assert torch.equal(shards.empty_text()["prompt_embeds"], data.empty["prompt_embeds"])
 
 
-def test_klein_lora_trains_from_its_shards(tmp_path, klein_base_dir, sk_images):
+def test_klein_lora_trains_from_its_shards(tmp_path, klein_base_dir, flux2_dev_dir, sk_images):
     from dev2pro.recipes.train_lora import train
     from dev2pro.schemas import load_train_config
 
@@ -68,6 +68,11 @@ def test_klein_lora_trains_from_its_shards(tmp_path, klein_base_dir, sk_images):
     summary = train(cfg, progress=False)
     assert len(summary["losses"]) == 3 and all(torch.isfinite(torch.tensor(summary["losses"])))
     assert (tmp_path / "run" / "lora.safetensors").is_file()
+    # the same shards for a FLUX.2 dev base: the tiny widths match, the recorded pipeline does not
+    with pytest.raises(UserError, match=r"data.shards .* klein's Qwen3 text encoder \(Flux2KleinPipeline\), but "
+                                        r"the training base is FLUX.2 dev"):
+        train(load_train_config(None, [f'model.path="{flux2_dev_dir}"', f'data.shards="{shards / "index.json"}"',
+                                       f'save.output_dir="{tmp_path / "run2"}"']), progress=False)
 
 
 def test_the_folder_names_its_family_or_the_error_says_why(tmp_path, tiny_dev_dir, klein_base_dir, flux2_dev_dir,
