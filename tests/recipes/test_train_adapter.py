@@ -1,5 +1,7 @@
 """`dev2pro train` with model.adapter and `dev2pro sample --adapter` on the tiny family (recipe level)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,9 @@ def test_train_with_adapter_equals_merged_base_and_samples_are_the_lora_on_dev(t
     grid_on = np.asarray(Image.open(tmp_path / "side" / "samples" / "step000010-adapter.png"))
     assert np.array_equal(grid_off, np.asarray(Image.open(plain)))
     assert np.abs(grid_on.astype(int) - grid_off.astype(int)).mean() > 1  # the adapter does something
+    # dev + adapter = dev2pro, rendered as dev2pro is used: guidance input 1.0 with true CFG, not dev's 3.5
+    on_guidance = json.loads(Image.open(tmp_path / "side" / "samples" / "step000010-adapter.png").text["guidance"])
+    assert on_guidance["embedded"] == 1.0 and on_guidance["cfg"] > 1.0
     # `dev2pro sample --adapter`: dev + adapter + LoRA renders what the LoRA does on the merged dev2pro
     lora = str(tmp_path / "side" / "lora.diffusers.safetensors")
     opts = dict(loras=[lora], steps=SAMPLE["steps"], size=(64, 64), seeds=[0], guidance=3.5)

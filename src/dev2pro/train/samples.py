@@ -107,6 +107,8 @@ class LoraSampler:
                 self.swap = BlockSwap(self.model, blocks_to_swap, device)  # placed while sampling only
         embeds = self.model.config.guidance_embeds if self.model is not None else training_guidance_embeds
         self.guidance: Guidance = _grid_guidance(embeds, guidance, cfg)
+        # dev + adapter = dev2pro, which is used as it was de-distilled: guidance input 1.0, true CFG on top
+        self.adapter_guidance = resolve_guidance(embeds, "auto", 1.0, max(cfg, 1.0))
         self.base_guidance = self.guidance
         self.steps = spec.steps
         if self.distilled:  # as it is used: its own steps, no CFG; the training base keeps the configured ones
@@ -135,7 +137,7 @@ class LoraSampler:
         with adaptermod.disabled(train_model):
             path = self._sample(train_model, step, folder, bar, progress)
         if self.with_adapter:
-            self._sample(train_model, step, folder, bar, progress, suffix="-adapter")
+            self._sample(train_model, step, folder, bar, progress, suffix="-adapter", guidance=self.adapter_guidance)
         return path
 
     def _target(self, train_model):
@@ -150,9 +152,9 @@ class LoraSampler:
         return target
 
     def _sample(self, train_model, step: int, folder: Path, bar, progress: bool = False, suffix: str = "",
-                on_training_base: bool = False) -> Path:
+                on_training_base: bool = False, guidance: Guidance | None = None) -> Path:
         target, spec = train_model if on_training_base else self._target(train_model), self.spec
-        guidance = self.base_guidance if on_training_base else self.guidance
+        guidance = guidance or (self.base_guidance if on_training_base else self.guidance)
         steps = spec.steps if on_training_base else self.steps
         was_training = target.training
         target.eval()
