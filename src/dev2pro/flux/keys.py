@@ -147,8 +147,8 @@ def _not_flux_message(keys: Sequence[str]) -> str:
     hint = f" It looks like {family}." if family else ""
     sample = ", ".join(sorted(keys)[:3])
     return (f"not a Flux transformer checkpoint: neither 'img_in.weight' (BFL/ComfyUI layout) nor 'x_embedder.weight'"
-            f" (diffusers layout) is present.{hint} First keys: {sample}. Pass a FLUX.1 transformer file or a"
-            f" diffusers model folder.")
+            f" (diffusers layout) is present.{hint} First keys: {sample}. Pass a FLUX.1 or FLUX.2 transformer file"
+            f" or a diffusers model folder.")
 
 
 def guess_family(keys: Sequence[str]) -> str | None:
