@@ -90,6 +90,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path, tiny_dev_dir, images):
     b = load_file(str(killed / "lora.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["losses"] == full["losses"][4:]
+    # summary.json holds the whole run's losses, resumed or not (the session's are the returned ones)
+    assert json.loads((killed / "summary.json").read_text())["losses"] == full["losses"]
 
 
 def test_lora_trained_on_one_base_samples_on_another(tmp_path, tiny_dev_dir, tiny_pro_dir, images):

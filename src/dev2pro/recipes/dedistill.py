@@ -270,5 +270,5 @@ def _export(cfg, models: _Models, ema, rank: int, main: bool, run: RunFolder, su
     life.plot_losses(life.finite_or_none(history), run)
     say(f"exported: {', '.join(str(f) for f in files)}; loss curve: {run.loss_plot}")
     summary["files"] = [str(f) for f in files]
-    write_json(run.summary, {**summary, "losses": life.finite_or_none(summary["losses"]),
+    write_json(run.summary, {**summary, "losses": life.finite_or_none(history),  # the whole run's, resumed or not
                                       "steps_per_second": (cfg.train.steps - start) / max(summary["seconds"], 1e-9)})

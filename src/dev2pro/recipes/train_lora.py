@@ -261,7 +261,7 @@ def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, sav
     if watch is not None:  # validation history and early-stopping advice
         summary.update(watch.finish(lambda s: lora_paths(run.root, cfg.save.name, cfg.save.formats, "" if s == done
                                                          else f"-step{s:06d}")[0], cfg.validation.every, say))
-    write_json(run.summary, {**summary, "losses": life.finite_or_none(losses)})
+    write_json(run.summary, {**summary, "losses": life.finite_or_none(history)})  # the whole run's, resumed or not
     return summary
 
 
