@@ -18,7 +18,8 @@ class Arm:
     transformer: str | None = opt(None, "transformer checkpoint (file or folder, any layout/dtype); "
                                         "default: the model folder's")
     loras: list[str] = opt([], 'LoRA files with optional strength, e.g. ["style.safetensors:0.8"]')
-    guidance: float = opt(3.5, "guidance strength (embedded value, or CFG scale on bases without embedding)")
+    guidance: float | None = opt(None, "guidance strength (embedded value, or CFG scale on bases without "
+                                       "embedding); default: the base's own (FLUX.1 3.5, FLUX.2 dev and klein Base 4)")
     cfg: float = opt(1.0, "true CFG scale (> 1 adds a negative-prompt pass)")
     mode: str = opt("auto", "how guidance is applied", choices=GUIDANCE_MODES)
     fp8: bool = opt(False, "keep fp8 checkpoints in fp8 storage")
@@ -28,7 +29,8 @@ class Arm:
     def validate(self):
         require(bool(self.name.strip()), "name: every arm needs a name")
         require(self.cfg >= 1.0, f"cfg: must be >= 1 (1 = off), got {self.cfg}")
-        require_range("guidance", self.guidance, 0, 100, above=True)
+        if self.guidance is not None:
+            require_range("guidance", self.guidance, 0, 100, above=True)
         for item in self.loras:
             try:
                 parse_lora_arg(item)

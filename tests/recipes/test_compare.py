@@ -197,3 +197,18 @@ cfg = 4.0
     assert arms["distilled"]["steps"] == 4 and arms["distilled"]["guidance"]["cfg"] == 1.0
     assert arms["base"]["steps"] == 2 and arms["base"]["guidance"] == {"mode": "true_cfg", "embedded": None,
                                                                          "cfg": 4.0}
+
+
+def test_an_arm_without_guidance_gets_its_bases_own(tmp_path, klein_base_dir):
+    """No guidance in an arm: the base's own scale -- klein Base's true CFG 4 (Flux2KleinPipeline's default), not
+    FLUX.1's 3.5; a written value is kept."""
+    config = write_config(tmp_path / "k.toml", klein_base_dir, '''
+[[arms]]
+name = "own"
+[[arms]]
+name = "written"
+guidance = 2.5
+''')
+    cli(config, "--out", tmp_path / "out")
+    arms = {a["name"]: a for a in json.loads((tmp_path / "out" / "results.json").read_text())["arms"]}
+    assert arms["own"]["guidance"]["cfg"] == 4.0 and arms["written"]["guidance"]["cfg"] == 2.5

@@ -60,6 +60,18 @@ def test_sample_job_renders_the_base_as_the_runs_samples(klein_ws, asgi, run, ex
     assert "--lora" in args and args[args.index("--lora") + 1].endswith("lora.safetensors:1.5")
 
 
+@pytest.mark.parametrize("run,expected", [("on-distilled", None), ("on-base", 4.5), ("flux1", 3.5)])
+def test_compare_job_renders_the_base_as_the_runs_samples(klein_ws, asgi, run, expected):
+    """The compare config's arms carry the same guidance rule (none for klein distilled: its own, no CFG)."""
+    import tomllib
+
+    app, ui = klein_ws
+    status, body = asgi(app, "POST", "/api/compare", json.dumps({"lora": f"runs/{run}/lora.safetensors"}))
+    assert status == 200, body
+    arms = tomllib.loads((ui.ws.root / json.loads(body)["config"]).read_text())["arms"]
+    assert [a.get("guidance") for a in arms] == [expected] * len(arms)
+
+
 def test_models_page_pairs_klein_base_with_its_distilled_model(klein_ws, asgi, tmp_path):
     """A klein Base folder is offered the distilled folder of the same architecture as inference base."""
     app, ui = klein_ws

@@ -238,21 +238,27 @@ def _prompts(b: dict, default: list) -> list[str]:
     return [str(p) for p in prompts]
 
 
-def _grid_args(base: str, s: dict) -> list[str]:
-    """`dev2pro sample` steps and guidance that render ``base`` as the run's own samples did (``train.samples``): a
-    step-distilled base (FLUX.2 klein distilled) at its own steps without CFG, a base with a guidance embedding at
-    ``sample.guidance``, one without at the true-CFG scale ``sample.cfg``."""
-    steps, guidance = ["--steps", str(s["steps"])], s.get("guidance", 3.5)
+def _grid_guidance(base: str, s: dict) -> float | None:
+    """The guidance value that renders ``base`` as the run's own samples did (``train.samples``): ``sample.guidance``
+    on a base with a guidance embedding, the true-CFG scale ``sample.cfg`` on one without; None for a
+    step-distilled base (FLUX.2 klein distilled), rendered at its own steps without CFG."""
+    guidance = float(s.get("guidance", 3.5))
     try:
         from ..flux.checkpoint import open_checkpoint
         from ..sampling import step_distilled
 
         spec = open_checkpoint(base).spec()
-    except (UserError, OSError, ValueError):  # an unreadable base: the sample job itself reports it, with its fix
-        return steps + ["--guidance", str(guidance)]
+    except (UserError, OSError, ValueError):  # an unreadable base: the job itself reports it, with its fix
+        return guidance
     if step_distilled(spec):
-        return []
-    return steps + ["--guidance", str(guidance if spec.guidance_embeds else s.get("cfg", 3.5))]
+        return None
+    return guidance if spec.guidance_embeds else float(s.get("cfg", 3.5))
+
+
+def _grid_args(base: str, s: dict) -> list[str]:
+    """`dev2pro sample` steps and guidance of ``_grid_guidance`` (none for a step-distilled base: its own)."""
+    guidance = _grid_guidance(base, s)
+    return [] if guidance is None else ["--steps", str(s["steps"]), "--guidance", str(guidance)]
 
 
 async def sample(request: Request, ui):
@@ -293,11 +299,12 @@ async def compare(request: Request, ui):
     out = ui.ws.name(compares_dir, f"{_slug(run.name)}-{job_id}", "compare folder")
     arms = [(f"{run.name}/{lora.name}", lora)] + ([(f"{other.parent.name}/{other.name}", other)]
                                                   if other else []) + [("no LoRA", None)]
+    guidance = await run_in_threadpool(_grid_guidance, base or model, s)  # as the run's samples: a header read
     data = {"model": model, "prompts": s.get("prompts") or ["a photo"], "seeds": s["seeds"],
             "steps": number(b, "steps", s["steps"], 1, 1000), "size": f"{s['width']}x{s['height']}",
             "out": str(out),
-            "arms": [{"name": name, "guidance": float(s.get("guidance", 3.5)), "transformer": base or None,
-                      "loras": [f"{path}:1.0"] if path else []} for name, path in arms]}
+            "arms": [{"name": name, **({"guidance": guidance} if guidance is not None else {}),
+                      "transformer": base or None, "loras": [f"{path}:1.0"] if path else []} for name, path in arms]}
     path = _write_config(ui, f"compare-{job_id}", _render(load_config(CompareConfig, data=data)))
     job = ui.jobs.submit("compare", ["compare", str(path)], title=f"compare {lora.name}"
                          + (f" vs {other.name}" if other else ""), run_dir=ui.ws.rel(run), job_id=job_id,
