@@ -118,11 +118,9 @@ def _data(root: Path, world, p: Profile, fam) -> tuple[Path, str, Path, dict, Pa
 
 
 def dedistill_stage(root: Path, name: str, objective: str, model_dir: Path, shards: Path, steps: int, lr: float,
-                    batch: int, seed: int, progress: bool, start: str = "", teacher: str = "", dropout: float = 0.0,
+                    seed: int, *, batch: int, progress: bool, start: str = "", teacher: str = "", dropout: float = 0.0,
                     adapter_rank: int = 0, text_len: int = dataset.T5_LEN, teacher_w: tuple = (1.0, 5.0)) -> dict:
-    """One toy base model (or, with ``adapter_rank``, a dev -> dev2pro LoRA adapter) through `dev2pro dedistill`
-    (``teacher_w``: the guidance_distill scale range); returns its summary (reused when already finished). The
-    FLUX.2 demo (``demo_klein``) builds its bases with it too."""
+    """One toy base (or, with ``adapter_rank``, a dev -> dev2pro adapter) through `dev2pro dedistill`; reused."""
     run = root / "runs" / name
     run.parent.mkdir(parents=True, exist_ok=True)
     done = finished_stage(run)
@@ -144,19 +142,19 @@ def dedistill_stage(root: Path, name: str, objective: str, model_dir: Path, shar
     return {"file": str(file), "losses": done["losses"], "objective": objective}
 
 
-def _bases(root: Path, p: Profile, ms: Path, sh: Path, progress: bool, pro_start: str, text_len: int) -> dict:
-    kw = dict(progress=progress, text_len=text_len)
+def _bases(root: Path, p: Profile, ms: Path, sh: Path, progress: bool, init: str, text_len: int) -> dict:
+    kw = dict(batch=p.batch, progress=progress, text_len=text_len)
     print("[2/6] pro: a CFG model trained from scratch (flow matching, 10% caption dropout)")
-    bases = {"pro": dedistill_stage(root, "pro", "flow", ms, sh, p.pro_steps, 2e-3, p.batch, 0, start=pro_start, dropout=0.1, **kw)}
+    bases = {"pro": dedistill_stage(root, "pro", "flow", ms, sh, p.pro_steps, 2e-3, 0, start=init, dropout=0.1, **kw)}
     print("[3/6] dev: guidance-distilled from pro (Meng et al. Alg. 1, w ~ U[1, 5], a guidance embedding grown)")
-    bases["dev"] = dedistill_stage(root, "dev", "guidance_distill", ms, sh, p.dev_steps, 1e-3, p.batch, 1,
+    bases["dev"] = dedistill_stage(root, "dev", "guidance_distill", ms, sh, p.dev_steps, 1e-3, 1,
                                    start=bases["pro"]["file"], teacher=bases["pro"]["file"], **kw)
     print("[4/6] dev2pro: de-distilled from dev (flow matching at guidance 1.0)")
-    bases["dev2pro"] = dedistill_stage(root, "dev2pro", "flow", ms, sh, p.dedistill_steps, 5e-4, p.batch, 2,
+    bases["dev2pro"] = dedistill_stage(root, "dev2pro", "flow", ms, sh, p.dedistill_steps, 5e-4, 2,
                                        start=bases["dev"]["file"], **kw)
     if p.cfg_teacher_arm:
-        bases["dev2pro_cfg"] = dedistill_stage(root, "dev2pro_cfg", "cfg_teacher", ms, sh, p.dedistill_steps, 5e-4,
-                                               p.batch, 3, start=bases["dev"]["file"], teacher=bases["dev"]["file"], **kw)
+        bases["dev2pro_cfg"] = dedistill_stage(root, "dev2pro_cfg", "cfg_teacher", ms, sh, p.dedistill_steps, 5e-4, 3,
+                                               start=bases["dev"]["file"], teacher=bases["dev"]["file"], **kw)
     return bases
 
 
@@ -176,8 +174,9 @@ def _adapters(root: Path, bases: dict, prompts: Path, p: Profile, progress: bool
     ext = folder / f"extracted-r{rank}.safetensors"
     if not ext.is_file():
         extract_lora(dev, d2p, str(ext), rank=rank, exact=True, overwrite=True)
-    bases["dev2pro_lora"] = dedistill_stage(root, "dev2pro_lora", "flow", model_dir, shards, p.dedistill_steps,
-                                            2e-3, p.batch, 4, progress, start=dev, adapter_rank=rank, text_len=fam.text_len)
+    bases["dev2pro_lora"] = dedistill_stage(root, "dev2pro_lora", "flow", model_dir, shards, p.dedistill_steps, 2e-3,
+                                            4, batch=p.batch, progress=progress, start=dev, adapter_rank=rank,
+                                            text_len=fam.text_len)
     others = {f"de-distilled LoRA r{rank}": bases["dev2pro_lora"]["file"]}
     summary = adapter_fidelity(dev, d2p, fid, ADAPTER_RANKS, others, *fam.prompt_embeds(prompts))
     return {"C-ext": str(ext), "C-lora": bases["dev2pro_lora"]["file"]}, summary

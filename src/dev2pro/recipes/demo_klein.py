@@ -195,12 +195,13 @@ def run_demo_klein(out: str = "demo-klein-out", profile: str = "default", seeds:
     clock.mark("data")
 
     print("[2/5] Base: flow matching from scratch, 10% caption dropout (a true-CFG model)")
-    kw = dict(text_len=klein.TEXT_LEN, teacher_w=(CFG, CFG))  # guidance_distill: one scale, no guidance embedding
-    bases = {"base": dedistill_stage(root, "base", "flow", model_dir, base_shards, p.base_steps, 2e-3, p.batch, 0,
-                                     progress, dropout=0.1, **kw)}
+    # guidance_distill at one scale: the student has no guidance embedding
+    kw = dict(batch=p.batch, progress=progress, text_len=klein.TEXT_LEN, teacher_w=(CFG, CFG))
+    bases = {"base": dedistill_stage(root, "base", "flow", model_dir, base_shards, p.base_steps, 2e-3, 0,
+                                     dropout=0.1, **kw)}
     print(f"[3/5] distilled: guidance-distilled from Base at CFG {CFG} (no guidance embedding; not step-distilled)")
     bases["distilled"] = dedistill_stage(root, "distilled", "guidance_distill", model_dir, base_shards,
-                                         p.distill_steps, 1e-3, p.batch, 1, progress, start=bases["base"]["file"],
+                                         p.distill_steps, 1e-3, 1, start=bases["base"]["file"],
                                          teacher=bases["base"]["file"], **kw)
     clock.mark("bases")
 
