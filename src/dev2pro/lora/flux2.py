@@ -4,8 +4,9 @@ the family's key map (``families.flux2.lora_keys``).
 A file says its family by its names and shapes (``lora_keys.lora_family``); when it cannot (attention-only double
 block LoRAs fit FLUX.1 and klein 4B alike) its header may (kohya/musubi ``ss_base_model_version``, modelspec
 ``modelspec.architecture``: what dev2pro, musubi and kohya write), else the model it is loaded for decides, and
-FLUX.1 stays the default, so FLUX.1 files read exactly as before. Users name FLUX.2 layouts as they name FLUX.1's: ``kohya`` (musubi's
-``lora_unet_*``), ``comfy`` (the BFL-key layout ai-toolkit writes and ComfyUI reads), ``diffusers`` (PEFT).
+FLUX.1 stays the default, so FLUX.1 files read exactly as before. Users name FLUX.2 layouts as they name FLUX.1's:
+``kohya`` (musubi's ``lora_unet_*``), ``comfy`` (the BFL-key layout ai-toolkit writes and ComfyUI reads),
+``diffusers`` (PEFT).
 In memory both families are ``LoraWeights`` with diffusers module names; ``.family`` tells them apart.
 """
 
