@@ -379,9 +379,9 @@ def test_compare_arm_refuses_the_other_family(tiny_dev_dir, lora_files, tmp_path
                       f'out = "{tmp_path / "cmp"}"\n[[arms]]\nname = "dev + klein LoRA"\n'
                       f'loras = ["{lora_files[1]["kohya"]}:0.8"]\n')
     rc = main(["compare", str(config)])
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the text encoders' progress bars
-    assert rc != 0 and err.startswith("dev2pro compare: error: LoRA") and "is FLUX.2 but base model" in err, err
-    assert "is FLUX.1" in err
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc != 0 and err.startswith("dev2pro compare: error: arm 'dev + klein LoRA': LoRA"), err
+    assert f"is FLUX.2 but base model {tiny_dev_dir} is FLUX.1" in err  # before any arm loads or renders
 
 
 def test_info_names_the_base_variant_from_the_metadata(klein, tmp_path, capsys):

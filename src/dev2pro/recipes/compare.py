@@ -117,9 +117,8 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
         families.require_same(headers[a.name].family, family, f"arm {a.name!r}'s transformer",
                               f"the model folder {cfg.model}")
         try:  # every arm's LoRAs against its base's header, before the first arm renders
-            paths = [p for p, _ in arm_loras[a.name]]
-            S.check_loras_fit(headers[a.name], paths, [load_lora(p, family=family) for p in paths],
-                              a.transformer or cfg.model)
+            paths, base = [p for p, _ in arm_loras[a.name]], a.transformer or cfg.model
+            S.check_loras_fit(headers[a.name], paths, [load_lora(p, family=family, base=base) for p in paths], base)
         except UserError as e:
             raise UserError(f"arm {a.name!r}: {e}") from None
     specs = {name: h.spec() for name, h in headers.items()}  # each reads config.json / model_index.json: once
