@@ -72,6 +72,43 @@ def test_compare_job_renders_the_base_as_the_runs_samples(klein_ws, asgi, run, e
     assert [a.get("guidance") for a in arms] == [expected] * len(arms)
 
 
+def test_an_edit_run_samples_its_reference_and_compare_says_it_cannot(klein_ws, asgi):
+    """A run with sample.control (an edit-pair LoRA): the sample job edits that image (--image), and compare, which
+    renders no references, says so instead of rendering the LoRA as text-to-image."""
+    from PIL import Image
+
+    app, ui = klein_ws
+    run = ui.ws.root / "runs" / "on-distilled"
+    Image.new("RGB", (64, 64), "red").save(ui.ws.root / "ref.png")
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("[sample]\n", f'[sample]\ncontrol = "{ui.ws.root / "ref.png"}"\n'))
+    status, body = asgi(app, "POST", "/api/sample", json.dumps({"lora": "runs/on-distilled/lora.safetensors"}))
+    assert status == 200, body
+    args = ui.jobs.get(json.loads(body)["id"])["args"]
+    assert args[args.index("--image") + 1] == str((ui.ws.root / "ref.png").resolve())
+    status, body = asgi(app, "POST", "/api/compare", json.dumps({"lora": "runs/on-distilled/lora.safetensors"}))
+    assert status >= 400 and b"compare does not render reference images" in body
+
+
+def test_caption_count_leaves_the_references_out(tmp_path):
+    """A recursive dataset folder with its controls folder inside: the references are not uncaptioned images."""
+    from PIL import Image
+
+    from dev2pro.schemas import load_train_config
+    from dev2pro.ui.planview import caption_count
+    from dev2pro.ui.workspace import Workspace
+
+    data = tmp_path / "data"
+    (data / "before").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64)).save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text("make it red")
+        Image.new("RGB", (64, 64)).save(data / "before" / f"{name}.png")
+    cfg = load_train_config(None, [f'model.path="{tmp_path}"', 'save.output_dir="out"',
+                                   f'data.folders=[{{path="{data}", controls="{data / "before"}", recursive=true}}]'])
+    assert caption_count(cfg, Workspace(tmp_path)) == {"images": 2, "captioned": 2, "shards": False}
+
+
 def test_models_page_pairs_klein_base_with_its_distilled_model(klein_ws, asgi, tmp_path):
     """A klein Base folder is offered the distilled folder of the same architecture as inference base."""
     app, ui = klein_ws

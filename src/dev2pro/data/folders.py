@@ -136,29 +136,13 @@ class Scanner:
         self.uncaptioned: list[str] = []
         self.empty_captions: list[str] = []
         self.unmasked: list[str] = []  # images of a folder with a masks folder that have no mask there
-        self.uncontrolled: list[str] = []  # images of a folder with a controls folder that have no reference there
+        self.uncontrolled: list[str] = []  # images of a folder with a controls folder without a usable reference
+        self.controls_seen: dict[Path, str] = {}  # reference -> the image it was found for
 
     # ---------------------------------------------------------------- one image
     def image_size(self, src: Path | bytes, label: str) -> tuple[int, int] | None:
         """(width, height) after EXIF rotation of a usable image; None (and listed) for one to skip."""
-        reason, size = None, None
-        if (len(src) if isinstance(src, bytes) else src.stat().st_size) == 0:
-            reason = "empty file"
-        else:
-            try:
-                with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-                    im.verify()  # checks structure (PNG chunk CRCs etc.) without decoding pixels; must come first
-                with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:  # verify() spends it
-                    w, h = im.size
-                    rotated = im.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS
-                    if im.format != "PNG":  # verify() checks PNG chunk CRCs; a cut JPEG only shows in a decode
-                        im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # JPEG: 1/8 scale, every byte read
-                        im.load()
-                    if rotated:
-                        w, h = h, w
-                size = (w, h)
-            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-                reason = f"unreadable: {type(e).__name__}: {e}"
+        size, reason = decoded_size(src)
         if size and min(size) < self.min_size:
             reason = f"{size[0]}x{size[1]} px, smaller than {self.min_size} px on a side"
         elif size and self.buckets:
@@ -187,6 +171,25 @@ class Scanner:
                                                                               else label)
         return None
 
+    def control(self, folder: "DatasetFolder", key: str, stem: str, label: str) -> Path | None:
+        """The reference of one image of ``folder``: ``controls/KEY.*`` (its path below the configured folder, e.g.
+        ``10_cat/001`` in a kohya parent), else ``controls/STEM.*`` (below its own folder); a missing or unreadable
+        one is listed for ``finish``, one shared by images of different kohya subfolders too."""
+        if not folder.controls:
+            return None
+        control = find_control(key, folder.controls) or (find_control(stem, folder.controls) if stem != key
+                                                         else None)
+        if control is None:
+            self.uncontrolled.append(f"{label} (no {Path(folder.controls) / key}.png/.jpg/... in a supported "
+                                     f"format: {', '.join(IMAGE_EXTENSIONS)})")
+            return None
+        if (why := decoded_size(control)[1]) is not None:
+            self.uncontrolled.append(f"{label} (its reference {control} is {why})")
+        elif self.controls_seen.setdefault(control, label) != label:
+            self.uncontrolled.append(f"{label} (its reference {control} is also {self.controls_seen[control]}'s: "
+                                     f"in a kohya parent, put references in controls/N_name/ as the images are)")
+        return control
+
     # ---------------------------------------------------------------- folders
     def folders(self, folders: list[DatasetFolder]) -> list[tuple[Item, str]]:
         """(item, key) of every usable image; key is the path below its folder without the suffix."""
@@ -213,10 +216,8 @@ class Scanner:
                         mask = find_mask(path, path.relative_to(root).with_suffix("").as_posix(), folder.masks)
                         if mask is None and folder.masks:
                             self.unmasked.append(label)
-                        stem = path.relative_to(root).with_suffix("").as_posix()
-                        control = find_control(stem, folder.controls)
-                        if control is None and folder.controls:
-                            self.uncontrolled.append(f"{label} (no {Path(folder.controls) / stem}.png/.jpg/...)")
+                        control = self.control(folder, key, path.relative_to(root).with_suffix("").as_posix(),
+                                               label)
                         out.append((Item(path, caption, repeats, size, mask, folder.role,
                                          tuple(folder.resolutions), control), key))
         return out
@@ -235,8 +236,11 @@ class Scanner:
         kohya = [(d, _KOHYA_NAME.match(d.name)) for d in subdirs]
         if any(m for _, m in kohya):
             parts = []
+            controls = Path(folder.controls).expanduser().resolve() if folder.controls else None
             for d, m in kohya:
                 if not m:
+                    if d.resolve() == controls:
+                        continue  # the references of this parent's images, not a folder it forgets
                     if _folder_files(d, folder.recursive, supported_only=True):
                         self.ignored.append(f"{d} (not named N_name, e.g. 10_{d.name})")
                 elif not _folder_files(d, folder.recursive, supported_only=True):
@@ -272,9 +276,9 @@ class Scanner:
                         len(self.cropped), _listing(self.cropped))
         if self.uncontrolled:
             raise UserError(
-                f"{len(self.uncontrolled)} image(s) have no reference image in their folder's controls folder:\n"
-                f"{_listing(self.uncontrolled, 5)}\nan edit pair needs both: add the reference (same name, any "
-                "image format) or move the image out of the folder")
+                f"{len(self.uncontrolled)} image(s) have no usable reference image in their folder's controls "
+                f"folder:\n{_listing(self.uncontrolled, 5)}\nan edit pair needs both: add or fix the reference (same "
+                "name, a supported image format) or move the image out of the folder")
         if self.empty_captions:
             raise UserError(
                 f"{len(self.empty_captions)} empty caption file(s):\n{_listing(self.empty_captions, 5)}\n"
@@ -301,6 +305,25 @@ def find_control(key: str, controls_dir: Path | str | None) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
+
+
+def decoded_size(src: Path | bytes) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height) after EXIF rotation, None) of a readable image, else (None, why): every byte is read, as a
+    cut JPEG only shows in a decode."""
+    if (len(src) if isinstance(src, bytes) else Path(src).stat().st_size) == 0:
+        return None, "empty file"
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            im.verify()  # checks structure (PNG chunk CRCs etc.) without decoding pixels; must come first
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:  # verify() spends it
+            w, h = im.size
+            rotated = im.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS
+            if im.format != "PNG":  # verify() checks PNG chunk CRCs; a cut JPEG only shows in a decode
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # JPEG: 1/8 scale, every byte read
+                im.load()
+        return ((h, w) if rotated else (w, h)), None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        return None, f"unreadable: {type(e).__name__}: {e}"
 
 
 def _within_range(size: tuple[int, int], buckets) -> bool:

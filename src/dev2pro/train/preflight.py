@@ -49,19 +49,15 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
 
 def check_reference(path: str, family, field: str) -> None:
     """UserError unless ``path`` is a readable image and ``family`` takes reference images (FLUX.2)."""
-    from PIL import Image
+    from ..data.folders import decoded_size
 
     if not family.references:
         raise UserError(f"{field}: {family.title} has no reference-image input (edit pairs are FLUX.2's); remove "
                         f"{field}")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except FileNotFoundError:
-        raise UserError(f"{field}: {path} does not exist; fix the path of the reference image") from None
-    except Exception as e:  # PIL raises many types
-        raise UserError(f"{field}: {path} is not a readable image ({type(e).__name__}); give a PNG/JPEG/WebP "
-                        "reference image") from None
+    if not Path(path).is_file():
+        raise UserError(f"{field}: {path} does not exist; fix the path of the reference image")
+    if (why := decoded_size(Path(path))[1]) is not None:  # decoded: a cut JPEG passes PIL's verify()
+        raise UserError(f"{field}: {path} is not a usable image ({why}); give a PNG/JPEG/WebP reference image")
 
 
 def check_inference_base(path: str, ckpt, base: str, allow_pickle: bool = False) -> None:

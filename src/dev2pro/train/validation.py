@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..data.cache import LATENT_NAME, load_cached
+from ..data.cache import CONTROL_NAME, LATENT_NAME, load_cached
 from ..data.folders import IMAGE_EXTENSIONS, DatasetFolder, Item
 from ..errors import UserError
 from ..flow import flow_target, noisy_input
@@ -104,8 +104,10 @@ def validation_loss(model, dataset, sigmas: Sequence[float], seeds: Sequence[int
     n = 0
     gens = {seed: torch.Generator().manual_seed(int(seed)) for seed in seeds}
     for entry in dataset.entries:
-        item = {"latents": load_cached(entry.latents)[LATENT_NAME], **load_cached(entry.text)}
+        cached = load_cached(entry.latents)
+        item = {"latents": cached[LATENT_NAME], **load_cached(entry.text)}
         x0 = item["latents"].float()  # (C, h, w)
+        ref = pack(cached[CONTROL_NAME].float()[None]) if CONTROL_NAME in cached else None  # edit pairs: as trained
         for seed in seeds:
             noise = torch.randn(x0.shape, generator=gens[seed])  # the same noise for every sigma of this image
             for lo in range(0, len(sigmas), rows):
@@ -114,7 +116,8 @@ def validation_loss(model, dataset, sigmas: Sequence[float], seeds: Sequence[int
                 x_t = pack(noisy_input(x0.expand(b, *x0.shape), noise.expand(b, *noise.shape), chunk))
                 text = {k: item[k].unsqueeze(0).expand(b, *item[k].shape) for k in ("prompt_embeds", "pooled")
                         if k in item}
-                inputs = ModelInputs(x_t, chunk, text["prompt_embeds"], text.get("pooled"), *x0.shape[1:])
+                inputs = ModelInputs(x_t, chunk, text["prompt_embeds"], text.get("pooled"), *x0.shape[1:],
+                                     None if ref is None else ref.expand(b, *ref.shape[1:]))
                 with autocast() if autocast else contextlib.nullcontext():
                     pred = predict(model, inputs, guidance, device, dtype)
                 target = pack(flow_target(x0, noise).unsqueeze(0)).to(pred.device).expand_as(pred)

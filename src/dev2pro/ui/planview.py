@@ -120,8 +120,9 @@ def caption_count(cfg, ws) -> dict:
             continue
         found = ws.images(path, limit=5000)
         if not found or folder.recursive:
-            subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())[:200]
-            found += [img for sub in subs for img in ws.images(sub, limit=5000)]
+            controls = Path(folder.controls).resolve() if folder.controls else None  # references: not images to caption
+            subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink() and p.resolve() != controls)
+            found += [img for sub in subs[:200] for img in ws.images(sub, limit=5000)]
         for img in found:
             images += 1
             if default or folder.caption.strip() or img.with_suffix(".txt").is_file():

@@ -275,6 +275,8 @@ async def sample(request: Request, ui):
     grid = await run_in_threadpool(_grid_args, base or model, s)  # reads a header (and model_index.json)
     args = ["sample", "--model", model, "--lora", f"{lora}:{strength}", "--size", f"{s['width']}x{s['height']}",
             *grid, "--seeds", ",".join(str(int(x)) for x in s["seeds"]), "--out", str(out)]
+    if s.get("control"):  # an edit LoRA: the run's reference image, as its own samples (confined like any path)
+        args += ["--image", str(ui.ws.resolve(ui.ws.rel(Path(s["control"])), must_exist=True))]
     if base:
         args += ["--transformer", base]
     args += [f"--prompt={p}" for p in prompts]  # one argument each: a prompt starting with '-' stays a prompt
@@ -293,6 +295,9 @@ async def compare(request: Request, ui):
     if other is not None and (not other.is_file() or other.suffix != ".safetensors"):
         raise UserError(f"'other': {ui.ws.rel(other)} is not a .safetensors LoRA file")
     s, model, base = _sample_settings(ui, cfg)
+    if s.get("control"):
+        raise UserError("compare does not render reference images yet: use 'sample this LoRA' for an edit-pair "
+                        "LoRA (it renders the run's sample.control)")
     job_id = ui.jobs.reserve_id("compare")
     compares_dir = ui.ws.resolve("compares")
     compares_dir.mkdir(exist_ok=True)

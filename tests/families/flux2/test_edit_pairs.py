@@ -127,7 +127,7 @@ def test_reference_latents_are_the_reference_fitted_to_the_bucket(tmp_path, klei
 def test_edit_pair_refusals_name_the_fix(tmp_path, klein_base_dir, tiny_dev_dir, pairs):
     (pairs / "after" / "rocket.png").write_bytes((pairs / "after" / "coffee.png").read_bytes())
     try:
-        with pytest.raises(UserError, match=r"(?s)1 image\(s\) have no reference image.*rocket.png"):
+        with pytest.raises(UserError, match=r"(?s)1 image\(s\) have no usable reference image.*rocket.png"):
             train(_config(tmp_path, klein_base_dir, pairs), progress=False)
     finally:
         (pairs / "after" / "rocket.png").unlink()
@@ -228,3 +228,68 @@ def test_plan_counts_the_reference_tokens(tmp_path, klein_base_dir, pairs):
 
     assert plan_inputs(_config(tmp_path, klein_base_dir, pairs)).image_tokens == (32,)
     assert plan_inputs(_config(tmp_path, klein_base_dir, pairs, controls=False)).image_tokens == (16,)
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+def test_validation_loss_sees_the_reference_too(tmp_path, klein_base_dir, pairs, monkeypatch):
+    """Held-out edit pairs are scored as they train: with their reference (it was a text-to-image loss)."""
+    from dev2pro.train import validation
+
+    seen, real = [], validation.predict
+
+    def spy(model, inputs, guidance, device, dtype):
+        seen.append(None if inputs.reference is None else tuple(inputs.reference.shape))
+        return real(model, inputs, guidance, device, dtype)
+
+    monkeypatch.setattr(validation, "predict", spy)
+    train(_config(tmp_path, klein_base_dir, pairs, extra="[validation]\nfraction = 0.5\nevery = 1\n"),
+          progress=False)
+    assert seen and all(s is not None and s[1:] == (16, 128) for s in seen)
+
+
+def test_kohya_parent_references_mirror_its_folders(tmp_path, pairs):
+    """controls/10_cat/001.png (the path below the configured folder) first, then controls/001.png; one reference
+    claimed by images of two kohya folders is refused; a controls folder inside the parent is not 'unused'."""
+    import logging
+
+    from dev2pro.data.folders import DatasetFolder, scan
+
+    data, refs = tmp_path / "data", tmp_path / "data" / "controls"
+    for sub in ("10_cat", "5_dog"):
+        (data / sub).mkdir(parents=True)
+        (refs / sub).mkdir(parents=True)
+        shutil.copy(pairs / "after" / "coffee.png", data / sub / "001.png")
+        shutil.copy(pairs / "before" / "astronaut.png", refs / sub / "001.png")
+    found = {it.path.parent.name: it.control for it in scan([DatasetFolder(data, controls=refs)]).items}
+    assert found == {"10_cat": refs / "10_cat" / "001.png", "5_dog": refs / "5_dog" / "001.png"}
+    for sub in ("10_cat", "5_dog"):
+        shutil.rmtree(refs / sub)
+    shutil.copy(pairs / "before" / "astronaut.png", refs / "001.png")
+    logger = logging.getLogger("dev2pro.data.folders")
+    with pytest.raises(UserError, match=r"(?s)controls/001.png is also .*10_cat/001.png's"):
+        scan([DatasetFolder(data, controls=refs)])
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        shutil.rmtree(data / "5_dog")
+        assert scan([DatasetFolder(data, controls=refs)]).items[0].control == refs / "001.png"
+    finally:
+        logger.removeHandler(handler)
+    assert not any("not used" in r.getMessage() for r in records)
+
+
+def test_an_unreadable_reference_is_refused_before_any_model_loads(tmp_path, pairs):
+    from dev2pro.data.folders import DatasetFolder, scan
+    from dev2pro.families import get
+    from dev2pro.train.preflight import check_reference
+
+    refs = tmp_path / "before"
+    shutil.copytree(pairs / "before", refs)
+    cut = refs / "coffee.jpg"
+    cut.write_bytes(cut.read_bytes()[:3000])  # a truncated JPEG: PIL's verify() alone passes it
+    with pytest.raises(UserError, match=r"(?s)no usable reference.*coffee.jpg is unreadable"):
+        scan([DatasetFolder(pairs / "after", controls=refs)], default_caption="edit")
+    with pytest.raises(UserError, match=r"--image: .*coffee.jpg is not a usable image \(unreadable"):
+        check_reference(str(cut), get("flux2"), "--image")
