@@ -59,6 +59,7 @@ class PlanInputs:
     optimizer: str = "adamw"
     batch_size: int = 1
     image_tokens: tuple[int, ...] = (1024,)  # packed image tokens per bucket (512^2 -> 1024, 1024^2 -> 4096)
+    images_per_sample: int = 1  # 2: edit pairs, a reference image's tokens beside each image's (in image_tokens)
     text_tokens: int = 512
     sample_pixels: int = 0  # width * height of samples during training (0 = no samples)
     inference_base: bool = False  # a second transformer visits the GPU for samples
@@ -288,7 +289,9 @@ def render(plan: Plan) -> str:
                      f"samples): {fmt_gb(plan.adapter_bytes)}")
     ck = "with" if i.gradient_checkpointing else "without"
     for img, act in plan.activations.items():
-        lines.append(f"  activations at {img} image tokens (~{int((img * 256) ** 0.5)}px^2), batch {i.batch_size}, "
+        side = int((img // i.images_per_sample * 256) ** 0.5)
+        what = f"~{side}px^2" + (" + its reference" if i.images_per_sample == 2 else "")
+        lines.append(f"  activations at {img} image tokens ({what}), batch {i.batch_size}, "
                      f"{ck} checkpointing: {fmt_gb(act)} -> training peak {fmt_gb(plan.train_peak(img))}")
     if i.sample_pixels:
         lines.append(f"  sampling: +{fmt_gb(plan.sampling_extra)} (inference base "

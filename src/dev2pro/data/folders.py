@@ -138,6 +138,7 @@ class Scanner:
         self.unmasked: list[str] = []  # images of a folder with a masks folder that have no mask there
         self.uncontrolled: list[str] = []  # images of a folder with a controls folder without a usable reference
         self.controls_seen: dict[Path, str] = {}  # reference -> the image it was found for
+        self.reference_crops: list[str] = []  # references of another aspect ratio than their image's
 
     # ---------------------------------------------------------------- one image
     def image_size(self, src: Path | bytes, label: str) -> tuple[int, int] | None:
@@ -171,7 +172,7 @@ class Scanner:
                                                                               else label)
         return None
 
-    def control(self, folder: "DatasetFolder", key: str, stem: str, label: str) -> Path | None:
+    def control(self, folder: "DatasetFolder", key: str, stem: str, label: str, size) -> Path | None:
         """The reference of one image of ``folder``: ``controls/KEY.*`` (its path below the configured folder, e.g.
         ``10_cat/001`` in a kohya parent), else ``controls/STEM.*`` (below its own folder); a missing or unreadable
         one is listed for ``finish``, one shared by images of different kohya subfolders too."""
@@ -183,8 +184,12 @@ class Scanner:
             self.uncontrolled.append(f"{label} (no {Path(folder.controls) / key}.png/.jpg/... in a supported "
                                      f"format: {', '.join(IMAGE_EXTENSIONS)})")
             return None
-        if (why := decoded_size(control)[1]) is not None:
+        ref_size, why = decoded_size(control)
+        if why is not None:
             self.uncontrolled.append(f"{label} (its reference {control} is {why})")
+        elif (kept := _aspect_kept(ref_size, size)) < 0.9:
+            self.reference_crops.append(f"{control} ({ref_size[0]}x{ref_size[1]} px for a {size[0]}x{size[1]} "
+                                        f"image: {kept:.0%} of it kept)")
         elif self.controls_seen.setdefault(control, label) != label:
             self.uncontrolled.append(f"{label} (its reference {control} is also {self.controls_seen[control]}'s: "
                                      f"in a kohya parent, put references in controls/N_name/ as the images are)")
@@ -217,7 +222,7 @@ class Scanner:
                         if mask is None and folder.masks:
                             self.unmasked.append(label)
                         control = self.control(folder, key, path.relative_to(root).with_suffix("").as_posix(),
-                                               label)
+                                               label, size)
                         out.append((Item(path, caption, repeats, size, mask, folder.role,
                                          tuple(folder.resolutions), control), key))
         return out
@@ -271,6 +276,10 @@ class Scanner:
         if self.unmasked:
             log.warning("%d image(s) have no mask in their folder's masks folder and are trained on whole (a "
                         "mask of 1):\n%s", len(self.unmasked), _listing(self.unmasked))
+        if self.reference_crops:
+            log.warning("%d reference image(s) have another aspect ratio than their image and are cropped to its "
+                        "bucket (a pair is usually the same shot at the same size):\n%s", len(self.reference_crops),
+                        _listing(self.reference_crops))
         if self.cropped:
             log.warning("%d image(s) are wider or taller than every bucket and are cropped to the nearest one:\n%s",
                         len(self.cropped), _listing(self.cropped))
@@ -324,6 +333,12 @@ def decoded_size(src: Path | bytes) -> tuple[tuple[int, int] | None, str | None]
         return ((h, w) if rotated else (w, h)), None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         return None, f"unreadable: {type(e).__name__}: {e}"
+
+
+def _aspect_kept(src: tuple[int, int], dst: tuple[int, int]) -> float:
+    """The fraction of ``src`` a cover + centre crop to ``dst``'s aspect ratio keeps."""
+    a, b = src[0] / src[1], dst[0] / dst[1]
+    return min(a / b, b / a)
 
 
 def _within_range(size: tuple[int, int], buckets) -> bool:

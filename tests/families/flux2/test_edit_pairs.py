@@ -221,13 +221,17 @@ def test_sample_control_on_flux1_is_refused(tmp_path, tiny_dev_dir, pairs, capsy
         train(_config(tmp_path, tiny_dev_dir, pairs, controls=False, extra=extra), progress=False)
 
 
-def test_plan_counts_the_reference_tokens(tmp_path, klein_base_dir, pairs):
+def test_plan_counts_the_reference_tokens(tmp_path, klein_base_dir, pairs, capsys):
     """The reference's tokens go through every block beside the noisy ones: the memory plan sees twice the
-    image tokens (64 px: 16 each)."""
+    image tokens (64 px: 16 each), and says so (not a 90 px image)."""
+    from dev2pro.plan import report
     from dev2pro.recipe_inputs import plan_inputs
 
-    assert plan_inputs(_config(tmp_path, klein_base_dir, pairs)).image_tokens == (32,)
+    edit = plan_inputs(_config(tmp_path, klein_base_dir, pairs))
+    assert edit.image_tokens == (32,)
     assert plan_inputs(_config(tmp_path, klein_base_dir, pairs, controls=False)).image_tokens == (16,)
+    report(edit)
+    assert "activations at 32 image tokens (~64px^2 + its reference)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ review fixes
@@ -293,3 +297,15 @@ def test_an_unreadable_reference_is_refused_before_any_model_loads(tmp_path, pai
         scan([DatasetFolder(pairs / "after", controls=refs)], default_caption="edit")
     with pytest.raises(UserError, match=r"--image: .*coffee.jpg is not a usable image \(unreadable"):
         check_reference(str(cut), get("flux2"), "--image")
+
+
+def test_a_reference_of_another_aspect_ratio_is_listed(tmp_path, pairs, caplog):
+    from dev2pro.data.folders import DatasetFolder, scan
+
+    refs = tmp_path / "before"
+    shutil.copytree(pairs / "before", refs)
+    Image.new("RGB", (400, 100)).save(refs / "astronaut.png")  # 4:1 for a square image
+    with caplog.at_level("WARNING", logger="dev2pro.data.folders"):
+        scan([DatasetFolder(pairs / "after", controls=refs)], default_caption="edit")
+    assert "astronaut.png (400x100 px for a 512x512 image: 25% of it kept)" in caplog.text
+    assert "coffee.jpg" not in caplog.text  # same shot, same aspect: nothing to say
