@@ -187,10 +187,11 @@ class Scanner:
         ref_size, why = decoded_size(control)
         if why is not None:
             self.uncontrolled.append(f"{label} (its reference {control} is {why})")
-        elif (kept := _aspect_kept(ref_size, size)) < 0.9:
+            return control
+        if (kept := _aspect_kept(ref_size, size)) < 0.9:
             self.reference_crops.append(f"{control} ({ref_size[0]}x{ref_size[1]} px for a {size[0]}x{size[1]} "
                                         f"image: {kept:.0%} of it kept)")
-        elif self.controls_seen.setdefault(control, label) != label:
+        if self.controls_seen.setdefault(control, label) != label:
             self.uncontrolled.append(f"{label} (its reference {control} is also {self.controls_seen[control]}'s: "
                                      f"in a kohya parent, put references in controls/N_name/ as the images are)")
         return control
