@@ -181,7 +181,11 @@ class Scanner:
         control = find_control(key, folder.controls) or (find_control(stem, folder.controls) if stem != key
                                                          else None)
         if control is None:
-            self.uncontrolled.append(f"{label} (no {Path(folder.controls) / key}.png/.jpg/... in a supported "
+            odd = _unsupported_control(key, folder.controls) or (_unsupported_control(stem, folder.controls)
+                                                                 if stem != key else None)
+            self.uncontrolled.append(f"{label} (its reference {odd} is in a format we do not train on: convert it "
+                                     f"to {', '.join(IMAGE_EXTENSIONS)})" if odd else
+                                     f"{label} (no {Path(folder.controls) / key}.png/.jpg/... in a supported "
                                      f"format: {', '.join(IMAGE_EXTENSIONS)})")
             return None
         ref_size, why = decoded_size(control)
@@ -315,6 +319,13 @@ def find_control(key: str, controls_dir: Path | str | None) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
+
+
+def _unsupported_control(key: str, controls_dir: Path | str) -> Path | None:
+    """A same-name reference in a format we list but do not train on (``.gif``, ``.tif``, ...), for the error."""
+    base = Path(controls_dir).expanduser()
+    return next((c for ext in UNSUPPORTED_EXTENSIONS for c in (base / f"{key}{ext}", base / f"{key}{ext.upper()}")
+                 if c.is_file()), None)
 
 
 def decoded_size(src: Path | bytes) -> tuple[tuple[int, int] | None, str | None]:

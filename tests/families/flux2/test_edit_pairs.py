@@ -284,6 +284,21 @@ def test_kohya_parent_references_mirror_its_folders(tmp_path, pairs):
     assert not any("not used" in r.getMessage() for r in records)
 
 
+def test_a_reference_in_an_unsupported_format_is_named(tmp_path, pairs):
+    """A .gif reference was reported as missing ('no before/coffee.png/.jpg/...'), which sends users looking."""
+    from PIL import Image
+
+    from dev2pro.data.folders import DatasetFolder, scan
+
+    refs = tmp_path / "before"
+    shutil.copytree(pairs / "before", refs)
+    (refs / "coffee.jpg").unlink()
+    Image.new("RGB", (64, 64)).save(refs / "coffee.gif")
+    with pytest.raises(UserError, match=r"(?s)no usable reference.*coffee.gif is in a format we do not train on: "
+                                        r"convert it to \.png"):
+        scan([DatasetFolder(pairs / "after", controls=refs)], default_caption="edit")
+
+
 def test_an_unreadable_reference_is_refused_before_any_model_loads(tmp_path, pairs):
     from dev2pro.data.folders import DatasetFolder, scan
     from dev2pro.families import get
