@@ -48,6 +48,8 @@ class CompareConfig:
     steps: int = opt(20, "sampling steps")
     size: str = opt("1024x1024", "image size WIDTHxHEIGHT")
     out: str = opt("compare-out", "output folder (must not exist unless --overwrite)")
+    image: str | None = opt(None, "reference image every prompt edits (FLUX.2 edit-pair LoRAs; fitted to size), as "
+                                  "`dev2pro sample --image`")
     metric_hook: str | None = opt(None, 'optional extra metrics: "module:function" or "file.py:function", '
                                         "called as fn(images, prompts) -> {name: float}")
     arms: list[Arm] = opt([], "[[arms]] tables: what to compare")

@@ -72,9 +72,11 @@ def test_compare_job_renders_the_base_as_the_runs_samples(klein_ws, asgi, run, e
     assert [a.get("guidance") for a in arms] == [expected] * len(arms)
 
 
-def test_an_edit_run_samples_its_reference_and_compare_says_it_cannot(klein_ws, asgi):
-    """A run with sample.control (an edit-pair LoRA): the sample job edits that image (--image), and compare, which
-    renders no references, says so instead of rendering the LoRA as text-to-image."""
+def test_an_edit_run_samples_and_compares_on_its_reference(klein_ws, asgi):
+    """A run with sample.control (an edit-pair LoRA): the sample job edits that image (--image), and so does every
+    arm of its compare (the config's ``image``), instead of rendering the LoRA as text-to-image."""
+    import tomllib
+
     from PIL import Image
 
     app, ui = klein_ws
@@ -87,7 +89,9 @@ def test_an_edit_run_samples_its_reference_and_compare_says_it_cannot(klein_ws, 
     args = ui.jobs.get(json.loads(body)["id"])["args"]
     assert args[args.index("--image") + 1] == str((ui.ws.root / "ref.png").resolve())
     status, body = asgi(app, "POST", "/api/compare", json.dumps({"lora": "runs/on-distilled/lora.safetensors"}))
-    assert status >= 400 and b"compare does not render reference images" in body
+    assert status == 200, body
+    config = tomllib.loads((ui.ws.root / json.loads(body)["config"]).read_text())
+    assert config["image"] == str((ui.ws.root / "ref.png").resolve())
 
 
 def test_caption_count_leaves_the_references_out(tmp_path):

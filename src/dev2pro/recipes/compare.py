@@ -30,6 +30,7 @@ import torch
 from .. import families
 from .. import sampling as S
 from ..config import parse_size, to_dict
+from ..data.buckets import open_fitted
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
 from ..lora.formats import load_lora
@@ -37,6 +38,7 @@ from ..lab import metrics as M
 from ..outputs import make_parent, write_json, write_text
 from ..owned import check_owned_folder, owned_folder
 from ..schemas import CompareConfig, load_compare_config
+from ..train.preflight import check_reference
 
 BLOCK_PAD = 8  # pixels between arm blocks in compare.png
 
@@ -113,6 +115,8 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     check_owned_folder(out, overwrite, "compare", names, "compare folder")  # before minutes of loading and rendering
     headers = {a.name: open_checkpoint(a.transformer or cfg.model) for a in cfg.arms}
     family = open_checkpoint(cfg.model).family
+    if cfg.image:
+        check_reference(cfg.image, family, "image", (width, height))
     for a in cfg.arms:
         families.require_same(headers[a.name].family, family, f"arm {a.name!r}'s transformer",
                               f"the model folder {cfg.model}")
@@ -132,8 +136,9 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     components, embeds, negative = S.prepare_family(cfg.model, family, cfg.prompts, cfg.negative, device, dtype)
     components["vae"].to(device)
 
+    refs = {"references": [open_fitted(cfg.image, (width, height))] * len(cfg.prompts)} if cfg.image else {}
     images, arm_info = _render_arms(cfg, family, arm_loras, guidance, components, embeds, negative, device, dtype,
-                                    width, height)
+                                    width, height, refs)
 
     # Metrics. Images are prompt-major: index = prompt * len(seeds) + seed index.
     flat_prompts = [p for p in cfg.prompts for _ in cfg.seeds]
@@ -149,7 +154,7 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     blocks = [S.make_grid(images[a.name], rows=len(cfg.prompts), cols=len(cfg.seeds)) for a in cfg.arms]
     grid = S.make_grid(blocks, rows=1, cols=len(blocks), labels=[a.name for a in cfg.arms], pad=BLOCK_PAD)
     results = dict(model=cfg.model, prompts=cfg.prompts, negative=cfg.negative, seeds=cfg.seeds, steps=cfg.steps,
-                   width=width, height=height, arms=arm_info, distances=distances, config=to_dict(cfg))
+                   width=width, height=height, image=cfg.image, arms=arm_info, distances=distances, config=to_dict(cfg))
     files = {}  # (arm, image index) -> path inside the output folder
     for info in arm_info:
         settings = {k: v for k, v in info.items() if k not in ("metrics", "seconds")}  # PNGs stay reproducible
@@ -158,7 +163,8 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
             pi, si = divmod(i, len(cfg.seeds))
             rel = _image_file(info["name"], pi, cfg.prompts[pi], cfg.seeds[si])
             files[info["name"], i] = (rel, {"prompt": cfg.prompts[pi], "seed": str(cfg.seeds[si]),
-                                            "negative": cfg.negative, "arm": settings, "Software": "dev2pro"})
+                                            "negative": cfg.negative, "arm": settings, "Software": "dev2pro",
+                                            **({"image": cfg.image} if cfg.image else {})})
             info["images"].append(dict(prompt=cfg.prompts[pi], seed=cfg.seeds[si], file=rel))
     with owned_folder(out, overwrite, "compare", names, "compare folder") as tmp:
         for (name, i), (rel, png_info) in files.items():
@@ -167,14 +173,15 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
         S.save_png(grid, tmp / "compare.png", {"prompts": cfg.prompts, "seeds": cfg.seeds,
                                                "arms": [a.name for a in cfg.arms], "Software": "dev2pro"})
         write_json(tmp / "results.json", results)
-        write_text(tmp / "report.html", render_report(results, grid, images))
+        write_text(tmp / "report.html", render_report(results, grid, images, refs.get("references", [None])[0]))
     print(f"wrote compare.png, report.html, results.json and images/ for {len(cfg.arms)} arm(s) to {out}/")
     return results
 
 
 def _render_arms(cfg: CompareConfig, family, arm_loras: dict, guidance: dict, components: dict, embeds, negative,
-                 device, dtype, width: int, height: int) -> tuple[dict[str, list], list[dict]]:
-    """Each arm loaded, rendered and released in turn (one transformer in memory); -> (images by arm, arm info)."""
+                 device, dtype, width: int, height: int, refs: dict) -> tuple[dict[str, list], list[dict]]:
+    """Each arm loaded, rendered and released in turn (one transformer in memory); -> (images by arm, arm info).
+    ``refs``: the family's reference-image arguments (``{"references": [...]}``, FLUX.2 edits) or ``{}``."""
     images: dict[str, list] = {}
     arm_info = []
     for arm in cfg.arms:
@@ -185,7 +192,7 @@ def _render_arms(cfg: CompareConfig, family, arm_loras: dict, guidance: dict, co
         steps = arm.steps or (spec.sampling.steps if distilled else cfg.steps)  # distilled: its own
         pipe = family.build_pipeline(components, base.to(device), distilled=distilled)
         images[arm.name] = family.render(pipe, embeds, cfg.seeds, guidance[arm.name], negative=negative,
-                                         steps=steps, width=width, height=height)
+                                         steps=steps, width=width, height=height, **refs)
         seconds = time.time() - t0
         arm_info.append(dict(name=arm.name, transformer=str(arm.transformer or cfg.model), layout=ckpt.layout,
                              variant=variant, steps=steps,
@@ -221,8 +228,16 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_report(results: dict, grid, images: dict[str, list]) -> str:
-    """A self-contained HTML page: the grid, settings, metrics, distances, and every image by prompt."""
+def _reference_html(results: dict, reference) -> str:
+    if reference is None:
+        return ""
+    return (f'<p>Every prompt edits the reference image {html.escape(str(results["image"]))} (fitted to the size):</p>'
+            f'<img src="{_data_uri(reference)}" alt="reference image" title="reference">')
+
+
+def render_report(results: dict, grid, images: dict[str, list], reference=None) -> str:
+    """A self-contained HTML page: the grid, settings, metrics, distances, and every image by prompt; ``reference``:
+    the fitted reference image every prompt edits, shown beside the grid."""
     arms = results["arms"]
     names = [a["name"] for a in arms]
     settings = _table(["arm", "transformer", "variant", "LoRAs", "mode", "embedded guidance", "CFG", "fp8", "seconds"],
@@ -251,7 +266,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
 <h1>dev2pro compare</h1>
 <p>Same prompts, seeds and text embeddings for every arm. Metrics are on a 0..1 pixel scale: hf_energy = mean
 squared Laplacian (detail/noise), diversity = mean distance between seeds of one prompt (0 = collapsed).</p>
-<img src="{_data_uri(grid)}" alt="compare grid">
+{_reference_html(results, reference)}<img src="{_data_uri(grid)}" alt="compare grid">
 <h2>Shared settings</h2>{shared}
 <h2>Arms</h2>{settings}
 <h2>Metrics</h2>{metrics}

@@ -77,10 +77,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     if note := S.unknown_variant_note(spec, transformer or model):
         print(note)
     if image:
-        check_reference(image, family, "--image")
-        if min(width, height) < 64:  # the image is fitted to the size; diffusers refuses smaller references
-            raise UserError(f"--image: FLUX.2's pipelines need a reference of >= 64 px a side; --size is "
-                            f"{width}x{height}")
+        check_reference(image, family, "--image", (width, height))
     own_steps, own_scale = S.own_settings(spec)
     steps = steps if steps is not None else own_steps
     if S.step_distilled(spec):  # its pipeline runs no CFG whatever we pass: say so, record what it does

@@ -47,8 +47,9 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
         check_reference(reference, ckpt.family, "sample.control")
 
 
-def check_reference(path: str, family, field: str) -> None:
-    """UserError unless ``path`` is a readable image and ``family`` takes reference images (FLUX.2)."""
+def check_reference(path: str, family, field: str, size: tuple[int, int] | None = None) -> None:
+    """UserError unless ``path`` is a readable image and ``family`` takes reference images (FLUX.2); ``size``: the
+    (width, height) it is fitted to for sampling, >= 64 px a side as diffusers' reference preprocessing needs."""
     from ..data.folders import decoded_size
 
     if not family.references:
@@ -58,6 +59,9 @@ def check_reference(path: str, family, field: str) -> None:
         raise UserError(f"{field}: {path} does not exist; fix the path of the reference image")
     if (why := decoded_size(Path(path))[1]) is not None:  # decoded: a cut JPEG passes PIL's verify()
         raise UserError(f"{field}: {path} is not a usable image ({why}); give a PNG/JPEG/WebP reference image")
+    if size is not None and min(size) < 64:
+        raise UserError(f"{field}: FLUX.2's pipelines need a reference of >= 64 px a side and it is fitted to the "
+                        f"image size {size[0]}x{size[1]}; sample at >= 64 px a side")
 
 
 def check_inference_base(path: str, ckpt, base: str, allow_pickle: bool = False) -> None:

@@ -295,9 +295,7 @@ async def compare(request: Request, ui):
     if other is not None and (not other.is_file() or other.suffix != ".safetensors"):
         raise UserError(f"'other': {ui.ws.rel(other)} is not a .safetensors LoRA file")
     s, model, base = _sample_settings(ui, cfg)
-    if s.get("control"):
-        raise UserError("compare does not render reference images yet: use 'sample this LoRA' for an edit-pair "
-                        "LoRA (it renders the run's sample.control)")
+    control = str(ui.ws.resolve(ui.ws.rel(Path(s["control"])), must_exist=True)) if s.get("control") else None
     job_id = ui.jobs.reserve_id("compare")
     compares_dir = ui.ws.resolve("compares")
     compares_dir.mkdir(exist_ok=True)
@@ -307,7 +305,7 @@ async def compare(request: Request, ui):
     guidance = await run_in_threadpool(_grid_guidance, base or model, s)  # as the run's samples: a header read
     data = {"model": model, "prompts": s.get("prompts") or ["a photo"], "seeds": s["seeds"],
             "steps": number(b, "steps", s["steps"], 1, 1000), "size": f"{s['width']}x{s['height']}",
-            "out": str(out),
+            "out": str(out), **({"image": control} if control else {}),  # an edit LoRA: as its own samples
             "arms": [{"name": name, **({"guidance": guidance} if guidance is not None else {}),
                       "transformer": base or None, "loras": [f"{path}:1.0"] if path else []} for name, path in arms]}
     path = _write_config(ui, f"compare-{job_id}", _render(load_config(CompareConfig, data=data)))

@@ -5,6 +5,7 @@ loop, and the one-line refusals."""
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
@@ -15,8 +16,9 @@ from dev2pro.errors import UserError
 from dev2pro.families import get
 from dev2pro.families.flux2.latents import encode_images, load_vae
 from dev2pro.flux.latents import pack
+from dev2pro.recipes.compare import run_compare
 from dev2pro.recipes.train_lora import train
-from dev2pro.schemas import load_train_config
+from dev2pro.schemas import load_compare_config, load_train_config
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +212,31 @@ def test_sample_cli_image_is_the_pipelines_reference(tmp_path, klein_distilled_d
     assert "--image" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_compare_image_edits_it_in_every_arm_as_sample_does(tmp_path, klein_distilled_dir, pairs, monkeypatch):
+    """compare's ``image``: every arm renders the reference edit -- pixel for pixel what `dev2pro sample --image`
+    renders for the same base and seed -- and the report shows the reference; FLUX.1 and < 64 px are refused."""
+    import json
+
+    from dev2pro.cli import main
+
+    ref = pairs / "before" / "coffee.jpg"
+    calls = _token_counts(monkeypatch)
+    config = tmp_path / "c.toml"
+    config.write_text(f'model = "{klein_distilled_dir}"\nprompts = ["colour"]\nseeds = [1]\nsize = "64x64"\n'
+                      f'image = "{ref}"\n[[arms]]\nname = "a"\n[[arms]]\nname = "b"\nsteps = 2\n')
+    assert main(["compare", str(config), "--out", str(tmp_path / "cmp")]) == 0
+    assert calls and all(c == (32, [0, 10]) for c in calls)
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert results["image"] == str(ref) and "reference image" in (tmp_path / "cmp" / "report.html").read_text()
+    assert main(["sample", "--model", str(klein_distilled_dir), "--prompt", "colour", "--size", "64x64", "--seed",
+                 "1", "--image", str(ref), "--out", str(tmp_path / "s")]) == 0
+    with Image.open(next((tmp_path / "s").glob("*.png"))) as a, \
+            Image.open(tmp_path / "cmp" / results["arms"][0]["images"][0]["file"]) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b)) and str(ref) in b.text["image"]
+    with pytest.raises(UserError, match=r"image: FLUX.2's pipelines need a reference of >= 64 px"):
+        run_compare(load_compare_config(str(config), ["size='32x64'"]), str(tmp_path / "c2"))
+
+
 def test_sample_control_on_flux1_is_refused(tmp_path, tiny_dev_dir, pairs, capsys):
     from dev2pro.cli import main
 
@@ -219,6 +246,12 @@ def test_sample_control_on_flux1_is_refused(tmp_path, tiny_dev_dir, pairs, capsy
     extra = f'[sample]\nprompts = ["p"]\ncontrol = "{pairs / "before" / "astronaut.png"}"\n'
     with pytest.raises(UserError, match="sample.control: FLUX.1 has no reference-image input"):
         train(_config(tmp_path, tiny_dev_dir, pairs, controls=False, extra=extra), progress=False)
+    config = tmp_path / "c.toml"
+    config.write_text(f'model = "{tiny_dev_dir}"\nprompts = ["p"]\nsize = "64x64"\n'
+                      f'image = "{pairs / "before" / "astronaut.png"}"\n[[arms]]\nname = "a"\n')
+    with pytest.raises(UserError, match="image: FLUX.1 has no reference-image input"):
+        run_compare(load_compare_config(str(config)), str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
 
 
 def test_plan_counts_the_reference_tokens(tmp_path, klein_base_dir, pairs, capsys):
