@@ -91,7 +91,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path, tiny_dev_dir, images):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["losses"] == full["losses"][4:]
     # summary.json holds the whole run's losses, resumed or not (the session's are the returned ones)
-    assert json.loads((killed / "summary.json").read_text())["losses"] == full["losses"]
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["losses"] == full["losses"] and (summary["steps"], summary["session_steps"]) == (10, 6)
 
 
 def test_lora_trained_on_one_base_samples_on_another(tmp_path, tiny_dev_dir, tiny_pro_dir, images):

@@ -200,7 +200,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
                            events, history)
         bar.end_bar()
         # export (EMA weights when kept), gathered from the shards to rank 0 one tensor at a time, then samples
-        summary = {"losses": result.losses, "files": [], "steps": tc.steps, "world_size": world,
+        summary = {"losses": result.losses, "files": [], "steps": tc.steps, "session_steps": tc.steps - start,
+                   "world_size": world,  # seconds: this session's (after --resume, its session_steps)
                    "seconds": result.seconds, "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else "none"),
                    "skipped_steps": result.skipped}
         _export(cfg, models, ema, rank, main, run, summary, history, start, say)
@@ -271,4 +272,4 @@ def _export(cfg, models: _Models, ema, rank: int, main: bool, run: RunFolder, su
     say(f"exported: {', '.join(str(f) for f in files)}; loss curve: {run.loss_plot}")
     summary["files"] = [str(f) for f in files]
     write_json(run.summary, {**summary, "losses": life.finite_or_none(history),  # the whole run's, resumed or not
-                                      "steps_per_second": (cfg.train.steps - start) / max(summary["seconds"], 1e-9)})
+                                      "steps_per_second": summary["session_steps"] / max(summary["seconds"], 1e-9)})

@@ -252,9 +252,9 @@ def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, sav
     if cfg.sample.prompts:
         life.final_samples(lambda: acts.sample(done), acts.describe(), files, say)
     trained = 0 if start is None else done - start  # steps this process ran (a finished run rerun: none)
-    # seconds: the loop's wall time (its periodic saves and samples included; the final save and samples not)
-    summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "seconds": seconds,
-               "steps_per_second": trained / max(seconds, 1e-9), "skipped_steps": list(skipped)}
+    # seconds: this session's loop time over its session_steps (periodic saves and samples in, the final ones out)
+    summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "session_steps": trained,
+               "seconds": seconds, "steps_per_second": trained / max(seconds, 1e-9), "skipped_steps": list(skipped)}
     if cfg.train.compile == "blocks":  # compile time is part of `seconds`: said apart (torch._dynamo's counters)
         summary["compile"] = CompileStats.now().as_dict()
         say(CompileStats.now().line())
