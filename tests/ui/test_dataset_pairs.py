@@ -168,3 +168,37 @@ def test_a_huge_reference_is_judged_from_its_header(app, asgi, monkeypatch):
     assert ref["status"] == "unusable" and ref["problem"].startswith("8000x6000 px is over 40 megapixels")
     assert "coffee.png" not in decoded and "astronaut.jpg" in decoded
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium")
+def test_dataset_page_shows_each_reference_beside_its_image(tmp_path, ui_server, browser_page):
+    """In Chromium: the reference folder typed on the Dataset page; a paired image shows its reference's thumbnail,
+    one without a reference says so, and the summary counts both."""
+    ws = tmp_path / "ws"
+    (ws / "after").mkdir(parents=True)
+    (ws / "before").mkdir()
+    for name in ("astronaut.png", "coffee.png"):
+        shutil.copy(SK / name, ws / "after" / name)
+    _before("astronaut.png").save(ws / "before" / "astronaut.jpg")
+    page = browser_page
+    page.goto(ui_server.start(ws))
+    page.click("#tab-dataset")
+    # the page's first load (the workspace's first image folder) ends before the fields are filled: no race
+    page.wait_for_function("document.getElementById('bucket-preview').textContent.includes('images;')")
+    assert page.inner_text("#pair-summary") == "" and page.locator("#thumbs .pair").count() == 0
+    page.fill("#dataset-folder", "after")
+    page.fill("#dataset-controls", "before")
+    page.click("#load-folder")
+    page.wait_for_function("document.getElementById('pair-summary').textContent"
+                           ".startsWith('1 pair, 1 without a usable reference')")
+    paired = page.locator("#thumbs .thumb[data-path='after/astronaut.png'] img.ref")
+    assert paired.get_attribute("src") == "/api/thumb?path=before%2Fastronaut.jpg"
+    page.wait_for_function("document.querySelector(\"#thumbs .thumb[data-path='after/astronaut.png'] img.ref\")"
+                           ".naturalWidth > 0")  # the thumbnail loaded
+    missing = page.locator("#thumbs .thumb[data-path='after/coffee.png']")
+    assert missing.get_attribute("data-reference") == "missing"
+    assert missing.locator(".ref.none").inner_text() == "no reference"
+    assert "no reference: no before/coffee.*" in missing.locator(".flag").inner_text()
+    if os.environ.get("DEV2PRO_UI_SCREENSHOTS"):  # for a look at the page
+        Path(os.environ["DEV2PRO_UI_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(os.environ["DEV2PRO_UI_SCREENSHOTS"]) / "dataset-pairs.png"), full_page=True)
