@@ -28,7 +28,9 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +47,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 UNSUPPORTED_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".ico", ".psd", ".svg",
                           ".jp2", ".tga", ".exr", ".hdr", ".dng", ".cr2", ".nef", ".arw", ".raw")
 MIN_KEPT = 0.5  # below this fraction kept by the bucket crop, an image is skipped instead of cropped
-_KOHYA_NAME = re.compile(r"^(\d+)_(.+)$")
+REFERENCE_KEPT = 0.9  # a reference whose crop to its image's aspect ratio keeps less is listed (a pair is one shot)
+KOHYA_NAME = re.compile(r"^(\d+)_(.+)$")  # a kohya folder: N_name (N repeats, class token name)
 _EXIF_ORIENTATION = 0x0112
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _LIST_LIMIT = 20  # how many paths an error or warning spells out
@@ -173,18 +176,15 @@ class Scanner:
         return None
 
     def control(self, folder: "DatasetFolder", key: str, stem: str, label: str, size) -> Path | None:
-        """The reference of one image of ``folder``: ``controls/KEY.*`` (its path below the configured folder, e.g.
-        ``10_cat/001`` in a kohya parent), else ``controls/STEM.*`` (below its own folder); a missing or unreadable
-        one is listed for ``finish``, one shared by images of different kohya subfolders too."""
+        """The reference of one image of ``folder`` (``locate_reference``: ``controls/KEY.*``, e.g. ``10_cat/001`` in
+        a kohya parent, else ``controls/STEM.*``); a missing or unreadable one is listed for ``finish``, one shared
+        by images of different kohya subfolders too."""
         if not folder.controls:
             return None
-        control = find_control(key, folder.controls) or (find_control(stem, folder.controls) if stem != key
-                                                         else None)
-        if control is None:
-            odd = _unsupported_control(key, folder.controls) or (_unsupported_control(stem, folder.controls)
-                                                                 if stem != key else None)
-            self.uncontrolled.append(f"{label} (its reference {odd} is in a format we do not train on: convert it "
-                                     f"to {', '.join(IMAGE_EXTENSIONS)})" if odd else
+        control, problem = locate_reference(key, stem, folder.controls)
+        if problem is not None:
+            self.uncontrolled.append(f"{label} (its reference {control} is in a format we do not train on: convert it "
+                                     f"to {', '.join(IMAGE_EXTENSIONS)})" if problem == "unsupported" else
                                      f"{label} (no {Path(folder.controls) / key}.png/.jpg/... in a supported "
                                      f"format: {', '.join(IMAGE_EXTENSIONS)})")
             return None
@@ -192,9 +192,8 @@ class Scanner:
         if why is not None:
             self.uncontrolled.append(f"{label} (its reference {control} is {why})")
             return control
-        if (kept := _aspect_kept(ref_size, size)) < 0.9:
-            self.reference_crops.append(f"{control} ({ref_size[0]}x{ref_size[1]} px for a {size[0]}x{size[1]} "
-                                        f"image: {kept:.0%} of it kept)")
+        if (kept := aspect_kept(ref_size, size)) < REFERENCE_KEPT:
+            self.reference_crops.append(f"{control} ({reference_crop_note(ref_size, size, kept)})")
         if self.controls_seen.setdefault(control, label) != label:
             self.uncontrolled.append(f"{label} (its reference {control} is also {self.controls_seen[control]}'s: "
                                      f"in a kohya parent, put references in controls/N_name/ as the images are)")
@@ -243,7 +242,7 @@ class Scanner:
         if _folder_files(root, False, supported_only=True):
             return [(root, folder.repeats, None, folder.recursive)]
         subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-        kohya = [(d, _KOHYA_NAME.match(d.name)) for d in subdirs]
+        kohya = [(d, KOHYA_NAME.match(d.name)) for d in subdirs]
         if any(m for _, m in kohya):
             parts = []
             controls = Path(folder.controls).expanduser().resolve() if folder.controls else None
@@ -311,21 +310,32 @@ def find_control(key: str, controls_dir: Path | str | None) -> Path | None:
     ``KEY.<any image suffix>`` (musubi's and ai-toolkit's same-name rule); None without a folder or a match."""
     if not controls_dir:
         return None
+    control, problem = locate_reference(key, key, controls_dir)
+    return control if problem is None else None
+
+
+def locate_reference(key: str, stem: str, controls_dir: Path | str,
+                     readable: Callable[[Path], bool] | None = None) -> tuple[Path | None, str | None]:
+    """Where the reference of one image is and whether training can use the file: ``(path, None)`` for
+    ``KEY.<supported suffix>`` (``key``: the image's path below the configured folder without suffix, e.g.
+    ``10_cat/001`` in a kohya parent), else ``STEM.*`` (``stem``: below its own folder); ``(path, "unsupported")``
+    for one in a format we list but do not train on (``.gif``, ...); ``(None, "missing")``. ``readable`` (the web
+    app's workspace rule) False for an entry there: ``(path, "outside")``, and the entry is never opened."""
     base = Path(controls_dir).expanduser()
     if not base.is_dir():
         raise UserError(f"controls folder {base} does not exist or is not a folder; fix the folder's controls path")
-    for ext in IMAGE_EXTENSIONS:
-        for candidate in (base / f"{key}{ext}", base / f"{key}{ext.upper()}"):
+    keys = (key,) if stem == key else (key, stem)
+    if readable is not None:  # a subfolder (10_cat/) that is a symlink out: nothing below it is looked at
+        for k in keys:
+            if (sub := (base / k).parent) != base and os.path.lexists(sub) and not readable(sub):
+                return sub, "outside"
+    for exts, problem in ((IMAGE_EXTENSIONS, None), (UNSUPPORTED_EXTENSIONS, "unsupported")):
+        for candidate in (base / f"{k}{e}" for k in keys for ext in exts for e in (ext, ext.upper())):
+            if readable is not None and os.path.lexists(candidate) and not readable(candidate):
+                return candidate, "outside"
             if candidate.is_file():
-                return candidate
-    return None
-
-
-def _unsupported_control(key: str, controls_dir: Path | str) -> Path | None:
-    """A same-name reference in a format we list but do not train on (``.gif``, ``.tif``, ...), for the error."""
-    base = Path(controls_dir).expanduser()
-    return next((c for ext in UNSUPPORTED_EXTENSIONS for c in (base / f"{key}{ext}", base / f"{key}{ext.upper()}")
-                 if c.is_file()), None)
+                return candidate, problem
+    return None, "missing"
 
 
 def decoded_size(src: Path | bytes) -> tuple[tuple[int, int] | None, str | None]:
@@ -347,10 +357,15 @@ def decoded_size(src: Path | bytes) -> tuple[tuple[int, int] | None, str | None]
         return None, f"unreadable: {type(e).__name__}: {e}"
 
 
-def _aspect_kept(src: tuple[int, int], dst: tuple[int, int]) -> float:
+def aspect_kept(src: tuple[int, int], dst: tuple[int, int]) -> float:
     """The fraction of ``src`` a cover + centre crop to ``dst``'s aspect ratio keeps."""
     a, b = src[0] / src[1], dst[0] / dst[1]
     return min(a / b, b / a)
+
+
+def reference_crop_note(ref_size: tuple[int, int], size: tuple[int, int], kept: float) -> str:
+    """How a reference of another aspect ratio than its image is cropped, for the warning and the web app."""
+    return f"{ref_size[0]}x{ref_size[1]} px for a {size[0]}x{size[1]} image: {kept:.0%} of it kept"
 
 
 def _within_range(size: tuple[int, int], buckets) -> bool:

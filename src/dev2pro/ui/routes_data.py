@@ -10,7 +10,6 @@ import asyncio
 import json
 import sys
 
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -20,11 +19,11 @@ from ..data.buckets import assign_bucket, make_buckets
 from ..data.folders import Scanner
 from ..errors import UserError
 from .handlers import TooLarge, json_body, number, text
+from .pairs import References, listed_images, too_large
 from .upload import read_upload
 from .workspace import check_image
 
 MAX_IMAGES = 2000  # listed per dataset request (each one's header is read)
-MAX_CHECK_PIXELS = 40_000_000  # larger images are flagged from their header, never decoded by a page request
 
 
 def _candidates(ui) -> dict:
@@ -159,14 +158,8 @@ def _image_checker(min_size: int, buckets):
     """``check(path) -> (size or None, reason or None)`` with the dataset reader's own rules (unreadable, too
     small, an aspect ratio no bucket can hold)."""
     def check(path):
-        try:  # the header only: an image too large to decode per request is not decoded here
-            with Image.open(path) as im:
-                w, h = im.size
-            if w * h > MAX_CHECK_PIXELS:
-                return None, (f"{w}x{h} px is over {MAX_CHECK_PIXELS // 10**6} megapixels (not decoded here; "
-                              f"downscale it)")
-        except Exception:  # noqa: BLE001 -- unreadable: the scanner below says why
-            pass
+        if why := too_large(path):  # the header only: an image too large to decode per request is not decoded here
+            return None, why
         scanner = Scanner(min_size=min_size, buckets=buckets)
         size = scanner.image_size(path, path.name)
         return size, (scanner.skipped[0][len(path.name) + 2:-1] if scanner.skipped else None)
@@ -187,8 +180,9 @@ async def dataset(request: Request, ui):
 
 
 def _dataset(ui, q) -> dict:
-    """The folder's images (at most ``MAX_IMAGES``) with sizes, captions and bucket preview; bounded work for
-    any query (resolution, step and min_size are range-checked before anything is read)."""
+    """The folder's images (at most ``MAX_IMAGES``; a kohya parent's are those of its N_name subfolders) with sizes,
+    captions and bucket preview, and with ``controls`` (edit pairs) each one's reference and a pair summary;
+    bounded work for any query (resolution, step and min_size are range-checked before anything is read)."""
     folder = ui.ws.resolve(q.get("folder", ""), must_exist=True)
     if not folder.is_dir():
         raise UserError(f"{q.get('folder')} is not a folder")
@@ -196,20 +190,27 @@ def _dataset(ui, q) -> dict:
     step = number(q, "bucket_step", 64, 16, 512)
     buckets = make_buckets(resolution ** 2, step=step)
     check = _image_checker(number(q, "min_size", 16, 1, 4096), buckets)
+    refs = References(ui.ws, q["controls"]) if q.get("controls", "").strip() else None
     items, sizes, skipped = [], [], []
-    images = ui.ws.images(folder, limit=MAX_IMAGES + 1, skipped=skipped)
-    for img in images[:MAX_IMAGES]:
+    images = listed_images(ui.ws, folder, MAX_IMAGES + 1, skipped)
+    for img, key, stem in images[:MAX_IMAGES]:
         size, reason = check(img)
         caption = ui.ws.read_text(img.with_suffix(".txt"))  # None: none, or a symlink out (never read)
-        items.append({"path": ui.ws.rel(img), "name": img.name, "caption": (caption or "").strip(),
+        rel = ui.ws.rel(img)
+        items.append({"path": rel, "name": img.relative_to(folder).as_posix(), "caption": (caption or "").strip(),
                       "has_caption": caption is not None, "size": list(size) if size else None, "bad": reason})
+        if refs is not None:
+            items[-1]["reference"] = refs.check(rel, key, stem, size)
         if size:
             sizes.append(size)
     preview = _bucket_preview(sizes, buckets)
     folders = dataset_folders(ui)
-    return {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders,
-            "truncated": len(images) > MAX_IMAGES,
-            "skipped": [{"name": n, "reason": "a symlink out of the workspace (not read)"} for n in skipped]}
+    out = {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders,
+           "truncated": len(images) > MAX_IMAGES,
+           "skipped": [{"name": n, "reason": "a symlink out of the workspace (not read)"} for n in skipped]}
+    if refs is not None:
+        out["pairs"] = refs.summary(complete=len(images) <= MAX_IMAGES)
+    return out
 
 
 async def upload(request: Request, ui):

@@ -99,13 +99,15 @@ async function loadDataset() {
     $("dataset-folder").value = state.datasets[0];  // a newcomer's photos: the workspace's first image folder
   }
   const folder = $("dataset-folder").value.trim();
+  const controls = referenceFolder(folder);
   let d;
   const q = `folder=${encodeURIComponent(folder)}&resolution=${$("bucket-resolution").value}` +
-    `&bucket_step=${$("bucket-step").value}`;
+    `&bucket_step=${$("bucket-step").value}` + (controls ? `&controls=${encodeURIComponent(controls)}` : "");
   try { d = await api("/api/dataset?" + q, undefined, { quiet: true }); }
   catch (e) {
-    $("thumbs").innerHTML = "";
-    $("bucket-preview").textContent = e.message.includes("out of range") ? e.message : "(empty: upload images)";
+    $("thumbs").innerHTML = ""; $("pair-summary").textContent = "";
+    $("bucket-preview").textContent = /out of range|reference folder/.test(e.message) ? e.message
+      : "(empty: upload images)";
     return;
   }
   state.folder = d.folder;
@@ -114,6 +116,7 @@ async function loadDataset() {
     (d.buckets.map((b) => `${b.bucket} × ${b.images}`).join(", ") || "none") +
     (d.truncated ? ` (the first ${d.images.length} shown)` : "") +
     (d.skipped.length ? `; not read (symlinks out of the workspace): ${d.skipped.map((s) => s.name).join(", ")}` : "");
+  $("pair-summary").textContent = d.pairs ? pairSummary(d.pairs) : "";
   const grid = $("thumbs"); grid.innerHTML = "";
   for (const im of d.images) {
     const ta = el("textarea", { class: "caption", rows: 3, "data-path": im.path, placeholder: "(no caption)" });
@@ -122,12 +125,47 @@ async function loadDataset() {
       await api("/api/caption", { image: im.path, text: ta.value });
       ta.dataset.saved = "1"; toast("caption saved: " + im.name, true);
     });
-    grid.append(el("div", { class: "thumb" + (im.bad ? " bad" : ""), "data-path": im.path },
-      el("img", { src: "/api/thumb?path=" + encodeURIComponent(im.path), alt: im.name, loading: "lazy" }),
+    const r = im.reference, unusable = r && ["missing", "unusable"].includes(r.status);
+    const pic = el("img", { src: thumbUrl(im.path), alt: im.name, loading: "lazy" });
+    grid.append(el("div", { class: "thumb" + (im.bad || unusable ? " bad" : ""), "data-path": im.path,
+                            ...(r ? { "data-reference": r.status } : {}) },
+      r ? el("div", { class: "pair" }, pic, referenceView(r)) : pic,
       el("div", { class: "meta" }, el("label", { class: "check" }, el("input", { type: "checkbox", class: "select" }),
         im.name), el("span", { text: im.size ? im.size.join("×") : "" })),
-      im.bad ? el("div", { class: "flag", text: "skipped in training: " + im.bad }) : "", ta));
+      im.bad ? el("div", { class: "flag", text: "skipped in training: " + im.bad }) : "",
+      r && r.problem ? el("div", { class: "flag" + (unusable ? "" : " warn"), text: (r.status === "unusable" ?
+        "reference unusable: " : r.status === "cropped" ? "reference cropped: " : "") + r.problem }) : "", ta));
   }
+}
+
+const thumbUrl = (p) => "/api/thumb?path=" + encodeURIComponent(p);
+
+// the edit pairs' reference folder: typed here, or the Train form's controls for this folder when it has one
+function referenceFolder(folder) {
+  const input = $("dataset-controls");
+  if (!input.value.trim() && !input.dataset.touched) {
+    const sel = `#folder-options .table-row[data-path="${CSS.escape(folder)}"] [data-item="controls"]`;
+    const field = document.querySelector(sel);
+    if (field && field.value.trim()) input.value = field.value.trim();
+  }
+  return input.value.trim();
+}
+
+function referenceView(r) {  // the reference's thumbnail beside its image, or why training cannot use one
+  if (r.status === "paired" || r.status === "cropped") {
+    return el("img", { class: "ref", src: thumbUrl(r.path), alt: "reference " + r.path, title: "reference: " +
+      r.path + (r.size ? ` (${r.size.join("×")})` : ""), loading: "lazy" });
+  }
+  return el("div", { class: "ref none", title: r.problem,
+                     text: r.status === "missing" ? "no reference" : "reference unusable" });
+}
+
+function pairSummary(p) {
+  const n = (k, word) => `${k} ${word}${k === 1 ? "" : "s"}`;
+  const unused = p.unused === null ? "" : p.unused_count ? `; ${p.unused_count} unused in ${p.controls}: ` +
+    p.unused.join(", ") + (p.unused_count > p.unused.length ? ", …" : "") : "";
+  return `${n(p.paired, "pair")}, ${p.missing + p.problem} without a usable reference` +
+    (p.cropped ? ` (${p.cropped} of the pairs with another aspect ratio: cropped)` : "") + unused;
 }
 
 async function upload() {
@@ -352,6 +390,7 @@ $("load-folder").onclick = async () => {
   await loading("dataset", loadDataset);
   if (state.folder) api("/api/settings", { dataset: state.folder }, { quiet: true }).catch(() => {});  // for Train
 };
+$("dataset-controls").oninput = () => { $("dataset-controls").dataset.touched = "1"; };
 $("trigger").onchange = () => api("/api/settings", { trigger: $("trigger").value }, { quiet: true }).catch(() => {});
 $("upload").onclick = upload;
 $("bucket-resolution").onchange = $("bucket-step").onchange = () => loadDataset();
