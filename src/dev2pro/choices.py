@@ -18,6 +18,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 LORA_TARGETS = ("attention", "all_linear")  # lora.targets.target_modules presets
 LORA_LAYOUTS = ("kohya", "comfy", "diffusers")  # lora.formats: the layouts it writes
 CHECKPOINT_LAYOUTS = ("bfl", "comfy", "diffusers")  # flux.checkpoint: the layouts it writes
+MAX_REFERENCES = 10  # reference images per edit (FLUX.2 takes up to 10; each adds the image's token count)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # model files that need allow_pickle
 # diffusers' attention dispatcher backends that run from installed packages ("" = PyTorch SDPA as diffusers calls it;
 # "auto": the fastest that passes a probe with the model on this card, train/attention.py).

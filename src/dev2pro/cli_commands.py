@@ -252,8 +252,9 @@ def add_sample(sub):
     p.add_argument("--adapter", default=None, metavar="FILE[:SCALE]",
                    help="training adapter (e.g. a dev -> dev2pro LoRA) as a side branch: dev + adapter + LoRA "
                         "renders the LoRA on dev2pro with one base")
-    p.add_argument("--image", default=None, metavar="FILE",
-                   help="reference image every prompt edits (FLUX.2: an edit-pair LoRA; fitted to --size)")
+    p.add_argument("--image", action="append", default=None, metavar="FILE",
+                   help="reference image every prompt edits (FLUX.2: an edit-pair LoRA; fitted to --size); repeat "
+                        "for several, in the order the LoRA was trained with")
 
     def run(a):
         from . import sampling as S

@@ -105,6 +105,9 @@ def resolve_paths(cfg, base: Path) -> None:
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             resolve_paths(v, base)
+        elif f.metadata.get("path") and isinstance(v, list):  # several paths (e.g. controls = ["a", "b"])
+            setattr(cfg, f.name, [str((Path(base) / x).resolve()) if isinstance(x, str) and x and
+                                  not Path(x).is_absolute() else x for x in v])
         elif isinstance(v, list):
             for item in v:
                 if dataclasses.is_dataclass(item):
@@ -334,6 +337,21 @@ def require_range(name: str, value, low, high=None, *, above: bool = False) -> N
         else:
             allowed = f"in {low}..{high}" if not above else f"> {low} and <= {high}"
         raise ConfigError(f"{name} must be {allowed}, got {value}")
+
+
+def as_list(value) -> list:
+    """A ``str | list[str]`` setting (one path, or several) as a list; "" and None: []."""
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def require_path_list(name: str, value, most: int) -> None:
+    """``require`` for a ``str | list[str]`` path setting: a list holds 1..``most`` distinct non-empty paths."""
+    if isinstance(value, list):
+        require(0 < len(value) <= most and all(isinstance(v, str) and v.strip() for v in value)
+                and len(set(value)) == len(value),
+                f"{name}: give one path, or a list of 1..{most} distinct paths, got {value}")
 
 
 SIZE_HELP = 'image size "WIDTHxHEIGHT" (e.g. "768x512"; one number for a square)'

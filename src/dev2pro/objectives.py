@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .flow import flow_loss, flow_target, noisy_input, sample_sigmas
 from . import families
-from .flux.latents import pack
+from .flux.latents import pack, pack_references
 
 from .choices import OBJECTIVES  # noqa: E402 -- re-exported
 
@@ -40,7 +40,7 @@ class Noised:
     w: torch.Tensor  # (B,) CFG scales for the teacher objectives (ones when not drawn)
     weights: torch.Tensor | None = None  # (B,) loss weight per sample (reg images); None: all 1
     mask: torch.Tensor | None = None  # (B, 1, h, w) loss mask on the latent grid; None: no image has one
-    control: torch.Tensor | None = None  # (B, C, h, w) reference images' latents (edit pairs); None: none
+    control: torch.Tensor | None = None  # (B, n, C, h, w) n reference images' latents (edit pairs); None: none
 
     def to(self, device) -> "Noised":
         """This batch on ``device``, so x_t and the target are built there (no host copy queued behind the forward).
@@ -77,11 +77,11 @@ class ModelInputs:
     pooled: torch.Tensor | None
     h: int
     w: int
-    reference: torch.Tensor | None = None  # (B, T, C*4) clean reference-image tokens the model attends to
+    reference: torch.Tensor | None = None  # (B, n*T, C*4) clean reference-image tokens the model attends to
 
     @classmethod
     def of(cls, batch: Noised) -> "ModelInputs":
-        ref = None if batch.control is None else pack(batch.control)
+        ref = None if batch.control is None else pack_references(batch.control)
         return cls(batch.x_t, batch.sigmas, batch.prompt_embeds, batch.pooled, *batch.x0.shape[2:], ref)
 
     @property

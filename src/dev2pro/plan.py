@@ -59,7 +59,7 @@ class PlanInputs:
     optimizer: str = "adamw"
     batch_size: int = 1
     image_tokens: tuple[int, ...] = (1024,)  # packed image tokens per bucket (512^2 -> 1024, 1024^2 -> 4096)
-    images_per_sample: int = 1  # 2: edit pairs, a reference image's tokens beside each image's (in image_tokens)
+    images_per_sample: int = 1  # 1 + n: edit pairs, n reference images' tokens beside each image's (in image_tokens)
     text_tokens: int = 512
     sample_pixels: int = 0  # width * height of samples during training (0 = no samples)
     inference_base: bool = False  # a second transformer visits the GPU for samples
@@ -290,7 +290,8 @@ def render(plan: Plan) -> str:
     ck = "with" if i.gradient_checkpointing else "without"
     for img, act in plan.activations.items():
         side = int((img // i.images_per_sample * 256) ** 0.5)
-        what = f"~{side}px^2" + (" + its reference" if i.images_per_sample == 2 else "")
+        refs = i.images_per_sample - 1
+        what = f"~{side}px^2" + (" + its reference" if refs == 1 else f" + its {refs} references" if refs else "")
         lines.append(f"  activations at {img} image tokens ({what}), batch {i.batch_size}, "
                      f"{ck} checkpointing: {fmt_gb(act)} -> training peak {fmt_gb(plan.train_peak(img))}")
     if i.sample_pixels:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .choices import PICKLE_SUFFIXES
+from .config import as_list
 from .errors import UserError
 
 
@@ -108,12 +109,13 @@ def plan_inputs(cfg):
 
     m = cfg.model
     spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family).spec()
+    from .data.folders import control_dirs
     from .data.mixing import active_folders, largest_resolution
 
     folders = active_folders([_folder(f) for f in cfg.data.folders], cfg.data.reg_weight)
     res = largest_resolution(cfg.data.resolution, folders)  # the largest is what the memory peak sees
     sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
-    per_image = 2 if any(f.controls for f in folders) else 1  # edit pairs: the reference's tokens ride along
+    per_image = 1 + max((len(control_dirs(f)) for f in folders), default=0)  # edit pairs: references ride along
     inp = PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
                      blocks_to_swap=m.blocks_to_swap,
                      rank=cfg.lora.rank, targets=cfg.lora.targets, extra_targets=tuple(cfg.lora.extra_targets),
@@ -188,7 +190,7 @@ def _folder(f):
     from .data.folders import DatasetFolder  # torch-free, but only recipes need it
 
     return DatasetFolder(Path(f.path), f.repeats, f.caption or None, f.recursive, Path(f.masks) if f.masks else None,
-                         f.role, _resolutions(f.resolution), Path(f.controls) if f.controls else None)
+                         f.role, _resolutions(f.resolution), tuple(Path(c) for c in as_list(f.controls)))
 
 
 # ------------------------------------------------------------------------------------------------ compare

@@ -16,10 +16,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .choices import (ATTENTION_BACKENDS, COMPUTE_DTYPES, EXPORT_FORMATS, FAMILIES, LORA_TARGETS, MIXED_PRECISION,
-                      OBJECTIVES, OPTIMIZERS, SCHEDULES, TEXT_DTYPES, TIMESTEP_MODES)
-from .config import (SIZE_HELP, explicit_keys, load_config, opt, ordered, require, require_range,
-                     resolve_size, section)
+from .choices import (ATTENTION_BACKENDS, COMPUTE_DTYPES, EXPORT_FORMATS, FAMILIES, LORA_TARGETS, MAX_REFERENCES,
+                      MIXED_PRECISION, OBJECTIVES, OPTIMIZERS, SCHEDULES, TEXT_DTYPES, TIMESTEP_MODES)
+from .config import (SIZE_HELP, as_list, explicit_keys, load_config, opt, ordered, require, require_path_list,
+                     require_range, resolve_size, section)
 from .errors import ConfigError
 from .recipe_inputs import apply_vram_preset, check_rank_fits, data_source, plan_inputs  # noqa: F401 (API)
 from .recipe_inputs import apply_sample_guidance_default
@@ -122,8 +122,9 @@ class FolderSection:
                                  "recognised without it)")
     masks: str = opt("", "folder of loss masks named like the images (white = learn, black = ignore); a "
                          "NAME.mask.png beside an image is read without it", path=True)
-    controls: str = opt("", "folder of reference images named like the images (edit pairs: the model sees the "
-                            "reference and learns to produce the image; FLUX.2 only)", path=True)
+    controls: str | list[str] = opt("", "folder of reference images named like the images (edit pairs: the model "
+                                        "sees the reference and learns to produce the image; FLUX.2 only); a list "
+                                        "of folders: several references per image, in this order", path=True)
     role: str = opt("train", "reg: regularization (class) images for prior preservation, loss-weighted by "
                              "data.reg_weight (a kohya reg_data_dir of N_class folders works as is)", ("train", "reg"))
     resolution: int | list[int] = opt(0, "this folder's resolution(s) instead of data.resolution (0: data's)")
@@ -131,6 +132,7 @@ class FolderSection:
     def validate(self):
         require(bool(self.path), "path: each [[data.folders]] needs a path")
         require_range("repeats", self.repeats, 1, 100_000)
+        require_path_list("controls", self.controls, MAX_REFERENCES)
         if self.resolution != 0:
             check_resolutions(self.resolution, 16)
 
@@ -349,11 +351,13 @@ class SampleSection(SampleBase):
     with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
                                     "dev2pro), as step*-adapter.png")
     baseline: bool = opt(True, "render a step-0 grid (the base before training) to compare the others with")
-    control: str = opt("", "reference image every sample prompt edits (edit-pair LoRAs, [[data.folders]] controls; "
-                           "FLUX.2), fitted to the sample size", path=True)
+    control: str | list[str] = opt("", "reference image every sample prompt edits (edit-pair LoRAs, "
+                                       "[[data.folders]] controls; FLUX.2), fitted to the sample size; a list: "
+                                       "several, in the order of the controls folders", path=True)
 
     def validate(self):
         super().validate()
+        require_path_list("control", self.control, MAX_REFERENCES)
         require(not self.control or min(self.width, self.height) >= 64, "control: the reference image is fitted "
                 f"to the sample size, and FLUX.2's pipelines need >= 64 px a side; got {self.width}x{self.height}")
         require_range("guidance", self.guidance, 0, 100, above=True)
@@ -428,6 +432,10 @@ class TrainConfig:
         require(not (self.validation.enabled and self.data.shards), "validation: held-out images are cached from "
                 "image folders, not data.shards: leave validation.folder and validation.fraction unset, or train "
                 "from [[data.folders]]")
+        refs, given = {len(as_list(f.controls)) for f in self.data.folders if f.controls}, as_list(self.sample.control)
+        require(not (given and refs) or refs == {len(given)}, f"sample.control: {len(given)} reference image(s), "
+                f"but the LoRA learns edits from {'/'.join(map(str, sorted(refs)))} (the controls folders of "
+                "[[data.folders]]): give sample.control as many, in the folders' order")
 
 
 @dataclass

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .arguments import parse_lora_arg, slug
-from .choices import GUIDANCE_MODES
-from .config import load_config, opt, parse_size, require, require_range
+from .choices import GUIDANCE_MODES, MAX_REFERENCES
+from .config import load_config, opt, parse_size, require, require_path_list, require_range
 from .errors import ConfigError, UserError
 
 
@@ -48,8 +48,8 @@ class CompareConfig:
     steps: int = opt(20, "sampling steps")
     size: str = opt("1024x1024", "image size WIDTHxHEIGHT")
     out: str = opt("compare-out", "output folder (must not exist unless --overwrite)")
-    image: str | None = opt(None, "reference image every prompt edits (FLUX.2 edit-pair LoRAs; fitted to size), as "
-                                  "`dev2pro sample --image`")
+    image: str | list[str] | None = opt(None, "reference image every prompt edits (FLUX.2 edit-pair LoRAs; fitted "
+                                              "to size), as `dev2pro sample --image`; a list: several, in order")
     metric_hook: str | None = opt(None, 'optional extra metrics: "module:function" or "file.py:function", '
                                         "called as fn(images, prompts) -> {name: float}")
     arms: list[Arm] = opt([], "[[arms]] tables: what to compare")
@@ -60,6 +60,7 @@ class CompareConfig:
         require(bool(self.seeds), "seeds: give at least one seed")
         require(self.steps >= 1, f"steps: must be >= 1, got {self.steps}")
         require(len(self.arms) >= 1, "arms: add at least one [[arms]] table")
+        require_path_list("image", self.image, MAX_REFERENCES)
         try:
             parse_size(self.size)
         except UserError as e:

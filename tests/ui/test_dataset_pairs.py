@@ -82,7 +82,7 @@ def test_each_image_gets_its_reference_as_training_judges_it(app, asgi, monkeypa
                           "unused": ["before/unused.png", "before/zz-spare.webp"], "unused_count": 2}
     # the same verdicts as training's scanner on the same folders (its lookup, decode and aspect rules)
     scanner = Scanner(default_caption="edit")
-    items = {it.path.name: it.control for it, _ in scanner.folders([DatasetFolder(ws / "after",
+    items = {it.path.name: (it.controls or (None,))[0] for it, _ in scanner.folders([DatasetFolder(ws / "after",
                                                                                   controls=ws / "before")])}
     assert items["astronaut.png"] == ws / "before" / "astronaut.jpg" and items["rocket.jpg"] == ws / "before" / \
         "rocket.png"
@@ -124,7 +124,7 @@ def test_kohya_parent_looks_in_controls_n_name_then_controls(app, asgi):
     assert by_name["5_dog/003.png"]["reference"]["problem"].startswith("also kohya/10_cat/003.png's reference")
     assert d["pairs"]["unused"] == ["refs/10_cat/old.png"] and d["pairs"]["paired"] == 3
     scanner = Scanner(default_caption="edit")
-    items = {it.path.relative_to(parent).as_posix(): it.control
+    items = {it.path.relative_to(parent).as_posix(): (it.controls or (None,))[0]
              for it, _ in scanner.folders([DatasetFolder(parent, controls=refs)])}
     assert {k: v.relative_to(ws).as_posix() for k, v in items.items() if k != "5_dog/002.png"} == \
         {k: p for k, (p, _) in got.items() if p}

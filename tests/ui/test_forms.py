@@ -162,7 +162,9 @@ def test_absolute_paths_outside_the_workspace_are_refused_in_any_field(tmp_path)
 
 
 @pytest.mark.parametrize("values", [{"sample.control": "/etc/passwd"},
-                                    {"data.folders": [{"path": "d", "controls": "../outside"}]}])
+                                    {"sample.control": "ref.png\n/etc/passwd"},
+                                    {"data.folders": [{"path": "d", "controls": "../outside"}]},
+                                    {"data.folders": [{"path": "d", "controls": "before\n../outside"}]}])
 def test_edit_pair_paths_are_confined_to_the_workspace(tmp_path, values):
     """The reference-image settings are path fields like the others: the web app resolves them in the workspace."""
     (tmp_path / "ws" / "m").mkdir(parents=True)
@@ -172,3 +174,22 @@ def test_edit_pair_paths_are_confined_to_the_workspace(tmp_path, values):
     with pytest.raises(ConfigError, match=r"'(sample.control|data.folders\[\].controls)': path .* (absolute|contains)"):
         forms.build_config(forms.field_specs(TrainConfig), {**base, **values}, load_train_config,
                            path_fields(TrainConfig), Workspace(tmp_path / "ws").resolve)
+
+
+def test_several_reference_folders_are_one_per_line(tmp_path):
+    """controls and sample.control take one path or a list: one line of the form is that path, several lines the
+    list (each resolved in the workspace), as the same TOML would hold them; and path_values lists each one."""
+    for d in ("m", "d", "before", "style"):
+        (tmp_path / d).mkdir()
+    specs = forms.field_specs(TrainConfig)
+    kinds = {s["key"]: s for s in specs}
+    assert kinds["sample.control"]["kind"] == "str_or_list"
+    assert {f["key"]: f["kind"] for f in kinds["data.folders"]["fields"]}["controls"] == "str_or_list"
+    values = {"model.path": "m", "save.output_dir": "out", "data.folders": [{"path": "d", "controls": "before\n style "}]}
+    cfg = forms.build_config(specs, values, load_train_config, path_fields(TrainConfig), Workspace(tmp_path).resolve)
+    root = tmp_path.resolve()
+    assert cfg.data.folders[0].controls == [str(root / "before"), str(root / "style")]
+    assert ("data.folders[].controls", str(root / "style")) in forms.path_values(cfg, path_fields(TrainConfig))
+    one = forms.build_config(specs, {**values, "data.folders": [{"path": "d", "controls": "before\n"}]},
+                             load_train_config, path_fields(TrainConfig), Workspace(tmp_path).resolve)
+    assert one.data.folders[0].controls == str(root / "before")

@@ -86,6 +86,16 @@ def open_fitted(path: Path | str, size: tuple[int, int]) -> Image.Image:
     return fit_image(im, size)
 
 
+def fitted_references(paths, size: tuple[int, int]):
+    """An edit's reference image(s) fitted to the render ``size`` as the training pairs were to their bucket: one
+    path -> one PIL image, a list -> a list of them (``Flux2Pipeline``'s ``image``), "" / None / [] -> None."""
+    if not paths:
+        return None
+    if isinstance(paths, (list, tuple)):
+        return [open_fitted(p, size) for p in paths]
+    return open_fitted(paths, size)
+
+
 def load_and_fit(path: Path | str, size: tuple[int, int]) -> torch.Tensor:
     """Image file -> (3, height, width) float32 tensor in [-1, 1], EXIF-rotated, covered and centre-cropped."""
     pixels = np.array(open_fitted(path, size), dtype=np.float32)  # (H, W, 3) in [0, 255]

@@ -7,7 +7,7 @@ Each cached tensor set is one safetensors file named by a sha256 over *everythin
   mask, also the mask file's bytes and ``masks.PREPROCESS_VERSION`` (the latent-grid mask is stored beside the
   latents as ``mask`` (1, h, w); an all-white mask is not stored); with a reference image (an edit pair's
   "before", ``folders.find_control``), also its bytes: its latents, fitted to the same bucket, are stored as
-  ``control`` (C, h, w);
+  ``control`` (C, h, w), further references of a multi-reference edit as ``control_1``, ``control_2``, ...;
 - text: the caption, the encoder identity and settings such as the T5 max length.
 
 So a renamed image still hits, and an edited image, another bucket, another VAE or another max length misses:
@@ -58,9 +58,10 @@ def _key(record: dict) -> str:
 
 
 def latent_key(image_sha256: str, size: tuple[int, int], encoder_id: str, settings: dict | None = None,
-               mask_sha256: str | None = None, control_sha256: str | None = None) -> str:
+               mask_sha256: str | None = None, control_sha256: str | list[str] | None = None) -> str:
     """Cache key of one image's latents at bucket ``size`` = (width, height), with its mask's and its reference
-    image's hashes if it has them (without them the key is what it always was: existing caches stay valid)."""
+    image's hashes if it has them (without them the key is what it always was: existing caches stay valid; a
+    list: several references, in order)."""
     record = dict(kind="latents", image=image_sha256, size=list(size), encoder=encoder_id, settings=settings or {},
                   preprocess=PREPROCESS_VERSION)
     if mask_sha256 is not None:
@@ -68,6 +69,17 @@ def latent_key(image_sha256: str, size: tuple[int, int], encoder_id: str, settin
     if control_sha256 is not None:
         record["control"] = control_sha256
     return _key(record)
+
+
+def control_names(n: int) -> list[str]:
+    """The tensor names of ``n`` reference images' latents: ``control``, ``control_1``, ..."""
+    return [CONTROL_NAME] + [f"{CONTROL_NAME}_{i}" for i in range(1, n)] if n else []
+
+
+def cached_controls(cached: dict) -> torch.Tensor | None:
+    """(n, C, h, w): the reference latents of one cached image, in order; None without."""
+    names = control_names(sum(1 for k in cached if k == CONTROL_NAME or k.startswith(CONTROL_NAME + "_")))
+    return torch.stack([cached[k] for k in names]) if names else None
 
 
 def text_key(caption: str, encoder_id: str, settings: dict | None = None) -> str:
@@ -110,41 +122,52 @@ def cache_latents(
     batch_size: int = 4,
     settings: dict | None = None,
 ) -> list[Path]:
-    """Latent cache files for (image path, (width, height) bucket[, mask path or None[, reference image or
-    None]]), computing only the missing ones.
+    """Latent cache files for (image path, (width, height) bucket[, mask path or None[, reference image(s): a
+    path, a tuple of paths or None]]), computing only the missing ones.
 
     ``encode_fn`` maps (B, 3, H, W) pixels in [-1, 1] to (B, C, H/8, W/8) latents (e.g. ``encode_images`` bound
     to a VAE); batches never mix buckets. Returns one path per input, in input order. Each file holds
-    ``latents`` (C, h, w) (+ ``mask``, + ``control``: the reference image's latents at the same bucket) and
+    ``latents`` (C, h, w) (+ ``mask``, + ``control_names``: the references' latents at the same bucket) and
     metadata naming the source image and bucket.
     """
     out_dir = Path(cache_dir) / "latents"
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, todo = [], {}  # todo: key -> (image, size, mask, control); one image+bucket is encoded once
+    paths, todo = [], {}  # todo: key -> (image, size, mask, controls); one image+bucket is encoded once
     for image, size, *extra in items_with_buckets:
         mask, control = (list(extra) + [None, None])[:2]
+        controls = tuple(control) if isinstance(control, (list, tuple)) else ((control,) if control else ())
+        shas = [_sha256_file(Path(c)) for c in controls]  # one reference: its hash alone, as it always was
         key = latent_key(_sha256_file(Path(image)), size, encoder_id, settings,
                          _sha256_file(Path(mask)) if mask else None,
-                         _sha256_file(Path(control)) if control else None)
+                         (shas[0] if len(shas) == 1 else shas) if shas else None)
         path = out_dir / f"{key}.safetensors"
         paths.append(path)
-        if key not in todo and not _is_valid(path, key, [LATENT_NAME] + ([CONTROL_NAME] if control else [])):
-            todo[key] = (Path(image), tuple(size), mask, control)
+        if key not in todo and not _is_valid(path, key, [LATENT_NAME] + control_names(len(controls))):
+            todo[key] = (Path(image), tuple(size), mask, controls)
     by_bucket = defaultdict(list)
     for key, (_, size, _, _) in todo.items():
         by_bucket[size].append(key)
     for (w, h), keys in sorted(by_bucket.items()):
         for batch in _batches(keys, batch_size):
             latents = _encode([todo[k][0] for k in batch], (w, h), encode_fn)  # (B, C, h/8, w/8)
-            refs = [k for k in batch if todo[k][3]]  # reference images: the same fit to the same bucket
-            controls = dict(zip(refs, _encode([todo[k][3] for k in refs], (w, h), encode_fn))) if refs else {}
+            refs = _encode_references(batch, {k: todo[k][3] for k in batch}, (w, h), encode_fn)
             for k, z in zip(batch, latents):
                 meta = dict(key=k, source=str(todo[k][0]), bucket=f"{w}x{h}", encoder=encoder_id)
                 tensors = {LATENT_NAME: z, **_latent_mask(todo[k][0], todo[k][2], (w, h), z.shape[-2:]),
-                           **({CONTROL_NAME: controls[k]} if k in controls else {})}
+                           **dict(zip(control_names(len(refs[k])), refs[k]))}
                 _write_atomic(tensors, out_dir / f"{k}.safetensors", meta)
     log.info("latent cache %s: %d reused, %d computed", out_dir, len(set(paths)) - len(todo), len(todo))
     return paths
+
+
+def _encode_references(keys: list, controls: dict, bucket: tuple[int, int], encode_fn) -> dict[str, list]:
+    """key -> the latents of its reference images (the same fit to the same bucket), in order; [] without."""
+    out: dict[str, list] = {k: [] for k in keys}
+    for i in range(max((len(controls[k]) for k in keys), default=0)):
+        with_i = [k for k in keys if len(controls[k]) > i]
+        for k, z in zip(with_i, _encode([controls[k][i] for k in with_i], bucket, encode_fn)):
+            out[k].append(z)
+    return out
 
 
 def _encode(images: list, bucket: tuple[int, int], encode_fn) -> torch.Tensor:

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,13 +67,13 @@ class DatasetFolder:
     masks: Path | str | None = None  # a folder of same-stem loss masks (white = learn; ``data/masks.py``)
     role: str = "train"  # "reg": regularization (class) images, weighted by ``data.reg_weight``
     resolutions: tuple[int, ...] = ()  # bucket each image at each of these; () = the dataset's
-    controls: Path | str | None = None  # a folder of same-stem reference images (edit pairs; FLUX.2)
+    controls: Path | str | Sequence[Path | str] | None = None  # folder(s) of same-stem references (edit pairs)
 
 
 @dataclass(frozen=True)
 class Item:
     """One training image. ``size`` is (width, height) in pixels after EXIF rotation; ``mask``: its loss mask
-    (None: every pixel counts); ``role``, ``resolutions`` and ``control`` come from its folder."""
+    (None: every pixel counts); ``role``, ``resolutions`` and ``controls`` come from its folder."""
 
     path: Path
     caption: str
@@ -82,7 +82,7 @@ class Item:
     mask: Path | None = None
     role: str = "train"
     resolutions: tuple[int, ...] = ()
-    control: Path | None = None  # its reference image (the "before" of an edit pair), fitted to its bucket
+    controls: tuple[Path, ...] = ()  # its reference image(s) (the "before" of an edit pair), fitted to its bucket
 
 
 @dataclass
@@ -175,23 +175,27 @@ class Scanner:
                                                                               else label)
         return None
 
-    def control(self, folder: "DatasetFolder", key: str, stem: str, label: str, size) -> Path | None:
-        """The reference of one image of ``folder`` (``locate_reference``: ``controls/KEY.*``, e.g. ``10_cat/001`` in
-        a kohya parent, else ``controls/STEM.*``); a missing or unreadable one is listed for ``finish``, one shared
-        by images of different kohya subfolders too."""
-        if not folder.controls:
-            return None
-        control, problem = locate_reference(key, stem, folder.controls)
+    def references(self, folder: "DatasetFolder", key: str, stem: str, label: str, size) -> tuple[Path, ...]:
+        """The reference(s) of one image of ``folder``, one per controls folder in order; () without controls or
+        when one is unusable (listed for ``finish``, which refuses the run)."""
+        found = tuple(self.control(d, key, stem, label, size) for d in control_dirs(folder))
+        return found if all(found) else ()
+
+    def control(self, controls: Path, key: str, stem: str, label: str, size) -> Path | None:
+        """The reference of one image in the folder ``controls`` (``locate_reference``: ``controls/KEY.*``, e.g.
+        ``10_cat/001`` in a kohya parent, else ``controls/STEM.*``); a missing or unreadable one is listed for
+        ``finish``, one shared by images of different kohya subfolders too."""
+        control, problem = locate_reference(key, stem, controls)
         if problem is not None:
             self.uncontrolled.append(f"{label} (its reference {control} is in a format we do not train on: convert it "
                                      f"to {', '.join(IMAGE_EXTENSIONS)})" if problem == "unsupported" else
-                                     f"{label} (no {Path(folder.controls) / key}.png/.jpg/... in a supported "
+                                     f"{label} (no {controls / key}.png/.jpg/... in a supported "
                                      f"format: {', '.join(IMAGE_EXTENSIONS)})")
             return None
         ref_size, why = decoded_size(control)
         if why is not None:
             self.uncontrolled.append(f"{label} (its reference {control} is {why})")
-            return control
+            return None
         if (kept := aspect_kept(ref_size, size)) < REFERENCE_KEPT:
             self.reference_crops.append(f"{control} ({reference_crop_note(ref_size, size, kept)})")
         if self.controls_seen.setdefault(control, label) != label:
@@ -204,10 +208,10 @@ class Scanner:
         """(item, key) of every usable image; key is the path below its folder without the suffix."""
         out = []
         for folder in folders:
+            controls = {d.resolve() for d in control_dirs(folder)}
             for root, repeats, token, recursive in self._expand(folder):
-                controls = Path(folder.controls).expanduser().resolve() if folder.controls else None
                 for path in _folder_files(root, recursive):
-                    if controls is not None and controls in path.resolve().parents:
+                    if controls & set(path.resolve().parents):
                         continue  # a controls folder inside a recursive dataset folder: references, not targets
                     label = str(path)
                     ext = path.suffix.lower()
@@ -225,10 +229,10 @@ class Scanner:
                         mask = find_mask(path, path.relative_to(root).with_suffix("").as_posix(), folder.masks)
                         if mask is None and folder.masks:
                             self.unmasked.append(label)
-                        control = self.control(folder, key, path.relative_to(root).with_suffix("").as_posix(),
+                        refs = self.references(folder, key, path.relative_to(root).with_suffix("").as_posix(),
                                                label, size)
                         out.append((Item(path, caption, repeats, size, mask, folder.role,
-                                         tuple(folder.resolutions), control), key))
+                                         tuple(folder.resolutions), refs), key))
         return out
 
     def _expand(self, folder: DatasetFolder) -> list[tuple[Path, int, str | None, bool]]:
@@ -245,10 +249,10 @@ class Scanner:
         kohya = [(d, KOHYA_NAME.match(d.name)) for d in subdirs]
         if any(m for _, m in kohya):
             parts = []
-            controls = Path(folder.controls).expanduser().resolve() if folder.controls else None
+            controls = {c.resolve() for c in control_dirs(folder)}
             for d, m in kohya:
                 if not m:
-                    if d.resolve() == controls:
+                    if d.resolve() in controls:
                         continue  # the references of this parent's images, not a folder it forgets
                     if _folder_files(d, folder.recursive, supported_only=True):
                         self.ignored.append(f"{d} (not named N_name, e.g. 10_{d.name})")
@@ -303,6 +307,12 @@ class Scanner:
                 "default caption (data.default_caption, or --default-caption for `dev2pro cache`)")
         if not items:
             raise UserError("the dataset is empty: no usable images; add images or fix the folder list")
+
+
+def control_dirs(folder: DatasetFolder) -> tuple[Path, ...]:
+    """The controls folder(s) of ``folder``, one per reference image, in order; () without."""
+    c = folder.controls
+    return tuple(Path(x).expanduser() for x in ([c] if isinstance(c, (str, Path)) else list(c or ())) if x)
 
 
 def find_control(key: str, controls_dir: Path | str | None) -> Path | None:

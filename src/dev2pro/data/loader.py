@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from dev2pro.data.cache import CONTROL_NAME, LATENT_NAME, MASK_NAME, load_cached
+from dev2pro.data.cache import CONTROL_NAME, LATENT_NAME, MASK_NAME, cached_controls, load_cached
 from dev2pro.errors import UserError
 
 
@@ -65,7 +65,7 @@ class CachedDataset(torch.utils.data.Dataset):
         if MASK_NAME in cached:
             item["mask"] = cached[MASK_NAME]
         if CONTROL_NAME in cached:
-            item["control"] = cached[CONTROL_NAME]
+            item["control"] = cached_controls(cached)  # (n, C, h, w): n reference images
         if entry.weight != 1:
             item["weight"] = float(entry.weight)
         return item
@@ -167,8 +167,8 @@ def collate(batch: list[dict]) -> dict:
     """Stack dataset items into ``latents`` (B, C, h, w), the text tensors (``prompt_embeds`` (B, seq, D),
     ``pooled`` (B, D), ...) and ``captions``; ``mask`` (B, 1, h, w) only when an item has one (ones for the
     others) and ``weights`` (B,) only when an item's weight is not 1: a batch without either is the unweighted
-    loss exactly, not a loss multiplied by ones. ``control`` (B, C, h, w): the reference images' latents, when
-    the items have them (a dataset has them for every image or none: ``data.prepare``)."""
+    loss exactly, not a loss multiplied by ones. ``control`` (B, n, C, h, w): the n reference images' latents,
+    when the items have them (a dataset has as many for every image: ``data.prepare``)."""
     if len({"control" in item for item in batch}) > 1:
         raise UserError("a batch mixes images with and without a reference image: give every [[data.folders]] "
                         "entry a controls folder, or none")

@@ -95,7 +95,7 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
         fam.check_text(pipe, spec)
     vae = fam.load_vae(model_dir, device)
     enc_id = encoder_identity(model_dir)
-    latent_paths = cache_latents([(it.path, bucket, it.mask, it.control) for it, _, bucket in plan],
+    latent_paths = cache_latents([(it.path, bucket, it.mask, it.controls) for it, _, bucket in plan],
                                  lambda px: fam.encode_images(vae, px).cpu(), f"vae:{enc_id}", cache_dir)
     settings = fam.text_settings(pipe, t5_len)
     if text_dtype != torch.float32:  # bf16 embeddings are other values: they get their own cache entries
@@ -124,7 +124,7 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
 def _check_references(items, folders, fam: Family) -> None:
     """Edit pairs (a ``controls`` folder) train with reference tokens on every image or on none: one batch has one
     token count, and a model learns the edit only where it sees the reference."""
-    with_refs = [it for it in items if it.control is not None]
+    with_refs = [it for it in items if it.controls]
     if with_refs and not fam.references:
         raise UserError(f"controls: reference images (edit pairs) need a FLUX.2 model (klein or dev); {fam.title} "
                         "has no reference-image input. Remove the controls folder(s) or train a FLUX.2 base")
@@ -134,6 +134,11 @@ def _check_references(items, folders, fam: Family) -> None:
                  "the validation.folder images (use validation.fraction for an edit dataset)")
         raise UserError(f"controls: some images have reference images and some do not ({where}); give every "
                         "folder a controls folder, or none")
+    counts = {len(it.controls): str(it.path) for it in with_refs}
+    if len(counts) > 1:  # one batch, one token count: every image sees as many references
+        raise UserError("controls: images have different numbers of reference images (" + "; ".join(
+            f"{n}: e.g. {p}" for n, p in sorted(counts.items())) + "); give every [[data.folders]] entry the same "
+            "number of controls folders")
 
 
 def _from_shards(model_dir: Path, shards: str, device, text_device, text_dtype, prompts, negative: str,

@@ -50,6 +50,15 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
     return FluxPipeline._pack_latents(latents, b, c, h, w)  # (B, T, C*4)
 
 
+def pack_references(control: torch.Tensor) -> torch.Tensor:
+    """Reference latents (B, n, C, H, W) -- or (B, C, H, W), one reference -- -> their tokens one after another
+    (B, n * H/2 * W/2, C*4), the order ``Flux2Pipeline`` appends its ``image`` list in."""
+    if control.ndim == 4:
+        return pack(control)
+    b, n = control.shape[:2]
+    return pack(control.flatten(0, 1)).reshape(b, n * (control.shape[-2] // 2) * (control.shape[-1] // 2), -1)
+
+
 def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, h/2 * w/2, C*4) tokens -> (B, C, h, w) latents, for a latent height ``h`` and width ``w``."""
     _check_even(h, w)

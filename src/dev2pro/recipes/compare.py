@@ -30,7 +30,7 @@ import torch
 from .. import families
 from .. import sampling as S
 from ..config import parse_size, to_dict
-from ..data.buckets import open_fitted
+from ..data.buckets import fitted_references
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
 from ..lora.formats import load_lora
@@ -136,7 +136,7 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     components, embeds, negative = S.prepare_family(cfg.model, family, cfg.prompts, cfg.negative, device, dtype)
     components["vae"].to(device)
 
-    refs = {"references": [open_fitted(cfg.image, (width, height))] * len(cfg.prompts)} if cfg.image else {}
+    refs = {"references": [fitted_references(cfg.image, (width, height))] * len(cfg.prompts)} if cfg.image else {}
     images, arm_info = _render_arms(cfg, family, arm_loras, guidance, components, embeds, negative, device, dtype,
                                     width, height, refs)
 
@@ -229,10 +229,14 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _reference_html(results: dict, reference) -> str:
+    """The reference image(s) every prompt edits, as the arms saw them."""
     if reference is None:
         return ""
-    return (f'<p>Every prompt edits the reference image {html.escape(str(results["image"]))} (fitted to the size):</p>'
-            f'<img src="{_data_uri(reference)}" alt="reference image" title="reference">')
+    shown = reference if isinstance(reference, list) else [reference]
+    names = results["image"] if isinstance(results["image"], list) else [results["image"]]
+    return (f'<p>Every prompt edits the reference image(s) {html.escape(", ".join(map(str, names)))} (fitted to the '
+            'size):</p>' + "".join(f'<img src="{_data_uri(r)}" alt="reference image" title="reference {i + 1}">'
+                                   for i, r in enumerate(shown)))
 
 
 def render_report(results: dict, grid, images: dict[str, list], reference=None) -> str:

@@ -17,8 +17,8 @@ import torch
 from .. import sampling as S
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
-from ..config import parse_size
-from ..data.buckets import open_fitted
+from ..config import as_list, parse_size
+from ..data.buckets import fitted_references
 from ..lora import adapter as adaptermod
 from ..owned import check_owned_folder, owned_folder
 from ..train.blockswap import enable_block_swap
@@ -50,14 +50,15 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
                size: str | tuple[int, int] = (1024, 1024),
                seeds: Sequence[int] = (0,), overwrite: bool = False, fp8: bool = False,
                max_sequence_length: int = 512, blocks_to_swap: int = 0,
-               adapter: str | tuple[str, float] | None = None, image: str | None = None) -> list[Path]:
+               adapter: str | tuple[str, float] | None = None, image: str | list[str] | None = None) -> list[Path]:
     """Render every prompt x seed; returns the written PNG paths (the grid last, when there is one).
 
     ``adapter`` (path[:scale]): a training adapter (e.g. dev -> dev2pro) added as a side branch after the LoRAs,
     so dev + adapter + LoRA renders what the LoRA does on dev2pro without a second base file. ``guidance`` and
     ``steps`` default to the base's own (FLUX.1: 3.5 and 20; FLUX.2 dev: embedded 4, 50; klein Base: true CFG 4, 50);
     FLUX.2 klein distilled is sampled as it is used, without CFG (4 steps unless ``steps`` says otherwise).
-    ``image``: a reference image every prompt edits (FLUX.2; the pipeline's ``image``), fitted to ``size``."""
+    ``image``: a reference image every prompt edits (FLUX.2; the pipeline's ``image``), fitted to ``size``; a list:
+    several (a multi-reference edit LoRA), in the order it was trained with."""
     prompts = list(prompts)
     seeds = [int(s) for s in seeds]
     if not prompts:
@@ -76,6 +77,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     family, spec = header.family, header.spec()
     if note := S.unknown_variant_note(spec, transformer or model):
         print(note)
+    image = [str(x) for x in as_list(image)]
+    image = image[0] if len(image) == 1 else image  # one reference: a path, as before; several: a list
     if image:
         check_reference(image, family, "--image", (width, height))
     own_steps, own_scale = S.own_settings(spec)
@@ -107,14 +110,14 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
           + f"; loaded in {time.time() - t0:.1f}s")
 
     t0 = time.time()
-    refs = {"references": [open_fitted(image, (width, height))] * len(prompts)} if image else {}
+    refs = {"references": [fitted_references(image, (width, height))] * len(prompts)} if image else {}
     images = family.render(pipe, embeds, seeds, g, negative=negative_embeds, steps=steps, width=width, height=height,
                            **refs)
     seconds = time.time() - t0
 
     settings = dict(model=str(model), transformer=str(transformer or model), loras=[[p, s] for p, s in loras],
                     guidance=g.to_dict(), steps=steps, width=width, height=height, fp8=fp8,
-                    adapter=list(adapter) if adapter else None, **({"image": str(image)} if image else {}))
+                    adapter=list(adapter) if adapter else None, **({"image": image} if image else {}))
     with owned_folder(out, overwrite, "sample", names, "sample folder") as tmp:
         i = 0
         for pi, prompt in enumerate(prompts):

@@ -11,10 +11,13 @@ caching (or after the run folder exists) is a worse answer than one line at the 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors import safe_open
 
+from ..choices import MAX_REFERENCES
+from ..config import as_list
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
 from ..lora.adapter import linear_shapes
@@ -23,7 +26,7 @@ from ..lora.formats import load_lora
 
 def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", inference_base: str = "", shards: str = "",
                           needs_text: bool = True, allow_pickle: bool = False, family: str | None = None,
-                          text_dtype: str = "fp32", reference: str = "") -> None:
+                          text_dtype: str = "fp32", reference: str | Sequence[str] = "") -> None:
     """UserError (one line, naming the field and the fix) unless the run's inputs fit each other (``reference``:
     ``sample.control``)."""
     if adapter and inference_base:
@@ -47,18 +50,23 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
         check_reference(reference, ckpt.family, "sample.control")
 
 
-def check_reference(path: str, family, field: str, size: tuple[int, int] | None = None) -> None:
-    """UserError unless ``path`` is a readable image and ``family`` takes reference images (FLUX.2); ``size``: the
-    (width, height) it is fitted to for sampling, >= 64 px a side as diffusers' reference preprocessing needs."""
+def check_reference(paths: str | Sequence[str], family, field: str, size: tuple[int, int] | None = None) -> None:
+    """UserError unless each of ``paths`` (one reference image, or several) is a readable image and ``family`` takes
+    reference images (FLUX.2); ``size``: the (width, height) they are fitted to for sampling, >= 64 px a side as
+    diffusers' reference preprocessing needs."""
     from ..data.folders import decoded_size
 
     if not family.references:
         raise UserError(f"{field}: {family.title} has no reference-image input (edit pairs are FLUX.2's); remove "
                         f"{field}")
-    if not Path(path).is_file():
-        raise UserError(f"{field}: {path} does not exist; fix the path of the reference image")
-    if (why := decoded_size(Path(path))[1]) is not None:  # decoded: a cut JPEG passes PIL's verify()
-        raise UserError(f"{field}: {path} is not a usable image ({why}); give a PNG/JPEG/WebP reference image")
+    paths = as_list(paths)
+    if len(paths) > MAX_REFERENCES:
+        raise UserError(f"{field}: {len(paths)} reference images; FLUX.2 takes at most {MAX_REFERENCES}")
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"{field}: {path} does not exist; fix the path of the reference image")
+        if (why := decoded_size(Path(path))[1]) is not None:  # decoded: a cut JPEG passes PIL's verify()
+            raise UserError(f"{field}: {path} is not a usable image ({why}); give a PNG/JPEG/WebP reference image")
     if size is not None and min(size) < 64:
         raise UserError(f"{field}: FLUX.2's pipelines need a reference of >= 64 px a side and it is fitted to the "
                         f"image size {size[0]}x{size[1]}; sample at >= 64 px a side")

@@ -41,16 +41,16 @@ class GridSpec:
     steps: int
     width: int
     height: int
-    control: str = ""  # a reference image every prompt is rendered from (FLUX.2 edit LoRAs)
+    control: str | list = ""  # reference image(s) every prompt is rendered from (FLUX.2 edit LoRAs)
 
     def references(self) -> list | None:
-        """The reference image fitted to the render size, once per prompt (``render``'s ``references``); None
-        without one."""
+        """The reference image(s) fitted to the render size, once per prompt (``render``'s ``references``); None
+        without."""
         if not self.control:
             return None
-        from ..data.buckets import open_fitted
+        from ..data.buckets import fitted_references
 
-        return [open_fitted(self.control, (self.width, self.height))] * len(self.prompts)
+        return [fitted_references(self.control, (self.width, self.height))] * len(self.prompts)
 
 
 def write_grid(images: list, spec: GridSpec, title: str, path: Path, info: dict, bar=None, tag: str = "") -> Path:

@@ -27,11 +27,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..data.cache import CONTROL_NAME, LATENT_NAME, load_cached
+from ..data.cache import LATENT_NAME, cached_controls, load_cached
 from ..data.folders import IMAGE_EXTENSIONS, DatasetFolder, Item
 from ..errors import UserError
 from ..flow import flow_target, noisy_input
-from ..flux.latents import pack
+from ..flux.latents import pack, pack_references
 from ..objectives import ModelInputs, predict
 
 
@@ -107,7 +107,8 @@ def validation_loss(model, dataset, sigmas: Sequence[float], seeds: Sequence[int
         cached = load_cached(entry.latents)
         item = {"latents": cached[LATENT_NAME], **load_cached(entry.text)}
         x0 = item["latents"].float()  # (C, h, w)
-        ref = pack(cached[CONTROL_NAME].float()[None]) if CONTROL_NAME in cached else None  # edit pairs: as trained
+        controls = cached_controls(cached)  # edit pairs: the references' tokens, as trained
+        ref = None if controls is None else pack_references(controls.float()[None])
         for seed in seeds:
             noise = torch.randn(x0.shape, generator=gens[seed])  # the same noise for every sigma of this image
             for lo in range(0, len(sigmas), rows):

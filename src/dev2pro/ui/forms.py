@@ -38,7 +38,7 @@ def _unwrap(tp) -> tuple[Any, bool]:
 def field_specs(schema: type, prefix: str = "") -> list[dict]:
     """One dict per leaf field, in schema order: key (dotted), kind, default, help, choices, optional.
 
-    kind is bool | int | float | str | choice | list | int_or_list | tables; ``tables`` (a list of sub-tables such as
+    kind is bool | int | float | str | choice | list | int_or_list | str_or_list | tables; ``tables`` (a list of sub-tables such as
     ``[[data.folders]]``) carries ``fields``, the specs of one item with keys relative to the item.
     """
     hints = typing.get_type_hints(schema)
@@ -59,6 +59,8 @@ def field_specs(schema: type, prefix: str = "") -> list[dict]:
             spec.update(kind="tables", fields=field_specs(item), default=[dataclasses.asdict(v) for v in value])
         elif spec["choices"]:
             spec.update(kind="choice", default=value)
+        elif typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp):
+            spec.update(kind="str_or_list", default=value)  # str | list[str]: one line per path, one line = a str
         elif typing.get_origin(tp) in (typing.Union, types.UnionType):  # int | list[int]: "512" or "512, 768"
             spec.update(kind="int_or_list", default=value)
         elif tp in (bool, int, float, str):
@@ -90,6 +92,9 @@ def _value(spec: dict, raw):
         lines = raw if isinstance(raw, list) else str(raw).splitlines()
         return [_parse_item(s.strip(), spec.get("item")) if isinstance(s, str) else s
                 for s in lines if str(s).strip()]
+    if kind == "str_or_list":  # one line: that string; several: the list (e.g. several controls folders)
+        lines = [str(s).strip() for s in (raw if isinstance(raw, list) else str(raw).splitlines()) if str(s).strip()]
+        return lines if len(lines) > 1 else (lines[0] if lines else "")
     if isinstance(raw, str) and kind == "int_or_list" and "," in raw and "[" not in raw:
         raw = f"[{raw}]"  # "512, 768" as typed into the text box
     if isinstance(raw, str) and kind in ("int", "float", "choice", "int_or_list"):
@@ -163,12 +168,17 @@ def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[s
             if isinstance(node.get(head), dict):
                 fix(node[head], rest, key)
         elif isinstance(node.get(head), str) and node[head].strip():
-            try:
-                node[head] = str(resolve(node[head]))
-            except ConfigError:
-                raise
-            except Exception as e:  # PathRefused and friends: name the field like the loader does
-                raise ConfigError(f"'{key}': {e}") from None
+            node[head] = confined(node[head], key)
+        elif isinstance(node.get(head), list):  # a field of several paths: each one confined
+            node[head] = [confined(v, key) if isinstance(v, str) and v.strip() else v for v in node[head]]
+
+    def confined(value: str, key: str) -> str:
+        try:
+            return str(resolve(value))
+        except ConfigError:
+            raise
+        except Exception as e:  # PathRefused and friends: name the field like the loader does
+            raise ConfigError(f"'{key}': {e}") from None
 
     for key in sorted(paths):
         fix(data, key.replace("[].", "[]\0").replace(".", "\0").split("\0"), key)
@@ -202,6 +212,8 @@ def path_values(cfg, keys) -> list[tuple[str, str]]:
             walk(getattr(node, head, None), rest, key)
         elif isinstance(getattr(node, head, None), str) and getattr(node, head):
             out.append((key, getattr(node, head)))
+        elif isinstance(getattr(node, head, None), list):  # a field of several paths: every one is confined
+            out.extend((key, str(v)) for v in getattr(node, head) if v)
     for key in sorted(keys):
         walk(cfg, key.replace("[].", "[]\0").replace(".", "\0").split("\0"), key)
     return out

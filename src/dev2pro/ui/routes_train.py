@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..config import load_config, render_toml
+from ..config import as_list, load_config, render_toml
 from ..errors import UserError
 from ..outputs import write_text
 from ..train.folder import RunFolder
@@ -261,6 +261,11 @@ def _grid_args(base: str, s: dict) -> list[str]:
     return [] if guidance is None else ["--steps", str(s["steps"]), "--guidance", str(guidance)]
 
 
+def _controls(ui, s: dict) -> list[str]:
+    """The run's ``sample.control`` reference image(s), each confined to the workspace like any path."""
+    return [str(ui.ws.resolve(ui.ws.rel(Path(p)), must_exist=True)) for p in as_list(s.get("control"))]
+
+
 async def sample(request: Request, ui):
     """Render the run's prompts with one of its LoRAs at a strength, on the inference base (dev)."""
     b = await json_body(request, ("lora", "strength", "prompt"))
@@ -275,8 +280,8 @@ async def sample(request: Request, ui):
     grid = await run_in_threadpool(_grid_args, base or model, s)  # reads a header (and model_index.json)
     args = ["sample", "--model", model, "--lora", f"{lora}:{strength}", "--size", f"{s['width']}x{s['height']}",
             *grid, "--seeds", ",".join(str(int(x)) for x in s["seeds"]), "--out", str(out)]
-    if s.get("control"):  # an edit LoRA: the run's reference image, as its own samples (confined like any path)
-        args += ["--image", str(ui.ws.resolve(ui.ws.rel(Path(s["control"])), must_exist=True))]
+    for ref in _controls(ui, s):  # an edit LoRA: the run's reference image(s), as its own samples
+        args += ["--image", ref]
     if base:
         args += ["--transformer", base]
     args += [f"--prompt={p}" for p in prompts]  # one argument each: a prompt starting with '-' stays a prompt
@@ -295,7 +300,7 @@ async def compare(request: Request, ui):
     if other is not None and (not other.is_file() or other.suffix != ".safetensors"):
         raise UserError(f"'other': {ui.ws.rel(other)} is not a .safetensors LoRA file")
     s, model, base = _sample_settings(ui, cfg)
-    control = str(ui.ws.resolve(ui.ws.rel(Path(s["control"])), must_exist=True)) if s.get("control") else None
+    controls = _controls(ui, s)
     job_id = ui.jobs.reserve_id("compare")
     compares_dir = ui.ws.resolve("compares")
     compares_dir.mkdir(exist_ok=True)
@@ -305,7 +310,7 @@ async def compare(request: Request, ui):
     guidance = await run_in_threadpool(_grid_guidance, base or model, s)  # as the run's samples: a header read
     data = {"model": model, "prompts": s.get("prompts") or ["a photo"], "seeds": s["seeds"],
             "steps": number(b, "steps", s["steps"], 1, 1000), "size": f"{s['width']}x{s['height']}",
-            "out": str(out), **({"image": control} if control else {}),  # an edit LoRA: as its own samples
+            "out": str(out), **({"image": controls[0] if len(controls) == 1 else controls} if controls else {}),
             "arms": [{"name": name, **({"guidance": guidance} if guidance is not None else {}),
                       "transformer": base or None, "loras": [f"{path}:1.0"] if path else []} for name, path in arms]}
     path = _write_config(ui, f"compare-{job_id}", _render(load_config(CompareConfig, data=data)))

@@ -297,8 +297,8 @@ def test_kohya_parent_references_mirror_its_folders(tmp_path, pairs):
         (refs / sub).mkdir(parents=True)
         shutil.copy(pairs / "after" / "coffee.png", data / sub / "001.png")
         shutil.copy(pairs / "before" / "astronaut.png", refs / sub / "001.png")
-    found = {it.path.parent.name: it.control for it in scan([DatasetFolder(data, controls=refs)]).items}
-    assert found == {"10_cat": refs / "10_cat" / "001.png", "5_dog": refs / "5_dog" / "001.png"}
+    found = {it.path.parent.name: it.controls for it in scan([DatasetFolder(data, controls=refs)]).items}
+    assert found == {"10_cat": (refs / "10_cat" / "001.png",), "5_dog": (refs / "5_dog" / "001.png",)}
     for sub in ("10_cat", "5_dog"):
         shutil.rmtree(refs / sub)
     shutil.copy(pairs / "before" / "astronaut.png", refs / "001.png")
@@ -311,7 +311,7 @@ def test_kohya_parent_references_mirror_its_folders(tmp_path, pairs):
     logger.addHandler(handler)
     try:
         shutil.rmtree(data / "5_dog")
-        assert scan([DatasetFolder(data, controls=refs)]).items[0].control == refs / "001.png"
+        assert scan([DatasetFolder(data, controls=refs)]).items[0].controls == (refs / "001.png",)
     finally:
         logger.removeHandler(handler)
     assert not any("not used" in r.getMessage() for r in records)
@@ -357,3 +357,92 @@ def test_a_reference_of_another_aspect_ratio_is_listed(tmp_path, pairs, caplog):
         scan([DatasetFolder(pairs / "after", controls=refs)], default_caption="edit")
     assert "astronaut.png (400x100 px for a 512x512 image: 25% of it kept)" in caplog.text
     assert "coffee.jpg" not in caplog.text  # same shot, same aspect: nothing to say
+
+
+# ------------------------------------------------------------------------------------------------ several references
+@pytest.fixture(scope="module")
+def two_refs(pairs):
+    """A second reference folder beside ``before``: each target upside down (any second image works)."""
+    second = pairs / "before2"
+    if not second.exists():
+        second.mkdir()
+        for p in (pairs / "after").iterdir():
+            with Image.open(p) as im:
+                ImageOps.flip(im.convert("RGB")).save(second / p.name)
+    return [pairs / "before", second]
+
+
+def test_two_reference_tokens_are_what_the_klein_pipeline_builds(klein_base_dir, sk_images):
+    """Two references: their tokens one after the other at t = 10 and 20, token for token and id for id what
+    Flux2KleinPipeline.prepare_image_latents builds for image=[a, b]."""
+    from diffusers import Flux2KleinPipeline
+
+    from dev2pro.data.buckets import load_and_fit
+    from dev2pro.flux.latents import pack_references
+
+    vae = load_vae(klein_base_dir)
+    pixels = [load_and_fit(sk_images / name, (64, 64))[None] for name in ("coffee.png", "astronaut.png")]
+    ours = pack_references(torch.stack([encode_images(vae, p)[0] for p in pixels])[None])  # (1, 2, C, h, w)
+    pipe = Flux2KleinPipeline(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, transformer=None)
+    theirs, their_ids = pipe.prepare_image_latents(pixels, 1, None, "cpu", torch.float32)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    noisy = torch.randn(1, 16, 128)
+    kw = get("flux2").model_inputs(noisy, torch.tensor([0.5]), {"prompt_embeds": torch.randn(1, 5, 96)}, 8, 8,
+                                   None, "cpu", torch.float32, reference=ours)
+    assert torch.equal(kw["img_ids"][:, 16:], their_ids) and kw["hidden_states"].shape == (1, 48, 128)
+    assert [sorted(set(kw["img_ids"][0, i:i + 16, 0].tolist())) for i in (0, 16, 32)] == [[0], [10], [20]]
+
+
+def test_an_edit_lora_trains_and_samples_with_two_references(tmp_path, klein_base_dir, pairs, two_refs,
+                                                             monkeypatch, capsys):
+    """controls = [a, b]: every forward sees both references' tokens (48 for a 64 px image), the cache holds both
+    fitted latents in order, the plan counts three token sets, and the samples edit both sample.control images."""
+    from dev2pro.data.buckets import load_and_fit
+    from dev2pro.plan import report
+    from dev2pro.recipe_inputs import plan_inputs
+
+    seen, real = [], objectives.predict
+    monkeypatch.setattr(objectives, "predict", lambda m, i, g, d, t: (seen.append(tuple(i.reference.shape)),
+                                                                      real(m, i, g, d, t))[1])
+    calls = _token_counts(monkeypatch)
+    refs = [two_refs[0] / "coffee.jpg", two_refs[1] / "coffee.png"]
+    extra = (f'controls = ["{two_refs[0]}", "{two_refs[1]}"]\n[sample]\nprompts = ["edit"]\nsteps = 2\nwidth = 64\n'
+             f'height = 64\ncontrol = ["{refs[0]}", "{refs[1]}"]\n')
+    cfg = _config(tmp_path, klein_base_dir, pairs, controls=False, extra=extra)
+    summary = train(cfg, progress=False)
+    assert all(torch.isfinite(torch.tensor(summary["losses"]))) and seen and all(s == (1, 32, 128) for s in seen)
+    assert calls and all(c == (48, [0, 10, 20]) for c in calls)  # the sample grids: both references, in order
+    vae = load_vae(klein_base_dir)
+    want = [encode_images(vae, load_and_fit(p, (64, 64))[None])[0] for p in (pairs / "before" / "coffee.jpg",
+                                                                            two_refs[1] / "coffee.png")]
+    got = [c for c in map(load_cached, (tmp_path / "cache" / "latents").glob("*.safetensors"))
+           if torch.allclose(c[CONTROL_NAME], want[0], atol=1e-5)]
+    assert len(got) == 1 and torch.allclose(got[0]["control_1"], want[1], atol=1e-5)
+    plan = plan_inputs(cfg)
+    assert plan.image_tokens == (48,)
+    report(plan)
+    assert "(~64px^2 + its 2 references)" in capsys.readouterr().out
+
+
+def test_reference_counts_must_agree(tmp_path, klein_base_dir, klein_distilled_dir, pairs, two_refs, capsys):
+    """sample.control with another count than the controls folders, folders with different counts: refused with
+    the fix; `sample --image A --image B` renders both."""
+    from dev2pro.cli import main
+
+    one = (f'controls = ["{two_refs[0]}", "{two_refs[1]}"]\n[sample]\nprompts = ["e"]\n'
+           f'control = "{pairs / "before" / "astronaut.png"}"\n')
+    with pytest.raises(UserError, match=r"sample.control: 1 reference image\(s\), but the LoRA learns edits from 2"):
+        _config(tmp_path, klein_base_dir, pairs, controls=False, extra=one)
+    other, other_refs = tmp_path / "other", tmp_path / "other-refs"
+    for d in (other, other_refs):
+        d.mkdir()
+        shutil.copy(pairs / "after" / "coffee.png", d / "x.png")
+    mixed = f'[[data.folders]]\npath = "{other}"\ncontrols = "{other_refs}"\n'
+    with pytest.raises(UserError, match=r"different numbers of reference images \(1: e.g. .*2: e.g. "):
+        train(_config(tmp_path, klein_base_dir, pairs, controls=False,
+                      extra=f'controls = ["{two_refs[0]}", "{two_refs[1]}"]\n' + mixed), progress=False)
+    args = ["sample", "--model", str(klein_distilled_dir), "--prompt", "p", "--size", "64x64", "--image",
+            str(two_refs[0] / "coffee.jpg"), "--image", str(two_refs[1] / "coffee.png"), "--out", str(tmp_path / "s")]
+    assert main(args) == 0
+    with Image.open(next((tmp_path / "s").glob("*.png"))) as im:
+        assert str(two_refs[1] / "coffee.png") in im.text["dev2pro"]

@@ -48,7 +48,8 @@ def render(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance, *, neg
            steps: int = 4, width: int = 512, height: int = 512, references: Sequence | None = None) -> list:
     """Every (prompt embedding, seed) pair, prompt-major, as PIL images (``sampling.render``'s contract).
     ``embeds``: (prompt_embeds (1, L, D), None) pairs; ``negative``: the true-CFG negative (default "");
-    ``references``: one PIL reference image per prompt (the pipeline's ``image``: an edit), or None."""
+    ``references``: one PIL reference image -- or a list of them -- per prompt (the pipeline's ``image``: an
+    edit), or None."""
     if references is not None and len(references) != len(embeds):
         raise ValueError(f"{len(references)} reference images for {len(embeds)} prompts: give one per prompt")
     transformer = pipe.transformer
@@ -62,7 +63,7 @@ def render(pipe, embeds: Sequence[tuple], seeds: Sequence[int], guidance, *, neg
         extra["negative_prompt_embeds"] = negative[0].to(device, dtype)
     def draw(pair, generator):
         (pe, _), ref = pair
-        image = {} if ref is None else {"image": [ref]}
+        image = {} if ref is None else {"image": list(ref) if isinstance(ref, (list, tuple)) else [ref]}
         latents = pipe(prompt_embeds=pe.to(device, dtype), num_inference_steps=steps, width=width,
                        height=height, generator=generator, guidance_scale=scale, output_type="latent",
                        **image, **extra).images

@@ -146,7 +146,7 @@ function referenceFolder(folder) {
   if (!input.value.trim() && !input.dataset.touched) {
     const sel = `#folder-options .table-row[data-path="${CSS.escape(folder)}"] [data-item="controls"]`;
     const field = document.querySelector(sel);
-    if (field && field.value.trim()) input.value = field.value.trim();
+    if (field && field.value.trim()) input.value = field.value.trim().split("\n")[0].trim();  // the first of several
   }
   return input.value.trim();
 }

@@ -25,8 +25,9 @@ function specInput(spec, value, id) {
       "model.family" ? FAMILY_WORDS[c] : String(c) }));
     s.value = String(value); return s;
   }
-  if (spec.kind === "list") {
-    const t = el("textarea", { rows: 2, placeholder: "one per line", ...a }); t.value = (value || []).join("\n"); return t;
+  if (spec.kind === "list" || spec.kind === "str_or_list") {
+    const t = el("textarea", { rows: 2, placeholder: "one per line", ...a });
+    t.value = Array.isArray(value) ? value.join("\n") : (value || ""); return t;
   }
   const num = spec.kind === "int" || spec.kind === "float";
   const i = el("input", { type: "text", ...a, ...(num ? { inputmode: "decimal" } : {}) });
