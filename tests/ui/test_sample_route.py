@@ -103,14 +103,18 @@ def test_caption_count_leaves_the_references_out(tmp_path):
     from dev2pro.ui.workspace import Workspace
 
     data = tmp_path / "data"
-    (data / "before").mkdir(parents=True)
+    for refs in ("before", "style"):
+        (data / refs).mkdir(parents=True)
     for name in ("a", "b"):
         Image.new("RGB", (64, 64)).save(data / f"{name}.png")
         (data / f"{name}.txt").write_text("make it red")
-        Image.new("RGB", (64, 64)).save(data / "before" / f"{name}.png")
-    cfg = load_train_config(None, [f'model.path="{tmp_path}"', 'save.output_dir="out"',
-                                   f'data.folders=[{{path="{data}", controls="{data / "before"}", recursive=true}}]'])
-    assert caption_count(cfg, Workspace(tmp_path)) == {"images": 2, "captioned": 2, "shards": False}
+        for refs in ("before", "style"):
+            Image.new("RGB", (64, 64)).save(data / refs / f"{name}.png")
+    for controls in (f'"{data / "before"}"', f'["{data / "before"}", "{data / "style"}"]'):  # one, or several
+        cfg = load_train_config(None, [f'model.path="{tmp_path}"', 'save.output_dir="out"',
+                                       f'data.folders=[{{path="{data}", controls={controls}, recursive=true}}]'])
+        expected = {"images": 2 + 2 * (controls.startswith('"')), "captioned": 2, "shards": False}
+        assert caption_count(cfg, Workspace(tmp_path)) == expected
 
 
 def test_models_page_pairs_klein_base_with_its_distilled_model(klein_ws, asgi, tmp_path):
