@@ -169,13 +169,16 @@ def add_cache(sub):
     p.add_argument("--strict", action="store_true",
                    help="stop on unusable images (broken, tiny, unsupported format) instead of skipping them")
     p.add_argument("--batch-size", type=bounded_int(1, 4096), default=4, help="encoder batch size (default 4)")
+    p.add_argument("--controls", action="append", default=[], metavar="DIR",
+                   help="FLUX.2 edit pairs: folder of same-name reference images (as [[data.folders]] controls); "
+                        "repeat for several references per image, in order")
 
     def run(a):
         from .recipes.cache import cache
         r = cache(a.inputs, a.model, a.out, a.per_shard, a.resolution, a.bucket_step, a.t5_max_length,
                   a.default_caption, a.batch_size, min_size=a.min_size, recursive=a.recursive, strict=a.strict,
                   family=a.family, text_device="cpu" if a.text_encoder == "cpu" else None,
-                  text_dtype=a.text_encoder_dtype)
+                  text_dtype=a.text_encoder_dtype, controls=a.controls)
         skipped = f" ({len(r['skipped'])} skipped, listed above and in index.json)" if r["skipped"] else ""
         print(f"{r['samples']} samples ({r['family']}) -> {r['index']}{skipped}")
     p.set_defaults(run=run)

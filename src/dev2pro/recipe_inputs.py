@@ -113,9 +113,10 @@ def plan_inputs(cfg):
     from .data.mixing import active_folders, largest_resolution
 
     folders = active_folders([_folder(f) for f in cfg.data.folders], cfg.data.reg_weight)
-    res = largest_resolution(cfg.data.resolution, folders)  # the largest is what the memory peak sees
+    shard_refs, shard_res = _shard_facts(cfg.data.shards)
+    res = shard_res or largest_resolution(cfg.data.resolution, folders)  # the largest is what the peak sees
     sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
-    per_image = 1 + max((len(control_dirs(f)) for f in folders), default=0)  # edit pairs: references ride along
+    per_image = 1 + max([len(control_dirs(f)) for f in folders] + [shard_refs])  # edit pairs: references ride along
     inp = PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
                      blocks_to_swap=m.blocks_to_swap,
                      rank=cfg.lora.rank, targets=cfg.lora.targets, extra_targets=tuple(cfg.lora.extra_targets),
@@ -183,6 +184,18 @@ def data_source(data, out: Path) -> dict:
 
 def _resolutions(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else () if value == 0 else (value,)
+
+
+def _shard_facts(index: str) -> tuple[int, int | None]:
+    """(reference images per sample, bucket resolution) of a `dev2pro cache` index: what its latents were made at,
+    whatever data.resolution says; (0, None) without one."""
+    import json
+
+    try:
+        data = json.loads(Path(index).read_text()) if index else {}
+        return int(data.get("references", 0)), data.get("settings", {}).get("resolution")
+    except (OSError, ValueError, AttributeError):
+        return 0, None  # a missing or broken index is reported where the data loads
 
 
 def _folder(f):

@@ -5,6 +5,7 @@ Sources are image/caption folders (``name.png`` + ``name.txt``) or webdataset-st
 decoded once up front: an image that does not decode is skipped and listed (the rest is kept), and the sample
 list -- hence the split into shards of N -- is fixed before any encoding starts. Shard ``i`` holds samples
 ``[i*N, (i+1)*N)`` as tensors ``{j}.latents`` (C, h, w), ``{j}.prompt_embeds`` (seq, D), ``{j}.pooled`` (D,),
+(edit pairs, ``--controls``: ``{j}.control``, ``{j}.control_1``, ... the references' latents at the same bucket)
 and a fingerprint of its keys, image bytes and encoder settings in its metadata: a rerun skips every shard
 whose file is complete and carries the same fingerprint, so a killed `dev2pro cache` resumes where it stopped.
 ``index.json`` lists shards, keys, captions and latent sizes; ``empty.safetensors`` holds the empty prompt's
@@ -33,6 +34,7 @@ from safetensors.torch import load
 from ..errors import UserError
 from ..outputs import save_safetensors, write_json
 from .buckets import assign_bucket, load_and_fit
+from .cache import cached_controls, control_names
 from .folders import IMAGE_EXTENSIONS, UNSUPPORTED_EXTENSIONS, DatasetFolder, Scanner, decode_caption
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Source:
     offset: int = 0  # tar members: where the member's data starts in the tar file
     size: int = 0  # tar members: its length in bytes
     repeats: int = 1  # times per epoch (kohya N_name folders)
+    controls: tuple[str, ...] = ()  # its reference image(s), edit pairs (image folders only)
 
     def read(self) -> bytes:
         if not self.member:
@@ -109,16 +112,23 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def collect_sources(inputs: Sequence[Path], default_caption: str = "", min_size: int = 16, buckets=None,
-                    recursive: bool = False, strict: bool = False) -> tuple[list[tuple[Source, tuple]], list]:
+                    recursive: bool = False, strict: bool = False,
+                    controls: Sequence[Path] = ()) -> tuple[list[tuple[Source, tuple]], list]:
     """Every usable sample of folders and .tar files with its image size, and the skipped ones as
-    ``"path (reason)"`` lines: the rules of ``data.folders`` (the ones `train` applies), tar members included."""
+    ``"path (reason)"`` lines: the rules of ``data.folders`` (the ones `train` applies), tar members included.
+    ``controls``: the reference folder(s) of edit pairs (image folders only), looked up as `train` does."""
     scanner = Scanner(min_size, buckets, default_caption or None, strict=strict)
     good, masked = [], []
     for inp in map(Path, inputs):
         if inp.is_dir():
-            for item, key in scanner.folders([DatasetFolder(inp, recursive=recursive)]):
-                good.append((Source(key, item.caption, str(item.path), repeats=item.repeats), item.size))
+            folder = DatasetFolder(inp, recursive=recursive, controls=tuple(controls) or None)
+            for item, key in scanner.folders([folder]):
+                good.append((Source(key, item.caption, str(item.path), repeats=item.repeats,
+                                    controls=tuple(map(str, item.controls))), item.size))
                 masked += [str(item.mask)] if item.mask else []
+        elif inp.suffix == ".tar" and inp.is_file() and controls:
+            raise UserError(f"{inp}: --controls reads reference images from image folders; a .tar shard has none "
+                            "(cache the pairs from their folders)")
         elif inp.suffix == ".tar" and inp.is_file():
             for source, text, label, txt_label in tar_sources(inp, scanner):
                 size = scanner.image_size(source.read(), label)
@@ -139,6 +149,8 @@ def _fingerprint(samples, settings: dict) -> str:
     for s, bucket in samples:
         h.update(f"{s.key}\0{s.caption}\0{bucket}\0".encode())
         h.update(hashlib.sha256(s.read()).digest())
+        for c in s.controls:  # edit pairs: the references' bytes too (none: the fingerprint it always was)
+            h.update(hashlib.sha256(Path(c).read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -189,8 +201,10 @@ def write_shards(
     if not empty.exists():
         save_safetensors({k: v[0] for k, v in encode_text([""]).items()}, empty, overwrite=True)
     log.info("shards in %s: %d reused, %d written", out_dir, done, len(shards) - done)
+    refs = {len(s.controls) for s, _ in samples}
     return write_json(out_dir / INDEX_NAME, {"version": 1, "settings": settings, "shards": shards,
-                                             "empty": EMPTY_NAME, "skipped": list(skipped)})
+                                             "empty": EMPTY_NAME, "skipped": list(skipped),
+                                             **({"references": max(refs)} if max(refs, default=0) else {})})
 
 
 def _encode_chunk(sized, encode_latents, encode_text, batch_size) -> dict[str, torch.Tensor]:
@@ -206,6 +220,11 @@ def _encode_chunk(sized, encode_latents, encode_text, batch_size) -> dict[str, t
                 lat = encode_latents(pixels)  # (B, C, h/8, w/8)
             for j, z in zip(part, lat):
                 tensors[f"{j:06d}.latents"] = z.float().clone()
+            for i, name in enumerate(control_names(len(sized[part[0]][0].controls))):  # the same fit, same bucket
+                with torch.no_grad():
+                    refs = encode_latents(torch.stack([load_and_fit(sized[j][0].controls[i], (w, h)) for j in part]))
+                for j, z in zip(part, refs):
+                    tensors[f"{j:06d}.{name}"] = z.float().clone()
     captions = [s.caption for s, _ in sized]
     for lo in range(0, len(captions), batch_size):
         with torch.no_grad():
@@ -237,7 +256,10 @@ class ShardDataset(torch.utils.data.Dataset):
         file, j, caption, _ = self.items[i]
         f, names = self._open(file)
         prefix = f"{j:06d}."
-        return {**{n: f.get_tensor(prefix + n) for n in names}, "caption": caption}
+        item = {**{n: f.get_tensor(prefix + n) for n in names}, "caption": caption}
+        if "control" in item:  # edit pairs: (n, C, h, w), as the folder cache's items
+            item["control"] = cached_controls({k: item.pop(k) for k in control_names(len(names)) if k in item})
+        return item
 
     def _open(self, file: str):
         # one open handle per shard and process (opening + listing 1000s of keys per item cost more than the

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,13 +33,14 @@ def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000
           bucket_step: int = 64, t5_max_length: int = 512, default_caption: str = "", batch_size: int = 4,
           device: str | None = None, min_size: int = 16, recursive: bool = False,
           strict: bool = False, family: str = "auto", text_device: str | None = None,
-          text_dtype: str = "fp32") -> dict:
+          text_dtype: str = "fp32", controls: Sequence[str] = ()) -> dict:
     """Encode ``inputs`` into shards under ``out_dir``; returns {index, samples, skipped, family}.
 
     The inputs are read with the rules `train` applies to its folders (``data.folders``): the same skips,
     listed, the same caption errors, the kohya ``N_name/`` layout (repeats are kept per sample in the index).
     ``t5_max_length``: caption tokens of the family's text encoder; ``text_device`` / ``text_dtype`` (fp32, bf16,
     fp8 for FLUX.2): where and in which dtype it runs, as ``model.text_encoder`` / ``text_encoder_dtype`` in train.
+    ``controls``: edit pairs' reference folder(s) (FLUX.2), stored beside each image's latents.
     """
     if per_shard < 1:
         raise UserError("--per-shard must be >= 1")
@@ -46,13 +48,16 @@ def cache(inputs: list[str], model_dir: str, out_dir: str, per_shard: int = 1000
         raise UserError(f"--text-encoder-dtype {text_dtype!r}: use one of {', '.join(TEXT_DTYPES)}")
     fam = families.of_folder(model_dir, family)  # before minutes of reading images: a wrong folder is one line
     check_text_dtype(text_dtype, fam, "--text-encoder-dtype ")
+    if controls and not fam.references:
+        raise UserError(f"--controls: {fam.title} has no reference-image input (edit pairs are FLUX.2's); cache "
+                        "without --controls, or cache for a FLUX.2 model")
     check_cache_folder(Path(out_dir))
     quiet_libraries()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     text_device = text_device or device
     buckets = make_buckets(resolution * resolution, step=bucket_step)
     samples, skipped = collect_sources([Path(i) for i in inputs], default_caption, min_size, buckets, recursive,
-                                       strict)
+                                       strict, [Path(c) for c in controls])
     pipe = fam.load_text(model_dir, text_device, DTYPE_CHOICES[text_dtype])
     vae = fam.load_vae(model_dir, device)
     # FLUX.1's text settings are {"t5_max_length": n}, what this index always held: its old shards stay valid

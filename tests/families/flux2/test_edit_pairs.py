@@ -3,6 +3,7 @@ as clean tokens after the noisy ones, at time coordinate 10 -- what ``Flux2Klein
 and learns to produce the training image from. Checked against diffusers' own pipeline, through the cache, the
 loop, and the one-line refusals."""
 
+import json
 import shutil
 
 import numpy as np
@@ -446,3 +447,48 @@ def test_reference_counts_must_agree(tmp_path, klein_base_dir, klein_distilled_d
     assert main(args) == 0
     with Image.open(next((tmp_path / "s").glob("*.png"))) as im:
         assert str(two_refs[1] / "coffee.png") in im.text["dev2pro"]
+
+
+def test_cache_shards_hold_the_references_and_train_with_them(tmp_path, klein_base_dir, tiny_dev_dir, pairs, two_refs,
+                                                               monkeypatch):
+    """`dev2pro cache --controls A --controls B`: each shard sample holds its references' latents, bit for bit what
+    train's folder cache stores; training from the shards sees both references; the plan counts them."""
+    from dev2pro.cli import main
+    from dev2pro.data.folders import DatasetFolder
+    from dev2pro.data.prepare import FolderOptions, load_training_data
+    from dev2pro.data.shards import ShardDataset
+    from dev2pro.recipe_inputs import plan_inputs
+    from dev2pro.recipes.cache import cache
+
+    shards = tmp_path / "shards"
+    caption = "make it a colour photo"
+    assert main(["cache", str(pairs / "after"), "--model", str(klein_base_dir), "--out", str(shards), "--resolution",
+                 "64", "--default-caption", caption, "--controls", str(two_refs[0]), "--controls",
+                 str(two_refs[1])]) == 0
+    assert json.loads((shards / "index.json").read_text())["references"] == 2
+    ds = ShardDataset(shards / "index.json")
+    folder = load_training_data(klein_base_dir, "cpu", folders=[DatasetFolder(pairs / "after", controls=two_refs)],
+                                cache_dir=tmp_path / "cache", options=FolderOptions(caption, resolution=64,
+                                                                                     bucket_step=64),
+                                family=get("flux2")).dataset
+    for i in range(len(ds)):
+        s = ds[i]
+        f = next(folder[k] for k in range(len(folder)) if torch.equal(folder[k]["latents"], s["latents"]))
+        assert s["control"].shape == (2, 32, 8, 8) and torch.equal(s["control"], f["control"])
+    seen, real = [], objectives.predict
+    monkeypatch.setattr(objectives, "predict", lambda m, i, g, d, t: (seen.append(tuple(i.reference.shape)),
+                                                                      real(m, i, g, d, t))[1])
+    cfg = load_train_config(None, [f'model.path="{klein_base_dir}"', 'model.dtype="fp32"',
+                                   "model.gradient_checkpointing=false", f'data.shards="{shards / "index.json"}"',
+                                   "lora.rank=4", "train.steps=2", f'save.output_dir="{tmp_path / "run"}"'])
+    summary = train(cfg, progress=False)
+    assert all(torch.isfinite(torch.tensor(summary["losses"]))) and seen and all(s == (1, 32, 128) for s in seen)
+    assert plan_inputs(cfg).image_tokens == (48,)
+    with pytest.raises(UserError, match="--controls: FLUX.1 has no reference-image input"):
+        cache([str(pairs / "after")], str(tiny_dev_dir), str(tmp_path / "s1"), controls=[str(two_refs[0])])
+    tar = tmp_path / "x.tar"
+    import tarfile
+    with tarfile.open(tar, "w") as t:
+        t.add(pairs / "after" / "coffee.png", "coffee.png")
+    with pytest.raises(UserError, match=r"x.tar: --controls reads reference images from image folders"):
+        cache([str(tar)], str(klein_base_dir), str(tmp_path / "s2"), controls=[str(two_refs[0])])
