@@ -492,3 +492,22 @@ def test_cache_shards_hold_the_references_and_train_with_them(tmp_path, klein_ba
         t.add(pairs / "after" / "coffee.png", "coffee.png")
     with pytest.raises(UserError, match=r"x.tar: --controls reads reference images from image folders"):
         cache([str(tar)], str(klein_base_dir), str(tmp_path / "s2"), controls=[str(two_refs[0])])
+
+
+def test_the_shipped_edit_config_trains_on_the_tiny_folders(tmp_path, klein_base_dir, klein_distilled_dir, pairs):
+    """configs/train-klein-edit.toml as a user runs it: only paths and sizes overridden."""
+    from pathlib import Path
+
+    shipped = Path(__file__).parents[3] / "configs" / "train-klein-edit.toml"
+    cfg = load_train_config(shipped)
+    assert cfg.data.folders[0].controls == str(shipped.parents[1] / "data" / "edit-before")
+    sets = [f'model.path="{klein_base_dir}"', f'model.inference_base="{klein_distilled_dir / "transformer"}"',
+            f'data.folders=[{{path="{pairs / "after"}", controls="{pairs / "before"}", caption="edit"}}]',
+            "data.resolution=64", "data.bucket_step=64", f'data.cache_dir="{tmp_path / "cache"}"', "train.steps=2",
+            "validation.fraction=0.34", "sample.every=0", "sample.steps=2", 'sample.size="64x64"',
+            f'sample.control="{pairs / "before" / "astronaut.png"}"', "sample.baseline=false", "save.every=0",
+            f'save.output_dir="{tmp_path / "run"}"']
+    summary = train(load_train_config(shipped, sets), progress=False)
+    assert len(summary["losses"]) == 2 and (tmp_path / "run" / "lora.comfy.safetensors").is_file()
+    with Image.open(tmp_path / "run" / "samples" / "step000002.png") as im:
+        assert str(pairs / "before" / "astronaut.png") in im.text["reference"]
