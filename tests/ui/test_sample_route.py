@@ -113,6 +113,29 @@ def test_caption_count_leaves_the_references_out(tmp_path):
     assert caption_count(cfg, Workspace(tmp_path)) == {"images": 2, "captioned": 2, "shards": False}
 
 
+def test_caption_count_leaves_every_reference_folder_out(tmp_path):
+    """controls = [a, b] in a recursive folder (or a kohya parent): neither folder is counted, and the list is no
+    Path (it was a TypeError the Train page showed as 'the plan could not read the model')."""
+    from PIL import Image
+
+    from dev2pro.schemas import load_train_config
+    from dev2pro.ui.planview import caption_count
+    from dev2pro.ui.workspace import Workspace
+
+    data = tmp_path / "data"
+    for refs in ("before", "before2"):
+        (data / refs).mkdir(parents=True)
+        for name in ("a", "b"):
+            Image.new("RGB", (64, 64)).save(data / refs / f"{name}.png")
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64)).save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text("make it red")
+    controls = f'["{data / "before"}", "{data / "before2"}"]'
+    cfg = load_train_config(None, [f'model.path="{tmp_path}"', 'save.output_dir="out"',
+                                   f'data.folders=[{{path="{data}", controls={controls}, recursive=true}}]'])
+    assert caption_count(cfg, Workspace(tmp_path)) == {"images": 2, "captioned": 2, "shards": False}
+
+
 def test_models_page_pairs_klein_base_with_its_distilled_model(klein_ws, asgi, tmp_path):
     """A klein Base folder is offered the distilled folder of the same architecture as inference base."""
     app, ui = klein_ws

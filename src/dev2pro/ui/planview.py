@@ -27,6 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ..config import as_list
 from ..errors import UserError
 from ..train.folder import RunFolder
 from .monitor import find_runs
@@ -120,8 +121,9 @@ def caption_count(cfg, ws) -> dict:
             continue
         found = ws.images(path, limit=5000)
         if not found or folder.recursive:
-            controls = Path(folder.controls).resolve() if folder.controls else None  # references: not images to caption
-            subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink() and p.resolve() != controls)
+            controls = {Path(c).resolve() for c in as_list(folder.controls)}  # references: not images to caption
+            subs = sorted(p for p in path.iterdir()
+                          if p.is_dir() and not p.is_symlink() and p.resolve() not in controls)
             found += [img for sub in subs[:200] for img in ws.images(sub, limit=5000)]
         for img in found:
             images += 1
