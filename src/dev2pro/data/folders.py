@@ -208,7 +208,7 @@ class Scanner:
         """(item, key) of every usable image; key is the path below its folder without the suffix."""
         out = []
         for folder in folders:
-            controls = {d.resolve() for d in control_dirs(folder)}
+            controls = set(_distinct_control_dirs(folder))
             for root, repeats, token, recursive in self._expand(folder):
                 for path in _folder_files(root, recursive):
                     if controls & set(path.resolve().parents):
@@ -313,6 +313,23 @@ def control_dirs(folder: DatasetFolder) -> tuple[Path, ...]:
     """The controls folder(s) of ``folder``, one per reference image, in order; () without."""
     c = folder.controls
     return tuple(Path(x).expanduser() for x in ([c] if isinstance(c, (str, Path)) else list(c or ())) if x)
+
+
+def _distinct_control_dirs(folder: DatasetFolder) -> list[Path]:
+    """The resolved controls folders of ``folder``; UserError for one listed twice (two spellings of one folder:
+    every image would get the same reference twice) or one that is the dataset folder or holds it (its images
+    would all be taken for references)."""
+    root, seen = Path(folder.path).expanduser().resolve(), {}
+    for d in control_dirs(folder):
+        r = d.resolve()
+        if r in seen:
+            raise UserError(f"controls of {folder.path}: {seen[r]} and {d} are the same folder; list each reference "
+                            "folder once (one reference per image from each)")
+        if r == root or r in root.parents:
+            raise UserError(f"controls of {folder.path}: {d} is the dataset folder itself or holds it; put the "
+                            "reference images in a folder of their own")
+        seen[r] = d
+    return list(seen)
 
 
 def find_control(key: str, controls_dir: Path | str | None) -> Path | None:
