@@ -61,3 +61,29 @@ def test_the_config_refuses_two_spellings_of_one_folder(tmp_path, pairs, klein_b
     assert cfg.data.folders[0].controls == [str(pairs / "before")] * 2  # resolved against the config's folder
     with pytest.raises(UserError, match="are the same folder"):
         train(cfg, progress=False)
+
+
+def test_the_plan_counts_references_where_they_are(tmp_path, pairs, klein_base_dir):
+    """Training forwards carry 1 + n token sets, so do the sample forwards with n sample.control images; caching
+    encodes each reference on its own, at its image's size: no more VAE memory than the image alone (it was
+    counted (1 + n) times: 15 GB instead of 5 GB at 1024 px with two references)."""
+    from dev2pro.plan import DTYPE_BYTES, estimate
+    from dev2pro.recipe_inputs import plan_inputs
+    from dev2pro.schemas import load_train_config
+
+    def planned(controls, control="", sample=True):
+        folder = f'{{path="{pairs / "after"}"' + (f', controls={controls}' if controls else "") + "}"
+        sets = [f'model.path="{klein_base_dir}"', f'save.output_dir="{tmp_path / "run"}"', "data.resolution=1024",
+                f"data.folders=[{folder}]", 'sample.size="512x512"']
+        sets += ['sample.prompts=["edit"]'] if sample else []
+        sets += [f"sample.control={control}"] if control else []
+        return estimate(plan_inputs(load_train_config(None, sets)))
+
+    refs = f'["{pairs / "before"}", "{pairs / "before2"}"]'
+    shots = f'["{pairs / "before" / "coffee.png"}", "{pairs / "before2" / "coffee.png"}"]'
+    plain, edit, edit_sampled = planned(""), planned(refs), planned(refs, shots)
+    assert edit.inputs.image_tokens == (3 * 4096,) and edit.caching_peak == plain.caching_peak
+    assert max(edit.activations.values()) > 2 * max(plain.activations.values())
+    assert edit_sampled.inputs.sample_references == 2 and planned(refs, sample=False).inputs.sample_references == 0
+    tokens = (lambda p: (p.sampling_extra - plain.sampling_extra) / (12 * p.inputs.spec.hidden * DTYPE_BYTES[p.inputs.dtype]))
+    assert tokens(edit) == 0 and tokens(edit_sampled) == 2 * 512 * 512 // 256  # two more sets of 1024
