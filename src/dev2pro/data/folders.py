@@ -178,7 +178,11 @@ class Scanner:
     def references(self, folder: "DatasetFolder", key: str, stem: str, label: str, size) -> tuple[Path, ...]:
         """The reference(s) of one image of ``folder``, one per controls folder in order; () without controls or
         when one is unusable (listed for ``finish``, which refuses the run)."""
+        before = len(self.uncontrolled)
         found = tuple(self.control(d, key, stem, label, size) for d in control_dirs(folder))
+        if len(self.uncontrolled) - before > 1:  # one line per image ("N image(s)"): its problem in each folder
+            self.uncontrolled[before:] = [f"{label} (" + "; ".join(e[len(label) + 2:-1] for e in
+                                                                   self.uncontrolled[before:]) + ")"]
         return found if all(found) else ()
 
     def control(self, controls: Path, key: str, stem: str, label: str, size) -> Path | None:

@@ -39,6 +39,16 @@ def test_one_controls_folder_listed_twice_is_refused(pairs):
                                              for n in ("astronaut.png", "coffee.png")]
 
 
+def test_an_image_missing_a_reference_in_each_folder_counts_once(pairs):
+    """The refusal counts images (it said '2 image(s)' for one image without either reference) and names the folder
+    of each missing one."""
+    (pairs / "before" / "coffee.png").unlink()
+    (pairs / "before2" / "coffee.png").unlink()
+    with pytest.raises(UserError, match=r"(?s)^1 image\(s\) have no usable reference.*after/coffee.png \(no .*"
+                                        r"before/coffee.png/.jpg/\.\.\. in .*; no .*before2/coffee.png/.jpg/"):
+        scan([DatasetFolder(pairs / "after", controls=(pairs / "before", pairs / "before2"))], default_caption="e")
+
+
 def test_the_dataset_folder_as_its_own_controls_folder_is_named(pairs):
     """It was 'the dataset is empty': every image was skipped as a reference."""
     with pytest.raises(UserError, match=r"controls of .*after: .*after is the dataset folder itself or holds it"):
@@ -85,5 +95,6 @@ def test_the_plan_counts_references_where_they_are(tmp_path, pairs, klein_base_d
     assert edit.inputs.image_tokens == (3 * 4096,) and edit.caching_peak == plain.caching_peak
     assert max(edit.activations.values()) > 2 * max(plain.activations.values())
     assert edit_sampled.inputs.sample_references == 2 and planned(refs, sample=False).inputs.sample_references == 0
-    tokens = (lambda p: (p.sampling_extra - plain.sampling_extra) / (12 * p.inputs.spec.hidden * DTYPE_BYTES[p.inputs.dtype]))
+    per_token = 12 * plain.inputs.spec.hidden * DTYPE_BYTES[plain.inputs.dtype]  # plan.estimate's sampling term
+    tokens = (lambda p: (p.sampling_extra - plain.sampling_extra) / per_token)
     assert tokens(edit) == 0 and tokens(edit_sampled) == 2 * 512 * 512 // 256  # two more sets of 1024
