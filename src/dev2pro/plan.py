@@ -62,6 +62,7 @@ class PlanInputs:
     images_per_sample: int = 1  # 1 + n: edit pairs, n reference images' tokens beside each image's (in image_tokens)
     text_tokens: int = 512
     sample_pixels: int = 0  # width * height of samples during training (0 = no samples)
+    sample_references: int = 0  # sample.control: reference images fitted to the sample size, each as many tokens
     inference_base: bool = False  # a second transformer visits the GPU for samples
     adapter_params: int = 0  # a frozen training adapter (model.adapter), held in the compute dtype (fp32 or bf16)
     vae_tiling: bool = False
@@ -243,14 +244,15 @@ def estimate(inp: PlanInputs) -> Plan:
     plan.activations = {img: activation_bytes(inp, layers, per_block, img) for img in sorted(set(inp.image_tokens))}
     b, s = DTYPE_BYTES[inp.dtype], inp.spec
     if inp.sample_pixels:
-        tokens = inp.sample_pixels // 256 + inp.text_tokens
+        tokens = inp.sample_pixels // 256 * (1 + inp.sample_references) + inp.text_tokens
         pixels = min(inp.sample_pixels, VAE_TILE_PIXELS) if inp.vae_tiling else inp.sample_pixels
         plan.sampling_extra = (plan.base_bytes - plan.swapped_bytes if inp.inference_base else 0) \
             + 12 * tokens * s.hidden * b + inp.vae_params * 4 + pixels * VAE_DECODE_BYTES_PER_PIXEL * 2
     # caching, its own phase (the encoders are freed before the transformer loads): the VAE (fp32) encodes on the
     # GPU; the text encoder(s) in their dtype on the GPU or the CPU
     text = (inp.t5_params + inp.clip_params) * TEXT_DTYPE_BYTES[inp.text_encoder_dtype]
-    vae = inp.vae_params * 4 + max(inp.image_tokens) * 256 * VAE_DECODE_BYTES_PER_PIXEL * 2
+    # per image: an edit pair's references are encoded in batches of their own, each at its image's size
+    vae = inp.vae_params * 4 + max(inp.image_tokens) // inp.images_per_sample * 256 * VAE_DECODE_BYTES_PER_PIXEL * 2
     plan.caching_peak = vae + (0 if inp.text_encoder == "cpu" else text)
     plan.host_parts = host_parts(inp, plan, text)
     plan.host_ram = max(plan.host_parts.values())

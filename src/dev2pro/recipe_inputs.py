@@ -123,6 +123,7 @@ def plan_inputs(cfg):
                      optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
                      image_tokens=((res // 16) ** 2 * per_image,), images_per_sample=per_image,
                      text_tokens=m.t5_max_length, sample_pixels=sample,
+                     sample_references=len(as_list(getattr(cfg.sample, "control", ""))) if sample else 0,
                      inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,
                      sample_prompts=len(cfg.sample.prompts),
                      adapter_params=adapter_params_in_file(getattr(m, "adapter", "")),

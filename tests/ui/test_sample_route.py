@@ -94,6 +94,36 @@ def test_an_edit_run_samples_and_compares_on_its_reference(klein_ws, asgi):
     assert config["image"] == str((ui.ws.root / "ref.png").resolve())
 
 
+def test_an_edit_run_with_two_references_samples_and_compares_on_both(klein_ws, asgi):
+    """sample.control = [a, b]: the sample job gets --image a --image b, in order, and the compare config
+    ``image = [a, b]``; a run config whose control is no path (5, [""]) is refused by name, not a TypeError."""
+    import re
+    import tomllib
+
+    from PIL import Image
+
+    app, ui = klein_ws
+    refs = [ui.ws.root / "a.png", ui.ws.root / "b.png"]
+    for ref, colour in zip(refs, ("red", "blue")):
+        Image.new("RGB", (64, 64), colour).save(ref)
+    config = ui.ws.root / "runs" / "on-distilled" / "config.toml"
+    text = config.read_text()
+    config.write_text(text.replace("[sample]\n", f'[sample]\ncontrol = ["{refs[0]}", "{refs[1]}"]\n'))
+    status, body = asgi(app, "POST", "/api/sample", json.dumps({"lora": "runs/on-distilled/lora.safetensors"}))
+    assert status == 200, body
+    args = ui.jobs.get(json.loads(body)["id"])["args"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--image"] == [str(r.resolve()) for r in refs]
+    status, body = asgi(app, "POST", "/api/compare", json.dumps({"lora": "runs/on-distilled/lora.safetensors"}))
+    assert status == 200, body
+    assert tomllib.loads((ui.ws.root / json.loads(body)["config"]).read_text())["image"] == [
+        str(r.resolve()) for r in refs]
+    for bad in ("5", "[5]", '[""]'):
+        config.write_text(re.sub(r"control = .*", f"control = {bad}", config.read_text()))
+        for route in ("/api/sample", "/api/compare"):
+            status, body = asgi(app, "POST", route, json.dumps({"lora": "runs/on-distilled/lora.safetensors"}))
+            assert status == 400 and b"sample.control in the run's config is not a path" in body, (bad, body)
+
+
 def test_caption_count_leaves_the_references_out(tmp_path):
     """A recursive dataset folder with its controls folder inside: the references are not uncaptioned images."""
     from PIL import Image
@@ -115,6 +145,29 @@ def test_caption_count_leaves_the_references_out(tmp_path):
                                        f'data.folders=[{{path="{data}", controls={controls}, recursive=true}}]'])
         expected = {"images": 2 + 2 * (controls.startswith('"')), "captioned": 2, "shards": False}
         assert caption_count(cfg, Workspace(tmp_path)) == expected
+
+
+def test_caption_count_leaves_every_reference_folder_out(tmp_path):
+    """controls = [a, b] in a recursive folder (or a kohya parent): neither folder is counted, and the list is no
+    Path (it was a TypeError the Train page showed as 'the plan could not read the model')."""
+    from PIL import Image
+
+    from dev2pro.schemas import load_train_config
+    from dev2pro.ui.planview import caption_count
+    from dev2pro.ui.workspace import Workspace
+
+    data = tmp_path / "data"
+    for refs in ("before", "before2"):
+        (data / refs).mkdir(parents=True)
+        for name in ("a", "b"):
+            Image.new("RGB", (64, 64)).save(data / refs / f"{name}.png")
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64)).save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text("make it red")
+    controls = f'["{data / "before"}", "{data / "before2"}"]'
+    cfg = load_train_config(None, [f'model.path="{tmp_path}"', 'save.output_dir="out"',
+                                   f'data.folders=[{{path="{data}", controls={controls}, recursive=true}}]'])
+    assert caption_count(cfg, Workspace(tmp_path)) == {"images": 2, "captioned": 2, "shards": False}
 
 
 def test_models_page_pairs_klein_base_with_its_distilled_model(klein_ws, asgi, tmp_path):

@@ -178,7 +178,11 @@ class Scanner:
     def references(self, folder: "DatasetFolder", key: str, stem: str, label: str, size) -> tuple[Path, ...]:
         """The reference(s) of one image of ``folder``, one per controls folder in order; () without controls or
         when one is unusable (listed for ``finish``, which refuses the run)."""
+        before = len(self.uncontrolled)
         found = tuple(self.control(d, key, stem, label, size) for d in control_dirs(folder))
+        if len(self.uncontrolled) - before > 1:  # one line per image ("N image(s)"): its problem in each folder
+            self.uncontrolled[before:] = [f"{label} (" + "; ".join(e[len(label) + 2:-1] for e in
+                                                                   self.uncontrolled[before:]) + ")"]
         return found if all(found) else ()
 
     def control(self, controls: Path, key: str, stem: str, label: str, size) -> Path | None:
@@ -208,7 +212,7 @@ class Scanner:
         """(item, key) of every usable image; key is the path below its folder without the suffix."""
         out = []
         for folder in folders:
-            controls = {d.resolve() for d in control_dirs(folder)}
+            controls = set(_distinct_control_dirs(folder))
             for root, repeats, token, recursive in self._expand(folder):
                 for path in _folder_files(root, recursive):
                     if controls & set(path.resolve().parents):
@@ -313,6 +317,23 @@ def control_dirs(folder: DatasetFolder) -> tuple[Path, ...]:
     """The controls folder(s) of ``folder``, one per reference image, in order; () without."""
     c = folder.controls
     return tuple(Path(x).expanduser() for x in ([c] if isinstance(c, (str, Path)) else list(c or ())) if x)
+
+
+def _distinct_control_dirs(folder: DatasetFolder) -> list[Path]:
+    """The resolved controls folders of ``folder``; UserError for one listed twice (two spellings of one folder:
+    every image would get the same reference twice) or one that is the dataset folder or holds it (its images
+    would all be taken for references)."""
+    root, seen = Path(folder.path).expanduser().resolve(), {}
+    for d in control_dirs(folder):
+        r = d.resolve()
+        if r in seen:
+            raise UserError(f"controls of {folder.path}: {seen[r]} and {d} are the same folder; list each reference "
+                            "folder once (one reference per image from each)")
+        if r == root or r in root.parents:
+            raise UserError(f"controls of {folder.path}: {d} is the dataset folder itself or holds it; put the "
+                            "reference images in a folder of their own")
+        seen[r] = d
+    return list(seen)
 
 
 def find_control(key: str, controls_dir: Path | str | None) -> Path | None:

@@ -263,7 +263,10 @@ def _grid_args(base: str, s: dict) -> list[str]:
 
 def _controls(ui, s: dict) -> list[str]:
     """The run's ``sample.control`` reference image(s), each confined to the workspace like any path."""
-    return [str(ui.ws.resolve(ui.ws.rel(Path(p)), must_exist=True)) for p in as_list(s.get("control"))]
+    refs = as_list(s.get("control"))
+    if not all(isinstance(p, str) and p.strip() for p in refs):
+        raise UserError("sample.control in the run's config is not a path or a list of paths")
+    return [str(ui.ws.resolve(ui.ws.rel(Path(p)), must_exist=True)) for p in refs]
 
 
 async def sample(request: Request, ui):
