@@ -78,6 +78,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     if note := S.unknown_variant_note(spec, transformer or model):
         print(note)
     image = [str(x) for x in as_list(image)]
+    if any(not x.strip() for x in image):  # an empty shell variable: no silent text-to-image render
+        raise UserError("--image: an empty path; give the reference image's file, or leave --image out")
     image = image[0] if len(image) == 1 else image  # one reference: a path, as before; several: a list
     if image:
         check_reference(image, family, "--image", (width, height))

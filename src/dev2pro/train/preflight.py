@@ -11,6 +11,7 @@ caching (or after the run folder exists) is a worse answer than one line at the 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,9 +60,11 @@ def check_reference(paths: str | Sequence[str], family, field: str, size: tuple[
     if not family.references:
         raise UserError(f"{field}: {family.title} has no reference-image input (edit pairs are FLUX.2's); remove "
                         f"{field}")
-    paths = as_list(paths)
+    paths = [str(p) for p in as_list(paths)]
     if len(paths) > MAX_REFERENCES:
         raise UserError(f"{field}: {len(paths)} reference images; FLUX.2 takes at most {MAX_REFERENCES}")
+    if len({os.path.realpath(p) for p in paths}) < len(paths):
+        raise UserError(f"{field}: the same reference image is given twice ({', '.join(paths)}); give each once")
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"{field}: {path} does not exist; fix the path of the reference image")

@@ -447,6 +447,12 @@ def test_reference_counts_must_agree(tmp_path, klein_base_dir, klein_distilled_d
     assert main(args) == 0
     with Image.open(next((tmp_path / "s").glob("*.png"))) as im:
         assert str(two_refs[1] / "coffee.png") in im.text["dev2pro"]
+    capsys.readouterr()
+    assert main([*args[:7], "--image", "", "--out", str(tmp_path / "e")]) == 2  # "$REF" unset: not a plain render
+    assert "--image: an empty path" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    twice = [*args[:7], "--image", str(two_refs[0] / "coffee.jpg"), "--image", str(two_refs[0] / "coffee.jpg")]
+    assert main([*twice, "--out", str(tmp_path / "t")]) == 2
+    assert "the same reference image is given twice" in capsys.readouterr().err
 
 
 def test_cache_shards_hold_the_references_and_train_with_them(tmp_path, klein_base_dir, tiny_dev_dir, pairs, two_refs,
