@@ -42,7 +42,7 @@ from ..train.precision import lora_in_compute_dtype
 from ..train.progress import Progress
 from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
-from ..train.samples import GridSpec, LoraSampler
+from ..train.samples import GridSpec, LoraSampler, samples_line
 from ..train.state import restore_training_state, save_training_state
 from ..train.validation import Holdout
 from ..train.watch import check_inputs, make_watch, open_sinks
@@ -289,9 +289,8 @@ def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: 
         f"  guidance {tc.guidance} in training (base: {base}, {variant})",
     ]
     if sc.prompts:
-        lines.append(f"  samples: {len(sc.prompts)} prompt(s) x {len(sc.seeds)} seed(s) at {guidance.describe()} "
-                     f"on {cfg.model.inference_base or 'the training base'}, "
-                     + (f"every {sc.every} steps and " if sc.every else "") + f"at the end -> {run.samples}")
+        lines.append(samples_line(sc, guidance, cfg.model.inference_base or "the training base", run.samples,
+                                  any(f.controls for f in cfg.data.folders)))
     lines += ["  saves: " + (f"every {cfg.save.every} steps and " if cfg.save.every else "") +
               f"at the end -> {run.root / cfg.save.name}.safetensors ({', '.join(cfg.save.formats)}), resumable "
               f"state in {run.state}",

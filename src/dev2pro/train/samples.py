@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from .. import families
+from ..config import as_list
 from ..flux.checkpoint import load_transformer
 from ..flux.fp8 import Fp8Policy
 from ..lora import adapter as adaptermod
@@ -51,6 +52,16 @@ class GridSpec:
         from ..data.buckets import fitted_references
 
         return [fitted_references(self.control, (self.width, self.height))] * len(self.prompts)
+
+
+def samples_line(sc, guidance: Guidance, where: str, out, edit: bool) -> str:
+    """The startup line of a run's sample grids: what, how, on which base, and -- ``edit``: the data may hold edit
+    pairs -- the reference they edit, or that they render text-to-image without ``sample.control``."""
+    refs = ", ".join(map(str, as_list(sc.control)))
+    note = (f"; each edits {refs}" if refs else
+            "; text-to-image (for an edit LoRA set sample.control to a test image to see its edit)" if edit else "")
+    return (f"  samples: {len(sc.prompts)} prompt(s) x {len(sc.seeds)} seed(s) at {guidance.describe()} on {where}, "
+            + (f"every {sc.every} steps and " if sc.every else "") + f"at the end -> {out}" + note)
 
 
 def write_grid(images: list, spec: GridSpec, title: str, path: Path, info: dict, bar=None, tag: str = "") -> Path:

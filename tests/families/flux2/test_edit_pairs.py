@@ -517,3 +517,16 @@ def test_the_shipped_edit_config_trains_on_the_tiny_folders(tmp_path, klein_base
     assert len(summary["losses"]) == 2 and (tmp_path / "run" / "lora.comfy.safetensors").is_file()
     with Image.open(tmp_path / "run" / "samples" / "step000002.png") as im:
         assert str(pairs / "before" / "astronaut.png") in im.text["reference"]
+
+
+def test_the_startup_line_says_what_the_samples_edit():
+    """An edit run's samples without sample.control render text-to-image: the run says so at the start."""
+    from dev2pro.sampling import no_cfg
+    from dev2pro.schemas import SampleSection
+    from dev2pro.train.samples import samples_line
+
+    sc = SampleSection(prompts=["make it red"], seeds=[1])
+    assert "text-to-image (for an edit LoRA set sample.control" in samples_line(sc, no_cfg(), "base", "out", True)
+    assert "sample.control" not in samples_line(sc, no_cfg(), "base", "out", False)
+    sc.control = ["a.png", "b.png"]
+    assert samples_line(sc, no_cfg(), "base", "out", True).endswith("-> out; each edits a.png, b.png")
