@@ -459,24 +459,31 @@ def _add_lora_extract(lsub):
 def add_demo(sub):
     p = sub.add_parser("demo", help="measure the Dev2Pro claim end to end on toy Flux models (CPU, ~10 min)")
     p.add_argument("--out", default=None,
-                   help="output folder (default demo-out, demo-flux2-dev-out, demo-klein-out; a finished stage is "
-                        "reused on rerun)")
-    p.add_argument("--family", choices=("flux1", "flux2-dev", "flux2-klein"), default="flux1",
+                   help="output folder (default demo-out, demo-flux2-dev-out, demo-klein-out, demo-klein-edit-out; "
+                        "a finished stage is reused on rerun)")
+    p.add_argument("--family", choices=("flux1", "flux2-dev", "flux2-klein", "flux2-klein-edit"), default="flux1",
                    help="flux2-dev: the same Dev2Pro story on FLUX.2 [dev] architecture models; flux2-klein: train "
-                        "on klein Base, use on the distilled model, with calibrated strengths")
+                        "on klein Base, use on the distilled model, with calibrated strengths; flux2-klein-edit: "
+                        "does an edit-pair LoRA (controls) learn to use its reference image")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="profile", const="quick", help="smoke test, ~2 min")
     size.add_argument("--full", action="store_const", dest="profile", const="full",
                       help="longer training, 8 seeds, a cfg_teacher arm (on 2 cores about 30 minutes; "
-                           "flux2-dev about 70, where it is the profile whose toy learns the prompt)")
+                           "flux2-dev about 70, where it is the profile whose toy learns the prompt; "
+                           "flux2-klein-edit: 3 seeds, about 12)")
     p.add_argument("--seeds", type=bounded_int(1, 1000), default=None,
-                   help="LoRA seeds per arm (default 5; 3 with --quick)")
+                   help="LoRA seeds per arm (default 5; 3 with --quick; flux2-klein-edit: 2, 1 with --quick)")
     p.add_argument("--workers", type=bounded_int(1, 1024), default=2, help="parallel LoRA jobs (one CPU core each)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an earlier demo's folder first (a folder holding other files is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
     def run(a):
+        if a.family == "flux2-klein-edit":
+            from .recipes.demo_edit import run_demo_edit
+            out = a.out or "demo-klein-edit-out"
+            make_parent(out)
+            return run_demo_edit(out, a.profile, a.seeds, a.overwrite, not a.no_progress, a.workers)
         if a.family == "flux2-klein":
             from .recipes.demo_klein import run_demo_klein
             out = a.out or "demo-klein-out"

@@ -78,5 +78,5 @@ NAMES = tuple(_ROWS)
 def get(name: str) -> DemoFamily:
     """The demo row of family ``name`` (its modules imported on first use)."""
     if name not in _ROWS:
-        raise UserError(f"unknown demo family {name!r}: use one of {', '.join(NAMES)} (or flux2-klein)")
+        raise UserError(f"unknown demo family {name!r}: use one of {', '.join(NAMES)} (or flux2-klein, flux2-klein-edit)")
     return _ROWS[name]()

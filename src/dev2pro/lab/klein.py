@@ -19,6 +19,7 @@ noise seeds).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -83,6 +84,55 @@ def to_stored(vae_latents: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor
 
     mean, std = stats
     return unpatchify((patchify(vae_latents.float()) - mean) / std)
+
+
+class _Posterior:
+    """What ``vae.encode(x).latent_dist`` hands its readers (``mode()``, ``sample()``): one exact latent."""
+
+    def __init__(self, z: torch.Tensor):
+        self.z = z
+
+    def mode(self) -> torch.Tensor:
+        return self.z
+
+    def sample(self, generator=None) -> torch.Tensor:
+        return self.z
+
+
+def pixel_codec_vae(vae):
+    """The folder's ``AutoencoderKLFlux2`` whose ``encode`` is the pixel codec: (B, 3, 64, 64) in [-1, 1] ->
+    ``encode_pixels`` -> the batch-norm undone, i.e. VAE-space latents whose FLUX.2 normalisation gives back the
+    codec's stored latents exactly. Every FLUX.2 reader of ``encode`` (``latents.encode_images`` for the training
+    cache, ``Flux2KleinPipeline``'s ``image=`` references) then sees the codec; config, batch norm and dtype stay
+    the folder's. ``decode`` is left alone (the demo decodes with ``to_stored`` + ``decode``). Returns ``vae``."""
+    from types import SimpleNamespace
+
+    from ..families.flux2.latents import patchify, unpatchify
+
+    mean, std = bn_stats(vae)
+
+    def encode(pixels: torch.Tensor, return_dict: bool = True):
+        z = unpatchify(patchify(encode_pixels(pixels)) * std + mean).to(pixels.dtype)
+        return SimpleNamespace(latent_dist=_Posterior(z)) if return_dict else (_Posterior(z),)
+
+    vae.encode = encode
+    vae.pixel_codec = CODEC
+    return vae
+
+
+@contextmanager
+def codec_vae_loaded():
+    """Inside, FLUX.2's ``latents.load_vae`` (what `dev2pro train` on image folders encodes with) returns
+    ``pixel_codec_vae`` of the folder's VAE: an edit-pair run caches its images AND its references through the
+    codec, the path `dev2pro cache` shards (the text-to-image demo's route) do not offer edit pairs on."""
+    from ..families.flux2 import latents
+
+    real = latents.load_vae
+    latents.load_vae = lambda *a, **k: pixel_codec_vae(real(*a, **k))
+    try:
+        yield
+    finally:
+        latents.load_vae = real
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -163,22 +213,23 @@ def load_klein(target: str | Path, lora: str | Path | None, model_dir, distilled
 
     fam = get("flux2")
     model, _ = S.load_base(str(target), [(str(lora), 1.0)] if lora else [], torch.float32)
-    vae = fam.load_vae(model_dir)
+    vae = pixel_codec_vae(fam.load_vae(model_dir))  # a reference image (``render``'s ``image``) is codec-encoded
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
     return fam.build_pipeline({"vae": vae, "scheduler": scheduler}, model, distilled=distilled), bn_stats(vae)
 
 
 @torch.no_grad()
 def render(pipe, embeds: torch.Tensor, seeds: Sequence[int], *, steps: int, cfg: float,
-           negative: torch.Tensor | None = None) -> torch.Tensor:
+           negative: torch.Tensor | None = None, image: Sequence | None = None) -> torch.Tensor:
     """One batched ``Flux2KleinPipeline`` call: prompt embeddings (N, L, D), one seeded CPU generator per image (so
     image i starts from its seed's noise, as one call per image would), true CFG ``cfg`` against ``negative``
     (L, D) when > 1 -- or, for a transformer with a guidance embedding (``Flux2Pipeline``: FLUX.2 dev), ``cfg`` as
-    its embedded guidance. Returns VAE-space latents (N, 32, 8, 8) fp32. Batched because the tiny model's cost is
-    per call, not per image (one image per call was ~30x slower here)."""
+    its embedded guidance. ``image``: the pipeline's reference images (PIL), shared by every image of the call (an
+    edit). Returns VAE-space latents (N, 32, 8, 8) fp32. Batched because the tiny model's cost is per call, not
+    per image (one image per call was ~30x slower here)."""
     from ..families.flux2.sampling import vae_space
 
-    extra = {}
+    extra = {} if image is None else {"image": list(image)}
     embedded = pipe.transformer.config.guidance_embeds
     if cfg > 1.0 and not embedded and not pipe.config.get("is_distilled", False):
         extra["negative_prompt_embeds"] = negative[None].expand(len(embeds), -1, -1)

@@ -85,15 +85,22 @@ CALIBRATE_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def _data(root: Path, world, p: Profile) -> tuple[Path, Path, dict, Path]:
-    """The tiny klein folder, image folders -> shards (base world, one concept set per seed), eval prompts."""
+def data_stage(root: Path, world, seeds: int, per_class: int) -> tuple[Path, Path, dict, Path]:
+    """The tiny klein folder, image folders -> shards (base world, one concept set per seed; ``seeds`` 0: none),
+    eval prompts. Reused when written (also by `demo --family flux2-klein-edit`)."""
     model_dir = root / "models" / "klein"
     if not (model_dir / "model_index.json").is_file():
         klein.write_model(model_dir, seed=0, spec=KLEIN_SPEC)
-    base_shards, concept_shards, prompts = dataset.write_world(root, world, p.seeds, p.per_class,
+    base_shards, concept_shards, prompts = dataset.write_world(root, world, seeds, per_class,
                                                                klein.load_text_encoder(model_dir),
                                                                klein.write_shards, klein.write_prompts)
     return model_dir, base_shards, concept_shards, prompts
+
+
+def base_stage(root: Path, model_dir: Path, base_shards: Path, steps: int, batch: int, progress: bool) -> dict:
+    """Base: flow matching from scratch, 10% caption dropout (a true-CFG model); a finished one is reused."""
+    return dedistill_stage(root, "base", "flow", model_dir, base_shards, steps, 2e-3, 0, dropout=0.1, batch=batch,
+                           progress=progress, text_len=klein.TEXT_LEN, teacher_w=(CFG, CFG))
 
 
 def _calibrate(job: dict, lora: Path) -> dict:
@@ -191,14 +198,13 @@ def run_demo_klein(out: str = "demo-klein-out", profile: str = "default", seeds:
 
     print("[1/5] data: scikit-learn digits -> image folders -> shards (klein's Qwen3 text, 32-channel pixel codec)")
     world = load_digits_world(seed=0)
-    model_dir, base_shards, concept_shards, prompts = _data(root, world, p)
+    model_dir, base_shards, concept_shards, prompts = data_stage(root, world, p.seeds, p.per_class)
     clock.mark("data")
 
     print("[2/5] Base: flow matching from scratch, 10% caption dropout (a true-CFG model)")
+    bases = {"base": base_stage(root, model_dir, base_shards, p.base_steps, p.batch, progress)}
     # guidance_distill at one scale: the student has no guidance embedding
     kw = dict(batch=p.batch, progress=progress, text_len=klein.TEXT_LEN, teacher_w=(CFG, CFG))
-    bases = {"base": dedistill_stage(root, "base", "flow", model_dir, base_shards, p.base_steps, 2e-3, 0,
-                                     dropout=0.1, **kw)}
     print(f"[3/5] distilled: guidance-distilled from Base at CFG {CFG} (no guidance embedding; not step-distilled)")
     bases["distilled"] = dedistill_stage(root, "distilled", "guidance_distill", model_dir, base_shards,
                                          p.distill_steps, 1e-3, 1, start=bases["base"]["file"],
