@@ -124,7 +124,8 @@ def pixel_codec_vae(vae):
 def codec_vae_loaded():
     """Inside, FLUX.2's ``latents.load_vae`` (what `dev2pro train` on image folders encodes with) returns
     ``pixel_codec_vae`` of the folder's VAE: an edit-pair run caches its images AND its references through the
-    codec, the path `dev2pro cache` shards (the text-to-image demo's route) do not offer edit pairs on."""
+    codec, with `train`'s own folder cache (the text-to-image demo's shards are written by ``write_shards`` here,
+    without references)."""
     from ..families.flux2 import latents
 
     real = latents.load_vae
