@@ -201,8 +201,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
         bar.end_bar()
         # export (EMA weights when kept), gathered from the shards to rank 0 one tensor at a time, then samples
         summary = {"losses": result.losses, "files": [], "steps": tc.steps, "session_steps": tc.steps - start,
-                   "world_size": world,  # seconds: this session's (after --resume, its session_steps)
-                   "seconds": result.seconds, "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else "none"),
+                   "world_size": world, "seconds": result.seconds,  # seconds: this session's, its session_steps
+                   "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else "none"),
                    "skipped_steps": result.skipped}
         _export(cfg, models, ema, rank, main, run, summary, history, start, say)
         barrier()

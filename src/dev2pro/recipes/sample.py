@@ -44,6 +44,16 @@ def png_name(index: int, prompt: str, seed: int) -> str:
     return f"{index:03d}-{S.slug(prompt)}-s{seed}.png"
 
 
+def _reference_arg(image, family, size: tuple[int, int]):
+    """``--image`` value(s), checked -> one path (as before), a list (several references) or None."""
+    paths = [str(x) for x in as_list(image)]
+    if any(not x.strip() for x in paths):  # an empty shell variable: no silent text-to-image render
+        raise UserError("--image: an empty path; give the reference image's file, or leave --image out")
+    if paths:
+        check_reference(paths, family, "--image", size)
+    return None if not paths else paths[0] if len(paths) == 1 else paths
+
+
 def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str | None = None,
                loras: Sequence[str | tuple[str, float]] = (), negative: str = "", guidance: float | None = None,
                cfg: float | None = None, mode: str = "auto", steps: int | None = None,
@@ -77,12 +87,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     family, spec = header.family, header.spec()
     if note := S.unknown_variant_note(spec, transformer or model):
         print(note)
-    image = [str(x) for x in as_list(image)]
-    if any(not x.strip() for x in image):  # an empty shell variable: no silent text-to-image render
-        raise UserError("--image: an empty path; give the reference image's file, or leave --image out")
-    image = image[0] if len(image) == 1 else image  # one reference: a path, as before; several: a list
-    if image:
-        check_reference(image, family, "--image", (width, height))
+    image = _reference_arg(image, family, (width, height))
     own_steps, own_scale = S.own_settings(spec)
     steps = steps if steps is not None else own_steps
     if S.step_distilled(spec):  # its pipeline runs no CFG whatever we pass: say so, record what it does

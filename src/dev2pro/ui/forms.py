@@ -38,8 +38,8 @@ def _unwrap(tp) -> tuple[Any, bool]:
 def field_specs(schema: type, prefix: str = "") -> list[dict]:
     """One dict per leaf field, in schema order: key (dotted), kind, default, help, choices, optional.
 
-    kind is bool | int | float | str | choice | list | int_or_list | str_or_list | tables; ``tables`` (a list of sub-tables such as
-    ``[[data.folders]]``) carries ``fields``, the specs of one item with keys relative to the item.
+    kind is bool | int | float | str | choice | list | int_or_list | str_or_list | tables; ``tables`` (a list of
+    sub-tables such as ``[[data.folders]]``) carries ``fields``, the specs of one item with keys relative to the item.
     """
     hints = typing.get_type_hints(schema)
     default = schema()
