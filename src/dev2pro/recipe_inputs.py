@@ -113,7 +113,7 @@ def plan_inputs(cfg):
     from .data.mixing import active_folders, largest_resolution
 
     folders = active_folders([_folder(f) for f in cfg.data.folders], cfg.data.reg_weight)
-    shard_refs, shard_res = _shard_facts(cfg.data.shards)
+    shard_refs, shard_res = shard_facts(cfg.data.shards)
     res = shard_res or largest_resolution(cfg.data.resolution, folders)  # the largest is what the peak sees
     sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
     per_image = 1 + max([len(control_dirs(f)) for f in folders] + [shard_refs])  # edit pairs: references ride along
@@ -187,7 +187,13 @@ def _resolutions(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else () if value == 0 else (value,)
 
 
-def _shard_facts(index: str) -> tuple[int, int | None]:
+def references_per_image(cfg) -> int:
+    """Reference images per training image of a train config: its controls folders, or its shard index's (0: a
+    text-to-image run)."""
+    return max([len(as_list(f.controls)) for f in cfg.data.folders] + [shard_facts(cfg.data.shards)[0]])
+
+
+def shard_facts(index: str) -> tuple[int, int | None]:
     """(reference images per sample, bucket resolution) of a `dev2pro cache` index: what its latents were made at,
     whatever data.resolution says; (0, None) without one."""
     import json

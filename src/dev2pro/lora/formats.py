@@ -382,3 +382,20 @@ def kohya_metadata(rank: int, alpha: float, guidance_scale: float, timestep_samp
         meta.update(kohya_fields(spec))
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     return meta
+
+
+def edit_references(metadata: Mapping[str, str] | None) -> int:
+    """Reference images per edit a LoRA was trained with (dev2pro's ``dev2pro.references``; 0: text-to-image)."""
+    try:
+        return int((metadata or {}).get("dev2pro.references", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def file_edit_references(path: str | os.PathLike) -> int:
+    """``edit_references`` of a LoRA file, from its header only (0 for an unreadable or pickled file)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return edit_references(f.metadata())
+    except (SafetensorError, OSError):
+        return 0

@@ -42,6 +42,8 @@ def info(path: str, as_json: bool = False) -> dict:
            "layout": lw.layout, "type": getattr(lw, "adapter", "lora"),
            "modules": len(lw), "groups": groups, "params": sum(param_count(m) for m in lw.values()),
            "size_bytes": Path(path).stat().st_size, "metadata": lw.metadata}
+    if (refs := F.edit_references(lw.metadata)) > 0:  # trained on FLUX.2 edit pairs: it edits a reference image
+        out["edit"] = f"trained on edit pairs, {refs} reference image(s) per edit (sample with as many --image)"
     print(json.dumps(out, indent=2, default=str) if as_json else format_info(out))
     return out
 

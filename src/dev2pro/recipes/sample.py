@@ -20,6 +20,7 @@ from ..flux.checkpoint import open_checkpoint
 from ..config import as_list, parse_size
 from ..data.buckets import fitted_references
 from ..lora import adapter as adaptermod
+from ..lora.formats import file_edit_references
 from ..owned import check_owned_folder, owned_folder
 from ..train.blockswap import enable_block_swap
 from ..train.preflight import check_reference
@@ -44,13 +45,18 @@ def png_name(index: int, prompt: str, seed: int) -> str:
     return f"{index:03d}-{S.slug(prompt)}-s{seed}.png"
 
 
-def _reference_arg(image, family, size: tuple[int, int]):
-    """``--image`` value(s), checked -> one path (as before), a list (several references) or None."""
+def _reference_arg(image, family, size: tuple[int, int], loras):
+    """``--image`` value(s), checked -> one path (as before), a list (several references) or None; a note for an
+    edit LoRA (``loras``) given another count of references (none: it renders text-to-image, as asked)."""
     paths = [str(x) for x in as_list(image)]
     if any(not x.strip() for x in paths):  # an empty shell variable: no silent text-to-image render
         raise UserError("--image: an empty path; give the reference image's file, or leave --image out")
     if paths:
         check_reference(paths, family, "--image", size)
+    for path, _ in loras:
+        if (refs := file_edit_references(path)) and refs != len(paths):
+            print(f"note: {Path(path).name} was trained on edit pairs with {refs} reference image(s) per edit; "
+                  f"pass as many --image to render its edit ({len(paths)} given)")
     return None if not paths else paths[0] if len(paths) == 1 else paths
 
 
@@ -87,7 +93,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     family, spec = header.family, header.spec()
     if note := S.unknown_variant_note(spec, transformer or model):
         print(note)
-    image = _reference_arg(image, family, (width, height))
+    image = _reference_arg(image, family, (width, height), loras)
     own_steps, own_scale = S.own_settings(spec)
     steps = steps if steps is not None else own_steps
     if S.step_distilled(spec):  # its pipeline runs no CFG whatever we pass: say so, record what it does

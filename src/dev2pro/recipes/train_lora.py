@@ -31,7 +31,7 @@ from ..noise import quiet_libraries
 from ..outputs import write_json, write_text
 from ..plan import ImpossiblePlan, report as report_plan
 from ..schemas import TrainConfig, data_source, plan_inputs
-from ..recipe_inputs import attention_backend, gradient_checkpointing
+from ..recipe_inputs import attention_backend, gradient_checkpointing, references_per_image
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
 from ..train.preflight import check_training_inputs
@@ -160,6 +160,7 @@ def _lora_metadata(cfg: TrainConfig, ckpt) -> dict:
                                  "dev2pro.train_base_variant": ckpt.spec().variant,
                                  "dev2pro.inference_base": model_name(m.inference_base) if m.inference_base else "",
                                  "dev2pro.training_adapter": Path(m.adapter).name if m.adapter else "",
+                                 "dev2pro.references": str(references_per_image(cfg)),  # an edit LoRA: > 0
                                  **adapter_fields(lc.type, lc.rank, lc.alpha, lc.lokr_factor, lc.lokr_decompose_both)})
 
 

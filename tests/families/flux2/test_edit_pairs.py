@@ -530,3 +530,28 @@ def test_the_startup_line_says_what_the_samples_edit():
     assert "sample.control" not in samples_line(sc, no_cfg(), "base", "out", False)
     sc.control = ["a.png", "b.png"]
     assert samples_line(sc, no_cfg(), "base", "out", True).endswith("-> out; each edits a.png, b.png")
+
+
+def test_an_edit_lora_says_so_in_its_file(tmp_path, klein_base_dir, klein_distilled_dir, pairs, two_refs, capsys):
+    """The LoRA file records its references per edit (dev2pro.references); `lora info` says it is an edit LoRA,
+    and `sample` without as many --image says what it renders; a text-to-image LoRA records 0 and gets no note."""
+    from dev2pro.cli import main
+    from dev2pro.lora.formats import file_edit_references
+
+    extra = f'controls = ["{two_refs[0]}", "{two_refs[1]}"]\n'
+    train(_config(tmp_path, klein_base_dir, pairs, controls=False, extra=extra, steps=1), progress=False)
+    lora = tmp_path / "run" / "lora.diffusers.safetensors"
+    assert file_edit_references(lora) == 2
+    capsys.readouterr()
+    assert main(["lora", "info", str(lora)]) == 0
+    assert "trained on edit pairs, 2 reference image(s) per edit" in capsys.readouterr().out
+    args = ["sample", "--model", str(klein_distilled_dir), "--lora", str(lora), "--prompt", "p", "--size", "64x64"]
+    assert main([*args, "--image", str(two_refs[0] / "coffee.jpg"), "--out", str(tmp_path / "s1")]) == 0
+    assert "pass as many --image to render its edit (1 given)" in capsys.readouterr().out
+    assert main([*args, "--image", str(two_refs[0] / "coffee.jpg"), "--image", str(two_refs[1] / "coffee.png"),
+                 "--out", str(tmp_path / "s2")]) == 0
+    assert "--image to render its edit" not in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    train(_config(plain, klein_base_dir, pairs, controls=False, steps=1), progress=False)
+    assert file_edit_references(plain / "run" / "lora.diffusers.safetensors") == 0
