@@ -177,35 +177,31 @@ class Scanner:
 
     def references(self, folder: "DatasetFolder", key: str, stem: str, label: str, size) -> tuple[Path, ...]:
         """The reference(s) of one image of ``folder``, one per controls folder in order; () without controls or
-        when one is unusable (listed for ``finish``, which refuses the run)."""
-        before = len(self.uncontrolled)
-        found = tuple(self.control(d, key, stem, label, size) for d in control_dirs(folder))
-        if len(self.uncontrolled) - before > 1:  # one line per image ("N image(s)"): its problem in each folder
-            self.uncontrolled[before:] = [f"{label} (" + "; ".join(e[len(label) + 2:-1] for e in
-                                                                   self.uncontrolled[before:]) + ")"]
-        return found if all(found) else ()
+        when one is unusable (one line per image, each folder's problem, listed for ``finish``, which refuses)."""
+        found = [self.control(d, key, stem, label, size) for d in control_dirs(folder)]
+        if problems := [why for _, why in found if why]:
+            self.uncontrolled.append(f"{label} ({'; '.join(problems)})")
+        paths = tuple(path for path, _ in found)
+        return paths if all(paths) else ()
 
-    def control(self, controls: Path, key: str, stem: str, label: str, size) -> Path | None:
-        """The reference of one image in the folder ``controls`` (``locate_reference``: ``controls/KEY.*``, e.g.
-        ``10_cat/001`` in a kohya parent, else ``controls/STEM.*``); a missing or unreadable one is listed for
-        ``finish``, one shared by images of different kohya subfolders too."""
+    def control(self, controls: Path, key: str, stem: str, label: str, size) -> tuple[Path | None, str | None]:
+        """(reference, None) of one image in the folder ``controls`` (``locate_reference``: ``controls/KEY.*``,
+        e.g. ``10_cat/001`` in a kohya parent, else ``controls/STEM.*``), or (None, why it cannot be used):
+        missing or unreadable; (reference, why) for one shared by images of different kohya subfolders."""
         control, problem = locate_reference(key, stem, controls)
         if problem is not None:
-            self.uncontrolled.append(f"{label} (its reference {control} is in a format we do not train on: convert it "
-                                     f"to {', '.join(IMAGE_EXTENSIONS)})" if problem == "unsupported" else
-                                     f"{label} (no {controls / key}.png/.jpg/... in a supported "
-                                     f"format: {', '.join(IMAGE_EXTENSIONS)})")
-            return None
+            return None, (f"its reference {control} is in a format we do not train on: convert it to "
+                          f"{', '.join(IMAGE_EXTENSIONS)}" if problem == "unsupported" else
+                          f"no {controls / key}.png/.jpg/... in a supported format: {', '.join(IMAGE_EXTENSIONS)}")
         ref_size, why = decoded_size(control)
         if why is not None:
-            self.uncontrolled.append(f"{label} (its reference {control} is {why})")
-            return None
+            return None, f"its reference {control} is {why}"
         if (kept := aspect_kept(ref_size, size)) < REFERENCE_KEPT:
             self.reference_crops.append(f"{control} ({reference_crop_note(ref_size, size, kept)})")
         if self.controls_seen.setdefault(control, label) != label:
-            self.uncontrolled.append(f"{label} (its reference {control} is also {self.controls_seen[control]}'s: "
-                                     f"in a kohya parent, put references in controls/N_name/ as the images are)")
-        return control
+            return control, (f"its reference {control} is also {self.controls_seen[control]}'s: in a kohya parent, "
+                          "put references in controls/N_name/ as the images are")
+        return control, None
 
     # ---------------------------------------------------------------- folders
     def folders(self, folders: list[DatasetFolder]) -> list[tuple[Item, str]]:

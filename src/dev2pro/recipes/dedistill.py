@@ -201,9 +201,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
         bar.end_bar()
         # export (EMA weights when kept), gathered from the shards to rank 0 one tensor at a time, then samples
         summary = {"losses": result.losses, "files": [], "steps": tc.steps, "session_steps": tc.steps - start,
-                   "world_size": world, "seconds": result.seconds,  # seconds: this session's, its session_steps
-                   "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else "none"),
-                   "skipped_steps": result.skipped}
+                   "world_size": world, "seconds": result.seconds, "skipped_steps": result.skipped,  # this session's
+                   "distributed": "fsdp" if fsdp else ("ddp" if world > 1 else "none")}
         _export(cfg, models, ema, rank, main, run, summary, history, start, say)
         barrier()
         if sc.every:

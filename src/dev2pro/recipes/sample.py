@@ -60,6 +60,20 @@ def _reference_arg(image, family, size: tuple[int, int], loras):
     return None if not paths else paths[0] if len(paths) == 1 else paths
 
 
+def _guidance(spec, guidance: float | None, cfg: float | None, mode: str):
+    """What a render of this base applies: the base's own scale where none is given; a step-distilled base never
+    runs CFG (said when asked for)."""
+    if S.step_distilled(spec):  # its pipeline runs no CFG whatever we pass: say so, record what it does
+        if (guidance or 1.0) > 1.0 or (cfg or 1.0) > 1.0 or mode == "true_cfg":  # asked for CFG
+            print(f"note: {spec.variant} is sampled without CFG (it is step-distilled); --guidance/--cfg/--mode "
+                  "ignored")
+        return S.no_cfg()
+    guidance = guidance if guidance is not None else S.own_settings(spec)[1]
+    if cfg is not None and cfg <= 1.0 and not spec.guidance_embeds:
+        guidance = 1.0  # an explicit --cfg 1 turns true CFG off (else --guidance is these bases' CFG scale)
+    return S.resolve_guidance(spec.guidance_embeds, mode, guidance, 1.0 if cfg is None else cfg)
+
+
 def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str | None = None,
                loras: Sequence[str | tuple[str, float]] = (), negative: str = "", guidance: float | None = None,
                cfg: float | None = None, mode: str = "auto", steps: int | None = None,
@@ -94,18 +108,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     if note := S.unknown_variant_note(spec, transformer or model):
         print(note)
     image = _reference_arg(image, family, (width, height), loras)
-    own_steps, own_scale = S.own_settings(spec)
-    steps = steps if steps is not None else own_steps
-    if S.step_distilled(spec):  # its pipeline runs no CFG whatever we pass: say so, record what it does
-        if (guidance or 1.0) > 1.0 or (cfg or 1.0) > 1.0 or mode == "true_cfg":  # asked for CFG
-            print(f"note: {spec.variant} is sampled without CFG (it is step-distilled); --guidance/--cfg/--mode "
-                  "ignored")
-        g = S.no_cfg()
-    else:
-        guidance = guidance if guidance is not None else own_scale
-        if cfg is not None and cfg <= 1.0 and not spec.guidance_embeds:
-            guidance = 1.0  # an explicit --cfg 1 turns true CFG off (else --guidance is these bases' CFG scale)
-        g = S.resolve_guidance(spec.guidance_embeds, mode, guidance, 1.0 if cfg is None else cfg)
+    steps = steps if steps is not None else S.own_settings(spec)[0]
+    g = _guidance(spec, guidance, cfg, mode)
 
     device = S.default_device()
     dtype = S.default_dtype(device)
