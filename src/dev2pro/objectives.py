@@ -77,12 +77,15 @@ class ModelInputs:
     pooled: torch.Tensor | None
     h: int
     w: int
-    reference: torch.Tensor | None = None  # (B, n*T, C*4) clean reference-image tokens the model attends to
+    reference: torch.Tensor | None = None  # (B, n*T', C*4) clean reference-image tokens the model attends to
+    reference_hw: tuple[int, int] | None = None  # their latent (h, w): (h, w) up to 1 MP, smaller above
 
     @classmethod
     def of(cls, batch: Noised) -> "ModelInputs":
-        ref = None if batch.control is None else pack_references(batch.control)
-        return cls(batch.x_t, batch.sigmas, batch.prompt_embeds, batch.pooled, *batch.x0.shape[2:], ref)
+        c = batch.control  # (B, n, C, h', w')
+        ref = None if c is None else pack_references(c)
+        return cls(batch.x_t, batch.sigmas, batch.prompt_embeds, batch.pooled, *batch.x0.shape[2:], ref,
+                   None if c is None else tuple(c.shape[-2:]))
 
     @property
     def text(self) -> dict:
@@ -97,7 +100,7 @@ class ModelInputs:
                                                              empty["pooled"].to(dev).expand_as(self.pooled)])
         ref = None if self.reference is None else torch.cat([self.reference, self.reference])
         return ModelInputs(torch.cat([self.x_t, self.x_t]), torch.cat([self.sigmas, self.sigmas]), pe, pooled,
-                           self.h, self.w, ref)
+                           self.h, self.w, ref, self.reference_hw)
 
 
 def draw(batch: dict, gen: torch.Generator, *, dropout_p: float, empty: dict, timestep_sampling: str,
@@ -131,7 +134,8 @@ def predict(model, inputs: ModelInputs, guidance: float | torch.Tensor, device, 
     g = None
     if inner.config.guidance_embeds:
         g = (guidance if torch.is_tensor(guidance) else torch.full((b,), float(guidance))).to(device, dtype)
-    ref = {} if inputs.reference is None else {"reference": inputs.reference}  # FLUX.2 edit pairs only
+    ref = {} if inputs.reference is None else {"reference": inputs.reference,  # FLUX.2 edit pairs only
+                                               "reference_hw": inputs.reference_hw}
     kwargs = families.of_model(inner).model_inputs(inputs.x_t, inputs.sigmas, inputs.text, inputs.h, inputs.w, g,
                                                    device, dtype, **ref)
     return model(**kwargs, return_dict=False)[0][:, :inputs.x_t.shape[1]].float()  # the reference's own: dropped

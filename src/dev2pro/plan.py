@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
+from .data.buckets import MAX_REFERENCE_PIXELS
 from .errors import ConfigError
 from .flux.inspection import tensor_group
 from .flux.fp8 import Fp8Policy
@@ -60,6 +61,7 @@ class PlanInputs:
     batch_size: int = 1
     image_tokens: tuple[int, ...] = (1024,)  # packed image tokens per bucket (512^2 -> 1024, 1024^2 -> 4096)
     images_per_sample: int = 1  # 1 + n: edit pairs, n reference images' tokens beside each image's (in image_tokens)
+    reference_tokens: int = 0  # tokens of one reference (at most 1 MP: 4096); 0: as many as its image
     text_tokens: int = 512
     sample_pixels: int = 0  # width * height of samples during training (0 = no samples)
     sample_references: int = 0  # sample.control: reference images fitted to the sample size, each as many tokens
@@ -73,6 +75,12 @@ class PlanInputs:
     t5_params: int = T5_XXL_PARAMS
     clip_params: int = CLIP_L_PARAMS
     vae_params: int = VAE_PARAMS
+
+    def target_tokens(self, image_tokens: int) -> int:
+        """The image's own tokens of ``image_tokens`` (the image and its references)."""
+        refs = self.images_per_sample - 1
+        return image_tokens - refs * self.reference_tokens if refs and self.reference_tokens \
+            else image_tokens // self.images_per_sample
 
 
 @dataclass
@@ -244,7 +252,8 @@ def estimate(inp: PlanInputs) -> Plan:
     plan.activations = {img: activation_bytes(inp, layers, per_block, img) for img in sorted(set(inp.image_tokens))}
     b, s = DTYPE_BYTES[inp.dtype], inp.spec
     if inp.sample_pixels:
-        tokens = inp.sample_pixels // 256 * (1 + inp.sample_references) + inp.text_tokens
+        refs = inp.sample_references * (min(inp.sample_pixels, MAX_REFERENCE_PIXELS) // 256)  # <= 1 MP each
+        tokens = inp.sample_pixels // 256 + refs + inp.text_tokens
         pixels = min(inp.sample_pixels, VAE_TILE_PIXELS) if inp.vae_tiling else inp.sample_pixels
         plan.sampling_extra = (plan.base_bytes - plan.swapped_bytes if inp.inference_base else 0) \
             + 12 * tokens * s.hidden * b + inp.vae_params * 4 + pixels * VAE_DECODE_BYTES_PER_PIXEL * 2
@@ -252,7 +261,7 @@ def estimate(inp: PlanInputs) -> Plan:
     # GPU; the text encoder(s) in their dtype on the GPU or the CPU
     text = (inp.t5_params + inp.clip_params) * TEXT_DTYPE_BYTES[inp.text_encoder_dtype]
     # per image: an edit pair's references are encoded in batches of their own, each at its image's size
-    vae = inp.vae_params * 4 + max(inp.image_tokens) // inp.images_per_sample * 256 * VAE_DECODE_BYTES_PER_PIXEL * 2
+    vae = inp.vae_params * 4 + inp.target_tokens(max(inp.image_tokens)) * 256 * VAE_DECODE_BYTES_PER_PIXEL * 2
     plan.caching_peak = vae + (0 if inp.text_encoder == "cpu" else text)
     plan.host_parts = host_parts(inp, plan, text)
     plan.host_ram = max(plan.host_parts.values())
@@ -291,7 +300,7 @@ def render(plan: Plan) -> str:
                      f"samples): {fmt_gb(plan.adapter_bytes)}")
     ck = "with" if i.gradient_checkpointing else "without"
     for img, act in plan.activations.items():
-        side = int((img // i.images_per_sample * 256) ** 0.5)
+        side = int((i.target_tokens(img) * 256) ** 0.5)
         refs = i.images_per_sample - 1
         what = f"~{side}px^2" + (" + its reference" if refs == 1 else f" + its {refs} references" if refs else "")
         lines.append(f"  activations at {img} image tokens ({what}), batch {i.batch_size}, "

@@ -109,6 +109,7 @@ def plan_inputs(cfg):
 
     m = cfg.model
     spec = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family).spec()
+    from .data.buckets import reference_size
     from .data.folders import control_dirs
     from .data.mixing import active_folders, largest_resolution
 
@@ -117,11 +118,14 @@ def plan_inputs(cfg):
     res = shard_res or largest_resolution(cfg.data.resolution, folders)  # the largest is what the peak sees
     sample = cfg.sample.width * cfg.sample.height if cfg.sample.prompts else 0
     per_image = 1 + max([len(control_dirs(f)) for f in folders] + [shard_refs])  # edit pairs: references ride along
+    ref_w, ref_h = reference_size((res, res))  # each at most 1 MP
+    ref_tokens = (ref_w // 16) * (ref_h // 16)
     inp = PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
                      blocks_to_swap=m.blocks_to_swap,
                      rank=cfg.lora.rank, targets=cfg.lora.targets, extra_targets=tuple(cfg.lora.extra_targets),
                      optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
-                     image_tokens=((res // 16) ** 2 * per_image,), images_per_sample=per_image,
+                     image_tokens=((res // 16) ** 2 + (per_image - 1) * ref_tokens,), images_per_sample=per_image,
+                     reference_tokens=ref_tokens,
                      text_tokens=m.t5_max_length, sample_pixels=sample,
                      sample_references=len(as_list(getattr(cfg.sample, "control", ""))) if sample else 0,
                      inference_base=bool(m.inference_base and cfg.sample.prompts), vae_tiling=m.vae_tiling,

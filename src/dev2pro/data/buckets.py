@@ -86,14 +86,31 @@ def open_fitted(path: Path | str, size: tuple[int, int]) -> Image.Image:
     return fit_image(im, size)
 
 
+# FLUX.2's pipelines shrink a reference image above 1 MP to 1 MP (``Flux2KleinPipeline.__call__``), so a larger
+# reference is never what the model sees at inference: training fits references to the same capped size
+MAX_REFERENCE_PIXELS = 1024 * 1024
+
+
+def reference_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) an edit's reference image is fitted to beside an image of ``size``: the same size up to
+    1 MP, above that shrunk to 1 MP at the same aspect ratio with sides floored to 16 px, as diffusers'
+    ``Flux2ImageProcessor._resize_to_target_area`` and the pipeline's multiple-of-16 rounding do."""
+    w, h = size
+    if w * h <= MAX_REFERENCE_PIXELS:
+        return w, h
+    scale = math.sqrt(MAX_REFERENCE_PIXELS / (w * h))
+    return int(w * scale) // 16 * 16, int(h * scale) // 16 * 16
+
+
 def fitted_references(paths, size: tuple[int, int]):
-    """An edit's reference image(s) fitted to the render ``size`` as the training pairs were to their bucket: one
-    path -> one PIL image, a list -> a list of them (``Flux2Pipeline``'s ``image``), "" / None / [] -> None."""
+    """An edit's reference image(s) for a render of ``size``, fitted as training fits them beside an image of that
+    bucket (``reference_size``: at most 1 MP, so the pipeline passes them on unchanged): one path -> one PIL
+    image, a list -> a list of them (``Flux2Pipeline``'s ``image``), "" / None / [] -> None."""
     if not paths:
         return None
     if isinstance(paths, (list, tuple)):
-        return [open_fitted(p, size) for p in paths]
-    return open_fitted(paths, size)
+        return [open_fitted(p, reference_size(size)) for p in paths]
+    return open_fitted(paths, reference_size(size))
 
 
 def load_and_fit(path: Path | str, size: tuple[int, int]) -> torch.Tensor:

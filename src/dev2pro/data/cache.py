@@ -6,8 +6,9 @@ Each cached tensor set is one safetensors file named by a sha256 over *everythin
   preprocessing version (``PREPROCESS_VERSION``: bump it when ``load_and_fit`` changes its output); with a loss
   mask, also the mask file's bytes and ``masks.PREPROCESS_VERSION`` (the latent-grid mask is stored beside the
   latents as ``mask`` (1, h, w); an all-white mask is not stored); with a reference image (an edit pair's
-  "before", ``folders.find_control``), also its bytes: its latents, fitted to the same bucket, are stored as
-  ``control`` (C, h, w), further references of a multi-reference edit as ``control_1``, ``control_2``, ...;
+  "before", ``folders.find_control``), also its bytes: its latents, fitted to the same bucket (at most 1 MP:
+  ``buckets.reference_size``), are stored as ``control`` (C, h', w'), further references of a multi-reference
+  edit as ``control_1``, ``control_2``, ...;
 - text: the caption, the encoder identity and settings such as the T5 max length.
 
 So a renamed image still hits, and an edited image, another bucket, another VAE or another max length misses:
@@ -32,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load
 
-from dev2pro.data.buckets import load_and_fit
+from dev2pro.data.buckets import load_and_fit, reference_size
 from dev2pro.data import masks as masksmod
 from dev2pro.outputs import save_safetensors
 
@@ -68,6 +69,8 @@ def latent_key(image_sha256: str, size: tuple[int, int], encoder_id: str, settin
         record["mask"] = [mask_sha256, masksmod.PREPROCESS_VERSION]
     if control_sha256 is not None:
         record["control"] = control_sha256
+        if reference_size(tuple(size)) != tuple(size):  # a bucket above 1 MP: its references are shrunk to 1 MP
+            record["control_size"] = list(reference_size(tuple(size)))
     return _key(record)
 
 
@@ -161,11 +164,12 @@ def cache_latents(
 
 
 def _encode_references(keys: list, controls: dict, bucket: tuple[int, int], encode_fn) -> dict[str, list]:
-    """key -> the latents of its reference images (the same fit to the same bucket), in order; [] without."""
+    """key -> the latents of its reference images (fitted to the bucket's ``reference_size``), in order; []
+    without."""
     out: dict[str, list] = {k: [] for k in keys}
     for i in range(max((len(controls[k]) for k in keys), default=0)):
         with_i = [k for k in keys if len(controls[k]) > i]
-        for k, z in zip(with_i, _encode([controls[k][i] for k in with_i], bucket, encode_fn)):
+        for k, z in zip(with_i, _encode([controls[k][i] for k in with_i], reference_size(bucket), encode_fn)):
             out[k].append(z)
     return out
 

@@ -167,7 +167,7 @@ def collate(batch: list[dict]) -> dict:
     """Stack dataset items into ``latents`` (B, C, h, w), the text tensors (``prompt_embeds`` (B, seq, D),
     ``pooled`` (B, D), ...) and ``captions``; ``mask`` (B, 1, h, w) only when an item has one (ones for the
     others) and ``weights`` (B,) only when an item's weight is not 1: a batch without either is the unweighted
-    loss exactly, not a loss multiplied by ones. ``control`` (B, n, C, h, w): the n reference images' latents,
+    loss exactly, not a loss multiplied by ones. ``control`` (B, n, C, h', w'): the n reference images' latents,
     when the items have them (a dataset has as many for every image: ``data.prepare``)."""
     if len({"control" in item for item in batch}) > 1:
         raise UserError("a batch mixes images with and without a reference image: give every [[data.folders]] "

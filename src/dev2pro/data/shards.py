@@ -5,7 +5,7 @@ Sources are image/caption folders (``name.png`` + ``name.txt``) or webdataset-st
 decoded once up front: an image that does not decode is skipped and listed (the rest is kept), and the sample
 list -- hence the split into shards of N -- is fixed before any encoding starts. Shard ``i`` holds samples
 ``[i*N, (i+1)*N)`` as tensors ``{j}.latents`` (C, h, w), ``{j}.prompt_embeds`` (seq, D), ``{j}.pooled`` (D,),
-(edit pairs, ``--controls``: ``{j}.control``, ``{j}.control_1``, ... the references' latents at the same bucket)
+(edit pairs, ``--controls``: ``{j}.control``, ``{j}.control_1``, ... the references' latents at the bucket, <= 1 MP)
 and a fingerprint of its keys, image bytes and encoder settings in its metadata: a rerun skips every shard
 whose file is complete and carries the same fingerprint, so a killed `dev2pro cache` resumes where it stopped.
 ``index.json`` lists shards, keys, captions and latent sizes; ``empty.safetensors`` holds the empty prompt's
@@ -33,7 +33,7 @@ from safetensors.torch import load
 
 from ..errors import UserError
 from ..outputs import save_safetensors, write_json
-from .buckets import assign_bucket, load_and_fit
+from .buckets import assign_bucket, load_and_fit, reference_size
 from .cache import cached_controls, control_names
 from .folders import IMAGE_EXTENSIONS, UNSUPPORTED_EXTENSIONS, DatasetFolder, Scanner, decode_caption
 
@@ -151,6 +151,8 @@ def _fingerprint(samples, settings: dict) -> str:
         h.update(hashlib.sha256(s.read()).digest())
         for c in s.controls:  # edit pairs: the references' bytes too (none: the fingerprint it always was)
             h.update(hashlib.sha256(Path(c).read_bytes()).digest())
+        if s.controls and reference_size(bucket) != tuple(bucket):  # above 1 MP: references shrunk to 1 MP
+            h.update(f"ref{reference_size(bucket)}".encode())
     return h.hexdigest()
 
 
@@ -220,9 +222,10 @@ def _encode_chunk(sized, encode_latents, encode_text, batch_size) -> dict[str, t
                 lat = encode_latents(pixels)  # (B, C, h/8, w/8)
             for j, z in zip(part, lat):
                 tensors[f"{j:06d}.latents"] = z.float().clone()
-            for i, name in enumerate(control_names(len(sized[part[0]][0].controls))):  # the same fit, same bucket
+            ref_size = reference_size((w, h))  # the bucket, at most 1 MP
+            for i, name in enumerate(control_names(len(sized[part[0]][0].controls))):
                 with torch.no_grad():
-                    refs = encode_latents(torch.stack([load_and_fit(sized[j][0].controls[i], (w, h)) for j in part]))
+                    refs = encode_latents(torch.stack([load_and_fit(sized[j][0].controls[i], ref_size) for j in part]))
                 for j, z in zip(part, refs):
                     tensors[f"{j:06d}.{name}"] = z.float().clone()
     captions = [s.caption for s, _ in sized]

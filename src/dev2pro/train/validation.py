@@ -118,7 +118,8 @@ def validation_loss(model, dataset, sigmas: Sequence[float], seeds: Sequence[int
                 text = {k: item[k].unsqueeze(0).expand(b, *item[k].shape) for k in ("prompt_embeds", "pooled")
                         if k in item}
                 inputs = ModelInputs(x_t, chunk, text["prompt_embeds"], text.get("pooled"), *x0.shape[1:],
-                                     None if ref is None else ref.expand(b, *ref.shape[1:]))
+                                     None if ref is None else ref.expand(b, *ref.shape[1:]),
+                                     None if controls is None else tuple(controls.shape[-2:]))
                 with autocast() if autocast else contextlib.nullcontext():
                     pred = predict(model, inputs, guidance, device, dtype)
                 target = pack(flow_target(x0, noise).unsqueeze(0)).to(pred.device).expand_as(pred)

@@ -49,12 +49,13 @@ def blocks(model) -> list:
 
 
 def model_inputs(x_t: torch.Tensor, sigmas: torch.Tensor, text: Mapping[str, torch.Tensor], h: int, w: int,
-                 guidance: torch.Tensor | None, device, dtype, reference: torch.Tensor | None = None) -> dict:
+                 guidance: torch.Tensor | None, device, dtype, reference: torch.Tensor | None = None,
+                 reference_hw: tuple[int, int] | None = None) -> dict:
     """Keyword arguments of ``Flux2Transformer2DModel.forward`` for packed tokens ``x_t`` (B, T, 128) of a stored
     latent (h, w) (``latents``), sigmas (B,), stacked text ``prompt_embeds`` (B, L, D); ``guidance`` (B,) or None.
-    ``reference`` (B, n*T, 128): clean tokens of n reference images of the same size, appended after ``x_t`` at
-    time coordinates 10, 20, ... as ``Flux2Pipeline`` appends its ``image`` list (the output's first T tokens are
-    the prediction)."""
+    ``reference`` (B, n*T', 128): clean tokens of n reference images of latent size ``reference_hw`` (default
+    (h, w); smaller above 1 MP, ``buckets.reference_size``), appended after ``x_t`` at time coordinates 10, 20, ...
+    as ``Flux2Pipeline`` appends its ``image`` list (the output's first T tokens are the prediction)."""
     from .latents import REFERENCE_T, image_ids
 
     pe = text["prompt_embeds"]
@@ -63,12 +64,13 @@ def model_inputs(x_t: torch.Tensor, sigmas: torch.Tensor, text: Mapping[str, tor
     txt_ids[..., 3] = torch.arange(n)  # (t, h, w, l) = (0, 0, 0, i): Flux2KleinPipeline._prepare_text_ids
     tokens, ids = x_t, image_ids(h, w, x_t.shape[0], device=device)
     if reference is not None:
-        n, rest = divmod(reference.shape[1], x_t.shape[1])
+        rh, rw = reference_hw or (h, w)
+        n, rest = divmod(reference.shape[1], (rh // 2) * (rw // 2))
         if rest:
-            raise ValueError(f"{reference.shape[1]} reference tokens are no whole number of {x_t.shape[1]}-token "
-                             "images: references are fitted to their image's bucket")
+            raise ValueError(f"{reference.shape[1]} reference tokens are no whole number of {rh}x{rw}-latent "
+                             "images: give reference_hw, the references' latent size")
         tokens = torch.cat([x_t, reference.to(x_t.device, x_t.dtype)], dim=1)
-        ids = torch.cat([ids] + [image_ids(h, w, x_t.shape[0], device=device, t=REFERENCE_T * (i + 1))
+        ids = torch.cat([ids] + [image_ids(rh, rw, x_t.shape[0], device=device, t=REFERENCE_T * (i + 1))
                                  for i in range(n)], dim=1)
     return dict(hidden_states=tokens.to(device, dtype), encoder_hidden_states=pe.to(device, dtype),
                 timestep=sigmas.to(device, dtype), guidance=guidance, txt_ids=txt_ids.to(device), img_ids=ids)
