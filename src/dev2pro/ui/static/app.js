@@ -313,6 +313,7 @@ async function loadResults() {
   }
   fill($("sample-lora"), [...finals, ...steps], true);
   if (finals.length && !finals.includes($("sample-lora").value)) $("sample-lora").value = finals[0];
+  loraReferences();
   const others = (await api("/api/runs")).runs.map((x) => x.run).filter((x) => x !== run);
   const otherLoras = [];
   for (const o of others.slice(0, 20)) {
@@ -322,17 +323,36 @@ async function loadResults() {
   fill($("compare-other"), otherLoras, true, "(no LoRA: the base alone)");
 }
 
+// an edit LoRA (its file says how many references it edits from) or a run with sample.control: the field for
+// the reference images its sample and compare edit (empty: the run's sample.control)
+async function loraReferences() {
+  const lora = $("sample-lora").value, row = $("sample-refs-row");
+  const r = lora ? await api("/api/lora?lora=" + encodeURIComponent(lora), undefined, { quiet: true })
+    .catch(() => null) : null;
+  if ($("sample-lora").value !== lora) return;  // another LoRA was chosen meanwhile
+  row.hidden = !r || !(r.references || r.control.length);
+  if (!r) return;
+  row.dataset.references = r.references;
+  $("sample-references").placeholder = r.control.length ? r.control.join("\n") : "e.g. before/test.png";
+  $("sample-refs-hint").textContent = (r.references ? `an edit LoRA: ${r.references} reference image(s) per edit`
+    : "the run samples with reference images") + (r.control.length ? "; empty: the run's sample.control (" +
+    r.control.join(", ") + ")" : "; give them here or set sample.control") +
+    (r.control_problem ? "; " + r.control_problem : "");
+}
+const references = () => ($("sample-refs-row").hidden ? {} : { references: $("sample-references").value });
+
 async function sampleDev() {
   const lora = $("sample-lora").value;
   if (!lora) return toast("no LoRA in this run yet");
-  const job = await api("/api/sample", { lora, strength: $("strength").value, prompt: $("sample-prompt").value });
+  const job = await api("/api/sample", { lora, strength: $("strength").value, prompt: $("sample-prompt").value,
+                                         ...references() });
   state.sampleJob = job;
 }
 
 async function compareRun() {
   const lora = $("sample-lora").value;
   if (!lora) return toast("no LoRA in this run yet");
-  const job = await api("/api/compare", { lora, other: $("compare-other").value });
+  const job = await api("/api/compare", { lora, other: $("compare-other").value, ...references() });
   state.compareJob = job; $("compare-status").textContent = "compare " + job.status;
 }
 
@@ -404,6 +424,7 @@ $("results-run").onchange = () => { state.run = $("results-run").value; loading(
 $("stop-run").onclick = async () => { const r = state.runInfo; if (r && r.job) await api(`/api/jobs/${r.job.id}/stop`, {}); pollRun(); };
 $("resume-run").onclick = async () => { await api("/api/train/resume", { run: $("run-select").value }); pollRun(); };
 $("strength").oninput = () => ($("strength-value").textContent = Number($("strength").value).toFixed(1));
+$("sample-lora").onchange = loraReferences;
 $("sample-dev").onclick = sampleDev;
 $("compare-run").onclick = compareRun;
 show("models");
