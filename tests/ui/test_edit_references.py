@@ -148,3 +148,27 @@ def test_references_are_confined_to_the_workspace(app, asgi, route, refs, says):
     status, d = _post(asgi, app, route, references=refs)
     assert status == 400 and says in d["error"], d
     assert "CANARY" not in json.dumps(d) and ui.jobs.list() == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium")
+def test_results_page_asks_an_edit_lora_for_its_references(tmp_path, ui_server, browser_page):
+    """In Chromium: an edit LoRA's run shows the reference field with its count; Sample without references is
+    refused with the fix (no job); a text-to-image LoRA of the same run hides the field."""
+    from .conftest import RUN_TOML
+
+    ws = tmp_path / "ws"
+    (ws / "runs" / "r1" / "logs").mkdir(parents=True)
+    (ws / "runs" / "r1" / "config.toml").write_text(RUN_TOML.format(ws=ws))
+    _lora(ws / "runs" / "r1" / "lora.safetensors", 2)
+    _lora(ws / "runs" / "r1" / "plain.safetensors", 0)
+    page = browser_page
+    page.goto(ui_server.start(ws))
+    page.click("#tab-results")
+    page.wait_for_selector("#sample-refs-row:not([hidden])")
+    assert page.inner_text("#sample-refs-hint").startswith("an edit LoRA: 2 reference image(s) per edit; give them")
+    page.click("#sample-dev")
+    page.wait_for_selector("#toast:has-text('is an edit LoRA')")
+    assert "give 2 reference image(s)" in page.inner_text("#toast")
+    page.select_option("#sample-lora", "runs/r1/plain.safetensors")
+    page.wait_for_selector("#sample-refs-row", state="hidden")

@@ -99,14 +99,14 @@ async function loadDataset() {
     $("dataset-folder").value = state.datasets[0];  // a newcomer's photos: the workspace's first image folder
   }
   const folder = $("dataset-folder").value.trim();
-  const controls = referenceFolder(folder);
+  const controls = referenceFolders(folder);
   let d;
   const q = `folder=${encodeURIComponent(folder)}&resolution=${$("bucket-resolution").value}` +
-    `&bucket_step=${$("bucket-step").value}` + (controls ? `&controls=${encodeURIComponent(controls)}` : "");
+    `&bucket_step=${$("bucket-step").value}` + controls.map((c) => `&controls=${encodeURIComponent(c)}`).join("");
   try { d = await api("/api/dataset?" + q, undefined, { quiet: true }); }
   catch (e) {
     $("thumbs").innerHTML = ""; $("pair-summary").textContent = "";
-    $("bucket-preview").textContent = /out of range|reference folder/.test(e.message) ? e.message
+    $("bucket-preview").textContent = /out of range|reference folder|controls of/.test(e.message) ? e.message
       : "(empty: upload images)";
     return;
   }
@@ -116,7 +116,9 @@ async function loadDataset() {
     (d.buckets.map((b) => `${b.bucket} × ${b.images}`).join(", ") || "none") +
     (d.truncated ? ` (the first ${d.images.length} shown)` : "") +
     (d.skipped.length ? `; not read (symlinks out of the workspace): ${d.skipped.map((s) => s.name).join(", ")}` : "");
-  $("pair-summary").textContent = d.pairs ? pairSummary(d.pairs) : "";
+  $("pair-summary").textContent = !d.pairs ? "" : d.pairs.length === 1 ? pairSummary(d.pairs[0]) :
+    `${d.pairs_complete} of ${d.images.length} images have a usable reference in every folder · ` +
+    d.pairs.map((p) => p.controls + ": " + pairSummary(p)).join(" · ");
   const grid = $("thumbs"); grid.innerHTML = "";
   for (const im of d.images) {
     const ta = el("textarea", { class: "caption", rows: 3, "data-path": im.path, placeholder: "(no caption)" });
@@ -125,31 +127,36 @@ async function loadDataset() {
       await api("/api/caption", { image: im.path, text: ta.value });
       ta.dataset.saved = "1"; toast("caption saved: " + im.name, true);
     });
-    const r = im.reference, unusable = r && ["missing", "unusable"].includes(r.status);
+    const refs = im.references || [], bad = (r) => ["missing", "unusable"].includes(r.status);
     const pic = el("img", { src: thumbUrl(im.path), alt: im.name, loading: "lazy" });
-    grid.append(el("div", { class: "thumb" + (im.bad || unusable ? " bad" : ""), "data-path": im.path,
-                            ...(r ? { "data-reference": r.status } : {}) },
-      r ? el("div", { class: "pair" }, pic, referenceView(r)) : pic,
+    // one reference per folder, in order; a flag names its folder when there are several
+    const flags = refs.map((r, i) => !r.problem ? "" : el("div", { class: "flag" + (bad(r) ? "" : " warn"),
+      text: (refs.length > 1 ? d.pairs[i].controls + ": " : "") + (r.status === "unusable" ? "reference unusable: "
+        : r.status === "cropped" ? "reference cropped: " : "") + r.problem }));
+    grid.append(el("div", { class: "thumb" + (im.bad || refs.some(bad) ? " bad" : ""), "data-path": im.path,
+                            ...(refs.length ? { "data-reference": refs.map((r) => r.status).join(" ") } : {}) },
+      refs.length ? el("div", { class: "pair", style: `grid-template-columns: repeat(${refs.length + 1}, 1fr)` },
+        pic, ...refs.map(referenceView)) : pic,
       el("div", { class: "meta" }, el("label", { class: "check" }, el("input", { type: "checkbox", class: "select" }),
         im.name), el("span", { text: im.size ? im.size.join("×") : "" })),
-      im.bad ? el("div", { class: "flag", text: "skipped in training: " + im.bad }) : "",
-      r && r.problem ? el("div", { class: "flag" + (unusable ? "" : " warn"), text: (r.status === "unusable" ?
-        "reference unusable: " : r.status === "cropped" ? "reference cropped: " : "") + r.problem }) : "", ta));
+      im.bad ? el("div", { class: "flag", text: "skipped in training: " + im.bad }) : "", ...flags, ta));
   }
 }
 
 const thumbUrl = (p) => "/api/thumb?path=" + encodeURIComponent(p);
 
-// the edit pairs' reference folder: typed here, or the Train form's controls for this folder when it has one
-function referenceFolder(folder) {
+// the edit pairs' reference folder(s), one per line: typed here, or the Train form's controls for this folder
+function referenceFolders(folder) {
   const input = $("dataset-controls");
   if (!input.value.trim() && !input.dataset.touched) {
     const sel = `#folder-options .table-row[data-path="${CSS.escape(folder)}"] [data-item="controls"]`;
     const field = document.querySelector(sel);
-    if (field && field.value.trim()) input.value = field.value.trim().split("\n")[0].trim();  // the first of several
+    if (field && field.value.trim()) input.value = field.value.trim();  // all of them, in order
   }
-  return input.value.trim();
+  fitRows(input);
+  return input.value.split("\n").map((c) => c.trim()).filter(Boolean);
 }
+const fitRows = (ta) => { ta.rows = Math.max(1, Math.min(6, ta.value.split("\n").length)); };
 
 function referenceView(r) {  // the reference's thumbnail beside its image, or why training cannot use one
   if (r.status === "paired" || r.status === "cropped") {
@@ -410,7 +417,7 @@ $("load-folder").onclick = async () => {
   await loading("dataset", loadDataset);
   if (state.folder) api("/api/settings", { dataset: state.folder }, { quiet: true }).catch(() => {});  // for Train
 };
-$("dataset-controls").oninput = () => { $("dataset-controls").dataset.touched = "1"; };
+$("dataset-controls").oninput = () => { $("dataset-controls").dataset.touched = "1"; fitRows($("dataset-controls")); };
 $("trigger").onchange = () => api("/api/settings", { trigger: $("trigger").value }, { quiet: true }).catch(() => {});
 $("upload").onclick = upload;
 $("bucket-resolution").onchange = $("bucket-step").onchange = () => loadDataset();
