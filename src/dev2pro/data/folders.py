@@ -208,7 +208,7 @@ class Scanner:
         """(item, key) of every usable image; key is the path below its folder without the suffix."""
         out = []
         for folder in folders:
-            controls = set(_distinct_control_dirs(folder))
+            controls = set(distinct_control_dirs(folder))
             for root, repeats, token, recursive in self._expand(folder):
                 for path in _folder_files(root, recursive):
                     if controls & set(path.resolve().parents):
@@ -315,7 +315,7 @@ def control_dirs(folder: DatasetFolder) -> tuple[Path, ...]:
     return tuple(Path(x).expanduser() for x in ([c] if isinstance(c, (str, Path)) else list(c or ())) if x)
 
 
-def _distinct_control_dirs(folder: DatasetFolder) -> list[Path]:
+def distinct_control_dirs(folder: DatasetFolder) -> list[Path]:
     """The resolved controls folders of ``folder``; UserError for one listed twice (two spellings of one folder:
     every image would get the same reference twice) or one that is the dataset folder or holds it (its images
     would all be taken for references)."""

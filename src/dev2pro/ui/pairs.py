@@ -13,12 +13,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.folders import (IMAGE_EXTENSIONS, KOHYA_NAME, REFERENCE_KEPT, UNSUPPORTED_EXTENSIONS, aspect_kept,
-                            decoded_size, locate_reference, reference_crop_note)
+from ..data.folders import (IMAGE_EXTENSIONS, KOHYA_NAME, REFERENCE_KEPT, UNSUPPORTED_EXTENSIONS, DatasetFolder,
+                            distinct_control_dirs, aspect_kept, decoded_size, locate_reference, reference_crop_note)
+from ..choices import MAX_REFERENCES
 from ..errors import UserError
 from .workspace import PathRefused
 
 MAX_CHECK_PIXELS = 40_000_000  # larger images are flagged from their header, never decoded by a page request
+MAX_FOLDERS = MAX_REFERENCES  # reference folders checked per request (one reference per edit from each)
 MAX_UNUSED = 50  # unused references spelled out (all are counted)
 _MAX_ENTRIES = 100_000  # entries of the controls folder looked at for unused references
 OUTSIDE = "a symlink out of the workspace (not read)"
@@ -60,10 +62,26 @@ def listed_images(ws, folder: Path, limit: int, skipped: list) -> list[tuple[Pat
     return out
 
 
+def reference_folders(ws, folder: Path, controls: list[str]) -> list["References"]:
+    """One ``References`` per controls folder, in order (one reference per image from each, as training reads
+    ``controls = [a, b]``); each confined to the workspace, and refused as training refuses them: one listed twice
+    under any spelling, or the dataset folder itself or one holding it (``data.folders``'s own check)."""
+    if len(controls) > MAX_FOLDERS:
+        raise UserError(f"{len(controls)} reference folders; check at most {MAX_FOLDERS} at a time")
+    seen: dict[Path, str] = {}  # shared, as training's scanner shares it across its controls folders
+    refs = [References(ws, c, seen) for c in controls]
+    try:  # the lexical spellings (confined above), so the message names the two the user typed
+        distinct_control_dirs(DatasetFolder(folder, controls=[ws.root / c.strip() for c in controls]))
+    except UserError as e:
+        # in workspace paths, as the page shows them ('.': the workspace itself)
+        raise UserError(str(e).replace(f"{ws.root}/", "").replace(str(ws.root), ".")) from None
+    return refs
+
+
 class References:
     """The reference of each listed image (``check``) and the pair counts and unused references (``summary``)."""
 
-    def __init__(self, ws, controls: str):
+    def __init__(self, ws, controls: str, seen: dict[Path, str] | None = None):
         try:
             self.dir = ws.resolve(controls, must_exist=True)
         except PathRefused as e:
@@ -74,7 +92,8 @@ class References:
         self.ws, self.rel = ws, ws.rel(self.dir)
         self.counts = {"paired": 0, "cropped": 0, "missing": 0, "unusable": 0}
         self.used: set[Path] = set()
-        self.seen: dict[Path, str] = {}  # reference -> the image that claimed it first (training refuses a second)
+        # reference -> the image that claimed it first (training refuses a second)
+        self.seen: dict[Path, str] = {} if seen is None else seen
 
     def _lexical(self, path: Path) -> str:
         """The workspace-relative name as listed (a symlink's own name, never its target)."""

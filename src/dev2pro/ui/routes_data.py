@@ -19,7 +19,7 @@ from ..data.buckets import assign_bucket, make_buckets
 from ..data.folders import Scanner
 from ..errors import UserError
 from .handlers import TooLarge, json_body, number, text
-from .pairs import References, listed_images, too_large
+from .pairs import listed_images, reference_folders, too_large
 from .upload import read_upload
 from .workspace import check_image
 
@@ -181,7 +181,8 @@ async def dataset(request: Request, ui):
 
 def _dataset(ui, q) -> dict:
     """The folder's images (at most ``MAX_IMAGES``; a kohya parent's are those of its N_name subfolders) with sizes,
-    captions and bucket preview, and with ``controls`` (edit pairs) each one's reference and a pair summary;
+    captions and bucket preview, and with ``controls`` (edit pairs: repeated, or one folder per line) each one's
+    reference per folder, a pair summary per folder and how many images have a usable reference in every one;
     bounded work for any query (resolution, step and min_size are range-checked before anything is read)."""
     folder = ui.ws.resolve(q.get("folder", ""), must_exist=True)
     if not folder.is_dir():
@@ -190,7 +191,8 @@ def _dataset(ui, q) -> dict:
     step = number(q, "bucket_step", 64, 16, 512)
     buckets = make_buckets(resolution ** 2, step=step)
     check = _image_checker(number(q, "min_size", 16, 1, 4096), buckets)
-    refs = References(ui.ws, q["controls"]) if q.get("controls", "").strip() else None
+    controls = [line for value in q.getlist("controls") for line in value.splitlines() if line.strip()]
+    refs = reference_folders(ui.ws, folder, controls)
     items, sizes, skipped = [], [], []
     images = listed_images(ui.ws, folder, MAX_IMAGES + 1, skipped)
     for img, key, stem in images[:MAX_IMAGES]:
@@ -199,8 +201,8 @@ def _dataset(ui, q) -> dict:
         rel = ui.ws.rel(img)
         items.append({"path": rel, "name": img.relative_to(folder).as_posix(), "caption": (caption or "").strip(),
                       "has_caption": caption is not None, "size": list(size) if size else None, "bad": reason})
-        if refs is not None:
-            items[-1]["reference"] = refs.check(rel, key, stem, size)
+        if refs:
+            items[-1]["references"] = [r.check(rel, key, stem, size) for r in refs]
         if size:
             sizes.append(size)
     preview = _bucket_preview(sizes, buckets)
@@ -208,8 +210,11 @@ def _dataset(ui, q) -> dict:
     out = {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders,
            "truncated": len(images) > MAX_IMAGES,
            "skipped": [{"name": n, "reason": "a symlink out of the workspace (not read)"} for n in skipped]}
-    if refs is not None:
-        out["pairs"] = refs.summary(complete=len(images) <= MAX_IMAGES)
+    if refs:
+        out["pairs"] = [r.summary(complete=len(images) <= MAX_IMAGES) for r in refs]
+        # training pairs an image only with a usable reference from every folder (else the run is refused)
+        out["pairs_complete"] = sum(all(r["status"] in ("paired", "cropped") for r in im["references"])
+                                    for im in items)
     return out
 
 

@@ -22,11 +22,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..config import as_list, load_config, render_toml
+from ..config import load_config, render_toml
 from ..errors import UserError
 from ..outputs import write_text
 from ..train.folder import RunFolder
-from . import forms, planview, routes_data, trainform
+from . import editrefs, forms, planview, routes_data, trainform
 from .handlers import json_body, number, text
 from .monitor import find_runs, run_info
 
@@ -261,19 +261,12 @@ def _grid_args(base: str, s: dict) -> list[str]:
     return [] if guidance is None else ["--steps", str(s["steps"]), "--guidance", str(guidance)]
 
 
-def _controls(ui, s: dict) -> list[str]:
-    """The run's ``sample.control`` reference image(s), each confined to the workspace like any path."""
-    refs = as_list(s.get("control"))
-    if not all(isinstance(p, str) and p.strip() for p in refs):
-        raise UserError("sample.control in the run's config is not a path or a list of paths")
-    return [str(ui.ws.resolve(ui.ws.rel(Path(p)), must_exist=True)) for p in refs]
-
-
 async def sample(request: Request, ui):
     """Render the run's prompts with one of its LoRAs at a strength, on the inference base (dev)."""
-    b = await json_body(request, ("lora", "strength", "prompt"))
+    b = await json_body(request, ("lora", "strength", "prompt", "references"))
     lora, run, cfg = _lora_run(ui, b, "lora")
     s, model, base = _sample_settings(ui, cfg)
+    refs = await run_in_threadpool(editrefs.references, ui, b, s, [lora], ui.ws.rel(run))  # reads a header
     strength = number(b, "strength", 1.0, -10, 10, kind=float)
     prompts = _prompts(b, s.get("prompts"))
     job_id = ui.jobs.reserve_id("sample")
@@ -283,7 +276,7 @@ async def sample(request: Request, ui):
     grid = await run_in_threadpool(_grid_args, base or model, s)  # reads a header (and model_index.json)
     args = ["sample", "--model", model, "--lora", f"{lora}:{strength}", "--size", f"{s['width']}x{s['height']}",
             *grid, "--seeds", ",".join(str(int(x)) for x in s["seeds"]), "--out", str(out)]
-    for ref in _controls(ui, s):  # an edit LoRA: the run's reference image(s), as its own samples
+    for ref in refs:  # an edit: the page's reference image(s), else the run's (as its own samples)
         args += ["--image", ref]
     if base:
         args += ["--transformer", base]
@@ -297,13 +290,14 @@ async def compare(request: Request, ui):
     config goes through CompareConfig's own validation and is saved in configs/ under the job's id."""
     from ..schemas import CompareConfig  # lazy: loads diffusers + transformers (~3 s), see _schema
 
-    b = await json_body(request, ("lora", "other", "steps"))
+    b = await json_body(request, ("lora", "other", "steps", "references"))
     lora, run, cfg = _lora_run(ui, b, "lora")
     other = ui.ws.resolve(text(b, "other"), must_exist=True) if b.get("other") else None
     if other is not None and (not other.is_file() or other.suffix != ".safetensors"):
         raise UserError(f"'other': {ui.ws.rel(other)} is not a .safetensors LoRA file")
     s, model, base = _sample_settings(ui, cfg)
-    controls = _controls(ui, s)
+    controls = await run_in_threadpool(editrefs.references, ui, b, s, [lora] + ([other] if other else []),
+                                       ui.ws.rel(run))  # every arm edits the same reference(s)
     job_id = ui.jobs.reserve_id("compare")
     compares_dir = ui.ws.resolve("compares")
     compares_dir.mkdir(exist_ok=True)
@@ -323,6 +317,18 @@ async def compare(request: Request, ui):
     return JSONResponse({**job, "config": ui.ws.rel(path)})
 
 
+async def lora(request: Request, ui):
+    """What the Results page offers for one of a run's LoRAs: ``references`` per edit its file says it was trained
+    with (0: text-to-image; a header read) and the run's ``sample.control`` (workspace paths), the default."""
+    path, run, cfg = _lora_run(ui, {"lora": request.query_params.get("lora", "")}, "lora")
+    try:
+        control, problem = [ui.ws.rel(p) for p in editrefs.run_controls(ui, cfg["sample"])], None
+    except UserError as e:  # shown beside the field; a sample job refuses it by name
+        control, problem = [], str(e)
+    return JSONResponse({"lora": ui.ws.rel(path), "references": await run_in_threadpool(editrefs.lora_references, path),
+                         "control": control, "control_problem": problem})
+
+
 async def compares(request: Request, ui):
     reports = sorted(ui.ws.find("report.html"), key=lambda p: p.stat().st_mtime, reverse=True)
     return JSONResponse({"reports": [ui.ws.rel(p) for p in reports if (p.parent / "compare.png").exists()]})
@@ -337,6 +343,7 @@ def routes(handler) -> list[Route]:
         Route("/api/train/resume", handler(resume), methods=["POST"]),
         Route("/api/runs", handler(runs)),
         Route("/api/run", handler(run)),
+        Route("/api/lora", handler(lora)),
         Route("/api/sample", handler(sample), methods=["POST"]),
         Route("/api/compare", handler(compare), methods=["POST"]),
         Route("/api/compares", handler(compares)),

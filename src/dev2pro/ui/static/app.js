@@ -99,14 +99,14 @@ async function loadDataset() {
     $("dataset-folder").value = state.datasets[0];  // a newcomer's photos: the workspace's first image folder
   }
   const folder = $("dataset-folder").value.trim();
-  const controls = referenceFolder(folder);
+  const controls = referenceFolders(folder);
   let d;
   const q = `folder=${encodeURIComponent(folder)}&resolution=${$("bucket-resolution").value}` +
-    `&bucket_step=${$("bucket-step").value}` + (controls ? `&controls=${encodeURIComponent(controls)}` : "");
+    `&bucket_step=${$("bucket-step").value}` + controls.map((c) => `&controls=${encodeURIComponent(c)}`).join("");
   try { d = await api("/api/dataset?" + q, undefined, { quiet: true }); }
   catch (e) {
     $("thumbs").innerHTML = ""; $("pair-summary").textContent = "";
-    $("bucket-preview").textContent = /out of range|reference folder/.test(e.message) ? e.message
+    $("bucket-preview").textContent = /out of range|reference folder|controls of/.test(e.message) ? e.message
       : "(empty: upload images)";
     return;
   }
@@ -116,7 +116,9 @@ async function loadDataset() {
     (d.buckets.map((b) => `${b.bucket} × ${b.images}`).join(", ") || "none") +
     (d.truncated ? ` (the first ${d.images.length} shown)` : "") +
     (d.skipped.length ? `; not read (symlinks out of the workspace): ${d.skipped.map((s) => s.name).join(", ")}` : "");
-  $("pair-summary").textContent = d.pairs ? pairSummary(d.pairs) : "";
+  $("pair-summary").textContent = !d.pairs ? "" : d.pairs.length === 1 ? pairSummary(d.pairs[0]) :
+    `${d.pairs_complete} of ${d.images.length} images have a usable reference in every folder · ` +
+    d.pairs.map((p) => p.controls + ": " + pairSummary(p)).join(" · ");
   const grid = $("thumbs"); grid.innerHTML = "";
   for (const im of d.images) {
     const ta = el("textarea", { class: "caption", rows: 3, "data-path": im.path, placeholder: "(no caption)" });
@@ -125,31 +127,36 @@ async function loadDataset() {
       await api("/api/caption", { image: im.path, text: ta.value });
       ta.dataset.saved = "1"; toast("caption saved: " + im.name, true);
     });
-    const r = im.reference, unusable = r && ["missing", "unusable"].includes(r.status);
+    const refs = im.references || [], bad = (r) => ["missing", "unusable"].includes(r.status);
     const pic = el("img", { src: thumbUrl(im.path), alt: im.name, loading: "lazy" });
-    grid.append(el("div", { class: "thumb" + (im.bad || unusable ? " bad" : ""), "data-path": im.path,
-                            ...(r ? { "data-reference": r.status } : {}) },
-      r ? el("div", { class: "pair" }, pic, referenceView(r)) : pic,
+    // one reference per folder, in order; a flag names its folder when there are several
+    const flags = refs.map((r, i) => !r.problem ? "" : el("div", { class: "flag" + (bad(r) ? "" : " warn"),
+      text: (refs.length > 1 ? d.pairs[i].controls + ": " : "") + (r.status === "unusable" ? "reference unusable: "
+        : r.status === "cropped" ? "reference cropped: " : "") + r.problem }));
+    grid.append(el("div", { class: "thumb" + (im.bad || refs.some(bad) ? " bad" : ""), "data-path": im.path,
+                            ...(refs.length ? { "data-reference": refs.map((r) => r.status).join(" ") } : {}) },
+      refs.length ? el("div", { class: "pair", style: `grid-template-columns: repeat(${refs.length + 1}, 1fr)` },
+        pic, ...refs.map(referenceView)) : pic,
       el("div", { class: "meta" }, el("label", { class: "check" }, el("input", { type: "checkbox", class: "select" }),
         im.name), el("span", { text: im.size ? im.size.join("×") : "" })),
-      im.bad ? el("div", { class: "flag", text: "skipped in training: " + im.bad }) : "",
-      r && r.problem ? el("div", { class: "flag" + (unusable ? "" : " warn"), text: (r.status === "unusable" ?
-        "reference unusable: " : r.status === "cropped" ? "reference cropped: " : "") + r.problem }) : "", ta));
+      im.bad ? el("div", { class: "flag", text: "skipped in training: " + im.bad }) : "", ...flags, ta));
   }
 }
 
 const thumbUrl = (p) => "/api/thumb?path=" + encodeURIComponent(p);
 
-// the edit pairs' reference folder: typed here, or the Train form's controls for this folder when it has one
-function referenceFolder(folder) {
+// the edit pairs' reference folder(s), one per line: typed here, or the Train form's controls for this folder
+function referenceFolders(folder) {
   const input = $("dataset-controls");
   if (!input.value.trim() && !input.dataset.touched) {
     const sel = `#folder-options .table-row[data-path="${CSS.escape(folder)}"] [data-item="controls"]`;
     const field = document.querySelector(sel);
-    if (field && field.value.trim()) input.value = field.value.trim().split("\n")[0].trim();  // the first of several
+    if (field && field.value.trim()) input.value = field.value.trim();  // all of them, in order
   }
-  return input.value.trim();
+  fitRows(input);
+  return input.value.split("\n").map((c) => c.trim()).filter(Boolean);
 }
+const fitRows = (ta) => { ta.rows = Math.max(1, Math.min(6, ta.value.split("\n").length)); };
 
 function referenceView(r) {  // the reference's thumbnail beside its image, or why training cannot use one
   if (r.status === "paired" || r.status === "cropped") {
@@ -313,6 +320,7 @@ async function loadResults() {
   }
   fill($("sample-lora"), [...finals, ...steps], true);
   if (finals.length && !finals.includes($("sample-lora").value)) $("sample-lora").value = finals[0];
+  loraReferences();
   const others = (await api("/api/runs")).runs.map((x) => x.run).filter((x) => x !== run);
   const otherLoras = [];
   for (const o of others.slice(0, 20)) {
@@ -322,17 +330,36 @@ async function loadResults() {
   fill($("compare-other"), otherLoras, true, "(no LoRA: the base alone)");
 }
 
+// an edit LoRA (its file says how many references it edits from) or a run with sample.control: the field for
+// the reference images its sample and compare edit (empty: the run's sample.control)
+async function loraReferences() {
+  const lora = $("sample-lora").value, row = $("sample-refs-row");
+  const r = lora ? await api("/api/lora?lora=" + encodeURIComponent(lora), undefined, { quiet: true })
+    .catch(() => null) : null;
+  if ($("sample-lora").value !== lora) return;  // another LoRA was chosen meanwhile
+  row.hidden = !r || !(r.references || r.control.length);
+  if (!r) return;
+  row.dataset.references = r.references;
+  $("sample-references").placeholder = r.control.length ? r.control.join("\n") : "e.g. before/test.png";
+  $("sample-refs-hint").textContent = (r.references ? `an edit LoRA: ${r.references} reference image(s) per edit`
+    : "the run samples with reference images") + (r.control.length ? "; empty: the run's sample.control (" +
+    r.control.join(", ") + ")" : "; give them here or set sample.control") +
+    (r.control_problem ? "; " + r.control_problem : "");
+}
+const references = () => ($("sample-refs-row").hidden ? {} : { references: $("sample-references").value });
+
 async function sampleDev() {
   const lora = $("sample-lora").value;
   if (!lora) return toast("no LoRA in this run yet");
-  const job = await api("/api/sample", { lora, strength: $("strength").value, prompt: $("sample-prompt").value });
+  const job = await api("/api/sample", { lora, strength: $("strength").value, prompt: $("sample-prompt").value,
+                                         ...references() });
   state.sampleJob = job;
 }
 
 async function compareRun() {
   const lora = $("sample-lora").value;
   if (!lora) return toast("no LoRA in this run yet");
-  const job = await api("/api/compare", { lora, other: $("compare-other").value });
+  const job = await api("/api/compare", { lora, other: $("compare-other").value, ...references() });
   state.compareJob = job; $("compare-status").textContent = "compare " + job.status;
 }
 
@@ -390,7 +417,7 @@ $("load-folder").onclick = async () => {
   await loading("dataset", loadDataset);
   if (state.folder) api("/api/settings", { dataset: state.folder }, { quiet: true }).catch(() => {});  // for Train
 };
-$("dataset-controls").oninput = () => { $("dataset-controls").dataset.touched = "1"; };
+$("dataset-controls").oninput = () => { $("dataset-controls").dataset.touched = "1"; fitRows($("dataset-controls")); };
 $("trigger").onchange = () => api("/api/settings", { trigger: $("trigger").value }, { quiet: true }).catch(() => {});
 $("upload").onclick = upload;
 $("bucket-resolution").onchange = $("bucket-step").onchange = () => loadDataset();
@@ -404,6 +431,7 @@ $("results-run").onchange = () => { state.run = $("results-run").value; loading(
 $("stop-run").onclick = async () => { const r = state.runInfo; if (r && r.job) await api(`/api/jobs/${r.job.id}/stop`, {}); pollRun(); };
 $("resume-run").onclick = async () => { await api("/api/train/resume", { run: $("run-select").value }); pollRun(); };
 $("strength").oninput = () => ($("strength-value").textContent = Number($("strength").value).toFixed(1));
+$("sample-lora").onchange = loraReferences;
 $("sample-dev").onclick = sampleDev;
 $("compare-run").onclick = compareRun;
 show("models");
