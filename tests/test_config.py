@@ -82,6 +82,47 @@ def test_train_sample_size_is_one_string_with_width_height_still_accepted(tmp_pa
         load_train_config(str(p), ["sample.width=320"])
 
 
+@pytest.mark.parametrize("override, field, want", [
+    ("sample.prompts=sks style, a cat", "sample.prompts", ["sks style, a cat"]),  # one prompt, not 16 characters
+    ('sample.prompts="a lighthouse"', "sample.prompts", ["a lighthouse"]),
+    ("sample.seeds=1", "sample.seeds", [1]),
+    ("lora.double_blocks=0", "lora.double_blocks", [0]),
+    ("lora.single_blocks=3", "lora.single_blocks", [3]),
+    ("validation.sigmas=0.5", "validation.sigmas", [0.5]),
+    ("validation.sigmas=1", "validation.sigmas", [1.0]),
+    ("validation.seeds=7", "validation.seeds", [7]),
+    ('save.formats="kohya"', "save.formats", ["kohya"]),
+    ('lora.extra_targets="modulation"', "lora.extra_targets", ["modulation"]),
+    ('model.fp8_keep="norms"', "model.fp8_keep", ["norms"]),
+])
+def test_a_single_value_of_a_list_field_is_a_list_of_one(tmp_path, override, field, want):
+    """A list field given one value (what `--set sample.seeds=1` naturally types) holds that value: not its
+    characters (prompts, formats, targets), not a TypeError traceback (seeds, block indices, sigmas)."""
+    from dev2pro.schemas import load_train_config
+
+    p = tmp_path / "t.toml"
+    p.write_text('[model]\npath = "m"\n[[data.folders]]\npath = "d"\n[save]\noutput_dir = "o"\n')
+    cfg = load_train_config(str(p), [override])
+    section_name, key = field.split(".")
+    assert getattr(getattr(cfg, section_name), key) == want
+
+
+@pytest.mark.parametrize("override, message", [
+    ('sample.prompts=["a", 3]', r"'sample\.prompts\[1\]' must be a string, got 3"),
+    ("sample.seeds=[1, 1.5]", r"'sample\.seeds\[1\]' must be an integer"),
+    ("sample.seeds={a=1}", r"'sample\.seeds' must be a list"),
+    ("lora.double_blocks=true", r"'lora\.double_blocks' must be a list"),
+    ('validation.sigmas=["x"]', r"'validation\.sigmas\[0\]' must be a number"),
+])
+def test_list_fields_check_their_items(tmp_path, override, message):
+    from dev2pro.schemas import load_train_config
+
+    p = tmp_path / "t.toml"
+    p.write_text('[model]\npath = "m"\n[[data.folders]]\npath = "d"\n[save]\noutput_dir = "o"\n')
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(str(p), [override])
+
+
 NASTY = 'ohwx\n"style"\t\x07 back\\slash é 🐈 \x7f\r\x1b[0m'
 
 

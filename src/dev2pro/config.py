@@ -292,10 +292,11 @@ def _coerce(value: Any, tp, choices, source: str, name: str):
         if isinstance(value, str):
             return value
         fail("a string")
-    if origin is list:
+    if origin is list or tp is list:
         (item,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str) and item is str:
-            value = [value]
+        scalar = {str: (str,), int: (int,), float: (int, float)}.get(item, ())
+        if isinstance(value, scalar) and not isinstance(value, bool):
+            value = [value]  # one prompt / seed / layout: a list of one (not its characters, not a crash)
         if not isinstance(value, list):
             fail("a list")
         return [v if item is Any else _coerce(v, item, None, source, f"{name}[{i}]") for i, v in enumerate(value)]

@@ -74,7 +74,7 @@ class ModelSection(ModelBase):
                            "the training base is then dev and inference_base stays empty", path=True)
     adapter_scale: float = opt(1.0, "strength of the training adapter")
     dtype: str = opt("bf16", "compute dtype", COMPUTE_DTYPES)
-    fp8_keep: list = opt(["norms", "biases", "embedders", "modulation", "final"],
+    fp8_keep: list[str] = opt(["norms", "biases", "embedders", "modulation", "final"],
                          "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
     blocks_to_swap: int = opt(0, "blocks (double blocks first; FLUX.1 has 57, FLUX.2 klein 4B 25, 9B 32, dev 56) "
                                  "whose frozen weights stay in pinned host RAM and are copied to the GPU just before "
@@ -289,9 +289,9 @@ class LoraSection:
     alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)")
     dropout: float = opt(0.0, "LoRA dropout")
     targets: str = opt("all_linear", "target preset", LORA_TARGETS)
-    extra_targets: list = opt([], "extra targets: modulation, embedders")
-    double_blocks: list = opt([], "train only these double-block indices (empty = all)")
-    single_blocks: list = opt([], "train only these single-block indices (empty = all)")
+    extra_targets: list[str] = opt([], "extra targets: modulation, embedders")
+    double_blocks: list[int] = opt([], "train only these double-block indices (empty = all)")
+    single_blocks: list[int] = opt([], "train only these single-block indices (empty = all)")
     type: str = opt("lora", "adapter type: lora, dora (peft's), lokr or loha (LyCORIS keys ComfyUI reads)",
                     ("lora", "dora", "lokr", "loha"))
     lokr_factor: int = opt(-1, "LoKr Kronecker factor (-1: near the square root of each width, as LyCORIS)")
@@ -321,8 +321,8 @@ class TeacherSection:
 @dataclass
 class SampleBase:
     every: int = opt(0, "render samples every N steps (0 = only at the end if prompts are set)")
-    prompts: list = opt([], "sample prompts")
-    seeds: list = opt([0], "one column per seed")
+    prompts: list[str] = opt([], "sample prompts")
+    seeds: list[int] = opt([0], "one column per seed")
     steps: int = opt(20, "sampling steps")
     width: int = opt(512, "sample width (multiple of 16)")
     height: int = opt(512, "sample height (multiple of 16)")
@@ -371,8 +371,8 @@ class DedistillSample(SampleBase):
                     "sample.guidance means the embedded guidance everywhere); rename the key to cfg",
     }
     every: int = opt(0, "sample grids every N steps and at the end (0 = off)")
-    prompts: list = opt([], "one grid row per prompt")
-    seeds: list = opt([0], "one grid column per seed")
+    prompts: list[str] = opt([], "one grid row per prompt")
+    seeds: list[int] = opt([0], "one grid column per seed")
     cfg: float = opt(3.5, "true-CFG scale of the second grid (the first is at guidance 1.0, no CFG)")
 
     def validate(self):
@@ -392,7 +392,7 @@ class SaveSection:
     name: str = opt("lora", "file name stem of the saved LoRA")
     every: int = opt(0, "save LoRA + training state every N steps (0 = only at the end)")
     keep_last: int = opt(2, "training states kept for resume")
-    formats: list = opt(["kohya"], "LoRA layouts written: kohya (ComfyUI/Forge), diffusers, comfy")
+    formats: list[str] = opt(["kohya"], "LoRA layouts written: kohya (ComfyUI/Forge), diffusers, comfy")
     overwrite: bool = opt(False, "allow reusing an output_dir that holds another run")
 
     def validate(self):
@@ -410,7 +410,7 @@ class DedistillSave(SaveSection):
     output_dir: str = opt("", "run folder: exported model, state, logs, resolved config", path=True)
     name: str = opt("dev2pro", "file name stem of the exported model")
     every: int = opt(0, "save resumable state every N steps (0 = off)")
-    formats: list = opt(["bfl"], "exports: bfl (single file), diffusers (transformer folder), fp8 (BFL fp8-scaled)")
+    formats: list[str] = opt(["bfl"], "exports: bfl (single file), diffusers (transformer folder), fp8 (BFL fp8-scaled)")
     dtype: str = opt("bf16", "dtype of the bfl/diffusers exports", COMPUTE_DTYPES)
     keep_guidance: bool = opt(True, "keep the guidance embedding; false = pro-like model sampled with true CFG")
 

@@ -18,8 +18,8 @@ class ValidationSection:
     fraction: float = opt(0.0, "hold out this fraction of the training images instead (picked by file-name hash, "
                                "the same ones every run; they leave training); 0 = off")
     every: int = opt(100, "validation loss every N steps (also before training and at the end); 0 = only those")
-    sigmas: list = opt([0.1, 0.3, 0.5, 0.7, 0.9], "fixed noise levels the loss is measured at (each in (0, 1])")
-    seeds: list = opt([0], "noise seeds: one fixed noise per image and seed, the same at every step and run")
+    sigmas: list[float] = opt([0.1, 0.3, 0.5, 0.7, 0.9], "fixed noise levels the loss is measured at (each in (0, 1])")
+    seeds: list[int] = opt([0], "noise seeds: one fixed noise per image and seed, the same at every step and run")
 
     @property
     def enabled(self) -> bool:

@@ -424,6 +424,48 @@ def test_overwrite_starts_over_without_the_old_runs_states(tmp_path, tiny_dev_di
     train(load_train_config(cfg_path, ["save.overwrite=true", "train.steps=2"]), progress=False, quiet=True)
     # a later --resume must find this run's last state, not the old run's step 8
     assert sorted(p.name for p in (tmp_path / "run" / "state").iterdir()) == ["step-000002"]
+    assert not (tmp_path / "run" / ".previous-run").exists()  # dropped at this run's first save
+
+
+@pytest.mark.parametrize("bad", ["model.blocks_to_swap=60", "lora.double_blocks=[5]"])
+def test_an_overwrite_start_refused_later_leaves_the_previous_run_resumable(tmp_path, tiny_dev_dir, images, bad,
+                                                                           capsys):
+    """--overwrite with a setting only a later check refuses: the previous run's states, config and summary are
+    back as they were (it used to lose its states), and it resumes."""
+    cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=4)
+    train(load_train_config(cfg_path), progress=False, quiet=True)  # states at 2 and 4, summary
+    run = tmp_path / "run"
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and "state" in p.parts
+              or p.name in ("config.toml", "summary.json")}
+    with pytest.raises(UserError, match="blocks"):
+        train(load_train_config(cfg_path, ["save.overwrite=true", bad]), progress=False)
+    assert "this start saved no state, so the previous run in" in capsys.readouterr().out
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and "state" in p.parts
+             or p.name in ("config.toml", "summary.json")}
+    assert after == before and not (run / ".previous-run").exists()
+    resumed = train(load_train_config(cfg_path, ["train.steps=6"]), resume="latest", progress=False, quiet=True)
+    assert len(resumed["losses"]) == 2
+
+
+def test_an_overwrite_start_killed_before_its_first_save_gives_the_previous_run_back(tmp_path):
+    """A start killed (no finally) between setting the old run aside and its first save: the next start in the
+    folder puts the previous run back first, then decides as for any run that saved."""
+    from dev2pro.train.lifecycle import PREVIOUS, prepare_output_dir
+    from dev2pro.train.run import RunFolder
+
+    run = tmp_path / "run"
+    (run / "state" / "step-000004").mkdir(parents=True)
+    for name in ("common.json", "common.safetensors"):
+        (run / "state" / "step-000004" / name).write_text("{}")
+    (run / "config.toml").write_text("old")
+    (run / "lora.safetensors").write_text("x")
+    prepare_output_dir(RunFolder(run), None, True, say=lambda m: None)
+    assert (run / PREVIOUS / "state" / "step-000004").is_dir() and not (run / "config.toml").exists()
+    (run / "config.toml").write_text("new")  # the killed start wrote its config and nothing else
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        prepare_output_dir(RunFolder(run), None, False, say=lambda m: None)
+    assert (run / "config.toml").read_text() == "old" and (run / "state" / "step-000004").is_dir()
+    assert not (run / PREVIOUS).exists()
 
 
 def _pages(path):

@@ -72,7 +72,7 @@ def test_a_new_schema_field_appears_without_ui_changes(tmp_path):
     ("train.optimizer", "adam", "train.optimizer='adam'"),
     ("lora.rank", "0", "lora.rank=0"),
     ("data.bucket_step", "20", "data.bucket_step=20"),
-    ("model.fp8_keep", "norms\n7", None),
+    ("lora.double_blocks", "0\n3", None),
 ])
 def test_browser_values_get_the_cli_messages(tmp_path, key, value, override):
     (tmp_path / "m").mkdir()
@@ -84,9 +84,12 @@ def test_browser_values_get_the_cli_messages(tmp_path, key, value, override):
     assert paths == {"model.path", "model.transformer", "model.inference_base", "model.adapter", "data.shards",
                      "data.cache_dir", "data.folders[].path", "data.folders[].masks", "data.folders[].controls",
                      "save.output_dir", "validation.folder", "sample.control"}
-    if override is None:  # a valid list: parsed per line like TOML
+    if override is None:  # a valid list: parsed per line like TOML, a list of strings line for line
         cfg = forms.build_config(specs, {**base, key: value}, load_train_config, paths, ws.resolve)
-        assert cfg.model.fp8_keep == ["norms", 7]
+        assert cfg.lora.double_blocks == [0, 3]
+        cfg = forms.build_config(specs, {**base, "sample.prompts": "true\n3 cats, 1 dog"}, load_train_config, paths,
+                                 ws.resolve)
+        assert cfg.sample.prompts == ["true", "3 cats, 1 dog"]
         return
     with pytest.raises(ConfigError) as ui_err:
         forms.build_config(specs, {**base, key: value}, load_train_config, paths, ws.resolve)

@@ -91,7 +91,7 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
         return _dedistill(cfg, accelerator, run, resume, progress, say)
     finally:
         if lock is not None:
-            lock.release()
+            life.release(run, lock, say)
 
 
 @dataclass

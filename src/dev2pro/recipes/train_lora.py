@@ -92,7 +92,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
         return _train(cfg, accelerator, run, resume, progress, say, quiet)
     finally:
         if lock is not None:
-            lock.release()
+            life.release(run, lock, say)
 
 
 def _print_plan(cfg: TrainConfig) -> None:

@@ -25,12 +25,20 @@ from .state import latest_state
 log = logging.getLogger(__name__)
 
 
+PREVIOUS = ".previous-run"  # an overwritten run's state, config and summary until the new run saves a state
+_SET_ASIDE = ("state", "config.toml", "summary.json")
+
+
 def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say: Callable[[str], None] = print) -> Path:
     """Check the (locked) run folder for this start; returns its state folder.
 
     A folder a failed start left behind (config, caches, logs: no state, no LoRA) is reused by a plain rerun; a run
     that saved needs ``--resume`` (or ``save.overwrite``); a folder holding anything else is never reused silently.
+    Starting over (``save.overwrite``) sets the previous run's states, config and summary aside (``PREVIOUS``):
+    they are dropped once this run saves its first state and put back if it ends before that (``release``), so a
+    start refused by a later check leaves the previous run resumable.
     """
+    settle_previous(run, say)  # a start killed before its first save: the run it replaced is back first
     out, status, resumable = run.root, folder_status(run.root), latest_state(run.state) is not None
     if resume == "latest" and not resumable:  # one path: no usable state is never "a run to resume"
         raise UserError(f"nothing to resume: {out} " + {
@@ -39,24 +47,57 @@ def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say:
             "saved": "holds a finished run but no usable training state"}.get(status, "holds no run")
             + "; run the same command without --resume to start it" + (" again with --overwrite" if status ==
                                                                           "saved" else ""))
-    if resume is None and status in ("saved", "foreign") and not overwrite:
-        raise UserError(f"output folder {out} already holds " + ("a run" if status == "saved" else "other files") +
-                        ("; pass --resume to continue it," if resumable else ";") + " set save.overwrite = true "
-                        "(--overwrite) to start over in it, or choose another save.output_dir")
+    if resume is None and status == "foreign" and not overwrite:
+        raise UserError(f"output folder {out} already holds other files; choose a new or empty save.output_dir")
+    if resume is None and status == "saved" and not overwrite:
+        raise UserError(f"output folder {out} already holds a run" + ("; pass --resume to continue it," if resumable
+                        else ";") + " set save.overwrite = true (--overwrite) to start over in it, or choose "
+                        "another save.output_dir")
     if resume is None and overwrite:
         check_no_foreign(out)  # save.overwrite replaces a run, never a folder's other files
     if resume is None and status == "started":
         say(f"reusing {out}: an earlier start never saved a usable state (cached latents and text are reused when "
             f"valid)")
-    if resume is None and status == "saved" and run.state.is_dir():
-        # starting over (save.overwrite): the old run's states must not be what a later --resume picks up
-        shutil.rmtree(run.state)
-        say(f"save.overwrite: starting over in {out} (the previous run's training states were removed)")
+    if resume is None and status == "saved":
+        aside = out / PREVIOUS
+        aside.mkdir()
+        for name in _SET_ASIDE:
+            if (out / name).exists():
+                (out / name).rename(aside / name)
+        say(f"save.overwrite: starting over in {out} (the previous run's states are set aside in {aside.name} "
+            f"and removed when this run saves its first state; a start that stops before that puts them back)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(os_error_message(e, out, "create the run folder")) from None
     return run.state
+
+
+def settle_previous(run: RunFolder, say: Callable[[str], None] = print) -> None:
+    """The run an overwrite set aside: removed once this folder holds a usable state again, else put back (the
+    start that replaced it was refused, failed or was killed before its first save)."""
+    aside = run.root / PREVIOUS
+    if not aside.is_dir():
+        return
+    if latest_state(run.state) is not None:
+        shutil.rmtree(aside)
+        return
+    for name in _SET_ASIDE:
+        target = run.root / name
+        if (aside / name).exists():
+            if target.is_dir():
+                shutil.rmtree(target)
+            (aside / name).replace(target)  # over the refused start's config.toml
+    shutil.rmtree(aside)
+    say(f"save.overwrite: this start saved no state, so the previous run in {run.root} is back as it was")
+
+
+def release(run: RunFolder, lock, say: Callable[[str], None] = print) -> None:
+    """The end of a start that held the run folder's lock: settle what an overwrite set aside, then unlock."""
+    try:
+        settle_previous(run, say)
+    finally:
+        lock.release()
 
 
 def any_rank(flag: bool, accelerator) -> bool:
@@ -92,6 +133,7 @@ def save_periodic(save_lora: Callable[[str], list], save_state: Callable[[int], 
     try:
         files = save_lora(f"-step{done:06d}")
         state = save_state(done)
+        settle_previous(run)  # an overwritten run's states go once this one has its own
     except write_errors() as e:
         where = (f"the last saved state is {last}: free space and run `{run.resume_hint()}`" if last else
                  "no state was saved yet: free space and start again")
@@ -103,6 +145,7 @@ def save_periodic(save_lora: Callable[[str], list], save_state: Callable[[int], 
 def save_on_interrupt(save_state: Callable[[int], Path], done: int, run: RunFolder, say) -> None:
     """Ctrl-C: the state of the step just finished, and the command that continues from it."""
     state = save_state(done)
+    settle_previous(run)
     say(f"interrupted at step {done}: state saved in {state}; resume with: {run.resume_hint()}")
 
 
@@ -117,6 +160,7 @@ def finish(save_lora: Callable[[str], list], save_state: Callable[[int], Path] |
     if save_state is not None:
         try:
             state = save_state(done)
+            settle_previous(run)
         except write_errors() as e:
             state_error = write_error_message(e, run.state, "save the final training state in")
     else:
