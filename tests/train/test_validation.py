@@ -101,6 +101,27 @@ def test_an_empty_validation_folder_is_one_line_and_writes_nothing(tmp_path, tin
     assert not (tmp_path / "run").exists()
 
 
+def test_a_validation_folder_training_reads_is_refused(tmp_path, tiny_dev_dir, split_images):
+    """The training folder itself, a folder holding it, or a folder inside a recursive one: one line, nothing
+    written. A folder beside it, or inside a non-recursive one (not read by training), is fine."""
+    from dev2pro.train.validation import check_holdout
+
+    train_dir, held_dir = split_images
+    cases = {"is the training folder": train_dir, "holds the training folder": tmp_path}
+    for how, folder in cases.items():
+        cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, train_dir, "run", validation=_val(folder)))
+        with pytest.raises(UserError, match=rf"^validation.folder: .* {how} .*validation.fraction") as e:
+            train(cfg, progress=False)
+        assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+    inner = train_dir / "held"
+    inner.mkdir()
+    shutil.copy(next(held_dir.glob("rocket.*")), inner / "rocket.jpg")
+    with pytest.raises(UserError, match="is inside the training folder"):
+        check_holdout(str(inner), [(str(train_dir), True)])
+    check_holdout(str(inner), [(str(train_dir), False)])  # a plain folder's subfolders are not trained on
+    check_holdout(str(held_dir), [(str(train_dir), True)])
+
+
 def test_config_refuses_conflicting_validation_settings(tmp_path, tiny_dev_dir, split_images):
     train_dir, held_dir = split_images
     path = _toml(tmp_path, tiny_dev_dir, train_dir, "run", validation=_val(held_dir))

@@ -67,7 +67,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
     One process trains in a run folder at a time (a lock file). Ctrl-C saves a resumable state at the end of the
     step; the last step saves one too, so ``--resume`` with a larger ``train.steps`` continues from the end.
     """
-    check_inputs(cfg.validation.folder, cfg.logging.wandb, cfg.train.optimizer)  # before anything is written
+    check_inputs(cfg.validation.folder, cfg.logging.wandb, cfg.train.optimizer, cfg.data.folders)  # before writes
     quiet_libraries()
     m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
     check_training_inputs(m.transformer or m.path, m.path, adapter=m.adapter, inference_base=m.inference_base,

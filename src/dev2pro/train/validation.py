@@ -36,14 +36,24 @@ from ..objectives import ModelInputs, predict
 
 
 # ------------------------------------------------------------------------------------------------ which images
-def check_holdout(folder: str) -> None:
-    """Refuse a ``validation.folder`` that does not exist or has no images (before anything is written)."""
+def check_holdout(folder: str, training: Sequence[tuple[str, bool]] = ()) -> None:
+    """Refuse a ``validation.folder`` that does not exist, has no images, or whose images training reads too:
+    one of the ``training`` folders (path, recursive), inside a recursive one, or holding one (its subfolders
+    are read) -- a loss on trained images would say nothing about held-out ones (before anything is written)."""
     if not folder:
         return
     p = Path(folder)
     if not p.is_dir():
         raise UserError(f"validation.folder: {p} is not a folder; give a folder of held-out images with .txt "
                         f"captions, or use validation.fraction instead")
+    held = p.resolve()
+    for path, recursive in training:
+        t = Path(path).resolve()
+        if held == t or t.is_relative_to(held) or (recursive and held.is_relative_to(t)):
+            how = "is" if held == t else "holds" if t.is_relative_to(held) else "is inside"
+            raise UserError(f"validation.folder: {p} {how} the training folder {path}, so its images would be "
+                            f"trained on; give a folder of images kept out of [[data.folders]], or use "
+                            f"validation.fraction to hold some of the training images out")
     if not any(f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() and not f.name.startswith(".")
                for f in p.rglob("*")):  # subfolders too: a kohya parent of N_name folders is read as one
         raise UserError(f"validation.folder: {p} has no images ({', '.join(IMAGE_EXTENSIONS)}); put held-out "

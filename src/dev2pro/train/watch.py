@@ -26,9 +26,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def check_inputs(validation_folder: str, wandb: bool, optimizer: str) -> None:
-    """Refuse, before anything is written, an empty validation folder or an optional package that is missing."""
-    check_holdout(validation_folder)
+def check_inputs(validation_folder: str, wandb: bool, optimizer: str, folders=()) -> None:
+    """Refuse, before anything is written, an empty validation folder, one the training ``folders`` (``[[data.
+    folders]]`` entries: ``path``, ``recursive``) read, or an optional package that is missing."""
+    check_holdout(validation_folder, [(f.path, f.recursive) for f in folders])
     check_optional_packages(wandb, optimizer)
 
 
