@@ -123,6 +123,17 @@ def test_list_fields_check_their_items(tmp_path, override, message):
         load_train_config(str(p), [override])
 
 
+def test_sample_with_adapter_without_an_adapter_is_refused(tmp_path):
+    from dev2pro.schemas import load_train_config
+
+    p = tmp_path / "t.toml"
+    p.write_text('[model]\npath = "m"\n[[data.folders]]\npath = "d"\n[save]\noutput_dir = "o"\n')
+    with pytest.raises(ConfigError, match=r"sample.with_adapter: there is no model.adapter to turn on; set "
+                                          r"model.adapter"):
+        load_train_config(str(p), ["sample.with_adapter=true"])
+    assert load_train_config(str(p), ["sample.with_adapter=true", 'model.adapter="a.safetensors"']).sample.with_adapter
+
+
 NASTY = 'ohwx\n"style"\t\x07 back\\slash é 🐈 \x7f\r\x1b[0m'
 
 

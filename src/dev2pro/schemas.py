@@ -436,6 +436,11 @@ class TrainConfig:
         require(not (given and refs) or refs == {len(given)}, f"sample.control: {len(given)} reference image(s), "
                 f"but the LoRA learns edits from {'/'.join(map(str, sorted(refs)))} (the controls folders of "
                 "[[data.folders]]): give sample.control as many, in the folders' order")
+        require(not (given and self.data.folders and not refs and not self.data.shards), "sample.control: the samples "
+                "would edit a reference, but no [[data.folders]] entry has controls, so the LoRA learns text-to-image; "
+                "add controls (edit pairs: a folder of same-name reference images) or remove sample.control")
+        require(not (self.sample.with_adapter and not self.model.adapter), "sample.with_adapter: there is no "
+                "model.adapter to turn on; set model.adapter (a dev2pro adapter file) or remove sample.with_adapter")
 
 
 @dataclass

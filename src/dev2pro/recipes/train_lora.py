@@ -3,8 +3,7 @@
 The story, top to bottom: resolve the config and output folder -> scan the dataset and pick buckets -> cache
 latents and text embeddings (then free the VAE and text encoders) -> load the base transformer (any layout,
 optionally fp8 storage) -> add the LoRA with peft -> loop: flow-matching loss at the fixed guidance, AdamW,
-progress, samples on the inference base, LoRA files and resumable state every N steps.
-"""
+progress, samples on the inference base, LoRA files and resumable state every N steps."""
 
 from __future__ import annotations
 
@@ -54,7 +53,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Run:
     """How this run saves and samples (closures over its model, optimizer and folders)."""
-
     save_lora: Callable[[str], list]
     save_state: Callable[[int], Path]
     sample: Callable[[int], Path]
@@ -192,7 +190,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     samples = _sampler(cfg, data, ckpt, dtype, device)
     if main and start < tc.steps:
         for line in _startup_lines(cfg, data.dataset, len(sampler), sum(p.numel() for p in params),
-                                   ckpt.spec().variant, start, run, samples.guidance) + watch.notes:
+                                   ckpt.spec(), start, run, samples.guidance) + watch.notes:
             say(line)
     sinks = open_sinks(cfg.logging.wandb and main and start < tc.steps, cfg.logging.project, cfg.logging.mode,
                        run.root, run.config)
@@ -266,7 +264,7 @@ def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, sav
     return summary
 
 
-def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: int, run: RunFolder,
+def _startup_lines(cfg, ds, per_epoch: int, n_params: int, spec, start: int, run: RunFolder,
                    guidance) -> list[str]:
     """The run at a glance: data and buckets, steps and epochs, LoRA size, guidance, bases, outputs."""
     tc, sc = cfg.train, cfg.sample
@@ -287,11 +285,13 @@ def _startup_lines(cfg, ds, per_epoch: int, n_params: int, variant: str, start: 
         f"grad_accum {tc.grad_accum}, {per_epoch} batches per epoch = {epochs:.1f} epochs",
         f"  LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {cfg.lora.targets}, {n_params:,} trainable "
         f"parameters; lr {tc.lr:g} ({tc.optimizer}, {tc.schedule})",
-        f"  guidance {tc.guidance} in training (base: {base}, {variant})",
+        f"  guidance {tc.guidance} in training (base: {base}, {spec.variant})" if spec.guidance_embeds else
+        f"  no guidance input in training (base: {base}, {spec.variant}: no guidance embedding" +
+        (f"; train.guidance = {tc.guidance:g} is not read)" if tc.guidance != 1.0 else ")"),
     ]
     if sc.prompts:
         lines.append(samples_line(sc, guidance, cfg.model.inference_base or "the training base", run.samples,
-                                  any(f.controls for f in cfg.data.folders)))
+                                  references_per_image(cfg) > 0))
     lines += ["  saves: " + (f"every {cfg.save.every} steps and " if cfg.save.every else "") +
               f"at the end -> {run.root / cfg.save.name}.safetensors ({', '.join(cfg.save.formats)}), resumable "
               f"state in {run.state}",

@@ -245,8 +245,11 @@ def test_sample_control_on_flux1_is_refused(tmp_path, tiny_dev_dir, pairs, capsy
                  str(pairs / "before" / "astronaut.png"), "--out", str(tmp_path / "x")]) == 2
     assert "no reference-image input" in capsys.readouterr().err
     extra = f'[sample]\nprompts = ["p"]\ncontrol = "{pairs / "before" / "astronaut.png"}"\n'
-    with pytest.raises(UserError, match="sample.control: FLUX.1 has no reference-image input"):
-        train(_config(tmp_path, tiny_dev_dir, pairs, controls=False, extra=extra), progress=False)
+    with pytest.raises(UserError, match="FLUX.1 has no reference-image input"):
+        train(_config(tmp_path, tiny_dev_dir, pairs, extra=extra), progress=False)
+    with pytest.raises(UserError, match="sample.control: the samples would edit a reference, but no "
+                                        r"\[\[data.folders\]\] entry has controls"):
+        _config(tmp_path, tiny_dev_dir, pairs, controls=False, extra=extra)
     config = tmp_path / "c.toml"
     config.write_text(f'model = "{tiny_dev_dir}"\nprompts = ["p"]\nsize = "64x64"\n'
                       f'image = "{pairs / "before" / "astronaut.png"}"\n[[arms]]\nname = "a"\n')
@@ -456,7 +459,7 @@ def test_reference_counts_must_agree(tmp_path, klein_base_dir, klein_distilled_d
 
 
 def test_cache_shards_hold_the_references_and_train_with_them(tmp_path, klein_base_dir, tiny_dev_dir, pairs, two_refs,
-                                                               monkeypatch):
+                                                               monkeypatch, capsys):
     """`dev2pro cache --controls A --controls B`: each shard sample holds its references' latents, bit for bit what
     train's folder cache stores; training from the shards sees both references; the plan counts them."""
     from dev2pro.cli import main
@@ -486,9 +489,13 @@ def test_cache_shards_hold_the_references_and_train_with_them(tmp_path, klein_ba
                                                                       real(m, i, g, d, t))[1])
     cfg = load_train_config(None, [f'model.path="{klein_base_dir}"', 'model.dtype="fp32"',
                                    "model.gradient_checkpointing=false", f'data.shards="{shards / "index.json"}"',
-                                   "lora.rank=4", "train.steps=2", f'save.output_dir="{tmp_path / "run"}"'])
+                                   "lora.rank=4", "train.steps=2", f'save.output_dir="{tmp_path / "run"}"',
+                                   'sample.prompts=["p"]', "sample.steps=1", 'sample.size="32x32"'])
+    capsys.readouterr()
     summary = train(cfg, progress=False)
     assert all(torch.isfinite(torch.tensor(summary["losses"]))) and seen and all(s == (1, 32, 128) for s in seen)
+    # edit pairs from shards: the samples line says they render text-to-image without sample.control
+    assert "text-to-image (for an edit LoRA set sample.control" in capsys.readouterr().out
     assert plan_inputs(cfg).image_tokens == (48,)
     with pytest.raises(UserError, match="--controls: FLUX.1 has no reference-image input"):
         cache([str(pairs / "after")], str(tiny_dev_dir), str(tmp_path / "s1"), controls=[str(two_refs[0])])

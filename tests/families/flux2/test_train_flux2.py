@@ -25,7 +25,8 @@ cache_dir = "{cache}"
 """
 
 
-def test_klein_lora_trains_on_base_and_samples_on_distilled(tmp_path, klein_base_dir, klein_distilled_dir, sk_images):
+def test_klein_lora_trains_on_base_and_samples_on_distilled(tmp_path, klein_base_dir, klein_distilled_dir, sk_images,
+                                                           capsys):
     cfg = tmp_path / "k.toml"
     cfg.write_text(f"""
 [model]
@@ -38,6 +39,7 @@ gradient_checkpointing = false
 rank = 4
 [train]
 steps = 2
+guidance = 3.5
 [sample]
 prompts = ["a red cat"]
 steps = 2
@@ -51,6 +53,9 @@ formats = ["kohya", "comfy", "diffusers"]
     summary = train(load_train_config(cfg), progress=False)
     run = tmp_path / "run"
     assert len(summary["losses"]) == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
+    # Base has no guidance embedding: the startup line says the value is not read, not "guidance 3.5 in training"
+    assert "no guidance input in training" in (out := capsys.readouterr().out) and \
+        "train.guidance = 3.5 is not read" in out and "guidance 3.5 in training" not in out
     assert (run / "samples" / "step000002.png").exists() and (run / "samples" / "step000002-base.png").exists()
     from PIL import Image
     with Image.open(run / "samples" / "step000002.png") as im:
