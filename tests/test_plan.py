@@ -169,6 +169,15 @@ def test_dev2pro_plan_command_prints_the_breakdown(tmp_path, tiny_dev_dir, sk_im
     assert main(["plan", str(path), "--set", "model.vram=12"]) == 0
     out = capsys.readouterr().out
     assert "--vram 12: fits" in out and "no GPU seen" not in out
+    # plan --vram GB means what train --vram GB means: that preset (over the file's model.vram), on that card
+    (tmp_path / "16").mkdir()
+    path16 = _cfg_toml(tmp_path / "16", tiny_dev_dir, sk_images, "vram = 16")
+    assert main(["plan", str(path16), "--vram", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "--vram 12 preset: " in out and "--vram 16 preset" not in out and "--vram 12: fits" in out
+    assert main(["plan", str(path), "--vram", "10.5"]) == 0  # not a preset size: a card to check against only
+    out = capsys.readouterr().out
+    assert "preset" not in out and "--vram 10.5: fits" in out
 
 
 def test_train_vram_flag_runs_and_saves_the_chosen_settings(tmp_path, tiny_dev_dir, sk_images, capsys):

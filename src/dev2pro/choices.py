@@ -18,6 +18,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 LORA_TARGETS = ("attention", "all_linear")  # lora.targets.target_modules presets
 LORA_LAYOUTS = ("kohya", "comfy", "diffusers")  # lora.formats: the layouts it writes
 CHECKPOINT_LAYOUTS = ("bfl", "comfy", "diffusers")  # flux.checkpoint: the layouts it writes
+VRAM_CHOICES = (8, 12, 16, 24, 32, 48, 80)  # model.vram presets in GB (32 and 80: FLUX.2's computed ones)
 MAX_REFERENCES = 10  # reference images per edit (FLUX.2 takes up to 10; each adds the image's token count)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # model files that need allow_pickle
 # diffusers' attention dispatcher backends that run from installed packages ("" = PyTorch SDPA as diffusers calls it;

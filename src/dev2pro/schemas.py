@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .choices import (ATTENTION_BACKENDS, COMPUTE_DTYPES, EXPORT_FORMATS, FAMILIES, LORA_TARGETS, MAX_REFERENCES,
-                      MIXED_PRECISION, OBJECTIVES, OPTIMIZERS, SCHEDULES, TEXT_DTYPES, TIMESTEP_MODES)
+                      MIXED_PRECISION, OBJECTIVES, OPTIMIZERS, SCHEDULES, TEXT_DTYPES, TIMESTEP_MODES, VRAM_CHOICES)
 from .config import (SIZE_HELP, as_list, explicit_keys, load_config, opt, ordered, require, require_path_list,
                      require_range, resolve_size, section)
 from .errors import ConfigError
@@ -36,6 +36,7 @@ MAX_BATCH = 1024
 def compile_mode(value) -> str:
     """``train.compile`` as "off" | "blocks" (``true`` is "blocks", ``false`` "off")."""
     return {True: "blocks", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -91,7 +92,7 @@ class ModelSection(ModelBase):
     def validate(self):
         super().validate()
         require(self.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
-        require(self.vram in (0, 8, 12, 16, 24, 32, 48, 80),
+        require(self.vram in (0, *VRAM_CHOICES),
                 f"vram = {self.vram}: choose 8, 12, 16, 24, 32, 48 or 80 (GB; 32 and 80: FLUX.2), or 0")
 
 
@@ -410,7 +411,8 @@ class DedistillSave(SaveSection):
     output_dir: str = opt("", "run folder: exported model, state, logs, resolved config", path=True)
     name: str = opt("dev2pro", "file name stem of the exported model")
     every: int = opt(0, "save resumable state every N steps (0 = off)")
-    formats: list[str] = opt(["bfl"], "exports: bfl (single file), diffusers (transformer folder), fp8 (BFL fp8-scaled)")
+    formats: list[str] = opt(["bfl"], "exports: bfl (single file), diffusers (transformer folder), fp8 (BFL "
+                                      "fp8-scaled)")
     dtype: str = opt("bf16", "dtype of the bfl/diffusers exports", COMPUTE_DTYPES)
     keep_guidance: bool = opt(True, "keep the guidance embedding; false = pro-like model sampled with true CFG")
 

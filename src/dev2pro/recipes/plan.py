@@ -12,6 +12,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from ..choices import VRAM_CHOICES
 from ..plan import report
 from ..recipe_inputs import dedistill_plan_inputs
 from ..schemas import load_dedistill_config, load_train_config, plan_inputs
@@ -28,9 +29,13 @@ def is_dedistill_config(config: str) -> bool:
 
 def run_plan(config: str, vram: float | None = None, overrides: list[str] | None = None) -> dict:
     """Print the plan of a train or adapter-dedistill config (against a ``vram`` GB card, else the config's
-    ``model.vram`` preset as train checks it, else the GPU seen); returns it as a dict."""
+    ``model.vram`` preset as train checks it, else the GPU seen); returns it as a dict. A train config's ``vram``
+    that is a preset size also applies that preset, as `train --vram` does (its advice then means one thing)."""
     if is_dedistill_config(config):
         cfg = load_dedistill_config(config, overrides)
         return report(dedistill_plan_inputs(cfg), vram or getattr(cfg.model, "vram", 0) or None)
+    if vram and float(vram).is_integer() and int(vram) in VRAM_CHOICES:
+        # as `train --vram GB`: that preset's settings (yours win), checked against a card of that size
+        overrides = [*(overrides or []), f"model.vram={int(vram)}"]
     cfg = load_train_config(config, overrides)
     return report(plan_inputs(cfg), vram or cfg.model.vram or None)
