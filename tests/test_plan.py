@@ -178,6 +178,9 @@ def test_dev2pro_plan_command_prints_the_breakdown(tmp_path, tiny_dev_dir, sk_im
     assert main(["plan", str(path), "--vram", "10.5"]) == 0  # not a preset size: a card to check against only
     out = capsys.readouterr().out
     assert "preset" not in out and "--vram 10.5: fits" in out
+    assert main(["plan", str(path), "--vram", "32"]) == 0  # FLUX.2 presets only: FLUX.1 checks the card
+    out = capsys.readouterr().out
+    assert "preset" not in out and "--vram 32: fits" in out
 
 
 def test_train_vram_flag_runs_and_saves_the_chosen_settings(tmp_path, tiny_dev_dir, sk_images, capsys):

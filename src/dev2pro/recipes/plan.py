@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 from ..choices import VRAM_CHOICES
+from ..errors import UserError
 from ..plan import report
 from ..recipe_inputs import dedistill_plan_inputs
 from ..schemas import load_dedistill_config, load_train_config, plan_inputs
@@ -34,8 +35,13 @@ def run_plan(config: str, vram: float | None = None, overrides: list[str] | None
     if is_dedistill_config(config):
         cfg = load_dedistill_config(config, overrides)
         return report(dedistill_plan_inputs(cfg), vram or getattr(cfg.model, "vram", 0) or None)
+    cfg = None
     if vram and float(vram).is_integer() and int(vram) in VRAM_CHOICES:
         # as `train --vram GB`: that preset's settings (yours win), checked against a card of that size
-        overrides = [*(overrides or []), f"model.vram={int(vram)}"]
-    cfg = load_train_config(config, overrides)
+        try:
+            cfg = load_train_config(config, [*(overrides or []), f"model.vram={int(vram)}"])
+        except UserError as e:
+            if "model.vram" not in str(e):
+                raise  # no preset of that size for this family (FLUX.1 has no 32 / 80): the card is checked only
+    cfg = cfg or load_train_config(config, overrides)
     return report(plan_inputs(cfg), vram or cfg.model.vram or None)
