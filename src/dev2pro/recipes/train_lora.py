@@ -283,8 +283,8 @@ def _startup_lines(cfg, ds, per_epoch: int, n_params: int, spec, start: int, run
                                                             sorted(buckets.items(), key=lambda kv: -kv[1]))]),
         f"  steps {tc.steps}" + (f" (resuming at {start})" if start else "") + f", batch {cfg.data.batch_size} x "
         f"grad_accum {tc.grad_accum}, {per_epoch} batches per epoch = {epochs:.1f} epochs",
-        f"  LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {cfg.lora.targets}, {n_params:,} trainable "
-        f"parameters; lr {tc.lr:g} ({tc.optimizer}, {tc.schedule})",
+        f"  LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} (scale {cfg.lora.alpha / cfg.lora.rank:g}), "
+        f"{cfg.lora.targets}, {n_params:,} trainable parameters; lr {tc.lr:g} ({tc.optimizer}, {tc.schedule})",
         f"  guidance {tc.guidance} in training (base: {base}, {spec.variant})" if spec.guidance_embeds else
         f"  no guidance input in training (base: {base}, {spec.variant}: no guidance embedding" +
         (f"; train.guidance = {tc.guidance:g} is not read)" if tc.guidance != 1.0 else ")"),

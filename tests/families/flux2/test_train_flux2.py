@@ -56,6 +56,7 @@ formats = ["kohya", "comfy", "diffusers"]
     # Base has no guidance embedding: the startup line says the value is not read, not "guidance 3.5 in training"
     assert "no guidance input in training" in (out := capsys.readouterr().out) and \
         "train.guidance = 3.5 is not read" in out and "guidance 3.5 in training" not in out
+    assert "LoRA: rank 4, alpha 16 (scale 4)," in out  # alpha's default is not rank's: the scale is shown
     assert (run / "samples" / "step000002.png").exists() and (run / "samples" / "step000002-base.png").exists()
     from PIL import Image
     with Image.open(run / "samples" / "step000002.png") as im:
