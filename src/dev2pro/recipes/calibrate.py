@@ -127,14 +127,35 @@ def _print(r: dict) -> None:
 
 
 def _write_metadata(path: Path, result: dict) -> None:
-    """Rewrite ``path`` atomically with the recommendation in its metadata; the tensors are copied unchanged."""
+    """Rewrite ``path`` -- and the other layouts of the same save beside it (``NAME[.comfy|.diffusers]
+    .safetensors``: the same ``modelspec.date`` and rank) -- atomically with the recommendation in its metadata;
+    the tensors are copied unchanged."""
+    record = json.dumps({"strength": round(result["recommended_strength"], 4), "target": model_name(result["target"]),
+                         "target_variant": result["target_sampling"]["variant"],
+                         "reference": Path(result["reference"]).name, "reference_effect": result["reference_effect"]})
+    for target in [path] + _same_save(path):
+        with safe_open(str(target), "pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        save_safetensors(tensors, target, {**meta, ST.METADATA_KEY: record}, overwrite=True, what="LoRA")
+        print(f"wrote the recommendation into {target}'s metadata ({ST.METADATA_KEY})")
+
+
+def _same_save(path: Path) -> list[Path]:
+    """The other layout files a training save wrote beside ``path`` (kohya, comfy, diffusers of one LoRA)."""
+    from ..train.export import LORA_SUFFIXES
+
+    stem = path.name.removesuffix(".safetensors")
+    for tag in LORA_SUFFIXES.values():
+        if tag and stem.endswith(tag):
+            stem = stem.removesuffix(tag)
+    ident = _save_identity(path)
+    siblings = [path.with_name(f"{stem}{tag}.safetensors") for tag in LORA_SUFFIXES.values()]
+    return [p for p in siblings if p != path and p.is_file() and ident and _save_identity(p) == ident]
+
+
+def _save_identity(path: Path) -> tuple | None:
     with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta[ST.METADATA_KEY] = json.dumps({"strength": round(result["recommended_strength"], 4),
-                                        "target": model_name(result["target"]),
-                                        "target_variant": result["target_sampling"]["variant"],
-                                        "reference": Path(result["reference"]).name,
-                                        "reference_effect": result["reference_effect"]})
-    save_safetensors(tensors, path, meta, overwrite=True, what="LoRA")
-    print(f"wrote the recommendation into {path}'s metadata ({ST.METADATA_KEY})")
+        meta = f.metadata() or {}
+    ident = meta.get("modelspec.date"), meta.get("ss_network_dim")
+    return ident if all(ident) else None

@@ -62,3 +62,29 @@ def test_calibrate_recovers_the_planted_strength(planted, klein_base_dir, capsys
     assert meta["strength"] == pytest.approx(1 / C, rel=0.05) and meta["target"] == "b"
     out = capsys.readouterr().out
     assert "recommended strength on the target: 1.5" in out
+
+
+def test_write_records_the_strength_in_every_layout_of_the_same_save(planted, tmp_path, klein_base_dir):
+    """--write puts the recommendation into the kohya, comfy and diffusers files of one training save, not into a
+    file of another save that happens to share the name stem."""
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig
+
+    from dev2pro.recipes.calibrate import _write_metadata
+    from dev2pro.train.export import save_lora_files
+
+    model = Flux2Transformer2DModel.from_pretrained(str(klein_base_dir / "transformer"))
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["transformer_blocks.0.ff.linear_out"]))
+    meta = {"modelspec.date": "2026-12-07T10:00:00", "ss_network_dim": "4"}
+    files = save_lora_files(model, tmp_path, "lora", ["kohya", "comfy", "diffusers"], meta)
+    other = save_lora_files(model, tmp_path / "x", "lora", ["comfy"], {**meta, "modelspec.date": "2026-01-01T00:00:00"})
+    other[0].replace(files[1])  # lora.comfy.safetensors now comes from another save (another date)
+    result = {"recommended_strength": 1.23456, "target": str(tmp_path / "klein-distilled"),
+              "target_sampling": {"variant": "klein-distilled"}, "reference": "base", "reference_effect": 0.5}
+    _write_metadata(files[2], result)  # the diffusers file given; its kohya sibling follows
+    for f, written in zip(files, (True, False, True)):
+        with safe_open(str(f), "pt") as sf:
+            meta_now = sf.metadata()
+        assert ("dev2pro.recommended_strength" in meta_now) == written, f
+        if written:
+            assert json.loads(meta_now["dev2pro.recommended_strength"])["strength"] == 1.2346
