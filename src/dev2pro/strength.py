@@ -17,6 +17,7 @@ The pieces are plain callables so the maths is testable on its own: ``effect_cur
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -26,6 +27,27 @@ from .errors import UserError
 
 DEFAULT_STRENGTHS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 METADATA_KEY = "dev2pro.recommended_strength"
+
+
+def recommendation(metadata: dict | None) -> dict | None:
+    """The strength ``dev2pro calibrate --write`` recorded in a LoRA's metadata: ``{"strength", "target",
+    "target_variant", ...}``, or None (none recorded, or not readable as one)."""
+    try:
+        rec = json.loads((metadata or {}).get(METADATA_KEY) or "null")
+        return rec if isinstance(rec, dict) and float(rec["strength"]) > 0 else None
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def file_recommendation(path) -> dict | None:
+    """``recommendation`` of a LoRA file, from its safetensors header (no tensor is read; None if unreadable)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return recommendation(f.metadata())
+    except (SafetensorError, OSError):
+        return None
 
 
 def effect(lora_latents: torch.Tensor, base_latents: torch.Tensor) -> float:

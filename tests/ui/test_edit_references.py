@@ -60,7 +60,8 @@ def test_lora_endpoint_says_references_and_the_runs_control(app, asgi):
     app, ws, out, ui = app
     status, body = asgi(app, "GET", f"/api/lora?lora={LORA}")
     assert status == 200, body
-    assert json.loads(body) == {"lora": LORA, "references": 2, "control": [], "control_problem": None}
+    assert json.loads(body) == {"lora": LORA, "references": 2, "control": [], "control_problem": None,
+                                "recommended": None}
     _set_control(ws, f'["{ws / "ref" / "a.png"}", "{ws / "ref" / "b.png"}"]')
     assert json.loads(asgi(app, "GET", f"/api/lora?lora={LORA}")[1])["control"] == ["ref/a.png", "ref/b.png"]
     _set_control(ws, f'"{out / "pic.png"}"')  # a control outside the workspace: said, never read
@@ -73,6 +74,18 @@ def test_lora_endpoint_says_references_and_the_runs_control(app, asgi):
     assert json.loads(asgi(app, "GET", f"/api/lora?lora={LORA}")[1])["references"] == 0
     status, body = asgi(app, "GET", "/api/lora?lora=loose.safetensors")
     assert status == 400 and b"not in a run folder" in body
+
+
+def test_lora_endpoint_gives_the_calibrated_strength(app, asgi):
+    """A LoRA `dev2pro calibrate --write` annotated: the page gets the strength (its slider starts there)."""
+    from dev2pro.recipes.calibrate import _write_metadata
+
+    app, ws, out, ui = app
+    result = {"recommended_strength": 1.5, "target": str(ws / "klein-distilled"), "reference": "base",
+              "target_sampling": {"variant": "klein-distilled"}, "reference_effect": 0.25}
+    _write_metadata(ws / "runs" / "r1" / "lora.safetensors", result)
+    rec = json.loads(asgi(app, "GET", f"/api/lora?lora={LORA}")[1])["recommended"]
+    assert rec["strength"] == 1.5 and rec["target"] == "klein-distilled" and rec["target_variant"] == "klein-distilled"
 
 
 @pytest.mark.parametrize("route", ["/api/sample", "/api/compare"])

@@ -319,14 +319,18 @@ async def compare(request: Request, ui):
 
 async def lora(request: Request, ui):
     """What the Results page offers for one of a run's LoRAs: ``references`` per edit its file says it was trained
-    with (0: text-to-image; a header read) and the run's ``sample.control`` (workspace paths), the default."""
+    with (0: text-to-image; a header read), the run's ``sample.control`` (workspace paths), the default, and the
+    strength ``dev2pro calibrate --write`` recorded for its target model (``recommended``, or None)."""
     path, run, cfg = _lora_run(ui, {"lora": request.query_params.get("lora", "")}, "lora")
     try:
         control, problem = [ui.ws.rel(p) for p in editrefs.run_controls(ui, cfg["sample"])], None
     except UserError as e:  # shown beside the field; a sample job refuses it by name
         control, problem = [], str(e)
-    return JSONResponse({"lora": ui.ws.rel(path), "references": await run_in_threadpool(editrefs.lora_references, path),
-                         "control": control, "control_problem": problem})
+    from ..strength import file_recommendation  # lazy: imports torch
+
+    refs, rec = await run_in_threadpool(lambda: (editrefs.lora_references(path), file_recommendation(path)))
+    return JSONResponse({"lora": ui.ws.rel(path), "references": refs, "control": control, "control_problem": problem,
+                         "recommended": rec})  # dev2pro calibrate --write: the strength on its target model
 
 
 async def compares(request: Request, ui):

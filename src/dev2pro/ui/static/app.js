@@ -338,6 +338,9 @@ async function loraReferences() {
     .catch(() => null) : null;
   if ($("sample-lora").value !== lora) return;  // another LoRA was chosen meanwhile
   row.hidden = !r || !(r.references || r.control.length);
+  const rec = r && r.recommended;  // dev2pro calibrate --write: the strength that does on its target what 1.0 does
+  $("strength-hint").textContent = rec ? `calibrated: ${rec.strength} on ${rec.target} (dev2pro calibrate)` : "";
+  if (rec) { $("strength").value = rec.strength; $("strength").oninput(); }
   if (!r) return;
   row.dataset.references = r.references;
   $("sample-references").placeholder = r.control.length ? r.control.join("\n") : "e.g. before/test.png";
@@ -430,7 +433,7 @@ $("run-select").onchange = () => { state.run = $("run-select").value; pollRun();
 $("results-run").onchange = () => { state.run = $("results-run").value; loading("results", loadResults); };
 $("stop-run").onclick = async () => { const r = state.runInfo; if (r && r.job) await api(`/api/jobs/${r.job.id}/stop`, {}); pollRun(); };
 $("resume-run").onclick = async () => { await api("/api/train/resume", { run: $("run-select").value }); pollRun(); };
-$("strength").oninput = () => ($("strength-value").textContent = Number($("strength").value).toFixed(1));
+$("strength").oninput = () => ($("strength-value").textContent = Number($("strength").value).toFixed(2));
 $("sample-lora").onchange = loraReferences;
 $("sample-dev").onclick = sampleDev;
 $("compare-run").onclick = compareRun;
