@@ -328,7 +328,8 @@ class SampleBase:
     width: int = opt(512, "sample width (multiple of 16)")
     height: int = opt(512, "sample height (multiple of 16)")
     size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
-    cfg: float = opt(3.5, "true CFG scale for bases without guidance embedding")
+    cfg: float = opt(3.5, "true CFG scale for bases without guidance embedding (unset: the base's own, e.g. "
+                          "4.0 for FLUX.2 klein Base)")
 
     def validate(self):
         resolve_size(self)
@@ -348,7 +349,8 @@ class SampleBase:
 @dataclass
 class SampleSection(SampleBase):
     negative: str = opt("", "negative prompt for true CFG (bases without guidance embedding)")
-    guidance: float = opt(3.5, "embedded guidance on guidance-distilled bases (dev): 3.5 is dev's default")
+    guidance: float = opt(3.5, "embedded guidance on guidance-distilled bases (unset: the base's own: FLUX.1 dev "
+                               "3.5, FLUX.2 dev 4.0)")
     with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
                                     "dev2pro), as step*-adapter.png")
     baseline: bool = opt(True, "render a step-0 grid (the base before training) to compare the others with")
