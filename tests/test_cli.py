@@ -116,6 +116,10 @@ def test_size_flag_validated_at_parse_time(capsys):
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
     a = build_parser().parse_args(["sample", "--model", "m", "--prompt", "p", "--out", "o", "--size", "768x512"])
     assert a.size == (768, 512)
+    with pytest.raises(SystemExit):  # calibrate renders too: the pipelines would round 100x72 down to 96x64
+        build_parser().parse_args(["calibrate", "l", "--model", "m", "--target", "t", "--prompt", "p",
+                                   "--size", "100x72"])
+    assert "size 100x72: width and height must be multiples of 16; use 96x64 or 112x80" in capsys.readouterr().err
 
 
 def test_huge_integers_are_refused_on_the_command_line(capsys):

@@ -1,5 +1,5 @@
 """Parsers of strings users type (torch-free, so the config schemas and the CLI can use them eagerly): LoRA
-arguments with a scale (``file.safetensors:0.8``), seed lists, prompt files, file-name slugs, and the short names
+arguments with a scale (``file.safetensors:0.8``), seed lists, prompt files, render sizes, file-name slugs, and the short names
 of models that records and messages carry."""
 
 from __future__ import annotations
@@ -54,6 +54,22 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if not prompts:
         raise UserError(f"prompts file {path} holds no prompts (one per line; '#' lines are comments)")
     return prompts
+
+
+SIZE_MULTIPLE = 16  # 8x VAE downsampling times 2x2 latent packing: pipelines silently round other sides down
+
+
+def check_size(width: int, height: int, flag: str = "--size") -> tuple[int, int]:
+    """(width, height) when both are multiples of 16, else a UserError naming ``flag`` and the nearest sizes
+    that are (the pipelines would render a smaller image than asked and the PNGs would record the wrong size)."""
+    m = SIZE_MULTIPLE
+    if width % m == 0 and height % m == 0:
+        return width, height
+    down = (width // m * m, height // m * m)
+    up = (-(-width // m) * m, -(-height // m) * m)
+    valid = [f"{w}x{h}" for w, h in (down, up) if w and h]
+    raise UserError(f"{flag} {width}x{height}: width and height must be multiples of {m}; use "
+                    + " or ".join(valid))
 
 
 def slug(text: str, max_len: int = 40) -> str:

@@ -15,9 +15,10 @@ import argparse
 import math
 from pathlib import Path
 
+from .arguments import check_size
 from .config import INT_LIMIT, SIZE_HELP, add_config_command, parse_size
 from .choices import CHECKPOINT_LAYOUTS, FAMILIES, GUIDANCE_MODES, LORA_LAYOUTS, TEXT_DTYPES
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .schemas import DedistillConfig, TrainConfig, load_dedistill_config, load_train_config  # torch-free
 
 SAMPLE_MODES = GUIDANCE_MODES
@@ -57,10 +58,10 @@ def finite_float(low: float, *, above: bool = False):
 
 
 def size_arg(text: str) -> tuple[int, int]:
-    """``--size WxH`` -> (width, height)."""
+    """``--size WxH`` -> (width, height), both multiples of 16 (what the pipelines render)."""
     try:
-        return parse_size(text)
-    except ConfigError as e:
+        return check_size(*parse_size(text), flag="size")  # argparse prefixes "argument --size: "
+    except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 

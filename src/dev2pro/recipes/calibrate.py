@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from .. import families
 from .. import sampling as S
-from ..arguments import model_name
+from ..arguments import check_size, model_name
 from .. import strength as ST
 from ..config import parse_size
 from ..errors import UserError
@@ -62,7 +62,7 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts:
         raise UserError("give a prompt (--prompt TEXT) or a prompts file (--prompts FILE)")
-    width, height = parse_size(size) if isinstance(size, str) else size
+    width, height = check_size(*(parse_size(size) if isinstance(size, str) else size))
     reference = reference or model
     S.check_inputs_exist(model, reference, [(lora, 1.0)])
     S.check_inputs_exist(model, target, [])
