@@ -511,3 +511,24 @@ def test_kill_9_soak_resumes_bit_identically_and_leaves_no_temps(tmp_path, tiny_
     assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
     left = [p for p in out.rglob(".*")]
     assert left == [], left
+
+
+def test_every_sample_grid_gets_its_console_line(tmp_path, tiny_dev_dir, images, capsys):
+    """--no-progress: the grids of sample.every (not only step 0 and the final one) each get a "samples:" line."""
+    extra = """
+[sample]
+every = 2
+prompts = ["a photo"]
+seeds = [1]
+steps = 1
+width = 32
+height = 32
+"""
+    cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=5, extra=extra), ["save.every=0"])
+    train(cfg, progress=False)
+    samples = Path(cfg.save.output_dir) / "samples"
+    grids = sorted(p.name for p in samples.glob("step*.png"))
+    assert grids == ["step000000.png", "step000002.png", "step000004.png", "step000005.png"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("samples: ")]
+    assert [line.split()[1] for line in lines] == [str(samples / g) for g in grids]
+
