@@ -158,7 +158,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
     gen = torch.Generator().manual_seed(tc.seed)  # shared by all ranks: dropout, noise, sigmas, w
     start, smoothed, history = 0, None, []
     if resume is not None:
-        r = restore_training_state(resume, run.state, models.inner, optimizer, scheduler, gen, sampler, ema)
+        r = restore_training_state(resume, run.state, models.inner, optimizer, scheduler, gen, sampler, ema,
+                                   rank_setting="train.adapter_rank")
         start, smoothed, history = r.step, r.smoothed, r.losses
         say(f"resumed from step {start} ({r.folder})")
     if start > tc.steps:
