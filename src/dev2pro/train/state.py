@@ -315,10 +315,18 @@ class Resumed:
 def state_folder(resume: str, state_dir: Path) -> Path:
     """The folder ``--resume`` names: ``latest`` (the newest in ``state_dir``) or a given ``.../step-NNNNNN``."""
     folder = latest_state(state_dir) if resume == "latest" else Path(resume)
-    if folder is None or not folder.is_dir():
+    if folder is None:
         raise UserError(f"nothing to resume: no usable training state in {state_dir}; run the same command without "
-                        f"--resume to start again" if resume == "latest" else
-                        f"--resume {resume}: not a state folder (expected .../state/step-NNNNNN)")
+                        f"--resume to start again")
+    if not folder.exists():  # often a state save.keep_last has pruned since: say which ones are there
+        states = [str(s) for s in reversed(list_states(state_dir)) if usable_state(s)]
+        listing = ", ".join(states[:3]) + (f" (and {len(states) - 3} older)" if len(states) > 3 else "")
+        raise UserError(f"--resume {resume}: no such state (save.keep_last keeps only the newest ones); " + (
+            f"the saved states of this run, newest first: {listing}; pass one of them, or --resume latest for the "
+            f"newest" if states else f"{state_dir} holds no usable state: run the same command without --resume "
+            f"to start again"))
+    if not folder.is_dir():
+        raise UserError(f"--resume {resume}: not a state folder (expected .../state/step-NNNNNN)")
     return folder
 
 
