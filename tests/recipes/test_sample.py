@@ -148,3 +148,17 @@ def test_size_not_a_multiple_of_16_is_refused_and_pngs_record_the_rendered_size(
     with Image.open(png) as im:
         assert im.size == (48, 32) and "Size: 48x32" in im.text["parameters"]
     assert (_settings(png)["width"], _settings(png)["height"]) == (48, 32)
+
+
+def test_a_transformer_of_another_family_than_the_folder_is_named(klein_base_dir, tiny_dev_dir, tmp_path):
+    """A FLUX.1 transformer with a FLUX.2 klein folder: the family mismatch, not the folder's missing FLUX.1 text
+    encoders ("download the whole repo" sent users after files they did not need)."""
+    dev = tiny_dev_dir / "transformer"
+    with pytest.raises(UserError) as e:
+        cli("--model", klein_base_dir, "--transformer", dev, "--prompt", "x", "--out", tmp_path / "o", *FAST)
+    assert str(e.value) == (f"--transformer {dev} is FLUX.1, the model folder {klein_base_dir} is FLUX.2 klein: give "
+                            "a transformer of the folder's family (FLUX.2) or the FLUX.1 model folder it belongs to")
+    with pytest.raises(UserError, match=f"--transformer {klein_base_dir} is FLUX.2, the model folder {tiny_dev_dir} "
+                                        "is FLUX.1: give a transformer of the folder's family"):
+        cli("--model", tiny_dev_dir, "--transformer", klein_base_dir, "--prompt", "x", "--out", tmp_path / "o", *FAST)
+    assert not (tmp_path / "o").exists()

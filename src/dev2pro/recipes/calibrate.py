@@ -67,6 +67,8 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
     S.check_inputs_exist(model, reference, [(lora, 1.0)])
     S.check_inputs_exist(model, target, [])
     ref_ckpt, tgt_ckpt = open_checkpoint(reference), open_checkpoint(target)
+    if reference != model:  # the target is checked against the reference below
+        S.check_folder_family(model, reference, ref_ckpt, "--reference")
     families.require_same(tgt_ckpt.family, ref_ckpt.family, f"target {target}", f"reference {reference}")
     family = ref_ckpt.family
     ref_spec, tgt_spec = ref_ckpt.spec(), tgt_ckpt.spec()

@@ -105,6 +105,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     names += ["grid.png"] if len(names) > 1 else []
     check_owned_folder(out, overwrite, "sample", names, "sample folder")  # before minutes of loading and rendering
     header = open_checkpoint(transformer or model)
+    if transformer:
+        S.check_folder_family(model, transformer, header)
     family, spec = header.family, header.spec()
     if note := S.unknown_variant_note(spec, transformer or model):
         print(note)
