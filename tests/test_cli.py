@@ -170,6 +170,25 @@ def test_lora_flags_are_consistent():
     assert (a.base, a.tuned) == ("dev", "pro")
 
 
+@pytest.mark.parametrize("argv, usage, missing", [
+    (["lora", "convert", "a", "b"], "usage: dev2pro lora convert [-h] --layout {kohya,comfy,diffusers}", "--layout"),
+    (["lora", "extract", "out", "--rank", "4"], "usage: dev2pro lora extract [-h] --base BASE --tuned TUNED ",
+     "--base, --tuned"),
+])
+def test_required_flags_show_as_required_in_usage(argv, usage, missing, capsys):
+    """Usage showed `[--layout ...]` / `[--base BASE]` and then called them required; the old spellings (--to,
+    --from) stay out of usage and help and still satisfy the requirement."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage), err
+    assert err.rstrip().endswith(f"error: the following arguments are required: {missing}")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv[:2] + ["--help"])
+    help_text = capsys.readouterr().out
+    assert "--to" not in help_text and "--from" not in help_text
+
+
 @pytest.fixture(scope="module")
 def tiny_lora(tmp_path_factory):
     from dev2pro.lora.formats import LoraModule, LoraWeights, save_lora
@@ -272,3 +291,4 @@ def test_no_recipe_or_library_module_imports_the_cli():
                                                                                                   "cli_commands"):
                 offenders.append(f"{path.relative_to(root)}: from {'.' * node.level}{node.module}")
     assert not offenders, offenders
+
