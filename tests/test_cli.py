@@ -284,7 +284,7 @@ def test_no_recipe_or_library_module_imports_the_cli():
     root = Path(dev2pro.__file__).parent
     offenders = []
     for path in root.rglob("*.py"):
-        if path.name in ("cli.py", "cli_commands.py"):
+        if path.name in ("cli.py", "cli_commands.py", "__main__.py"):  # __main__: `python -m dev2pro` is the CLI
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[-1] in ("cli",
@@ -292,3 +292,14 @@ def test_no_recipe_or_library_module_imports_the_cli():
                 offenders.append(f"{path.relative_to(root)}: from {'.' * node.level}{node.module}")
     assert not offenders, offenders
 
+
+def test_python_dash_m_dev2pro_is_the_cli():
+    from dev2pro import __version__
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "dev2pro", *argv], capture_output=True, text=True, env=ENV,
+                              timeout=120)
+    r = run("--version")
+    assert (r.returncode, r.stdout.strip()) == (0, f"dev2pro {__version__}"), r.stderr
+    r = run("inspect", "no-such-checkpoint.safetensors")  # a UserError: one line, status 2, no traceback
+    assert r.returncode == 2 and r.stderr.startswith("dev2pro inspect: error: ") and "Traceback" not in r.stderr
