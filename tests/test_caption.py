@@ -326,3 +326,33 @@ def test_a_max_length_past_the_decoders_positions_stops_there(loaded, sk_images,
     got = caption_images(cap, _photos(sk_images, n=1), max_new_tokens=128)  # the default length
     prompt_len = asked[0]["input_ids"].shape[1]
     assert asked[0]["max_new_tokens"] == 24 - prompt_len and len(got) == 1
+
+
+def test_images_reach_the_captioner_as_training_opens_them(tmp_path, captioners, monkeypatch):
+    """EXIF orientation applied (upright), transparency over white, 16-bit greyscale scaled: the captioner describes
+    the image the LoRA trains on (``Image.open(...).convert("RGB")`` did none of these)."""
+    import numpy as np
+
+    import dev2pro.caption as C
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(d / "rotated.jpg", exif=exif.tobytes())
+    Image.new("RGBA", (24, 24), (0, 0, 255, 0)).save(d / "clear.png")  # fully transparent blue
+    Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)).save(d / "grey16.png")  # 16-bit white
+    seen = {}
+
+    def record(captioner, images, *args, **kwargs):
+        seen.update({im.size: im for im in images})
+        return ["a caption"] * len(images)
+    monkeypatch.setattr(C, "caption_images", record)
+    monkeypatch.setattr(C, "load_captioner", lambda model, device: object())
+    results = run_caption(d, captioners("blip"), progress=False)
+    assert sorted(r.status for r in results) == ["written"] * 3
+    assert set(seen) == {(20, 40), (24, 24), (16, 16)}  # 40x20 stored, tag 6: 20 wide, 40 tall upright
+    assert all(im.mode == "RGB" for im in seen.values())
+    assert seen[24, 24].getpixel((3, 3)) == (255, 255, 255)  # over white, not the hidden blue
+    assert seen[16, 16].getpixel((3, 3)) == (255, 255, 255)  # scaled to 255, not clipped
+    assert (d / "rotated.txt").read_text() == "a caption\n"

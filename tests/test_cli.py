@@ -116,6 +116,10 @@ def test_size_flag_validated_at_parse_time(capsys):
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
     a = build_parser().parse_args(["sample", "--model", "m", "--prompt", "p", "--out", "o", "--size", "768x512"])
     assert a.size == (768, 512)
+    with pytest.raises(SystemExit):  # calibrate renders too: the pipelines would round 100x72 down to 96x64
+        build_parser().parse_args(["calibrate", "l", "--model", "m", "--target", "t", "--prompt", "p",
+                                   "--size", "100x72"])
+    assert "size 100x72: width and height must be multiples of 16; use 96x64 or 112x80" in capsys.readouterr().err
 
 
 def test_huge_integers_are_refused_on_the_command_line(capsys):
@@ -164,6 +168,25 @@ def test_lora_flags_are_consistent():
     assert (a.base, a.tuned) == ("dev", "pro")
     a = p.parse_args(["lora", "extract", "--from", "dev", "--to", "pro", "out", "--rank", "4"])
     assert (a.base, a.tuned) == ("dev", "pro")
+
+
+@pytest.mark.parametrize("argv, usage, missing", [
+    (["lora", "convert", "a", "b"], "usage: dev2pro lora convert [-h] --layout {kohya,comfy,diffusers}", "--layout"),
+    (["lora", "extract", "out", "--rank", "4"], "usage: dev2pro lora extract [-h] --base BASE --tuned TUNED ",
+     "--base, --tuned"),
+])
+def test_required_flags_show_as_required_in_usage(argv, usage, missing, capsys):
+    """Usage showed `[--layout ...]` / `[--base BASE]` and then called them required; the old spellings (--to,
+    --from) stay out of usage and help and still satisfy the requirement."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage), err
+    assert err.rstrip().endswith(f"error: the following arguments are required: {missing}")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv[:2] + ["--help"])
+    help_text = capsys.readouterr().out
+    assert "--to" not in help_text and "--from" not in help_text
 
 
 @pytest.fixture(scope="module")
@@ -261,10 +284,22 @@ def test_no_recipe_or_library_module_imports_the_cli():
     root = Path(dev2pro.__file__).parent
     offenders = []
     for path in root.rglob("*.py"):
-        if path.name in ("cli.py", "cli_commands.py"):
+        if path.name in ("cli.py", "cli_commands.py", "__main__.py"):  # __main__: `python -m dev2pro` is the CLI
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[-1] in ("cli",
                                                                                                   "cli_commands"):
                 offenders.append(f"{path.relative_to(root)}: from {'.' * node.level}{node.module}")
     assert not offenders, offenders
+
+
+def test_python_dash_m_dev2pro_is_the_cli():
+    from dev2pro import __version__
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "dev2pro", *argv], capture_output=True, text=True, env=ENV,
+                              timeout=120)
+    r = run("--version")
+    assert (r.returncode, r.stdout.strip()) == (0, f"dev2pro {__version__}"), r.stderr
+    r = run("inspect", "no-such-checkpoint.safetensors")  # a UserError: one line, status 2, no traceback
+    assert r.returncode == 2 and r.stderr.startswith("dev2pro inspect: error: ") and "Traceback" not in r.stderr

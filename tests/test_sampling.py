@@ -244,6 +244,26 @@ def test_parse_size_seeds_prompts(tmp_path):
         S.read_prompts(tmp_path / "none.txt")
 
 
+def test_prompts_from_any_readable_file(tmp_path):
+    """/dev/null, a named pipe, <(printf ...) are files too: read, not called missing (is_file() said they were)."""
+    import os
+    import threading
+
+    with pytest.raises(UserError, match=r"^prompts file /dev/null holds no prompts \(one per line"):
+        S.read_prompts("/dev/null")
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("a cat\n# note\na dog\n",))
+    writer.start()
+    assert S.read_prompts(fifo) == ["a cat", "a dog"]
+    writer.join()
+    with pytest.raises(UserError, match=f"prompts file {tmp_path} is a folder: give a text file"):
+        S.read_prompts(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        S.read_prompts(tmp_path / "latin1.txt")
+
+
 def test_load_components_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         S.load_components(tmp_path / "missing")

@@ -1,6 +1,6 @@
 """Parsers of strings users type (torch-free, so the config schemas and the CLI can use them eagerly): LoRA
-arguments with a scale (``file.safetensors:0.8``), seed lists, prompt files, file-name slugs, and the short names
-of models that records and messages carry."""
+arguments with a scale (``file.safetensors:0.8``), seed lists, prompt files, render sizes, file-name slugs, and the
+short names of models that records and messages carry."""
 
 from __future__ import annotations
 
@@ -45,15 +45,40 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a text file: one per line; blank lines and lines starting with '#' are skipped."""
+    """Prompts from a text file: one per line; blank lines and lines starting with '#' are skipped. Any readable
+    file will do, not only a regular one (``<(printf ...)``, a named pipe, /dev/stdin)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"prompts file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    if path.is_dir():
+        raise UserError(f"prompts file {path} is a folder: give a text file, one prompt per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {path} is not UTF-8 text: save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"prompts file {path} cannot be read ({e.strerror or e}): check its permissions") from None
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise UserError(f"prompts file {path} holds no prompts (one per line; '#' lines are comments)")
     return prompts
+
+
+SIZE_MULTIPLE = 16  # 8x VAE downsampling times 2x2 latent packing: pipelines silently round other sides down
+
+
+def check_size(width: int, height: int, flag: str = "--size") -> tuple[int, int]:
+    """(width, height) when both are multiples of 16, else a UserError naming ``flag`` and the nearest sizes
+    that are (the pipelines would render a smaller image than asked and the PNGs would record the wrong size)."""
+    m = SIZE_MULTIPLE
+    if width % m == 0 and height % m == 0:
+        return width, height
+    down = (width // m * m, height // m * m)
+    up = (-(-width // m) * m, -(-height // m) * m)
+    valid = [f"{w}x{h}" for w, h in (down, up) if w and h]
+    raise UserError(f"{flag} {width}x{height}: width and height must be multiples of {m}; use "
+                    + " or ".join(valid))
 
 
 def slug(text: str, max_len: int = 40) -> str:

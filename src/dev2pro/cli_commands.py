@@ -15,9 +15,10 @@ import argparse
 import math
 from pathlib import Path
 
+from .arguments import check_size
 from .config import INT_LIMIT, SIZE_HELP, add_config_command, parse_size
 from .choices import CHECKPOINT_LAYOUTS, FAMILIES, GUIDANCE_MODES, LORA_LAYOUTS, TEXT_DTYPES
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .schemas import DedistillConfig, TrainConfig, load_dedistill_config, load_train_config  # torch-free
 
 SAMPLE_MODES = GUIDANCE_MODES
@@ -57,10 +58,10 @@ def finite_float(low: float, *, above: bool = False):
 
 
 def size_arg(text: str) -> tuple[int, int]:
-    """``--size WxH`` -> (width, height)."""
+    """``--size WxH`` -> (width, height), both multiples of 16 (what the pipelines render)."""
     try:
-        return parse_size(text)
-    except ConfigError as e:
+        return check_size(*parse_size(text), flag="size")  # argparse prefixes "argument --size: "
+    except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -72,9 +73,12 @@ def make_parent(path: str | Path) -> None:
     make(Path(path).expanduser().absolute())
 
 
-def hidden_alias(p: argparse.ArgumentParser, flag: str, dest: str, **kw) -> None:
-    """An old spelling kept working but left out of --help (``lora convert --to`` is now ``--layout``)."""
-    p.add_argument(flag, dest=dest, help=argparse.SUPPRESS, **kw)
+def hide_aliases(action: argparse.Action, *flags: str) -> argparse.Action:
+    """Old spellings of ``action``'s flag kept working but left out of --help and usage (``lora convert --to`` is
+    now ``--layout``): one action for all spellings, so a required flag is satisfied by any of them."""
+    for flag in flags:
+        action.option_strings.remove(flag)  # the parser still maps it to the action; help and usage list the rest
+    return action
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -379,8 +383,8 @@ def _add_lora_convert(lsub):
     c = lsub.add_parser("convert", help="convert between kohya, diffusers and comfy layouts (exact)")
     c.add_argument("src", help="input LoRA file (any supported layout)")
     c.add_argument("dst", help="output LoRA file (missing parent folders are created)")
-    c.add_argument("--layout", choices=LORA_LAYOUTS, help="output layout (the same flag as `dev2pro convert`)")
-    hidden_alias(c, "--to", "layout", choices=LORA_LAYOUTS)
+    hide_aliases(c.add_argument("--layout", "--to", required=True, choices=LORA_LAYOUTS,
+                                help="output layout (the same flag as `dev2pro convert`)"), "--to")
     c.add_argument("--family", choices=FAMILIES, default=None,
                    help="the model the LoRA is for, when neither its keys nor its header tell (an attention-only "
                         "LoRA fits FLUX.1 and FLUX.2 klein 4B alike; default: read as FLUX.1, with a note)")
@@ -388,8 +392,6 @@ def _add_lora_convert(lsub):
 
     def convert(a):
         from .recipes.lora_tools import convert
-        if not a.layout:
-            c.error("the following arguments are required: --layout")
         make_parent(a.dst)
         convert(a.src, a.dst, a.layout, a.overwrite, a.family)
     c.set_defaults(run=convert)
@@ -416,10 +418,11 @@ def _add_lora_extract(lsub):
     e = lsub.add_parser("extract", help="SVD of (TUNED - BASE) per linear layer into a kohya LoRA "
                                         "(e.g. --base dev --tuned dev2pro); a retained-energy report is written "
                                         "beside it as <out>.json")
-    e.add_argument("--base", help="the original checkpoint, e.g. FLUX.1-dev")
-    e.add_argument("--tuned", help="the fine-tuned checkpoint, e.g. your dev2pro")
-    hidden_alias(e, "--from", "base")  # the old spelling: --from A --to B
-    hidden_alias(e, "--to", "tuned")
+    # the old spelling: --from A --to B
+    hide_aliases(e.add_argument("--base", "--from", required=True, help="the original checkpoint, e.g. FLUX.1-dev"),
+                 "--from")
+    hide_aliases(e.add_argument("--tuned", "--to", required=True, help="the fine-tuned checkpoint, e.g. your dev2pro"),
+                 "--to")
     e.add_argument("out", help="output LoRA file, or with --ranks the JSON fidelity report (missing parent folders "
                                "are created)")
     e.add_argument("--rank", type=bounded_int(1, 65536), default=None,
@@ -439,8 +442,6 @@ def _add_lora_extract(lsub):
 
     def extract(a):
         from .recipes.lora_tools import extract_lora
-        if not a.base or not a.tuned:
-            e.error("the following arguments are required: --base, --tuned")
         ranks = None
         if a.ranks:
             try:

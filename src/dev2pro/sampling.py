@@ -115,6 +115,25 @@ def check_inputs_exist(model_dir: str | os.PathLike, transformer: str | os.PathL
             raise UserError(f"LoRA file {lora_path} does not exist")
 
 
+# model_index.json's pipeline -> the folder's name in messages (FLUX.2 klein and dev share a family, not a text stack)
+FOLDER_TITLES = {"FluxPipeline": "FLUX.1", "Flux2KleinPipeline": "FLUX.2 klein", "Flux2Pipeline": "FLUX.2 dev"}
+
+
+def check_folder_family(model_dir: str | os.PathLike, transformer: str | os.PathLike, header,
+                        flag: str = "--transformer") -> None:
+    """A transformer (``header``: its ``open_checkpoint``) of another family than the model folder it is rendered
+    with: one line saying so, before the folder's text-encoder check asks for components the folder never had."""
+    from .families import of_folder
+
+    folder = of_folder(model_dir)
+    if folder.name == header.family.name:
+        return
+    name = json.loads((Path(model_dir) / "model_index.json").read_text()).get("_class_name")
+    raise UserError(f"{flag} {transformer} is {header.family.title}, the model folder {model_dir} is "
+                    f"{FOLDER_TITLES.get(name, folder.title)}: give a transformer of the folder's family "
+                    f"({folder.title}) or the {header.family.title} model folder it belongs to")
+
+
 # ------------------------------------------------------------------------------------------------ guidance
 @dataclass(frozen=True)
 class Guidance:

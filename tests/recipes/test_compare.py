@@ -114,7 +114,8 @@ def test_output_folder_from_the_config_gets_its_parents(tiny_dev_dir, tmp_path):
     config.write_text(f'model = "{tiny_dev_dir}"\nprompts = ["a cat"]\nseeds = [0]\nsteps = 1\nsize = "32x32"\n'
                       f'out = "{tmp_path / "compares" / "2026" / "one"}"\n[[arms]]\nname = "dev"\n')
     cli(config)
-    assert (tmp_path / "compares" / "2026" / "one" / "results.json").is_file()
+    results = json.loads((tmp_path / "compares" / "2026" / "one" / "results.json").read_text())
+    assert (results["width"], results["height"]) == (32, 32)
 
 
 def test_compare_errors(tiny_dev_dir, tmp_path):
@@ -134,6 +135,9 @@ def test_compare_errors(tiny_dev_dir, tmp_path):
         cli(write_config(tmp_path / "nolora.toml", tiny_dev_dir, one_arm + 'loras = ["missing.safetensors"]\n'))
     with pytest.raises(ConfigError, match="arms: add at least one"):
         cli(write_config(tmp_path / "noarms.toml", tiny_dev_dir, ""))
+    with pytest.raises(UserError, match="size 100x72: width and height must be multiples of 16; use 96x64 or "
+                                        "112x80"):  # the pipeline would render 96x64 and record 100x72
+        cli(write_config(tmp_path / "size.toml", tiny_dev_dir, one_arm), "--set", "size=100x72")
     with pytest.raises(UserError, match="cannot import no_such_module_xyz"):
         cli(write_config(tmp_path / "hook.toml", tiny_dev_dir, one_arm, 'metric_hook = "no_such_module_xyz:fn"'))
     with pytest.raises(UserError, match="has no function 'nope'"):

@@ -298,7 +298,7 @@ def test_fsdp_kill_and_resume_gives_the_same_weights(multi_root, one_process, fs
 
 
 # what each shipped accelerate config must configure: (processes, machines, mixed precision, FSDP settings or None)
-def test_sample_grids_at_guidance_1_and_true_cfg(tmp_path, tiny_dev_dir, images):
+def test_sample_grids_at_guidance_1_and_true_cfg(tmp_path, tiny_dev_dir, images, capsys):
     extra = """
 [sample]
 every = 2
@@ -314,6 +314,9 @@ cfg = 4.0
     samples = Path(cfg.save.output_dir) / "samples"
     assert sorted(p.name for p in samples.iterdir()) == ["step000002-cfg.png", "step000002-g1.png",
                                                          "step000004-cfg.png", "step000004-g1.png"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("samples: ")]
+    assert [line.split(" (")[0] for line in lines] == [  # every grid written gets its console line
+        f"samples: {samples / f'step{s:06d}-g1.png'}, {samples / f'step{s:06d}-cfg.png'}" for s in (2, 4)]
     from PIL import Image
 
     grids = {p.name: Image.open(p) for p in samples.iterdir()}

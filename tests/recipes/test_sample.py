@@ -132,3 +132,33 @@ def test_each_flux2_variant_samples_as_it_is_used_unless_told(klein_base_dir, kl
     cli("--model", flux2_dev_dir, "--out", tmp_path / "dev", "--steps", "3", *size)
     s = _settings(tmp_path / "dev" / "000-a-red-cat-s0.png")
     assert s["steps"] == 3 and s["guidance"]["mode"] == "embedded" and s["guidance"]["embedded"] == 4.0
+
+
+def test_size_not_a_multiple_of_16_is_refused_and_pngs_record_the_rendered_size(tiny_dev_dir, tmp_path, capsys):
+    """The pipelines round sides down to multiples of 16: 100x72 rendered 96x64 while the PNG said 100x72."""
+    for size, hint in (("100x72", "use 96x64 or 112x80"), ("65", "use 64x64 or 80x80"), ("8x32", "use 16x32")):
+        with pytest.raises(SystemExit):
+            cli("--model", tiny_dev_dir, "--prompt", "x", "--out", tmp_path / "o", "--size", size)
+        assert f"argument --size: size {size if 'x' in size else f'{size}x{size}'}: width and height must be " \
+               f"multiples of 16; {hint}" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--size 100x72: width and height must be multiples of 16; use 96x64"):
+        run_sample(str(tiny_dev_dir), ["x"], str(tmp_path / "o"), size="100x72")  # the Python API too
+    assert not (tmp_path / "o").exists()
+    png = run_sample(str(tiny_dev_dir), ["x"], str(tmp_path / "wide"), size="48x32", steps=1)[0]
+    with Image.open(png) as im:
+        assert im.size == (48, 32) and "Size: 48x32" in im.text["parameters"]
+    assert (_settings(png)["width"], _settings(png)["height"]) == (48, 32)
+
+
+def test_a_transformer_of_another_family_than_the_folder_is_named(klein_base_dir, tiny_dev_dir, tmp_path):
+    """A FLUX.1 transformer with a FLUX.2 klein folder: the family mismatch, not the folder's missing FLUX.1 text
+    encoders ("download the whole repo" sent users after files they did not need)."""
+    dev = tiny_dev_dir / "transformer"
+    with pytest.raises(UserError) as e:
+        cli("--model", klein_base_dir, "--transformer", dev, "--prompt", "x", "--out", tmp_path / "o", *FAST)
+    assert str(e.value) == (f"--transformer {dev} is FLUX.1, the model folder {klein_base_dir} is FLUX.2 klein: give "
+                            "a transformer of the folder's family (FLUX.2) or the FLUX.1 model folder it belongs to")
+    with pytest.raises(UserError, match=f"--transformer {klein_base_dir} is FLUX.2, the model folder {tiny_dev_dir} "
+                                        "is FLUX.1: give a transformer of the folder's family"):
+        cli("--model", tiny_dev_dir, "--transformer", klein_base_dir, "--prompt", "x", "--out", tmp_path / "o", *FAST)
+    assert not (tmp_path / "o").exists()

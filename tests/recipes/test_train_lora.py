@@ -553,3 +553,44 @@ def test_kill_9_soak_resumes_bit_identically_and_leaves_no_temps(tmp_path, tiny_
     assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
     left = [p for p in out.rglob(".*")]
     assert left == [], left
+
+
+def test_every_sample_grid_gets_its_console_line(tmp_path, tiny_dev_dir, images, capsys):
+    """--no-progress: the grids of sample.every (not only step 0 and the final one) each get a "samples:" line."""
+    extra = """
+[sample]
+every = 2
+prompts = ["a photo"]
+seeds = [1]
+steps = 1
+width = 32
+height = 32
+"""
+    cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=5, extra=extra), ["save.every=0"])
+    train(cfg, progress=False)
+    samples = Path(cfg.save.output_dir) / "samples"
+    grids = sorted(p.name for p in samples.glob("step*.png"))
+    assert grids == ["step000000.png", "step000002.png", "step000004.png", "step000005.png"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("samples: ")]
+    assert [line.split()[1] for line in lines] == [str(samples / g) for g in grids]
+
+
+def test_resume_with_another_lora_rank_or_targets_says_so(tmp_path, tiny_dev_dir, images):
+    """Not the first mismatched tensor's shape: what differs from the saved run, and the setting that resumes it."""
+    cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=2, extra="")
+    train(load_train_config(cfg_path, ["lora.rank=4", "lora.alpha=4"]), progress=False, quiet=True)
+    state = tmp_path / "run" / "state" / "step-000002"
+    assert state.is_dir()
+    more = ["train.steps=4"]
+    with pytest.raises(UserError) as e:
+        train(load_train_config(cfg_path, more), resume="latest", progress=False, quiet=True)  # rank 8 in _toml
+    assert str(e.value) == (f"{state}: the LoRA's rank differs from the saved run's (rank 4 saved, 8 now): keep "
+                            "lora.rank = 4 to resume it, or start a new run (without --resume, in another "
+                            "save.output_dir)")
+    with pytest.raises(UserError, match=r"the LoRA's target modules differ from the saved run's \(\d+ saved but not "
+                                        r"trained now, e.g. .*\): keep the saved run's lora.targets"):
+        train(load_train_config(cfg_path, more + ["lora.rank=4", "lora.alpha=4", 'lora.targets="attention"']),
+              resume="latest", progress=False, quiet=True)
+    resumed = train(load_train_config(cfg_path, more + ["lora.rank=4", "lora.alpha=4"]), resume="latest",
+                    progress=False, quiet=True)
+    assert resumed["steps"] == 4

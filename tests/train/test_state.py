@@ -132,3 +132,24 @@ def test_pieces_from_any_number_of_rank_files_fill_any_target(tmp_path):
         load_sharded_tensors(tmp_path, {"model/w": torch.zeros(5, 4)})
     with pytest.raises(UserError, match="has no model/other"):
         load_sharded_tensors(tmp_path, {"model/other": torch.zeros(1)})
+
+
+def test_resume_from_a_pruned_state_lists_the_saved_ones(tmp_path):
+    """A state save.keep_last deleted: said so, with the run's newest states and --resume latest."""
+    model, optimizer, scheduler, ema, gen, sampler = _setup()
+    for step in (2, 4, 6, 8, 10):
+        _run(model, 1, optimizer, scheduler, ema, gen, sampler)
+        save_training_state(tmp_path, step, model, optimizer, scheduler, gen, sampler, smoothed=None, grad_accum=1,
+                            keep_last=4)
+    gone = tmp_path / "step-000002"
+    with pytest.raises(UserError) as e:
+        restore_training_state(str(gone), tmp_path, model, optimizer, scheduler, gen, sampler, ema)
+    newest = ", ".join(str(tmp_path / f"step-{s:06d}") for s in (10, 8, 6))
+    assert str(e.value) == (f"--resume {gone}: no such state (save.keep_last keeps only the newest ones); the saved "
+                            f"states of this run, newest first: {newest} (and 1 older); pass one of them, or "
+                            f"--resume latest for the newest")
+    with pytest.raises(UserError, match="holds no usable state: run the same command without --resume"):
+        restore_training_state(str(gone), tmp_path / "empty", model, optimizer, scheduler, gen, sampler, ema)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="not a state folder"):
+        restore_training_state(str(tmp_path / "a-file"), tmp_path, model, optimizer, scheduler, gen, sampler, ema)

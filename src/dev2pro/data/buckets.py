@@ -79,11 +79,16 @@ def fit_image(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     return im.crop((left, top, left + w, top + h))
 
 
-def open_fitted(path: Path | str, size: tuple[int, int]) -> Image.Image:
-    """Image file -> RGB PIL image of ``size`` = (width, height), EXIF-rotated, covered and centre-cropped."""
+def open_rgb(path: Path | str) -> Image.Image:
+    """Image file -> RGB PIL image as training sees it: EXIF-rotated upright, transparency over white, 16-bit
+    greyscale scaled (the one opening shared by training, references and ``dev2pro caption``)."""
     with Image.open(path) as im:
-        im = _to_rgb(ImageOps.exif_transpose(im))
-    return fit_image(im, size)
+        return _to_rgb(ImageOps.exif_transpose(im))
+
+
+def open_fitted(path: Path | str, size: tuple[int, int]) -> Image.Image:
+    """Image file -> RGB PIL image of ``size`` = (width, height), opened by ``open_rgb``, covered and cropped."""
+    return fit_image(open_rgb(path), size)
 
 
 # FLUX.2's pipelines shrink a reference image above 1 MP to 1 MP (``Flux2KleinPipeline.__call__``), so a larger

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from dev2pro.errors import UserError
 
@@ -69,10 +69,9 @@ def load_mask(path: Path | str, image_size: tuple[int, int], bucket: tuple[int, 
     import numpy as np
     import torch
 
-    from .buckets import _to_rgb, fit_image
+    from .buckets import fit_image, open_rgb
 
-    with Image.open(path) as im:
-        grey = _to_rgb(ImageOps.exif_transpose(im)).convert("L")  # transparency over white, as for images
+    grey = open_rgb(path).convert("L")  # EXIF-rotated, transparency over white: opened as images are
     if grey.size != tuple(image_size):
         grey = grey.resize(tuple(image_size), Image.Resampling.LANCZOS)
     pixels = np.array(fit_image(grey, bucket), dtype=np.float32) / 255  # (H, W); LANCZOS can ring past [0, 1]

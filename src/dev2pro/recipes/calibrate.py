@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from .. import families
 from .. import sampling as S
-from ..arguments import model_name
+from ..arguments import check_size, model_name
 from .. import strength as ST
 from ..config import parse_size
 from ..errors import UserError
@@ -62,11 +62,13 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts:
         raise UserError("give a prompt (--prompt TEXT) or a prompts file (--prompts FILE)")
-    width, height = parse_size(size) if isinstance(size, str) else size
+    width, height = check_size(*(parse_size(size) if isinstance(size, str) else size))
     reference = reference or model
     S.check_inputs_exist(model, reference, [(lora, 1.0)])
     S.check_inputs_exist(model, target, [])
     ref_ckpt, tgt_ckpt = open_checkpoint(reference), open_checkpoint(target)
+    if reference != model:  # the target is checked against the reference below
+        S.check_folder_family(model, reference, ref_ckpt, "--reference")
     families.require_same(tgt_ckpt.family, ref_ckpt.family, f"target {target}", f"reference {reference}")
     family = ref_ckpt.family
     ref_spec, tgt_spec = ref_ckpt.spec(), tgt_ckpt.spec()

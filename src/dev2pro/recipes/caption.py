@@ -152,12 +152,12 @@ def _caption_batch(captioner, batch: list[Path], folder: Path, prompt, trigger, 
     kept: the file is checked again right before writing.
     """
     from .. import caption as C  # lazy: torch + transformers; the CLI imports this module for --help
+    from ..data.buckets import open_rgb  # lazy, as above (buckets imports torch)
 
     loaded, out = [], {}
     for path in batch:
-        try:
-            with Image.open(path) as im:
-                loaded.append((path, im.convert("RGB")))
+        try:  # opened as training opens it: the captioner describes the image the LoRA is trained on
+            loaded.append((path, open_rgb(path)))
         except Exception as e:  # truncated data passes verify() and fails only when decoded
             out[path] = CaptionResult(path.relative_to(folder).as_posix(), None, "error",
                                       f"unreadable: {type(e).__name__}: {e}")

@@ -29,6 +29,7 @@ import torch
 
 from .. import families
 from .. import sampling as S
+from ..arguments import check_size
 from ..config import parse_size, to_dict
 from ..data.buckets import fitted_references
 from ..errors import UserError
@@ -104,7 +105,7 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     if strengths:
         cfg = with_strengths(cfg, strengths)
     out = Path(out or cfg.out)
-    width, height = parse_size(cfg.size)
+    width, height = check_size(*parse_size(cfg.size), flag="size")  # the config's (or --set size=)
     arm_loras = {a.name: [S.parse_lora_arg(x) for x in a.loras] for a in cfg.arms}
     for arm in cfg.arms:
         S.check_inputs_exist(cfg.model, arm.transformer, arm_loras[arm.name])
@@ -153,6 +154,7 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
 
     blocks = [S.make_grid(images[a.name], rows=len(cfg.prompts), cols=len(cfg.seeds)) for a in cfg.arms]
     grid = S.make_grid(blocks, rows=1, cols=len(blocks), labels=[a.name for a in cfg.arms], pad=BLOCK_PAD)
+    width, height = next(iter(images.values()))[0].size  # what was rendered is what results.json records
     results = dict(model=cfg.model, prompts=cfg.prompts, negative=cfg.negative, seeds=cfg.seeds, steps=cfg.steps,
                    width=width, height=height, image=cfg.image, arms=arm_info, distances=distances, config=to_dict(cfg))
     files = {}  # (arm, image index) -> path inside the output folder

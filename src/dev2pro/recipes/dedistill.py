@@ -158,7 +158,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
     gen = torch.Generator().manual_seed(tc.seed)  # shared by all ranks: dropout, noise, sigmas, w
     start, smoothed, history = 0, None, []
     if resume is not None:
-        r = restore_training_state(resume, run.state, models.inner, optimizer, scheduler, gen, sampler, ema)
+        r = restore_training_state(resume, run.state, models.inner, optimizer, scheduler, gen, sampler, ema,
+                                   rank_setting="train.adapter_rank")
         start, smoothed, history = r.step, r.smoothed, r.losses
         say(f"resumed from step {start} ({r.folder})")
     if start > tc.steps:
@@ -206,8 +207,7 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
         _export(cfg, models, ema, rank, main, run, summary, history, start, say)
         barrier()
         if sc.every:
-            say("rendering final samples...")
-            grids(tc.steps)
+            _final_grids(grids, tc.steps, say)
         barrier()
         return summary
     finally:
@@ -226,6 +226,13 @@ def _data(cfg: DedistillConfig, accelerator, run: RunFolder):
                                   text_dtype=DTYPE_CHOICES[m.text_encoder_dtype],
                                   prompts=list(cfg.sample.prompts) if cfg.sample.every else [])
     return data, header.family
+
+
+def _final_grids(grids, steps: int, say) -> None:
+    """The grids after the export, with a line before and after (as every grid of the loop gets its line)."""
+    say("rendering final samples...")
+    if paths := grids(steps):  # the main process's grids (other ranks render and write none)
+        say(f"samples: {', '.join(str(p) for p in paths)}")
 
 
 def _step_parts(cfg: DedistillConfig, models: _Models, optimizer, scheduler, ema, fsdp, compute):

@@ -17,6 +17,7 @@ import torch
 from .. import sampling as S
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
+from ..arguments import check_size
 from ..config import as_list, parse_size
 from ..data.buckets import fitted_references
 from ..lora import adapter as adaptermod
@@ -95,7 +96,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
         raise UserError("give a prompt (--prompt TEXT) or a prompts file (--prompts FILE)")
     if not seeds:
         raise UserError("give at least one seed")
-    width, height = parse_size(size) if isinstance(size, str) else size
+    width, height = check_size(*(parse_size(size) if isinstance(size, str) else size))
     loras = [S.parse_lora_arg(x) if isinstance(x, str) else (str(x[0]), float(x[1])) for x in loras]
     if isinstance(adapter, str):
         adapter = S.parse_lora_arg(adapter)
@@ -104,6 +105,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     names += ["grid.png"] if len(names) > 1 else []
     check_owned_folder(out, overwrite, "sample", names, "sample folder")  # before minutes of loading and rendering
     header = open_checkpoint(transformer or model)
+    if transformer:
+        S.check_folder_family(model, transformer, header)
     family, spec = header.family, header.spec()
     if note := S.unknown_variant_note(spec, transformer or model):
         print(note)
@@ -132,6 +135,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
                            **refs)
     seconds = time.time() - t0
 
+    width, height = images[0].size  # what was rendered is what the PNGs record
     settings = dict(model=str(model), transformer=str(transformer or model), loras=[[p, s] for p, s in loras],
                     guidance=g.to_dict(), steps=steps, width=width, height=height, fp8=fp8,
                     adapter=list(adapter) if adapter else None, **({"image": image} if image else {}))

@@ -156,6 +156,16 @@ def _grad_norm(opt: Optimization, accelerator):
     return torch.nn.utils.get_total_norm(grads) if grads else 0.0
 
 
+def _sample(sample: Callable[[int], object], done: int, bar: Progress) -> None:
+    """A scheduled grid and its console line, as the step-0 and final grids get theirs (a rank that writes no
+    grid returns nothing and says nothing)."""
+    t0 = time.perf_counter()
+    written = sample(done)
+    paths = written if isinstance(written, (list, tuple)) else [written] if written else []
+    if paths:
+        bar.note(f"samples: {', '.join(str(p) for p in paths)} ({time.perf_counter() - t0:.1f} s)")
+
+
 def run_steps(start: int, steps: int, compute: Callable[[], tuple[float, dict]], opt: Optimization,
               guard: NonFiniteGuard, bar: Progress, events: Events, history: list) -> LoopResult:
     """Steps ``start..steps``: ``compute`` one step, apply it unless the guard skips it, then the scheduled saves,
@@ -182,7 +192,7 @@ def run_steps(start: int, steps: int, compute: Callable[[], tuple[float, dict]],
                                                       last and events.save_last):
                 events.save(done)
             if events.sample and events.sample_every and done % events.sample_every == 0 and not last:
-                events.sample(done)
+                _sample(events.sample, done, bar)
             if events.any_rank(stop.requested) and not last:
                 events.interrupted(done)
                 raise KeyboardInterrupt

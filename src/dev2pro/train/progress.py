@@ -96,8 +96,8 @@ class Progress:
             self.writer.flush()  # a validation point is rare and worth showing on the Monitor page at once
         for sink in self.sinks:
             sink.log(values, step)
-        if line and (self.enabled or self.lines):
-            self.write(line)
+        if line:
+            self.note(line)
 
     def start_clock(self):
         """Rates and ETAs count from here (not from set-up work such as a step-0 sample grid)."""
@@ -115,6 +115,11 @@ class Progress:
             self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
         for sink in self.sinks:
             sink.image(tag, image, step)
+
+    def note(self, message: str):
+        """``message`` on the console when it shows anything (the bar, or ``lines`` without one)."""
+        if self.enabled or self.lines:
+            self.write(message)
 
     def write(self, message: str):
         """A console line that does not break the bar (stdout)."""

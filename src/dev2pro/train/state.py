@@ -201,6 +201,40 @@ def read_common(folder: Path) -> dict:
     return unflatten_state(meta["state"], load_file(str(folder / "common.safetensors")))
 
 
+def saved_shapes(folder: Path) -> dict[str, list[int]]:
+    """Every saved piece's name -> its whole shape, from the rank files' headers (no tensor is read)."""
+    shapes = {}
+    for f in sorted(folder.glob("rank-*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            shapes.update({n: shape for n, (_, shape) in json.loads((h.metadata() or {})["pieces"]).items()})
+    return shapes
+
+
+def check_same_lora(folder: Path, saved: dict[str, list[int]], targets: dict[str, torch.Tensor],
+                    setting: str = "lora.rank") -> None:
+    """A resume whose LoRA (rank, trained modules) differs from the saved run's: one line saying how and the fix,
+    instead of the first mismatched tensor's shape (``setting``: the config key of the rank)."""
+    was = {n: s for n, s in saved.items() if n.startswith("model/")}
+    now = {n: list(t.shape) for n, t in targets.items() if n.startswith("model/")}
+    ranks = [sorted({s[0] for n, s in d.items() if ".lora_A." in n}) for d in (was, now)]
+    if was == now or not any(ranks):
+        return  # the same, or no LoRA (a full fine-tune): load_sharded_tensors names any mismatch itself
+    r_was, r_now = (", ".join(map(str, r)) for r in ranks)
+    gone, added = sorted(was.keys() - now.keys()), sorted(now.keys() - was.keys())
+    what, parts, keep = [], [], []
+    if all(ranks) and ranks[0] != ranks[1]:  # (a LoRA against no LoRA: only the modules differ)
+        what, parts, keep = ["rank"], [f"rank {r_was} saved, {r_now} now"], [f"{setting} = {r_was}"]
+    if gone or added:
+        what.append("target modules")
+        parts += [f"{len(gone)} saved but not trained now, e.g. {gone[0].removeprefix('model/')}"] if gone else []
+        parts += [f"{len(added)} trained now but not saved, e.g. {added[0].removeprefix('model/')}"] if added else []
+        keep.append("the saved run's lora.targets, extra_targets, double_blocks, single_blocks and type")
+    if what:
+        raise UserError(f"{folder}: the LoRA's {' and '.join(what)} differ{'s' if what == ['rank'] else ''} from "
+                        f"the saved run's ({'; '.join(parts)}): keep {' and '.join(keep)} to resume it, or start a "
+                        "new run (without --resume, in another save.output_dir)")
+
+
 @torch.no_grad()
 def load_sharded_tensors(folder: Path, targets: dict[str, torch.Tensor]) -> None:
     """Copy into each target (a plain tensor or this rank's shard of a DTensor) its rows, from any rank file."""
@@ -281,20 +315,30 @@ class Resumed:
 def state_folder(resume: str, state_dir: Path) -> Path:
     """The folder ``--resume`` names: ``latest`` (the newest in ``state_dir``) or a given ``.../step-NNNNNN``."""
     folder = latest_state(state_dir) if resume == "latest" else Path(resume)
-    if folder is None or not folder.is_dir():
+    if folder is None:
         raise UserError(f"nothing to resume: no usable training state in {state_dir}; run the same command without "
-                        f"--resume to start again" if resume == "latest" else
-                        f"--resume {resume}: not a state folder (expected .../state/step-NNNNNN)")
+                        f"--resume to start again")
+    if not folder.exists():  # often a state save.keep_last has pruned since: say which ones are there
+        states = [str(s) for s in reversed(list_states(state_dir)) if usable_state(s)]
+        listing = ", ".join(states[:3]) + (f" (and {len(states) - 3} older)" if len(states) > 3 else "")
+        raise UserError(f"--resume {resume}: no such state (save.keep_last keeps only the newest ones); " + (
+            f"the saved states of this run, newest first: {listing}; pass one of them, or --resume latest for the "
+            f"newest" if states else f"{state_dir} holds no usable state: run the same command without --resume "
+            f"to start again"))
+    if not folder.is_dir():
+        raise UserError(f"--resume {resume}: not a state folder (expected .../state/step-NNNNNN)")
     return folder
 
 
 def restore_training_state(resume: str, state_dir: Path, model, optimizer, scheduler, gen: torch.Generator, sampler,
-                           ema=None) -> Resumed:
-    """Load a state saved by ``save_training_state`` (by any number of processes) into the live objects."""
+                           ema=None, rank_setting: str = "lora.rank") -> Resumed:
+    """Load a state saved by ``save_training_state`` (by any number of processes) into the live objects.
+    ``rank_setting``: the config key of a LoRA's rank, for the message when it differs from the saved run's."""
     folder = state_folder(resume, state_dir)
     common = read_common(folder)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # what save_training_state wrote
     targets = {f"model/{n}": p for n, p in params.items()}
+    check_same_lora(folder, saved_shapes(folder), targets, rank_setting)
     saved = common["optimizer"]
     moments = saved["moments"]
     for n, p in params.items():  # optimizer state created here (shaped and sharded like p), filled below
