@@ -50,6 +50,18 @@ def file_recommendation(path) -> dict | None:
         return None
 
 
+def strength_note(path, strength: float, variant: str) -> str | None:
+    """A note when the LoRA file carries a calibrated strength for models of ``variant`` (the one rendering) and
+    is rendered at another strength; None otherwise."""
+    rec = file_recommendation(path)
+    if not rec or not variant or rec.get("target_variant") != variant or abs(float(rec["strength"]) - strength) < 1e-3:
+        return None
+    name = getattr(path, "name", None) or str(path).rsplit("/", 1)[-1]
+    return (f"note: {name} carries a calibrated strength {float(rec['strength']):g} for {variant} models "
+            f"(dev2pro calibrate, on {rec.get('target', '?')}); this renders it at {strength:g}: pass "
+            f"--lora {path}:{float(rec['strength']):g} to use it")
+
+
 def effect(lora_latents: torch.Tensor, base_latents: torch.Tensor) -> float:
     """Mean over images of the RMS difference (float64, per image, then averaged: batch- and order-free)."""
     diff = (lora_latents.double() - base_latents.double()).flatten(1)

@@ -22,6 +22,7 @@ from ..config import as_list, parse_size
 from ..data.buckets import fitted_references
 from ..lora import adapter as adaptermod
 from ..lora.formats import file_edit_references
+from ..strength import strength_note
 from ..owned import check_owned_folder, owned_folder
 from ..train.blockswap import enable_block_swap
 from ..train.preflight import check_reference
@@ -111,6 +112,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     if note := S.unknown_variant_note(spec, transformer or model):
         print(note)
     image = _reference_arg(image, family, (width, height), loras)
+    for note in filter(None, (strength_note(p, s, spec.variant) for p, s in loras)):  # calibrate --write's
+        print(note)
     steps = steps if steps is not None else S.own_settings(spec)[0]
     g = _guidance(spec, guidance, cfg, mode)
 

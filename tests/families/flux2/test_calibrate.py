@@ -88,3 +88,25 @@ def test_write_records_the_strength_in_every_layout_of_the_same_save(planted, tm
         assert ("dev2pro.recommended_strength" in meta_now) == written, f
         if written:
             assert json.loads(meta_now["dev2pro.recommended_strength"])["strength"] == 1.2346
+
+
+def test_sample_notes_the_calibrated_strength_on_its_target(planted, tmp_path, klein_distilled_dir, capsys):
+    """A LoRA calibrated for klein-distilled and rendered there at another strength: `sample` says which strength
+    the file recommends; at that strength, or on a model of another variant, it says nothing."""
+    import shutil
+
+    from dev2pro.recipes.calibrate import _write_metadata
+    from dev2pro.strength import strength_note
+
+    lora = tmp_path / "lora.safetensors"
+    shutil.copy(planted["lora"], lora)
+    result = {"recommended_strength": 1.5, "target": str(klein_distilled_dir), "reference": "base",
+              "target_sampling": {"variant": "klein-distilled"}, "reference_effect": 0.25}
+    _write_metadata(lora, result)
+    assert strength_note(lora, 1.5, "klein-distilled") is None and strength_note(lora, 1.0, "klein-base") is None
+    args = ["sample", "--model", str(klein_distilled_dir), "--lora", f"{lora}:1.0", "--prompt", "a cat", "--size",
+            "32x32", "--out", str(tmp_path / "s")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "carries a calibrated strength 1.5 for klein-distilled models" in capsys.readouterr().out
+    assert main(args[:4] + [f"{lora}:1.5"] + args[5:-1] + [str(tmp_path / "s2")]) == 0
+    assert "calibrated strength" not in capsys.readouterr().out
