@@ -62,6 +62,13 @@ def _reference_arg(image, family, size: tuple[int, int], loras):
     return None if not paths else paths[0] if len(paths) == 1 else paths
 
 
+def _print_notes(spec, base, loras) -> None:
+    """What the user may not expect: a klein file of unknown variant, a LoRA calibrated to another strength here."""
+    notes = [S.unknown_variant_note(spec, base)] + [strength_note(p, s, spec.variant) for p, s in loras]
+    for note in filter(None, notes):
+        print(note)
+
+
 def _guidance(spec, guidance: float | None, cfg: float | None, mode: str):
     """What a render of this base applies: the base's own scale where none is given; a step-distilled base never
     runs CFG (said when asked for)."""
@@ -109,11 +116,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     if transformer:
         S.check_folder_family(model, transformer, header)
     family, spec = header.family, header.spec()
-    if note := S.unknown_variant_note(spec, transformer or model):
-        print(note)
+    _print_notes(spec, transformer or model, loras)
     image = _reference_arg(image, family, (width, height), loras)
-    for note in filter(None, (strength_note(p, s, spec.variant) for p, s in loras)):  # calibrate --write's
-        print(note)
     steps = steps if steps is not None else S.own_settings(spec)[0]
     g = _guidance(spec, guidance, cfg, mode)
 
