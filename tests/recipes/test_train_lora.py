@@ -594,3 +594,24 @@ def test_resume_with_another_lora_rank_or_targets_says_so(tmp_path, tiny_dev_dir
     resumed = train(load_train_config(cfg_path, more + ["lora.rank=4", "lora.alpha=4"]), resume="latest",
                     progress=False, quiet=True)
     assert resumed["steps"] == 4
+
+
+def test_an_overwrite_run_that_finishes_without_a_state_is_the_folders_run(tmp_path):
+    """A dedistill without save.every finishes with exports and a summary but no state: the previous run set aside
+    is dropped (it was put back over the finished run's files, a mix of two runs)."""
+    from dev2pro.train.lifecycle import PREVIOUS, prepare_output_dir, release
+    from dev2pro.train.run import RunFolder, RunLock
+
+    run = tmp_path / "run"
+    (run / "state" / "step-000004").mkdir(parents=True)
+    for name in ("common.json", "common.safetensors"):
+        (run / "state" / "step-000004" / name).write_text("{}")
+    (run / "summary.json").write_text('{"steps": 4}')
+    folder = RunFolder(run, "dedistill")
+    lock = RunLock.acquire(run)
+    prepare_output_dir(folder, None, True, say=lambda m: None)
+    (run / "summary.json").write_text('{"steps": 1}')  # the new run finished
+    said = []
+    release(folder, lock, said.append)
+    assert not (run / PREVIOUS).exists() and not (run / "state").exists() and not said
+    assert (run / "summary.json").read_text() == '{"steps": 1}'

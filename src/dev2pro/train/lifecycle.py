@@ -74,12 +74,13 @@ def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say:
 
 
 def settle_previous(run: RunFolder, say: Callable[[str], None] = print) -> None:
-    """The run an overwrite set aside: removed once this folder holds a usable state again, else put back (the
-    start that replaced it was refused, failed or was killed before its first save)."""
+    """The run an overwrite set aside: removed once this folder holds a usable state or a finished run again (a
+    dedistill without save.every saves no state but writes its exports and summary), else put back (the start
+    that replaced it was refused, failed or was killed before its first save)."""
     aside = run.root / PREVIOUS
     if not aside.is_dir():
         return
-    if latest_state(run.state) is not None:
+    if latest_state(run.state) is not None or run.summary.exists():
         shutil.rmtree(aside)
         return
     for name in _SET_ASIDE:
