@@ -63,3 +63,18 @@ def test_adapter_dedistill_config_errors(tmp_path, tiny_dev_dir, sk_images):
         load_dedistill_config(path, ["train.adapter_rank=4"])
     with pytest.raises(UserError, match="only a frozen base"):
         load_dedistill_config(path.with_name("x.toml"), ["model.fp8_storage=true"])
+
+
+def test_adapter_dedistill_says_the_full_export_settings_do_not_apply(tmp_path, tiny_dev_dir, sk_images, caplog):
+    from dev2pro.recipes import dedistill as recipe
+
+    path, over = _cfg(tmp_path, tiny_dev_dir, sk_images, "a")
+    cfg = _load(path, over + ['save.formats=["bfl", "fp8"]'])
+    with caplog.at_level("WARNING"):
+        recipe._check_exports(cfg)
+    assert "adapter de-distillation (train.adapter_rank) exports the adapter" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        recipe._check_exports(_load(path, over + ['save.formats=["bfl"]', 'save.dtype="bf16"',
+                                                  "save.keep_guidance=true"]))
+    assert not caplog.text  # the defaults: nothing to say

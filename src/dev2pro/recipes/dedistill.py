@@ -35,6 +35,7 @@ guidance 1 and true CFG: ``train.samples``, resumable state: ``train.state``) ->
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,8 @@ from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
 from ..train.samples import GridSpec, dedistill_grids, dedistill_guidances
 from ..train.state import restore_training_state, save_training_state
 
+log = logging.getLogger(__name__)
+
 # ------------------------------------------------------------------------------------------------ recipe
 def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = True) -> dict:
     """Run the whole job; returns a summary (losses, exported files).
@@ -76,6 +79,7 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     check_training_inputs(m.transformer or m.path, m.path, shards=cfg.data.shards,
                           needs_text=not cfg.data.shards or bool(cfg.sample.every), allow_pickle=m.allow_pickle,
                           family=m.family, text_dtype=m.text_encoder_dtype)
+    _check_exports(cfg)
     quiet_libraries()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     run, main = RunFolder(Path(cfg.save.output_dir), "dedistill"), accelerator.is_main_process
@@ -92,6 +96,21 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     finally:
         if lock is not None:
             life.release(run, lock, say)
+
+
+def _check_exports(cfg: DedistillConfig) -> None:
+    """What the end of the run will write, checked now (a header read), not after hours of training."""
+    sv, m = cfg.save, cfg.model
+    if cfg.train.adapter_rank:  # the adapter alone is exported: the full model's export settings do not apply
+        if sv.formats != ["bfl"] or sv.dtype != "bf16" or not sv.keep_guidance:
+            log.warning("save.formats / save.dtype / save.keep_guidance apply to a full de-distillation; adapter "
+                        "de-distillation (train.adapter_rank) exports the adapter: NAME.safetensors and "
+                        "NAME.diffusers.safetensors")
+        return
+    family = open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family).family
+    if not sv.keep_guidance and family.name != "flux1":
+        raise UserError(f"save.keep_guidance = false drops FLUX.1's guidance embedding; this base is "
+                        f"{family.title}, whose export keeps it: set save.keep_guidance = true")
 
 
 @dataclass

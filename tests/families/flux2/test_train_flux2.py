@@ -117,6 +117,13 @@ output_dir = "{tmp_path / 'run'}"
                                      + "[teacher]\nw_min = 1.0\nw_max = 4.0\n")
     with pytest.raises(UserError, match="set teacher.w_min = teacher.w_max"):
         dedistill(load_dedistill_config(tmp_path / "e.toml"), progress=False)
+    # dropping the guidance embedding is FLUX.1's export: refused before training, nothing written
+    (tmp_path / "f.toml").write_text(base.replace(str(tmp_path / "run"), str(tmp_path / "run3")) +
+                                     "keep_guidance = false\n[teacher]\nw_min = 4.0\nw_max = 4.0\n")
+    with pytest.raises(UserError, match="save.keep_guidance = false drops FLUX.1's guidance embedding; this base "
+                                        "is FLUX.2"):
+        dedistill(load_dedistill_config(tmp_path / "f.toml"), progress=False)
+    assert not (tmp_path / "run3").exists()
 
 
 def test_the_shipped_klein_config_trains_base_and_samples_distilled(tmp_path, klein_base_dir, klein_distilled_dir,
