@@ -273,3 +273,39 @@ def test_a_config_that_would_not_read_back_is_never_queued(app, asgi):
             assert cfg["data"]["trigger"] == "tok\nen"
         else:
             assert status == 400 and b"readable config" in body and ui.jobs.list() == [], body
+
+
+def test_resume_runs_the_command_that_made_the_run_on_workspace_paths_only(app, asgi):
+    """Monitor's resume: `dedistill --resume` for a de-distillation run (it ran `train`, which refused the config),
+    and a run whose saved config names a path outside the workspace is refused, nothing queued."""
+    app, ws_dir, out, ui = app
+    run = ws_dir / "runs" / "r2"
+    (run / "state" / "step-000002").mkdir(parents=True)
+    body = (f'[model]\npath = "{ws_dir}/models/flux"\n[[data.folders]]\npath = "{ws_dir}/data"\n'
+            f'[save]\noutput_dir = "{run}"\n')
+    for config, command in ((body, "train"), ('objective = "flow"\n' + body.replace("[[data.folders]]", "[data]\n"
+                                                                                     "[[data.folders]]"), "dedistill")):
+        (run / "config.toml").write_text(config)
+        status, text = asgi(app, "POST", "/api/train/resume", json.dumps({"run": "runs/r2"}), J)
+        assert status == 200, text
+        assert ui.jobs.get(json.loads(text)["job"]["id"])["args"] == [command, str(run / "config.toml"), "--resume"]
+    n = len(ui.jobs.list())
+    (run / "config.toml").write_text(body.replace(f"{ws_dir}/models/flux", f"{out}"))
+    status, text = asgi(app, "POST", "/api/train/resume", json.dumps({"run": "runs/r2"}), J)
+    assert status == 400 and b"'model.path'" in text and b"outside the workspace" in text
+    assert len(ui.jobs.list()) == n
+
+
+def test_a_start_that_failed_before_saving_does_not_block_its_folder(app, asgi):
+    """The web app reuses a folder a failed start left (config.toml, logs: no state), as the CLI does."""
+    app, ws_dir, _, ui = app
+    (ws_dir / "runs" / "failed").mkdir()
+    (ws_dir / "runs" / "failed" / "config.toml").write_text("")
+    status, text = asgi(app, "POST", "/api/train/start", json.dumps({"values": train_values(**{
+        "save.output_dir": "runs/failed"})}), J)
+    assert status == 200, text
+    (ws_dir / "runs" / "done").mkdir()
+    (ws_dir / "runs" / "done" / "summary.json").write_text("{}")
+    status, text = asgi(app, "POST", "/api/train/start", json.dumps({"values": train_values(**{
+        "save.output_dir": "runs/done"})}), J)
+    assert status == 400 and b"already holds a run" in text

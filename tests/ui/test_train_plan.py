@@ -178,6 +178,13 @@ def test_models_page_says_where_models_and_captioners_come_from(app, asgi):
 def test_plan_says_when_the_output_name_is_taken(app, asgi, tiny_ws):
     (tiny_ws / "runs" / "taken").mkdir(parents=True)
     (tiny_ws / "runs" / "taken" / "config.toml").write_text("")
+    # a start that failed before its first save: the folder is reused, as the CLI reuses it
+    assert plan(app, asgi, {**BASICS, "save.output_dir": "runs/taken"})["plan"]["can_start"]
+    (tiny_ws / "runs" / "taken" / "summary.json").write_text("{}")  # a run that finished
     p = plan(app, asgi, {**BASICS, "save.output_dir": "runs/taken"})["plan"]
     assert not p["can_start"] and "runs/taken already holds a run" in p["reasons"][0]
     assert plan(app, asgi, {**BASICS, "save.output_dir": "runs/taken", "save.overwrite": True})["plan"]["can_start"]
+    (tiny_ws / "runs" / "photos").mkdir()
+    (tiny_ws / "runs" / "photos" / "me.png").write_bytes(b"x")
+    p = plan(app, asgi, {**BASICS, "save.output_dir": "runs/photos", "save.overwrite": True})["plan"]
+    assert not p["can_start"] and "runs/photos holds other files" in " ".join(p["reasons"])

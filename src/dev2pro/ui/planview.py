@@ -30,6 +30,7 @@ else:  # pragma: no cover
 from ..config import as_list
 from ..errors import UserError
 from ..train.folder import RunFolder
+from ..train.run import folder_status
 from .monitor import find_runs
 
 GB = 1024**3
@@ -210,9 +211,12 @@ def page_plan(cfg, data: dict, card: str | int | None, ws) -> dict:
                        f"caption them on the Dataset page, or set a caption for images without one (Advanced › "
                        f"Dataset)")
     out = Path(cfg.save.output_dir)
-    if out.is_dir() and ws.inside(out) and any(out.iterdir()) and not cfg.save.overwrite:
+    status = folder_status(out) if out.is_dir() and ws.inside(out) else "absent"  # a failed start's: reused
+    if status == "saved" and not cfg.save.overwrite:
         reasons.append(f"{ws.rel(out)} already holds a run: choose another output name (resume that run on the "
                        f"Monitor page, or tick 'Overwrite an existing run' under Advanced › Saving)")
+    elif status == "foreign":
+        reasons.append(f"{ws.rel(out)} holds other files (not a run): choose another output name")
     return {"fits": fits, "message": message, "peak_gb": plan.peak / GB, "need_gb": need / GB,
             "card_gb": card_bytes / GB if card_bytes else None, "card": card_label,
             "host_ram_gb": plan.host_ram / GB, "train_peak_gb": plan.train_peak() / GB,

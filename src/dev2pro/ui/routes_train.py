@@ -26,6 +26,7 @@ from ..config import load_config, render_toml
 from ..errors import UserError
 from ..outputs import write_text
 from ..train.folder import RunFolder
+from ..train.run import folder_status
 from . import editrefs, forms, planview, routes_data, trainform
 from .handlers import json_body, number, text
 from .monitor import find_runs, run_info
@@ -133,9 +134,10 @@ async def start(request: Request, ui):
     job = _job_for(ui, run_rel)
     if job and job["status"] in ("queued", "running"):
         raise UserError(f"{run_rel} is already {job['status']} (job {job['id']})")
-    if out.exists() and any(out.iterdir()) and not cfg.save.overwrite:
-        raise UserError(f"{run_rel} already holds a run; resume it on the Monitor page, tick save.overwrite to "
-                        f"start over, or choose another save.output_dir")
+    status = folder_status(out)  # a start that failed before its first save leaves a folder the CLI reuses
+    if status in ("saved", "foreign") and not cfg.save.overwrite:
+        raise UserError(f"{run_rel} already holds " + ("a run; resume it on the Monitor page, tick save.overwrite to "
+                        "start over," if status == "saved" else "other files;") + " or choose another save.output_dir")
     out.parent.mkdir(parents=True, exist_ok=True)  # inside the workspace (checked by _config)
     job_id = ui.jobs.reserve_id("train")
     path = _write_config(ui, f"{_slug(run_rel)}.{job_id}", _render(cfg))
@@ -150,16 +152,40 @@ def _slug(rel: str) -> str:
 
 
 async def resume(request: Request, ui):
-    """Continue a run from its latest saved state (`dev2pro train RUN/config.toml --resume`)."""
+    """Continue a run from its latest saved state (`dev2pro train|dedistill RUN/config.toml --resume`, the command
+    that made it); every path its config names must be in the workspace, as for a start."""
+    from ..recipes.plan import is_dedistill_config  # a TOML read: no torch
+
     run = ui.ws.resolve(text(await json_body(request, ("run",)), "run"), must_exist=True)
     if not RunFolder(run).state.is_dir() or not any(RunFolder(run).state.iterdir()):
         raise UserError(f"{ui.ws.rel(run)} has no saved training state to resume from (set save.every)")
     config = ui.ws.confine(RunFolder(run).config, f"{ui.ws.rel(run)}/config.toml")
     if not config.is_file():
         raise UserError(f"{ui.ws.rel(run)} has no config.toml to resume with")
-    job = ui.jobs.submit("train", ["train", str(config), "--resume"],
+    command = "dedistill" if is_dedistill_config(str(config)) else "train"
+    await run_in_threadpool(_check_run_paths, ui, config, command)
+    job = ui.jobs.submit("train", [command, str(config), "--resume"],
                          title=f"resume {ui.ws.rel(run)}", run_dir=ui.ws.rel(run))
     return JSONResponse({"job": job})
+
+
+def _check_run_paths(ui, config: Path, command: str) -> None:
+    """Every path a run's saved config names (model, data, outputs...) inside the workspace, no symlink out."""
+    from ..config import path_fields
+    from ..schemas import DedistillConfig, TrainConfig, load_dedistill_config, load_train_config
+
+    schema, loader = (DedistillConfig, load_dedistill_config) if command == "dedistill" else \
+        (TrainConfig, load_train_config)
+    with planview.LOCK, contextlib.redirect_stdout(io.StringIO()):  # the loader's preset line is the job's
+        cfg = loader(str(config))
+    for key, value in forms.path_values(cfg, path_fields(schema)):
+        try:
+            ui.ws.rel(value)
+        except UserError as e:
+            raise UserError(f"{ui.ws.rel(config)}: '{key}' = {value} is outside the workspace ({e}); the web app "
+                            f"runs jobs on workspace files only: resume it with the CLI or move it in") from None
+        if Path(value).exists():
+            ui.ws.check_tree(Path(value), f"'{key}'")
 
 
 def _job_for(ui, run_rel: str) -> dict | None:
