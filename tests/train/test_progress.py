@@ -18,6 +18,28 @@ def test_bar_postfix_follows_every_step():
     p.close()
 
 
+def test_scalars_every_log_every_steps_and_at_the_last(tmp_path):
+    """TensorBoard (what the web app's Monitor reads) and the sinks get the last step too: a 4-step run with
+    log_every 10 showed step 0 and no loss curve."""
+    seen = []
+
+    class Sink:
+        def log(self, values, step):
+            seen.append((step, "sink"))
+
+        def close(self):
+            pass
+
+    p = Progress(13, 0, "train", tmp_path / "logs", enabled=False, log_every=5, sinks=[Sink()])
+    scalars = []
+    p.writer.add_scalar = lambda tag, value, step: scalars.append((tag, step))
+    for step in range(1, 14):
+        p.update(step, 1.0, 1e-4)
+    p.close()
+    assert sorted({s for t, s in scalars if t == "loss/step"}) == [5, 10, 13]
+    assert [s for s, _ in seen] == [5, 10, 13]
+
+
 def test_no_bar_prints_a_line_every_log_every_steps(capsys):
     p = Progress(6, 0, "train", None, enabled=False, lines=True, log_every=2)
     for step in range(1, 7):

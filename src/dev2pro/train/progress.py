@@ -72,13 +72,13 @@ class Progress:
             print(f"{self.desc} step {step}/{self.total} ({100 * step // self.total}%)  loss {loss:.4f}  avg {avg}"
                   + (f"  val {self.val:.4f}" if self.val is not None else "")
                   + f"  lr {lr:.2e}  {rate:.2f} step/s  ETA {_hms(eta)}  mem {self.mem:.1f}G", flush=True)
-        if self.writer and step % self.log_every == 0:
+        if self.writer and periodic:  # the last step too: Monitor shows where a run ended, not its last 10th
             self.writer.add_scalar("loss/step", loss, step)
             self.writer.add_scalar("loss/smoothed", self.smoothed, step)
             self.writer.add_scalar("lr", lr, step)
             for k, v in (extra or {}).items():
                 self.writer.add_scalar(k, v, step)
-        if self.sinks and step % self.log_every == 0:
+        if self.sinks and periodic:
             values = {"loss/step": loss, "lr": lr, **(extra or {})}
             if self.smoothed is not None:
                 values["loss/smoothed"] = self.smoothed
