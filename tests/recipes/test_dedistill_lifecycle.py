@@ -56,8 +56,12 @@ def reference(tmp_path_factory, tiny_dev_dir, sk_images):
 
 def test_failed_start_reruns_and_resume_explains(tmp_path, tiny_dev_dir, sk_images):
     cfg_path = _toml(tmp_path, tiny_dev_dir, sk_images, steps=2)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"model.path: .*nope does not exist"):  # refused before the run folder
         dedistill(load_dedistill_config(cfg_path, [f'model.path="{tmp_path / "nope"}"']), progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError):  # a failure after the run folder exists: the data
+        dedistill(load_dedistill_config(cfg_path, [f'data.folders=[{{path="{tmp_path / "nope"}"}}]']),
+                  progress=False)
     assert (tmp_path / "run" / "config.toml").exists()
     with pytest.raises(UserError, match=r"never saved.*without --resume"):
         dedistill(load_dedistill_config(cfg_path), resume="latest", progress=False)

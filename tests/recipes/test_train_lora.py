@@ -216,8 +216,9 @@ def reference(tmp_path_factory, tiny_dev_dir, sk_images):
 
 def test_failed_start_is_rerun_without_flags(tmp_path, tiny_dev_dir, images, capsys):
     cfg_path = _toml(tmp_path, tiny_dev_dir, images, steps=2)
-    with pytest.raises(UserError, match="no-such-model does not exist"):  # the family is read off it first
+    with pytest.raises(UserError, match="model.path: .*no-such-model does not exist"):  # before the run folder
         train(load_train_config(cfg_path, [f'model.path="{tmp_path / "no-such-model"}"']), progress=False)
+    assert not (tmp_path / "run").exists()
     nocap = tmp_path / "nocap"
     nocap.mkdir()
     shutil.copy(images / "coffee.png", nocap / "coffee.png")

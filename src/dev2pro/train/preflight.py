@@ -35,8 +35,12 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
         # here, not in validate(): the config editor probes every path field with a value at once.)
         raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
                         "training base is dev and samples are rendered on it with the adapter off)")
-    if not base or not Path(base).exists():
-        return  # a missing model is reported where it is loaded (after the run folder exists: rerun explains it)
+    if not base:
+        return
+    if not Path(base).exists():  # before the run folder exists: nothing is left behind, the field is named
+        field = "model.path" if Path(base) == Path(model_dir) else "model.transformer"
+        raise UserError(f"{field}: {base} does not exist; give " + ("the model folder (diffusers layout: FLUX.1-dev, "
+                        "FLUX.2 klein or dev)" if field == "model.path" else "the transformer file or folder"))
     ckpt = open_checkpoint(base, allow_pickle=allow_pickle, family=family)
     check_text_dtype(text_dtype, ckpt.family, "model.text_encoder_dtype = ")
     if needs_text and Path(model_dir).is_dir():
