@@ -64,6 +64,10 @@ def test_flow_run_learns_and_exports_loadable_model(tmp_path, tiny_dev_dir, imag
     ckpt = open_checkpoint(out / "dev2pro.safetensors")
     info = describe(ckpt)
     assert ckpt.layout == "bfl" and info["spec"]["guidance_embeds"] is True
+    from safetensors import safe_open
+    with safe_open(str(out / "dev2pro.safetensors"), "pt") as f:  # where it is from: the run, not a temp file
+        assert f.metadata()["dev2pro.source"] == f"dev2pro dedistill run {out.name}"
+        assert f.metadata()["dev2pro.recipe"] == "dedistill"
     model, _ = load_transformer(out / "dev2pro.safetensors", dtype=torch.float32)
     folder, _ = load_transformer(out / "dev2pro-diffusers", dtype=torch.float32)
     a, b = model.state_dict(), folder.state_dict()

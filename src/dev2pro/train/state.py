@@ -228,7 +228,9 @@ def check_same_lora(folder: Path, saved: dict[str, list[int]], targets: dict[str
         what.append("target modules")
         parts += [f"{len(gone)} saved but not trained now, e.g. {gone[0].removeprefix('model/')}"] if gone else []
         parts += [f"{len(added)} trained now but not saved, e.g. {added[0].removeprefix('model/')}"] if added else []
-        keep.append("the saved run's lora.targets, extra_targets, double_blocks, single_blocks and type")
+        keep.append("the saved run's lora.targets, extra_targets, double_blocks, single_blocks and type"
+                    if setting == "lora.rank" else f"the saved run's {setting} (an adapter run's state resumes an "
+                    "adapter run only, a full fine-tune's a full fine-tune only)")
     if what:
         raise UserError(f"{folder}: the LoRA's {' and '.join(what)} differ{'s' if what == ['rank'] else ''} from "
                         f"the saved run's ({'; '.join(parts)}): keep {' and '.join(keep)} to resume it, or start a "
