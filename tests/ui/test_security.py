@@ -70,6 +70,10 @@ def test_uploads_must_decode_as_images_within_the_limit(tree):
     Image.new("RGB", (8, 8)).save(gif, "GIF")
     with pytest.raises(UserError, match="GIF image"):
         check_image(gif.getvalue(), "x.gif")
+    bomb = io.BytesIO()  # a small file of many pixels: named as too many pixels, not as unreadable
+    Image.new("1", (12_000, 12_000)).save(bomb, "PNG")
+    with pytest.raises(UserError, match=r"more than \d+ million pixels.*downscale it"):
+        check_image(bomb.getvalue(), "huge.png")
     with pytest.raises(UserError, match="limit"):
         ws.save_upload(ws.resolve("data"), "big.png", png_bytes((400, 400)), max_bytes=100)
     # names are reduced to a safe basename and get the decoded format's extension

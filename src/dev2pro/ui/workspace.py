@@ -235,6 +235,10 @@ def check_image(data: bytes, name: str = "upload") -> str:
                 im.verify()  # structure and checksums
             with Image.open(io.BytesIO(data)) as im:
                 im.load()  # every pixel decodes (catches truncated files verify() passes)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"upload {name!r} has more than {Image.MAX_IMAGE_PIXELS // 10**6} million pixels, more than "
+                        f"images are decoded here (a decompression-bomb guard); downscale it, e.g. to 4096 px on the "
+                        f"long side (training uses ~1 MP)") from None
     except Exception as e:  # PIL raises many types for bad input
         raise UserError(f"upload {name!r} is not a readable image ({type(e).__name__}); upload PNG, JPEG or WebP "
                         f"files") from None
