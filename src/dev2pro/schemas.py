@@ -468,6 +468,10 @@ class DedistillConfig:
         require(not (self.model.blocks_to_swap and not self.train.adapter_rank),
                 "blocks_to_swap: only a frozen base can be swapped to host RAM; set train.adapter_rank > 0")
         require(self.model.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
+        require(not (self.objective == "guidance_distill" and not self.model.teacher), "model.teacher: the "
+                "guidance_distill objective needs a CFG teacher (a pro-like model); set model.teacher")
+        require(not (self.objective == "flow" and self.model.teacher), "model.teacher: the flow objective uses "
+                "no teacher (it trains on the data alone); remove model.teacher, or set objective = \"cfg_teacher\"")
 
 
 # ------------------------------------------------------------------------------------------------ loaders

@@ -140,9 +140,10 @@ def test_guidance_distill_grows_a_guidance_embedding_that_trains(tmp_path, tiny_
 def test_guidance_distill_needs_a_teacher(tmp_path, tiny_pro_dir, images):
     from dev2pro.errors import UserError
 
-    cfg = load_dedistill_config(_toml(tmp_path, tiny_pro_dir, images, steps=2, objective="guidance_distill"))
-    with pytest.raises(UserError, match="model.teacher"):
-        dedistill(cfg, progress=False)
+    with pytest.raises(UserError, match="model.teacher: the guidance_distill objective needs a CFG teacher"):
+        load_dedistill_config(_toml(tmp_path, tiny_pro_dir, images, steps=2, objective="guidance_distill"))
+    with pytest.raises(UserError, match="model.teacher: the flow objective uses no teacher"):  # not ignored silently
+        load_dedistill_config(_toml(tmp_path, tiny_pro_dir, images, steps=2), [f'model.teacher="{tiny_pro_dir}"'])
 
 
 KILL = Path(__file__).resolve().parents[1] / "kill_after_step.py"
