@@ -470,8 +470,6 @@ class DedistillConfig:
         require(self.model.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
         require(not (self.objective == "guidance_distill" and not self.model.teacher), "model.teacher: the "
                 "guidance_distill objective needs a CFG teacher (a pro-like model); set model.teacher")
-        require(not (self.objective == "flow" and self.model.teacher), "model.teacher: the flow objective uses "
-                "no teacher (it trains on the data alone); remove model.teacher, or set objective = \"cfg_teacher\"")
 
 
 # ------------------------------------------------------------------------------------------------ loaders

@@ -29,8 +29,7 @@ number of processes.
 The story: config -> data (folders cached on the fly, or shards from `dev2pro cache`: ``data.prepare``) -> student
 (+ teacher: ``train.model``) -> loop (``objectives``, clip, AdamW, warmup/cosine, EMA, TensorBoard, sample grids at
 guidance 1 and true CFG: ``train.samples``, resumable state: ``train.state``) -> export through
-``flux.convert.convert`` (``train.export``): a BFL file (default), a diffusers folder and/or fp8.
-"""
+``flux.convert.convert`` (``train.export``): a BFL file (default), a diffusers folder and/or fp8."""
 
 from __future__ import annotations
 
@@ -73,8 +72,7 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
 
     The run folder is locked by the main process; Ctrl-C saves a resumable state at the end of the step; with
     ``save.every`` set the last step saves one too, so an export that fails (full disk) or a larger ``train.steps``
-    continues with ``--resume``.
-    """
+    continues with ``--resume``."""
     m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
     check_training_inputs(m.transformer or m.path, m.path, shards=cfg.data.shards,
                           needs_text=not cfg.data.shards or bool(cfg.sample.every), allow_pickle=m.allow_pickle,
@@ -99,8 +97,10 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
 
 
 def _check_exports(cfg: DedistillConfig) -> None:
-    """What the end of the run will write, checked now (a header read), not after hours of training."""
+    """What the run will write, checked now (a header read), not after hours of training; unused settings, said."""
     sv, m = cfg.save, cfg.model
+    if cfg.objective == "flow" and m.teacher:
+        log.warning("model.teacher is not used: the flow objective trains on the data alone (cfg_teacher uses it)")
     if cfg.train.adapter_rank:  # the adapter alone is exported: the full model's export settings do not apply
         if sv.formats != ["bfl"] or sv.dtype != "bf16" or not sv.keep_guidance:
             log.warning("save.formats / save.dtype / save.keep_guidance apply to a full de-distillation; adapter "
