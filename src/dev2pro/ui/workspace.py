@@ -133,7 +133,9 @@ class Workspace:
         """The workspace-relative form of a path inside the workspace (for showing and sending back)."""
         real = Path(os.path.realpath(path))
         if real != self.root and self.root not in real.parents:
-            raise PathRefused(f"path {path} leads outside the workspace (through a symlink)")
+            lexical = Path(os.path.abspath(path))
+            via = " (through a symlink)" if lexical == self.root or self.root in lexical.parents else ""
+            raise PathRefused(f"path {path} leads outside the workspace{via}")
         return real.relative_to(self.root).as_posix()
 
     def find(self, pattern: str | tuple[str, ...], limit: int = 500, depth: int = 4,
