@@ -77,8 +77,8 @@ def export_model(state: dict, out: Path, name: str, formats: Sequence[str], dtyp
     targets = {"bfl": (out / f"{name}.safetensors", "bfl", dtype),
                "diffusers": (out / f"{name}-diffusers", "diffusers", dtype),
                "fp8": (out / f"{name}-fp8.safetensors", "bfl", "fp8-scaled")}
-    # the run, not the temp (its name holds a pid): reruns write identical bytes, and the file says where it is from
-    metadata = {"dev2pro.source": f"dev2pro dedistill run {out.resolve().name}", **metadata}
+    # not the temp's name (it holds a pid) nor the folder's: a rerun anywhere writes identical bytes
+    metadata = {"dev2pro.source": f"dev2pro dedistill export {name}", **metadata}
     files = []
     try:
         save_safetensors({k: v.detach().to("cpu", DTYPE_CHOICES[dtype]).contiguous() for k, v in state.items()}, tmp,
