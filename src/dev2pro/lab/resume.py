@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import UserError
@@ -17,6 +18,18 @@ MARKER = "demo.json"  # the settings the folder was made with
 # what `dev2pro demo` writes at the top of its folder (recipes/demo.py, lab/report.py)
 DEMO_ENTRIES = (MARKER, "models", "data", "shards", "prompts.safetensors", "runs", "adapters", "arms",
                 "grids", "results.json", "report.md", "report.html")
+
+
+def pick_profile(profiles: dict, profile: str, seeds: int | None, advice: str = "3 or more for confidence "
+                 "intervals"):
+    """The demo profile named ``profile`` (``seeds``, if given, replacing its seed count); UserError for an unknown
+    name or fewer than one seed (``advice``: how many make the report's intervals)."""
+    if profile not in profiles:
+        raise UserError(f"unknown demo profile {profile!r}: use one of {', '.join(profiles)}")
+    p = profiles[profile] if seeds is None else replace(profiles[profile], seeds=seeds)
+    if p.seeds < 1:
+        raise UserError(f"--seeds must be >= 1 ({advice})")
+    return p
 
 
 def prepare_run_folder(root: Path, stamp: dict, overwrite: bool) -> None:

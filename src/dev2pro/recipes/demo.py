@@ -34,18 +34,17 @@ the seeds only. A finished stage is reused when the run is resumed.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..lab import arms as lab_arms
 from ..lab import dataset, demo_families, report
 from ..lab.cost import StageClock
 from ..lab.fidelity import adapter_fidelity
 from ..lab.judges import fit_judges
-from ..lab.resume import finished_stage, prepare_run_folder
+from ..lab.resume import finished_stage, pick_profile, prepare_run_folder
 from ..lab.world import DIGIT_WORDS, load_digits_world
 from ..noise import quiet_libraries
 from ..outputs import write_json
@@ -240,11 +239,7 @@ def run_demo(out: str | None = None, profile: str = "default", seeds: int | None
     """Build the world, the three (four) bases and the LoRA arms, judge them, write report.md/.html/results.json."""
     fam = demo_families.get(family)
     profiles = PROFILES_BY_FAMILY[fam.name]
-    if profile not in profiles:
-        raise UserError(f"unknown demo profile {profile!r}: use one of {', '.join(profiles)}")
-    p = profiles[profile] if seeds is None else replace(profiles[profile], seeds=seeds)
-    if p.seeds < 1:
-        raise UserError("--seeds must be >= 1 (3 or more for confidence intervals)")
+    p = pick_profile(profiles, profile, seeds)
     quiet_libraries()
     torch.set_num_threads(1)  # faster on busy cores; round-off must not move with the core count (lab/threads.py)
     root = Path(out or fam.out).resolve()

@@ -26,18 +26,17 @@ processes; finished stages (Base, LoRAs, samples) are reused on resume.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..lab import arms as lab_arms
 from ..lab import klein, report
 from ..lab import klein_edit as ke
 from ..lab.cost import StageClock
 from ..lab.judges import fit_judges
-from ..lab.resume import finished_stage, prepare_run_folder
+from ..lab.resume import finished_stage, pick_profile, prepare_run_folder
 from ..lab.world import load_digits_world
 from ..noise import quiet_libraries
 from ..outputs import write_json, write_text
@@ -111,11 +110,7 @@ def _jobs(root: Path, p: Profile, world, model_dir: Path, base: str, prompts: Pa
 def run_demo_edit(out: str = "demo-klein-edit-out", profile: str = "default", seeds: int | None = None,
                   overwrite: bool = False, progress: bool = True, workers: int = 2) -> dict:
     """World -> Base -> E/T LoRAs and B x seeds -> judges -> report.md, results.json, grids/edits-seed0.png."""
-    if profile not in PROFILES:
-        raise UserError(f"unknown demo profile {profile!r}: use one of {', '.join(PROFILES)}")
-    p = PROFILES[profile] if seeds is None else replace(PROFILES[profile], seeds=seeds)
-    if p.seeds < 1:
-        raise UserError("--seeds must be >= 1 (2 or more for seed-level intervals)")
+    p = pick_profile(PROFILES, profile, seeds, "2 or more for seed-level intervals")
     quiet_libraries()
     torch.set_num_threads(1)  # two threads on two busy cores are several times slower than one
     root = Path(out).resolve()

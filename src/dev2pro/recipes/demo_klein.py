@@ -29,19 +29,18 @@ sampling seeds. LoRA jobs run in single-threaded worker processes; finished stag
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..families.flux2.spec import TINY_KLEIN
 from ..lab import arms as lab_arms
 from ..lab import dataset, klein, report
 from ..lab import klein_report as kr
 from ..lab.cost import StageClock
 from ..lab.judges import fit_judges
-from ..lab.resume import finished_stage, prepare_run_folder
+from ..lab.resume import finished_stage, pick_profile, prepare_run_folder
 from ..lab.world import load_digits_world
 from ..noise import quiet_libraries
 from ..outputs import write_json
@@ -185,11 +184,7 @@ def _jobs(root: Path, p: Profile, bases: dict, model_dir: Path, prompts: Path, c
 def run_demo_klein(out: str = "demo-klein-out", profile: str = "default", seeds: int | None = None,
                    overwrite: bool = False, progress: bool = True, workers: int = 2) -> dict:
     """World -> Base -> distilled -> LoRA arms x seeds (+ calibration) -> judges -> report.md/results.json."""
-    if profile not in PROFILES:
-        raise UserError(f"unknown demo profile {profile!r}: use one of {', '.join(PROFILES)}")
-    p = PROFILES[profile] if seeds is None else replace(PROFILES[profile], seeds=seeds)
-    if p.seeds < 1:
-        raise UserError("--seeds must be >= 1 (3 or more for confidence intervals)")
+    p = pick_profile(PROFILES, profile, seeds)
     quiet_libraries()
     torch.set_num_threads(1)  # two threads on two busy cores are several times slower than one
     root = Path(out).resolve()
