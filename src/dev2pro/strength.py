@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -56,8 +57,7 @@ def strength_note(path, strength: float, variant: str) -> str | None:
     rec = file_recommendation(path)
     if not rec or not variant or rec.get("target_variant") != variant or abs(float(rec["strength"]) - strength) < 1e-3:
         return None
-    name = getattr(path, "name", None) or str(path).rsplit("/", 1)[-1]
-    return (f"note: {name} carries a calibrated strength {float(rec['strength']):g} for {variant} models "
+    return (f"note: {Path(path).name} carries a calibrated strength {float(rec['strength']):g} for {variant} models "
             f"(dev2pro calibrate, on {rec.get('target', '?')}); this renders it at {strength:g}: pass "
             f"--lora {path}:{float(rec['strength']):g} to use it")
 

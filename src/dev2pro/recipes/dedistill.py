@@ -126,8 +126,6 @@ def _models(cfg: DedistillConfig, accelerator, fsdp, compute, family) -> _Models
     """Student (every weight trainable, fp32 master copy, FSDP2 shards when sharding; or a LoRA on a frozen base)
     and the frozen teacher (a replica on every rank; with an adapter and no teacher file: the base, LoRA off)."""
     m, tc, device = cfg.model, cfg.train, accelerator.device
-    if cfg.objective == "guidance_distill" and not m.teacher:
-        raise UserError("model.teacher: the guidance_distill objective needs a CFG teacher (a pro-like model)")
     # FLUX.1's dev got a guidance embedding from pro, and so does a FLUX.2 student asked for a CFG range (FLUX.2
     # dev's form); with one fixed scale (teacher.w_min == teacher.w_max) a FLUX.2 student keeps none: klein's
     # distilled form. A student that has an embedding already keeps it (``load_student`` grows only when missing).
