@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,25 @@ def test_python_dash_m_dev2pro_is_the_cli():
     assert (r.returncode, r.stdout.strip()) == (0, f"dev2pro {__version__}"), r.stderr
     r = run("inspect", "no-such-checkpoint.safetensors")  # a UserError: one line, status 2, no traceback
     assert r.returncode == 2 and r.stderr.startswith("dev2pro inspect: error: ") and "Traceback" not in r.stderr
+
+
+def test_ranks_leave_the_process_group_together(monkeypatch, tiny_lora):
+    """Under torchrun each rank waits for the others, then closes the group (a rank exiting while another still
+    writes its files aborted in gloo once, and torchrun killed the writer); a one-rank group is closed too."""
+    import torch.distributed as dist
+
+    from dev2pro import cli
+
+    calls = []
+    fake = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda: 2,
+                                 barrier=lambda: calls.append("barrier"),
+                                 destroy_process_group=lambda: calls.append("destroy"))
+    monkeypatch.setitem(sys.modules, "torch.distributed", fake)
+    assert main(["lora", "info", str(tiny_lora)]) == 0
+    assert calls == ["barrier", "destroy"]
+    monkeypatch.setitem(sys.modules, "torch.distributed", dist)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as 1-process FSDP makes
+    cli._leave_process_group()
+    assert not dist.is_initialized()
+    cli._leave_process_group()  # nothing left to close: no error

@@ -61,6 +61,17 @@ def _closed_pipe() -> int:
     return 128 + 13
 
 
+def _leave_process_group() -> None:
+    """Under torchrun every rank waits for the others, then closes the process group: a rank that exits while
+    another still writes the final files can abort at exit (gloo: ``terminate called without an active
+    exception``), and torchrun then kills the rank still writing."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no group to close (and torch stays unimported)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     try:
@@ -70,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
         sys.stdout.flush()
+        _leave_process_group()
     except UserError as e:
         print(f"dev2pro {args.command}: error: {e}", file=sys.stderr)
         return 2
