@@ -305,7 +305,8 @@ def add_calibrate(sub):
     p.add_argument("--reference-steps", type=bounded_int(1, 10000), default=None, metavar="N",
                    help="sampling steps on the reference (default: its variant's, e.g. 50 for klein Base)")
     p.add_argument("--reference-cfg", type=finite_float(0, above=True), default=None, metavar="X",
-                   help="guidance / CFG on the reference (default: its variant's, e.g. true CFG 4 for klein Base)")
+                   help="guidance / CFG on the reference (default: its variant's, e.g. true CFG 4 for klein Base; "
+                        "a dev2pro de-distillation: true CFG at guidance 1)")
     p.add_argument("--steps", type=bounded_int(1, 10000), default=None, metavar="N",
                    help="sampling steps on the target (default: its variant's, e.g. 4 for klein distilled)")
     p.add_argument("--cfg", type=finite_float(0, above=True), default=None, metavar="X",

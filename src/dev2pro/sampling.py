@@ -28,7 +28,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -212,6 +212,25 @@ def own_settings(spec) -> tuple[int, float]:
     klein distilled 4 steps, klein Base and FLUX.2 dev 50 at 4), else FLUX.1's 20 at 3.5."""
     own = getattr(spec, "sampling", None)  # FLUX.1 specs have none
     return (own.steps, own.scale) if own is not None else (FLUX1_STEPS, FLUX1_GUIDANCE)
+
+
+def dedistilled(metadata: Mapping[str, str]) -> bool:
+    """A dev2pro de-distillation export or adapter (objective flow or cfg_teacher): trained at guidance 1, it renders
+    with true CFG, a kept guidance embedding at 1.0, as its run's ``cfg`` grids (guidance_distill makes a dev-like
+    model: rendered as dev)."""
+    return (metadata.get("dev2pro.recipe") == "dedistill"
+            and metadata.get("dev2pro.objective") in ("flow", "cfg_teacher"))
+
+
+def default_guidance(spec, metadata: Mapping[str, str], guidance: float | None = None,
+                     cfg: float | None = None) -> tuple[float, float]:
+    """(guidance value, true CFG scale) for ``resolve_guidance``: given values win; else the base's own scale
+    (``own_settings``) as guidance, and for a ``dedistilled`` file guidance 1.0 with that scale as true CFG (its
+    CFG when ``cfg`` alone is given)."""
+    scale = own_settings(spec)[1]
+    if guidance is None and dedistilled(metadata):
+        return 1.0, scale if cfg is None else cfg
+    return scale if guidance is None else guidance, 1.0 if cfg is None else cfg
 
 
 def no_cfg() -> Guidance:

@@ -162,3 +162,40 @@ def test_a_transformer_of_another_family_than_the_folder_is_named(klein_base_dir
                                         "is FLUX.1: give a transformer of the folder's family"):
         cli("--model", tiny_dev_dir, "--transformer", klein_base_dir, "--prompt", "x", "--out", tmp_path / "o", *FAST)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_dedistilled_export_renders_with_true_cfg_at_guidance_1(tiny_dev_dir, flux2_dev_dir, tmp_path, capsys):
+    """A dev2pro de-distillation (flow / cfg_teacher) was trained at guidance 1: by default it renders as its run's
+    cfg grids (guidance 1 + true CFG at the base's scale), its provenance survives `convert`, and given values win;
+    guidance_distill makes a dev-like model, rendered as dev."""
+    from dev2pro import sampling as S
+    from dev2pro.flux.checkpoint import open_checkpoint
+    from dev2pro.flux.convert import convert
+
+    flow = {"dev2pro.recipe": "dedistill", "dev2pro.objective": "flow", "dev2pro.steps": "7"}
+    export = convert(tiny_dev_dir, tmp_path / "d2p.safetensors", layout="bfl", extra_metadata=flow)
+    again = convert(export, tmp_path / "d2p-comfy.safetensors", layout="comfy", dtype="fp8-scaled")
+    meta = open_checkpoint(again).metadata
+    assert meta["dev2pro.objective"] == "flow" and meta["dev2pro.steps"] == "7"  # carried over
+    assert meta["dev2pro.layout"] == "comfy" and meta["dev2pro.source"] == "d2p.safetensors"  # the new file's own
+    size = ["--size", "32x32", "--prompt", "a red cat", "--steps", "2"]
+    cli("--model", tiny_dev_dir, "--transformer", again, "--out", tmp_path / "a", *size)
+    assert _settings(tmp_path / "a" / "000-a-red-cat-s0.png")["guidance"] == {"mode": "embedded", "embedded": 1.0,
+                                                                               "cfg": 3.5}
+    assert "is a dev2pro de-distillation (trained at guidance 1): rendered with true CFG 3.5" in capsys.readouterr().out
+    cli("--model", tiny_dev_dir, "--transformer", export, "--out", tmp_path / "g", "--guidance", "3.5", *size)
+    assert _settings(tmp_path / "g" / "000-a-red-cat-s0.png")["guidance"] == {"mode": "embedded", "embedded": 3.5,
+                                                                               "cfg": 1.0}
+    assert "de-distillation" not in capsys.readouterr().out
+    cli("--model", tiny_dev_dir, "--transformer", export, "--out", tmp_path / "c", "--cfg", "5", *size)
+    assert _settings(tmp_path / "c" / "000-a-red-cat-s0.png")["guidance"]["cfg"] == 5.0
+    # the rule itself: FLUX.2 dev's scale is 4; guidance_distill and plain files keep the base's own
+    spec2 = open_checkpoint(flux2_dev_dir).spec()
+    assert S.default_guidance(spec2, flow) == (1.0, 4.0) and S.default_guidance(spec2, {}) == (4.0, 1.0)
+    spec1 = open_checkpoint(tiny_dev_dir).spec()
+    assert S.default_guidance(spec1, {**flow, "dev2pro.objective": "guidance_distill"}) == (3.5, 1.0)
+    assert S.default_guidance(spec1, {**flow, "dev2pro.objective": "cfg_teacher"}, cfg=1.0) == (1.0, 1.0)
+    # calibrate: --reference-cfg / --cfg on a de-distilled export is its true CFG scale, at guidance 1
+    from dev2pro.recipes.calibrate import _settings as calibrated
+    assert calibrated(spec1, flow, None, None) == (20, 1.0, 3.5) and calibrated(spec1, flow, 8, 5.) == (8, 1.0, 5.0)
+    assert calibrated(spec1, {}, None, 2.0) == (20, 2.0, 1.0) and calibrated(spec2, {}, None, None) == (50, 4.0, 1.0)

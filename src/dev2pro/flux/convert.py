@@ -52,7 +52,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, layout: str | None =
                               f"it anyway")
     entries, meta = conversion_entries(ckpt, layout, dtype, policy, drop_guidance)
     entries = prefetched(entries)  # reading + casting tensor i + 1 while tensor i is written
-    meta.update({"dev2pro.source": Path(src).name, **(extra_metadata or {})})
+    # the training provenance travels (a de-distilled export stays one: ``sampling.dedistilled``); the layout,
+    # dtype and sizes are the new file's own
+    meta = {**{k: v for k, v in ckpt.metadata.items() if k.startswith("dev2pro.") and k not in meta}, **meta,
+            "dev2pro.source": Path(src).name, **(extra_metadata or {})}
     sources = [ckpt.path, *set(ckpt.files.values())]
     try:
         if layout == "diffusers":

@@ -28,20 +28,23 @@ from ..flux.checkpoint import open_checkpoint
 from ..outputs import save_safetensors, write_json
 
 
-def _settings(spec, steps: int | None, cfg: float | None) -> tuple[int, float]:
-    """(steps, guidance value) for a model: given ones win, else its own (``sampling.own_settings``)."""
-    own_steps, own_scale = S.own_settings(spec)
-    return int(steps) if steps else own_steps, float(cfg) if cfg else own_scale
+def _settings(spec, metadata, steps: int | None, cfg: float | None) -> tuple[int, float, float]:
+    """(steps, guidance value, true CFG) for a model: given ones win, else its own (``sampling.own_settings``);
+    ``cfg`` is a de-distilled export's true CFG scale (it renders at guidance 1: ``sampling.default_guidance``)."""
+    dedistilled = S.dedistilled(metadata)
+    guidance, true_cfg = S.default_guidance(spec, metadata, None if dedistilled or not cfg else float(cfg),
+                                            float(cfg) if dedistilled and cfg else None)
+    return int(steps) if steps else S.own_settings(spec)[0], guidance, true_cfg
 
 
-def _model_runner(family, components, path: str, lora: str, spec, steps: int, scale: float, embeds, seeds, negative,
-                  width: int, height: int, device, dtype):
+def _model_runner(family, components, path: str, lora: str, spec, steps: int, scale: tuple[float, float], embeds,
+                  seeds, negative, width: int, height: int, device, dtype):
     """latents_at(strength) for one model with the LoRA attached once (strength changes only the adapter scale)."""
     model, _ = S.load_base(path, [(lora, 1.0)], dtype)
     model.to(device)
     distilled = S.step_distilled(spec)
     pipe = family.build_pipeline(components, model, distilled=distilled)
-    guidance = S.resolve_guidance(spec.guidance_embeds, "auto", scale, 1.0)
+    guidance = S.resolve_guidance(spec.guidance_embeds, "auto", *scale)  # (guidance, true CFG)
     flat_embeds = [e for e in embeds for _ in seeds]
     flat_seeds = [s for _ in embeds for s in seeds]
 
@@ -75,8 +78,8 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
     for spec, path in ((ref_spec, reference), (tgt_spec, target)):
         if note := S.unknown_variant_note(spec, path):
             print(note)
-    ref_steps, ref_scale = _settings(ref_spec, reference_steps, reference_cfg)
-    tgt_steps, tgt_scale = _settings(tgt_spec, steps, cfg)
+    ref_steps, *ref_scale = _settings(ref_spec, ref_ckpt.metadata, reference_steps, reference_cfg)
+    tgt_steps, *tgt_scale = _settings(tgt_spec, tgt_ckpt.metadata, steps, cfg)
 
     device, dtype = S.default_device(), S.default_dtype(S.default_device())
     components, embeds, negative = S.prepare_family(model, family, prompts, "", device, dtype, max_sequence_length)

@@ -128,8 +128,9 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
             raise UserError(f"arm {a.name!r}: {e}") from None
     specs = {name: h.spec() for name, h in headers.items()}  # each reads config.json / model_index.json: once
     guidance = {a.name: S.no_cfg() if S.step_distilled(specs[a.name]) else  # as its pipeline renders
-                S.resolve_guidance(specs[a.name].guidance_embeds, a.mode,
-                                   S.own_settings(specs[a.name])[1] if a.guidance is None else a.guidance, a.cfg)
+                S.resolve_guidance(specs[a.name].guidance_embeds, a.mode,  # arm.cfg 1: the base's own
+                                   *S.default_guidance(specs[a.name], headers[a.name].metadata, a.guidance,
+                                                       a.cfg if a.cfg > 1.0 else None))
                 for a in cfg.arms}
 
     device = S.default_device()

@@ -69,18 +69,22 @@ def _print_notes(spec, base, loras) -> None:
         print(note)
 
 
-def _guidance(spec, guidance: float | None, cfg: float | None, mode: str):
-    """What a render of this base applies: the base's own scale where none is given; a step-distilled base never
-    runs CFG (said when asked for)."""
+def _guidance(spec, metadata, name: str, guidance: float | None, cfg: float | None, mode: str):
+    """What a render of this base applies: the base's own scale where none is given (a de-distilled export: true CFG
+    at guidance 1, said); a step-distilled base never runs CFG (said when asked for)."""
     if S.step_distilled(spec):  # its pipeline runs no CFG whatever we pass: say so, record what it does
         if (guidance or 1.0) > 1.0 or (cfg or 1.0) > 1.0 or mode == "true_cfg":  # asked for CFG
             print(f"note: {spec.variant} is sampled without CFG (it is step-distilled); --guidance/--cfg/--mode "
                   "ignored")
         return S.no_cfg()
-    guidance = guidance if guidance is not None else S.own_settings(spec)[1]
+    given = guidance
+    guidance, true_cfg = S.default_guidance(spec, metadata, guidance, cfg)
     if cfg is not None and cfg <= 1.0 and not spec.guidance_embeds:
         guidance = 1.0  # an explicit --cfg 1 turns true CFG off (else --guidance is these bases' CFG scale)
-    return S.resolve_guidance(spec.guidance_embeds, mode, guidance, 1.0 if cfg is None else cfg)
+    if given is None and S.dedistilled(metadata) and true_cfg > 1.0 and mode == "auto":
+        print(f"note: {name} is a dev2pro de-distillation (trained at guidance 1): rendered with true CFG "
+              f"{true_cfg:g} at guidance 1 and the negative prompt, as its run's cfg grids; --guidance sets another")
+    return S.resolve_guidance(spec.guidance_embeds, mode, guidance, true_cfg)
 
 
 def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str | None = None,
@@ -119,7 +123,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     _print_notes(spec, transformer or model, loras)
     image = _reference_arg(image, family, (width, height), loras)
     steps = steps if steps is not None else S.own_settings(spec)[0]
-    g = _guidance(spec, guidance, cfg, mode)
+    g = _guidance(spec, header.metadata, Path(transformer or model).name, guidance, cfg, mode)
 
     device = S.default_device()
     dtype = S.default_dtype(device)
