@@ -40,13 +40,18 @@ def apply_sample_guidance_default(cfg, explicit: set[str] = frozenset()) -> None
         return
     from .flux.checkpoint import open_checkpoint  # torch: only when a recipe runs (the CLI imports us)
 
+    from .sampling import dedistilled
+
     try:
-        sampling = getattr(open_checkpoint(src, family=m.family).spec(), "sampling", None)
+        ckpt = open_checkpoint(src, family=m.family)
+        sampling = getattr(ckpt.spec(), "sampling", None)
     except (UserError, OSError, ValueError):
         return
     if sampling is not None and sampling.guidance == "embedded" and "sample.guidance" not in explicit:
         cfg.sample.guidance = float(sampling.scale)
-    if sampling is not None and sampling.guidance == "true-cfg" and "sample.cfg" not in explicit:
+    # a de-distilled FLUX.2 dev export renders with true CFG at dev's own scale (``train.samples``)
+    true_cfg = sampling is not None and (sampling.guidance == "true-cfg" or dedistilled(ckpt.metadata))
+    if true_cfg and "sample.cfg" not in explicit:
         cfg.sample.cfg = float(sampling.scale)
 
 

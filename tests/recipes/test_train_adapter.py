@@ -113,3 +113,20 @@ def test_adapter_and_inference_base_are_exclusive(tmp_path, tiny_dev_dir, sk_ima
     with pytest.raises(UserError, match="adapter or model.inference_base, not both"):
         train(cfg, progress=False)
     assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_samples_of_a_dedistilled_export_trained_on_directly_use_true_cfg(tmp_path, tiny_dev_dir, sk_images, files):
+    """A LoRA trained on a dev2pro de-distillation export itself (no inference_base): its grids render the export
+    as it was de-distilled (guidance input 1.0 with true CFG sample.cfg), not at dev's embedded 3.5; on dev, 3.5."""
+    from dev2pro.flux.convert import convert
+
+    base = files[0]
+    export = convert(base, tmp_path / "d2p.safetensors", extra_metadata={"dev2pro.recipe": "dedistill",
+                                                                          "dev2pro.objective": "cfg_teacher"})
+    for name, transformer, want in (("d2p", export, {"mode": "embedded", "embedded": 1.0, "cfg": 3.5}),
+                                    ("dev", base, {"mode": "embedded", "embedded": 3.5, "cfg": 1.0})):
+        cfg = _cfg(tmp_path, tiny_dev_dir, sk_images, name, transformer)
+        cfg.train.steps, cfg.save.every = 2, 0
+        train(cfg, progress=False)
+        grid = next((tmp_path / name / "samples").glob("step*.png"))
+        assert json.loads(Image.open(grid).text["guidance"]) == want, name

@@ -148,7 +148,7 @@ def _sampler(cfg: TrainConfig, data, ckpt, dtype, device) -> LoraSampler:
                        inference_base=m.inference_base, training_guidance_embeds=ckpt.spec().guidance_embeds,
                        adapter=m.adapter, with_adapter=sc.with_adapter, fp8_storage=m.fp8_storage,
                        fp8_keep=m.fp8_keep, blocks_to_swap=m.blocks_to_swap, vae_tiling=m.vae_tiling,
-                       allow_pickle=m.allow_pickle, family=ckpt.family.name)
+                       allow_pickle=m.allow_pickle, family=ckpt.family.name, training_metadata=ckpt.metadata)
 
 
 def _lora_metadata(cfg: TrainConfig, ckpt) -> dict:

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from ..flux.checkpoint import load_transformer
 from ..flux.fp8 import Fp8Policy
 from ..lora import adapter as adaptermod
 from ..lora.ops import apply_lora, lora_from_peft_model
-from ..sampling import (Guidance, make_labelled_grid, no_cfg, resolve_guidance, save_png, step_distilled,
+from ..sampling import (Guidance, dedistilled, make_labelled_grid, no_cfg, resolve_guidance, save_png, step_distilled,
                         unknown_variant_note)
 from .blockswap import BlockSwap
 from .progress import render_each
@@ -99,7 +99,7 @@ class LoraSampler:
                  inference_base: str = "", training_guidance_embeds: bool = True, adapter: str = "",
                  with_adapter: bool = False, fp8_storage: bool = False, fp8_keep: Sequence[str] = (),
                  blocks_to_swap: int = 0, vae_tiling: bool = False, allow_pickle: bool = False,
-                 family: str = "flux1"):
+                 family: str = "flux1", training_metadata: Mapping[str, str] | None = None):
         self.spec, self.components, self.device, self.dtype = spec, components, device, dtype
         self.adapter, self.with_adapter, self.vae_tiling = adapter, with_adapter, vae_tiling
         self.model, self.swap, self.distilled = None, None, False
@@ -120,10 +120,16 @@ class LoraSampler:
         self.guidance: Guidance = _grid_guidance(embeds, guidance, cfg)
         # dev + adapter = dev2pro, which is used as it was de-distilled: guidance input 1.0, true CFG on top
         self.adapter_guidance = resolve_guidance(embeds, "auto", 1.0, max(cfg, 1.0))
+        # so is a de-distilled export trained on directly (``sampling.dedistilled``): its embedded 3.5 is noise
+        own = (resolve_guidance(training_guidance_embeds, "auto", 1.0, max(cfg, 1.0))
+               if dedistilled(training_metadata or {}) else
+               _grid_guidance(training_guidance_embeds, guidance, cfg))
+        if self.model is None:
+            self.guidance = own
         self.base_guidance = self.guidance
         self.steps = spec.steps
         if self.distilled:  # as it is used: its own steps, no CFG; the training base keeps the configured ones
-            self.base_guidance = _grid_guidance(training_guidance_embeds, guidance, cfg)
+            self.base_guidance = own
             self.guidance = no_cfg()
             self.steps = inference_spec.sampling.steps
         self.base = inference_base or "training base"
