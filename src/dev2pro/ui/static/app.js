@@ -178,8 +178,10 @@ function pairSummary(p) {
 async function upload() {
   const files = $("upload-files").files;
   if (!files.length) return toast("choose image files first");
+  const folder = $("dataset-folder").value.trim();  // a dataset folder, never the workspace root (the server agrees)
+  if (!folder) { $("dataset-folder").focus(); return toast("choose the dataset folder to upload into (Folder)"); }
   const fd = new FormData();
-  fd.append("folder", $("dataset-folder").value.trim());
+  fd.append("folder", folder);
   for (const f of files) fd.append("files", f, f.name);
   const r = await api("/api/upload", fd);
   toast(`uploaded ${r.saved.length} images`, true);
@@ -412,7 +414,8 @@ $("train-base").addEventListener("change", suggestInference);
 $("inspect-train").onclick = () => inspect($("train-transformer").value || $("train-base").value);
 $("inspect-inference").onclick = () => inspect($("inference-base").value || $("train-base").value);
 $("convert-fp8").onclick = async () => {
-  const j = await api("/api/convert", { src: $("convert-src").value, dst: $("convert-dst").value, dtype: "fp8" });
+  const j = await api("/api/convert", { src: $("convert-src").value, dst: $("convert-dst").value, dtype: "fp8",
+    overwrite: $("convert-overwrite").checked });
   toast("queued: " + j.title, true);
 };
 $("load-folder").onclick = async () => {
