@@ -252,7 +252,9 @@ async function pollRun() {
   state.runInfo = r;
   const st = r.job ? r.job.status : r.finished ? "finished" : "unknown";
   const f = (x, d = 2) => (x === null || x === undefined ? "–" : Number(x).toFixed(d));
-  $("run-status").textContent = `${st} · step ${r.step}/${r.total_steps ?? "?"} · ${f(r.steps_per_second)} it/s · ETA ` +
+  // step_from: where the step comes from when the logs are behind (a run stopped between two logged points)
+  $("run-status").textContent = `${st} · step ${r.step}/${r.total_steps ?? "?"}` +
+    (r.step_from ? ` (${r.step_from})` : "") + ` · ${f(r.steps_per_second)} it/s · ETA ` +
     `${r.eta_seconds === null ? "–" : Math.round(r.eta_seconds) + " s"} · memory ${f(r.memory_gb, 1)} GB` +
     (r.states.length ? ` · saved states: ${r.states.join(", ")}` : "");
   $("run-status").dataset.status = st; $("run-status").dataset.step = r.step;
