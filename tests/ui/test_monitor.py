@@ -58,3 +58,58 @@ def test_latest_grids_of_a_klein_run_come_side_by_side(tmp_path):
     assert latest_grids([tmp_path / "step000002-g1.png", tmp_path / "step000002-cfg.png"])[0][0] == \
         "guidance 1, no CFG"
     assert latest_grids([]) == []
+
+
+def save_state(state, step, complete=True):
+    """A state folder as train/state.py leaves it: complete (common.json + common.safetensors) or cut short."""
+    folder = state / f"step-{step:06d}"
+    folder.mkdir(parents=True)
+    (folder / "common.json").write_text(json.dumps({"step": step}))
+    if complete:
+        (folder / "common.safetensors").write_bytes(b"x")
+
+
+def test_a_run_stopped_between_logged_steps_shows_the_step_it_saved(tmp_path):
+    """log_every 5, stopped at step 13 (Ctrl-C saves state step-000013): the logs end at 10, the run reached 13."""
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("[train]\nsteps = 20\n")
+    write_events(run / "logs", [5, 10], 0.0, 1000.0)
+    save_state(run / "state", 10)
+    save_state(run / "state", 13)
+    save_state(run / "state", 14, complete=False)  # a save cut short by a kill: not a step the run has
+    info = run_info(run, tmp_path)
+    assert info["step"] == 13 and info["logged_step"] == 10
+    assert info["step_from"] == "saved state step-000013; the last logged step is 10"
+    assert abs(info["eta_seconds"] - 7 / 2.0) < 1e-6  # (20 - 13) steps at 2 steps per second
+    assert dict(info["scalars"]["loss"]).keys() == {5, 10}  # the curve itself stays what was logged
+    # the logs ahead of the newest state (a resumed run past its state): the logs' step, nothing to explain
+    write_events(run / "logs", [15], 0.0, 1010.0)
+    info = run_info(run, tmp_path)
+    assert (info["step"], info["step_from"], info["logged_step"]) == (15, None, 15)
+    # a finished run: summary.json's steps
+    (run / "summary.json").write_text(json.dumps({"steps": 20, "losses": []}))
+    info = run_info(run, tmp_path)
+    assert (info["step"], info["step_from"]) == (20, "summary.json; the last logged step is 15")
+
+
+def test_a_killed_run_with_no_logged_point_shows_its_saved_state(tmp_path):
+    """No event file at all (killed before the first log_every) but a saved state: not step 0."""
+    run = tmp_path / "runs" / "b"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("[train]\nsteps = 100\n")
+    save_state(run / "state", 3)
+    info = run_info(run, tmp_path)
+    assert (info["step"], info["logged_step"]) == (3, 0)
+    assert info["step_from"] == "saved state step-000003; the last logged step is 0"
+
+
+def test_the_monitor_route_says_the_saved_step(web_app, asgi):
+    app, ws_dir, _, _ = web_app
+    run = ws_dir / "runs" / "r1"  # conftest's run: config.toml and an empty logs/
+    save_state(run / "state", 7)
+    status, body = asgi(app, "GET", "/api/run?run=runs/r1")
+    assert status == 200, body
+    info = json.loads(body)
+    assert (info["step"], info["total_steps"]) == (7, 10)
+    assert info["step_from"] == "saved state step-000007; the last logged step is 0"

@@ -1,9 +1,11 @@
 """What the Monitor and Results pages show about a run folder, read from the files `dev2pro train` writes.
 
 Nothing here talks to the training process: loss and lr come from its TensorBoard event files (``logs/``), the
-step total from its resolved ``config.toml``, sample grids from ``samples/``, LoRA files from the folder itself
-and the final numbers from ``summary.json``. So a run started from a terminal is watched the same way as one
-started from the browser, and a restarted web app sees everything a run has written so far.
+step total from its resolved ``config.toml``, the step reached from the newest of the logs, the saved states
+(``state/step-NNNNNN``) and ``summary.json`` (a run stopped between two logged points went further), sample grids
+from ``samples/``, LoRA files from the folder itself and the final numbers from ``summary.json``. So a run started
+from a terminal is watched the same way as one started from the browser, and a restarted web app sees everything a
+run has written so far.
 """
 
 from __future__ import annotations
@@ -74,6 +76,31 @@ def _speed(points: list[list[float]], window: int = 10) -> float | None:
     return (pts[-1][0] - pts[0][0]) / (pts[-1][2] - pts[0][2])
 
 
+_STATE = re.compile(r"^step-(\d+)$")  # train/state.py's state folders (STEP_RE; that module imports torch)
+
+
+def saved_step(state: Path) -> int | None:
+    """The step of the newest complete training state under ``state`` (``step-NNNNNN/`` holding common.json and
+    common.safetensors: a save that was cut short is not one), None when there is none."""
+    steps = [int(m.group(1)) for p in state.iterdir() if (m := _STATE.match(p.name))
+             and (p / "common.json").is_file() and (p / "common.safetensors").is_file()] if state.is_dir() else []
+    return max(steps) if steps else None
+
+
+def last_step(logged: int, saved: int | None, summary: dict | None) -> tuple[int, str | None]:
+    """(the last step the run reached, where it comes from when not the logs). The event files hold a point every
+    ``log_every`` steps, so a run stopped (Ctrl-C, kill, crash) between two has gone further: its newest saved state
+    (the interrupt's own save included) or, for a finished run, summary.json's ``steps`` say how far."""
+    done = summary.get("steps") if summary else None
+    done = done if isinstance(done, int) and not isinstance(done, bool) else None
+    step, source = logged, None
+    if saved is not None and saved > step:
+        step, source = saved, f"saved state step-{saved:06d}"
+    if done is not None and done > step:
+        step, source = done, "summary.json"
+    return step, (f"{source}; the last logged step is {logged}" if source else None)
+
+
 _GRID = re.compile(r"^step(\d{6})(-[a-z0-9-]+)?\.png$")
 # what each grid of a step shows (train/samples.py's names): the LoRA where it is used, and where it was trained
 GRID_LABELS = {"": "inference base (as used)", "-base": "training base (Base)", "-adapter": "with the adapter",
@@ -110,7 +137,6 @@ def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -
             pass
         total = total if isinstance(total, int) and not isinstance(total, bool) else None
     scalars = read_scalars(f.logs) if inside(f.logs) else {k: [] for k in SCALARS}
-    step = int(scalars["loss"][-1][0]) if scalars["loss"] else 0
     speed = _speed(scalars["loss"])
     summary = None
     if ok(f.summary):
@@ -119,11 +145,14 @@ def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -
         except (json.JSONDecodeError, UnicodeDecodeError):
             summary = None
         summary = summary if isinstance(summary, dict) else None
+    logged = int(scalars["loss"][-1][0]) if scalars["loss"] else 0
+    step, step_from = last_step(logged, saved_step(f.state) if inside(f.state) else None, summary)
     mem = _MEM.findall(log_tail)
     samples = [p for p in sorted(f.samples.glob("*.png"))[:1000] if ok(p)] \
         if f.samples.is_dir() and inside(f.samples) else []
     return {
-        "run": rel(run), "total_steps": total, "step": step, "steps_per_second": speed,
+        "run": rel(run), "total_steps": total, "step": step, "step_from": step_from, "logged_step": logged,
+        "steps_per_second": speed,
         "eta_seconds": (total - step) / speed if speed and total else None,
         "memory_gb": float(mem[-1]) if mem else None,
         "scalars": {k: [[p[0], p[1]] for p in v] for k, v in scalars.items()},

@@ -19,6 +19,7 @@ from ..data.buckets import assign_bucket, make_buckets
 from ..data.folders import Scanner
 from ..errors import UserError
 from .handlers import TooLarge, json_body, number, text
+from .loracheck import refuse_lora_source
 from .pairs import listed_images, reference_folders, too_large
 from .upload import read_upload
 from .workspace import check_image
@@ -138,7 +139,9 @@ async def inspect(request: Request, ui):
 
 
 async def convert(request: Request, ui):
-    body = await json_body(request, ("src", "dst", "dtype"))
+    """Queue `dev2pro convert SRC DST --dtype D`: a base model (file or folder) to another dtype; refused before a
+    job is queued: a LoRA source (the LoRA command named), an existing output without ``overwrite``."""
+    body = await json_body(request, ("src", "dst", "dtype", "overwrite"))
     src = ui.ws.check_tree(ui.ws.resolve(text(body, "src"), must_exist=True), "'src'")
     dst = ui.ws.resolve(text(body, "dst"))
     if dst == ui.ws.root:
@@ -146,10 +149,18 @@ async def convert(request: Request, ui):
     dtype = text(body, "dtype", "fp8")
     if dtype not in ("fp8", "fp8-scaled", "bf16", "fp16", "fp32"):
         raise UserError(f"dtype {dtype!r} is not one of fp8, fp8-scaled, bf16, fp16, fp32")
-    args = ["convert", str(src), str(dst), "--dtype", dtype]
+    overwrite = body.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise UserError(f"'overwrite' must be true or false, not {type(overwrite).__name__}")
+    await run_in_threadpool(refuse_lora_source, src, ui.ws.rel)  # headers only
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise UserError(f"output {ui.ws.rel(dst)} already exists; tick 'overwrite' (\"overwrite\": true) to replace "
+                        f"it, or choose another output path")
+    args = ["convert", str(src), str(dst), "--dtype", dtype] + (["--overwrite"] if overwrite else [])
     if src.is_dir() and dst.suffix == ".safetensors":  # a diffusers folder -> one file: the layout ComfyUI loads
         args += ["--layout", "comfy"]
-    job = ui.jobs.submit("convert", args, title=f"convert {ui.ws.rel(src)} -> {ui.ws.rel(dst)} ({dtype})")
+    job = ui.jobs.submit("convert", args, title=f"convert {ui.ws.rel(src)} -> {ui.ws.rel(dst)} ({dtype})"
+                         + (" (overwrite)" if overwrite else ""))
     return JSONResponse(job)
 
 
@@ -226,12 +237,19 @@ async def upload(request: Request, ui):
     if declared.isdigit() and int(declared) > total:  # refused before reading a byte
         raise TooLarge(f"upload too large (limit {limit / 2**20:.3g} MiB per file, {ui.max_files} files)")
     form = await read_upload(request, limit, total, ui.max_files)
-    folder = ui.ws.resolve(str(form.get("folder", "")))
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"upload folder {ui.ws.rel(folder)} is a file; choose a folder")
     for key in form.keys():
         if key not in ("folder", "overwrite", "files"):
             raise UserError(f"unknown upload field {key!r}; send folder, overwrite and files")
+    named = form.get("folder")
+    if not isinstance(named, str) or not named.strip():
+        raise UserError("'folder' is missing or empty: choose the dataset folder to upload into (a folder inside "
+                        "the workspace, e.g. datasets/my-set)")
+    folder = ui.ws.resolve(named)
+    if folder == ui.ws.root:
+        raise UserError(f"'folder' {named.strip()!r} is the workspace itself: choose the dataset folder to upload "
+                        f"into (a folder inside the workspace, e.g. datasets/my-set)")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"upload folder {ui.ws.rel(folder)} is a file; choose a folder")
     overwrite = form.get("overwrite") in ("1", "true", "on")
     blobs = []
     for f in form.getlist("files"):

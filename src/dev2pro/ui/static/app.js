@@ -178,8 +178,10 @@ function pairSummary(p) {
 async function upload() {
   const files = $("upload-files").files;
   if (!files.length) return toast("choose image files first");
+  const folder = $("dataset-folder").value.trim();  // a dataset folder, never the workspace root (the server agrees)
+  if (!folder) { $("dataset-folder").focus(); return toast("choose the dataset folder to upload into (Folder)"); }
   const fd = new FormData();
-  fd.append("folder", $("dataset-folder").value.trim());
+  fd.append("folder", folder);
   for (const f of files) fd.append("files", f, f.name);
   const r = await api("/api/upload", fd);
   toast(`uploaded ${r.saved.length} images`, true);
@@ -250,7 +252,9 @@ async function pollRun() {
   state.runInfo = r;
   const st = r.job ? r.job.status : r.finished ? "finished" : "unknown";
   const f = (x, d = 2) => (x === null || x === undefined ? "–" : Number(x).toFixed(d));
-  $("run-status").textContent = `${st} · step ${r.step}/${r.total_steps ?? "?"} · ${f(r.steps_per_second)} it/s · ETA ` +
+  // step_from: where the step comes from when the logs are behind (a run stopped between two logged points)
+  $("run-status").textContent = `${st} · step ${r.step}/${r.total_steps ?? "?"}` +
+    (r.step_from ? ` (${r.step_from})` : "") + ` · ${f(r.steps_per_second)} it/s · ETA ` +
     `${r.eta_seconds === null ? "–" : Math.round(r.eta_seconds) + " s"} · memory ${f(r.memory_gb, 1)} GB` +
     (r.states.length ? ` · saved states: ${r.states.join(", ")}` : "");
   $("run-status").dataset.status = st; $("run-status").dataset.step = r.step;
@@ -412,7 +416,8 @@ $("train-base").addEventListener("change", suggestInference);
 $("inspect-train").onclick = () => inspect($("train-transformer").value || $("train-base").value);
 $("inspect-inference").onclick = () => inspect($("inference-base").value || $("train-base").value);
 $("convert-fp8").onclick = async () => {
-  const j = await api("/api/convert", { src: $("convert-src").value, dst: $("convert-dst").value, dtype: "fp8" });
+  const j = await api("/api/convert", { src: $("convert-src").value, dst: $("convert-dst").value, dtype: "fp8",
+    overwrite: $("convert-overwrite").checked });
   toast("queued: " + j.title, true);
 };
 $("load-folder").onclick = async () => {
