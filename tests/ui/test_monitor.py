@@ -22,7 +22,9 @@ def write_events(logs, steps, offset, t0):
 def test_run_info_from_a_resumed_run_folder(tmp_path):
     run = tmp_path / "runs" / "a"
     (run / "samples").mkdir(parents=True)
-    (run / "state" / "step-000004").mkdir(parents=True)
+    save_state(run / "state", 4)
+    save_state(run / "state", 6, complete=False)  # cut short by the stop: not offered to Resume
+    (run / "state" / ".tmp-step-000007").mkdir()
     (run / "config.toml").write_text("[train]\nsteps = 10\n")
     write_events(run / "logs", range(1, 7), 0.0, 1000.0)   # first session: steps 1-6, stopped
     write_events(run / "logs", range(5, 9), 10.0, 2000.0)  # resumed from the step-4 state: 5-8 again

@@ -79,12 +79,19 @@ def _speed(points: list[list[float]], window: int = 10) -> float | None:
 _STATE = re.compile(r"^step-(\d+)$")  # train/state.py's state folders (STEP_RE; that module imports torch)
 
 
+def saved_states(state: Path) -> list[str]:
+    """The complete training states under ``state``, oldest first: ``step-NNNNNN/`` folders (not links) holding
+    common.json and common.safetensors (a save cut short, a temporary folder or a stray file is not one)."""
+    found = [(int(m.group(1)), p.name) for p in state.iterdir() if (m := _STATE.match(p.name))
+             and not p.is_symlink() and (p / "common.json").is_file() and (p / "common.safetensors").is_file()] \
+        if state.is_dir() else []
+    return [name for _, name in sorted(found)]
+
+
 def saved_step(state: Path) -> int | None:
-    """The step of the newest complete training state under ``state`` (``step-NNNNNN/`` holding common.json and
-    common.safetensors: a save that was cut short is not one), None when there is none."""
-    steps = [int(m.group(1)) for p in state.iterdir() if (m := _STATE.match(p.name))
-             and (p / "common.json").is_file() and (p / "common.safetensors").is_file()] if state.is_dir() else []
-    return max(steps) if steps else None
+    """The step of the newest complete training state under ``state`` (``saved_states``), None when there is none."""
+    names = saved_states(state)
+    return int(_STATE.match(names[-1]).group(1)) if names else None
 
 
 def last_step(logged: int, saved: int | None, summary: dict | None) -> tuple[int, str | None]:
@@ -159,7 +166,7 @@ def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -
         "samples": [rel(p) for p in samples],
         "latest_samples": [{"label": label, "file": rel(p)} for label, p in latest_grids(samples)],
         "loras": [rel(p) for p in sorted(run.glob("*.safetensors"))[:1000] if ok(p)] if run.is_dir() else [],
-        "states": sorted(p.name for p in f.state.iterdir()) if f.state.is_dir() else [],
+        "states": saved_states(f.state) if inside(f.state) else [],  # what --resume can load (Resume button)
         # per-step numbers stay out (the curves come from the event files); validation_best is kept
         "summary": {k: v for k, v in summary.items() if k not in ("losses", "validation")} if summary else None,
         "finished": summary is not None,
