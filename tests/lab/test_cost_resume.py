@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dev2pro.errors import UserError
-from dev2pro.lab.cost import StageClock, cpu_seconds
+from dev2pro.lab.cost import StageClock, cpu_seconds, done_line
 from dev2pro.lab.resume import MARKER, finished_stage, prepare_run_folder
 
 
@@ -32,11 +32,11 @@ def test_stage_clock_measures_each_stage_and_the_idle_estimate():
 
 def test_run_folder_new_resume_other_overwrite(tmp_path, capsys):
     root, stamp = tmp_path / "demo", {"version": 1, "profile": "quick"}
-    prepare_run_folder(root, stamp, overwrite=False)
+    assert prepare_run_folder(root, stamp, overwrite=False) is False  # new
     assert json.loads((root / MARKER).read_text()) == stamp
     (root / "runs").mkdir()
     (root / "runs" / "kept.txt").write_text("stage output")
-    prepare_run_folder(root, stamp, overwrite=False)  # the same demo again: resumed, outputs kept
+    assert prepare_run_folder(root, stamp, overwrite=False) is True  # the same demo again: resumed, outputs kept
     assert (root / "runs" / "kept.txt").is_file() and "resuming" in capsys.readouterr().out
     with pytest.raises(UserError, match="--overwrite"):
         prepare_run_folder(root, {**stamp, "profile": "full"}, overwrite=False)
@@ -46,7 +46,7 @@ def test_run_folder_new_resume_other_overwrite(tmp_path, capsys):
         prepare_run_folder(root, {**stamp, "profile": "full"}, overwrite=True)
     assert (root / "notes.txt").read_text() == "mine" and (root / "runs" / "kept.txt").is_file()
     (root / "notes.txt").unlink()
-    prepare_run_folder(root, {**stamp, "profile": "full"}, overwrite=True)
+    assert prepare_run_folder(root, {**stamp, "profile": "full"}, overwrite=True) is False  # made anew
     assert not (root / "runs").exists() and json.loads((root / MARKER).read_text())["profile"] == "full"
 
 
@@ -54,3 +54,10 @@ def test_finished_stage(tmp_path):
     assert finished_stage(tmp_path) is None
     (tmp_path / "summary.json").write_text(json.dumps({"losses": [1.0]}))
     assert finished_stage(tmp_path) == {"losses": [1.0]}
+
+
+def test_done_line_says_a_resumed_demos_times_are_this_sessions():
+    summary = {"timings_seconds": {"total": 12.4}, "cpu_seconds": {"total": 20.0, "idle_wall_estimate": 11.0}}
+    assert done_line(summary, 2) == "done in 12 s (20 CPU-s; on 2 idle cores about 11 s)"
+    assert done_line({**summary, "resumed": True}, lead="Wall time") == \
+        "Wall time 12 s this session (resumed: the reused stages are not timed again) (20 CPU-s)"

@@ -42,3 +42,12 @@ class StageClock:
         serial = sum(v for k, v in stages.items() if k != parallel)
         return {**stages, "total": round(sum(stages.values()), 1),
                 "idle_wall_estimate": round(serial + stages.get(parallel, 0.0) / max(1, workers), 1)}
+
+
+def done_line(summary: dict, workers: int | None = None, lead: str = "done in") -> str:
+    """A demo's closing times from its summary: wall and CPU seconds (with ``workers``, the idle-cores estimate);
+    after a resume (``summary["resumed"]``) they are this session's, the reused stages untimed: said."""
+    wall, cpu = summary["timings_seconds"]["total"], summary["cpu_seconds"]
+    session = " this session (resumed: the reused stages are not timed again)" if summary.get("resumed") else ""
+    idle = f"; on {workers} idle cores about {cpu['idle_wall_estimate']:.0f} s" if workers else ""
+    return f"{lead} {wall:.0f} s{session} ({cpu['total']:.0f} CPU-s{idle})"

@@ -20,6 +20,7 @@ import torch
 
 from ..data.cache import LATENT_NAME, load_cached
 from . import klein
+from .cost import done_line
 from .dataset import write_folder
 from .world import TRIGGER, World, few_shot, plain, styled, to_pil
 
@@ -267,8 +268,7 @@ def markdown(summary: dict) -> str:
               "- T cannot know the digit (its caption names none, it sees no reference): it is the floor of style "
               "without content. B shows what the untrained model does with a reference. Only Base is measured; an "
               "edit LoRA on the distilled model is not.", "",
-              f"Wall time {summary['timings_seconds']['total']:.0f} s ({summary['cpu_seconds']['total']:.0f} CPU-s); "
-              f"`{summary['command']}`."]
+              f"{done_line(summary, lead='Wall time')}; `{summary['command']}`."]
     return "\n".join(lines) + "\n"
 
 

@@ -32,10 +32,10 @@ def pick_profile(profiles: dict, profile: str, seeds: int | None, advice: str = 
     return p
 
 
-def prepare_run_folder(root: Path, stamp: dict, overwrite: bool) -> None:
-    """A new folder, or the same demo's folder (equal ``stamp``) to resume; anything else needs ``overwrite``,
-    which deletes it first."""
-    marker = root / MARKER
+def prepare_run_folder(root: Path, stamp: dict, overwrite: bool) -> bool:
+    """A new folder, or the same demo's folder (equal ``stamp``) to resume (returns True then); anything else needs
+    ``overwrite``, which deletes it first."""
+    marker, resumed = root / MARKER, False
     if root.exists() and any(root.iterdir()):
         same = marker.is_file() and json.loads(marker.read_text()) == stamp
         if overwrite:  # only a demo's own entries are deleted: a folder holding anything else is refused
@@ -46,8 +46,10 @@ def prepare_run_folder(root: Path, stamp: dict, overwrite: bool) -> None:
                             f"to replace it or --out to pick another folder")
         else:
             print(f"resuming the demo in {root}: finished stages are reused")
+            resumed = True
     root.mkdir(parents=True, exist_ok=True)
     write_json(marker, stamp)
+    return resumed
 
 
 def finished_stage(run: Path) -> dict | None:

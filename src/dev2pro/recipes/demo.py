@@ -41,7 +41,7 @@ import torch
 
 from ..lab import arms as lab_arms
 from ..lab import dataset, demo_families, report
-from ..lab.cost import StageClock
+from ..lab.cost import StageClock, done_line
 from ..lab.fidelity import adapter_fidelity
 from ..lab.judges import fit_judges
 from ..lab.resume import finished_stage, pick_profile, prepare_run_folder
@@ -244,7 +244,7 @@ def run_demo(out: str | None = None, profile: str = "default", seeds: int | None
     torch.set_num_threads(1)  # faster on busy cores; round-off must not move with the core count (lab/threads.py)
     root = Path(out or fam.out).resolve()
     stamp = {"version": 1, **({} if fam.name == "flux1" else {"family": fam.name}), "profile": profile, **asdict(p)}
-    prepare_run_folder(root, stamp, overwrite)  # FLUX.1's stamp as before: its earlier folders still resume
+    resumed = prepare_run_folder(root, stamp, overwrite)  # FLUX.1's stamp as before: its earlier folders still resume
     clock = StageClock()
     guidances, main = (fam.dev_guidance, 1.0), ("long", fam.dev_guidance)
 
@@ -282,14 +282,12 @@ def run_demo(out: str | None = None, profile: str = "default", seeds: int | None
                "arms": {a: v[2] for a, v in arms.items()}, "oracle": ORACLE, "guidances": list(guidances),
                "main_setting": {"length": main[0], "guidance": main[1]}, "stages": stages, "table": table,
                "adapters": fidelity, "timings_seconds": clock.wall_seconds(("data", "bases", "adapters", "arms")),
-               "cpu_seconds": clock.cpu_summary(workers, parallel="arms"),
+               "cpu_seconds": clock.cpu_summary(workers, parallel="arms"), "resumed": resumed,
                "command": f"dev2pro demo{flag}{'' if profile == 'default' else ' --' + profile}"
                           f"{'' if seeds is None else f' --seeds {seeds}'}",
                "digits": list(DIGIT_WORDS)}
     write_json(root / "results.json", summary)
     report.write_reports(root, summary, results, world)
     print((root / "report.md").read_text())
-    print(f"done in {summary['timings_seconds']['total']:.0f} s ({summary['cpu_seconds']['total']:.0f} CPU-s; on "
-          f"{workers} idle cores about {summary['cpu_seconds']['idle_wall_estimate']:.0f} s): {root / 'report.md'}, "
-          f"{root / 'report.html'}, {root / 'results.json'}")
+    print(f"{done_line(summary, workers)}: {root / 'report.md'}, {root / 'report.html'}, {root / 'results.json'}")
     return summary

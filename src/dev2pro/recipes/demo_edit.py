@@ -34,7 +34,7 @@ import torch
 from ..lab import arms as lab_arms
 from ..lab import klein, report
 from ..lab import klein_edit as ke
-from ..lab.cost import StageClock
+from ..lab.cost import StageClock, done_line
 from ..lab.judges import fit_judges
 from ..lab.resume import finished_stage, pick_profile, prepare_run_folder
 from ..lab.world import load_digits_world
@@ -114,7 +114,7 @@ def run_demo_edit(out: str = "demo-klein-edit-out", profile: str = "default", se
     quiet_libraries()
     torch.set_num_threads(1)  # two threads on two busy cores are several times slower than one
     root = Path(out).resolve()
-    prepare_run_folder(root, {"version": 1, "family": "flux2-klein-edit", "profile": profile, **asdict(p)},
+    resumed = prepare_run_folder(root, {"version": 1, "family": "flux2-klein-edit", "profile": profile, **asdict(p)},
                        overwrite)
     clock = StageClock()
 
@@ -144,12 +144,11 @@ def run_demo_edit(out: str = "demo-klein-edit-out", profile: str = "default", se
     summary = {"family": "flux2-klein-edit", "profile": profile, "settings": asdict(p), "cfg": CFG,
                "instruction": ke.INSTRUCTION, "stages": report.stage_losses({"base": base["losses"]}, results),
                "table": table, "timings_seconds": clock.wall_seconds(("data", "base", "arms")),
-               "cpu_seconds": clock.cpu_summary(workers, parallel="arms"),
+               "cpu_seconds": clock.cpu_summary(workers, parallel="arms"), "resumed": resumed,
                "command": f"dev2pro demo --family flux2-klein-edit{'' if profile == 'default' else ' --' + profile}"
                           f"{'' if seeds is None else f' --seeds {seeds}'}"}
     write_json(root / "results.json", summary)
     write_text(root / "report.md", ke.markdown(summary))
     print((root / "report.md").read_text())
-    print(f"done in {summary['timings_seconds']['total']:.0f} s ({summary['cpu_seconds']['total']:.0f} CPU-s): "
-          f"{root / 'report.md'}, {root / 'results.json'}, {grid}")
+    print(f"{done_line(summary)}: {root / 'report.md'}, {root / 'results.json'}, {grid}")
     return summary

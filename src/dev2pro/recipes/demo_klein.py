@@ -38,7 +38,7 @@ from ..families.flux2.spec import TINY_KLEIN
 from ..lab import arms as lab_arms
 from ..lab import dataset, klein, report
 from ..lab import klein_report as kr
-from ..lab.cost import StageClock
+from ..lab.cost import StageClock, done_line
 from ..lab.judges import fit_judges
 from ..lab.resume import finished_stage, pick_profile, prepare_run_folder
 from ..lab.world import load_digits_world
@@ -188,7 +188,7 @@ def run_demo_klein(out: str = "demo-klein-out", profile: str = "default", seeds:
     quiet_libraries()
     torch.set_num_threads(1)  # two threads on two busy cores are several times slower than one
     root = Path(out).resolve()
-    prepare_run_folder(root, {"version": 1, "family": "flux2-klein", "profile": profile, **asdict(p)}, overwrite)
+    resumed = prepare_run_folder(root, {"version": 1, "family": "flux2-klein", "profile": profile, **asdict(p)}, overwrite)
     clock = StageClock()
 
     print("[1/5] data: scikit-learn digits -> image folders -> shards (klein's Qwen3 text, 32-channel pixel codec)")
@@ -221,13 +221,11 @@ def run_demo_klein(out: str = "demo-klein-out", profile: str = "default", seeds:
     summary = {"family": "flux2-klein", "profile": profile, "settings": asdict(p), "cfg": CFG,
                "distilled_steps": DISTILLED_STEPS, "strengths": list(STRENGTHS), "stages": stages, "table": table,
                "timings_seconds": clock.wall_seconds(("data", "bases", "arms")),
-               "cpu_seconds": clock.cpu_summary(workers, parallel="arms"),
+               "cpu_seconds": clock.cpu_summary(workers, parallel="arms"), "resumed": resumed,
                "command": f"dev2pro demo --family flux2-klein{'' if profile == 'default' else ' --' + profile}"
                           f"{'' if seeds is None else f' --seeds {seeds}'}"}
     write_json(root / "results.json", summary)
     kr.write_report(root, summary, results)
     print((root / "report.md").read_text())
-    print(f"done in {summary['timings_seconds']['total']:.0f} s ({summary['cpu_seconds']['total']:.0f} CPU-s; on "
-          f"{workers} idle cores about {summary['cpu_seconds']['idle_wall_estimate']:.0f} s): {root / 'report.md'}, "
-          f"{root / 'results.json'}")
+    print(f"{done_line(summary, workers)}: {root / 'report.md'}, {root / 'results.json'}")
     return summary
