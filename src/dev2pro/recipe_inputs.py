@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .choices import PICKLE_SUFFIXES
 from .config import as_list
 from .errors import UserError
+from .flux.weightfiles import holds_pickle
 
 
 def check_rank_fits(cfg) -> None:
     """``lora.rank`` against the widths of the layers it trains, once the checkpoint's header is readable (a
-    missing or unreadable model is reported where it is loaded; pickles are not opened just for this)."""
+    missing or unreadable model is reported where it is loaded; pickles -- files or a diffusers folder of ``.bin``
+    weights -- are not opened just for this)."""
     m = cfg.model
     src = m.transformer or m.path
-    if not src or not Path(src).exists() or Path(src).suffix.lower() in PICKLE_SUFFIXES:
+    if not src or not Path(src).exists() or holds_pickle(src):
         return
     from .plan import check_rank  # torch: only when a recipe runs (the CLI imports us)
 
@@ -36,7 +37,7 @@ def apply_sample_guidance_default(cfg, explicit: set[str] = frozenset()) -> None
     model keeps the defaults (it is reported where it is loaded)."""
     m = cfg.model
     src = m.transformer or m.path
-    if not src or not Path(src).exists() or Path(src).suffix.lower() in PICKLE_SUFFIXES:
+    if not src or not Path(src).exists() or holds_pickle(src):
         return
     from .flux.checkpoint import open_checkpoint  # torch: only when a recipe runs (the CLI imports us)
 

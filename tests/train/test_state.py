@@ -10,8 +10,8 @@ from dev2pro.data.loader import BucketBatchSampler
 from dev2pro.errors import UserError
 from dev2pro.train.ema import EMA
 from dev2pro.train.optim import build_optimizer, build_scheduler
-from dev2pro.train.state import (STATE_FORMAT, latest_state, list_states, load_sharded_tensors, restore_training_state,
-                                 save_training_state)
+from dev2pro.train.state import (STATE_FORMAT, check_same_lora, configured_rank, latest_state, list_states,
+                                 load_sharded_tensors, restore_training_state, save_training_state)
 
 
 class Tiny(torch.nn.Module):
@@ -153,3 +153,43 @@ def test_resume_from_a_pruned_state_lists_the_saved_ones(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UserError, match="not a state folder"):
         restore_training_state(str(tmp_path / "a-file"), tmp_path, model, optimizer, scheduler, gen, sampler, ema)
+
+
+def test_check_same_lora_reads_peft_lokr_and_loha_pieces(tmp_path):
+    """LoKr / LoHa pieces carry the rank in their ``_b`` rows; a LoKr factored nowhere shows none, so the live
+    adapter's configured rank is what is compared, and a saved rank no shape shows is reported as the factoring."""
+    def live(shapes):
+        return {n: torch.zeros(s) for n, s in shapes.items()}
+
+    lokr4 = {"model/b.to_q.lokr_w1.default": [8, 8], "model/b.to_q.lokr_w2_a.default": [8, 4],
+             "model/b.to_q.lokr_w2_b.default": [4, 8]}
+    lokr16 = {"model/b.to_q.lokr_w1.default": [8, 8], "model/b.to_q.lokr_w2.default": [8, 8]}
+    loha = {f"model/b.to_q.hada_w{i}_{ab}.default": ([8, 4] if ab == "a" else [4, 8]) for i in (1, 2) for ab in "ab"}
+    check_same_lora(tmp_path, lokr4, live(lokr4), rank=4)  # the same: nothing to say
+    with pytest.raises(UserError, match=r"rank differs from the saved run's \(rank 4 saved, 16 now\): keep "
+                                        r"lora.rank = 4 to resume"):
+        check_same_lora(tmp_path, lokr4, live(lokr16), rank=16)
+    with pytest.raises(UserError, match=r"factoring differs from the saved run's \(b.to_q saved as lokr_w1 8x8 \+ "
+                                        r"lokr_w2 8x8, now lokr_w1 8x8 \+ lokr_w2_a 8x4 \+ lokr_w2_b 4x8\): keep the "
+                                        r"saved run's lora.rank, lora.lokr_factor and lora.lokr_decompose_both"):
+        check_same_lora(tmp_path, lokr16, live(lokr4), rank=4)
+    with pytest.raises(UserError, match=r"type differs from the saved run's \(loha saved, lokr now\): keep "
+                                        r'lora.type = "loha"'):
+        check_same_lora(tmp_path, loha, live(lokr4), rank=4)
+    loha8 = {n: [s[0], 8] if s[0] == 8 else [8, s[1]] for n, s in loha.items()}
+    with pytest.raises(UserError, match=r"\(rank 4 saved, 8 now\)"):
+        check_same_lora(tmp_path, loha, live(loha8))  # no live rank: read off the hada_w*_b rows
+    check_same_lora(tmp_path, {"model/x.weight": [4, 4]}, live({"model/x.weight": [4, 8]}))  # full fine-tune: later
+
+
+def test_configured_rank_is_the_trained_peft_adapters(tmp_path):
+    from dev2pro.flux.spec import TINY, build_transformer
+    from dev2pro.train.model import add_lora
+
+    model = build_transformer(TINY, seed=0)
+    params = add_lora(model, ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k"], 16, 16.0,
+                      kind="lokr")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(names) == len(params) and all(".lokr_w" in n for n in names)
+    assert configured_rank(model, names) == 16
+    assert configured_rank(model, ["transformer_blocks.0.attn.to_q.weight"]) is None  # a full fine-tune's names

@@ -31,6 +31,7 @@ from ..outputs import NonFiniteError, count_nonfinite
 from . import fp8 as fp8mod
 from . import keys as keymod
 from .header import read_header
+from .weightfiles import transformer_folder, weight_files
 
 LAYOUTS = CHECKPOINT_LAYOUTS
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -143,7 +144,7 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, family:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if path.is_dir():
-        return _open_folder(path, family)
+        return _open_folder(path, family, allow_pickle)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise CheckpointError(f"{path} is a pickle file, which can run arbitrary code when loaded. Convert it "
@@ -152,25 +153,30 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, family:
     return _from_headers(path, {path: read_header(path)}, family=family)
 
 
-def _open_folder(path: Path, family: str | None = None) -> Checkpoint:
-    if (path / "model_index.json").exists():
-        path = path / "transformer"
-    index = path / "diffusion_pytorch_model.safetensors.index.json"
-    single = path / "diffusion_pytorch_model.safetensors"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
-    elif single.exists():
-        files = [single]
-    else:
-        files = sorted(path.glob("*.safetensors"))
+def _open_folder(given: Path, family: str | None = None, allow_pickle: bool = False) -> Checkpoint:
+    path = transformer_folder(given)
+    kind, files = weight_files(path)
     if not files:
-        raise CheckpointError(f"{path} holds no safetensors weights: expected a diffusers model folder "
-                              f"(model_index.json + transformer/) or a transformer folder")
+        raise CheckpointError(f"{path} holds no safetensors weights (nor diffusers' pickle .bin): expected a "
+                              f"diffusers model folder (model_index.json + transformer/) or a transformer folder")
     missing = [f for f in files if not f.exists()]
     if missing:
         raise CheckpointError(f"{path}: shard {missing[0].name} named in the index is missing")
-    ckpt = _from_headers(path, {f: read_header(f) for f in files}, family=family)
+    if kind == "pickle":
+        if not allow_pickle:
+            raise CheckpointError(f"{path} holds its weights as pickle ({files[0].name}"
+                                  f"{f' + {len(files) - 1} more' if len(files) > 1 else ''}), which can run "
+                                  f"arbitrary code when loaded. Convert it to safetensors once (`dev2pro convert "
+                                  f"{given} OUT.safetensors --layout bfl --allow-pickle`) and use that file, or pass "
+                                  f"--allow-pickle (a config's model.allow_pickle = true) if you trust its source")
+        state, headers = {}, {}
+        for f in files:  # shards: one state dict, each key still mapped to the file that holds it
+            part = _load_pickle(f)
+            headers[f] = {k: {"dtype": None, "shape": list(v.shape)} for k, v in part.items()}
+            state.update(part)
+        ckpt = _from_headers(path, headers, state=state, family=family)
+    else:
+        ckpt = _from_headers(path, {f: read_header(f) for f in files}, family=family)
     ckpt.layout = "diffusers-folder"
     if (path / "config.json").exists():
         ckpt.config = json.loads((path / "config.json").read_text())
@@ -178,6 +184,13 @@ def _open_folder(path: Path, family: str | None = None) -> Checkpoint:
 
 
 def _open_pickle(path: Path, family: str | None = None) -> Checkpoint:
+    obj = _load_pickle(path)
+    header = {k: {"dtype": None, "shape": list(v.shape)} for k, v in obj.items()}
+    return _from_headers(path, {path: header}, state=obj, family=family)
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, loaded with ``weights_only`` (tensors and plain containers: no code runs)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -186,9 +199,7 @@ def _open_pickle(path: Path, family: str | None = None) -> Checkpoint:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
-    header = {k: {"dtype": None, "shape": list(v.shape)} for k, v in obj.items()}
-    ckpt = _from_headers(path, {path: header}, state=obj, family=family)
-    return ckpt
+    return obj
 
 
 def _from_headers(path: Path, headers: Mapping[Path, dict], state: dict | None = None,

@@ -3,7 +3,8 @@ caching (or after the run folder exists) is a worse answer than one line at the 
 
 - the training adapter fits the training base: every module it names is a Linear of the base with its shape (a
   FLUX.2 dev adapter on klein, or the reverse, reads as a LoRA of the same family but cannot attach);
-- the text stack the run will load is in the model folder (``Family.check_folder``: FLUX.2 dev's Mistral3);
+- ``model.transformer`` is the model of the ``model.path`` folder (FLUX.1 / FLUX.2 klein / FLUX.2 dev), and the text
+  stack the run will load is in that folder (``Family.check_folder``: FLUX.2 dev's Mistral3);
 - `dev2pro cache` shards were encoded by this family's text stack (FLUX.1's T5 + CLIP records carry a pooled
   vector; FLUX.2 records are one stacked ``prompt_embeds`` as wide as the transformer's context).
 """
@@ -44,6 +45,7 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
     ckpt = open_checkpoint(base, allow_pickle=allow_pickle, family=family)
     check_text_dtype(text_dtype, ckpt.family, "model.text_encoder_dtype = ")
     if needs_text and Path(model_dir).is_dir():
+        check_folder_model(base, model_dir, ckpt)
         ckpt.family.check_folder(Path(model_dir), ckpt.spec())
     if adapter:
         check_adapter(adapter, ckpt, base)
@@ -53,6 +55,35 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
         check_shards(shards, ckpt.family, ckpt.spec())
     if reference:
         check_reference(reference, ckpt.family, "sample.control")
+
+
+def check_folder_model(base: str, model_dir: str, ckpt) -> None:
+    """``model.transformer`` (``ckpt``: its header) of another model than the ``model.path`` folder it is trained with
+    -- FLUX.1 and FLUX.2, or FLUX.2 klein and dev (Qwen3 or Mistral3 text stacks): one line naming both, before the
+    folder's own check asks for components it never had. A folder whose pipeline is unknown is left to that check."""
+    from .. import families
+    from ..families.flux2.text import wants_mistral
+
+    index = Path(model_dir) / "model_index.json"
+    if os.path.realpath(base) == os.path.realpath(model_dir) or not index.is_file():
+        return
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return
+    folder = next((f for f in families.families().values() if name in f.pipelines), None)
+    if folder is None:
+        return
+    made = ckpt.family.title  # FLUX.2: the text stack its context width reads (as the folder check judges it)
+    if ckpt.family.name == "flux2":
+        made += " dev" if wants_mistral(ckpt.spec()) else " klein"
+    where = {"Flux2Pipeline": "FLUX.2 dev", "Flux2KleinPipeline": "FLUX.2 klein"}.get(name, folder.title)
+    if made == where:
+        return
+    parts = "text encoder and VAE do" if folder.name != ckpt.family.name else "text encoder does"
+    raise UserError(f"model.transformer {base} is a {made} transformer, model.path {model_dir} is a {where} folder "
+                    f"({name}), whose {parts} not fit it: set model.path to the {made} model folder the "
+                    f"transformer belongs to, or model.transformer to a {where} transformer")
 
 
 def check_reference(paths: str | Sequence[str], family, field: str, size: tuple[int, int] | None = None) -> None:
