@@ -117,8 +117,9 @@ def add_inspect(sub):
 def add_convert(sub):
     p = sub.add_parser("convert", help="convert a Flux checkpoint between layouts and dtypes (streaming)")
     p.add_argument("src", help="input checkpoint: a .safetensors file or a diffusers folder")
-    p.add_argument("dst", help="output file (missing parent folders are created)")
-    p.add_argument("--layout", choices=CHECKPOINT_LAYOUTS, help="output layout (default: as input)")
+    p.add_argument("dst", help="output file, or folder for --layout diffusers (missing parent folders are created)")
+    p.add_argument("--layout", choices=CHECKPOINT_LAYOUTS,
+                   help="output layout (default: as input; a diffusers folder into NAME.safetensors: one bfl file)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp8", "fp8-scaled"],
                    help="output dtype of the weights (default: as input)")
     p.add_argument("--keep", metavar="GROUPS",

@@ -503,3 +503,23 @@ def test_a_lying_header_is_one_line_naming_the_file(tmp_path, bfl_file, capsys):
         h[key]["shape"] = [-1, 4]
     with pytest.raises(CheckpointError, match=r"has an invalid shape \[-1, 4\]"):
         C.open_checkpoint(_with_header(bfl_file, tmp_path / "negative.safetensors", strange))
+
+
+def test_a_diffusers_folder_into_a_safetensors_name_is_one_bfl_file(tmp_path, tiny_dev_dir, capsys):
+    """`dev2pro convert FOLDER out.safetensors` wrote a diffusers *folder* named out.safetensors; now one BFL file
+    (the layout ComfyUI/Forge/BFL load), a plain name keeps the folder, and --layout diffusers into a .safetensors
+    name is refused naming both fixes."""
+    from dev2pro.cli import main
+
+    assert main(["convert", str(tiny_dev_dir), str(tmp_path / "dev.safetensors"), "--no-progress"]) == 0
+    assert "(layout bfl, dtype as input)" in capsys.readouterr().out
+    one = C.open_checkpoint(tmp_path / "dev.safetensors")
+    assert (tmp_path / "dev.safetensors").is_file() and one.layout == "bfl"
+    assert "double_blocks.0.img_attn.qkv.weight" in one.shapes and not one.missing()
+    folder = flux_convert.convert(tiny_dev_dir, tmp_path / "dev-copy")
+    assert folder.is_dir() and C.open_checkpoint(folder).layout == "diffusers-folder"
+    with pytest.raises(UserError, match=r"--layout diffusers writes a transformer folder .* name a folder "
+                                        r"\(e.g. .*dev2\), or choose --layout bfl or comfy"):
+        flux_convert.convert(tiny_dev_dir, tmp_path / "dev2.safetensors", layout="diffusers")
+    assert not (tmp_path / "dev2.safetensors").exists()
+    assert flux_convert.output_layout("comfy", "x.safetensors") == "comfy"  # a single file keeps its layout

@@ -42,9 +42,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, layout: str | None =
             raise UserError(f"--variant names a FLUX.2 klein file's variant (Base and distilled share their keys); "
                             f"{src} is {ckpt.family.title} {spec.variant}, which its keys already tell")
         extra_metadata = {**ckpt.family.modelspec(spec.with_variant(variant)), **(extra_metadata or {})}
-    layout = layout or ("diffusers" if ckpt.layout.startswith("diffusers") else ckpt.layout)
-    if layout not in LAYOUTS:
-        raise UserError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    layout = output_layout(ckpt.layout, dst, layout)
     missing = ckpt.missing()
     if missing and not allow_incomplete:
         raise CheckpointError(f"{src} is incomplete: it lacks {missing_summary(missing)}, so the converted file "
@@ -195,6 +193,22 @@ def _produce(ckpt: Checkpoint, parts, dtype: torch.dtype) -> torch.Tensor:
 
 DIFFUSERS_FOLDER_FILES = ("config.json", "diffusion_pytorch_model*.safetensors",
                           "diffusion_pytorch_model.safetensors.index.json")
+
+
+def output_layout(source_layout: str, dst: str | os.PathLike, layout: str | None = None) -> str:
+    """The layout ``convert`` writes: ``layout``, else the source's; a diffusers source into ``*.safetensors`` is one
+    BFL file (the diffusers layout is a folder: config.json + shards). UserError for a folder layout into a name that
+    says file, or an unknown layout."""
+    one_file = Path(dst).suffix.lower() == ".safetensors"
+    if layout is None:
+        return ("bfl" if one_file else "diffusers") if source_layout.startswith("diffusers") else source_layout
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if layout == "diffusers" and one_file:
+        raise UserError(f"--layout diffusers writes a transformer folder (config.json + safetensors shards), not the "
+                        f"file {dst}: name a folder (e.g. {Path(dst).with_suffix('')}), or choose --layout bfl or "
+                        f"comfy for one file")
+    return layout
 
 
 def write_diffusers_folder(ckpt: Checkpoint, entries, dst: Path, meta, overwrite: bool, progress,

@@ -88,5 +88,5 @@ def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = N
     finally:
         if bar:
             bar[0].close()
-    print(f"wrote {out} (layout {layout or 'as input'}, dtype {dtype or 'as input'})")
+    print(f"wrote {out} (layout {flux_convert.output_layout(ckpt.layout, dst, layout)}, dtype {dtype or 'as input'})")
     return out
