@@ -105,7 +105,16 @@ def check_loras_fit(header, paths: Sequence, lws: Sequence, base) -> None:
 
 def check_inputs_exist(model_dir: str | os.PathLike, transformer: str | os.PathLike | None,
                        loras: Sequence[tuple[str, float]]) -> None:
-    """Fail fast (before minutes of loading) on a missing model folder, transformer file or LoRA file."""
+    """Fail fast (before minutes of loading) on a missing model folder, transformer file or LoRA file, and on a
+    LoRA and a model passed in each other's place (told from the safetensors header: ``lora.sniff``)."""
+    from .lora.sniff import is_base_model, lora_layout
+
+    sniffable = lambda p: Path(p).is_file() and Path(p).suffix.lower() == ".safetensors"  # noqa: E731
+    if Path(model_dir).is_file():
+        what = ("a LoRA: pass it with --lora (the model is the diffusers model folder)" if sniffable(model_dir)
+                and lora_layout(model_dir) else "a file: pass the diffusers model folder (FLUX.1 or FLUX.2: its text "
+                "encoders and VAE), and a transformer file with --transformer")
+        raise UserError(f"model folder {model_dir} is {what}")
     if not Path(model_dir).is_dir():
         raise UserError(f"model folder {model_dir} does not exist: pass a diffusers model folder (FLUX.1 or FLUX.2)")
     if transformer is not None and not Path(transformer).exists():
@@ -113,6 +122,9 @@ def check_inputs_exist(model_dir: str | os.PathLike, transformer: str | os.PathL
     for lora_path, _ in loras:
         if not Path(lora_path).is_file():
             raise UserError(f"LoRA file {lora_path} does not exist")
+        if sniffable(lora_path) and is_base_model(lora_path):
+            raise UserError(f"LoRA file {lora_path} is a base model (a Flux transformer), not a LoRA: render it with "
+                            f"--transformer {lora_path} (or merge a LoRA into it with dev2pro lora merge)")
 
 
 # model_index.json's pipeline -> the folder's name in messages (FLUX.2 klein and dev share a family, not a text stack)

@@ -97,10 +97,20 @@ def test_fp8_checkpoint_kept_in_fp8(tiny_dev_dir, tmp_path):
      "transformer checkpoint .* does not exist"),
     (["--model", "{dev}", "--prompt", "x", "--seeds", "1,b", "--out", "{tmp}/o"], "integers"),
     (["--model", "{pro}", "--mode", "embedded", "--prompt", "x", "--out", "{tmp}/o"], "guidance embedding"),
+    (["--model", "{tmp}/lora.safetensors", "--prompt", "x", "--out", "{tmp}/o"],
+     "model folder .*lora.safetensors is a LoRA: pass it with --lora"),
+    (["--model", "{dev}/transformer/diffusion_pytorch_model.safetensors", "--prompt", "x", "--out", "{tmp}/o"],
+     "is a file: pass the diffusers model folder .* and a transformer file with --transformer"),
+    (["--model", "{dev}", "--lora", "{dev}/transformer/diffusion_pytorch_model.safetensors", "--prompt", "x", "--out",
+      "{tmp}/o"], "is a base model .* not a LoRA: render it with --transformer"),
 ])
 def test_clear_errors_before_any_loading(argv, message, tiny_dev_dir, tiny_pro_dir, tmp_path):
+    from dev2pro.lora.formats import LoraModule, LoraWeights, save_lora
+
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "a.png").write_bytes(b"")
+    save_lora(LoraWeights({"transformer_blocks.0.attn.to_q": LoraModule(torch.zeros(2, 32), torch.zeros(32, 2),
+                                                                         2.0)}), tmp_path / "lora.safetensors", "kohya")
     argv = [a.format(tmp=tmp_path, dev=tiny_dev_dir, pro=tiny_pro_dir) for a in argv]
     with pytest.raises(UserError, match=message):
         cli(*argv, *FAST)
@@ -195,6 +205,15 @@ def test_a_dedistilled_export_renders_with_true_cfg_at_guidance_1(tiny_dev_dir, 
     spec1 = open_checkpoint(tiny_dev_dir).spec()
     assert S.default_guidance(spec1, {**flow, "dev2pro.objective": "guidance_distill"}) == (3.5, 1.0)
     assert S.default_guidance(spec1, {**flow, "dev2pro.objective": "cfg_teacher"}, cfg=1.0) == (1.0, 1.0)
+    # dev + a de-distillation adapter = dev2pro: rendered as dev2pro is used (as training's with_adapter grids)
+    from dev2pro.lora.formats import LoraModule, LoraWeights, save_lora
+    adapter = save_lora(LoraWeights({"transformer_blocks.0.attn.to_q": LoraModule(
+        torch.full((2, 64), 0.01), torch.full((64, 2), 0.01), 2.0)}), tmp_path / "a.safetensors", "kohya",
+        metadata={**flow, "dev2pro.kind": "training_adapter"})
+    cli("--model", tiny_dev_dir, "--adapter", adapter, "--out", tmp_path / "ad", *size)
+    assert _settings(tmp_path / "ad" / "000-a-red-cat-s0.png")["guidance"] == {"mode": "embedded", "embedded": 1.0,
+                                                                                "cfg": 3.5}
+    assert "+ adapter a.safetensors is a dev2pro de-distillation" in capsys.readouterr().out
     # calibrate: --reference-cfg / --cfg on a de-distilled export is its true CFG scale, at guidance 1
     from dev2pro.recipes.calibrate import _settings as calibrated
     assert calibrated(spec1, flow, None, None) == (20, 1.0, 3.5) and calibrated(spec1, flow, 8, 5.) == (8, 1.0, 5.0)

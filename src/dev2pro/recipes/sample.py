@@ -17,6 +17,7 @@ import torch
 from .. import sampling as S
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
+from ..flux.header import read_header
 from ..arguments import check_size
 from ..config import as_list, parse_size
 from ..data.buckets import fitted_references
@@ -67,6 +68,16 @@ def _print_notes(spec, base, loras) -> None:
     notes = [S.unknown_variant_note(spec, base)] + [strength_note(p, s, spec.variant) for p, s in loras]
     for note in filter(None, notes):
         print(note)
+
+
+def _rendered_model(metadata, base: str, adapter) -> tuple[dict, str]:
+    """(metadata, name) of what is rendered: the base, or base + a de-distillation adapter (dev + adapter = dev2pro,
+    rendered as dev2pro is used, as training's with_adapter grids)."""
+    if adapter and adapter[1] > 0:
+        own = read_header(Path(adapter[0])).get("__metadata__") or {}
+        if S.dedistilled(own):
+            return own, f"{Path(base).name} + adapter {Path(adapter[0]).name}"
+    return metadata, Path(base).name
 
 
 def _guidance(spec, metadata, name: str, guidance: float | None, cfg: float | None, mode: str):
@@ -123,7 +134,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     _print_notes(spec, transformer or model, loras)
     image = _reference_arg(image, family, (width, height), loras)
     steps = steps if steps is not None else S.own_settings(spec)[0]
-    g = _guidance(spec, header.metadata, Path(transformer or model).name, guidance, cfg, mode)
+    g = _guidance(spec, *_rendered_model(header.metadata, transformer or model, adapter), guidance, cfg, mode)
 
     device = S.default_device()
     dtype = S.default_dtype(device)

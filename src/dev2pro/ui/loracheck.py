@@ -1,43 +1,18 @@
 """Is the Models page's convert source a LoRA? `dev2pro convert` converts base models (Flux transformers); given a
 LoRA it fails only inside the queued job ("not a Flux transformer checkpoint ... a LoRA"). The page refuses it
-before a job is queued, from the safetensors headers alone (``flux.header.read_header``: no tensor is read, no
-torch needed), and names the command that converts a LoRA's layout.
+before a job is queued, from the safetensors headers alone (``lora.sniff``), and names the command that converts
+a LoRA's layout.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..choices import LORA_LAYOUTS
 from ..errors import UserError
-from ..flux.header import read_header
+from ..lora.sniff import lora_layout
 
-# a base model's probe keys (flux.keys.strip_prefix: BFL/ComfyUI and diffusers layouts), with any prefix
-_MODEL_KEY = re.compile(r"(^|\.)(img_in|x_embedder)\.weight$")
-# LoRA keys in any layout lora.formats reads: kohya lora_unet_*/lora_te*, lora_down/up, PEFT lora_A/B, XLabs
-# *_lora*, and LyCORIS/DoRA (lora.formats.detect_layout's own signs)
-_LORA_KEY = re.compile(r"lora|dora_scale|lokr_|hada_|\.oft_", re.IGNORECASE)
 MAX_FILES = 8  # a folder's .safetensors files looked at (a LoRA folder holds one or two)
-
-
-def lora_layout(path: Path) -> str | None:
-    """The LoRA layout of safetensors file ``path`` (``kohya``, ``comfy``, ``diffusers``, ``xlabs``, or ``LoRA``
-    when lora.formats names none), None when it is not a LoRA; CheckpointError for a damaged header."""
-    header = read_header(path)
-    keys = [k for k in header if k != "__metadata__"]
-    meta = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
-    if any(_MODEL_KEY.search(k) for k in keys):
-        return None  # a base model (a LoRA names these layers with .lora_A/.lora_down in the key)
-    marked = str(meta.get("modelspec.architecture", "")).endswith("/lora") or "ss_network_module" in meta
-    if not (marked or any(_LORA_KEY.search(k) for k in keys)):
-        return None
-    from ..lora.formats import detect_layout  # lazy: imports torch (loaded at start-up by planview)
-
-    try:
-        return detect_layout(keys)
-    except UserError:  # LyCORIS, text-encoder only, a layout it does not read: still a LoRA
-        return "LoRA"
 
 
 def lora_files(src: Path) -> list[Path]:
