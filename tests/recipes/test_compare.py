@@ -197,7 +197,10 @@ name = "base"
 cfg = 4.0
 ''')
     cli(config, "--out", tmp_path / "out")
-    arms = {a["name"]: a for a in json.loads((tmp_path / "out" / "results.json").read_text())["arms"]}
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    arms = {a["name"]: a for a in results["arms"]}
+    assert results["steps"] == [2, 4]  # what the arms rendered at, not the config's default alone
+    assert "<td>2 / 4 (per arm)</td>" in (tmp_path / "out" / "report.html").read_text()
     assert arms["distilled"]["steps"] == 4 and arms["distilled"]["guidance"]["cfg"] == 1.0
     assert arms["base"]["steps"] == 2 and arms["base"]["guidance"] == {"mode": "true_cfg", "embedded": None,
                                                                          "cfg": 4.0}

@@ -156,7 +156,9 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     blocks = [S.make_grid(images[a.name], rows=len(cfg.prompts), cols=len(cfg.seeds)) for a in cfg.arms]
     grid = S.make_grid(blocks, rows=1, cols=len(blocks), labels=[a.name for a in cfg.arms], pad=BLOCK_PAD)
     width, height = next(iter(images.values()))[0].size  # what was rendered is what results.json records
-    results = dict(model=cfg.model, prompts=cfg.prompts, negative=cfg.negative, seeds=cfg.seeds, steps=cfg.steps,
+    steps = sorted({int(a["steps"]) for a in arm_info})  # an arm's own (a step-distilled base: its 4)
+    results = dict(model=cfg.model, prompts=cfg.prompts, negative=cfg.negative, seeds=cfg.seeds,
+                   steps=steps[0] if len(steps) == 1 else steps,  # what was rendered, not the config's default
                    width=width, height=height, image=cfg.image, arms=arm_info, distances=distances, config=to_dict(cfg))
     files = {}  # (arm, image index) -> path inside the output folder
     for info in arm_info:
@@ -225,6 +227,10 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _steps(steps) -> str:
+    return str(steps) if isinstance(steps, int) else " / ".join(map(str, steps)) + " (per arm)"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -264,7 +270,7 @@ def render_report(results: dict, grid, images: dict[str, list], reference=None) 
         per_prompt.append(f"<h3>{html.escape(prompt)}</h3><table><tr>{cells}</tr></table>")
     shared = _table(["model", "negative", "seeds", "steps", "size"],
                     [[results["model"], results["negative"] or "(empty)", ", ".join(map(str, results["seeds"])),
-                      results["steps"], f"{results['width']}x{results['height']}"]])
+                      _steps(results["steps"]), f"{results['width']}x{results['height']}"]])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dev2pro compare: {html.escape(' vs '.join(names))}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;margin:.5em 0}}
