@@ -147,8 +147,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     enable_block_swap(base, blocks_to_swap, device)  # .to(device) when 0; keeps fp8 storage dtypes
     pipe = family.build_pipeline(components, base, distilled=S.step_distilled(spec))
     pipe.vae.to(device)
-    print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); {g.describe()}{' (embedded)' if g.mode == 'embedded' and g.cfg <= 1 else ''}; "
-          f"{len(loras)} LoRA(s)" + (f" + adapter {adapter[0]}" if adapter else "")
+    mode = " (embedded)" if g.mode == "embedded" and g.cfg <= 1 else ""  # "guidance 3.5" alone could read as CFG
+    print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); {g.describe()}{mode}; {len(loras)} LoRA(s)" + (f" + adapter {adapter[0]}" if adapter else "")
           + f"; loaded in {time.time() - t0:.1f}s")
 
     t0 = time.time()
