@@ -188,7 +188,8 @@ def run_demo_klein(out: str = "demo-klein-out", profile: str = "default", seeds:
     quiet_libraries()
     torch.set_num_threads(1)  # two threads on two busy cores are several times slower than one
     root = Path(out).resolve()
-    resumed = prepare_run_folder(root, {"version": 1, "family": "flux2-klein", "profile": profile, **asdict(p)}, overwrite)
+    resumed = prepare_run_folder(root, {"version": 1, "family": "flux2-klein", "profile": profile, **asdict(p)},
+                                 overwrite)
     clock = StageClock()
 
     print("[1/5] data: scikit-learn digits -> image folders -> shards (klein's Qwen3 text, 32-channel pixel codec)")

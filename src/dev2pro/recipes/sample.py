@@ -148,8 +148,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     pipe = family.build_pipeline(components, base, distilled=S.step_distilled(spec))
     pipe.vae.to(device)
     mode = " (embedded)" if g.mode == "embedded" and g.cfg <= 1 else ""  # "guidance 3.5" alone could read as CFG
-    print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); {g.describe()}{mode}; {len(loras)} LoRA(s)" + (f" + adapter {adapter[0]}" if adapter else "")
-          + f"; loaded in {time.time() - t0:.1f}s")
+    print(f"base {ckpt.path} ({ckpt.layout}, {ckpt.spec().variant}); {g.describe()}{mode}; {len(loras)} LoRA(s)"
+          + (f" + adapter {adapter[0]}" if adapter else "") + f"; loaded in {time.time() - t0:.1f}s")
 
     t0 = time.time()
     refs = {"references": [fitted_references(image, (width, height))] * len(prompts)} if image else {}
