@@ -24,7 +24,8 @@ from .schemas import DedistillConfig, TrainConfig, load_dedistill_config, load_t
 SAMPLE_MODES = GUIDANCE_MODES
 TINY_FAMILIES = ("flux1", "flux2-klein", "flux2-dev")
 OVERWRITE_HELP = "replace an existing output (without it, existing outputs are never touched)"
-PICKLE_HELP = "allow .ckpt/.pt files (unpickling can run code: only for files you trust)"
+PICKLE_HELP = ("allow pickle weights: .ckpt/.pt/.pth/.bin files and diffusers folders holding .bin (unpickling can run "
+               "code: only for files you trust)")
 
 
 # ------------------------------------------------------------------------------------------------ argument types
@@ -255,6 +256,7 @@ def add_sample(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier output of this command (a folder holding other files is refused)")
     p.add_argument("--fp8", action="store_true", help="keep fp8 checkpoints in fp8 storage (less memory)")
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP + "; the transformer only")
     p.add_argument("--blocks-to-swap", type=bounded_int(0, 1000), default=0, metavar="N",
                    help="keep N transformer blocks' weights in host RAM, copied in just before use (less VRAM)")
     p.add_argument("--adapter", default=None, metavar="FILE[:SCALE]",
@@ -273,7 +275,7 @@ def add_sample(sub):
         run_sample(a.model, prompts, a.out, transformer=a.transformer, loras=a.lora, negative=a.negative,
                    guidance=a.guidance, cfg=a.cfg, mode=a.mode, steps=a.steps, size=a.size, seeds=seeds,
                    overwrite=a.overwrite, fp8=a.fp8, blocks_to_swap=a.blocks_to_swap, adapter=a.adapter,
-                   image=a.image)
+                   image=a.image, allow_pickle=a.allow_pickle)
     p.set_defaults(run=run)
 
 

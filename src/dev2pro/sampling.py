@@ -65,17 +65,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_base(path: str | os.PathLike, loras: Sequence[tuple[str, float]] = (), dtype: torch.dtype = torch.float32,
-              fp8_storage: bool = False):
+              fp8_storage: bool = False, allow_pickle: bool = False):
     """Transformer from any checkpoint ``load_transformer`` reads, with LoRAs (path, scale) applied as adapters.
 
     Returns (transformer, Checkpoint). With ``fp8_storage`` fp8 files stay fp8 in memory (compute in ``dtype``).
     A LoRA of the other model family (a FLUX.2 LoRA on a FLUX.1 base, or back) is a one-line UserError naming both.
     """
-    header = open_checkpoint(path) if loras else None  # headers only: a wrong LoRA fails before the load
+    header = open_checkpoint(path, allow_pickle=allow_pickle) if loras else None  # headers: a wrong LoRA fails first
     lws = [load_lora(lora_path, family=header.family, base=path) for lora_path, _ in loras]
     if loras:
         check_loras_fit(header, [p for p, _ in loras], lws, path)
-    transformer, ckpt = load_transformer(path, dtype=dtype, fp8_storage=fp8_storage)
+    transformer, ckpt = load_transformer(path, dtype=dtype, fp8_storage=fp8_storage, allow_pickle=allow_pickle)
     for i, (lw, (lora_path, scale)) in enumerate(zip(lws, loras)):
         try:  # peft keeps adapters in ModuleDicts: names must be unique and free of '.'
             apply_lora(transformer, lw, scale=scale, adapter_name=f"lora{i}")

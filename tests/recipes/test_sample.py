@@ -218,3 +218,18 @@ def test_a_dedistilled_export_renders_with_true_cfg_at_guidance_1(tiny_dev_dir, 
     from dev2pro.recipes.calibrate import _settings as calibrated
     assert calibrated(spec1, flow, None, None) == (20, 1.0, 3.5) and calibrated(spec1, flow, 8, 5.) == (8, 1.0, 5.0)
     assert calibrated(spec1, {}, None, 2.0) == (20, 2.0, 1.0) and calibrated(spec2, {}, None, None) == (50, 4.0, 1.0)
+
+
+def test_a_pickled_transformer_samples_with_allow_pickle_only(tiny_dev_dir, tmp_path):
+    """The refusal names --allow-pickle, so `sample` has it: with it the .pt transformer renders the same image."""
+    from safetensors.torch import load_file
+
+    pt = tmp_path / "dev.pt"
+    torch.save(load_file(str(tiny_dev_dir / "transformer" / "diffusion_pytorch_model.safetensors")), pt)
+    size = ["--size", "32x32", "--prompt", "a red cat", "--steps", "2"]
+    with pytest.raises(UserError, match="pickle file.*--allow-pickle"):
+        cli("--model", tiny_dev_dir, "--transformer", pt, "--out", tmp_path / "no", *size)
+    cli("--model", tiny_dev_dir, "--transformer", pt, "--out", tmp_path / "pt", "--allow-pickle", *size)
+    cli("--model", tiny_dev_dir, "--out", tmp_path / "st", *size)
+    a, b = (np.asarray(Image.open(tmp_path / d / "000-a-red-cat-s0.png")) for d in ("pt", "st"))
+    assert np.array_equal(a, b)

@@ -104,7 +104,8 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
                size: str | tuple[int, int] = (1024, 1024),
                seeds: Sequence[int] = (0,), overwrite: bool = False, fp8: bool = False,
                max_sequence_length: int = 512, blocks_to_swap: int = 0,
-               adapter: str | tuple[str, float] | None = None, image: str | list[str] | None = None) -> list[Path]:
+               adapter: str | tuple[str, float] | None = None, image: str | list[str] | None = None,
+               allow_pickle: bool = False) -> list[Path]:
     """Render every prompt x seed; returns the written PNG paths (the grid last, when there is one).
 
     ``adapter`` (path[:scale]): a training adapter (e.g. dev -> dev2pro) added as a side branch after the LoRAs,
@@ -127,7 +128,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     names = [png_name(pi, prompt, seed) for pi, prompt in enumerate(prompts) for seed in seeds]
     names += ["grid.png"] if len(names) > 1 else []
     check_owned_folder(out, overwrite, "sample", names, "sample folder")  # before minutes of loading and rendering
-    header = open_checkpoint(transformer or model)
+    header = open_checkpoint(transformer or model, allow_pickle=allow_pickle)
     if transformer:
         S.check_folder_family(model, transformer, header)
     family, spec = header.family, header.spec()
@@ -141,7 +142,7 @@ def run_sample(model: str, prompts: Sequence[str], out: str, *, transformer: str
     t0 = time.time()
     components, embeds, negative_embeds = S.prepare_family(model, family, prompts, negative, device, dtype,
                                                            max_sequence_length)
-    base, ckpt = S.load_base(transformer or model, loras, dtype, fp8_storage=fp8)
+    base, ckpt = S.load_base(transformer or model, loras, dtype, fp8_storage=fp8, allow_pickle=allow_pickle)
     if adapter:  # before the block swap: its weights, like the LoRAs', stay on the device
         adaptermod.attach_file(base, adapter[0], adapter[1], torch.float32 if dtype == torch.float32 else dtype)
     enable_block_swap(base, blocks_to_swap, device)  # .to(device) when 0; keeps fp8 storage dtypes
