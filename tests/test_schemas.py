@@ -164,6 +164,32 @@ def test_print_config_renders_and_reloads(tmp_path, capsys, command, loader):
     assert Path(cfg.model.path) == tmp_path / "m"
 
 
+def test_print_config_leaves_model_dependent_defaults_to_the_model(tmp_path, capsys, flux2_dev_dir,
+                                                                   klein_base_dir):
+    """sample.guidance / sample.cfg default to the base's own (FLUX.2 dev 4.0, klein Base true CFG 4.0) when a
+    config does not set them; --print-config printed them as 'guidance = 3.5', so a config made from it pinned
+    FLUX.1's 3.5 on FLUX.2. They are commented out now; uncommented, they pin as any written key does."""
+    from dev2pro.cli import main
+
+    assert main(["train", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "\n# guidance = 3.5  (unset: the model's own" in text and "\n# cfg = 3.5  (unset" in text
+    assert "\nguidance = 3.5" not in text and "\ncfg = 3.5" not in text
+    assert "\nguidance = 1.0" in text  # train.guidance is the recipe's (Dev2Pro trains at 1.0), not the model's
+
+    def filled(model, text=text):
+        return _write(tmp_path, text.replace('path = ""', f'path = "{model}"', 1).replace(
+            'output_dir = ""', f'output_dir = "{tmp_path / "o"}"').replace(
+            'shards = ""', f'shards = "{tmp_path / "s.json"}"'), f"{Path(model).name}.toml")
+
+    dev = load_train_config(filled(flux2_dev_dir))
+    assert dev.sample.guidance == 4.0 and dev.sample.cfg == 3.5  # dev: embedded 4.0 (Flux2Pipeline's)
+    assert load_train_config(filled(klein_base_dir)).sample.cfg == 4.0  # klein Base: true CFG 4.0
+    pinned = text.replace("# guidance = 3.5  (unset", "guidance = 3.5  # (unset")
+    assert load_train_config(filled(flux2_dev_dir, pinned)).sample.guidance == 3.5
+    assert "\nguidance = 4.0\n" in render_toml(dev)  # a run's saved config.toml keeps the value it used
+
+
 def test_the_example_configs_load():
     root = (Path(__file__).parents[1] / "configs").resolve()
     d = load_dedistill_config(root / "dedistill.toml")

@@ -32,11 +32,13 @@ from .errors import ConfigError
 INT_LIMIT = 2**31 - 1  # no count, size or seed in a config needs more; 2^63-1 steps is a typo, not a plan
 
 
-def opt(default, help: str = "", choices: tuple | None = None, *, path: bool = False):
+def opt(default, help: str = "", choices: tuple | None = None, *, path: bool = False, model_default: bool = False):
     """A config field with help text (and optional allowed values) for --print-config and validation.
 
-    ``path=True``: a file or folder; the loader resolves a relative value against the config file's folder."""
-    kw = {"metadata": {"help": help, "choices": choices, "path": path}}
+    ``path=True``: a file or folder; the loader resolves a relative value against the config file's folder.
+    ``model_default=True``: an absent key gets the model's own value from the loader (a base's sampling guidance);
+    --print-config shows it commented out, so a config made from that output keeps the model's default."""
+    kw = {"metadata": {"help": help, "choices": choices, "path": path, "model_default": model_default}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), **kw)
     if dataclasses.is_dataclass(default):
@@ -389,14 +391,15 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def render_toml(cfg, with_help: bool = True) -> str:
-    """The config as TOML, with each option's help as a comment (for --print-config and saved runs)."""
+def render_toml(cfg, with_help: bool = True, template: bool = False) -> str:
+    """The config as TOML, with each option's help as a comment (for --print-config and saved runs). ``template``
+    (--print-config: a schema's defaults, not a run's values): ``model_default`` fields are commented out."""
     lines: list[str] = []
-    _render(cfg, lines, "", with_help)
+    _render(cfg, lines, "", with_help, template)
     return "\n".join(lines).strip() + "\n"
 
 
-def _render(cfg, lines: list[str], prefix: str, with_help: bool):
+def _render(cfg, lines: list[str], prefix: str, with_help: bool, template: bool = False):
     scalars = [f for f in dataclasses.fields(cfg) if not dataclasses.is_dataclass(getattr(cfg, f.name))
                and not _is_table_list(getattr(cfg, f.name))]
     for f in scalars:
@@ -404,7 +407,9 @@ def _render(cfg, lines: list[str], prefix: str, with_help: bool):
         if with_help and f.metadata.get("help"):
             lines.append(f"# {f.metadata['help']}" + (f" ({' | '.join(map(str, f.metadata['choices']))})"
                                                        if f.metadata.get("choices") else ""))
-        lines.append(f"{f.name} = {_toml_value(v)}" if v is not None else f"# {f.name} = (unset)")
+        line = f"{f.name} = {_toml_value(v)}" if v is not None else f"# {f.name} = (unset)"
+        lines.append(f"# {line}  (unset: the model's own; uncomment to use {_toml_value(v)} with every model)"
+                     if template and v is not None and f.metadata.get("model_default") else line)
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
@@ -412,12 +417,12 @@ def _render(cfg, lines: list[str], prefix: str, with_help: bool):
             if with_help and f.metadata.get("help"):
                 lines.append(f"# {f.metadata['help']}")
             lines.append(f"[{prefix}{f.name}]")
-            _render(v, lines, f"{prefix}{f.name}.", with_help)
+            _render(v, lines, f"{prefix}{f.name}.", with_help, template)
         elif _is_table_list(v):
             for item in v:
                 lines.append("")
                 lines.append(f"[[{prefix}{f.name}]]")
-                _render(item, lines, f"{prefix}{f.name}.", with_help)
+                _render(item, lines, f"{prefix}{f.name}.", with_help, template)
 
 
 def _is_table_list(v) -> bool:
@@ -477,7 +482,7 @@ def add_config_command(sub, name: str, help: str, schema: type | None = None, lo
         if getattr(a, "overwrite", False):
             a.set = [*a.set, "save.overwrite=true"]
         if a.print_config:
-            print(render_toml(schema_()), end="")
+            print(render_toml(schema_(), template=True), end="")
             return
         if not a.config:
             raise ConfigError(f"pass a config file: dev2pro {name} CONFIG.toml (see --print-config)")

@@ -329,7 +329,7 @@ class SampleBase:
     height: int = opt(512, "sample height (multiple of 16)")
     size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
     cfg: float = opt(3.5, "true CFG scale for bases without guidance embedding (unset: the base's own, e.g. "
-                          "4.0 for FLUX.2 klein Base)")
+                          "4.0 for FLUX.2 klein Base)", model_default=True)
 
     def validate(self):
         resolve_size(self)
@@ -350,7 +350,7 @@ class SampleBase:
 class SampleSection(SampleBase):
     negative: str = opt("", "negative prompt for true CFG (bases without guidance embedding)")
     guidance: float = opt(3.5, "embedded guidance on guidance-distilled bases (unset: the base's own: FLUX.1 dev "
-                               "3.5, FLUX.2 dev 4.0)")
+                               "3.5, FLUX.2 dev 4.0)", model_default=True)
     with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
                                     "dev2pro), as step*-adapter.png")
     baseline: bool = opt(True, "render a step-0 grid (the base before training) to compare the others with")

@@ -111,3 +111,79 @@ def test_ranks_mode_reports_fidelity_and_writes_no_lora(tmp_path, pair, capsys):
         main(["lora", "extract", "--base", str(a), "--tuned", str(b), str(tmp_path / "f2.json"), "--ranks", "a,b"])
     assert exit_.value.code == 2
     assert "--ranks 'a,b' must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_a_target_not_met_is_said_whether_or_not_energy_was_given(tmp_path, pair, capsys):
+    """Without --energy the default 0.9 target was 'recommended: <the cap>' with no warning even when that rank
+    kept far less; with --ranks the same claim stood beside 'no rank in --ranks keeps 0.9'. Now: 'none up to rank
+    k', the energy that rank keeps, and what to do -- in both modes, and energy_target_met in the report."""
+    a, b, _ = pair
+    assert main(["lora", "extract", "--base", str(a), "--tuned", str(b), str(tmp_path / "x.safetensors"),
+                 "--rank", "1"]) == 0
+    out, err = capsys.readouterr()
+    rep = json.loads((tmp_path / "x.safetensors.json").read_text())
+    kept = rep["total"]["energy_by_rank"]["1"]
+    assert kept < 0.9 and rep["recommended_rank"] == 1 and rep["energy_target_met"] is False
+    assert f"recommended rank for 0.9 of the energy: none up to rank 1 (it keeps {kept:.4f}" in out
+    assert f"rank 1 keeps {kept:.3f} of the energy in total, short of the 0.9 target: raise --rank" in err
+    assert any("short of the 0.9 target" in w for w in rep["warnings"])
+    assert main(["lora", "extract", "--base", str(a), "--tuned", str(b), str(tmp_path / "f.json"),
+                 "--ranks", "1,2"]) == 0
+    out, err = capsys.readouterr()
+    assert "recommended rank for 0.9 of the energy: none up to rank 2" in out
+    assert "recommended rank for 0.9 of the energy: 2\n" not in out  # no claim the warning then contradicts
+    assert "no rank in --ranks keeps 0.9 of the energy in total (the largest, 2, keeps" in err
+    assert json.loads((tmp_path / "f.json").read_text())["energy_target_met"] is False
+    # met: the smallest rank that keeps it, no warning about the target
+    rep = T.extract_lora(str(a), str(b), str(tmp_path / "y.safetensors"), rank=4)
+    assert rep["energy_target_met"] and rep["recommended_rank"] <= 4
+    assert not any("target" in w for w in rep["warnings"])
+    # a --rank off the 1, 2, 4, ... ladder is on it in the report: the best rank is the one asked for
+    rep = T.extract_lora(str(a), str(b), str(tmp_path / "z.safetensors"), rank=3, energy=0.999999)
+    assert list(rep["total"]["energy_by_rank"]) == [1, 2, 3] and rep["total"]["energy_by_rank"][3] < 0.999999
+    assert rep["recommended_rank"] == 3 and not rep["energy_target_met"]
+
+
+def _fp8_copy(src, dst):
+    from dev2pro.flux import convert as flux_convert
+
+    return flux_convert.convert(src, dst, layout="bfl", dtype="fp8-scaled")
+
+
+def test_an_fp8_side_is_warned_about_with_its_measured_rounding(tmp_path, pair, capsys):
+    """An fp8 copy's rounding is part of B - A: extracting from it makes a LoRA of rounding noise. The header says
+    which side is fp8; the rounding is measured (the exact side re-quantised) against the difference."""
+    from safetensors.torch import load_file
+
+    from dev2pro.flux import checkpoint as C
+
+    a, b, _ = pair
+    small = load_file(str(b))  # a fine-tune's change well below fp8's rounding: ~0.3% of each weight
+    base = load_file(str(a))
+    for k in small:
+        small[k] = base[k] + 0.003 * (small[k] - base[k]) / max(float((small[k] - base[k]).abs().max()), 1e-12) * \
+            base[k].abs().mean()
+    tuned = tmp_path / "tuned.safetensors"
+    save_file(small, str(tuned))
+    tuned8 = _fp8_copy(tuned, tmp_path / "tuned-fp8.safetensors")
+    rep = T.extract_lora(str(a), str(tuned8), str(tmp_path / "x.safetensors"), rank=2)
+    err = capsys.readouterr().err
+    assert rep["fp8"]["sides"] == {"--tuned": {"path": str(tuned8), "format": "fp8-scaled"}}
+    assert 0 < rep["fp8"]["layers_measured"] <= T.FP8_PROBE_LAYERS
+    # the measured share against the truth (the fp8 copy against the exact tuned weights), on every layer
+    ca, c8, ct = (C.open_checkpoint(p) for p in (a, tuned8, tuned))
+    num = den = 0.0
+    for key, shape in ca.shapes.items():
+        if len(shape) == 2:
+            w8, wt, wa = (c.get_dequantized(key, torch.float32) for c in (c8, ct, ca))
+            num, den = num + float((w8 - wt).square().sum()), den + float((w8 - wa).square().sum())
+    assert rep["fp8"]["rounding_share"] > 0.5 and abs(rep["fp8"]["rounding_share"] - num / den) < 0.15
+    assert f"--tuned {tuned8} stores fp8 weights (fp8-scaled): about" in err
+    assert "mostly rounding noise; extract from the bf16/fp32 files instead" in err
+    assert "extract from the bf16/fp32 files rather than raising the rank" in err  # not 'raise --rank'
+    # the exact files: no fp8 warning; fp8 on both sides: said, without a measurement
+    assert "fp8" not in T.extract_lora(str(a), str(tuned), str(tmp_path / "y.safetensors"), rank=2)
+    a8 = _fp8_copy(a, tmp_path / "a-fp8.safetensors")
+    rep = T.extract_lora(str(a8), str(tuned8), str(tmp_path / "z.safetensors"), rank=2)
+    assert set(rep["fp8"]["sides"]) == {"--base", "--tuned"} and "rounding_share" not in rep["fp8"]
+    assert any(w.startswith(f"--base {a8} and --tuned {tuned8} store fp8 weights") for w in rep["warnings"])

@@ -1,5 +1,7 @@
 """What `dev2pro inspect` reports about an opened checkpoint: layout, variant, sizes, dtypes per tensor group and
-the transformer tensors a complete model would have that the file lacks."""
+the transformer tensors a complete model would have that the file lacks. A dev2pro de-distillation export is said
+to be one (its ``dev2pro.*`` metadata: objective, steps, start), with the guidance `dev2pro sample` renders it at:
+its keys alone make a flow/cfg_teacher export look like dev, which is sampled with embedded guidance instead."""
 
 from __future__ import annotations
 
@@ -38,9 +40,42 @@ def missing_summary(missing: list[str], limit: int = 4) -> str:
     return f"{shown} ({len(missing)} tensor{'s' if len(missing) != 1 else ''})"
 
 
+def dedistillation(ckpt: Checkpoint, spec) -> dict | None:
+    """A dev2pro de-distillation export's own account (``dev2pro.recipe = dedistill``): objective, training steps,
+    start weights and, for a flow / cfg_teacher export (``sampling.dedistilled``: trained at guidance 1), the
+    guidance and true-CFG scale `dev2pro sample` gives it by default (``sampling.default_guidance``). None for
+    any other file."""
+    meta = ckpt.metadata
+    if meta.get("dev2pro.recipe") != "dedistill":
+        return None
+    from ..sampling import dedistilled, default_guidance  # diffusers (seconds): only for a dev2pro export
+
+    steps = meta.get("dev2pro.steps", "")
+    out = {"objective": meta.get("dev2pro.objective") or "unknown", "steps": int(steps) if steps.isdigit() else None,
+           "start": meta.get("dev2pro.start") or None, "dedistilled": dedistilled(meta)}
+    if out["dedistilled"]:
+        guidance, cfg = default_guidance(spec, meta)
+        out.update(trained_guidance=1.0, sample_guidance=guidance if spec.guidance_embeds else None, sample_cfg=cfg)
+    return out
+
+
+def _dedistill_detail(d: dict, plain: str) -> str:
+    """``variant_detail`` for a de-distillation export; ``plain`` is what its keys alone say."""
+    made = f"objective {d['objective']}" + (f", {d['steps']} steps" if d["steps"] is not None else "") + \
+        (f" from {d['start']}" if d["start"] else "")
+    if not d["dedistilled"]:  # guidance_distill: a dev-like student, sampled as dev
+        return f"dev2pro de-distillation export ({made}): {plain}"
+    at = f" at guidance {d['sample_guidance']:g}" if d["sample_guidance"] is not None else \
+        " (no guidance embedding)"
+    return (f"dev2pro de-distillation ({made}), trained at guidance 1: sample with true CFG {d['sample_cfg']:g}{at}, "
+            f"as `dev2pro sample` does by default (not with dev's embedded guidance)")
+
+
 def describe(ckpt: Checkpoint) -> dict:
     """Everything ``dev2pro inspect`` reports, as a JSON-able dict."""
     spec = ckpt.spec()
+    dedistill = dedistillation(ckpt, spec)
+    detail = ckpt.family.describe_variant(spec)
     missing = ckpt.missing()
     groups: dict[str, dict[str, int]] = {}
     for k, d in ckpt.dtypes.items():
@@ -53,7 +88,8 @@ def describe(ckpt: Checkpoint) -> dict:
         "key_prefix": ckpt.prefix,
         "family": ckpt.family.name,
         "variant": spec.variant,
-        "variant_detail": ckpt.family.describe_variant(spec),
+        "variant_detail": _dedistill_detail(dedistill, detail) if dedistill else detail,
+        **({"dedistill": dedistill} if dedistill else {}),
         "guidance_embeds": spec.guidance_embeds,
         "double_blocks": spec.num_double,
         "single_blocks": spec.num_single,

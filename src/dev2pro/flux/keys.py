@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from ..choices import LORA_LAYOUTS
 from ..errors import CheckpointError
 
 Rows = tuple[int, int] | None  # a row range on dim 0, None = the whole tensor
@@ -159,7 +160,9 @@ def guess_family(keys: Sequence[str]) -> str | None:
     if "input_blocks." in joined or "down_blocks.0.resnets" in joined:
         return "a Stable Diffusion / SDXL UNet"
     if "lora_down" in joined or "lora_A" in joined or "lora_unet_" in joined:
-        return "a LoRA, not a base model (use `dev2pro lora info`)"
+        return (f"a LoRA, not a base model: LoRA files have their own tools -- `dev2pro lora convert IN OUT --layout "
+                f"{'|'.join(LORA_LAYOUTS)}` changes its layout, `dev2pro lora info IN` describes it, `dev2pro lora "
+                f"merge --base MODEL --lora IN OUT` bakes it into a base model")
     if "encoder.down." in joined or "decoder.up." in joined:
         return "a VAE"
     if "encoder.block." in joined or "text_model.encoder" in joined:
