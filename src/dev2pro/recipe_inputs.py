@@ -41,7 +41,7 @@ def apply_sample_guidance_default(cfg, explicit: set[str] = frozenset()) -> None
         return
     from .flux.checkpoint import open_checkpoint  # torch: only when a recipe runs (the CLI imports us)
 
-    from .sampling import dedistilled
+    from .guidance_defaults import dedistilled
 
     try:
         ckpt = open_checkpoint(src, family=m.family)

@@ -28,7 +28,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -41,6 +41,8 @@ from .flux.checkpoint import load_transformer, open_checkpoint
 from .families.flux1.sampling import (SCHEDULER, build_pipeline, decode, encode_and_free,  # noqa: F401
                                       encode_prompts, load_components, render, render_latents)
 from .flux.fp8 import compute_dtype  # noqa: F401 (API)
+from .guidance_defaults import (FLUX1_GUIDANCE, FLUX1_STEPS, dedistilled, default_guidance,  # noqa: F401 (API)
+                                own_settings, step_distilled)
 from .lora.formats import load_lora
 from .lora.ops import apply_lora
 from .outputs import atomic_path
@@ -196,16 +198,6 @@ def resolve_guidance(guidance_embeds: bool, mode: str = "auto", guidance: float 
     return Guidance("true_cfg", 1.0 if has_embedding else None, float(cfg))
 
 
-def step_distilled(spec) -> bool:
-    """A step- and guidance-distilled base (FLUX.2 klein distilled): rendered at its own steps and never with CFG,
-    which its pipeline ignores (``spec.sampling``)."""
-    own = getattr(spec, "sampling", None)
-    return own is not None and own.guidance == "none"
-
-
-FLUX1_STEPS, FLUX1_GUIDANCE = 20, 3.5  # FLUX.1 has no per-variant table: dev's embedded 3.5, 20 steps as ComfyUI
-
-
 def unknown_variant_note(spec, path) -> str | None:
     """A note for a FLUX.2 klein file that does not say whether it is Base or distilled (a BFL / ComfyUI single
     file: no model_index.json beside it, no dev2pro metadata), which is then rendered as Base; None otherwise."""
@@ -217,32 +209,6 @@ def unknown_variant_note(spec, path) -> str | None:
             f"it, no dev2pro metadata), so it is rendered as Base ({spec.sampling.steps} steps, true CFG "
             f"{spec.sampling.scale:g}); if it is the distilled model, record that once: dev2pro convert {path} "
             f"OUT.safetensors --variant klein-distilled")
-
-
-def own_settings(spec) -> tuple[int, float]:
-    """(steps, guidance value) a base is rendered with when none are given: a FLUX.2 variant's own (``spec.sampling``:
-    klein distilled 4 steps, klein Base and FLUX.2 dev 50 at 4), else FLUX.1's 20 at 3.5."""
-    own = getattr(spec, "sampling", None)  # FLUX.1 specs have none
-    return (own.steps, own.scale) if own is not None else (FLUX1_STEPS, FLUX1_GUIDANCE)
-
-
-def dedistilled(metadata: Mapping[str, str]) -> bool:
-    """A dev2pro de-distillation export or adapter (objective flow or cfg_teacher): trained at guidance 1, it renders
-    with true CFG, a kept guidance embedding at 1.0, as its run's ``cfg`` grids (guidance_distill makes a dev-like
-    model: rendered as dev)."""
-    return (metadata.get("dev2pro.recipe") == "dedistill"
-            and metadata.get("dev2pro.objective") in ("flow", "cfg_teacher"))
-
-
-def default_guidance(spec, metadata: Mapping[str, str], guidance: float | None = None,
-                     cfg: float | None = None) -> tuple[float, float]:
-    """(guidance value, true CFG scale) for ``resolve_guidance``: given values win; else the base's own scale
-    (``own_settings``) as guidance, and for a ``dedistilled`` file guidance 1.0 with that scale as true CFG (its
-    CFG when ``cfg`` alone is given)."""
-    scale = own_settings(spec)[1]
-    if guidance is None and dedistilled(metadata):
-        return 1.0, scale if cfg is None else cfg
-    return scale if guidance is None else guidance, 1.0 if cfg is None else cfg
 
 
 def no_cfg() -> Guidance:

@@ -10,7 +10,7 @@ from dev2pro.cli import main
 from dev2pro.errors import UserError
 from dev2pro.flux.keys import diffusers_to_bfl
 from dev2pro.flux.spec import TINY, build_transformer
-from dev2pro.lora.formats import LoraModule, LoraWeights, save_lora
+from dev2pro.lora.formats import LoraModule, LoraWeights, load_lora, save_lora
 from dev2pro.lora.ops import decompose, extract, lora_delta, rank_errors
 from dev2pro.recipes import lora_tools as T
 
@@ -187,3 +187,19 @@ def test_an_fp8_side_is_warned_about_with_its_measured_rounding(tmp_path, pair, 
     rep = T.extract_lora(str(a8), str(tuned8), str(tmp_path / "z.safetensors"), rank=2)
     assert set(rep["fp8"]["sides"]) == {"--base", "--tuned"} and "rounding_share" not in rep["fp8"]
     assert any(w.startswith(f"--base {a8} and --tuned {tuned8} store fp8 weights") for w in rep["warnings"])
+
+
+def test_an_adapter_extracted_from_a_de_distillation_keeps_its_provenance(tmp_path, pair):
+    """dev -> dev2pro extracted from a de-distillation export: the adapter says so, so `sample --adapter` renders
+    dev + adapter as dev2pro is used (``sampling.dedistilled``); from any other file it says nothing of the kind."""
+    from dev2pro.flux.convert import convert
+    from dev2pro.guidance_defaults import dedistilled
+
+    a, b, _ = pair
+    d2p = convert(b, tmp_path / "d2p.safetensors", extra_metadata={"dev2pro.recipe": "dedistill",
+                                                                   "dev2pro.objective": "flow"})
+    T.extract_lora(str(a), str(d2p), str(tmp_path / "ad.safetensors"), rank=4)
+    T.extract_lora(str(a), str(b), str(tmp_path / "pl.safetensors"), rank=4)
+    made, plain = (load_lora(tmp_path / n).metadata for n in ("ad.safetensors", "pl.safetensors"))
+    assert dedistilled(made) and made["dev2pro.extracted_to"] == "d2p.safetensors"
+    assert not dedistilled(plain) and "dev2pro.recipe" not in plain

@@ -48,7 +48,7 @@ def dedistillation(ckpt: Checkpoint, spec) -> dict | None:
     meta = ckpt.metadata
     if meta.get("dev2pro.recipe") != "dedistill":
         return None
-    from ..sampling import dedistilled, default_guidance  # diffusers (seconds): only for a dev2pro export
+    from ..guidance_defaults import dedistilled, default_guidance
 
     steps = meta.get("dev2pro.steps", "")
     out = {"objective": meta.get("dev2pro.objective") or "unknown", "steps": int(steps) if steps.isdigit() else None,

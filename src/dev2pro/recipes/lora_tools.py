@@ -266,8 +266,10 @@ def extract_lora(a: str, b: str, out: str, rank: int | None = None, energy: floa
     report["seconds"] = round(time.perf_counter() - t0, 2)
     _warn_and_print(report, energy, ranks)
     if not ranks:
+        # a de-distillation's provenance travels: base + this adapter renders as it (``sampling.dedistilled``)
+        made = {k: v for k, v in cb.metadata.items() if k in ("dev2pro.recipe", "dev2pro.objective")}
         meta = F.kohya_metadata(rank, float(rank), 1.0, "n/a", Path(b).name, spec=fam_spec, extra={
-            "dev2pro.extracted_from": Path(a).name, "dev2pro.extracted_to": Path(b).name,
+            **made, "dev2pro.extracted_from": Path(a).name, "dev2pro.extracted_to": Path(b).name,
             "dev2pro.retained_energy": str(report["total"]["retained_energy"])})
         F.save_lora(lw, out, "kohya", metadata=meta, overwrite=overwrite)
     write_json(report_path, report, overwrite=True)
