@@ -190,6 +190,27 @@ def test_print_config_leaves_model_dependent_defaults_to_the_model(tmp_path, cap
     assert "\nguidance = 4.0\n" in render_toml(dev)  # a run's saved config.toml keeps the value it used
 
 
+def test_print_config_leaves_the_vram_preset_keys_to_the_preset(tmp_path, capsys, tiny_dev_dir):
+    """Every key a model.vram preset picks prints commented out, so setting model.vram in a config made from
+    --print-config applies the preset (written keys win: the preset only 'kept your ...' ones before)."""
+    from dev2pro.cli import main
+    from dev2pro.config import explicit_keys
+    from dev2pro.plan import VRAM_PRESETS
+
+    assert main(["train", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    keys = {f"{sec}.{k}" for preset in VRAM_PRESETS.values() for sec, values in preset.items() for k in values}
+    for key in keys:
+        name = key.split(".")[1]
+        assert f"\n# {name} = " in text and "(unset: model.vram's preset when set, else" in text, key
+    filled = _write(tmp_path, text.replace('path = ""', f'path = "{tiny_dev_dir}"', 1).replace(
+        'output_dir = ""', f'output_dir = "{tmp_path / "o"}"').replace(
+        'shards = ""', f'shards = "{tmp_path / "s.json"}"').replace("vram = 0", "vram = 24"))
+    assert not keys & explicit_keys(filled, [], None)  # none of them is written
+    cfg = load_train_config(filled)
+    assert cfg.model.vram == 24 and cfg.model.fp8_storage is True  # the 24 GB preset, not the printed default
+
+
 def test_the_example_configs_load():
     root = (Path(__file__).parents[1] / "configs").resolve()
     d = load_dedistill_config(root / "dedistill.toml")

@@ -32,12 +32,13 @@ from .errors import ConfigError
 INT_LIMIT = 2**31 - 1  # no count, size or seed in a config needs more; 2^63-1 steps is a typo, not a plan
 
 
-def opt(default, help: str = "", choices: tuple | None = None, *, path: bool = False, model_default: bool = False):
+def opt(default, help: str = "", choices: tuple | None = None, *, path=False, model_default: bool | str = False):
     """A config field with help text (and optional allowed values) for --print-config and validation.
 
     ``path=True``: a file or folder; the loader resolves a relative value against the config file's folder.
     ``model_default=True``: an absent key gets the model's own value from the loader (a base's sampling guidance);
-    --print-config shows it commented out, so a config made from that output keeps the model's default."""
+    --print-config shows it commented out, so a config made from that output keeps the model's default; a string
+    names what else picks it (``model.vram``'s preset)."""
     kw = {"metadata": {"help": help, "choices": choices, "path": path, "model_default": model_default}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), **kw)
@@ -408,8 +409,10 @@ def _render(cfg, lines: list[str], prefix: str, with_help: bool, template: bool 
             lines.append(f"# {f.metadata['help']}" + (f" ({' | '.join(map(str, f.metadata['choices']))})"
                                                        if f.metadata.get("choices") else ""))
         line = f"{f.name} = {_toml_value(v)}" if v is not None else f"# {f.name} = (unset)"
-        lines.append(f"# {line}  (unset: the model's own; uncomment to use {_toml_value(v)} with every model)"
-                     if template and v is not None and f.metadata.get("model_default") else line)
+        picked = f.metadata.get("model_default") if template and v is not None else None
+        lines.append(line if not picked else
+                     f"# {line}  (unset: the model's own; uncomment to use {_toml_value(v)} with every model)"
+                     if picked is True else f"# {line}  (unset: {picked}, else {_toml_value(v)}; uncomment to pin it)")
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):

@@ -40,6 +40,9 @@ def compile_mode(value) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ model
+PRESET = "model.vram's preset when set"  # --print-config comments these out: a preset fills what is unwritten
+
+
 @dataclass
 class ModelBase:
     path: str = opt("", "model folder in the diffusers layout (FLUX.1-dev, FLUX.2 klein or dev): text encoder(s), "
@@ -50,8 +53,10 @@ class ModelBase:
     family: str = opt("auto", "model family: auto (from the checkpoint's keys), flux1 or flux2", ("auto", *FAMILIES))
     gradient_checkpointing: bool | str = opt("auto", "recompute activations in backward: auto (off when the memory "
                                                      "plan says the step fits the GPU without it: faster; on on CPU "
-                                                     "and with blocks_to_swap), true or false", (True, False, "auto"))
-    fp8_storage: bool = opt(False, "store base weights in fp8 (bf16 compute); lowers memory with checkpointing")
+                                                     "and with blocks_to_swap), true or false", (True, False, "auto"),
+                                                 model_default=PRESET)
+    fp8_storage: bool = opt(False, "store base weights in fp8 (bf16 compute); lowers memory with checkpointing",
+                            model_default=PRESET)
     t5_max_length: int = opt(512, "caption tokens the text encoder reads: FLUX.1's T5 (512 for dev and de-distilled "
                                              "bases; kohya's 256 is schnell's), FLUX.2's Qwen3/Mistral (512, as its pipelines)")
     allow_pickle: bool = opt(False, "allow .ckpt/.pt model files (they can run code)")
@@ -76,18 +81,20 @@ class ModelSection(ModelBase):
     adapter_scale: float = opt(1.0, "strength of the training adapter")
     dtype: str = opt("bf16", "compute dtype", COMPUTE_DTYPES)
     fp8_keep: list[str] = opt(["norms", "biases", "embedders", "modulation", "final"],
-                         "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)")
+                         "groups kept in high precision under fp8 storage (drop 'modulation' to save ~27%)",
+                         model_default=PRESET)
     blocks_to_swap: int = opt(0, "blocks (double blocks first; FLUX.1 has 57, FLUX.2 klein 4B 25, 9B 32, dev 56) "
                                  "whose frozen weights stay in pinned host RAM and are copied to the GPU just before "
-                                 "use; needs gradient_checkpointing")
+                                 "use; needs gradient_checkpointing", model_default=PRESET)
     vram: int = opt(0, "GPU-size preset in GB (8|12|16|24|48; FLUX.2 also 32|80): picks fp8 storage, checkpointing, "
                        "blocks_to_swap, optimizer, text-encoder placement, VAE tiling; settings you write win; 0 = no "
                        "preset")
     text_encoder: str = opt("gpu", "where the text encoder(s) run while caching captions (FLUX.1: CLIP + T5; FLUX.2: "
-                                      "Qwen3 or Mistral)", ("gpu", "cpu"))
+                                      "Qwen3 or Mistral)", ("gpu", "cpu"), model_default=PRESET)
     text_encoder_dtype: str = opt("fp32", "text encoder dtype while caching (bf16 halves T5-XXL's 19 GB; fp8: FLUX.2's "
-                                          "text encoder only, Mistral 24B in ~25 GB)", TEXT_DTYPES)
-    vae_tiling: bool = opt(False, "decode samples in tiles (less memory for large samples)")
+                                          "text encoder only, Mistral 24B in ~25 GB)", TEXT_DTYPES,
+                                  model_default=PRESET)
+    vae_tiling: bool = opt(False, "decode samples in tiles (less memory for large samples)", model_default=PRESET)
 
     def validate(self):
         super().validate()
@@ -228,7 +235,7 @@ class OptimBase:
          "compile", "fused_rope", "attention_backend", "nan_policy", "nan_max_skips")
 @dataclass
 class TrainSection(OptimBase):
-    optimizer: str = opt("adamw", "optimizer", OPTIMIZERS)
+    optimizer: str = opt("adamw", "optimizer", OPTIMIZERS, model_default=PRESET)
     guidance: float = opt(1.0, "guidance input during training: 1.0 is the Dev2Pro recipe")
     lora_dtype: str = opt("compute", "LoRA compute dtype: compute (model.dtype, e.g. bf16, over fp32 master weights "
                                      "and fp32 optimizer state) or fp32 (fp32 LoRA GEMMs, slower)", LORA_DTYPES)
