@@ -175,3 +175,15 @@ def test_evaluate_and_markdown_take_the_guidances_and_main_setting_from_the_call
     report.write_reports(tmp_path / "out", summary, results, world)
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count("<img") == 1 + 2 + 2 * 3 and "dev without LoRA, guidance 1.5" in html
+
+
+def test_the_adapter_section_says_when_no_rank_keeps_the_energy_target():
+    from dev2pro.lab.report import _fidelity_section
+
+    fid = {"recommended_rank": 8, "energy_target": 0.9, "energy_by_rank": {"8": 0.31},
+           "layer_error_by_rank": {"8": 0.5}, "model": {}, "not_linear": 0}
+    met = "\n".join(_fidelity_section(fid))
+    assert "Recommended rank (smallest keeping 0.9 of the energy): **8**" in met
+    unmet = "\n".join(_fidelity_section({**fid, "energy_target_met": False}))
+    assert "No rank measured keeps 0.9 of the energy; the largest, **8**, is used" in unmet
+    assert "Recommended" not in unmet

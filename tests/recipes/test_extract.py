@@ -203,3 +203,6 @@ def test_an_adapter_extracted_from_a_de_distillation_keeps_its_provenance(tmp_pa
     made, plain = (load_lora(tmp_path / n).metadata for n in ("ad.safetensors", "pl.safetensors"))
     assert dedistilled(made) and made["dev2pro.extracted_to"] == "d2p.safetensors"
     assert not dedistilled(plain) and "dev2pro.recipe" not in plain
+    info = T.info(str(tmp_path / "ad.safetensors"))
+    assert "a de-distillation adapter (objective flow)" in info["dedistill"]
+    assert "dedistill" not in T.info(str(tmp_path / "pl.safetensors"))

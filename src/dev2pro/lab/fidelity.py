@@ -78,6 +78,7 @@ def adapter_fidelity(dev: str | Path, dev2pro: str | Path, extract_report: Mappi
     total = extract_report["total"]
     return {"recommended_rank": int(extract_report["recommended_rank"]),
             "energy_target": extract_report["energy_target"],
+            "energy_target_met": bool(extract_report.get("energy_target_met", True)),
             "energy_by_rank": by_rank(total["energy_by_rank"]),
             "layer_error_by_rank": by_rank(total["output_error_by_rank"]),
             "model": adapter_output_errors(dev, dev2pro, candidates, embeds, pooled),

@@ -308,10 +308,13 @@ def _fidelity_section(fid: dict | None) -> list[str]:
     """The dev -> dev2pro adapters: per rank, layer-level (lora extract --ranks) and model-level fidelity."""
     if not fid:
         return []
+    rank, target = fid["recommended_rank"], f"{fid['energy_target']:g}"
+    chosen = (f"Recommended rank (smallest keeping {target} of the energy): **{rank}**"
+              if fid.get("energy_target_met", True)
+              else f"No rank measured keeps {target} of the energy; the largest, **{rank}**, is used")
     lines = ["## Adapter fidelity by rank (dev + adapter vs dev2pro)", "",
-             f"Recommended rank (smallest keeping {fid['energy_target']:g} of the energy): "
-             f"**{fid['recommended_rank']}**; C-ext trains with that extracted adapter, C-lora with a LoRA of the "
-             f"same rank de-distilled directly (`dedistill`, `train.adapter_rank`).", "",
+             f"{chosen}; C-ext trains with that extracted adapter, C-lora with a LoRA of the same rank de-distilled "
+             f"directly (`dedistill`, `train.adapter_rank`).", "",
              "| rank | retained energy | layer output error | model output error | unexplained share | moved |",
              "|---|---|---|---|---|---|"]
     for k, e in fid["energy_by_rank"].items():

@@ -22,6 +22,7 @@ from .. import families
 from ..flux import fp8 as fp8mod
 from ..flux import keys as keymod
 from ..flux.fp8 import FP8_DTYPES
+from ..guidance_defaults import dedistilled
 from ..lora import formats as F
 from ..lora.lycoris import describe, param_count
 from ..lora.merge import merge_loras
@@ -44,6 +45,9 @@ def info(path: str, as_json: bool = False) -> dict:
            "layout": lw.layout, "type": getattr(lw, "adapter", "lora"),
            "modules": len(lw), "groups": groups, "params": sum(param_count(m) for m in lw.values()),
            "size_bytes": Path(path).stat().st_size, "metadata": lw.metadata}
+    if dedistilled(lw.metadata or {}):  # dev -> dev2pro: base + it renders as dev2pro is used
+        out["dedistill"] = (f"a de-distillation adapter (objective {lw.metadata['dev2pro.objective']}): base + it is a "
+                            f"dev2pro, trained at guidance 1; dev2pro sample --adapter renders it with true CFG")
     if (refs := F.edit_references(lw.metadata)) > 0:  # trained on FLUX.2 edit pairs: it edits a reference image
         out["edit"] = f"trained on edit pairs, {refs} reference image(s) per edit (sample with as many --image)"
     print(json.dumps(out, indent=2, default=str) if as_json else format_info(out))
