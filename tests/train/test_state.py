@@ -148,11 +148,62 @@ def test_resume_from_a_pruned_state_lists_the_saved_ones(tmp_path):
     assert str(e.value) == (f"--resume {gone}: no such state (save.keep_last keeps only the newest ones); the saved "
                             f"states of this run, newest first: {newest} (and 1 older); pass one of them, or "
                             f"--resume latest for the newest")
-    with pytest.raises(UserError, match="holds no usable state: run the same command without --resume"):
+    # the states listed are those beside the pruned one, whatever this run's state folder is
+    with pytest.raises(UserError, match=r"no such state \(save.keep_last .*newest first: .*step-000010"):
         restore_training_state(str(gone), tmp_path / "empty", model, optimizer, scheduler, gen, sampler, ema)
+    emptied = tmp_path / "run" / "state"
+    (emptied / "step-000004").mkdir(parents=True)  # a save cut short: not usable
+    with pytest.raises(UserError, match=f"no such state .*; {emptied} holds no usable state: run the same command "
+                                        "without --resume"):
+        restore_training_state(str(emptied / "step-000002"), tmp_path, model, optimizer, scheduler, gen, sampler,
+                               ema)
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UserError, match="not a state folder"):
         restore_training_state(str(tmp_path / "a-file"), tmp_path, model, optimizer, scheduler, gen, sampler, ema)
+
+
+def test_resume_of_a_path_that_does_not_exist_says_so(tmp_path):
+    """Not a pruned state: no save.keep_last hint, just that it is not there and what --resume takes."""
+    model, optimizer, scheduler, ema, gen, sampler = _setup()
+    for missing in (tmp_path / "no-such-run", tmp_path / "no-such-run" / "state" / "step-000002",
+                    tmp_path / "step-000002"):  # a step name in a folder that holds no states
+        with pytest.raises(UserError) as e:
+            restore_training_state(str(missing), tmp_path, model, optimizer, scheduler, gen, sampler, ema)
+        assert str(e.value) == (f"--resume {missing}: does not exist; pass a run folder (its newest state is "
+                                "resumed), one of its states (RUN/state/step-NNNNNN), or --resume alone for the "
+                                "newest state in save.output_dir")
+
+
+def test_resume_of_a_run_folder_takes_its_newest_complete_state(tmp_path):
+    """A run folder (or its state/) resumes from its newest complete state and says so; a folder that is neither
+    a state nor a run, or a run without a complete state, is one line; a broken state folder keeps its message."""
+    model, optimizer, scheduler, ema, gen, sampler = _setup()
+    run = tmp_path / "run"
+    for step in (2, 4):
+        _run(model, 1, optimizer, scheduler, ema, gen, sampler)
+        save_training_state(run / "state", step, model, optimizer, scheduler, gen, sampler, smoothed=None,
+                            grad_accum=1, keep_last=0, ema=ema)
+    (run / "state" / "step-000006").mkdir()  # a save cut short: skipped
+    for given in (run, run / "state"):
+        r = restore_training_state(str(given), tmp_path / "elsewhere", model, optimizer, scheduler, gen, sampler,
+                                   ema)
+        assert r.step == 4 and r.folder == run / "state" / "step-000004"
+        newest = run / "state" / "step-000004"
+        assert r.line() == f"resumed from step 4 ({newest}, the newest complete state in {given})"
+    plain = restore_training_state(str(run / "state" / "step-000002"), tmp_path, model, optimizer, scheduler, gen,
+                                   sampler, ema)
+    assert plain.line() == f"resumed from step 2 ({run / 'state' / 'step-000002'})"
+    with pytest.raises(UserError, match=r"step-000006 is not a complete training state \(common.json/common."
+                                        r"safetensors missing\); resume from another step"):
+        restore_training_state(str(run / "state" / "step-000006"), tmp_path, model, optimizer, scheduler, gen,
+                               sampler, ema)
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(UserError, match=r"photos: neither a training state \(RUN/state/step-NNNNNN\) nor a run "
+                                        r"folder \(it has no state/ folder\)"):
+        restore_training_state(str(tmp_path / "photos"), tmp_path, model, optimizer, scheduler, gen, sampler, ema)
+    (tmp_path / "started" / "state").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"started: .*started/state holds no complete training state"):
+        restore_training_state(str(tmp_path / "started"), tmp_path, model, optimizer, scheduler, gen, sampler, ema)
 
 
 def test_check_same_lora_reads_peft_lokr_and_loha_pieces(tmp_path):

@@ -76,7 +76,8 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     m = cfg.model  # inputs that do not fit each other: one line now, before the run folder exists
     check_training_inputs(m.transformer or m.path, m.path, shards=cfg.data.shards,
                           needs_text=not cfg.data.shards or bool(cfg.sample.every), allow_pickle=m.allow_pickle,
-                          family=m.family, text_dtype=m.text_encoder_dtype)
+                          family=m.family, text_dtype=m.text_encoder_dtype,
+                          teacher=m.teacher if cfg.objective != "flow" else "")
     _check_exports(cfg)
     quiet_libraries()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
@@ -87,7 +88,7 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
         if main:
             lock = RunLock.acquire(run.root)
             clean_stale_temps(run.root)  # a killed run's half-written files (we hold the lock: nobody writes them)
-            life.prepare_output_dir(run, resume, cfg.save.overwrite, say)
+            life.prepare_output_dir(run, resume, cfg.save.overwrite, say, [cfg.save.name])
             write_text(run.config, render_toml(cfg))
         accelerator.wait_for_everyone()
         return _dedistill(cfg, accelerator, run, resume, progress, say)
@@ -176,9 +177,9 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
     start, smoothed, history = 0, None, []
     if resume is not None:
         r = restore_training_state(resume, run.state, models.inner, optimizer, scheduler, gen, sampler, ema,
-                                   rank_setting="train.adapter_rank")
+                                   rank_setting="train.adapter_rank", recipe="dedistill")
         start, smoothed, history = r.step, r.smoothed, r.losses
-        say(f"resumed from step {start} ({r.folder})")
+        say(r.line())
     if start > tc.steps:
         raise UserError(f"{run.root} is at step {start}, past train.steps = {tc.steps}: set train.steps above "
                         f"{start}")
@@ -192,7 +193,7 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
         path = save_training_state(run.state, done, models.inner, optimizer, scheduler, gen, sampler,
                                    smoothed=bar.smoothed, grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last,
                                    losses=life.finite_or_none(history), ema=ema, rank=rank, world=world,
-                                   barrier=barrier, full=bool(fsdp and fsdp.full_state))
+                                   barrier=barrier, full=bool(fsdp and fsdp.full_state), recipe="dedistill")
         if main:
             life.plot_losses(life.finite_or_none(history), run)
         return path

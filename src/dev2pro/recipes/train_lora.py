@@ -28,12 +28,11 @@ from ..lora.formats import kohya_metadata
 from ..lora.peft_adapters import check_layouts, kohya_fields as adapter_fields
 from ..noise import quiet_libraries
 from ..outputs import write_json, write_text
-from ..plan import ImpossiblePlan, report as report_plan
 from ..schemas import TrainConfig, data_source, plan_inputs
 from ..recipe_inputs import attention_backend, gradient_checkpointing, references_per_image
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
-from ..train.preflight import check_training_inputs
+from ..train.preflight import check_training_inputs, print_plan
 from ..train.model import add_lora, check_blocks_to_swap, load_base, place_base
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.compiled import CompileStats
@@ -82,25 +81,15 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
         if accelerator.is_main_process:  # one process checks, locks and writes the folder; the others wait
             lock = RunLock.acquire(run.root)
             clean_stale_temps(run.root)  # a killed run's half-written files (we hold the lock: nobody writes them)
-            life.prepare_output_dir(run, resume, cfg.save.overwrite, say)
+            life.prepare_output_dir(run, resume, cfg.save.overwrite, say, [cfg.save.name])
             write_text(run.config, render_toml(cfg))
             if not quiet:
-                _print_plan(cfg)
+                print_plan(lambda: plan_inputs(cfg), cfg.model.vram or None)
         accelerator.wait_for_everyone()
         return _train(cfg, accelerator, run, resume, progress, say, quiet)
     finally:
         if lock is not None:
             life.release(run, lock, say)
-
-
-def _print_plan(cfg: TrainConfig) -> None:
-    """The memory plan at the start: a failure to estimate never stops training, a plan no card holds does."""
-    try:
-        report_plan(plan_inputs(cfg), cfg.model.vram or None)
-    except ImpossiblePlan:
-        raise  # settings no card can run: refuse before the run starts
-    except Exception as e:  # noqa: BLE001 -- an estimate must not cost the user their run
-        log.warning("memory plan unavailable: %s", e)
 
 
 def _load(cfg: TrainConfig, device, dtype, out: Path):
@@ -182,7 +171,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
         r = restore_training_state(resume, run.state, model(), optimizer, scheduler, gen, sampler, watch.ema)
         start, smoothed, history = r.step, r.smoothed, r.losses
         watch.restore(r.validation, start)
-        say(f"resumed from step {start} ({r.folder})")
+        say(r.line())
     if start > tc.steps:
         raise UserError(f"{run.root} is at step {start}, past train.steps = {tc.steps}: set train.steps above "
                         f"{start} to train further")
@@ -203,7 +192,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
         save_state=lambda done: save_training_state(
             run.state, done, model(), optimizer, scheduler, gen, sampler, smoothed=bar.smoothed,
             grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last, losses=life.finite_or_none(history),
-            ema=watch.ema, validation=watch.validator.history if watch.validator else None),
+            ema=watch.ema, validation=watch.validator.history if watch.validator else None, recipe="train"),
         sample=lambda step: samples.sample(model(), step, run.samples, bar, progress and main),
         describe=samples.describe)
     acts.save_lora, acts.sample = watch.published(acts.save_lora), watch.published(acts.sample)

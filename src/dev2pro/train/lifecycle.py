@@ -7,39 +7,55 @@ the run's files through its ``RunFolder``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import os
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from ..errors import UserError
 from ..outputs import write_error_message, write_errors
 from .lossplot import save_loss_plot
+from .folder import STATE_DIR
 from .run import RunFolder, check_no_foreign, folder_status, os_error_message
-from .state import latest_state
+from .state import latest_state, state_folder
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
 
-PREVIOUS = ".previous-run"  # an overwritten run's state, config and summary until the new run saves a state
-_SET_ASIDE = ("state", "config.toml", "summary.json")
+PREVIOUS = ".previous-run"  # an overwritten run's own files, until the new run saves a state (or finishes)
+_COMPLETE = ".set-aside.json"  # in PREVIOUS, written last: the save.name(s) of the two runs (a kill before: undone)
+WANDB_DIR = "wandb"  # the W&B run folder the recipes open in the run folder (``watch.open_sinks``)
 
 
-def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say: Callable[[str], None] = print) -> Path:
-    """Check the (locked) run folder for this start; returns its state folder.
+def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say: Callable[[str], None] = print,
+                       names: Sequence[str] = ()) -> Path:
+    """Check the (locked) run folder for this start; returns its state folder. ``names``: this run's save.name.
 
     A folder a failed start left behind (config, caches, logs: no state, no LoRA) is reused by a plain rerun; a run
     that saved needs ``--resume`` (or ``save.overwrite``); a folder holding anything else is never reused silently.
-    Starting over (``save.overwrite``) sets the previous run's states, config and summary aside (``PREVIOUS``):
-    they are dropped once this run saves its first state and put back if it ends before that (``release``), so a
-    start refused by a later check leaves the previous run resumable.
+    Starting over (``save.overwrite``) sets the previous run's own files aside (``own_entries``: states, config,
+    summary, LoRA files and exports, samples, logs, ...) in ``PREVIOUS``: they are dropped once this run saves its
+    first state (or finishes) and put back if it ends before that (``release``), so a start refused by a later
+    check leaves the previous run as it was, resumable. ``--resume RUN_FOLDER`` of this folder is ``--resume``.
     """
     settle_previous(run, say)  # a start killed before its first save: the run it replaced is back first
     out, status, resumable = run.root, folder_status(run.root), latest_state(run.state) is not None
+    if resume not in (None, "latest") and _same_folder(Path(resume), out):
+        resume = "latest"  # this run's own folder (or its state/): its newest state, with the same checks
     if resume == "latest" and not resumable:  # one path: no usable state is never "a run to resume"
         raise UserError(f"nothing to resume: {out} " + {
             "started": "was started but never saved a usable training state (a failed start, a first save that "
@@ -47,6 +63,8 @@ def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say:
             "saved": "holds a finished run but no usable training state"}.get(status, "holds no run")
             + "; run the same command without --resume to start it" + (" again with --overwrite" if status ==
                                                                           "saved" else ""))
+    if resume not in (None, "latest"):
+        state_folder(resume, run.state)  # a path that is not there, or holds no state: said before any write
     if resume is None and status == "foreign" and not overwrite:
         raise UserError(f"output folder {out} already holds other files; choose a new or empty save.output_dir")
     if resume is None and status == "saved" and not overwrite:
@@ -55,17 +73,13 @@ def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say:
                         "another save.output_dir")
     if resume is None and overwrite:
         check_no_foreign(out)  # save.overwrite replaces a run, never a folder's other files
-    if resume is None and status == "started":
+    if resume is None and status == "started" and not overwrite:
         say(f"reusing {out}: an earlier start never saved a usable state (cached latents and text are reused when "
             f"valid)")
-    if resume is None and status == "saved":
-        aside = out / PREVIOUS
-        aside.mkdir()
-        for name in _SET_ASIDE:
-            if (out / name).exists():
-                (out / name).rename(aside / name)
-        say(f"save.overwrite: starting over in {out} (the previous run's states are set aside in {aside.name} "
-            f"and removed when this run saves its first state; a start that stops before that puts them back)")
+    if resume is None and overwrite and _set_aside(run, names):
+        say(f"save.overwrite: starting over in {out} (the previous run's files -- states, LoRA files, samples, logs "
+            f"-- are set aside in {PREVIOUS} and removed when this run saves its first state; a start that stops "
+            f"before that puts them back; cached latents and text are reused when valid)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -73,32 +87,92 @@ def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say:
     return run.state
 
 
+def own_entries(run: RunFolder, names: Sequence[str]) -> list[Path]:
+    """What `train` or `dedistill` wrote in ``run`` -- what ``save.overwrite`` sets aside: state/, config.toml,
+    summary.json, loss.png, samples/, logs/ (TensorBoard), wandb/, and the files of each save.name in ``names``:
+    LoRA files ``NAME[-stepNNNNNN][.diffusers|.comfy].safetensors`` (``export.lora_paths``) and dedistill's exports
+    ``NAME.safetensors``, ``NAME-fp8.safetensors``, ``NAME-diffusers/``, ``NAME-adapter[.diffusers].safetensors``
+    (``export``). Not the data cache (content-keyed: what is still valid is reused), the lock or temps, nor
+    anything else: files the run does not write are never touched."""
+    fixed = [run.state, run.config, run.summary, run.loss_plot, run.samples, run.logs, run.root / WANDB_DIR]
+    found = [p for p in fixed if p.exists() or p.is_symlink()]
+    names = [re.escape(n) for n in dict.fromkeys(names) if n]
+    if names and run.root.is_dir():
+        own = re.compile(rf"^(?:{'|'.join(names)})(?:(?:-step\d{{6}})?(?:\.diffusers|\.comfy)?\.safetensors|"
+                         rf"-fp8\.safetensors|-adapter(?:\.diffusers)?\.safetensors|-diffusers)$")
+        found += sorted(p for p in run.root.iterdir() if own.match(p.name))
+    return found
+
+
+def _set_aside(run: RunFolder, names: Sequence[str]) -> bool:
+    """Move the previous run's own entries (its save.name read from its config.toml, and ``names``) into
+    ``PREVIOUS``; False when there were none."""
+    names = list(dict.fromkeys([_saved_name(run.config), *names]))
+    entries = own_entries(run, names)
+    if not entries:
+        return False
+    aside = run.root / PREVIOUS
+    aside.mkdir()
+    for entry in entries:
+        entry.rename(aside / entry.name)
+    (aside / _COMPLETE).write_text(json.dumps({"names": names}))  # last: without it a killed start is undone
+    return True
+
+
+def _saved_name(config: Path) -> str:
+    """The save.name in a run's config.toml ("" when there is none to read)."""
+    try:
+        return str(tomllib.loads(config.read_text()).get("save", {}).get("name", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _same_folder(path: Path, out: Path) -> bool:
+    """``path`` is the run folder ``out`` or its state folder."""
+    return path.exists() and os.path.realpath(path) in (os.path.realpath(out), os.path.realpath(out / STATE_DIR))
+
+
 def settle_previous(run: RunFolder, say: Callable[[str], None] = print) -> None:
     """The run an overwrite set aside: removed once this folder holds a usable state or a finished run again (a
-    dedistill without save.every saves no state but writes its exports and summary), else put back (the start
-    that replaced it was refused, failed or was killed before its first save)."""
+    dedistill without save.every saves no state but writes its exports and summary), else put back over what the
+    start that replaced it wrote (it was refused, failed or was killed before its first save)."""
     aside = run.root / PREVIOUS
     if not aside.is_dir():
         return
-    if latest_state(run.state) is not None or run.summary.exists():
+    try:
+        names = json.loads((aside / _COMPLETE).read_text())["names"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = None  # killed while setting aside: the new start wrote nothing yet
+    if names is not None and (latest_state(run.state) is not None or run.summary.exists()):
         shutil.rmtree(aside)
         return
-    for name in _SET_ASIDE:
-        target = run.root / name
-        if (aside / name).exists():
-            if target.is_dir():
-                shutil.rmtree(target)
-            (aside / name).replace(target)  # over the refused start's config.toml
+    for entry in own_entries(run, names) if names is not None else []:
+        _remove(entry)  # the refused start's own files: the folder is the previous run's again
+    for entry in aside.iterdir():
+        if entry.name != _COMPLETE:
+            _remove(run.root / entry.name)
+            entry.replace(run.root / entry.name)
     shutil.rmtree(aside)
     say(f"save.overwrite: this start saved no state, so the previous run in {run.root} is back as it was")
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def release(run: RunFolder, lock, say: Callable[[str], None] = print) -> None:
-    """The end of a start that held the run folder's lock: settle what an overwrite set aside, then unlock."""
+    """The end of a start that held the run folder's lock: settle what an overwrite set aside, then unlock; a
+    folder this start created and left empty (it was refused before writing anything) goes too."""
     try:
         settle_previous(run, say)
     finally:
         lock.release()
+        if getattr(lock, "created", False):
+            with contextlib.suppress(OSError):
+                run.root.rmdir()  # only when empty
 
 
 def any_rank(flag: bool, accelerator) -> bool:

@@ -6,14 +6,20 @@ caching (or after the run folder exists) is a worse answer than one line at the 
 - ``model.transformer`` is the model of the ``model.path`` folder (FLUX.1 / FLUX.2 klein / FLUX.2 dev), and the text
   stack the run will load is in that folder (``Family.check_folder``: FLUX.2 dev's Mistral3);
 - `dev2pro cache` shards were encoded by this family's text stack (FLUX.1's T5 + CLIP records carry a pooled
-  vector; FLUX.2 records are one stacked ``prompt_embeds`` as wide as the transformer's context).
+  vector; FLUX.2 records are one stacked ``prompt_embeds`` as wide as the transformer's context);
+- every path the run reads later exists (``check_paths_exist``: model.path, the inference base, the adapter, the
+  teacher, the shards), named by its field;
+- and, once a ``--resume`` state is read (``train/state.py``), that it is a state of this kind of run on this model
+  (``check_state_fits``; what a state records about its run is ``run_facts``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from safetensors import safe_open
@@ -25,12 +31,19 @@ from ..flux.checkpoint import open_checkpoint
 from ..lora.adapter import linear_shapes
 from ..lora.formats import load_lora
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
 
 def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", inference_base: str = "", shards: str = "",
                           needs_text: bool = True, allow_pickle: bool = False, family: str | None = None,
-                          text_dtype: str = "fp32", reference: str | Sequence[str] = "") -> None:
-    """UserError (one line, naming the field and the fix) unless the run's inputs fit each other (``reference``:
-    ``sample.control``)."""
+                          text_dtype: str = "fp32", reference: str | Sequence[str] = "", teacher: str = "") -> None:
+    """UserError (one line, naming the field and the fix) unless the run's inputs exist and fit each other
+    (``reference``: ``sample.control``; ``teacher``: dedistill's, when its objective reads one)."""
     if adapter and inference_base:
         # one base in memory is the point of an adapter: samples with it off already are "the LoRA on dev". (Checked
         # here, not in validate(): the config editor probes every path field with a value at once.)
@@ -38,10 +51,8 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
                         "training base is dev and samples are rendered on it with the adapter off)")
     if not base:
         return
-    if not Path(base).exists():  # before the run folder exists: nothing is left behind, the field is named
-        field = "model.path" if Path(base) == Path(model_dir) else "model.transformer"
-        raise UserError(f"{field}: {base} does not exist; give " + ("the model folder (diffusers layout: FLUX.1-dev, "
-                        "FLUX.2 klein or dev)" if field == "model.path" else "the transformer file or folder"))
+    check_paths_exist(base, model_dir, needs_text, {"model.inference_base": inference_base, "model.adapter": adapter,
+                                                    "model.teacher": teacher, "data.shards": shards})
     ckpt = open_checkpoint(base, allow_pickle=allow_pickle, family=family)
     check_text_dtype(text_dtype, ckpt.family, "model.text_encoder_dtype = ")
     if needs_text and Path(model_dir).is_dir():
@@ -55,6 +66,31 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
         check_shards(shards, ckpt.family, ckpt.spec())
     if reference:
         check_reference(reference, ckpt.family, "sample.control")
+
+
+_READ_LATER = {"model.inference_base": "the transformer the samples are rendered on (e.g. the FLUX.1-dev folder), "
+                                       "or leave it empty to sample on the training base",
+               "model.adapter": "the training adapter's LoRA file (`lora extract` or `dedistill` with "
+                                "train.adapter_rank)",
+               "model.teacher": "the teacher's transformer file or model folder",
+               "data.shards": "the index.json `dev2pro cache` wrote"}
+
+
+def check_paths_exist(base: str, model_dir: str, needs_text: bool, later: dict[str, str]) -> None:
+    """Every path the run reads, checked before the run folder exists: one line naming the field (a missing
+    model.path or inference base used to surface after the dataset scan or the caching, unnamed, with the run
+    folder, its config and cache left behind). ``later``: field -> path of the ``_READ_LATER`` fields ("": unset)."""
+    fields = {"model.path": model_dir, "model.transformer": base}
+    if Path(base) == Path(model_dir) or not needs_text:  # no text stack or VAE to load: the folder is not read
+        fields = {"model.path" if Path(base) == Path(model_dir) else "model.transformer": base}
+    for field, path in fields.items():
+        if not Path(path).exists():
+            raise UserError(f"{field}: {path} does not exist; give " + (
+                "the model folder (diffusers layout: FLUX.1-dev, FLUX.2 klein or dev)" if field == "model.path"
+                else "the transformer file or folder"))
+    for field, path in later.items():
+        if path and not Path(path).exists():
+            raise UserError(f"{field}: {path} does not exist; give {_READ_LATER[field]}")
 
 
 def check_folder_model(base: str, model_dir: str, ckpt) -> None:
@@ -187,3 +223,105 @@ def check_shards(index: str, family, spec) -> None:
                         f"{_describe(spec, family)} (text context {spec.context_dim}): encode the dataset again "
                         f"with `dev2pro cache --model` this model's folder, or train with data.folders (cached per "
                         "family)")
+
+
+def print_plan(inputs: Callable[[], object], vram: int | None) -> None:
+    """The memory plan at the start (``inputs``: makes its ``plan.PlanInputs``): a failure to estimate never stops
+    training, a plan no card holds does."""
+    from ..plan import ImpossiblePlan, report as report_plan  # `sample`, `compare` and `cache` need no plan
+
+    try:
+        report_plan(inputs(), vram)
+    except ImpossiblePlan:
+        raise  # settings no card can run: refuse before the run starts
+    except Exception as e:  # noqa: BLE001 -- an estimate must not cost the user their run
+        log.warning("memory plan unavailable: %s", e)
+
+
+# ------------------------------------------------------------------------------------------------ a resumed state
+_TRAINS = {"full": "a full fine-tune's state (`dev2pro dedistill`: every weight trained)",
+           "lora": "a LoRA training state (`dev2pro train`)",
+           "adapter": "an adapter de-distillation state (`dev2pro dedistill` with train.adapter_rank)"}
+_NOW = {"full": "every weight (a full de-distillation)", "lora": "a LoRA",
+        "adapter": "a de-distillation adapter (train.adapter_rank)"}
+
+
+def run_facts(model, trained: Iterable[str], recipe: str) -> dict:
+    """What a training state records about the run that saved it (``common.json``'s ``run``), and what a resume
+    compares it with: the recipe, what it trains (``lora``: `train`'s LoRA, ``adapter``: dedistill's adapter,
+    ``full``: every weight) and the model (family, FLUX.2 klein or dev, width, blocks)."""
+    from .. import families
+    from .state import ADAPTER_PIECE
+
+    fam = families.of_model(model)
+    lora = any(ADAPTER_PIECE.search(n) for n in trained)
+    facts = {"recipe": recipe, "trains": ("adapter" if recipe == "dedistill" else "lora") if lora else "full",
+             "family": fam.name, "model": fam.title}
+    inner = model
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(inner, attr, inner)
+    try:
+        spec = fam.spec_from_config(dict(inner.config))
+    except Exception:  # noqa: BLE001 -- a model without a readable config: the family alone is compared
+        return facts
+    if fam.name == "flux2":
+        facts["model"] += " klein" if spec.is_klein else " dev"
+    return {**facts, "hidden": spec.hidden, "double": spec.num_double, "single": spec.num_single}
+
+
+def check_state_fits(folder: Path, saved: dict | None, shapes: dict, now: dict, names: set[str]) -> None:
+    """A ``--resume`` state of another kind of run than this one (``now``: ``run_facts``) -- a full fine-tune's given
+    to a LoRA run or the reverse, `train`'s LoRA given to dedistill's adapter run, another model's -- is one line
+    saying what it is and how to go on (``state.check_same_lora`` would read it as other target modules).
+    ``saved``: what the state recorded (states of older versions record nothing: their tensors' names, the run
+    folder's config.toml and the live model's module and parameter ``names`` tell)."""
+    from .state import adapter_facts
+
+    saved = dict(saved or {})
+    kinds, ranks, units = adapter_facts({n: s for n, s in shapes.items() if n.startswith("model/")})
+    recipe = saved.get("recipe") or _recipe_of(folder)
+    trains = saved.get("trains") or (("adapter" if recipe == "dedistill" else "lora") if kinds else "full")
+    go_on = f"continue it with `{_continue_hint(folder, recipe or ('dedistill' if trains == 'full' else 'train'))}`"
+    fresh = "or start this run without --resume (in another save.output_dir, or with --overwrite)"
+    if trains != now["trains"]:
+        if {trains, now["trains"]} == {"full", "adapter"}:
+            go_on = ("set train.adapter_rank = 0 to resume it" if trains == "full" else
+                     f"set train.adapter_rank = {', '.join(map(str, sorted(ranks))) or 'its rank'} to resume it")
+        raise UserError(f"{folder} is {_TRAINS[trains]}, and this run trains {_NOW[now['trains']]}: {go_on}, {fresh}")
+    size = ("family", "hidden", "double", "single")
+    if all(k in saved for k in size) and all(k in now for k in size):
+        if any(saved[k] != now[k] for k in size):
+            other = "another model family" if saved["family"] != now["family"] else "another model"
+            raise UserError(f"{folder} is a state of {other}: it trained {_model(saved)}, this run trains "
+                            f"{_model(now)}; a state resumes only on the model it was trained on: {go_on}, {fresh}")
+        return
+    foreign = sorted(u.removeprefix("model/") for u in units if u.removeprefix("model/") not in names)
+    if foreign:  # an older state: trained modules this model does not have
+        raise UserError(f"{folder} is a state of another model: it trained {foreign[0]}, which this run's "
+                        f"{now['model']} model does not have ({len(foreign)} of its {len(units)} trained modules "
+                        f"are not in it); a state resumes only on the model it was trained on: {go_on}, {fresh}")
+
+
+def _model(facts: dict) -> str:
+    return (f"{facts['model']} ({facts['hidden']} wide, {facts['double']} double + {facts['single']} single "
+            "blocks)")
+
+
+def _run_config(folder: Path) -> Path | None:
+    """The config.toml of the run a state folder (``RUN/state/step-NNNNNN``) belongs to, if it is there."""
+    config = folder.parent.parent / "config.toml"
+    return config if folder.parent.name == "state" and config.is_file() else None
+
+
+def _recipe_of(folder: Path) -> str:
+    """``train`` | ``dedistill`` | "" (unknown): the command of the run that saved ``folder``, from its config."""
+    config = _run_config(folder)
+    try:
+        data = tomllib.loads(config.read_text()) if config else {}
+    except (OSError, ValueError):
+        return ""
+    return "dedistill" if "objective" in data else "train" if "lora" in data else ""
+
+
+def _continue_hint(folder: Path, recipe: str) -> str:
+    return f"dev2pro {recipe} {_run_config(folder) or 'ITS_CONFIG.toml'} --resume {folder}"

@@ -37,8 +37,9 @@ except ImportError:  # Windows: RunLock falls back to O_EXCL + a PID check
     fcntl = None
 
 from .folder import LOCK_NAME, STATE_DIR, RunFolder  # noqa: E402,F401 -- the run folder's names live there
-# What a start leaves before its first save: the resolved config, caches, logs, baseline samples, the lock.
-STARTED_ENTRIES = {"config.toml", "cache", "logs", "samples", "loss.png", LOCK_NAME}
+# What a start leaves before its first save: the resolved config, caches, logs (TensorBoard, W&B), baseline samples,
+# the lock.
+STARTED_ENTRIES = {"config.toml", "cache", "logs", "wandb", "samples", "loss.png", LOCK_NAME}
 _STEP_FILE = re.compile(r"-step\d{6}(?:\.[a-z]+)?\.safetensors$")  # export.lora_paths' step files
 RUN_SUBFOLDERS = (STATE_DIR, "samples")  # where a run's atomic writes happen, besides the folder itself
 
@@ -89,15 +90,22 @@ class RunLock:
 
     def __init__(self, path: Path, fd: int | None):
         self.path, self.fd, self.released = path, fd, False
+        self.created = False  # ``acquire`` made the folder: a start refused before writing anything removes it
 
     @classmethod
     def acquire(cls, folder: Path, what: str = "training") -> "RunLock":
         folder = Path(folder)
+        created = not folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(os_error_message(e, folder, "create the run folder")) from None
-        path = folder / LOCK_NAME
+        lock = cls._acquire(folder / LOCK_NAME, folder, what)
+        lock.created = created
+        return lock
+
+    @classmethod
+    def _acquire(cls, path: Path, folder: Path, what: str) -> "RunLock":
         if fcntl is None:  # Windows: no flock
             return cls._acquire_exclusive(path, what)
         for _ in range(5):  # retry if the file we locked was replaced (released and unlinked) meanwhile

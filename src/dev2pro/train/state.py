@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from ..errors import UserError
 from ..outputs import save_safetensors
+from .folder import STATE_DIR
 
 STATE_FORMAT = "dev2pro-sharded-state-1"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -329,10 +330,13 @@ def _noop() -> None:
 def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler, gen: torch.Generator, sampler, *,
                         smoothed: float | None, grad_accum: int, keep_last: int, losses: list | None = None, ema=None,
                         validation: dict | None = None, rank: int = 0, world: int = 1,
-                        barrier: Callable[[], None] = _noop, full: bool = False) -> Path:
+                        barrier: Callable[[], None] = _noop, full: bool = False, recipe: str = "train") -> Path:
     """The resumable state after ``step`` (every rank calls this): the trainable weights, the optimizer's per-weight
     tensors and the EMA as pieces, the rest common; ``losses`` (steps 1..step, None = skipped) feeds ``loss.png``;
-    ``validation``: the validation history (step -> numbers) a resumed run keeps reporting."""
+    ``validation``: the validation history (step -> numbers) a resumed run keeps reporting; ``recipe`` (``train`` |
+    ``dedistill``): recorded with the model's facts (``preflight.run_facts``) for a resume to compare."""
+    from .preflight import run_facts  # (preflight reads this module's adapter pieces)
+
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {p: n for n, p in trained.items()}
     tensors = {f"model/{n}": p for n, p in trained.items()}
@@ -354,7 +358,8 @@ def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler,
               "ema": {"decay": ema.decay, "updates": ema.updates} if ema is not None else {},
               "progress": {"step": step, "smoothed": smoothed,
                            "sampler": sampler.state_dict(batches_done=step * grad_accum),
-                           "losses": list(losses or []), "validation": dict(validation or {})}}
+                           "losses": list(losses or []), "validation": dict(validation or {})},
+              "run": run_facts(model, trained, recipe)}
     return save_sharded_state(state_dir, step, tensors, common, rank, world, barrier, keep_last, full)
 
 
@@ -365,35 +370,72 @@ class Resumed:
     folder: Path
     losses: list  # per step 1..step (None = skipped or not recorded)
     validation: dict = field(default_factory=dict)  # step -> validation numbers (train.validation)
+    chosen: str = ""  # how ``folder`` was picked when --resume named a run folder (``state_folder``)
+
+    def line(self) -> str:
+        """The console line of a resumed run."""
+        return f"resumed from step {self.step} ({self.folder}{self.chosen})"
 
 
-def state_folder(resume: str, state_dir: Path) -> Path:
-    """The folder ``--resume`` names: ``latest`` (the newest in ``state_dir``) or a given ``.../step-NNNNNN``."""
-    folder = latest_state(state_dir) if resume == "latest" else Path(resume)
-    if folder is None:
-        raise UserError(f"nothing to resume: no usable training state in {state_dir}; run the same command without "
-                        f"--resume to start again")
-    if not folder.exists():  # often a state save.keep_last has pruned since: say which ones are there
-        states = [str(s) for s in reversed(list_states(state_dir)) if usable_state(s)]
+def state_folder(resume: str, state_dir: Path) -> tuple[Path, str]:
+    """The state ``--resume`` names and how it was picked (for ``Resumed.line``): ``latest`` (the newest usable
+    state in ``state_dir``), a state folder ``.../state/step-NNNNNN``, or a run folder (or its ``state/``): its
+    newest usable state. A path that does not exist, or a folder that is neither, is one line saying so."""
+    if resume == "latest":
+        folder = latest_state(state_dir)
+        if folder is None:
+            raise UserError(f"nothing to resume: no usable training state in {state_dir}; run the same command "
+                            f"without --resume to start again")
+        return folder, ""
+    path = Path(resume)
+    if not path.exists():
+        raise UserError(_missing_state(resume, path))
+    if not path.is_dir():
+        raise UserError(f"--resume {resume}: not a state folder (expected a run folder or one of its states, "
+                        f"RUN/state/step-NNNNNN)")
+    if STEP_RE.match(path.name) or any((path / n).exists() for n in ("common.json", "progress.json")):
+        return path, ""  # a state folder: ``read_common`` says when it is incomplete
+    states = path if path.name == STATE_DIR or list_states(path) else path / STATE_DIR
+    if not states.is_dir():
+        raise UserError(f"--resume {resume}: neither a training state (RUN/state/step-NNNNNN) nor a run folder (it "
+                        f"has no {STATE_DIR}/ folder); pass the folder of the run to continue, or one of its states")
+    newest = latest_state(states)
+    if newest is None:
+        raise UserError(f"--resume {resume}: {states} holds no complete training state (none was saved, or its "
+                        f"saves were cut short); start the run again without --resume")
+    return newest, f", the newest complete state in {path}"
+
+
+def _missing_state(resume: str, path: Path) -> str:
+    """A ``--resume`` path that does not exist: a step folder ``save.keep_last`` pruned from a state folder that
+    exists (its saved states listed), or a path that is not there at all."""
+    parent = path.parent
+    if STEP_RE.match(path.name) and parent.is_dir() and (parent.name == STATE_DIR or list_states(parent)):
+        states = [str(s) for s in reversed(list_states(parent)) if usable_state(s)]
         listing = ", ".join(states[:3]) + (f" (and {len(states) - 3} older)" if len(states) > 3 else "")
-        raise UserError(f"--resume {resume}: no such state (save.keep_last keeps only the newest ones); " + (
+        return f"--resume {resume}: no such state (save.keep_last keeps only the newest ones); " + (
             f"the saved states of this run, newest first: {listing}; pass one of them, or --resume latest for the "
-            f"newest" if states else f"{state_dir} holds no usable state: run the same command without --resume "
-            f"to start again"))
-    if not folder.is_dir():
-        raise UserError(f"--resume {resume}: not a state folder (expected .../state/step-NNNNNN)")
-    return folder
+            f"newest" if states else f"{parent} holds no usable state: run the same command without --resume "
+            f"to start again")
+    return (f"--resume {resume}: does not exist; pass a run folder (its newest state is resumed), one of its states "
+            f"(RUN/state/step-NNNNNN), or --resume alone for the newest state in save.output_dir")
 
 
 def restore_training_state(resume: str, state_dir: Path, model, optimizer, scheduler, gen: torch.Generator, sampler,
-                           ema=None, rank_setting: str = "lora.rank") -> Resumed:
+                           ema=None, rank_setting: str = "lora.rank", recipe: str = "train") -> Resumed:
     """Load a state saved by ``save_training_state`` (by any number of processes) into the live objects.
-    ``rank_setting``: the config key of a LoRA's rank, for the message when it differs from the saved run's."""
-    folder = state_folder(resume, state_dir)
+    ``rank_setting``: the config key of a LoRA's rank, for the message when it differs from the saved run's;
+    ``recipe``: the command resuming (a state of another kind of run is refused first, saying what it is)."""
+    from .preflight import check_state_fits, run_facts  # (preflight reads this module's adapter pieces)
+
+    folder, chosen = state_folder(resume, state_dir)
     common = read_common(folder)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # what save_training_state wrote
     targets = {f"model/{n}": p for n, p in params.items()}
-    check_same_lora(folder, saved_shapes(folder), targets, rank_setting, configured_rank(model, params))
+    shapes = saved_shapes(folder)
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    check_state_fits(folder, common.get("run"), shapes, run_facts(model, params, recipe), names)
+    check_same_lora(folder, shapes, targets, rank_setting, configured_rank(model, params))
     saved = common["optimizer"]
     moments = saved["moments"]
     for n, p in params.items():  # optimizer state created here (shaped and sharded like p), filled below
@@ -417,4 +459,4 @@ def restore_training_state(resume: str, state_dir: Path, model, optimizer, sched
     step = int(common["progress"]["step"])
     losses = list(common["progress"].get("losses", []))[:step]
     return Resumed(step, common["progress"].get("smoothed"), folder, [None] * (step - len(losses)) + losses,
-                   common["progress"].get("validation") or {})
+                   common["progress"].get("validation") or {}, chosen)
