@@ -8,6 +8,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+SAMPLES = """
+[sample]
+every = 2
+prompts = ["a photo"]
+seeds = [1]
+steps = 1
+width = 32
+height = 32
+"""  # a one-prompt sample grid every 2 steps at 32 px: cheap, and every save step renders one
+
 
 def model_and_data(model_dir, images, cache_dir, checkpointing: bool = False, model: str = "", data: str = "",
                    resolution="64", bucket_step: int = 64) -> str:

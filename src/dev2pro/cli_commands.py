@@ -24,8 +24,7 @@ from .schemas import DedistillConfig, TrainConfig, load_dedistill_config, load_t
 SAMPLE_MODES = GUIDANCE_MODES
 TINY_FAMILIES = ("flux1", "flux2-klein", "flux2-dev")
 OVERWRITE_HELP = "replace an existing output (without it, existing outputs are never touched)"
-PICKLE_HELP = ("allow pickle weights: .ckpt/.pt/.pth/.bin files and diffusers folders holding .bin (unpickling can run "
-               "code: only for files you trust)")
+PICKLE_HELP = "allow pickle weights (.ckpt/.pt/.pth/.bin, diffusers folders of .bin): unpickling can run code"
 
 
 # ------------------------------------------------------------------------------------------------ argument types

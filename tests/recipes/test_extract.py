@@ -12,6 +12,7 @@ from dev2pro.flux.keys import diffusers_to_bfl
 from dev2pro.flux.spec import TINY, build_transformer
 from dev2pro.lora.formats import LoraModule, LoraWeights, load_lora, save_lora
 from dev2pro.lora.ops import decompose, extract, lora_delta, rank_errors
+from dev2pro.lora import extraction as X
 from dev2pro.recipes import lora_tools as T
 
 
@@ -169,7 +170,7 @@ def test_an_fp8_side_is_warned_about_with_its_measured_rounding(tmp_path, pair, 
     rep = T.extract_lora(str(a), str(tuned8), str(tmp_path / "x.safetensors"), rank=2)
     err = capsys.readouterr().err
     assert rep["fp8"]["sides"] == {"--tuned": {"path": str(tuned8), "format": "fp8-scaled"}}
-    assert 0 < rep["fp8"]["layers_measured"] <= T.FP8_PROBE_LAYERS
+    assert 0 < rep["fp8"]["layers_measured"] <= X.FP8_PROBE_LAYERS
     # the measured share against the truth (the fp8 copy against the exact tuned weights), on every layer
     ca, c8, ct = (C.open_checkpoint(p) for p in (a, tuned8, tuned))
     num = den = 0.0

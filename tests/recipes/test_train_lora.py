@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dev2pro.errors import UserError
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
-from tiny_run import model_and_data, run_killed
+from tiny_run import SAMPLES, model_and_data, run_killed
 from tiny_run import same_tensors as _same_lora
 
 @pytest.fixture
@@ -558,16 +558,7 @@ def test_kill_9_soak_resumes_bit_identically_and_leaves_no_temps(tmp_path, tiny_
 
 def test_every_sample_grid_gets_its_console_line(tmp_path, tiny_dev_dir, images, capsys):
     """--no-progress: the grids of sample.every (not only step 0 and the final one) each get a "samples:" line."""
-    extra = """
-[sample]
-every = 2
-prompts = ["a photo"]
-seeds = [1]
-steps = 1
-width = 32
-height = 32
-"""
-    cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=5, extra=extra), ["save.every=0"])
+    cfg = load_train_config(_toml(tmp_path, tiny_dev_dir, images, steps=5, extra=SAMPLES), ["save.every=0"])
     train(cfg, progress=False)
     samples = Path(cfg.save.output_dir) / "samples"
     grids = sorted(p.name for p in samples.glob("step*.png"))

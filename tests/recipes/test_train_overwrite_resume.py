@@ -15,17 +15,8 @@ from dev2pro.recipes import train_lora
 from dev2pro.recipes.dedistill import dedistill
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_dedistill_config, load_train_config
-from tiny_run import lora_run_toml, model_and_data
+from tiny_run import SAMPLES, lora_run_toml, model_and_data
 
-SAMPLES = """
-[sample]
-every = 2
-prompts = ["a photo"]
-seeds = [1]
-steps = 1
-width = 32
-height = 32
-"""
 
 
 def _lora(tmp_path, model_dir, images, out="run", steps=4, cache="cache", samples=True):

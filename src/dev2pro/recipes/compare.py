@@ -160,17 +160,7 @@ def run_compare(cfg: CompareConfig, out: str | None = None, overwrite: bool = Fa
     results = dict(model=cfg.model, prompts=cfg.prompts, negative=cfg.negative, seeds=cfg.seeds,
                    steps=steps[0] if len(steps) == 1 else steps,  # what was rendered, not the config's default
                    width=width, height=height, image=cfg.image, arms=arm_info, distances=distances, config=to_dict(cfg))
-    files = {}  # (arm, image index) -> path inside the output folder
-    for info in arm_info:
-        settings = {k: v for k, v in info.items() if k not in ("metrics", "seconds")}  # PNGs stay reproducible
-        info["images"] = []
-        for i in range(len(images[info["name"]])):
-            pi, si = divmod(i, len(cfg.seeds))
-            rel = _image_file(info["name"], pi, cfg.prompts[pi], cfg.seeds[si])
-            files[info["name"], i] = (rel, {"prompt": cfg.prompts[pi], "seed": str(cfg.seeds[si]),
-                                            "negative": cfg.negative, "arm": settings, "Software": "dev2pro",
-                                            **({"image": cfg.image} if cfg.image else {})})
-            info["images"].append(dict(prompt=cfg.prompts[pi], seed=cfg.seeds[si], file=rel))
+    files = _image_files(cfg, arm_info, images)
     with owned_folder(out, overwrite, "compare", names, "compare folder") as tmp:
         for (name, i), (rel, png_info) in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +217,20 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _steps(steps) -> str:
-    return str(steps) if isinstance(steps, int) else " / ".join(map(str, steps)) + " (per arm)"
+def _image_files(cfg: CompareConfig, arm_info: list[dict], images: dict) -> dict:
+    """(arm, image index) -> (path inside the output folder, PNG text chunks); each arm's info gets its images."""
+    files = {}
+    for info in arm_info:
+        settings = {k: v for k, v in info.items() if k not in ("metrics", "seconds")}  # PNGs stay reproducible
+        info["images"] = []
+        for i in range(len(images[info["name"]])):
+            pi, si = divmod(i, len(cfg.seeds))
+            rel = _image_file(info["name"], pi, cfg.prompts[pi], cfg.seeds[si])
+            files[info["name"], i] = (rel, {"prompt": cfg.prompts[pi], "seed": str(cfg.seeds[si]),
+                                            "negative": cfg.negative, "arm": settings, "Software": "dev2pro",
+                                            **({"image": cfg.image} if cfg.image else {})})
+            info["images"].append(dict(prompt=cfg.prompts[pi], seed=cfg.seeds[si], file=rel))
+    return files
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -268,9 +270,11 @@ def render_report(results: dict, grid, images: dict[str, list], reference=None) 
                 f'<img src="{_data_uri(images[n][pi * n_seeds + si])}" title="seed {s}">'
                 for si, s in enumerate(results["seeds"])) + "</td>" for n in names)
         per_prompt.append(f"<h3>{html.escape(prompt)}</h3><table><tr>{cells}</tr></table>")
+    steps = results["steps"] if isinstance(results["steps"], int) else " / ".join(map(str, results["steps"])) + \
+        " (per arm)"
     shared = _table(["model", "negative", "seeds", "steps", "size"],
                     [[results["model"], results["negative"] or "(empty)", ", ".join(map(str, results["seeds"])),
-                      _steps(results["steps"]), f"{results['width']}x{results['height']}"]])
+                      steps, f"{results['width']}x{results['height']}"]])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dev2pro compare: {html.escape(' vs '.join(names))}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;margin:.5em 0}}

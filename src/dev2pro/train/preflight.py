@@ -18,8 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from safetensors import safe_open
@@ -30,11 +29,6 @@ from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
 from ..lora.adapter import linear_shapes
 from ..lora.formats import load_lora
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
@@ -236,92 +230,3 @@ def print_plan(inputs: Callable[[], object], vram: int | None) -> None:
         raise  # settings no card can run: refuse before the run starts
     except Exception as e:  # noqa: BLE001 -- an estimate must not cost the user their run
         log.warning("memory plan unavailable: %s", e)
-
-
-# ------------------------------------------------------------------------------------------------ a resumed state
-_TRAINS = {"full": "a full fine-tune's state (`dev2pro dedistill`: every weight trained)",
-           "lora": "a LoRA training state (`dev2pro train`)",
-           "adapter": "an adapter de-distillation state (`dev2pro dedistill` with train.adapter_rank)"}
-_NOW = {"full": "every weight (a full de-distillation)", "lora": "a LoRA",
-        "adapter": "a de-distillation adapter (train.adapter_rank)"}
-
-
-def run_facts(model, trained: Iterable[str], recipe: str) -> dict:
-    """What a training state records about the run that saved it (``common.json``'s ``run``), and what a resume
-    compares it with: the recipe, what it trains (``lora``: `train`'s LoRA, ``adapter``: dedistill's adapter,
-    ``full``: every weight) and the model (family, FLUX.2 klein or dev, width, blocks)."""
-    from .. import families
-    from .state import ADAPTER_PIECE
-
-    fam = families.of_model(model)
-    lora = any(ADAPTER_PIECE.search(n) for n in trained)
-    facts = {"recipe": recipe, "trains": ("adapter" if recipe == "dedistill" else "lora") if lora else "full",
-             "family": fam.name, "model": fam.title}
-    inner = model
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(inner, attr, inner)
-    try:
-        spec = fam.spec_from_config(dict(inner.config))
-    except Exception:  # noqa: BLE001 -- a model without a readable config: the family alone is compared
-        return facts
-    if fam.name == "flux2":
-        facts["model"] += " klein" if spec.is_klein else " dev"
-    return {**facts, "hidden": spec.hidden, "double": spec.num_double, "single": spec.num_single}
-
-
-def check_state_fits(folder: Path, saved: dict | None, shapes: dict, now: dict, names: set[str]) -> None:
-    """A ``--resume`` state of another kind of run than this one (``now``: ``run_facts``) -- a full fine-tune's given
-    to a LoRA run or the reverse, `train`'s LoRA given to dedistill's adapter run, another model's -- is one line
-    saying what it is and how to go on (``state.check_same_lora`` would read it as other target modules).
-    ``saved``: what the state recorded (states of older versions record nothing: their tensors' names, the run
-    folder's config.toml and the live model's module and parameter ``names`` tell)."""
-    from .state import adapter_facts
-
-    saved = dict(saved or {})
-    kinds, ranks, units = adapter_facts({n: s for n, s in shapes.items() if n.startswith("model/")})
-    recipe = saved.get("recipe") or _recipe_of(folder)
-    trains = saved.get("trains") or (("adapter" if recipe == "dedistill" else "lora") if kinds else "full")
-    go_on = f"continue it with `{_continue_hint(folder, recipe or ('dedistill' if trains == 'full' else 'train'))}`"
-    fresh = "or start this run without --resume (in another save.output_dir, or with --overwrite)"
-    if trains != now["trains"]:
-        if {trains, now["trains"]} == {"full", "adapter"}:
-            go_on = ("set train.adapter_rank = 0 to resume it" if trains == "full" else
-                     f"set train.adapter_rank = {', '.join(map(str, sorted(ranks))) or 'its rank'} to resume it")
-        raise UserError(f"{folder} is {_TRAINS[trains]}, and this run trains {_NOW[now['trains']]}: {go_on}, {fresh}")
-    size = ("family", "hidden", "double", "single")
-    if all(k in saved for k in size) and all(k in now for k in size):
-        if any(saved[k] != now[k] for k in size):
-            other = "another model family" if saved["family"] != now["family"] else "another model"
-            raise UserError(f"{folder} is a state of {other}: it trained {_model(saved)}, this run trains "
-                            f"{_model(now)}; a state resumes only on the model it was trained on: {go_on}, {fresh}")
-        return
-    foreign = sorted(u.removeprefix("model/") for u in units if u.removeprefix("model/") not in names)
-    if foreign:  # an older state: trained modules this model does not have
-        raise UserError(f"{folder} is a state of another model: it trained {foreign[0]}, which this run's "
-                        f"{now['model']} model does not have ({len(foreign)} of its {len(units)} trained modules "
-                        f"are not in it); a state resumes only on the model it was trained on: {go_on}, {fresh}")
-
-
-def _model(facts: dict) -> str:
-    return (f"{facts['model']} ({facts['hidden']} wide, {facts['double']} double + {facts['single']} single "
-            "blocks)")
-
-
-def _run_config(folder: Path) -> Path | None:
-    """The config.toml of the run a state folder (``RUN/state/step-NNNNNN``) belongs to, if it is there."""
-    config = folder.parent.parent / "config.toml"
-    return config if folder.parent.name == "state" and config.is_file() else None
-
-
-def _recipe_of(folder: Path) -> str:
-    """``train`` | ``dedistill`` | "" (unknown): the command of the run that saved ``folder``, from its config."""
-    config = _run_config(folder)
-    try:
-        data = tomllib.loads(config.read_text()) if config else {}
-    except (OSError, ValueError):
-        return ""
-    return "dedistill" if "objective" in data else "train" if "lora" in data else ""
-
-
-def _continue_hint(folder: Path, recipe: str) -> str:
-    return f"dev2pro {recipe} {_run_config(folder) or 'ITS_CONFIG.toml'} --resume {folder}"

@@ -34,6 +34,8 @@ from torch.distributed.tensor import DTensor
 from ..errors import UserError
 from ..outputs import save_safetensors
 from .folder import STATE_DIR
+from .statefit import (ADAPTER_PIECE, adapter_facts, check_same_lora, check_state_fits,  # noqa: F401 (API)
+                       configured_rank, run_facts)
 
 STATE_FORMAT = "dev2pro-sharded-state-1"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -211,86 +213,6 @@ def saved_shapes(folder: Path) -> dict[str, list[int]]:
     return shapes
 
 
-# peft's adapter pieces: LoRA / DoRA ``lora_A|B`` (+ ``lora_magnitude_vector``), LoKr ``lokr_w1|w2`` or their
-# low-rank factors ``lokr_w1_a|b``, ``lokr_w2_a|b``, LoHa ``hada_w1_a|b``, ``hada_w2_a|b``; then the adapter's name
-ADAPTER_PIECE = re.compile(r"\.((?:lora|lokr|hada)_\w+)\.([^.]+)")
-RANK_ROWS = ("lora_A", "lokr_w1_b", "lokr_w2_b", "hada_w1_b", "hada_w2_b")  # pieces whose rows are the rank
-PIECE_TYPES = {"lora": "lora", "lokr": "lokr", "hada": "loha"}
-
-
-def adapter_facts(shapes: dict[str, list[int]]) -> tuple[set[str], set[int], dict[str, dict[str, list[int]]]]:
-    """(adapter types, the ranks the shapes show, unit -> its pieces' shapes) of trained tensors: a unit is the module
-    an adapter piece belongs to (a full fine-tune's weight: itself). A LoKr shows its rank only where a side is
-    factored into ``_a @ _b`` (peft factors it when the rank is below half that side's size)."""
-    kinds, ranks, units = set(), set(), {}
-    for name, shape in shapes.items():
-        m = ADAPTER_PIECE.search(name)
-        if m is None:
-            units.setdefault(name, {})[""] = list(shape)
-            continue
-        piece = m.group(1)
-        units.setdefault(name[:m.start()], {})[piece] = list(shape)
-        kinds.add("dora" if piece == "lora_magnitude_vector" else PIECE_TYPES[piece.split("_")[0]])
-        if piece in RANK_ROWS:
-            ranks.add(shape[0])
-    return (kinds - {"lora"} if "dora" in kinds else kinds), ranks, units
-
-
-def configured_rank(model, names) -> int | None:
-    """The rank peft was configured with for the adapter that ``names`` (trained parameters) belong to; None when
-    there is no single one (a full fine-tune)."""
-    adapters = {m.group(2) for n in names if (m := ADAPTER_PIECE.search(n))}
-    for attr in ("module", "_orig_mod"):
-        model = getattr(model, attr, model)
-    configs = getattr(model, "peft_config", None)
-    if len(adapters) != 1 or not isinstance(configs, dict):
-        return None
-    r = getattr(configs.get(adapters.pop()), "r", None)
-    return r if isinstance(r, int) and not isinstance(r, bool) else None
-
-
-def check_same_lora(folder: Path, saved: dict[str, list[int]], targets: dict[str, torch.Tensor],
-                    setting: str = "lora.rank", rank: int | None = None) -> None:
-    """A resume whose LoRA (type, rank, trained modules) differs from the saved run's: one line saying how and the
-    fix, instead of the first mismatched tensor's shape or name (``setting``: the config key of the rank; ``rank``:
-    the live adapter's configured rank, which a LoKr's shapes may not show)."""
-    was = {n: s for n, s in saved.items() if n.startswith("model/")}
-    now = {n: list(t.shape) for n, t in targets.items() if n.startswith("model/")}
-    (k_was, r_was, u_was), (k_now, r_now, u_now) = adapter_facts(was), adapter_facts(now)
-    if rank is not None and k_now:
-        r_now = {rank}
-    if was == now or not (k_was or k_now):
-        return  # the same, or no LoRA (a full fine-tune): load_sharded_tensors names any mismatch itself
-    gone, added = sorted(u_was.keys() - u_now.keys()), sorted(u_now.keys() - u_was.keys())
-    what, parts, keep = [], [], []
-    if k_was and k_now and k_was != k_now:
-        t_was, t_now = ("/".join(sorted(k)) for k in (k_was, k_now))
-        what, parts, keep = ["type"], [f"{t_was} saved, {t_now} now"], [f'lora.type = "{t_was}"']
-    elif r_was and r_now and r_was != r_now:  # (a LoRA against no LoRA: only the modules differ)
-        r_old, r_new = (", ".join(map(str, sorted(r))) for r in (r_was, r_now))
-        what, parts, keep = ["rank"], [f"rank {r_old} saved, {r_new} now"], [f"{setting} = {r_old}"]
-    elif k_was == k_now and (odd := [u for u in sorted(u_was.keys() & u_now.keys()) if u_was[u] != u_now[u]]):
-        # a LoKr factored otherwise: a rank that no shape of one side shows, or lokr_factor / lokr_decompose_both
-        what = ["factoring"]
-        parts = [f"{odd[0].removeprefix('model/')} saved as {_pieces(u_was[odd[0]])}, now {_pieces(u_now[odd[0]])}"]
-        keep = [f"the saved run's {setting}, lora.lokr_factor and lora.lokr_decompose_both"]
-    if gone or added:
-        what.append("target modules")
-        parts += [f"{len(gone)} saved but not trained now, e.g. {gone[0].removeprefix('model/')}"] if gone else []
-        parts += [f"{len(added)} trained now but not saved, e.g. {added[0].removeprefix('model/')}"] if added else []
-        keep.append("the saved run's lora.targets, extra_targets, double_blocks, single_blocks and type"
-                    if setting == "lora.rank" else f"the saved run's {setting} (an adapter run's state resumes an "
-                    "adapter run only, a full fine-tune's a full fine-tune only)")
-    if what:
-        raise UserError(f"{folder}: the LoRA's {' and '.join(what)} differ{'s' if what[-1] != 'target modules' else ''}"
-                        f" from the saved run's ({'; '.join(parts)}): keep {' and '.join(keep)} to resume it, or start "
-                        "a new run (without --resume, in another save.output_dir)")
-
-
-def _pieces(pieces: dict[str, list[int]]) -> str:
-    return " + ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in pieces.items())
-
-
 @torch.no_grad()
 def load_sharded_tensors(folder: Path, targets: dict[str, torch.Tensor]) -> None:
     """Copy into each target (a plain tensor or this rank's shard of a DTensor) its rows, from any rank file."""
@@ -334,8 +256,7 @@ def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler,
     """The resumable state after ``step`` (every rank calls this): the trainable weights, the optimizer's per-weight
     tensors and the EMA as pieces, the rest common; ``losses`` (steps 1..step, None = skipped) feeds ``loss.png``;
     ``validation``: the validation history (step -> numbers) a resumed run keeps reporting; ``recipe`` (``train`` |
-    ``dedistill``): recorded with the model's facts (``preflight.run_facts``) for a resume to compare."""
-    from .preflight import run_facts  # (preflight reads this module's adapter pieces)
+    ``dedistill``): recorded with the model's facts (``statefit.run_facts``) for a resume to compare."""
 
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {p: n for n, p in trained.items()}
@@ -426,7 +347,6 @@ def restore_training_state(resume: str, state_dir: Path, model, optimizer, sched
     """Load a state saved by ``save_training_state`` (by any number of processes) into the live objects.
     ``rank_setting``: the config key of a LoRA's rank, for the message when it differs from the saved run's;
     ``recipe``: the command resuming (a state of another kind of run is refused first, saying what it is)."""
-    from .preflight import check_state_fits, run_facts  # (preflight reads this module's adapter pieces)
 
     folder, chosen = state_folder(resume, state_dir)
     common = read_common(folder)
