@@ -107,3 +107,15 @@ def test_upload_without_a_dataset_folder_is_refused_naming_the_field(app, asgi):
     assert status == 200, body
     assert json.loads(body) == {"saved": ["datasets/new/photo.png"], "folder": "datasets/new"}
     assert (ws_dir / "datasets" / "new" / "photo.png").read_bytes() == png()
+
+
+def test_model_lists_offer_transformer_files_only(app, asgi):
+    """A LoRA named without "lora" (style-kohya.safetensors) was offered as a base on the Models and Train pages;
+    the file lists now read each header: transformers only, a damaged header still listed (inspect says why)."""
+    app, ws_dir, ui = app
+    (ws_dir / "models" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    status, raw = asgi(app, "GET", "/api/models")
+    assert status == 200, raw
+    listed = set(json.loads(raw)["transformers"])
+    assert "models/base.safetensors" in listed and "models/broken.safetensors" in listed
+    assert not {p for p in listed if "style-" in p}, listed

@@ -17,8 +17,9 @@ from starlette.routing import Route
 
 from ..data.buckets import assign_bucket, make_buckets
 from ..data.folders import Scanner
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
 from .handlers import TooLarge, json_body, number, text
+from ..lora.sniff import is_base_model
 from .loracheck import refuse_lora_source
 from .pairs import listed_images, reference_folders, too_large
 from .upload import read_upload
@@ -38,7 +39,8 @@ def _candidates(ui) -> dict:
     transformers += [p for p in ui.ws.find("*.safetensors", skipped=skipped)
                      if not any(f in p.parents for f in flux_set) and p.relative_to(root).parts[0] not in ("runs",
                                                                                                        "compares")
-                     and "lora" not in p.name.lower() and not (p.parent / "adapter_config.json").exists()]
+                     and "lora" not in p.name.lower() and not (p.parent / "adapter_config.json").exists()
+                     and _transformer_file(p)]
     captioners = [p.parent for p in ui.ws.find("config.json", skipped=skipped)
                   if not (p.parent / "model_index.json").exists() and p.parent.parent not in flux_set
                   and p.parent not in flux_set]
@@ -49,6 +51,16 @@ def _candidates(ui) -> dict:
             "captioners": [rel(p) for p in captioners],
             "skipped": [{"path": p, "reason": "a symlink out of the workspace; move or copy it in"}
                         for p in sorted(set(skipped))]}
+
+
+def _transformer_file(path) -> bool:
+    """A standalone .safetensors holds a Flux transformer (its header names the input embedder), so a LoRA named
+    without "lora", a VAE or a text encoder is not offered as a base; a damaged header stays listed (inspecting it
+    says what is wrong)."""
+    try:
+        return is_base_model(path)
+    except (CheckpointError, OSError):
+        return True
 
 
 def _small_json(path) -> dict:
