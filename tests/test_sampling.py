@@ -314,3 +314,22 @@ def test_bf16_transformer_beside_an_fp32_vae_renders(dev, tiny_dev_dir):
     ref = _render(pipe, embeds[:1], [3], steps=STEPS, **SIZE)[0]
     assert img.size == ref.size
     assert np.abs(pixels(img).astype(int) - pixels(ref).astype(int)).mean() < 8  # same picture, bf16 rounding
+
+
+def test_default_guidance_states_the_base_scale_rule_once():
+    """Given values win; a ``scale`` replaces the base's own one: as embedded guidance for dev, as true CFG at
+    guidance 1 for a de-distillation export (what `calibrate --cfg` means for either)."""
+    from types import SimpleNamespace
+
+    from dev2pro.guidance_defaults import default_guidance
+
+    flux1 = SimpleNamespace()  # FLUX.1: no per-variant sampling table (20 steps at 3.5)
+    flux2_dev = SimpleNamespace(sampling=SimpleNamespace(steps=50, scale=4.0, guidance="embedded"))
+    dd = {"dev2pro.recipe": "dedistill", "dev2pro.objective": "flow"}
+    assert default_guidance(flux1, {}) == (3.5, 1.0)
+    assert default_guidance(flux2_dev, {}) == (4.0, 1.0)
+    assert default_guidance(flux1, {}, scale=2.0) == (2.0, 1.0)
+    assert default_guidance(flux1, dd) == (1.0, 3.5)
+    assert default_guidance(flux2_dev, dd, scale=6.0) == (1.0, 6.0)
+    assert default_guidance(flux1, dd, cfg=5.0, scale=6.0) == (1.0, 5.0)
+    assert default_guidance(flux1, dd, guidance=3.5) == (3.5, 1.0)  # rendered as dev, on request

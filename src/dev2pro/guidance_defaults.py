@@ -33,11 +33,11 @@ def dedistilled(metadata: Mapping[str, str]) -> bool:
 
 
 def default_guidance(spec, metadata: Mapping[str, str], guidance: float | None = None,
-                     cfg: float | None = None) -> tuple[float, float]:
-    """(guidance value, true CFG scale) for ``resolve_guidance``: given values win; else the base's own scale
-    (``own_settings``) as guidance, and for a ``dedistilled`` file guidance 1.0 with that scale as true CFG (its
-    CFG when ``cfg`` alone is given)."""
-    scale = own_settings(spec)[1]
+                     cfg: float | None = None, scale: float | None = None) -> tuple[float, float]:
+    """(guidance value, true CFG scale) for ``resolve_guidance``: given values win; else the base's scale --
+    ``scale`` when given, else its own (``own_settings``) -- as guidance, and for a ``dedistilled`` file guidance 1.0
+    with that scale as true CFG (its CFG when ``cfg`` alone is given)."""
+    scale = own_settings(spec)[1] if scale is None else scale
     if guidance is None and dedistilled(metadata):
         return 1.0, scale if cfg is None else cfg
     return scale if guidance is None else guidance, 1.0 if cfg is None else cfg

@@ -76,3 +76,22 @@ def test_a_lora_given_to_convert_is_pointed_at_lora_convert(tmp_path, capsys):
     assert "`dev2pro lora convert IN OUT --layout kohya|comfy|diffusers`" in err and "Traceback" not in err
     assert main(["inspect", str(lora)]) == 2
     assert "It looks like a LoRA, not a base model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keys, lora, model", [
+    (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_unet_double_blocks_0_img_attn_qkv.alpha"],
+     True, False),
+    (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"], True, False),
+    (["lycoris_single_blocks_0_linear1.lokr_w1"], True, False),
+    (["double_blocks.0.img_attn.qkv.weight", "img_in.weight"], False, True),
+    (["model.diffusion_model.img_in.weight", "model.diffusion_model.img_in.lora_A.weight"], False, True),
+    (["x_embedder.weight", "transformer_blocks.0.attn.to_q.weight"], False, True),
+    (["encoder.down.0.block.0.conv1.weight"], False, False),
+])
+def test_one_place_tells_a_lora_from_a_base_model_by_key_names(keys, lora, model):
+    """flux.kinds decides for lora.sniff and for the not-Flux message: a key holding a model's input embedder is a
+    base model even when a LoRA-like name sits beside it; LyCORIS and PEFT names count as LoRAs."""
+    from dev2pro.flux.kinds import guess_family, has_lora_keys, has_model_keys
+
+    assert has_lora_keys(keys) is lora and has_model_keys(keys) is model
+    assert (guess_family(keys) or "").startswith("a LoRA") is lora

@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..choices import LORA_LAYOUTS
 from ..errors import CheckpointError
+from .kinds import guess_family
 
 Rows = tuple[int, int] | None  # a row range on dim 0, None = the whole tensor
 
@@ -150,24 +150,6 @@ def _not_flux_message(keys: Sequence[str]) -> str:
     return (f"not a Flux transformer checkpoint: neither 'img_in.weight' (BFL/ComfyUI layout) nor 'x_embedder.weight'"
             f" (diffusers layout) is present.{hint} First keys: {sample}. Pass a FLUX.1 or FLUX.2 transformer file"
             f" or a diffusers model folder.")
-
-
-def guess_family(keys: Sequence[str]) -> str | None:
-    """A short human name for common non-Flux checkpoints, for error messages."""
-    joined = " ".join(keys[:2000])
-    if "joint_blocks." in joined or "transformer_blocks.0.ff_context" in joined and "pos_embed" in joined:
-        return "an SD3 MMDiT"
-    if "input_blocks." in joined or "down_blocks.0.resnets" in joined:
-        return "a Stable Diffusion / SDXL UNet"
-    if "lora_down" in joined or "lora_A" in joined or "lora_unet_" in joined:
-        return (f"a LoRA, not a base model: LoRA files have their own tools -- `dev2pro lora convert IN OUT --layout "
-                f"{'|'.join(LORA_LAYOUTS)}` changes its layout, `dev2pro lora info IN` describes it, `dev2pro lora "
-                f"merge --base MODEL --lora IN OUT` bakes it into a base model")
-    if "encoder.down." in joined or "decoder.up." in joined:
-        return "a VAE"
-    if "encoder.block." in joined or "text_model.encoder" in joined:
-        return "a text encoder"
-    return None
 
 
 def block_counts(keys: Iterable[str], layout: str) -> tuple[int, int]:

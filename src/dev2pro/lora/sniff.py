@@ -3,17 +3,11 @@ imported only to name a LoRA's layout), so a command can refuse a swapped input 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..errors import UserError
 from ..flux.header import read_header
-
-# a base model's probe keys (flux.keys.strip_prefix: BFL/ComfyUI and diffusers layouts), with any prefix
-_MODEL_KEY = re.compile(r"(^|\.)(img_in|x_embedder)\.weight$")
-# LoRA keys in any layout lora.formats reads: kohya lora_unet_*/lora_te*, lora_down/up, PEFT lora_A/B, XLabs
-# *_lora*, and LyCORIS/DoRA (lora.formats.detect_layout's own signs)
-_LORA_KEY = re.compile(r"lora|dora_scale|lokr_|hada_|\.oft_", re.IGNORECASE)
+from ..flux.kinds import has_lora_keys, has_model_keys
 
 
 def _keys_and_meta(path: Path) -> tuple[list[str], dict]:
@@ -24,17 +18,17 @@ def _keys_and_meta(path: Path) -> tuple[list[str], dict]:
 
 def is_base_model(path: str | Path) -> bool:
     """Whether safetensors file ``path`` holds a Flux transformer (its input embedder's weight), not a LoRA."""
-    return any(_MODEL_KEY.search(k) for k in _keys_and_meta(Path(path))[0])
+    return has_model_keys(_keys_and_meta(Path(path))[0])
 
 
 def lora_layout(path: str | Path) -> str | None:
     """The LoRA layout of safetensors file ``path`` (``kohya``, ``comfy``, ``diffusers``, ``xlabs``, or ``LoRA``
     when lora.formats names none), None when it is not a LoRA; CheckpointError for a damaged header."""
     keys, meta = _keys_and_meta(Path(path))
-    if any(_MODEL_KEY.search(k) for k in keys):
-        return None  # a base model (a LoRA names these layers with .lora_A/.lora_down in the key)
+    if has_model_keys(keys):
+        return None
     marked = str(meta.get("modelspec.architecture", "")).endswith("/lora") or "ss_network_module" in meta
-    if not (marked or any(_LORA_KEY.search(k) for k in keys)):
+    if not (marked or has_lora_keys(keys)):
         return None
     from .formats import detect_layout  # lazy: imports torch
 

@@ -30,10 +30,9 @@ from ..outputs import save_safetensors, write_json
 
 def _settings(spec, metadata, steps: int | None, cfg: float | None) -> tuple[int, float, float]:
     """(steps, guidance value, true CFG) for a model: given ones win, else its own (``sampling.own_settings``);
-    ``cfg`` is a de-distilled export's true CFG scale (it renders at guidance 1: ``sampling.default_guidance``)."""
-    dedistilled = S.dedistilled(metadata)
-    guidance, true_cfg = S.default_guidance(spec, metadata, None if dedistilled or not cfg else float(cfg),
-                                            float(cfg) if dedistilled and cfg else None)
+    ``cfg`` is the model's scale: its guidance, or a de-distilled export's true CFG at guidance 1
+    (``sampling.default_guidance``)."""
+    guidance, true_cfg = S.default_guidance(spec, metadata, scale=float(cfg) if cfg else None)
     return int(steps) if steps else S.own_settings(spec)[0], guidance, true_cfg
 
 

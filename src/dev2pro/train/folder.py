@@ -7,11 +7,13 @@ monitor all go through it instead of spelling paths.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 LOCK_NAME = ".dev2pro.lock"
 STATE_DIR = "state"
+STEP_RE = re.compile(r"^step-(\d+)$")  # a state folder's name, step-NNNNNN (train.state writes them)
 
 
 @dataclass(frozen=True)

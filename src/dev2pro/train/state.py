@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,12 +32,11 @@ from torch.distributed.tensor import DTensor
 
 from ..errors import UserError
 from ..outputs import save_safetensors
-from .folder import STATE_DIR
+from .folder import STATE_DIR, STEP_RE
 from .statefit import (ADAPTER_PIECE, adapter_facts, check_same_lora, check_state_fits,  # noqa: F401 (API)
                        configured_rank, run_facts)
 
 STATE_FORMAT = "dev2pro-sharded-state-1"
-STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ..train.folder import RunFolder
+from ..train.folder import STEP_RE, RunFolder
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,13 +76,10 @@ def _speed(points: list[list[float]], window: int = 10) -> float | None:
     return (pts[-1][0] - pts[0][0]) / (pts[-1][2] - pts[0][2])
 
 
-_STATE = re.compile(r"^step-(\d+)$")  # train/state.py's state folders (STEP_RE; that module imports torch)
-
-
 def saved_states(state: Path) -> list[str]:
     """The complete training states under ``state``, oldest first: ``step-NNNNNN/`` folders (not links) holding
     common.json and common.safetensors (a save cut short, a temporary folder or a stray file is not one)."""
-    found = [(int(m.group(1)), p.name) for p in state.iterdir() if (m := _STATE.match(p.name))
+    found = [(int(m.group(1)), p.name) for p in state.iterdir() if (m := STEP_RE.match(p.name))
              and not p.is_symlink() and (p / "common.json").is_file() and (p / "common.safetensors").is_file()] \
         if state.is_dir() else []
     return [name for _, name in sorted(found)]
@@ -91,7 +88,7 @@ def saved_states(state: Path) -> list[str]:
 def saved_step(state: Path) -> int | None:
     """The step of the newest complete training state under ``state`` (``saved_states``), None when there is none."""
     names = saved_states(state)
-    return int(_STATE.match(names[-1]).group(1)) if names else None
+    return int(STEP_RE.match(names[-1]).group(1)) if names else None
 
 
 def last_step(logged: int, saved: int | None, summary: dict | None) -> tuple[int, str | None]:
