@@ -190,6 +190,20 @@ def test_print_config_leaves_model_dependent_defaults_to_the_model(tmp_path, cap
     assert "\nguidance = 4.0\n" in render_toml(dev)  # a run's saved config.toml keeps the value it used
 
 
+def test_dedistill_cfg_grid_defaults_to_the_base_scale(tmp_path, flux2_dev_dir, tiny_dev_dir):
+    """A de-distillation's true-CFG grid renders the student as `dev2pro sample` renders the export: at the base's
+    own scale (FLUX.2 dev 4.0, not FLUX.1's 3.5) unless the config writes sample.cfg."""
+    def conf(model, extra=""):
+        return _write(tmp_path, f'[model]\npath = "{model}"\n[data]\nshards = "{tmp_path / "s.json"}"\n'
+                                f'[save]\noutput_dir = "{tmp_path / "o"}"\n[sample]\n{extra}',
+                      f"{Path(model).name}{len(extra)}.toml")
+
+    assert load_dedistill_config(conf(flux2_dev_dir)).sample.cfg == 4.0
+    assert load_dedistill_config(conf(flux2_dev_dir, "cfg = 3.0\n")).sample.cfg == 3.0
+    assert load_dedistill_config(conf(flux2_dev_dir), ["sample.cfg=5"]).sample.cfg == 5.0
+    assert load_dedistill_config(conf(tiny_dev_dir)).sample.cfg == 3.5  # FLUX.1: no per-variant table
+
+
 def test_print_config_leaves_the_vram_preset_keys_to_the_preset(tmp_path, capsys, tiny_dev_dir):
     """Every key a model.vram preset picks prints commented out, so setting model.vram in a config made from
     --print-config applies the preset (written keys win: the preset only 'kept your ...' ones before)."""

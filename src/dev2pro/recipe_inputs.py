@@ -30,11 +30,12 @@ def check_rank_fits(cfg) -> None:
     check_rank(inputs)
 
 
-def apply_sample_guidance_default(cfg, explicit: set[str] = frozenset()) -> None:
+def apply_sample_guidance_default(cfg, explicit: set[str] = frozenset(), dedistill: bool = False) -> None:
     """``sample.guidance`` / ``sample.cfg`` not in ``explicit`` (the keys the user wrote): what the training base's
     own pipeline samples at -- embedded 4.0 for FLUX.2 dev (``Flux2Pipeline``), true CFG 4.0 for klein Base
-    (``Flux2KleinPipeline``), FLUX.1's 3.5 (the schema defaults) otherwise. Only the header is read; an unreadable
-    model keeps the defaults (it is reported where it is loaded)."""
+    (``Flux2KleinPipeline``), FLUX.1's 3.5 (the schema defaults) otherwise. A ``dedistill`` config's true-CFG grid
+    takes the base's own scale too (FLUX.2 dev: 4.0, as `dev2pro sample` renders the export). Only the header is
+    read; an unreadable model keeps the defaults (it is reported where it is loaded)."""
     m = cfg.model
     src = m.transformer or m.path
     if not src or not Path(src).exists() or holds_pickle(src):
@@ -48,10 +49,12 @@ def apply_sample_guidance_default(cfg, explicit: set[str] = frozenset()) -> None
         sampling = getattr(ckpt.spec(), "sampling", None)
     except (UserError, OSError, ValueError):
         return
-    if sampling is not None and sampling.guidance == "embedded" and "sample.guidance" not in explicit:
+    if sampling is None or sampling.guidance == "none":  # FLUX.1 (the schema defaults) or a step-distilled base
+        return
+    if not dedistill and sampling.guidance == "embedded" and "sample.guidance" not in explicit:
         cfg.sample.guidance = float(sampling.scale)
     # a de-distilled FLUX.2 dev export renders with true CFG at dev's own scale (``train.samples``)
-    true_cfg = sampling is not None and (sampling.guidance == "true-cfg" or dedistilled(ckpt.metadata))
+    true_cfg = dedistill or sampling.guidance == "true-cfg" or dedistilled(ckpt.metadata)
     if true_cfg and "sample.cfg" not in explicit:
         cfg.sample.cfg = float(sampling.scale)
 

@@ -331,7 +331,7 @@ class SampleBase:
     every: int = opt(0, "render samples every N steps (0 = only at the end if prompts are set)")
     prompts: list[str] = opt([], "sample prompts")
     seeds: list[int] = opt([0], "one column per seed")
-    steps: int = opt(20, "sampling steps")
+    steps: int = opt(20, "sampling steps (previews; `dev2pro sample` uses the base's own, e.g. FLUX.2's 50)")
     width: int = opt(512, "sample width (multiple of 16)")
     height: int = opt(512, "sample height (multiple of 16)")
     size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
@@ -383,7 +383,8 @@ class DedistillSample(SampleBase):
     every: int = opt(0, "sample grids every N steps and at the end (0 = off)")
     prompts: list[str] = opt([], "one grid row per prompt")
     seeds: list[int] = opt([0], "one grid column per seed")
-    cfg: float = opt(3.5, "true-CFG scale of the second grid (the first is at guidance 1.0, no CFG)")
+    cfg: float = opt(3.5, "true-CFG scale of the second grid (the first is at guidance 1.0, no CFG); unset: the "
+                          "base's own (FLUX.1 3.5, FLUX.2 dev 4.0)", model_default=True)
 
     def validate(self):
         super().validate()
@@ -492,5 +493,8 @@ def load_train_config(path, overrides: list[str] | None = None, data: dict | Non
 
 
 def load_dedistill_config(path, overrides: list[str] | None = None, data: dict | None = None) -> DedistillConfig:
-    """The `dev2pro dedistill` config from a TOML file, a dict and ``--set`` overrides."""
-    return load_config(DedistillConfig, path, overrides, data)
+    """The `dev2pro dedistill` config from a TOML file, a dict and ``--set`` overrides; ``sample.cfg`` unset is
+    the base's own scale."""
+    cfg = load_config(DedistillConfig, path, overrides, data)
+    apply_sample_guidance_default(cfg, explicit_keys(path, overrides, data), dedistill=True)
+    return cfg
