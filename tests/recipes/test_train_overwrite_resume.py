@@ -131,6 +131,42 @@ def test_an_overwrite_killed_while_setting_the_previous_run_aside_is_undone(tmp_
     assert said == [f"save.overwrite: this start saved no state, so the previous run in {run} is back as it was"]
 
 
+def _fake_run(run, step=4, name="mine"):
+    (run / "state" / f"step-{step:06d}").mkdir(parents=True)
+    for part in ("common.json", "common.safetensors"):
+        (run / "state" / f"step-{step:06d}" / part).write_text("{}")
+    (run / "config.toml").write_text(f'[save]\nname = "{name}"\n')
+    (run / f"{name}-step{step:06d}.safetensors").write_text("lora")
+    return run / "state" / f"step-{step:06d}"
+
+
+def test_resuming_another_runs_state_into_a_folder_holding_a_run_is_refused(tmp_path):
+    """--resume A's state with save.output_dir = B, where B holds a run of its own: B's LoRA files, samples and logs
+    would mix with A's continuation. Refused unless --overwrite (B's run set aside); a new folder or one of B's own
+    older states (not only the newest) resume as before."""
+    from dev2pro.train.lifecycle import PREVIOUS, prepare_output_dir
+    from dev2pro.train.run import RunFolder
+
+    a_state, b = _fake_run(tmp_path / "a"), tmp_path / "b"
+    _fake_run(b, step=2, name="theirs")
+    older = _fake_run(b, step=1, name="theirs")
+    before = _files(b)
+    with pytest.raises(UserError) as e:
+        prepare_output_dir(RunFolder(b), str(a_state), False, say=lambda m: None)
+    assert str(e.value) == (f"output folder {b} already holds a run, and --resume {a_state} continues another run's "
+                            "state in it (their LoRA files, samples and logs would mix): choose a new or empty "
+                            "save.output_dir, or set save.overwrite = true (--overwrite) to set its run aside")
+    assert _files(b) == before
+    assert prepare_output_dir(RunFolder(b), str(older), False, say=lambda m: None) == b / "state"  # its own: fine
+    assert prepare_output_dir(RunFolder(tmp_path / "new"), str(a_state), False, say=lambda m: None)
+    prepare_output_dir(RunFolder(b), str(a_state), True, say=lambda m: None)
+    assert sorted(p.name for p in b.iterdir()) == [PREVIOUS] and (a_state / "common.json").is_file()
+    (b / PREVIOUS).rename(tmp_path / "kept")
+    (b / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already holds other files"):
+        prepare_output_dir(RunFolder(b), str(a_state), False, say=lambda m: None)
+
+
 def test_a_run_folder_with_a_wandb_folder_can_be_overwritten(tmp_path):
     """wandb/ is a run's own (logging.wandb): --overwrite sets it aside like logs/, it is not a foreign entry."""
     from dev2pro.train.lifecycle import PREVIOUS, prepare_output_dir
@@ -198,6 +234,26 @@ def test_dedistill_refuses_a_missing_input_path_by_its_field(tmp_path, tiny_dev_
     assert not (tmp_path / "dd").exists()
 
 
+@pytest.mark.parametrize("field", ["path", "masks", "controls"])
+def test_a_missing_data_folder_is_refused_by_its_field_before_the_run_folder(tmp_path, tiny_dev_dir, sk_images,
+                                                                             field):
+    """Found by the dataset scan before, after config.toml and the memory plan were written; now one line naming
+    the [[data.folders]] entry and its field, with nothing written (train and dedistill)."""
+    missing = tmp_path / "nope"
+    for run, cfg in (("run", load_train_config(_lora(tmp_path, tiny_dev_dir, sk_images, samples=False))),
+                     ("dd", load_dedistill_config(_dedistill_toml(tmp_path, tiny_dev_dir, sk_images)))):
+        setattr(cfg.data.folders[0], field, str(missing))
+        with pytest.raises(UserError) as e:
+            (train if run == "run" else dedistill)(cfg, progress=False)
+        assert str(e.value).startswith(f"data.folders[0].{field}: {missing} does not exist; give the folder of ")
+        assert not (tmp_path / run).exists()
+    (tmp_path / "file.txt").write_text("x")
+    cfg = load_dedistill_config(_dedistill_toml(tmp_path, tiny_dev_dir, sk_images))
+    cfg.data.folders[0].controls = [str(sk_images), str(tmp_path / "file.txt")]
+    with pytest.raises(UserError, match=r"data.folders\[0\].controls: .*file.txt is not a folder; give the folder"):
+        dedistill(cfg, progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ --resume
 def test_resume_takes_a_run_folder(tmp_path, tiny_dev_dir, sk_images, capsys):
     """--resume RUN_FOLDER: its own folder is --resume alone; another run's folder resumes from that run's newest
@@ -257,6 +313,7 @@ def test_resume_of_a_dedistill_state_in_train_says_what_it_is(tmp_path, tiny_dev
                             f"this run trains a LoRA: continue it with `dev2pro dedistill {run / 'config.toml'} "
                             f"--resume {state}`, or start this run without --resume (in another save.output_dir, or "
                             f"with --overwrite)")
+    assert not (tmp_path / "run").exists()  # said from the headers, before the run folder or any cache exists
 
 
 def test_resume_of_a_lora_state_in_dedistill_says_what_it_is(tmp_path, tiny_dev_dir, sk_images):
@@ -272,6 +329,7 @@ def test_resume_of_a_lora_state_in_dedistill_says_what_it_is(tmp_path, tiny_dev_
             dedistill(load_dedistill_config(dd, overrides), resume=str(state), progress=False)
         assert str(e.value).startswith(f"{state} is a LoRA training state (`dev2pro train`), and this run trains "
                                        f"{doing}: {fix}")
+        assert not (tmp_path / "dd").exists()
 
 
 @pytest.mark.parametrize("recorded", [True, False])
@@ -290,6 +348,7 @@ def test_resume_of_a_klein_lora_state_in_a_flux1_run_names_the_models(tmp_path, 
         assert msg.startswith(f"{state} is a state of another model family: it trained FLUX.2 klein (64 wide, ")
         assert "this run trains FLUX.1 (64 wide, 2 double + 4 single blocks); a state resumes only on the model it " \
                "was trained on" in msg
+        assert not (tmp_path / "run").exists()  # before the run folder, the FLUX.1 caching and the model load
     else:  # nothing recorded: the trained modules this model does not have
         assert msg.startswith(f"{state} is a state of another model: it trained ") and "which this run's FLUX.1 " \
             "model does not have" in msg

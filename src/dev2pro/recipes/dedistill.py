@@ -57,7 +57,7 @@ from ..train.export import export_adapter, export_or_keep_state, final_weights
 from ..train.model import load_student, load_teacher
 from ..train.rope import use_fused_rope
 from ..train.optim import build_optimizer, build_scheduler
-from ..train.preflight import check_training_inputs
+from ..train.preflight import check_resume, check_training_inputs
 from ..train.progress import Progress
 from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
@@ -77,11 +77,12 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
     check_training_inputs(m.transformer or m.path, m.path, shards=cfg.data.shards,
                           needs_text=not cfg.data.shards or bool(cfg.sample.every), allow_pickle=m.allow_pickle,
                           family=m.family, text_dtype=m.text_encoder_dtype,
-                          teacher=m.teacher if cfg.objective != "flow" else "")
+                          teacher=m.teacher if cfg.objective != "flow" else "", folders=cfg.data.folders)
     _check_exports(cfg)
     quiet_libraries()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     run, main = RunFolder(Path(cfg.save.output_dir), "dedistill"), accelerator.is_main_process
+    check_resume(resume, run, m.transformer or m.path, cfg.train.adapter_rank, family=m.family)
     say = (lambda message: print(message, flush=True)) if main else (lambda message: None)
     lock = None
     try:

@@ -32,7 +32,7 @@ from ..schemas import TrainConfig, data_source, plan_inputs
 from ..recipe_inputs import attention_backend, gradient_checkpointing, references_per_image
 from ..train import lifecycle as life
 from ..train.export import lora_paths, save_lora_files
-from ..train.preflight import check_training_inputs, print_plan
+from ..train.preflight import check_resume, check_training_inputs, print_plan
 from ..train.model import add_lora, check_blocks_to_swap, load_base, place_base
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.compiled import CompileStats
@@ -70,8 +70,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
     check_training_inputs(m.transformer or m.path, m.path, adapter=m.adapter, inference_base=m.inference_base,
                           shards=cfg.data.shards, reference=cfg.sample.control,
                           needs_text=not cfg.data.shards or bool(cfg.sample.prompts), allow_pickle=m.allow_pickle,
-                          family=m.family, text_dtype=m.text_encoder_dtype)
+                          family=m.family, text_dtype=m.text_encoder_dtype, folders=cfg.data.folders)
     run = RunFolder(Path(cfg.save.output_dir), "train")
+    check_resume(resume, run, m.transformer or m.path, family=m.family)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=1,
                               cpu=not torch.cuda.is_available())
     quiet = quiet or not accelerator.is_main_process

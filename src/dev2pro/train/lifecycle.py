@@ -63,20 +63,26 @@ def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say:
             "saved": "holds a finished run but no usable training state"}.get(status, "holds no run")
             + "; run the same command without --resume to start it" + (" again with --overwrite" if status ==
                                                                           "saved" else ""))
+    elsewhere = resume not in (None, "latest") and not _inside(Path(resume), out)  # another run's state, into out
     if resume not in (None, "latest"):
         state_folder(resume, run.state)  # a path that is not there, or holds no state: said before any write
-    if resume is None and status == "foreign" and not overwrite:
+    fresh = resume is None or elsewhere  # this folder's own run starts here: what it holds must allow that
+    if fresh and status == "foreign" and not overwrite:
         raise UserError(f"output folder {out} already holds other files; choose a new or empty save.output_dir")
+    if elsewhere and status == "saved" and not overwrite:
+        raise UserError(f"output folder {out} already holds a run, and --resume {resume} continues another run's "
+                        "state in it (their LoRA files, samples and logs would mix): choose a new or empty "
+                        "save.output_dir, or set save.overwrite = true (--overwrite) to set its run aside")
     if resume is None and status == "saved" and not overwrite:
         raise UserError(f"output folder {out} already holds a run" + ("; pass --resume to continue it," if resumable
                         else ";") + " set save.overwrite = true (--overwrite) to start over in it, or choose "
                         "another save.output_dir")
-    if resume is None and overwrite:
+    if fresh and overwrite:
         check_no_foreign(out)  # save.overwrite replaces a run, never a folder's other files
     if resume is None and status == "started" and not overwrite:
         say(f"reusing {out}: an earlier start never saved a usable state (cached latents and text are reused when "
             f"valid)")
-    if resume is None and overwrite and _set_aside(run, names):
+    if fresh and overwrite and _set_aside(run, names):
         say(f"save.overwrite: starting over in {out} (the previous run's files -- states, LoRA files, samples, logs "
             f"-- are set aside in {PREVIOUS} and removed when this run saves its first state; a start that stops "
             f"before that puts them back; cached latents and text are reused when valid)")
@@ -125,6 +131,11 @@ def _saved_name(config: Path) -> str:
         return str(tomllib.loads(config.read_text()).get("save", {}).get("name", ""))
     except (OSError, ValueError, AttributeError):
         return ""
+
+
+def _inside(path: Path, out: Path) -> bool:
+    """``path`` is in the run folder ``out`` (one of its own states)."""
+    return os.path.realpath(path).startswith(os.path.realpath(out) + os.sep)
 
 
 def _same_folder(path: Path, out: Path) -> bool:

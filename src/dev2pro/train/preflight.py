@@ -8,9 +8,9 @@ caching (or after the run folder exists) is a worse answer than one line at the 
 - `dev2pro cache` shards were encoded by this family's text stack (FLUX.1's T5 + CLIP records carry a pooled
   vector; FLUX.2 records are one stacked ``prompt_embeds`` as wide as the transformer's context);
 - every path the run reads later exists (``check_paths_exist``: model.path, the inference base, the adapter, the
-  teacher, the shards), named by its field;
-- and, once a ``--resume`` state is read (``train/state.py``), that it is a state of this kind of run on this model
-  (``check_state_fits``; what a state records about its run is ``run_facts``).
+  teacher, the shards; ``check_data_folders``: each data folder, its masks and controls), named by its field;
+- and that a ``--resume`` state is a state of this kind of run on this model (``check_resume``: its recorded run
+  facts against the base's header; ``statefit.check_state_fits`` checks again on the loaded model).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ..choices import MAX_REFERENCES
 from ..config import as_list
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
+from ..flux.weightfiles import holds_pickle
 from ..lora.adapter import linear_shapes
 from ..lora.formats import load_lora
 
@@ -35,14 +36,17 @@ log = logging.getLogger(__name__)
 
 def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", inference_base: str = "", shards: str = "",
                           needs_text: bool = True, allow_pickle: bool = False, family: str | None = None,
-                          text_dtype: str = "fp32", reference: str | Sequence[str] = "", teacher: str = "") -> None:
+                          text_dtype: str = "fp32", reference: str | Sequence[str] = "", teacher: str = "",
+                          folders: Sequence = ()) -> None:
     """UserError (one line, naming the field and the fix) unless the run's inputs exist and fit each other
-    (``reference``: ``sample.control``; ``teacher``: dedistill's, when its objective reads one)."""
+    (``reference``: ``sample.control``; ``teacher``: dedistill's, when its objective reads one; ``folders``: the
+    ``[[data.folders]]`` entries)."""
     if adapter and inference_base:
         # one base in memory is the point of an adapter: samples with it off already are "the LoRA on dev". (Checked
         # here, not in validate(): the config editor probes every path field with a value at once.)
         raise UserError("model.adapter: set model.adapter or model.inference_base, not both (with an adapter the "
                         "training base is dev and samples are rendered on it with the adapter off)")
+    check_data_folders(folders)
     if not base:
         return
     check_paths_exist(base, model_dir, needs_text, {"model.inference_base": inference_base, "model.adapter": adapter,
@@ -60,6 +64,28 @@ def check_training_inputs(base: str, model_dir: str, *, adapter: str = "", infer
         check_shards(shards, ckpt.family, ckpt.spec())
     if reference:
         check_reference(reference, ckpt.family, "sample.control")
+
+
+def check_resume(resume: str | None, run, base: str, adapter_rank: int = 0, family: str | None = None) -> None:
+    """A ``--resume`` state of another kind of run than ``run`` (a ``train.folder.RunFolder``: `train` trains a LoRA,
+    `dedistill` an adapter of ``adapter_rank`` or every weight) or of another model than ``base``: one line before
+    the run folder is written or any data cached, not after. A path that names no complete state is left to
+    ``lifecycle.prepare_output_dir``'s own message; a pickled base is not opened for this (the check runs again
+    once the model is loaded)."""
+    if resume is None or not base or not Path(base).exists() or holds_pickle(base):
+        return
+    from .state import read_common, saved_shapes, state_folder
+    from .statefit import check_state_fits, spec_facts
+
+    try:
+        folder, _ = state_folder(resume, run.state)
+        saved = read_common(folder).get("run")
+    except UserError:
+        return
+    ckpt = open_checkpoint(base, family=family)
+    trains = "lora" if run.command == "train" else "adapter" if adapter_rank else "full"
+    now = spec_facts(ckpt.family, ckpt.spec(), run.command, trains)
+    check_state_fits(folder, saved, saved_shapes(folder), now, None)
 
 
 _READ_LATER = {"model.inference_base": "the transformer the samples are rendered on (e.g. the FLUX.1-dev folder), "
@@ -85,6 +111,19 @@ def check_paths_exist(base: str, model_dir: str, needs_text: bool, later: dict[s
     for field, path in later.items():
         if path and not Path(path).exists():
             raise UserError(f"{field}: {path} does not exist; give {_READ_LATER[field]}")
+
+
+def check_data_folders(folders: Sequence) -> None:
+    """Each ``[[data.folders]]`` entry's folders exist -- its images, masks and controls -- before the run folder is
+    written (the dataset scan found them missing after config.toml and the memory plan)."""
+    for i, f in enumerate(folders):
+        named = [("path", f.path, "the folder of images with same-stem .txt captions")]
+        named += [("masks", f.masks, "the folder of loss masks named like the images, or remove masks")] * bool(f.masks)
+        named += [("controls", c, "the folder of reference images named like the images") for c in as_list(f.controls)]
+        for field, path, what in named:
+            if not Path(path).expanduser().is_dir():
+                where = "does not exist" if not Path(path).expanduser().exists() else "is not a folder"
+                raise UserError(f"data.folders[{i}].{field}: {path} {where}; give {what}")
 
 
 def check_folder_model(base: str, model_dir: str, ckpt) -> None:

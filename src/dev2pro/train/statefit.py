@@ -116,26 +116,34 @@ def run_facts(model, trained: Iterable[str], recipe: str) -> dict:
 
     fam = families.of_model(model)
     lora = any(ADAPTER_PIECE.search(n) for n in trained)
-    facts = {"recipe": recipe, "trains": ("adapter" if recipe == "dedistill" else "lora") if lora else "full",
-             "family": fam.name, "model": fam.title}
+    trains = ("adapter" if recipe == "dedistill" else "lora") if lora else "full"
     inner = model
     for attr in ("module", "_orig_mod"):
         inner = getattr(inner, attr, inner)
     try:
         spec = fam.spec_from_config(dict(inner.config))
     except Exception:  # noqa: BLE001 -- a model without a readable config: the family alone is compared
+        spec = None
+    return spec_facts(fam, spec, recipe, trains)
+
+
+def spec_facts(family, spec, recipe: str, trains: str) -> dict:
+    """``run_facts`` from a checkpoint's header (``family``, ``spec``: None when unreadable) before the model is
+    loaded: ``recipe`` (train | dedistill) training ``trains`` (lora | adapter | full)."""
+    facts = {"recipe": recipe, "trains": trains, "family": family.name, "model": family.title}
+    if spec is None:
         return facts
-    if fam.name == "flux2":
+    if family.name == "flux2":
         facts["model"] += " klein" if spec.is_klein else " dev"
     return {**facts, "hidden": spec.hidden, "double": spec.num_double, "single": spec.num_single}
 
 
-def check_state_fits(folder: Path, saved: dict | None, shapes: dict, now: dict, names: set[str]) -> None:
+def check_state_fits(folder: Path, saved: dict | None, shapes: dict, now: dict, names: set[str] | None) -> None:
     """A ``--resume`` state of another kind of run than this one (``now``: ``run_facts``) -- a full fine-tune's given
     to a LoRA run or the reverse, `train`'s LoRA given to dedistill's adapter run, another model's -- is one line
     saying what it is and how to go on (``state.check_same_lora`` would read it as other target modules).
     ``saved``: what the state recorded (states of older versions record nothing: their tensors' names, the run
-    folder's config.toml and the live model's module and parameter ``names`` tell)."""
+    folder's config.toml and the live model's module and parameter ``names`` tell; None: before it is loaded)."""
     saved = dict(saved or {})
     kinds, ranks, units = adapter_facts({n: s for n, s in shapes.items() if n.startswith("model/")})
     recipe = saved.get("recipe") or _recipe_of(folder)
@@ -153,6 +161,8 @@ def check_state_fits(folder: Path, saved: dict | None, shapes: dict, now: dict, 
             other = "another model family" if saved["family"] != now["family"] else "another model"
             raise UserError(f"{folder} is a state of {other}: it trained {_model(saved)}, this run trains "
                             f"{_model(now)}; a state resumes only on the model it was trained on: {go_on}, {fresh}")
+        return
+    if names is None:
         return
     foreign = sorted(u.removeprefix("model/") for u in units if u.removeprefix("model/") not in names)
     if foreign:  # an older state: trained modules this model does not have
