@@ -41,8 +41,8 @@ def test_log_tail_strips_escape_codes_and_a_failed_job_says_why(tmp_path):
 
 def test_end_reasons():
     assert strip_ansi("a\x1b[A\x1b[2K\x1b[1;31mred\x1b[0m\x1b]0;title\x07b") == "aredb"
-    stopped = ("step 27 loss 0.31\n 28%|###  | 28/100\ninterrupted at step 28: state saved in runs/a/state/step-000028; "
-               "resume with: dev2pro train --resume runs/a\n")
+    stopped = ("step 27 loss 0.31\n 28%|###  | 28/100\ninterrupted at step 28: state saved in "
+               "runs/a/state/step-000028; resume with: dev2pro train --resume runs/a\n")
     for status in ("stopped", "failed"):  # the run ended through Ctrl-C from a terminal, or Stop here
         assert end_reason(status, stopped, 130) == ("stopped: state saved at step 28 (runs/a/state/step-000028); "
                                                     "Resume continues from it")

@@ -18,7 +18,9 @@ function renderJobs(jobs) {
   const panel = $("jobs-panel");
   if (panel.hidden) return;
   const recent = jobs.filter((j) => !ACTIVE_JOB.includes(j.status)).slice(0, 8);
-  panel.innerHTML = "";
+  const key = [...active, ...recent].map((j) => j.id + j.status + j.error).join("|");
+  if (panel.dataset.key === key) return;  // unchanged: a Stop button is not redrawn under the pointer
+  panel.dataset.key = key; panel.innerHTML = "";
   if (!active.length && !recent.length) panel.append(el("div", { class: "status", text: "no jobs yet" }));
   for (const j of [...active, ...recent]) {
     const when = new Date(1000 * (j.ended || j.started || j.created)).toLocaleTimeString();
@@ -55,7 +57,7 @@ async function stopJob(id) {
 }
 
 function toggleJobs() {
-  $("jobs-panel").hidden = !$("jobs-panel").hidden;
+  $("jobs-panel").hidden = !$("jobs-panel").hidden; $("jobs-panel").dataset.key = "";
   pollJobs().catch(() => {});
 }
 
