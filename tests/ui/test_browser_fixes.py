@@ -1,7 +1,9 @@
 """The three page fixes in a real headless Chromium (Debian's /usr/bin/chromium): the Models page's convert offers
 no LoRA as a source and has an overwrite box the server honours; the Dataset page's upload asks for a
 folder instead of writing into the workspace root; the Monitor page shows the step a stopped run saved, not its
-last logged one."""
+last logged one. Also: a job's end on the page that started it and Stop in the job bar's list; uploads with names
+of any script, the replace box, a failed upload's grid, an unsaved caption kept over a redraw, shared captions
+flagged; the log box following its newest lines."""
 
 import json
 from pathlib import Path
@@ -56,6 +58,22 @@ def test_convert_upload_and_monitor_fixes_in_chromium(workspace, browser_page, u
     page.check("#convert-overwrite")
     page.click("#convert-fp8")
     toast_says(page, "queued: convert models/base.safetensors -> models/fp8.safetensors (fp8) (overwrite)")
+    # the job's end is reported on the page that started it (its line there, and a toast), with the error line
+    page.wait_for_selector("#convert-status[data-status]")
+    ended = page.get_attribute("#convert-status", "data-status")
+    line = page.inner_text("#convert-status")
+    assert ended in ("done", "failed") and line.startswith("convert " + ended), line
+    assert ended == "done" or len(line) > len("convert failed: "), line  # a failure names its reason
+    # the jobs list under the job bar: the convert job, and Stop for a job still queued or running
+    page.click("#jobbar")
+    page.wait_for_selector(f"#jobs-panel .job[data-status='{ended}']")
+    page.fill("#convert-dst", "models/fp8-b.safetensors")
+    page.click("#convert-fp8")
+    page.locator("#jobs-panel .job .stop-job").first.click()
+    page.wait_for_selector("#jobs-panel .job[data-status='stopped']")
+    stopped = page.locator("#jobs-panel .job[data-status='stopped'] .job-title").inner_text()
+    assert "-> models/fp8-b.safetensors (fp8)" in stopped, stopped
+    page.click("#jobbar")
 
     page.click("#tab-dataset")
     page.fill("#dataset-folder", "")
@@ -66,6 +84,59 @@ def test_convert_upload_and_monitor_fixes_in_chromium(workspace, browser_page, u
     toast_says(page, "choose the dataset folder to upload into")
     assert page.evaluate("document.activeElement.id") == "dataset-folder"
     assert not list(workspace.rglob("photo*.png"))  # nothing uploaded anywhere, the root included
+
+    # names of any script, all-or-nothing, the "replace files with the same name" box; the grid never shows
+    # another folder's images after a failed upload; a caption typed but not blurred survives a redraw
+    up = workspace.parent / "up"
+    up.mkdir()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(up / "猫.png")
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(up / "犬.png")
+    (up / "notes.png").write_text("not an image")
+    page.fill("#dataset-folder", "datasets/intl")
+    page.set_input_files("#upload-files", [str(up / "猫.png"), str(up / "犬.png")])
+    page.click("#upload")
+    toast_says(page, "uploaded 2 images")
+    page.wait_for_function("document.querySelectorAll('#thumbs .thumb').length === 2")
+    page.fill("#thumbs textarea[data-path='datasets/intl/猫.png']", "a red square")
+    page.evaluate("loadDataset()")  # a redraw (a caption job ending, an upload) while the box still has focus
+    page.wait_for_function("() => { const t = document.querySelector("
+                           "\"#thumbs textarea[data-path='datasets/intl/猫.png']\");"
+                           " return t && t.dataset.orig === 'a red square'; }")
+    assert (workspace / "datasets" / "intl" / "猫.txt").read_text() == "a red square\n"
+    page.set_input_files("#upload-files", [str(up / "猫.png")])
+    page.click("#upload")
+    toast_says(page, "datasets/intl/猫.png already exists; rename the file(s) or tick 'replace files with the "
+                     "same name'")
+    page.check("#upload-overwrite")
+    page.set_input_files("#upload-files", [str(up / "猫.png")])
+    page.click("#upload")
+    toast_says(page, "uploaded 1 images (1 replaced)")
+    page.fill("#dataset-folder", "datasets/nothere")
+    page.set_input_files("#upload-files", [str(up / "犬.png"), str(up / "notes.png")])
+    page.click("#upload")
+    toast_says(page, "'notes.png' is not a readable image")
+    page.wait_for_function("document.querySelectorAll('#thumbs .thumb').length === 0")  # not intl's images
+    assert not (workspace / "datasets" / "nothere").exists()
+    for ext in ("png", "jpg"):  # two images, one caption file
+        Image.new("RGB", (32, 32)).save(workspace / "datasets" / "intl" / f"cat.{ext}")
+    page.fill("#dataset-folder", "datasets/intl")
+    page.click("#load-folder")
+    page.wait_for_function("document.querySelectorAll('#thumbs .shared-caption').length === 2")
+    assert "cat.jpg and cat.png share cat.txt" in page.inner_text("#bucket-preview")
+
+    # the log box follows its newest lines, unless the user scrolled up to read
+    box = "(() => { const p = document.createElement('pre'); p.className = 'out'; p.id = 'log-probe';" \
+          " document.body.append(p); return true; })()"
+    page.evaluate(box)
+    lines = "Array.from({length: %d}, (_, i) => 'line ' + i).join('\\n')"
+    page.evaluate(f"showLog(document.getElementById('log-probe'), {lines % 200})")
+    at = page.evaluate("(() => { const p = document.getElementById('log-probe');"
+                       " return [p.scrollTop, p.scrollHeight, p.clientHeight]; })()")
+    assert at[1] > at[2] and at[0] + at[2] >= at[1] - 2, at  # scrolled to the bottom
+    page.evaluate("(() => { const p = document.getElementById('log-probe'); p.scrollTop = 0;"
+                  " p.dispatchEvent(new Event('scroll')); })()")
+    page.evaluate(f"showLog(document.getElementById('log-probe'), {lines % 201})")
+    assert page.evaluate("document.getElementById('log-probe').scrollTop") == 0
 
     page.click("#tab-monitor")
     page.wait_for_selector("#run-select option[value='runs/stopped']", state="attached")

@@ -105,7 +105,8 @@ def test_upload_without_a_dataset_folder_is_refused_naming_the_field(app, asgi):
     status, body = asgi(app, "POST", "/api/upload", *multipart([("folder", None, b"datasets/new"),
                                                                 ("files", "photo.png", png())]))
     assert status == 200, body
-    assert json.loads(body) == {"saved": ["datasets/new/photo.png"], "folder": "datasets/new"}
+    assert json.loads(body) == {"saved": ["datasets/new/photo.png"], "folder": "datasets/new", "renamed": [],
+                                "replaced": []}
     assert (ws_dir / "datasets" / "new" / "photo.png").read_bytes() == png()
 
 

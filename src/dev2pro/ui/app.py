@@ -37,7 +37,8 @@ from .jobs import JobManager
 from .workspace import Workspace
 
 STATIC = Path(__file__).parent / "static"
-STATIC_FILES = {"app.js": "text/javascript", "train.js": "text/javascript", "app.css": "text/css"}
+STATIC_FILES = {"app.js": "text/javascript", "train.js": "text/javascript", "jobs.js": "text/javascript",
+                "app.css": "text/css", "favicon.svg": "image/svg+xml"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -92,6 +93,11 @@ class Guard(BaseHTTPMiddleware):
 # ------------------------------------------------------------------------------------------------ static + files
 async def index(request: Request):
     return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+async def favicon(request: Request):
+    """The tab icon (browsers ask for /favicon.ico on every page load whatever the page links)."""
+    return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
 
 async def static(request: Request):
@@ -192,6 +198,7 @@ def build_app(ui: UIContext, auth: str | None = None, hosts: set[str] | None = N
     routes = [
         Route("/", index),
         Route("/static/{name}", static),
+        Route("/favicon.ico", favicon),
         Route("/files/{path:path}", files),
         Route("/api/thumb", thumb),
         Route("/api/jobs", jobs_list),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 from pathlib import Path
 
 from ..errors import UserError
@@ -31,6 +33,32 @@ def check_bind(host: str, auth: str | None) -> str | None:
             f"can read the workspace and run jobs; traffic is plain HTTP (use an SSH tunnel or a TLS proxy)")
 
 
+def open_address(host: str, port: int) -> tuple[str, str]:
+    """(the address to open, a note on the bind): a wildcard bind (0.0.0.0, ::) is not an address a browser can
+    open, so this machine's name is given, with 127.0.0.1 for a browser on the machine itself."""
+    bare = host.strip("[]")
+    if bare in ("0.0.0.0", "::", ""):
+        return (f"http://{socket.gethostname()}:{port}/",
+                f"listening on all interfaces ({host or '*'}:{port}); on this machine: http://127.0.0.1:{port}/")
+    return f"http://{f'[{bare}]' if ':' in bare else bare}:{port}/", ""
+
+
+def check_port(host: str, port: int):
+    """UserError when ``port`` cannot be bound on ``host`` (in use, or not allowed); the server binds it again
+    right after (with the same SO_REUSEADDR rule as uvicorn)."""
+    bare = host.strip("[]")
+    try:
+        family = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((bare, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use (another dev2pro ui or another program); "
+                            f"pass --port with a free port") from None
+        raise UserError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
+
+
 def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
           max_upload_mb: int = 50):
     warning = check_bind(host, auth)
@@ -39,6 +67,7 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str |
     try:
         import uvicorn
 
+        from . import uilock
         from .app import UIContext, build_app
         from .jobs import JobManager
         from .workspace import Workspace
@@ -48,6 +77,9 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str |
     ws_dir = Path(workspace)
     ws_dir.mkdir(parents=True, exist_ok=True)
     ws = Workspace(ws_dir)
+    url, note = open_address(host, port)
+    lock = uilock.hold(ws.state, url)  # held (open) for the life of the server: one app per workspace
+    check_port(host, port)  # one clear line for a busy port, before anything says "open"
     jobs = JobManager(ws.state, ws.root)
     ui = UIContext(ws, jobs, max_upload_bytes=max_upload_mb * 2**20)
     hosts = {host.strip("[]"), "127.0.0.1", "localhost", "::1", "[::1]"} if is_loopback(host) else None
@@ -56,7 +88,7 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str |
         print(warning, flush=True)
     running = [j for j in jobs.list() if j["status"] == "running"]
     print(f"dev2pro ui: workspace {ws.root}" + (f", re-attached to {len(running)} running job(s)" if running else ""))
-    print(f"dev2pro ui: open http://{host if ':' not in host else f'[{host}]'}:{port}/", flush=True)
+    print(f"dev2pro ui: open {url}" + (f" ({note})" if note else ""), flush=True)
     jobs.start_scheduler()
     from . import planview, routes_train
 
@@ -65,6 +97,7 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str |
         uvicorn.run(app, host=host.strip("[]"), port=port, log_level="warning")
     finally:
         jobs.close()  # running jobs keep running: they belong to their own sessions
+        lock.close()
 
 
 def add_ui_parser(sub):

@@ -151,6 +151,9 @@ def form_to_data(specs: list[dict], values: dict, drop_defaults: bool = False) -
 NAME_FIELDS = {"save.name": "save.output_dir"}
 
 
+MUST_EXIST = {"model.path", "model.transformer", "model.inference_base", "model.adapter"}  # read, never written
+
+
 def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[str], resolve: Callable,
                  name: Callable | None = None):
     """Browser values -> a validated config; every path field goes through ``resolve`` (workspace-confined)
@@ -174,6 +177,8 @@ def build_config(specs: list[dict], values: dict, loader: Callable, paths: set[s
 
     def confined(value: str, key: str) -> str:
         try:
+            if key in MUST_EXIST:  # a model that is not there: named at its field, before the loader reads it
+                return str(resolve(value, must_exist=True))
             return str(resolve(value))
         except ConfigError:
             raise

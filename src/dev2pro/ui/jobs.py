@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,46 @@ from pathlib import Path
 import psutil
 
 ACTIVE = ("queued", "running")
+# terminal escape sequences (tqdm's cursor-up ESC[A between nested bars, colours, OSC titles): a log box shows text
+ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+_PROGRESS = re.compile(r"^\s*[^:]{0,60}:?\s*\d+%\|")  # a tqdm bar line: "caption:  40%|####  | 4/10 [...]"
+_ERROR = re.compile(r"^dev2pro [\w-]+: error: ")
+_INTERRUPTED = re.compile(r"interrupted at step (\d+): state saved in (\S+?);")
+
+
+def strip_ansi(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def end_reason(status: str, tail: str, returncode: int | None) -> str:
+    """Why a job ended as it did, from its last output lines: a stopped run's saved state ("stopped: state saved at
+    step N"), a failure's error line (the CLI's "error: ..." or a traceback's last line); "" for a finished job."""
+    if status == "done":
+        return ""
+    lines = [ln.strip() for ln in strip_ansi(tail).replace("\r", "\n").split("\n") if ln.strip()]
+    saved = next((m for ln in reversed(lines) if (m := _INTERRUPTED.search(ln))), None)
+    if saved:
+        return f"stopped: state saved at step {saved.group(1)} ({saved.group(2)}); Resume continues from it"
+    if status == "stopped":
+        return "stopped on request" + ("" if returncode in (None, 0, 130, -2) else f" (exit code {returncode})")
+    error = next((ln for ln in reversed(lines) if _ERROR.match(ln)), None)
+    if error is None:
+        error = next((ln for ln in reversed(lines) if not _PROGRESS.match(ln)), None)
+    if error is None:
+        return f"failed with exit code {returncode}" if returncode is not None else "failed"
+    error = _ERROR.sub("", error)
+    return error if len(error) <= 600 else error[:600] + "…"
+
+
+def run_status(job: dict | None, finished_at: float | None) -> str | None:
+    """A run's status for its UI job: the job's own, unless the job failed or stopped before the run folder's
+    finished summary was written (``finished_at``: its mtime) - e.g. refused by the run-folder lock while another
+    process finished the run - where the run is "finished". None without a job."""
+    if job is None:
+        return None
+    if job["status"] in ("failed", "stopped") and finished_at is not None and finished_at >= (job["created"] or 0):
+        return "finished"
+    return job["status"]
 
 
 class JobManager:
@@ -94,13 +135,14 @@ class JobManager:
         return self.dir / job_id / "log.txt"
 
     def log_tail(self, job_id: str, lines: int = 40, max_bytes: int = 64_000) -> str:
-        """The last ``lines`` lines of a job's output; progress-bar redraws (\\r) count as lines."""
+        """The last ``lines`` lines of a job's output, terminal escape codes removed; progress-bar redraws (\\r)
+        count as lines."""
         path = self.log_path(job_id)
         if not path.exists():
             return ""
         with open(path, "rb") as f:
             f.seek(max(0, path.stat().st_size - max_bytes))
-            text = f.read().decode("utf-8", "replace")
+            text = strip_ansi(f.read().decode("utf-8", "replace"))
         parts = [p for p in text.replace("\r", "\n").split("\n") if p.strip()]
         return "\n".join(parts[-lines:])
 
@@ -140,7 +182,8 @@ class JobManager:
                 if rc_file.exists():
                     rc = int(rc_file.read_text().strip() or -1)
                     status = "done" if rc == 0 else "stopped" if job["stop_requested"] else "failed"
-                    job.update(status=status, returncode=rc, ended=time.time())
+                    job.update(status=status, returncode=rc, ended=time.time(),
+                               error=end_reason(status, self.log_tail(job["id"], lines=60), rc))
                 elif not self._alive(job):
                     job.update(status="stopped" if job["stop_requested"] else "failed", ended=time.time(),
                                error="the job's process ended without recording a status (killed?)")
@@ -164,7 +207,8 @@ class JobManager:
         with self.lock:
             job = self.jobs[job_id]
             if job["status"] == "queued":
-                job.update(status="stopped", ended=time.time(), stop_requested=True)
+                job.update(status="stopped", ended=time.time(), stop_requested=True,
+                           error="cancelled before it started")
             elif job["status"] == "running":
                 job["stop_requested"] = True
                 pid_file = self.dir / job_id / "child.pid"

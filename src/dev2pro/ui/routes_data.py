@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from pathlib import PurePosixPath
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -23,7 +24,6 @@ from ..lora.sniff import is_base_model
 from .loracheck import refuse_lora_source
 from .pairs import listed_images, reference_folders, too_large
 from .upload import read_upload
-from .workspace import check_image
 
 MAX_IMAGES = 2000  # listed per dataset request (each one's header is read)
 
@@ -231,7 +231,7 @@ def _dataset(ui, q) -> dict:
     preview = _bucket_preview(sizes, buckets)
     folders = dataset_folders(ui)
     out = {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders,
-           "truncated": len(images) > MAX_IMAGES,
+           "truncated": len(images) > MAX_IMAGES, "caption_clashes": _caption_clashes(items),
            "skipped": [{"name": n, "reason": "a symlink out of the workspace (not read)"} for n in skipped]}
     if refs:
         out["pairs"] = [r.summary(complete=len(images) <= MAX_IMAGES) for r in refs]
@@ -241,8 +241,25 @@ def _dataset(ui, q) -> dict:
     return out
 
 
+def _caption_clashes(items: list[dict]) -> list[dict]:
+    """Images that share one caption file (``cat.png`` and ``cat.jpg`` both read ``cat.txt``): editing one card's
+    caption edits the other's. Each such item gets ``shares_caption`` (the other images' names)."""
+    by_caption: dict[str, list[dict]] = {}
+    for im in items:
+        by_caption.setdefault(str(PurePosixPath(im["path"]).with_suffix(".txt")), []).append(im)
+    clashes = []
+    for caption, group in by_caption.items():
+        if len(group) > 1:
+            for im in group:
+                im["shares_caption"] = [o["name"] for o in group if o is not im]
+            clashes.append({"caption": caption, "images": [im["name"] for im in group]})
+    return clashes
+
+
 async def upload(request: Request, ui):
-    """Multipart upload of images into a workspace folder; all-or-nothing, each file checked as an image."""
+    """Multipart upload of images into a workspace folder, all-or-nothing: every file is checked (decodes as an
+    image, its safe name, no image of that name already there unless ``overwrite``) before any is written; the
+    reply names the files as saved (``renamed``: those whose name changed, ``replaced``: images overwritten)."""
     limit = ui.max_upload_bytes
     total = limit * ui.max_files + 2**20
     declared = request.headers.get("content-length", "")
@@ -273,11 +290,14 @@ async def upload(request: Request, ui):
         blobs.append((f.filename or "image", data))
     if not blobs:
         raise UserError("no files in the upload")
-    for name, data in blobs:  # check every file before writing any
-        check_image(data, name)
+    plan = await run_in_threadpool(ui.ws.plan_upload, folder, blobs, limit, overwrite)  # every file, nothing written
     folder.mkdir(parents=True, exist_ok=True)
-    saved = [ui.ws.rel(ui.ws.save_upload(folder, name, data, limit, overwrite)) for name, data in blobs]
-    return JSONResponse({"saved": saved, "folder": ui.ws.rel(folder)})
+    saved = await run_in_threadpool(ui.ws.write_upload, plan)
+    renamed = [{"from": i["filename"], "to": i["dest"].name} for i in plan if i["dest"].name != i["filename"]]
+    replaced = [ui.ws.rel(i["replaces"]) if i["replaces"] != i["dest"] else ui.ws.rel(i["dest"])
+                for i in plan if i["replaces"] is not None]
+    return JSONResponse({"saved": [ui.ws.rel(p) for p in saved], "folder": ui.ws.rel(folder), "renamed": renamed,
+                         "replaced": replaced})
 
 
 async def caption(request: Request, ui):

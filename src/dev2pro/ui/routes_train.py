@@ -29,6 +29,7 @@ from ..train.folder import RunFolder
 from ..train.run import folder_status
 from . import editrefs, forms, planview, routes_data, trainform
 from .handlers import json_body, number, text
+from .jobs import run_status
 from .monitor import find_runs, run_info
 
 if sys.version_info >= (3, 11):
@@ -200,8 +201,9 @@ async def runs(request: Request, ui):
     out = []
     for rel in list(dict.fromkeys(pending)) + found:
         job = _job_for(ui, rel)
-        finished = RunFolder(ui.ws.root / rel).summary.exists()
-        out.append({"run": rel, "status": job["status"] if job else "finished" if finished else "no UI job",
+        summary = RunFolder(ui.ws.root / rel).summary
+        finished = summary.stat().st_mtime if summary.exists() else None  # a job refused by the run lock: finished
+        out.append({"run": rel, "status": run_status(job, finished) or ("finished" if finished else "no UI job"),
                     "job": job["id"] if job else None})
     return JSONResponse({"runs": out})
 

@@ -16,6 +16,7 @@ import fnmatch
 import io
 import os
 import re
+import unicodedata
 import warnings
 from pathlib import Path, PurePosixPath
 
@@ -23,10 +24,22 @@ from PIL import Image
 
 from ..data.folders import IMAGE_EXTENSIONS  # what training reads
 from ..errors import UserError
-from ..outputs import atomic_path, write_text
+from ..outputs import temp_path, write_text
 
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # what training reads (data.folders)
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^\w.-]+")  # kept: Unicode letters and digits, '_', '.', '-'; anything else becomes '_'
+MAX_STEM_BYTES = 150  # UTF-8 bytes of an uploaded name's stem (file systems allow 255 per name)
+REPLACE_BOX = "replace files with the same name"  # the Dataset page's upload checkbox (sends ``overwrite``)
+
+
+def safe_stem(filename: str) -> str:
+    """An uploaded file's name reduced to a safe stem: its basename (no folders), NFC-normalised, with letters and
+    digits of any script kept and everything else (spaces, punctuation, control characters) replaced by '_'; no
+    leading '.', '_' or '-' (never a hidden file or an option-like name); 'image' when nothing is left."""
+    base = PurePosixPath(filename.replace("\\", "/")).name
+    stem = _UNSAFE.sub("_", unicodedata.normalize("NFC", Path(base).stem)).strip("._-")
+    stem = stem.encode()[:MAX_STEM_BYTES].decode("utf-8", "ignore").rstrip("._-")  # never half a character
+    return stem or "image"
 
 
 class PathRefused(UserError):
@@ -205,18 +218,62 @@ class Workspace:
 
     def save_upload(self, folder: Path, filename: str, data: bytes, max_bytes: int, overwrite: bool = False) -> Path:
         """Check ``data`` is an image within ``max_bytes`` and write it atomically into ``folder``."""
-        if len(data) > max_bytes:
-            raise UserError(f"upload {filename!r} is {len(data) / 2**20:.1f} MiB; the limit is "
-                            f"{max_bytes / 2**20:.0f} MiB (--max-upload-mb)")
-        fmt = check_image(data, filename)
-        stem = _SAFE_NAME.sub("_", Path(PurePosixPath(filename.replace("\\", "/")).name).stem).strip("._") or "image"
-        dest = folder / (stem[:100] + IMAGE_FORMATS[fmt])
-        self.confine(dest, f"{self.rel(folder)}/{dest.name}")  # an existing name may be a symlink out
-        if dest.exists() and not overwrite:
-            raise UserError(f"{self.rel(dest)} already exists; rename the file or tick 'overwrite'")
-        with atomic_path(dest, overwrite=overwrite, what="image") as tmp:
-            tmp.write_bytes(data)
-        return dest
+        return self.write_upload(self.plan_upload(folder, [(filename, data)], max_bytes, overwrite))[0]
+
+    def plan_upload(self, folder: Path, files: list[tuple[str, bytes]], max_bytes: int,
+                    overwrite: bool = False) -> list[dict]:
+        """Where each uploaded ``(filename, data)`` goes, every file checked before anything is written: its size,
+        that it decodes as an image, a safe name (``safe_stem`` + the decoded format's extension). Names that
+        collide within the batch (after sanitising, ignoring case and extension: ``cat.png`` and ``cat.jpg`` would
+        share ``cat.txt``) get ``-1``, ``-2``, ... (never a name an image in ``folder`` has). An image already in
+        ``folder`` under a file's own name (same stem, any image extension) is refused unless ``overwrite``;
+        with it, that image is replaced. UserError naming every problem; nothing is written here."""
+        existing = {p.stem.casefold(): p for p in self.images(folder, limit=100_000)} if folder.is_dir() else {}
+        taken, plan, clashes = set(), [], []
+        for filename, data in files:
+            if len(data) > max_bytes:
+                raise UserError(f"upload {filename!r} is {len(data) / 2**20:.1f} MiB; the limit is "
+                                f"{max_bytes / 2**20:.0f} MiB (--max-upload-mb); nothing was saved")
+            ext = IMAGE_FORMATS[check_image(data, filename)]
+            stem = safe_stem(filename)
+            name, n = stem, 0
+            while name.casefold() in taken or (n and name.casefold() in existing):
+                n += 1
+                name = f"{stem}-{n}"
+            taken.add(name.casefold())
+            dest = folder / (name + ext)
+            self.confine(dest, f"{self.rel(folder)}/{dest.name}")  # an existing name may be a symlink out
+            same = existing.get(name.casefold()) if not n else None
+            if dest.exists() and (same is None or dest.is_dir()):  # a folder or a non-image under this name
+                raise UserError(f"{self.rel(dest)} exists and is not an image; rename the file; nothing was saved")
+            if same is not None and not overwrite:
+                clashes.append(f"{self.rel(same)}" + (f" (for {filename!r})" if same.name != filename else ""))
+            plan.append({"filename": filename, "dest": dest, "data": data, "replaces": same})
+        if clashes:
+            raise UserError(f"{', '.join(clashes[:5])}{' and more' if len(clashes) > 5 else ''} already "
+                            f"exist{'s' if len(clashes) == 1 else ''}; rename the file(s) or tick '{REPLACE_BOX}'; "
+                            f"nothing was saved")
+        return plan
+
+    def write_upload(self, plan: list[dict]) -> list[Path]:
+        """Write a ``plan_upload`` plan: every file to a temp name first, then all renamed into place (a full
+        disk leaves nothing half-written); a replaced image of another extension is then removed."""
+        temps: list[Path] = []
+        try:
+            for item in plan:
+                temps.append(temp_path(item["dest"]))
+                temps[-1].write_bytes(item["data"])
+        except OSError as e:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
+            raise UserError(f"could not write the upload into {self.rel(plan[0]['dest'].parent)} ({e.strerror}); "
+                            f"nothing was saved") from None
+        for item, tmp in zip(plan, temps):  # renames within one folder: no new space needed
+            os.replace(tmp, item["dest"])
+        for item in plan:
+            if item["replaces"] is not None and item["replaces"] != item["dest"]:
+                item["replaces"].unlink(missing_ok=True)  # cat.jpg replaced by cat.png: one image per caption
+        return [item["dest"] for item in plan]
 
     def write_caption(self, image: Path, text: str) -> Path:
         """Atomically write ``image``'s same-stem .txt caption (what `dev2pro train` and `caption` read)."""

@@ -12,6 +12,7 @@ async function api(path, body, opts = {}) {
   const r = await fetch(path, init);
   const data = await r.json().catch(() => ({ error: r.statusText }));
   if (!r.ok) { if (!opts.quiet) toast(data.error || r.statusText); throw new Error(data.error || r.statusText); }
+  noteJob(data);  // jobs.js: a job just queued here has its end reported, however soon it comes
   return data;
 }
 
@@ -98,6 +99,7 @@ async function loadDataset() {
   else if (!state.folder && !state.settings.dataset && state.datasets && state.datasets.length) {
     $("dataset-folder").value = state.datasets[0];  // a newcomer's photos: the workspace's first image folder
   }
+  await saveTypedCaptions().catch(() => {});  // a caption typed but not blurred survives the redraw (jobs.js)
   const folder = $("dataset-folder").value.trim();
   const controls = referenceFolders(folder);
   let d;
@@ -115,17 +117,19 @@ async function loadDataset() {
   $("bucket-preview").textContent = d.images.length + " images; buckets: " +
     (d.buckets.map((b) => `${b.bucket} × ${b.images}`).join(", ") || "none") +
     (d.truncated ? ` (the first ${d.images.length} shown)` : "") +
-    (d.skipped.length ? `; not read (symlinks out of the workspace): ${d.skipped.map((s) => s.name).join(", ")}` : "");
+    (d.skipped.length ? `; not read (symlinks out of the workspace): ${d.skipped.map((s) => s.name).join(", ")}` : "") +
+    captionClashes(d);
   $("pair-summary").textContent = !d.pairs ? "" : d.pairs.length === 1 ? pairSummary(d.pairs[0]) :
     `${d.pairs_complete} of ${d.images.length} images have a usable reference in every folder · ` +
     d.pairs.map((p) => p.controls + ": " + pairSummary(p)).join(" · ");
   const grid = $("thumbs"); grid.innerHTML = "";
   for (const im of d.images) {
     const ta = el("textarea", { class: "caption", rows: 3, "data-path": im.path, placeholder: "(no caption)" });
-    ta.value = im.caption;
+    ta.value = im.caption; ta.dataset.orig = im.caption;
     ta.addEventListener("change", async () => {
-      await api("/api/caption", { image: im.path, text: ta.value });
-      ta.dataset.saved = "1"; toast("caption saved: " + im.name, true);
+      const typed = ta.value;
+      await api("/api/caption", { image: im.path, text: typed });
+      ta.dataset.saved = "1"; ta.dataset.orig = typed; toast("caption saved: " + im.name, true);
     });
     const refs = im.references || [], bad = (r) => ["missing", "unusable"].includes(r.status);
     const pic = el("img", { src: thumbUrl(im.path), alt: im.name, loading: "lazy" });
@@ -139,7 +143,9 @@ async function loadDataset() {
         pic, ...refs.map(referenceView)) : pic,
       el("div", { class: "meta" }, el("label", { class: "check" }, el("input", { type: "checkbox", class: "select" }),
         im.name), el("span", { text: im.size ? im.size.join("×") : "" })),
-      im.bad ? el("div", { class: "flag", text: "skipped in training: " + im.bad }) : "", ...flags, ta));
+      im.bad ? el("div", { class: "flag", text: "skipped in training: " + im.bad }) : "", ...flags,
+      im.shares_caption ? el("div", { class: "flag warn shared-caption", text: "shares its caption file with " +
+        im.shares_caption.join(", ") + ": editing one edits both; rename one" }) : "", ta));
   }
 }
 
@@ -175,21 +181,6 @@ function pairSummary(p) {
     (p.cropped ? ` (${p.cropped} of the pairs with another aspect ratio: cropped)` : "") + unused;
 }
 
-async function upload() {
-  const files = $("upload-files").files;
-  if (!files.length) return toast("choose image files first");
-  const folder = $("dataset-folder").value.trim();  // a dataset folder, never the workspace root (the server agrees)
-  if (!folder) { $("dataset-folder").focus(); return toast("choose the dataset folder to upload into (Folder)"); }
-  const fd = new FormData();
-  fd.append("folder", folder);
-  for (const f of files) fd.append("files", f, f.name);
-  const r = await api("/api/upload", fd);
-  toast(`uploaded ${r.saved.length} images`, true);
-  $("upload-files").value = "";
-  await api("/api/settings", { dataset: r.folder });
-  state.settings.dataset = r.folder; await loadDataset();
-}
-
 async function autocaption(selected) {
   const files = selected ? [...document.querySelectorAll("#thumbs .thumb")]
     .filter((t) => t.querySelector(".select").checked).map((t) => t.dataset.path) : [];
@@ -210,7 +201,7 @@ async function pollCaption() {
   for (const r of j.results) counts[r.status] = (counts[r.status] || 0) + 1;
   const errors = j.results.filter((r) => r.status === "error").map((r) => `${r.image}: ${r.error}`);
   $("caption-status").textContent = `captioning ${j.status}: ` + Object.entries(counts).map(([k, v]) => `${v} ${k}`)
-    .join(", ") + (errors.length ? " | " + errors.join("; ") : "") + (j.status === "failed" ? " | " + j.log : "");
+    .join(", ") + (errors.length ? " | " + errors.join("; ") : "") + (j.error ? " | " + j.error : "");
   $("caption-status").dataset.status = j.status;
   if (!["queued", "running"].includes(j.status)) { state.captionJob = null; if (state.page === "dataset") loadDataset(); }
 }
@@ -289,7 +280,7 @@ async function pollRun() {
     list.innerHTML = "";
     for (const s of r.samples) list.append(el("img", { src: fileUrl(s), title: s, onclick: () => { grid.src = fileUrl(s); } }));
   }
-  $("log-tail").textContent = r.log;
+  showLog($("log-tail"), r.log); showRunEnd(r);  // jobs.js: newest lines in view; why it failed or stopped
   $("stop-run").disabled = !(r.job && ["queued", "running"].includes(r.job.status));
   $("resume-run").disabled = !(r.states.length && !(r.job && ["queued", "running"].includes(r.job.status)) && !r.finished);
 }
@@ -378,7 +369,7 @@ async function pollResults() {
     if (key === "compareJob") { $("compare-status").textContent = "compare " + now.status; $("compare-status").dataset.status = now.status; }
     if (["queued", "running"].includes(now.status)) continue;
     state[key] = null;
-    if (now.status !== "done") { toast(`${now.kind} ${now.status}: ` + now.log.split("\n").slice(-1)[0]); continue; }
+    if (now.status !== "done") { toast(`${now.kind} ${now.status}: ` + (now.error || now.log.split("\n").slice(-1)[0])); continue; }
     if (key === "sampleJob") {
       const pngs = now.outputs.filter((p) => p.endsWith(".png"));
       const img = $("sample-result"); img.src = fileUrl(pngs.find((p) => p.endsWith("/grid.png")) || pngs[0]);
@@ -391,8 +382,7 @@ async function pollResults() {
 // ------------------------------------------------------------------------------------------------ polling
 async function pollJobs() {
   const r = await api("/api/jobs", undefined, { quiet: true });
-  const active = r.jobs.filter((j) => ["queued", "running"].includes(j.status)).reverse();
-  $("jobbar").textContent = active.length ? active.map((j) => `${j.status}: ${j.title}`).join(" · ") : "no jobs running";
+  renderJobs(r.jobs);  // jobs.js: the job bar, its jobs list, and how each job ended
 }
 
 async function tick() {
@@ -419,7 +409,9 @@ $("convert-fp8").onclick = async () => {
   const j = await api("/api/convert", { src: $("convert-src").value, dst: $("convert-dst").value, dtype: "fp8",
     overwrite: $("convert-overwrite").checked });
   toast("queued: " + j.title, true);
+  Object.assign($("convert-status"), { textContent: `convert ${j.status}: ${j.title}` }).dataset.job = j.id;
 };
+$("jobbar").onclick = toggleJobs;
 $("load-folder").onclick = async () => {
   state.folder = null; state.settings.dataset = $("dataset-folder").value;
   await loading("dataset", loadDataset);
