@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..outputs import write_text
 from ..train.folder import RunFolder
 from ..train.run import folder_status
-from . import editrefs, forms, planview, routes_data, trainform
+from . import comparewith, editrefs, forms, planview, routes_data, trainform
 from .handlers import json_body, number, text
 from .monitor import find_runs, run_info
 
@@ -371,11 +371,14 @@ async def compare(request: Request, ui):
     config goes through CompareConfig's own validation and is saved in configs/ under the job's id."""
     from ..schemas import CompareConfig  # lazy: loads diffusers + transformers (~3 s), see _schema
 
-    b = await json_body(request, ("lora", "other", "steps", "references"))
+    b = await json_body(request, ("lora", "other", "steps", "references", "strength"))
     lora, run, cfg = _lora_run(ui, b, "lora")
     other = ui.ws.resolve(text(b, "other"), must_exist=True) if b.get("other") else None
     if other is not None and (not other.is_file() or other.suffix != ".safetensors"):
         raise UserError(f"'other': {ui.ws.rel(other)} is not a .safetensors LoRA file")
+    if other is not None:
+        await run_in_threadpool(comparewith.check_other, ui, lora, other)  # reads headers
+    strength = number(b, "strength", 1.0, -10, 10, kind=float)  # the page's slider: both LoRAs at it
     s, model, base = _sample_settings(ui, cfg)
     controls = await run_in_threadpool(editrefs.references, ui, b, s, [lora] + ([other] if other else []),
                                        ui.ws.rel(run))  # every arm edits the same reference(s)
@@ -383,17 +386,19 @@ async def compare(request: Request, ui):
     compares_dir = ui.ws.resolve("compares")
     compares_dir.mkdir(exist_ok=True)
     out = ui.ws.name(compares_dir, f"{_slug(run.name)}-{job_id}", "compare folder")
-    arms = [(f"{run.name}/{lora.name}", lora)] + ([(f"{other.parent.name}/{other.name}", other)]
-                                                  if other else []) + [("no LoRA", None)]
+    x = f" x{strength:g}" if strength != 1 else ""
+    arms = [(f"{run.name}/{lora.name}{x}", lora)] + ([(f"{other.parent.name}/{other.name}{x}", other)]
+                                                     if other else []) + [("no LoRA", None)]
     guidance = await run_in_threadpool(_grid_guidance, base or model, s)  # as the run's samples: a header read
     data = {"model": model, "prompts": s.get("prompts") or ["a photo"], "seeds": s["seeds"],
             "steps": number(b, "steps", s["steps"], 1, 1000), "size": f"{s['width']}x{s['height']}",
             "out": str(out), **({"image": controls[0] if len(controls) == 1 else controls} if controls else {}),
             "arms": [{"name": name, **({"guidance": guidance} if guidance is not None else {}),
-                      "transformer": base or None, "loras": [f"{path}:1.0"] if path else []} for name, path in arms]}
+                      "transformer": base or None, "loras": [f"{path}:{strength}"] if path else []}
+                     for name, path in arms]}
     path = _write_config(ui, f"compare-{job_id}", _render(load_config(CompareConfig, data=data)))
     job = ui.jobs.submit("compare", ["compare", str(path)], title=f"compare {lora.name}"
-                         + (f" vs {other.name}" if other else ""), run_dir=ui.ws.rel(run), job_id=job_id,
+                         + (f" vs {other.name}" if other else "") + x, run_dir=ui.ws.rel(run), job_id=job_id,
                          out=ui.ws.rel(compares_dir) + "/" + out.name, config=ui.ws.rel(path))
     return JSONResponse({**job, "config": ui.ws.rel(path)})
 
@@ -414,6 +419,14 @@ async def lora(request: Request, ui):
                          "recommended": rec})  # dev2pro calibrate --write: the strength on its target model
 
 
+async def compare_candidates(request: Request, ui):
+    """Results' "Compare against" list for a LoRA: its run's other checkpoints, then other runs' LoRAs trained
+    on a model of the same family and size (``comparewith``)."""
+    lora, _, _ = _lora_run(ui, {"lora": request.query_params.get("lora", "")}, "lora")
+    return JSONResponse({"lora": ui.ws.rel(lora),
+                         "candidates": await run_in_threadpool(comparewith.candidates, ui, lora)})
+
+
 async def compares(request: Request, ui):
     reports = sorted(ui.ws.find("report.html"), key=lambda p: p.stat().st_mtime, reverse=True)
     return JSONResponse({"reports": [ui.ws.rel(p) for p in reports if (p.parent / "compare.png").exists()]})
@@ -432,4 +445,5 @@ def routes(handler) -> list[Route]:
         Route("/api/sample", handler(sample), methods=["POST"]),
         Route("/api/compare", handler(compare), methods=["POST"]),
         Route("/api/compares", handler(compares)),
+        Route("/api/compare/candidates", handler(compare_candidates)),
     ]
