@@ -39,6 +39,7 @@ from .workspace import Workspace
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "train.js": "text/javascript", "app.css": "text/css"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+STATIC_FILES["runs.js"] = "text/javascript"  # the Monitor and Results pages (static/runs.js)
 
 
 @dataclass
