@@ -169,12 +169,14 @@ def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server
 
     # Results: download the LoRA and read it back with `dev2pro lora info`; sample at strength 0.5; compare
     page.click("#tab-results")
-    page.wait_for_selector("a.download-lora:text-is('lora.safetensors')")
+    # the LoRA file is named after the run (save.name follows the output name), not lora.safetensors for all
+    page.wait_for_selector("a.download-lora:text-is('ui-lora.safetensors')")
     with page.expect_download() as dl:
-        page.click("a.download-lora:text-is('lora.safetensors')")
+        page.click("a.download-lora:text-is('ui-lora.safetensors')")
+    assert dl.value.suggested_filename == "ui-lora.safetensors"
     lora = tmp_path / "downloaded.safetensors"
     dl.value.save_as(str(lora))
-    assert lora.read_bytes() == (workspace / "runs" / "ui-lora" / "lora.safetensors").read_bytes()
+    assert lora.read_bytes() == (workspace / "runs" / "ui-lora" / "ui-lora.safetensors").read_bytes()
     from dev2pro.cli import main
 
     assert main(["lora", "info", str(lora)]) == 0  # `dev2pro lora info`, in this process (saves a start-up)

@@ -19,6 +19,9 @@ def write_events(logs, steps, offset, t0):
     w.close()
 
 
+RUNNING = {"status": "running", "started": 0.0}  # a UI job training since before the events
+
+
 def test_run_info_from_a_resumed_run_folder(tmp_path):
     run = tmp_path / "runs" / "a"
     (run / "samples").mkdir(parents=True)
@@ -36,7 +39,7 @@ def test_run_info_from_a_resumed_run_folder(tmp_path):
     (hidden / "summary.json").write_text("{}")
 
     assert find_runs(tmp_path) == [run]
-    info = run_info(run, tmp_path, log_tail="train: 40%| 4/10 [mem=0.9G]\rtrain: 50%| 5/10 [mem=1.5G]")
+    info = run_info(run, tmp_path, log_tail="train: 40%| 4/10 [mem=0.9G]\rtrain: 50%| 5/10 [mem=1.5G]", job=RUNNING)
     assert info["step"] == 8 and info["total_steps"] == 10
     loss = dict(info["scalars"]["loss"])
     assert sorted(loss) == list(range(1, 9))
@@ -47,6 +50,30 @@ def test_run_info_from_a_resumed_run_folder(tmp_path):
     assert info["states"] == ["step-000004"] and not info["finished"]
     (run / "summary.json").write_text(json.dumps({"steps": 10, "losses": [1.0] * 10, "seconds": 5.0}))
     assert run_info(run, tmp_path)["summary"] == {"steps": 10, "seconds": 5.0}
+
+
+def test_speed_and_eta_only_for_a_run_training_now(tmp_path):
+    """A stopped, failed or finished run has no speed or ETA; right after a Resume, the new session's points
+    only (none yet: no speed, not the old session's); a terminal's run (no UI job): its last point < 10 min old."""
+    from dev2pro.ui.monitor import live_speed
+
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("[train]\nsteps = 40\n")
+    write_events(run / "logs", range(1, 11), 0.0, 1000.0)  # steps 1-10 at 2 it/s, walltime 1000.5 .. 1005
+    for status in ("stopped", "failed", "done", "queued"):
+        info = run_info(run, tmp_path, job={"status": status, "started": 0.0})
+        assert info["steps_per_second"] is None and info["eta_seconds"] is None, status
+    info = run_info(run, tmp_path, job={"status": "running", "started": 0.0})
+    assert abs(info["steps_per_second"] - 2.0) < 1e-6 and abs(info["eta_seconds"] - 15.0) < 1e-6
+    resumed = {"status": "running", "started": 1100.0}  # resumed after the points above: none of its own yet
+    assert run_info(run, tmp_path, job=resumed)["steps_per_second"] is None
+    pts = [[s, 0.1, 1100.0 + s] for s in (11, 12, 13)]  # the new session: 1 it/s
+    assert live_speed([[s, 0.1, 1000 + s * 0.5] for s in range(1, 11)] + pts, resumed, False) == 1.0
+    assert live_speed(pts, None, False, now=1113.0 + 60) == 1.0  # a terminal's run, fresh points
+    assert live_speed(pts, None, False, now=1113.0 + 601) is None  # stale: not training now
+    assert live_speed(pts, None, True, now=1114.0) is None  # finished (summary.json)
+    assert "GPU memory allocated" in info["memory_label"]
 
 
 def test_latest_grids_of_a_klein_run_come_side_by_side(tmp_path):
@@ -80,7 +107,7 @@ def test_a_run_stopped_between_logged_steps_shows_the_step_it_saved(tmp_path):
     save_state(run / "state", 10)
     save_state(run / "state", 13)
     save_state(run / "state", 14, complete=False)  # a save cut short by a kill: not a step the run has
-    info = run_info(run, tmp_path)
+    info = run_info(run, tmp_path, job=RUNNING)
     assert info["step"] == 13 and info["logged_step"] == 10
     assert info["step_from"] == "saved state step-000013; the last logged step is 10"
     assert abs(info["eta_seconds"] - 7 / 2.0) < 1e-6  # (20 - 13) steps at 2 steps per second

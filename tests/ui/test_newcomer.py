@@ -163,6 +163,8 @@ def test_newcomer_reaches_a_running_job_from_basics(tmp_path, workspace, browser
     all_pages(page, tmp_path, "running", {"monitor": "#run-status[data-status='running']",
                                           "results": "#results-body:not([hidden])"})
     page.click("#tab-monitor")
+    # Basics save and sample every quarter of the steps (every 4 of 15): three more sample rounds on the CPU
+    page.wait_for_selector("#run-status[data-status='done'], #run-status[data-status='failed']", timeout=T * 3)
     wait_status(page, "#run-status", "done")
     page.wait_for_selector("#sample-grid:not([hidden])")
     all_pages(page, tmp_path, "finished", {"monitor": "#sample-grid:not([hidden])",
@@ -179,8 +181,9 @@ def test_newcomer_reaches_a_running_job_from_basics(tmp_path, workspace, browser
     ws = workspace.resolve()
     by_hand = {"model": {"path": str(ws / "models" / "tiny-dev"), "vram": 24},
                "data": {"folders": [{"path": str(ws / "datasets" / "photos")}], "trigger": "sks"},
-               "lora": {"rank": 4}, "train": {"steps": 15}, "sample": {"prompts": ["sks, a photo of a cat"]},
-               "save": {"output_dir": str(ws / "runs" / "first-lora")}}
+               "lora": {"rank": 4}, "train": {"steps": 15},
+               "sample": {"prompts": ["sks, a photo of a cat"], "every": 4},  # the web app's defaults: a quarter
+               "save": {"output_dir": str(ws / "runs" / "first-lora"), "every": 4, "name": "first-lora"}}
     want = tomllib.loads(render_toml(load_train_config(None, data=by_hand)))
     got = tomllib.loads((run / "config.toml").read_text())
     assert got == want, {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -76,6 +77,19 @@ def _speed(points: list[list[float]], window: int = 10) -> float | None:
     return (pts[-1][0] - pts[0][0]) / (pts[-1][2] - pts[0][2])
 
 
+def live_speed(points: list[list[float]], job: dict | None, finished: bool, now: float | None = None) -> float | None:
+    """The run's current steps per second, or None when it is not training now: a UI job that is not queued or
+    running (stopped, failed, done), a finished run, or -- with no UI job (a terminal's run) -- a last logged point
+    older than 10 minutes. A running job counts only the points its own session logged (after a Resume, the
+    previous session's speed is not shown as current)."""
+    if finished or (job is not None and job.get("status") != "running"):
+        return None
+    if job is not None:
+        return _speed([p for p in points if p[2] >= (job.get("started") or 0)])
+    now = time.time() if now is None else now
+    return _speed(points) if points and now - points[-1][2] < 600 else None
+
+
 def saved_states(state: Path) -> list[str]:
     """The complete training states under ``state``, oldest first: ``step-NNNNNN/`` folders (not links) holding
     common.json and common.safetensors (a save cut short, a temporary folder or a stray file is not one)."""
@@ -127,9 +141,10 @@ def latest_grids(samples: list[Path]) -> list[tuple[str, Path]]:
     return [(GRID_LABELS.get(tag, tag.lstrip("-")), grids[tag]) for tag in order]
 
 
-def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -> dict:
+def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True, job: dict | None = None) -> dict:
     """Everything the Monitor/Results pages show for one run folder (paths relative to ``root``); ``inside(path)``
-    says whether a file may be read (the workspace's rule: no symlink out), others are left out."""
+    says whether a file may be read (the workspace's rule: no symlink out), others are left out; ``job``: the UI
+    job training it (its status and start time decide whether a speed and an ETA are current, ``live_speed``)."""
     rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
     ok = lambda p: inside(p) and p.is_file()  # noqa: E731
     f = RunFolder(run)
@@ -141,7 +156,6 @@ def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -
             pass
         total = total if isinstance(total, int) and not isinstance(total, bool) else None
     scalars = read_scalars(f.logs) if inside(f.logs) else {k: [] for k in SCALARS}
-    speed = _speed(scalars["loss"])
     summary = None
     if ok(f.summary):
         try:
@@ -149,6 +163,7 @@ def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -
         except (json.JSONDecodeError, UnicodeDecodeError):
             summary = None
         summary = summary if isinstance(summary, dict) else None
+    speed = live_speed(scalars["loss"], job, summary is not None)
     logged = int(scalars["loss"][-1][0]) if scalars["loss"] else 0
     step, step_from = last_step(logged, saved_step(f.state) if inside(f.state) else None, summary)
     mem = _MEM.findall(log_tail)
@@ -157,8 +172,10 @@ def run_info(run: Path, root: Path, log_tail: str = "", inside=lambda p: True) -
     return {
         "run": rel(run), "total_steps": total, "step": step, "step_from": step_from, "logged_step": logged,
         "steps_per_second": speed,
-        "eta_seconds": (total - step) / speed if speed and total else None,
+        "eta_seconds": (total - step) / speed if speed and total and total > step else None,
+        # the CLI's mem=: torch.cuda.max_memory_allocated (train/progress.peak_memory_gb), process RAM on a CPU run
         "memory_gb": float(mem[-1]) if mem else None,
+        "memory_label": "peak GPU memory allocated (process RAM on a CPU run)",
         "scalars": {k: [[p[0], p[1]] for p in v] for k, v in scalars.items()},
         "samples": [rel(p) for p in samples],
         "latest_samples": [{"label": label, "file": rel(p)} for label, p in latest_grids(samples)],

@@ -200,9 +200,65 @@ def page_plan(cfg, data: dict, card: str | int | None, ws) -> dict:
     if speed:
         speed["total_s"] = speed["s_per_step"] * cfg.train.steps
     captions = caption_count(cfg, ws)
-    reasons = []
-    if fits is False:
-        reasons.append(message.replace("WARNING: ", ""))
+    reasons = [message.replace("WARNING: ", "")] if fits is False else []
+    reasons += start_reasons(cfg, ws, captions)
+    return {"fits": fits, "message": message, "peak_gb": plan.peak / GB, "need_gb": need / GB,
+            "card_gb": card_bytes / GB if card_bytes else None, "card": card_label,
+            "host_ram_gb": plan.host_ram / GB, "train_peak_gb": plan.train_peak() / GB,
+            "sampling_peak_gb": plan.sampling_peak / GB if inputs.sample_pixels else None,
+            "caching_peak_gb": plan.caching_peak / GB, "lora_params": plan.lora_params,
+            "preset": preset_choices(cfg, data), "vram": cfg.model.vram, "speed": speed, "dataset": captions,
+            "saving": saving(cfg), "can_start": not reasons, "reasons": reasons, "text": render(plan), "gpu": gpu}
+
+
+def saving(cfg) -> dict:
+    """How often the run saves and samples, with a warning when it saves nothing before the end."""
+    warnings = []
+    if not cfg.save.every:
+        warnings.append("saving is off until the end (save.every = 0): a crash, an out-of-memory error or a reboot "
+                        "loses the whole run, and it cannot be resumed")
+    if not cfg.sample.every and cfg.sample.prompts:
+        warnings.append("samples only at the end (sample.every = 0)")
+    return {"save_every": cfg.save.every, "sample_every": cfg.sample.every, "steps": cfg.train.steps,
+            "warnings": warnings}
+
+
+def preflight_reason(cfg) -> str | None:
+    """What `dev2pro train` refuses before it writes anything (``train.preflight.check_training_inputs``, called
+    with the arguments the recipe passes): an inference base or adapter of another family or size, a
+    transformer of another model than the folder, shards of another text stack, a missing data folder; None when
+    it passes."""
+    from ..train.preflight import check_training_inputs
+
+    m = cfg.model
+    try:
+        check_training_inputs(m.transformer or m.path, m.path, adapter=m.adapter, inference_base=m.inference_base,
+                              shards=cfg.data.shards, reference=cfg.sample.control,
+                              needs_text=not cfg.data.shards or bool(cfg.sample.prompts),
+                              allow_pickle=m.allow_pickle, family=m.family, text_dtype=m.text_encoder_dtype,
+                              folders=cfg.data.folders)
+    except Exception as e:  # noqa: BLE001 -- UserError, or a header that does not parse
+        if Path(m.transformer or m.path).exists() and not _readable(m):
+            return None  # a training base no check can read: the plan says so, a job names it with its fix
+        return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {str(e)[:300]}"
+    return None
+
+
+def _readable(m) -> bool:
+    from ..flux.checkpoint import open_checkpoint
+
+    try:
+        open_checkpoint(m.transformer or m.path, allow_pickle=m.allow_pickle, family=m.family).spec()
+        return True
+    except Exception:  # noqa: BLE001 -- any failure to read it
+        return False
+
+
+def start_reasons(cfg, ws, captions: dict | None = None) -> list[str]:
+    """Why Start is refused, apart from the memory fit: the CLI's preflight, uncaptioned or missing images, an
+    output folder that holds a run or other files. The plan shows them; ``/api/train/start`` enforces them."""
+    captions = captions or caption_count(cfg, ws)
+    reasons = [r for r in [preflight_reason(cfg)] if r]
     if not captions["shards"] and captions["images"] == 0:
         reasons.append("the dataset folder holds no images: upload some on the Dataset page")
     elif captions["captioned"] < captions["images"]:
@@ -217,10 +273,4 @@ def page_plan(cfg, data: dict, card: str | int | None, ws) -> dict:
                        f"Monitor page, or tick 'Overwrite an existing run' under Advanced › Saving)")
     elif status == "foreign":
         reasons.append(f"{ws.rel(out)} holds other files (not a run): choose another output name")
-    return {"fits": fits, "message": message, "peak_gb": plan.peak / GB, "need_gb": need / GB,
-            "card_gb": card_bytes / GB if card_bytes else None, "card": card_label,
-            "host_ram_gb": plan.host_ram / GB, "train_peak_gb": plan.train_peak() / GB,
-            "sampling_peak_gb": plan.sampling_peak / GB if inputs.sample_pixels else None,
-            "caching_peak_gb": plan.caching_peak / GB, "lora_params": plan.lora_params,
-            "preset": preset_choices(cfg, data), "vram": cfg.model.vram, "speed": speed, "dataset": captions,
-            "can_start": not reasons, "reasons": reasons, "text": render(plan), "gpu": gpu}
+    return reasons

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..outputs import write_text
 from ..train.folder import RunFolder
 from ..train.run import folder_status
-from . import editrefs, forms, planview, routes_data, trainform
+from . import comparewith, editrefs, forms, planview, routes_data, trainform
 from .handlers import json_body, number, text
 from .jobs import run_status
 from .monitor import find_runs, run_info
@@ -51,10 +51,17 @@ def _schema():
 LORA_FILES = ("", ".safetensors", ".diffusers.safetensors", ".comfy.safetensors")  # train/export.LORA_SUFFIXES
 
 
+def _values(values: dict) -> dict:
+    """The browser's values with the web app's defaults for what they leave out (``trainform.ui_defaults``)."""
+    steps = next((s["default"] for s in _schema()[0] if s["key"] == "train.steps"), 0)
+    return trainform.ui_defaults(values, steps)
+
+
 def _config(ui, values: dict):
     """Browser values -> a validated TrainConfig whose paths, names and the files under its paths are all in
     the workspace (no symlink out: the job would read or write through it)."""
     specs, loader, paths, _ = _schema()
+    values = _values(values)
     # the loader imports torch for presets and rank checks: one thread at a time; the preset's console line
     # ("--vram 24 preset: ...") is for `dev2pro train`, not for the web app's terminal on every keystroke
     with planview.LOCK, contextlib.redirect_stdout(io.StringIO()):
@@ -66,15 +73,38 @@ def _config(ui, values: dict):
     return cfg
 
 
-def _render(cfg) -> str:
-    """The config as TOML, checked to read back: a job never gets a config file its command cannot load."""
-    text_ = render_toml(cfg)
+def _preset_keys(cfg, values: dict) -> set[str]:
+    """The ``section.key`` settings the ``model.vram`` preset chose (the user wrote none of them)."""
+    data = forms.form_to_data(_schema()[0], _values(values), drop_defaults=True)
+    return set(planview.preset_choices(cfg, data))
+
+
+def _render(cfg, preset: set[str] = frozenset()) -> str:
+    """The config as TOML, checked to read back: a job never gets a config file its command cannot load.
+    ``preset``: keys the ``model.vram`` preset chose, written commented out, so the job's loader sees them unset
+    and its preset chooses them again (the same values: same preset, same model) and says so, instead of
+    reporting them as "kept your ..." settings the user never wrote."""
+    text_ = _comment_out(render_toml(cfg), preset) if preset else render_toml(cfg)
     try:
         tomllib.loads(text_)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"these settings do not make a readable config file ({e}); remove line breaks and "
                         f"control characters from text settings") from None
     return text_
+
+
+def _comment_out(text_: str, keys: set[str]) -> str:
+    """TOML ``text_`` with the ``section.key = ...`` lines of ``keys`` commented out (plain tables only)."""
+    out, section = [], ""
+    for line in text_.splitlines():
+        m = re.match(r"^\[([\w.]+)\]$", line)
+        if m or line.startswith("[["):
+            section = m.group(1) if m else ""
+        key = line.split(" = ", 1)[0] if " = " in line and not line.startswith("#") else None
+        if key and f"{section}.{key}" in keys:
+            line = f"# {line}  (the model.vram preset's choice; uncomment to pin it)"
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def _write_config(ui, stem: str, text_: str) -> Path:
@@ -104,7 +134,7 @@ async def plan(request: Request, ui):
     def work():
         try:
             cfg = _config(ui, b["values"])
-            data = forms.form_to_data(_schema()[0], b["values"], drop_defaults=True)
+            data = forms.form_to_data(_schema()[0], _values(b["values"]), drop_defaults=True)
             with planview.LOCK:
                 return {"ok": True, "plan": planview.page_plan(cfg, data, card or None, ui.ws)}
         except UserError as e:  # ConfigError, PathRefused, ImpossiblePlan: the CLI's own message
@@ -120,12 +150,30 @@ async def plan(request: Request, ui):
 async def preview(request: Request, ui):
     values = (await json_body(request, ("values",)))["values"]
     cfg = await run_in_threadpool(_config, ui, values)  # may wait for the start-up imports: not in the event loop
-    return JSONResponse({"toml": _render(cfg)})
+    return JSONResponse({"toml": await run_in_threadpool(lambda: _render(cfg, _preset_keys(cfg, values)))})
+
+
+def _start_check(ui, values: dict, card) -> tuple:
+    """(config, its TOML) for a start, refused with the plan's reasons (the CLI's preflight, uncaptioned images,
+    an output folder in use; the memory fit against ``card`` when the page sends one) before a job is queued."""
+    cfg = _config(ui, values)
+    with planview.LOCK:
+        reasons = planview.start_reasons(cfg, ui.ws)
+        if card not in (None, ""):
+            data = forms.form_to_data(_schema()[0], _values(values), drop_defaults=True)
+            plan_ = planview.page_plan(cfg, data, card, ui.ws)
+            reasons = plan_["reasons"]
+    if reasons:
+        raise UserError("not started: " + "; ".join(reasons))
+    return cfg, _render(cfg, _preset_keys(cfg, values))
 
 
 async def start(request: Request, ui):
-    values = (await json_body(request, ("values",)))["values"]
-    cfg = await run_in_threadpool(_config, ui, values)
+    b = await json_body(request, ("values", "card"))
+    values, card = b["values"], b.get("card")
+    if card not in (None, "", "gpu"):
+        card = number(b, "card", None, 1, 1024)
+    cfg, toml_text = await run_in_threadpool(_start_check, ui, values, card)
     out = ui.ws.resolve(ui.ws.rel(cfg.save.output_dir))  # checked by _config; once more, after symlinks
     run_rel = ui.ws.rel(out)
     if out == ui.ws.root:
@@ -141,7 +189,7 @@ async def start(request: Request, ui):
                         "start over," if status == "saved" else "other files;") + " or choose another save.output_dir")
     out.parent.mkdir(parents=True, exist_ok=True)  # inside the workspace (checked by _config)
     job_id = ui.jobs.reserve_id("train")
-    path = _write_config(ui, f"{_slug(run_rel)}.{job_id}", _render(cfg))
+    path = _write_config(ui, f"{_slug(run_rel)}.{job_id}", toml_text)
     job = ui.jobs.submit("train", ["train", str(path)], title=f"train {run_rel}", run_dir=run_rel, job_id=job_id,
                          config=ui.ws.rel(path))
     return JSONResponse({"job": job, "config": ui.ws.rel(path)})
@@ -201,10 +249,17 @@ async def runs(request: Request, ui):
     out = []
     for rel in list(dict.fromkeys(pending)) + found:
         job = _job_for(ui, rel)
-        summary = RunFolder(ui.ws.root / rel).summary
-        finished = summary.stat().st_mtime if summary.exists() else None  # a job refused by the run lock: finished
-        out.append({"run": rel, "status": run_status(job, finished) or ("finished" if finished else "no UI job"),
-                    "job": job["id"] if job else None})
+        folder = RunFolder(ui.ws.root / rel)
+        finished = folder.summary.stat().st_mtime if folder.summary.exists() else None
+        try:  # when it last changed (the config is written at the start, summary.json at the end)
+            when = max(p.stat().st_mtime for p in (folder.root, folder.config, folder.summary) if p.exists())
+        except ValueError:
+            when = job["created"] if job else 0
+        # a job refused by the run lock while another process finished the run: the run is finished
+        status = run_status(job, finished) or ("finished" if finished else "no UI job")
+        out.append({"run": rel, "status": status, "job": job["id"] if job else None,
+                    "modified": max(when, job["created"] if job else 0)})
+    out.sort(key=lambda r: r["modified"], reverse=True)  # newest first
     return JSONResponse({"runs": out})
 
 
@@ -215,7 +270,7 @@ async def run(request: Request, ui):
     if job is None and not d.is_dir():
         raise UserError(f"{rel} is not a run folder")
     tail = ui.jobs.log_tail(job["id"]) if job else ""
-    info = await run_in_threadpool(run_info, d, ui.ws.root, tail, ui.ws.inside)  # reads event files
+    info = await run_in_threadpool(run_info, d, ui.ws.root, tail, ui.ws.inside, job)  # reads event files
     return JSONResponse({**info, "job": job, "log": tail})
 
 
@@ -318,11 +373,14 @@ async def compare(request: Request, ui):
     config goes through CompareConfig's own validation and is saved in configs/ under the job's id."""
     from ..schemas import CompareConfig  # lazy: loads diffusers + transformers (~3 s), see _schema
 
-    b = await json_body(request, ("lora", "other", "steps", "references"))
+    b = await json_body(request, ("lora", "other", "steps", "references", "strength"))
     lora, run, cfg = _lora_run(ui, b, "lora")
     other = ui.ws.resolve(text(b, "other"), must_exist=True) if b.get("other") else None
     if other is not None and (not other.is_file() or other.suffix != ".safetensors"):
         raise UserError(f"'other': {ui.ws.rel(other)} is not a .safetensors LoRA file")
+    if other is not None:
+        await run_in_threadpool(comparewith.check_other, ui, lora, other)  # reads headers
+    strength = number(b, "strength", 1.0, -10, 10, kind=float)  # the page's slider: both LoRAs at it
     s, model, base = _sample_settings(ui, cfg)
     controls = await run_in_threadpool(editrefs.references, ui, b, s, [lora] + ([other] if other else []),
                                        ui.ws.rel(run))  # every arm edits the same reference(s)
@@ -330,17 +388,19 @@ async def compare(request: Request, ui):
     compares_dir = ui.ws.resolve("compares")
     compares_dir.mkdir(exist_ok=True)
     out = ui.ws.name(compares_dir, f"{_slug(run.name)}-{job_id}", "compare folder")
-    arms = [(f"{run.name}/{lora.name}", lora)] + ([(f"{other.parent.name}/{other.name}", other)]
-                                                  if other else []) + [("no LoRA", None)]
+    x = f" x{strength:g}" if strength != 1 else ""
+    arms = [(f"{run.name}/{lora.name}{x}", lora)] + ([(f"{other.parent.name}/{other.name}{x}", other)]
+                                                     if other else []) + [("no LoRA", None)]
     guidance = await run_in_threadpool(_grid_guidance, base or model, s)  # as the run's samples: a header read
     data = {"model": model, "prompts": s.get("prompts") or ["a photo"], "seeds": s["seeds"],
             "steps": number(b, "steps", s["steps"], 1, 1000), "size": f"{s['width']}x{s['height']}",
             "out": str(out), **({"image": controls[0] if len(controls) == 1 else controls} if controls else {}),
             "arms": [{"name": name, **({"guidance": guidance} if guidance is not None else {}),
-                      "transformer": base or None, "loras": [f"{path}:1.0"] if path else []} for name, path in arms]}
+                      "transformer": base or None, "loras": [f"{path}:{strength}"] if path else []}
+                     for name, path in arms]}
     path = _write_config(ui, f"compare-{job_id}", _render(load_config(CompareConfig, data=data)))
     job = ui.jobs.submit("compare", ["compare", str(path)], title=f"compare {lora.name}"
-                         + (f" vs {other.name}" if other else ""), run_dir=ui.ws.rel(run), job_id=job_id,
+                         + (f" vs {other.name}" if other else "") + x, run_dir=ui.ws.rel(run), job_id=job_id,
                          out=ui.ws.rel(compares_dir) + "/" + out.name, config=ui.ws.rel(path))
     return JSONResponse({**job, "config": ui.ws.rel(path)})
 
@@ -361,6 +421,14 @@ async def lora(request: Request, ui):
                          "recommended": rec})  # dev2pro calibrate --write: the strength on its target model
 
 
+async def compare_candidates(request: Request, ui):
+    """Results' "Compare against" list for a LoRA: its run's other checkpoints, then other runs' LoRAs trained
+    on a model of the same family and size (``comparewith``)."""
+    lora, _, _ = _lora_run(ui, {"lora": request.query_params.get("lora", "")}, "lora")
+    return JSONResponse({"lora": ui.ws.rel(lora),
+                         "candidates": await run_in_threadpool(comparewith.candidates, ui, lora)})
+
+
 async def compares(request: Request, ui):
     reports = sorted(ui.ws.find("report.html"), key=lambda p: p.stat().st_mtime, reverse=True)
     return JSONResponse({"reports": [ui.ws.rel(p) for p in reports if (p.parent / "compare.png").exists()]})
@@ -379,4 +447,5 @@ def routes(handler) -> list[Route]:
         Route("/api/sample", handler(sample), methods=["POST"]),
         Route("/api/compare", handler(compare), methods=["POST"]),
         Route("/api/compares", handler(compares)),
+        Route("/api/compare/candidates", handler(compare_candidates)),
     ]

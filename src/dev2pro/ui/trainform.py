@@ -9,12 +9,22 @@ CLI's own message beside that field.
 
 from __future__ import annotations
 
+import math
 import re
 
 # The Basics layer, in page order: what a first LoRA run needs; everything else keeps its default (or the VRAM
 # preset's choice) until Advanced is opened. The page fills them from the Models and Dataset pages.
 BASICS = ("model.family", "model.path", "data.folders", "data.trigger", "train.steps", "lora.rank", "model.vram",
-          "sample.prompts", "save.output_dir")
+          "sample.prompts", "sample.every", "save.every", "save.output_dir")
+
+# help in words where the schema's one-liner says too little for a newcomer (the schema and the CLI keep theirs)
+HELP = {"lora.rank": "the LoRA's capacity: typical 16-64 (16 for a face or a style, 32-64 for several concepts); "
+                     "higher learns more detail but trains slower and makes a larger file; its strength scale is "
+                     "lora.alpha / rank",
+        "save.every": "save the LoRA and a resumable training state every N steps (0: only at the end, so a crash "
+                      "or a reboot loses the whole run); the web app's default is about a quarter of the steps",
+        "sample.every": "render the sample prompts every N steps and at the end (0: only at the end); the web "
+                        "app's default is about a quarter of the steps"}
 
 LABELS = {
     "model.path": "Base model", "model.transformer": "Training transformer file",
@@ -89,11 +99,51 @@ def annotate(specs: list[dict]) -> list[dict]:
     for spec in specs:
         if spec["kind"] == "section":
             continue
-        spec = {**spec, "label": label(spec["key"]), "basic": spec["key"] in BASICS, "group": group(spec["key"])}
+        spec = {**spec, "label": label(spec["key"]), "basic": spec["key"] in BASICS, "group": group(spec["key"]),
+                **({"help": HELP[spec["key"]]} if spec["key"] in HELP else {})}
         if spec["kind"] == "tables":
             spec["fields"] = [{**f, "label": label(f"{spec['key']}.{f['key']}") if f"{spec['key']}.{f['key']}"
                                in LABELS else label(f["key"])} for f in spec["fields"] if f["kind"] != "section"]
         out.append(spec)
+    return out
+
+
+def every_default(steps) -> int:
+    """About a quarter of ``steps``, rounded to a number a person would pick (1000 -> 250, 3000 -> 750, 1333 -> 350,
+    20 -> 5): how often a web-app run saves and samples unless the form says otherwise. app.js's everyDefault is
+    the same rule (it fills the visible field)."""
+    try:
+        steps = int(steps)
+    except (TypeError, ValueError):
+        return 0
+    if steps <= 0:
+        return 0
+    quarter = steps / 4
+    if quarter < 10:
+        return max(1, math.floor(quarter + 0.5))
+    unit = 10 ** math.floor(math.log10(quarter)) / 2  # 250 -> 50, 2500 -> 500
+    return int(min(steps, max(unit, math.floor(quarter / unit + 0.5) * unit)))
+
+
+def ui_defaults(values: dict, schema_steps: int) -> dict:
+    """The web app's defaults for what a form leaves out (values sent without these keys, e.g. Basics only):
+    ``save.every`` and ``sample.every`` about a quarter of the steps (``sample.every`` only with sample prompts:
+    the loader refuses it without), ``save.name`` the run folder's name (downloads and ComfyUI's loras/ folder are
+    not all ``lora.safetensors``). The CLI's own defaults (schemas.py) stay as they are."""
+    if not isinstance(values, dict):
+        return values
+    out = dict(values)
+    steps = out.get("train.steps", schema_steps)
+    if "save.every" not in out:
+        out["save.every"] = str(every_default(steps))
+    prompts = out.get("sample.prompts", "")
+    has_prompts = any(str(p).strip() for p in prompts) if isinstance(prompts, list) else bool(str(prompts).strip())
+    if "sample.every" not in out:
+        out["sample.every"] = str(every_default(steps) if has_prompts else 0)
+    if not str(out.get("save.name") or "").strip() and isinstance(out.get("save.output_dir"), str):
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", out["save.output_dir"].rstrip("/").rsplit("/", 1)[-1]).strip("-.")
+        if stem:
+            out["save.name"] = stem[:100]
     return out
 
 

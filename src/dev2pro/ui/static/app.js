@@ -214,7 +214,11 @@ function plot(svg, series, classes) {
   if (!pts.length) { svg.innerHTML = `<text x="${W / 2 - 30}" y="${H / 2}">no data yet</text>`; return; }
   const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
   const [x0, x1] = [Math.min(...xs), Math.max(...xs, Math.min(...xs) + 1)];
-  let [y0, y1] = [Math.min(...ys), Math.max(...ys)]; if (y1 - y0 < 1e-12) { y0 -= 1e-3; y1 += 1e-3; }
+  let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  if (y1 - y0 <= Math.abs(y1) * 1e-6 + 1e-15) {  // a constant (the lr): ±10% of it, never below 0 for one >= 0
+    const pad = Math.abs(y1) * 0.1 || 1e-3;
+    [y0, y1] = [y0 >= 0 ? Math.max(0, y0 - pad) : y0 - pad, y1 + pad];
+  }
   const sx = (x) => P + ((x - x0) / (x1 - x0)) * (W - P - 6), sy = (y) => H - 16 - ((y - y0) / (y1 - y0)) * (H - 26);
   series.forEach((s, k) => {
     const pl = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
@@ -231,7 +235,7 @@ async function loadRuns() {
   const names = r.runs.map((x) => x.run);
   $("monitor-empty").hidden = names.length > 0; $("monitor-body").hidden = !names.length;
   $("results-empty").hidden = names.length > 0; $("results-body").hidden = !names.length;
-  fill($("run-select"), names, true); fill($("results-run"), names, true);
+  fillRuns($("run-select"), r.runs); fillRuns($("results-run"), r.runs);  // runs.js: status and date, newest first
   if (state.run && names.includes(state.run)) { $("run-select").value = state.run; $("results-run").value = state.run; }
   await pollRun();
 }
@@ -242,12 +246,7 @@ async function pollRun() {
   const r = await api("/api/run?run=" + encodeURIComponent(run), undefined, { quiet: true });
   state.runInfo = r;
   const st = r.job ? r.job.status : r.finished ? "finished" : "unknown";
-  const f = (x, d = 2) => (x === null || x === undefined ? "–" : Number(x).toFixed(d));
-  // step_from: where the step comes from when the logs are behind (a run stopped between two logged points)
-  $("run-status").textContent = `${st} · step ${r.step}/${r.total_steps ?? "?"}` +
-    (r.step_from ? ` (${r.step_from})` : "") + ` · ${f(r.steps_per_second)} it/s · ETA ` +
-    `${r.eta_seconds === null ? "–" : Math.round(r.eta_seconds) + " s"} · memory ${f(r.memory_gb, 1)} GB` +
-    (r.states.length ? ` · saved states: ${r.states.join(", ")}` : "");
+  $("run-status").textContent = runStatusText(r, st);  // runs.js
   $("run-status").dataset.status = st; $("run-status").dataset.step = r.step;
   plot($("loss-plot"), [r.scalars.loss, r.scalars.smoothed], ["raw", "smooth"]);
   const val = r.scalars.val || [], best = r.summary && r.summary.validation_best;
@@ -256,75 +255,14 @@ async function pollRun() {
   $("val-caption").textContent = "validation loss (held-out)" +
     (best ? ` · best ${Number(best.overall).toFixed(4)} at step ${best.step}` : "");
   plot($("lr-plot"), [r.scalars.lr], ["lr"]);
-  const grid = $("sample-grid");
-  if (r.samples.length) {
-    const last = r.samples[r.samples.length - 1];
-    if (grid.dataset.path !== last) { grid.src = fileUrl(last) + "?t=" + Date.now(); grid.dataset.path = last; }
-    grid.hidden = false; $("sample-caption").textContent = "samples: " + last.split("/").pop();
-  } else { grid.hidden = true; grid.dataset.path = ""; }
-  // the latest step's grids side by side when there are several (a klein LoRA on distilled next to Base)
-  const pair = $("sample-pair"), latest = r.latest_samples || [];
-  const key = latest.map((g) => g.file).join("|");
-  if (latest.length > 1 && pair.dataset.key !== key) {
-    pair.innerHTML = "";
-    for (const g of latest) {
-      pair.append(el("figure", {}, el("figcaption", {}, g.label + ": " + g.file.split("/").pop()),
-                     el("img", { src: fileUrl(g.file) + "?t=" + Date.now(), alt: g.label })));
-    }
-    pair.dataset.key = key;
-  }
-  pair.hidden = latest.length < 2;
-  grid.hidden = grid.hidden || latest.length > 1;
-  const list = $("sample-list");
-  if (list.childElementCount !== r.samples.length) {
-    list.innerHTML = "";
-    for (const s of r.samples) list.append(el("img", { src: fileUrl(s), title: s, onclick: () => { grid.src = fileUrl(s); } }));
-  }
+  showSamples(r);  // runs.js: the grids, their captions and the step thumbnails
   showLog($("log-tail"), r.log); showRunEnd(r);  // jobs.js: newest lines in view; why it failed or stopped
   $("stop-run").disabled = !(r.job && ["queued", "running"].includes(r.job.status));
   $("resume-run").disabled = !(r.states.length && !(r.job && ["queued", "running"].includes(r.job.status)) && !r.finished);
 }
 
 // ------------------------------------------------------------------------------------------------ results
-async function loadResults() {
-  await loadRuns();
-  const run = $("results-run").value;
-  if (!run) return;
-  const r = await api("/api/run?run=" + encodeURIComponent(run));
-  $("results-pending").hidden = r.loras.length > 0;
-  // the run's last sample grids, side by side (a FLUX.2 klein LoRA on the distilled model next to Base)
-  const grids = $("results-grids"); grids.innerHTML = "";
-  for (const g of r.latest_samples || []) {
-    grids.append(el("figure", {}, el("figcaption", {}, "last samples, " + g.label + ": " + g.file.split("/").pop()),
-                    el("img", { src: fileUrl(g.file), alt: g.label })));
-  }
-  grids.hidden = !(r.latest_samples || []).length;
-  const ul = $("lora-files"); ul.innerHTML = "";
-  const isStep = (p) => /-step\d+/.test(p);
-  const layout = (p) => (p.includes(".diffusers.") ? "diffusers / PEFT" : p.includes(".comfy.") ? "ComfyUI" :
-    "kohya (ComfyUI, Forge)");
-  const link = (p) => el("a", { href: fileUrl(p) + "?download=1", class: "download-lora", download: p.split("/").pop(),
-    text: p.split("/").pop() });
-  const finals = r.loras.filter((p) => !isStep(p)).sort((a, b) => layout(b).length - layout(a).length);
-  for (const p of finals) ul.append(el("li", {}, link(p), " ", el("span", { class: "status", text: layout(p) })));
-  const steps = r.loras.filter(isStep);
-  if (steps.length) {
-    const det = el("details", {}, el("summary", { text: `${steps.length} intermediate checkpoints` }));
-    for (const p of steps) det.append(el("div", {}, link(p)));
-    ul.append(el("li", {}, det));
-  }
-  fill($("sample-lora"), [...finals, ...steps], true);
-  if (finals.length && !finals.includes($("sample-lora").value)) $("sample-lora").value = finals[0];
-  loraReferences();
-  const others = (await api("/api/runs")).runs.map((x) => x.run).filter((x) => x !== run);
-  const otherLoras = [];
-  for (const o of others.slice(0, 20)) {
-    const info = await api("/api/run?run=" + encodeURIComponent(o), undefined, { quiet: true }).catch(() => null);
-    if (info) otherLoras.push(...info.loras.filter((p) => !/-step\d+/.test(p) && !p.includes(".diffusers.")));
-  }
-  fill($("compare-other"), otherLoras, true, "(no LoRA: the base alone)");
-}
-
+// loadResults, compareCandidates: runs.js
 // an edit LoRA (its file says how many references it edits from) or a run with sample.control: the field for
 // the reference images its sample and compare edit (empty: the run's sample.control)
 async function loraReferences() {
@@ -349,15 +287,16 @@ const references = () => ($("sample-refs-row").hidden ? {} : { references: $("sa
 async function sampleDev() {
   const lora = $("sample-lora").value;
   if (!lora) return toast("no LoRA in this run yet");
-  const job = await api("/api/sample", { lora, strength: $("strength").value, prompt: $("sample-prompt").value,
-                                         ...references() });
-  state.sampleJob = job;
+  const req = { lora, strength: $("strength").value, prompt: $("sample-prompt").value };
+  const job = await api("/api/sample", { ...req, ...references() });
+  state.sampleJob = job; state.sampleReq = req;
 }
 
 async function compareRun() {
   const lora = $("sample-lora").value;
   if (!lora) return toast("no LoRA in this run yet");
-  const job = await api("/api/compare", { lora, other: $("compare-other").value, ...references() });
+  const job = await api("/api/compare", { lora, other: $("compare-other").value, strength: $("strength").value,
+                                          ...references() });
   state.compareJob = job; $("compare-status").textContent = "compare " + job.status;
 }
 
@@ -373,7 +312,8 @@ async function pollResults() {
     if (key === "sampleJob") {
       const pngs = now.outputs.filter((p) => p.endsWith(".png"));
       const img = $("sample-result"); img.src = fileUrl(pngs.find((p) => p.endsWith("/grid.png")) || pngs[0]);
-      img.hidden = false;
+      $("sample-result-caption").textContent = state.sampleReq ? sampleLabel(state.sampleReq) : "";  // runs.js
+      $("sample-result-box").hidden = false;
     }
     else { const f = $("compare-report"); f.src = fileUrl(j.out + "/report.html"); f.hidden = false; }
   }
@@ -431,7 +371,7 @@ $("results-run").onchange = () => { state.run = $("results-run").value; loading(
 $("stop-run").onclick = async () => { const r = state.runInfo; if (r && r.job) await api(`/api/jobs/${r.job.id}/stop`, {}); pollRun(); };
 $("resume-run").onclick = async () => { await api("/api/train/resume", { run: $("run-select").value }); pollRun(); };
 $("strength").oninput = () => ($("strength-value").textContent = Number($("strength").value).toFixed(2));
-$("sample-lora").onchange = loraReferences;
+$("sample-lora").onchange = () => { loraReferences(); compareCandidates(); };
 $("sample-dev").onclick = sampleDev;
 $("compare-run").onclick = compareRun;
 show("models");

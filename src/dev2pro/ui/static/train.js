@@ -64,12 +64,36 @@ function buildBasics(r) {
     "checkpointing, block swap, optimizer and text-encoder placement for it; settings you change under Advanced win" },
     vram));
   b.append(labelled(s["sample.prompts"], specInput(s["sample.prompts"], [], "f-sample-prompts"),
-    " (one per line; rendered at the end of training)"));
+    " (one per line; rendered every 'sample every' steps and at the end)"));
+  for (const key of ["sample.every", "save.every"]) {
+    b.append(labelled(s[key], specInput(s[key], "", "f-" + key.replace(".", "-"))));
+  }
   const out = el("input", { type: "text", id: "b-output-name", "data-field": "save.output_dir" });
   out.value = "lora-" + new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "");
   b.append(labelled({ ...s["save.output_dir"], help: "the run's folder: runs/NAME in the workspace (LoRA files, " +
-    "samples, logs)" }, out));
+    "samples, logs); the LoRA file is named after it" }, out));
   gpuOption();
+}
+
+// about a quarter of the steps in round numbers (1000 -> 250): trainform.every_default, the server's default for
+// values sent without them; a field the user typed in keeps its value
+function everyDefault(steps) {
+  steps = parseInt(steps, 10);
+  if (!(steps > 0)) return 0;
+  const q = steps / 4;
+  if (q < 10) return Math.max(1, Math.floor(q + 0.5));
+  const unit = 10 ** Math.floor(Math.log10(q)) / 2;
+  return Math.min(steps, Math.max(unit, Math.floor(q / unit + 0.5) * unit));
+}
+
+function autoFields() {  // save/sample every and the LoRA file name follow the steps and the output name
+  const every = everyDefault($("f-train-steps").value);
+  const save = $("f-save-every"), sample = $("f-sample-every"), name = $("f-save-name");
+  if (save && !save.dataset.touched) save.value = every;
+  if (sample && !sample.dataset.touched) sample.value = $("f-sample-prompts").value.trim() ? every : 0;
+  const stem = $("b-output-name").value.trim().replace(/\/+$/, "").split("/").pop()
+    .replace(/[^A-Za-z0-9._-]+/g, "-").replace(/^[-.]+|[-.]+$/g, "").slice(0, 100);
+  if (name && !name.dataset.touched && stem) name.value = stem;
 }
 
 function buildAdvanced(r) {
@@ -125,7 +149,7 @@ async function loadTrain() {
 
 function buildForm(r) {
   for (const spec of r.fields) train.specs[spec.key] = spec;
-  buildBasics(r); buildAdvanced(r); carryOver(r);
+  buildBasics(r); buildAdvanced(r); carryOver(r); autoFields();
   train.built = true;
   $("basics").dataset.ready = "1";
 }
@@ -274,6 +298,11 @@ async function refreshPlan() {
     `(${p.speed.source})` : "no measurement for these settings yet; the Monitor page shows the speed once it runs");
   const d = p.dataset;
   li("Dataset", d.shards ? "pre-encoded shards" : `${d.images} images, ${d.captioned} with a caption`);
+  const sv = p.saving;
+  li("Saving", el("span", { id: "plan-saving", class: sv.warnings.length ? "error" : "" },
+    (sv.save_every ? `a LoRA and a resumable state every ${sv.save_every} steps` : "at the end only") + "; " +
+    (sv.sample_every ? `samples every ${sv.sample_every} steps` : "no samples before the end") +
+    (sv.warnings.length ? " — " + sv.warnings.join("; ") : "")));
   $("plan-text").textContent = p.text;
   setStart(p.can_start, p.reasons.join("; "));
   box.dataset.state = "ready";
@@ -289,7 +318,7 @@ async function previewToml() {
 async function startTrain() {
   $("train-error").textContent = "";
   try {
-    const r = await api("/api/train/start", { values: formValues() }, { quiet: true });
+    const r = await api("/api/train/start", { values: formValues(), card: cardValue() }, { quiet: true });
     toast("training queued: " + r.job.run_dir, true);
     state.run = r.job.run_dir; show("monitor");
   } catch (e) { $("train-error").textContent = e.message; }
@@ -300,6 +329,7 @@ for (const [form, ev] of [["train-form", "input"], ["train-form", "change"], ["a
   $(form).addEventListener(ev, (e) => {
     if (e.target.dataset) e.target.dataset.touched = "1";  // carried values never overwrite it now
     if (e.target.id === "b-data-folders") syncFolderRows();
+    autoFields();
     schedulePlan();
   });
 }

@@ -1,0 +1,88 @@
+"""The audit's Monitor/Results/Train page fixes in a real headless Chromium (Debian's /usr/bin/chromium): a finished
+run shows no speed or ETA and a constant lr's axis stays positive; sample thumbnails carry their step and a click
+names the grid shown; a run without samples clears the caption; the run dropdown says status and date; Results for
+a failed run says it failed and hides sample/compare; Basics save and sample about every quarter of the steps."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"),
+]
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    ws = tmp_path / "ws"
+    done = ws / "runs" / "done"
+    (done / "samples").mkdir(parents=True)
+    (done / "config.toml").write_text("[train]\nsteps = 20\n")
+    w = SummaryWriter(str(done / "logs"))
+    for s in range(1, 21):
+        w.add_scalar("loss/step", 1.0 / s, s, walltime=1000 + s)
+        w.add_scalar("lr", 1e-4, s, walltime=1000 + s)  # a constant schedule
+    w.close()
+    for step in (10, 20):
+        Image.new("RGB", (16, 16), (step * 10, 0, 0)).save(done / "samples" / f"step{step:06d}.png")
+    (done / "done.safetensors").write_bytes(b"\0" * 16)
+    (done / "summary.json").write_text(json.dumps({"steps": 20}))
+    failed = ws / "runs" / "failed"
+    (failed / "logs").mkdir(parents=True)
+    (failed / "config.toml").write_text("[train]\nsteps = 20\n")
+    job = ws / ".dev2pro-ui" / "jobs" / "20250101-000000-001-train"
+    job.mkdir(parents=True)
+    (job / "job.json").write_text(json.dumps({
+        "id": job.name, "kind": "train", "title": "train runs/failed", "args": [], "run_dir": "runs/failed",
+        "out": "", "status": "failed", "created": time.time(), "started": time.time(), "ended": time.time(),
+        "pid": None, "pid_started": None, "returncode": 1, "stop_requested": False, "error": ""}))
+    return ws
+
+
+def test_monitor_results_and_basics_in_chromium(workspace, browser_page, ui_server):
+    page = browser_page
+    page.goto(ui_server.start(workspace))
+    page.click("#tab-monitor")
+    page.wait_for_selector("#run-select option[value='runs/done']", state="attached")
+    labels = page.eval_on_selector_all("#run-select option", "os => os.map(o => o.textContent)")
+    assert any(t.startswith("runs/failed — failed · ") for t in labels), labels
+    page.select_option("#run-select", "runs/done")
+    page.wait_for_selector("#sample-list figcaption")
+    status = page.inner_text("#run-status")
+    assert status.startswith("finished · step 20/20") and "it/s" not in status and "ETA" not in status, status
+    lr_labels = page.eval_on_selector_all("#lr-plot text", "ts => ts.map(t => t.textContent)")
+    assert not any(t.startswith("-") for t in lr_labels), lr_labels  # no negative learning rate
+    assert page.eval_on_selector_all("#sample-list figcaption", "cs => cs.map(c => c.textContent)") == \
+        ["step 10", "step 20"]
+    assert "step 20" in page.inner_text("#sample-caption")
+    page.click("#sample-list figure:first-child")
+    assert "step 10 (step000010.png)" in page.inner_text("#sample-caption")
+    assert page.get_attribute("#sample-grid", "data-path") == "runs/done/samples/step000010.png"
+    page.select_option("#run-select", "runs/failed")
+    page.wait_for_function("document.getElementById('sample-caption').textContent.includes('none yet')")
+    assert page.locator("#sample-list figure").count() == 0
+
+    page.click("#tab-results")
+    page.wait_for_selector("#results-run option[value='runs/failed']", state="attached")
+    page.select_option("#results-run", "runs/failed")
+    page.wait_for_function("document.getElementById('results-pending-text').textContent.includes('failed')")
+    assert page.locator("#results-actions").is_hidden()
+    page.select_option("#results-run", "runs/done")
+    page.wait_for_selector("#results-actions:not([hidden])")
+
+    page.click("#tab-train")
+    page.wait_for_selector("#f-save-every")
+    page.fill("#f-train-steps", "1000")
+    assert page.input_value("#f-save-every") == "250" and page.input_value("#f-sample-every") == "0"  # no prompts
+    page.fill("#f-sample-prompts", "a cat")
+    assert page.input_value("#f-sample-every") == "250"
+    page.fill("#b-output-name", "my-style")
+    assert page.input_value("#f-save-name") == "my-style"
+    assert "typical 16-64" in page.inner_text("[data-field='lora.rank'] .help")
