@@ -38,9 +38,8 @@ from .workspace import Workspace
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "train.js": "text/javascript", "jobs.js": "text/javascript",
-                "app.css": "text/css", "favicon.svg": "image/svg+xml"}
+                "runs.js": "text/javascript", "app.css": "text/css", "favicon.svg": "image/svg+xml"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-STATIC_FILES["runs.js"] = "text/javascript"  # the Monitor and Results pages (static/runs.js)
 
 
 @dataclass
