@@ -307,6 +307,28 @@ def test_cli_inspect_and_convert(tmp_path, bfl_file, capsys):
     assert main(["inspect", str(junk)]) == 2
 
 
+def test_scaled_fp8_is_refused_for_a_diffusers_folder(tmp_path, bfl_file, capsys):
+    """diffusers' from_pretrained drops ComfyUI's scale_weight tensors (a warning) and runs unscaled fp8 weights:
+    a folder it cannot read right is refused, asked for or kept from a scaled source, before anything is written;
+    plain fp8 there and scaled fp8 in one file still convert."""
+    from dev2pro.cli import main
+
+    scaled = tmp_path / "scaled.safetensors"
+    assert main(["convert", str(bfl_file), str(scaled), "--layout", "comfy", "--dtype", "fp8-scaled",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    for src, args in ((bfl_file, ["--layout", "diffusers", "--dtype", "fp8-scaled"]),
+                      (scaled, ["--layout", "diffusers"])):
+        out = tmp_path / f"folder-{src.stem}"
+        assert main(["convert", str(src), str(out), *args, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "scale_weight tensors, which diffusers' from_pretrained ignores" in err and "--dtype fp8 " in err
+        assert not out.exists()
+    plain = tmp_path / "plain"
+    assert main(["convert", str(scaled), str(plain), "--layout", "diffusers", "--dtype", "fp8", "--no-progress"]) == 0
+    assert C.open_checkpoint(plain).fp8_format == "fp8"
+
+
 def test_streaming_writer_header_is_valid_safetensors(tmp_path):
     from dev2pro.outputs import save_safetensors
 

@@ -43,6 +43,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, layout: str | None =
                             f"{src} is {ckpt.family.title} {spec.variant}, which its keys already tell")
         extra_metadata = {**ckpt.family.modelspec(spec.with_variant(variant)), **(extra_metadata or {})}
     layout = output_layout(ckpt.layout, dst, layout)
+    check_scaled_fp8_layout(layout, dtype, ckpt.fp8_format, src)
     missing = ckpt.missing()
     if missing and not allow_incomplete:
         raise CheckpointError(f"{src} is incomplete: it lacks {missing_summary(missing)}, so the converted file "
@@ -193,6 +194,19 @@ def _produce(ckpt: Checkpoint, parts, dtype: torch.dtype) -> torch.Tensor:
 
 DIFFUSERS_FOLDER_FILES = ("config.json", "diffusion_pytorch_model*.safetensors",
                           "diffusion_pytorch_model.safetensors.index.json")
+
+
+def check_scaled_fp8_layout(layout: str, dtype: str | None, source_fp8: str, src) -> None:
+    """ComfyUI's scaled fp8 (``scale_weight`` beside each fp8 weight) has no place in a diffusers folder: diffusers'
+    ``from_pretrained`` drops the scales with a warning and runs the unscaled weights (a 140% output error measured
+    on the tiny model). Refused, with the settings that do load: plain fp8 or bf16 there, scaled fp8 in one file."""
+    keeps_scales = dtype is None and source_fp8 == "fp8-scaled"
+    if layout != "diffusers" or not (dtype == "fp8-scaled" or keeps_scales):
+        return
+    what = f"{src} is scaled fp8 and --dtype unset keeps it" if keeps_scales else "--dtype fp8-scaled writes"
+    raise UserError(f"{what} ComfyUI's per-tensor scale_weight tensors, which diffusers' from_pretrained ignores (the "
+                    f"folder would load with wrong weights there): for a diffusers folder use --dtype fp8 (plain "
+                    f"e4m3fn casts) or --dtype bf16; for ComfyUI write one file (OUT.safetensors, --layout comfy)")
 
 
 def output_layout(source_layout: str, dst: str | os.PathLike, layout: str | None = None) -> str:
