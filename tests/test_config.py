@@ -160,3 +160,22 @@ def test_a_run_config_with_newlines_and_control_characters_round_trips(tmp_path)
     assert again.data.trigger == NASTY and again.sample.prompts == [NASTY, "plain"]
     assert again.data.folders[0].caption == NASTY and again.sample.negative == '"'
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_paths_in_the_file_are_relative_to_it_and_paths_typed_with_set_to_the_cwd(tmp_path, monkeypatch):
+    """A kohya user typing ``--set save.output_dir=runs/x`` in a folder expects runs/x there, not beside the
+    config file; paths written in the file stay relative to the file (also in a list of tables given with --set)."""
+    from dev2pro.schemas import load_train_config
+
+    cfgs, here = tmp_path / "configs", tmp_path / "work"
+    cfgs.mkdir()
+    here.mkdir()
+    (cfgs / "c.toml").write_text('[model]\npath = "models/dev"\n[[data.folders]]\npath = "data/a"\n'
+                                 '[save]\noutput_dir = "runs/file"\n')
+    monkeypatch.chdir(here)
+    cfg = load_train_config(cfgs / "c.toml")
+    assert (cfg.model.path, cfg.save.output_dir) == (str(cfgs / "models/dev"), str(cfgs / "runs/file"))
+    assert cfg.data.folders[0].path == str(cfgs / "data/a")
+    cfg = load_train_config(cfgs / "c.toml", ["save.output_dir=runs/x", 'data.folders=[{path="imgs", masks="m"}]'])
+    assert cfg.save.output_dir == str(here / "runs/x") and cfg.model.path == str(cfgs / "models/dev")
+    assert (cfg.data.folders[0].path, cfg.data.folders[0].masks) == (str(here / "imgs"), str(here / "m"))

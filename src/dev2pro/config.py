@@ -73,10 +73,8 @@ def ordered(*names: str):
 # ------------------------------------------------------------------------------------------------ loading
 def load_config(schema: type, path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None):
-    """Build ``schema`` from a TOML file and/or a dict, then apply ``section.key=value`` overrides.
-
-    Errors name where the bad value came from: ``--set train.lr=abc: 'train.lr' must be a number``, or the file.
-    """
+    """Build ``schema`` from a TOML file and/or a dict, then apply ``section.key=value`` overrides. Errors name
+    where the bad value came from: ``--set train.lr=abc: 'train.lr' must be a number``, or the file."""
     raw: dict = {}
     source = _Source("config")
     if path is not None:
@@ -96,27 +94,28 @@ def load_config(schema: type, path: str | Path | None = None, overrides: list[st
     _check_renamed(schema, raw, source)
     cfg = _build(schema, raw, source, "")
     _validate_tree(cfg, source, "")
-    # relative paths in a config are relative to the config file, not to where the command runs
-    resolve_paths(cfg, path.parent if path is not None else Path("."))
+    # relative paths in a config are relative to the config file; typed on the command line (--set), to the cwd
+    resolve_paths(cfg, path.parent if path is not None else Path("."), typed=set(source.overrides))
     return cfg
 
 
-def resolve_paths(cfg, base: Path) -> None:
+def resolve_paths(cfg, base: Path, typed: set[str] = frozenset(), prefix: str = "") -> None:
     """Make every non-empty relative ``path=True`` field in the tree (lists of tables included) absolute, against
-    ``base``."""
+    ``base``; the ``section.key`` values in ``typed`` (--set overrides) against the current directory."""
     for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
+        v, key = getattr(cfg, f.name), prefix + f.name
+        here = Path.cwd() if key in typed else base
         if dataclasses.is_dataclass(v):
-            resolve_paths(v, base)
+            resolve_paths(v, here, typed, key + ".")
         elif f.metadata.get("path") and isinstance(v, list):  # several paths (e.g. controls = ["a", "b"])
-            setattr(cfg, f.name, [str((Path(base) / x).resolve()) if isinstance(x, str) and x and
+            setattr(cfg, f.name, [str((Path(here) / x).resolve()) if isinstance(x, str) and x and
                                   not Path(x).is_absolute() else x for x in v])
         elif isinstance(v, list):
             for item in v:
                 if dataclasses.is_dataclass(item):
-                    resolve_paths(item, base)
+                    resolve_paths(item, here, typed, key + "[].")
         elif f.metadata.get("path") and isinstance(v, str) and v and not Path(v).is_absolute():
-            setattr(cfg, f.name, str((Path(base) / v).resolve()))
+            setattr(cfg, f.name, str((Path(here) / v).resolve()))
 
 
 def path_fields(schema: type, prefix: str = "") -> set[str]:
@@ -371,10 +370,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def resolve_size(section, default: tuple[int, int] = (512, 512)):
-    """Apply a section's ``size = "WxH"`` to its ``width``/``height`` (the older spelling, still accepted).
-
-    Both may be present when they agree (a saved config.toml has all three); different values are an error.
-    """
+    """Apply a section's ``size = "WxH"`` to its ``width``/``height`` (the older spelling, still accepted). Both may
+    be present when they agree (a saved config.toml has all three); different values are an error."""
     if not section.size:
         return
     try:
@@ -471,7 +468,8 @@ def add_config_command(sub, name: str, help: str, schema: type | None = None, lo
     p = sub.add_parser(name, help=help)
     p.add_argument("config", nargs="?", help="TOML config (see --print-config)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+                   help="override a config value, e.g. --set train.steps=100 (repeatable; a relative path given here "
+                        "is relative to the current directory, one in the config file to the file's folder)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                    help="continue from the latest state in output_dir, or from a given state folder")
     p.add_argument("--print-config", action="store_true", help="print every option with its default and exit")
