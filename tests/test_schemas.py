@@ -297,3 +297,18 @@ def test_attention_backends_are_diffusers_local_ones_and_hub_downloads_are_refus
     with pytest.raises(ConfigError, match=r"'train\.attention_backend' = 'flash_hub' is not one of .*did you mean "
                                           r"'flash"):
         load_train_config(path, ["train.attention_backend=flash_hub"])
+
+
+def test_print_config_with_a_config_prints_what_the_run_would_use(tmp_path, capsys, tiny_dev_dir):
+    """`train CONFIG --print-config` printed the defaults (rank 16) and ignored CONFIG and --set; now it prints the
+    resolved config -- the file, --set and the model's defaults applied -- which loads back to the same values."""
+    from dev2pro.cli import main
+
+    cfg = _write(tmp_path, f'[model]\npath = "{tiny_dev_dir}"\n[lora]\nrank = 4\n[data]\nshards = "s.json"\n'
+                           f'[save]\noutput_dir = "runs/x"\n')
+    assert main(["train", str(cfg), "--print-config", "--set", "train.lr=2e-4"]) == 0
+    text = capsys.readouterr().out
+    assert "\nrank = 4\n" in text and "\nlr = 0.0002\n" in text and "\nrank = 16\n" not in text
+    assert f'\noutput_dir = "{tmp_path / "cfgs" / "runs" / "x"}"\n' in text
+    again = load_train_config(_write(tmp_path, text, "again.toml"))
+    assert again == load_train_config(cfg, ["train.lr=2e-4"])

@@ -472,7 +472,8 @@ def add_config_command(sub, name: str, help: str, schema: type | None = None, lo
                         "is relative to the current directory, one in the config file to the file's folder)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                    help="continue from the latest state in output_dir, or from a given state folder")
-    p.add_argument("--print-config", action="store_true", help="print every option with its default and exit")
+    p.add_argument("--print-config", action="store_true", help="print every option with its default and exit (with "
+                   "a CONFIG: the values the run would use, --set and presets applied)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     if overwrite:
         p.add_argument("--overwrite", action="store_true",
@@ -482,8 +483,8 @@ def add_config_command(sub, name: str, help: str, schema: type | None = None, lo
         schema_, load_, run_ = target()
         if getattr(a, "overwrite", False):
             a.set = [*a.set, "save.overwrite=true"]
-        if a.print_config:
-            print(render_toml(schema_(), template=True), end="")
+        if a.print_config:  # with a config: what the run would use (its file, --set and presets applied)
+            print(render_toml(load_(a.config, a.set) if a.config else schema_(), template=not a.config), end="")
             return
         if not a.config:
             raise ConfigError(f"pass a config file: dev2pro {name} CONFIG.toml (see --print-config)")
