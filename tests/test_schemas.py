@@ -255,6 +255,7 @@ def test_the_example_configs_load():
     ("sample.steps=100000", "sample.steps must be in 1..1000, got 100000"),
     ("sample.seeds=[-1]", "sample.seeds must be integers >= 0, got [-1]"),
     ("save.every=-1", "save.every must be >= 0, got -1"),
+    ("save.keep_last=-3", "save.keep_last must be >= 0, got -3"),
 ])
 def test_numeric_options_have_ranges_checked_at_load(tmp_path, override, message):
     """Issue 18.8: absurd values (data.resolution = 100000, lora.rank = 100000) were accepted."""

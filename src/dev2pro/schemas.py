@@ -402,13 +402,14 @@ class SaveSection:
     output_dir: str = opt("", "run folder: LoRA files, samples, state, logs, resolved config", path=True)
     name: str = opt("lora", "file name stem of the saved LoRA")
     every: int = opt(0, "save LoRA + training state every N steps (0 = only at the end)")
-    keep_last: int = opt(2, "training states kept for resume")
+    keep_last: int = opt(2, "training states kept for resume (0 = all)")
     formats: list[str] = opt(["kohya"], "LoRA layouts written: kohya (ComfyUI/Forge), diffusers, comfy")
     overwrite: bool = opt(False, "allow reusing an output_dir that holds another run")
 
     def validate(self):
         require(bool(self.output_dir), "output_dir: set save.output_dir")
-        require_range("every", self.every, 0)
+        for key in ("every", "keep_last"):  # 0: only at the end / every state kept
+            require_range(key, getattr(self, key), 0)
         for f in self.formats:
             require(f in self.FORMATS, f"formats: unknown {self.FORMAT_KIND} {f!r} ({'|'.join(self.FORMATS)})")
 
@@ -493,8 +494,7 @@ def load_train_config(path, overrides: list[str] | None = None, data: dict | Non
 
 
 def load_dedistill_config(path, overrides: list[str] | None = None, data: dict | None = None) -> DedistillConfig:
-    """The `dev2pro dedistill` config from a TOML file, a dict and ``--set`` overrides; ``sample.cfg`` unset is
-    the base's own scale."""
+    """The `dev2pro dedistill` config from a TOML file, a dict and ``--set``; unset sample.cfg: the base's own."""
     cfg = load_config(DedistillConfig, path, overrides, data)
     apply_sample_guidance_default(cfg, explicit_keys(path, overrides, data), dedistill=True)
     return cfg
