@@ -179,3 +179,13 @@ def test_paths_in_the_file_are_relative_to_it_and_paths_typed_with_set_to_the_cw
     cfg = load_train_config(cfgs / "c.toml", ["save.output_dir=runs/x", 'data.folders=[{path="imgs", masks="m"}]'])
     assert cfg.save.output_dir == str(here / "runs/x") and cfg.model.path == str(cfgs / "models/dev")
     assert (cfg.data.folders[0].path, cfg.data.folders[0].masks) == (str(here / "imgs"), str(here / "m"))
+
+
+def test_a_setting_that_takes_one_value_or_a_list_says_both_forms():
+    """``--set data.resolution=64,96`` (kohya's spelling) is not TOML: the message names the list form too."""
+    from dev2pro.schemas import load_train_config
+
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["data.resolution=64,96"])
+    assert str(e.value) == ("--set data.resolution=64,96: 'data.resolution' must be an integer or a list of them (in "
+                            "brackets: [a, b]), got '64,96'")

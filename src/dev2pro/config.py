@@ -4,9 +4,9 @@ A schema is a tree of dataclasses; each field's type and default are the documen
 renders them as TOML with the help text from ``field(metadata={"help": ...})``). Loading checks every key
 against the schema (typos get a "did you mean"), converts and validates types, and runs each section's
 ``validate()`` for cross-field rules. Fields marked ``path=True`` are made absolute relative to the config file's
-folder (one resolver for every schema). A section may list keys it no longer has in ``RENAMED`` (key -> what to
-do), so an older config gets that message instead of "unknown key". Only recipes see these objects; library
-functions get plain arguments.
+folder, or to the cwd when typed with --set (one resolver for every schema). A section may list keys it no longer
+has in ``RENAMED`` (key -> what to do), so an older config gets that message instead of "unknown key". Only recipes
+see these objects; library functions get plain arguments.
 """
 
 from __future__ import annotations
@@ -53,11 +53,9 @@ def section(cls, help: str = ""):
 
 def ordered(*names: str):
     """Class decorator (above ``@dataclass``) for a section that extends a base: list its fields in this order.
-
     A dataclass puts a base's fields first; the order is what ``--print-config``, a saved config.toml and the UI
     form show, so an extension places its fields beside the ones they belong with. ``names`` must list every
-    field once (checked at import). Only the listing order changes; construction is by keyword everywhere.
-    """
+    field once (checked at import). Only the listing order changes; construction is by keyword everywhere."""
     def apply(cls):
         real = [f.name for f in dataclasses.fields(cls)]  # __dataclass_fields__ also holds ClassVar entries
         if sorted(names) != sorted(real):
@@ -256,8 +254,11 @@ def _is_list_of_dataclass(tp) -> bool:
 
 
 def _coerce(value: Any, tp, choices, source: str, name: str):
+    listed = any(typing.get_origin(a) is list for a in typing.get_args(tp))  # int | list[int]: say both forms
+
     def fail(expected: str):
-        raise ConfigError(f"{_of(source, name)}: '{name}' must be {expected}, got {value!r}")
+        also = " or a list of them (in brackets: [a, b])" if listed and not isinstance(value, list) else ""
+        raise ConfigError(f"{_of(source, name)}: '{name}' must be {expected}{also}, got {value!r}")
 
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

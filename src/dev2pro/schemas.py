@@ -473,10 +473,10 @@ class DedistillConfig:
         require(not (self.train.adapter_rank and self.objective == "guidance_distill"),
                 "objective: adapter de-distillation (train.adapter_rank > 0) supports flow and cfg_teacher")
         require(not (self.model.fp8_storage and not self.train.adapter_rank),
-                "fp8_storage: only a frozen base can be stored in fp8; set train.adapter_rank > 0")
+                "model.fp8_storage: only a frozen base can be stored in fp8; set train.adapter_rank > 0")
         require(not (self.model.blocks_to_swap and not self.train.adapter_rank),
-                "blocks_to_swap: only a frozen base can be swapped to host RAM; set train.adapter_rank > 0")
-        require(self.model.blocks_to_swap >= 0, "blocks_to_swap must be >= 0")
+                "model.blocks_to_swap: only a frozen base can be swapped to host RAM; set train.adapter_rank > 0")
+        require(self.model.blocks_to_swap >= 0, "model.blocks_to_swap must be >= 0")
         require(not (self.objective == "guidance_distill" and not self.model.teacher), "model.teacher: the "
                 "guidance_distill objective needs a CFG teacher (a pro-like model); set model.teacher")
 

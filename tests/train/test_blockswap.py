@@ -247,7 +247,8 @@ def test_too_many_swapped_blocks_is_refused_before_data_caching(tmp_path, tiny_d
     from dev2pro.schemas import load_train_config
 
     cfg = load_train_config(_train_toml(tmp_path, tiny_dev_dir, sk_images, "too-many", "blocks_to_swap = 999"))
-    with pytest.raises(UserError, match=r"blocks_to_swap = 999: this model has \d+ blocks; use 0\.\.\d+"):
+    with pytest.raises(UserError, match=r"blocks_to_swap = 999 \(model.blocks_to_swap, or sample's --blocks-to-swap\): "
+                                        r"this model has \d+ blocks; use 0\.\.\d+"):
         train(cfg, progress=False)
     cache = tmp_path / "cache"  # this test's own cache folder
     assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*"))

@@ -157,7 +157,8 @@ class Fp8Policy:
         names = {n.strip() for n in names if n.strip()}
         unknown = sorted(names - set(GROUPS))
         if unknown:
-            raise UserError(f"unknown fp8 keep group(s) {', '.join(unknown)}; valid groups: {', '.join(GROUPS)}")
+            raise UserError(f"model.fp8_keep: unknown fp8 keep group(s) {', '.join(unknown)}; valid groups: "
+                            f"{', '.join(GROUPS)}")
         return cls(**{f"keep_{g}": g in names for g in GROUPS}, keep_patterns=tuple(keep_patterns))
 
     @property

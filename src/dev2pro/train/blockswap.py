@@ -58,8 +58,8 @@ def flux_blocks(model: nn.Module) -> list[nn.Module]:
 def swap_positions(num_double: int, num_single: int, n: int) -> list[int]:
     """Execution positions of the ``n`` swapped blocks: the last double blocks first, then the last single ones."""
     if not 0 <= n <= num_double + num_single:
-        raise UserError(f"blocks_to_swap = {n}: this model has {num_double + num_single} blocks; "
-                        f"use 0..{num_double + num_single}")
+        raise UserError(f"blocks_to_swap = {n} (model.blocks_to_swap, or sample's --blocks-to-swap): this model has "
+                        f"{num_double + num_single} blocks; use 0..{num_double + num_single}")
     doubles = min(n, num_double)
     singles = n - doubles
     return list(range(num_double - doubles, num_double)) + \
