@@ -75,7 +75,7 @@ def check_output(path: str | os.PathLike, overwrite: bool, what: str = "output",
     _check_not_source(path, what, sources)
     if path.exists() or path.is_symlink():
         if not overwrite:
-            raise UserError(f"{what} {path} already exists; pass --overwrite (or overwrite=true) to replace it, "
+            raise UserError(f"{what} {path} already exists; pass --overwrite to replace it, "
                             f"or choose another path")
         if path.is_dir():
             _check_replaceable_folder(path, what, folder, owned)
