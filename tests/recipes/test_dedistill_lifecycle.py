@@ -59,8 +59,13 @@ def test_failed_start_reruns_and_resume_explains(tmp_path, tiny_dev_dir, sk_imag
     with pytest.raises(UserError, match=r"model.path: .*nope does not exist"):  # refused before the run folder
         dedistill(load_dedistill_config(cfg_path, [f'model.path="{tmp_path / "nope"}"']), progress=False)
     assert not (tmp_path / "run").exists()
-    with pytest.raises(UserError):  # a failure after the run folder exists: the data
+    with pytest.raises(UserError, match=r"data.folders\[0\].path: .*nope does not exist"):  # before it, too
         dedistill(load_dedistill_config(cfg_path, [f'data.folders=[{{path="{tmp_path / "nope"}"}}]']),
+                  progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError):  # a failure after the run folder exists: a data folder without images
+        dedistill(load_dedistill_config(cfg_path, [f'data.folders=[{{path="{tmp_path / "empty"}"}}]']),
                   progress=False)
     assert (tmp_path / "run" / "config.toml").exists()
     with pytest.raises(UserError, match=r"never saved.*without --resume"):

@@ -57,6 +57,24 @@ def wait_status(page, selector, want):
     assert status == want, page.inner_text(selector) + "\n" + page.inner_text("#log-tail")
 
 
+def wait_result(page, selector, workspace, kind, seconds=600):
+    """Wait until ``selector`` is visible after a ``kind`` job (sample, compare) was started from the page; a job that
+    failed fails the test at once with its log, one still running on a loaded machine gets up to ``seconds``."""
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if page.is_visible(selector):
+            return
+        jobs = sorted((workspace / ".dev2pro-ui" / "jobs").glob(f"*-{kind}/job.json"))
+        record = json.loads(jobs[-1].read_text()) if jobs else {}
+        if record.get("status") in ("failed", "stopped"):
+            log = jobs[-1].parent / "log.txt"
+            pytest.fail(f"the {kind} job {record['status']}: {log.read_text()[-3000:] if log.exists() else record}")
+        page.wait_for_timeout(500)
+    pytest.fail(f"{selector} not visible after {seconds} s; the {kind} job: {record}")
+
+
 def fill_train_form(page):
     """Basics, then every Advanced group opened and filled (the ids are the config keys)."""
     page.select_option("#f-model-vram", "0")  # no GPU preset: the memory settings below are the schema's
@@ -185,7 +203,7 @@ def test_whole_workflow_in_chromium(tmp_path, workspace, browser_page, ui_server
     assert "transformer_blocks r=4 alpha=4" in info and "single_transformer_blocks r=4 alpha=4" in info
     page.locator("#strength").evaluate("e => { e.value = '0.5'; e.dispatchEvent(new Event('input')); }")
     page.click("#sample-dev")
-    page.wait_for_selector("#sample-result:not([hidden])")
+    wait_result(page, "#sample-result:not([hidden])", workspace, "sample")
     page.click("#compare-run")
     wait_status(page, "#compare-status", "done")
     page.wait_for_selector("#compare-report:not([hidden])")

@@ -91,13 +91,14 @@ def test_newcomer_reaches_a_running_job_from_basics(tmp_path, workspace, browser
     url = ui_server.start(workspace)
     numbers = {}
 
-    # a cold page: the Train tab's Basics within 1 s of the click (the schema is loaded at start-up)
+    # a cold page: the Train tab's Basics within 2 s of the click (the schema is loaded at start-up; a schema
+    # loaded on the click took several; ~0.3 s unloaded, 1.2 s measured on a 2-core machine running other jobs)
     page.goto(url)
     t0 = time.perf_counter()
     page.click("#tab-train")
     page.wait_for_selector("#basics[data-ready='1'] #f-train-steps", state="visible")
     numbers["basics_after_click_s"] = round(time.perf_counter() - t0, 3)
-    assert numbers["basics_after_click_s"] < 1.0, numbers
+    assert numbers["basics_after_click_s"] < 2.0, numbers
     for path in ("/api/schema", "/api/models", "/api/runs"):  # schema and page data within 300 ms
         numbers[f"{path}_ms"] = round(timed_fetch(page, path), 1)
         assert numbers[f"{path}_ms"] < 300, numbers

@@ -142,7 +142,7 @@ def test_edit_pair_refusals_name_the_fix(tmp_path, klein_base_dir, tiny_dev_dir,
     mixed = f'[[data.folders]]\npath = "{other}"\n'
     with pytest.raises(UserError, match="some images have reference images and some do not.*other"):
         train(_config(tmp_path, klein_base_dir, pairs, extra=mixed), progress=False)
-    with pytest.raises(UserError, match="controls folder .* does not exist"):
+    with pytest.raises(UserError, match=r"data.folders\[0\].controls: .*nope does not exist"):  # before any write
         train(_config(tmp_path, klein_base_dir, _Paths(pairs / "after", tmp_path / "nope")), progress=False)
 
 
