@@ -145,3 +145,51 @@ def test_sigterm_saves_a_state_and_exits_143(tmp_path, tiny_dev_dir, sk_images):
     assert 3 <= k < 40 and f"interrupted at step {k}: state saved in {states[0]}; resume with: dev2pro train" in text
     assert "dev2pro train: terminated (SIGTERM)" in text
     assert not Path(tmp_path / "run" / ".dev2pro.lock").exists()
+
+
+def test_dedistill_sigterm_then_a_resume_with_other_settings(tmp_path, tiny_dev_dir, sk_images, monkeypatch,
+                                                             capsys):
+    """dedistill: SIGTERM mid-step saves the state at the end of the step and raises Terminated (the CLI's 143);
+    the resume with another lr says so and keeps the first config; a resume past train.steps says nothing else."""
+    from dev2pro.recipes.dedistill import dedistill
+    from dev2pro.schemas import load_dedistill_config
+    from dev2pro.train import loop
+    from dev2pro.train.run import Terminated
+    from tiny_run import model_and_data
+
+    cfg = tmp_path / "dd.toml"
+    cfg.write_text(model_and_data(tiny_dev_dir, sk_images, tmp_path / "cache") + f"""
+[train]
+steps = 4
+lr = 1e-3
+mixed_precision = "no"
+
+[save]
+output_dir = "{tmp_path / 'dd'}"
+every = 4
+formats = ["bfl"]
+dtype = "fp32"
+""")
+    real, calls = loop.objective_loss, []
+
+    def sigterm_in_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "objective_loss", sigterm_in_step_2)
+    with pytest.raises(Terminated):
+        dedistill(load_dedistill_config(cfg), progress=False)
+    monkeypatch.undo()
+    run = tmp_path / "dd"
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["step-000002"]
+    assert "interrupted at step 2" in capsys.readouterr().out
+    dedistill(load_dedistill_config(cfg, ["train.lr=2e-3"]), resume="latest", progress=False)
+    out = capsys.readouterr().out
+    assert "settings changed since step 2 (config.step-000002.toml keeps the earlier ones): train.lr 0.001 -> " \
+           "0.002" in out and "resumed from step 2" in out
+    assert "lr = 0.001" in (run / "config.step-000002.toml").read_text()
+    with pytest.raises(UserError, match="is at step 4, past train.steps = 3"):
+        dedistill(load_dedistill_config(cfg, ["train.steps=3", "train.lr=2e-3"]), resume="latest", progress=False)
+    assert "resumed from" not in capsys.readouterr().out
