@@ -16,10 +16,10 @@ import math
 from pathlib import Path
 
 from .arguments import check_size
-from .config import INT_LIMIT, SIZE_HELP, add_config_command, parse_size
+from .config import INT_LIMIT, SIZE_HELP, parse_size
 from .choices import CHECKPOINT_LAYOUTS, FAMILIES, GUIDANCE_MODES, LORA_LAYOUTS, TEXT_DTYPES
 from .errors import ConfigError, UserError
-from .schemas import DedistillConfig, TrainConfig, load_dedistill_config, load_train_config  # torch-free
+from .cli_recipes import add_dedistill, add_train  # noqa: F401 -- train/dedistill's parsers (cli.py names them here)
 
 SAMPLE_MODES = GUIDANCE_MODES
 TINY_FAMILIES = ("flux1", "flux2-klein", "flux2-dev")
@@ -187,37 +187,6 @@ def add_cache(sub):
         skipped = f" ({len(r['skipped'])} skipped, listed above and in index.json)" if r["skipped"] else ""
         print(f"{r['samples']} samples ({r['family']}) -> {r['index']}{skipped}")
     p.set_defaults(run=run)
-
-
-def _train_target():
-    from .recipes.train_lora import train  # the recipe (torch) only when the command runs
-    return TrainConfig, load_train_config, train
-
-
-def _dedistill_target():
-    from .recipes.dedistill import dedistill
-    return DedistillConfig, load_dedistill_config, dedistill
-
-
-def add_train(sub):
-    p = add_config_command(sub, "train", "train a Flux LoRA (default: guidance 1.0 on a de-distilled base)",
-                           target=_train_target, overwrite=True)
-    p.add_argument("--vram", type=int, choices=(8, 12, 16, 24, 48), metavar="GB",
-                   help="GPU-size preset (8|12|16|24|48 GB), same as --set model.vram=GB")
-    run = p.get_default("run")
-
-    def run_with_vram(a):
-        if a.vram:
-            a.set = [*a.set, f"model.vram={a.vram}"]
-        run(a)
-    p.set_defaults(run=run_with_vram)
-
-
-def add_dedistill(sub):
-    add_config_command(sub, "dedistill", "de-distill FLUX.1 / FLUX.2 dev (make a dev2pro): a full "
-                       "fine-tune (accelerate/torchrun, FSDP2 for several GPUs) or, with train.adapter_rank, a LoRA "
-                       "adapter on one frozen (fp8) base", target=_dedistill_target,
-                       overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------------ sampling

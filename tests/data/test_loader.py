@@ -176,3 +176,23 @@ def test_folder_to_training_batch_pipeline(tmp_path):
         assert c == 16 and (h, w) in {(8, 8), (6, 10)}
         assert pack(b["latents"]).shape[1:] == (h // 2 * w // 2, 64)
         assert all(cap in ("", "ohwx, a picture") for cap in b["captions"])
+
+
+def test_a_restart_on_a_changed_dataset_begins_a_fresh_epoch_and_resumes_exactly_after():
+    """--resume-changed-data: the saved run was at epoch 1, batch 2 (after 9 batches of 7 per epoch); on a dataset
+    with one more item it starts epoch 2 of the new dataset; a state saved later resumes that order exactly."""
+    old = BucketBatchSampler(BUCKETS, 3, seed=3)
+    saved = old.state_dict(batches_done=len(old) + 2)
+    assert saved["batches"] == len(old) + 2 and (saved["epoch"], saved["position"]) == (1, 2)
+    grown = BUCKETS + ["a"]
+    new = BucketBatchSampler(grown, 3, seed=3)
+    new.restart(saved, saved["batches"])
+    assert take(new, len(new)) == new.epoch_batches(2)
+    continued = BucketBatchSampler(grown, 3, seed=3)
+    continued.restart(saved, saved["batches"])
+    take(continued, 4)
+    later = continued.state_dict(batches_done=saved["batches"] + 4)
+    assert (later["epoch"], later["position"], later["origin"]) == (2, 4, [saved["batches"], 2])
+    again = BucketBatchSampler(grown, 3, seed=3)
+    again.load_state_dict(later)
+    assert take(again, 10) == take(continued, 10)

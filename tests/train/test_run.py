@@ -257,3 +257,17 @@ def test_write_errors_have_one_wording(tmp_path):
     other = write_error_message(OSError(errno.ENOENT, "No such file or directory", str(path)), tmp_path, "save")
     assert other == f"cannot save {path}: No such file or directory"  # the OSError's own file, its own reason
     assert write_error_message(UserError("already explained"), path, "save") == "already explained"
+
+
+def test_sigterm_is_a_stop_request_like_the_first_ctrl_c():
+    from dev2pro.train.run import Terminated
+
+    with stop_on_interrupt() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested and stop.signum == signal.SIGTERM  # the process lives on: the step finishes
+        assert isinstance(stop.interrupt(), Terminated) and stop.interrupt().exit_code == 143
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one: at once
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored

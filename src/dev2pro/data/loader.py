@@ -70,6 +70,12 @@ class CachedDataset(torch.utils.data.Dataset):
             item["weight"] = float(entry.weight)
         return item
 
+    def fingerprint(self) -> list[str]:
+        """Per entry, in order: ``LATENTS:TEXT:REPEATS:WEIGHT``, the content keys of its cached latents (the cache
+        names them by a hash of the image, mask, references, bucket and encoder) and caption text (16 hex digits
+        each). A state records it; a resume compares (``train.datacheck``). Moving the image folder keeps it."""
+        return [f"{e.latents.stem[:16]}:{e.text.stem[:16]}:{e.repeats}:{e.weight:g}" for e in self.entries]
+
     def buckets(self) -> list[tuple[int, ...]]:
         """Latent (h, w) of every index, read from file headers only (for ``BucketBatchSampler``)."""
         shapes = []
@@ -106,6 +112,7 @@ class BucketBatchSampler:
             groups.setdefault(b, []).append(i)
         self.groups = list(groups.values())
         self.epoch, self.position = 0, 0
+        self.origin = (0, 0)  # (batches done, epoch) where this dataset's epochs start (``restart``)
         if len(self) == 0:
             largest = max((len(g) for g in self.groups), default=0)
             raise UserError(
@@ -147,10 +154,14 @@ class BucketBatchSampler:
     def state_dict(self, batches_done: int | None = None) -> dict:
         """Where the next batch comes from. Pass ``batches_done`` (since epoch 0) when workers prefetch."""
         if batches_done is not None:
-            epoch, position = divmod(batches_done, len(self))
+            epoch, position = divmod(batches_done - self.origin[0], len(self))
+            epoch += self.origin[1]
         else:
             epoch, position = divmod(self.epoch * len(self) + self.position, len(self))
-        return {"epoch": epoch, "position": position, "seed": self.seed, "num_indices": self.num_indices}
+        state = {"epoch": epoch, "position": position, "seed": self.seed, "num_indices": self.num_indices}
+        if batches_done is not None:
+            state["batches"] = batches_done
+        return {**state, "origin": list(self.origin)} if self.origin != (0, 0) else state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was saved (the saved seed wins: it is the same run)."""
@@ -161,6 +172,14 @@ class BucketBatchSampler:
                 "dataset or start a new run"
             )
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self.origin = tuple(state.get("origin", (0, 0)))
+
+    def restart(self, state: dict, batches_done: int) -> None:
+        """Continue a run saved at ``state`` on a changed dataset: its seed, a fresh epoch (the one after the saved
+        epoch, unless that one had not begun) from ``batches_done``, the batches the run had consumed then."""
+        self.seed, self.position = state["seed"], 0
+        self.epoch = state["epoch"] + (1 if state["position"] else 0)
+        self.origin = (batches_done, self.epoch)
 
 
 def collate(batch: list[dict]) -> dict:

@@ -48,10 +48,11 @@ from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES, open_checkpoint
 from ..lora.adapter import WithoutAdapters
 from ..noise import quiet_libraries
-from ..outputs import write_json, write_text
+from ..outputs import write_json
 from ..schemas import DedistillConfig, data_source
 from ..train import fsdp as fsdpmod
-from ..train import lifecycle as life
+from ..train import lifecycle as life, resuming
+from ..train.datacheck import DataCheck
 from ..train.ema import EMA
 from ..train.export import export_adapter, export_or_keep_state, final_weights
 from ..train.model import load_student, load_teacher
@@ -67,8 +68,9 @@ from ..train.state import restore_training_state, save_training_state
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ recipe
-def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = True) -> dict:
-    """Run the whole job; returns a summary (losses, exported files).
+def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = True,
+              changed_data: bool = False) -> dict:
+    """Run the whole job; returns a summary (losses, exported files). ``changed_data``: see ``train.datacheck``.
 
     The run folder is locked by the main process; Ctrl-C saves a resumable state at the end of the step; with
     ``save.every`` set the last step saves one too, so an export that fails (full disk) or a larger ``train.steps``
@@ -90,9 +92,9 @@ def dedistill(cfg: DedistillConfig, resume: str | None = None, progress: bool = 
             lock = RunLock.acquire(run.root)
             clean_stale_temps(run.root)  # a killed run's half-written files (we hold the lock: nobody writes them)
             life.prepare_output_dir(run, resume, cfg.save.overwrite, say, [cfg.save.name])
-            write_text(run.config, render_toml(cfg))
+            resuming.write_config(run, resume, render_toml(cfg), say)  # on resume: what changed, the old one kept
         accelerator.wait_for_everyone()
-        return _dedistill(cfg, accelerator, run, resume, progress, say)
+        return _dedistill(cfg, accelerator, run, resume, progress, say, changed_data)
     finally:
         if lock is not None:
             life.release(run, lock, say)
@@ -151,7 +153,7 @@ def _models(cfg: DedistillConfig, accelerator, fsdp, compute, family) -> _Models
     return _Models(student, student, teacher, trainable, start_from)
 
 
-def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progress: bool, say) -> dict:
+def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progress: bool, say, changed_data) -> dict:
     tc = cfg.train
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
@@ -175,15 +177,12 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
         models.teacher = WithoutAdapters(models.inner)
     ema = EMA(models.trainable, tc.ema_decay) if tc.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(tc.seed)  # shared by all ranks: dropout, noise, sigmas, w
-    start, smoothed, history = 0, None, []
+    start, smoothed, history, check = 0, None, [], DataCheck.of(data.dataset, changed_data, tc.grad_accum)
     if resume is not None:
         r = restore_training_state(resume, run.state, models.inner, optimizer, scheduler, gen, sampler, ema,
-                                   rank_setting="train.adapter_rank", recipe="dedistill")
+                                   rank_setting="train.adapter_rank", recipe="dedistill", data=check)
         start, smoothed, history = r.step, r.smoothed, r.losses
-        say(r.line())
-    if start > tc.steps:
-        raise UserError(f"{run.root} is at step {start}, past train.steps = {tc.steps}: set train.steps above "
-                        f"{start}")
+        resuming.announce(r, run, tc.steps, say)  # a state past train.steps: refused before the resumed line
     say(f"dedistill ({cfg.objective}) -> {run.root}: steps {tc.steps}, batch {cfg.data.batch_size} x {world} "
         f"process(es), lr {tc.lr:g}; TensorBoard: tensorboard --logdir {run.logs}")
     bar = Progress(tc.steps, start, "dedistill", run.logs if main else None, enabled=progress and main,
@@ -194,7 +193,8 @@ def _dedistill(cfg: DedistillConfig, accelerator, run: RunFolder, resume, progre
         path = save_training_state(run.state, done, models.inner, optimizer, scheduler, gen, sampler,
                                    smoothed=bar.smoothed, grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last,
                                    losses=life.finite_or_none(history), ema=ema, rank=rank, world=world,
-                                   barrier=barrier, full=bool(fsdp and fsdp.full_state), recipe="dedistill")
+                                   barrier=barrier, full=bool(fsdp and fsdp.full_state), recipe="dedistill",
+                                   data=check.fingerprint)
         if main:
             life.plot_losses(life.finite_or_none(history), run)
         return path

@@ -21,16 +21,16 @@ from ..config import render_toml
 from ..data.loader import BucketBatchSampler, batches_forever, prefetch_batches
 from ..data.mixing import epoch_lines
 from ..data.prepare import load_training_data
-from ..errors import UserError
 from ..flux.checkpoint import DTYPE_CHOICES, open_checkpoint
 from ..lora import adapter as adaptermod
 from ..lora.formats import kohya_metadata
 from ..lora.peft_adapters import check_layouts, kohya_fields as adapter_fields
 from ..noise import quiet_libraries
-from ..outputs import write_json, write_text
+from ..outputs import write_json
 from ..schemas import TrainConfig, data_source, plan_inputs
 from ..recipe_inputs import attention_backend, gradient_checkpointing, references_per_image
-from ..train import lifecycle as life
+from ..train import lifecycle as life, resuming
+from ..train.datacheck import DataCheck
 from ..train.export import lora_paths, save_lora_files
 from ..train.preflight import check_resume, check_training_inputs, print_plan
 from ..train.model import add_lora, check_blocks_to_swap, load_base, place_base
@@ -58,8 +58,10 @@ class _Run:
     describe: Callable[[], str]  # what one round of samples renders
 
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, quiet: bool = False) -> dict:
-    """Run the whole job; returns a summary (losses, paths). ``quiet``: no console lines (the demo's workers).
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, quiet: bool = False,
+          changed_data: bool = False) -> dict:
+    """Run the whole job; returns a summary (losses, paths). ``quiet``: no console lines (the demo's workers);
+    ``changed_data``: a resume continues on a dataset that changed since its state (``train.datacheck``).
 
     One process trains in a run folder at a time (a lock file). Ctrl-C saves a resumable state at the end of the
     step; the last step saves one too, so ``--resume`` with a larger ``train.steps`` continues from the end.
@@ -83,11 +85,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
             lock = RunLock.acquire(run.root)
             clean_stale_temps(run.root)  # a killed run's half-written files (we hold the lock: nobody writes them)
             life.prepare_output_dir(run, resume, cfg.save.overwrite, say, [cfg.save.name])
-            write_text(run.config, render_toml(cfg))
+            resuming.write_config(run, resume, render_toml(cfg), say)  # on resume: what changed, the old one kept
             if not quiet:
                 print_plan(lambda: plan_inputs(cfg), cfg.model.vram or None)
         accelerator.wait_for_everyone()
-        return _train(cfg, accelerator, run, resume, progress, say, quiet)
+        return _train(cfg, accelerator, run, resume, progress, say, quiet, changed_data)
     finally:
         if lock is not None:
             life.release(run, lock, say)
@@ -152,7 +154,7 @@ def _lora_metadata(cfg: TrainConfig, ckpt) -> dict:
                                  **adapter_fields(lc.type, lc.rank, lc.alpha, lc.lokr_factor, lc.lokr_decompose_both)})
 
 
-def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool, say, quiet) -> dict:
+def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool, say, quiet, changed_data) -> dict:
     torch.manual_seed(cfg.train.seed)
     device, tc = accelerator.device, cfg.train
     dtype = DTYPE_CHOICES[cfg.model.dtype]
@@ -168,15 +170,13 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     sampler = BucketBatchSampler(data.dataset.buckets(), cfg.data.batch_size, seed=tc.seed)
     model = lambda: accelerator.unwrap_model(transformer)  # noqa: E731
     start, smoothed, history = 0, None, []  # history: the loss of every step so far (loss.png)
+    main, check = accelerator.is_main_process, DataCheck.of(data.dataset, changed_data, tc.grad_accum)
     if resume is not None:
-        r = restore_training_state(resume, run.state, model(), optimizer, scheduler, gen, sampler, watch.ema)
+        r = restore_training_state(resume, run.state, model(), optimizer, scheduler, gen, sampler, watch.ema,
+                                   data=check)
         start, smoothed, history = r.step, r.smoothed, r.losses
         watch.restore(r.validation, start)
-        say(r.line())
-    if start > tc.steps:
-        raise UserError(f"{run.root} is at step {start}, past train.steps = {tc.steps}: set train.steps above "
-                        f"{start} to train further")
-    main = accelerator.is_main_process
+        resuming.announce(r, run, tc.steps, say, cfg.save.name if main else None)  # past train.steps: refused
     samples = _sampler(cfg, data, ckpt, dtype, device)
     if main and start < tc.steps:
         for line in _startup_lines(cfg, data.dataset, len(sampler), sum(p.numel() for p in params),
@@ -193,7 +193,8 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
         save_state=lambda done: save_training_state(
             run.state, done, model(), optimizer, scheduler, gen, sampler, smoothed=bar.smoothed,
             grad_accum=tc.grad_accum, keep_last=cfg.save.keep_last, losses=life.finite_or_none(history),
-            ema=watch.ema, validation=watch.validator.history if watch.validator else None, recipe="train"),
+            ema=watch.ema, validation=watch.validator.history if watch.validator else None, recipe="train",
+            data=check.fingerprint),
         sample=lambda step: samples.sample(model(), step, run.samples, bar, progress and main),
         describe=samples.describe)
     acts.save_lora, acts.sample = watch.published(acts.save_lora), watch.published(acts.sample)

@@ -94,14 +94,14 @@ def prepare_output_dir(run: RunFolder, resume: str | None, overwrite: bool, say:
 
 
 def own_entries(run: RunFolder, names: Sequence[str]) -> list[Path]:
-    """What `train` or `dedistill` wrote in ``run`` -- what ``save.overwrite`` sets aside: state/, config.toml,
-    summary.json, loss.png, samples/, logs/ (TensorBoard), wandb/, and the files of each save.name in ``names``:
-    LoRA files ``NAME[-stepNNNNNN][.diffusers|.comfy].safetensors`` (``export.lora_paths``) and dedistill's exports
-    ``NAME.safetensors``, ``NAME-fp8.safetensors``, ``NAME-diffusers/``, ``NAME-adapter[.diffusers].safetensors``
-    (``export``). Not the data cache (content-keyed: what is still valid is reused), the lock or temps, nor
+    """What `train` or `dedistill` wrote in ``run`` -- what ``save.overwrite`` sets aside: state/, config.toml (and
+    config.step-NNNNNN.toml), summary.json, loss.png, samples/, logs/, wandb/, and the files of each save.name in
+    ``names``: LoRA files ``NAME[-stepNNNNNN][.diffusers|.comfy].safetensors`` (``export.lora_paths``), dedistill's
+    exports ``NAME.safetensors``, ``NAME-fp8.safetensors``, ``NAME-diffusers/``, ``NAME-adapter[.diffusers]
+    .safetensors``. Not the data cache (content-keyed: what is still valid is reused), the lock or temps, nor
     anything else: files the run does not write are never touched."""
     fixed = [run.state, run.config, run.summary, run.loss_plot, run.samples, run.logs, run.root / WANDB_DIR]
-    found = [p for p in fixed if p.exists() or p.is_symlink()]
+    found = [p for p in fixed if p.exists() or p.is_symlink()] + sorted(run.root.glob("config.step-*.toml"))
     names = [re.escape(n) for n in dict.fromkeys(names) if n]
     if names and run.root.is_dir():
         own = re.compile(rf"^(?:{'|'.join(names)})(?:(?:-step\d{{6}})?(?:\.diffusers|\.comfy)?\.safetensors|"

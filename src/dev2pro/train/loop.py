@@ -4,7 +4,7 @@ A step is: ``grad_accum`` micro-batches (``draw`` makes every random draw of the
 this rank's slice; ``objectives.objective_loss`` is the one place the loss is chosen), backward, clip (or measure)
 the gradient norm, then ``NonFiniteGuard`` decides whether the update is applied. Between steps, on a schedule:
 states and files (``save``), sample grids (``sample``) -- the save first, so a crash while sampling loses nothing --
-and Ctrl-C, which saves a resumable state at the end of the step and stops.
+and Ctrl-C (or SIGTERM), which saves a resumable state at the end of the step and stops.
 
 What differs between the recipes is passed in as small values (``Objective``, ``Draws``, ``Optimization``,
 ``Events``), not as flags: the loop itself has no idea which recipe runs it.
@@ -195,7 +195,7 @@ def run_steps(start: int, steps: int, compute: Callable[[], tuple[float, dict]],
                 _sample(events.sample, done, bar)
             if events.any_rank(stop.requested) and not last:
                 events.interrupted(done)
-                raise KeyboardInterrupt
+                raise stop.interrupt()
             if after_step is not None:
                 after_step(done)
     result.skipped, result.seconds = guard.skipped, time.perf_counter() - t0

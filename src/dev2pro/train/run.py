@@ -9,8 +9,9 @@
 - ``RunLock``: a lock file holding the trainer's PID. ``fcntl.flock`` where available: the kernel drops the lock
   when the process dies (kill -9 included), so a stale file is simply taken over; elsewhere ``O_EXCL`` plus a check
   that the recorded PID is alive.
-- ``stop_on_interrupt``: the first Ctrl-C becomes a request the loop honours at the end of the step (it saves a
-  resumable state); a second Ctrl-C interrupts at once.
+- ``stop_on_interrupt``: the first Ctrl-C (or SIGTERM: `docker stop`, systemd, Slurm preemption) becomes a request
+  the loop honours at the end of the step (it saves a resumable state); a second one interrupts at once. SIGTERM
+  ends in ``Terminated`` (the CLI exits 143, as a process killed by it would).
 - ``NonFiniteGuard``: ``train.nan_policy`` -- stop at the first non-finite loss or gradient norm (the default), or
   skip such updates and stop after ``max_skips`` in a row.
 """
@@ -65,7 +66,7 @@ def folder_status(folder: Path) -> str:
 
 
 # What a run may replace when started over (save.overwrite): the started entries, its state, summary and files
-RUN_OWNED = (*STARTED_ENTRIES, STATE_DIR, "summary.json", "*.safetensors", "*-diffusers", ".*")
+RUN_OWNED = (*STARTED_ENTRIES, STATE_DIR, "summary.json", "*.safetensors", "*-diffusers", ".*", "config.step-*.toml")
 
 
 def check_no_foreign(folder: Path) -> None:
@@ -179,13 +180,27 @@ def _write_pid(fd: int) -> None:
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
+class Terminated(KeyboardInterrupt):
+    """A run stopped by SIGTERM (after saving, like Ctrl-C); the CLI exits with ``exit_code``."""
+    exit_code = 128 + signal.SIGTERM
+
+
 class StopRequest:
     requested = False
+    signum = signal.SIGINT  # the signal that asked
+
+    def interrupt(self) -> KeyboardInterrupt:
+        """What the loop raises once it has saved: ``Terminated`` for SIGTERM, KeyboardInterrupt for Ctrl-C."""
+        return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
 def stop_on_interrupt() -> Iterator[StopRequest]:
-    """Within the block the first SIGINT sets ``.requested``; the second raises KeyboardInterrupt as usual."""
+    """Within the block the first SIGINT or SIGTERM sets ``.requested`` (and ``.signum``); a second one raises
+    KeyboardInterrupt (``Terminated`` for SIGTERM) at once."""
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield stop
@@ -193,14 +208,15 @@ def stop_on_interrupt() -> Iterator[StopRequest]:
 
     def handler(signum, frame):
         if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt
+        stop.requested, stop.signum = True, signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler_before in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler_before is None else handler_before)
 
 
 class NonFiniteGuard:

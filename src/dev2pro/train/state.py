@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from ..errors import UserError
 from ..outputs import save_safetensors
+from .datacheck import DataCheck, resume_sampler
 from .folder import STATE_DIR, STEP_RE
 from .statefit import (ADAPTER_PIECE, adapter_facts, check_same_lora, check_state_fits,  # noqa: F401 (API)
                        configured_rank, run_facts)
@@ -250,11 +251,13 @@ def _noop() -> None:
 def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler, gen: torch.Generator, sampler, *,
                         smoothed: float | None, grad_accum: int, keep_last: int, losses: list | None = None, ema=None,
                         validation: dict | None = None, rank: int = 0, world: int = 1,
-                        barrier: Callable[[], None] = _noop, full: bool = False, recipe: str = "train") -> Path:
+                        barrier: Callable[[], None] = _noop, full: bool = False, recipe: str = "train",
+                        data: list[str] | None = None) -> Path:
     """The resumable state after ``step`` (every rank calls this): the trainable weights, the optimizer's per-weight
     tensors and the EMA as pieces, the rest common; ``losses`` (steps 1..step, None = skipped) feeds ``loss.png``;
     ``validation``: the validation history (step -> numbers) a resumed run keeps reporting; ``recipe`` (``train`` |
-    ``dedistill``): recorded with the model's facts (``statefit.run_facts``) for a resume to compare."""
+    ``dedistill``): recorded with the model's facts (``statefit.run_facts``) for a resume to compare; ``data``: the
+    dataset's fingerprint (``datacheck``), which a resume compares with its dataset."""
 
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {p: n for n, p in trained.items()}
@@ -277,7 +280,8 @@ def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler,
               "ema": {"decay": ema.decay, "updates": ema.updates} if ema is not None else {},
               "progress": {"step": step, "smoothed": smoothed,
                            "sampler": sampler.state_dict(batches_done=step * grad_accum),
-                           "losses": list(losses or []), "validation": dict(validation or {})},
+                           "losses": list(losses or []), "validation": dict(validation or {}),
+                           **({"data": list(data)} if data is not None else {})},
               "run": run_facts(model, trained, recipe)}
     return save_sharded_state(state_dir, step, tensors, common, rank, world, barrier, keep_last, full)
 
@@ -290,10 +294,11 @@ class Resumed:
     losses: list  # per step 1..step (None = skipped or not recorded)
     validation: dict = field(default_factory=dict)  # step -> validation numbers (train.validation)
     chosen: str = ""  # how ``folder`` was picked when --resume named a run folder (``state_folder``)
+    note: str = ""  # the dataset changed and the run continues on it (``datacheck.resume_sampler``)
 
     def line(self) -> str:
         """The console line of a resumed run."""
-        return f"resumed from step {self.step} ({self.folder}{self.chosen})"
+        return f"resumed from step {self.step} ({self.folder}{self.chosen}){self.note}"
 
 
 def state_folder(resume: str, state_dir: Path) -> tuple[Path, str]:
@@ -341,10 +346,12 @@ def _missing_state(resume: str, path: Path) -> str:
 
 
 def restore_training_state(resume: str, state_dir: Path, model, optimizer, scheduler, gen: torch.Generator, sampler,
-                           ema=None, rank_setting: str = "lora.rank", recipe: str = "train") -> Resumed:
+                           ema=None, rank_setting: str = "lora.rank", recipe: str = "train",
+                           data: DataCheck | None = None) -> Resumed:
     """Load a state saved by ``save_training_state`` (by any number of processes) into the live objects.
     ``rank_setting``: the config key of a LoRA's rank, for the message when it differs from the saved run's;
-    ``recipe``: the command resuming (a state of another kind of run is refused first, saying what it is)."""
+    ``recipe``: the command resuming (a state of another kind of run is refused first, saying what it is);
+    ``data``: the dataset now (a changed one is refused before anything is loaded, or continued on when allowed)."""
 
     folder, chosen = state_folder(resume, state_dir)
     common = read_common(folder)
@@ -354,6 +361,8 @@ def restore_training_state(resume: str, state_dir: Path, model, optimizer, sched
     names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
     check_state_fits(folder, common.get("run"), shapes, run_facts(model, params, recipe), names)
     check_same_lora(folder, shapes, targets, rank_setting, configured_rank(model, params))
+    step = int(common["progress"]["step"])
+    note = resume_sampler(folder, common["progress"], sampler, data, step)  # the dataset: before any tensor loads
     saved = common["optimizer"]
     moments = saved["moments"]
     for n, p in params.items():  # optimizer state created here (shaped and sharded like p), filled below
@@ -372,9 +381,7 @@ def restore_training_state(resume: str, state_dir: Path, model, optimizer, sched
         targets.update({f"ema/{names[p]}": s for p, s in zip(ema.params, ema.shadow)})
     load_sharded_tensors(folder, targets)
     scheduler.load_state_dict(common["scheduler"])
-    sampler.load_state_dict(common["progress"]["sampler"])
     set_rng_state(common["rng"], {"train": gen})
-    step = int(common["progress"]["step"])
     losses = list(common["progress"].get("losses", []))[:step]
     return Resumed(step, common["progress"].get("smoothed"), folder, [None] * (step - len(losses)) + losses,
-                   common["progress"].get("validation") or {}, chosen)
+                   common["progress"].get("validation") or {}, chosen, note)
