@@ -15,12 +15,12 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
+from ..flux.header import read_header
 from .folder import STATE_DIR, STEP_RE, RunFolder
 
 if sys.version_info >= (3, 11):
@@ -123,11 +123,8 @@ def announce(resumed, run: RunFolder, steps: int, say: Callable[[str], None], lo
 def lora_step(path: Path) -> int | None:
     """The step a final LoRA file was saved at: its ``ss_steps`` (a run's final step), read from the header."""
     try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            meta = json.loads(f.read(n)).get("__metadata__", {})
-        return int(meta["ss_steps"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return int(read_header(path).get("__metadata__", {})["ss_steps"])
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
         return None
 
 
