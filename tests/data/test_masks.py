@@ -175,7 +175,8 @@ def _train_cfg(tmp_path, model_dir, images, out, steps=4, data="batch_size = 2")
                                            cache=f"cache-{out}"))
 
 
-def test_all_white_masks_train_bitwise_as_no_masks_and_a_half_mask_does_not(tmp_path, tiny_dev_dir, sk_images):
+def test_all_white_masks_train_bitwise_as_no_masks_and_a_half_mask_does_not(tmp_path, tiny_dev_dir, sk_images,
+                                                                             capsys):
     from dev2pro.recipes.train_lora import train
     from tiny_run import same_tensors
 
@@ -190,7 +191,9 @@ def test_all_white_masks_train_bitwise_as_no_masks_and_a_half_mask_does_not(tmp_
             _mask(half / f"{p.stem}.mask.png", size, left_white=True)
     plain = train(_train_cfg(tmp_path, tiny_dev_dir, sk_images, "plain"), progress=False)
     ones = train(_train_cfg(tmp_path, tiny_dev_dir, white, "ones"), progress=False)
+    capsys.readouterr()
     halved = train(_train_cfg(tmp_path, tiny_dev_dir, half, "halved"), progress=False)
+    assert "; 5 with a loss mask\n" in capsys.readouterr().out  # the start-up's data line says they were found
     assert ones["losses"] == plain["losses"]  # bitwise
     assert same_tensors(tmp_path / "ones" / "lora.safetensors", tmp_path / "plain" / "lora.safetensors")
     assert halved["losses"][0] != plain["losses"][0]

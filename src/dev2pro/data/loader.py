@@ -44,6 +44,8 @@ class CacheEntry:
     role: str = "train"
     bucket: tuple[int, ...] = ()  # (width, height) in pixels
     image: Path | None = None  # the source image (one image has an entry per resolution)
+    masked: bool = False  # its latents file holds a loss mask
+    references: int = 0  # reference images (edit pairs) encoded with it
 
 
 class CachedDataset(torch.utils.data.Dataset):

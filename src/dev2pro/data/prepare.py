@@ -107,7 +107,8 @@ def _from_folders(model_dir: Path, folders: list[DatasetFolder], o: FolderOption
     pipe = None  # the encoders are not needed again: free them before the transformer arrives
     free_memory(device)
     entries = [CacheEntry(lp, text_paths[it.caption], it.caption, it.repeats,
-                          o.reg_weight if it.role == "reg" else 1.0, res, it.role, bucket, it.path)
+                          o.reg_weight if it.role == "reg" else 1.0, res, it.role, bucket, it.path,
+                          it.mask is not None, len(it.controls or ()))
                for (it, res, bucket), lp in zip(plan, latent_paths)]
 
     def embeds_of(text):

@@ -262,13 +262,16 @@ def _startup_lines(cfg, ds, per_epoch: int, n_params: int, spec, start: int, run
     buckets = Counter(ds.buckets())  # latent (h, w) per sample, repeats included
     entries = getattr(ds, "entries", None)
     n_images = len({e.image for e in entries} if entries and entries[0].image else entries or ds)
+    per_image = {e.image: e for e in entries or () if e.image}.values()  # what the scan found beside each image
+    masked, refs = sum(e.masked for e in per_image), max((e.references for e in per_image), default=0)
     per_epoch = max(1, per_epoch)  # batches per epoch
     epochs = tc.steps * tc.grad_accum / per_epoch
     source = cfg.data.shards or ", ".join(f.path for f in cfg.data.folders)
     base = cfg.model.transformer or cfg.model.path
     lines = [
         f"dev2pro train -> {run.root}",
-        f"  data: {n_images} images ({len(ds)} samples per epoch with repeats) from {source}",
+        f"  data: {n_images} images ({len(ds)} samples per epoch with repeats) from {source}"
+        + (f"; {masked} with a loss mask" if masked else "") + (f"; edit pairs: {refs} reference(s) each" * bool(refs)),
         *(epoch_lines(entries) if entries and entries[0].resolution else  # per resolution, reg samples
           [f"  buckets: {len(buckets)} bucket(s): " + ", ".join(f"{w * 8}x{h * 8} ({n})" for (h, w), n in
                                                             sorted(buckets.items(), key=lambda kv: -kv[1]))]),

@@ -90,7 +90,8 @@ def test_reference_tokens_are_what_the_klein_pipeline_builds(klein_base_dir, sk_
     assert set(kw["img_ids"][0, 16:, 0].tolist()) == {10}
 
 
-def test_klein_edit_lora_trains_with_the_reference_in_every_forward(tmp_path, klein_base_dir, pairs, monkeypatch):
+def test_klein_edit_lora_trains_with_the_reference_in_every_forward(tmp_path, klein_base_dir, pairs, monkeypatch,
+                                                                     capsys):
     seen = []
     real = objectives.predict
 
@@ -102,6 +103,7 @@ def test_klein_edit_lora_trains_with_the_reference_in_every_forward(tmp_path, kl
 
     monkeypatch.setattr(objectives, "predict", spy)
     summary = train(_config(tmp_path, klein_base_dir, pairs), progress=False)
+    assert "; edit pairs: 1 reference(s) each\n" in capsys.readouterr().out
     assert len(summary["losses"]) == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
     assert seen and all(s == (1, 16, 128) for s in seen)  # 64 px -> 4x4 tokens of 128 channels, every step
     cached = [load_cached(p) for p in (tmp_path / "cache" / "latents").glob("*.safetensors")]
