@@ -312,3 +312,16 @@ def test_full_width_kohya_file_through_diffusers_equals_apply_lora(tmp_path):
         assert (ours - base).abs().max() > 1e-2
         torch.testing.assert_close(theirs, ours, atol=1e-5 * float(ours.abs().max()), rtol=0)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 8 * 1024 ** 2  # KiB on Linux: under 8 GiB
+
+
+def test_kohya_dataset_fields_count_images_and_caption_tags_per_folder():
+    from dev2pro.lora.formats import kohya_dataset_fields
+
+    images = [("/d/10_cat/a.png", "sks cat, sitting, red", 10), ("/d/10_cat/b.png", "sks cat,  red ", 10),
+              ("/d/dogs/c.png", "", 1)]
+    meta = kohya_dataset_fields(images, [512, 1024], "cat", 1765000000.5)
+    assert json.loads(meta["ss_tag_frequency"]) == {"10_cat": {"sks cat": 2, "sitting": 1, "red": 2}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"10_cat": {"n_repeats": 10, "img_count": 2},
+                                                   "dogs": {"n_repeats": 1, "img_count": 1}}
+    assert (meta["ss_num_train_images"], meta["ss_resolution"], meta["ss_output_name"]) == ("21", "(1024, 1024)", "cat")
+    assert meta["ss_training_started_at"] == "1765000000.5"

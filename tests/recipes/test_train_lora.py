@@ -75,6 +75,11 @@ def test_tiny_run_pins_losses_and_learns(tmp_path, tiny_dev_dir, images):
     assert meta["ss_base_model_version"] == "flux1" and meta["ss_network_dim"] == "8"
     assert meta["ss_guidance_scale"] == "1.0" and meta["ss_timestep_sampling"] == "sigmoid"
     assert meta["modelspec.architecture"] == "flux-1-dev/lora"
+    # kohya's dataset fields, which its and Civitai's metadata viewers show
+    dirs = json.loads(meta["ss_dataset_dirs"])
+    assert meta["ss_output_name"] == "lora" and sum(d["img_count"] for d in dirs.values()) == int(
+        meta["ss_num_train_images"]) > 0 and set(json.loads(meta["ss_tag_frequency"])) <= set(dirs)
+    assert meta["ss_resolution"] == str((cfg.data.resolution,) * 2) and float(meta["ss_training_started_at"]) > 0
 
 
 def test_resume_after_kill_is_bit_identical(tmp_path, tiny_dev_dir, images):

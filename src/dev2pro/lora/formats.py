@@ -34,7 +34,7 @@ import re
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -382,6 +382,25 @@ def kohya_metadata(rank: int, alpha: float, guidance_scale: float, timestep_samp
         meta.update(kohya_fields(spec))
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     return meta
+
+
+def kohya_dataset_fields(images: Sequence[tuple[str, str, int]], resolution, output_name: str,
+                         started: float) -> dict[str, str]:
+    """kohya's dataset and run fields, which its and Civitai's metadata viewers show: ``images`` are (image path,
+    caption, repeats), one per training image; tags are the caption's comma-separated parts, per image folder."""
+    tags: dict[str, dict[str, int]] = {}
+    dirs: dict[str, dict[str, int]] = {}
+    for path, caption, repeats in images:
+        folder = Path(path).parent.name
+        d = dirs.setdefault(folder, {"n_repeats": int(repeats), "img_count": 0})
+        d["img_count"] += 1
+        for tag in (t.strip() for t in caption.split(",")):
+            if tag:
+                tags.setdefault(folder, {})[tag] = tags.get(folder, {}).get(tag, 0) + 1
+    sides = resolution if isinstance(resolution, (list, tuple)) else [resolution]
+    return {"ss_output_name": output_name, "ss_num_train_images": str(sum(r for _, _, r in images)),
+            "ss_resolution": str(tuple([int(max(sides))] * 2)), "ss_training_started_at": str(started),
+            "ss_tag_frequency": json.dumps(tags, ensure_ascii=False), "ss_dataset_dirs": json.dumps(dirs)}
 
 
 def edit_references(metadata: Mapping[str, str] | None) -> int:

@@ -8,6 +8,7 @@ progress, samples on the inference base, LoRA files and resumable state every N 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..data.mixing import epoch_lines
 from ..data.prepare import load_training_data
 from ..flux.checkpoint import DTYPE_CHOICES, open_checkpoint
 from ..lora import adapter as adaptermod
-from ..lora.formats import kohya_metadata
+from ..lora.formats import kohya_dataset_fields, kohya_metadata
 from ..lora.peft_adapters import check_layouts, kohya_fields as adapter_fields
 from ..noise import quiet_libraries
 from ..outputs import write_json
@@ -143,15 +144,18 @@ def _sampler(cfg: TrainConfig, data, ckpt, dtype, device) -> LoraSampler:
                        allow_pickle=m.allow_pickle, family=ckpt.family.name, training_metadata=ckpt.metadata)
 
 
-def _lora_metadata(cfg: TrainConfig, ckpt) -> dict:
+def _lora_metadata(cfg: TrainConfig, ckpt, dataset) -> dict:
     m, tc, lc = cfg.model, cfg.train, cfg.lora
-    return kohya_metadata(lc.rank, lc.alpha, tc.guidance, tc.timestep_sampling, model_name(m.transformer or m.path),
-                          extra={"ss_steps": tc.steps, "ss_learning_rate": tc.lr,
-                                 "dev2pro.train_base_variant": ckpt.spec().variant,
-                                 "dev2pro.inference_base": model_name(m.inference_base) if m.inference_base else "",
-                                 "dev2pro.training_adapter": Path(m.adapter).name if m.adapter else "",
-                                 "dev2pro.references": str(references_per_image(cfg)),  # an edit LoRA: > 0
-                                 **adapter_fields(lc.type, lc.rank, lc.alpha, lc.lokr_factor, lc.lokr_decompose_both)})
+    images = {e.image: (str(e.image), e.caption, e.repeats) for e in getattr(dataset, "entries", ())
+              if e.image and e.role == "train"}  # one per image (an entry per resolution); shards name none
+    extra = {"ss_steps": tc.steps, "ss_learning_rate": tc.lr, "dev2pro.train_base_variant": ckpt.spec().variant,
+             "dev2pro.inference_base": model_name(m.inference_base) if m.inference_base else "",
+             "dev2pro.training_adapter": Path(m.adapter).name if m.adapter else "",
+             "dev2pro.references": str(references_per_image(cfg)),  # an edit LoRA: > 0
+             **adapter_fields(lc.type, lc.rank, lc.alpha, lc.lokr_factor, lc.lokr_decompose_both)}
+    return kohya_dataset_fields(list(images.values()), cfg.data.resolution, cfg.save.name, time.time()) | \
+        kohya_metadata(lc.rank, lc.alpha, tc.guidance, tc.timestep_sampling, model_name(m.transformer or m.path),
+                       extra=extra)
 
 
 def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool, say, quiet, changed_data) -> dict:
@@ -187,7 +191,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     bar = watch.bar = Progress(tc.steps, start, "train", run.logs if main else None, enabled=progress and main,
                                smoothed=smoothed, log_every=cfg.log_every, lines=not progress and main and not quiet,
                                sinks=sinks)
-    meta = _lora_metadata(cfg, ckpt)
+    meta = _lora_metadata(cfg, ckpt, data.dataset)
     acts = _Run(
         save_lora=lambda suffix: save_lora_files(model(), run.root, cfg.save.name, cfg.save.formats, meta, suffix),
         save_state=lambda done: save_training_state(
