@@ -81,7 +81,8 @@ def _flux1_row(gb: int, optimizer: str) -> PlanInputs:
     """configs/train_lora.toml at its 1024^2 (rank 16, two 1024^2 samples on the training base) with the preset."""
     m = VRAM_PRESETS[gb]["model"]
     return PlanInputs(FLUX_DEV, "bf16", fp8_storage=m["fp8_storage"],
-                      fp8_keep=tuple(m.get("fp8_keep", PlanInputs.fp8_keep)), gradient_checkpointing=m["gradient_checkpointing"], blocks_to_swap=m["blocks_to_swap"],
+                      fp8_keep=tuple(m.get("fp8_keep", PlanInputs.fp8_keep)),
+                      gradient_checkpointing=m["gradient_checkpointing"], blocks_to_swap=m["blocks_to_swap"],
                       rank=16, optimizer=optimizer, image_tokens=(4096,), sample_pixels=1024 * 1024,
                       sample_prompts=2, text_encoder=m["text_encoder"], text_encoder_dtype=m["text_encoder_dtype"],
                       vae_tiling=m["vae_tiling"])
