@@ -60,19 +60,20 @@ def apply_sample_guidance_default(cfg, explicit: set[str] = frozenset(), dedisti
 
 
 def apply_vram_preset(cfg, explicit: set[str]) -> dict[str, object]:
-    """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose. The
-    model must exist first (a preset depends on its family and size: a missing path used to print FLUX.1's table,
-    even for klein, before the missing-path error). The printed line ends with the plan's host RAM peak."""
+    """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose. A
+    preset depends on the model's family and size: with ``model.path`` / ``model.transformer`` missing none is
+    applied or printed (FLUX.1's table used to be printed, even for klein, before the missing-path error); `train`'s
+    preflight and `plan` then refuse the path, naming the field. The printed line ends with the host RAM peak."""
     gb = cfg.model.vram
     if not gb:
         return {}
     from .families import of_spec  # torch: only when a recipe runs (the CLI imports us)
     from .plan import VRAM_PRESETS
     from .presets import clamp_blocks_to_swap, fit_preset, vram_preset
-    from .train.preflight import check_paths_exist
 
     m = cfg.model
-    check_paths_exist(m.transformer or m.path, m.path or m.transformer, True, {})
+    if not all(Path(p).exists() for p in (m.transformer, m.path) if p):
+        return {}
     try:
         inputs = plan_inputs(cfg)
     except (UserError, OSError, ValueError):
