@@ -55,6 +55,9 @@ class PlanInputs:
     lora_dtype: str = "fp32"  # train.lora_dtype: "compute" (bf16 LoRA over fp32 masters) or "fp32"
     blocks_to_swap: int = 0
     rank: int = 16
+    lora_type: str = "lora"  # lora.type: lora | dora | lokr | loha (their trained tensors: ``adapter_shapes``)
+    lokr_factor: int = -1
+    lokr_decompose_both: bool = False
     targets: str = "all_linear"
     extra_targets: tuple[str, ...] = ()
     optimizer: str = "adamw"
@@ -173,6 +176,27 @@ def lora_layers(model, inp: PlanInputs) -> list[tuple[str, int, int]]:
     return [(n, m.in_features, m.out_features) for n in names for m in [model.get_submodule(n)]]
 
 
+def adapter_shapes(inp: PlanInputs, fin: int, fout: int) -> list[tuple[int, int]]:
+    """(rows, cols) of the trainable tensors ``lora.type`` puts on one ``fin`` -> ``fout`` Linear, as peft's layers
+    make them (``train.model.add_lora``): LoRA A (r, in) + B (out, r); DoRA + a magnitude per output (a vector:
+    (out, 1)); LoHa two such pairs (``hada_w1_a/b``, ``hada_w2_a/b``); LoKr the Kronecker factors of peft's
+    ``factorization`` of both widths -- ``lokr_w1`` whole unless ``decompose_both`` and the rank is below half its
+    larger side, ``lokr_w2`` whole unless the rank is below half its larger side (then two rank-wide factors)."""
+    r = inp.rank
+    if inp.lora_type in ("lora", "dora"):
+        return [(r, fin), (fout, r)] + ([(fout, 1)] if inp.lora_type == "dora" else [])
+    if inp.lora_type == "loha":
+        return [(fout, r), (r, fin)] * 2
+    if inp.lora_type != "lokr":
+        raise ValueError(f"unknown lora.type {inp.lora_type!r}")
+    from peft.tuners.lokr.layer import factorization  # the split peft's LoKr layer uses
+
+    (in_m, in_n), (out_l, out_k) = factorization(fin, inp.lokr_factor), factorization(fout, inp.lokr_factor)
+    w1 = [(out_l, r), (r, in_m)] if inp.lokr_decompose_both and r < max(out_l, in_m) / 2 else [(out_l, in_m)]
+    w2 = [(out_k, r), (r, in_n)] if r < max(out_k, in_n) / 2 else [(out_k, in_n)]
+    return w1 + w2
+
+
 def optimizer_state_bytes(name: str, shapes: Sequence[tuple[int, int]]) -> int:
     """Bytes of optimizer state for fp32 LoRA matrices of these (rows, cols) shapes.
 
@@ -241,11 +265,11 @@ def estimate(inp: PlanInputs) -> Plan:
     plan.swapped_bytes = sum(per_block[p][0] for p in swapped)
     plan.swap_window_bytes = sum(sorted((per_block[p][0] for p in swapped), reverse=True)[:2])
     layers = lora_layers(model, inp)
-    plan.lora_params = sum(inp.rank * (fin + fout) for _, fin, fout in layers)
+    shapes = [s for _, fin, fout in layers for s in adapter_shapes(inp, fin, fout)]
+    plan.lora_params = sum(r * c for r, c in shapes)
     plan.lora_bytes = plan.grad_bytes = 4 * plan.lora_params
     if inp.lora_dtype == "compute" and inp.dtype != "fp32":  # + the compute copies (train/precision.py)
         plan.lora_bytes += DTYPE_BYTES[inp.dtype] * plan.lora_params
-    shapes = [s for _, fin, fout in layers for s in ((inp.rank, fin), (fout, inp.rank))]
     plan.optimizer_bytes = optimizer_state_bytes(inp.optimizer, shapes)
     plan.adapter_bytes = inp.adapter_params * (4 if inp.dtype == "fp32" else 2)  # lora/adapter.py's dtype rule
     plan.ema_bytes = plan.lora_bytes if inp.ema else 0
@@ -293,7 +317,8 @@ def render(plan: Plan) -> str:
     if i.blocks_to_swap:
         lines.append(f"  block swap {i.blocks_to_swap}: {fmt_gb(plan.swapped_bytes)} in pinned host RAM, "
                      f"{fmt_gb(plan.swap_window_bytes)} on the GPU at a time")
-    lines.append(f"  LoRA rank {i.rank} ({plan.lora_params / 1e6:.3g}M params): weights {fmt_gb(plan.lora_bytes)} + "
+    kind = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}.get(i.lora_type, i.lora_type)
+    lines.append(f"  {kind} rank {i.rank} ({plan.lora_params / 1e6:.3g}M params): weights {fmt_gb(plan.lora_bytes)} + "
                  f"grads {fmt_gb(plan.grad_bytes)} + {i.optimizer} state {fmt_gb(plan.optimizer_bytes)}")
     if plan.adapter_bytes:
         lines.append(f"  training adapter ({i.adapter_params / 1e6:.3g}M params, frozen side branch, off for "
@@ -332,31 +357,45 @@ VRAM_PRESETS: dict[int, dict[str, dict]] = {
     12: {"model": dict(fp8_storage=True, fp8_keep=_ALL_FP8, gradient_checkpointing=True, blocks_to_swap=16,
                        text_encoder="cpu", text_encoder_dtype="bf16", vae_tiling=True),
          "train": dict(optimizer="adamw8bit")},
-    8: {"model": dict(fp8_storage=True, fp8_keep=_ALL_FP8, gradient_checkpointing=True, blocks_to_swap=28,
+    8: {"model": dict(fp8_storage=True, fp8_keep=_ALL_FP8, gradient_checkpointing=True, blocks_to_swap=45,
                       text_encoder="cpu", text_encoder_dtype="bf16", vae_tiling=True),
         "train": dict(optimizer="adamw8bit")},
 }
 
 
-# settings tried in order when a plan does not fit: the cheapest change in speed first
+# settings tried in order when a plan does not fit: the cheapest change in speed first, block swap last
 _REMEDIES = (
     ("model.gradient_checkpointing = true", dict(gradient_checkpointing=True)),
     ("model.fp8_storage = true", dict(fp8_storage=True)),
     ('model.fp8_keep = ["norms", "biases", "embedders", "final"]', dict(fp8_keep=("norms", "biases", "embedders",
                                                                                "final"))),
     ('train.optimizer = "adamw8bit"', dict(optimizer="adamw8bit")),
-    *((f"model.blocks_to_swap = {n}", dict(blocks_to_swap=n)) for n in (8, 16, 22, 28, 36, 45)),
 )
+_SWAP_RUNGS = (8, 16, 22, 28, 36, 45)  # FLUX.1's 57 blocks; larger models continue every 5 blocks
 
 
-def advise(inp: PlanInputs, vram_bytes: int) -> tuple[bool, str]:
-    """(fits, message): whether the plan fits a card of ``vram_bytes``, else the settings that would."""
+def swap_ladder(spec) -> list[int]:
+    """Block-swap counts a remedy or a computed preset tries, in order: FLUX.1's rungs, then every 5 blocks, up to
+    all of the model's blocks (nothing must stay resident: the prefetch window holds two at a time anyway). FLUX.2
+    dev's 56 blocks get 50, 55, 56 (its 16 GB card needs 50); klein 4B's 25 get 8, 16, 22, 25."""
+    blocks = spec.num_double + spec.num_single
+    return [n for n in _SWAP_RUNGS if n < blocks] + list(range(50, blocks, 5)) + [blocks]
+
+
+def remedies(spec) -> list[tuple[str, dict]]:
+    """(config line, PlanInputs change) tried in order when a plan does not fit this model."""
+    return [*_REMEDIES, *((f"model.blocks_to_swap = {n}", dict(blocks_to_swap=n)) for n in swap_ladder(spec))]
+
+
+def advise(inp: PlanInputs, vram_bytes: int, preset: int = 0) -> tuple[bool, str]:
+    """(fits, message): whether the plan fits a card of ``vram_bytes``, else the settings that would (the
+    ``--vram`` preset for that card as well, unless ``preset`` -- the ``model.vram`` in use -- is that one)."""
     plan = estimate(inp)
     need = plan.peak + CUDA_OVERHEAD
     if need <= vram_bytes:
         return True, f"fits: ~{fmt_gb(need)} of {fmt_gb(vram_bytes)}"
     changed, settings = [], inp
-    for label, change in _REMEDIES:
+    for label, change in remedies(inp.spec):
         if all(getattr(settings, k) == v for k, v in change.items()):
             continue
         if "blocks_to_swap" in change and change["blocks_to_swap"] < settings.blocks_to_swap:
@@ -371,8 +410,9 @@ def advise(inp: PlanInputs, vram_bytes: int) -> tuple[bool, str]:
                 settings = replace(settings, **te)
                 changed += [f'model.{k} = "{v}"' for k, v in te.items()]
         if estimate(settings).peak + CUDA_OVERHEAD <= vram_bytes:
+            hint = vram_preset_for(vram_bytes)
             return False, (f"WARNING: the plan needs ~{fmt_gb(need)} but the GPU has {fmt_gb(vram_bytes)}; "
-                           f"set {', '.join(changed)} (or --vram {vram_preset_for(vram_bytes)})")
+                           f"set {', '.join(changed)}" + (f" (or --vram {hint})" if hint != preset else ""))
     return False, (f"WARNING: the plan needs ~{fmt_gb(need)} but the GPU has {fmt_gb(vram_bytes)}, and no setting "
                    "makes it fit: lower data.resolution or use a larger GPU")
 
@@ -427,7 +467,8 @@ def check_fits_a_card(plan: Plan) -> None:
 
 def report(inputs: PlanInputs, vram_gb: float | None = None, out=None) -> dict:
     """Print the plan and the fit verdict; returns the plan as a dict (plus 'fits' and 'message'). ImpossiblePlan
-    for a rank above the layers' width or a plan beyond any card (after printing it)."""
+    for a rank above the layers' width or a plan beyond any card (after printing it). A ``vram_gb`` that is a
+    preset size is the preset in use (`plan`/`train` apply it): the advice does not name it again."""
     out = out or sys.stdout
     check_rank(inputs)
     plan = estimate(inputs)
@@ -438,7 +479,8 @@ def report(inputs: PlanInputs, vram_gb: float | None = None, out=None) -> dict:
     if card is None:
         print("  (no GPU seen: pass --vram GB to check a card)", file=out, flush=True)
         return result
-    fits, message = advise(inputs, card)
+    preset = int(vram_gb) if vram_gb and float(vram_gb).is_integer() else 0
+    fits, message = advise(inputs, card, preset=preset)
     print(f"  {what}: {message}", file=out, flush=True)
     result.update(fits=fits, message=message)
     return result

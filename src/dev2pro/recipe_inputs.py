@@ -60,40 +60,62 @@ def apply_sample_guidance_default(cfg, explicit: set[str] = frozenset(), dedisti
 
 
 def apply_vram_preset(cfg, explicit: set[str]) -> dict[str, object]:
-    """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose."""
+    """Set the ``cfg.model.vram`` preset's values on every field not in ``explicit``; returns what it chose. A
+    preset depends on the model's family and size: with ``model.path`` / ``model.transformer`` missing none is
+    applied or printed (FLUX.1's table used to be printed, even for klein, before the missing-path error); `train`'s
+    preflight and `plan` then refuse the path, naming the field. The printed line ends with the host RAM peak."""
     gb = cfg.model.vram
     if not gb:
         return {}
     from .families import of_spec  # torch: only when a recipe runs (the CLI imports us)
-    from .presets import clamp_blocks_to_swap, fitted_preset, vram_preset  # torch: when a recipe runs
+    from .plan import VRAM_PRESETS
+    from .presets import clamp_blocks_to_swap, fit_preset, vram_preset
 
+    m = cfg.model
+    if not all(Path(p).exists() for p in (m.transformer, m.path) if p):
+        return {}
     try:
         inputs = plan_inputs(cfg)
     except (UserError, OSError, ValueError):
         inputs = None  # an unreadable model is reported where it is loaded; FLUX.1's table needs no header
+    notes = []
     if inputs is not None and of_spec(inputs.spec).name != "flux1":
         # computed from the plan for this model: the table below was measured for FLUX.1's 12B
-        every = fitted_preset(inputs, gb, fixed=explicit)
+        fit = fit_preset(inputs, gb, fixed=explicit)
+        every = fit.values()
         chosen = {k: v for k, v in every.items() if k not in explicit}
         kept = [k for k in every if k in explicit]
-        for name, value in chosen.items():
-            sec, key = name.split(".")
-            setattr(getattr(cfg, sec), key, value)
-        print(f"--vram {gb} preset (computed from the plan for this {of_spec(inputs.spec).title} model): "
-              + ", ".join(f"{k} = {v}" for k, v in chosen.items())
-              + (f" (kept your {', '.join(kept)})" if kept else ""), flush=True)
-        return chosen
-    chosen, kept = vram_preset(gb, explicit)
+        what = f" (computed from the plan for this {of_spec(inputs.spec).title} model)"
+        notes.append(fit.host_note())
+        if fit.no_bitsandbytes and "train.optimizer" in chosen:
+            notes.append("adamw8bit would save more but needs bitsandbytes (not installed)")
+    else:
+        chosen, kept = vram_preset(gb, explicit)
+        what = ""
+        if chosen.get("train.optimizer") != VRAM_PRESETS[gb]["train"]["optimizer"] and "train.optimizer" in chosen:
+            notes.append("the preset's adamw8bit needs bitsandbytes (not installed): fell back to adamw")
     for name, value in chosen.items():
         sec, key = name.split(".")
         setattr(getattr(cfg, sec), key, value)
-    if "model.blocks_to_swap" in chosen:  # a preset's count is for FLUX.1's 57 blocks: clamp for smaller models
+    if "model.blocks_to_swap" in chosen and not what:  # the table's count is for FLUX.1's 57 blocks: clamp
         n = clamp_blocks_to_swap(cfg.model.blocks_to_swap, cfg.model.transformer or cfg.model.path,
                                  cfg.model.allow_pickle)
         cfg.model.blocks_to_swap = chosen["model.blocks_to_swap"] = n
-    print(f"--vram {gb} preset: " + ", ".join(f"{k} = {v}" for k, v in chosen.items())
-          + (f" (kept your {', '.join(kept)})" if kept else ""), flush=True)
+    if inputs is not None and not what:
+        notes.append(_host_peak(cfg))
+    print(f"--vram {gb} preset{what}: " + ", ".join(f"{k} = {v}" for k, v in chosen.items())
+          + (f" (kept your {', '.join(kept)})" if kept else "") + "".join(f"; {n}" for n in notes if n), flush=True)
     return chosen
+
+
+def _host_peak(cfg) -> str:
+    """"host RAM peak ~N GB" of the config's plan ("" when it cannot be made)."""
+    from .plan import estimate, fmt_gb
+
+    try:
+        return f"host RAM peak ~{fmt_gb(estimate(plan_inputs(cfg)).host_ram)}"
+    except Exception:  # noqa: BLE001 -- a note only
+        return ""
 
 
 def attention_backend(cfg, model, device) -> str:
@@ -132,6 +154,8 @@ def plan_inputs(cfg):
     inp = PlanInputs(spec, m.dtype, fp8_storage=m.fp8_storage, fp8_keep=tuple(m.fp8_keep),
                      blocks_to_swap=m.blocks_to_swap,
                      rank=cfg.lora.rank, targets=cfg.lora.targets, extra_targets=tuple(cfg.lora.extra_targets),
+                     lora_type=cfg.lora.type, lokr_factor=cfg.lora.lokr_factor,
+                     lokr_decompose_both=cfg.lora.lokr_decompose_both,
                      optimizer=cfg.train.optimizer, batch_size=cfg.data.batch_size,
                      image_tokens=((res // 16) ** 2 + (per_image - 1) * ref_tokens,), images_per_sample=per_image,
                      reference_tokens=ref_tokens,

@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..plan import report
 from ..recipe_inputs import dedistill_plan_inputs
 from ..schemas import load_dedistill_config, load_train_config, plan_inputs
+from ..train.preflight import check_paths_exist
 
 
 def is_dedistill_config(config: str) -> bool:
@@ -44,4 +45,6 @@ def run_plan(config: str, vram: float | None = None, overrides: list[str] | None
             if "model.vram" not in str(e):
                 raise  # no preset of that size for this family (FLUX.1 has no 32 / 80): the card is checked only
     cfg = cfg or load_train_config(config, overrides)
+    m = cfg.model  # a missing model: its named error, not open_checkpoint's bare one (no preset was applied)
+    check_paths_exist(m.transformer or m.path, m.path or m.transformer, True, {})
     return report(plan_inputs(cfg), vram or cfg.model.vram or None)
