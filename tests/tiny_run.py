@@ -84,6 +84,22 @@ def run_killed(cfg_path, after_step: int, command: str = "train") -> None:
     assert proc.returncode == 17, proc.stderr[-2000:]
 
 
+def run_signalled(cfg_path, sig, at_step: int = 3, command: str = "train") -> tuple[int, str]:
+    """`dev2pro COMMAND CFG --no-progress` (no periodic saves, a line per step) in a subprocess sent ``sig`` once
+    it has printed step ``at_step``; returns (exit code, its whole output)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dev2pro.cli", command, str(cfg_path), "--no-progress", "--set",
+                             "save.every=0", "--set", "log_every=1"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(f"{command} step {at_step}/"):
+            proc.send_signal(sig)
+            break
+    text = "".join(seen) + proc.communicate(timeout=300)[0]
+    return proc.returncode, text
+
+
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (what the allocator holds; views counted once)."""
     seen, total = set(), 0

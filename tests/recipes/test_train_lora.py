@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dev2pro.errors import UserError
 from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
-from tiny_run import SAMPLES, model_and_data, run_killed
+from tiny_run import SAMPLES, model_and_data, run_killed, run_signalled
 from tiny_run import same_tensors as _same_lora
 
 @pytest.fixture
@@ -399,19 +399,8 @@ def test_ctrl_c_saves_a_state_and_resume_is_bit_identical(tmp_path, tiny_dev_dir
     full = train(load_train_config(_toml(tmp_path, tiny_dev_dir, images, out="full", steps=steps),
                                    ["save.every=0"]), progress=False, quiet=True)
     cfg_path = _toml(tmp_path, tiny_dev_dir, images, out="stopped", steps=steps)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dev2pro.cli", "train", str(cfg_path), "--no-progress", "--set",
-                             "save.every=0", "--set", "log_every=1"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("train step 3/"):
-            proc.send_signal(signal.SIGINT)
-            break
-    rest = proc.communicate(timeout=300)[0]
-    text = "".join(seen) + rest
-    assert proc.returncode == 130, text[-3000:]
+    code, text = run_signalled(cfg_path, signal.SIGINT)
+    assert code == 130, text[-3000:]
     stopped = tmp_path / "stopped"
     states = sorted((stopped / "state").iterdir())
     assert len(states) == 1 and "--resume" in text and "Traceback" not in text

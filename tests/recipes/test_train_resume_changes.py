@@ -7,8 +7,6 @@ state and exits 143 like a preempted job should."""
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from dev2pro.recipes.train_lora import train
 from dev2pro.schemas import load_train_config
 from dev2pro.train.folder import RunFolder
 from dev2pro.train.lifecycle import own_entries
-from tiny_run import lora_run_toml, same_tensors
+from tiny_run import lora_run_toml, run_signalled, same_tensors
 
 
 def _cfg(tmp_path, model_dir, images, out="run", steps=4):
@@ -128,17 +126,8 @@ def test_resume_from_a_copied_run_folder_says_how(tmp_path, tiny_dev_dir, sk_ima
 @pytest.mark.slow
 def test_sigterm_saves_a_state_and_exits_143(tmp_path, tiny_dev_dir, sk_images):
     cfg = _cfg(tmp_path, tiny_dev_dir, sk_images, steps=40)
-    proc = subprocess.Popen([sys.executable, "-m", "dev2pro.cli", "train", str(cfg), "--no-progress", "--set",
-                             "save.every=0", "--set", "log_every=1"], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("train step 3/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    text = "".join(seen) + proc.communicate(timeout=300)[0]
-    assert proc.returncode == 143, text[-3000:]
+    code, text = run_signalled(cfg, signal.SIGTERM)
+    assert code == 143, text[-3000:]
     states = sorted((tmp_path / "run" / "state").iterdir())
     assert len(states) == 1 and "Traceback" not in text, text[-3000:]
     k = int(states[0].name.split("-")[1])

@@ -76,6 +76,9 @@ def ui_server():
 
 
 CHROMIUM = "/usr/bin/chromium"
+# a browser test module's marks: slow (the default run skips it), and skipped with its reason without chromium
+BROWSER_TEST = [pytest.mark.slow, pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                                     reason="needs Debian's chromium (apt-get install chromium)")]
 T = 120_000  # ms: generous waits for a loaded 2-core machine; each normally takes a few seconds
 
 

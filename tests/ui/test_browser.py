@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"),
-]
+from .conftest import BROWSER_TEST
+
+pytestmark = BROWSER_TEST
 IMAGES = ("astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg", "motorcycle_left.png")
 T = 120_000  # ms: generous waits for a loaded 2-core machine; each normally takes a few seconds
 

@@ -6,17 +6,14 @@ of any script, the replace box, a failed upload's grid, an unsaved caption kept 
 flagged; the log box following its newest lines."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"),
-]
+from .conftest import BROWSER_TEST
+
+pytestmark = BROWSER_TEST
 
 
 @pytest.fixture

@@ -4,15 +4,10 @@ base (the samples then show the LoRA where it is used), and the choice is what S
 import json
 import shutil
 import urllib.request
-from pathlib import Path
 
-import pytest
+from .conftest import BROWSER_TEST
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"),
-]
+pytestmark = BROWSER_TEST
 
 
 def test_klein_base_gets_its_distilled_model_as_inference_base(tmp_path, klein_base_dir, klein_distilled_dir,

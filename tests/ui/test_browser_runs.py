@@ -5,15 +5,12 @@ a failed run says it failed and hides sample/compare; Basics save and sample abo
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"),
-]
+from .conftest import BROWSER_TEST
+
+pytestmark = BROWSER_TEST
 
 
 @pytest.fixture
