@@ -70,9 +70,10 @@ def test_any_job_kind_stops_from_the_page_and_refused_runs_stay_finished(web_app
     (ws / "runs" / "r1" / "summary.json").write_text("{}")
     runs = {r["run"]: r["status"] for r in json.loads(asgi(app, "GET", "/api/runs")[1])["runs"]}
     assert runs["runs/r1"] == "finished"
+    assert json.loads(asgi(app, "GET", "/api/run?run=runs/r1")[1])["status"] == "finished"  # the Monitor agrees
     os.utime(ws / "runs" / "r1" / "summary.json", (time.time() - 3600,) * 2)  # an old run, and a job that failed now
     runs = {r["run"]: r["status"] for r in json.loads(asgi(app, "GET", "/api/runs")[1])["runs"]}
-    assert runs["runs/r1"] == "failed"
+    assert runs["runs/r1"] == "failed" == json.loads(asgi(app, "GET", "/api/run?run=runs/r1")[1])["status"]
 
 
 def test_a_missing_model_is_named_at_its_field_and_the_favicon_is_served(web_app, asgi):

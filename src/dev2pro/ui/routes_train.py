@@ -271,7 +271,11 @@ async def run(request: Request, ui):
         raise UserError(f"{rel} is not a run folder")
     tail = ui.jobs.log_tail(job["id"]) if job else ""
     info = await run_in_threadpool(run_info, d, ui.ws.root, tail, ui.ws.inside, job)  # reads event files
-    return JSONResponse({**info, "job": job, "log": tail})
+    summary = RunFolder(d).summary
+    # the run's status: its job's, unless that job was refused (the run lock) while another process finished it
+    status = run_status(job, summary.stat().st_mtime if summary.exists() else None) or \
+        ("finished" if info["finished"] else "unknown")
+    return JSONResponse({**info, "job": job, "log": tail, "status": status})
 
 
 def _lora_run(ui, b: dict, key: str) -> tuple[Path, Path, dict]:

@@ -245,7 +245,7 @@ async function pollRun() {
   if (!run) return;
   const r = await api("/api/run?run=" + encodeURIComponent(run), undefined, { quiet: true });
   state.runInfo = r;
-  const st = r.job ? r.job.status : r.finished ? "finished" : "unknown";
+  const st = r.status || (r.job ? r.job.status : r.finished ? "finished" : "unknown");
   $("run-status").textContent = runStatusText(r, st);  // runs.js
   $("run-status").dataset.status = st; $("run-status").dataset.step = r.step;
   plot($("loss-plot"), [r.scalars.loss, r.scalars.smoothed], ["raw", "smooth"]);

@@ -76,7 +76,9 @@ function showLog(pre, text) {
 // the Monitor status line: why a run's job failed or stopped (its error line, or the state it saved)
 function showRunEnd(r) {
   const j = r.job;
-  if (j && j.error && ["failed", "stopped"].includes(j.status)) $("run-status").textContent += " · " + j.error;
+  if (j && j.error && ["failed", "stopped"].includes(j.status) && r.status !== "finished") {
+    $("run-status").textContent += " · " + j.error;  // not for a refused job whose run another process finished
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ dataset
