@@ -234,8 +234,8 @@ def one_process(multi_root):
 def fsdp_two(multi_root):
     """2 ranks x batch 1 under torchrun with FSDP2 sharding each block (train.distributed = "fsdp")."""
     root, _, two = multi_root
-    p = _run_cli([str(two), *MULTI, "--set", 'train.distributed="fsdp"', "--set", 'save.output_dir="fsdp"'],
-                 launcher=_torchrun())
+    p = _run_cli([str(two), *MULTI, "--set", 'train.distributed="fsdp"', "--set",
+                  f'save.output_dir="{root / "fsdp"}"'], launcher=_torchrun())
     assert p.returncode == 0, p.stderr[-3000:]
     return root / "fsdp"
 
@@ -243,8 +243,8 @@ def fsdp_two(multi_root):
 def test_two_processes_match_one(multi_root, one_process):
     """2 ranks x batch 1 (gloo DDP under torchrun) == 1 process x batch 2: the same global batches and draws."""
     root, _, two = multi_root
-    p2 = _run_cli([str(two), *MULTI, "--set", 'train.distributed="ddp"', "--set", 'save.output_dir="ddp"'],
-                  launcher=_torchrun())
+    p2 = _run_cli([str(two), *MULTI, "--set", 'train.distributed="ddp"', "--set",
+                   f'save.output_dir="{root / "ddp"}"'], launcher=_torchrun())
     assert p2.returncode == 0, p2.stderr[-3000:]
     worst = _worst(_weights(one_process), _weights(root / "ddp"))
     print(f"DDP 2 ranks vs 1 process: worst weight difference {worst:.2e}")
@@ -289,7 +289,7 @@ def test_fsdp_kill_and_resume_gives_the_same_weights(multi_root, one_process, fs
     root, _, two = multi_root
     launch = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu-fsdp.yaml"),
               "--main_process_port", "0"]
-    args = [str(two), *MULTI, "--set", 'save.output_dir="killed"']
+    args = [str(two), *MULTI, "--set", f'save.output_dir="{root / "killed"}"']
     p = _run_cli(args, kill_after=5, launcher=launch)
     killed = root / "killed"
     assert p.returncode != 0 and (killed / "state" / "step-000004").is_dir(), p.stderr[-3000:]
@@ -303,7 +303,8 @@ def test_fsdp_kill_and_resume_gives_the_same_weights(multi_root, one_process, fs
     whole, ref = _losses(killed)["losses"], _losses(fsdp_two)["losses"]  # summary.json: the whole run's losses
     assert len(whole) == len(ref) and whole[4:] == ref[4:]  # the resumed steps, exactly
 
-    p = _run_cli([str(multi_root[1]), *MULTI, "--set", 'save.output_dir="killed-one"', "--resume", "latest"])
+    p = _run_cli([str(multi_root[1]), *MULTI, "--set", f'save.output_dir="{root / "killed-one"}"', "--resume",
+                  "latest"])
     assert p.returncode == 0, p.stderr[-3000:]
     worst = _worst(_weights(one_process), _weights(root / "killed-one"))
     print(f"2-rank FSDP state resumed by 1 process: worst weight difference {worst:.2e}")
