@@ -227,3 +227,17 @@ def test_plan_and_train_refuse_before_the_run_starts(tmp_path, tiny_dev_dir, sk_
         assert "more than any single card holds" in captured.err and "memory plan" in captured.out, captured.err
         assert "Traceback" not in captured.err
     assert not list((tmp_path / "run").glob("*.safetensors")) and not (tmp_path / "run" / "state").exists()
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_advised_8bit_adamw_says_it_needs_bitsandbytes_where_missing(monkeypatch, installed):
+    """A plan may be made on another machine than the one that trains, so 8-bit AdamW is still advised; where
+    bitsandbytes is not installed the line says so."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if installed else None) if name == "bitsandbytes" else real(name, *a))
+    fits, message = advise(PlanInputs(FLUX_DEV, "bf16", image_tokens=(4096,), text_encoder="cpu"), 12 * GB)
+    assert not fits and 'train.optimizer = "adamw8bit"' in message
+    assert ("adamw8bit needs bitsandbytes, not installed here" in message) is not installed

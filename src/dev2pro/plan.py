@@ -412,9 +412,19 @@ def advise(inp: PlanInputs, vram_bytes: int, preset: int = 0) -> tuple[bool, str
         if estimate(settings).peak + CUDA_OVERHEAD <= vram_bytes:
             hint = vram_preset_for(vram_bytes)
             return False, (f"WARNING: the plan needs ~{fmt_gb(need)} but the GPU has {fmt_gb(vram_bytes)}; "
-                           f"set {', '.join(changed)}" + (f" (or --vram {hint})" if hint != preset else ""))
+                           f"set {_settings_line(changed)}" + (f" (or --vram {hint})" if hint != preset else ""))
     return False, (f"WARNING: the plan needs ~{fmt_gb(need)} but the GPU has {fmt_gb(vram_bytes)}, and no setting "
                    "makes it fit: lower data.resolution or use a larger GPU")
+
+
+def _settings_line(changed: list[str]) -> str:
+    """The advised settings; 8-bit AdamW says it needs bitsandbytes where that is not installed (still advised)."""
+    import importlib.util
+
+    line = ", ".join(changed)
+    if any("adamw8bit" in c for c in changed) and importlib.util.find_spec("bitsandbytes") is None:
+        line += " (adamw8bit needs bitsandbytes, not installed here: pip install bitsandbytes on the training machine)"
+    return line
 
 
 def vram_preset_for(vram_bytes: int) -> int:
