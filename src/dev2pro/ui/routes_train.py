@@ -158,11 +158,11 @@ def _start_check(ui, values: dict, card) -> tuple:
     an output folder in use; the memory fit against ``card`` when the page sends one) before a job is queued."""
     cfg = _config(ui, values)
     with planview.LOCK:
-        reasons = planview.start_reasons(cfg, ui.ws)
-        if card not in (None, ""):
+        if card in (None, ""):
+            reasons = planview.start_reasons(cfg, ui.ws)
+        else:  # the plan's reasons: start_reasons (computed once, inside page_plan) plus the memory fit
             data = forms.form_to_data(_schema()[0], _values(values), drop_defaults=True)
-            plan_ = planview.page_plan(cfg, data, card, ui.ws)
-            reasons = plan_["reasons"]
+            reasons = planview.page_plan(cfg, data, card, ui.ws)["reasons"]
     if reasons:
         raise UserError("not started: " + "; ".join(reasons))
     return cfg, _render(cfg, _preset_keys(cfg, values))
