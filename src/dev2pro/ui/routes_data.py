@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from pathlib import PurePosixPath
+import threading
+from pathlib import Path, PurePosixPath
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -19,13 +20,17 @@ from starlette.routing import Route
 from ..data.buckets import assign_bucket, make_buckets
 from ..data.folders import Scanner
 from ..errors import CheckpointError, UserError
+from .datasetremove import remove_images, removed_list, restore_images
+from .datasettools import bulk_edit, undo
 from .handlers import TooLarge, json_body, number, text
 from ..lora.sniff import is_base_model
 from .loracheck import refuse_lora_source
 from .pairs import listed_images, reference_folders, too_large
 from .upload import read_upload
+from .workspace import PathRefused
 
 MAX_IMAGES = 2000  # listed per dataset request (each one's header is read)
+_EDITING = threading.Lock()  # one caption edit, undo, remove or restore at a time (each reads, then writes)
 
 
 def _candidates(ui) -> dict:
@@ -232,7 +237,8 @@ def _dataset(ui, q) -> dict:
     folders = dataset_folders(ui)
     out = {"folder": ui.ws.rel(folder), "images": items, "buckets": preview, "folders": folders,
            "truncated": len(images) > MAX_IMAGES, "caption_clashes": _caption_clashes(items),
-           "skipped": [{"name": n, "reason": "a symlink out of the workspace (not read)"} for n in skipped]}
+           "skipped": [{"name": n, "reason": "a symlink out of the workspace (not read)"} for n in skipped],
+           "removed": removed_list(ui.ws, folder)}
     if refs:
         out["pairs"] = [r.summary(complete=len(images) <= MAX_IMAGES) for r in refs]
         # training pairs an image only with a usable reference from every folder (else the run is refused)
@@ -340,6 +346,71 @@ async def autocaption(request: Request, ui):
     return JSONResponse(job)
 
 
+# ------------------------------------------------------------------------------------------------ dataset tools
+def _folder(ui, b: dict) -> Path:
+    """The request's dataset folder: inside the workspace, existing, a folder; UserError naming 'folder'."""
+    named = text(b, "folder", "", max_len=1000)
+    if not named.strip():
+        raise UserError("'folder' is missing or empty: name the dataset folder (e.g. datasets/my-set)")
+    try:
+        folder = ui.ws.resolve(named, must_exist=True)
+    except PathRefused as e:
+        raise UserError(f"'folder': {e}") from None
+    if not folder.is_dir():
+        raise UserError(f"'folder' {named} is a file, not a folder")
+    return folder
+
+
+def _flag(b: dict, key: str, default: bool) -> bool:
+    value = b.get(key, default)
+    if not isinstance(value, bool):
+        raise UserError(f"'{key}' must be true or false, not {type(value).__name__}")
+    return value
+
+
+def _locked(fn, *args):
+    with _EDITING:
+        return fn(*args)
+
+
+async def captions_bulk(request: Request, ui):
+    """One caption edit over a folder (``op``: prepend, append, replace, remove); ``dry_run`` (the default) only
+    says what would change."""
+    b = await json_body(request, ("folder", "op", "text", "find", "whole_word", "files", "dry_run"))
+    args = (ui.ws, _folder(ui, b), text(b, "op"), text(b, "text", "", max_len=2000), text(b, "find", "", max_len=2000),
+            _flag(b, "whole_word", True), b.get("files"), _flag(b, "dry_run", True))
+    return JSONResponse(await run_in_threadpool(_locked, bulk_edit, *args))
+
+
+async def captions_undo(request: Request, ui):
+    """Put back the captions the folder's last bulk edit replaced."""
+    b = await json_body(request, ("folder",))
+    return JSONResponse(await run_in_threadpool(_locked, undo, ui.ws, _folder(ui, b)))
+
+
+def _controls(b: dict) -> list[str]:
+    value = b.get("controls") or []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise UserError("'controls' must be a reference folder, or a list of them")
+    return [line for c in value for line in c.splitlines() if line.strip()]
+
+
+async def dataset_remove(request: Request, ui):
+    """Move images (and their caption, mask and, with ``controls``, reference files) into ``.removed/``."""
+    b = await json_body(request, ("folder", "files", "controls"))
+    folder = _folder(ui, b)
+    return JSONResponse(await run_in_threadpool(_locked, remove_images, ui.ws, folder, b.get("files"), _controls(b)))
+
+
+async def dataset_restore(request: Request, ui):
+    """Move removed images (``.removed/`` paths) and their files back under their own names."""
+    b = await json_body(request, ("folder", "files"))
+    folder = _folder(ui, b)
+    return JSONResponse(await run_in_threadpool(_locked, restore_images, ui.ws, folder, b.get("files")))
+
+
 def routes(handler) -> list[Route]:
     return [
         Route("/api/models", handler(models)),
@@ -350,4 +421,8 @@ def routes(handler) -> list[Route]:
         Route("/api/upload", handler(upload), methods=["POST"]),
         Route("/api/caption", handler(caption), methods=["POST"]),
         Route("/api/autocaption", handler(autocaption), methods=["POST"]),
+        Route("/api/captions/bulk", handler(captions_bulk), methods=["POST"]),
+        Route("/api/captions/undo", handler(captions_undo), methods=["POST"]),
+        Route("/api/dataset/remove", handler(dataset_remove), methods=["POST"]),
+        Route("/api/dataset/restore", handler(dataset_restore), methods=["POST"]),
     ]

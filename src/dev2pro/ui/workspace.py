@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from ..data.folders import IMAGE_EXTENSIONS  # what training reads
+from ..data.masks import is_mask_file  # NAME.mask.png: an image's loss mask, never a training image
 from ..errors import UserError
 from ..outputs import temp_path, write_text
 
@@ -192,13 +193,13 @@ class Workspace:
 
     # ------------------------------------------------------------------------------------------ images
     def images(self, folder: Path, limit: int = 2000, skipped: list | None = None) -> list[Path]:
-        """Up to ``limit`` image files in ``folder`` (sorted); an entry that is a symlink out of the workspace is
-        left out (its name appended to ``skipped``)."""
+        """Up to ``limit`` image files in ``folder`` (sorted), as training takes them: loss masks (``NAME.mask.png``)
+        left out; an entry that is a symlink out of the workspace is left out (its name appended to ``skipped``)."""
         out = []
         with os.scandir(folder) as it:  # at most 100k entries looked at: bounded work on any folder
             names = sorted(e.name for e, _ in zip(it, range(100_000)))
         for p in (folder / n for n in names):
-            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            if p.suffix.lower() not in IMAGE_EXTENSIONS or is_mask_file(p):
                 continue
             if not self.inside(p):
                 if skipped is not None:
