@@ -3,7 +3,8 @@ no LoRA as a source and has an overwrite box the server honours; the Dataset pag
 folder instead of writing into the workspace root; the Monitor page shows the step a stopped run saved, not its
 last logged one. Also: a job's end on the page that started it and Stop in the job bar's list; uploads with names
 of any script, the replace box, a failed upload's grid, an unsaved caption kept over a redraw, shared captions
-flagged; the log box following its newest lines."""
+flagged; the caption tools (a prepend previewed, applied, undone) and Remove selected / Restore; the log box
+following its newest lines."""
 
 import json
 
@@ -120,6 +121,36 @@ def test_convert_upload_and_monitor_fixes_in_chromium(workspace, browser_page, u
     page.click("#load-folder")
     page.wait_for_function("document.querySelectorAll('#thumbs .shared-caption').length === 2")
     assert "cat.jpg and cat.png share cat.txt" in page.inner_text("#bucket-preview")
+
+    # the caption tools: a prepend previewed (nothing written), applied (the shared cat.txt once), later undone;
+    # an image removed into .removed/ with its caption, gone from the grid, restored from the Removed list
+    intl = workspace / "datasets" / "intl"
+    page.fill("#bulk-text", "sks")
+    page.click("#bulk-preview")
+    page.wait_for_selector("#bulk-counts")
+    assert page.inner_text("#bulk-counts") == "would change 1 caption, would create 2 (images without a caption " \
+                                              "file); 0 unchanged"
+    assert page.inner_text("#bulk-out tr[data-caption='datasets/intl/猫.txt'] td.after") == "sks, a red square"
+    assert not (intl / "cat.txt").exists()
+    page.click("#bulk-apply")
+    wait_caption = "([p, v]) => { const t = document.querySelector(`#thumbs textarea[data-path='${p}']`);" \
+                   " return t && t.value === v; }"
+    page.wait_for_function(wait_caption, arg=["datasets/intl/猫.png", "sks, a red square"])
+    assert page.input_value("#thumbs textarea[data-path='datasets/intl/cat.jpg']") == "sks"
+    assert (intl / "猫.txt").read_text() == "sks, a red square\n" and (intl / "cat.txt").read_text() == "sks\n"
+    page.check("#thumbs .thumb[data-path='datasets/intl/犬.png'] .select")
+    page.click("#remove-selected")
+    page.wait_for_function("document.querySelectorAll('#thumbs .thumb').length === 3")
+    assert page.locator("#thumbs .thumb[data-path='datasets/intl/犬.png']").count() == 0
+    assert sorted(p.name for p in (intl / ".removed").glob("犬*")) == ["犬.png", "犬.txt"]
+    assert page.inner_text("#removed-count") == "1"
+    page.click("#removed-box summary")
+    page.click("#removed-list li[data-path='datasets/intl/.removed/犬.png'] .restore")
+    page.wait_for_function("document.querySelectorAll('#thumbs .thumb').length === 4")
+    assert page.is_hidden("#removed-box") and (intl / "犬.txt").read_text() == "sks\n"
+    page.click("#bulk-undo")
+    page.wait_for_function(wait_caption, arg=["datasets/intl/猫.png", "a red square"])
+    assert (intl / "猫.txt").read_text() == "a red square\n" and not (intl / "cat.txt").exists()
 
     # the log box follows its newest lines, unless the user scrolled up to read
     box = "(() => { const p = document.createElement('pre'); p.className = 'out'; p.id = 'log-probe';" \

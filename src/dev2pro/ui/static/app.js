@@ -107,12 +107,13 @@ async function loadDataset() {
     `&bucket_step=${$("bucket-step").value}` + controls.map((c) => `&controls=${encodeURIComponent(c)}`).join("");
   try { d = await api("/api/dataset?" + q, undefined, { quiet: true }); }
   catch (e) {
+    state.shown = null; showRemoved([]);
     $("thumbs").innerHTML = ""; $("pair-summary").textContent = "";
     $("bucket-preview").textContent = /out of range|reference folder|controls of/.test(e.message) ? e.message
       : "(empty: upload images)";
     return;
   }
-  state.folder = d.folder;
+  state.folder = d.folder; state.shown = d.folder; showRemoved(d.removed);  // the folder the tools act on
   $("folder-list").innerHTML = ""; for (const f of d.folders) $("folder-list").append(el("option", { value: f }));
   $("bucket-preview").textContent = d.images.length + " images; buckets: " +
     (d.buckets.map((b) => `${b.bucket} × ${b.images}`).join(", ") || "none") +
@@ -181,9 +182,11 @@ function pairSummary(p) {
     (p.cropped ? ` (${p.cropped} of the pairs with another aspect ratio: cropped)` : "") + unused;
 }
 
+const ticked = () => [...document.querySelectorAll("#thumbs .thumb")]
+  .filter((t) => t.querySelector(".select").checked).map((t) => t.dataset.path);
+
 async function autocaption(selected) {
-  const files = selected ? [...document.querySelectorAll("#thumbs .thumb")]
-    .filter((t) => t.querySelector(".select").checked).map((t) => t.dataset.path) : [];
+  const files = selected ? ticked() : [];
   if (selected && !files.length) return toast("tick some images first");
   const model = $("captioner").value;
   if (!model) return toast("no captioner folder in the workspace");
@@ -204,6 +207,88 @@ async function pollCaption() {
     .join(", ") + (errors.length ? " | " + errors.join("; ") : "") + (j.error ? " | " + j.error : "");
   $("caption-status").dataset.status = j.status;
   if (!["queued", "running"].includes(j.status)) { state.captionJob = null; if (state.page === "dataset") loadDataset(); }
+}
+
+// ------------------------------------------------------------------------------------------------ dataset tools
+// one caption edit over the shown folder (POST /api/captions/bulk): Preview is its dry run, Apply writes it
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+function bulkRequest(dryRun) {
+  if (!state.shown) { toast("open a dataset folder first"); return null; }
+  const op = $("bulk-op").value, only = $("bulk-selected").checked, files = only ? ticked() : [];
+  if (only && !files.length) { toast("tick some images first (or untick 'ticked images only')"); return null; }
+  return { folder: state.shown, op, text: $("bulk-text").value, whole_word: $("bulk-whole").checked, files,
+           dry_run: dryRun, ...(op === "replace" ? { find: $("bulk-find").value } : {}) };
+}
+
+function bulkSummary(r) {
+  const c = r.counts, would = r.dry_run ? "would change" : "changed";
+  return `${would} ${plural(c.changed, "caption")}` + (c.created ? `, ${r.dry_run ? "would create" : "created"} ` +
+    `${c.created} (images without a caption file)` : "") + `; ${c.unchanged} unchanged` +
+    (c.skipped ? `; ${c.skipped} skipped` : "") + (r.emptied.length ? `; ${r.emptied.length} left empty ` +
+    "(training refuses an empty caption: write one)" : "");
+}
+
+function showBulk(r) {  // the counts and the first 20 captions, before and after
+  const box = $("bulk-out"), name = (p) => p.split("/").pop();
+  box.innerHTML = ""; box.hidden = false;
+  box.append(el("div", { id: "bulk-counts", class: "status", text: bulkSummary(r) }));
+  if (!r.files.length) return;
+  box.append(el("table", {}, el("tr", {}, ...["image", "before", "after"].map((t) => el("th", { text: t }))),
+    ...r.files.slice(0, 20).map((f) => el("tr", { "data-caption": f.caption, "data-status": f.status },
+      el("td", { text: f.images.map(name).join(", ") }), el("td", { class: "before", text: f.before ?? "(none)" }),
+      el("td", { class: "after", text: f.status === "skipped" ? "skipped: " + f.reason : f.after })))));
+  if (r.files.length > 20) box.append(el("div", { class: "status", text: `… and ${r.files.length - 20} more` }));
+}
+
+async function bulkEdit(dryRun) {
+  const req = bulkRequest(dryRun);
+  if (!req) return;
+  if (!dryRun) await saveTypedCaptions();  // a caption typed but not blurred: the edit starts from it
+  const r = await api("/api/captions/bulk", req);
+  showBulk(r);
+  if (!dryRun) { toast(bulkSummary(r), true); await loadDataset(); }
+}
+
+async function bulkUndo() {
+  if (!state.shown) return toast("open a dataset folder first");
+  const r = await api("/api/captions/undo", { folder: state.shown });
+  $("bulk-out").hidden = true;
+  toast(`undo: ${plural(r.restored, "caption")} restored` + (r.deleted ? ` (${r.deleted} created by it deleted)` : "") +
+    (r.changed_since.length ? "; edited since, left as they are: " + r.changed_since.join(", ") : ""), true);
+  await loadDataset();
+}
+
+function bulkOp() {  // find: replace only; whole word: replace and remove
+  const op = $("bulk-op").value;
+  $("bulk-find-label").hidden = op !== "replace";
+  $("bulk-text-label").textContent = op === "replace" ? "Replace with" : "Text";
+  $("bulk-whole").disabled = !["replace", "remove"].includes(op);
+  $("bulk-out").hidden = true;
+}
+
+// Remove selected: into FOLDER/.removed/ (training skips it), with the Reference folder's references; Restore
+async function removeSelected() {
+  const files = ticked();
+  if (!state.shown || !files.length) return toast("tick the images to remove first");
+  await saveTypedCaptions();
+  const r = await api("/api/dataset/remove", { folder: state.shown, files, controls: referenceFolders(state.shown) });
+  toast(`moved ${plural(r.moved.length, "image")} into .removed/ (training skips it; Restore puts them back)` +
+    (r.kept.length ? "; kept, other images use them: " + r.kept.join(", ") : ""), true);
+  await loadDataset();
+}
+
+function showRemoved(list) {
+  $("removed-box").hidden = !list.length; $("removed-count").textContent = list.length;
+  $("removed-list").replaceChildren(...list.map((x) => el("li", { "data-path": x.path },
+    el("span", { text: x.name, title: `${x.path} (${plural(x.files, "file")})` }),
+    el("button", { class: "secondary restore", text: "Restore", onclick: () => restoreRemoved([x.path]) }))));
+}
+
+async function restoreRemoved(files) {
+  const r = await api("/api/dataset/restore", { folder: state.shown, files });
+  toast("restored " + r.restored.map((x) => x.path).join(", "), true);
+  await loadDataset();
 }
 
 // ------------------------------------------------------------------------------------------------ monitor
@@ -353,7 +438,7 @@ $("convert-fp8").onclick = async () => {
 };
 $("jobbar").onclick = toggleJobs;
 $("load-folder").onclick = async () => {
-  state.folder = null; state.settings.dataset = $("dataset-folder").value;
+  state.folder = null; $("bulk-out").hidden = true; state.settings.dataset = $("dataset-folder").value;
   await loading("dataset", loadDataset);
   if (state.folder) api("/api/settings", { dataset: state.folder }, { quiet: true }).catch(() => {});  // for Train
 };
@@ -363,6 +448,13 @@ $("upload").onclick = upload;
 $("bucket-resolution").onchange = $("bucket-step").onchange = () => loadDataset();
 $("caption-all").onclick = () => autocaption(false);
 $("caption-selected").onclick = () => autocaption(true);
+$("bulk-op").onchange = bulkOp;
+$("bulk-text").oninput = $("bulk-find").oninput = () => ($("bulk-out").hidden = true);  // a preview of other text
+$("bulk-preview").onclick = () => bulkEdit(true);
+$("bulk-apply").onclick = () => bulkEdit(false);
+$("bulk-undo").onclick = bulkUndo;
+$("remove-selected").onclick = removeSelected;
+bulkOp();
 for (const [id, page] of [["monitor-go-train", "train"], ["results-go-train", "train"], ["results-go-monitor", "monitor"]]) {
   $(id).onclick = () => show(page);
 }
