@@ -164,6 +164,8 @@ def test_caption_count_leaves_every_reference_folder_out(tmp_path):
     for name in ("a", "b"):
         Image.new("RGB", (64, 64)).save(data / f"{name}.png")
         (data / f"{name}.txt").write_text("make it red")
+    (data / ".removed").mkdir()  # the Dataset page's removed images: training skips dot-folders, so does the count
+    Image.new("RGB", (64, 64)).save(data / ".removed" / "c.png")
     controls = f'["{data / "before"}", "{data / "before2"}"]'
     cfg = load_train_config(None, [f'model.path="{tmp_path}"', 'save.output_dir="out"',
                                    f'data.folders=[{{path="{data}", controls={controls}, recursive=true}}]'])

@@ -124,7 +124,8 @@ def caption_count(cfg, ws) -> dict:
         if not found or folder.recursive:
             controls = {Path(c).resolve() for c in as_list(folder.controls)}  # references: not images to caption
             subs = sorted(p for p in path.iterdir()
-                          if p.is_dir() and not p.is_symlink() and p.resolve() not in controls)
+                          if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")  # as training
+                          and p.resolve() not in controls)
             found += [img for sub in subs[:200] for img in ws.images(sub, limit=5000)]
         for img in found:
             images += 1
