@@ -3,11 +3,12 @@
 Shared sections are written once, as bases each recipe extends (adds fields, may change a default or a help
 text), never inherits-then-forbids: one ``DataSection`` (folders or shards, the bucket checks for both), an
 optimisation base ``OptimBase`` (the LoRA's ``TrainSection`` adds the optimizer choice, the embedded training
-guidance, compile and the attention backend; ``DedistillTrain`` adds EMA, distribution and the adapter rank),
-a sample base (``sample.guidance`` is always the embedded guidance, ``sample.cfg`` always the true-CFG scale),
-and model and save bases. Path fields are marked ``path=True``; ``config.load_config`` resolves them all against
-the config file's folder. Keys a recipe no longer has are listed in a section's ``RENAMED`` with what to do.
-What the recipes derive from a loaded config (plan inputs, data source, a --vram preset) is ``recipe_inputs``.
+guidance, compile and the attention backend, and ``train.epochs``; ``DedistillTrain`` adds EMA, distribution and
+the adapter rank), and model bases; the sample and save sections (``sample.guidance`` is always the embedded
+guidance, ``sample.cfg`` always the true-CFG scale) are ``schemas_save``'s, re-exported here. Path fields are
+marked ``path=True``; ``config.load_config`` resolves them all against the config file's folder. Keys a recipe
+no longer has are listed in a section's ``RENAMED`` with what to do. What the recipes derive from a loaded config
+(plan inputs, data source, a --vram preset) is ``recipe_inputs``.
 """
 
 from __future__ import annotations
@@ -16,19 +17,20 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .choices import (ATTENTION_BACKENDS, COMPUTE_DTYPES, EXPORT_FORMATS, FAMILIES, LORA_TARGETS, MAX_REFERENCES,
-                      MIXED_PRECISION, OBJECTIVES, OPTIMIZERS, SCHEDULES, TEXT_DTYPES, TIMESTEP_MODES, VRAM_CHOICES)
-from .config import (SIZE_HELP, as_list, explicit_keys, load_config, opt, ordered, require, require_path_list,
-                     require_range, resolve_size, section)
+from .choices import (ATTENTION_BACKENDS, COMPUTE_DTYPES, FAMILIES, LORA_TARGETS, MAX_REFERENCES, MIXED_PRECISION,
+                      OBJECTIVES, OPTIMIZERS, SCHEDULES, TEXT_DTYPES, TIMESTEP_MODES, VRAM_CHOICES)
+from .config import (as_list, explicit_keys, load_config, opt, ordered, require, require_path_list, require_range,
+                     section)
 from .errors import ConfigError
 from .recipe_inputs import apply_vram_preset, check_rank_fits, data_source, plan_inputs  # noqa: F401 (API)
 from .recipe_inputs import apply_sample_guidance_default
 from .schemas_compare import Arm, CompareConfig, load_compare_config  # noqa: F401 (API)
 from .schemas_eval import LoggingSection, ValidationSection
+from .schemas_save import (MAX_RESOLUTION, DedistillSample, DedistillSave, SampleBase,  # noqa: F401 (API)
+                           SampleSection, SaveBase, SaveSection)
 
 COMPILE_CHOICES = ("off", "blocks", False, True)  # true/false: the older boolean spelling
 LORA_DTYPES = ("compute", "fp32")
-MAX_RESOLUTION = 4096  # 16.7 MP buckets; FLUX.1 is trained up to ~2 MP -- 100000 is a typo the plan priced at 47 TB
 MAX_RANK = 6144  # the widest Flux layer (FLUX.2 dev's hidden width); the checkpoint's own widths are checked later
 MAX_BATCH = 1024
 
@@ -230,11 +232,14 @@ class OptimBase:
         require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
 
 
-@ordered("steps", "lr", "optimizer", "weight_decay", "warmup_steps", "schedule", "grad_accum", "max_grad_norm", "seed",
-         "ema_decay", "guidance", "timestep_sampling", "sigmoid_scale", "shift", "mixed_precision", "lora_dtype",
-         "compile", "fused_rope", "attention_backend", "nan_policy", "nan_max_skips")
+@ordered("steps", "epochs", "lr", "optimizer", "weight_decay", "warmup_steps", "schedule", "grad_accum",
+         "max_grad_norm", "seed", "ema_decay", "guidance", "timestep_sampling", "sigmoid_scale", "shift",
+         "mixed_precision", "lora_dtype", "compile", "fused_rope", "attention_backend", "nan_policy", "nan_max_skips")
 @dataclass
 class TrainSection(OptimBase):
+    epochs: float = opt(0.0, "train this many passes over the dataset instead of train.steps (0 = off; may be "
+                             "fractional): epochs x batches per epoch / grad_accum steps, rounded up, counted when the "
+                             "run starts; the run's config.toml records them as train.steps")
     optimizer: str = opt("adamw", "optimizer", OPTIMIZERS, model_default=PRESET)
     guidance: float = opt(1.0, "guidance input during training: 1.0 is the Dev2Pro recipe")
     lora_dtype: str = opt("compute", "LoRA compute dtype: compute (model.dtype, e.g. bf16, over fp32 master weights "
@@ -252,6 +257,10 @@ class TrainSection(OptimBase):
 
     def validate(self):
         super().validate()
+        require_range("epochs", self.epochs, 0)
+        require(not (self.epochs and self.steps != type(self).steps), f"epochs: set train.epochs or train.steps, not "
+                f"both (train.epochs = {self.epochs:g}, train.steps = {self.steps}); delete one of them (a run's "
+                "config.toml holds its epochs as train.steps: extend such a run with train.steps)")
         require_range("guidance", self.guidance, 0, 100, above=True)
         self.compile = compile_mode(self.compile)
         require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -323,109 +332,6 @@ class TeacherSection:
     def validate(self):
         require(0.0 <= self.w_min <= self.w_max, "w_min must be in [0, w_max]")
         require(self.flow_weight >= 0.0, "flow_weight must be >= 0")
-
-
-# ------------------------------------------------------------------------------------------------ samples
-@dataclass
-class SampleBase:
-    every: int = opt(0, "render samples every N steps (0 = only at the end if prompts are set)")
-    prompts: list[str] = opt([], "sample prompts")
-    seeds: list[int] = opt([0], "one column per seed")
-    steps: int = opt(20, "sampling steps (previews; `dev2pro sample` uses the base's own, e.g. FLUX.2's 50)")
-    width: int = opt(512, "sample width (multiple of 16)")
-    height: int = opt(512, "sample height (multiple of 16)")
-    size: str = opt("", SIZE_HELP + "; the same as width/height, which it replaces")
-    cfg: float = opt(3.5, "true CFG scale for bases without guidance embedding (unset: the base's own, e.g. "
-                          "4.0 for FLUX.2 klein Base)", model_default=True)
-
-    def validate(self):
-        resolve_size(self)
-        require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
-        require_range("width", self.width, 16, MAX_RESOLUTION)
-        require_range("height", self.height, 16, MAX_RESOLUTION)
-        require(self.steps > 0, "steps must be > 0")
-        require_range("steps", self.steps, 1, 1000)
-        require_range("every", self.every, 0)
-        require(self.cfg <= 100.0, f"cfg must be <= 100, got {self.cfg}")
-        require(all(isinstance(x, int) and x >= 0 for x in self.seeds), f"seeds must be integers >= 0, got "
-                                                                        f"{self.seeds}")
-
-
-@ordered("every", "prompts", "negative", "seeds", "guidance", "cfg", "steps", "width", "height", "with_adapter",
-         "size", "baseline", "control")
-@dataclass
-class SampleSection(SampleBase):
-    negative: str = opt("", "negative prompt for true CFG (bases without guidance embedding)")
-    guidance: float = opt(3.5, "embedded guidance on guidance-distilled bases (unset: the base's own: FLUX.1 dev "
-                               "3.5, FLUX.2 dev 4.0)", model_default=True)
-    with_adapter: bool = opt(False, "with model.adapter: also render each grid with the adapter on (the LoRA on "
-                                    "dev2pro), as step*-adapter.png")
-    baseline: bool = opt(True, "render a step-0 grid (the base before training) to compare the others with")
-    control: str | list[str] = opt("", "reference image every sample prompt edits (edit-pair LoRAs, "
-                                       "[[data.folders]] controls; FLUX.2), fitted to the sample size; a list: "
-                                       "several, in the order of the controls folders", path=True)
-
-    def validate(self):
-        super().validate()
-        require_path_list("control", self.control, MAX_REFERENCES)
-        require(not self.control or min(self.width, self.height) >= 64, "control: the reference image is fitted "
-                f"to the sample size, and FLUX.2's pipelines need >= 64 px a side; got {self.width}x{self.height}")
-        require_range("guidance", self.guidance, 0, 100, above=True)
-        require_range("cfg", self.cfg, 1, 100)
-
-
-@dataclass
-class DedistillSample(SampleBase):
-    RENAMED: ClassVar[dict] = {
-        "guidance": "in dedistill configs this is now sample.cfg (the true-CFG scale of the second grid; "
-                    "sample.guidance means the embedded guidance everywhere); rename the key to cfg",
-    }
-    every: int = opt(0, "sample grids every N steps and at the end (0 = off)")
-    prompts: list[str] = opt([], "one grid row per prompt")
-    seeds: list[int] = opt([0], "one grid column per seed")
-    cfg: float = opt(3.5, "true-CFG scale of the second grid (the first is at guidance 1.0, no CFG); unset: the "
-                          "base's own (FLUX.1 3.5, FLUX.2 dev 4.0)", model_default=True)
-
-    def validate(self):
-        super().validate()
-        require(self.every >= 0, "every must be >= 0")
-        require(not self.every or bool(self.prompts), "prompts: set sample prompts (or sample.every = 0)")
-        require(bool(self.seeds), "seeds: give at least one seed")
-        require(self.cfg >= 1.0, "cfg: the true-CFG scale must be >= 1")
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-@dataclass
-class SaveSection:
-    FORMATS: ClassVar[tuple] = ("kohya", "diffusers", "comfy")
-    FORMAT_KIND: ClassVar[str] = "layout"
-    output_dir: str = opt("", "run folder: LoRA files, samples, state, logs, resolved config", path=True)
-    name: str = opt("lora", "file name stem of the saved LoRA")
-    every: int = opt(0, "save LoRA + training state every N steps (0 = only at the end)")
-    keep_last: int = opt(2, "training states kept for resume (0 = all)")
-    formats: list[str] = opt(["kohya"], "LoRA layouts written: kohya (ComfyUI/Forge), diffusers, comfy")
-    overwrite: bool = opt(False, "allow reusing an output_dir that holds another run")
-
-    def validate(self):
-        require(bool(self.output_dir), "output_dir: set save.output_dir")
-        for key in ("every", "keep_last"):  # 0: only at the end / every state kept
-            require_range(key, getattr(self, key), 0)
-        for f in self.formats:
-            require(f in self.FORMATS, f"formats: unknown {self.FORMAT_KIND} {f!r} ({'|'.join(self.FORMATS)})")
-
-
-@ordered("output_dir", "name", "every", "keep_last", "formats", "dtype", "keep_guidance", "overwrite")
-@dataclass
-class DedistillSave(SaveSection):
-    FORMATS: ClassVar[tuple] = EXPORT_FORMATS
-    FORMAT_KIND: ClassVar[str] = "export"
-    output_dir: str = opt("", "run folder: exported model, state, logs, resolved config", path=True)
-    name: str = opt("dev2pro", "file name stem of the exported model")
-    every: int = opt(0, "save resumable state every N steps (0 = off)")
-    formats: list[str] = opt(["bfl"], "exports: bfl (single file), diffusers (transformer folder), fp8 (BFL "
-                                      "fp8-scaled)")
-    dtype: str = opt("bf16", "dtype of the bfl/diffusers exports", COMPUTE_DTYPES)
-    keep_guidance: bool = opt(True, "keep the guidance embedding; false = pro-like model sampled with true CFG")
 
 
 # ------------------------------------------------------------------------------------------------ the configs

@@ -3,8 +3,9 @@
 
 The plan itself is ``dev2pro.plan`` (``report``); ``recipe_inputs.plan_inputs`` / ``dedistill_plan_inputs`` read a
 config into its inputs (the transformer's spec comes from the checkpoint header, nothing is loaded). The ``--vram``
-presets are applied by the config loader (``schemas.load_train_config``). The parser lives with the others in
-``cli_commands``.
+presets are applied by the config loader (``schemas.load_train_config``). The plan is memory only: epoch settings
+(``train.epochs``) need the dataset's batches per epoch, which only `train` counts, and change no figure here.
+The parser lives with the others in ``cli_commands``.
 """
 
 from __future__ import annotations
@@ -47,4 +48,11 @@ def run_plan(config: str, vram: float | None = None, overrides: list[str] | None
     cfg = cfg or load_train_config(config, overrides)
     m = cfg.model  # a missing model: its named error, not open_checkpoint's bare one (no preset was applied)
     check_paths_exist(m.transformer or m.path, m.path or m.transformer, True, {})
-    return report(plan_inputs(cfg), vram or cfg.model.vram or None)
+    result = report(plan_inputs(cfg), vram or cfg.model.vram or None)
+    epochs = {"train.epochs": cfg.train.epochs, "save.every_epochs": cfg.save.every_epochs,
+              "sample.every_epochs": cfg.sample.every_epochs}
+    used = [f"{k} = {v:g}" for k, v in epochs.items() if v]
+    if used:  # the steps need the dataset's batches per epoch; memory does not depend on them
+        print(f"  {', '.join(used)}: counted in steps when `dev2pro train` starts (from the dataset's batches per "
+              f"epoch; the plan reads no images): this memory plan is the same for any step count")
+    return result

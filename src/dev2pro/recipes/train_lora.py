@@ -2,15 +2,15 @@
 
 The story, top to bottom: resolve the config and output folder -> scan the dataset and pick buckets -> cache
 latents and text embeddings (then free the VAE and text encoders) -> load the base transformer (any layout,
-optionally fp8 storage) -> add the LoRA with peft -> loop: flow-matching loss at the fixed guidance, AdamW,
-progress, samples on the inference base, LoRA files and resumable state every N steps."""
+optionally fp8 storage) -> add the LoRA with peft -> epoch settings as steps -> loop: flow-matching loss at the
+fixed guidance, AdamW, progress, samples on the inference base, LoRA files and resumable state every N steps."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +20,6 @@ from accelerate import Accelerator
 from ..arguments import model_name
 from ..config import render_toml
 from ..data.loader import BucketBatchSampler, batches_forever, prefetch_batches
-from ..data.mixing import epoch_lines
 from ..data.prepare import load_training_data
 from ..flux.checkpoint import DTYPE_CHOICES, open_checkpoint
 from ..lora import adapter as adaptermod
@@ -30,7 +29,7 @@ from ..noise import quiet_libraries
 from ..outputs import write_json
 from ..schemas import TrainConfig, data_source, plan_inputs
 from ..recipe_inputs import attention_backend, gradient_checkpointing, references_per_image
-from ..train import lifecycle as life, resuming
+from ..train import epochs, lifecycle as life, resuming
 from ..train.datacheck import DataCheck
 from ..train.export import lora_paths, save_lora_files
 from ..train.preflight import check_resume, check_training_inputs, print_plan
@@ -42,6 +41,7 @@ from ..train.progress import Progress
 from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
 from ..train.samples import GridSpec, LoraSampler, samples_line
+from ..train.startup import dataset_lines, guidance_line, saves_line, steps_line
 from ..train.state import restore_training_state, save_training_state
 from ..train.validation import Holdout
 from ..train.watch import check_inputs, make_watch, open_sinks
@@ -57,6 +57,7 @@ class _Run:
     save_state: Callable[[int], Path]
     sample: Callable[[int], Path]
     describe: Callable[[], str]  # what one round of samples renders
+    record: dict = field(default_factory=dict)  # summary.json's record of the epoch settings (train.epochs)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, quiet: bool = False,
@@ -86,7 +87,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
             lock = RunLock.acquire(run.root)
             clean_stale_temps(run.root)  # a killed run's half-written files (we hold the lock: nobody writes them)
             life.prepare_output_dir(run, resume, cfg.save.overwrite, say, [cfg.save.name])
-            resuming.write_config(run, resume, render_toml(cfg), say)  # on resume: what changed, the old one kept
+            if resume is None:  # a resume's config is compared and written once its epochs are counted (_train)
+                resuming.write_config(run, None, render_toml(cfg), say)
             if not quiet:
                 print_plan(lambda: plan_inputs(cfg), cfg.model.vram or None)
         accelerator.wait_for_everyone()
@@ -158,11 +160,27 @@ def _lora_metadata(cfg: TrainConfig, ckpt, dataset) -> dict:
                        extra=extra)
 
 
+def _epochs(cfg: TrainConfig, per_epoch: int, resume, run: RunFolder, say, main: bool) -> tuple[TrainConfig, list]:
+    """``cfg`` with its epoch settings as steps for ``per_epoch`` batches per epoch (a copy), and what resolved;
+    the main process writes it as config.toml (a resume's: what changed is said, the previous one kept)."""
+    cfg = copy.deepcopy(cfg)
+    fields = {key: key.split(".") for key in (*epochs.TARGETS, *epochs.TARGETS.values())}  # section, name
+    resolved = epochs.resolve({k: getattr(getattr(cfg, s), n) for k, (s, n) in fields.items()}, per_epoch,
+                              cfg.train.grad_accum, resume and epochs.started_with(resume, run.state, run.config))
+    for key, value in epochs.settings(resolved).items():
+        setattr(getattr(cfg, fields[key][0]), fields[key][1], value)
+    if main and (resume is not None or resolved):  # a fresh run without epochs: written at the start (train)
+        resuming.write_config(run, resume, epochs.note(resolved) + render_toml(cfg), say)
+    return cfg, resolved
+
+
 def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool, say, quiet, changed_data) -> dict:
     torch.manual_seed(cfg.train.seed)
-    device, tc = accelerator.device, cfg.train
-    dtype = DTYPE_CHOICES[cfg.model.dtype]
+    device, main, dtype = accelerator.device, accelerator.is_main_process, DTYPE_CHOICES[cfg.model.dtype]
     data, transformer, ckpt, params, swap = _load(cfg, device, dtype, run.root)
+    sampler = BucketBatchSampler(data.dataset.buckets(), cfg.data.batch_size, seed=cfg.train.seed)
+    cfg, resolved = _epochs(cfg, len(sampler), resume, run, say, main)  # its batches per epoch: known now
+    tc = cfg.train
     optimizer = build_optimizer(params, tc.optimizer, tc.lr, tc.weight_decay, warmup_steps=tc.warmup_steps)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[swap is None, True])
@@ -171,10 +189,9 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
                        tc.guidance, device, dtype, cfg.data.batch_size, accelerator.autocast, tc.warmup_steps,
                        v.folder or f"validation.fraction {v.fraction:g}", cfg.logging.wandb and run.root / "wandb")
     gen = torch.Generator().manual_seed(tc.seed)  # caption dropout, noise, timesteps
-    sampler = BucketBatchSampler(data.dataset.buckets(), cfg.data.batch_size, seed=tc.seed)
     model = lambda: accelerator.unwrap_model(transformer)  # noqa: E731
     start, smoothed, history = 0, None, []  # history: the loss of every step so far (loss.png)
-    main, check = accelerator.is_main_process, DataCheck.of(data.dataset, changed_data, tc.grad_accum)
+    check = DataCheck.of(data.dataset, changed_data, tc.grad_accum)
     if resume is not None:
         r = restore_training_state(resume, run.state, model(), optimizer, scheduler, gen, sampler, watch.ema,
                                    data=check)
@@ -184,7 +201,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     samples = _sampler(cfg, data, ckpt, dtype, device)
     if main and start < tc.steps:
         for line in _startup_lines(cfg, data.dataset, len(sampler), sum(p.numel() for p in params),
-                                   ckpt.spec(), start, run, samples.guidance) + watch.notes:
+                                   ckpt.spec(), start, run, samples.guidance, resolved) + watch.notes:
             say(line)
     sinks = open_sinks(cfg.logging.wandb and main and start < tc.steps, cfg.logging.project, cfg.logging.mode,
                        run.root, run.config)
@@ -200,7 +217,7 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
             ema=watch.ema, validation=watch.validator.history if watch.validator else None, recipe="train",
             data=check.fingerprint),
         sample=lambda step: samples.sample(model(), step, run.samples, bar, progress and main),
-        describe=samples.describe)
+        describe=samples.describe, record={"epochs": epochs.summary(resolved)} if resolved else {})
     acts.save_lora, acts.sample = watch.published(acts.save_lora), watch.published(acts.sample)
     batches = None  # the loader thread: stopped and joined on every way out (Ctrl-C included)
     try:
@@ -219,8 +236,9 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
         batches = prefetch_batches(batches_forever(sampler), data.dataset)  # cache reads in a loader thread
         note = bar.write  # console lines that do not break the bar
         events = Events(
-            save=(lambda done: life.save_periodic(acts.save_lora, acts.save_state, done, history, run, note))
-            if main else None, save_every=cfg.save.every,
+            save=(lambda done: life.save_periodic(acts.save_lora, acts.save_state, done, history, run, note,
+                                                  cfg.save.name, cfg.save.keep_loras)) if main else None,
+            save_every=cfg.save.every,
             sample=acts.sample if main and cfg.sample.prompts else None, sample_every=cfg.sample.every,
             validate=(lambda done: watch.validate(model(), done)) if main and watch.validator else None,
             interrupted=lambda done: life.save_on_interrupt(acts.save_state, done, run, note) if main else None)
@@ -248,7 +266,8 @@ def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, sav
     trained = 0 if start is None else done - start  # steps this process ran (a finished run rerun: none)
     # seconds: this session's loop time over its session_steps (periodic saves and samples in, the final ones out)
     summary = {"losses": losses, "files": [str(f) for f in files], "steps": done, "session_steps": trained,
-               "seconds": seconds, "steps_per_second": trained / max(seconds, 1e-9), "skipped_steps": list(skipped)}
+               "seconds": seconds, "steps_per_second": trained / max(seconds, 1e-9), "skipped_steps": list(skipped),
+               **acts.record}
     if cfg.train.compile == "blocks":  # compile time is part of `seconds`: said apart (torch._dynamo's counters)
         summary["compile"] = CompileStats.now().as_dict()
         say(CompileStats.now().line())
@@ -259,39 +278,22 @@ def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, sav
     return summary
 
 
-def _startup_lines(cfg, ds, per_epoch: int, n_params: int, spec, start: int, run: RunFolder,
-                   guidance) -> list[str]:
+def _startup_lines(cfg, ds, per_epoch: int, n_params: int, spec, start: int, run: RunFolder, guidance,
+                   resolved: list) -> list[str]:
     """The run at a glance: data and buckets, steps and epochs, LoRA size, guidance, bases, outputs."""
-    tc, sc = cfg.train, cfg.sample
-    buckets = Counter(ds.buckets())  # latent (h, w) per sample, repeats included
-    entries = getattr(ds, "entries", None)
-    n_images = len({e.image for e in entries} if entries and entries[0].image else entries or ds)
-    per_image = {e.image: e for e in entries or () if e.image}.values()  # what the scan found beside each image
-    masked, refs = sum(e.masked for e in per_image), max((e.references for e in per_image), default=0)
-    per_epoch = max(1, per_epoch)  # batches per epoch
-    epochs = tc.steps * tc.grad_accum / per_epoch
-    source = cfg.data.shards or ", ".join(f.path for f in cfg.data.folders)
-    base = cfg.model.transformer or cfg.model.path
+    tc, sc, sv = cfg.train, cfg.sample, cfg.save
     lines = [
         f"dev2pro train -> {run.root}",
-        f"  data: {n_images} images ({len(ds)} samples per epoch with repeats) from {source}"
-        + (f"; {masked} with a loss mask" if masked else "") + (f"; edit pairs: {refs} reference(s) each" * bool(refs)),
-        *(epoch_lines(entries) if entries and entries[0].resolution else  # per resolution, reg samples
-          [f"  buckets: {len(buckets)} bucket(s): " + ", ".join(f"{w * 8}x{h * 8} ({n})" for (h, w), n in
-                                                            sorted(buckets.items(), key=lambda kv: -kv[1]))]),
-        f"  steps {tc.steps}" + (f" (resuming at {start})" if start else "") + f", batch {cfg.data.batch_size} x "
-        f"grad_accum {tc.grad_accum}, {per_epoch} batches per epoch = {epochs:.1f} epochs",
+        *dataset_lines(ds, cfg.data.shards or ", ".join(f.path for f in cfg.data.folders)),
+        *(f"  {r.said()}" for r in resolved),  # train.epochs = 16 -> 2400 steps (150 batches per epoch)
+        steps_line(tc.steps, start, cfg.data.batch_size, tc.grad_accum, per_epoch),
         f"  LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} (scale {cfg.lora.alpha / cfg.lora.rank:g}), "
         f"{cfg.lora.targets}, {n_params:,} trainable parameters; lr {tc.lr:g} ({tc.optimizer}, {tc.schedule})",
-        f"  guidance {tc.guidance} in training (base: {base}, {spec.variant})" if spec.guidance_embeds else
-        f"  no guidance input in training (base: {base}, {spec.variant}: no guidance embedding" +
-        (f"; train.guidance = {tc.guidance:g} is not read)" if tc.guidance != 1.0 else ")"),
+        guidance_line(spec.guidance_embeds, tc.guidance, cfg.model.transformer or cfg.model.path, spec.variant),
     ]
     if sc.prompts:
         lines.append(samples_line(sc, guidance, cfg.model.inference_base or "the training base", run.samples,
                                   references_per_image(cfg) > 0))
-    lines += ["  saves: " + (f"every {cfg.save.every} steps and " if cfg.save.every else "") +
-              f"at the end -> {run.root / cfg.save.name}.safetensors ({', '.join(cfg.save.formats)}), resumable "
-              f"state in {run.state}",
+    lines += [saves_line(sv.every, sv.keep_loras, run.root / f"{sv.name}.safetensors", sv.formats, run.state),
               f"  TensorBoard: tensorboard --logdir {run.logs}"]
     return lines

@@ -1,5 +1,6 @@
 """How a training run tells the user where it is and how it ends: save messages, the final save (state first,
-then the LoRA files, then samples), Ctrl-C, loss.png, and the hints printed when a run stops.
+then the LoRA files, then samples), Ctrl-C, loss.png, the step LoRA files ``save.keep_loras`` prunes, and the
+hints printed when a run stops.
 
 The loop is `train/loop.py`, shared by `train` and `dedistill`; these are the steps around it. Every function names
 the run's files through its ``RunFolder``.
@@ -102,12 +103,44 @@ def own_entries(run: RunFolder, names: Sequence[str]) -> list[Path]:
     anything else: files the run does not write are never touched."""
     fixed = [run.state, run.config, run.summary, run.loss_plot, run.samples, run.logs, run.root / WANDB_DIR]
     found = [p for p in fixed if p.exists() or p.is_symlink()] + sorted(run.root.glob("config.step-*.toml"))
-    names = [re.escape(n) for n in dict.fromkeys(names) if n]
-    if names and run.root.is_dir():
-        own = re.compile(rf"^(?:{'|'.join(names)})(?:(?:-step\d{{6}})?(?:\.diffusers|\.comfy)?\.safetensors|"
-                         rf"-fp8\.safetensors|-adapter(?:\.diffusers)?\.safetensors|-diffusers)$")
+    own = own_files(names)
+    if own is not None and run.root.is_dir():
         found += sorted(p for p in run.root.iterdir() if own.match(p.name))
     return found
+
+
+def own_files(names: Sequence[str]) -> re.Pattern | None:
+    """The file names a run writes for each save.name in ``names`` (None: no name): LoRA files
+    ``NAME[-stepNNNNNN][.diffusers|.comfy].safetensors`` (a step file's step is the group ``step``), dedistill's
+    ``NAME-fp8.safetensors``, ``NAME-adapter[.diffusers].safetensors`` and ``NAME-diffusers``."""
+    names = [re.escape(n) for n in dict.fromkeys(names) if n]
+    if not names:
+        return None
+    return re.compile(rf"^(?:{'|'.join(names)})(?:(?:-step(?P<step>\d{{6}}))?(?:\.diffusers|\.comfy)?\.safetensors|"
+                      rf"-fp8\.safetensors|-adapter(?:\.diffusers)?\.safetensors|-diffusers)$")
+
+
+def prune_step_loras(root: Path, name: str, keep: int) -> list[Path]:
+    """Remove the step LoRA files ``NAME-stepNNNNNN[.layout].safetensors`` of all but the newest ``keep`` steps (the
+    layouts of one step count as one; 0 keeps all); the final ``NAME.safetensors`` files and any other name's files
+    are never touched. Returns the files removed; one that cannot be removed is a warning, not the end of a run."""
+    own = own_files([name])
+    if keep <= 0 or own is None:
+        return []
+    by_step: dict[int, list[Path]] = {}
+    for p in root.iterdir():
+        m = own.match(p.name)
+        if m and m["step"] and p.is_file():
+            by_step.setdefault(int(m["step"]), []).append(p)
+    removed = []
+    for step in sorted(by_step)[:-keep]:
+        for p in sorted(by_step[step]):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError as e:
+                log.warning("save.keep_loras: %s", os_error_message(e, p, "remove"))
+    return removed
 
 
 def _set_aside(run: RunFolder, names: Sequence[str]) -> bool:
@@ -213,8 +246,9 @@ def plot_losses(history: list, run: RunFolder) -> None:
 
 
 def save_periodic(save_lora: Callable[[str], list], save_state: Callable[[int], Path], done: int, history: list,
-                  run: RunFolder, say) -> None:
-    """LoRA files and state of step ``done``; a failed write stops the run with one line naming the last state."""
+                  run: RunFolder, say, name: str = "", keep_loras: int = 0) -> None:
+    """LoRA files and state of step ``done``; a failed write stops the run with one line naming the last state.
+    ``keep_loras`` > 0: then only the newest that many steps' LoRA files of save.name ``name`` stay."""
     last = latest_state(run.state)
     try:
         files = save_lora(f"-step{done:06d}")
@@ -225,7 +259,9 @@ def save_periodic(save_lora: Callable[[str], list], save_state: Callable[[int], 
                  "no state was saved yet: free space and start again")
         raise UserError(f"{write_error_message(e, run.root, f'save step {done} in')}; {where}") from None
     plot_losses(history, run)
-    say(f"saved step {done}: {', '.join(str(f) for f in files)} (state {state})")
+    removed = prune_step_loras(run.root, name, keep_loras)
+    say(f"saved step {done}: {', '.join(str(f) for f in files)} (state {state})" + (
+        f"; save.keep_loras = {keep_loras}: removed {', '.join(p.name for p in removed)}" if removed else ""))
 
 
 def save_on_interrupt(save_state: Callable[[int], Path], done: int, run: RunFolder, say) -> None:
