@@ -143,7 +143,8 @@ def test_caption_count_leaves_the_references_out(tmp_path):
     for controls in (f'"{data / "before"}"', f'["{data / "before"}", "{data / "style"}"]'):  # one, or several
         cfg = load_train_config(None, [f'model.path="{tmp_path}"', 'save.output_dir="out"',
                                        f'data.folders=[{{path="{data}", controls={controls}, recursive=true}}]'])
-        expected = {"images": 2 + 2 * (controls.startswith('"')), "captioned": 2, "shards": False}
+        n = 2 + 2 * (controls.startswith('"'))
+        expected = {"images": n, "captioned": 2, "shards": False, "samples": n}
         assert caption_count(cfg, Workspace(tmp_path)) == expected
 
 
@@ -169,7 +170,7 @@ def test_caption_count_leaves_every_reference_folder_out(tmp_path):
     controls = f'["{data / "before"}", "{data / "before2"}"]'
     cfg = load_train_config(None, [f'model.path="{tmp_path}"', 'save.output_dir="out"',
                                    f'data.folders=[{{path="{data}", controls={controls}, recursive=true}}]'])
-    assert caption_count(cfg, Workspace(tmp_path)) == {"images": 2, "captioned": 2, "shards": False}
+    assert caption_count(cfg, Workspace(tmp_path)) == {"images": 2, "captioned": 2, "shards": False, "samples": 2}
 
 
 def test_models_page_pairs_klein_base_with_its_distilled_model(klein_ws, asgi, tmp_path):

@@ -81,7 +81,7 @@ def test_plan_fits_and_names_the_preset(app, asgi):
     p = r["plan"]
     assert p["fits"] is True and p["can_start"] and p["message"].startswith("fits")
     assert p["preset"]["model.fp8_storage"] is True and p["vram"] == 24
-    assert p["dataset"] == {"images": 2, "captioned": 2, "shards": False}
+    assert p["dataset"] == {"images": 2, "captioned": 2, "shards": False, "samples": 2}
     assert p["need_gb"] > p["peak_gb"] > 0 and p["host_ram_gb"] > 0
 
 

@@ -77,6 +77,37 @@ def test_a_basics_only_run_saves_samples_and_names_its_lora(ws_app, asgi):
     assert status == 200 and 'name = "mine"' in (root / r["config"]).read_text()
 
 
+def test_a_run_in_epochs_saves_and_samples_in_epochs(ws_app, asgi):
+    """train.epochs from the form: the web app's cadence is a quarter of the epochs, never a step cadence beside an
+    epoch one (the loader refuses both), and the plan's time is for the steps the images give."""
+    import tomllib
+
+    app, root, ui = ws_app
+    assert [trainform.every_epochs_default(e) for e in (16, 10, 2, 0.5)] == [4, 3, 1, 1]
+    values = {**BASICS, "train.steps": "1000", "train.epochs": "16"}
+    status, r = post(asgi, app, "/api/train/preview", {"values": values})
+    assert status == 200, r
+    cfg = tomllib.loads(r["toml"])
+    assert cfg["train"]["epochs"] == 16 and cfg["save"]["every_epochs"] == 4 and cfg["sample"]["every_epochs"] == 4
+    assert cfg["save"].get("every", 0) == 0 and cfg["sample"].get("every", 0) == 0
+    # the user's own epoch cadence wins, and no step cadence is added beside it
+    r = post(asgi, app, "/api/train/preview", {"values": {**BASICS, "save.every_epochs": "2"}})[1]
+    cfg = tomllib.loads(r["toml"])
+    assert cfg["save"]["every_epochs"] == 2 and cfg["save"].get("every", 0) == 0 and cfg["sample"]["every"] == 250
+    _, r = post(asgi, app, "/api/train/plan", {"values": values, "card": 24})
+    sv = r["plan"]["saving"]
+    assert sv["warnings"] == [] and sv["save_every_epochs"] == 4 and sv["epochs"] == 16
+    assert r["plan"]["dataset"]["samples"] == 2
+    from dev2pro.schemas import load_train_config
+    from dev2pro.ui.planview import run_steps
+
+    base = [f'model.path="{root}"', 'save.output_dir="out"', "data.batch_size=2", f'data.folders=[{{path="{root}"}}]']
+    cfg = load_train_config(None, base + ["train.epochs=16"])
+    assert run_steps(cfg, {"samples": 5}) == (48, True)  # 16 x ceil(5 / 2) batches
+    assert run_steps(cfg, {"samples": 0}) == (1000, False)  # shards / nothing found: train.steps, not a guess
+    assert run_steps(load_train_config(None, base), {"samples": 5}) == (1000, False)
+
+
 def test_the_written_config_leaves_the_presets_choices_to_the_preset(ws_app, asgi):
     """A UI run's config loaded by the CLI: the preset chooses the same values and the line names no 'kept your'
     setting the user never wrote; one the user did write is still 'kept'."""

@@ -114,7 +114,7 @@ def preset_choices(cfg, data: dict) -> dict:
 def caption_count(cfg, ws) -> dict:
     """Images and captioned images in the config's dataset folders (their subfolders too when a folder holds
     none itself: a kohya parent of N_name folders); bounded by the workspace's image limit."""
-    images = captioned = 0
+    images = captioned = samples = 0
     default = bool(cfg.data.default_caption.strip())
     for folder in cfg.data.folders:
         path = Path(folder.path)
@@ -127,11 +127,23 @@ def caption_count(cfg, ws) -> dict:
                           if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")  # as training
                           and p.resolve() not in controls)
             found += [img for sub in subs[:200] for img in ws.images(sub, limit=5000)]
+        samples += len(found) * folder.repeats
         for img in found:
             images += 1
             if default or folder.caption.strip() or img.with_suffix(".txt").is_file():
                 captioned += 1
-    return {"images": images, "captioned": captioned, "shards": bool(cfg.data.shards)}
+    return {"images": images, "captioned": captioned, "shards": bool(cfg.data.shards), "samples": samples}
+
+
+def run_steps(cfg, captions: dict) -> tuple[int, bool]:
+    """(the run's steps, estimated): ``train.steps``, or for ``train.epochs`` the steps its images give at one
+    batch per ``data.batch_size`` samples (training counts them per bucket at the start: a few more batches when
+    the images fall in several buckets)."""
+    from ..train.epochs import steps_for
+
+    if not cfg.train.epochs or not captions.get("samples"):
+        return cfg.train.steps, False
+    return steps_for(cfg.train.epochs, -(-captions["samples"] // cfg.data.batch_size), cfg.train.grad_accum), True
 
 
 def _model_key(m) -> str:
@@ -198,9 +210,10 @@ def page_plan(cfg, data: dict, card: str | int | None, ws) -> dict:
     else:
         fits, message = None, "no card to check against: pick a GPU memory size"
     speed = measured_speed(cfg, ws) or bench_speed(cfg, inputs.spec)
-    if speed:
-        speed["total_s"] = speed["s_per_step"] * cfg.train.steps
     captions = caption_count(cfg, ws)
+    steps, estimated = run_steps(cfg, captions)
+    if speed:
+        speed.update(total_s=speed["s_per_step"] * steps, steps=steps, steps_estimated=estimated)
     reasons = [message.replace("WARNING: ", "")] if fits is False else []
     reasons += start_reasons(cfg, ws, captions)
     return {"fits": fits, "message": message, "peak_gb": plan.peak / GB, "need_gb": need / GB,
@@ -215,13 +228,14 @@ def page_plan(cfg, data: dict, card: str | int | None, ws) -> dict:
 def saving(cfg) -> dict:
     """How often the run saves and samples, with a warning when it saves nothing before the end."""
     warnings = []
-    if not cfg.save.every:
+    if not cfg.save.every and not cfg.save.every_epochs:
         warnings.append("saving is off until the end (save.every = 0): a crash, an out-of-memory error or a reboot "
                         "loses the whole run, and it cannot be resumed")
-    if not cfg.sample.every and cfg.sample.prompts:
+    if not cfg.sample.every and not cfg.sample.every_epochs and cfg.sample.prompts:
         warnings.append("samples only at the end (sample.every = 0)")
     return {"save_every": cfg.save.every, "sample_every": cfg.sample.every, "steps": cfg.train.steps,
-            "warnings": warnings}
+            "save_every_epochs": cfg.save.every_epochs, "sample_every_epochs": cfg.sample.every_epochs,
+            "epochs": cfg.train.epochs, "warnings": warnings}
 
 
 def preflight_reason(cfg) -> str | None:

@@ -125,21 +125,41 @@ def every_default(steps) -> int:
     return int(min(steps, max(unit, math.floor(quarter / unit + 0.5) * unit)))
 
 
+def every_epochs_default(epochs) -> int:
+    """A quarter of ``train.epochs`` in whole epochs, at least 1 (16 -> 4, 10 -> 3, 2 -> 1): the web app's save
+    and sample cadence for a run counted in epochs. app.js's everyEpochsDefault is the same rule."""
+    return max(1, math.floor(float(epochs) / 4 + 0.5))
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def ui_defaults(values: dict, schema_steps: int) -> dict:
     """The web app's defaults for what a form leaves out (values sent without these keys, e.g. Basics only):
     ``save.every`` and ``sample.every`` about a quarter of the steps (``sample.every`` only with sample prompts:
-    the loader refuses it without), ``save.name`` the run folder's name (downloads and ComfyUI's loras/ folder are
+    the loader refuses it without) or, for a run in ``train.epochs``, ``*.every_epochs`` a quarter of the epochs (a
+    step cadence is left out beside an epoch one: the loader refuses both), ``save.name`` the run folder's name (downloads and ComfyUI's loras/ folder are
     not all ``lora.safetensors``). The CLI's own defaults (schemas.py) stay as they are."""
     if not isinstance(values, dict):
         return values
     out = dict(values)
     steps = out.get("train.steps", schema_steps)
-    if "save.every" not in out:
-        out["save.every"] = str(every_default(steps))
+    epochs = _number(out.get("train.epochs"))
     prompts = out.get("sample.prompts", "")
     has_prompts = any(str(p).strip() for p in prompts) if isinstance(prompts, list) else bool(str(prompts).strip())
-    if "sample.every" not in out:
-        out["sample.every"] = str(every_default(steps) if has_prompts else 0)
+    for sec, wanted in (("save", True), ("sample", has_prompts)):
+        if f"{sec}.every" in out:
+            continue
+        if _number(out.get(f"{sec}.every_epochs")):  # the user's epoch cadence: a step one beside it is refused
+            out[f"{sec}.every"] = "0"
+        elif epochs and f"{sec}.every_epochs" not in out:  # train.epochs: steps are counted at the start
+            out[f"{sec}.every"], out[f"{sec}.every_epochs"] = "0", str(every_epochs_default(epochs) if wanted else 0)
+        else:
+            out[f"{sec}.every"] = str(every_default(steps) if wanted else 0)
     if not str(out.get("save.name") or "").strip() and isinstance(out.get("save.output_dir"), str):
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", out["save.output_dir"].rstrip("/").rsplit("/", 1)[-1]).strip("-.")
         if stem:

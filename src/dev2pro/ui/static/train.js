@@ -86,11 +86,22 @@ function everyDefault(steps) {
   return Math.min(steps, Math.max(unit, Math.floor(q / unit + 0.5) * unit));
 }
 
-function autoFields() {  // save/sample every and the LoRA file name follow the steps and the output name
+// a quarter of train.epochs in whole epochs, at least 1: trainform.every_epochs_default
+function everyEpochsDefault(epochs) { return Math.max(1, Math.floor(epochs / 4 + 0.5)); }
+
+// save/sample every (in steps, or in epochs for a run counted in epochs) and the LoRA file name follow the steps,
+// the epochs and the output name; a step cadence is 0 beside an epoch one (the loader refuses both)
+function autoFields() {
   const every = everyDefault($("f-train-steps").value);
-  const save = $("f-save-every"), sample = $("f-sample-every"), name = $("f-save-name");
-  if (save && !save.dataset.touched) save.value = every;
-  if (sample && !sample.dataset.touched) sample.value = $("f-sample-prompts").value.trim() ? every : 0;
+  const epochs = parseFloat(($("f-train-epochs") || {}).value) || 0;
+  const prompts = $("f-sample-prompts").value.trim();
+  for (const [sec, wanted] of [["save", true], ["sample", prompts]]) {
+    const steps = $(`f-${sec}-every`), inEpochs = $(`f-${sec}-every_epochs`);
+    if (inEpochs && !inEpochs.dataset.touched) inEpochs.value = epochs > 0 && wanted ? everyEpochsDefault(epochs) : 0;
+    const byEpoch = inEpochs && parseInt(inEpochs.value, 10) > 0;
+    if (steps && !steps.dataset.touched) steps.value = byEpoch ? 0 : (wanted ? every : 0);
+  }
+  const name = $("f-save-name");
   const stem = $("b-output-name").value.trim().replace(/\/+$/, "").split("/").pop()
     .replace(/[^A-Za-z0-9._-]+/g, "-").replace(/^[-.]+|[-.]+$/g, "").slice(0, 100);
   if (name && !name.dataset.touched && stem) name.value = stem;
@@ -295,13 +306,16 @@ async function refreshPlan() {
     `${train.specs[k] ? train.specs[k].label.toLowerCase() : k} = ${Array.isArray(v) ? v.join(", ") : v}`).join("; ") :
     "nothing (you set all its options)");
   li("Time", p.speed ? `~${p.speed.s_per_step.toFixed(2)} s per step, ~${duration(p.speed.total_s)} for the run ` +
+    (p.speed.steps_estimated ? `of ~${p.speed.steps} steps (${p.saving.epochs} epochs; counted when it starts) ` : "") +
     `(${p.speed.source})` : "no measurement for these settings yet; the Monitor page shows the speed once it runs");
   const d = p.dataset;
   li("Dataset", d.shards ? "pre-encoded shards" : `${d.images} images, ${d.captioned} with a caption`);
   const sv = p.saving;
   li("Saving", el("span", { id: "plan-saving", class: sv.warnings.length ? "error" : "" },
-    (sv.save_every ? `a LoRA and a resumable state every ${sv.save_every} steps` : "at the end only") + "; " +
-    (sv.sample_every ? `samples every ${sv.sample_every} steps` : "no samples before the end") +
+    (sv.save_every ? `a LoRA and a resumable state every ${sv.save_every} steps` : sv.save_every_epochs ?
+      `a LoRA and a resumable state every ${sv.save_every_epochs} epoch(s)` : "at the end only") + "; " +
+    (sv.sample_every ? `samples every ${sv.sample_every} steps` : sv.sample_every_epochs ?
+      `samples every ${sv.sample_every_epochs} epoch(s)` : "no samples before the end") +
     (sv.warnings.length ? " — " + sv.warnings.join("; ") : "")));
   $("plan-text").textContent = p.text;
   setStart(p.can_start, p.reasons.join("; "));
