@@ -561,3 +561,26 @@ def test_an_overwrite_run_that_finishes_without_a_state_is_the_folders_run(tmp_p
     release(folder, lock, said.append)
     assert not (run / PREVIOUS).exists() and not (run / "state").exists() and not said
     assert (run / "summary.json").read_text() == '{"steps": 1}'
+
+
+def test_a_guidance_embedder_lora_is_warned_about_and_written_in_every_layout(tmp_path, tiny_dev_dir, images, caplog):
+    """lora.extra_targets = embedders on dev: the guidance embedder's LoRA sees guidance 1 only, so the run says its
+    change at dev's 3.5 is extrapolated; the embedder LoRAs are in the kohya and the diffusers files."""
+    import logging
+
+    from dev2pro.lora.formats import load_lora
+    from dev2pro.train.startup import guidance_warnings
+    from tiny_run import lora_run_toml
+
+    assert guidance_warnings(False, 3.5, ["embedders"]) == []  # no guidance embedding: nothing to warn about
+    assert len(guidance_warnings(True, 1.0, ["modulation"])) == 0 and len(guidance_warnings(True, 3.5, [])) == 1
+    cfg = lora_run_toml(tmp_path, tiny_dev_dir, images, "emb", steps=2, seed=1, lora='extra_targets = ["embedders"]',
+                        save='formats = ["kohya", "diffusers"]')
+    with caplog.at_level(logging.WARNING):
+        train(load_train_config(cfg), progress=False, quiet=True)
+    warned = [r.getMessage() for r in caplog.records if "guidance embedder" in r.getMessage()]
+    assert len(warned) == 1 and "sees guidance 1 only" in warned[0], warned
+    modules = load_lora(tmp_path / "emb" / "lora.safetensors")
+    assert {"time_text_embed.guidance_embedder.linear_1", "x_embedder"} <= set(modules)
+    pipe_keys = set(load_file(str(tmp_path / "emb" / "lora.diffusers.safetensors")))
+    assert any("guidance_embedder" in k for k in pipe_keys)

@@ -41,7 +41,7 @@ from ..train.progress import Progress
 from ..train.loop import Draws, Events, Objective, Optimization, run_steps, step_loss
 from ..train.run import NonFiniteGuard, RunFolder, RunLock, clean_stale_temps
 from ..train.samples import GridSpec, LoraSampler, samples_line
-from ..train.startup import dataset_lines, guidance_line, saves_line, steps_line
+from ..train.startup import dataset_lines, guidance_line, guidance_warnings, saves_line, steps_line
 from ..train.state import restore_training_state, save_training_state
 from ..train.validation import Holdout
 from ..train.watch import check_inputs, make_watch, open_sinks
@@ -116,10 +116,8 @@ def _load(cfg: TrainConfig, device, dtype, out: Path):
                                   gradient_checkpointing=checkpointing, blocks_to_swap=m.blocks_to_swap,
                                   allow_pickle=m.allow_pickle, family=m.family)
     spec = ckpt.spec()
-    if spec.guidance_embeds and tc.guidance != 1.0:
-        log.warning("training a guidance-distilled base at guidance %.2f: the Dev2Pro recipe trains at 1.0; other "
-                    "values pull the guidance embedding off its distilled meaning and the LoRA tends to collapse "
-                    "or blur when used on dev", tc.guidance)
+    for warning in guidance_warnings(spec.guidance_embeds, tc.guidance, lc.extra_targets):
+        log.warning(warning)
     names = ckpt.family.lora_targets(lc.targets, spec.num_double, spec.num_single, lc.extra_targets,
                                      [int(i) for i in lc.double_blocks] or None,
                                      [int(i) for i in lc.single_blocks] or None, spec.guidance_embeds)

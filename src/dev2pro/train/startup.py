@@ -46,3 +46,21 @@ def guidance_line(guidance_embeds: bool, guidance: float, base: str, variant: st
         return f"  guidance {guidance} in training (base: {base}, {variant})"
     return (f"  no guidance input in training (base: {base}, {variant}: no guidance embedding" +
             (f"; train.guidance = {guidance:g} is not read)" if guidance != 1.0 else ")"))
+
+
+def guidance_warnings(guidance_embeds: bool, guidance: float, extra_targets) -> list[str]:
+    """What the Dev2Pro recipe warns about before a LoRA trains on a guidance-distilled base (``guidance_embeds``):
+    a guidance other than 1.0, and a LoRA on the guidance embedder (``lora.extra_targets`` "embedders"), which sees
+    one guidance value only and so changes how the model answers every other one untrained."""
+    if not guidance_embeds:
+        return []
+    out = []
+    if guidance != 1.0:
+        out.append(f"training a guidance-distilled base at guidance {guidance:.2f}: the Dev2Pro recipe trains at 1.0; "
+                   "other values pull the guidance embedding off its distilled meaning and the LoRA tends to collapse "
+                   "or blur when used on dev")
+    if "embedders" in extra_targets:
+        out.append(f"lora.extra_targets = embedders trains a LoRA on the guidance embedder too, which sees guidance "
+                   f"{guidance:g} only: on dev at 3.5 (or any other guidance) its change is extrapolated, not learned. "
+                   "Leave embedders out unless you train on a de-distilled base and sample it at this guidance")
+    return out
