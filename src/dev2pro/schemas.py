@@ -306,7 +306,8 @@ class LoraSection:
     alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)")
     dropout: float = opt(0.0, "LoRA dropout")
     targets: str = opt("all_linear", "target preset", LORA_TARGETS)
-    extra_targets: list[str] = opt([], "extra targets: modulation, embedders")
+    extra_targets: list[str] = opt([], "extra targets: modulation, embedders (on dev these include the guidance "
+                                       "embedder, which learns the training guidance only: a warning says so)")
     double_blocks: list[int] = opt([], "train only these double-block indices (empty = all)")
     single_blocks: list[int] = opt([], "train only these single-block indices (empty = all)")
     type: str = opt("lora", "adapter type: lora, dora (peft's), lokr or loha (LyCORIS keys ComfyUI reads)",
