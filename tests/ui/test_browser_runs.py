@@ -1,7 +1,8 @@
 """The audit's Monitor/Results/Train page fixes in a real headless Chromium (Debian's /usr/bin/chromium): a finished
 run shows no speed or ETA and a constant lr's axis stays positive; sample thumbnails carry their step and a click
 names the grid shown; a run without samples clears the caption; the run dropdown says status and date; Results for
-a failed run says it failed and hides sample/compare; Basics save and sample about every quarter of the steps."""
+a failed run says it failed and hides sample/compare, a finished one's "Get as diffusers" writes and lists the
+LoRA's diffusers file; Basics save and sample about every quarter of the steps."""
 
 import json
 import time
@@ -15,13 +16,16 @@ pytestmark = BROWSER_TEST
 
 @pytest.fixture
 def workspace(tmp_path):
+    import torch
     from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
+
+    from dev2pro.lora.formats import LoraModule, save_lora
 
     ws = tmp_path / "ws"
     done = ws / "runs" / "done"
     (done / "samples").mkdir(parents=True)
-    (done / "config.toml").write_text("[train]\nsteps = 20\n")
+    (done / "config.toml").write_text('[train]\nsteps = 20\n[model]\npath = ""\n[sample]\nseeds = [1]\n')
     w = SummaryWriter(str(done / "logs"))
     for s in range(1, 21):
         w.add_scalar("loss/step", 1.0 / s, s, walltime=1000 + s)
@@ -29,7 +33,8 @@ def workspace(tmp_path):
     w.close()
     for step in (10, 20):
         Image.new("RGB", (16, 16), (step * 10, 0, 0)).save(done / "samples" / f"step{step:06d}.png")
-    (done / "done.safetensors").write_bytes(b"\0" * 16)
+    save_lora({"transformer_blocks.0.attn.to_q": LoraModule(torch.ones(2, 8), torch.ones(8, 2), 2.0)},
+              done / "done.safetensors", "kohya")
     (done / "summary.json").write_text(json.dumps({"steps": 20}))
     failed = ws / "runs" / "failed"
     (failed / "logs").mkdir(parents=True)
@@ -73,6 +78,11 @@ def test_monitor_results_and_basics_in_chromium(workspace, browser_page, ui_serv
     assert page.locator("#results-actions").is_hidden()
     page.select_option("#results-run", "runs/done")
     page.wait_for_selector("#results-actions:not([hidden])")
+    page.click("#lora-files button[aria-label='Get as diffusers']")  # a `dev2pro lora convert` job
+    new = page.wait_for_selector("#lora-files li:has(a[download='done.diffusers.safetensors'])")
+    assert "diffusers / PEFT" in new.inner_text() and (workspace / "runs/done/done.diffusers.safetensors").is_file()
+    offered = page.eval_on_selector_all("#lora-files button[data-layout]", "bs => bs.map(b => b.dataset.layout)")
+    assert offered == ["comfy", "comfy"], offered  # both files: the one layout the run has not written yet
 
     page.click("#tab-train")
     page.wait_for_selector("#f-save-every")

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..outputs import write_text
 from ..train.folder import RunFolder
 from ..train.run import folder_status
-from . import comparewith, editrefs, forms, planview, routes_data, trainform
+from . import comparewith, editrefs, forms, loraconvert, planview, routes_data, trainform
 from .handlers import json_body, number, text
 from .jobs import run_status
 from .monitor import find_runs, run_info
@@ -433,6 +433,22 @@ async def compare_candidates(request: Request, ui):
                          "candidates": await run_in_threadpool(comparewith.candidates, ui, lora)})
 
 
+async def lora_layouts(request: Request, ui):
+    """Results' "Get as" offers: each LoRA file of a run, its layout and the layouts it is not yet in."""
+    run = ui.ws.resolve(request.query_params.get("run", ""), must_exist=True)
+    if not RunFolder(run).config.is_file():
+        raise UserError(f"'run': {ui.ws.rel(run)} is not a run folder (no config.toml)")
+    return JSONResponse({"run": ui.ws.rel(run), "files": await run_in_threadpool(loraconvert.offers, ui, run)})
+
+
+async def lora_convert(request: Request, ui):
+    """Queue `dev2pro lora convert` of a run's LoRA into another layout, named as training names it."""
+    b = await json_body(request, ("lora", "layout"))
+    layout = loraconvert.check_layout(b)
+    lora, run, cfg = _lora_run(ui, b, "lora")
+    return JSONResponse(await run_in_threadpool(loraconvert.queue, ui, lora, run, cfg, layout))  # reads headers
+
+
 async def compares(request: Request, ui):
     reports = sorted(ui.ws.find("report.html"), key=lambda p: p.stat().st_mtime, reverse=True)
     return JSONResponse({"reports": [ui.ws.rel(p) for p in reports if (p.parent / "compare.png").exists()]})
@@ -452,4 +468,6 @@ def routes(handler) -> list[Route]:
         Route("/api/compare", handler(compare), methods=["POST"]),
         Route("/api/compares", handler(compares)),
         Route("/api/compare/candidates", handler(compare_candidates)),
+        Route("/api/lora/layouts", handler(lora_layouts)),
+        Route("/api/lora/convert", handler(lora_convert), methods=["POST"]),
     ]

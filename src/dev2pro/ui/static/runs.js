@@ -112,17 +112,66 @@ async function loadResults() {
   const link = (p) => el("a", { href: fileUrl(p) + "?download=1", class: "download-lora", download: p.split("/").pop(),
     text: p.split("/").pop() });
   const finals = r.loras.filter((p) => !isStep(p)).sort((a, b) => layout(b).length - layout(a).length);
-  for (const p of finals) ul.append(el("li", {}, link(p), " ", el("span", { class: "status", text: layout(p) })));
+  const offers = r.loras.length ? await loraOffers(run) : {};
+  for (const p of finals) {
+    ul.append(el("li", {}, link(p), " ", el("span", { class: "status", text: layout(p) }), getAs(p, offers[p])));
+  }
   const steps = r.loras.filter(isStep);
   if (steps.length) {
     const det = el("details", {}, el("summary", { text: `${steps.length} intermediate checkpoints` }));
-    for (const p of steps) det.append(el("div", {}, link(p)));
+    for (const p of steps) det.append(el("div", {}, link(p), getAs(p, offers[p])));
     ul.append(el("li", {}, det));
   }
   fill($("sample-lora"), [...finals, ...steps], true);
   if (finals.length && !finals.includes($("sample-lora").value)) $("sample-lora").value = finals[0];
   loraReferences();
   await compareCandidates();
+}
+
+// ------------------------------------------------------------------------------------------------ get as
+// "Get as: kohya | ComfyUI | diffusers" beside a LoRA file: the layouts its run has not written for it (the server
+// names the file training would have written, and leaves base models out). A click queues `dev2pro lora convert`;
+// the job bar reports its end (api -> noteJob) and the list is loaded again to show the new file.
+const LAYOUT_WORDS = { kohya: "kohya", comfy: "ComfyUI", diffusers: "diffusers" };
+const converting = {};  // "lora|layout" -> the job queued from this page (its button says so until it ends)
+
+async function loraOffers(run) {  // {lora: {layout: file it would be written to}}
+  const r = await api("/api/lora/layouts?run=" + encodeURIComponent(run), undefined, { quiet: true })
+    .catch(() => null);
+  return Object.fromEntries((r ? r.files : []).map((f) => [f.lora, f.offers]));
+}
+
+function getAs(lora, offers) {
+  const layouts = Object.keys(offers || {});
+  if (!layouts.length) return "";
+  const span = el("span", { class: "get-as" }, "Get as: ");
+  layouts.forEach((layout, i) => {
+    const busy = converting[lora + "|" + layout], words = LAYOUT_WORDS[layout] || layout;
+    span.append(i ? " | " : "", el("button", { "data-layout": layout, "aria-label": "Get as " + words,
+      title: `write ${offers[layout]} (dev2pro lora convert)`, text: busy ? words + ": queued" : words,
+      ...(busy ? { disabled: "" } : {}), onclick: (e) => convertLora(lora, layout, e.target) }));
+  });
+  return span;
+}
+
+async function convertLora(lora, layout, button) {
+  button.disabled = true;
+  let job;
+  try { job = await api("/api/lora/convert", { lora, layout }); }
+  catch (e) { button.disabled = false; return; }  // api() showed the refusal
+  converting[lora + "|" + layout] = job.id;
+  button.textContent = LAYOUT_WORDS[layout] + ": " + job.status;
+  toast("queued: " + job.title, true);
+  for (;;) {  // as the sample and compare jobs are watched: their record, once a second, until it ends
+    await new Promise((done) => setTimeout(done, 1000));
+    const now = await api("/api/jobs/" + job.id, undefined, { quiet: true }).catch(() => null);
+    if (now && ACTIVE_JOB.includes(now.status)) {
+      button.textContent = LAYOUT_WORDS[layout] + ": " + now.status; continue;
+    }
+    delete converting[lora + "|" + layout];
+    if (state.page === "results") await loadResults();
+    return;
+  }
 }
 
 // "Compare against": the LoRA's own run's other checkpoints, then same-model LoRAs of other runs (the server)
