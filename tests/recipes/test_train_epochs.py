@@ -197,3 +197,28 @@ def test_the_form_and_the_plan_know_the_new_fields(tmp_path, tiny_dev_dir, sk_im
     run_plan(str(_cfg(tmp_path, sk_images, tiny_dev_dir)))
     assert ("  train.epochs = 1.2, save.every_epochs = 1: counted in steps when `dev2pro train` starts"
             in capsys.readouterr().out)
+
+
+def test_a_refused_resume_leaves_the_runs_config_and_the_hints_name_train_epochs(tmp_path, tiny_dev_dir, sk_images,
+                                                                                 full, capsys):
+    """A resume past its (epoch-counted) end is refused before the run's config.toml is touched, naming
+    train.epochs (train.steps beside it is refused); extending a finished run with keep_loras = 1 ends with one
+    step file (the old final kept as a step file is pruned at the end too)."""
+    from dev2pro.errors import UserError
+
+    run = tmp_path / "run"
+    shutil.copytree(full[0], run)
+    before = (run / "config.toml").read_bytes()
+    with pytest.raises(UserError, match=r"at step 6, past train.steps = 5: raise train.epochs \(now 1 = 5 steps at 5 "
+                                        r"batches per epoch\), e.g. --set train.epochs=2 --resume"):
+        train(load_train_config(_cfg(tmp_path, sk_images, tiny_dev_dir, train_="epochs = 1")), resume="latest",
+              progress=False, quiet=True)
+    assert (run / "config.toml").read_bytes() == before and not list(run.glob("config.step-*.toml"))
+    train(load_train_config(_cfg(tmp_path, sk_images, tiny_dev_dir)), resume="latest", progress=False)
+    assert ("already finished at step 6: " in (out := capsys.readouterr().out) and "to train further, raise "
+            "train.epochs (now 1.2 = 6 steps at 5 batches per epoch), e.g. --set train.epochs=2.4 --resume" in out)
+    assert sorted(p.name for p in run.glob("lora-step*")) == ["lora-step000005.safetensors"]
+    more = train(load_train_config(_cfg(tmp_path, sk_images, tiny_dev_dir, train_="epochs = 2.4",
+                                        save="keep_loras = 1")), resume="latest", progress=False)
+    assert more["steps"] == 12 and "save.keep_loras = 1: removed lora-step000005.safetensors" in capsys.readouterr().out
+    assert sorted(p.name for p in run.glob("lora-step*")) == ["lora-step000006.safetensors"]  # the old final

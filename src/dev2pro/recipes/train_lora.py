@@ -101,6 +101,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, qu
 def _load(cfg: TrainConfig, device, dtype, out: Path):
     """Data (cached latents + text; the encoders are freed), then the base with its LoRA (and training adapter),
     placed on the device. Returns (data, transformer, checkpoint, trainable params, block swap)."""
+    torch.manual_seed(cfg.train.seed)  # the LoRA's initial weights (and anything drawn before the loop's generator)
     d, m, lc, tc = cfg.data, cfg.model, cfg.lora, cfg.train
     base = m.transformer or m.path
     family = (header := open_checkpoint(base, allow_pickle=m.allow_pickle, family=m.family)).family  # header only
@@ -158,31 +159,29 @@ def _lora_metadata(cfg: TrainConfig, ckpt, dataset) -> dict:
                        extra=extra)
 
 
-def _epochs(cfg: TrainConfig, per_epoch: int, resume, run: RunFolder, say, main: bool) -> tuple[TrainConfig, list]:
-    """``cfg`` with its epoch settings as steps for ``per_epoch`` batches per epoch (a copy), and what resolved;
-    the main process writes it as config.toml (a resume's: what changed is said, the previous one kept)."""
-    cfg = copy.deepcopy(cfg)
+def _epochs(cfg: TrainConfig, dataset, resume, run: RunFolder) -> tuple:
+    """The dataset's batch sampler, ``cfg`` with its epoch settings as steps for the sampler's batches per epoch (a
+    copy), what resolved, and the config.toml text to write once the resume is accepted (None: a fresh run without
+    epochs wrote it at the start)."""
+    sampler = BucketBatchSampler(dataset.buckets(), cfg.data.batch_size, seed=cfg.train.seed)
+    per_epoch, cfg = len(sampler), copy.deepcopy(cfg)
     fields = {key: key.split(".") for key in (*epochs.TARGETS, *epochs.TARGETS.values())}  # section, name
     resolved = epochs.resolve({k: getattr(getattr(cfg, s), n) for k, (s, n) in fields.items()}, per_epoch,
                               cfg.train.grad_accum, resume and epochs.started_with(resume, run.state, run.config))
     for key, value in epochs.settings(resolved).items():
         setattr(getattr(cfg, fields[key][0]), fields[key][1], value)
-    if main and (resume is not None or resolved):  # a fresh run without epochs: written at the start (train)
-        resuming.write_config(run, resume, epochs.note(resolved) + render_toml(cfg), say)
-    return cfg, resolved
+    write = resume is not None or resolved
+    return sampler, cfg, resolved, epochs.note(resolved) + render_toml(cfg) if write else None
 
 
 def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool, say, quiet, changed_data) -> dict:
-    torch.manual_seed(cfg.train.seed)
     device, main, dtype = accelerator.device, accelerator.is_main_process, DTYPE_CHOICES[cfg.model.dtype]
     data, transformer, ckpt, params, swap = _load(cfg, device, dtype, run.root)
-    sampler = BucketBatchSampler(data.dataset.buckets(), cfg.data.batch_size, seed=cfg.train.seed)
-    cfg, resolved = _epochs(cfg, len(sampler), resume, run, say, main)  # its batches per epoch: known now
-    tc = cfg.train
+    sampler, cfg, resolved, text = _epochs(cfg, data.dataset, resume, run)
+    tc, v = cfg.train, cfg.validation
     optimizer = build_optimizer(params, tc.optimizer, tc.lr, tc.weight_decay, warmup_steps=tc.warmup_steps)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.schedule)
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[swap is None, True])
-    v = cfg.validation
     watch = make_watch(params, optimizer, tc.ema_decay, tc.steps, data.validation, v.sigmas, v.seeds, v.every,
                        tc.guidance, device, dtype, cfg.data.batch_size, accelerator.autocast, tc.warmup_steps,
                        v.folder or f"validation.fraction {v.fraction:g}", cfg.logging.wandb and run.root / "wandb")
@@ -195,7 +194,10 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
                                    data=check)
         start, smoothed, history = r.step, r.smoothed, r.losses
         watch.restore(r.validation, start)
-        resuming.announce(r, run, tc.steps, say, cfg.save.name if main else None)  # past train.steps: refused
+        resuming.announce(r, run, tc.steps, say, cfg.save.name if main else None, epochs.further(resolved, r.step),
+                          (resume, text) if main else None)  # its config.toml: written once the state is accepted
+    elif main and text is not None:  # a fresh run counted in epochs: its config.toml now its steps are known
+        resuming.write_config(run, None, text, say)
     samples = _sampler(cfg, data, ckpt, dtype, device)
     if main and start < tc.steps:
         for line in _startup_lines(cfg, data.dataset, len(sampler), sum(p.numel() for p in params),
@@ -221,8 +223,8 @@ def _train(cfg: TrainConfig, accelerator, run: RunFolder, resume, progress: bool
     try:
         if start == tc.steps:  # a finished run: only the final files, if a full disk kept them from being written
             files = lora_paths(run.root, cfg.save.name, cfg.save.formats)
-            return life.already_finished(files, start, say) or _finish(cfg, run, start, history, [], [], acts, None,
-                                                                       say, watch=watch)
+            return life.already_finished(files, start, say, epochs.further(resolved, start)) or \
+                _finish(cfg, run, start, history, [], [], acts, None, say, watch=watch)
         if main and cfg.sample.prompts and cfg.sample.baseline and start == 0:
             say(f"rendering step-0 samples (the base before training; {acts.describe()})...")
             say(f"samples: {acts.sample(0)}")
@@ -259,6 +261,7 @@ def _finish(cfg, run: RunFolder, done, history, losses, skipped, acts: _Run, sav
     """Final state, final LoRA files, then the final samples (a crash there loses nothing), then the summary."""
     files = life.finish(acts.save_lora, save_state, done, life.finite_or_none(history), run,
                         run.root / f"{cfg.save.name}.safetensors", say)
+    life.prune_step_loras(run.root, cfg.save.name, cfg.save.keep_loras, say)  # e.g. an extended run's old final
     if cfg.sample.prompts:
         life.final_samples(lambda: acts.sample(done), acts.describe(), files, say)
     trained = 0 if start is None else done - start  # steps this process ran (a finished run rerun: none)

@@ -120,3 +120,14 @@ def started_with(resume: str, state_dir: Path, config: Path) -> dict[str, Resolv
 def summary(resolved: list[Resolved]) -> dict:
     """What summary.json records: key -> value, steps, batches per epoch, grad_accum."""
     return {r.key: {k: v for k, v in asdict(r).items() if k not in ("key", "now")} for r in resolved}
+
+
+def further(resolved: list[Resolved], step: int) -> str | None:
+    """How a run counted in ``train.epochs`` trains past ``step``: a larger train.epochs (train.steps beside it is
+    refused); None when its steps come from train.steps (or from a run's config.toml, whose train.epochs is 0)."""
+    r = next((r for r in resolved if r.key == "train.epochs" and r.now), None)
+    if r is None:
+        return None
+    more = max(2 * r.value, math.floor(step * r.grad_accum / r.per_epoch) + 1)
+    return (f"raise train.epochs (now {_num(r.value)} = {r.steps} steps at {r.per_epoch} batches per epoch), e.g. "
+            f"--set train.epochs={_num(more)} --resume")

@@ -120,10 +120,11 @@ def own_files(names: Sequence[str]) -> re.Pattern | None:
                       rf"-fp8\.safetensors|-adapter(?:\.diffusers)?\.safetensors|-diffusers)$")
 
 
-def prune_step_loras(root: Path, name: str, keep: int) -> list[Path]:
+def prune_step_loras(root: Path, name: str, keep: int, say: Callable[[str], None] | None = None) -> list[Path]:
     """Remove the step LoRA files ``NAME-stepNNNNNN[.layout].safetensors`` of all but the newest ``keep`` steps (the
     layouts of one step count as one; 0 keeps all); the final ``NAME.safetensors`` files and any other name's files
-    are never touched. Returns the files removed; one that cannot be removed is a warning, not the end of a run."""
+    are never touched. Returns the files removed (``say``: named in a line); one that cannot be removed is a
+    warning, not the end of a run."""
     own = own_files([name])
     if keep <= 0 or own is None:
         return []
@@ -140,6 +141,8 @@ def prune_step_loras(root: Path, name: str, keep: int) -> list[Path]:
                 removed.append(p)
             except OSError as e:
                 log.warning("save.keep_loras: %s", os_error_message(e, p, "remove"))
+    if removed and say is not None:
+        say(f"save.keep_loras = {keep}: removed {', '.join(p.name for p in removed)}")
     return removed
 
 
@@ -326,11 +329,12 @@ def finite_or_none(values: list) -> list:
     return [v if v is not None and math.isfinite(v) else None for v in values]
 
 
-def already_finished(files: list[Path], step: int, say) -> dict | None:
-    """A resumed run already at its last step with every final LoRA file present: say so and return a summary."""
+def already_finished(files: list[Path], step: int, say, further: str | None = None) -> dict | None:
+    """A resumed run already at its last step with every final LoRA file present: say so (``further``: how to train
+    on, where raising train.steps is not it) and return a summary."""
     if not all(f.exists() for f in files):
         return None
-    say(f"already finished at step {step}: {', '.join(str(f) for f in files)}; to train further, raise "
-        f"train.steps (e.g. --set train.steps={2 * step} --resume)")
+    say(f"already finished at step {step}: {', '.join(str(f) for f in files)}; to train further, " +
+        (further or f"raise train.steps (e.g. --set train.steps={2 * step} --resume)"))
     return {"losses": [], "files": [str(f) for f in files], "steps": step, "seconds": 0.0, "steps_per_second": 0.0,
             "skipped_steps": []}

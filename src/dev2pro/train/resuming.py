@@ -107,13 +107,19 @@ def write_config(run: RunFolder, resume: str | None, text: str, say: Callable[[s
     return write_text(run.config, text)
 
 
-def announce(resumed, run: RunFolder, steps: int, say: Callable[[str], None], lora_name: str | None = None) -> None:
+def announce(resumed, run: RunFolder, steps: int, say: Callable[[str], None], lora_name: str | None = None,
+             further: str | None = None, config: tuple[str, str] | None = None) -> None:
     """After ``resumed`` (``state.Resumed``) is restored: a state past ``steps`` is refused first (a "resumed from"
-    line before the refusal reads as a contradiction), then the resumed line; ``lora_name`` (`train`, the main
-    process): the previous final LoRA is kept before this run can replace it (``keep_final_lora``)."""
+    line before the refusal reads as a contradiction; ``further``: how to train on instead of raising
+    train.steps), then ``config`` (``--resume`` value, the run's config text; the main process) is written
+    (``write_config``: a refused resume leaves the run's config.toml as it was), then the resumed line;
+    ``lora_name`` (`train`, the main process): the previous final LoRA is kept before this run can replace it
+    (``keep_final_lora``)."""
     if resumed.step > steps:
-        raise UserError(f"{run.root} is at step {resumed.step}, past train.steps = {steps}: set train.steps above "
-                        f"{resumed.step} to train further")
+        raise UserError(f"{run.root} is at step {resumed.step}, past train.steps = {steps}: " +
+                        (further or f"set train.steps above {resumed.step} to train further"))
+    if config is not None and config[1] is not None:
+        write_config(run, config[0], config[1], say)
     say(resumed.line())
     if lora_name and resumed.step < steps:
         keep_final_lora(run.root, lora_name, steps, say)
