@@ -25,6 +25,7 @@ from .. import strength as ST
 from ..config import parse_size
 from ..errors import UserError
 from ..flux.checkpoint import open_checkpoint
+from ..lora.formats import edit_references
 from ..outputs import save_safetensors, write_json
 
 
@@ -77,6 +78,7 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
     for spec, path in ((ref_spec, reference), (tgt_spec, target)):
         if note := S.unknown_variant_note(spec, path):
             print(note)
+    _check_direction(lora, getattr(ref_spec, "variant", ""), getattr(tgt_spec, "variant", ""))
     ref_steps, *ref_scale = _settings(ref_spec, ref_ckpt.metadata, reference_steps, reference_cfg)
     tgt_steps, *tgt_scale = _settings(tgt_spec, tgt_ckpt.metadata, steps, cfg)
 
@@ -114,6 +116,25 @@ def run_calibrate(model: str, lora: str, target: str, prompts: Sequence[str], *,
             raise UserError(f"no strength recommended ({cal.note}); nothing written to {lora}")
         _write_metadata(Path(lora), result)
     return result
+
+
+def _check_direction(lora: str, reference: str, target: str) -> None:
+    """A LoRA calibrated *to* the variant its file says it was trained on (``dev2pro.train_base_variant``), from
+    another one, is the pair backwards: refused. An edit LoRA (``dev2pro.references``) gets a note: the effect is
+    measured text to image."""
+    try:
+        with safe_open(str(lora), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 -- unreadable here: the LoRA load below says why
+        return
+    trained = meta.get("dev2pro.train_base_variant", "")
+    if trained and trained == target != reference:
+        raise UserError(f"{lora} was trained on {trained}, the --target here, and calibrate measures its strength "
+                        f"from the model it was trained on to another one: swap them (--model/--reference the "
+                        f"{trained} model, --target the {reference or 'other'} one)")
+    if refs := edit_references(meta):
+        print(f"note: {Path(lora).name} is an edit LoRA ({refs} reference image(s) per edit); calibrate measures its "
+              f"effect text to image, without a reference, so the strength for edits may differ")
 
 
 def _print(r: dict) -> None:

@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from dev2pro.cli import main
 
@@ -110,3 +111,24 @@ def test_sample_notes_the_calibrated_strength_on_its_target(planted, tmp_path, k
     assert "carries a calibrated strength 1.5 for klein-distilled models" in capsys.readouterr().out
     assert main(args[:4] + [f"{lora}:1.5"] + args[5:-1] + [str(tmp_path / "s2")]) == 0
     assert "calibrated strength" not in capsys.readouterr().out
+
+
+def test_a_backwards_pair_is_refused_and_an_edit_lora_is_noted(planted, tmp_path, klein_base_dir,
+                                                               klein_distilled_dir, capsys):
+    """The LoRA's file says it was trained on klein Base: calibrating it from distilled *to* Base is the pair
+    backwards (refused before a model loads, naming the fix); an edit LoRA's text-to-image measurement is noted."""
+    from dev2pro.errors import UserError
+    from dev2pro.recipes import calibrate
+    src = load_file(str(planted["lora"]))
+    meta = {"dev2pro.train_base_variant": "klein-base"}
+    lora = tmp_path / "base-trained.safetensors"
+    save_file(src, str(lora), metadata=meta)
+    with pytest.raises(UserError, match=r"trained on klein-base, the --target here.*swap them"):
+        calibrate.run_calibrate(str(klein_distilled_dir), str(lora), str(klein_base_dir / "transformer"), ["a cat"],
+                                size="64x64")
+    edit = tmp_path / "edit.safetensors"
+    save_file(src, str(edit), metadata={**meta, "dev2pro.references": "1"})
+    calibrate._check_direction(str(edit), "klein-base", "klein-distilled")  # the right way round: no refusal
+    assert "is an edit LoRA (1 reference image(s) per edit)" in capsys.readouterr().out
+    calibrate._check_direction(str(lora), "klein-base", "klein-distilled")
+    assert "edit LoRA" not in capsys.readouterr().out
