@@ -135,13 +135,15 @@ FOLDER_TITLES = {"FluxPipeline": "FLUX.1", "Flux2KleinPipeline": "FLUX.2 klein",
 
 def check_folder_family(model_dir: str | os.PathLike, transformer: str | os.PathLike, header,
                         flag: str = "--transformer") -> None:
-    """A transformer (``header``: its ``open_checkpoint``) of another family than the model folder it is rendered
-    with: one line saying so, before the folder's text-encoder check asks for components the folder never had."""
+    """A transformer (``header``: its ``open_checkpoint``) of another model than the folder it is rendered with --
+    another family, FLUX.2 klein and dev, or another size (`train`'s ``preflight.check_folder_model``): one line
+    naming both, before the folder's text encoders load (a size mix ended in a raw shape error)."""
     from .families import of_folder
+    from .train.preflight import check_folder_model
 
     folder = of_folder(model_dir)
     if folder.name == header.family.name:
-        return
+        return check_folder_model(str(transformer), str(model_dir), header, (flag, "--model"))
     name = json.loads((Path(model_dir) / "model_index.json").read_text()).get("_class_name")
     raise UserError(f"{flag} {transformer} is {header.family.title}, the model folder {model_dir} is "
                     f"{FOLDER_TITLES.get(name, folder.title)}: give a transformer of the folder's family "

@@ -174,6 +174,32 @@ def test_a_transformer_of_another_family_than_the_folder_is_named(klein_base_dir
     assert not (tmp_path / "o").exists()
 
 
+def test_a_transformer_of_another_flux2_model_than_the_folder_is_refused(klein_base_dir, flux2_dev_dir, tmp_path,
+                                                                       capsys):
+    """`train`'s check: a FLUX.2 dev transformer on a klein folder rendered without complaint, a klein of another
+    size ended in a raw "mat1 and mat2 shapes" RuntimeError; both are one line naming --transformer and --model."""
+    from dev2pro import families
+    from dev2pro.families.flux2.spec import TINY_KLEIN
+
+    dev = flux2_dev_dir / "transformer"
+    with pytest.raises(UserError) as e:
+        cli("--model", klein_base_dir, "--transformer", dev, "--prompt", "x", "--out", tmp_path / "o", *FAST)
+    assert str(e.value) == (f"--transformer {dev} is a FLUX.2 dev transformer, --model {klein_base_dir} is a FLUX.2 "
+                            "klein folder (Flux2KleinPipeline), whose text encoder does not fit it: set --model to the "
+                            "FLUX.2 dev model folder the transformer belongs to, or --transformer to a FLUX.2 klein "
+                            "transformer")
+    wide = TINY_KLEIN.with_(hidden=128, context_dim=192, axes_dim=(8, 8, 8, 8)).with_variant("klein-base")
+    other = tmp_path / "klein-wide" / "transformer"
+    families.build_transformer(wide, seed=0).save_pretrained(other)
+    with pytest.raises(UserError) as e:
+        cli("--model", klein_base_dir, "--transformer", other, "--prompt", "x", "--out", tmp_path / "o", *FAST)
+    assert str(e.value).startswith(f"--transformer {other} is a FLUX.2 klein custom 128 wide transformer reading text "
+                                   f"192 wide, --model {klein_base_dir} holds a FLUX.2 klein custom 64 wide model "
+                                   "whose text encoder gives 96: set --model to the model folder of the transformer's "
+                                   "size, or --transformer to a transformer of the folder's size")
+    assert not (tmp_path / "o").exists() and "loaded in" not in capsys.readouterr().out  # refused before loading
+
+
 def test_a_dedistilled_export_renders_with_true_cfg_at_guidance_1(tiny_dev_dir, flux2_dev_dir, tmp_path, capsys):
     """A dev2pro de-distillation (flow / cfg_teacher) was trained at guidance 1: by default it renders as its run's
     cfg grids (guidance 1 + true CFG at the base's scale), its provenance survives `convert`, and given values win;

@@ -126,10 +126,13 @@ def check_data_folders(folders: Sequence) -> None:
                 raise UserError(f"data.folders[{i}].{field}: {path} {where}; give {what}")
 
 
-def check_folder_model(base: str, model_dir: str, ckpt) -> None:
+def check_folder_model(base: str, model_dir: str, ckpt, fields: tuple[str, str] = ("model.transformer", "model.path"),
+                       ) -> None:
     """``model.transformer`` (``ckpt``: its header) of another model than the ``model.path`` folder it is trained with
-    -- FLUX.1 and FLUX.2, or FLUX.2 klein and dev (Qwen3 or Mistral3 text stacks): one line naming both, before the
-    folder's own check asks for components it never had. A folder whose pipeline is unknown is left to that check."""
+    -- FLUX.1 and FLUX.2, FLUX.2 klein and dev (Qwen3 or Mistral3 text stacks), or another size (klein 4B and 9B: the
+    folder's text encoder is as wide as its own transformer reads): one line naming both, before the folder's own
+    check asks for components it never had. A folder whose pipeline is unknown is left to that check. ``fields``:
+    the names of the transformer and the folder in the message (`sample`: --transformer, --model)."""
     from .. import families
     from ..families.flux2.text import wants_mistral
 
@@ -147,12 +150,34 @@ def check_folder_model(base: str, model_dir: str, ckpt) -> None:
     if ckpt.family.name == "flux2":
         made += " dev" if wants_mistral(ckpt.spec()) else " klein"
     where = {"Flux2Pipeline": "FLUX.2 dev", "Flux2KleinPipeline": "FLUX.2 klein"}.get(name, folder.title)
+    tf, mf = fields
     if made == where:
-        return
+        return _check_folder_width(base, model_dir, ckpt, fields)
     parts = "text encoder and VAE do" if folder.name != ckpt.family.name else "text encoder does"
-    raise UserError(f"model.transformer {base} is a {made} transformer, model.path {model_dir} is a {where} folder "
-                    f"({name}), whose {parts} not fit it: set model.path to the {made} model folder the "
-                    f"transformer belongs to, or model.transformer to a {where} transformer")
+    raise UserError(f"{tf} {base} is a {made} transformer, {mf} {model_dir} is a {where} folder "
+                    f"({name}), whose {parts} not fit it: set {mf} to the {made} model folder the "
+                    f"transformer belongs to, or {tf} to a {where} transformer")
+
+
+def _check_folder_width(base: str, model_dir: str, ckpt, fields: tuple[str, str]) -> None:
+    """The folder's text encoder feeds its own transformer (``transformer/config.json``): a transformer of the same
+    kind reading text of another width (FLUX.2 klein 9B on the 4B folder) is another size of model."""
+    config = Path(model_dir) / "transformer" / "config.json"
+    if not config.is_file():
+        return
+    try:
+        own = ckpt.family.spec_from_config(json.loads(config.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an unreadable config is the folder check's (or the loader's) to report
+    spec = ckpt.spec()
+    width, wanted = getattr(own, "context_dim", None), getattr(spec, "context_dim", None)
+    if width is None or width == wanted:
+        return
+    tf, mf = fields
+    raise UserError(f"{tf} {base} is a {_describe(spec, ckpt.family)} transformer reading text {wanted} wide, "
+                    f"{mf} {model_dir} holds a {_describe(own, ckpt.family)} model whose text encoder gives "
+                    f"{width}: set {mf} to the model folder of the transformer's size, or {tf} to a transformer "
+                    "of the folder's size")
 
 
 def check_reference(paths: str | Sequence[str], family, field: str, size: tuple[int, int] | None = None) -> None:

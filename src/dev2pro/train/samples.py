@@ -84,6 +84,32 @@ def _grid_guidance(guidance_embeds: bool, guidance: float, cfg: float) -> Guidan
     return resolve_guidance(guidance_embeds, "auto", guidance, 1.0 if guidance_embeds else cfg)
 
 
+def title_name(path: str) -> str:
+    """A base's name in grid titles: its model folder's for the folder's ``transformer`` subfolder or a file inside
+    one (``FLUX.2-klein-4B/transformer`` read "transformer"), else the file or folder name."""
+    p = Path(path)
+    if p.name == "transformer":
+        return p.parent.name or p.name
+    if p.parent.name == "transformer" and p.parent.parent.name:
+        return p.parent.parent.name
+    return p.name
+
+
+def _variant_notes(training_spec, inference_base: str, samples: bool) -> None:
+    """Start-up words on a FLUX.2 klein training base: distilled is not the model to train a LoRA on (a warning, not
+    a refusal); a Base run sampled on itself shows Base, and says how to see the LoRA on the distilled model."""
+    variant = getattr(training_spec, "variant", None)
+    if variant == "klein-distilled":
+        log.warning("the training base is FLUX.2 klein distilled, which is not the model to train a LoRA on (it is "
+                    "step-distilled: a LoRA trained on it fits it poorly); train on klein Base (model.path = the "
+                    "klein Base folder) and sample on distilled with model.inference_base = the klein distilled "
+                    "folder's transformer")
+    elif variant == "klein-base" and samples and not inference_base:
+        log.warning("note: the samples show the LoRA on FLUX.2 klein Base (true CFG, sample.steps); to see it on the "
+                    "distilled model it will be used with (its own few steps, no CFG), set model.inference_base = the "
+                    "klein distilled folder's transformer (e.g. FLUX.2-klein-4B/transformer)")
+
+
 class LoraSampler:
     """Grids of the current LoRA on the inference base (``inference_base``) or the training model.
 
@@ -99,12 +125,16 @@ class LoraSampler:
                  inference_base: str = "", training_guidance_embeds: bool = True, adapter: str = "",
                  with_adapter: bool = False, fp8_storage: bool = False, fp8_keep: Sequence[str] = (),
                  blocks_to_swap: int = 0, vae_tiling: bool = False, allow_pickle: bool = False,
-                 family: str = "flux1", training_metadata: Mapping[str, str] | None = None):
+                 family: str = "flux1", training_metadata: Mapping[str, str] | None = None, training_spec=None):
+        """``training_spec``: the training base's spec (its variant: a klein distilled base trained on directly is
+        sampled as it is used, as `dev2pro sample` renders it)."""
         self.spec, self.components, self.device, self.dtype = spec, components, device, dtype
         self.adapter, self.with_adapter, self.vae_tiling = adapter, with_adapter, vae_tiling
         self.model, self.swap, self.distilled = None, None, False
         self.family = families.get(family)
         self.references = spec.references() if spec.prompts else None
+        inference_spec = training_spec
+        _variant_notes(training_spec, inference_base, bool(spec.prompts))
         if inference_base and spec.prompts:
             self.model, ckpt = load_transformer(inference_base, dtype=dtype, fp8_storage=fp8_storage,
                                                 policy=Fp8Policy.from_names(fp8_keep), allow_pickle=allow_pickle)
@@ -113,7 +143,6 @@ class LoraSampler:
             inference_spec = ckpt.spec()
             if note := unknown_variant_note(inference_spec, inference_base):
                 log.warning("model.inference_base: %s", note.removeprefix("note: "))
-            self.distilled = step_distilled(inference_spec)
             if blocks_to_swap:
                 self.swap = BlockSwap(self.model, blocks_to_swap, device)  # placed while sampling only
         embeds = self.model.config.guidance_embeds if self.model is not None else training_guidance_embeds
@@ -128,6 +157,7 @@ class LoraSampler:
             self.guidance = own
         self.base_guidance = self.guidance
         self.steps = spec.steps
+        self.distilled = inference_spec is not None and step_distilled(inference_spec)  # `dev2pro sample`'s rule
         if self.distilled:  # as it is used: its own steps, no CFG; the training base keeps the configured ones
             self.base_guidance = own
             self.guidance = no_cfg()
@@ -138,7 +168,7 @@ class LoraSampler:
         """What one round of samples renders, for the console (a step-distilled base at its own step count)."""
         n = len(self.spec.embeds) * len(self.spec.seeds)
         grids = [f"{n} image(s) at {self.steps} steps"]
-        if self.distilled:
+        if self.distilled and self.model is not None:
             grids.append(f"{n} on the training base at {self.spec.steps} steps")
         if self.adapter and self.with_adapter:
             grids.append(f"{n} with the adapter on")
@@ -147,7 +177,7 @@ class LoraSampler:
     def sample(self, train_model, step: int, folder: Path, bar, progress: bool = False) -> Path:
         """Render the grid; with a training adapter on the training model with the adapter off (= the LoRA on
         dev), and with ``with_adapter`` a second grid with it on. Returns the (first) grid's path."""
-        if self.distilled:  # the LoRA on the training base too, where it was trained
+        if self.distilled and self.model is not None:  # the LoRA on the training base too, where it was trained
             self._sample(train_model, step, folder, bar, progress, suffix="-base", on_training_base=True)
         if not self.adapter:
             return self._sample(train_model, step, folder, bar, progress)
@@ -192,10 +222,12 @@ class LoraSampler:
                 self.model.to("cpu")
         self.components["vae"].to("cpu")
         base = "training base" if on_training_base else self.base
+        name = base if on_training_base else title_name(base)
         if self.adapter:
-            base += f" + adapter {Path(self.adapter).name}" if suffix else " without the adapter"
-        title = f"step {step}  |  {guidance.describe()}, {steps} steps  |  {Path(base).name}" if self.distilled \
-            else f"step {step}  |  {guidance.describe()}  |  {Path(base).name}"
+            extra = f" + adapter {Path(self.adapter).name}" if suffix else " without the adapter"
+            base, name = base + extra, name + extra
+        title = f"step {step}  |  {guidance.describe()}, {steps} steps  |  {name}" if self.distilled \
+            else f"step {step}  |  {guidance.describe()}  |  {name}"
         info = {"step": str(step), "guidance": json.dumps(guidance.to_dict()), "base": base}
         return write_grid(images, spec, title, folder / f"step{step:06d}{suffix}.png", info, bar, "samples" + suffix)
 
