@@ -12,7 +12,9 @@ In memory both families are ``LoraWeights`` with diffusers module names; ``.fami
 
 from __future__ import annotations
 
-from typing import Mapping
+import logging
+import re
+from typing import Iterable, Mapping
 
 import torch
 
@@ -23,6 +25,16 @@ from .weights import LoraWeights
 LAYOUTS = {"kohya": "kohya", "comfy": "bfl", "diffusers": "peft"}  # our layout names -> lora_keys'
 _OURS = {v: k for k, v in LAYOUTS.items()}
 NETWORK_MODULE = "networks.lora_flux_2"  # musubi-tuner's FLUX.2 LoRA module (its ss_network_module)
+log = logging.getLogger(__name__)
+# The modules diffusers' kohya FLUX.2 reader (``lora_conversion_utils._convert_kohya_flux2_lora_to_diffusers``, which
+# ``load_lora_weights`` runs on a ``lora_unet_*`` file) maps, in diffusers names; it skips any other module with a
+# log line only: the shared modulations, the final adaLN (norm_out.linear), dev's guidance embedder.
+# tests/lora/test_kohya_diffusers_note.py holds this to diffusers' own loader.
+_DIFFUSERS_KOHYA = re.compile(
+    r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|ff(_context)?\.linear_(in|out))"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)|x_embedder|context_embedder|proj_out"
+    r"|time_guidance_embed\.timestep_embedder\.linear_[12]")
+_SAID: set[tuple[str, ...]] = set()  # the notes said in this process (a training run saves many times)
 _BASE_VERSION = {"klein-4b": "flux_2_klein_4b", "klein-9b": "flux_2_klein_9b", "dev": "flux_2_dev"}  # musubi's
 
 
@@ -78,8 +90,28 @@ def to_state_dict(lw: Mapping, layout: str, metadata: Mapping[str, str] | None =
     if layout not in LAYOUTS:
         raise UserError(f"cannot write a FLUX.2 LoRA in the {layout!r} layout; choose one of {', '.join(LAYOUTS)}.")
     check_finite(lw)  # before the writer's read-back, which would call the values "damaged"
+    if layout == "kohya" and (note := kohya_diffusers_note(lw)):
+        log.warning(note)
     sd, meta = write_lora(lw, LAYOUTS[layout], metadata={"format": "pt", **(metadata or {})})
     return sd, dict(sorted(meta.items()))
+
+
+def diffusers_kohya_skips(names: Iterable[str]) -> list[str]:
+    """The modules of ``names`` (diffusers names) that diffusers' kohya FLUX.2 reader does not load."""
+    return sorted(n for n in names if not _DIFFUSERS_KOHYA.fullmatch(n))
+
+
+def kohya_diffusers_note(lw: Mapping) -> str | None:
+    """Once per process and set of modules: a kohya-layout FLUX.2 LoRA with modules diffusers' kohya reader skips
+    (modulation, final adaLN, guidance embedder) names them and the layouts that load them all; else None."""
+    skipped = tuple(diffusers_kohya_skips(lw))
+    if not skipped or skipped in _SAID:
+        return None
+    _SAID.add(skipped)
+    return (f"note: diffusers' load_lora_weights skips {len(skipped)} module(s) of this kohya-layout FLUX.2 LoRA "
+            f"(its kohya converter has no name for them): {', '.join(skipped)}; the `diffusers` layout loads them all "
+            f"in diffusers (lora.diffusers.safetensors, or `dev2pro lora convert FILE OUT --layout diffusers --family "
+            f"flux2`), as ComfyUI loads the comfy layout")
 
 
 def kohya_fields(spec) -> dict[str, str]:

@@ -125,7 +125,8 @@ def merged_entries(ckpt: C.Checkpoint, deltas: dict[str, torch.Tensor]) -> list[
 def merge_loras(base: str | os.PathLike, loras: list[tuple[str, float]], out: str | os.PathLike,
                 overwrite: bool = False) -> Path:
     """Write ``base`` with each (LoRA file, scale) of ``loras`` added to ``out``: the base's layout, key order,
-    dtypes and metadata, plus ``dev2pro.merged_loras`` (JSON [[file name, scale], ...]).
+    dtypes and metadata (with its family's modelspec fields where it lacks them: a FLUX.2 klein folder's variant),
+    plus ``dev2pro.merged_loras`` (JSON [[file name, scale], ...]).
 
     A diffusers folder gives a transformer folder (config.json + safetensors, as ``convert`` writes it). UserError
     for an existing ``out`` without ``overwrite``, an ``out`` that is one of the inputs, a LoRA that does not fit
@@ -137,7 +138,9 @@ def merge_loras(base: str | os.PathLike, loras: list[tuple[str, float]], out: st
     check_output(out, overwrite, "merged checkpoint", folder=folder, sources=sources,
                  owned=flux_convert.DIFFUSERS_FOLDER_FILES if folder else None)
     entries = merged_entries(ckpt, deltas_for(ckpt, loras))
-    meta = dict(ckpt.metadata)
+    # what the keys cannot tell travels too: a klein folder's Base/distilled (model_index.json) is recorded in the
+    # file, as `dev2pro convert` records it, so the merged model is inspected and sampled as its base is
+    meta = {**ckpt.family.modelspec(ckpt.spec()), **ckpt.metadata}
     meta["dev2pro.merged_loras"] = json.dumps([[Path(p).name, s] for p, s in loras])
     if folder:
         return flux_convert.write_diffusers_folder(ckpt, entries, Path(out), meta, overwrite, None, sources=sources)
