@@ -139,7 +139,7 @@ def _sampler(cfg: TrainConfig, data, ckpt, dtype, device) -> LoraSampler:
     m, sc = cfg.model, cfg.sample
     spec = GridSpec(sc.prompts, sc.seeds, data.sample_embeds, data.negative, sc.steps, sc.width, sc.height, sc.control)
     return LoraSampler(spec, data.components, device, dtype, guidance=sc.guidance, cfg=sc.cfg,
-                       inference_base=m.inference_base, training_guidance_embeds=ckpt.spec().guidance_embeds,
+                       inference_base=m.inference_base, training_spec=ckpt.spec(),
                        adapter=m.adapter, with_adapter=sc.with_adapter, fp8_storage=m.fp8_storage,
                        fp8_keep=m.fp8_keep, blocks_to_swap=m.blocks_to_swap, vae_tiling=m.vae_tiling,
                        allow_pickle=m.allow_pickle, family=ckpt.family.name, training_metadata=ckpt.metadata)

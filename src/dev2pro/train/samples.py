@@ -122,12 +122,15 @@ class LoraSampler:
     """
 
     def __init__(self, spec: GridSpec, components: dict, device, dtype, *, guidance: float, cfg: float,
-                 inference_base: str = "", training_guidance_embeds: bool = True, adapter: str = "",
+                 inference_base: str = "", training_guidance_embeds: bool | None = None, adapter: str = "",
                  with_adapter: bool = False, fp8_storage: bool = False, fp8_keep: Sequence[str] = (),
                  blocks_to_swap: int = 0, vae_tiling: bool = False, allow_pickle: bool = False,
                  family: str = "flux1", training_metadata: Mapping[str, str] | None = None, training_spec=None):
         """``training_spec``: the training base's spec (its variant: a klein distilled base trained on directly is
-        sampled as it is used, as `dev2pro sample` renders it)."""
+        sampled as it is used, as `dev2pro sample` renders it; its guidance embedding, unless
+        ``training_guidance_embeds`` says)."""
+        if training_guidance_embeds is None:
+            training_guidance_embeds = getattr(training_spec, "guidance_embeds", True)
         self.spec, self.components, self.device, self.dtype = spec, components, device, dtype
         self.adapter, self.with_adapter, self.vae_tiling = adapter, with_adapter, vae_tiling
         self.model, self.swap, self.distilled = None, None, False

@@ -87,3 +87,22 @@ def test_train_refuses_a_klein_transformer_of_another_size_than_the_folder(klein
                                         f"reading text 192 wide, model.path {klein_base_dir} holds"):
         check_training_inputs(str(other), str(klein_base_dir))
     check_training_inputs(str(klein_base_dir / "transformer"), str(klein_base_dir))  # its own size: fine
+
+
+def test_train_on_klein_distilled_renders_its_grids_as_it_is_used(tmp_path, klein_distilled_dir, sk_images, caplog):
+    """The recipe passes the training base's spec: a run on distilled (no inference base) renders no CFG, 4 steps."""
+    from dev2pro.recipes.train_lora import train
+    from dev2pro.schemas import load_train_config
+    from tiny_run import lora_run_toml
+
+    cfg = lora_run_toml(tmp_path, klein_distilled_dir, sk_images, "run", steps=1, seed=0,
+                        extra='[sample]\nprompts = ["a red cat"]\nwidth = 64\nheight = 64')
+    with caplog.at_level(logging.WARNING):
+        train(load_train_config(cfg), progress=False, quiet=True)
+    assert any("not the model to train a LoRA on" in r.getMessage() for r in caplog.records)
+    grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
+    assert [p.name for p in grids] == ["step000000.png", "step000001.png"]  # the base before training, the end
+    for grid in grids:
+        with Image.open(grid) as im:
+            assert json.loads(im.text["guidance"]) == {"mode": "true_cfg", "embedded": None, "cfg": 1.0}
+            assert "no CFG, 4 steps" in im.text["title"]
