@@ -142,8 +142,9 @@ def ui_defaults(values: dict, schema_steps: int) -> dict:
     """The web app's defaults for what a form leaves out (values sent without these keys, e.g. Basics only):
     ``save.every`` and ``sample.every`` about a quarter of the steps (``sample.every`` only with sample prompts:
     the loader refuses it without) or, for a run in ``train.epochs``, ``*.every_epochs`` a quarter of the epochs (a
-    step cadence is left out beside an epoch one: the loader refuses both), ``save.name`` the run folder's name (downloads and ComfyUI's loras/ folder are
-    not all ``lora.safetensors``). The CLI's own defaults (schemas.py) stay as they are."""
+    step cadence is left out beside an epoch one: the loader refuses both), ``save.name`` the run folder's name
+    (downloads and ComfyUI's loras/ folder are not all ``lora.safetensors``). The CLI's own defaults (schemas.py)
+    stay as they are."""
     if not isinstance(values, dict):
         return values
     out = dict(values)
