@@ -163,3 +163,18 @@ def test_strict_refuses_the_same_skips_in_both(messy):
     with pytest.raises(UserError) as b:
         collect_sources([messy], "x", buckets=BUCKETS, strict=True)
     assert str(a.value) == str(b.value)
+
+
+def test_an_image_enlarged_more_than_twice_is_listed(tmp_path, caplog):
+    """A 24x20 image in 64x64-area buckets is enlarged ~3x (training sees it soft): kept and listed with the factor;
+    a 40x40 one (1.6x) and the photos (shrunk) are not."""
+    d = tmp_path / "small"
+    copy("astronaut.png", d)
+    Image.new("RGB", (24, 20), "red").save(d / "tiny.png")
+    Image.new("RGB", (40, 40), "red").save(d / "small.png")
+    with caplog.at_level(logging.WARNING, logger="dev2pro.data.folders"):
+        items = scan_dataset([DatasetFolder(d)], default_caption="x", buckets=BUCKETS)
+    assert sorted(i.path.name for i in items) == ["astronaut.png", "small.png", "tiny.png"]
+    warned = [r.getMessage() for r in caplog.records if "enlarged" in r.getMessage()]
+    assert len(warned) == 1 and "1 image(s) are much smaller than their bucket" in warned[0], warned
+    assert "tiny.png (24x20 px: enlarged 3.2x to 64x64)" in warned[0] and "small.png" not in warned[0]

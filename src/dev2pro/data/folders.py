@@ -47,6 +47,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 UNSUPPORTED_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".ico", ".psd", ".svg",
                           ".jp2", ".tga", ".exr", ".hdr", ".dng", ".cr2", ".nef", ".arw", ".raw")
 MIN_KEPT = 0.5  # below this fraction kept by the bucket crop, an image is skipped instead of cropped
+MAX_UPSCALE = 2.0  # an image enlarged more than this to cover its bucket is listed: training sees it soft
 REFERENCE_KEPT = 0.9  # a reference whose crop to its image's aspect ratio keeps less is listed (a pair is one shot)
 KOHYA_NAME = re.compile(r"^(\d+)_(.+)$")  # a kohya folder: N_name (N repeats, class token name)
 _EXIF_ORIENTATION = 0x0112
@@ -142,6 +143,7 @@ class Scanner:
         self.uncontrolled: list[str] = []  # images of a folder with a controls folder without a usable reference
         self.controls_seen: dict[Path, str] = {}  # reference -> the image it was found for
         self.reference_crops: list[str] = []  # references of another aspect ratio than their image's
+        self.upscaled: list[str] = []  # images enlarged more than MAX_UPSCALE to cover their bucket
 
     # ---------------------------------------------------------------- one image
     def image_size(self, src: Path | bytes, label: str) -> tuple[int, int] | None:
@@ -158,6 +160,8 @@ class Scanner:
             elif kept < 0.999 and not _within_range(size, self.buckets):
                 self.cropped.append(f"{label} ({size[0]}x{size[1]} px, {ratio}: cropped to {bw}x{bh}, "
                                     f"{kept:.0%} kept)")
+            if not reason and (scale := max(bw / size[0], bh / size[1])) > MAX_UPSCALE:
+                self.upscaled.append(f"{label} ({size[0]}x{size[1]} px: enlarged {scale:.1f}x to {bw}x{bh})")
         if reason:
             self.skipped.append(f"{label} ({reason})")
             return None
@@ -291,6 +295,10 @@ class Scanner:
         if self.cropped:
             log.warning("%d image(s) are wider or taller than every bucket and are cropped to the nearest one:\n%s",
                         len(self.cropped), _listing(self.cropped))
+        if self.upscaled:
+            log.warning("%d image(s) are much smaller than their bucket and are enlarged more than %gx (training sees "
+                        "them soft; use larger images or a lower data.resolution):\n%s", len(self.upscaled),
+                        MAX_UPSCALE, _listing(self.upscaled))
         if self.uncontrolled:
             raise UserError(
                 f"{len(self.uncontrolled)} image(s) have no usable reference image in their folder's controls "
