@@ -6,6 +6,7 @@ checkpoint header is imported when a recipe calls it. ``cfg`` is a ``schemas.Tra
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .config import as_list
@@ -49,6 +50,11 @@ def apply_sample_guidance_default(cfg, explicit: set[str] = frozenset(), dedisti
         sampling = getattr(ckpt.spec(), "sampling", None)
     except (UserError, OSError, ValueError):
         return
+    if sampling is not None and sampling.guidance != "embedded" and "sample.guidance" in explicit and not dedistill:
+        logging.getLogger(__name__).warning(
+            "sample.guidance = %g is not read: %s has no guidance input (FLUX.2 klein); its samples' scale is "
+            "sample.cfg (true CFG on Base, none on the distilled model): set sample.cfg instead", cfg.sample.guidance,
+            src)
     if sampling is None or sampling.guidance == "none":  # FLUX.1 (the schema defaults) or a step-distilled base
         return
     if not dedistill and sampling.guidance == "embedded" and "sample.guidance" not in explicit:

@@ -106,3 +106,18 @@ def test_train_on_klein_distilled_renders_its_grids_as_it_is_used(tmp_path, klei
         with Image.open(grid) as im:
             assert json.loads(im.text["guidance"]) == {"mode": "true_cfg", "embedded": None, "cfg": 1.0}
             assert "no CFG, 4 steps" in im.text["title"]
+
+
+def test_sample_guidance_on_klein_is_said_to_be_unread(tmp_path, klein_base_dir, tiny_dev_dir, caplog):
+    """klein has no guidance input: a sample.guidance the user wrote is named as unread (sample.cfg is the knob);
+    left out, or on FLUX.1 dev (where it is read), nothing is said."""
+    from dev2pro.schemas import load_train_config
+
+    base = [f'model.path="{klein_base_dir}"', 'save.output_dir="out"', f'data.folders=[{{path="{tmp_path}"}}]']
+    with caplog.at_level(logging.WARNING, logger="dev2pro.recipe_inputs"):
+        cfg = load_train_config(None, base + ["sample.guidance=7"])
+        load_train_config(None, base)
+        load_train_config(None, [f'model.path="{tiny_dev_dir}"', *base[1:], "sample.guidance=7"])
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("sample.guidance = 7 is not read") and "set sample.cfg" in said[0]
+    assert cfg.sample.cfg == 4.0  # klein Base's own true CFG, untouched by the unread key
