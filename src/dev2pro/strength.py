@@ -53,8 +53,21 @@ def file_recommendation(path) -> dict | None:
 
 def strength_note(path, strength: float, variant: str) -> str | None:
     """A note when the LoRA file carries a calibrated strength for models of ``variant`` (the one rendering) and
-    is rendered at another strength; None otherwise."""
-    rec = file_recommendation(path)
+    is rendered at another strength, or carries none while it was trained on another variant (klein Base rendered on
+    distilled: `dev2pro calibrate` measures it); None otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+    rec, trained = recommendation(meta), meta.get("dev2pro.train_base_variant", "")
+    klein = trained.startswith("klein") and variant.startswith("klein")  # Base -> distilled: the measured case
+    if klein and trained != variant and (not rec or rec.get("target_variant") != variant):
+        return (f"note: {Path(path).name} was trained on {trained} and renders on {variant} at {strength:g}, a strength "
+                f"not measured for it: `dev2pro calibrate {path} --model <the {trained} folder> --target <this "
+                f"transformer> --write` finds the one that does here what 1.0 does on {trained}")
     if not rec or not variant or rec.get("target_variant") != variant or abs(float(rec["strength"]) - strength) < 1e-3:
         return None
     return (f"note: {Path(path).name} carries a calibrated strength {float(rec['strength']):g} for {variant} models "

@@ -132,3 +132,22 @@ def test_a_backwards_pair_is_refused_and_an_edit_lora_is_noted(planted, tmp_path
     assert "is an edit LoRA (1 reference image(s) per edit)" in capsys.readouterr().out
     calibrate._check_direction(str(lora), "klein-base", "klein-distilled")
     assert "edit LoRA" not in capsys.readouterr().out
+
+
+def test_an_uncalibrated_base_lora_on_distilled_points_to_calibrate(planted, tmp_path):
+    """A klein Base LoRA without a calibrated strength, rendered on distilled: the note names `dev2pro calibrate`;
+    once calibrated for distilled (or rendered on Base, or not a klein pair) that note is gone."""
+    from dev2pro.recipes.calibrate import _write_metadata
+    from dev2pro.strength import strength_note
+
+    src = load_file(str(planted["lora"]))
+    lora = tmp_path / "base.safetensors"
+    save_file(src, str(lora), metadata={"dev2pro.train_base_variant": "klein-base"})
+    note = strength_note(lora, 1.0, "klein-distilled")
+    assert note.startswith("note: base.safetensors was trained on klein-base and renders on klein-distilled at 1")
+    assert f"dev2pro calibrate {lora} --model <the klein-base folder>" in note
+    assert strength_note(lora, 1.0, "klein-base") is None and strength_note(lora, 1.0, "dev") is None
+    _write_metadata(lora, {"recommended_strength": 1.5, "target": "d", "reference": "b", "reference_effect": 0.2,
+                           "target_sampling": {"variant": "klein-distilled"}})
+    assert "calibrated strength 1.5" in strength_note(lora, 1.0, "klein-distilled")
+    assert strength_note(lora, 1.5, "klein-distilled") is None
