@@ -313,3 +313,11 @@ def test_print_config_with_a_config_prints_what_the_run_would_use(tmp_path, caps
     assert f'\noutput_dir = "{tmp_path / "cfgs" / "runs" / "x"}"\n' in text
     again = load_train_config(_write(tmp_path, text, "again.toml"))
     assert again == load_train_config(cfg, ["train.lr=2e-4"])
+
+
+def test_a_sample_size_off_the_16_grid_names_the_nearest_sizes(tmp_path):
+    base = [f'model.path="{tmp_path}"', 'save.output_dir="o"', f'data.folders=[{{path="{tmp_path}"}}]']
+    for key in ('sample.size="70x70"', "sample.width=70"):
+        with pytest.raises(ConfigError, match=r"sample\.width/height 70x(70|512): width and height must be multiples "
+                                              r"of 16; use 64x(64|512) or 80x(80|512)"):
+            load_train_config(None, base + [key])

@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .arguments import check_size
 from .choices import COMPUTE_DTYPES, EXPORT_FORMATS, MAX_REFERENCES
 from .config import SIZE_HELP, opt, ordered, require, require_path_list, require_range, resolve_size
+from .errors import UserError
 
 MAX_RESOLUTION = 4096  # 16.7 MP buckets; FLUX.1 is trained up to ~2 MP -- 100000 is a typo the plan priced at 47 TB
 EVERY_EPOCHS = ("every N epochs instead of every N steps (0 = off): every_epochs x batches per epoch / "
@@ -42,7 +44,10 @@ class SampleBase:
 
     def validate(self):
         resolve_size(self)
-        require(self.width % 16 == 0 and self.height % 16 == 0, "width/height must be multiples of 16")
+        try:  # the nearest sizes that render, as `sample --size` says them
+            check_size(self.width, self.height, "width/height")
+        except UserError as e:
+            require(False, str(e))
         require_range("width", self.width, 16, MAX_RESOLUTION)
         require_range("height", self.height, 16, MAX_RESOLUTION)
         require(self.steps > 0, "steps must be > 0")
