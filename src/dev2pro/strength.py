@@ -66,8 +66,8 @@ def strength_note(path, strength: float, variant: str) -> str | None:
     klein = trained.startswith("klein") and variant.startswith("klein")  # Base -> distilled: the measured case
     if klein and trained != variant and (not rec or rec.get("target_variant") != variant):
         return (f"note: {Path(path).name} was trained on {trained} and renders on {variant} at {strength:g}, a "
-                f"strength not measured for it: `dev2pro calibrate {path} --model <the {trained} folder> --target <this "
-                f"transformer> --write` finds the one that does here what 1.0 does on {trained}")
+                f"strength not measured for it: `dev2pro calibrate {path} --model <the {trained} folder> --target "
+                f"<this transformer> --write` finds the one that does here what 1.0 does on {trained}")
     if not rec or not variant or rec.get("target_variant") != variant or abs(float(rec["strength"]) - strength) < 1e-3:
         return None
     return (f"note: {Path(path).name} carries a calibrated strength {float(rec['strength']):g} for {variant} models "
