@@ -321,3 +321,22 @@ def test_a_sample_size_off_the_16_grid_names_the_nearest_sizes(tmp_path):
         with pytest.raises(ConfigError, match=r"sample\.width/height 70x(70|512): width and height must be multiples "
                                               r"of 16; use 64x(64|512) or 80x(80|512)"):
             load_train_config(None, base + [key])
+
+
+def test_another_trainers_key_names_ours(tmp_path):
+    """kohya / diffusers / ai-toolkit names people bring: the unknown-key error names dev2pro's key; a typo still
+    gets "did you mean"."""
+    base = [f'model.path="{tmp_path}"', 'save.output_dir="o"', f'data.folders=[{{path="{tmp_path}"}}]']
+    for key, ours in [("train.learning_rate=1e-4", "train.lr"), ("lora.network_dim=16", "lora.rank"),
+                      ("lora.linear_alpha=16", "lora.alpha"), ("save.save_every_n_epochs=2", "save.every_epochs"),
+                      ("save.max_step_saves_to_keep=3", "save.keep_loras"), ("data.train_batch_size=2",
+                                                                              "data.batch_size"),
+                      ("sample.guidance_scale=4", "sample.cfg on FLUX.2 klein"), ("train.max_train_epochs=8",
+                                                                                  "train.epochs")]:
+        with pytest.raises(ConfigError, match=rf"unknown key '{key.split('=')[0]}'; that is another trainer's name: "
+                                              rf"dev2pro's is {ours}"):
+            load_train_config(None, base + [key])
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.rnak'; did you mean 'lora.rank'\?"):
+        load_train_config(None, base + ["lora.rnak=4"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'; that is another trainer's name"):
+        load_dedistill_config(None, base + ["train.learning_rate=1e-4"])

@@ -27,6 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .config_hints import unknown_key_hint
 from .errors import ConfigError
 
 INT_LIMIT = 2**31 - 1  # no count, size or seed in a config needs more; 2^63-1 steps is a typo, not a plan
@@ -224,8 +225,7 @@ def _build(schema: type, raw: dict, source: str, where: str):
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key in raw:
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean '{where}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            hint = unknown_key_hint(schema, key, where, fields)  # another trainer's name, a typo, or the keys
             raise ConfigError(f"{_of(source, where + key)}: unknown key '{where}{key}'{hint}")
     kwargs = {}
     for name, f in fields.items():

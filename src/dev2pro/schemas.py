@@ -160,6 +160,8 @@ def check_resolutions(value, bucket_step: int) -> None:
 
 @dataclass
 class DataSection:
+    FOREIGN: ClassVar[dict] = {"train_batch_size": "data.batch_size", "caption_dropout_rate": "data.caption_dropout",
+                               "train_data_dir": "data.folders = [{path = ...}]", "class_tokens": "data.trigger"}
     folders: list[FolderSection] = opt([], "[[data.folders]] tables: path, repeats, caption, recursive; a path "
                                            "may be a kohya parent of N_name folders")
     shards: str = opt("", "index.json written by `dev2pro cache` (pre-encoded latents + text), instead of folders",
@@ -202,6 +204,11 @@ class DedistillData(DataSection):
 # ------------------------------------------------------------------------------------------------ optimisation
 @dataclass
 class OptimBase:
+    FOREIGN: ClassVar[dict] = {  # kohya / diffusers / ai-toolkit names (config_hints)
+        "max_train_steps": "train.steps", "learning_rate": "train.lr", "lr_scheduler": "train.schedule",
+        "lr_warmup_steps": "train.warmup_steps", "gradient_accumulation_steps": "train.grad_accum",
+        "guidance_scale": "train.guidance (train)", "optimizer_type": "train.optimizer",
+        "max_train_epochs": "train.epochs (train only)", "num_train_epochs": "train.epochs (train only)"}
     steps: int = opt(1000, "optimiser steps")
     lr: float = opt(1e-4, "learning rate")
     weight_decay: float = opt(0.0, "weight decay")
@@ -302,6 +309,8 @@ class DedistillTrain(OptimBase):
 # ------------------------------------------------------------------------------------------------ LoRA, teacher
 @dataclass
 class LoraSection:
+    FOREIGN: ClassVar[dict] = {"network_dim": "lora.rank", "linear": "lora.rank", "network_alpha": "lora.alpha",
+                               "linear_alpha": "lora.alpha", "network_dropout": "lora.dropout"}
     rank: int = opt(16, "LoRA rank")
     alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)")
     dropout: float = opt(0.0, "LoRA dropout")

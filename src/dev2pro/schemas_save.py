@@ -32,6 +32,10 @@ def check_every_epochs(every: int, every_epochs: int, section: str) -> None:
 # ------------------------------------------------------------------------------------------------ samples
 @dataclass
 class SampleBase:
+    FOREIGN: ClassVar[dict] = {  # config_hints
+        "guidance_scale": "sample.cfg on FLUX.2 klein (true CFG) or sample.guidance on FLUX.1 / FLUX.2 dev (embedded)",
+        "sample_steps": "sample.steps", "num_inference_steps": "sample.steps", "sample_every_n_steps": "sample.every",
+        "sample_prompts": "sample.prompts", "negative_prompt": "sample.negative"}
     every: int = opt(0, "render samples every N steps (0 = only at the end if prompts are set)")
     prompts: list[str] = opt([], "sample prompts")
     seeds: list[int] = opt([0], "one column per seed")
@@ -106,6 +110,9 @@ class DedistillSample(SampleBase):
 # ------------------------------------------------------------------------------------------------ outputs
 @dataclass
 class SaveBase:
+    FOREIGN: ClassVar[dict] = {"save_every_n_steps": "save.every", "save_every_n_epochs": "save.every_epochs (train)",
+                               "save_last_n_steps": "save.keep_loras (train)", "max_step_saves_to_keep":
+                               "save.keep_loras (train)", "output_name": "save.name"}
     FORMATS: ClassVar[tuple] = ("kohya", "diffusers", "comfy")
     FORMAT_KIND: ClassVar[str] = "layout"
     output_dir: str = opt("", "run folder: LoRA files, samples, state, logs, resolved config", path=True)
