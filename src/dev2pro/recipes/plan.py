@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..plan import report
 from ..recipe_inputs import dedistill_plan_inputs
 from ..schemas import load_dedistill_config, load_train_config, plan_inputs
+from ..train.epochs import TARGETS as EPOCH_SETTINGS  # train.epochs, save.every_epochs, sample.every_epochs
 from ..train.preflight import check_paths_exist
 
 
@@ -49,9 +50,8 @@ def run_plan(config: str, vram: float | None = None, overrides: list[str] | None
     m = cfg.model  # a missing model: its named error, not open_checkpoint's bare one (no preset was applied)
     check_paths_exist(m.transformer or m.path, m.path or m.transformer, True, {})
     result = report(plan_inputs(cfg), vram or cfg.model.vram or None)
-    epochs = {"train.epochs": cfg.train.epochs, "save.every_epochs": cfg.save.every_epochs,
-              "sample.every_epochs": cfg.sample.every_epochs}
-    used = [f"{k} = {v:g}" for k, v in epochs.items() if v]
+    set_ = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in EPOCH_SETTINGS}
+    used = [f"{k} = {v:g}" for k, v in set_.items() if v]
     if used:  # the steps need the dataset's batches per epoch; memory does not depend on them
         print(f"  {', '.join(used)}: counted in steps when `dev2pro train` starts (from the dataset's batches per "
               f"epoch; the plan reads no images): this memory plan is the same for any step count")
